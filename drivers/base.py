@@ -1,0 +1,223 @@
+"""The driver contract: what every hypervisor driver promises the engine.
+
+Each method's docstring states what holds afterwards (postcondition), whether
+calling it again is safe (idempotency), and which errors it raises. Drivers
+raise only :class:`~lifecycle.errors.DriverError` and its subclasses;
+:class:`~lifecycle.errors.DomainNotFound` means the domain does not exist, and
+:class:`~lifecycle.errors.DriverUnavailable` means "try again later".
+
+Drivers may import only the contract side of lifecycle (errors and states).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from lifecycle.states import PowerState
+
+__all__ = [
+    "Console",
+    "DomainSpec",
+    "Driver",
+    "EventListener",
+    "LifecycleEvent",
+    "Listing",
+    "RebootType",
+    "Transition",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSpec:
+    """Everything a driver needs to define a domain for an instance."""
+
+    uuid: str
+    name: str
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    image_path: str
+    image_format: str
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One host's domains, read in one call."""
+
+    owned: Mapping[str, PowerState]
+    """Instance uuid to power state, for every domain the engine defined."""
+    foreign: tuple[str, ...] = field(default=())
+    """Names of domains no instance owns: reported, never touched."""
+
+
+@dataclass(frozen=True, slots=True)
+class Console:
+    """Where a domain's VNC server listens."""
+
+    host: str
+    port: int
+
+
+class RebootType(enum.StrEnum):
+    """Soft asks the guest (ACPI); hard resets the domain."""
+
+    SOFT = "soft"
+    HARD = "hard"
+
+
+class Transition(enum.StrEnum):
+    """Hypervisor lifecycle transitions, as Nova's virt events name them."""
+
+    STARTED = "started"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    SUSPENDED = "suspended"
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    """A domain changed power on the hypervisor."""
+
+    uuid: str
+    transition: Transition
+    at: datetime
+
+
+EventListener = Callable[[LifecycleEvent], None]
+
+
+class Driver(abc.ABC):
+    """One host's hypervisor. Methods may be called from several threads at once."""
+
+    @abc.abstractmethod
+    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
+        """Create the disk and define the domain, and start it if ``power_on``.
+
+        After: the domain exists with ``spec``'s size, running when ``power_on``
+        else shut down. Repeat: safe; an existing domain for the uuid is left
+        as it is and started if ``power_on``. Errors: DriverError.
+        """
+
+    @abc.abstractmethod
+    def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
+        """Stop the domain at once, undefine it and (by default) delete its disk.
+
+        After: no domain for ``uuid``; no disk either when ``destroy_disks``.
+        Repeat: safe; a missing or already-off domain is success.
+        """
+
+    @abc.abstractmethod
+    def power_on(self, spec: DomainSpec) -> None:
+        """Start the domain.
+
+        After: running. Repeat: safe; a running domain is left alone.
+        Errors: DomainNotFound if it is not defined.
+        """
+
+    @abc.abstractmethod
+    def power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> bool:
+        """Shut the guest down cleanly, falling back to a hard stop.
+
+        Sends ACPI shutdown every ``retry_interval`` seconds until the guest is
+        off or ``timeout`` passes, then destroys it (disk kept). ``timeout`` 0
+        means power off at once. Returns True when the guest stopped by itself.
+        After: shut down. Repeat: safe. Errors: DomainNotFound.
+        """
+
+    @abc.abstractmethod
+    def reboot(self, spec: DomainSpec, kind: RebootType) -> None:
+        """Reboot the guest: soft through the guest (running guests only), hard by reset.
+
+        After: running. Repeat: safe (it reboots again).
+        Errors: DomainNotFound; DriverError when a soft reboot finds the guest off.
+        """
+
+    @abc.abstractmethod
+    def pause(self, uuid: str) -> None:
+        """Freeze the vCPUs, keeping memory.
+
+        After: paused. Repeat: safe on a paused guest.
+        Errors: DomainNotFound; DriverError if the guest is not running.
+        """
+
+    @abc.abstractmethod
+    def unpause(self, uuid: str) -> None:
+        """Thaw a paused guest.
+
+        After: running. Repeat: safe on a running guest.
+        Errors: DomainNotFound; DriverError if the guest is shut down.
+        """
+
+    @abc.abstractmethod
+    def suspend(self, uuid: str) -> None:
+        """Save the guest's memory to disk and stop it (libvirt managed save).
+
+        After: shut down with a saved image (power SHUTDOWN, as Nova on libvirt).
+        Repeat: safe on a suspended guest. Errors: DomainNotFound; DriverError
+        if the guest is not running or paused.
+        """
+
+    @abc.abstractmethod
+    def resume(self, spec: DomainSpec) -> None:
+        """Restore a suspended guest from its saved memory.
+
+        After: running. Repeat: safe on a running guest. Errors: DomainNotFound.
+        """
+
+    @abc.abstractmethod
+    def rescue(self, spec: DomainSpec) -> None:
+        """Boot the guest from a rescue image with its own disk attached second.
+
+        After: running in rescue mode. Repeat: safe. Errors: DomainNotFound.
+        """
+
+    @abc.abstractmethod
+    def unrescue(self, spec: DomainSpec) -> None:
+        """Leave rescue mode and boot the guest from its own disk.
+
+        After: running normally. Repeat: safe. Errors: DomainNotFound.
+        """
+
+    @abc.abstractmethod
+    def rebuild(self, spec: DomainSpec) -> None:
+        """Replace the disk with a fresh overlay on ``spec``'s image and start the domain.
+
+        After: running on a new disk, same uuid and size. Repeat: safe (each
+        call gives a fresh disk). Errors: DriverError.
+        """
+
+    @abc.abstractmethod
+    def get_info(self, uuid: str) -> PowerState:
+        """Return the domain's power state, read fresh.
+
+        Repeat: safe, no side effect. Errors: DomainNotFound.
+        """
+
+    @abc.abstractmethod
+    def list_instances(self) -> Listing:
+        """Return every domain of the host with its power state, in one call.
+
+        Repeat: safe, no side effect.
+        """
+
+    @abc.abstractmethod
+    def get_vnc_console(self, uuid: str) -> Console:
+        """Return where the domain's VNC server listens.
+
+        Errors: DomainNotFound; DriverError when the domain has no VNC console.
+        """
+
+    @abc.abstractmethod
+    def register_event_listener(self, listener: EventListener | None) -> None:
+        """Deliver lifecycle events to ``listener`` (None stops delivery).
+
+        Events arrive on a driver thread, never on the caller's.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most drivers hold nothing
+        """Release the connection; the driver may not be used afterwards."""

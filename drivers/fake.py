@@ -1,0 +1,346 @@
+"""An in-memory hypervisor with the contract's reference semantics and scripted faults.
+
+Used for fast tests and for fault injection; it passes the same contract suite
+as the libvirt driver. Faults:
+
+- ``fail_next(call, error)``: the next ``call`` raises ``error`` before acting;
+- ``hold(call)``: the next ``call`` blocks until the returned gate is released;
+- ``crash_after(call)``: the next ``call`` acts, then raises
+  :class:`SimulatedCrash` (a ``BaseException``, so nothing in the engine
+  catches it: the caller behaves as if its process died there);
+- ``set_power`` and ``undefine``: change a domain behind the engine's back.
+
+With ``state_path`` the domains are kept in a JSON file, so separate processes
+(the CLI) see one hypervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from drivers.base import (
+    Console,
+    DomainSpec,
+    Driver,
+    EventListener,
+    LifecycleEvent,
+    Listing,
+    RebootType,
+    Transition,
+)
+from lifecycle.errors import DomainNotFound, DriverError
+from lifecycle.states import PowerState
+
+__all__ = ["FakeDriver", "Gate", "SimulatedCrash"]
+
+P = PowerState
+_TRANSITIONS = {P.RUNNING: Transition.STARTED, P.SHUTDOWN: Transition.STOPPED, P.PAUSED: Transition.PAUSED}
+
+
+class SimulatedCrash(BaseException):
+    """Raised by ``crash_after``: the process is considered dead at this point."""
+
+
+class Gate:
+    """A held call: ``entered`` is set once the call blocks; ``release`` lets it go on."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        """Let the held call continue."""
+        self._released.set()
+
+    def wait_entered(self, timeout: float = 10.0) -> bool:
+        """Block until the held call has started; False on timeout."""
+        return self.entered.wait(timeout)
+
+    def _block(self) -> None:
+        self.entered.set()
+        self._released.wait()
+
+
+@dataclass(slots=True)
+class _Domain:
+    spec: dict[str, Any]
+    power: int
+    disk: str
+    rescued: bool = False
+    saved: bool = False
+    ignores_acpi: bool = False
+    vnc_port: int = 5900
+
+
+class FakeDriver(Driver):
+    """One fake host. Thread-safe; held calls block outside the state lock."""
+
+    def __init__(self, name: str = "fake", *, state_path: str | Path | None = None) -> None:
+        self.name = name
+        self.calls: list[str] = []
+        self._lock = threading.RLock()
+        self._domains: dict[str, _Domain] = {}
+        self._foreign: list[str] = []
+        self._faults: dict[str, list[tuple[str, Any]]] = {}
+        self._listener: EventListener | None = None
+        self._state_path = Path(state_path) if state_path else None
+        self._next_port = 5900
+        if self._state_path and self._state_path.exists():
+            self._load()
+
+    # -- fault injection ---------------------------------------------------
+
+    def fail_next(self, call: str, error: BaseException | None = None) -> None:
+        """Make the next ``call`` raise ``error`` (a DriverError by default) before acting."""
+        exc = error or DriverError(f"injected failure in {call}", call=call)
+        self._faults.setdefault(call, []).append(("fail", exc))
+
+    def hold(self, call: str) -> Gate:
+        """Make the next ``call`` block until the returned gate is released."""
+        gate = Gate()
+        self._faults.setdefault(call, []).append(("hold", gate))
+        return gate
+
+    def crash_after(self, call: str) -> None:
+        """Make the next ``call`` complete, then raise :class:`SimulatedCrash`."""
+        self._faults.setdefault(call, []).append(("crash", None))
+
+    def set_power(self, uuid: str, power: PowerState) -> None:
+        """Change a domain's power behind the engine's back (emits the event)."""
+        with self._lock:
+            self._domain(uuid, "set_power").power = int(power)
+            self._save()
+        self._emit(uuid, power)
+
+    def undefine(self, uuid: str) -> None:
+        """Remove a domain behind the engine's back."""
+        with self._lock:
+            self._domains.pop(uuid, None)
+            self._save()
+
+    def add_foreign(self, name: str) -> None:
+        """Add a domain that no instance owns."""
+        with self._lock:
+            self._foreign.append(name)
+
+    def set_ignores_acpi(self, uuid: str, ignores: bool = True) -> None:
+        """Make a guest ignore clean shutdown requests (a guest with no OS)."""
+        with self._lock:
+            self._domain(uuid, "set_ignores_acpi").ignores_acpi = ignores
+            self._save()
+
+    def domain_exists(self, uuid: str) -> bool:
+        """Return whether a domain is defined for ``uuid``."""
+        with self._lock:
+            return uuid in self._domains
+
+    def is_rescued(self, uuid: str) -> bool:
+        """Return whether the domain runs its rescue image."""
+        with self._lock:
+            return self._domain(uuid, "is_rescued").rescued
+
+    def disk_of(self, uuid: str) -> str:
+        """Return the name of the domain's disk (changes on rebuild)."""
+        with self._lock:
+            return self._domain(uuid, "disk_of").disk
+
+    # -- the contract --------------------------------------------------------
+
+    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
+        def act() -> PowerState | None:
+            dom = self._domains.get(spec.uuid)
+            if dom is None:
+                dom = _Domain(asdict(spec), int(P.SHUTDOWN), self._new_disk(spec), vnc_port=self._port())
+                self._domains[spec.uuid] = dom
+            if power_on and dom.power != P.RUNNING:
+                dom.power = int(P.RUNNING)
+                return P.RUNNING
+            return None
+
+        self._call("spawn", spec.uuid, act)
+
+    def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
+        def act() -> PowerState | None:
+            dom = self._domains.pop(uuid, None)
+            return P.SHUTDOWN if dom is not None and dom.power != P.SHUTDOWN else None
+
+        self._call("destroy", uuid, act)
+
+    def power_on(self, spec: DomainSpec) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(spec.uuid, "power_on")
+            dom.saved = False
+            return self._set(dom, P.RUNNING)
+
+        self._call("power_on", spec.uuid, act)
+
+    def power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> bool:
+        clean = [False]
+
+        def act() -> PowerState | None:
+            dom = self._domain(uuid, "power_off")
+            clean[0] = dom.power != P.RUNNING or (timeout > 0 and not dom.ignores_acpi)
+            self.calls.append("power_off:clean" if clean[0] else "power_off:destroy")
+            return self._set(dom, P.SHUTDOWN)
+
+        self._call("power_off", uuid, act)
+        return clean[0]
+
+    def reboot(self, spec: DomainSpec, kind: RebootType) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(spec.uuid, "reboot")
+            if kind is RebootType.SOFT and dom.power != P.RUNNING:
+                raise DriverError(f"soft reboot of {spec.uuid}: guest is not running", uuid=spec.uuid, call="reboot")
+            dom.saved = False
+            dom.power = int(P.RUNNING)
+            return P.RUNNING
+
+        self._call("reboot", spec.uuid, act)
+
+    def pause(self, uuid: str) -> None:
+        self._call("pause", uuid, lambda: self._change(uuid, "pause", {P.RUNNING, P.PAUSED}, P.PAUSED))
+
+    def unpause(self, uuid: str) -> None:
+        self._call("unpause", uuid, lambda: self._change(uuid, "unpause", {P.RUNNING, P.PAUSED}, P.RUNNING))
+
+    def suspend(self, uuid: str) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(uuid, "suspend")
+            if dom.saved:
+                return None
+            result = self._change(uuid, "suspend", {P.RUNNING, P.PAUSED}, P.SHUTDOWN)
+            dom.saved = True
+            return result
+
+        self._call("suspend", uuid, act)
+
+    def resume(self, spec: DomainSpec) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(spec.uuid, "resume")
+            dom.saved = False
+            return self._set(dom, P.RUNNING)
+
+        self._call("resume", spec.uuid, act)
+
+    def rescue(self, spec: DomainSpec) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(spec.uuid, "rescue")
+            dom.rescued = True
+            return self._set(dom, P.RUNNING)
+
+        self._call("rescue", spec.uuid, act)
+
+    def unrescue(self, spec: DomainSpec) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(spec.uuid, "unrescue")
+            dom.rescued = False
+            return self._set(dom, P.RUNNING)
+
+        self._call("unrescue", spec.uuid, act)
+
+    def rebuild(self, spec: DomainSpec) -> None:
+        def act() -> PowerState | None:
+            dom = self._domains.get(spec.uuid)
+            port = dom.vnc_port if dom else self._port()
+            self._domains[spec.uuid] = _Domain(asdict(spec), int(P.RUNNING), self._new_disk(spec), vnc_port=port)
+            return P.RUNNING
+
+        self._call("rebuild", spec.uuid, act)
+
+    def get_info(self, uuid: str) -> PowerState:
+        self._before("get_info")
+        with self._lock:
+            return PowerState(self._domain(uuid, "get_info").power)
+
+    def list_instances(self) -> Listing:
+        self._before("list_instances")
+        with self._lock:
+            owned = {u: PowerState(d.power) for u, d in self._domains.items()}
+            return Listing(owned=owned, foreign=tuple(self._foreign))
+
+    def get_vnc_console(self, uuid: str) -> Console:
+        self._before("get_vnc_console")
+        with self._lock:
+            return Console(host="127.0.0.1", port=self._domain(uuid, "get_vnc_console").vnc_port)
+
+    def register_event_listener(self, listener: EventListener | None) -> None:
+        self._listener = listener
+
+    # -- machinery -----------------------------------------------------------
+
+    def _call(self, call: str, uuid: str, act: Callable[[], PowerState | None]) -> None:
+        crash = self._before(call)
+        with self._lock:
+            changed = act()
+            self._save()
+        if changed is not None:
+            self._emit(uuid, changed)
+        if crash:
+            raise SimulatedCrash(f"crash after {call}")
+
+    def _before(self, call: str) -> bool:
+        """Record the call and apply its scripted fault; return True to crash after it."""
+        with self._lock:
+            self.calls.append(call)
+            queue = self._faults.get(call)
+            kind, arg = queue.pop(0) if queue else ("", None)
+        if kind == "fail":
+            assert isinstance(arg, BaseException)
+            raise arg
+        if kind == "hold":
+            assert isinstance(arg, Gate)
+            arg._block()
+        return kind == "crash"
+
+    def _domain(self, uuid: str, call: str) -> _Domain:
+        dom = self._domains.get(uuid)
+        if dom is None:
+            raise DomainNotFound(uuid, call=call)
+        return dom
+
+    def _change(self, uuid: str, call: str, allowed: set[PowerState], to: PowerState) -> PowerState | None:
+        dom = self._domain(uuid, call)
+        if dom.power not in allowed:
+            state = PowerState(dom.power).name.lower()
+            raise DriverError(f"cannot {call} {uuid}: domain is {state}", uuid=uuid, call=call)
+        return self._set(dom, to)
+
+    @staticmethod
+    def _set(dom: _Domain, power: PowerState) -> PowerState | None:
+        if dom.power == power:
+            return None
+        dom.power = int(power)
+        return power
+
+    def _new_disk(self, spec: DomainSpec) -> str:
+        return f"{spec.uuid}/disk@{len(self.calls)}"
+
+    def _port(self) -> int:
+        self._next_port += 1
+        return self._next_port - 1
+
+    def _emit(self, uuid: str, power: PowerState) -> None:
+        transition = _TRANSITIONS.get(power)
+        listener = self._listener
+        if listener is not None and transition is not None:
+            listener(LifecycleEvent(uuid, transition, datetime.now(UTC)))
+
+    def _save(self) -> None:
+        if self._state_path is None:
+            return
+        data = {"domains": {u: asdict(d) for u, d in self._domains.items()}, "next_port": self._next_port}
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self._state_path)
+
+    def _load(self) -> None:
+        assert self._state_path is not None
+        data = json.loads(self._state_path.read_text())
+        self._domains = {u: _Domain(**d) for u, d in data["domains"].items()}
+        self._next_port = data["next_port"]

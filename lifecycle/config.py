@@ -1,0 +1,25 @@
+"""Engine settings: one frozen dataclass, units and reasons in attribute docstrings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Tunables of an engine; the defaults are Nova's where Nova has one."""
+
+    shutdown_timeout: float = 60.0
+    """Seconds a clean shutdown may take before the guest is destroyed (Nova: 60)."""
+    shutdown_retry_interval: float = 10.0
+    """Seconds between repeated ACPI shutdown requests (Nova: 10)."""
+    lease_seconds: float = 60.0
+    """How long a running task's lease lasts; renewed at every step and by a heartbeat."""
+    heartbeat_seconds: float = 15.0
+    """How often the engine renews the leases of the tasks it runs."""
+    workers: int = 4
+    """Threads running tasks started with ``wait=False``."""
+    preempt_retries: int = 5
+    """How often a preempting operation retries a lost compare-and-swap before giving up."""

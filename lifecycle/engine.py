@@ -1,0 +1,390 @@
+"""The facade embedders call: register hosts and images, run operations, read state.
+
+Every operation follows SPEC section 2: validate the arguments, check the
+guard from the operations table, start a task with a compare-and-swap, run its
+steps, and end it. ``wait=True`` (the default) runs the task in the caller's
+thread and returns it finished; ``wait=False`` returns it running and runs it
+on the engine's executor.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import uuid as uuidlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+import drivers
+from drivers.base import Driver
+from lifecycle import graph
+from lifecycle.audit import AuditEntry, Why
+from lifecycle.config import Settings
+from lifecycle.errors import Conflict, InvalidInput, InvalidState
+from lifecycle.operations import PENDING, STEPS
+from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
+from lifecycle.states import PowerState, VmState
+from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
+from lifecycle.store.db import now
+from lifecycle.tasks import TaskRun, execute
+
+__all__ = ["Engine"]
+
+log = structlog.get_logger(__name__)
+
+DriverFactory = Callable[[Host], Driver]
+
+
+def _default_factory(host: Host) -> Driver:
+    return drivers.connect(host.driver_uri, host.name)
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidInput(f"invalid instance name {name!r}: 1 to 255 characters, no control characters")
+
+
+def _check_uuid(value: str) -> str:
+    try:
+        return str(uuidlib.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidInput(f"invalid instance uuid {value!r}") from None
+
+
+class Engine:
+    """The lifecycle engine over one database.
+
+    ``driver_factory`` opens the driver of a host (by default from its URI);
+    drivers are opened once per host and kept. ``owner`` names this engine in
+    task leases (default: a fresh uuid per engine).
+    """
+
+    def __init__(
+        self,
+        db_url: str = DEFAULT_DB_URL,
+        *,
+        settings: Settings | None = None,
+        driver_factory: DriverFactory | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.store = Store(db_url, lease_seconds=self.settings.lease_seconds)
+        check_schema(self.store.engine)
+        self.owner = owner or f"engine-{uuidlib.uuid4()}"
+        self._factory = driver_factory or _default_factory
+        self._drivers: dict[str, Driver] = {}
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Wait for background tasks, stop the heartbeat, close drivers and the database."""
+        self._stop.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        for driver in self._drivers.values():
+            driver.close()
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- hosts, images, reads -------------------------------------------------
+
+    def add_host(self, name: str, driver_uri: str, instances_path: str = "/var/lib/lifecycle/instances") -> Host:
+        """Register a host reached through ``driver_uri``."""
+        if not name or len(name) > 255:
+            raise InvalidInput(f"invalid host name {name!r}")
+        return self.store.add_host(name, driver_uri, instances_path)
+
+    def hosts(self) -> builtins.list[Host]:
+        """Return every registered host."""
+        return self.store.list_hosts()
+
+    def add_image(self, name: str, path: str, disk_format: str = "qcow2", min_disk_gb: int = 0) -> Image:
+        """Register an image file instances can boot from."""
+        if disk_format not in ("qcow2", "raw"):
+            raise InvalidInput(f"invalid disk format {disk_format!r}: expected qcow2 or raw")
+        if not name or len(name) > 255:
+            raise InvalidInput(f"invalid image name {name!r}")
+        return self.store.add_image(name, path, disk_format, min_disk_gb)
+
+    def images(self) -> builtins.list[Image]:
+        """Return every registered image."""
+        return self.store.list_images()
+
+    def get(self, uuid: str) -> Instance:
+        """Return the instance (deleted ones too); :class:`InstanceNotFound` otherwise."""
+        return self.store.get_instance(_check_uuid(uuid))
+
+    def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
+        """Return instances, optionally of one host."""
+        return self.store.list_instances(host, include_deleted=include_deleted)
+
+    def task(self, task_id: str) -> Task:
+        """Return a task by id."""
+        return self.store.get_task(task_id)
+
+    def tasks(self, uuid: str) -> builtins.list[Task]:
+        """Return every task of an instance, oldest first."""
+        return self.store.tasks_of(_check_uuid(uuid))
+
+    def steps(self, task_id: str) -> builtins.list[TaskStep]:
+        """Return a task's step log."""
+        return self.store.steps(task_id)
+
+    def history(self, uuid: str) -> builtins.list[AuditEntry]:
+        """Return an instance's audit log, oldest first."""
+        return self.store.history(self.get(uuid).uuid)
+
+    def driver(self, host_name: str) -> Driver:
+        """Return the (cached) driver of a host."""
+        with self._lock:
+            driver = self._drivers.get(host_name)
+            if driver is None:
+                driver = self._drivers[host_name] = self._factory(self.store.get_host(host_name))
+            return driver
+
+    # -- operations -------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        host: str,
+        flavor: Flavor,
+        image: str,
+        uuid: str | None = None,
+        request_id: str | None = None,
+        actor: str = "api",
+        wait: bool = True,
+    ) -> Task:
+        """Build a new instance on ``host``; returns the create task (its instance_uuid)."""
+        _check_name(name)
+        if not isinstance(flavor, Flavor):
+            raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
+        host_row = self.store.get_host(host)
+        image_row = self.store.get_image(image)
+        if flavor.root_gb < image_row.min_disk_gb:
+            raise InvalidInput(
+                f"flavor disk {flavor.root_gb} GiB is smaller than image {image}'s minimum {image_row.min_disk_gb} GiB"
+            )
+        instance_uuid = _check_uuid(uuid) if uuid else str(uuidlib.uuid4())
+        first = graph.begin("create", instance_uuid, None, None)
+        task = self._new_task(instance_uuid, "create", {}, request_id, None, actor, Cause.API)
+        at = task.started_at
+        instance = Instance(
+            uuid=instance_uuid,
+            name=name,
+            host=host_row.name,
+            flavor=flavor,
+            image=image_row.name,
+            vm_state=VmState.BUILDING,
+            task_state=first,
+            power_state=PowerState.NOSTATE,
+            task_id=task.id,
+            previous_vm_state=None,
+            version=1,
+            launched_at=None,
+            created_at=at,
+            updated_at=at,
+            deleted_at=None,
+        )
+        why = Why(actor=actor, cause=Cause.API, operation="create", task_id=task.id, request_id=task.request_id)
+        self.store.create(instance, task, first.value, why)
+        run = TaskRun(self.store, self.driver(host_row.name), self.settings, instance, task, image_row, None)
+        return self._launch(run, wait)
+
+    def start(self, uuid: str, **kw: Any) -> Task:
+        """Power a stopped instance on."""
+        return self.run("start", uuid, **kw)
+
+    def stop(self, uuid: str, *, timeout: float | None = None, **kw: Any) -> Task:
+        """Power an instance off: clean shutdown within ``timeout`` seconds, then hard."""
+        params = {} if timeout is None else {"timeout": float(timeout)}
+        return self.run("stop", uuid, params=params, **kw)
+
+    def reboot(self, uuid: str, *, hard: bool = False, **kw: Any) -> Task:
+        """Reboot through the guest (soft) or by reset (hard, which may preempt some tasks)."""
+        return self.run("reboot_hard" if hard else "reboot", uuid, **kw)
+
+    def pause(self, uuid: str, **kw: Any) -> Task:
+        """Freeze a running instance's vCPUs."""
+        return self.run("pause", uuid, **kw)
+
+    def unpause(self, uuid: str, **kw: Any) -> Task:
+        """Thaw a paused instance."""
+        return self.run("unpause", uuid, **kw)
+
+    def suspend(self, uuid: str, **kw: Any) -> Task:
+        """Save a running instance's memory to disk and stop it."""
+        return self.run("suspend", uuid, **kw)
+
+    def resume(self, uuid: str, **kw: Any) -> Task:
+        """Restore a suspended instance."""
+        return self.run("resume", uuid, **kw)
+
+    def rescue(self, uuid: str, **kw: Any) -> Task:
+        """Boot an instance from its rescue image."""
+        return self.run("rescue", uuid, **kw)
+
+    def unrescue(self, uuid: str, **kw: Any) -> Task:
+        """Boot a rescued instance from its own disk again."""
+        return self.run("unrescue", uuid, **kw)
+
+    def rebuild(self, uuid: str, *, image: str | None = None, **kw: Any) -> Task:
+        """Replace the disk with a fresh one on ``image`` (default: the current image)."""
+        params = {} if image is None else {"image": image}
+        return self.run("rebuild", uuid, params=params, **kw)
+
+    def delete(self, uuid: str, **kw: Any) -> Task:
+        """Delete an instance from any state, taking over any running task."""
+        return self.run("delete", uuid, **kw)
+
+    def force_delete(self, uuid: str, **kw: Any) -> Task:
+        """Delete at once (no clean shutdown) from any state, taking over any running task."""
+        return self.run("force_delete", uuid, **kw)
+
+    def soft_delete(self, uuid: str, **kw: Any) -> Task:
+        """Power an instance off and mark it soft-deleted, restorable."""
+        return self.run("soft_delete", uuid, **kw)
+
+    def restore(self, uuid: str, **kw: Any) -> Task:
+        """Bring a soft-deleted instance back."""
+        return self.run("restore", uuid, **kw)
+
+    def run(
+        self,
+        operation: str,
+        uuid: str,
+        *,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        actor: str = "api",
+        cause: Cause = Cause.API,
+        wait: bool = True,
+    ) -> Task:
+        """Run ``operation`` on an existing instance; see the module docstring.
+
+        With ``idempotency_key``, a second call with the same key for the same
+        instance returns the task the first call started.
+        """
+        if operation not in STEPS:
+            known = ", ".join(sorted(STEPS))
+            later = " (its steps are not implemented yet)" if operation in PENDING else ""
+            raise InvalidInput(f"unknown operation {operation!r}{later}; available: {known}")
+        uuid = _check_uuid(uuid)
+        params = dict(params or {})
+        image_name = params.get("image")
+        if image_name is not None:
+            self.store.get_image(image_name)
+        op = graph.operation(operation)
+        for attempt in range(self.settings.preempt_retries + 1):
+            instance = self.store.get_instance(uuid)
+            if idempotency_key is not None:
+                existing = self.store.task_by_key(uuid, idempotency_key)
+                if existing is not None:
+                    return existing
+            first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
+            preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
+            task = self._new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
+            why = Why(
+                actor=actor,
+                cause=cause,
+                operation=operation,
+                task_id=task.id,
+                request_id=task.request_id,
+                message=None if preempt is None else f"preempts {preempt.operation} task {preempt.id}",
+            )
+            try:
+                after = self.store.begin(instance, task, first, why, preempt)
+            except Conflict:
+                if idempotency_key is not None and self.store.task_by_key(uuid, idempotency_key):
+                    return self.store.task_by_key(uuid, idempotency_key)  # type: ignore[return-value]
+                if not op.preempts or attempt == self.settings.preempt_retries:
+                    raise
+                continue
+            if preempt is not None:
+                log.info("task_preempted_by", instance_uuid=uuid, preempted=preempt.id, by=task.id, operation=operation)
+            image = self.store.get_image(image_name or instance.image)
+            assert instance.host is not None
+            run = TaskRun(self.store, self.driver(instance.host), self.settings, after, task, image, instance.vm_state)
+            return self._launch(run, wait)
+        raise AssertionError("unreachable")
+
+    # -- machinery -------------------------------------------------------------------
+
+    def _new_task(
+        self,
+        uuid: str,
+        operation: str,
+        params: dict[str, Any],
+        request_id: str | None,
+        key: str | None,
+        actor: str,
+        cause: Cause,
+    ) -> Task:
+        at = now()
+        return Task(
+            id=str(uuidlib.uuid4()),
+            instance_uuid=uuid,
+            operation=operation,
+            request_id=request_id or f"req-{uuidlib.uuid4()}",
+            idempotency_key=key,
+            actor=actor,
+            cause=cause,
+            params=params,
+            outcome=Outcome.RUNNING,
+            preempted_by=None,
+            owner=self.owner,
+            lease_expires_at=at + self.store.lease,
+            started_at=at,
+            finished_at=None,
+            error=None,
+            traceback=None,
+        )
+
+    def _launch(self, run: TaskRun, wait: bool) -> Task:
+        self._ensure_heartbeat()
+        steps = STEPS[run.task.operation]
+        if wait:
+            return execute(run, steps)
+        future = self._pool().submit(execute, run, steps)
+        future.add_done_callback(_log_background_failure)
+        return replace(run.task)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="lifecycle-task")
+            return self._executor
+
+    def _ensure_heartbeat(self) -> None:
+        with self._lock:
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._renew_leases, name="lifecycle-heartbeat", daemon=True)
+                self._heartbeat.start()
+
+    def _renew_leases(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                self.store.renew_leases(self.owner)
+            except Exception:  # one failed renewal must not end the heartbeat
+                log.exception("lease_renewal_failed")
+
+
+def _log_background_failure(future: Future[Task]) -> None:
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, InvalidState):
+        log.info("background_task_ended", error=str(exc), error_type=type(exc).__name__)

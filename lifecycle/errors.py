@@ -1,0 +1,196 @@
+"""Every error the engine and its drivers raise, rooted at one class.
+
+This is a leaf module: it imports nothing from the package, so drivers and the
+store can use it without pulling in the engine. Errors carry their data as
+attributes and print as one line a user can act on.
+
+The tree::
+
+    LifecycleError
+    ├── InvalidInput            a bad argument; nothing was changed
+    │   ├── InstanceNotFound
+    │   ├── HostNotFound
+    │   ├── ImageNotFound
+    │   ├── InvalidFlavor
+    │   └── AlreadyExists
+    ├── InvalidState            the operation's guard refused the current states
+    ├── Conflict                a compare-and-swap lost against a concurrent write
+    ├── Preempted               the running task was taken over (delete, hard reboot)
+    ├── TaskFailed              the operation ran and failed; the task says why
+    ├── SchemaOutOfDate         the database is not at the migrations' head
+    └── DriverError             the hypervisor refused or failed a call
+        ├── DomainNotFound      the domain does not exist on that host
+        └── DriverUnavailable   transient: the hypervisor cannot be reached now
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "AlreadyExists",
+    "Conflict",
+    "DomainNotFound",
+    "DriverError",
+    "DriverUnavailable",
+    "HostNotFound",
+    "ImageNotFound",
+    "InstanceNotFound",
+    "InvalidFlavor",
+    "InvalidInput",
+    "InvalidState",
+    "LifecycleError",
+    "Preempted",
+    "SchemaOutOfDate",
+    "TaskFailed",
+]
+
+
+def _text(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
+class LifecycleError(Exception):
+    """Root of every error raised by lifecycle."""
+
+
+class InvalidInput(LifecycleError):
+    """An argument was rejected before anything changed."""
+
+
+class InstanceNotFound(InvalidInput):
+    """No (live) instance has this uuid."""
+
+    def __init__(self, uuid: str) -> None:
+        self.uuid = uuid
+        super().__init__(f"instance {uuid} not found")
+
+
+class HostNotFound(InvalidInput):
+    """No host has this name."""
+
+    def __init__(self, name: str, known: Iterable[str] = ()) -> None:
+        self.name = name
+        self.known = sorted(known)
+        hint = f" (known hosts: {', '.join(self.known)})" if self.known else " (no hosts: add one)"
+        super().__init__(f"host {name!r} not found{hint}")
+
+
+class ImageNotFound(InvalidInput):
+    """No image has this name."""
+
+    def __init__(self, name: str, known: Iterable[str] = ()) -> None:
+        self.name = name
+        self.known = sorted(known)
+        hint = f" (known images: {', '.join(self.known)})" if self.known else " (no images: add one)"
+        super().__init__(f"image {name!r} not found{hint}")
+
+
+class InvalidFlavor(InvalidInput):
+    """A flavor (vcpus, memory, disk) is malformed or out of range."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"invalid flavor {text!r}: {reason}")
+
+
+class AlreadyExists(InvalidInput):
+    """A host or image with this name is already registered."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"{kind} {name!r} already exists")
+
+
+class InvalidState(LifecycleError):
+    """The operation is not allowed from the instance's current states."""
+
+    def __init__(
+        self,
+        operation: str,
+        uuid: str,
+        vm_state: object,
+        task_state: object,
+        allowed_vm_states: Iterable[object],
+        allowed_task_states: Iterable[object],
+    ) -> None:
+        self.operation = operation
+        self.uuid = uuid
+        self.vm_state = vm_state
+        self.task_state = task_state
+        self.allowed_vm_states = sorted(_text(s) for s in allowed_vm_states)
+        self.allowed_task_states = sorted(_text(s) for s in allowed_task_states)
+        super().__init__(
+            f"cannot {operation} instance {uuid} in vm_state {_text(vm_state)}"
+            f" with task_state {_text(task_state)};"
+            f" {operation} is allowed from vm_state {', '.join(self.allowed_vm_states)}"
+            f" with task_state {', '.join(self.allowed_task_states)}"
+        )
+
+
+class Conflict(LifecycleError):
+    """A compare-and-swap matched no row: someone else changed the instance first."""
+
+    def __init__(self, uuid: str, expected: Mapping[str, Any], actual: Mapping[str, Any] | None) -> None:
+        self.uuid = uuid
+        self.expected = dict(expected)
+        self.actual = None if actual is None else dict(actual)
+        if actual is None:
+            detail = "the instance is gone"
+        else:
+            diffs = [
+                f"{k} {_text(actual.get(k))} (expected {_text(v)})" for k, v in expected.items() if actual.get(k) != v
+            ]
+            detail = ", ".join(diffs) or "a concurrent write changed it"
+        super().__init__(f"instance {uuid} changed concurrently: {detail}")
+
+
+class Preempted(LifecycleError):
+    """The task was taken over by another task; its worker must stop."""
+
+    def __init__(self, task_id: str, uuid: str, preempted_by: str | None) -> None:
+        self.task_id = task_id
+        self.uuid = uuid
+        self.preempted_by = preempted_by
+        super().__init__(f"task {task_id} on instance {uuid} was preempted by task {_text(preempted_by)}")
+
+
+class TaskFailed(LifecycleError):
+    """The operation ran and failed; ``task`` holds the error and the traceback."""
+
+    def __init__(self, task: Any, error: str) -> None:
+        self.task = task
+        self.error = error
+        super().__init__(f"{task.operation} task {task.id} on instance {task.instance_uuid} failed: {error}")
+
+
+class SchemaOutOfDate(LifecycleError):
+    """The database schema is not at the head revision of the migrations."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        super().__init__(f"database schema is at {_text(current)}, expected {head}: run `lifecycle db upgrade`")
+
+
+class DriverError(LifecycleError):
+    """The hypervisor refused or failed a call."""
+
+    def __init__(self, message: str, *, uuid: str | None = None, call: str | None = None) -> None:
+        self.uuid = uuid
+        self.call = call
+        super().__init__(message)
+
+
+class DomainNotFound(DriverError):
+    """The domain for this instance does not exist on the host."""
+
+    def __init__(self, uuid: str, *, call: str | None = None) -> None:
+        super().__init__(f"domain for instance {uuid} not found", uuid=uuid, call=call)
+
+
+class DriverUnavailable(DriverError):
+    """Transient: the hypervisor cannot be reached now; retrying later may work."""

@@ -1,0 +1,494 @@
+"""The operations table, and the state machines built from it once at import.
+
+``OPERATIONS`` is the single source of truth for guards: which vm_states and
+task_states each operation is allowed from, the task_states it walks through,
+where it ends and what a failure does. The engine, the CLI's ``graph``
+command, the README diagram and the tests all read it.
+
+Two model-less ``transitions`` machines are built from the table, one per state
+dimension that operations drive (vm_state and task_state). They are fired on
+throw-away cursors, never bound to rows: one shared machine costs nothing,
+one machine per instance costs seconds and hundreds of MiB at 10,000 rows.
+``transitions`` does not check a chart; :func:`check_table` does, at import:
+every state is reachable (or explicitly reserved), every task_state has a
+success, a failure and a preemption exit, and ``deleted`` is terminal.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transitions import Machine, MachineError
+
+from lifecycle.errors import InvalidState
+from lifecycle.states import PowerState, TaskState, VmState
+
+__all__ = [
+    "ANY_TASK",
+    "ANY_VM",
+    "IDLE",
+    "OPERATIONS",
+    "Failure",
+    "Operation",
+    "Result",
+    "begin",
+    "check_table",
+    "end_vm_state",
+    "next_task_state",
+    "operation",
+    "to_json",
+    "to_mermaid",
+]
+
+V, T = VmState, TaskState
+
+
+class Result(enum.StrEnum):
+    """How an operation's final vm_state is chosen when it is not a fixed state."""
+
+    SAME = "same"
+    """Keep the vm_state the operation started from."""
+    PREVIOUS = "previous"
+    """The vm_state recorded before the move began (revert_resize)."""
+    BY_POWER = "by_power"
+    """active when the guest runs afterwards, else stopped (confirm_resize)."""
+    REBUILT = "rebuilt"
+    """The starting vm_state, except error, which becomes active (rebuild)."""
+
+
+class Failure(enum.StrEnum):
+    """What a failed operation does to the vm_state (the task always ends idle)."""
+
+    REVERT_IF_UNCHANGED = "revert_if_unchanged"
+    """Keep the vm_state when the guest's power is unchanged, else error."""
+    ERROR = "error"
+    """Always error: the guest cannot be known to be intact (create, delete)."""
+    ACTIVE_IF_RUNNING = "active_if_running"
+    """active when the guest runs afterwards, else error (hard reboot, as Nova)."""
+
+
+IDLE: frozenset[TaskState | None] = frozenset({None})
+ANY_TASK: frozenset[TaskState | None] = frozenset({None, *TaskState})
+ANY_VM: frozenset[VmState] = frozenset(VmState) - {V.DELETED}
+
+# Nova's task_states.ALLOW_REBOOT: a hard reboot may take over these tasks.
+_ALLOW_HARD_REBOOT_TASKS: frozenset[TaskState | None] = frozenset(
+    {
+        None,
+        T.REBOOTING,
+        T.REBOOT_PENDING,
+        T.REBOOT_STARTED,
+        T.RESUMING,
+        T.REBOOTING_HARD,
+        T.UNPAUSING,
+        T.PAUSING,
+        T.SUSPENDING,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One row of the operations table."""
+
+    name: str
+    allowed_vm_states: frozenset[VmState]
+    walk: tuple[TaskState, ...]
+    result: VmState | Result
+    end_power: PowerState | None = None
+    """Power the guest is expected to have afterwards; None: whatever it reports."""
+    allowed_task_states: frozenset[TaskState | None] = IDLE
+    failure: Failure = Failure.REVERT_IF_UNCHANGED
+    creates: bool = False
+    """The operation brings the instance into existence (no vm_state guard)."""
+    note: str = ""
+    """Where and why this row differs from Nova."""
+    preempts: frozenset[TaskState] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preempts", frozenset(t for t in self.allowed_task_states if t is not None))
+
+    def result_states(self) -> frozenset[VmState]:
+        """Every vm_state a success of this operation can end in."""
+        if isinstance(self.result, VmState):
+            return frozenset({self.result})
+        if self.result is Result.BY_POWER:
+            return frozenset({V.ACTIVE, V.STOPPED})
+        if self.result is Result.PREVIOUS:
+            return frozenset({V.ACTIVE, V.STOPPED})
+        sources = self.allowed_vm_states
+        if self.result is Result.REBUILT:
+            return frozenset(V.ACTIVE if s is V.ERROR else s for s in sources)
+        return sources
+
+    def failure_states(self, source: VmState) -> frozenset[VmState]:
+        """Every vm_state a failure of this operation started from ``source`` can end in."""
+        if self.failure is Failure.ERROR:
+            return frozenset({V.ERROR})
+        if self.failure is Failure.ACTIVE_IF_RUNNING:
+            return frozenset({V.ACTIVE, V.ERROR})
+        return frozenset({source, V.ERROR})
+
+
+_MOVE_FROM = frozenset({V.ACTIVE, V.STOPPED})
+_RESIZE_WALK = (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)
+_DELETE_NOTE = (
+    "Nova ignores a second delete while one is running (pain point 3: a lost RPC left it "
+    "stuck); here a delete takes over any task, a running delete included."
+)
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "create",
+        frozenset(),
+        (T.SCHEDULING, T.NETWORKING, T.BLOCK_DEVICE_MAPPING, T.SPAWNING),
+        V.ACTIVE,
+        PowerState.RUNNING,
+        failure=Failure.ERROR,
+        creates=True,
+        note="Nova passes through task NULL between scheduling and networking; "
+        "the task owns the instance throughout here, so there is no idle gap.",
+    ),
+    Operation("start", frozenset({V.STOPPED}), (T.POWERING_ON,), V.ACTIVE, PowerState.RUNNING),
+    Operation("stop", frozenset({V.ACTIVE, V.ERROR}), (T.POWERING_OFF,), V.STOPPED, PowerState.SHUTDOWN),
+    Operation(
+        "reboot",
+        frozenset({V.ACTIVE}),
+        (T.REBOOTING, T.REBOOT_PENDING, T.REBOOT_STARTED),
+        V.ACTIVE,
+        PowerState.RUNNING,
+    ),
+    Operation(
+        "reboot_hard",
+        frozenset({V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED, V.ERROR}),
+        (T.REBOOTING_HARD, T.REBOOT_PENDING_HARD, T.REBOOT_STARTED_HARD),
+        V.ACTIVE,
+        PowerState.RUNNING,
+        allowed_task_states=_ALLOW_HARD_REBOOT_TASKS,
+        failure=Failure.ACTIVE_IF_RUNNING,
+    ),
+    Operation("pause", frozenset({V.ACTIVE}), (T.PAUSING,), V.PAUSED, PowerState.PAUSED),
+    Operation("unpause", frozenset({V.PAUSED}), (T.UNPAUSING,), V.ACTIVE, PowerState.RUNNING),
+    Operation("suspend", frozenset({V.ACTIVE}), (T.SUSPENDING,), V.SUSPENDED),
+    Operation("resume", frozenset({V.SUSPENDED}), (T.RESUMING,), V.ACTIVE, PowerState.RUNNING),
+    Operation("rescue", frozenset({V.ACTIVE, V.STOPPED, V.ERROR}), (T.RESCUING,), V.RESCUED, PowerState.RUNNING),
+    Operation("unrescue", frozenset({V.RESCUED}), (T.UNRESCUING,), V.ACTIVE, PowerState.RUNNING),
+    Operation("resize", _MOVE_FROM, _RESIZE_WALK, V.RESIZED),
+    Operation("migrate", _MOVE_FROM, _RESIZE_WALK, V.RESIZED),
+    Operation(
+        "confirm_resize",
+        frozenset({V.RESIZED}),
+        (T.RESIZE_CONFIRMING,),
+        Result.BY_POWER,
+        note="Nova defines resize_confirming but never sets it and tracks confirm only on the "
+        "migration record; here confirm is a task like any other, so it is visible and recoverable.",
+    ),
+    Operation("revert_resize", frozenset({V.RESIZED}), (T.RESIZE_REVERTING,), Result.PREVIOUS),
+    Operation(
+        "rebuild",
+        frozenset({V.ACTIVE, V.STOPPED, V.ERROR}),
+        (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
+        Result.REBUILT,
+    ),
+    Operation(
+        "delete",
+        ANY_VM,
+        (T.DELETING,),
+        V.DELETED,
+        PowerState.NOSTATE,
+        allowed_task_states=ANY_TASK,
+        failure=Failure.ERROR,
+        note=_DELETE_NOTE,
+    ),
+    Operation(
+        "force_delete",
+        ANY_VM,
+        (T.DELETING,),
+        V.DELETED,
+        PowerState.NOSTATE,
+        allowed_task_states=ANY_TASK,
+        failure=Failure.ERROR,
+        note="Same path as delete, but the guest is destroyed at once with no clean shutdown. " + _DELETE_NOTE,
+    ),
+    Operation(
+        "soft_delete",
+        ANY_VM - {V.SOFT_DELETED},
+        (T.SOFT_DELETING,),
+        V.SOFT_DELETED,
+        PowerState.SHUTDOWN,
+        note="Nova lets soft delete overwrite any running task; SPEC section 2 reserves "
+        "preemption for delete and force_delete, so soft delete requires an idle instance.",
+    ),
+    Operation("restore", frozenset({V.SOFT_DELETED}), (T.RESTORING,), V.ACTIVE, PowerState.RUNNING),
+)
+
+_BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
+
+# vm_states no operation enters yet: kept in the vocabulary so Nova-written rows
+# load, exempted from the reachability check by name rather than silently.
+RESERVED_VM_STATES: frozenset[VmState] = frozenset({V.SHELVED, V.SHELVED_OFFLOADED})
+
+_IDLE_NAME = "idle"
+_NEW_NAME = "new"
+
+
+def _task_name(state: TaskState | None) -> str:
+    return _IDLE_NAME if state is None else state.value
+
+
+def operation(name: str) -> Operation:
+    """Return the table row for ``name``; a ``KeyError`` names the known operations."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown operation {name!r}; known: {', '.join(sorted(_BY_NAME))}") from None
+
+
+def _dest_is(dest: str) -> Any:
+    def condition(*_args: Any, **kwargs: Any) -> bool:
+        return bool(kwargs.get("dest") == dest)
+
+    return condition
+
+
+def _vm_machine() -> Machine:
+    machine = Machine(
+        model=None,
+        states=[_NEW_NAME, *(s.value for s in VmState)],
+        initial=_NEW_NAME,
+        auto_transitions=False,
+        model_attribute="vm_state",
+    )
+    for op in OPERATIONS:
+        sources = [_NEW_NAME] if op.creates else sorted(s.value for s in op.allowed_vm_states)
+        for source in sources:
+            ends = op.result_states() if op.creates else _success_ends(op, VmState(source))
+            for dest in sorted(ends):
+                machine.add_transition(op.name, source, dest.value, conditions=[_dest_is(dest.value)])
+            fail_from = V.BUILDING if op.creates else VmState(source)
+            for dest in sorted(op.failure_states(fail_from)):
+                machine.add_transition(f"{op.name}.fail", source, dest.value, conditions=[_dest_is(dest.value)])
+    return machine
+
+
+def _success_ends(op: Operation, source: VmState) -> frozenset[VmState]:
+    if op.result is Result.SAME:
+        return frozenset({source})
+    if op.result is Result.REBUILT:
+        return frozenset({V.ACTIVE if source is V.ERROR else source})
+    return op.result_states()
+
+
+def _task_machine() -> Machine:
+    machine = Machine(
+        model=None,
+        states=[_task_name(None), *(t.value for t in TaskState)],
+        initial=_IDLE_NAME,
+        auto_transitions=False,
+        model_attribute="task_state",
+    )
+    for op in OPERATIONS:
+        first = op.walk[0].value
+        task_sources: list[Any] = sorted(_task_name(t) for t in op.allowed_task_states)
+        machine.add_transition(f"{op.name}.begin", task_sources, first)
+        for here, there in zip(op.walk, op.walk[1:], strict=False):
+            machine.add_transition(f"{op.name}.step", here.value, there.value)
+        machine.add_transition(f"{op.name}.finish", op.walk[-1].value, _IDLE_NAME)
+        walked: list[Any] = [t.value for t in op.walk]
+        machine.add_transition(f"{op.name}.fail", walked, _IDLE_NAME)
+    return machine
+
+
+VM_MACHINE = _vm_machine()
+TASK_MACHINE = _task_machine()
+
+
+class _Cursor:
+    """A throw-away model the shared machines are fired on."""
+
+    __slots__ = ("task_state", "vm_state")
+
+    def __init__(self, vm_state: str, task_state: str) -> None:
+        self.vm_state = vm_state
+        self.task_state = task_state
+
+
+def _fire(machine: Machine, event: str, cursor: _Cursor, **kwargs: Any) -> bool:
+    try:
+        return bool(machine.events[event].trigger(cursor, **kwargs))
+    except (MachineError, KeyError):
+        return False
+
+
+def begin(name: str, uuid: str, vm_state: VmState | None, task_state: TaskState | None) -> TaskState:
+    """Check the guard of operation ``name`` and return its first task_state.
+
+    ``vm_state`` is None only for an operation that creates the instance.
+    Raises :class:`InvalidState` naming what is allowed when the guard refuses.
+    """
+    op = operation(name)
+    vm = _NEW_NAME if vm_state is None else vm_state.value
+    cursor = _Cursor(vm, _task_name(task_state))
+    vm_ok = op.creates == (vm_state is None) and _any_vm_transition(op.name, vm)
+    if not (vm_ok and _fire(TASK_MACHINE, f"{name}.begin", cursor)):
+        raise InvalidState(name, uuid, vm_state, task_state, op.allowed_vm_states, op.allowed_task_states)
+    return TaskState(cursor.task_state)
+
+
+def _any_vm_transition(event: str, source: str) -> bool:
+    ev = VM_MACHINE.events.get(event)
+    return ev is not None and source in ev.transitions
+
+
+def next_task_state(name: str, current: TaskState) -> TaskState | None:
+    """Return the task_state after ``current`` in the walk, or None after the last one."""
+    cursor = _Cursor("", current.value)
+    if _fire(TASK_MACHINE, f"{name}.step", cursor):
+        return TaskState(cursor.task_state)
+    if _fire(TASK_MACHINE, f"{name}.finish", cursor):
+        return None
+    raise ValueError(f"{current.value} is not part of the {name} walk")
+
+
+def end_vm_state(
+    name: str,
+    source: VmState | None,
+    *,
+    succeeded: bool,
+    power: PowerState,
+    before_power: PowerState | None = None,
+    previous: VmState | None = None,
+) -> VmState:
+    """Return the vm_state operation ``name`` ends in, checked against the machine.
+
+    ``power`` is the guest's power read after the operation; ``before_power``
+    the one read before it (a failure with unchanged power keeps the vm_state);
+    ``previous`` the vm_state stashed before a move (revert_resize).
+    """
+    op = operation(name)
+    start = source if source is not None else V.BUILDING
+    dest = _success_dest(op, start, power, previous) if succeeded else _failure_dest(op, start, power, before_power)
+    cursor = _Cursor(_NEW_NAME if source is None else source.value, "")
+    event = name if succeeded else f"{name}.fail"
+    if not _fire(VM_MACHINE, event, cursor, dest=dest.value):
+        raise AssertionError(f"{event} from {cursor.vm_state} to {dest.value} is not in the graph")
+    return dest
+
+
+def _success_dest(op: Operation, start: VmState, power: PowerState, previous: VmState | None) -> VmState:
+    if isinstance(op.result, VmState):
+        return op.result
+    if op.result is Result.BY_POWER:
+        return V.ACTIVE if power is PowerState.RUNNING else V.STOPPED
+    if op.result is Result.PREVIOUS:
+        return previous if previous in (V.ACTIVE, V.STOPPED) else V.ACTIVE
+    if op.result is Result.REBUILT:
+        return V.ACTIVE if start is V.ERROR else start
+    return start
+
+
+def _failure_dest(op: Operation, start: VmState, power: PowerState, before_power: PowerState | None) -> VmState:
+    if op.failure is Failure.ERROR:
+        return V.ERROR
+    if op.failure is Failure.ACTIVE_IF_RUNNING:
+        return V.ACTIVE if power is PowerState.RUNNING else V.ERROR
+    return start if power == before_power else V.ERROR
+
+
+def check_table(operations: Iterable[Operation] = OPERATIONS) -> None:
+    """Raise ``ValueError`` listing every defect of an operations table.
+
+    Checked: unique names; every vm_state reachable from creation unless
+    reserved; every task_state walked by some operation; every task_state has a
+    success exit, a failure exit and a preemption exit (an operation allowed
+    from it); nothing leaves ``deleted``.
+    """
+    ops = list(operations)
+    problems: list[str] = []
+    names = [op.name for op in ops]
+    problems += [f"operation {n!r} is defined twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    problems += _unreachable_vm_states(ops)
+    walked = {t for op in ops for t in op.walk}
+    problems += [f"task_state {t.value} is walked by no operation" for t in TaskState if t not in walked]
+    for t in sorted(walked):
+        preemptors = [op.name for op in ops if t in op.preempts]
+        if not preemptors:
+            problems.append(f"task_state {t.value} has no preemption exit")
+    problems += [
+        f"operation {op.name} is allowed from deleted, which must be terminal"
+        for op in ops
+        if V.DELETED in op.allowed_vm_states
+    ]
+    problems += [f"operation {op.name} has an empty walk" for op in ops if not op.walk]
+    if problems:
+        raise ValueError("invalid operations table:\n  " + "\n  ".join(problems))
+
+
+def _unreachable_vm_states(ops: list[Operation]) -> list[str]:
+    reached: set[VmState] = set()
+    frontier = [V.BUILDING]
+    for op in ops:
+        if op.creates:
+            frontier += sorted(op.result_states() | op.failure_states(V.BUILDING))
+    while frontier:
+        state = frontier.pop()
+        if state in reached:
+            continue
+        reached.add(state)
+        for op in ops:
+            if state in op.allowed_vm_states:
+                frontier += sorted(op.result_states() | op.failure_states(state))
+    missing = set(VmState) - reached - RESERVED_VM_STATES
+    return [f"vm_state {s.value} is unreachable" for s in sorted(missing)]
+
+
+def _states_json(states: Iterable[object]) -> list[str | None]:
+    values = [None if s is None else str(s) for s in states]
+    return sorted(values, key=lambda v: "" if v is None else v)
+
+
+def to_json() -> str:
+    """Return the operations table as JSON (the graph, as data)."""
+    rows = [
+        {
+            "operation": op.name,
+            "allowed_vm_states": _states_json(op.allowed_vm_states),
+            "allowed_task_states": _states_json(op.allowed_task_states),
+            "walk": [t.value for t in op.walk],
+            "result": op.result.value,
+            "result_states": _states_json(op.result_states()),
+            "end_power_state": None if op.end_power is None else int(op.end_power),
+            "failure": op.failure.value,
+            "creates": op.creates,
+            "note": op.note,
+        }
+        for op in OPERATIONS
+    ]
+    return json.dumps(rows, indent=2)
+
+
+def to_mermaid() -> str:
+    """Return the vm_state graph as a mermaid state diagram, one edge per operation."""
+    lines = ["stateDiagram-v2"]
+    edges: dict[tuple[str, str], list[str]] = {}
+    for op in OPERATIONS:
+        sources = ["[*]"] if op.creates else sorted(s.value for s in op.allowed_vm_states)
+        for source in sources:
+            start = V.BUILDING if op.creates else VmState(source)
+            for dest in sorted(_success_ends(op, start) if not op.creates else op.result_states()):
+                edges.setdefault((source, dest.value), []).append(op.name)
+    for (left, right), ops in sorted(edges.items()):
+        lines.append(f"    {_node(left)} --> {_node(right)}: {', '.join(ops)}")
+    lines.append(f"    {_node(V.DELETED.value)} --> [*]")
+    return "\n".join(lines) + "\n"
+
+
+def _node(name: str) -> str:
+    return name if name == "[*]" else name.replace("-", "_")
+
+
+check_table()

@@ -1,0 +1,79 @@
+"""Power operations: start, stop, reboot (soft, hard), pause, suspend, rescue and back."""
+
+from __future__ import annotations
+
+from drivers.base import RebootType
+from lifecycle.tasks import Steps, TaskRun
+
+__all__ = ["STEPS"]
+
+
+def start(run: TaskRun) -> None:
+    """Power the guest on."""
+    run.driver.power_on(run.spec)
+
+
+def stop(run: TaskRun) -> None:
+    """Shut the guest down cleanly within the timeout, else destroy it (disk kept)."""
+    timeout = run.params.get("timeout", run.settings.shutdown_timeout)
+    run.driver.power_off(run.instance.uuid, timeout=timeout, retry_interval=run.settings.shutdown_retry_interval)
+
+
+def reboot(run: TaskRun) -> None:
+    """Soft reboot: rebooting -> reboot_pending -> reboot_started, then through the guest."""
+    run.advance()
+    run.advance()
+    run.driver.reboot(run.spec, RebootType.SOFT)
+
+
+def reboot_hard(run: TaskRun) -> None:
+    """Hard reboot: rebooting_hard -> reboot_pending_hard -> reboot_started_hard, then reset."""
+    run.advance()
+    run.advance()
+    run.driver.reboot(run.spec, RebootType.HARD)
+
+
+def pause(run: TaskRun) -> None:
+    """Freeze the vCPUs."""
+    run.driver.pause(run.instance.uuid)
+
+
+def unpause(run: TaskRun) -> None:
+    """Thaw the vCPUs."""
+    run.driver.unpause(run.instance.uuid)
+
+
+def suspend(run: TaskRun) -> None:
+    """Save memory to disk; remember the vm_state to resume to, as Nova's old_vm_state."""
+    run.driver.suspend(run.instance.uuid)
+    run.fields["previous_vm_state"] = run.source_vm_state
+
+
+def resume(run: TaskRun) -> None:
+    """Restore the saved memory."""
+    run.driver.resume(run.spec)
+    run.fields["previous_vm_state"] = None
+
+
+def rescue(run: TaskRun) -> None:
+    """Boot from the rescue image."""
+    run.driver.rescue(run.spec)
+
+
+def unrescue(run: TaskRun) -> None:
+    """Boot from the instance's own disk again."""
+    run.driver.unrescue(run.spec)
+
+
+STEPS: dict[str, Steps] = {
+    "start": start,
+    "stop": stop,
+    "reboot": reboot,
+    "reboot_hard": reboot_hard,
+    "pause": pause,
+    "unpause": unpause,
+    "suspend": suspend,
+    "resume": resume,
+    "rescue": rescue,
+    "unrescue": unrescue,
+}

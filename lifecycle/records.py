@@ -1,0 +1,186 @@
+"""Plain immutable values the engine hands to its callers: instances, tasks, hosts.
+
+They are read from the store and never write back; every change goes through
+an operation. Field names are the ones the CLI prints with ``--json``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from lifecycle.errors import InvalidFlavor
+from lifecycle.states import PowerState, TaskState, VmState, status_of
+
+__all__ = ["Cause", "Flavor", "Host", "Image", "Instance", "Outcome", "Task", "TaskStep", "to_plain"]
+
+
+class Outcome(enum.StrEnum):
+    """Where a task stands."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+
+
+class Cause(enum.StrEnum):
+    """Why a change happened, as recorded in the audit log."""
+
+    API = "api"
+    SYNC = "sync"
+    EVENT = "event"
+    RECOVERY = "recovery"
+    TIMER = "timer"
+
+
+_FLAVOR_KEYS = {"vcpus": "vcpus", "ram": "memory_mb", "memory_mb": "memory_mb", "disk": "root_gb", "root_gb": "root_gb"}
+_FLAVOR_LIMITS = {"vcpus": (1, 1024), "memory_mb": (16, 16 * 1024 * 1024), "root_gb": (0, 65536)}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Flavor:
+    """The size of an instance: vcpus, memory in MiB, root disk in GiB."""
+
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for key, (low, high) in _FLAVOR_LIMITS.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidFlavor(str(self), f"{key} must be an integer from {low} to {high}, got {value!r}")
+        if not _NAME.match(self.name):
+            raise InvalidFlavor(str(self), f"name {self.name!r} must be 1-255 letters, digits, '.', '_' or '-'")
+
+    def __str__(self) -> str:
+        return f"vcpus={self.vcpus},ram={self.memory_mb},disk={self.root_gb}"
+
+    @classmethod
+    def parse(cls, text: str, name: str = "custom") -> Flavor:
+        """Parse ``vcpus=N,ram=MiB,disk=GiB`` (all three required, nothing else)."""
+        values: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, raw = part.partition("=")
+            field_name = _FLAVOR_KEYS.get(key.strip())
+            if not sep or field_name is None:
+                raise InvalidFlavor(text, f"expected vcpus=N,ram=MiB,disk=GiB, got {part!r}")
+            if field_name in values:
+                raise InvalidFlavor(text, f"{key.strip()} given twice")
+            try:
+                values[field_name] = int(raw.strip())
+            except ValueError:
+                raise InvalidFlavor(text, f"{key.strip()} must be an integer, got {raw.strip()!r}") from None
+        missing = sorted(set(_FLAVOR_LIMITS) - set(values))
+        if missing:
+            raise InvalidFlavor(text, f"missing {', '.join(missing)} (expected vcpus=N,ram=MiB,disk=GiB)")
+        return cls(name=name, **values)
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A hypervisor host and the driver URI that reaches it."""
+
+    name: str
+    driver_uri: str
+    instances_path: str
+    enabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An image instances boot from."""
+
+    name: str
+    path: str
+    disk_format: str
+    min_disk_gb: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """An instance as last committed; ``version`` is what the next write must match."""
+
+    uuid: str
+    name: str
+    host: str | None
+    flavor: Flavor
+    image: str
+    vm_state: VmState
+    task_state: TaskState | None
+    power_state: PowerState
+    task_id: str | None
+    previous_vm_state: VmState | None
+    version: int
+    launched_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+    @property
+    def status(self) -> str:
+        """The user-facing status word derived from (vm_state, task_state) as Nova does."""
+        return status_of(self.vm_state, self.task_state)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One run of one operation on one instance."""
+
+    id: str
+    instance_uuid: str
+    operation: str
+    request_id: str
+    idempotency_key: str | None
+    actor: str
+    cause: Cause
+    params: dict[str, Any]
+    outcome: Outcome
+    preempted_by: str | None
+    owner: str
+    lease_expires_at: datetime
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    traceback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStep:
+    """One entry of a task's step log."""
+
+    task_id: str
+    seq: int
+    name: str
+    started_at: datetime
+    finished_at: datetime | None
+    result: str | None
+    detail: str | None = field(default=None)
+
+
+def to_plain(value: Any) -> Any:
+    """Return a record as JSON-ready data, with ``status`` added to instances."""
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    data = asdict(value)
+    if isinstance(value, Instance):
+        data["status"] = value.status
+        data["power_state"] = int(value.power_state)
+        data["flavor"] = asdict(value.flavor)
+    return {k: _plain_scalar(v) for k, v in data.items()}
+
+
+def _plain_scalar(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value

@@ -1,0 +1,132 @@
+"""The three state dimensions of an instance and the user-facing status word.
+
+Stored values are Nova's and are frozen: add members, never rename one, because
+rows written by earlier versions must keep their meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["PowerState", "TaskState", "VmState", "status_of"]
+
+
+class VmState(enum.StrEnum):
+    """The stable state the user asked for."""
+
+    ACTIVE = "active"
+    BUILDING = "building"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+    STOPPED = "stopped"
+    RESCUED = "rescued"
+    RESIZED = "resized"
+    SOFT_DELETED = "soft-delete"
+    DELETED = "deleted"
+    ERROR = "error"
+    SHELVED = "shelved"
+    SHELVED_OFFLOADED = "shelved_offloaded"
+
+
+class TaskState(enum.StrEnum):
+    """The step of the operation in flight; ``None`` in a column means idle."""
+
+    SCHEDULING = "scheduling"
+    NETWORKING = "networking"
+    BLOCK_DEVICE_MAPPING = "block_device_mapping"
+    SPAWNING = "spawning"
+    POWERING_OFF = "powering-off"
+    POWERING_ON = "powering-on"
+    REBOOTING = "rebooting"
+    REBOOT_PENDING = "reboot_pending"
+    REBOOT_STARTED = "reboot_started"
+    REBOOTING_HARD = "rebooting_hard"
+    REBOOT_PENDING_HARD = "reboot_pending_hard"
+    REBOOT_STARTED_HARD = "reboot_started_hard"
+    PAUSING = "pausing"
+    UNPAUSING = "unpausing"
+    SUSPENDING = "suspending"
+    RESUMING = "resuming"
+    RESCUING = "rescuing"
+    UNRESCUING = "unrescuing"
+    RESIZE_PREP = "resize_prep"
+    RESIZE_MIGRATING = "resize_migrating"
+    RESIZE_MIGRATED = "resize_migrated"
+    RESIZE_FINISH = "resize_finish"
+    RESIZE_REVERTING = "resize_reverting"
+    RESIZE_CONFIRMING = "resize_confirming"
+    REBUILDING = "rebuilding"
+    REBUILD_BLOCK_DEVICE_MAPPING = "rebuild_block_device_mapping"
+    REBUILD_SPAWNING = "rebuild_spawning"
+    DELETING = "deleting"
+    SOFT_DELETING = "soft-deleting"
+    RESTORING = "restoring"
+
+
+class PowerState(enum.IntEnum):
+    """What the hypervisor last reported, with Nova's numbering (2 and 5 unused)."""
+
+    NOSTATE = 0
+    RUNNING = 1
+    PAUSED = 3
+    SHUTDOWN = 4
+    CRASHED = 6
+    SUSPENDED = 7
+
+
+_REBOOT = (TaskState.REBOOTING, TaskState.REBOOT_PENDING, TaskState.REBOOT_STARTED)
+_HARD_REBOOT = (
+    TaskState.REBOOTING_HARD,
+    TaskState.REBOOT_PENDING_HARD,
+    TaskState.REBOOT_STARTED_HARD,
+)
+_RESIZE = (
+    TaskState.RESIZE_PREP,
+    TaskState.RESIZE_MIGRATING,
+    TaskState.RESIZE_MIGRATED,
+    TaskState.RESIZE_FINISH,
+)
+_REBUILD = (
+    TaskState.REBUILDING,
+    TaskState.REBUILD_BLOCK_DEVICE_MAPPING,
+    TaskState.REBUILD_SPAWNING,
+)
+
+
+def _each(states: tuple[TaskState, ...], status: str) -> dict[TaskState, str]:
+    return dict.fromkeys(states, status)
+
+
+# Nova's _STATE_MAP: per vm_state, the default status and the task overrides.
+# A task_state not listed for a vm_state falls through to the default, so an
+# active instance that is being deleted still reads ACTIVE (as in Nova).
+_STATUS: dict[VmState, tuple[str, dict[TaskState, str]]] = {
+    VmState.ACTIVE: (
+        "ACTIVE",
+        {
+            **_each(_REBOOT, "REBOOT"),
+            **_each(_HARD_REBOOT, "HARD_REBOOT"),
+            **_each(_REBUILD, "REBUILD"),
+            **_each(_RESIZE, "RESIZE"),
+        },
+    ),
+    VmState.BUILDING: ("BUILD", {}),
+    VmState.STOPPED: ("SHUTOFF", {**_each(_RESIZE, "RESIZE"), **_each(_REBUILD, "REBUILD")}),
+    VmState.RESIZED: ("VERIFY_RESIZE", {TaskState.RESIZE_REVERTING: "REVERT_RESIZE"}),
+    VmState.PAUSED: ("PAUSED", {}),
+    VmState.SUSPENDED: ("SUSPENDED", {}),
+    VmState.RESCUED: ("RESCUE", {}),
+    VmState.ERROR: ("ERROR", _each(_REBUILD, "REBUILD")),
+    VmState.DELETED: ("DELETED", {}),
+    VmState.SOFT_DELETED: ("SOFT_DELETED", {}),
+    VmState.SHELVED: ("SHELVED", {}),
+    VmState.SHELVED_OFFLOADED: ("SHELVED_OFFLOADED", {}),
+}
+
+
+def status_of(vm_state: VmState, task_state: TaskState | None) -> str:
+    """Return the API status word for a pair exactly as Nova's API derives it."""
+    default, overrides = _STATUS[vm_state]
+    if task_state is None:
+        return default
+    return overrides.get(task_state, default)

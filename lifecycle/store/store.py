@@ -1,0 +1,502 @@
+"""The only place SQL lives: reads, and the compare-and-swap writes.
+
+Every state write is one transaction holding a conditional UPDATE of the
+instance on its expected (version, vm_state, task_state, task_id), the task and
+step-log statements that go with it, and one audit row when any of the three
+states changed. An UPDATE that matches no row raises: :class:`Preempted` when
+the writer's own task was taken over, :class:`Conflict` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from lifecycle.audit import AuditEntry, Why
+from lifecycle.errors import (
+    AlreadyExists,
+    Conflict,
+    HostNotFound,
+    ImageNotFound,
+    InstanceNotFound,
+    Preempted,
+)
+from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
+from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.store.db import aware, connect, now
+from lifecycle.store.tables import AuditRow, HostRow, ImageRow, InstanceRow, TaskRow, TaskStepRow
+
+__all__ = ["Store"]
+
+_I: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
+_T: sa.Table = TaskRow.__table__  # type: ignore[attr-defined]
+_S: sa.Table = TaskStepRow.__table__  # type: ignore[attr-defined]
+_A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
+_H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
+_IM: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
+
+
+class Store:
+    """Reads and compare-and-swap writes over one database."""
+
+    def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
+        self.url = url
+        self.engine = connect(url)
+        self.lease = timedelta(seconds=lease_seconds)
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            yield conn
+
+    # -- hosts and images -------------------------------------------------
+
+    def add_host(self, name: str, driver_uri: str, instances_path: str) -> Host:
+        """Insert a host; :class:`AlreadyExists` if the name is taken."""
+        values = {
+            "name": name,
+            "driver_uri": driver_uri,
+            "instances_path": instances_path,
+            "enabled": True,
+            "created_at": now(),
+        }
+        self._insert_unique(_H, values, "host", name)
+        return self.get_host(name)
+
+    def get_host(self, name: str) -> Host:
+        """Return the host named ``name`` or raise :class:`HostNotFound`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_H).where(_H.c.name == name)).mappings().first()
+            if row is None:
+                raise HostNotFound(name, conn.execute(sa.select(_H.c.name)).scalars())
+        return Host(**{**row, "created_at": aware(row["created_at"])})
+
+    def list_hosts(self) -> list[Host]:
+        """Return every host, by name."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(_H).order_by(_H.c.name)).mappings().all()
+        return [Host(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
+
+    def add_image(self, name: str, path: str, disk_format: str, min_disk_gb: int = 0) -> Image:
+        """Insert an image; :class:`AlreadyExists` if the name is taken."""
+        values = {
+            "name": name,
+            "path": path,
+            "disk_format": disk_format,
+            "min_disk_gb": min_disk_gb,
+            "created_at": now(),
+        }
+        self._insert_unique(_IM, values, "image", name)
+        return self.get_image(name)
+
+    def get_image(self, name: str) -> Image:
+        """Return the image named ``name`` or raise :class:`ImageNotFound`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_IM).where(_IM.c.name == name)).mappings().first()
+            if row is None:
+                raise ImageNotFound(name, conn.execute(sa.select(_IM.c.name)).scalars())
+        return Image(**{**row, "created_at": aware(row["created_at"])})
+
+    def list_images(self) -> list[Image]:
+        """Return every image, by name."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(_IM).order_by(_IM.c.name)).mappings().all()
+        return [Image(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
+
+    def _insert_unique(self, table: sa.Table, values: dict[str, Any], kind: str, name: str) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(table), values)
+        except IntegrityError:
+            raise AlreadyExists(kind, name) from None
+
+    # -- instance and task reads -------------------------------------------
+
+    def get_instance(self, uuid: str) -> Instance:
+        """Return the instance (deleted ones included) or raise :class:`InstanceNotFound`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_I).where(_I.c.uuid == uuid)).mappings().first()
+        if row is None:
+            raise InstanceNotFound(uuid)
+        return _instance(row)
+
+    def list_instances(self, host: str | None = None, *, include_deleted: bool = False) -> list[Instance]:
+        """Return instances by creation time, optionally of one host."""
+        query = sa.select(_I).order_by(_I.c.created_at, _I.c.uuid)
+        if host is not None:
+            query = query.where(_I.c.host == host)
+        if not include_deleted:
+            query = query.where(_I.c.vm_state != VmState.DELETED.value)
+        with self._read() as conn:
+            return [_instance(r) for r in conn.execute(query).mappings()]
+
+    def get_task(self, task_id: str) -> Task:
+        """Return the task with this id; ``KeyError`` if there is none."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_T).where(_T.c.id == task_id)).mappings().first()
+        if row is None:
+            raise KeyError(f"task {task_id} not found")
+        return _task(row)
+
+    def task_by_key(self, uuid: str, key: str) -> Task | None:
+        """Return the task started on ``uuid`` with idempotency key ``key``, if any."""
+        query = sa.select(_T).where(_T.c.instance_uuid == uuid, _T.c.idempotency_key == key)
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _task(row)
+
+    def tasks_of(self, uuid: str) -> list[Task]:
+        """Return every task of an instance, oldest first."""
+        query = sa.select(_T).where(_T.c.instance_uuid == uuid).order_by(_T.c.started_at, _T.c.id)
+        with self._read() as conn:
+            return [_task(r) for r in conn.execute(query).mappings()]
+
+    def steps(self, task_id: str) -> list[TaskStep]:
+        """Return a task's step log in order."""
+        query = sa.select(_S).where(_S.c.task_id == task_id).order_by(_S.c.seq)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            TaskStep(
+                task_id=r["task_id"],
+                seq=r["seq"],
+                name=r["name"],
+                started_at=_at(r["started_at"]),
+                finished_at=aware(r["finished_at"]),
+                result=r["result"],
+                detail=r["detail"],
+            )
+            for r in rows
+        ]
+
+    def history(self, uuid: str) -> list[AuditEntry]:
+        """Return an instance's audit log, oldest first."""
+        query = sa.select(_A).where(_A.c.instance_uuid == uuid).order_by(_A.c.id)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [AuditEntry(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
+
+    def renew_leases(self, owner: str) -> int:
+        """Push the lease of every running task of ``owner`` forward; return how many."""
+        query = (
+            sa.update(_T)
+            .where(_T.c.owner == owner, _T.c.outcome == Outcome.RUNNING.value)
+            .values(lease_expires_at=now() + self.lease)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount
+
+    # -- compare-and-swap writes --------------------------------------------
+
+    def create(self, instance: Instance, task: Task, step: str, why: Why) -> Instance:
+        """Insert a new instance already owned by ``task``, with its first step and audit row."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(_I), _instance_values(instance))
+                conn.execute(sa.insert(_T), _task_values(task))
+                self._open_step(conn, task.id, 1, step)
+                self._audit(conn, None, instance, why)
+        except IntegrityError:
+            raise AlreadyExists("instance", instance.uuid) from None
+        return instance
+
+    def begin(self, expected: Instance, task: Task, task_state: TaskState, why: Why, preempt: Task | None) -> Instance:
+        """Start ``task`` on ``expected``: task row, first task_state, step and audit row.
+
+        With ``preempt``, that running task is marked preempted by this one and
+        its open step closed, in the same transaction.
+        """
+        after = replace(
+            expected, task_state=task_state, task_id=task.id, version=expected.version + 1, updated_at=task.started_at
+        )
+        try:
+            with self.engine.begin() as conn:
+                if preempt is not None:
+                    self._preempt(conn, preempt, task)
+                conn.execute(sa.insert(_T), _task_values(task))
+                self._cas(conn, expected, after, None)
+                self._open_step(conn, task.id, 1, task_state.value)
+                self._audit(conn, expected, after, why)
+        except IntegrityError:
+            # The one-running-task index: another task started on this instance first.
+            raise Conflict(expected.uuid, _expect(expected), self._actual(expected.uuid)) from None
+        return after
+
+    def advance(self, expected: Instance, task: Task, seq: int, task_state: TaskState, why: Why) -> Instance:
+        """Move ``task`` to its next task_state; close step ``seq - 1`` and open step ``seq``."""
+        at = now()
+        after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at)
+        with self.engine.begin() as conn:
+            self._cas(conn, expected, after, task)
+            self._close_steps(conn, task.id, at, "ok", None)
+            self._open_step(conn, task.id, seq, task_state.value)
+            conn.execute(sa.update(_T).where(_T.c.id == task.id).values(lease_expires_at=at + self.lease))
+            self._audit(conn, expected, after, why)
+        return after
+
+    def finish(
+        self,
+        expected: Instance,
+        task: Task,
+        *,
+        vm_state: VmState,
+        power_state: PowerState,
+        outcome: Outcome,
+        why: Why,
+        error: str | None = None,
+        traceback: str | None = None,
+        **fields: Any,
+    ) -> Instance:
+        """End ``task``: final states, task idle, task row closed, step closed, audit row."""
+        at = now()
+        after = replace(
+            expected,
+            vm_state=vm_state,
+            task_state=None,
+            task_id=None,
+            power_state=power_state,
+            version=expected.version + 1,
+            updated_at=at,
+            **fields,
+        )
+        step_result = "ok" if outcome is Outcome.SUCCEEDED else "failed"
+        with self.engine.begin() as conn:
+            self._cas(conn, expected, after, task)
+            self._close_steps(conn, task.id, at, step_result, error)
+            conn.execute(
+                sa.update(_T)
+                .where(_T.c.id == task.id)
+                .values(outcome=outcome.value, finished_at=at, error=error, traceback=traceback)
+            )
+            self._audit(conn, expected, after, why)
+        return after
+
+    def set_power(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
+        """Record a new power_state on an idle instance (a sync write)."""
+        after = replace(expected, power_state=power_state, version=expected.version + 1, updated_at=now())
+        with self.engine.begin() as conn:
+            self._cas(conn, expected, after, None)
+            self._audit(conn, expected, after, why)
+        return after
+
+    def close_step(self, task_id: str, result: str, detail: str | None) -> None:
+        """Close a task's open step without touching the instance (a preempted worker)."""
+        with self.engine.begin() as conn:
+            self._close_steps(conn, task_id, now(), result, detail)
+
+    def _cas(self, conn: sa.Connection, expected: Instance, after: Instance, task: Task | None) -> None:
+        query = (
+            sa.update(_I)
+            .where(
+                _I.c.uuid == expected.uuid,
+                _I.c.version == expected.version,
+                _I.c.vm_state == expected.vm_state.value,
+                _I.c.task_state.is_not_distinct_from(_value(expected.task_state)),
+                _I.c.task_id.is_not_distinct_from(expected.task_id),
+            )
+            .values(_changed(expected, after))
+        )
+        if conn.execute(query).rowcount == 1:
+            return
+        if task is not None:
+            outcome, preempted_by = conn.execute(
+                sa.select(_T.c.outcome, _T.c.preempted_by).where(_T.c.id == task.id)
+            ).one()
+            if outcome == Outcome.PREEMPTED.value:
+                raise Preempted(task.id, expected.uuid, preempted_by)
+        raise Conflict(expected.uuid, _expect(expected), self._actual(expected.uuid, conn))
+
+    def _actual(self, uuid: str, conn: sa.Connection | None = None) -> dict[str, Any] | None:
+        query = sa.select(_I.c.version, _I.c.vm_state, _I.c.task_state, _I.c.task_id).where(_I.c.uuid == uuid)
+        if conn is not None:
+            row = conn.execute(query).mappings().first()
+        else:
+            with self._read() as reader:
+                row = reader.execute(query).mappings().first()
+        return None if row is None else dict(row)
+
+    def _preempt(self, conn: sa.Connection, old: Task, new: Task) -> None:
+        conn.execute(
+            sa.update(_T)
+            .where(_T.c.id == old.id, _T.c.outcome == Outcome.RUNNING.value)
+            .values(outcome=Outcome.PREEMPTED.value, preempted_by=new.id, finished_at=new.started_at)
+        )
+        self._close_steps(conn, old.id, new.started_at, "preempted", f"preempted by {new.operation} task {new.id}")
+
+    @staticmethod
+    def _open_step(conn: sa.Connection, task_id: str, seq: int, name: str) -> None:
+        conn.execute(sa.insert(_S), {"task_id": task_id, "seq": seq, "name": name, "started_at": now()})
+
+    @staticmethod
+    def _close_steps(conn: sa.Connection, task_id: str, at: datetime, result: str, detail: str | None) -> None:
+        conn.execute(
+            sa.update(_S)
+            .where(_S.c.task_id == task_id, _S.c.finished_at.is_(None))
+            .values(finished_at=at, result=result, detail=detail)
+        )
+
+    @staticmethod
+    def _audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Why) -> None:
+        if before is not None and (before.vm_state, before.task_state, before.power_state) == (
+            after.vm_state,
+            after.task_state,
+            after.power_state,
+        ):
+            return
+        conn.execute(
+            sa.insert(_A),
+            {
+                "instance_uuid": after.uuid,
+                "task_id": why.task_id,
+                "request_id": why.request_id,
+                "actor": why.actor,
+                "cause": why.cause.value,
+                "operation": why.operation,
+                "rule": why.rule,
+                "from_vm_state": None if before is None else before.vm_state.value,
+                "to_vm_state": after.vm_state.value,
+                "from_task_state": None if before is None else _value(before.task_state),
+                "to_task_state": _value(after.task_state),
+                "from_power_state": None if before is None else int(before.power_state),
+                "to_power_state": int(after.power_state),
+                "message": why.message,
+                "created_at": after.updated_at,
+            },
+        )
+
+
+def _value(state: TaskState | VmState | None) -> str | None:
+    return None if state is None else state.value
+
+
+def _expect(instance: Instance) -> dict[str, Any]:
+    return {
+        "version": instance.version,
+        "vm_state": instance.vm_state.value,
+        "task_state": _value(instance.task_state),
+        "task_id": instance.task_id,
+    }
+
+
+_WRITABLE = (
+    "vm_state",
+    "task_state",
+    "power_state",
+    "task_id",
+    "previous_vm_state",
+    "version",
+    "launched_at",
+    "updated_at",
+    "deleted_at",
+    "host",
+    "image",
+)
+
+
+def _changed(before: Instance, after: Instance) -> dict[str, Any]:
+    values = _instance_values(after)
+    return {k: values[k] for k in _WRITABLE if getattr(before, k) != getattr(after, k) or k == "version"}
+
+
+def _instance_values(i: Instance) -> dict[str, Any]:
+    return {
+        "uuid": i.uuid,
+        "name": i.name,
+        "host": i.host,
+        "flavor_name": i.flavor.name,
+        "vcpus": i.flavor.vcpus,
+        "memory_mb": i.flavor.memory_mb,
+        "root_gb": i.flavor.root_gb,
+        "image": i.image,
+        "vm_state": i.vm_state.value,
+        "task_state": _value(i.task_state),
+        "power_state": int(i.power_state),
+        "task_id": i.task_id,
+        "previous_vm_state": _value(i.previous_vm_state),
+        "version": i.version,
+        "launched_at": i.launched_at,
+        "created_at": i.created_at,
+        "updated_at": i.updated_at,
+        "deleted_at": i.deleted_at,
+    }
+
+
+def _task_values(t: Task) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "instance_uuid": t.instance_uuid,
+        "operation": t.operation,
+        "request_id": t.request_id,
+        "idempotency_key": t.idempotency_key,
+        "actor": t.actor,
+        "cause": t.cause.value,
+        "params": json.dumps(t.params, sort_keys=True),
+        "outcome": t.outcome.value,
+        "preempted_by": t.preempted_by,
+        "owner": t.owner,
+        "lease_expires_at": t.lease_expires_at,
+        "started_at": t.started_at,
+        "finished_at": t.finished_at,
+        "error": t.error,
+        "traceback": t.traceback,
+    }
+
+
+def _at(value: datetime) -> datetime:
+    result = aware(value)
+    assert result is not None
+    return result
+
+
+def _instance(r: sa.RowMapping) -> Instance:
+    task_state = r["task_state"]
+    previous = r["previous_vm_state"]
+    return Instance(
+        uuid=r["uuid"],
+        name=r["name"],
+        host=r["host"],
+        flavor=Flavor(vcpus=r["vcpus"], memory_mb=r["memory_mb"], root_gb=r["root_gb"], name=r["flavor_name"]),
+        image=r["image"],
+        vm_state=VmState(r["vm_state"]),
+        task_state=None if task_state is None else TaskState(task_state),
+        power_state=PowerState(r["power_state"]),
+        task_id=r["task_id"],
+        previous_vm_state=None if previous is None else VmState(previous),
+        version=r["version"],
+        launched_at=aware(r["launched_at"]),
+        created_at=_at(r["created_at"]),
+        updated_at=_at(r["updated_at"]),
+        deleted_at=aware(r["deleted_at"]),
+    )
+
+
+def _task(r: sa.RowMapping) -> Task:
+    return Task(
+        id=r["id"],
+        instance_uuid=r["instance_uuid"],
+        operation=r["operation"],
+        request_id=r["request_id"],
+        idempotency_key=r["idempotency_key"],
+        actor=r["actor"],
+        cause=Cause(r["cause"]),
+        params=json.loads(r["params"]),
+        outcome=Outcome(r["outcome"]),
+        preempted_by=r["preempted_by"],
+        owner=r["owner"],
+        lease_expires_at=_at(r["lease_expires_at"]),
+        started_at=_at(r["started_at"]),
+        finished_at=aware(r["finished_at"]),
+        error=r["error"],
+        traceback=r["traceback"],
+    )

@@ -1,0 +1,152 @@
+"""The sqlmodel tables. Schema changes go through alembic migrations only.
+
+Timestamps are stored as timezone-aware UTC. State columns hold the enums'
+stored values (strings, and Nova's integer for power_state).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+__all__ = ["AuditRow", "HostRow", "ImageRow", "InstanceRow", "TaskRow", "TaskStepRow", "metadata"]
+
+metadata = SQLModel.metadata
+
+_TS = sa.DateTime(timezone=True)
+
+
+class HostRow(SQLModel, table=True):
+    """A hypervisor host the engine drives through one driver URI."""
+
+    __tablename__ = "hosts"
+
+    name: str = Field(primary_key=True, max_length=255)
+    driver_uri: str = Field(max_length=1024)
+    instances_path: str = Field(max_length=1024)
+    enabled: bool = Field(default=True)
+    created_at: datetime = Field(sa_type=_TS)
+
+
+class ImageRow(SQLModel, table=True):
+    """An image instances boot from: a local file and its declared format."""
+
+    __tablename__ = "images"
+
+    name: str = Field(primary_key=True, max_length=255)
+    path: str = Field(max_length=1024)
+    disk_format: str = Field(max_length=32)
+    min_disk_gb: int = Field(default=0)
+    created_at: datetime = Field(sa_type=_TS)
+
+
+class InstanceRow(SQLModel, table=True):
+    """An instance: identity, placement, flavor, image and the three states."""
+
+    __tablename__ = "instances"
+    __table_args__ = (sa.Index("ix_instances_host_vm_state", "host", "vm_state"),)
+
+    uuid: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=255)
+    host: str | None = Field(default=None, max_length=255, foreign_key="hosts.name")
+    flavor_name: str = Field(max_length=255)
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    image: str = Field(max_length=255, foreign_key="images.name")
+    vm_state: str = Field(max_length=32)
+    task_state: str | None = Field(default=None, max_length=64)
+    power_state: int = Field(default=0)
+    task_id: str | None = Field(default=None, max_length=36)
+    previous_vm_state: str | None = Field(default=None, max_length=32)
+    """The vm_state before a suspend or a move, to return to on resume or revert."""
+    version: int = Field(default=1)
+    """Bumped by every write; part of every compare-and-swap."""
+    launched_at: datetime | None = Field(default=None, sa_type=_TS)
+    created_at: datetime = Field(sa_type=_TS)
+    updated_at: datetime = Field(sa_type=_TS)
+    deleted_at: datetime | None = Field(default=None, sa_type=_TS)
+
+
+class TaskRow(SQLModel, table=True):
+    """One run of one operation on one instance."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        sa.Index(
+            "uq_tasks_idempotency",
+            "instance_uuid",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        ),
+        sa.Index(
+            "uq_tasks_one_running",
+            "instance_uuid",
+            unique=True,
+            sqlite_where=sa.text("outcome = 'running'"),
+            postgresql_where=sa.text("outcome = 'running'"),
+        ),
+        sa.Index("ix_tasks_outcome_lease", "outcome", "lease_expires_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    instance_uuid: str = Field(max_length=36, foreign_key="instances.uuid", index=True)
+    operation: str = Field(max_length=64)
+    request_id: str = Field(max_length=64)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    actor: str = Field(max_length=255)
+    cause: str = Field(max_length=32)
+    params: str = Field(default="{}")
+    """JSON arguments of the operation (reboot type, target host, ...)."""
+    outcome: str = Field(max_length=16)
+    preempted_by: str | None = Field(default=None, max_length=36)
+    owner: str = Field(max_length=255)
+    lease_expires_at: datetime = Field(sa_type=_TS)
+    started_at: datetime = Field(sa_type=_TS)
+    finished_at: datetime | None = Field(default=None, sa_type=_TS)
+    error: str | None = Field(default=None)
+    traceback: str | None = Field(default=None)
+
+
+class TaskStepRow(SQLModel, table=True):
+    """One step of a task: entered with its task_state, closed with the next write."""
+
+    __tablename__ = "task_steps"
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: str = Field(max_length=36, foreign_key="tasks.id", index=True)
+    seq: int
+    name: str = Field(max_length=64)
+    started_at: datetime = Field(sa_type=_TS)
+    finished_at: datetime | None = Field(default=None, sa_type=_TS)
+    result: str | None = Field(default=None, max_length=16)
+    """ok, failed or preempted; None while the step runs."""
+    detail: str | None = Field(default=None)
+
+
+class AuditRow(SQLModel, table=True):
+    """One change of vm_state, task_state or power_state, and why it happened."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    instance_uuid: str = Field(max_length=36, foreign_key="instances.uuid", index=True)
+    task_id: str | None = Field(default=None, max_length=36)
+    request_id: str | None = Field(default=None, max_length=64)
+    actor: str = Field(max_length=255)
+    cause: str = Field(max_length=32)
+    """api, sync, event, recovery or timer."""
+    operation: str | None = Field(default=None, max_length=64)
+    rule: str | None = Field(default=None, max_length=128)
+    from_vm_state: str | None = Field(default=None, max_length=32)
+    to_vm_state: str = Field(max_length=32)
+    from_task_state: str | None = Field(default=None, max_length=64)
+    to_task_state: str | None = Field(default=None, max_length=64)
+    from_power_state: int | None = Field(default=None)
+    to_power_state: int
+    message: str | None = Field(default=None)
+    created_at: datetime = Field(sa_type=_TS)

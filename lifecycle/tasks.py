@@ -1,0 +1,217 @@
+"""Running one task: its walk through task_states, its end, its failure semantics.
+
+A :class:`TaskRun` owns an instance between the task's first compare-and-swap
+and its last. Every write it makes expects the instance exactly as it left it
+(same version, same task id). When another task took the instance over, the
+write raises :class:`Preempted` and the run stops without touching the
+instance again: the preemptor already closed this task and its open step.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from drivers.base import DomainSpec, Driver
+from lifecycle import graph
+from lifecycle.audit import Why
+from lifecycle.config import Settings
+from lifecycle.errors import DomainNotFound, DriverError, Preempted, TaskFailed
+from lifecycle.records import Image, Instance, Outcome, Task
+from lifecycle.states import PowerState
+from lifecycle.store import Store
+
+__all__ = ["Steps", "TaskRun", "execute"]
+
+log = structlog.get_logger(__name__)
+
+Steps = Callable[["TaskRun"], None]
+
+
+class TaskRun:
+    """The worker side of one task: the instance it owns and the writes it may make."""
+
+    def __init__(
+        self,
+        store: Store,
+        driver: Driver,
+        settings: Settings,
+        instance: Instance,
+        task: Task,
+        image: Image,
+        source_vm_state: Any,
+    ) -> None:
+        self.store = store
+        self.driver = driver
+        self.settings = settings
+        self.instance = instance
+        self.task = task
+        self.image = image
+        self.source_vm_state = source_vm_state
+        """The vm_state before the task began (None for create)."""
+        self.fields: dict[str, Any] = {}
+        """Extra instance columns the final write sets (launched_at, deleted_at, ...)."""
+        self.end_power: PowerState | None = None
+        """Power to record at the end instead of reading it (a destroyed domain)."""
+        self.before_power = instance.power_state
+        self._seq = 1
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The operation's arguments as stored on the task."""
+        return self.task.params
+
+    @property
+    def spec(self) -> DomainSpec:
+        """What the driver needs to define this instance's domain."""
+        i = self.instance
+        return DomainSpec(
+            uuid=i.uuid,
+            name=i.name,
+            vcpus=i.flavor.vcpus,
+            memory_mb=i.flavor.memory_mb,
+            root_gb=i.flavor.root_gb,
+            image_path=self.image.path,
+            image_format=self.image.disk_format,
+        )
+
+    def why(self, message: str | None = None) -> Why:
+        """Return the audit reason for writes of this task."""
+        t = self.task
+        return Why(
+            actor=t.actor,
+            cause=t.cause,
+            operation=t.operation,
+            task_id=t.id,
+            request_id=t.request_id,
+            message=message,
+        )
+
+    def read_power(self) -> PowerState:
+        """Ask the driver for the guest's power now; a missing domain is NOSTATE."""
+        try:
+            return self.driver.get_info(self.instance.uuid)
+        except DomainNotFound:
+            return PowerState.NOSTATE
+
+    def advance(self) -> None:
+        """Move to the next task_state of the walk (a CAS under this task's id)."""
+        current = self.instance.task_state
+        assert current is not None
+        nxt = graph.next_task_state(self.task.operation, current)
+        assert nxt is not None, f"{current} is the last step of {self.task.operation}"
+        self._seq += 1
+        self.instance = self.store.advance(self.instance, self.task, self._seq, nxt, self.why())
+        log.debug("task_step", task_state=nxt.value, seq=self._seq)
+
+    def succeed(self) -> None:
+        """Write the end state: the graph's vm_state, task idle, fresh power."""
+        power = self.end_power if self.end_power is not None else self.read_power()
+        vm_state = graph.end_vm_state(
+            self.task.operation,
+            self.source_vm_state,
+            succeeded=True,
+            power=power,
+            previous=self.instance.previous_vm_state,
+        )
+        self.instance = self.store.finish(
+            self.instance,
+            self.task,
+            vm_state=vm_state,
+            power_state=power,
+            outcome=Outcome.SUCCEEDED,
+            why=self.why(),
+            **self.fields,
+        )
+
+    def fail(self, exc: Exception) -> None:
+        """Write the failure: vm_state kept if the guest is unchanged, else per the table."""
+        try:
+            power = self.read_power()
+        except DriverError:
+            power = PowerState.NOSTATE
+        vm_state = graph.end_vm_state(
+            self.task.operation,
+            self.source_vm_state,
+            succeeded=False,
+            power=power,
+            before_power=self.before_power,
+        )
+        message = f"{type(exc).__name__}: {exc}"
+        self.instance = self.store.finish(
+            self.instance,
+            self.task,
+            vm_state=vm_state,
+            power_state=power,
+            outcome=Outcome.FAILED,
+            why=self.why(message),
+            error=message,
+            traceback=traceback.format_exc(),
+        )
+
+
+def execute(run: TaskRun, steps: Steps) -> Task:
+    """Run ``steps`` and end the task; return it finished.
+
+    Raises :class:`Preempted` when another task took the instance over (the
+    instance is left to it) and :class:`TaskFailed` when the operation failed
+    (the failure is recorded first).
+    """
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(
+        instance_uuid=run.instance.uuid, task_id=run.task.id, request_id=run.task.request_id
+    ):
+        try:
+            run.before_power = _power_or(run, run.instance.power_state)
+            steps(run)
+            run.succeed()
+        except Preempted as exc:
+            _finished(run, started, Outcome.PREEMPTED, preempted_by=exc.preempted_by)
+            raise
+        except Exception as exc:
+            if _was_preempted(run, exc):
+                raise Preempted(run.task.id, run.instance.uuid, run.store.get_task(run.task.id).preempted_by) from exc
+            try:
+                run.fail(exc)
+            except Preempted as lost:
+                _finished(run, started, Outcome.PREEMPTED, preempted_by=lost.preempted_by)
+                raise
+            task = run.store.get_task(run.task.id)
+            _finished(run, started, Outcome.FAILED, error=task.error)
+            raise TaskFailed(task, task.error or str(exc)) from exc
+        _finished(run, started, Outcome.SUCCEEDED)
+        return run.store.get_task(run.task.id)
+
+
+def _power_or(run: TaskRun, default: PowerState) -> PowerState:
+    try:
+        return run.read_power()
+    except DriverError:
+        return default
+
+
+def _was_preempted(run: TaskRun, exc: Exception) -> bool:
+    # A driver call can fail *because* a preemptor destroyed the domain under it:
+    # the failure then belongs to nobody and must not touch the instance.
+    task = run.store.get_task(run.task.id)
+    if task.outcome is Outcome.PREEMPTED:
+        log.info("task_preempted", error=str(exc), preempted_by=task.preempted_by)
+        return True
+    return False
+
+
+def _finished(run: TaskRun, started: float, outcome: Outcome, **extra: Any) -> None:
+    i = run.instance
+    log.info(
+        "operation_finished",
+        operation=run.task.operation,
+        outcome=outcome.value,
+        vm_state=i.vm_state.value,
+        power_state=int(i.power_state),
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        **extra,
+    )

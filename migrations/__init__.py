@@ -1,0 +1,1 @@
+"""Alembic migrations for the lifecycle schema (the only way the schema changes)."""
