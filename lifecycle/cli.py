@@ -1,0 +1,250 @@
+"""The ``lifecycle`` command line; the only place that configures logging.
+
+Every command accepts ``--json`` and then prints machine-readable output with
+the library's field names. Errors print one line naming what was wrong and
+what is allowed, and exit non-zero: 2 for input refused before anything
+changed, 1 for an operation that ran and failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from lifecycle import graph
+from lifecycle.audit import format_history
+from lifecycle.engine import Engine
+from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
+from lifecycle.records import Flavor, Instance, Task, to_plain
+from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
+from lifecycle.store.db import connect, current_revision, downgrade
+
+__all__ = ["configure_logging", "main"]
+
+# Operations that take only a uuid (plus the common task options).
+_SIMPLE_OPS = (
+    "start", "pause", "unpause", "suspend", "resume", "rescue", "unrescue",
+    "delete", "force-delete", "soft-delete", "restore",
+)
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    """Configure structlog: readable on a terminal, JSON lines otherwise, to stderr."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    task_opts = argparse.ArgumentParser(add_help=False, parents=[common])
+    task_opts.add_argument("--request-id", help="request id recorded on the task and audit rows")
+    task_opts.add_argument("--idempotency-key", help="a repeat with the same key returns the first task")
+    task_opts.add_argument("--no-wait", action="store_true", help="return the started task at once")
+
+    p = argparse.ArgumentParser(prog="lifecycle", description="Manage virtual machine instance lifecycles.")
+    p.add_argument("--db", default=os.environ.get("LIFECYCLE_DB_URL", DEFAULT_DB_URL), help="database URL")
+    p.add_argument("--json", action="store_true", default=False, help="machine-readable output")
+    p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = sub.add_parser("db", help="schema migrations", parents=[common]).add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="upgrade the schema to head", parents=[common])
+    db.add_parser("current", help="print the schema revision", parents=[common])
+    down = db.add_parser("downgrade", help="downgrade the schema", parents=[common])
+    down.add_argument("revision", nargs="?", default="base")
+
+    host = sub.add_parser("host", help="hypervisor hosts", parents=[common]).add_subparsers(dest="host_command", required=True)
+    add = host.add_parser("add", help="register a host", parents=[common])
+    add.add_argument("name")
+    add.add_argument("--uri", required=True, help="driver URI, e.g. fake:///var/lib/lifecycle/h1.json")
+    add.add_argument("--instances-path", default="/var/lib/lifecycle/instances")
+    host.add_parser("list", help="list hosts", parents=[common])
+
+    image = sub.add_parser("image", help="images", parents=[common]).add_subparsers(dest="image_command", required=True)
+    add = image.add_parser("add", help="register an image file", parents=[common])
+    add.add_argument("name")
+    add.add_argument("--path", required=True)
+    add.add_argument("--format", default="qcow2", dest="disk_format", help="qcow2 or raw")
+    add.add_argument("--min-disk", type=int, default=0, help="minimum root disk in GiB")
+    image.add_parser("list", help="list images", parents=[common])
+
+    create = sub.add_parser("create", help="build an instance", parents=[task_opts])
+    create.add_argument("name")
+    create.add_argument("--host", required=True)
+    create.add_argument("--flavor", required=True, help="vcpus=N,ram=MiB,disk=GiB")
+    create.add_argument("--image", required=True)
+    create.add_argument("--uuid")
+
+    for name in _SIMPLE_OPS:
+        sub.add_parser(name, help=f"{name} an instance", parents=[task_opts]).add_argument("uuid")
+    stop = sub.add_parser("stop", help="power an instance off", parents=[task_opts])
+    stop.add_argument("uuid")
+    stop.add_argument("--timeout", type=float, help="seconds for a clean shutdown before a hard stop")
+    reboot = sub.add_parser("reboot", help="reboot an instance", parents=[task_opts])
+    reboot.add_argument("uuid")
+    reboot.add_argument("--hard", action="store_true")
+    rebuild = sub.add_parser("rebuild", help="rebuild an instance on a fresh disk", parents=[task_opts])
+    rebuild.add_argument("uuid")
+    rebuild.add_argument("--image")
+
+    sub.add_parser("show", help="show an instance", parents=[common]).add_argument("uuid")
+    lst = sub.add_parser("list", help="list instances", parents=[common])
+    lst.add_argument("--host")
+    lst.add_argument("--all", action="store_true", help="include deleted instances")
+    sub.add_parser("history", help="an instance's audit log", parents=[common]).add_argument("uuid")
+    sub.add_parser("tasks", help="an instance's tasks and their step logs", parents=[common]).add_argument("uuid")
+    gr = sub.add_parser("graph", help="print the state graph", parents=[common])
+    gr.add_argument("--format", choices=("mermaid", "json"), default="mermaid")
+    demo = sub.add_parser("demo", help="run a demonstration on a scratch database", parents=[common])
+    demo.add_argument("--keep", help="directory to keep the demo's database and hypervisor state in")
+    return p
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def _instance_line(i: Instance) -> str:
+    task = i.task_state.value if i.task_state else "-"
+    return f"{i.uuid}  {i.name:<20} {i.host or '-':<12} {i.status:<14} vm={i.vm_state.value} task={task} power={int(i.power_state)}"
+
+
+def _task_result(engine: Engine, args: argparse.Namespace, task: Task) -> None:
+    instance = engine.get(task.instance_uuid)
+    data = {**to_plain(instance), "task": to_plain(task)}
+    _emit(args, data, f"task {task.id} {task.operation} {task.outcome.value}\n{_instance_line(instance)}")
+
+
+def _run_op(engine: Engine, args: argparse.Namespace) -> None:
+    kw: dict[str, Any] = {
+        "request_id": args.request_id, "idempotency_key": args.idempotency_key, "wait": not args.no_wait,
+    }
+    command = args.command
+    if command == "create":
+        flavor = Flavor.parse(args.flavor)
+        kw.pop("idempotency_key")
+        if args.idempotency_key:
+            raise InvalidInput("create does not take --idempotency-key; pass --uuid to make it repeat-safe")
+        task = engine.create(args.name, host=args.host, flavor=flavor, image=args.image, uuid=args.uuid, **kw)
+    elif command == "stop":
+        task = engine.stop(args.uuid, timeout=args.timeout, **kw)
+    elif command == "reboot":
+        task = engine.reboot(args.uuid, hard=args.hard, **kw)
+    elif command == "rebuild":
+        task = engine.rebuild(args.uuid, image=args.image, **kw)
+    else:
+        task = engine.run(command.replace("-", "_"), args.uuid, **kw)
+    _task_result(engine, args, task)
+
+
+def _read(engine: Engine, args: argparse.Namespace) -> None:
+    if args.command == "show":
+        i = engine.get(args.uuid)
+        _emit(args, to_plain(i), _instance_line(i))
+    elif args.command == "list":
+        rows = engine.list(args.host, include_deleted=args.all)
+        _emit(args, to_plain(rows), "\n".join(_instance_line(i) for i in rows) or "no instances")
+    elif args.command == "history":
+        entries = engine.history(args.uuid)
+        _emit(args, to_plain(entries), format_history(entries))
+    elif args.command == "tasks":
+        tasks = engine.tasks(args.uuid)
+        data = [{**to_plain(t), "steps": to_plain(engine.steps(t.id))} for t in tasks]
+        lines = []
+        for t in tasks:
+            lines.append(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})")
+            lines += [f"    {s.seq}. {s.name} {s.result or 'running'}" for s in engine.steps(t.id)]
+        _emit(args, data, "\n".join(lines))
+
+
+def _admin(engine: Engine, args: argparse.Namespace) -> None:
+    if args.command == "host":
+        if args.host_command == "add":
+            h = engine.add_host(args.name, args.uri, args.instances_path)
+            _emit(args, to_plain(h), f"host {h.name} added ({h.driver_uri})")
+        else:
+            hosts = engine.hosts()
+            _emit(args, to_plain(hosts), "\n".join(f"{h.name}  {h.driver_uri}" for h in hosts) or "no hosts")
+    elif args.image_command == "add":
+        im = engine.add_image(args.name, args.path, args.disk_format, args.min_disk)
+        _emit(args, to_plain(im), f"image {im.name} added ({im.path})")
+    else:
+        images = engine.images()
+        _emit(args, to_plain(images), "\n".join(f"{i.name}  {i.disk_format}  {i.path}" for i in images) or "no images")
+
+
+def _db(args: argparse.Namespace) -> None:
+    if args.db_command == "upgrade":
+        upgrade(args.db)
+    elif args.db_command == "downgrade":
+        downgrade(args.db, args.revision)
+    engine = connect(args.db)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    _emit(args, {"revision": current, "head": head_revision()}, f"schema at {current or 'base'} (head {head_revision()})")
+
+
+def _graph(args: argparse.Namespace) -> None:
+    print(graph.to_json() if args.format == "json" else graph.to_mermaid(), end="" if args.format == "mermaid" else "\n")
+
+
+def _error(args: argparse.Namespace, exc: LifecycleError) -> int:
+    code = 1 if isinstance(exc, TaskFailed) else 2
+    if getattr(args, "json", False):
+        data: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, InvalidState):
+            data |= {"allowed_vm_states": exc.allowed_vm_states, "allowed_task_states": exc.allowed_task_states}
+        print(json.dumps(data, indent=2, sort_keys=True))
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    handlers: dict[str, Callable[[Engine, argparse.Namespace], None]] = {
+        "show": _read, "list": _read, "history": _read, "tasks": _read, "host": _admin, "image": _admin,
+    }
+    try:
+        if args.command == "db":
+            _db(args)
+        elif args.command == "graph":
+            _graph(args)
+        elif args.command == "demo":
+            from lifecycle.demo import run_demo
+
+            run_demo(args.keep, as_json=args.json)
+        else:
+            with Engine(args.db) as engine:
+                handlers.get(args.command, _run_op)(engine, args)
+    except LifecycleError as exc:
+        return _error(args, exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
