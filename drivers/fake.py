@@ -4,6 +4,8 @@ Used for fast tests and for fault injection; it passes the same contract suite
 as the libvirt driver. Faults:
 
 - ``fail_next(call, error)``: the next ``call`` raises ``error`` before acting;
+- ``fail_after(call, error)``: the next ``call`` acts, then raises ``error``
+  (the hypervisor did part of the work and reported a failure);
 - ``hold(call)``: the next ``call`` blocks until the returned gate is released;
 - ``crash_after(call)``: the next ``call`` acts, then raises
   :class:`SimulatedCrash` (a ``BaseException``, so nothing in the engine
@@ -100,6 +102,11 @@ class FakeDriver(Driver):
         """Make the next ``call`` raise ``error`` (a DriverError by default) before acting."""
         exc = error or DriverError(f"injected failure in {call}", call=call)
         self._faults.setdefault(call, []).append(("fail", exc))
+
+    def fail_after(self, call: str, error: BaseException | None = None) -> None:
+        """Make the next ``call`` act, then raise ``error`` (a DriverError by default)."""
+        exc = error or DriverError(f"injected failure after {call}", call=call)
+        self._faults.setdefault(call, []).append(("fail_after", exc))
 
     def hold(self, call: str) -> Gate:
         """Make the next ``call`` block until the returned gate is released."""
@@ -275,17 +282,17 @@ class FakeDriver(Driver):
     # -- machinery -----------------------------------------------------------
 
     def _call(self, call: str, uuid: str, act: Callable[[], PowerState | None]) -> None:
-        crash = self._before(call)
+        after = self._before(call)
         with self._lock:
             changed = act()
             self._save()
         if changed is not None:
             self._emit(uuid, changed)
-        if crash:
-            raise SimulatedCrash(f"crash after {call}")
+        if after is not None:
+            raise after
 
-    def _before(self, call: str) -> bool:
-        """Record the call and apply its scripted fault; return True to crash after it."""
+    def _before(self, call: str) -> BaseException | None:
+        """Record the call and apply its scripted fault; return what to raise after acting."""
         with self._lock:
             self.calls.append(call)
             queue = self._faults.get(call)
@@ -296,7 +303,9 @@ class FakeDriver(Driver):
         if kind == "hold":
             assert isinstance(arg, Gate)
             arg._block()
-        return kind == "crash"
+        if kind == "crash":
+            return SimulatedCrash(f"crash after {call}")
+        return arg if kind == "fail_after" else None
 
     def _domain(self, uuid: str, call: str) -> _Domain:
         dom = self._domains.get(uuid)

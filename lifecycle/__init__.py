@@ -1,11 +1,14 @@
 """lifecycle: an embeddable engine for the lifecycle of virtual machine instances.
 
 The public surface is re-exported here; everything else is internal.
+``Engine`` and ``upgrade`` load on first use: the drivers import the contract
+side of this package (errors, states), which must not pull the engine in.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.audit import AuditEntry
 from lifecycle.config import Settings
-from lifecycle.engine import Engine
 from lifecycle.errors import (
     AlreadyExists,
     Conflict,
@@ -25,7 +28,10 @@ from lifecycle.errors import (
 )
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState, status_of
-from lifecycle.store import upgrade
+
+if TYPE_CHECKING:
+    from lifecycle.engine import Engine
+    from lifecycle.store import upgrade
 
 __all__ = [
     "AlreadyExists",
@@ -60,3 +66,15 @@ __all__ = [
     "status_of",
     "upgrade",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from lifecycle.engine import Engine
+
+        return Engine
+    if name == "upgrade":
+        from lifecycle.store import upgrade
+
+        return upgrade
+    raise AttributeError(f"module 'lifecycle' has no attribute {name!r}")

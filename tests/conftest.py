@@ -1,0 +1,112 @@
+"""Shared fixtures: databases, engines over fake hosts, tier gating, invariant checks.
+
+Tiers: tests marked ``postgres``, ``libvirt`` or ``qemu`` need a real part.
+Without it they skip with a message saying how to enable them; with
+``LIFECYCLE_CI=1`` (set by ``.ci/run``) a missing part fails the test instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from drivers.base import Driver
+from drivers.fake import FakeDriver
+from lifecycle import Engine, Flavor, Settings, upgrade
+from lifecycle.records import Host
+from tests.invariants import check_invariants
+
+PG_ENV = "LIFECYCLE_TEST_PG_URL"
+CI = os.environ.get("LIFECYCLE_CI") == "1"
+
+
+def require(part: str, available: bool, how: str) -> None:
+    """Skip (fail in CI) when a real part a test needs is missing."""
+    if available:
+        return
+    message = f"{part} not available: {how}"
+    if CI:
+        pytest.fail(f"LIFECYCLE_CI=1 makes this tier mandatory; {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite file database."""
+    url = f"sqlite:///{tmp_path / 'lifecycle.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def pg_server_url() -> str:
+    """The URL of the throwaway PostgreSQL database the test command started."""
+    url = os.environ.get(PG_ENV, "")
+    require("PostgreSQL", bool(url), f"set {PG_ENV} or run `make test`, which starts a throwaway server")
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (created and dropped around the test)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    url = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+class Fakes(dict[str, FakeDriver]):
+    """Fake hypervisors by host name, created on first use."""
+
+    def factory(self, host: Host) -> Driver:
+        return self.setdefault(host.name, FakeDriver(host.name))
+
+
+@pytest.fixture
+def fakes() -> Fakes:
+    """The fake hosts of the engine under test."""
+    return Fakes()
+
+
+def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
+    """An engine over ``url`` with hosts h1 and h2 (fake) and image cirros."""
+    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]
+    if not engine.hosts():
+        engine.add_host("h1", "fake://")
+        engine.add_host("h2", "fake://")
+        engine.add_image("cirros", "/images/cirros.qcow2")
+    return engine
+
+
+@pytest.fixture
+def engine(sqlite_url: str, fakes: Fakes) -> Iterator[Engine]:
+    """An engine on SQLite over two fake hosts; invariants are checked at teardown."""
+    eng = make_engine(sqlite_url, fakes, shutdown_timeout=0.0)
+    yield eng
+    check_invariants(eng.store)
+    eng.close()
+
+
+FLAVOR = Flavor(vcpus=1, memory_mb=64, root_gb=1, name="tiny")
+
+
+@pytest.fixture
+def new_instance(engine: Engine) -> Callable[..., str]:
+    """Create an active instance on h1 and return its uuid."""
+
+    def make(name: str = "vm", host: str = "h1") -> str:
+        return engine.create(name, host=host, flavor=FLAVOR, image="cirros").instance_uuid
+
+    return make

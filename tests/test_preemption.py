@@ -1,0 +1,132 @@
+"""Preemption: delete and force_delete take over any task; hard reboot takes over a few."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lifecycle import Engine, InvalidState, Outcome, PowerState, Preempted, TaskState, VmState
+from tests.conftest import Fakes
+from tests.invariants import check_invariants
+
+
+class Worker(threading.Thread):
+    """Runs one engine call in a thread and keeps what it raised."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__()
+        self.call = call
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.call()
+        except BaseException as exc:
+            self.error = exc
+
+
+@pytest.mark.parametrize("preemptor", ["force_delete", "delete"])
+def test_delete_preempts_a_worker_blocked_in_the_driver(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], preemptor: str
+) -> None:
+    """A stop stuck in the hypervisor is taken over; released, its worker stops without touching the row."""
+    uuid = new_instance()
+    gate = fakes["h1"].hold("power_off")
+    worker = Worker(lambda: engine.stop(uuid))
+    worker.start()
+    assert gate.wait_entered()
+    stop_task = engine.get(uuid).task_id
+    assert engine.get(uuid).task_state is TaskState.POWERING_OFF
+
+    delete_task = engine.run(preemptor, uuid)
+    after_delete = engine.get(uuid)
+    assert (after_delete.vm_state, after_delete.task_state, after_delete.power_state) == (
+        VmState.DELETED, None, PowerState.NOSTATE,
+    )
+    gate.release()
+    worker.join(10)
+    assert isinstance(worker.error, Preempted)
+    assert worker.error.preempted_by == delete_task.id
+    assert engine.get(uuid) == after_delete, "the preempted worker wrote to the instance"
+
+    stop = engine.task(stop_task)  # type: ignore[arg-type]
+    assert (stop.outcome, stop.preempted_by) == (Outcome.PREEMPTED, delete_task.id)
+    assert [s.result for s in engine.steps(stop.id)] == ["preempted"]
+    story = [(e.operation, e.from_task_state, e.to_task_state) for e in engine.history(uuid)][-3:]
+    assert story == [("stop", None, "powering-off"), (preemptor, "powering-off", "deleting"), (preemptor, "deleting", None)]
+    assert f"preempts stop task {stop.id}" in (engine.history(uuid)[-2].message or "")
+    check_invariants(engine.store)
+
+
+def test_preempted_worker_in_a_multi_step_walk_stops_at_its_next_step(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A soft reboot preempted by a hard reboot fails its next compare-and-swap and stops there."""
+    uuid = new_instance()
+    gate = fakes["h1"].hold("reboot")
+    worker = Worker(lambda: engine.reboot(uuid))
+    worker.start()
+    assert gate.wait_entered()
+    assert engine.get(uuid).task_state is TaskState.REBOOT_STARTED
+    hard = engine.reboot(uuid, hard=True)
+    gate.release()
+    worker.join(10)
+    assert isinstance(worker.error, Preempted) and worker.error.preempted_by == hard.id
+    i = engine.get(uuid)
+    assert (i.vm_state, i.task_state, i.power_state) == (VmState.ACTIVE, None, PowerState.RUNNING)
+    check_invariants(engine.store)
+
+
+@pytest.mark.parametrize("held", ["pause", "suspend"])
+def test_hard_reboot_preempts_pause_and_suspend(engine: Engine, fakes: Fakes, new_instance: Callable[..., str], held: str) -> None:
+    """Hard reboot may take over pausing and suspending, as Nova's ALLOW_REBOOT says."""
+    uuid = new_instance()
+    gate = fakes["h1"].hold(held)
+    worker = Worker(lambda: engine.run(held, uuid))
+    worker.start()
+    assert gate.wait_entered()
+    engine.reboot(uuid, hard=True)
+    gate.release()
+    worker.join(10)
+    assert isinstance(worker.error, Preempted)
+    assert engine.get(uuid).vm_state is VmState.ACTIVE
+    check_invariants(engine.store)
+
+
+@pytest.mark.parametrize("intruder", ["stop", "pause", "reboot", "soft_delete", "rebuild", "rescue"])
+def test_other_calls_are_refused_while_a_task_runs(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], intruder: str
+) -> None:
+    """Anything but delete, force_delete and (for some tasks) hard reboot is refused mid-task."""
+    uuid = new_instance()
+    gate = fakes["h1"].hold("power_off")
+    worker = Worker(lambda: engine.stop(uuid))
+    worker.start()
+    assert gate.wait_entered()
+    with pytest.raises(InvalidState):
+        engine.run(intruder, uuid)
+    with pytest.raises(InvalidState):
+        engine.reboot(uuid, hard=True)  # powering-off is not in Nova's ALLOW_REBOOT
+    gate.release()
+    worker.join(10)
+    assert worker.error is None
+    assert engine.get(uuid).vm_state is VmState.STOPPED
+    check_invariants(engine.store)
+
+
+def test_delete_takes_over_a_stuck_delete(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+    """A delete stuck in the hypervisor can be taken over by a second delete (Nova's pain point 3)."""
+    uuid = new_instance()
+    gate = fakes["h1"].hold("destroy")
+    first = Worker(lambda: engine.force_delete(uuid))
+    first.start()
+    assert gate.wait_entered()
+    engine.force_delete(uuid)
+    gate.release()
+    first.join(10)
+    assert isinstance(first.error, Preempted)
+    assert engine.get(uuid).vm_state is VmState.DELETED
+    check_invariants(engine.store)
