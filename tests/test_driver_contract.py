@@ -1,0 +1,162 @@
+"""The driver contract suite: every driver must pass it (fake now; libvirt joins it).
+
+Each test pins one postcondition or idempotency promise from drivers/base.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid as uuidlib
+from collections.abc import Iterator
+
+import pytest
+
+from drivers.base import DomainSpec, Driver, LifecycleEvent, RebootType, Transition
+from drivers.fake import FakeDriver
+from lifecycle.errors import DomainNotFound, DriverError
+from lifecycle.states import PowerState
+
+P = PowerState
+
+
+@pytest.fixture(params=["fake"])
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    """Each driver under the contract, on a private, empty host."""
+    drv = FakeDriver("contract")
+    yield drv
+    drv.close()
+
+
+@pytest.fixture
+def spec() -> DomainSpec:
+    """A small domain."""
+    return DomainSpec(uuid=str(uuidlib.uuid4()), name="contract-vm", vcpus=1, memory_mb=64, root_gb=1,
+                      image_path="/images/base.qcow2", image_format="qcow2")
+
+
+def test_spawn_runs_the_domain_and_repeating_is_safe(driver: Driver, spec: DomainSpec) -> None:
+    """After spawn the domain runs; a second spawn leaves it running."""
+    driver.spawn(spec)
+    driver.spawn(spec)
+    assert driver.get_info(spec.uuid) is P.RUNNING
+    assert dict(driver.list_instances().owned) == {spec.uuid: P.RUNNING}
+
+
+def test_spawn_without_power_on_leaves_it_off(driver: Driver, spec: DomainSpec) -> None:
+    """spawn(power_on=False) defines the domain shut down."""
+    driver.spawn(spec, power_on=False)
+    assert driver.get_info(spec.uuid) is P.SHUTDOWN
+
+
+def test_destroy_removes_the_domain_and_is_idempotent(driver: Driver, spec: DomainSpec) -> None:
+    """After destroy the domain is gone; destroying again or a never-defined uuid succeeds."""
+    driver.spawn(spec)
+    driver.destroy(spec.uuid)
+    driver.destroy(spec.uuid)
+    driver.destroy(str(uuidlib.uuid4()))
+    with pytest.raises(DomainNotFound):
+        driver.get_info(spec.uuid)
+    assert spec.uuid not in driver.list_instances().owned
+
+
+def test_power_off_then_on(driver: Driver, spec: DomainSpec) -> None:
+    """power_off leaves it shut down (twice is safe); power_on runs it (twice is safe)."""
+    driver.spawn(spec)
+    driver.power_off(spec.uuid, timeout=0, retry_interval=0)
+    driver.power_off(spec.uuid, timeout=0, retry_interval=0)
+    assert driver.get_info(spec.uuid) is P.SHUTDOWN
+    driver.power_on(spec)
+    driver.power_on(spec)
+    assert driver.get_info(spec.uuid) is P.RUNNING
+
+
+def test_pause_unpause(driver: Driver, spec: DomainSpec) -> None:
+    """pause freezes (repeat safe); unpause thaws (repeat safe)."""
+    driver.spawn(spec)
+    driver.pause(spec.uuid)
+    driver.pause(spec.uuid)
+    assert driver.get_info(spec.uuid) is P.PAUSED
+    driver.unpause(spec.uuid)
+    driver.unpause(spec.uuid)
+    assert driver.get_info(spec.uuid) is P.RUNNING
+
+
+def test_pause_of_a_stopped_domain_is_a_driver_error(driver: Driver, spec: DomainSpec) -> None:
+    """Pausing a shut-down guest raises DriverError and leaves it shut down."""
+    driver.spawn(spec, power_on=False)
+    with pytest.raises(DriverError):
+        driver.pause(spec.uuid)
+    assert driver.get_info(spec.uuid) is P.SHUTDOWN
+
+
+def test_suspend_resume(driver: Driver, spec: DomainSpec) -> None:
+    """suspend is a managed save (power SHUTDOWN, as Nova on libvirt); resume runs it again."""
+    driver.spawn(spec)
+    driver.suspend(spec.uuid)
+    driver.suspend(spec.uuid)
+    assert driver.get_info(spec.uuid) is P.SHUTDOWN
+    driver.resume(spec)
+    assert driver.get_info(spec.uuid) is P.RUNNING
+
+
+def test_reboot_hard_starts_a_stopped_domain_soft_refuses(driver: Driver, spec: DomainSpec) -> None:
+    """A soft reboot needs a running guest; a hard reboot works from off and leaves it running."""
+    driver.spawn(spec, power_on=False)
+    with pytest.raises(DriverError):
+        driver.reboot(spec, RebootType.SOFT)
+    driver.reboot(spec, RebootType.HARD)
+    assert driver.get_info(spec.uuid) is P.RUNNING
+    driver.reboot(spec, RebootType.SOFT)
+    assert driver.get_info(spec.uuid) is P.RUNNING
+
+
+def test_rescue_unrescue_and_rebuild_end_running(driver: Driver, spec: DomainSpec) -> None:
+    """rescue, unrescue and rebuild each leave the domain running."""
+    driver.spawn(spec)
+    for call in (driver.rescue, driver.unrescue, driver.rebuild):
+        call(spec)
+        assert driver.get_info(spec.uuid) is P.RUNNING
+
+
+@pytest.mark.parametrize("call", ["power_on", "resume", "rescue", "unrescue", "reboot"])
+def test_calls_on_a_missing_domain_raise_domain_not_found(driver: Driver, spec: DomainSpec, call: str) -> None:
+    """Operations that need a domain raise DomainNotFound, not a generic error."""
+    with pytest.raises(DomainNotFound):
+        if call == "reboot":
+            driver.reboot(spec, RebootType.HARD)
+        else:
+            getattr(driver, call)(spec)
+
+
+def test_listing_is_one_call_for_the_host(driver: Driver, spec: DomainSpec) -> None:
+    """list_instances returns every owned domain's power state at once."""
+    second = dataclasses.replace(spec, uuid=str(uuidlib.uuid4()), name="second")
+    driver.spawn(spec)
+    driver.spawn(second, power_on=False)
+    assert dict(driver.list_instances().owned) == {spec.uuid: P.RUNNING, second.uuid: P.SHUTDOWN}
+
+
+def test_console_has_a_port(driver: Driver, spec: DomainSpec) -> None:
+    """A running domain reports a VNC host and port."""
+    driver.spawn(spec)
+    console = driver.get_vnc_console(spec.uuid)
+    assert console.host and console.port >= 5900
+
+
+def test_events_reach_the_listener(driver: Driver, spec: DomainSpec) -> None:
+    """Power changes are delivered to the registered listener."""
+    seen: list[LifecycleEvent] = []
+    arrived = threading.Event()
+
+    def listener(event: LifecycleEvent) -> None:
+        seen.append(event)
+        if event.transition is Transition.STOPPED:
+            arrived.set()
+
+    driver.register_event_listener(listener)
+    driver.spawn(spec)
+    driver.power_off(spec.uuid, timeout=0, retry_interval=0)
+    assert arrived.wait(10)
+    assert {e.uuid for e in seen} == {spec.uuid}
+    driver.register_event_listener(None)

@@ -1,0 +1,57 @@
+"""Compare-and-swap writes: losing is a typed error and changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from lifecycle import Conflict, Engine, PowerState, TaskState
+from lifecycle.audit import Why
+from lifecycle.records import Cause
+
+
+def test_stale_version_raises_conflict_with_expected_and_actual(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """A write from a stale read loses: Conflict names what it expected and what it found."""
+    uuid = new_instance()
+    stale = engine.get(uuid)
+    engine.stop(uuid)
+    history = engine.history(uuid)
+    with pytest.raises(Conflict) as info:
+        engine.store.set_power(stale, PowerState.PAUSED, Why(actor="test", cause=Cause.SYNC))
+    assert info.value.expected["vm_state"] == "active"
+    assert info.value.actual is not None and info.value.actual["vm_state"] == "stopped"
+    assert "vm_state stopped (expected active)" in str(info.value)
+    assert engine.history(uuid) == history
+    assert engine.get(uuid).power_state is PowerState.SHUTDOWN
+
+
+def test_cas_checks_the_task_id_not_only_the_states(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """Same states but another version (another writer) is still a conflict."""
+    uuid = new_instance()
+    current = engine.get(uuid)
+    with pytest.raises(Conflict):
+        engine.store.set_power(replace(current, version=current.version - 1), PowerState.PAUSED, Why(actor="t", cause=Cause.SYNC))
+
+
+def test_power_write_has_exactly_one_audit_row(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """A sync-style power write records one audit row with its rule, cause and actor."""
+    uuid = new_instance()
+    before = len(engine.history(uuid))
+    engine.store.set_power(engine.get(uuid), PowerState.CRASHED, Why(actor="sync", cause=Cause.SYNC, rule="copy_power"))
+    rows = engine.history(uuid)
+    assert len(rows) == before + 1
+    assert (rows[-1].cause, rows[-1].rule, rows[-1].from_power_state, rows[-1].to_power_state) == ("sync", "copy_power", 1, 6)
+
+
+def test_one_running_task_per_instance_is_enforced_by_the_database(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """Two task rows running on one instance violate a unique index, surfacing as Conflict."""
+    uuid = new_instance()
+    instance = engine.get(uuid)
+    t1 = engine._new_task(uuid, "stop", {}, None, None, "a", Cause.API)
+    engine.store.begin(instance, t1, TaskState.POWERING_OFF, Why("a", Cause.API), None)
+    t2 = engine._new_task(uuid, "pause", {}, None, None, "b", Cause.API)
+    with pytest.raises(Conflict):
+        engine.store.begin(engine.get(uuid), t2, TaskState.PAUSING, Why("b", Cause.API), None)
+    engine.force_delete(uuid)
