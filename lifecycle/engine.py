@@ -77,6 +77,7 @@ class Engine:
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
         self._factory = driver_factory or _default_factory
         self._drivers: dict[str, Driver] = {}
+        self._images: dict[str, Image] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -174,7 +175,7 @@ class Engine:
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
         host_row = self.store.get_host(host)
-        image_row = self.store.get_image(image)
+        image_row = self._image(image)
         if flavor.root_gb < image_row.min_disk_gb:
             raise InvalidInput(
                 f"flavor disk {flavor.root_gb} GiB is smaller than image {image}'s minimum {image_row.min_disk_gb} GiB"
@@ -288,7 +289,7 @@ class Engine:
         params = dict(params or {})
         image_name = params.get("image")
         if image_name is not None:
-            self.store.get_image(image_name)
+            self._image(image_name)
         op = graph.operation(operation)
         for attempt in range(self.settings.preempt_retries + 1):
             instance = self.store.get_instance(uuid)
@@ -317,7 +318,7 @@ class Engine:
                 continue
             if preempt is not None:
                 log.info("task_preempted_by", instance_uuid=uuid, preempted=preempt.id, by=task.id, operation=operation)
-            image = self.store.get_image(image_name or instance.image)
+            image = self._image(image_name or instance.image)
             assert instance.host is not None
             run = TaskRun(self.store, self.driver(instance.host), self.settings, after, task, image, instance.vm_state)
             return self._launch(run, wait)
@@ -363,6 +364,13 @@ class Engine:
         future = self._pool().submit(execute, run, steps)
         future.add_done_callback(_log_background_failure)
         return replace(run.task)
+
+    def _image(self, name: str) -> Image:
+        # Image rows are never updated (no API changes one), so caching is safe.
+        image = self._images.get(name)
+        if image is None:
+            image = self._images[name] = self.store.get_image(name)
+        return image
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
