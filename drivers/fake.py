@@ -18,9 +18,11 @@ With ``state_path`` the domains are kept in a JSON file, so separate processes
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,8 +95,6 @@ class FakeDriver(Driver):
         self._listener: EventListener | None = None
         self._state_path = Path(state_path) if state_path else None
         self._next_port = 5900
-        if self._state_path and self._state_path.exists():
-            self._load()
 
     # -- fault injection ---------------------------------------------------
 
@@ -120,41 +120,38 @@ class FakeDriver(Driver):
 
     def set_power(self, uuid: str, power: PowerState) -> None:
         """Change a domain's power behind the engine's back (emits the event)."""
-        with self._lock:
+        with self._state():
             self._domain(uuid, "set_power").power = int(power)
-            self._save()
         self._emit(uuid, power)
 
     def undefine(self, uuid: str) -> None:
         """Remove a domain behind the engine's back."""
-        with self._lock:
+        with self._state():
             self._domains.pop(uuid, None)
-            self._save()
 
     def add_foreign(self, name: str) -> None:
         """Add a domain that no instance owns."""
-        with self._lock:
+        with self._state():
             self._foreign.append(name)
 
     def set_ignores_acpi(self, uuid: str, ignores: bool = True) -> None:
         """Make a guest ignore clean shutdown requests (a guest with no OS)."""
-        with self._lock:
+        with self._state():
             self._domain(uuid, "set_ignores_acpi").ignores_acpi = ignores
-            self._save()
 
     def domain_exists(self, uuid: str) -> bool:
         """Return whether a domain is defined for ``uuid``."""
-        with self._lock:
+        with self._state():
             return uuid in self._domains
 
     def is_rescued(self, uuid: str) -> bool:
         """Return whether the domain runs its rescue image."""
-        with self._lock:
+        with self._state():
             return self._domain(uuid, "is_rescued").rescued
 
     def disk_of(self, uuid: str) -> str:
         """Return the name of the domain's disk (changes on rebuild)."""
-        with self._lock:
+        with self._state():
             return self._domain(uuid, "disk_of").disk
 
     # -- the contract --------------------------------------------------------
@@ -262,18 +259,18 @@ class FakeDriver(Driver):
 
     def get_info(self, uuid: str) -> PowerState:
         self._before("get_info")
-        with self._lock:
+        with self._state():
             return PowerState(self._domain(uuid, "get_info").power)
 
     def list_instances(self) -> Listing:
         self._before("list_instances")
-        with self._lock:
+        with self._state():
             owned = {u: PowerState(d.power) for u, d in self._domains.items()}
             return Listing(owned=owned, foreign=tuple(self._foreign))
 
     def get_vnc_console(self, uuid: str) -> Console:
         self._before("get_vnc_console")
-        with self._lock:
+        with self._state():
             return Console(host="127.0.0.1", port=self._domain(uuid, "get_vnc_console").vnc_port)
 
     def register_event_listener(self, listener: EventListener | None) -> None:
@@ -283,9 +280,8 @@ class FakeDriver(Driver):
 
     def _call(self, call: str, uuid: str, act: Callable[[], PowerState | None]) -> None:
         after = self._before(call)
-        with self._lock:
+        with self._state():
             changed = act()
-            self._save()
         if changed is not None:
             self._emit(uuid, changed)
         if after is not None:
@@ -340,9 +336,23 @@ class FakeDriver(Driver):
         if listener is not None and transition is not None:
             listener(LifecycleEvent(uuid, transition, datetime.now(UTC)))
 
+    @contextmanager
+    def _state(self) -> Iterator[None]:
+        """Hold the state: the thread lock, and with a state file an exclusive flock
+        around reload-act-save, so several processes share one consistent host."""
+        with self._lock:
+            if self._state_path is None:
+                yield
+                return
+            with open(self._state_path.with_suffix(".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self._state_path.exists():
+                    self._load()
+                yield
+                self._save()
+
     def _save(self) -> None:
-        if self._state_path is None:
-            return
+        assert self._state_path is not None
         data = {"domains": {u: asdict(d) for u, d in self._domains.items()}, "next_port": self._next_port}
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))

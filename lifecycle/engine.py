@@ -317,7 +317,10 @@ class Engine:
                     raise
                 continue
             if preempt is not None:
-                log.info("task_preempted_by", instance_uuid=uuid, preempted=preempt.id, by=task.id, operation=operation)
+                log.info(
+                    "task_preempted_by", instance_uuid=uuid, task_id=task.id, request_id=task.request_id,
+                    preempted_task_id=preempt.id, operation=operation,
+                )
             image = self._image(image_name or instance.image)
             assert instance.host is not None
             run = TaskRun(self.store, self.driver(instance.host), self.settings, after, task, image, instance.vm_state)

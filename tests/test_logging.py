@@ -1,0 +1,58 @@
+"""Logging: every line of an operation carries its ids; one summary line per operation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from lifecycle import Engine, TaskFailed
+from tests.conftest import Fakes
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Capture log events after contextvars are merged, as the CLI's configuration does."""
+    captured: list[dict[str, Any]] = []
+
+    def capture(_logger: Any, _name: str, event: dict[str, Any]) -> Any:
+        captured.append(dict(event))
+        raise structlog.DropEvent
+
+    old = structlog.get_config()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    yield captured
+    structlog.configure(**old)
+
+
+def test_every_operation_line_carries_instance_task_and_request_ids(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], events: list[dict[str, Any]]
+) -> None:
+    """Step lines and summary lines of an operation all name the instance, the task and the request."""
+    uuid = new_instance()
+    engine.reboot(uuid, request_id="req-abc")
+    fakes["h1"].fail_next("pause")
+    with pytest.raises(TaskFailed):
+        engine.pause(uuid)
+    for event in events:
+        assert {"instance_uuid", "task_id", "request_id"} <= event.keys(), event
+    reboot_lines = [e for e in events if e["request_id"] == "req-abc"]
+    assert [e["event"] for e in reboot_lines] == ["task_step", "task_step", "operation_finished"]
+
+
+def test_one_summary_line_per_operation(engine: Engine, new_instance: Callable[..., str], events: list[dict[str, Any]]) -> None:
+    """Each finished operation logs exactly one operation_finished line with its outcome."""
+    uuid = new_instance()
+    engine.stop(uuid)
+    engine.start(uuid)
+    summaries = [e for e in events if e["event"] == "operation_finished"]
+    assert [(e["operation"], e["outcome"]) for e in summaries] == [
+        ("create", "succeeded"), ("stop", "succeeded"), ("start", "succeeded"),
+    ]
