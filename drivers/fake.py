@@ -338,8 +338,11 @@ class FakeDriver(Driver):
 
     @contextmanager
     def _state(self) -> Iterator[None]:
-        """Hold the state: the thread lock, and with a state file an exclusive flock
-        around reload-act-save, so several processes share one consistent host."""
+        """Hold the state: the thread lock, and with a state file an exclusive flock.
+
+        With a file, the state is reloaded, acted on and saved under the flock,
+        so several processes share one consistent host.
+        """
         with self._lock:
             if self._state_path is None:
                 yield

@@ -30,8 +30,17 @@ __all__ = ["configure_logging", "main"]
 
 # Operations that take only a uuid (plus the common task options).
 _SIMPLE_OPS = (
-    "start", "pause", "unpause", "suspend", "resume", "rescue", "unrescue",
-    "delete", "force-delete", "soft-delete", "restore",
+    "start",
+    "pause",
+    "unpause",
+    "suspend",
+    "resume",
+    "rescue",
+    "unrescue",
+    "delete",
+    "force-delete",
+    "soft-delete",
+    "restore",
 )
 
 
@@ -68,13 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    db = sub.add_parser("db", help="schema migrations", parents=[common]).add_subparsers(dest="db_command", required=True)
+    db = sub.add_parser("db", help="schema migrations", parents=[common]).add_subparsers(
+        dest="db_command", required=True
+    )
     db.add_parser("upgrade", help="upgrade the schema to head", parents=[common])
     db.add_parser("current", help="print the schema revision", parents=[common])
     down = db.add_parser("downgrade", help="downgrade the schema", parents=[common])
     down.add_argument("revision", nargs="?", default="base")
 
-    host = sub.add_parser("host", help="hypervisor hosts", parents=[common]).add_subparsers(dest="host_command", required=True)
+    host = sub.add_parser("host", help="hypervisor hosts", parents=[common]).add_subparsers(
+        dest="host_command", required=True
+    )
     add = host.add_parser("add", help="register a host", parents=[common])
     add.add_argument("name")
     add.add_argument("--uri", required=True, help="driver URI, e.g. fake:///var/lib/lifecycle/h1.json")
@@ -127,7 +140,8 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def _instance_line(i: Instance) -> str:
     task = i.task_state.value if i.task_state else "-"
-    return f"{i.uuid}  {i.name:<20} {i.host or '-':<12} {i.status:<14} vm={i.vm_state.value} task={task} power={int(i.power_state)}"
+    states = f"vm={i.vm_state.value} task={task} power={int(i.power_state)}"
+    return f"{i.uuid}  {i.name:<20} {i.host or '-':<12} {i.status:<14} {states}"
 
 
 def _task_result(engine: Engine, args: argparse.Namespace, task: Task) -> None:
@@ -138,7 +152,9 @@ def _task_result(engine: Engine, args: argparse.Namespace, task: Task) -> None:
 
 def _run_op(engine: Engine, args: argparse.Namespace) -> None:
     kw: dict[str, Any] = {
-        "request_id": args.request_id, "idempotency_key": args.idempotency_key, "wait": not args.no_wait,
+        "request_id": args.request_id,
+        "idempotency_key": args.idempotency_key,
+        "wait": not args.no_wait,
     }
     command = args.command
     if command == "create":
@@ -204,11 +220,15 @@ def _db(args: argparse.Namespace) -> None:
         current = current_revision(engine)
     finally:
         engine.dispose()
-    _emit(args, {"revision": current, "head": head_revision()}, f"schema at {current or 'base'} (head {head_revision()})")
+    _emit(
+        args, {"revision": current, "head": head_revision()}, f"schema at {current or 'base'} (head {head_revision()})"
+    )
 
 
 def _graph(args: argparse.Namespace) -> None:
-    print(graph.to_json() if args.format == "json" else graph.to_mermaid(), end="" if args.format == "mermaid" else "\n")
+    print(
+        graph.to_json() if args.format == "json" else graph.to_mermaid(), end="" if args.format == "mermaid" else "\n"
+    )
 
 
 def _error(args: argparse.Namespace, exc: LifecycleError) -> int:
@@ -227,7 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     handlers: dict[str, Callable[[Engine, argparse.Namespace], None]] = {
-        "show": _read, "list": _read, "history": _read, "tasks": _read, "host": _admin, "image": _admin,
+        "show": _read,
+        "list": _read,
+        "history": _read,
+        "tasks": _read,
+        "host": _admin,
+        "image": _admin,
     }
     try:
         if args.command == "db":

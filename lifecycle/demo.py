@@ -8,6 +8,7 @@ explains every change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import threading
@@ -87,7 +88,5 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
 
 
 def _stop_quietly(engine: Engine, uuid: str) -> None:
-    try:
+    with contextlib.suppress(Preempted):
         engine.stop(uuid)
-    except Preempted:
-        pass

@@ -318,8 +318,12 @@ class Engine:
                 continue
             if preempt is not None:
                 log.info(
-                    "task_preempted_by", instance_uuid=uuid, task_id=task.id, request_id=task.request_id,
-                    preempted_task_id=preempt.id, operation=operation,
+                    "task_preempted_by",
+                    instance_uuid=uuid,
+                    task_id=task.id,
+                    request_id=task.request_id,
+                    preempted_task_id=preempt.id,
+                    operation=operation,
                 )
             image = self._image(image_name or instance.image)
             assert instance.host is not None

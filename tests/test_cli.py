@@ -12,7 +12,9 @@ from lifecycle.cli import main
 
 
 @pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+):  # type: ignore[no-untyped-def]
     """Run `lifecycle ...` in-process on a scratch database and fake host; return (code, stdout, stderr)."""
     monkeypatch.setenv("LIFECYCLE_DB_URL", f"sqlite:///{tmp_path / 'cli.db'}")
     old = structlog.get_config()
@@ -30,7 +32,9 @@ def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
 
 
 def _create(cli) -> str:  # type: ignore[no-untyped-def]
-    code, out, _ = cli("create", "vm1", "--host", "h1", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "cirros", "--json")
+    code, out, _ = cli(
+        "create", "vm1", "--host", "h1", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "cirros", "--json"
+    )
     assert code == 0
     return str(json.loads(out)["uuid"])
 
@@ -41,9 +45,17 @@ def test_create_and_show_print_the_library_field_names(cli) -> None:  # type: ig
     code, out, _ = cli("show", uuid, "--json")
     data = json.loads(out)
     assert code == 0
-    assert {k: data[k] for k in ("uuid", "name", "host", "vm_state", "task_state", "power_state", "status", "task_id")} == {
-        "uuid": uuid, "name": "vm1", "host": "h1", "vm_state": "active", "task_state": None,
-        "power_state": 1, "status": "ACTIVE", "task_id": None,
+    assert {
+        k: data[k] for k in ("uuid", "name", "host", "vm_state", "task_state", "power_state", "status", "task_id")
+    } == {
+        "uuid": uuid,
+        "name": "vm1",
+        "host": "h1",
+        "vm_state": "active",
+        "task_state": None,
+        "power_state": 1,
+        "status": "ACTIVE",
+        "task_id": None,
     }
 
 
@@ -71,9 +83,18 @@ def _snapshot(cli) -> str:  # type: ignore[no-untyped-def]
         (("stop", "00000000-0000-0000-0000-000000000000"), "instance 00000000-0000-0000-0000-000000000000 not found"),
         (("stop", "nonsense"), "invalid instance uuid 'nonsense'"),
         (("create", "x", "--host", "h1", "--flavor", "vcpus=1,ram=64", "--image", "cirros"), "missing root_gb"),
-        (("create", "x", "--host", "h1", "--flavor", "cpus=1", "--image", "cirros"), "expected vcpus=N,ram=MiB,disk=GiB"),
-        (("create", "x", "--host", "nope", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "cirros"), "known hosts: h1"),
-        (("create", "x", "--host", "h1", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "nope"), "known images: cirros"),
+        (
+            ("create", "x", "--host", "h1", "--flavor", "cpus=1", "--image", "cirros"),
+            "expected vcpus=N,ram=MiB,disk=GiB",
+        ),
+        (
+            ("create", "x", "--host", "nope", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "cirros"),
+            "known hosts: h1",
+        ),
+        (
+            ("create", "x", "--host", "h1", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "nope"),
+            "known images: cirros",
+        ),
     ],
 )
 def test_bad_input_prints_one_line_exits_2_and_changes_nothing(cli, argv: tuple[str, ...], needle: str) -> None:  # type: ignore[no-untyped-def]
@@ -106,7 +127,7 @@ def test_graph_json_is_the_operations_table(cli) -> None:  # type: ignore[no-unt
 
 
 def test_host_and_image_lists(cli) -> None:  # type: ignore[no-untyped-def]
-    """host list and image list show what was added, in JSON."""
+    """Host list and image list show what was added, in JSON."""
     assert [h["name"] for h in json.loads(cli("host", "list", "--json")[1])] == ["h1"]
     assert [i["name"] for i in json.loads(cli("image", "list", "--json")[1])] == ["cirros"]
     code, _, err = cli("host", "add", "h1", "--uri", "fake://")

@@ -47,7 +47,10 @@ def test_conflicting_processes_lose_no_update(pg_url: str, tmp_path: Path) -> No
     with Engine(pg_url) as engine:
         engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
         engine.add_image("cirros", "/images/cirros.qcow2")
-        uuids = [engine.create(f"vm{i}", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid for i in range(INSTANCES)]
+        uuids = [
+            engine.create(f"vm{i}", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
+            for i in range(INSTANCES)
+        ]
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(PROCESSES) as pool:

@@ -31,8 +31,15 @@ def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
 @pytest.fixture
 def spec() -> DomainSpec:
     """A small domain."""
-    return DomainSpec(uuid=str(uuidlib.uuid4()), name="contract-vm", vcpus=1, memory_mb=64, root_gb=1,
-                      image_path="/images/base.qcow2", image_format="qcow2")
+    return DomainSpec(
+        uuid=str(uuidlib.uuid4()),
+        name="contract-vm",
+        vcpus=1,
+        memory_mb=64,
+        root_gb=1,
+        image_path="/images/base.qcow2",
+        image_format="qcow2",
+    )
 
 
 def test_spawn_runs_the_domain_and_repeating_is_safe(driver: Driver, spec: DomainSpec) -> None:
@@ -72,7 +79,7 @@ def test_power_off_then_on(driver: Driver, spec: DomainSpec) -> None:
 
 
 def test_pause_unpause(driver: Driver, spec: DomainSpec) -> None:
-    """pause freezes (repeat safe); unpause thaws (repeat safe)."""
+    """Pause freezes (repeat safe); unpause thaws (repeat safe)."""
     driver.spawn(spec)
     driver.pause(spec.uuid)
     driver.pause(spec.uuid)
@@ -91,7 +98,7 @@ def test_pause_of_a_stopped_domain_is_a_driver_error(driver: Driver, spec: Domai
 
 
 def test_suspend_resume(driver: Driver, spec: DomainSpec) -> None:
-    """suspend is a managed save (power SHUTDOWN, as Nova on libvirt); resume runs it again."""
+    """Suspend is a managed save (power SHUTDOWN, as Nova on libvirt); resume runs it again."""
     driver.spawn(spec)
     driver.suspend(spec.uuid)
     driver.suspend(spec.uuid)

@@ -19,8 +19,15 @@ ANY_VM = set(VmState) - {V.DELETED}
 ALL_TASKS = {None, *TaskState}
 IDLE = {None}
 NOVA_ALLOW_REBOOT = {
-    None, T.REBOOTING, T.REBOOT_PENDING, T.REBOOT_STARTED, T.RESUMING,
-    T.REBOOTING_HARD, T.UNPAUSING, T.PAUSING, T.SUSPENDING,
+    None,
+    T.REBOOTING,
+    T.REBOOT_PENDING,
+    T.REBOOT_STARTED,
+    T.RESUMING,
+    T.REBOOTING_HARD,
+    T.UNPAUSING,
+    T.PAUSING,
+    T.SUSPENDING,
 }
 
 # Nova's guards (reference section 3.2), written out independently of the table.
@@ -44,7 +51,11 @@ NOVA_GUARDS: dict[str, tuple[set[VmState], set[TaskState | None], tuple[TaskStat
     "migrate": ({V.ACTIVE, V.STOPPED}, IDLE, (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)),
     "confirm_resize": ({V.RESIZED}, IDLE, (T.RESIZE_CONFIRMING,)),  # DIFFERS: Nova sets no task_state
     "revert_resize": ({V.RESIZED}, IDLE, (T.RESIZE_REVERTING,)),
-    "rebuild": ({V.ACTIVE, V.STOPPED, V.ERROR}, IDLE, (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING)),
+    "rebuild": (
+        {V.ACTIVE, V.STOPPED, V.ERROR},
+        IDLE,
+        (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
+    ),
     "delete": (ANY_VM, ALL_TASKS, (T.DELETING,)),
     "force_delete": (ANY_VM, ALL_TASKS, (T.DELETING,)),
     "soft_delete": (ANY_VM - {V.SOFT_DELETED}, IDLE, (T.SOFT_DELETING,)),  # DIFFERS: Nova allows any task
@@ -133,7 +144,10 @@ def test_success_end_states(name: str, source: VmState, power: PowerState, expec
 
 def test_revert_returns_to_the_previous_vm_state() -> None:
     """revert_resize ends in the vm_state recorded before the move."""
-    assert graph.end_vm_state("revert_resize", V.RESIZED, succeeded=True, power=PowerState.SHUTDOWN, previous=V.STOPPED) is V.STOPPED
+    assert (
+        graph.end_vm_state("revert_resize", V.RESIZED, succeeded=True, power=PowerState.SHUTDOWN, previous=V.STOPPED)
+        is V.STOPPED
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,7 +161,9 @@ def test_revert_returns_to_the_previous_vm_state() -> None:
         ("delete", V.ACTIVE, PowerState.RUNNING, PowerState.RUNNING, V.ERROR),
     ],
 )
-def test_failure_end_states(name: str, source: VmState | None, before: PowerState, after: PowerState, expected: VmState) -> None:
+def test_failure_end_states(
+    name: str, source: VmState | None, before: PowerState, after: PowerState, expected: VmState
+) -> None:
     """A failure keeps the vm_state only when the guest is unchanged; create and delete always error."""
     assert graph.end_vm_state(name, source, succeeded=False, power=after, before_power=before) is expected
 
@@ -176,7 +192,10 @@ def test_check_table_finds_an_unreachable_state() -> None:
 
 def test_check_table_finds_a_task_state_without_preemption_exit() -> None:
     """If delete and force_delete only started from idle, running tasks could never be taken over."""
-    ops = [dataclasses.replace(op, allowed_task_states=frozenset({None})) if "delete" in op.name else op for op in OPERATIONS]
+    ops = [
+        dataclasses.replace(op, allowed_task_states=frozenset({None})) if "delete" in op.name else op
+        for op in OPERATIONS
+    ]
     with pytest.raises(ValueError, match="has no preemption exit"):
         check_table(ops)
 

@@ -18,7 +18,9 @@ def test_same_key_returns_the_existing_task(engine: Engine, new_instance: Callab
     assert engine.get(uuid).vm_state is VmState.STOPPED
 
 
-def test_same_key_while_running_returns_the_running_task(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_same_key_while_running_returns_the_running_task(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A retry that arrives while the first call still runs gets the running task, not a Conflict."""
     uuid = new_instance()
     gate = fakes["h1"].hold("pause")

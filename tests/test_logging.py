@@ -47,12 +47,16 @@ def test_every_operation_line_carries_instance_task_and_request_ids(
     assert [e["event"] for e in reboot_lines] == ["task_step", "task_step", "operation_finished"]
 
 
-def test_one_summary_line_per_operation(engine: Engine, new_instance: Callable[..., str], events: list[dict[str, Any]]) -> None:
+def test_one_summary_line_per_operation(
+    engine: Engine, new_instance: Callable[..., str], events: list[dict[str, Any]]
+) -> None:
     """Each finished operation logs exactly one operation_finished line with its outcome."""
     uuid = new_instance()
     engine.stop(uuid)
     engine.start(uuid)
     summaries = [e for e in events if e["event"] == "operation_finished"]
     assert [(e["operation"], e["outcome"]) for e in summaries] == [
-        ("create", "succeeded"), ("stop", "succeeded"), ("start", "succeeded"),
+        ("create", "succeeded"),
+        ("stop", "succeeded"),
+        ("start", "succeeded"),
     ]

@@ -47,7 +47,7 @@ def _round_trip(url: str) -> None:
 
 
 def test_round_trip_and_no_drift_on_sqlite(tmp_path: Path) -> None:
-    """upgrade head, downgrade base, upgrade again on SQLite; autogenerate finds nothing to do."""
+    """Upgrade head, downgrade base, upgrade again on SQLite; autogenerate finds nothing to do."""
     _round_trip(f"sqlite:///{tmp_path / 'm.db'}")
 
 

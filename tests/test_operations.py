@@ -36,8 +36,13 @@ SCENARIOS = [
 
 @pytest.mark.parametrize(("before", "op", "vm_state", "power", "status"), SCENARIOS)
 def test_operation_ends_in_its_state(
-    engine: Engine, new_instance: Callable[..., str], before: list[str], op: str,
-    vm_state: VmState, power: PowerState, status: str,
+    engine: Engine,
+    new_instance: Callable[..., str],
+    before: list[str],
+    op: str,
+    vm_state: VmState,
+    power: PowerState,
+    status: str,
 ) -> None:
     """Each operation ends with its vm_state, task idle, the guest's real power and a succeeded task."""
     uuid = new_instance()
@@ -60,7 +65,9 @@ def test_create_walks_every_build_step(engine: Engine, fakes: Fakes) -> None:
     assert fakes["h1"].get_info(i.uuid) is P.RUNNING
 
 
-def test_stop_falls_back_to_destroy_when_the_guest_ignores_acpi(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_stop_falls_back_to_destroy_when_the_guest_ignores_acpi(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A guest that ignores the clean shutdown is destroyed after the timeout and still ends stopped."""
     uuid = new_instance()
     fakes["h1"].set_ignores_acpi(uuid)
@@ -69,14 +76,18 @@ def test_stop_falls_back_to_destroy_when_the_guest_ignores_acpi(engine: Engine, 
     assert engine.get(uuid).vm_state is V.STOPPED
 
 
-def test_stop_uses_a_clean_shutdown_when_the_guest_cooperates(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_stop_uses_a_clean_shutdown_when_the_guest_cooperates(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A cooperative guest is shut down cleanly, not destroyed."""
     uuid = new_instance()
     engine.stop(uuid, timeout=5)
     assert "power_off:clean" in fakes["h1"].calls
 
 
-def test_rebuild_gives_a_new_disk_on_the_new_image(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_rebuild_gives_a_new_disk_on_the_new_image(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """Rebuild keeps uuid, name, host and flavor, replaces the disk and records the new image."""
     uuid = new_instance("keep-me")
     engine.add_image("debian", "/images/debian.qcow2")
@@ -98,7 +109,9 @@ def test_rebuild_from_error_ends_active(engine: Engine, fakes: Fakes, new_instan
     assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.ACTIVE, P.RUNNING)
 
 
-def test_failure_with_guest_unchanged_keeps_the_vm_state(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_failure_with_guest_unchanged_keeps_the_vm_state(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A failed pause that left the guest running keeps active; the error is on the task and in the audit log."""
     uuid = new_instance()
     fakes["h1"].fail_next("pause", DriverError("qemu said no"))
@@ -113,7 +126,9 @@ def test_failure_with_guest_unchanged_keeps_the_vm_state(engine: Engine, fakes: 
     assert engine.steps(task.id)[-1].result == "failed"
 
 
-def test_failure_with_guest_changed_goes_to_error(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_failure_with_guest_changed_goes_to_error(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A stop that changed the guest and then reported failure goes to error with the real power."""
     uuid = new_instance()
     fakes["h1"].fail_after("power_off", DriverError("lost the monitor"))
@@ -123,7 +138,9 @@ def test_failure_with_guest_changed_goes_to_error(engine: Engine, fakes: Fakes, 
     assert (i.vm_state, i.task_state, i.power_state) == (V.ERROR, None, P.SHUTDOWN)
 
 
-def test_failure_with_unchanged_broken_guest_keeps_the_vm_state(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_failure_with_unchanged_broken_guest_keeps_the_vm_state(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A guest crashed before the stop and still crashed after it is unchanged: the vm_state stays."""
     uuid = new_instance()
     fakes["h1"].set_power(uuid, P.CRASHED)
@@ -133,7 +150,9 @@ def test_failure_with_unchanged_broken_guest_keeps_the_vm_state(engine: Engine, 
     assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.ACTIVE, P.CRASHED)
 
 
-def test_hard_reboot_failure_with_guest_running_ends_active(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_hard_reboot_failure_with_guest_running_ends_active(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """As in Nova, a failed hard reboot with the guest running gives active, not error."""
     uuid = new_instance()
     engine.stop(uuid)
@@ -154,7 +173,9 @@ def test_create_failure_goes_to_error(engine: Engine, fakes: Fakes) -> None:
     assert (i.vm_state, i.task_state, i.task_id) == (V.ERROR, None, None)
 
 
-def test_delete_failure_goes_to_error_and_can_be_retried(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_delete_failure_goes_to_error_and_can_be_retried(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """A failed delete gives error with the task cleared (Nova bug 1329559), and a retry deletes."""
     uuid = new_instance()
     fakes["h1"].fail_next("destroy")
@@ -193,7 +214,9 @@ def test_refused_operation_changes_nothing(engine: Engine, new_instance: Callabl
         ({"uuid": "not-a-uuid"}, InvalidInput),
     ],
 )
-def test_bad_create_input_is_refused_before_anything_changes(engine: Engine, kwargs: dict[str, str], error: type[Exception]) -> None:
+def test_bad_create_input_is_refused_before_anything_changes(
+    engine: Engine, kwargs: dict[str, str], error: type[Exception]
+) -> None:
     """Unknown host or image, a bad name or uuid raise a typed error and create nothing."""
     args = {"name": "vm", "host": "h1", "flavor": FLAVOR, "image": "cirros"} | kwargs
     with pytest.raises(error):
@@ -233,7 +256,9 @@ def test_background_task_runs_on_the_executor(engine: Engine, fakes: Fakes, new_
     assert engine.get(uuid).vm_state is V.PAUSED
 
 
-def test_invariants_hold_after_a_long_mixed_sequence(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+def test_invariants_hold_after_a_long_mixed_sequence(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
     """After many operations, failures included, the invariants hold and the audit log replays."""
     uuid = new_instance()
     for op in ("stop", "start", "pause", "unpause", "suspend", "resume", "rescue", "unrescue"):

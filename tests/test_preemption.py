@@ -44,7 +44,9 @@ def test_delete_preempts_a_worker_blocked_in_the_driver(
     delete_task = engine.run(preemptor, uuid)
     after_delete = engine.get(uuid)
     assert (after_delete.vm_state, after_delete.task_state, after_delete.power_state) == (
-        VmState.DELETED, None, PowerState.NOSTATE,
+        VmState.DELETED,
+        None,
+        PowerState.NOSTATE,
     )
     gate.release()
     worker.join(10)
@@ -56,7 +58,11 @@ def test_delete_preempts_a_worker_blocked_in_the_driver(
     assert (stop.outcome, stop.preempted_by) == (Outcome.PREEMPTED, delete_task.id)
     assert [s.result for s in engine.steps(stop.id)] == ["preempted"]
     story = [(e.operation, e.from_task_state, e.to_task_state) for e in engine.history(uuid)][-3:]
-    assert story == [("stop", None, "powering-off"), (preemptor, "powering-off", "deleting"), (preemptor, "deleting", None)]
+    assert story == [
+        ("stop", None, "powering-off"),
+        (preemptor, "powering-off", "deleting"),
+        (preemptor, "deleting", None),
+    ]
     assert f"preempts stop task {stop.id}" in (engine.history(uuid)[-2].message or "")
     check_invariants(engine.store)
 
@@ -81,7 +87,9 @@ def test_preempted_worker_in_a_multi_step_walk_stops_at_its_next_step(
 
 
 @pytest.mark.parametrize("held", ["pause", "suspend"])
-def test_hard_reboot_preempts_pause_and_suspend(engine: Engine, fakes: Fakes, new_instance: Callable[..., str], held: str) -> None:
+def test_hard_reboot_preempts_pause_and_suspend(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], held: str
+) -> None:
     """Hard reboot may take over pausing and suspending, as Nova's ALLOW_REBOOT says."""
     uuid = new_instance()
     gate = fakes["h1"].hold(held)

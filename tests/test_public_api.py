@@ -7,10 +7,37 @@ from pathlib import Path
 import lifecycle
 
 EXPECTED = {
-    "AlreadyExists", "AuditEntry", "Cause", "Conflict", "DomainNotFound", "DriverError", "DriverUnavailable",
-    "Engine", "Flavor", "Host", "HostNotFound", "Image", "ImageNotFound", "Instance", "InstanceNotFound",
-    "InvalidFlavor", "InvalidInput", "InvalidState", "LifecycleError", "Outcome", "PowerState", "Preempted",
-    "SchemaOutOfDate", "Settings", "Task", "TaskFailed", "TaskState", "TaskStep", "VmState", "status_of", "upgrade",
+    "AlreadyExists",
+    "AuditEntry",
+    "Cause",
+    "Conflict",
+    "DomainNotFound",
+    "DriverError",
+    "DriverUnavailable",
+    "Engine",
+    "Flavor",
+    "Host",
+    "HostNotFound",
+    "Image",
+    "ImageNotFound",
+    "Instance",
+    "InstanceNotFound",
+    "InvalidFlavor",
+    "InvalidInput",
+    "InvalidState",
+    "LifecycleError",
+    "Outcome",
+    "PowerState",
+    "Preempted",
+    "SchemaOutOfDate",
+    "Settings",
+    "Task",
+    "TaskFailed",
+    "TaskState",
+    "TaskStep",
+    "VmState",
+    "status_of",
+    "upgrade",
 }
 
 
@@ -23,13 +50,18 @@ def test_exported_names_do_not_drift() -> None:
 
 
 def test_packages_are_typed() -> None:
-    """lifecycle and drivers ship py.typed."""
+    """Lifecycle and drivers ship py.typed."""
     root = Path(__file__).parents[1]
     assert (root / "lifecycle" / "py.typed").exists() and (root / "drivers" / "py.typed").exists()
 
 
 def test_every_error_derives_from_the_root() -> None:
     """Every exported exception is a LifecycleError, so callers can catch one class."""
-    errors = [getattr(lifecycle, n) for n in lifecycle.__all__ if n.endswith(("Error", "Found", "Exists")) or n in
-              {"Conflict", "InvalidState", "InvalidInput", "InvalidFlavor", "Preempted", "TaskFailed", "SchemaOutOfDate"}]
+    errors = [
+        getattr(lifecycle, n)
+        for n in lifecycle.__all__
+        if n.endswith(("Error", "Found", "Exists"))
+        or n
+        in {"Conflict", "InvalidState", "InvalidInput", "InvalidFlavor", "Preempted", "TaskFailed", "SchemaOutOfDate"}
+    ]
     assert errors and all(issubclass(e, lifecycle.LifecycleError) for e in errors)

@@ -12,27 +12,66 @@ V, T = VmState, TaskState
 def test_vm_state_values_are_novas() -> None:
     """The twelve vm_states store exactly Nova's strings."""
     assert {s.value for s in VmState} == {
-        "active", "building", "paused", "suspended", "stopped", "rescued", "resized",
-        "soft-delete", "deleted", "error", "shelved", "shelved_offloaded",
+        "active",
+        "building",
+        "paused",
+        "suspended",
+        "stopped",
+        "rescued",
+        "resized",
+        "soft-delete",
+        "deleted",
+        "error",
+        "shelved",
+        "shelved_offloaded",
     }
 
 
 def test_power_state_numbering_is_novas() -> None:
     """Power states use Nova's integers, with 2 and 5 unused."""
     assert {p.name: int(p) for p in PowerState} == {
-        "NOSTATE": 0, "RUNNING": 1, "PAUSED": 3, "SHUTDOWN": 4, "CRASHED": 6, "SUSPENDED": 7,
+        "NOSTATE": 0,
+        "RUNNING": 1,
+        "PAUSED": 3,
+        "SHUTDOWN": 4,
+        "CRASHED": 6,
+        "SUSPENDED": 7,
     }
 
 
 def test_task_states_cover_the_spec_vocabulary() -> None:
     """Every task_state SPEC section 1 lists exists, hyphens included where Nova has them."""
     for value in (
-        "scheduling", "networking", "block_device_mapping", "spawning", "powering-off", "powering-on",
-        "rebooting", "reboot_pending", "reboot_started", "rebooting_hard", "reboot_pending_hard",
-        "reboot_started_hard", "pausing", "unpausing", "suspending", "resuming", "rescuing", "unrescuing",
-        "resize_prep", "resize_migrating", "resize_migrated", "resize_finish", "resize_reverting",
-        "resize_confirming", "rebuilding", "rebuild_block_device_mapping", "rebuild_spawning",
-        "deleting", "soft-deleting", "restoring",
+        "scheduling",
+        "networking",
+        "block_device_mapping",
+        "spawning",
+        "powering-off",
+        "powering-on",
+        "rebooting",
+        "reboot_pending",
+        "reboot_started",
+        "rebooting_hard",
+        "reboot_pending_hard",
+        "reboot_started_hard",
+        "pausing",
+        "unpausing",
+        "suspending",
+        "resuming",
+        "rescuing",
+        "unrescuing",
+        "resize_prep",
+        "resize_migrating",
+        "resize_migrated",
+        "resize_finish",
+        "resize_reverting",
+        "resize_confirming",
+        "rebuilding",
+        "rebuild_block_device_mapping",
+        "rebuild_spawning",
+        "deleting",
+        "soft-deleting",
+        "restoring",
     ):
         assert TaskState(value).value == value
 

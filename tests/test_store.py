@@ -12,7 +12,9 @@ from lifecycle.audit import Why
 from lifecycle.records import Cause
 
 
-def test_stale_version_raises_conflict_with_expected_and_actual(engine: Engine, new_instance: Callable[..., str]) -> None:
+def test_stale_version_raises_conflict_with_expected_and_actual(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
     """A write from a stale read loses: Conflict names what it expected and what it found."""
     uuid = new_instance()
     stale = engine.get(uuid)
@@ -32,7 +34,9 @@ def test_cas_checks_the_task_id_not_only_the_states(engine: Engine, new_instance
     uuid = new_instance()
     current = engine.get(uuid)
     with pytest.raises(Conflict):
-        engine.store.set_power(replace(current, version=current.version - 1), PowerState.PAUSED, Why(actor="t", cause=Cause.SYNC))
+        engine.store.set_power(
+            replace(current, version=current.version - 1), PowerState.PAUSED, Why(actor="t", cause=Cause.SYNC)
+        )
 
 
 def test_power_write_has_exactly_one_audit_row(engine: Engine, new_instance: Callable[..., str]) -> None:
@@ -42,10 +46,17 @@ def test_power_write_has_exactly_one_audit_row(engine: Engine, new_instance: Cal
     engine.store.set_power(engine.get(uuid), PowerState.CRASHED, Why(actor="sync", cause=Cause.SYNC, rule="copy_power"))
     rows = engine.history(uuid)
     assert len(rows) == before + 1
-    assert (rows[-1].cause, rows[-1].rule, rows[-1].from_power_state, rows[-1].to_power_state) == ("sync", "copy_power", 1, 6)
+    assert (rows[-1].cause, rows[-1].rule, rows[-1].from_power_state, rows[-1].to_power_state) == (
+        "sync",
+        "copy_power",
+        1,
+        6,
+    )
 
 
-def test_one_running_task_per_instance_is_enforced_by_the_database(engine: Engine, new_instance: Callable[..., str]) -> None:
+def test_one_running_task_per_instance_is_enforced_by_the_database(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
     """Two task rows running on one instance violate a unique index, surfacing as Conflict."""
     uuid = new_instance()
     instance = engine.get(uuid)
