@@ -94,6 +94,9 @@ EventListener = Callable[[LifecycleEvent], None]
 class Driver(abc.ABC):
     """One host's hypervisor. Methods may be called from several threads at once."""
 
+    allocates_console_ports: bool = True
+    """False where the hypervisor never assigns VNC ports (libvirt's test driver)."""
+
     @abc.abstractmethod
     def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
         """Create the disk and define the domain, and start it if ``power_on``.

@@ -23,3 +23,9 @@ class Settings:
     """Threads running tasks started with ``wait=False``."""
     preempt_retries: int = 5
     """How often a preempting operation retries a lost compare-and-swap before giving up."""
+    libvirt_domain_type: str = "kvm"
+    """libvirt domain type for qemu URIs: kvm, or qemu for software emulation (TCG)."""
+    vnc_listen: str = "127.0.0.1"
+    """Address guests' VNC servers listen on."""
+    soft_reboot_seconds: float = 120.0
+    """How long a soft reboot waits for the guest to go down before rebooting hard (Nova: 120)."""

@@ -39,10 +39,6 @@ log = structlog.get_logger(__name__)
 DriverFactory = Callable[[Host], Driver]
 
 
-def _default_factory(host: Host) -> Driver:
-    return drivers.connect(host.driver_uri, host.name)
-
-
 def _check_name(name: str) -> None:
     if not name or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise InvalidInput(f"invalid instance name {name!r}: 1 to 255 characters, no control characters")
@@ -75,7 +71,7 @@ class Engine:
         self.store = Store(db_url, lease_seconds=self.settings.lease_seconds)
         check_schema(self.store.engine)
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
-        self._factory = driver_factory or _default_factory
+        self._factory = driver_factory or self._connect
         self._drivers: dict[str, Driver] = {}
         self._images: dict[str, Image] = {}
         self._lock = threading.Lock()
@@ -371,6 +367,17 @@ class Engine:
         future = self._pool().submit(execute, run, steps)
         future.add_done_callback(_log_background_failure)
         return replace(run.task)
+
+    def _connect(self, host: Host) -> Driver:
+        s = self.settings
+        return drivers.connect(
+            host.driver_uri,
+            host.name,
+            host.instances_path,
+            domain_type=s.libvirt_domain_type,
+            vnc_listen=s.vnc_listen,
+            soft_reboot_seconds=s.soft_reboot_seconds,
+        )
 
     def _image(self, name: str) -> Image:
         # Image rows are never updated (no API changes one), so caching is safe.

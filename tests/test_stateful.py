@@ -21,10 +21,36 @@ from lifecycle.records import Host
 from tests.invariants import check_invariants
 
 OPERATIONS = sorted(
-    {"start", "stop", "reboot", "reboot_hard", "pause", "unpause", "suspend", "resume", "rescue", "unrescue",
-     "rebuild", "soft_delete", "restore", "delete", "force_delete"}
+    {
+        "start",
+        "stop",
+        "reboot",
+        "reboot_hard",
+        "pause",
+        "unpause",
+        "suspend",
+        "resume",
+        "rescue",
+        "unrescue",
+        "rebuild",
+        "soft_delete",
+        "restore",
+        "delete",
+        "force_delete",
+    }
 )
-FAULTY_CALLS = ["power_on", "power_off", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "destroy", "rebuild"]
+FAULTY_CALLS = [
+    "power_on",
+    "power_off",
+    "reboot",
+    "pause",
+    "unpause",
+    "suspend",
+    "resume",
+    "rescue",
+    "destroy",
+    "rebuild",
+]
 _TEMPLATE: dict[str, Path] = {}
 
 
@@ -49,8 +75,9 @@ class Lifecycle(RuleBasedStateMachine):
         def factory(_host: Host) -> FakeDriver:
             return self.fake
 
-        self.engine = Engine(f"sqlite:///{self.dir / 'db.sqlite'}", driver_factory=factory,
-                             settings=Settings(shutdown_timeout=0))
+        self.engine = Engine(
+            f"sqlite:///{self.dir / 'db.sqlite'}", driver_factory=factory, settings=Settings(shutdown_timeout=0)
+        )
         self.engine.add_host("h1", "fake://")
         self.engine.add_image("cirros", "/images/cirros.qcow2")
         self.uuids: list[str] = []
@@ -95,7 +122,10 @@ class Lifecycle(RuleBasedStateMachine):
         (self.fake.fail_after if after else self.fake.fail_next)(call)
 
     @precondition(lambda self: bool(self.uuids))
-    @rule(data=st.data(), power=st.sampled_from([PowerState.RUNNING, PowerState.SHUTDOWN, PowerState.PAUSED, PowerState.CRASHED]))
+    @rule(
+        data=st.data(),
+        power=st.sampled_from([PowerState.RUNNING, PowerState.SHUTDOWN, PowerState.PAUSED, PowerState.CRASHED]),
+    )
     def out_of_band_power_change(self, data: st.DataObject, power: PowerState) -> None:
         uuid = data.draw(st.sampled_from(self.uuids))
         if self.fake.domain_exists(uuid):
@@ -113,7 +143,9 @@ class Lifecycle(RuleBasedStateMachine):
 
 
 Lifecycle.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=25, deadline=None,
+    max_examples=30,
+    stateful_step_count=25,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_lifecycle_state_machine = Lifecycle.TestCase

@@ -1,0 +1,471 @@
+"""The libvirt driver: any libvirt URI (test:///..., qemu:///system, qemu+ssh://...).
+
+``libvirt`` is imported behind a guard, only here. Three pieces of machinery:
+
+- the connection, apart from per-domain calls: a close callback drops it, the
+  next call reconnects with backoff, and calls made while the daemon is away
+  raise :class:`DriverUnavailable` (transient) instead of crashing;
+- :func:`_map_error`, the one place libvirt errors become ours, by error code
+  and a re-read of the domain state, never by message (the test driver
+  answers code 1 where QEMU answers 55);
+- ``_POWER``, the one table from libvirt domain states to :class:`PowerState`.
+
+Domain XML is built with ElementTree from the instance, so a hostile name is
+data, never markup. Domains are named ``lifecycle-<uuid>``; the instance's
+own name lives in ``<title>`` and in the lifecycle ``<metadata>``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from drivers.base import (
+    Console,
+    DomainSpec,
+    Driver,
+    EventListener,
+    LifecycleEvent,
+    Listing,
+    RebootType,
+    Transition,
+)
+from drivers.images import ImageCache, valid_uuid
+from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
+from lifecycle.states import PowerState
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - exercised where libvirt-python is absent
+    libvirt = None
+
+__all__ = ["LibvirtDriver", "domain_xml", "libvirt_available"]
+
+R = TypeVar("R")
+METADATA_NS = "https://lifecycle.invalid/xmlns/instance/1"
+NAME_PREFIX = "lifecycle-"
+
+# libvirt virDomainState -> PowerState, as Nova maps it (nova/virt/libvirt/guest.py).
+_POWER = {
+    0: PowerState.NOSTATE,  # VIR_DOMAIN_NOSTATE
+    1: PowerState.RUNNING,  # VIR_DOMAIN_RUNNING
+    2: PowerState.RUNNING,  # VIR_DOMAIN_BLOCKED (idle vCPU)
+    3: PowerState.PAUSED,  # VIR_DOMAIN_PAUSED
+    4: PowerState.SHUTDOWN,  # VIR_DOMAIN_SHUTDOWN (going down)
+    5: PowerState.SHUTDOWN,  # VIR_DOMAIN_SHUTOFF
+    6: PowerState.CRASHED,  # VIR_DOMAIN_CRASHED
+    7: PowerState.SUSPENDED,  # VIR_DOMAIN_PMSUSPENDED
+}
+# libvirt lifecycle event types -> our transitions (Nova's mapping); others are dropped.
+_EVENTS = {2: Transition.STARTED, 3: Transition.PAUSED, 4: Transition.RESUMED, 5: Transition.STOPPED}
+
+_ERR_NO_DOMAIN = 42  # VIR_ERR_NO_DOMAIN
+_ERR_OPERATION_INVALID = 55  # VIR_ERR_OPERATION_INVALID: wrong state (QEMU)
+_ERR_INTERNAL = 1  # VIR_ERR_INTERNAL_ERROR: wrong state (test driver), or a closed socket
+_CONNECTION_CODES = {38, 39, 4, 45}  # SYSTEM_ERROR, RPC, NO_CONNECT, AUTH_FAILED
+
+
+def libvirt_available() -> bool:
+    """Return whether libvirt-python can be imported."""
+    return libvirt is not None
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """Register libvirt's default event loop once per process and run it on a thread."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors become exceptions, not stderr noise
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def domain_xml(
+    spec: DomainSpec, disk: Path, *, domain_type: str, vnc_listen: str, rescue_disk: Path | None = None
+) -> str:
+    """Return the domain XML for ``spec`` booting from ``disk`` (or ``rescue_disk`` first)."""
+    dom = ET.Element("domain", type=domain_type)
+    ET.SubElement(dom, "name").text = NAME_PREFIX + valid_uuid(spec.uuid)
+    ET.SubElement(dom, "uuid").text = spec.uuid
+    ET.SubElement(dom, "title").text = spec.name
+    meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}instance")
+    ET.SubElement(meta, f"{{{METADATA_NS}}}uuid").text = spec.uuid
+    ET.SubElement(meta, f"{{{METADATA_NS}}}name").text = spec.name
+    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
+    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    ET.SubElement(os_el, "boot", dev="hd")
+    for tag, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
+        ET.SubElement(dom, tag).text = action
+    devices = ET.SubElement(dom, "devices")
+    disks = [rescue_disk, disk] if rescue_disk is not None else [disk]
+    for index, path in enumerate(disks):
+        el = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(el, "driver", name="qemu", type="qcow2")
+        ET.SubElement(el, "source", file=str(path))
+        ET.SubElement(el, "target", dev=f"vd{'abcdefgh'[index]}", bus="virtio")
+    ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=vnc_listen)
+    ET.register_namespace("lifecycle", METADATA_NS)
+    return ET.tostring(dom, encoding="unicode")
+
+
+class LibvirtDriver(Driver):
+    """One libvirt host.
+
+    ``domain_type`` is the libvirt domain type (``kvm``, ``qemu`` for TCG, and
+    always ``test`` on a ``test:///`` URI). ``soft_reboot_seconds`` bounds the
+    wait for a guest to go down on a soft reboot before a hard one (Nova: 120).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        instances_path: str | Path,
+        *,
+        domain_type: str = "kvm",
+        vnc_listen: str = "127.0.0.1",
+        soft_reboot_seconds: float = 120.0,
+        reconnect_seconds: float = 10.0,
+    ) -> None:
+        if libvirt is None:
+            raise DriverError("libvirt-python is not installed: pip install 'lifecycle[libvirt]'")
+        self.uri = uri
+        self.images = ImageCache(instances_path)
+        self.domain_type = "test" if uri.startswith("test:") else domain_type
+        self.allocates_console_ports = self.domain_type != "test"
+        self.vnc_listen = vnc_listen
+        self.soft_reboot_seconds = soft_reboot_seconds
+        self.reconnect_seconds = reconnect_seconds
+        self._lock = threading.RLock()
+        self._conn: Any = None
+        self._listener: EventListener | None = None
+        self._callback_id: int | None = None
+        self._closed = threading.Event()
+        _ensure_event_loop()
+        self._connection()
+
+    # -- connection --------------------------------------------------------
+
+    def _connection(self) -> Any:
+        with self._lock:
+            if self._conn is not None:
+                return self._conn
+            deadline = time.monotonic() + self.reconnect_seconds
+            delay = 0.1
+            while True:
+                try:
+                    conn = libvirt.open(self.uri)
+                    break
+                except libvirt.libvirtError as exc:
+                    if time.monotonic() + delay > deadline:
+                        raise DriverUnavailable(f"cannot connect to {self.uri}: {exc.get_error_message()}") from None
+                    self._closed.wait(delay)
+                    delay = min(delay * 2, 1.0)
+            conn.registerCloseCallback(self._on_close, None)
+            self._conn = conn
+            if self._listener is not None:
+                self._subscribe(conn)
+            return conn
+
+    def _on_close(self, conn: Any, _reason: int, _opaque: Any) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+                self._callback_id = None
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._closed.set()
+            if conn is not None:
+                try:
+                    if self._callback_id is not None:
+                        conn.domainEventDeregisterAny(self._callback_id)
+                    conn.unregisterCloseCallback()
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
+
+    @contextmanager
+    def _calling(self, call: str, uuid: str | None = None) -> Iterator[Any]:
+        """Yield a live connection; map any libvirt error raised inside to ours."""
+        conn = self._connection()
+        try:
+            yield conn
+        except libvirt.libvirtError as exc:
+            raise self._map_error(exc, call, uuid, conn) from None
+
+    def _map_error(self, exc: Any, call: str, uuid: str | None, conn: Any) -> DriverError:
+        """Map a libvirt error to ours: by code, then by a fresh look at the domain."""
+        code = exc.get_error_code()
+        if code in _CONNECTION_CODES or not _alive(conn):
+            with self._lock:
+                if self._conn is conn:
+                    self._conn = None
+            return DriverUnavailable(f"{call}: connection to {self.uri} lost", uuid=uuid, call=call)
+        if code == _ERR_NO_DOMAIN and uuid is not None:
+            return DomainNotFound(uuid, call=call)
+        state = "unknown"
+        if uuid is not None and code in (_ERR_OPERATION_INVALID, _ERR_INTERNAL):
+            try:
+                state = _POWER[conn.lookupByUUIDString(uuid).state()[0]].name.lower()
+            except libvirt.libvirtError:
+                return DomainNotFound(uuid, call=call)
+        return DriverError(f"{call} refused by libvirt (code {code}, domain {state})", uuid=uuid, call=call)
+
+    def _domain(self, conn: Any, uuid: str) -> Any:
+        return conn.lookupByUUIDString(valid_uuid(uuid))
+
+    def _state(self, dom: Any) -> PowerState:
+        return _POWER.get(dom.state()[0], PowerState.NOSTATE)
+
+    def _run(self, call: str, uuid: str, action: Callable[[Any], R]) -> R:
+        with self._calling(call, uuid) as conn:
+            return action(self._domain(conn, uuid))
+
+    # -- the contract --------------------------------------------------------
+
+    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
+        with self._calling("spawn", spec.uuid) as conn:
+            try:
+                dom = self._domain(conn, spec.uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    raise
+                dom = conn.defineXML(self._xml(spec, self._new_disk(spec)))
+            if power_on and not dom.isActive():
+                dom.create()
+
+    def _new_disk(self, spec: DomainSpec) -> Path:
+        base = self.images.cache(spec.image_path, spec.image_format)
+        disk = self.images.disk_path(spec.uuid)
+        if not disk.exists():
+            self.images.create_overlay(spec.uuid, base, spec.image_format, spec.root_gb)
+        return disk
+
+    def _xml(self, spec: DomainSpec, disk: Path, rescue: Path | None = None) -> str:
+        return domain_xml(spec, disk, domain_type=self.domain_type, vnc_listen=self.vnc_listen, rescue_disk=rescue)
+
+    def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
+        with self._calling("destroy", uuid) as conn:
+            try:
+                dom = self._domain(conn, uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    raise
+                dom = None
+            if dom is not None:
+                self._hard_stop(dom)
+                try:
+                    if dom.hasManagedSaveImage(0):
+                        dom.managedSaveRemove(0)
+                    dom.undefine()
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != _ERR_NO_DOMAIN:
+                        raise
+        if destroy_disks:
+            self.images.remove_instance(uuid)
+
+    def _hard_stop(self, dom: Any) -> None:
+        """Destroy a domain; "not running" while it is off counts as success (after a restart)."""
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() not in (_ERR_OPERATION_INVALID, _ERR_INTERNAL) or dom.isActive():
+                raise
+
+    def power_on(self, spec: DomainSpec) -> None:
+        def act(dom: Any) -> None:
+            if self._state(dom) is PowerState.PAUSED:
+                dom.resume()
+            elif not dom.isActive():
+                dom.create()
+
+        self._run("power_on", spec.uuid, act)
+
+    def power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> bool:
+        def act(dom: Any) -> bool:
+            if not dom.isActive():
+                return True
+            if timeout > 0 and self._clean_shutdown(dom, timeout, retry_interval):
+                return True
+            self._hard_stop(dom)
+            return False
+
+        return self._run("power_off", uuid, act)
+
+    def _clean_shutdown(self, dom: Any, timeout: float, retry_interval: float) -> bool:
+        """Send ACPI shutdown every ``retry_interval`` s until off or ``timeout``; True if off."""
+        deadline = time.monotonic() + timeout
+        next_signal = 0.0
+        while time.monotonic() < deadline:
+            if not dom.isActive():
+                return True
+            if time.monotonic() >= next_signal:
+                try:
+                    dom.shutdown()
+                except libvirt.libvirtError as exc:
+                    if dom.isActive() and exc.get_error_code() not in (_ERR_OPERATION_INVALID, _ERR_INTERNAL):
+                        raise
+                next_signal = time.monotonic() + max(retry_interval, 0.5)
+            self._closed.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+        return not dom.isActive()
+
+    def reboot(self, spec: DomainSpec, kind: RebootType) -> None:
+        with self._calling("reboot", spec.uuid) as conn:
+            dom = self._domain(conn, spec.uuid)
+            if kind is RebootType.SOFT:
+                if self._state(dom) is not PowerState.RUNNING:
+                    raise DriverError(
+                        f"soft reboot of {spec.uuid}: guest is not running", uuid=spec.uuid, call="reboot"
+                    )
+                if self._clean_shutdown(dom, self.soft_reboot_seconds, self.soft_reboot_seconds):
+                    dom.create()
+                    return
+            self._hard_stop(dom)
+            if dom.hasManagedSaveImage(0):
+                dom.managedSaveRemove(0)
+            dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
+            dom.create()
+
+    def pause(self, uuid: str) -> None:
+        def act(dom: Any) -> None:
+            state = self._state(dom)
+            if state is PowerState.PAUSED:
+                return
+            if state is not PowerState.RUNNING:
+                raise DriverError(f"cannot pause {uuid}: domain is {state.name.lower()}", uuid=uuid, call="pause")
+            dom.suspend()
+
+        self._run("pause", uuid, act)
+
+    def unpause(self, uuid: str) -> None:
+        def act(dom: Any) -> None:
+            state = self._state(dom)
+            if state is PowerState.RUNNING:
+                return
+            if state is not PowerState.PAUSED:
+                raise DriverError(f"cannot unpause {uuid}: domain is {state.name.lower()}", uuid=uuid, call="unpause")
+            dom.resume()
+
+        self._run("unpause", uuid, act)
+
+    def suspend(self, uuid: str) -> None:
+        def act(dom: Any) -> None:
+            if dom.hasManagedSaveImage(0) and not dom.isActive():
+                return
+            if not dom.isActive():
+                raise DriverError(f"cannot suspend {uuid}: domain is shut down", uuid=uuid, call="suspend")
+            dom.managedSave(0)
+
+        self._run("suspend", uuid, act)
+
+    def resume(self, spec: DomainSpec) -> None:
+        def act(dom: Any) -> None:
+            if not dom.isActive():
+                dom.create()  # restores from the managed save image when there is one
+
+        self._run("resume", spec.uuid, act)
+
+    def rescue(self, spec: DomainSpec) -> None:
+        with self._calling("rescue", spec.uuid) as conn:
+            dom = self._domain(conn, spec.uuid)
+            base = self.images.cache(spec.image_path, spec.image_format)
+            rescue = self.images.instance_dir(spec.uuid) / "disk.rescue"
+            if not rescue.exists():
+                self.images.create_overlay(spec.uuid, base, spec.image_format, spec.root_gb, name="disk.rescue")
+            self._hard_stop(dom)
+            dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid), rescue))
+            dom.create()
+
+    def unrescue(self, spec: DomainSpec) -> None:
+        with self._calling("unrescue", spec.uuid) as conn:
+            dom = self._domain(conn, spec.uuid)
+            self._hard_stop(dom)
+            dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
+            (self.images.instance_dir(spec.uuid) / "disk.rescue").unlink(missing_ok=True)
+            dom.create()
+
+    def rebuild(self, spec: DomainSpec) -> None:
+        self.destroy(spec.uuid, destroy_disks=True)
+        self.spawn(spec, power_on=True)
+
+    def get_info(self, uuid: str) -> PowerState:
+        return self._run("get_info", uuid, self._state)
+
+    def list_instances(self) -> Listing:
+        with self._calling("list_instances") as conn:
+            stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+            owned: dict[str, PowerState] = {}
+            foreign: list[str] = []
+            for dom, values in stats:
+                name = dom.name()
+                if name.startswith(NAME_PREFIX):
+                    owned[dom.UUIDString()] = _POWER.get(values.get("state.state", 0), PowerState.NOSTATE)
+                else:
+                    foreign.append(name)
+        return Listing(owned=owned, foreign=tuple(sorted(foreign)))
+
+    def get_vnc_console(self, uuid: str) -> Console:
+        def act(dom: Any) -> Console:
+            graphics = ET.fromstring(dom.XMLDesc(0)).find("./devices/graphics[@type='vnc']")
+            port = -1 if graphics is None else int(graphics.get("port", "-1"))
+            if graphics is None or port < 0:
+                raise DriverError(
+                    f"domain of {uuid} has no VNC port (is it running?)", uuid=uuid, call="get_vnc_console"
+                )
+            host = graphics.get("listen") or self.vnc_listen
+            return Console(host=host, port=port)
+
+        return self._run("get_vnc_console", uuid, act)
+
+    def register_event_listener(self, listener: EventListener | None) -> None:
+        with self._lock:
+            self._listener = listener
+            conn = self._conn
+            if conn is None:
+                return
+            if self._callback_id is not None:
+                with suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(self._callback_id)
+                self._callback_id = None
+            if listener is not None:
+                self._subscribe(conn)
+
+    def _subscribe(self, conn: Any) -> None:
+        self._callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None
+        )
+
+    def _on_event(self, _conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
+        transition = _EVENTS.get(event)
+        listener = self._listener
+        if transition is None or listener is None or not dom.name().startswith(NAME_PREFIX):
+            return
+        listener(LifecycleEvent(dom.UUIDString(), transition, datetime.now(UTC)))
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
