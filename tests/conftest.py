@@ -8,6 +8,8 @@ Without it they skip with a message saying how to enable them; with
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from lifecycle.records import Host
 from tests.invariants import check_invariants
 
 PG_ENV = "LIFECYCLE_TEST_PG_URL"
+QEMU_URI = os.environ.get("LIFECYCLE_TEST_QEMU_URI", "qemu:///system")
 CI = os.environ.get("LIFECYCLE_CI") == "1"
 
 
@@ -33,6 +36,43 @@ def require(part: str, available: bool, how: str) -> None:
     if CI:
         pytest.fail(f"LIFECYCLE_CI=1 makes this tier mandatory; {message}")
     pytest.skip(message)
+
+
+def libvirt_ready() -> None:
+    """Require libvirt-python and qemu-img (the libvirt tier)."""
+    from drivers.libvirt import libvirt_available
+
+    require("libvirt-python", libvirt_available(), "pip install 'lifecycle[libvirt]' (needs libvirt-dev, pkg-config)")
+    require("qemu-img", shutil.which("qemu-img") is not None, "apt-get install qemu-utils")
+
+
+def qemu_ready() -> None:
+    """Require a libvirtd with QEMU answering on QEMU_URI (the qemu tier)."""
+    libvirt_ready()
+    import libvirt
+
+    try:
+        libvirt.open(QEMU_URI).close()
+        answered = True
+    except libvirt.libvirtError:
+        answered = False
+    require("libvirtd with QEMU", answered, f"start libvirtd (`make test` does) so that {QEMU_URI} answers")
+
+
+@pytest.fixture
+def base_image(tmp_path: Path) -> Path:
+    """A 64 MiB qcow2 base image made with qemu-img (no OS: SeaBIOS idles, the domain runs)."""
+    require("qemu-img", shutil.which("qemu-img") is not None, "apt-get install qemu-utils")
+    path = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
+def private_node_uri(tmp_path: Path) -> str:
+    """Return a test:/// URI for a private, empty libvirt test-driver host."""
+    node = tmp_path / f"node-{uuid.uuid4().hex[:8]}.xml"
+    node.write_text("<node/>")
+    return f"test://{node}"
 
 
 @pytest.fixture

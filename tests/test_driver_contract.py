@@ -1,4 +1,4 @@
-"""The driver contract suite: every driver must pass it (fake now; libvirt joins it).
+"""The driver contract suite: the fake, libvirt's test driver and real QEMU all pass it.
 
 Each test pins one postcondition or idempotency promise from drivers/base.py.
 """
@@ -9,35 +9,55 @@ import dataclasses
 import threading
 import uuid as uuidlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from drivers.base import DomainSpec, Driver, LifecycleEvent, RebootType, Transition
 from drivers.fake import FakeDriver
+from drivers.libvirt import LibvirtDriver
 from lifecycle.errors import DomainNotFound, DriverError
 from lifecycle.states import PowerState
+from tests.conftest import QEMU_URI, libvirt_ready, qemu_ready, private_node_uri
 
 P = PowerState
 
 
-@pytest.fixture(params=["fake"])
-def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+@pytest.fixture(
+    params=[
+        "fake",
+        pytest.param("libvirt-test", marks=pytest.mark.libvirt),
+        pytest.param("libvirt-qemu", marks=[pytest.mark.qemu, pytest.mark.slow]),
+    ]
+)
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     """Each driver under the contract, on a private, empty host."""
-    drv = FakeDriver("contract")
+    if request.param == "fake":
+        drv: Driver = FakeDriver("contract")
+    elif request.param == "libvirt-test":
+        libvirt_ready()
+        drv = LibvirtDriver(private_node_uri(tmp_path), tmp_path / "instances", soft_reboot_seconds=1)
+    else:
+        qemu_ready()
+        drv = LibvirtDriver(QEMU_URI, tmp_path / "instances", domain_type="qemu", soft_reboot_seconds=1)
     yield drv
+    for uuid in drv.list_instances().owned:
+        drv.destroy(uuid)
     drv.close()
 
 
 @pytest.fixture
-def spec() -> DomainSpec:
-    """A small domain."""
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> DomainSpec:
+    """A small domain on a real qcow2 base for libvirt drivers (the fake needs no file)."""
+    needs_file = "fake" not in request.node.callspec.params.get("driver", "fake")
+    image = request.getfixturevalue("base_image") if needs_file else tmp_path / "no-such-base.qcow2"
     return DomainSpec(
         uuid=str(uuidlib.uuid4()),
         name="contract-vm",
         vcpus=1,
         memory_mb=64,
         root_gb=1,
-        image_path="/images/base.qcow2",
+        image_path=str(image),
         image_format="qcow2",
     )
 
@@ -145,8 +165,12 @@ def test_listing_is_one_call_for_the_host(driver: Driver, spec: DomainSpec) -> N
 
 
 def test_console_has_a_port(driver: Driver, spec: DomainSpec) -> None:
-    """A running domain reports a VNC host and port."""
+    """A running domain reports a VNC host and port (a driver that never assigns one says so)."""
     driver.spawn(spec)
+    if not driver.allocates_console_ports:
+        with pytest.raises(DriverError, match="no VNC port"):
+            driver.get_vnc_console(spec.uuid)
+        return
     console = driver.get_vnc_console(spec.uuid)
     assert console.host and console.port >= 5900
 
