@@ -1,23 +1,30 @@
-"""``lifecycle demo``: the engine end to end on a scratch SQLite database.
+"""``lifecycle demo``: the engine end to end on its embedded default, SQLite plus libvirt.
 
-It builds an instance, walks it through the power operations, shows a driver
-failure that leaves the vm_state intact, a stop preempted by a force delete
-while the stop is stuck inside the hypervisor, and prints the audit log that
-explains every change.
+compute-1 is a libvirt host (libvirt's own test driver, with a private node
+file, and a real qcow2 base made with qemu-img). The demo builds an instance
+there, walks it through the power operations, destroys its domain behind the
+engine's back so that a pause is refused by libvirt (the guest is unchanged,
+so the vm_state stays), then stops it. compute-2 is a fake host whose stop
+call is held inside the "hypervisor", to show a force delete taking over a
+stuck task. Both audit logs are printed at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver
 from drivers.fake import FakeDriver
 from lifecycle.audit import format_history
+from lifecycle.config import Settings
 from lifecycle.engine import Engine
 from lifecycle.errors import Preempted, TaskFailed
 from lifecycle.records import Flavor, Host, to_plain
@@ -35,42 +42,65 @@ def run_demo(keep: str | None = None, *, as_json: bool = False) -> dict[str, Any
         return _demo(Path(scratch), as_json)
 
 
+def _libvirt_ready() -> str | None:
+    from drivers.libvirt import libvirt_available
+
+    if not libvirt_available():
+        return "libvirt-python is not installed"
+    if shutil.which("qemu-img") is None:
+        return "qemu-img is not installed"
+    return None
+
+
 def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
-    say = (lambda *_: None) if as_json else print
+    say: Callable[..., None] = (lambda *_: None) if as_json else print
     url = f"sqlite:///{workdir / 'lifecycle.db'}"
     upgrade(url)
-    hypervisors: dict[str, FakeDriver] = {}
+    fake = FakeDriver("compute-2")
+    missing = _libvirt_ready()
 
     def driver_for(host: Host) -> Driver:
-        return hypervisors.setdefault(host.name, FakeDriver(host.name))
+        return fake if host.name == "compute-2" or missing else engine._connect(host)
 
     summary: dict[str, Any] = {"database": url, "instances": {}}
-    with Engine(url, driver_factory=driver_for) as engine:
-        engine.add_host("compute-1", "fake://", str(workdir / "instances"))
-        engine.add_image("cirros", str(workdir / "cirros.qcow2"))
-        say(f"database: {url}\nhost compute-1 (fake hypervisor), image cirros\n")
+    settings = Settings(shutdown_timeout=2, soft_reboot_seconds=2)
+    with Engine(url, driver_factory=driver_for, settings=settings) as engine:
+        node = workdir / "compute-1-node.xml"
+        node.write_text("<node/>")
+        engine.add_host("compute-1", f"test://{node}", str(workdir / "instances"))
+        engine.add_host("compute-2", "fake://", str(workdir / "instances-2"))
+        base = workdir / "cirros.qcow2"
+        if missing is None:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+        engine.add_image("cirros", str(base))
+        kind = f"the fake driver ({missing})" if missing else "libvirt's test driver"
+        say(f"database: {url}\ncompute-1: {kind}; compute-2: a fake host with scripted faults\n")
 
         web = engine.create("web-1", host="compute-1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-        say(f"created web-1 {web}: {engine.get(web).status}")
-        for op in ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue"):
+        say(f"created web-1 {web} on compute-1: {engine.get(web).status}")
+        for op in ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue", "rebuild"):
             engine.run(op, web)
             say(f"  {op:<9} -> {engine.get(web).status}")
         engine.reboot(web, hard=True)
         say(f"  reboot --hard -> {engine.get(web).status}")
 
-        hypervisors["compute-1"].fail_next("pause")
+        engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
+        say("\nweb-1's domain destroyed behind the engine's back")
         try:
             engine.pause(web)
         except TaskFailed as exc:
-            say(f"\npause failed inside the hypervisor: {exc.error}")
+            say(f"  pause refused by the hypervisor: {exc.error}")
             say(f"  guest unchanged, so the vm_state stays: {engine.get(web).status}")
+        engine.stop(web)
+        say(f"  stop -> {engine.get(web).status}")
 
-        db = engine.create("db-1", host="compute-1", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
-        gate = hypervisors["compute-1"].hold("power_off")
+        db = engine.create("db-1", host="compute-2", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
+        gate = fake.hold("power_off")
         stopper = threading.Thread(target=_stop_quietly, args=(engine, db))
         stopper.start()
         gate.wait_entered()
-        say(f"\ncreated db-1 {db}; its stop is stuck in the hypervisor: task_state {engine.get(db).task_state}")
+        stuck = engine.get(db).task_state
+        say(f"\ncreated db-1 {db} on compute-2; its stop is stuck in the hypervisor: task_state {stuck}")
         engine.force_delete(db)
         say(f"  force_delete took over: {engine.get(db).status}")
         gate.release()

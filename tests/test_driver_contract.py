@@ -18,7 +18,7 @@ from drivers.fake import FakeDriver
 from drivers.libvirt import LibvirtDriver
 from lifecycle.errors import DomainNotFound, DriverError
 from lifecycle.states import PowerState
-from tests.conftest import QEMU_URI, libvirt_ready, qemu_ready, private_node_uri
+from tests.conftest import QEMU_URI, libvirt_ready, private_node_uri, qemu_ready
 
 P = PowerState
 

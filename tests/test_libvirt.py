@@ -1,0 +1,243 @@
+"""The libvirt driver beyond the contract: XML safety, state table, errors, real QEMU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drivers.base import DomainSpec
+from drivers.libvirt import _POWER, METADATA_NS, LibvirtDriver, domain_xml
+from lifecycle import Engine, Flavor, PowerState, Settings, TaskFailed, VmState, upgrade
+from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
+from tests.conftest import QEMU_URI, libvirt_ready, private_node_uri, qemu_ready, require
+
+HOSTILE = "<domain type='kvm'>&amp;\"quotes\" 'and' ünïcødé ☃ ]]></name><devices/>"
+
+
+def _spec(image: Path | str, name: str = "vm") -> DomainSpec:
+    return DomainSpec(str(uuidlib.uuid4()), name, 1, 64, 1, str(image), "qcow2")
+
+
+def test_hostile_name_is_data_not_markup() -> None:
+    """A name full of markup, quotes and non-ASCII comes back out of the XML unchanged, as text."""
+    spec = _spec("/images/base.qcow2", HOSTILE)
+    root = ET.fromstring(domain_xml(spec, Path("/i/disk"), domain_type="qemu", vnc_listen="127.0.0.1"))
+    assert root.findtext("title") == HOSTILE
+    assert root.findtext(f"metadata/{{{METADATA_NS}}}instance/{{{METADATA_NS}}}name") == HOSTILE
+    assert root.findtext("name") == f"lifecycle-{spec.uuid}"
+    assert [d.get("file") for d in root.iter("source")] == ["/i/disk"]
+    assert len(root.findall("devices")) == 1
+
+
+def test_power_table_is_novas() -> None:
+    """Libvirt domain states map to power states exactly as Nova's LIBVIRT_POWER_STATE."""
+    assert {k: int(v) for k, v in _POWER.items()} == {0: 0, 1: 1, 2: 1, 3: 3, 4: 4, 5: 4, 6: 6, 7: 7}
+
+
+@pytest.fixture
+def test_driver(tmp_path: Path) -> Iterator[LibvirtDriver]:
+    """A libvirt test-driver host with a private node file."""
+    libvirt_ready()
+    drv = LibvirtDriver(private_node_uri(tmp_path), tmp_path / "instances", soft_reboot_seconds=1)
+    yield drv
+    drv.close()
+
+
+@pytest.mark.libvirt
+def test_hostile_name_round_trips_through_libvirt(test_driver: LibvirtDriver, base_image: Path) -> None:
+    """Libvirt stores and returns the hostile name as the domain title."""
+    spec = _spec(base_image, HOSTILE)
+    test_driver.spawn(spec)
+    with test_driver._calling("test") as conn:
+        root = ET.fromstring(conn.lookupByUUIDString(spec.uuid).XMLDesc(0))
+    assert root.findtext("title") == HOSTILE
+
+
+@pytest.mark.libvirt
+def test_wrong_state_errors_are_mapped_by_code_and_state(test_driver: LibvirtDriver, base_image: Path) -> None:
+    """A refused call (test driver code 1) becomes DriverError naming the re-read state; a missing domain DomainNotFound."""
+    spec = _spec(base_image)
+    test_driver.spawn(spec, power_on=False)
+    with pytest.raises(DriverError, match="domain is shutdown"):
+        test_driver.pause(spec.uuid)
+    resume = pytest.raises(DriverError, match=r"refused by libvirt \(code \d+, domain shutdown\)")
+    with resume, test_driver._calling("resume", spec.uuid) as conn:
+        conn.lookupByUUIDString(spec.uuid).resume()
+    with pytest.raises(DomainNotFound):
+        test_driver.get_info(str(uuidlib.uuid4()))
+
+
+@pytest.mark.libvirt
+def test_foreign_domains_are_reported_not_owned(test_driver: LibvirtDriver, base_image: Path) -> None:
+    """A domain the engine did not define is listed as foreign, never as an instance."""
+    with test_driver._calling("define") as conn:
+        conn.defineXML(
+            "<domain type='test'><name>someone-else</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+        )
+    spec = _spec(base_image)
+    test_driver.spawn(spec)
+    listing = test_driver.list_instances()
+    assert dict(listing.owned) == {spec.uuid: PowerState.RUNNING}
+    assert listing.foreign == ("someone-else",)
+
+
+@pytest.mark.libvirt
+def test_engine_drives_a_libvirt_host(tmp_path: Path, base_image: Path) -> None:
+    """The engine runs every power operation on a host added with a test:/// URI; delete removes the disk."""
+    libvirt_ready()
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    with Engine(url, settings=Settings(shutdown_timeout=1, soft_reboot_seconds=1)) as engine:
+        engine.add_host("lv1", private_node_uri(tmp_path), str(tmp_path / "instances"))
+        engine.add_image("base", str(base_image))
+        uuid = engine.create("web", host="lv1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+        assert (tmp_path / "instances" / uuid / "disk").exists()
+        for op in ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue", "rebuild"):
+            engine.run(op, uuid)
+        engine.reboot(uuid, hard=True)
+        assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.ACTIVE, PowerState.RUNNING)
+        engine.delete(uuid)
+        assert not (tmp_path / "instances" / uuid).exists()
+        assert engine.driver("lv1").list_instances().owned == {}
+
+
+@pytest.mark.libvirt
+def test_engine_refuses_a_malicious_image_at_spawn(tmp_path: Path) -> None:
+    """Create with an image whose backing file is a host file fails, goes to error, and defines no domain."""
+    libvirt_ready()
+    secret = tmp_path / "secret"
+    secret.write_text("host data")
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(evil), "1M"], check=True
+    )
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    with Engine(url) as engine:
+        engine.add_host("lv1", private_node_uri(tmp_path), str(tmp_path / "instances"))
+        engine.add_image("evil", str(evil))
+        with pytest.raises(TaskFailed, match="outside the image cache") as info:
+            engine.create("victim", host="lv1", flavor=Flavor(1, 64, 1), image="evil")
+        assert engine.get(info.value.task.instance_uuid).vm_state is VmState.ERROR
+        assert engine.driver("lv1").list_instances().owned == {}
+
+
+# -- real QEMU under libvirtd ------------------------------------------------------------
+
+
+@pytest.fixture
+def qemu(tmp_path: Path) -> Iterator[LibvirtDriver]:
+    """A driver on the real libvirtd with TCG guests; every domain it made is destroyed after."""
+    qemu_ready()
+    drv = LibvirtDriver(QEMU_URI, tmp_path / "instances", domain_type="qemu", soft_reboot_seconds=1)
+    yield drv
+    for uuid in drv.list_instances().owned:
+        if uuid in made:
+            drv.destroy(uuid)
+    made.clear()
+    drv.close()
+
+
+made: set[str] = set()
+
+
+def _running(drv: LibvirtDriver, base: Path) -> DomainSpec:
+    spec = _spec(base)
+    made.add(spec.uuid)
+    drv.spawn(spec)
+    return spec
+
+
+def _virsh(*args: str) -> None:
+    subprocess.run(["virsh", "-q", "-c", QEMU_URI, *args], check=True, capture_output=True)
+
+
+@pytest.mark.qemu
+def test_clean_stop_of_a_guest_without_os_falls_back_to_destroy(qemu: LibvirtDriver, base_image: Path) -> None:
+    """A guest with no OS ignores ACPI: power_off waits out the timeout, destroys it and reports unclean."""
+    spec = _running(qemu, base_image)
+    assert qemu.power_off(spec.uuid, timeout=1, retry_interval=0.5) is False
+    assert qemu.get_info(spec.uuid) is PowerState.SHUTDOWN
+
+
+@pytest.mark.qemu
+def test_out_of_band_virsh_destroy_is_seen_as_shutdown(qemu: LibvirtDriver, base_image: Path) -> None:
+    """`virsh destroy` behind our back shows up as SHUTDOWN in get_info and the listing."""
+    spec = _running(qemu, base_image)
+    _virsh("destroy", f"lifecycle-{spec.uuid}")
+    assert qemu.get_info(spec.uuid) is PowerState.SHUTDOWN
+    assert qemu.list_instances().owned[spec.uuid] is PowerState.SHUTDOWN
+
+
+@pytest.mark.qemu
+def test_console_port_speaks_rfb(qemu: LibvirtDriver, base_image: Path) -> None:
+    """The VNC port from the live XML accepts a TCP connection that greets with RFB."""
+    spec = _running(qemu, base_image)
+    console = qemu.get_vnc_console(spec.uuid)
+    with socket.create_connection((console.host, console.port), timeout=5) as sock:
+        assert sock.recv(12).startswith(b"RFB ")
+
+
+@pytest.mark.qemu
+def test_disk_backing_chain_ends_at_the_cached_base(qemu: LibvirtDriver, base_image: Path) -> None:
+    """A running guest's disk is an overlay on the _base copy (read with -U while QEMU holds it)."""
+    spec = _running(qemu, base_image)
+    chain = qemu.images.backing_chain(qemu.images.disk_path(spec.uuid))
+    assert len(chain) == 2 and Path(chain[1]).parent == qemu.images.base_dir
+
+
+@pytest.mark.qemu
+def test_lifecycle_events_arrive_from_qemu(qemu: LibvirtDriver, base_image: Path) -> None:
+    """An out-of-band destroy produces a STOPPED event for that instance on the listener."""
+    spec = _running(qemu, base_image)
+    stopped = threading.Event()
+    qemu.register_event_listener(
+        lambda e: stopped.set() if e.uuid == spec.uuid and e.transition.value == "stopped" else None
+    )
+    _virsh("destroy", f"lifecycle-{spec.uuid}")
+    assert stopped.wait(10)
+    qemu.register_event_listener(None)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_libvirtd_restart_is_survived_by_reconnecting(qemu: LibvirtDriver, base_image: Path) -> None:
+    """While libvirtd restarts calls fail with DriverUnavailable; afterwards the driver reconnects and the guest still runs."""
+    pidfile = os.environ.get("LIFECYCLE_LIBVIRTD_PIDFILE", "")
+    require(
+        "a libvirtd started by the test command",
+        bool(pidfile) and Path(pidfile).exists(),
+        "run `make test`, which starts libvirtd with a pidfile and sets LIFECYCLE_LIBVIRTD_PIDFILE",
+    )
+    spec = _running(qemu, base_image)
+    pid = int(Path(pidfile).read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        threading.Event().wait(0.1)
+    qemu.reconnect_seconds = 0.5
+    with pytest.raises(DriverUnavailable):
+        qemu.get_info(spec.uuid)
+    subprocess.run(["libvirtd", "-d", "-p", pidfile], check=True)
+    qemu.reconnect_seconds = 30
+    assert qemu.get_info(spec.uuid) is PowerState.RUNNING
+    qemu.destroy(spec.uuid)
+    assert spec.uuid not in qemu.list_instances().owned
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
