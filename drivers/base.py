@@ -222,5 +222,14 @@ class Driver(abc.ABC):
         Events arrive on a driver thread, never on the caller's.
         """
 
+    def cleanup_images(self, max_age_seconds: float) -> list[str]:
+        """Remove cached base images no disk uses and older than ``max_age_seconds``.
+
+        Returns what was removed. A base behind any disk (a ``<uuid>_resize``
+        one included) is never removed. Repeat: safe. Drivers without an
+        image cache have nothing to remove.
+        """
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook, most drivers hold nothing
         """Release the connection; the driver may not be used afterwards."""

@@ -409,6 +409,9 @@ class LibvirtDriver(Driver):
         self.destroy(spec.uuid, destroy_disks=True)
         self.spawn(spec, power_on=True)
 
+    def cleanup_images(self, max_age_seconds: float) -> list[str]:
+        return [str(p) for p in self.images.cleanup([], max_age_seconds)]
+
     def get_info(self, uuid: str) -> PowerState:
         return self._run("get_info", uuid, self._state)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lifecycle.audit import AuditEntry
 from lifecycle.config import Settings
+from lifecycle.console import ConsoleAccess, ConsoleConnection
 from lifecycle.errors import (
     AlreadyExists,
     Conflict,
@@ -38,6 +39,8 @@ __all__ = [
     "AuditEntry",
     "Cause",
     "Conflict",
+    "ConsoleAccess",
+    "ConsoleConnection",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",

@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--format", default="qcow2", dest="disk_format", help="qcow2 or raw")
     add.add_argument("--min-disk", type=int, default=0, help="minimum root disk in GiB")
     image.add_parser("list", help="list images", parents=[common])
+    clean = image.add_parser("cleanup", help="remove a host's unused cached base images", parents=[common])
+    clean.add_argument("--host", required=True)
+    clean.add_argument("--max-age", type=float, help="seconds (default: the setting, 86400)")
 
     create = sub.add_parser("create", help="build an instance", parents=[task_opts])
     create.add_argument("name")
@@ -121,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("uuid")
     rebuild.add_argument("--image")
 
+    sub.add_parser("console", help="issue a VNC console URL", parents=[common]).add_argument("uuid")
     sub.add_parser("show", help="show an instance", parents=[common]).add_argument("uuid")
     lst = sub.add_parser("list", help="list instances", parents=[common])
     lst.add_argument("--host")
@@ -181,6 +185,9 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
     elif args.command == "list":
         rows = engine.list(args.host, include_deleted=args.all)
         _emit(args, to_plain(rows), "\n".join(_instance_line(i) for i in rows) or "no instances")
+    elif args.command == "console":
+        access = engine.get_vnc_console(args.uuid)
+        _emit(args, to_plain(access), f"{access.url}\n(valid until {access.expires_at.isoformat(timespec='seconds')})")
     elif args.command == "history":
         entries = engine.history(args.uuid)
         _emit(args, to_plain(entries), format_history(entries))
@@ -202,6 +209,9 @@ def _admin(engine: Engine, args: argparse.Namespace) -> None:
         else:
             hosts = engine.hosts()
             _emit(args, to_plain(hosts), "\n".join(f"{h.name}  {h.driver_uri}" for h in hosts) or "no hosts")
+    elif args.image_command == "cleanup":
+        removed = engine.clean_image_cache(args.host, args.max_age)
+        _emit(args, {"removed": removed}, "\n".join(f"removed {p}" for p in removed) or "nothing to remove")
     elif args.image_command == "add":
         im = engine.add_image(args.name, args.path, args.disk_format, args.min_disk)
         _emit(args, to_plain(im), f"image {im.name} added ({im.path})")
@@ -248,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     handlers: dict[str, Callable[[Engine, argparse.Namespace], None]] = {
         "show": _read,
+        "console": _read,
         "list": _read,
         "history": _read,
         "tasks": _read,

@@ -27,5 +27,11 @@ class Settings:
     """libvirt domain type for qemu URIs: kvm, or qemu for software emulation (TCG)."""
     vnc_listen: str = "127.0.0.1"
     """Address guests' VNC servers listen on."""
+    console_base_url: str = "http://127.0.0.1:6080/vnc_lite.html"
+    """Base of console access URLs (a noVNC page); the token goes in its ``path`` query."""
+    console_token_ttl: float = 600.0
+    """Seconds a console token stays valid (Nova: 600)."""
+    image_cache_max_age: float = 86400.0
+    """Seconds an unused cached base image is kept before cleanup removes it (Nova: 86400)."""
     soft_reboot_seconds: float = 120.0
     """How long a soft reboot waits for the guest to go down before rebooting hard (Nova: 120)."""

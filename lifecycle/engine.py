@@ -21,7 +21,7 @@ import structlog
 
 import drivers
 from drivers.base import Driver
-from lifecycle import graph
+from lifecycle import console, graph
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import Conflict, InvalidInput, InvalidState
@@ -151,6 +151,20 @@ class Engine:
             if driver is None:
                 driver = self._drivers[host_name] = self._factory(self.store.get_host(host_name))
             return driver
+
+    def get_vnc_console(self, uuid: str) -> console.ConsoleAccess:
+        """Issue a console token for an instance and return its access URL."""
+        s = self.settings
+        return console.issue(self.store, self.driver, self.get(uuid), s.console_base_url, s.console_token_ttl)
+
+    def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
+        """Remove a host's unused cached base images older than the age; return them."""
+        age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
+        return self.driver(self.store.get_host(host).name).cleanup_images(age)
+
+    def check_console_token(self, token: str) -> console.ConsoleConnection | None:
+        """Return where to connect for a console token while it is valid, else None."""
+        return console.check(self.store, token)
 
     # -- operations -------------------------------------------------------------
 

@@ -11,6 +11,8 @@ EXPECTED = {
     "AuditEntry",
     "Cause",
     "Conflict",
+    "ConsoleAccess",
+    "ConsoleConnection",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",

@@ -31,7 +31,7 @@ from lifecycle.errors import (
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store.db import aware, connect, now
-from lifecycle.store.tables import AuditRow, HostRow, ImageRow, InstanceRow, TaskRow, TaskStepRow
+from lifecycle.store.tables import AuditRow, ConsoleTokenRow, HostRow, ImageRow, InstanceRow, TaskRow, TaskStepRow
 
 __all__ = ["Store"]
 
@@ -41,6 +41,7 @@ _S: sa.Table = TaskStepRow.__table__  # type: ignore[attr-defined]
 _A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
 _H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
 _IM: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
+_C: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
 
 
 class Store:
@@ -194,6 +195,39 @@ class Store:
             .where(_T.c.owner == owner, _T.c.outcome == Outcome.RUNNING.value)
             .values(lease_expires_at=now() + self.lease)
         )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount
+
+    # -- console tokens ---------------------------------------------------------
+
+    def add_console_token(
+        self, token_hash: str, instance: Instance, console_host: str, port: int, expires_at: datetime
+    ) -> None:
+        """Store a console token's hash for ``instance`` on its current host."""
+        values = {
+            "token_hash": token_hash,
+            "instance_uuid": instance.uuid,
+            "host": instance.host,
+            "console_host": console_host,
+            "console_port": port,
+            "created_at": now(),
+            "expires_at": expires_at,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(_C), values)
+
+    def console_token(self, token_hash: str) -> dict[str, Any] | None:
+        """Return a live (unrevoked, unexpired) token's row, or None."""
+        query = sa.select(_C).where(_C.c.token_hash == token_hash, _C.c.revoked_at.is_(None))
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        if row is None or _at(row["expires_at"]) <= now():
+            return None
+        return dict(row)
+
+    def revoke_console_tokens(self, uuid: str) -> int:
+        """Revoke every live console token of an instance; return how many."""
+        query = sa.update(_C).where(_C.c.instance_uuid == uuid, _C.c.revoked_at.is_(None)).values(revoked_at=now())
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount
 

@@ -11,7 +11,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-__all__ = ["AuditRow", "HostRow", "ImageRow", "InstanceRow", "TaskRow", "TaskStepRow", "metadata"]
+__all__ = ["AuditRow", "ConsoleTokenRow", "HostRow", "ImageRow", "InstanceRow", "TaskRow", "TaskStepRow", "metadata"]
 
 metadata = SQLModel.metadata
 
@@ -150,3 +150,19 @@ class AuditRow(SQLModel, table=True):
     to_power_state: int
     message: str | None = Field(default=None)
     created_at: datetime = Field(sa_type=_TS)
+
+
+class ConsoleTokenRow(SQLModel, table=True):
+    """A console access token, stored only as its SHA-256 hash, with an expiry."""
+
+    __tablename__ = "console_tokens"
+
+    token_hash: str = Field(primary_key=True, max_length=64)
+    instance_uuid: str = Field(max_length=36, foreign_key="instances.uuid", index=True)
+    host: str = Field(max_length=255)
+    """The instance's host when the token was issued; the token dies if the instance moves."""
+    console_host: str = Field(max_length=255)
+    console_port: int
+    created_at: datetime = Field(sa_type=_TS)
+    expires_at: datetime = Field(sa_type=_TS)
+    revoked_at: datetime | None = Field(default=None, sa_type=_TS)

@@ -1,0 +1,90 @@
+"""Console access: random tokens, stored only as hashes, with an expiry.
+
+A token is 256 random bits (``secrets``), handed to the caller once inside an
+access URL and stored as its SHA-256. ``check`` answers with the connection
+info only while the token is unrevoked, unexpired, and its instance still
+lives, idle or busy with anything but a delete, on the host it was issued for.
+Delete and move revoke an instance's tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from lifecycle.errors import InvalidInput, InvalidState
+from lifecycle.records import Instance
+from lifecycle.states import TaskState, VmState
+from lifecycle.store import Store
+from lifecycle.store.db import now
+
+if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import would cycle
+    from drivers.base import Driver
+
+__all__ = ["ConsoleAccess", "ConsoleConnection", "check", "issue"]
+
+_REFUSED_TASKS = frozenset({TaskState.DELETING})
+_REFUSED_VM = frozenset({VmState.DELETED, VmState.SOFT_DELETED, VmState.BUILDING})
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleAccess:
+    """What a user gets: the URL to open (it embeds the token) and when it expires."""
+
+    instance_uuid: str
+    url: str
+    token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConnection:
+    """What a console proxy gets for a valid token: where to connect."""
+
+    instance_uuid: str
+    host: str
+    port: int
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue(
+    store: Store, driver_for: Callable[[str], Driver], instance: Instance, base_url: str, ttl_seconds: float
+) -> ConsoleAccess:
+    """Read the console's address from the driver and issue a token for it."""
+    if instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS or instance.host is None:
+        raise InvalidState(
+            "get_vnc_console",
+            instance.uuid,
+            instance.vm_state,
+            instance.task_state,
+            set(VmState) - _REFUSED_VM,
+            {None, *(set(TaskState) - _REFUSED_TASKS)},
+        )
+    console = driver_for(instance.host).get_vnc_console(instance.uuid)
+    token = secrets.token_urlsafe(32)
+    expires_at = now() + timedelta(seconds=ttl_seconds)
+    store.add_console_token(_hash(token), instance, console.host, console.port, expires_at)
+    url = f"{base_url}?path={quote(f'?token={token}', safe='')}"
+    return ConsoleAccess(instance.uuid, url, token, expires_at)
+
+
+def check(store: Store, token: str) -> ConsoleConnection | None:
+    """Return where to connect for ``token``, or None when it is not (or no longer) valid."""
+    if not isinstance(token, str) or not token or len(token) > 256:
+        raise InvalidInput("a console token is a non-empty string of at most 256 characters")
+    row = store.console_token(_hash(token))
+    if row is None:
+        return None
+    instance = store.get_instance(row["instance_uuid"])
+    moved = instance.host != row["host"]
+    if moved or instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS:
+        return None
+    return ConsoleConnection(instance.uuid, row["console_host"], row["console_port"])

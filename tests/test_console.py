@@ -1,0 +1,73 @@
+"""Console tokens: unguessable, stored hashed, expiring, revoked on delete, tied to the host."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import parse_qs, unquote, urlparse
+
+import pytest
+import sqlalchemy as sa
+
+from lifecycle import Engine, InvalidState
+from lifecycle.errors import InvalidInput
+from lifecycle.store.tables import ConsoleTokenRow, InstanceRow
+from tests.conftest import FLAVOR, Fakes, make_engine
+
+
+def _token(url: str) -> str:
+    path = parse_qs(urlparse(url).query)["path"][0]
+    return parse_qs(urlparse(unquote(path)).query)["token"][0]
+
+
+def test_token_gives_the_console_address_and_is_stored_only_hashed(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
+    """The access URL carries a 256-bit token; checking it returns host and port; the database holds only a hash."""
+    uuid = new_instance()
+    access = engine.get_vnc_console(uuid)
+    assert access.url.startswith(engine.settings.console_base_url + "?path=")
+    assert _token(access.url) == access.token and len(access.token) >= 43
+    conn = engine.check_console_token(access.token)
+    assert conn is not None and (conn.instance_uuid, conn.host) == (uuid, "127.0.0.1") and conn.port >= 5900
+    with engine.store.engine.connect() as db:
+        stored = db.execute(sa.select(ConsoleTokenRow.__table__)).mappings().one()  # type: ignore[attr-defined]
+    assert access.token not in str(dict(stored)) and len(stored["token_hash"]) == 64
+
+
+def test_tokens_are_unique_and_wrong_ones_fail(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """Two tokens for one instance differ; a made-up or altered token gives nothing; junk input is refused."""
+    uuid = new_instance()
+    a, b = engine.get_vnc_console(uuid).token, engine.get_vnc_console(uuid).token
+    assert a != b
+    assert engine.check_console_token(a[:-1] + ("A" if a[-1] != "A" else "B")) is None
+    assert engine.check_console_token("guess") is None
+    with pytest.raises(InvalidInput):
+        engine.check_console_token("")
+
+
+def test_tokens_expire(sqlite_url: str, fakes: Fakes) -> None:
+    """A token past its time-to-live is no longer valid."""
+    eng = make_engine(sqlite_url, fakes, console_token_ttl=0.0)
+    uuid = eng.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    assert eng.check_console_token(eng.get_vnc_console(uuid).token) is None
+    eng.close()
+
+
+def test_delete_revokes_tokens(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """After delete the instance's tokens stop working, and no new one can be issued."""
+    uuid = new_instance()
+    token = engine.get_vnc_console(uuid).token
+    engine.delete(uuid)
+    assert engine.check_console_token(token) is None
+    with pytest.raises(InvalidState):
+        engine.get_vnc_console(uuid)
+
+
+def test_a_moved_instance_invalidates_its_tokens(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """A token is bound to the host it was issued for: once the instance lives elsewhere it is refused."""
+    uuid = new_instance()
+    token = engine.get_vnc_console(uuid).token
+    with engine.store.engine.begin() as db:
+        table = InstanceRow.__table__  # type: ignore[attr-defined]
+        db.execute(sa.update(table).where(table.c.uuid == uuid).values(host="h2"))
+    assert engine.check_console_token(token) is None
