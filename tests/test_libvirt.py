@@ -241,3 +241,27 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_engine_on_real_qemu_with_a_console(tmp_path: Path, base_image: Path) -> None:
+    """Through the engine on real QEMU: create, a console token that reaches RFB, a clean stop that falls back, delete."""
+    qemu_ready()
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    settings = Settings(libvirt_domain_type="qemu", shutdown_timeout=1, shutdown_retry_interval=0.5)
+    with Engine(url, settings=settings) as engine:
+        engine.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
+        engine.add_image("base", str(base_image))
+        uuid = engine.create("real", host="q1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+        made.add(uuid)
+        connection = engine.check_console_token(engine.get_vnc_console(uuid).token)
+        assert connection is not None
+        with socket.create_connection((connection.host, connection.port), timeout=5) as sock:
+            assert sock.recv(4) == b"RFB "
+        engine.stop(uuid)
+        assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.STOPPED, PowerState.SHUTDOWN)
+        engine.delete(uuid)
+        assert not (tmp_path / "instances" / uuid).exists()
+        assert uuid not in engine.driver("q1").list_instances().owned
