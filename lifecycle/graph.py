@@ -154,6 +154,15 @@ OPERATIONS: tuple[Operation, ...] = (
         "the task owns the instance throughout here, so there is no idle gap.",
     ),
     Operation("start", frozenset({V.STOPPED}), (T.POWERING_ON,), V.ACTIVE, PowerState.RUNNING),
+    Operation(
+        "force_stop",
+        frozenset({V.STOPPED, V.PAUSED}),
+        (T.POWERING_OFF,),
+        V.STOPPED,
+        PowerState.SHUTDOWN,
+        note="Nova's compute_api.force_stop, used by the power sync for a stopped guest found running "
+        "and a paused guest found off; Nova applies no vm_state check, we admit only those two.",
+    ),
     Operation("stop", frozenset({V.ACTIVE, V.ERROR}), (T.POWERING_OFF,), V.STOPPED, PowerState.SHUTDOWN),
     Operation(
         "reboot",

@@ -124,6 +124,7 @@ class Instance:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    missing_count: int = 0
 
     @property
     def status(self) -> str:

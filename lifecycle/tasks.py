@@ -88,6 +88,7 @@ class TaskRun:
             operation=t.operation,
             task_id=t.id,
             request_id=t.request_id,
+            rule=t.params.get("rule"),
             message=message,
         )
 

@@ -34,6 +34,7 @@ NOVA_ALLOW_REBOOT = {
 # Deliberate differences are the rows marked DIFFERS; each is pinned by its own test.
 NOVA_GUARDS: dict[str, tuple[set[VmState], set[TaskState | None], tuple[TaskState, ...]]] = {
     "start": ({V.STOPPED}, IDLE, (T.POWERING_ON,)),
+    "force_stop": ({V.STOPPED, V.PAUSED}, IDLE, (T.POWERING_OFF,)),  # DIFFERS: Nova checks no vm_state
     "stop": ({V.ACTIVE, V.ERROR}, IDLE, (T.POWERING_OFF,)),
     "reboot": ({V.ACTIVE}, IDLE, (T.REBOOTING, T.REBOOT_PENDING, T.REBOOT_STARTED)),
     "reboot_hard": (
@@ -96,6 +97,13 @@ def test_create_walk_and_guard() -> None:
     assert graph.begin("create", "u", None, None) is T.SCHEDULING
     with pytest.raises(InvalidState):
         graph.begin("create", "u", V.ACTIVE, None)
+
+
+def test_force_stop_only_serves_the_sync_cases() -> None:
+    """Differs from Nova on purpose: force_stop is admitted only from stopped and paused, the two sync uses."""
+    assert graph.begin("force_stop", "u", V.PAUSED, None) is T.POWERING_OFF
+    with pytest.raises(InvalidState):
+        graph.begin("force_stop", "u", V.RESCUED, None)
 
 
 def test_soft_delete_does_not_preempt() -> None:

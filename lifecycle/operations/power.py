@@ -68,6 +68,7 @@ def unrescue(run: TaskRun) -> None:
 STEPS: dict[str, Steps] = {
     "start": start,
     "stop": stop,
+    "force_stop": stop,
     "reboot": reboot,
     "reboot_hard": reboot_hard,
     "pause": pause,

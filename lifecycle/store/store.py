@@ -324,6 +324,63 @@ class Store:
             self._audit(conn, expected, after, why)
         return after
 
+    def host_instances(self, host: str, chunk: int = 1000) -> Iterator[list[Instance]]:
+        """Yield a host's live (not deleted) instances in chunks, by uuid (keyset paging)."""
+        after = ""
+        while True:
+            query = (
+                sa.select(_I)
+                .where(_I.c.host == host, _I.c.vm_state != VmState.DELETED.value, _I.c.uuid > after)
+                .order_by(_I.c.uuid)
+                .limit(chunk)
+            )
+            with self._read() as conn:
+                rows = [_instance(r) for r in conn.execute(query).mappings()]
+            if not rows:
+                return
+            yield rows
+            after = rows[-1].uuid
+
+    def set_power_many(self, changes: list[tuple[Instance, PowerState, Why]]) -> list[Instance | None]:
+        """Record new power states on idle instances in one transaction.
+
+        Each is its own compare-and-swap with its own audit row; one that lost
+        its race is skipped (None in the result), never retried or forced.
+        """
+        results: list[Instance | None] = []
+        at = now()
+        with self.engine.begin() as conn:
+            for expected, power, why in changes:
+                after = replace(expected, power_state=power, version=expected.version + 1, updated_at=at, missing_count=0)
+                try:
+                    self._cas(conn, expected, after, None)
+                except Conflict:
+                    results.append(None)
+                    continue
+                self._audit(conn, expected, after, why)
+                results.append(after)
+        return results
+
+    def set_missing_counts(self, counts: list[tuple[Instance, int]]) -> None:
+        """Store consecutive-missing counts; bookkeeping, so no version bump and no audit row."""
+        with self.engine.begin() as conn:
+            for instance, count in counts:
+                conn.execute(
+                    sa.update(_I)
+                    .where(_I.c.uuid == instance.uuid, _I.c.version == instance.version)
+                    .values(missing_count=count)
+                )
+
+    def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
+        """Set vm_state error on an idle instance (a sync rule), with its audit row."""
+        after = replace(
+            expected, vm_state=VmState.ERROR, power_state=power_state, version=expected.version + 1, updated_at=now()
+        )
+        with self.engine.begin() as conn:
+            self._cas(conn, expected, after, None)
+            self._audit(conn, expected, after, why)
+        return after
+
     def close_step(self, task_id: str, result: str, detail: str | None) -> None:
         """Close a task's open step without touching the instance (a preempted worker)."""
         with self.engine.begin() as conn:
@@ -435,6 +492,7 @@ _WRITABLE = (
     "deleted_at",
     "host",
     "image",
+    "missing_count",
 )
 
 
@@ -462,7 +520,7 @@ def _instance_values(i: Instance) -> dict[str, Any]:
         "launched_at": i.launched_at,
         "created_at": i.created_at,
         "updated_at": i.updated_at,
-        "deleted_at": i.deleted_at,
+        "deleted_at": i.deleted_at, "missing_count": i.missing_count,
     }
 
 
@@ -512,6 +570,7 @@ def _instance(r: sa.RowMapping) -> Instance:
         created_at=_at(r["created_at"]),
         updated_at=_at(r["updated_at"]),
         deleted_at=aware(r["deleted_at"]),
+        missing_count=r["missing_count"],
     )
 
 

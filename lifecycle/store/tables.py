@@ -64,6 +64,8 @@ class InstanceRow(SQLModel, table=True):
     """The vm_state before a suspend or a move, to return to on resume or revert."""
     version: int = Field(default=1)
     """Bumped by every write; part of every compare-and-swap."""
+    missing_count: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
+    """Consecutive sync observations in which the domain was missing (not a state: no audit)."""
     launched_at: datetime | None = Field(default=None, sa_type=_TS)
     created_at: datetime = Field(sa_type=_TS)
     updated_at: datetime = Field(sa_type=_TS)
