@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from lifecycle.sync import Policy
 
 __all__ = ["Settings"]
 
@@ -27,6 +29,14 @@ class Settings:
     """libvirt domain type for qemu URIs: kvm, or qemu for software emulation (TCG)."""
     vnc_listen: str = "127.0.0.1"
     """Address guests' VNC servers listen on."""
+    sync_policy: Policy = field(default_factory=Policy)
+    """How the power sync resolves each kind of disagreement (default: Nova's)."""
+    sync_chunk_size: int = 1000
+    """Instances read per query in a sync pass, so memory does not grow with the host."""
+    sync_interval: float = 600.0
+    """Seconds between the daemon's periodic passes per host (Nova: 600)."""
+    stopped_event_delay: float = 15.0
+    """Seconds a STOPPED event is held; any later event for the domain cancels it (Nova: 15)."""
     console_base_url: str = "http://127.0.0.1:6080/vnc_lite.html"
     """Base of console access URLs (a noVNC page); the token goes in its ``path`` query."""
     console_token_ttl: float = 600.0

@@ -30,6 +30,7 @@ from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Tas
 from lifecycle.states import PowerState, VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
 from lifecycle.store.db import now
+from lifecycle.sweep import PassSummary, sweep_host
 from lifecycle.tasks import TaskRun, execute
 
 __all__ = ["Engine"]
@@ -156,6 +157,12 @@ class Engine:
         """Issue a console token for an instance and return its access URL."""
         s = self.settings
         return console.issue(self.store, self.driver, self.get(uuid), s.console_base_url, s.console_token_ttl)
+
+    def sync(self, host: str | None = None) -> builtins.list[PassSummary]:
+        """Run one power-sync pass over ``host`` (default: every enabled host)."""
+        names = [host] if host is not None else [h.name for h in self.hosts() if h.enabled]
+        s = self.settings
+        return [sweep_host(self, self.store.get_host(n).name, s.sync_policy, chunk=s.sync_chunk_size) for n in names]
 
     def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
         """Remove a host's unused cached base images older than the age; return them."""
@@ -316,6 +323,7 @@ class Engine:
                 operation=operation,
                 task_id=task.id,
                 request_id=task.request_id,
+                rule=params.get("rule"),
                 message=None if preempt is None else f"preempts {preempt.operation} task {preempt.id}",
             )
             try:

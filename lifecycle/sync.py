@@ -137,7 +137,7 @@ def _deleted(recorded: Recorded, observed: Observation) -> Decision:
     power = P.NOSTATE if observed.power is None else observed.power
     if power in (P.NOSTATE, P.SHUTDOWN):
         return _copy(recorded, power, "deleted_power_copied")
-    return Decision(Action.RECORD, "deleted_but_running", power=power)
+    return _copy(recorded, power, "deleted_but_running", warn=True)
 
 
 def _missing(recorded: Recorded, policy: Policy) -> Decision:
@@ -185,8 +185,10 @@ def _stance(
     recorded: Recorded, power: PowerState, stance: Stance, rule: str, enforce_op: str | None, adopt_op: str
 ) -> Decision:
     if stance is Stance.RECORD or (stance is Stance.ENFORCE and enforce_op is None):
-        return _copy(recorded, power, rule, warn=True) if power != recorded.power_state else Decision(
-            Action.NOTHING, f"{rule}_recorded"
+        return (
+            _copy(recorded, power, rule, warn=True)
+            if power != recorded.power_state
+            else Decision(Action.NOTHING, f"{rule}_recorded")
         )
     operation = enforce_op if stance is Stance.ENFORCE else adopt_op
     return Decision(Action.RUN, f"{rule}:{stance.value}", power=power, operation=operation)

@@ -351,7 +351,9 @@ class Store:
         at = now()
         with self.engine.begin() as conn:
             for expected, power, why in changes:
-                after = replace(expected, power_state=power, version=expected.version + 1, updated_at=at, missing_count=0)
+                after = replace(
+                    expected, power_state=power, version=expected.version + 1, updated_at=at, missing_count=0
+                )
                 try:
                     self._cas(conn, expected, after, None)
                 except Conflict:
@@ -520,7 +522,8 @@ def _instance_values(i: Instance) -> dict[str, Any]:
         "launched_at": i.launched_at,
         "created_at": i.created_at,
         "updated_at": i.updated_at,
-        "deleted_at": i.deleted_at, "missing_count": i.missing_count,
+        "deleted_at": i.deleted_at,
+        "missing_count": i.missing_count,
     }
 
 

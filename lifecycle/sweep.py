@@ -1,0 +1,185 @@
+"""One sync pass over one host: a listing, chunked reads, a decision per instance.
+
+The pass reads every domain of the host with one driver call and the host's
+instances in chunks (keyset paging), decides each with :func:`sync.decide`,
+and applies the decisions: power-only changes in one transaction per chunk
+(each still its own compare-and-swap with its own audit row), operations as
+ordinary tasks with actor ``sync`` and the rule in their audit rows. A racing
+user operation wins cleanly: its write changed the version, so ours is
+skipped. Errors are contained per instance. Domains no instance owns are
+reported, never touched. One summary line is logged per pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+
+from lifecycle.audit import Why
+from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
+from lifecycle.records import Cause, Instance
+from lifecycle.states import PowerState
+from lifecycle.store.db import now
+from lifecycle.sync import Action, Decision, Observation, Policy, Recorded, decide
+
+if TYPE_CHECKING:
+    from lifecycle.engine import Engine
+
+__all__ = ["PassSummary", "apply_decision", "sweep_host"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class PassSummary:
+    """What one pass saw and did."""
+
+    host: str
+    instances: int = 0
+    in_sync: int = 0
+    drifted: int = 0
+    acted: int = 0
+    skipped: int = 0
+    lost_races: int = 0
+    errors: int = 0
+    unknown_domains: list[str] = field(default_factory=list)
+    rules: dict[str, int] = field(default_factory=dict)
+    duration_ms: float = 0.0
+
+
+def _recorded(instance: Instance) -> Recorded:
+    return Recorded(
+        instance.vm_state, instance.task_state, instance.power_state, instance.updated_at, instance.missing_count
+    )
+
+
+def _why(decision: Decision, cause: Cause, actor: str) -> Why:
+    return Why(actor=actor, cause=cause, operation="sync", rule=decision.rule)
+
+
+def sweep_host(engine: Engine, host: str, policy: Policy, *, chunk: int = 1000, actor: str = "sync") -> PassSummary:
+    """Run one sync pass over ``host`` and return its summary."""
+    started = time.perf_counter()
+    summary = PassSummary(host)
+    observed_at = now()
+    listing = engine.driver(host).list_instances()
+    seen: set[str] = set()
+    for instances in engine.store.host_instances(host, chunk):
+        seen.update(i.uuid for i in instances)
+        _apply_chunk(engine, summary, instances, listing.owned, observed_at, policy, actor)
+    summary.unknown_domains = sorted(u for u in listing.owned if u not in seen) + list(listing.foreign)
+    summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
+    log.info(
+        "sync_pass",
+        host=host,
+        instances=summary.instances,
+        in_sync=summary.in_sync,
+        drifted=summary.drifted,
+        acted=summary.acted,
+        skipped=summary.skipped,
+        lost_races=summary.lost_races,
+        errors=summary.errors,
+        unknown_domains=len(summary.unknown_domains),
+        duration_ms=summary.duration_ms,
+    )
+    return summary
+
+
+def _apply_chunk(
+    engine: Engine,
+    summary: PassSummary,
+    instances: list[Instance],
+    owned: Mapping[str, PowerState],
+    observed_at: datetime,
+    policy: Policy,
+    actor: str,
+) -> None:
+    powers: list[tuple[Instance, PowerState, Why]] = []
+    counts: list[tuple[Instance, int]] = []
+    others: list[tuple[Instance, Decision]] = []
+    for instance in instances:
+        summary.instances += 1
+        decision = decide(_recorded(instance), Observation(owned.get(instance.uuid), observed_at), policy)
+        _count(summary, decision)
+        power_write = decision.action in (Action.UPDATE_POWER, Action.RECORD)  # resets the count itself
+        if decision.missing_count != instance.missing_count and not power_write:
+            counts.append((instance, decision.missing_count))
+        if power_write:
+            assert decision.power is not None
+            powers.append((instance, decision.power, _why(decision, Cause.SYNC, actor)))
+        elif decision.action in (Action.RUN, Action.MARK_ERROR):
+            others.append((instance, decision))
+    if powers:
+        _apply_powers(engine, summary, powers)
+    if counts:
+        engine.store.set_missing_counts(counts)
+    for instance, decision in others:
+        _guarded(summary, instance, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
+
+
+def _count(summary: PassSummary, decision: Decision) -> None:
+    if decision.action is Action.SKIP:
+        summary.skipped += 1
+    elif decision.changes_something:
+        summary.drifted += 1
+        summary.rules[decision.rule] = summary.rules.get(decision.rule, 0) + 1
+    else:
+        summary.in_sync += 1
+
+
+def _apply_powers(engine: Engine, summary: PassSummary, powers: list[tuple[Instance, PowerState, Why]]) -> None:
+    try:
+        results = engine.store.set_power_many(powers)
+    except Exception:  # the batch failed as a whole: retry one by one so one bad row costs one
+        log.exception("sync_batch_failed", count=len(powers))
+        for change in powers:
+            _guarded(summary, change[0], partial(_one_power, engine, change))
+        return
+    for result in results:
+        if result is None:
+            summary.lost_races += 1
+        else:
+            summary.acted += 1
+
+
+def _one_power(engine: Engine, change: tuple[Instance, PowerState, Why]) -> Instance:
+    result = engine.store.set_power_many([change])[0]
+    if result is None:
+        raise Conflict(change[0].uuid, {"version": change[0].version}, None)
+    return result
+
+
+def _guarded(summary: PassSummary, instance: Instance, action: Callable[[], object]) -> object:
+    try:
+        result = action()
+    except (Conflict, InvalidState, Preempted):
+        summary.lost_races += 1  # a user operation got there first: it wins
+        return None
+    except TaskFailed as exc:
+        summary.errors += 1
+        log.warning("sync_action_failed", instance_uuid=instance.uuid, error=exc.error)
+        return None
+    except Exception as exc:  # contained per instance: one bad row must not end the pass
+        summary.errors += 1
+        log.exception("sync_instance_failed", instance_uuid=instance.uuid, error=str(exc))
+        return None
+    summary.acted += 1
+    return result
+
+
+def apply_decision(engine: Engine, instance: Instance, decision: Decision, cause: Cause, actor: str) -> object:
+    """Carry out a RUN or MARK_ERROR decision (also used by the event path)."""
+    if decision.action is Action.MARK_ERROR:
+        assert decision.power is not None
+        return engine.store.mark_error(instance, decision.power, _why(decision, cause, actor))
+    if decision.action in (Action.UPDATE_POWER, Action.RECORD):
+        assert decision.power is not None
+        return engine.store.set_power_many([(instance, decision.power, _why(decision, cause, actor))])[0]
+    assert decision.operation is not None
+    return engine.run(decision.operation, instance.uuid, params={"rule": decision.rule}, actor=actor, cause=cause)
