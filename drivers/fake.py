@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,6 +94,8 @@ class FakeDriver(Driver):
         self._foreign: list[str] = []
         self._faults: dict[str, list[tuple[str, Any]]] = {}
         self._listener: EventListener | None = None
+        self._events: queue.Queue[LifecycleEvent | None] = queue.Queue()
+        self._dispatcher: threading.Thread | None = None
         self._state_path = Path(state_path) if state_path else None
         self._next_port = 5900
 
@@ -274,7 +277,28 @@ class FakeDriver(Driver):
             return Console(host="127.0.0.1", port=self._domain(uuid, "get_vnc_console").vnc_port)
 
     def register_event_listener(self, listener: EventListener | None) -> None:
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
+            if listener is not None and self._dispatcher is None:
+                # One thread, one queue: events reach the listener off the caller's
+                # thread and in the order they happened (STOPPED before STARTED).
+                self._dispatcher = threading.Thread(target=self._dispatch, name=f"fake-events-{self.name}", daemon=True)
+                self._dispatcher.start()
+
+    def _dispatch(self) -> None:
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            listener = self._listener
+            if listener is not None:
+                listener(event)
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            self._events.put(None)
+            self._dispatcher.join(timeout=5)
+            self._dispatcher = None
 
     # -- machinery -----------------------------------------------------------
 
@@ -332,9 +356,8 @@ class FakeDriver(Driver):
 
     def _emit(self, uuid: str, power: PowerState) -> None:
         transition = _TRANSITIONS.get(power)
-        listener = self._listener
-        if listener is not None and transition is not None:
-            listener(LifecycleEvent(uuid, transition, datetime.now(UTC)))
+        if self._listener is not None and transition is not None:
+            self._events.put(LifecycleEvent(uuid, transition, datetime.now(UTC)))
 
     @contextmanager
     def _state(self) -> Iterator[None]:

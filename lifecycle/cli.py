@@ -12,14 +12,18 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import structlog
 
 from lifecycle import graph
 from lifecycle.audit import format_history
+from lifecycle.config import Settings
+from lifecycle.daemon import Daemon
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
 from lifecycle.records import Flavor, Instance, Task, to_plain
@@ -125,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--image")
 
     sub.add_parser("console", help="issue a VNC console URL", parents=[common]).add_argument("uuid")
+    sync = sub.add_parser("sync", help="run one power-sync pass", parents=[common])
+    sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (the daemon loops)")
+    sync.add_argument("--host", help="only this host (default: every enabled host)")
+    daemon = sub.add_parser("daemon", help="periodic sync, events and image cache cleanup", parents=[common])
+    daemon.add_argument("--host", action="append", dest="hosts", help="only these hosts (repeatable)")
+    daemon.add_argument("--interval", type=float, help="seconds between sync passes per host (default 600)")
+    daemon.add_argument("--claim-interval", type=float, default=10.0, help="seconds between host claim rounds")
+    daemon.add_argument("--event-delay", type=float, help="seconds a STOPPED event is held (default 15)")
     sub.add_parser("show", help="show an instance", parents=[common]).add_argument("uuid")
     lst = sub.add_parser("list", help="list instances", parents=[common])
     lst.add_argument("--host")
@@ -220,6 +232,31 @@ def _admin(engine: Engine, args: argparse.Namespace) -> None:
         _emit(args, to_plain(images), "\n".join(f"{i.name}  {i.disk_format}  {i.path}" for i in images) or "no images")
 
 
+def _sync(engine: Engine, args: argparse.Namespace) -> None:
+    summaries = engine.sync(args.host)
+    lines = [
+        f"{s.host}: {s.instances} instances, {s.in_sync} in sync, {s.drifted} drifted, {s.acted} acted,"
+        f" {s.skipped} skipped, {s.missing_unconfirmed} missing (unconfirmed), {s.lost_races} lost races,"
+        f" {s.errors} errors, unknown domains: "
+        f"{', '.join(s.unknown_domains) or 'none'}"
+        for s in summaries
+    ]
+    _emit(args, [asdict(s) for s in summaries], "\n".join(lines) or "no hosts")
+
+
+def _daemon(args: argparse.Namespace) -> None:
+    overrides: dict[str, float] = {}
+    if args.interval is not None:
+        overrides["sync_interval"] = args.interval
+    if args.event_delay is not None:
+        overrides["stopped_event_delay"] = args.event_delay
+    with Engine(args.db, settings=Settings(**overrides)) as engine:  # type: ignore[arg-type]
+        daemon = Daemon(engine, hosts=args.hosts, claim_interval=args.claim_interval)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: daemon.stop.set())
+        daemon.run()
+
+
 def _db(args: argparse.Namespace) -> None:
     if args.db_command == "upgrade":
         upgrade(args.db)
@@ -259,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[Engine, argparse.Namespace], None]] = {
         "show": _read,
         "console": _read,
+        "sync": _sync,
         "list": _read,
         "history": _read,
         "tasks": _read,
@@ -270,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _db(args)
         elif args.command == "graph":
             _graph(args)
+        elif args.command == "daemon":
+            _daemon(args)
         elif args.command == "demo":
             from lifecycle.demo import run_demo
 

@@ -12,6 +12,7 @@ reported, never touched. One summary line is logged per pass.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,11 +47,15 @@ class PassSummary:
     drifted: int = 0
     acted: int = 0
     skipped: int = 0
+    missing_unconfirmed: int = 0
+    """Domains missing fewer than the threshold's consecutive times: counted, not acted on."""
     lost_races: int = 0
     errors: int = 0
     unknown_domains: list[str] = field(default_factory=list)
     rules: dict[str, int] = field(default_factory=dict)
     duration_ms: float = 0.0
+    interrupted: bool = False
+    """The pass was stopped between two chunks (daemon shutdown)."""
 
 
 def _recorded(instance: Instance) -> Recorded:
@@ -63,17 +68,29 @@ def _why(decision: Decision, cause: Cause, actor: str) -> Why:
     return Why(actor=actor, cause=cause, operation="sync", rule=decision.rule)
 
 
-def sweep_host(engine: Engine, host: str, policy: Policy, *, chunk: int = 1000, actor: str = "sync") -> PassSummary:
-    """Run one sync pass over ``host`` and return its summary."""
+def sweep_host(
+    engine: Engine,
+    host: str,
+    policy: Policy,
+    *,
+    chunk: int = 1000,
+    actor: str = "sync",
+    stop: threading.Event | None = None,
+) -> PassSummary:
+    """Run one sync pass over ``host`` and return its summary; ``stop`` ends it between chunks."""
     started = time.perf_counter()
     summary = PassSummary(host)
     observed_at = now()
     listing = engine.driver(host).list_instances()
     seen: set[str] = set()
     for instances in engine.store.host_instances(host, chunk):
+        if stop is not None and stop.is_set():
+            summary.interrupted = True
+            break
         seen.update(i.uuid for i in instances)
         _apply_chunk(engine, summary, instances, listing.owned, observed_at, policy, actor)
-    summary.unknown_domains = sorted(u for u in listing.owned if u not in seen) + list(listing.foreign)
+    if not summary.interrupted:
+        summary.unknown_domains = sorted(u for u in listing.owned if u not in seen) + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info(
         "sync_pass",
@@ -83,6 +100,7 @@ def sweep_host(engine: Engine, host: str, policy: Policy, *, chunk: int = 1000, 
         drifted=summary.drifted,
         acted=summary.acted,
         skipped=summary.skipped,
+        missing_unconfirmed=summary.missing_unconfirmed,
         lost_races=summary.lost_races,
         errors=summary.errors,
         unknown_domains=len(summary.unknown_domains),
@@ -126,6 +144,8 @@ def _apply_chunk(
 def _count(summary: PassSummary, decision: Decision) -> None:
     if decision.action is Action.SKIP:
         summary.skipped += 1
+    elif decision.action is Action.COUNT_MISSING:
+        summary.missing_unconfirmed += 1
     elif decision.changes_something:
         summary.drifted += 1
         summary.rules[decision.rule] = summary.rules.get(decision.rule, 0) + 1

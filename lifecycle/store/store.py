@@ -9,9 +9,12 @@ the writer's own task was taken over, :class:`Conflict` otherwise.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,7 +36,7 @@ from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store.db import aware, connect, now
 from lifecycle.store.tables import AuditRow, ConsoleTokenRow, HostRow, ImageRow, InstanceRow, TaskRow, TaskStepRow
 
-__all__ = ["Store"]
+__all__ = ["HostClaim", "Store"]
 
 _I: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
 _T: sa.Table = TaskRow.__table__  # type: ignore[attr-defined]
@@ -42,6 +45,26 @@ _A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
 _H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
 _IM: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
 _C: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+
+
+class HostClaim:
+    """Exclusive ownership of one host by one process, until released or the process dies.
+
+    PostgreSQL: a session advisory lock held on a dedicated connection (it
+    goes away with the connection, so a dead daemon frees its hosts). SQLite:
+    an flock on a file next to the database.
+    """
+
+    def __init__(self, host: str, release: Callable[[], None]) -> None:
+        self.host = host
+        self._release = release
+        self.released = False
+
+    def release(self) -> None:
+        """Give the host up (idempotent)."""
+        if not self.released:
+            self.released = True
+            self._release()
 
 
 class Store:
@@ -197,6 +220,37 @@ class Store:
         )
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount
+
+    # -- host ownership -----------------------------------------------------------
+
+    def try_claim_host(self, host: str) -> HostClaim | None:
+        """Take exclusive ownership of ``host`` if nobody holds it; None if someone does."""
+        digest = hashlib.sha1(f"lifecycle-host:{host}".encode()).digest()
+        if self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            conn = self.engine.connect()
+            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            conn.commit()
+            if not got:
+                conn.close()
+                return None
+
+            def unlock() -> None:
+                with suppress(Exception):  # a dead connection has released the lock already
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+                conn.close()
+
+            return HostClaim(host, unlock)
+        database = self.engine.url.database or ""
+        path = f"{database or tempfile.gettempdir() + '/lifecycle-memory'}.host-{digest.hex()[:16]}.lock"
+        handle = open(path, "a")  # noqa: SIM115 - held open for the claim's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return HostClaim(host, handle.close)
 
     # -- console tokens ---------------------------------------------------------
 
