@@ -88,7 +88,7 @@ def sweep_host(
             summary.interrupted = True
             break
         seen.update(i.uuid for i in instances)
-        _apply_chunk(engine, summary, instances, listing.owned, observed_at, policy, actor)
+        _apply_chunk(engine, summary, instances, listing.owned, observed_at, policy, actor, stop)
     if not summary.interrupted:
         summary.unknown_domains = sorted(u for u in listing.owned if u not in seen) + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
@@ -105,6 +105,7 @@ def sweep_host(
         errors=summary.errors,
         unknown_domains=len(summary.unknown_domains),
         duration_ms=summary.duration_ms,
+        interrupted=summary.interrupted,
     )
     return summary
 
@@ -117,6 +118,7 @@ def _apply_chunk(
     observed_at: datetime,
     policy: Policy,
     actor: str,
+    stop: threading.Event | None,
 ) -> None:
     powers: list[tuple[Instance, PowerState, Why]] = []
     counts: list[tuple[Instance, int]] = []
@@ -138,6 +140,9 @@ def _apply_chunk(
     if counts:
         engine.store.set_missing_counts(counts)
     for instance, decision in others:
+        if stop is not None and stop.is_set():  # each task runs to its end; the rest wait for the next pass
+            summary.interrupted = True
+            return
         _guarded(summary, instance, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
 
 
