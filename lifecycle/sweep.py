@@ -58,12 +58,6 @@ class PassSummary:
     """The pass was stopped between two chunks (daemon shutdown)."""
 
 
-def _recorded(instance: Instance) -> Recorded:
-    return Recorded(
-        instance.vm_state, instance.task_state, instance.power_state, instance.updated_at, instance.missing_count
-    )
-
-
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:
     return Why(actor=actor, cause=cause, operation="sync", rule=decision.rule)
 
@@ -83,12 +77,12 @@ def sweep_host(
     observed_at = now()
     listing = engine.driver(host).list_instances()
     seen: set[str] = set()
-    for instances in engine.store.host_instances(host, chunk):
+    for rows in engine.store.host_sync_rows(host, chunk):
         if stop is not None and stop.is_set():
             summary.interrupted = True
             break
-        seen.update(i.uuid for i in instances)
-        _apply_chunk(engine, summary, instances, listing.owned, observed_at, policy, actor, stop)
+        seen.update(uuid for uuid, _, _ in rows)
+        _apply_chunk(engine, summary, rows, listing.owned, observed_at, policy, actor, stop)
     if not summary.interrupted:
         summary.unknown_domains = sorted(u for u in listing.owned if u not in seen) + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
@@ -113,32 +107,42 @@ def sweep_host(
 def _apply_chunk(
     engine: Engine,
     summary: PassSummary,
-    instances: list[Instance],
+    rows: list[tuple[str, int, Recorded]],
     owned: Mapping[str, PowerState],
     observed_at: datetime,
     policy: Policy,
     actor: str,
     stop: threading.Event | None,
 ) -> None:
-    powers: list[tuple[Instance, PowerState, Why]] = []
-    counts: list[tuple[Instance, int]] = []
-    others: list[tuple[Instance, Decision]] = []
-    for instance in instances:
+    counts: list[tuple[str, int, int]] = []
+    acting: list[tuple[str, int, Decision]] = []
+    for uuid, version, recorded in rows:
         summary.instances += 1
-        decision = decide(_recorded(instance), Observation(owned.get(instance.uuid), observed_at), policy)
+        decision = decide(recorded, Observation(owned.get(uuid), observed_at), policy)
         _count(summary, decision)
         power_write = decision.action in (Action.UPDATE_POWER, Action.RECORD)  # resets the count itself
-        if decision.missing_count != instance.missing_count and not power_write:
-            counts.append((instance, decision.missing_count))
-        if power_write:
+        if decision.missing_count != recorded.missing_count and not power_write:
+            counts.append((uuid, version, decision.missing_count))
+        if decision.changes_something:
+            acting.append((uuid, version, decision))
+    if counts:
+        engine.store.set_missing_counts(counts)
+    if not acting:
+        return
+    full = engine.store.instances_by_uuid([uuid for uuid, _, _ in acting])
+    powers: list[tuple[Instance, PowerState, Why]] = []
+    others: list[tuple[Instance, Decision]] = []
+    for uuid, version, decision in acting:
+        instance = full.get(uuid)
+        if instance is None or instance.version != version:
+            summary.lost_races += 1  # changed since the light read: whoever changed it wins
+        elif decision.action in (Action.UPDATE_POWER, Action.RECORD):
             assert decision.power is not None
             powers.append((instance, decision.power, _why(decision, Cause.SYNC, actor)))
-        elif decision.action in (Action.RUN, Action.MARK_ERROR):
+        else:
             others.append((instance, decision))
     if powers:
         _apply_powers(engine, summary, powers)
-    if counts:
-        engine.store.set_missing_counts(counts)
     for instance, decision in others:
         if stop is not None and stop.is_set():  # each task runs to its end; the rest wait for the next pass
             summary.interrupted = True

@@ -111,7 +111,11 @@ class Decision:
     @property
     def changes_something(self) -> bool:
         """Whether applying the decision writes a state (and so an audit row)."""
-        return self.action in (Action.UPDATE_POWER, Action.RECORD, Action.RUN, Action.MARK_ERROR)
+        return self.action in _CHANGING
+
+
+_CHANGING = frozenset({Action.UPDATE_POWER, Action.RECORD, Action.RUN, Action.MARK_ERROR})
+_IN_SYNC = Decision(Action.NOTHING, "in_sync")
 
 
 _OFF = frozenset({P.SHUTDOWN, P.CRASHED, P.SUSPENDED})
@@ -153,7 +157,7 @@ def _missing(recorded: Recorded, policy: Policy) -> Decision:
 
 def _copy(recorded: Recorded, power: PowerState, rule: str, count: int = 0, *, warn: bool = False) -> Decision:
     if power == recorded.power_state:
-        return Decision(Action.NOTHING, "in_sync", missing_count=count)
+        return _IN_SYNC if count == 0 else Decision(Action.NOTHING, "in_sync", missing_count=count)
     return Decision(Action.RECORD if warn else Action.UPDATE_POWER, rule, power=power, missing_count=count)
 
 

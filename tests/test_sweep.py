@@ -9,9 +9,8 @@ import pytest
 
 from drivers.base import DomainSpec
 from lifecycle import Engine, PowerState, Settings, VmState
-from lifecycle.records import Instance
 from lifecycle.sweep import sweep_host
-from lifecycle.sync import Policy, Stance
+from lifecycle.sync import Policy, Recorded, Stance
 from tests.conftest import Fakes
 from tests.invariants import check_invariants
 
@@ -134,14 +133,14 @@ def test_a_racing_user_operation_wins(
     """A user stop that commits between the sweep's read and its write wins; the sweep's write is skipped."""
     uuid = new_instance()
     fakes["h1"].set_power(uuid, P.PAUSED)
-    real = engine.store.host_instances
+    real = engine.store.host_sync_rows
 
-    def read_then_race(host: str, chunk: int = 1000) -> Iterator[list[Instance]]:
+    def read_then_race(host: str, chunk: int = 1000) -> Iterator[list[tuple[str, int, Recorded]]]:
         for rows in real(host, chunk):
             engine.stop(uuid)
             yield rows
 
-    monkeypatch.setattr(engine.store, "host_instances", read_then_race)
+    monkeypatch.setattr(engine.store, "host_sync_rows", read_then_race)
     summary = _sync(engine)
     assert summary.lost_races == 1 and summary.acted == 0
     assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.STOPPED, P.SHUTDOWN)

@@ -35,6 +35,7 @@ from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Tas
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store.db import aware, connect, now
 from lifecycle.store.tables import AuditRow, ConsoleTokenRow, HostRow, ImageRow, InstanceRow, TaskRow, TaskStepRow
+from lifecycle.sync import Recorded
 
 __all__ = ["HostClaim", "Store"]
 
@@ -45,6 +46,11 @@ _A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
 _H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
 _IM: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
 _C: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+
+# Lookups for the sync read path, where an Enum(value) call per column per row shows in profiles.
+_VM_STATES = {s.value: s for s in VmState}
+_TASK_STATES = {t.value: t for t in TaskState}
+_POWERS = {int(p): p for p in PowerState}
 
 
 class HostClaim:
@@ -378,22 +384,55 @@ class Store:
             self._audit(conn, expected, after, why)
         return after
 
-    def host_instances(self, host: str, chunk: int = 1000) -> Iterator[list[Instance]]:
-        """Yield a host's live (not deleted) instances in chunks, by uuid (keyset paging)."""
+    def host_sync_rows(self, host: str, chunk: int = 1000) -> Iterator[list[tuple[str, int, Recorded]]]:
+        """Yield (uuid, version, recorded states) of a host's live instances in chunks (keyset paging).
+
+        Only the columns a sync decision needs are read, so a pass over a big
+        host costs one light query per chunk; full rows are loaded only for
+        the few instances a pass acts on (:meth:`instances_by_uuid`).
+        """
+        columns = (
+            _I.c.uuid,
+            _I.c.version,
+            _I.c.vm_state,
+            _I.c.task_state,
+            _I.c.power_state,
+            _I.c.updated_at,
+            _I.c.missing_count,
+        )
         after = ""
         while True:
             query = (
-                sa.select(_I)
+                sa.select(*columns)
                 .where(_I.c.host == host, _I.c.vm_state != VmState.DELETED.value, _I.c.uuid > after)
                 .order_by(_I.c.uuid)
                 .limit(chunk)
             )
             with self._read() as conn:
-                rows = [_instance(r) for r in conn.execute(query).mappings()]
+                rows = conn.execute(query).all()
             if not rows:
                 return
-            yield rows
-            after = rows[-1].uuid
+            yield [
+                (
+                    uuid,
+                    version,
+                    Recorded(
+                        _VM_STATES[vm],
+                        None if task is None else _TASK_STATES[task],
+                        _POWERS[power],
+                        _at(changed),
+                        missing,
+                    ),
+                )
+                for uuid, version, vm, task, power, changed, missing in rows
+            ]
+            after = rows[-1][0]
+
+    def instances_by_uuid(self, uuids: list[str]) -> dict[str, Instance]:
+        """Return full rows for ``uuids`` (missing ones are left out), in one query."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(_I).where(_I.c.uuid.in_(uuids))).mappings().all()
+        return {r["uuid"]: _instance(r) for r in rows}
 
     def set_power_many(self, changes: list[tuple[Instance, PowerState, Why]]) -> list[Instance | None]:
         """Record new power states on idle instances in one transaction.
@@ -417,14 +456,12 @@ class Store:
                 results.append(after)
         return results
 
-    def set_missing_counts(self, counts: list[tuple[Instance, int]]) -> None:
-        """Store consecutive-missing counts; bookkeeping, so no version bump and no audit row."""
+    def set_missing_counts(self, counts: list[tuple[str, int, int]]) -> None:
+        """Store (uuid, expected version, count) missing counts; bookkeeping: no version bump, no audit row."""
         with self.engine.begin() as conn:
-            for instance, count in counts:
+            for uuid, version, count in counts:
                 conn.execute(
-                    sa.update(_I)
-                    .where(_I.c.uuid == instance.uuid, _I.c.version == instance.version)
-                    .values(missing_count=count)
+                    sa.update(_I).where(_I.c.uuid == uuid, _I.c.version == version).values(missing_count=count)
                 )
 
     def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:

@@ -46,7 +46,10 @@ class InstanceRow(SQLModel, table=True):
     """An instance: identity, placement, flavor, image and the three states."""
 
     __tablename__ = "instances"
-    __table_args__ = (sa.Index("ix_instances_host_vm_state", "host", "vm_state"),)
+    __table_args__ = (
+        sa.Index("ix_instances_host_vm_state", "host", "vm_state"),
+        sa.Index("ix_instances_host_uuid", "host", "uuid"),  # the sync pass pages a host by uuid
+    )
 
     uuid: str = Field(primary_key=True, max_length=36)
     name: str = Field(max_length=255)
