@@ -61,9 +61,15 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    # Looked up per logger, not captured once: whoever swaps sys.stderr later
+    # (a test runner, a daemon manager) still gets the log lines.
+    return structlog.PrintLogger(sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
