@@ -1,0 +1,131 @@
+"""Sync against real QEMU under libvirtd: out-of-band changes made with virsh."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lifecycle import Engine, Flavor, PowerState, Settings, VmState, upgrade
+from lifecycle.events import EventProcessor
+from lifecycle.sweep import sweep_host
+from lifecycle.sync import Policy, Stance
+from tests.conftest import QEMU_URI, qemu_ready
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+P, V = PowerState, VmState
+
+
+def virsh(*args: str) -> None:
+    """Change the hypervisor behind the engine's back."""
+    subprocess.run(["virsh", "-q", "-c", QEMU_URI, *args], check=True, capture_output=True)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll a real hypervisor's effect until true or timeout."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < deadline and not predicate():
+        pause.wait(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def engine(tmp_path: Path, base_image: Path) -> Iterator[Engine]:
+    """An engine with host q1 on the real libvirtd; its instances are force-deleted afterwards."""
+    qemu_ready()
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    settings = Settings(libvirt_domain_type="qemu", shutdown_timeout=0, soft_reboot_seconds=1)
+    eng = Engine(url, settings=settings)
+    eng.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
+    eng.add_image("base", str(base_image))
+    yield eng
+    for instance in eng.list():
+        eng.force_delete(instance.uuid)
+    eng.close()
+
+
+def _create(engine: Engine) -> str:
+    return engine.create("guest", host="q1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+
+
+def _sync(engine: Engine, policy: Policy | None = None):  # type: ignore[no-untyped-def]
+    return sweep_host(engine, "q1", policy or Policy())
+
+
+def test_virsh_destroy_becomes_stopped_through_the_event_path(engine: Engine) -> None:
+    """An active guest destroyed with virsh ends stopped via its STOPPED event, no periodic pass needed."""
+    uuid = _create(engine)
+    processor = EventProcessor(engine, "q1", Policy(), delay=0.5)
+    stop = threading.Event()
+    worker = threading.Thread(target=processor.run, args=(stop,))
+    worker.start()
+    engine.driver("q1").register_event_listener(processor.on_event)
+    try:
+        virsh("destroy", f"lifecycle-{uuid}")
+        assert wait_for(lambda: engine.get(uuid).vm_state is V.STOPPED)
+    finally:
+        engine.driver("q1").register_event_listener(None)
+        stop.set()
+        processor.wake()
+        worker.join(10)
+    rows = [r for r in engine.history(uuid) if r.cause == "event"]
+    assert rows and {r.rule for r in rows} == {"active_but_off:adopt"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "vm_state", "guest"),
+    [(Policy(), V.STOPPED, P.SHUTDOWN), (Policy(stopped_but_running=Stance.ADOPT), V.ACTIVE, P.RUNNING)],
+)
+def test_virsh_start_of_a_stopped_instance(
+    engine: Engine, policy: Policy, vm_state: VmState, guest: PowerState
+) -> None:
+    """A stopped instance started with virsh is powered off again by default, or adopted as active."""
+    uuid = _create(engine)
+    engine.stop(uuid)
+    virsh("start", f"lifecycle-{uuid}")
+    _sync(engine, policy)
+    assert (engine.get(uuid).vm_state, engine.driver("q1").get_info(uuid)) == (vm_state, guest)
+
+
+def test_paused_then_destroyed_guest_is_force_stopped(engine: Engine) -> None:
+    """A paused instance whose guest is destroyed out of band ends stopped (force_stop)."""
+    uuid = _create(engine)
+    engine.pause(uuid)
+    virsh("destroy", f"lifecycle-{uuid}")
+    summary = _sync(engine)
+    assert summary.rules == {"paused_but_off:adopt": 1}
+    assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.STOPPED, P.SHUTDOWN)
+
+
+def test_undefined_domain_is_marked_only_after_three_passes(engine: Engine) -> None:
+    """A domain destroyed and undefined with virsh is left alone for two passes, then marked error."""
+    uuid = _create(engine)
+    virsh("destroy", f"lifecycle-{uuid}")
+    virsh("undefine", f"lifecycle-{uuid}")
+    for _ in range(2):
+        _sync(engine)
+        assert engine.get(uuid).vm_state is V.ACTIVE
+    _sync(engine)
+    assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.ERROR, P.NOSTATE)
+
+
+def test_reboot_racing_a_sync_pass_ends_in_the_reboots_result(engine: Engine) -> None:
+    """A sync pass during a hard reboot skips the instance; the reboot's active/running stands."""
+    uuid = _create(engine)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (engine.reboot(uuid, hard=True), done.set()))
+    worker.start()
+    assert wait_for(lambda: engine.get(uuid).task_state is not None or done.is_set())
+    summary = _sync(engine)
+    worker.join(60)
+    assert done.is_set()
+    assert summary.skipped + summary.in_sync == 1 and summary.acted == 0
+    i = engine.get(uuid)
+    assert (i.vm_state, i.task_state, i.power_state) == (V.ACTIVE, None, P.RUNNING)
+    assert (engine.tasks(uuid)[-1].operation, engine.tasks(uuid)[-1].outcome.value) == ("reboot_hard", "succeeded")
