@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lifecycle.scheduler import SchedulerSettings
 from lifecycle.sync import Policy
 
 __all__ = ["Settings"]
@@ -29,6 +30,10 @@ class Settings:
     """libvirt domain type for qemu URIs: kvm, or qemu for software emulation (TCG)."""
     vnc_listen: str = "127.0.0.1"
     """Address guests' VNC servers listen on."""
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    """Filters, weighers, allocation ratios and attempts of the placement scheduler."""
+    host_down_after: float = 60.0
+    """A host whose daemon has not reported for this many seconds is down (Nova: service_down_time)."""
     sync_policy: Policy = field(default_factory=Policy)
     """How the power sync resolves each kind of disagreement (default: Nova's)."""
     sync_chunk_size: int = 1000

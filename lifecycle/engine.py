@@ -26,6 +26,7 @@ from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import Conflict, InvalidInput, InvalidState
 from lifecycle.operations import PENDING, STEPS
+from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
@@ -99,23 +100,72 @@ class Engine:
 
     # -- hosts, images, reads -------------------------------------------------
 
-    def add_host(self, name: str, driver_uri: str, instances_path: str = "/var/lib/lifecycle/instances") -> Host:
-        """Register a host reached through ``driver_uri``."""
+    def add_host(
+        self,
+        name: str,
+        driver_uri: str,
+        instances_path: str = "/var/lib/lifecycle/instances",
+        *,
+        availability_zone: str = "nova",
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        disk_gb: int | None = None,
+        capabilities: dict[str, str] | None = None,
+        hypervisor_type: str = "qemu",
+        architecture: str = "x86_64",
+    ) -> Host:
+        """Register a host reached through ``driver_uri``; resources None are not tracked."""
         if not name or len(name) > 255:
             raise InvalidInput(f"invalid host name {name!r}")
-        return self.store.add_host(name, driver_uri, instances_path)
+        for label, value in (("vcpus", vcpus), ("memory_mb", memory_mb), ("disk_gb", disk_gb)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidInput(f"host {label} must be a non-negative integer, got {value!r}")
+        return self.store.add_host(
+            name,
+            driver_uri,
+            instances_path,
+            availability_zone=availability_zone,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+            disk_gb=disk_gb,
+            capabilities=capabilities or {},
+            hypervisor_type=hypervisor_type,
+            architecture=architecture,
+        )
+
+    def host(self, name: str) -> Host:
+        """Return one host."""
+        return self.store.get_host(name)
+
+    def set_host_enabled(self, name: str, enabled: bool) -> Host:
+        """Enable or disable a host for scheduling (its instances keep running)."""
+        return self.store.update_host(name, enabled=enabled)
+
+    def heartbeat(self, name: str, metrics: dict[str, float] | None = None) -> Host:
+        """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it."""
+        values: dict[str, object] = {"last_heartbeat": now()}
+        if metrics is not None:
+            values["metrics"] = metrics
+        return self.store.update_host(name, **values)
 
     def hosts(self) -> builtins.list[Host]:
         """Return every registered host."""
         return self.store.list_hosts()
 
-    def add_image(self, name: str, path: str, disk_format: str = "qcow2", min_disk_gb: int = 0) -> Image:
-        """Register an image file instances can boot from."""
+    def add_image(
+        self,
+        name: str,
+        path: str,
+        disk_format: str = "qcow2",
+        min_disk_gb: int = 0,
+        properties: dict[str, str] | None = None,
+    ) -> Image:
+        """Register an image file instances can boot from (properties: architecture, hypervisor_type)."""
         if disk_format not in ("qcow2", "raw"):
             raise InvalidInput(f"invalid disk format {disk_format!r}: expected qcow2 or raw")
         if not name or len(name) > 255:
             raise InvalidInput(f"invalid image name {name!r}")
-        return self.store.add_image(name, path, disk_format, min_disk_gb)
+        return self.store.add_image(name, path, disk_format, min_disk_gb, properties)
 
     def images(self) -> builtins.list[Image]:
         """Return every registered image."""
@@ -179,19 +229,25 @@ class Engine:
         self,
         name: str,
         *,
-        host: str,
         flavor: Flavor,
         image: str,
+        host: str | None = None,
+        availability_zone: str | None = None,
         uuid: str | None = None,
         request_id: str | None = None,
         actor: str = "api",
         wait: bool = True,
     ) -> Task:
-        """Build a new instance on ``host``; returns the create task (its instance_uuid)."""
+        """Build a new instance, on ``host`` or where the scheduler puts it; returns the create task.
+
+        A spawn that fails is rescheduled on another host up to
+        ``scheduler.max_attempts`` times (not when a host was named); the
+        instance then goes to error with every attempt in its audit log.
+        """
         _check_name(name)
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        host_row = self.store.get_host(host)
+        requested = None if host is None else self.store.get_host(host).name
         image_row = self._image(image)
         if flavor.root_gb < image_row.min_disk_gb:
             raise InvalidInput(
@@ -204,7 +260,7 @@ class Engine:
         instance = Instance(
             uuid=instance_uuid,
             name=name,
-            host=host_row.name,
+            host=None,
             flavor=flavor,
             image=image_row.name,
             vm_state=VmState.BUILDING,
@@ -220,7 +276,16 @@ class Engine:
         )
         why = Why(actor=actor, cause=Cause.API, operation="create", task_id=task.id, request_id=task.request_id)
         self.store.create(instance, task, first.value, why)
-        run = TaskRun(self.store, self.driver(host_row.name), self.settings, instance, task, image_row, None)
+        run = TaskRun(self.store, self.driver, self.settings, instance, task, image_row, None)
+        run.schedule = scheduler_for(
+            self.store,
+            self.settings,
+            instance_uuid,
+            flavor,
+            image_row,
+            requested_host=requested,
+            availability_zone=availability_zone,
+        )
         return self._launch(run, wait)
 
     def start(self, uuid: str, **kw: Any) -> Task:
@@ -345,7 +410,7 @@ class Engine:
                 )
             image = self._image(image_name or instance.image)
             assert instance.host is not None
-            run = TaskRun(self.store, self.driver(instance.host), self.settings, after, task, image, instance.vm_state)
+            run = TaskRun(self.store, self.driver, self.settings, after, task, image, instance.vm_state)
             return self._launch(run, wait)
         raise AssertionError("unreachable")
 

@@ -17,6 +17,7 @@ The tree::
     ├── Conflict                a compare-and-swap lost against a concurrent write
     ├── Preempted               the running task was taken over (delete, hard reboot)
     ├── TaskFailed              the operation ran and failed; the task says why
+    ├── NoValidHost             no host passed the scheduler's filters; reasons per host
     ├── SchemaOutOfDate         the database is not at the migrations' head
     └── DriverError             the hypervisor refused or failed a call
         ├── DomainNotFound      the domain does not exist on that host
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidInput",
     "InvalidState",
     "LifecycleError",
+    "NoValidHost",
     "Preempted",
     "SchemaOutOfDate",
     "TaskFailed",
@@ -165,6 +167,15 @@ class TaskFailed(LifecycleError):
         self.task = task
         self.error = error
         super().__init__(f"{task.operation} task {task.id} on instance {task.instance_uuid} failed: {error}")
+
+
+class NoValidHost(LifecycleError):
+    """No host passed the scheduler's filters; ``reasons`` maps each host to why."""
+
+    def __init__(self, reasons: Mapping[str, str]) -> None:
+        self.reasons = dict(reasons)
+        detail = "; ".join(f"{host}: {why}" for host, why in sorted(self.reasons.items())) or "no hosts are registered"
+        super().__init__(f"no valid host found ({detail})")
 
 
 class SchemaOutOfDate(LifecycleError):

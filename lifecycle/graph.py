@@ -40,6 +40,7 @@ __all__ = [
     "end_vm_state",
     "next_task_state",
     "operation",
+    "retry_task_state",
     "to_json",
     "to_mermaid",
 ]
@@ -105,6 +106,8 @@ class Operation:
     failure: Failure = Failure.REVERT_IF_UNCHANGED
     creates: bool = False
     """The operation brings the instance into existence (no vm_state guard)."""
+    reschedules: bool = False
+    """A failure in the last step may go back to the first one on another host (create)."""
     note: str = ""
     """Where and why this row differs from Nova."""
     preempts: frozenset[TaskState] = field(init=False)
@@ -150,6 +153,7 @@ OPERATIONS: tuple[Operation, ...] = (
         PowerState.RUNNING,
         failure=Failure.ERROR,
         creates=True,
+        reschedules=True,
         note="Nova passes through task NULL between scheduling and networking; "
         "the task owns the instance throughout here, so there is no idle gap.",
     ),
@@ -307,6 +311,8 @@ def _task_machine() -> Machine:
         for here, there in zip(op.walk, op.walk[1:], strict=False):
             machine.add_transition(f"{op.name}.step", here.value, there.value)
         machine.add_transition(f"{op.name}.finish", op.walk[-1].value, _IDLE_NAME)
+        if op.reschedules:
+            machine.add_transition(f"{op.name}.retry", op.walk[-1].value, first)
         walked: list[Any] = [t.value for t in op.walk]
         machine.add_transition(f"{op.name}.fail", walked, _IDLE_NAME)
     return machine
@@ -361,6 +367,14 @@ def next_task_state(name: str, current: TaskState) -> TaskState | None:
     if _fire(TASK_MACHINE, f"{name}.finish", cursor):
         return None
     raise ValueError(f"{current.value} is not part of the {name} walk")
+
+
+def retry_task_state(name: str, current: TaskState) -> TaskState:
+    """Return the task_state a rescheduling operation goes back to from ``current``."""
+    cursor = _Cursor("", current.value)
+    if not _fire(TASK_MACHINE, f"{name}.retry", cursor):
+        raise ValueError(f"{name} cannot go back from {current.value}")
+    return TaskState(cursor.task_state)
 
 
 def end_vm_state(
@@ -473,6 +487,7 @@ def to_json() -> str:
             "end_power_state": None if op.end_power is None else int(op.end_power),
             "failure": op.failure.value,
             "creates": op.creates,
+            "reschedules": op.reschedules,
             "note": op.note,
         }
         for op in OPERATIONS

@@ -50,6 +50,8 @@ class Flavor:
     memory_mb: int
     root_gb: int
     name: str = "custom"
+    extra_specs: tuple[tuple[str, str], ...] = ()
+    """Scheduler hints in ``namespace:key`` form, matched against host capabilities."""
 
     def __post_init__(self) -> None:
         for key, (low, high) in _FLAVOR_LIMITS.items():
@@ -80,18 +82,31 @@ class Flavor:
         missing = sorted(set(_FLAVOR_LIMITS) - set(values))
         if missing:
             raise InvalidFlavor(text, f"missing {', '.join(missing)} (expected vcpus=N,ram=MiB,disk=GiB)")
-        return cls(name=name, **values)
+        return cls(name=name, vcpus=values["vcpus"], memory_mb=values["memory_mb"], root_gb=values["root_gb"])
 
 
 @dataclass(frozen=True, slots=True)
 class Host:
-    """A hypervisor host and the driver URI that reaches it."""
+    """A hypervisor host: the driver URI that reaches it, its resources and what it offers."""
 
     name: str
     driver_uri: str
     instances_path: str
     enabled: bool
     created_at: datetime
+    availability_zone: str = "nova"
+    vcpus: int | None = None
+    """None: resources are not tracked on this host, so nothing limits placement there."""
+    memory_mb: int | None = None
+    disk_gb: int | None = None
+    vcpus_used: int = 0
+    memory_mb_used: int = 0
+    disk_gb_used: int = 0
+    capabilities: dict[str, str] = field(default_factory=dict)
+    hypervisor_type: str = "qemu"
+    architecture: str = "x86_64"
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_heartbeat: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,7 @@ class Image:
     disk_format: str
     min_disk_gb: int
     created_at: datetime
+    properties: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

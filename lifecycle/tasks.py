@@ -22,7 +22,7 @@ from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, Preempted, TaskFailed
 from lifecycle.records import Image, Instance, Outcome, Task
-from lifecycle.states import PowerState
+from lifecycle.states import PowerState, TaskState
 from lifecycle.store import Store
 
 __all__ = ["Steps", "TaskRun", "execute"]
@@ -38,7 +38,7 @@ class TaskRun:
     def __init__(
         self,
         store: Store,
-        driver: Driver,
+        driver_for: Callable[[str], Driver],
         settings: Settings,
         instance: Instance,
         task: Task,
@@ -46,7 +46,7 @@ class TaskRun:
         source_vm_state: Any,
     ) -> None:
         self.store = store
-        self.driver = driver
+        self.driver_for = driver_for
         self.settings = settings
         self.instance = instance
         self.task = task
@@ -58,7 +58,18 @@ class TaskRun:
         self.end_power: PowerState | None = None
         """Power to record at the end instead of reading it (a destroyed domain)."""
         self.before_power = instance.power_state
+        self.schedule: Callable[[list[str]], str] | None = None
+        """For create: pick and claim a host, avoiding the ones tried (set by the engine)."""
+        self.attempts = 1
+        """For create: how many hosts a failing spawn may be tried on."""
         self._seq = 1
+
+    @property
+    def driver(self) -> Driver:
+        """The driver of the host the instance is on now."""
+        if self.instance.host is None:
+            raise DomainNotFound(self.instance.uuid, call="driver")
+        return self.driver_for(self.instance.host)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -93,21 +104,29 @@ class TaskRun:
         )
 
     def read_power(self) -> PowerState:
-        """Ask the driver for the guest's power now; a missing domain is NOSTATE."""
+        """Ask the driver for the guest's power now; a missing domain (or no host) is NOSTATE."""
         try:
             return self.driver.get_info(self.instance.uuid)
         except DomainNotFound:
             return PowerState.NOSTATE
 
-    def advance(self) -> None:
-        """Move to the next task_state of the walk (a CAS under this task's id)."""
+    def advance(self, message: str | None = None, **fields: Any) -> None:
+        """Move to the next task_state of the walk (a CAS under this task's id), writing ``fields``."""
         current = self.instance.task_state
         assert current is not None
         nxt = graph.next_task_state(self.task.operation, current)
         assert nxt is not None, f"{current} is the last step of {self.task.operation}"
+        self._step(nxt, message, fields)
+
+    def retry(self, message: str, **fields: Any) -> None:
+        """Go back to the first step of the walk (a reschedule), recording why."""
+        assert self.instance.task_state is not None
+        self._step(graph.retry_task_state(self.task.operation, self.instance.task_state), message, fields)
+
+    def _step(self, task_state: TaskState, message: str | None, fields: dict[str, Any]) -> None:
         self._seq += 1
-        self.instance = self.store.advance(self.instance, self.task, self._seq, nxt, self.why())
-        log.debug("task_step", task_state=nxt.value, seq=self._seq)
+        self.instance = self.store.advance(self.instance, self.task, self._seq, task_state, self.why(message), **fields)
+        log.debug("task_step", task_state=task_state.value, seq=self._seq, message=message)
 
     def succeed(self) -> None:
         """Write the end state: the graph's vm_state, task idle, fresh power."""

@@ -27,6 +27,7 @@ def force_delete(run: TaskRun) -> None:
 def _destroy(run: TaskRun) -> None:
     run.store.revoke_console_tokens(run.instance.uuid)
     run.driver.destroy(run.instance.uuid, destroy_disks=True)
+    run.store.release_claims(run.instance.uuid)
     run.end_power = PowerState.NOSTATE
     run.fields["deleted_at"] = now()
 

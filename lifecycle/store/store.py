@@ -34,7 +34,16 @@ from lifecycle.errors import (
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store.db import aware, connect, now
-from lifecycle.store.tables import AuditRow, ConsoleTokenRow, HostRow, ImageRow, InstanceRow, TaskRow, TaskStepRow
+from lifecycle.store.tables import (
+    AuditRow,
+    ClaimRow,
+    ConsoleTokenRow,
+    HostRow,
+    ImageRow,
+    InstanceRow,
+    TaskRow,
+    TaskStepRow,
+)
 from lifecycle.sync import Recorded
 
 __all__ = ["HostClaim", "Store"]
@@ -46,6 +55,7 @@ _A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
 _H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
 _IM: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
 _C: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+_CL: sa.Table = ClaimRow.__table__  # type: ignore[attr-defined]
 
 # Lookups for the sync read path, where an Enum(value) call per column per row shows in profiles.
 _VM_STATES = {s.value: s for s in VmState}
@@ -92,8 +102,8 @@ class Store:
 
     # -- hosts and images -------------------------------------------------
 
-    def add_host(self, name: str, driver_uri: str, instances_path: str) -> Host:
-        """Insert a host; :class:`AlreadyExists` if the name is taken."""
+    def add_host(self, name: str, driver_uri: str, instances_path: str, **fields: Any) -> Host:
+        """Insert a host (resources, zone, capabilities... as keyword fields); AlreadyExists if taken."""
         values = {
             "name": name,
             "driver_uri": driver_uri,
@@ -101,7 +111,10 @@ class Store:
             "enabled": True,
             "created_at": now(),
         }
-        self._insert_unique(_H, values, "host", name)
+        for key in ("capabilities", "metrics"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        self._insert_unique(_H, values | fields, "host", name)
         return self.get_host(name)
 
     def get_host(self, name: str) -> Host:
@@ -110,15 +123,96 @@ class Store:
             row = conn.execute(sa.select(_H).where(_H.c.name == name)).mappings().first()
             if row is None:
                 raise HostNotFound(name, conn.execute(sa.select(_H.c.name)).scalars())
-        return Host(**{**row, "created_at": aware(row["created_at"])})
+        return _host(row)
 
     def list_hosts(self) -> list[Host]:
-        """Return every host, by name."""
+        """Return every host, by name (one query: the scheduler's input)."""
         with self._read() as conn:
             rows = conn.execute(sa.select(_H).order_by(_H.c.name)).mappings().all()
-        return [Host(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
+        return [_host(r) for r in rows]
 
-    def add_image(self, name: str, path: str, disk_format: str, min_disk_gb: int = 0) -> Image:
+    def update_host(self, name: str, **values: Any) -> Host:
+        """Change a host's settable fields (enabled, metrics, last_heartbeat...)."""
+        if "metrics" in values:
+            values["metrics"] = json.dumps(values["metrics"], sort_keys=True)
+        with self.engine.begin() as conn:
+            if conn.execute(sa.update(_H).where(_H.c.name == name).values(**values)).rowcount == 0:
+                raise HostNotFound(name)
+        return self.get_host(name)
+
+    def claim(
+        self, uuid: str, host: str, vcpus: int, memory_mb: int, disk_gb: int, ratios: tuple[float, float, float]
+    ) -> bool:
+        """Reserve resources for an instance on a host within its allocation ratios, atomically.
+
+        One conditional UPDATE adds the usage only if it still fits, so two
+        engines can never overcommit a host; the claim row is written in the
+        same transaction. A host whose resources are not tracked always fits.
+        Returns False (nothing written) when it does not fit.
+        """
+        cpu_ratio, ram_ratio, disk_ratio = ratios
+
+        def fits(
+            total: sa.ColumnElement[Any], used: sa.ColumnElement[Any], want: int, ratio: float
+        ) -> sa.ColumnElement[bool]:
+            return sa.or_(total.is_(None), used + want <= total * ratio)
+
+        query = (
+            sa.update(_H)
+            .where(
+                _H.c.name == host,
+                fits(_H.c.vcpus, _H.c.vcpus_used, vcpus, cpu_ratio),
+                fits(_H.c.memory_mb, _H.c.memory_mb_used, memory_mb, ram_ratio),
+                fits(_H.c.disk_gb, _H.c.disk_gb_used, disk_gb, disk_ratio),
+            )
+            .values(
+                vcpus_used=_H.c.vcpus_used + vcpus,
+                memory_mb_used=_H.c.memory_mb_used + memory_mb,
+                disk_gb_used=_H.c.disk_gb_used + disk_gb,
+            )
+        )
+        claim = {
+            "instance_uuid": uuid,
+            "host": host,
+            "vcpus": vcpus,
+            "memory_mb": memory_mb,
+            "disk_gb": disk_gb,
+            "created_at": now(),
+        }
+        with self.engine.begin() as conn:
+            if conn.execute(query).rowcount != 1:
+                return False
+            conn.execute(sa.insert(_CL), claim)
+        return True
+
+    def release_claims(self, uuid: str, host: str | None = None) -> int:
+        """Give back what an instance holds (on one host, or everywhere); return how many claims."""
+        where = [_CL.c.instance_uuid == uuid] + ([_CL.c.host == host] if host is not None else [])
+        with self.engine.begin() as conn:
+            claims = conn.execute(sa.select(_CL).where(*where)).mappings().all()
+            for c in claims:
+                conn.execute(
+                    sa.update(_H)
+                    .where(_H.c.name == c["host"])
+                    .values(
+                        vcpus_used=_H.c.vcpus_used - c["vcpus"],
+                        memory_mb_used=_H.c.memory_mb_used - c["memory_mb"],
+                        disk_gb_used=_H.c.disk_gb_used - c["disk_gb"],
+                    )
+                )
+            conn.execute(sa.delete(_CL).where(*where))
+        return len(claims)
+
+    def claims_of(self, uuid: str) -> list[str]:
+        """Return the hosts an instance holds claims on."""
+        with self._read() as conn:
+            return list(
+                conn.execute(sa.select(_CL.c.host).where(_CL.c.instance_uuid == uuid).order_by(_CL.c.host)).scalars()
+            )
+
+    def add_image(
+        self, name: str, path: str, disk_format: str, min_disk_gb: int = 0, properties: dict[str, str] | None = None
+    ) -> Image:
         """Insert an image; :class:`AlreadyExists` if the name is taken."""
         values = {
             "name": name,
@@ -126,6 +220,7 @@ class Store:
             "disk_format": disk_format,
             "min_disk_gb": min_disk_gb,
             "created_at": now(),
+            "properties": json.dumps(properties or {}, sort_keys=True),
         }
         self._insert_unique(_IM, values, "image", name)
         return self.get_image(name)
@@ -136,13 +231,13 @@ class Store:
             row = conn.execute(sa.select(_IM).where(_IM.c.name == name)).mappings().first()
             if row is None:
                 raise ImageNotFound(name, conn.execute(sa.select(_IM.c.name)).scalars())
-        return Image(**{**row, "created_at": aware(row["created_at"])})
+        return _image(row)
 
     def list_images(self) -> list[Image]:
         """Return every image, by name."""
         with self._read() as conn:
             rows = conn.execute(sa.select(_IM).order_by(_IM.c.name)).mappings().all()
-        return [Image(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
+        return [_image(r) for r in rows]
 
     def _insert_unique(self, table: sa.Table, values: dict[str, Any], kind: str, name: str) -> None:
         try:
@@ -327,13 +422,15 @@ class Store:
             raise Conflict(expected.uuid, _expect(expected), self._actual(expected.uuid)) from None
         return after
 
-    def advance(self, expected: Instance, task: Task, seq: int, task_state: TaskState, why: Why) -> Instance:
-        """Move ``task`` to its next task_state; close step ``seq - 1`` and open step ``seq``."""
+    def advance(
+        self, expected: Instance, task: Task, seq: int, task_state: TaskState, why: Why, **fields: Any
+    ) -> Instance:
+        """Move ``task`` to its next task_state (with ``fields``, e.g. host); close step ``seq - 1``, open ``seq``."""
         at = now()
-        after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at)
+        after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at, **fields)
         with self.engine.begin() as conn:
             self._cas(conn, expected, after, task)
-            self._close_steps(conn, task.id, at, "ok", None)
+            self._close_steps(conn, task.id, at, "ok" if why.message is None else "retried", why.message)
             self._open_step(conn, task.id, seq, task_state.value)
             conn.execute(sa.update(_T).where(_T.c.id == task.id).values(lease_expires_at=at + self.lease))
             self._audit(conn, expected, after, why)
@@ -532,6 +629,8 @@ class Store:
 
     @staticmethod
     def _audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Why) -> None:
+        if before is not None and before.host != after.host and why.message is None:
+            why = replace(why, message=f"host {before.host or 'none'} -> {after.host or 'none'}")
         if before is not None and (before.vm_state, before.task_state, before.power_state) == (
             after.vm_state,
             after.task_state,
@@ -666,6 +765,19 @@ def _instance(r: sa.RowMapping) -> Instance:
         deleted_at=aware(r["deleted_at"]),
         missing_count=r["missing_count"],
     )
+
+
+def _host(r: sa.RowMapping) -> Host:
+    values = dict(r)
+    values["created_at"] = _at(values["created_at"])
+    values["last_heartbeat"] = aware(values["last_heartbeat"])
+    values["capabilities"] = json.loads(values["capabilities"])
+    values["metrics"] = json.loads(values["metrics"])
+    return Host(**values)
+
+
+def _image(r: sa.RowMapping) -> Image:
+    return Image(**{**r, "created_at": _at(r["created_at"]), "properties": json.loads(r["properties"])})
 
 
 def _task(r: sa.RowMapping) -> Task:

@@ -11,7 +11,17 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-__all__ = ["AuditRow", "ConsoleTokenRow", "HostRow", "ImageRow", "InstanceRow", "TaskRow", "TaskStepRow", "metadata"]
+__all__ = [
+    "AuditRow",
+    "ClaimRow",
+    "ConsoleTokenRow",
+    "HostRow",
+    "ImageRow",
+    "InstanceRow",
+    "TaskRow",
+    "TaskStepRow",
+    "metadata",
+]
 
 metadata = SQLModel.metadata
 
@@ -28,6 +38,35 @@ class HostRow(SQLModel, table=True):
     instances_path: str = Field(max_length=1024)
     enabled: bool = Field(default=True)
     created_at: datetime = Field(sa_type=_TS)
+    availability_zone: str = Field(default="nova", max_length=255, sa_column_kwargs={"server_default": "nova"})
+    vcpus: int | None = Field(default=None)
+    """Physical vCPUs; None means resources are not tracked on this host (no capacity limit)."""
+    memory_mb: int | None = Field(default=None)
+    disk_gb: int | None = Field(default=None)
+    vcpus_used: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
+    memory_mb_used: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
+    disk_gb_used: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
+    capabilities: str = Field(default="{}", sa_column_kwargs={"server_default": "{}"})
+    """JSON object of capability values matched by flavor extra specs (``capabilities:key``)."""
+    hypervisor_type: str = Field(default="qemu", max_length=64, sa_column_kwargs={"server_default": "qemu"})
+    architecture: str = Field(default="x86_64", max_length=32, sa_column_kwargs={"server_default": "x86_64"})
+    metrics: str = Field(default="{}", sa_column_kwargs={"server_default": "{}"})
+    """JSON object of metric values for the metrics weigher."""
+    last_heartbeat: datetime | None = Field(default=None, sa_type=_TS)
+    """When a daemon owning the host last reported; a host silent for too long is down."""
+
+
+class ClaimRow(SQLModel, table=True):
+    """Resources one instance holds on one host (two hosts during a move)."""
+
+    __tablename__ = "claims"
+
+    instance_uuid: str = Field(primary_key=True, max_length=36, foreign_key="instances.uuid")
+    host: str = Field(primary_key=True, max_length=255, foreign_key="hosts.name")
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    created_at: datetime = Field(sa_type=_TS)
 
 
 class ImageRow(SQLModel, table=True):
@@ -40,6 +79,8 @@ class ImageRow(SQLModel, table=True):
     disk_format: str = Field(max_length=32)
     min_disk_gb: int = Field(default=0)
     created_at: datetime = Field(sa_type=_TS)
+    properties: str = Field(default="{}", sa_column_kwargs={"server_default": "{}"})
+    """JSON object: architecture, hypervisor_type, ... (matched by ImagePropertiesFilter)."""
 
 
 class InstanceRow(SQLModel, table=True):

@@ -1,0 +1,84 @@
+"""Placement glue between the pure scheduler and the store: host states and claims.
+
+:func:`scheduler_for` returns the function a create task calls in its
+scheduling step: read every host in one query, filter and weigh them, and
+claim the chosen one atomically. A claim lost to a concurrent engine (the
+host filled up between the read and the claim) reads the hosts again; it
+does not use up one of the ``max_attempts`` spawn attempts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+
+from lifecycle.config import Settings
+from lifecycle.errors import NoValidHost
+from lifecycle.records import Flavor, Host, Image
+from lifecycle.scheduler import HostState, Request, select_host
+from lifecycle.store import Store
+from lifecycle.store.db import now
+
+__all__ = ["host_states", "scheduler_for"]
+
+_CLAIM_RACES = 5
+
+
+def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
+    """Turn host records into scheduler values; a host without a recent heartbeat is down."""
+    cutoff = now() - timedelta(seconds=down_after)
+    return [
+        HostState(
+            name=h.name,
+            availability_zone=h.availability_zone,
+            enabled=h.enabled,
+            up=h.last_heartbeat is not None and h.last_heartbeat >= cutoff,
+            vcpus=h.vcpus,
+            memory_mb=h.memory_mb,
+            disk_gb=h.disk_gb,
+            vcpus_used=h.vcpus_used,
+            memory_mb_used=h.memory_mb_used,
+            disk_gb_used=h.disk_gb_used,
+            capabilities=h.capabilities,
+            hypervisor_type=h.hypervisor_type,
+            architecture=h.architecture,
+            metrics=h.metrics,
+        )
+        for h in hosts
+    ]
+
+
+def scheduler_for(
+    store: Store,
+    settings: Settings,
+    uuid: str,
+    flavor: Flavor,
+    image: Image,
+    *,
+    requested_host: str | None,
+    availability_zone: str | None,
+) -> Callable[[list[str]], str]:
+    """Return the create task's scheduling function: pick and claim a host not in ``tried``."""
+    s = settings.scheduler
+    ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
+    specs: Mapping[str, str] = dict(flavor.extra_specs)
+
+    def claim(host: str) -> bool:
+        return store.claim(uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios)
+
+    def schedule(tried: list[str]) -> str:
+        if requested_host is not None:
+            # A named host bypasses the filters (Nova's forced host) but not the claim.
+            if requested_host in tried or not claim(requested_host):
+                raise NoValidHost({requested_host: "the requested host has no room for this flavor, or failed"})
+            return requested_host
+        request = Request(
+            flavor.vcpus, flavor.memory_mb, flavor.root_gb, availability_zone, specs, image.properties, frozenset(tried)
+        )
+        for _ in range(_CLAIM_RACES):
+            chosen = select_host(host_states(store.list_hosts(), settings.host_down_after), request, s)
+            if claim(chosen.name):
+                return chosen.name
+        raise NoValidHost({"*": f"lost the claim race {_CLAIM_RACES} times in a row"})
+
+    return schedule

@@ -1,0 +1,249 @@
+"""Placement: filter-then-weigh over plain host values, as Nova's filter scheduler.
+
+Everything here is pure: :func:`select_host` takes the hosts (read in one
+query by the caller), the request and the settings, and returns a host or
+raises :class:`NoValidHost` with every host's rejection reason. Filters return
+None to admit a host or a sentence saying why not. Weights are normalised to
+[0, 1] across the candidates before their multiplier is applied (Nova's
+``normalize``), and the pick is random among the best ``host_subset_size``.
+Claiming the chosen host is the store's job (one conditional UPDATE).
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from lifecycle.errors import NoValidHost
+
+__all__ = ["FILTERS", "HostState", "Request", "SchedulerSettings", "filter_hosts", "select_host", "weigh"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostState:
+    """What the scheduler knows about one host; ``vcpus`` None means resources are not tracked."""
+
+    name: str
+    availability_zone: str = "nova"
+    enabled: bool = True
+    up: bool = True
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    disk_gb: int | None = None
+    vcpus_used: int = 0
+    memory_mb_used: int = 0
+    disk_gb_used: int = 0
+    capabilities: Mapping[str, str] = field(default_factory=dict)
+    hypervisor_type: str = "qemu"
+    architecture: str = "x86_64"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What an instance needs."""
+
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    availability_zone: str | None = None
+    extra_specs: Mapping[str, str] = field(default_factory=dict)
+    image_properties: Mapping[str, str] = field(default_factory=dict)
+    tried: frozenset[str] = frozenset()
+
+
+DEFAULT_FILTERS = (
+    "RetryFilter",
+    "AvailabilityZoneFilter",
+    "RamFilter",
+    "CoreFilter",
+    "DiskFilter",
+    "ComputeFilter",
+    "ComputeCapabilitiesFilter",
+    "ImagePropertiesFilter",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """Scheduler options; defaults are the seed note's and Nova's."""
+
+    filters: tuple[str, ...] = DEFAULT_FILTERS
+    ram_allocation_ratio: float = 1.5
+    cpu_allocation_ratio: float = 16.0
+    disk_allocation_ratio: float = 1.0
+    ram_weight_multiplier: float = 1.0
+    """Positive spreads instances over hosts, negative stacks them."""
+    metrics_weights: tuple[tuple[str, float], ...] = ()
+    """(metric, ratio) pairs for the metrics weigher; empty turns it off."""
+    metrics_weight_multiplier: float = 1.0
+    metrics_unavailable_weight: float = -10000.0
+    """Weight of a host lacking a configured metric (Nova's weight_of_unavailable)."""
+    host_subset_size: int = 1
+    """Pick at random among this many of the best hosts."""
+    max_attempts: int = 3
+    """Spawn attempts on different hosts before the build fails (RetryFilter)."""
+
+
+Filter = Callable[[HostState, Request, SchedulerSettings], str | None]
+
+
+def _retry(host: HostState, req: Request, _s: SchedulerSettings) -> str | None:
+    return "already tried for this request" if host.name in req.tried else None
+
+
+def _zone(host: HostState, req: Request, _s: SchedulerSettings) -> str | None:
+    if req.availability_zone is None or req.availability_zone == host.availability_zone:
+        return None
+    return f"in availability zone {host.availability_zone}, not {req.availability_zone}"
+
+
+def _capacity(kind: str, total: int | None, used: int, want: int, ratio: float) -> str | None:
+    if total is None:
+        return None
+    limit = total * ratio
+    if used + want <= limit:
+        return None
+    return f"{kind}: needs {want}, {limit - used:g} of {limit:g} free (total {total} x ratio {ratio:g}, used {used})"
+
+
+def _ram(host: HostState, req: Request, s: SchedulerSettings) -> str | None:
+    return _capacity("memory MiB", host.memory_mb, host.memory_mb_used, req.memory_mb, s.ram_allocation_ratio)
+
+
+def _core(host: HostState, req: Request, s: SchedulerSettings) -> str | None:
+    return _capacity("vcpus", host.vcpus, host.vcpus_used, req.vcpus, s.cpu_allocation_ratio)
+
+
+def _disk(host: HostState, req: Request, s: SchedulerSettings) -> str | None:
+    return _capacity("disk GiB", host.disk_gb, host.disk_gb_used, req.disk_gb, s.disk_allocation_ratio)
+
+
+def _compute(host: HostState, _r: Request, _s: SchedulerSettings) -> str | None:
+    if not host.enabled:
+        return "disabled"
+    return None if host.up else "down (no recent heartbeat from a daemon)"
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+_NUMERIC = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
+_STRING = {"s==": operator.eq, "s!=": operator.ne, "s>=": operator.ge, "s<=": operator.le}
+
+
+def _spec_matches(actual: str | None, wanted: str) -> bool:
+    """Match one extra spec as Nova does: ``>= N``, ``<= N``, ``== N``, ``s== x``, ``<in> x``, ``<or>``, or equality."""
+    words = wanted.split()
+    if actual is None:
+        return False
+    if words and words[0] in _NUMERIC and len(words) == 2:
+        a, w = _number(actual), _number(words[1])
+        return a is not None and w is not None and bool(_NUMERIC[words[0]](a, w))
+    if words and words[0] in _STRING and len(words) == 2:
+        return bool(_STRING[words[0]](actual, words[1]))
+    if words[:1] == ["<in>"]:
+        return wanted.split(None, 1)[1] in actual
+    if words[:1] == ["<or>"]:
+        return actual in [w.strip() for w in wanted.split("<or>") if w.strip()]
+    return actual == wanted
+
+
+def _capabilities(host: HostState, req: Request, _s: SchedulerSettings) -> str | None:
+    for key, wanted in sorted(req.extra_specs.items()):
+        scope, sep, name = key.partition(":")
+        if sep and scope != "capabilities":
+            continue  # another namespace (hw:, quota:, ...) is not about host capabilities
+        name = name if sep else key
+        actual = host.capabilities.get(name)
+        if not _spec_matches(actual, wanted):
+            return f"capability {name} is {actual!r}, flavor wants {wanted!r}"
+    return None
+
+
+def _image(host: HostState, req: Request, _s: SchedulerSettings) -> str | None:
+    for prop, have in (("architecture", host.architecture), ("hypervisor_type", host.hypervisor_type)):
+        wanted = req.image_properties.get(prop)
+        if wanted is not None and wanted != have:
+            return f"image needs {prop} {wanted}, host has {have}"
+    return None
+
+
+FILTERS: dict[str, Filter] = {
+    "RetryFilter": _retry,
+    "AvailabilityZoneFilter": _zone,
+    "RamFilter": _ram,
+    "CoreFilter": _core,
+    "DiskFilter": _disk,
+    "ComputeFilter": _compute,
+    "ComputeCapabilitiesFilter": _capabilities,
+    "ImagePropertiesFilter": _image,
+}
+
+
+def filter_hosts(hosts: list[HostState], req: Request, s: SchedulerSettings) -> tuple[list[HostState], dict[str, str]]:
+    """Return the hosts every enabled filter admits, and for the others the first reason."""
+    checks = [(name, FILTERS[name]) for name in s.filters]
+    passed: list[HostState] = []
+    reasons: dict[str, str] = {}
+    for host in hosts:
+        for name, check in checks:
+            reason = check(host, req, s)
+            if reason is not None:
+                reasons[host.name] = f"{name}: {reason}"
+                break
+        else:
+            passed.append(host)
+    return passed, reasons
+
+
+def _normalise(values: list[float]) -> list[float]:
+    low, high = min(values), max(values)
+    if high == low:
+        return [0.0 for _ in values]
+    return [(v - low) / (high - low) for v in values]
+
+
+def _free_ram(host: HostState, s: SchedulerSettings) -> float:
+    if host.memory_mb is None:
+        return 0.0
+    return host.memory_mb * s.ram_allocation_ratio - host.memory_mb_used
+
+
+def _metrics_value(host: HostState, s: SchedulerSettings) -> float:
+    total = 0.0
+    for metric, ratio in s.metrics_weights:
+        value = host.metrics.get(metric)
+        if value is None:
+            return s.metrics_unavailable_weight
+        total += ratio * value
+    return total
+
+
+def weigh(hosts: list[HostState], s: SchedulerSettings) -> list[tuple[float, HostState]]:
+    """Return (weight, host) pairs, best first: normalised RAM weight plus metrics weight."""
+    if not hosts:
+        return []
+    weights = [s.ram_weight_multiplier * w for w in _normalise([_free_ram(h, s) for h in hosts])]
+    if s.metrics_weights:
+        metrics = _normalise([_metrics_value(h, s) for h in hosts])
+        weights = [w + s.metrics_weight_multiplier * m for w, m in zip(weights, metrics, strict=True)]
+    return sorted(zip(weights, hosts, strict=True), key=lambda pair: (-pair[0], pair[1].name))
+
+
+def select_host(
+    hosts: list[HostState], req: Request, s: SchedulerSettings, rng: random.Random | None = None
+) -> HostState:
+    """Filter, weigh, and pick one of the best ``host_subset_size``; NoValidHost says why nothing fit."""
+    passed, reasons = filter_hosts(hosts, req, s)
+    if not passed:
+        raise NoValidHost(reasons)
+    ranked = weigh(passed, s)
+    best = ranked[: max(1, s.host_subset_size)]
+    return (rng or random).choice(best)[1]
