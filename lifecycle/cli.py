@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import structlog
@@ -26,7 +26,7 @@ from lifecycle.config import Settings
 from lifecycle.daemon import Daemon
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
-from lifecycle.records import Flavor, Instance, Task, to_plain
+from lifecycle.records import Flavor, Host, Instance, Task, to_plain
 from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
 from lifecycle.store.db import connect, current_revision, downgrade
 
@@ -102,7 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--uri", required=True, help="driver URI, e.g. fake:///var/lib/lifecycle/h1.json")
     add.add_argument("--instances-path", default="/var/lib/lifecycle/instances")
+    add.add_argument("--zone", default="nova", help="availability zone")
+    add.add_argument("--vcpus", type=int, help="physical vCPUs (omit: resources not tracked)")
+    add.add_argument("--memory-mb", type=int)
+    add.add_argument("--disk-gb", type=int)
+    add.add_argument("--capability", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    add.add_argument("--hypervisor-type", default="qemu")
+    add.add_argument("--architecture", default="x86_64")
     host.add_parser("list", help="list hosts", parents=[common])
+    for verb in ("show", "enable", "disable", "heartbeat"):
+        host.add_parser(verb, help=f"{verb} a host", parents=[common]).add_argument("name")
 
     image = sub.add_parser("image", help="images", parents=[common]).add_subparsers(dest="image_command", required=True)
     add = image.add_parser("add", help="register an image file", parents=[common])
@@ -110,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--path", required=True)
     add.add_argument("--format", default="qcow2", dest="disk_format", help="qcow2 or raw")
     add.add_argument("--min-disk", type=int, default=0, help="minimum root disk in GiB")
+    add.add_argument(
+        "--property", action="append", default=[], metavar="KEY=VALUE", help="architecture=..., repeatable"
+    )
     image.add_parser("list", help="list images", parents=[common])
     clean = image.add_parser("cleanup", help="remove a host's unused cached base images", parents=[common])
     clean.add_argument("--host", required=True)
@@ -117,8 +129,12 @@ def _parser() -> argparse.ArgumentParser:
 
     create = sub.add_parser("create", help="build an instance", parents=[task_opts])
     create.add_argument("name")
-    create.add_argument("--host", required=True)
+    create.add_argument("--host", help="build here (default: let the scheduler choose)")
+    create.add_argument("--zone", help="availability zone for the scheduler")
     create.add_argument("--flavor", required=True, help="vcpus=N,ram=MiB,disk=GiB")
+    create.add_argument(
+        "--extra-spec", action="append", default=[], metavar="KEY=VALUE", help="e.g. capabilities:ssd=true"
+    )
     create.add_argument("--image", required=True)
     create.add_argument("--uuid")
 
@@ -180,11 +196,20 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
     }
     command = args.command
     if command == "create":
-        flavor = Flavor.parse(args.flavor)
+        specs = tuple(sorted(_pairs(args.extra_spec, "--extra-spec").items()))
+        flavor = replace(Flavor.parse(args.flavor), extra_specs=specs)
         kw.pop("idempotency_key")
         if args.idempotency_key:
             raise InvalidInput("create does not take --idempotency-key; pass --uuid to make it repeat-safe")
-        task = engine.create(args.name, host=args.host, flavor=flavor, image=args.image, uuid=args.uuid, **kw)
+        task = engine.create(
+            args.name,
+            host=args.host,
+            availability_zone=args.zone,
+            flavor=flavor,
+            image=args.image,
+            uuid=args.uuid,
+            **kw,
+        )
     elif command == "stop":
         task = engine.stop(args.uuid, timeout=args.timeout, **kw)
     elif command == "reboot":
@@ -219,19 +244,65 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
         _emit(args, data, "\n".join(lines))
 
 
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{flag} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _host_line(h: Host) -> str:
+    if h.vcpus is None:
+        usage = "resources untracked"
+    else:
+        usage = f"vcpus {h.vcpus_used}/{h.vcpus} ram {h.memory_mb_used}/{h.memory_mb} MiB"
+        usage += f" disk {h.disk_gb_used}/{h.disk_gb} GiB"
+    state = "enabled" if h.enabled else "disabled"
+    beat = h.last_heartbeat.isoformat(timespec="seconds") if h.last_heartbeat else "never"
+    return f"{h.name}  {h.driver_uri}  zone={h.availability_zone}  {state}  {usage}  heartbeat={beat}"
+
+
+def _hosts(engine: Engine, args: argparse.Namespace) -> None:
+    command = args.host_command
+    if command == "add":
+        h = engine.add_host(
+            args.name,
+            args.uri,
+            args.instances_path,
+            availability_zone=args.zone,
+            vcpus=args.vcpus,
+            memory_mb=args.memory_mb,
+            disk_gb=args.disk_gb,
+            capabilities=_pairs(args.capability, "--capability"),
+            hypervisor_type=args.hypervisor_type,
+            architecture=args.architecture,
+        )
+    elif command == "list":
+        hosts = engine.hosts()
+        _emit(args, to_plain(hosts), "\n".join(_host_line(h) for h in hosts) or "no hosts")
+        return
+    elif command in ("enable", "disable"):
+        h = engine.set_host_enabled(args.name, command == "enable")
+    elif command == "heartbeat":
+        h = engine.heartbeat(args.name)
+    else:
+        h = engine.host(args.name)
+    _emit(args, to_plain(h), _host_line(h))
+
+
 def _admin(engine: Engine, args: argparse.Namespace) -> None:
     if args.command == "host":
-        if args.host_command == "add":
-            h = engine.add_host(args.name, args.uri, args.instances_path)
-            _emit(args, to_plain(h), f"host {h.name} added ({h.driver_uri})")
-        else:
-            hosts = engine.hosts()
-            _emit(args, to_plain(hosts), "\n".join(f"{h.name}  {h.driver_uri}" for h in hosts) or "no hosts")
+        _hosts(engine, args)
     elif args.image_command == "cleanup":
         removed = engine.clean_image_cache(args.host, args.max_age)
         _emit(args, {"removed": removed}, "\n".join(f"removed {p}" for p in removed) or "nothing to remove")
     elif args.image_command == "add":
-        im = engine.add_image(args.name, args.path, args.disk_format, args.min_disk)
+        im = engine.add_image(
+            args.name, args.path, args.disk_format, args.min_disk, _pairs(args.property, "--property")
+        )
         _emit(args, to_plain(im), f"image {im.name} added ({im.path})")
     else:
         images = engine.images()

@@ -4,9 +4,10 @@ A daemon owns a host through :meth:`Store.try_claim_host` (a PostgreSQL
 advisory lock, or a lock file beside a SQLite database), so several daemons
 split the hosts between them and no host is ever synced by two at once; the
 hosts of a daemon that dies are claimed by the others at their next claim
-round. For each owned host it runs a sync pass at start and then every
-``sync_interval``, listens to the host's lifecycle events, and cleans the
-host's image cache every ``image_cache_interval``. Timers sleep by waiting on
+round. For each owned host it records a heartbeat (so the scheduler sees
+the host up), runs a sync pass at start and then every ``sync_interval``,
+listens to the host's lifecycle events, and cleans the host's image cache
+every ``image_cache_interval``. Timers sleep by waiting on
 the stop event, so SIGTERM and SIGINT stop the daemon at once: a pass stops
 between chunks, never inside a write.
 """
@@ -110,6 +111,7 @@ class Daemon:
             self.engine.driver(host).register_event_listener(processor.on_event)
         except Exception:  # the periodic pass still covers a host whose events cannot be had
             log.exception("event_listener_failed", host=host)
+        self.jobs.append(Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), lambda: self.engine.heartbeat(host)))
         self.jobs.append(Job(f"sync:{host}", s.sync_interval, lambda: self._sync(host)))
         self.jobs.append(
             Job(f"image_cache:{host}", self.image_cache_interval, lambda: self.engine.clean_image_cache(host))

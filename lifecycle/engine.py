@@ -286,6 +286,7 @@ class Engine:
             requested_host=requested,
             availability_zone=availability_zone,
         )
+        run.attempts = 1 if requested is not None else self.settings.scheduler.max_attempts
         return self._launch(run, wait)
 
     def start(self, uuid: str, **kw: Any) -> Task:

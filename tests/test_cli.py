@@ -141,3 +141,45 @@ def test_demo_tells_the_story(capsys: pytest.CaptureFixture[str]) -> None:
     db = data["instances"]["db-1"]
     assert db["instance"]["vm_state"] == "deleted"
     assert [r["operation"] for r in db["history"]][-3:] == ["stop", "force_delete", "force_delete"]
+
+
+def test_hosts_and_scheduled_create(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Hosts with resources are shown, disabled and heartbeated; create without --host is scheduled or explains why not."""
+    code, out, _ = cli(
+        "host",
+        "add",
+        "big",
+        "--uri",
+        f"fake://{tmp_path / 'big.json'}",
+        "--vcpus",
+        "8",
+        "--memory-mb",
+        "4096",
+        "--disk-gb",
+        "40",
+        "--capability",
+        "ssd=true",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["capabilities"] == {"ssd": "true"}
+    code, _, err = cli("create", "x", "--flavor", "vcpus=1,ram=512,disk=1", "--image", "cirros")
+    assert code == 1 and "big: ComputeFilter: down" in err
+    assert cli("host", "heartbeat", "big")[0] == 0 and cli("host", "heartbeat", "h1")[0] == 0
+    code, out, _ = cli(
+        "create",
+        "y",
+        "--flavor",
+        "vcpus=1,ram=512,disk=1",
+        "--image",
+        "cirros",
+        "--extra-spec",
+        "capabilities:ssd=true",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["host"] == "big"
+    assert json.loads(cli("host", "show", "big", "--json")[1])["memory_mb_used"] == 512
+    assert json.loads(cli("host", "disable", "big", "--json")[1])["enabled"] is False
+    code, _, err = cli(
+        "create", "z", "--flavor", "vcpus=1,ram=512,disk=1", "--image", "cirros", "--extra-spec", "nokeyvalue"
+    )
+    assert code == 2 and "--extra-spec takes KEY=VALUE" in err

@@ -28,6 +28,7 @@ EXPECTED = {
     "InvalidInput",
     "InvalidState",
     "LifecycleError",
+    "NoValidHost",
     "Outcome",
     "PowerState",
     "Preempted",

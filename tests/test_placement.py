@@ -1,0 +1,141 @@
+"""Placement through the engine: scheduled creates, reschedules, claims, and racing claims on PostgreSQL."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lifecycle import Engine, Flavor, NoValidHost, TaskFailed, VmState, upgrade
+from lifecycle.store import Store
+from tests.conftest import Fakes
+from tests.invariants import check_invariants
+
+SMALL = Flavor(vcpus=1, memory_mb=512, root_gb=1)
+
+
+@pytest.fixture
+def cloud(sqlite_url: str, fakes: Fakes) -> Iterator[Engine]:
+    """Three fake hosts with tracked resources and fresh heartbeats."""
+    engine = Engine(sqlite_url, driver_factory=fakes.factory)
+    for name, mem in (("a", 2048), ("b", 4096), ("c", 1024)):
+        engine.add_host(name, "fake://", vcpus=4, memory_mb=mem, disk_gb=50)
+        engine.heartbeat(name)
+    engine.add_image("cirros", "/images/cirros.qcow2")
+    yield engine
+    check_invariants(engine.store)
+    engine.close()
+
+
+def test_create_without_a_host_is_scheduled_and_claims(cloud: Engine) -> None:
+    """The scheduler picks the emptiest host (spreading) and the claim shows in its usage."""
+    uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
+    assert cloud.get(uuid).host == "b"
+    b = cloud.host("b")
+    assert (b.vcpus_used, b.memory_mb_used, b.disk_gb_used) == (1, 512, 1)
+    assert cloud.store.claims_of(uuid) == ["b"]
+    assert "scheduled to b (attempt 1 of 3)" in (cloud.history(uuid)[1].message or "")
+
+
+def test_delete_releases_the_claim(cloud: Engine) -> None:
+    """Deleting an instance gives its resources back to the host."""
+    uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
+    cloud.delete(uuid)
+    assert cloud.host("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == []
+
+
+def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -> None:
+    """A spawn failure on the first host releases it and builds on the next, with both attempts audited."""
+    fakes.factory(cloud.host("b"))
+    fakes["b"].fail_next("spawn")
+    uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
+    i = cloud.get(uuid)
+    assert (i.vm_state, i.host) == (VmState.ACTIVE, "a")
+    assert cloud.host("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == ["a"]
+    messages = [r.message for r in cloud.history(uuid) if r.message]
+    assert messages[0].startswith("scheduled to b")
+    assert "spawn on b failed: injected failure in spawn; rescheduling" in messages[1]
+    assert messages[2].startswith("scheduled to a (attempt 2 of 3)")
+
+
+def test_every_attempt_failing_ends_in_error_with_each_in_the_audit_log(cloud: Engine, fakes: Fakes) -> None:
+    """After max_attempts failed spawns the instance is in error, holds no claim, and the log shows all three."""
+    for name in ("a", "b", "c"):
+        fakes.factory(cloud.host(name))
+        fakes[name].fail_next("spawn")
+    with pytest.raises(TaskFailed) as info:
+        cloud.create("vm", flavor=SMALL, image="cirros")
+    uuid = info.value.task.instance_uuid
+    assert cloud.get(uuid).vm_state is VmState.ERROR and cloud.store.claims_of(uuid) == []
+    scheduled = [r.message for r in cloud.history(uuid) if (r.message or "").startswith("scheduled to")]
+    assert [m.split()[2] for m in scheduled] == ["b", "a", "c"]
+    assert "injected failure in spawn" in (cloud.history(uuid)[-1].message or "")
+
+
+def test_nothing_fits_fails_with_reasons(cloud: Engine) -> None:
+    """A flavor no host can take fails the create with NoValidHost reasons in the task error."""
+    with pytest.raises(TaskFailed) as info:
+        cloud.create("huge", flavor=Flavor(vcpus=1, memory_mb=10000, root_gb=1), image="cirros")
+    assert "NoValidHost" in info.value.error and "a: RamFilter" in info.value.error
+    assert cloud.get(info.value.task.instance_uuid).vm_state is VmState.ERROR
+
+
+def test_a_named_host_must_have_room(cloud: Engine) -> None:
+    """Building on a named host skips the filters but not the claim: a full host refuses."""
+    with pytest.raises(TaskFailed, match="requested host has no room"):
+        cloud.create("big", host="c", flavor=Flavor(vcpus=1, memory_mb=2000, root_gb=1), image="cirros")
+
+
+def _race(url: str, worker: int, tries: int) -> int:
+    store = Store(url)
+    won = 0
+    for i in range(tries):
+        if store.claim(f"00000000-0000-0000-0000-{worker:06d}{i:06d}", "tight", 1, 1024, 1, (16.0, 1.0, 1.0)):
+            won += 1
+    store.close()
+    return won
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_racing_claims_never_overcommit(pg_url: str) -> None:
+    """Six processes racing for a host that fits exactly 5 instances: exactly 5 claims win, usage is exact."""
+    upgrade(pg_url)
+    with Engine(pg_url) as engine:
+        engine.add_host("tight", "fake://", vcpus=64, memory_mb=5 * 1024, disk_gb=100)
+        engine.add_image("cirros", "/images/cirros.qcow2")
+        for w in range(6):
+            for i in range(5):
+                engine.create(
+                    f"seed{w}-{i}",
+                    host="tight",
+                    flavor=Flavor(1, 64, 1),
+                    image="cirros",
+                    uuid=f"00000000-0000-0000-0000-{w:06d}{i:06d}",
+                )
+        # The claims below need instance rows (foreign key); release the seeds' own claims first.
+        for w in range(6):
+            for i in range(5):
+                engine.store.release_claims(f"00000000-0000-0000-0000-{w:06d}{i:06d}")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(6) as pool:
+        wins = pool.starmap(_race, [(pg_url, w, 5) for w in range(6)])
+    assert sum(wins) == 5
+    with Engine(pg_url) as engine:
+        tight = engine.host("tight")
+        assert (tight.memory_mb_used, tight.vcpus_used) == (5 * 1024, 5)
+
+
+def test_claim_is_refused_once_the_host_is_full(tmp_path: Path) -> None:
+    """On SQLite too, a claim that would pass the ratio writes nothing."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    with Engine(url) as engine:
+        engine.add_host("h", "fake://", vcpus=1, memory_mb=100, disk_gb=1)
+        engine.add_image("cirros", "/images/cirros.qcow2")
+        uuid = engine.create("x", host="h", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
+        assert engine.store.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
+        assert engine.host("h").memory_mb_used == 64
+    assert NoValidHost({}).reasons == {}
