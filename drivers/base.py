@@ -222,12 +222,13 @@ class Driver(abc.ABC):
         Events arrive on a driver thread, never on the caller's.
         """
 
-    def cleanup_images(self, max_age_seconds: float) -> list[str]:
-        """Remove cached base images no disk uses and older than ``max_age_seconds``.
+    def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
+        """Remove unused cached base images and stale ``<uuid>_resize`` directories older than the age.
 
-        Returns what was removed. A base behind any disk (a ``<uuid>_resize``
-        one included) is never removed. Repeat: safe. Drivers without an
-        image cache have nothing to remove.
+        ``moving`` names the instances whose move is not yet confirmed or
+        reverted: their ``<uuid>_resize`` directories are kept. A base behind
+        any disk is never removed. Returns what was removed. Repeat: safe.
+        Drivers without an image cache have nothing to remove.
         """
         return []
 

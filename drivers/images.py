@@ -168,25 +168,46 @@ class ImageCache:
         """Delete an instance's directory; a missing one is success."""
         shutil.rmtree(self.instance_dir(uuid), ignore_errors=True)
 
-    def cleanup(self, in_use: Iterable[Path], max_age_seconds: float, now: float | None = None) -> list[Path]:
-        """Remove cached bases no disk uses and older than ``max_age_seconds``; return them.
+    def cleanup(
+        self,
+        in_use: Iterable[Path],
+        max_age_seconds: float,
+        now: float | None = None,
+        moving: Iterable[str] | None = None,
+    ) -> list[Path]:
+        """Remove unused cached bases (and stale ``<uuid>_resize`` dirs) older than the age; return them.
 
         A base counts as used when any ``in_use`` disk's backing chain reaches
         it or when some instance directory's disk is backed by it, so a base is
-        never removed from under a disk, a ``<uuid>_resize`` one included.
+        never removed from under a disk. With ``moving`` (the uuids whose move
+        is not yet confirmed or reverted), a ``<uuid>_resize`` directory of any
+        other instance is removed too once old enough; without it, none is.
         """
+        moment = time.time() if now is None else now
+        removed = self._stale_resize_dirs(set(moving), max_age_seconds, moment) if moving is not None else []
         if not self.base_dir.is_dir():
-            return []
+            return removed
         used = {os.path.realpath(p) for p in in_use}
         for disk in self.root.glob("*/disk"):
             if disk.parent != self.base_dir:
                 used.update(os.path.realpath(f) for f in self.backing_chain(disk)[1:])
-        moment = time.time() if now is None else now
-        removed = []
         for base in sorted(self.base_dir.iterdir()):
             if ".part-" in base.name or os.path.realpath(base) in used:
                 continue
             if moment - base.stat().st_mtime >= max_age_seconds:
                 base.unlink(missing_ok=True)
                 removed.append(base)
+        return removed
+
+    def _stale_resize_dirs(self, moving: set[str], max_age_seconds: float, moment: float) -> list[Path]:
+        removed = []
+        for directory in sorted(self.root.glob("*_resize")):
+            uuid = directory.name.removesuffix("_resize")
+            try:
+                valid_uuid(uuid)
+            except DriverError:
+                continue  # not ours: never touch what we did not name
+            if uuid not in moving and moment - directory.stat().st_mtime >= max_age_seconds:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(directory)
         return removed

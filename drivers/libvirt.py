@@ -348,26 +348,23 @@ class LibvirtDriver(Driver):
             dom.create()
 
     def pause(self, uuid: str) -> None:
-        def act(dom: Any) -> None:
-            state = self._state(dom)
-            if state is PowerState.PAUSED:
-                return
-            if state is not PowerState.RUNNING:
-                raise DriverError(f"cannot pause {uuid}: domain is {state.name.lower()}", uuid=uuid, call="pause")
-            dom.suspend()
-
-        self._run("pause", uuid, act)
+        self._flip("pause", uuid, PowerState.RUNNING, PowerState.PAUSED, lambda dom: dom.suspend())
 
     def unpause(self, uuid: str) -> None:
-        def act(dom: Any) -> None:
-            state = self._state(dom)
-            if state is PowerState.RUNNING:
-                return
-            if state is not PowerState.PAUSED:
-                raise DriverError(f"cannot unpause {uuid}: domain is {state.name.lower()}", uuid=uuid, call="unpause")
-            dom.resume()
+        self._flip("unpause", uuid, PowerState.PAUSED, PowerState.RUNNING, lambda dom: dom.resume())
 
-        self._run("unpause", uuid, act)
+    def _flip(self, call: str, uuid: str, source: PowerState, target: PowerState, act: Callable[[Any], Any]) -> None:
+        """Move a domain from ``source`` to ``target``; already there is success, elsewhere an error."""
+
+        def flip(dom: Any) -> None:
+            state = self._state(dom)
+            if state is target:
+                return
+            if state is not source:
+                raise DriverError(f"cannot {call} {uuid}: domain is {state.name.lower()}", uuid=uuid, call=call)
+            act(dom)
+
+        self._run(call, uuid, flip)
 
     def suspend(self, uuid: str) -> None:
         def act(dom: Any) -> None:
@@ -409,8 +406,8 @@ class LibvirtDriver(Driver):
         self.destroy(spec.uuid, destroy_disks=True)
         self.spawn(spec, power_on=True)
 
-    def cleanup_images(self, max_age_seconds: float) -> list[str]:
-        return [str(p) for p in self.images.cleanup([], max_age_seconds)]
+    def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
+        return [str(p) for p in self.images.cleanup([], max_age_seconds, moving=moving)]
 
     def get_info(self, uuid: str) -> PowerState:
         return self._run("get_info", uuid, self._state)

@@ -217,7 +217,12 @@ class Engine:
     def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
         """Remove a host's unused cached base images older than the age; return them."""
         age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
-        return self.driver(self.store.get_host(host).name).cleanup_images(age)
+        moving = frozenset(
+            i.uuid
+            for i in self.store.list_instances(self.store.get_host(host).name)
+            if i.vm_state is VmState.RESIZED or i.task_state in graph.MOVE_TASK_STATES
+        )
+        return self.driver(host).cleanup_images(age, moving)
 
     def check_console_token(self, token: str) -> console.ConsoleConnection | None:
         """Return where to connect for a console token while it is valid, else None."""

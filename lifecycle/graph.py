@@ -31,6 +31,7 @@ __all__ = [
     "ANY_TASK",
     "ANY_VM",
     "IDLE",
+    "MOVE_TASK_STATES",
     "OPERATIONS",
     "Failure",
     "Operation",
@@ -240,6 +241,10 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 _BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
+
+MOVE_OPERATIONS = ("resize", "migrate", "confirm_resize", "revert_resize")
+MOVE_TASK_STATES: frozenset[TaskState] = frozenset(t for name in MOVE_OPERATIONS for t in _BY_NAME[name].walk)
+"""Task states during which an instance's move is open (its source keeps ``<uuid>_resize``)."""
 
 # vm_states no operation enters yet: kept in the vocabulary so Nova-written rows
 # load, exempted from the reachability check by name rather than silently.

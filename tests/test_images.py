@@ -108,3 +108,20 @@ def test_cleanup_removes_only_unused_old_bases(cache: ImageCache, base_image: Pa
     removed = cache.cleanup([], max_age_seconds=3600)
     assert removed == [old_unused]
     assert used_base.exists() and young_unused.exists()
+
+
+def test_cleanup_removes_stale_resize_dirs_but_keeps_open_moves(cache: ImageCache, base_image: Path) -> None:
+    """Old <uuid>_resize directories go unless their move is still open; foreign names are never touched."""
+    base = cache.cache(str(base_image), "qcow2")
+    stale, open_move = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    for uuid in (stale, open_move):
+        cache.create_overlay(uuid, base, "qcow2", 1).parent.rename(cache.root / f"{uuid}_resize")
+    (cache.root / "notes_resize").mkdir()
+    day_ago = time.time() - 86400
+    for name in (f"{stale}_resize", f"{open_move}_resize", "notes_resize"):
+        os.utime(cache.root / name, (day_ago, day_ago))
+    removed = cache.cleanup([], max_age_seconds=3600, moving={open_move})
+    assert removed == [cache.root / f"{stale}_resize"]
+    assert (cache.root / f"{open_move}_resize").exists() and (cache.root / "notes_resize").exists()
+    assert base.exists()
+    assert cache.cleanup([], max_age_seconds=0) == []  # without the moving set no resize dir is touched

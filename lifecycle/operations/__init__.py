@@ -8,6 +8,7 @@ task_state of the walk and does the driver work of each step.
 
 from __future__ import annotations
 
+from lifecycle.graph import MOVE_OPERATIONS
 from lifecycle.operations import build, delete, power, rebuild
 from lifecycle.tasks import Steps
 
@@ -17,4 +18,4 @@ STEPS: dict[str, Steps] = {**build.STEPS, **power.STEPS, **delete.STEPS, **rebui
 
 # Operations whose table rows and guards exist but whose steps come with the
 # cold-migrate/resize work; the engine refuses them with a clear error.
-PENDING: frozenset[str] = frozenset({"resize", "migrate", "confirm_resize", "revert_resize"})
+PENDING: frozenset[str] = frozenset(MOVE_OPERATIONS)
