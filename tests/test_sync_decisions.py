@@ -42,11 +42,12 @@ def test_idle_instance_matches_novas_table(vm: VmState, db: PowerState, hv: Powe
         assert decision.action is Action.RUN and decision.power == hv
 
 
-@pytest.mark.parametrize(("vm", "db", "hv"), CELLS[:: max(1, len(CELLS) // 60)])
-@pytest.mark.parametrize("task", [TaskState.POWERING_OFF, TaskState.REBOOT_STARTED, TaskState.DELETING])
-def test_instance_with_a_task_is_skipped(vm: VmState, db: PowerState, hv: PowerState, task: TaskState) -> None:
-    """Whatever the states, an instance with a task in flight is left to its task."""
-    assert decide(Recorded(vm, task, db, T0), Observation(hv, LATER)).action is Action.SKIP
+@pytest.mark.parametrize("task", [None, *TaskState])
+def test_every_cell_with_a_task_is_skipped(task: TaskState | None) -> None:
+    """For every task_state, every (vm_state, recorded, observed) cell is skipped; with none, none is."""
+    for vm, db, hv in CELLS:
+        action = decide(Recorded(vm, task, db, T0), Observation(hv, LATER)).action
+        assert (action is Action.SKIP) == (task is not None), (vm, db, hv, task)
 
 
 def test_stale_observation_is_ignored() -> None:

@@ -40,7 +40,13 @@ def engine(tmp_path: Path, base_image: Path) -> Iterator[Engine]:
     qemu_ready()
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    settings = Settings(libvirt_domain_type="qemu", shutdown_timeout=0, soft_reboot_seconds=1)
+    settings = Settings(
+        libvirt_domain_type="qemu",
+        shutdown_timeout=0,
+        soft_reboot_seconds=1,
+        stopped_event_delay=1.0,
+        sync_interval=600,
+    )
     eng = Engine(url, settings=settings)
     eng.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
     eng.add_image("base", str(base_image))
@@ -129,3 +135,24 @@ def test_reboot_racing_a_sync_pass_ends_in_the_reboots_result(engine: Engine) ->
     i = engine.get(uuid)
     assert (i.vm_state, i.task_state, i.power_state) == (V.ACTIVE, None, P.RUNNING)
     assert (engine.tasks(uuid)[-1].operation, engine.tasks(uuid)[-1].outcome.value) == ("reboot_hard", "succeeded")
+
+
+def test_the_daemon_handles_virsh_changes_while_it_runs(engine: Engine) -> None:
+    """With the daemon running, a virsh destroy of an active guest and a virsh start of a stopped one are corrected."""
+    from lifecycle.daemon import Daemon
+
+    active, stopped = _create(engine), _create(engine)
+    engine.stop(stopped)
+    daemon = Daemon(engine, claim_interval=0.2)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: "q1" in daemon.claims)
+        virsh("destroy", f"lifecycle-{active}")
+        virsh("start", f"lifecycle-{stopped}")
+        assert wait_for(lambda: engine.get(active).vm_state is V.STOPPED)  # the event path, delay 15 s by default
+        assert wait_for(lambda: engine.driver("q1").get_info(stopped) is P.SHUTDOWN)
+    finally:
+        daemon.stop.set()
+        thread.join(30)
+    assert engine.host("q1").last_heartbeat is not None
