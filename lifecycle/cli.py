@@ -350,9 +350,8 @@ def _db(args: argparse.Namespace) -> None:
 
 
 def _graph(args: argparse.Namespace) -> None:
-    print(
-        graph.to_json() if args.format == "json" else graph.to_mermaid(), end="" if args.format == "mermaid" else "\n"
-    )
+    as_json = args.format == "json" or args.json
+    print(graph.to_json() if as_json else graph.to_mermaid(), end="\n" if as_json else "")
 
 
 def _error(args: argparse.Namespace, exc: LifecycleError) -> int:

@@ -183,3 +183,9 @@ def test_hosts_and_scheduled_create(cli, tmp_path: Path) -> None:  # type: ignor
         "create", "z", "--flavor", "vcpus=1,ram=512,disk=1", "--image", "cirros", "--extra-spec", "nokeyvalue"
     )
     assert code == 2 and "--extra-spec takes KEY=VALUE" in err
+
+
+def test_graph_honours_json_flag(cli) -> None:  # type: ignore[no-untyped-def]
+    """`graph --json` prints the table as JSON like every other command's --json."""
+    code, out, _ = cli("graph", "--json")
+    assert code == 0 and json.loads(out)[0]["operation"] == "create"
