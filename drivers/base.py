@@ -187,14 +187,6 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def rebuild(self, spec: DomainSpec) -> None:
-        """Replace the disk with a fresh overlay on ``spec``'s image and start the domain.
-
-        After: running on a new disk, same uuid and size. Repeat: safe (each
-        call gives a fresh disk). Errors: DriverError.
-        """
-
-    @abc.abstractmethod
     def get_info(self, uuid: str) -> PowerState:
         """Return the domain's power state, read fresh.
 

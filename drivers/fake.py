@@ -251,15 +251,6 @@ class FakeDriver(Driver):
 
         self._call("unrescue", spec.uuid, act)
 
-    def rebuild(self, spec: DomainSpec) -> None:
-        def act() -> PowerState | None:
-            dom = self._domains.get(spec.uuid)
-            port = dom.vnc_port if dom else self._port()
-            self._domains[spec.uuid] = _Domain(asdict(spec), int(P.RUNNING), self._new_disk(spec), vnc_port=port)
-            return P.RUNNING
-
-        self._call("rebuild", spec.uuid, act)
-
     def get_info(self, uuid: str) -> PowerState:
         self._before("get_info")
         with self._state():

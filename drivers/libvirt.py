@@ -402,10 +402,6 @@ class LibvirtDriver(Driver):
             (self.images.instance_dir(spec.uuid) / "disk.rescue").unlink(missing_ok=True)
             dom.create()
 
-    def rebuild(self, spec: DomainSpec) -> None:
-        self.destroy(spec.uuid, destroy_disks=True)
-        self.spawn(spec, power_on=True)
-
     def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
         return [str(p) for p in self.images.cleanup([], max_age_seconds, moving=moving)]
 

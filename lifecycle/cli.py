@@ -27,6 +27,7 @@ from lifecycle.daemon import Daemon
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
 from lifecycle.records import Flavor, Host, Instance, Task, to_plain
+from lifecycle.recovery import vars_of
 from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
 from lifecycle.store.db import connect, current_revision, downgrade
 
@@ -151,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--image")
 
     sub.add_parser("console", help="issue a VNC console URL", parents=[common]).add_argument("uuid")
+    recover = sub.add_parser("recover", help="finish tasks whose owner died", parents=[common])
+    recover.add_argument("--owner", help="the owner name a crashed engine used (its tasks are taken at once)")
     sync = sub.add_parser("sync", help="run one power-sync pass", parents=[common])
     sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (the daemon loops)")
     sync.add_argument("--host", help="only this host (default: every enabled host)")
@@ -321,6 +324,15 @@ def _sync(engine: Engine, args: argparse.Namespace) -> None:
     _emit(args, [asdict(s) for s in summaries], "\n".join(lines) or "no hosts")
 
 
+def _recover(args: argparse.Namespace) -> None:
+    with Engine(args.db, owner=args.owner) as engine:
+        results = engine.recover()
+    lines = [
+        f"{r.task_id} {r.operation} on {r.instance_uuid} at {r.task_state}: {r.plan} -> {r.outcome}" for r in results
+    ]
+    _emit(args, [vars_of(r) for r in results], "\n".join(lines) or "no task to recover")
+
+
 def _daemon(args: argparse.Namespace) -> None:
     overrides: dict[str, float] = {}
     if args.interval is not None:
@@ -384,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _db(args)
         elif args.command == "graph":
             _graph(args)
+        elif args.command == "recover":
+            _recover(args)
         elif args.command == "daemon":
             _daemon(args)
         elif args.command == "demo":

@@ -4,7 +4,8 @@ A daemon owns a host through :meth:`Store.try_claim_host` (a PostgreSQL
 advisory lock, or a lock file beside a SQLite database), so several daemons
 split the hosts between them and no host is ever synced by two at once; the
 hosts of a daemon that dies are claimed by the others at their next claim
-round. For each owned host it records a heartbeat (so the scheduler sees
+round. At start and every lease period it recovers tasks whose owner died
+(:mod:`lifecycle.recovery`). For each owned host it records a heartbeat (so the scheduler sees
 the host up), runs a sync pass at start and then every ``sync_interval``,
 listens to the host's lifecycle events, and cleans the host's image cache
 every ``image_cache_interval``. Timers sleep by waiting on
@@ -64,7 +65,10 @@ class Daemon:
         self.clock = clock
         self.stop = threading.Event()
         self.claims: dict[str, HostClaim] = {}
-        self.jobs: list[Job] = [Job("claim_hosts", claim_interval, self._claim_hosts)]
+        self.jobs: list[Job] = [
+            Job("recover_tasks", engine.settings.lease_seconds, engine.recover),
+            Job("claim_hosts", claim_interval, self._claim_hosts),
+        ]
         self._processors: dict[str, tuple[EventProcessor, threading.Thread]] = {}
 
     def run(self) -> None:

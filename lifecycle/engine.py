@@ -28,6 +28,7 @@ from lifecycle.errors import Conflict, InvalidInput, InvalidState
 from lifecycle.operations import PENDING, STEPS
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
+from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.states import PowerState, VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
 from lifecycle.store.db import now
@@ -207,6 +208,27 @@ class Engine:
         """Issue a console token for an instance and return its access URL."""
         s = self.settings
         return console.issue(self.store, self.driver, self.get(uuid), s.console_base_url, s.console_token_ttl)
+
+    def recover(self) -> builtins.list[Recovered]:
+        """Take over and finish every task whose owner died (lease expired, or our own name).
+
+        Each is resumed forward or rolled back per :func:`lifecycle.recovery.plan`;
+        afterwards no recovered instance has a task in flight.
+        """
+        return recover_tasks(self)
+
+    def resume_run(self, task: Task, instance: Instance) -> TaskRun:
+        """Build the worker for a task recovery resumes (internal to recovery)."""
+        image = self._image(task.params.get("image") or instance.image)
+        source = None if task.operation == "create" else instance.vm_state
+        run = TaskRun(self.store, self.driver, self.settings, instance, task, image, source)
+        run.resume_from(self.store.steps(task.id))
+        return run
+
+    def execute(self, run: TaskRun) -> Task:
+        """Run a prepared task in this thread (internal to recovery)."""
+        self._ensure_heartbeat()
+        return execute(run, STEPS[run.task.operation])
 
     def sync(self, host: str | None = None) -> builtins.list[PassSummary]:
         """Run one power-sync pass over ``host`` (default: every enabled host)."""

@@ -21,7 +21,7 @@ from lifecycle import graph
 from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, Preempted, TaskFailed
-from lifecycle.records import Image, Instance, Outcome, Task
+from lifecycle.records import Cause, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState
 from lifecycle.store import Store
 
@@ -62,7 +62,13 @@ class TaskRun:
         """For create: pick and claim a host, avoiding the ones tried (set by the engine)."""
         self.attempts = 1
         """For create: how many hosts a failing spawn may be tried on."""
+        self.recovering = False
+        """Set when recovery resumes this task after its owner died: writes say cause recovery."""
+        self.done: set[str] = set()
+        """Non-repeatable steps already completed (from the step log, when resuming)."""
         self._seq = 1
+        self._position = 0
+        self._written = self._walk_index(instance.task_state)
 
     @property
     def driver(self) -> Driver:
@@ -94,8 +100,8 @@ class TaskRun:
         """Return the audit reason for writes of this task."""
         t = self.task
         return Why(
-            actor=t.actor,
-            cause=t.cause,
+            actor=f"recovery:{t.owner}" if self.recovering else t.actor,
+            cause=Cause.RECOVERY if self.recovering else t.cause,
             operation=t.operation,
             task_id=t.id,
             request_id=t.request_id,
@@ -110,18 +116,53 @@ class TaskRun:
         except DomainNotFound:
             return PowerState.NOSTATE
 
+    def resume_from(self, steps: list[TaskStep]) -> None:
+        """Prepare to resume after a crash: writes say recovery, completed steps are not redone."""
+        self.recovering = True
+        self.done = {s.name for s in steps if s.finished_at is not None}
+        self._seq = max((s.seq for s in steps), default=1)
+
+    def _walk_index(self, state: TaskState | None) -> int:
+        walk = graph.operation(self.task.operation).walk
+        return walk.index(state) if state in walk else 0
+
+    def resumed_past(self, state: TaskState) -> bool:
+        """Whether a resumed run finds ``state`` already behind it (its work was done before the crash)."""
+        return self._written > self._walk_index(state)
+
     def advance(self, message: str | None = None, **fields: Any) -> None:
-        """Move to the next task_state of the walk (a CAS under this task's id), writing ``fields``."""
+        """Move to the next task_state of the walk (a CAS under this task's id), writing ``fields``.
+
+        A resumed run passes over the task_states written before the crash
+        without writing them again.
+        """
+        self._position += 1
+        if self._position <= self._written:
+            return
         current = self.instance.task_state
         assert current is not None
         nxt = graph.next_task_state(self.task.operation, current)
         assert nxt is not None, f"{current} is the last step of {self.task.operation}"
         self._step(nxt, message, fields)
+        self._written = self._position
 
     def retry(self, message: str, **fields: Any) -> None:
         """Go back to the first step of the walk (a reschedule), recording why."""
         assert self.instance.task_state is not None
         self._step(graph.retry_task_state(self.task.operation, self.instance.task_state), message, fields)
+        self._position = self._written = 0
+
+    def once(self, name: str, action: Callable[[], object]) -> None:
+        """Run a step that must never run twice for this task, and record that it completed.
+
+        A resumed run skips it when the step log says it completed before the crash.
+        """
+        if name in self.done:
+            return
+        action()
+        self._seq += 1
+        self.store.mark_done(self.task.id, self._seq, name)
+        self.done.add(name)
 
     def _step(self, task_state: TaskState, message: str | None, fields: dict[str, Any]) -> None:
         self._seq += 1

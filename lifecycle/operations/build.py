@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from lifecycle.errors import DriverError
+from lifecycle.states import TaskState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
 
@@ -18,11 +19,16 @@ def create(run: TaskRun) -> None:
     no host was named, goes back to scheduling with that host excluded; each
     attempt leaves an audit row saying where it failed and why.
     """
-    assert run.schedule is not None
     attempts = run.attempts
     tried: list[str] = []
     for attempt in range(1, attempts + 1):
-        host = run.schedule(tried)
+        resumed = run.resumed_past(TaskState.SCHEDULING) and run.instance.host is not None
+        if resumed:
+            host = run.instance.host
+        else:
+            assert run.schedule is not None, "create needs a scheduler"
+            host = run.schedule(tried)
+        assert host is not None
         run.advance(f"scheduled to {host} (attempt {attempt} of {attempts})", host=host)  # networking
         run.advance()  # block_device_mapping: the root disk is made by spawn
         run.advance()  # spawning

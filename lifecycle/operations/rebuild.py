@@ -11,12 +11,16 @@ __all__ = ["STEPS"]
 def rebuild(run: TaskRun) -> None:
     """Walk rebuilding -> rebuild_block_device_mapping -> rebuild_spawning.
 
-    The domain and its disk are replaced in the spawning step; a stopped
-    instance is powered off again afterwards so it ends stopped.
+    The old domain and disk are destroyed, then a new one is spawned, as
+    Nova's manager does. Destroying is recorded as done once it completes, so
+    a run resumed after a crash never destroys the new disk; spawning is
+    repeat-safe (an existing domain is left as it is). A stopped instance is
+    powered off again afterwards so it ends stopped.
     """
     run.advance()  # rebuild_block_device_mapping: the new overlay is made by the driver
     run.advance()  # rebuild_spawning
-    run.driver.rebuild(run.spec)
+    run.once("old_disk_destroyed", lambda: run.driver.destroy(run.instance.uuid, destroy_disks=True))
+    run.driver.spawn(run.spec, power_on=True)
     run.fields["image"] = run.image.name
     if run.source_vm_state is VmState.STOPPED:
         run.driver.power_off(run.instance.uuid, timeout=0, retry_interval=0)

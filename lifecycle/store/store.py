@@ -312,6 +312,51 @@ class Store:
             rows = conn.execute(query).mappings().all()
         return [AuditEntry(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
 
+    def recoverable_tasks(self, owner: str) -> list[Task]:
+        """Return running tasks whose lease has expired, or that ``owner`` itself held before a restart."""
+        query = (
+            sa.select(_T)
+            .where(_T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < now(), _T.c.owner == owner))
+            .order_by(_T.c.started_at)
+        )
+        with self._read() as conn:
+            return [_task(r) for r in conn.execute(query).mappings()]
+
+    def take_over(self, task_id: str, owner: str) -> bool:
+        """Make ``owner`` the owner of a running task whose lease expired (or that it owned); False if lost."""
+        at = now()
+        query = (
+            sa.update(_T)
+            .where(
+                _T.c.id == task_id,
+                _T.c.outcome == Outcome.RUNNING.value,
+                sa.or_(_T.c.lease_expires_at < at, _T.c.owner == owner),
+            )
+            .values(owner=owner, lease_expires_at=at + self.lease)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def mark_done(self, task_id: str, seq: int, name: str) -> None:
+        """Record that a non-repeatable step of a task completed (recovery will not run it again)."""
+        at = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(_S),
+                {"task_id": task_id, "seq": seq, "name": name, "started_at": at, "finished_at": at, "result": "ok"},
+            )
+
+    def end_orphan(self, task: Task, reason: str) -> None:
+        """Close a running task that no longer owns its instance, without touching the instance."""
+        at = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(_T)
+                .where(_T.c.id == task.id, _T.c.outcome == Outcome.RUNNING.value)
+                .values(outcome=Outcome.FAILED.value, finished_at=at, error=reason)
+            )
+            self._close_steps(conn, task.id, at, "failed", reason)
+
     def renew_leases(self, owner: str) -> int:
         """Push the lease of every running task of ``owner`` forward; return how many."""
         query = (

@@ -1,0 +1,146 @@
+"""Crash recovery: what to do with each task found running with a dead owner.
+
+A task is recoverable when its owner's lease has expired, or when the engine
+recovering it carries the same owner name (a restarted process with a stable
+owner). :func:`plan` decides, per task_state and pure, whether to resume the
+operation forward or roll it back; every task_state has a defined answer,
+where Nova leaves about fifteen stuck (reference section 6).
+
+Resuming is safe because every driver call is repeat-safe by contract, the
+walk skips the task_states already written, and the one destructive call
+that must not run twice (rebuild's new disk) leaves a durable "done" step
+that a resumed run honours. Rolling back ends the task failed through the
+operation's failure rule (create: error, claims released).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from lifecycle import graph
+from lifecycle.errors import DriverError, LifecycleError, Preempted, TaskFailed
+from lifecycle.records import Task
+from lifecycle.states import TaskState
+
+if TYPE_CHECKING:
+    from lifecycle.engine import Engine
+    from lifecycle.tasks import TaskRun
+
+__all__ = ["Plan", "Recovered", "RecoveryRollBack", "Verdict", "plan", "recover_tasks"]
+
+log = structlog.get_logger(__name__)
+
+T = TaskState
+
+
+class Plan(enum.StrEnum):
+    """What recovery does with a task."""
+
+    RESUME = "resume"
+    """Take the task over and run the rest of the operation, then finish it."""
+    ROLL_BACK = "roll_back"
+    """Take the task over and end it failed, by the operation's failure rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A plan and the reason for it, recorded in the audit log."""
+
+    plan: Plan
+    reason: str
+
+
+# Before a create has a host and a disk there is nothing to resume onto: as Nova, error it.
+_ROLL_BACK = {
+    T.SCHEDULING: "crashed while scheduling: nothing was built",
+    T.NETWORKING: "crashed before the disk and domain were made",
+    T.BLOCK_DEVICE_MAPPING: "crashed before the domain was made",
+}
+# Move operations have guards but no steps yet, so no task can be found in these states;
+# if one is (a newer engine's row), it is not ours to resume.
+_UNSUPPORTED = graph.MOVE_TASK_STATES
+
+
+def plan(operation: str, task_state: TaskState) -> Verdict:
+    """Return the recovery verdict for a task of ``operation`` found in ``task_state``."""
+    if task_state not in graph.operation(operation).walk:
+        raise ValueError(f"{task_state.value} is not in the {operation} walk")
+    if task_state in _ROLL_BACK:
+        return Verdict(Plan.ROLL_BACK, _ROLL_BACK[task_state])
+    if task_state in _UNSUPPORTED:
+        return Verdict(Plan.ROLL_BACK, f"{operation} cannot be resumed by this version")
+    return Verdict(Plan.RESUME, f"resumed from {task_state.value}: the remaining steps are repeat-safe")
+
+
+class RecoveryRollBack(LifecycleError):
+    """The reason a recovered task was ended failed instead of resumed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What recovery did with one task."""
+
+    task_id: str
+    instance_uuid: str
+    operation: str
+    task_state: str | None
+    plan: str
+    outcome: str
+    reason: str
+
+
+def recover_tasks(engine: Engine) -> list[Recovered]:
+    """Take over and finish every recoverable task; return what became of each."""
+    results = []
+    for task in engine.store.recoverable_tasks(engine.owner):
+        if not engine.store.take_over(task.id, engine.owner):
+            continue  # another engine got it first
+        with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):
+            results.append(_recover(engine, engine.store.get_task(task.id)))
+            log.info("task_recovered", **{k: v for k, v in vars_of(results[-1]).items() if k != "task_id"})
+    return results
+
+
+def vars_of(recovered: Recovered) -> dict[str, str | None]:
+    """Return a result as a plain mapping (for logs and JSON)."""
+    return {name: getattr(recovered, name) for name in Recovered.__slots__}
+
+
+def _recover(engine: Engine, task: Task) -> Recovered:
+    instance = engine.store.get_instance(task.instance_uuid)
+    state = None if instance.task_state is None else instance.task_state.value
+    if instance.task_id != task.id or instance.task_state is None:
+        reason = "the instance no longer belongs to this task"
+        engine.store.end_orphan(task, reason)
+        return Recovered(task.id, task.instance_uuid, task.operation, state, "close", "failed", reason)
+    verdict = plan(task.operation, instance.task_state)
+    run = engine.resume_run(task, instance)
+    try:
+        if verdict.plan is Plan.ROLL_BACK:
+            _roll_back(run, verdict.reason)
+            outcome = "rolled_back"
+        else:
+            engine.execute(run)
+            outcome = "succeeded"
+    except TaskFailed as exc:
+        outcome = "failed" if verdict.plan is Plan.RESUME else "rolled_back"
+        return Recovered(task.id, task.instance_uuid, task.operation, state, verdict.plan.value, outcome, exc.error)
+    except Preempted:
+        outcome = "preempted"
+    return Recovered(task.id, task.instance_uuid, task.operation, state, verdict.plan.value, outcome, verdict.reason)
+
+
+def _roll_back(run: TaskRun, reason: str) -> None:
+    if run.task.operation == "create":
+        run.store.release_claims(run.instance.uuid)
+        if run.instance.host is not None:
+            with contextlib.suppress(DriverError):
+                run.driver.destroy(run.instance.uuid, destroy_disks=True)
+    run.before_power = run.read_power()
+    run.fail(RecoveryRollBack(reason))
+    raise TaskFailed(run.store.get_task(run.task.id), f"RecoveryRollBack: {reason}")
