@@ -4,9 +4,11 @@ compute-1 is a libvirt host (libvirt's own test driver, with a private node
 file, and a real qcow2 base made with qemu-img). The demo builds an instance
 there, walks it through the power operations, destroys its domain behind the
 engine's back so that a pause is refused by libvirt (the guest is unchanged,
-so the vm_state stays), then stops it. compute-2 is a fake host whose stop
-call is held inside the "hypervisor", to show a force delete taking over a
-stuck task. Both audit logs are printed at the end.
+so the vm_state stays), then lets a sync pass correct another out-of-band
+shutdown. compute-2 is a fake host with scripted faults: a stop held inside
+the "hypervisor" is taken over by a force delete, and a scheduled instance
+whose engine "crashes" mid-operation is finished by recovery. The audit logs
+are printed at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import Driver
-from drivers.fake import FakeDriver
+from drivers.fake import FakeDriver, SimulatedCrash
 from lifecycle.audit import format_history
 from lifecycle.config import Settings
 from lifecycle.engine import Engine
@@ -67,8 +69,18 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
     with Engine(url, driver_factory=driver_for, settings=settings) as engine:
         node = workdir / "compute-1-node.xml"
         node.write_text("<node/>")
-        engine.add_host("compute-1", f"test://{node}", str(workdir / "instances"))
-        engine.add_host("compute-2", "fake://", str(workdir / "instances-2"))
+        engine.add_host("compute-1", f"test://{node}", str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
+        engine.add_host(
+            "compute-2",
+            "fake://",
+            str(workdir / "instances-2"),
+            vcpus=8,
+            memory_mb=8192,
+            disk_gb=80,
+            capabilities={"tier": "gold"},
+        )
+        for host in ("compute-1", "compute-2"):
+            engine.heartbeat(host)  # a daemon owning the host does this; the scheduler needs it
         base = workdir / "cirros.qcow2"
         if missing is None:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
@@ -93,6 +105,11 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
             say(f"  guest unchanged, so the vm_state stays: {engine.get(web).status}")
         engine.stop(web)
         say(f"  stop -> {engine.get(web).status}")
+        engine.start(web)
+        engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
+        summary_line = engine.sync("compute-1")[0]
+        say(f"  started, then shut down behind our back; a sync pass: rules {summary_line.rules}")
+        say(f"  -> {engine.get(web).status} (the stop ran as a task with actor sync)")
 
         db = engine.create("db-1", host="compute-2", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
         gate = fake.hold("power_off")
@@ -108,7 +125,20 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
         stop_task = engine.tasks(db)[1]
         say(f"  the stop task ended {stop_task.outcome.value} by {stop_task.preempted_by}; the row was left alone")
 
-        for name, uuid in (("web-1", web), ("db-1", db)):
+        gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
+        app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
+        say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
+        fake.crash_after("pause")
+        try:
+            engine.pause(app)
+        except SimulatedCrash:
+            say(f"  the engine 'crashed' inside pause: task_state {engine.get(app).task_state}, task still running")
+    with Engine(url, driver_factory=driver_for, settings=settings, owner=engine.owner) as engine:
+        recovered = engine.recover()
+        say(
+            f"  a restarted engine recovers it: {recovered[0].plan} -> {recovered[0].outcome}, {engine.get(app).status}"
+        )
+        for name, uuid in (("web-1", web), ("db-1", db), ("app-1", app)):
             history = engine.history(uuid)
             summary["instances"][name] = {"instance": to_plain(engine.get(uuid)), "history": to_plain(history)}
             say(f"\naudit log of {name}:\n{format_history(history)}")
