@@ -46,7 +46,7 @@ from lifecycle.audit import Why
 from lifecycle.errors import DomainNotFound
 from lifecycle.records import Cause
 from lifecycle.store.db import connect
-from lifecycle.store.tables import InstanceRow
+from lifecycle.store.tables import HostRow, ImageRow, InstanceRow
 from lifecycle.sweep import apply_decision, sweep_host
 from lifecycle.sync import Action, Observation, Policy, Recorded, decide
 
@@ -60,8 +60,14 @@ def build_template(path: Path, count: int) -> list[str]:
     uuids = [str(uuidlib.UUID(int=i + 1)) for i in range(count)]
     db = connect(url)
     with db.begin() as conn:
-        conn.execute(sa.text("INSERT INTO hosts VALUES ('h1', 'fake://', '/x', 1, :t)"), {"t": past})
-        conn.execute(sa.text("INSERT INTO images VALUES ('cirros', '/i', 'qcow2', 0, :t)"), {"t": past})
+        conn.execute(
+            sa.insert(HostRow.__table__),  # type: ignore[attr-defined]
+            {"name": "h1", "driver_uri": "fake://", "instances_path": "/x", "enabled": True, "created_at": past},
+        )
+        conn.execute(
+            sa.insert(ImageRow.__table__),  # type: ignore[attr-defined]
+            {"name": "cirros", "path": "/i", "disk_format": "qcow2", "min_disk_gb": 0, "created_at": past},
+        )
         rows = [
             {
                 "uuid": u,
