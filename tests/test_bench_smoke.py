@@ -1,0 +1,31 @@
+"""The benchmark scripts still run (tiny sizes): they must not rot when the schema grows.
+
+These check that each script runs to its report line, never how fast: timings
+belong to the benchmarks themselves, measured against a baseline in one run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("transitions.py", ["--cycles", "3", "--rounds", "1"], "ratio engine/raw"),
+        ("sync.py", ["--instances", "300", "--runs", "1", "--skip-memory"], "1% drifted"),
+        ("scheduler.py", ["--repeat", "1"], "10000 hosts"),
+    ],
+)
+def test_benchmark_script_runs(script: str, args: list[str], expect: str) -> None:
+    """Each benchmark script exits 0 and prints its report line."""
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expect in done.stdout
