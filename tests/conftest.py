@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,20 +92,58 @@ def pg_server_url() -> str:
     return url
 
 
-@pytest.fixture
-def pg_url(pg_server_url: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database (created and dropped around the test)."""
+_PG_TEMPLATE = "lifecycle_migrated_template"
+_template_ready: list[bool] = []
+
+
+@contextmanager
+def _scratch_pg(server_url: str, template: str | None = None) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    url = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+        conn.exec_driver_sql(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    url = server_url.rsplit("/", 1)[0] + f"/{name}"
     try:
         yield url
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (created and dropped around the test)."""
+    with _scratch_pg(pg_server_url) as url:
+        yield url
+
+
+def _migrated_template(server_url: str) -> str:
+    """Create (once per session) a PostgreSQL database at head to copy per test: alembic is slow."""
+    if not _template_ready:
+        admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_PG_TEMPLATE} WITH (FORCE)")
+            conn.exec_driver_sql(f"CREATE DATABASE {_PG_TEMPLATE}")
+        admin.dispose()
+        url = server_url.rsplit("/", 1)[0] + f"/{_PG_TEMPLATE}"
+        upgrade(url)
+        sa.create_engine(url).dispose()
+        _template_ready.append(True)
+    return _PG_TEMPLATE
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database: a SQLite file, and (postgres tier) a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'lifecycle.db'}"
+        upgrade(url)
+        yield url
+        return
+    server = request.getfixturevalue("pg_server_url")
+    with _scratch_pg(server, _migrated_template(server)) as url:
+        yield url
 
 
 class Fakes(dict[str, FakeDriver]):
@@ -131,9 +170,9 @@ def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
 
 
 @pytest.fixture
-def engine(sqlite_url: str, fakes: Fakes) -> Iterator[Engine]:
-    """An engine on SQLite over two fake hosts; invariants are checked at teardown."""
-    eng = make_engine(sqlite_url, fakes, shutdown_timeout=0.0)
+def engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
+    """An engine on SQLite (and PostgreSQL) over two fake hosts; invariants are checked at teardown."""
+    eng = make_engine(db_url, fakes, shutdown_timeout=0.0)
     yield eng
     check_invariants(eng.store)
     eng.close()
