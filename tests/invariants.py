@@ -15,7 +15,8 @@ def check_invariants(store: Store) -> None:
     2. a deleted instance has no task and power_state 0;
     3. the audit log replays to the current states: each row starts where the
        previous one ended and the last one ends at the row's states, so no
-       change is missing an audit row and none has two.
+       change is missing an audit row and none has two; a row may leave the
+       states as they were only when it records a new task taking over.
     """
     for instance in store.list_instances(include_deleted=True):
         where = f"instance {instance.uuid} ({instance.vm_state}, {instance.task_state}, {instance.task_id})"
@@ -30,11 +31,12 @@ def check_invariants(store: Store) -> None:
 def _check_audit_chain(store: Store, instance: Instance) -> None:
     entries = store.history(instance.uuid)
     assert entries, f"instance {instance.uuid} has no audit rows"
-    state = (None, None, None)
+    state: tuple[object, ...] = (None, None, None)
+    task: str | None = None
     for e in entries:
         assert (e.from_vm_state, e.from_task_state, e.from_power_state) == state, (instance, e)
         after = (e.to_vm_state, e.to_task_state, e.to_power_state)
-        assert after != state, f"audit row {e.id} records no change"
-        state = after
+        assert after != state or e.task_id != task, f"audit row {e.id} records no change"
+        state, task = after, e.task_id
     current = (instance.vm_state.value, instance.task_state and instance.task_state.value, int(instance.power_state))
     assert state == current, f"audit log of {instance.uuid} ends at {state}, row is {current}"

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from lifecycle import Engine, InvalidState, Outcome, PowerState, Preempted, TaskState, VmState
+from lifecycle import Cause, Engine, InvalidState, Outcome, PowerState, Preempted, TaskState, VmState
+from lifecycle.audit import Why
 from tests.conftest import Fakes
 from tests.invariants import check_invariants
 
@@ -137,4 +138,18 @@ def test_delete_takes_over_a_stuck_delete(engine: Engine, fakes: Fakes, new_inst
     first.join(10)
     assert isinstance(first.error, Preempted)
     assert engine.get(uuid).vm_state is VmState.DELETED
+    check_invariants(engine.store)
+
+
+def test_hard_reboot_taking_over_a_hard_reboot_is_audited(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """A takeover that changes no state (rebooting_hard over rebooting_hard) still leaves an audit row naming it."""
+    uuid = new_instance()
+    stuck = engine._new_task(uuid, "reboot_hard", {}, None, None, "api", Cause.API)
+    engine.store.begin(engine.get(uuid), stuck, TaskState.REBOOTING_HARD, Why("api", Cause.API), None)
+    second = engine.reboot(uuid, hard=True)
+    rows = [r for r in engine.history(uuid) if r.task_id == second.id]
+    assert rows[0].from_task_state == rows[0].to_task_state == "rebooting_hard"
+    assert f"preempts reboot_hard task {stuck.id}" in (rows[0].message or "")
+    assert engine.task(stuck.id).outcome is Outcome.PREEMPTED
+    assert engine.get(uuid).version == len(engine.history(uuid))
     check_invariants(engine.store)

@@ -461,7 +461,8 @@ class Store:
                 conn.execute(sa.insert(_T), _task_values(task))
                 self._cas(conn, expected, after, None)
                 self._open_step(conn, task.id, 1, task_state.value)
-                self._audit(conn, expected, after, why)
+                # Always audited: a takeover (hard reboot over hard reboot) may change no state, only the task.
+                self._audit(conn, expected, after, why, always=True)
         except IntegrityError:
             # The one-running-task index: another task started on this instance first.
             raise Conflict(expected.uuid, _expect(expected), self._actual(expected.uuid)) from None
@@ -673,13 +674,20 @@ class Store:
         )
 
     @staticmethod
-    def _audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Why) -> None:
+    def _audit(
+        conn: sa.Connection, before: Instance | None, after: Instance, why: Why, *, always: bool = False
+    ) -> None:
         if before is not None and before.host != after.host and why.message is None:
             why = replace(why, message=f"host {before.host or 'none'} -> {after.host or 'none'}")
-        if before is not None and (before.vm_state, before.task_state, before.power_state) == (
-            after.vm_state,
-            after.task_state,
-            after.power_state,
+        if (
+            not always
+            and before is not None
+            and (before.vm_state, before.task_state, before.power_state)
+            == (
+                after.vm_state,
+                after.task_state,
+                after.power_state,
+            )
         ):
             return
         conn.execute(
