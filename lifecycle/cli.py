@@ -26,6 +26,7 @@ from lifecycle.config import Settings
 from lifecycle.daemon import Daemon
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
+from lifecycle.operations import STEPS
 from lifecycle.records import Flavor, Host, Instance, Task, to_plain
 from lifecycle.recovery import vars_of
 from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
@@ -33,19 +34,10 @@ from lifecycle.store.db import connect, current_revision, downgrade
 
 __all__ = ["configure_logging", "main"]
 
-# Operations that take only a uuid (plus the common task options).
-_SIMPLE_OPS = (
-    "start",
-    "pause",
-    "unpause",
-    "suspend",
-    "resume",
-    "rescue",
-    "unrescue",
-    "delete",
-    "force-delete",
-    "soft-delete",
-    "restore",
+# Commands with their own options; every other implemented operation takes only a uuid.
+_OWN_OPTIONS = frozenset({"create", "stop", "reboot", "reboot_hard", "rebuild"})
+_SIMPLE_OPS = tuple(
+    op.name.replace("_", "-") for op in graph.OPERATIONS if op.name in STEPS and op.name not in _OWN_OPTIONS
 )
 
 
