@@ -1,0 +1,27 @@
+"""The README's library example runs as written (on a fake host and scratch paths)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first python block of the README executes without error and ends with a suspended instance."""
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert code is not None
+    source = (
+        code.group(1)
+        .replace('"sqlite:///lifecycle.db"', repr(f"sqlite:///{tmp_path / 'readme.db'}"))
+        .replace('"qemu:///system"', '"fake://"')
+    )
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    engine = namespace["engine"]
+    uuid = namespace["uuid"]
+    assert engine.get(uuid).vm_state.value == "suspended"  # type: ignore[attr-defined]
