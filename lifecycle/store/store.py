@@ -10,6 +10,7 @@ the writer's own task was taken over, :class:`Conflict` otherwise.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import tempfile
@@ -17,10 +18,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.errors import (
@@ -31,7 +32,7 @@ from lifecycle.errors import (
     InstanceNotFound,
     Preempted,
 )
-from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
+from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store.db import aware, connect, now
 from lifecycle.store.tables import (
@@ -41,6 +42,7 @@ from lifecycle.store.tables import (
     HostRow,
     ImageRow,
     InstanceRow,
+    MigrationRow,
     TaskRow,
     TaskStepRow,
 )
@@ -56,11 +58,38 @@ _H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
 _IM: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
 _C: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
 _CL: sa.Table = ClaimRow.__table__  # type: ignore[attr-defined]
+_M: sa.Table = MigrationRow.__table__  # type: ignore[attr-defined]
 
 # Lookups for the sync read path, where an Enum(value) call per column per row shows in profiles.
 _VM_STATES = {s.value: s for s in VmState}
 _TASK_STATES = {t.value: t for t in TaskState}
 _POWERS = {int(p): p for p in PowerState}
+
+
+_RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
+_RETRIES = 5
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retry_on_deadlock(method: F) -> F:
+    """Re-run a write transaction PostgreSQL aborted for a deadlock or serialization failure.
+
+    Safe because every write is a compare-and-swap: if the other transaction
+    committed first, the retry finds the row changed and raises Conflict.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(_RETRIES):
+            try:
+                return method(*args, **kwargs)
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE_SQLSTATES or attempt == _RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
 
 
 class HostClaim:
@@ -140,6 +169,7 @@ class Store:
                 raise HostNotFound(name)
         return self.get_host(name)
 
+    @_retry_on_deadlock
     def claim(
         self, uuid: str, host: str, vcpus: int, memory_mb: int, disk_gb: int, ratios: tuple[float, float, float]
     ) -> bool:
@@ -185,6 +215,7 @@ class Store:
             conn.execute(sa.insert(_CL), claim)
         return True
 
+    @_retry_on_deadlock
     def release_claims(self, uuid: str, host: str | None = None) -> int:
         """Give back what an instance holds (on one host, or everywhere); return how many claims."""
         where = [_CL.c.instance_uuid == uuid] + ([_CL.c.host == host] if host is not None else [])
@@ -398,6 +429,42 @@ class Store:
             return None
         return HostClaim(host, handle.close)
 
+    # -- migrations ---------------------------------------------------------------
+
+    def add_migration(self, migration: Migration) -> None:
+        """Insert a migration record."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(_M), _migration_values(migration))
+
+    def update_migration(self, migration_id: str, **values: Any) -> Migration:
+        """Change a migration's status (and dest host, source disk, finished_at...)."""
+        values["updated_at"] = now()
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(_M).where(_M.c.id == migration_id).values(**values))
+        return self.get_migration(migration_id)
+
+    def get_migration(self, migration_id: str) -> Migration:
+        """Return a migration by id."""
+        with self._read() as conn:
+            return _migration(conn.execute(sa.select(_M).where(_M.c.id == migration_id)).mappings().one())
+
+    def open_migration(self, uuid: str) -> Migration | None:
+        """Return the instance's newest migration not yet confirmed, reverted or failed."""
+        query = (
+            sa.select(_M)
+            .where(_M.c.instance_uuid == uuid, _M.c.status.not_in(("confirmed", "reverted", "error")))
+            .order_by(_M.c.created_at.desc())
+        )
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _migration(row)
+
+    def migrations_finished_before(self, moment: datetime) -> list[Migration]:
+        """Return finished migrations whose finish is older than ``moment`` (the confirm window)."""
+        query = sa.select(_M).where(_M.c.status == "finished", _M.c.finished_at < moment).order_by(_M.c.finished_at)
+        with self._read() as conn:
+            return [_migration(r) for r in conn.execute(query).mappings()]
+
     # -- console tokens ---------------------------------------------------------
 
     def add_console_token(
@@ -433,6 +500,7 @@ class Store:
 
     # -- compare-and-swap writes --------------------------------------------
 
+    @_retry_on_deadlock
     def create(self, instance: Instance, task: Task, step: str, why: Why) -> Instance:
         """Insert a new instance already owned by ``task``, with its first step and audit row."""
         try:
@@ -445,6 +513,7 @@ class Store:
             raise AlreadyExists("instance", instance.uuid) from None
         return instance
 
+    @_retry_on_deadlock
     def begin(self, expected: Instance, task: Task, task_state: TaskState, why: Why, preempt: Task | None) -> Instance:
         """Start ``task`` on ``expected``: task row, first task_state, step and audit row.
 
@@ -456,10 +525,12 @@ class Store:
         )
         try:
             with self.engine.begin() as conn:
+                # Lock order: the instance row first, then task rows, in every write
+                # (a worker's finish does the same), so PostgreSQL never deadlocks on them.
+                self._cas(conn, expected, after, None)
                 if preempt is not None:
                     self._preempt(conn, preempt, task)
                 conn.execute(sa.insert(_T), _task_values(task))
-                self._cas(conn, expected, after, None)
                 self._open_step(conn, task.id, 1, task_state.value)
                 # Always audited: a takeover (hard reboot over hard reboot) may change no state, only the task.
                 self._audit(conn, expected, after, why, always=True)
@@ -468,6 +539,7 @@ class Store:
             raise Conflict(expected.uuid, _expect(expected), self._actual(expected.uuid)) from None
         return after
 
+    @_retry_on_deadlock
     def advance(
         self, expected: Instance, task: Task, seq: int, task_state: TaskState, why: Why, **fields: Any
     ) -> Instance:
@@ -482,6 +554,7 @@ class Store:
             self._audit(conn, expected, after, why)
         return after
 
+    @_retry_on_deadlock
     def finish(
         self,
         expected: Instance,
@@ -519,6 +592,7 @@ class Store:
             self._audit(conn, expected, after, why)
         return after
 
+    @_retry_on_deadlock
     def set_power(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
         """Record a new power_state on an idle instance (a sync write)."""
         after = replace(expected, power_state=power_state, version=expected.version + 1, updated_at=now())
@@ -577,6 +651,7 @@ class Store:
             rows = conn.execute(sa.select(_I).where(_I.c.uuid.in_(uuids))).mappings().all()
         return {r["uuid"]: _instance(r) for r in rows}
 
+    @_retry_on_deadlock
     def set_power_many(self, changes: list[tuple[Instance, PowerState, Why]]) -> list[Instance | None]:
         """Record new power states on idle instances in one transaction.
 
@@ -607,6 +682,7 @@ class Store:
                     sa.update(_I).where(_I.c.uuid == uuid, _I.c.version == version).values(missing_count=count)
                 )
 
+    @_retry_on_deadlock
     def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
         """Set vm_state error on an idle instance (a sync rule), with its audit row."""
         after = replace(
@@ -743,7 +819,10 @@ _WRITABLE = (
 
 def _changed(before: Instance, after: Instance) -> dict[str, Any]:
     values = _instance_values(after)
-    return {k: values[k] for k in _WRITABLE if getattr(before, k) != getattr(after, k) or k == "version"}
+    changed = {k: values[k] for k in _WRITABLE if getattr(before, k) != getattr(after, k) or k == "version"}
+    if before.flavor != after.flavor:  # a resize finishing or reverting
+        changed |= {k: values[k] for k in ("flavor_name", "vcpus", "memory_mb", "root_gb")}
+    return changed
 
 
 def _instance_values(i: Instance) -> dict[str, Any]:
@@ -817,6 +896,48 @@ def _instance(r: sa.RowMapping) -> Instance:
         updated_at=_at(r["updated_at"]),
         deleted_at=aware(r["deleted_at"]),
         missing_count=r["missing_count"],
+    )
+
+
+def _flavor_json(f: Flavor) -> str:
+    return json.dumps({"name": f.name, "vcpus": f.vcpus, "memory_mb": f.memory_mb, "root_gb": f.root_gb})
+
+
+def _migration_values(m: Migration) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "instance_uuid": m.instance_uuid,
+        "task_id": m.task_id,
+        "kind": m.kind,
+        "source_host": m.source_host,
+        "dest_host": m.dest_host,
+        "old_flavor": _flavor_json(m.old_flavor),
+        "new_flavor": _flavor_json(m.new_flavor),
+        "status": m.status,
+        "previous_vm_state": m.previous_vm_state.value,
+        "source_disk": m.source_disk,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "finished_at": m.finished_at,
+    }
+
+
+def _migration(r: sa.RowMapping) -> Migration:
+    return Migration(
+        id=r["id"],
+        instance_uuid=r["instance_uuid"],
+        task_id=r["task_id"],
+        kind=r["kind"],
+        source_host=r["source_host"],
+        dest_host=r["dest_host"],
+        old_flavor=Flavor(**json.loads(r["old_flavor"])),
+        new_flavor=Flavor(**json.loads(r["new_flavor"])),
+        status=r["status"],
+        previous_vm_state=VmState(r["previous_vm_state"]),
+        source_disk=r["source_disk"],
+        created_at=_at(r["created_at"]),
+        updated_at=_at(r["updated_at"]),
+        finished_at=aware(r["finished_at"]),
     )
 
 
