@@ -187,6 +187,37 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
+    def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
+        """Source side of a move: power off (clean, then hard), undefine, keep the disk aside.
+
+        After: no domain for ``uuid`` here; its disk kept as ``<uuid>_resize``
+        until confirm or revert. Returns where the kept disk is, for the
+        destination to copy. Repeat: safe (returns the same place).
+        Errors: DomainNotFound when there is neither a domain nor a kept disk.
+        """
+
+    @abc.abstractmethod
+    def finish_migration(self, spec: DomainSpec, source_disk: str, *, power_on: bool) -> None:
+        """Destination side: copy the disk, rebase it on this host's image cache, grow it, define, start.
+
+        ``spec`` carries the new flavor; the disk grows to ``spec.root_gb``
+        when that is larger. After: the domain exists, running if
+        ``power_on``. Repeat: safe (an existing domain is left as it is).
+        """
+
+    @abc.abstractmethod
+    def confirm_migration(self, uuid: str) -> None:
+        """Source side of a confirm: delete the kept ``<uuid>_resize`` disk. Repeat: safe."""
+
+    @abc.abstractmethod
+    def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
+        """Source side of a revert: put the kept disk back, define with ``spec`` (old flavor), start.
+
+        After: the domain exists here again, running if ``power_on``.
+        Repeat: safe. Errors: DomainNotFound when nothing was kept.
+        """
+
+    @abc.abstractmethod
     def get_info(self, uuid: str) -> PowerState:
         """Return the domain's power state, read fresh.
 

@@ -91,6 +91,7 @@ class FakeDriver(Driver):
         self.calls: list[str] = []
         self._lock = threading.RLock()
         self._domains: dict[str, _Domain] = {}
+        self._kept: dict[str, _Domain] = {}
         self._foreign: list[str] = []
         self._faults: dict[str, list[tuple[str, Any]]] = {}
         self._listener: EventListener | None = None
@@ -251,6 +252,54 @@ class FakeDriver(Driver):
 
         self._call("unrescue", spec.uuid, act)
 
+    def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
+        def act() -> PowerState | None:
+            dom = self._domains.pop(uuid, None)
+            if dom is None:
+                if uuid in self._kept:
+                    return None
+                raise DomainNotFound(uuid, call="migrate_disk_and_power_off")
+            self._kept[uuid] = dom
+            return P.SHUTDOWN if dom.power != P.SHUTDOWN else None
+
+        self._call("migrate_disk_and_power_off", uuid, act)
+        return f"fake://{self.name}/{uuid}_resize/{self._kept[uuid].disk}"
+
+    def finish_migration(self, spec: DomainSpec, source_disk: str, *, power_on: bool) -> None:
+        def act() -> PowerState | None:
+            if spec.uuid not in self._domains:
+                disk = source_disk.rsplit("/", 1)[-1] + f"@{self.name}"
+                self._domains[spec.uuid] = _Domain(asdict(spec), int(P.SHUTDOWN), disk, vnc_port=self._port())
+            dom = self._domains[spec.uuid]
+            return self._set(dom, P.RUNNING) if power_on else None
+
+        self._call("finish_migration", spec.uuid, act)
+
+    def confirm_migration(self, uuid: str) -> None:
+        def act() -> PowerState | None:
+            self._kept.pop(uuid, None)
+            return None
+
+        self._call("confirm_migration", uuid, act)
+
+    def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
+        def act() -> PowerState | None:
+            if spec.uuid not in self._domains:
+                kept = self._kept.pop(spec.uuid, None)
+                if kept is None:
+                    raise DomainNotFound(spec.uuid, call="finish_revert_migration")
+                kept.spec = asdict(spec)
+                self._domains[spec.uuid] = kept
+            dom = self._domains[spec.uuid]
+            return self._set(dom, P.RUNNING if power_on else P.SHUTDOWN)
+
+        self._call("finish_revert_migration", spec.uuid, act)
+
+    def kept_disks(self) -> list[str]:
+        """Return the uuids whose disk this host keeps aside for a move (``<uuid>_resize``)."""
+        with self._state():
+            return sorted(self._kept)
+
     def get_info(self, uuid: str) -> PowerState:
         self._before("get_info")
         with self._state():
@@ -370,7 +419,11 @@ class FakeDriver(Driver):
 
     def _save(self) -> None:
         assert self._state_path is not None
-        data = {"domains": {u: asdict(d) for u, d in self._domains.items()}, "next_port": self._next_port}
+        data = {
+            "domains": {u: asdict(d) for u, d in self._domains.items()},
+            "kept": {u: asdict(d) for u, d in self._kept.items()},
+            "next_port": self._next_port,
+        }
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(self._state_path)
@@ -379,4 +432,5 @@ class FakeDriver(Driver):
         assert self._state_path is not None
         data = json.loads(self._state_path.read_text())
         self._domains = {u: _Domain(**d) for u, d in data["domains"].items()}
+        self._kept = {u: _Domain(**d) for u, d in data.get("kept", {}).items()}
         self._next_port = data["next_port"]

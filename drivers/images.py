@@ -164,6 +164,41 @@ class ImageCache:
         args = ["info", "--output=json", "--backing-chain", "-U", "-f", "qcow2", str(disk)]
         return [entry["filename"] for entry in json.loads(qemu_img(*args))]
 
+    def resize_dir(self, uuid: str) -> Path:
+        """Return ``<instances_path>/<uuid>_resize``, where a move's source keeps the disk."""
+        return self.root / f"{valid_uuid(uuid)}_resize"
+
+    def set_aside(self, uuid: str) -> Path:
+        """Rename ``<uuid>`` to ``<uuid>_resize`` (once) and return the kept disk's path."""
+        aside = self.resize_dir(uuid)
+        if not aside.exists():
+            self.instance_dir(uuid).rename(aside)
+        return aside / "disk"
+
+    def put_back(self, uuid: str) -> None:
+        """Rename ``<uuid>_resize`` back to ``<uuid>`` (a revert); nothing kept is an error."""
+        aside, home = self.resize_dir(uuid), self.instance_dir(uuid)
+        if aside.exists():
+            shutil.rmtree(home, ignore_errors=True)
+            aside.rename(home)
+        elif not home.exists():
+            raise DriverError(f"no disk kept for {uuid} to revert to", uuid=uuid, call="finish_revert_migration")
+
+    def receive(self, uuid: str, source_disk: Path, base: Path, base_format: str, size_gb: int) -> Path:
+        """Copy a moved overlay in, rebase it on this cache's copy of its base, and grow it (once)."""
+        disk = self.disk_path(uuid)
+        if disk.exists():
+            return disk
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        partial = disk.with_name("disk.part")
+        shutil.copyfile(source_disk, partial)
+        # Unsafe rebase: the new base is a byte copy of the old one, so no data moves.
+        qemu_img("rebase", "-u", "-f", "qcow2", "-F", base_format, "-b", str(base.resolve()), str(partial))
+        inspect_image(partial, "qcow2", self.base_dir)
+        partial.replace(disk)
+        self.grow(disk, size_gb)
+        return disk
+
     def remove_instance(self, uuid: str) -> None:
         """Delete an instance's directory; a missing one is success."""
         shutil.rmtree(self.instance_dir(uuid), ignore_errors=True)

@@ -17,6 +17,7 @@ own name lives in ``<title>`` and in the lifecycle ``<metadata>``.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -401,6 +402,50 @@ class LibvirtDriver(Driver):
             dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
             (self.images.instance_dir(spec.uuid) / "disk.rescue").unlink(missing_ok=True)
             dom.create()
+
+    def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
+        with self._calling("migrate_disk_and_power_off", uuid) as conn:
+            try:
+                dom = self._domain(conn, uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN or not self.images.resize_dir(uuid).exists():
+                    raise
+                dom = None
+            if dom is not None:
+                if dom.isActive() and not (timeout > 0 and self._clean_shutdown(dom, timeout, retry_interval)):
+                    self._hard_stop(dom)
+                if dom.hasManagedSaveImage(0):
+                    dom.managedSaveRemove(0)
+                dom.undefine()
+        return str(self.images.set_aside(uuid))
+
+    def finish_migration(self, spec: DomainSpec, source_disk: str, *, power_on: bool) -> None:
+        with self._calling("finish_migration", spec.uuid) as conn:
+            try:
+                dom = self._domain(conn, spec.uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    raise
+                base = self.images.cache(spec.image_path, spec.image_format)
+                disk = self.images.receive(spec.uuid, Path(source_disk), base, spec.image_format, spec.root_gb)
+                dom = conn.defineXML(self._xml(spec, disk))
+            if power_on and not dom.isActive():
+                dom.create()
+
+    def confirm_migration(self, uuid: str) -> None:
+        shutil.rmtree(self.images.resize_dir(uuid), ignore_errors=True)
+
+    def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
+        with self._calling("finish_revert_migration", spec.uuid) as conn:
+            self.images.put_back(spec.uuid)
+            try:
+                dom = self._domain(conn, spec.uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    raise
+                dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
+            if power_on and not dom.isActive():
+                dom.create()
 
     def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
         return [str(p) for p in self.images.cleanup([], max_age_seconds, moving=moving)]

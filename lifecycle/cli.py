@@ -35,7 +35,7 @@ from lifecycle.store.db import connect, current_revision, downgrade
 __all__ = ["configure_logging", "main"]
 
 # Commands with their own options; every other implemented operation takes only a uuid.
-_OWN_OPTIONS = frozenset({"create", "stop", "reboot", "reboot_hard", "rebuild"})
+_OWN_OPTIONS = frozenset({"create", "stop", "reboot", "reboot_hard", "rebuild", "resize", "migrate"})
 _SIMPLE_OPS = tuple(
     op.name.replace("_", "-") for op in graph.OPERATIONS if op.name in STEPS and op.name not in _OWN_OPTIONS
 )
@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     reboot = sub.add_parser("reboot", help="reboot an instance", parents=[task_opts])
     reboot.add_argument("uuid")
     reboot.add_argument("--hard", action="store_true")
+    resize = sub.add_parser("resize", help="move to a host with room for a new flavor", parents=[task_opts])
+    resize.add_argument("uuid")
+    resize.add_argument("--flavor", required=True, help="vcpus=N,ram=MiB,disk=GiB")
+    migrate = sub.add_parser("migrate", help="cold-migrate to another host", parents=[task_opts])
+    migrate.add_argument("uuid")
+    migrate.add_argument("--host", help="destination (default: let the scheduler choose)")
     rebuild = sub.add_parser("rebuild", help="rebuild an instance on a fresh disk", parents=[task_opts])
     rebuild.add_argument("uuid")
     rebuild.add_argument("--image")
@@ -211,6 +217,10 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
         task = engine.reboot(args.uuid, hard=args.hard, **kw)
     elif command == "rebuild":
         task = engine.rebuild(args.uuid, image=args.image, **kw)
+    elif command == "resize":
+        task = engine.resize(args.uuid, Flavor.parse(args.flavor), **kw)
+    elif command == "migrate":
+        task = engine.migrate(args.uuid, host=args.host, **kw)
     else:
         task = engine.run(command.replace("-", "_"), args.uuid, **kw)
     _task_result(engine, args, task)

@@ -223,6 +223,7 @@ class Engine:
         source = None if task.operation == "create" else instance.vm_state
         run = TaskRun(self.store, self.driver, self.settings, instance, task, image, source)
         run.resume_from(self.store.steps(task.id))
+        self._prepare_move(run)
         return run
 
     def execute(self, run: TaskRun) -> Task:
@@ -241,8 +242,10 @@ class Engine:
         age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
         moving = frozenset(
             i.uuid
-            for i in self.store.list_instances(self.store.get_host(host).name)
-            if i.vm_state is VmState.RESIZED or i.task_state in graph.MOVE_TASK_STATES
+            for i in self.store.list_instances(include_deleted=False)
+            if i.vm_state is VmState.RESIZED
+            or i.task_state in graph.MOVE_TASK_STATES
+            or self.store.open_migration(i.uuid) is not None
         )
         return self.driver(host).cleanup_images(age, moving)
 
@@ -358,6 +361,41 @@ class Engine:
         params = {} if image is None else {"image": image}
         return self.run("rebuild", uuid, params=params, **kw)
 
+    def resize(self, uuid: str, flavor: Flavor, **kw: Any) -> Task:
+        """Move the instance to a host with room for ``flavor``; it ends resized, awaiting confirm or revert.
+
+        Shrinking the root disk, or resizing to the same size, is refused before anything changes.
+        """
+        current = self.get(uuid).flavor
+        if not isinstance(flavor, Flavor):
+            raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
+        if flavor.root_gb < current.root_gb:
+            raise InvalidInput(f"cannot shrink the root disk from {current.root_gb} GiB to {flavor.root_gb} GiB")
+        if (flavor.vcpus, flavor.memory_mb, flavor.root_gb) == (current.vcpus, current.memory_mb, current.root_gb):
+            raise InvalidInput("the new flavor is the same size as the current one: use migrate")
+        params = {
+            "flavor": {
+                "name": flavor.name,
+                "vcpus": flavor.vcpus,
+                "memory_mb": flavor.memory_mb,
+                "root_gb": flavor.root_gb,
+            }
+        }
+        return self.run("resize", uuid, params=params, **kw)
+
+    def migrate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+        """Cold-migrate to ``host`` or where the scheduler puts it; ends resized, awaiting confirm or revert."""
+        params = {} if host is None else {"host": self.store.get_host(host).name}
+        return self.run("migrate", uuid, params=params, **kw)
+
+    def confirm_resize(self, uuid: str, **kw: Any) -> Task:
+        """Make a finished move final: the source's kept disk and claim go."""
+        return self.run("confirm_resize", uuid, **kw)
+
+    def revert_resize(self, uuid: str, **kw: Any) -> Task:
+        """Undo a finished move: back on the source, old flavor, previous vm_state."""
+        return self.run("revert_resize", uuid, **kw)
+
     def delete(self, uuid: str, **kw: Any) -> Task:
         """Delete an instance from any state, taking over any running task."""
         return self.run("delete", uuid, **kw)
@@ -439,6 +477,7 @@ class Engine:
             image = self._image(image_name or instance.image)
             assert instance.host is not None
             run = TaskRun(self.store, self.driver, self.settings, after, task, image, instance.vm_state)
+            self._prepare_move(run)
             return self._launch(run, wait)
         raise AssertionError("unreachable")
 
@@ -482,6 +521,20 @@ class Engine:
         future = self._pool().submit(execute, run, steps)
         future.add_done_callback(_log_background_failure)
         return replace(run.task)
+
+    def _prepare_move(self, run: TaskRun) -> None:
+        if run.task.operation not in ("resize", "migrate"):
+            return
+        flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
+        run.schedule = scheduler_for(
+            self.store,
+            self.settings,
+            run.instance.uuid,
+            flavor,
+            run.image,
+            requested_host=run.params.get("host"),
+            availability_zone=None,
+        )
 
     def _connect(self, host: Host) -> Driver:
         s = self.settings

@@ -15,7 +15,7 @@ from typing import Any
 from lifecycle.errors import InvalidFlavor
 from lifecycle.states import PowerState, TaskState, VmState, status_of
 
-__all__ = ["Cause", "Flavor", "Host", "Image", "Instance", "Outcome", "Task", "TaskStep", "to_plain"]
+__all__ = ["Cause", "Flavor", "Host", "Image", "Instance", "Migration", "Outcome", "Task", "TaskStep", "to_plain"]
 
 
 class Outcome(enum.StrEnum):
@@ -168,6 +168,26 @@ class Task:
     finished_at: datetime | None
     error: str | None
     traceback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """A cold migration or resize: where from, where to, which flavors, and how far it got."""
+
+    id: str
+    instance_uuid: str
+    task_id: str
+    kind: str
+    source_host: str
+    dest_host: str | None
+    old_flavor: Flavor
+    new_flavor: Flavor
+    status: str
+    previous_vm_state: VmState
+    source_disk: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,9 +110,16 @@ class TaskRun:
         )
 
     def read_power(self) -> PowerState:
-        """Ask the driver for the guest's power now; a missing domain (or no host) is NOSTATE."""
+        """Ask the driver for the guest's power now; a missing domain (or no host) is NOSTATE.
+
+        When the task is about to move the instance (a ``host`` field to write),
+        the new host is the one asked.
+        """
+        host = self.fields.get("host", self.instance.host)
+        if host is None:
+            return PowerState.NOSTATE
         try:
-            return self.driver.get_info(self.instance.uuid)
+            return self.driver_for(host).get_info(self.instance.uuid)
         except DomainNotFound:
             return PowerState.NOSTATE
 

@@ -189,3 +189,19 @@ def test_graph_honours_json_flag(cli) -> None:  # type: ignore[no-untyped-def]
     """`graph --json` prints the table as JSON like every other command's --json."""
     code, out, _ = cli("graph", "--json")
     assert code == 0 and json.loads(out)[0]["operation"] == "create"
+
+
+def test_resize_confirm_and_revert_from_the_cli(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """resize --flavor, confirm-resize, migrate --host and revert-resize work end to end with --json."""
+    cli("host", "add", "h2", "--uri", f"fake://{tmp_path / 'h2.json'}")
+    for host in ("h1", "h2"):
+        cli("host", "heartbeat", host)
+    uuid = _create(cli)
+    code, out, _ = cli("resize", uuid, "--flavor", "vcpus=2,ram=128,disk=2", "--json")
+    assert (code, json.loads(out)["status"], json.loads(out)["host"]) == (0, "VERIFY_RESIZE", "h2")
+    assert json.loads(cli("confirm-resize", uuid, "--json")[1])["status"] == "ACTIVE"
+    code, out, _ = cli("migrate", uuid, "--host", "h1", "--json")
+    assert (code, json.loads(out)["host"]) == (0, "h1")
+    assert json.loads(cli("revert-resize", uuid, "--json")[1])["host"] == "h2"
+    code, _, err = cli("resize", uuid, "--flavor", "vcpus=2,ram=128,disk=1")
+    assert code == 2 and "cannot shrink the root disk" in err

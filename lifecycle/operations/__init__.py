@@ -8,14 +8,13 @@ task_state of the walk and does the driver work of each step.
 
 from __future__ import annotations
 
-from lifecycle.graph import MOVE_OPERATIONS
-from lifecycle.operations import build, delete, power, rebuild
+from lifecycle.operations import build, delete, move, power, rebuild
 from lifecycle.tasks import Steps
 
 __all__ = ["PENDING", "STEPS"]
 
-STEPS: dict[str, Steps] = {**build.STEPS, **power.STEPS, **delete.STEPS, **rebuild.STEPS}
+STEPS: dict[str, Steps] = {**build.STEPS, **power.STEPS, **delete.STEPS, **rebuild.STEPS, **move.STEPS}
 
-# Operations whose table rows and guards exist but whose steps come with the
-# cold-migrate/resize work; the engine refuses them with a clear error.
-PENDING: frozenset[str] = frozenset(MOVE_OPERATIONS)
+# Operations whose table rows and guards exist but whose steps do not yet;
+# the engine refuses them with a clear error. Every operation has steps now.
+PENDING: frozenset[str] = frozenset()

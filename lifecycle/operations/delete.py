@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lifecycle.states import PowerState
+from lifecycle.operations import move
+from lifecycle.states import PowerState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
 
@@ -25,6 +26,11 @@ def force_delete(run: TaskRun) -> None:
 
 
 def _destroy(run: TaskRun) -> None:
+    if run.source_vm_state is VmState.RESIZED:
+        # Confirm first, as Nova does, so nothing is left on the source (bug 1202484).
+        migration = run.store.open_migration(run.instance.uuid)
+        if migration is not None:
+            move.confirm_on_source(run, migration)
     run.store.revoke_console_tokens(run.instance.uuid)
     run.driver.destroy(run.instance.uuid, destroy_disks=True)
     run.store.release_claims(run.instance.uuid)

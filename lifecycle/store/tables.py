@@ -18,6 +18,7 @@ __all__ = [
     "HostRow",
     "ImageRow",
     "InstanceRow",
+    "MigrationRow",
     "TaskRow",
     "TaskStepRow",
     "metadata",
@@ -212,3 +213,29 @@ class ConsoleTokenRow(SQLModel, table=True):
     created_at: datetime = Field(sa_type=_TS)
     expires_at: datetime = Field(sa_type=_TS)
     revoked_at: datetime | None = Field(default=None, sa_type=_TS)
+
+
+class MigrationRow(SQLModel, table=True):
+    """One cold migration or resize of an instance, from prep to confirm or revert."""
+
+    __tablename__ = "migrations"
+
+    id: str = Field(primary_key=True, max_length=36)
+    instance_uuid: str = Field(max_length=36, foreign_key="instances.uuid", index=True)
+    task_id: str = Field(max_length=36)
+    kind: str = Field(max_length=16)
+    """migration (same flavor) or resize."""
+    source_host: str = Field(max_length=255)
+    dest_host: str | None = Field(default=None, max_length=255)
+    old_flavor: str
+    """JSON: name, vcpus, memory_mb, root_gb before the move."""
+    new_flavor: str
+    status: str = Field(max_length=32)
+    """pre-migrating, migrating, post-migrating, finished, confirmed, reverted, error."""
+    previous_vm_state: str = Field(max_length=32)
+    source_disk: str | None = Field(default=None, max_length=1024)
+    """Where the source keeps the disk until confirm (its ``<uuid>_resize`` copy)."""
+    created_at: datetime = Field(sa_type=_TS)
+    updated_at: datetime = Field(sa_type=_TS)
+    finished_at: datetime | None = Field(default=None, sa_type=_TS)
+    """When the move became finished: the confirm window counts from here."""

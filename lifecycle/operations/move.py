@@ -1,0 +1,150 @@
+"""Cold migrate and resize (one flow), confirm and revert, as Nova's libvirt path does them.
+
+resize/migrate walks resize_prep (pick and claim a destination, record the
+migration) -> resize_migrating (power off and set the disk aside on the
+source) -> resize_migrated (the instance now belongs to the destination) ->
+resize_finish (copy, rebase and grow the disk there, define, power on unless
+it was stopped) and ends in resized, holding claims on both hosts. Confirm
+deletes the source's kept disk and releases its claim; revert destroys the
+destination's copy and puts the source back as it was. A failure before the
+disk left the source is rolled back on the source; after it, the source
+disk stays kept (never lost) and the instance goes to error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid as uuidlib
+from dataclasses import replace
+
+from drivers.base import DomainSpec
+from lifecycle.errors import DriverError, LifecycleError
+from lifecycle.records import Flavor, Migration
+from lifecycle.states import TaskState, VmState
+from lifecycle.store.db import now
+from lifecycle.tasks import Steps, TaskRun
+
+__all__ = ["STEPS", "revert_on_source"]
+
+T = TaskState
+
+
+def _spec(run: TaskRun, flavor: Flavor) -> DomainSpec:
+    return replace(run.spec, vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, root_gb=flavor.root_gb)
+
+
+def _power_on(migration: Migration) -> bool:
+    return migration.previous_vm_state is not VmState.STOPPED
+
+
+def move(run: TaskRun) -> None:
+    """Walk resize_prep -> resize_migrating -> resize_migrated -> resize_finish."""
+    store, uuid = run.store, run.instance.uuid
+    if run.resumed_past(T.RESIZE_PREP):
+        migration = store.open_migration(uuid)
+        assert migration is not None, "a move past resize_prep has a migration record"
+    else:
+        migration = _prepare(run)
+    run.advance()  # resize_migrating
+    source_disk = _leave_source(run, migration)
+    run.advance(f"moved to {migration.dest_host}", host=migration.dest_host)  # resize_migrated
+    store.update_migration(migration.id, status="post-migrating")
+    run.advance()  # resize_finish
+    run.driver.finish_migration(_spec(run, migration.new_flavor), source_disk, power_on=_power_on(migration))
+    run.fields["flavor"] = migration.new_flavor
+    run.fields["previous_vm_state"] = migration.previous_vm_state
+    store.update_migration(migration.id, status="finished", finished_at=now())
+
+
+def _prepare(run: TaskRun) -> Migration:
+    assert run.schedule is not None and run.instance.host is not None
+    source = run.instance.host
+    new_flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
+    dest = run.schedule([source])  # claims the new flavor on the destination
+    at = now()
+    migration = Migration(
+        id=str(uuidlib.uuid4()),
+        instance_uuid=run.instance.uuid,
+        task_id=run.task.id,
+        kind="resize" if "flavor" in run.params else "migration",
+        source_host=source,
+        dest_host=dest,
+        old_flavor=run.instance.flavor,
+        new_flavor=new_flavor,
+        status="pre-migrating",
+        previous_vm_state=run.source_vm_state,
+        source_disk=None,
+        created_at=at,
+        updated_at=at,
+        finished_at=None,
+    )
+    run.store.add_migration(migration)
+    return migration
+
+
+def _leave_source(run: TaskRun, migration: Migration) -> str:
+    store = run.store
+    if migration.source_disk is not None:  # resumed: the disk already left
+        return migration.source_disk
+    store.update_migration(migration.id, status="migrating")
+    try:
+        disk = run.driver.migrate_disk_and_power_off(
+            run.instance.uuid,
+            timeout=run.settings.shutdown_timeout,
+            retry_interval=run.settings.shutdown_retry_interval,
+        )
+    except LifecycleError:
+        revert_on_source(run, migration)
+        raise
+    store.update_migration(migration.id, source_disk=disk)
+    store.revoke_console_tokens(run.instance.uuid)
+    return disk
+
+
+def revert_on_source(run: TaskRun, migration: Migration) -> None:
+    """Undo a move that had not left the source: source back as it was, destination claim released."""
+    assert migration.dest_host is not None
+    with contextlib.suppress(DriverError):
+        run.driver_for(migration.source_host).finish_revert_migration(
+            _spec(run, migration.old_flavor), power_on=_power_on(migration)
+        )
+    run.store.release_claims(run.instance.uuid, migration.dest_host)
+    run.store.update_migration(migration.id, status="error")
+
+
+def confirm(run: TaskRun) -> None:
+    """Delete the source's kept disk and release its claim; the move is final."""
+    migration = run.store.open_migration(run.instance.uuid)
+    assert migration is not None, "a resized instance has an open migration"
+    confirm_on_source(run, migration)
+    run.fields["previous_vm_state"] = None
+
+
+def confirm_on_source(run: TaskRun, migration: Migration) -> None:
+    """Clean the source of a finished move (also what delete does first for a resized instance)."""
+    run.store.update_migration(migration.id, status="confirming")
+    try:
+        run.driver_for(migration.source_host).confirm_migration(run.instance.uuid)
+    except LifecycleError:
+        run.store.update_migration(migration.id, status="finished")  # retried later, never stuck
+        raise
+    run.store.release_claims(run.instance.uuid, migration.source_host)
+    run.store.update_migration(migration.id, status="confirmed")
+
+
+def revert(run: TaskRun) -> None:
+    """Destroy the destination's copy, put the source back with the old flavor, as before the move."""
+    migration = run.store.open_migration(run.instance.uuid)
+    assert migration is not None and migration.dest_host is not None, "a resized instance has an open migration"
+    run.store.update_migration(migration.id, status="reverting")
+    run.driver_for(migration.dest_host).destroy(run.instance.uuid, destroy_disks=True)
+    run.store.release_claims(run.instance.uuid, migration.dest_host)
+    run.driver_for(migration.source_host).finish_revert_migration(
+        _spec(run, migration.old_flavor), power_on=_power_on(migration)
+    )
+    run.store.revoke_console_tokens(run.instance.uuid)
+    run.fields |= {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
+    run.store.update_migration(migration.id, status="reverted")
+
+
+STEPS: dict[str, Steps] = {"resize": move, "migrate": move, "confirm_resize": confirm, "revert_resize": revert}

@@ -1,0 +1,168 @@
+"""Cold migrate, resize, confirm and revert through the engine on fake hosts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from lifecycle import Engine, Flavor, InvalidInput, InvalidState, PowerState, TaskFailed, VmState
+from lifecycle.errors import DriverError, DriverUnavailable
+from tests.conftest import Fakes
+from tests.invariants import check_invariants
+
+V, P = VmState, PowerState
+SMALL, BIG = Flavor(1, 512, 1, name="small"), Flavor(2, 1024, 2, name="big")
+
+
+@pytest.fixture
+def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
+    """Two fake hosts with resources and heartbeats; an instance starts on a."""
+    engine = Engine(db_url, driver_factory=fakes.factory)
+    for name in ("a", "b"):
+        engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.heartbeat(name)
+    engine.add_image("cirros", "/images/cirros.qcow2")
+    yield engine
+    check_invariants(engine.store)
+    engine.close()
+
+
+def _vm(cloud: Engine) -> str:
+    return cloud.create("vm", host="a", flavor=SMALL, image="cirros").instance_uuid
+
+
+def _used(cloud: Engine) -> dict[str, int]:
+    return {h.name: h.memory_mb_used for h in cloud.hosts()}
+
+
+def test_resize_moves_grows_and_waits_for_confirm(cloud: Engine, fakes: Fakes) -> None:
+    """Resize walks prep/migrating/migrated/finish, ends VERIFY_RESIZE on b with the new flavor and claims on both hosts."""
+    uuid = _vm(cloud)
+    task = cloud.resize(uuid, BIG)
+    i = cloud.get(uuid)
+    assert (i.status, i.host, i.flavor.memory_mb, i.power_state) == ("VERIFY_RESIZE", "b", 1024, P.RUNNING)
+    assert [s.name for s in cloud.steps(task.id)] == [
+        "resize_prep",
+        "resize_migrating",
+        "resize_migrated",
+        "resize_finish",
+    ]
+    assert _used(cloud) == {"a": 512, "b": 1024} and sorted(cloud.store.claims_of(uuid)) == ["a", "b"]
+    assert fakes["a"].kept_disks() == [uuid] and not fakes["a"].domain_exists(uuid)
+    migration = cloud.store.get_migration(cloud.store.open_migration(uuid).id)  # type: ignore[union-attr]
+    assert (migration.status, migration.source_host, migration.dest_host) == ("finished", "a", "b")
+
+
+def test_confirm_cleans_the_source(cloud: Engine, fakes: Fakes) -> None:
+    """Confirm deletes the source's kept disk, releases its claim and ends active."""
+    uuid = _vm(cloud)
+    cloud.resize(uuid, BIG)
+    cloud.confirm_resize(uuid)
+    assert (cloud.get(uuid).vm_state, cloud.get(uuid).host) == (V.ACTIVE, "b")
+    assert fakes["a"].kept_disks() == [] and _used(cloud) == {"a": 0, "b": 1024}
+
+
+def test_revert_puts_everything_back(cloud: Engine, fakes: Fakes) -> None:
+    """Revert destroys the copy on b, restores a with the old flavor, and releases b's claim."""
+    uuid = _vm(cloud)
+    cloud.resize(uuid, BIG)
+    cloud.revert_resize(uuid)
+    i = cloud.get(uuid)
+    assert (i.vm_state, i.host, i.flavor.memory_mb, i.power_state) == (V.ACTIVE, "a", 512, P.RUNNING)
+    assert not fakes["b"].domain_exists(uuid) and fakes["a"].kept_disks() == []
+    assert _used(cloud) == {"a": 512, "b": 0}
+
+
+def test_a_stopped_instance_stays_stopped_through_migrate_and_revert(cloud: Engine, fakes: Fakes) -> None:
+    """Migrate keeps the flavor and a stopped guest off; revert returns it stopped."""
+    uuid = _vm(cloud)
+    cloud.stop(uuid)
+    cloud.migrate(uuid)
+    assert (cloud.get(uuid).flavor, fakes["b"].get_info(uuid)) == (SMALL, P.SHUTDOWN)
+    cloud.confirm_resize(uuid)
+    assert cloud.get(uuid).vm_state is V.STOPPED
+    cloud.migrate(uuid)
+    cloud.revert_resize(uuid)
+    assert (cloud.get(uuid).vm_state, cloud.get(uuid).host) == (V.STOPPED, "b")
+
+
+@pytest.mark.parametrize(
+    ("flavor", "message"),
+    [(Flavor(1, 512, 0), "cannot shrink the root disk"), (Flavor(1, 512, 1), "same size")],
+)
+def test_bad_resizes_are_refused_before_anything_changes(cloud: Engine, flavor: Flavor, message: str) -> None:
+    """Shrinking the disk or resizing to the same size raises InvalidInput and writes nothing."""
+    uuid = _vm(cloud)
+    before = cloud.history(uuid)
+    with pytest.raises(InvalidInput, match=message):
+        cloud.resize(uuid, flavor)
+    assert cloud.history(uuid) == before
+
+
+def test_confirm_needs_a_resized_instance(cloud: Engine) -> None:
+    """Confirm and revert are refused unless the instance is resized."""
+    uuid = _vm(cloud)
+    with pytest.raises(InvalidState):
+        cloud.confirm_resize(uuid)
+
+
+def test_delete_of_a_resized_instance_confirms_first(cloud: Engine, fakes: Fakes) -> None:
+    """Deleting a resized instance cleans the source too: nothing is left anywhere, no claim remains."""
+    uuid = _vm(cloud)
+    cloud.resize(uuid, BIG)
+    cloud.delete(uuid)
+    assert fakes["a"].kept_disks() == [] and not fakes["b"].domain_exists(uuid)
+    assert _used(cloud) == {"a": 0, "b": 0}
+
+
+def test_an_unreachable_source_leaves_the_move_finished_for_a_retry(cloud: Engine, fakes: Fakes) -> None:
+    """Confirm failing on the source keeps the migration finished and the instance resized; a retry confirms."""
+    uuid = _vm(cloud)
+    cloud.resize(uuid, BIG)
+    fakes["a"].fail_next("confirm_migration", DriverUnavailable("host a unreachable"))
+    with pytest.raises(TaskFailed):
+        cloud.confirm_resize(uuid)
+    assert cloud.get(uuid).vm_state is V.RESIZED
+    assert cloud.store.open_migration(uuid).status == "finished"  # type: ignore[union-attr]
+    cloud.confirm_resize(uuid)
+    assert cloud.get(uuid).vm_state is V.ACTIVE
+
+
+def test_a_failure_before_the_disk_leaves_is_rolled_back_on_the_source(cloud: Engine, fakes: Fakes) -> None:
+    """If the source cannot set the disk aside, the instance stays on a, running, and b's claim is released."""
+    uuid = _vm(cloud)
+    fakes["a"].fail_next("migrate_disk_and_power_off", DriverError("disk busy"))
+    with pytest.raises(TaskFailed):
+        cloud.resize(uuid, BIG)
+    i = cloud.get(uuid)
+    assert (i.vm_state, i.host, i.flavor, fakes["a"].get_info(uuid)) == (V.ACTIVE, "a", SMALL, P.RUNNING)
+    assert _used(cloud) == {"a": 512, "b": 0}
+
+
+def test_a_failure_on_the_destination_keeps_the_source_disk(cloud: Engine, fakes: Fakes) -> None:
+    """finish_migration failing on b sends the instance to error but never loses the source's kept disk."""
+    uuid = _vm(cloud)
+    fakes.factory(cloud.host("b")).fail_next("finish_migration")
+    with pytest.raises(TaskFailed):
+        cloud.resize(uuid, BIG)
+    assert cloud.get(uuid).vm_state is V.ERROR
+    assert fakes["a"].kept_disks() == [uuid]
+    assert cloud.clean_image_cache("a", 0) == []  # the fake keeps no cache; the open move is protected
+
+
+def test_no_destination_is_no_change(cloud: Engine) -> None:
+    """With no other host able to take the flavor the resize fails in prep and changes nothing."""
+    uuid = _vm(cloud)
+    cloud.set_host_enabled("b", False)
+    with pytest.raises(TaskFailed, match="NoValidHost"):
+        cloud.resize(uuid, BIG)
+    assert (cloud.get(uuid).vm_state, cloud.get(uuid).host) == (V.ACTIVE, "a")
+
+
+def test_a_move_revokes_console_tokens(cloud: Engine) -> None:
+    """A console token issued before the move no longer works after it."""
+    uuid = _vm(cloud)
+    token = cloud.get_vnc_console(uuid).token
+    cloud.migrate(uuid)
+    assert cloud.check_console_token(token) is None
