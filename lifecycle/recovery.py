@@ -24,6 +24,7 @@ import structlog
 
 from lifecycle import graph
 from lifecycle.errors import DriverError, LifecycleError, Preempted, TaskFailed
+from lifecycle.operations import move
 from lifecycle.records import Task
 from lifecycle.states import TaskState
 
@@ -55,15 +56,16 @@ class Verdict:
     reason: str
 
 
-# Before a create has a host and a disk there is nothing to resume onto: as Nova, error it.
 _ROLL_BACK = {
+    # Before a create has a host and a disk there is nothing to resume onto: as Nova, error it.
     T.SCHEDULING: "crashed while scheduling: nothing was built",
     T.NETWORKING: "crashed before the disk and domain were made",
     T.BLOCK_DEVICE_MAPPING: "crashed before the domain was made",
+    # A move that had not finished leaving the source goes back to it (Nova's init_host does
+    # finish_revert_migration for resize_migrating); the destination claim is released.
+    T.RESIZE_PREP: "crashed while preparing the move: the source is untouched",
+    T.RESIZE_MIGRATING: "crashed while the disk was leaving the source: put back on the source",
 }
-# Move operations have guards but no steps yet, so no task can be found in these states;
-# if one is (a newer engine's row), it is not ours to resume.
-_UNSUPPORTED = graph.MOVE_TASK_STATES
 
 
 def plan(operation: str, task_state: TaskState) -> Verdict:
@@ -72,8 +74,6 @@ def plan(operation: str, task_state: TaskState) -> Verdict:
         raise ValueError(f"{task_state.value} is not in the {operation} walk")
     if task_state in _ROLL_BACK:
         return Verdict(Plan.ROLL_BACK, _ROLL_BACK[task_state])
-    if task_state in _UNSUPPORTED:
-        return Verdict(Plan.ROLL_BACK, f"{operation} cannot be resumed by this version")
     return Verdict(Plan.RESUME, f"resumed from {task_state.value}: the remaining steps are repeat-safe")
 
 
@@ -136,6 +136,9 @@ def _recover(engine: Engine, task: Task) -> Recovered:
 
 
 def _roll_back(run: TaskRun, reason: str) -> None:
+    migration = run.store.open_migration(run.instance.uuid)
+    if run.task.operation in ("resize", "migrate") and migration is not None:
+        move.revert_on_source(run, migration)
     if run.task.operation == "create":
         run.store.release_claims(run.instance.uuid)
         if run.instance.host is not None:

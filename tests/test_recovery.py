@@ -44,7 +44,12 @@ OPERATIONS: dict[str, tuple[list[str], str, VmState]] = {
     "force_delete": ([], "destroy", V.DELETED),
     "soft_delete": ([], "power_off", V.SOFT_DELETED),
     "restore": (["soft_delete"], "power_on", V.ACTIVE),
+    "resize": ([], "finish_migration", V.RESIZED),
+    "migrate": (["stop"], "finish_migration", V.RESIZED),
+    "confirm_resize": (["migrate"], "confirm_migration", V.ACTIVE),
+    "revert_resize": (["migrate"], "finish_revert_migration", V.ACTIVE),
 }
+ROLLED_BACK_VM = {"create": V.ERROR}  # a rolled-back move keeps the instance as it was before
 
 
 def _points(op: str) -> list[str]:
@@ -79,9 +84,11 @@ def cloud(sqlite_url: str, fakes: Fakes) -> Callable[[], Engine]:
             sqlite_url, driver_factory=fakes.factory, owner="engine-a", settings=Settings(shutdown_timeout=0)
         )
         if not engine.hosts():
-            engine.add_host("h1", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.heartbeat("h1")
+            for host in ("h1", "h2"):
+                engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
             engine.add_image("cirros", "/images/cirros.qcow2")
+        for host in ("h1", "h2"):
+            engine.heartbeat(host)
         return engine
 
     return open_engine
@@ -94,7 +101,7 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     first = cloud()
     uuid = None
     if op != "create":
-        uuid = first.create("vm", flavor=SMALL, image="cirros").instance_uuid
+        uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
         for step in before:
             first.run(step, uuid)
     if point == "begin":
@@ -102,13 +109,17 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     elif point.startswith("step"):
         _crash_after_nth(first.store, "advance", int(point[4:]))
     else:
-        fakes.factory(first.host("h1")).crash_after(call)
+        host = "h2" if call == "finish_migration" else "h1"  # the destination finishes a move
+        fakes.factory(first.host(host)).crash_after(call)
     with pytest.raises(SimulatedCrash):
         if op == "create":
             first.create("vm", flavor=SMALL, image="cirros", uuid="00000000-0000-0000-0000-0000000000aa")
         else:
             assert uuid is not None
-            first.run(op, uuid)
+            if op == "resize":
+                first.resize(uuid, Flavor(2, 1024, 2))
+            else:
+                first.run(op, uuid)
     uuid = uuid or "00000000-0000-0000-0000-0000000000aa"
     crashed = first.get(uuid)
     assert crashed.task_id is not None, "the crash should leave the task running"
@@ -120,14 +131,19 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     instance = second.get(uuid)
     assert (instance.task_state, instance.task_id) == (None, None)
     rolled_back = plan(op, crashed.task_state).plan is Plan.ROLL_BACK  # type: ignore[arg-type]
-    assert instance.vm_state is (V.ERROR if rolled_back else success), results
+    before_vm = V.STOPPED if "stop" in before else V.ACTIVE
+    assert instance.vm_state is (ROLLED_BACK_VM.get(op, before_vm) if rolled_back else success), results
     assert second.task(crashed.task_id).outcome is (Outcome.FAILED if rolled_back else Outcome.SUCCEEDED)
     fake = fakes.factory(second.host("h1"))
     if instance.vm_state in (V.DELETED, V.ERROR):
         assert not fake.domain_exists(uuid) and second.store.claims_of(uuid) == []
     else:
-        assert fake.domain_exists(uuid) and second.store.claims_of(uuid) == ["h1"]
-        assert instance.power_state == fake.get_info(uuid)
+        assert instance.host is not None
+        here = fakes.factory(second.host(instance.host))
+        assert here.domain_exists(uuid) and instance.host in second.store.claims_of(uuid)
+        assert instance.power_state == here.get_info(uuid)
+        held = sorted(second.store.claims_of(uuid))
+        assert held == (["h1", "h2"] if instance.vm_state is V.RESIZED else [instance.host]), held
     assert any(r.cause == "recovery" for r in second.history(uuid))
     assert second.recover() == []
     check_invariants(second.store)
