@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lifecycle.errors import DriverError
+from lifecycle.errors import DomainNotFound, DriverError
 
 __all__ = ["ImageCache", "ImageInfo", "UnsafeImage", "inspect_image", "qemu_img", "valid_uuid"]
 
@@ -182,7 +182,7 @@ class ImageCache:
             shutil.rmtree(home, ignore_errors=True)
             aside.rename(home)
         elif not home.exists():
-            raise DriverError(f"no disk kept for {uuid} to revert to", uuid=uuid, call="finish_revert_migration")
+            raise DomainNotFound(uuid, call="finish_revert_migration")
 
     def receive(self, uuid: str, source_disk: Path, base: Path, base_format: str, size_gb: int) -> Path:
         """Copy a moved overlay in, rebase it on this cache's copy of its base, and grow it (once)."""

@@ -191,3 +191,69 @@ def test_events_reach_the_listener(driver: Driver, spec: DomainSpec) -> None:
     assert arrived.wait(10)
     assert {e.uuid for e in seen} == {spec.uuid}
     driver.register_event_listener(None)
+
+
+@pytest.fixture(
+    params=[
+        "fake",
+        pytest.param("libvirt-test", marks=pytest.mark.libvirt),
+        pytest.param("libvirt-qemu", marks=[pytest.mark.qemu, pytest.mark.slow]),
+    ]
+)
+def two_hosts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Driver, Driver]]:
+    """A source and a destination host of the same driver kind, each with its own instances path."""
+    made: list[Driver] = []
+    for side in ("source", "dest"):
+        if request.param == "fake":
+            made.append(FakeDriver(side))
+        elif request.param == "libvirt-test":
+            libvirt_ready()
+            made.append(LibvirtDriver(private_node_uri(tmp_path), tmp_path / side))
+        else:
+            qemu_ready()
+            made.append(LibvirtDriver(QEMU_URI, tmp_path / side, domain_type="qemu"))
+    yield made[0], made[1]
+    for drv in made:
+        for uuid in drv.list_instances().owned:
+            drv.destroy(uuid)
+        drv.close()
+
+
+@pytest.fixture
+def move_spec(request: pytest.FixtureRequest, tmp_path: Path) -> DomainSpec:
+    """A small domain on a real qcow2 base for libvirt drivers."""
+    needs_file = "fake" not in request.node.callspec.params.get("two_hosts", "fake")
+    image = request.getfixturevalue("base_image") if needs_file else tmp_path / "no-such-base.qcow2"
+    return DomainSpec(str(uuidlib.uuid4()), "mover", 1, 64, 1, str(image), "qcow2")
+
+
+def test_move_then_confirm(two_hosts: tuple[Driver, Driver], move_spec: DomainSpec) -> None:
+    """The disk leaves the source (kept aside), runs bigger on the destination; confirm drops the kept copy."""
+    source, dest = two_hosts
+    source.spawn(move_spec)
+    kept = source.migrate_disk_and_power_off(move_spec.uuid, timeout=0, retry_interval=0)
+    assert source.migrate_disk_and_power_off(move_spec.uuid, timeout=0, retry_interval=0) == kept
+    assert move_spec.uuid not in source.list_instances().owned
+    bigger = dataclasses.replace(move_spec, memory_mb=128, root_gb=2)
+    dest.finish_migration(bigger, kept, power_on=True)
+    dest.finish_migration(bigger, kept, power_on=True)
+    assert dest.get_info(move_spec.uuid) is P.RUNNING
+    source.confirm_migration(move_spec.uuid)
+    source.confirm_migration(move_spec.uuid)
+    with pytest.raises(DomainNotFound):
+        source.finish_revert_migration(move_spec, power_on=True)
+
+
+def test_move_then_revert(two_hosts: tuple[Driver, Driver], move_spec: DomainSpec) -> None:
+    """Revert destroys the destination's copy and brings the source back as it was, stopped if asked."""
+    source, dest = two_hosts
+    source.spawn(move_spec)
+    kept = source.migrate_disk_and_power_off(move_spec.uuid, timeout=0, retry_interval=0)
+    dest.finish_migration(move_spec, kept, power_on=False)
+    assert dest.get_info(move_spec.uuid) is P.SHUTDOWN
+    dest.destroy(move_spec.uuid)
+    source.finish_revert_migration(move_spec, power_on=False)
+    source.finish_revert_migration(move_spec, power_on=False)
+    assert source.get_info(move_spec.uuid) is P.SHUTDOWN
+    source.power_on(move_spec)
+    assert source.get_info(move_spec.uuid) is P.RUNNING

@@ -265,3 +265,35 @@ def test_engine_on_real_qemu_with_a_console(tmp_path: Path, base_image: Path) ->
         engine.delete(uuid)
         assert not (tmp_path / "instances" / uuid).exists()
         assert uuid not in engine.driver("q1").list_instances().owned
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path) -> None:
+    """On real QEMU: resize grows the copied disk on the destination, rebased on its own cache; confirm cleans the source."""
+    qemu_ready()
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    with Engine(url, settings=Settings(libvirt_domain_type="qemu", shutdown_timeout=0)) as engine:
+        for name in ("src", "dst"):
+            engine.add_host(name, QEMU_URI, str(tmp_path / name))
+            engine.heartbeat(name)
+        engine.add_image("base", str(base_image))
+        uuid = engine.create("mover", host="src", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+        made.add(uuid)
+        engine.resize(uuid, Flavor(1, 128, 2))
+        assert (engine.get(uuid).host, engine.get(uuid).status) == ("dst", "VERIFY_RESIZE")
+        dst = engine.driver("dst")
+        assert isinstance(dst, LibvirtDriver)
+        disk = dst.images.disk_path(uuid)
+        chain = dst.images.backing_chain(disk)
+        assert Path(chain[-1]).parent == dst.images.base_dir
+        info = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True, text=True, check=True
+        )
+        assert '"virtual-size": 2147483648' in info.stdout
+        assert (tmp_path / "src" / f"{uuid}_resize").exists()
+        engine.confirm_resize(uuid)
+        assert not (tmp_path / "src" / f"{uuid}_resize").exists()
+        assert engine.driver("dst").get_info(uuid) is PowerState.RUNNING
+        engine.delete(uuid)
