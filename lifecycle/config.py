@@ -42,6 +42,10 @@ class Settings:
     """Seconds between the daemon's periodic passes per host (Nova: 600)."""
     stopped_event_delay: float = 15.0
     """Seconds a STOPPED event is held; any later event for the domain cancels it (Nova: 15)."""
+    resize_confirm_window: float = 0.0
+    """Seconds after a move finished before the daemon confirms it; 0 turns the window off (Nova)."""
+    resize_window_action: str = "confirm"
+    """What the window does: confirm (default: a revert discards what the guest wrote) or revert."""
     console_base_url: str = "http://127.0.0.1:6080/vnc_lite.html"
     """Base of console access URLs (a noVNC page); the token goes in its ``path`` query."""
     console_token_ttl: float = 600.0

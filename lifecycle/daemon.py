@@ -5,7 +5,8 @@ advisory lock, or a lock file beside a SQLite database), so several daemons
 split the hosts between them and no host is ever synced by two at once; the
 hosts of a daemon that dies are claimed by the others at their next claim
 round. At start and every lease period it recovers tasks whose owner died
-(:mod:`lifecycle.recovery`). For each owned host it records a heartbeat (so the scheduler sees
+(:mod:`lifecycle.recovery`); every minute it applies the resize confirm
+window (:mod:`lifecycle.resize_window`). For each owned host it records a heartbeat (so the scheduler sees
 the host up), runs a sync pass at start and then every ``sync_interval``,
 listens to the host's lifecycle events, and cleans the host's image cache
 every ``image_cache_interval``. Timers sleep by waiting on
@@ -68,6 +69,7 @@ class Daemon:
         self.jobs: list[Job] = [
             Job("recover_tasks", engine.settings.lease_seconds, engine.recover),
             Job("claim_hosts", claim_interval, self._claim_hosts),
+            Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
         ]
         self._processors: dict[str, tuple[EventProcessor, threading.Thread]] = {}
 

@@ -29,6 +29,7 @@ from lifecycle.operations import PENDING, STEPS
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
+from lifecycle.resize_window import WindowResult, poll_unconfirmed_resizes
 from lifecycle.states import PowerState, VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
 from lifecycle.store.db import now
@@ -208,6 +209,10 @@ class Engine:
         """Issue a console token for an instance and return its access URL."""
         s = self.settings
         return console.issue(self.store, self.driver, self.get(uuid), s.console_base_url, s.console_token_ttl)
+
+    def poll_unconfirmed_resizes(self) -> builtins.list[WindowResult]:
+        """Confirm (or revert) moves finished longer ago than ``resize_confirm_window``."""
+        return poll_unconfirmed_resizes(self)
 
     def recover(self) -> builtins.list[Recovered]:
         """Take over and finish every task whose owner died (lease expired, or our own name).

@@ -1,0 +1,92 @@
+"""The resize confirm window: finished moves are confirmed (or reverted) once the window passed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from lifecycle import Engine, Flavor, Settings, VmState
+from lifecycle.errors import DriverUnavailable
+from lifecycle.store.db import now
+from tests.conftest import Fakes
+from tests.invariants import check_invariants
+
+
+def _cloud(url: str, fakes: Fakes, **settings: object) -> Engine:
+    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]
+    for name in ("a", "b"):
+        engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.heartbeat(name)
+    engine.add_image("cirros", "/images/cirros.qcow2")
+    return engine
+
+
+@pytest.fixture
+def moved(sqlite_url: str, fakes: Fakes) -> Iterator[tuple[Engine, str]]:
+    """An instance migrated a -> b whose move finished an hour ago, with a 60 s window."""
+    engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0)
+    uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
+    engine.migrate(uuid)
+    migration = engine.store.open_migration(uuid)
+    assert migration is not None
+    engine.store.update_migration(migration.id, finished_at=now() - timedelta(hours=1))
+    yield engine, uuid
+    check_invariants(engine.store)
+    engine.close()
+
+
+def test_an_expired_window_confirms_with_the_timer_as_actor(moved: tuple[Engine, str]) -> None:
+    """A move finished longer ago than the window is confirmed by a task with cause timer."""
+    engine, uuid = moved
+    assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["done"]
+    assert engine.get(uuid).vm_state is VmState.ACTIVE
+    assert engine.tasks(uuid)[-1].actor == "resize_window" and engine.history(uuid)[-1].cause == "timer"
+
+
+def test_a_fresh_move_waits(sqlite_url: str, fakes: Fakes) -> None:
+    """A move finished within the window is left alone; a window of 0 turns the timer off."""
+    engine = _cloud(sqlite_url, fakes, resize_confirm_window=3600.0)
+    uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
+    engine.migrate(uuid)
+    assert engine.poll_unconfirmed_resizes() == []
+    engine.close()
+    engine = Engine(sqlite_url, driver_factory=fakes.factory)
+    assert engine.settings.resize_confirm_window == 0 and engine.poll_unconfirmed_resizes() == []
+    assert engine.get(uuid).vm_state is VmState.RESIZED
+    engine.close()
+
+
+def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes) -> None:
+    """With resize_window_action=revert the expired move goes back to the source."""
+    engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0, resize_window_action="revert")
+    uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
+    engine.migrate(uuid)
+    engine.store.update_migration(engine.store.open_migration(uuid).id, finished_at=now() - timedelta(hours=1))  # type: ignore[union-attr]
+    engine.poll_unconfirmed_resizes()
+    assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (VmState.ACTIVE, "a")
+    engine.close()
+
+
+def test_an_unreachable_source_is_retried_next_pass(moved: tuple[Engine, str], fakes: Fakes) -> None:
+    """When the source cannot be reached the move stays finished and the next pass confirms it."""
+    engine, uuid = moved
+    fakes["a"].fail_next("confirm_migration", DriverUnavailable("a is down"))
+    assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["retry"]
+    assert engine.store.open_migration(uuid).status == "finished"  # type: ignore[union-attr]
+    assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["done"]
+
+
+def test_an_instance_being_deleted_is_skipped(moved: tuple[Engine, str], fakes: Fakes) -> None:
+    """While a delete runs on a resized instance the window keeps out of its way; the delete confirms."""
+    engine, uuid = moved
+    gate = fakes["b"].hold("power_off")  # the delete's first step, before it confirms the move itself
+    engine.delete(uuid, wait=False)
+    try:
+        assert gate.wait_entered()
+        assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["skipped"]
+    finally:
+        gate.release()
+        engine._pool().shutdown(wait=True)
+    assert engine.get(uuid).vm_state is VmState.DELETED and fakes["a"].kept_disks() == []
