@@ -32,15 +32,23 @@ P = PowerState
 )
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Driver]:
     """Each driver under the contract, on a private, empty host."""
-    if request.param == "fake":
-        drv: Driver = FakeDriver("contract")
-    elif request.param == "libvirt-test":
-        libvirt_ready()
-        drv = LibvirtDriver(private_node_uri(tmp_path), tmp_path / "instances", soft_reboot_seconds=1)
-    else:
-        qemu_ready()
-        drv = LibvirtDriver(QEMU_URI, tmp_path / "instances", domain_type="qemu", soft_reboot_seconds=1)
+    drv = _open(request.param, tmp_path, "instances")
     yield drv
+    _close(drv)
+
+
+def _open(kind: str, tmp_path: Path, name: str) -> Driver:
+    """Open one host of a driver kind, with its own instances path (and node file for the test driver)."""
+    if kind == "fake":
+        return FakeDriver(name)
+    if kind == "libvirt-test":
+        libvirt_ready()
+        return LibvirtDriver(private_node_uri(tmp_path), tmp_path / name, soft_reboot_seconds=1)
+    qemu_ready()
+    return LibvirtDriver(QEMU_URI, tmp_path / name, domain_type="qemu", soft_reboot_seconds=1)
+
+
+def _close(drv: Driver) -> None:
     for uuid in drv.list_instances().owned:
         drv.destroy(uuid)
     drv.close()
@@ -202,21 +210,10 @@ def test_events_reach_the_listener(driver: Driver, spec: DomainSpec) -> None:
 )
 def two_hosts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Driver, Driver]]:
     """A source and a destination host of the same driver kind, each with its own instances path."""
-    made: list[Driver] = []
-    for side in ("source", "dest"):
-        if request.param == "fake":
-            made.append(FakeDriver(side))
-        elif request.param == "libvirt-test":
-            libvirt_ready()
-            made.append(LibvirtDriver(private_node_uri(tmp_path), tmp_path / side))
-        else:
-            qemu_ready()
-            made.append(LibvirtDriver(QEMU_URI, tmp_path / side, domain_type="qemu"))
-    yield made[0], made[1]
-    for drv in made:
-        for uuid in drv.list_instances().owned:
-            drv.destroy(uuid)
-        drv.close()
+    source, dest = _open(request.param, tmp_path, "source"), _open(request.param, tmp_path, "dest")
+    yield source, dest
+    _close(source)
+    _close(dest)
 
 
 @pytest.fixture
