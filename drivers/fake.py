@@ -148,11 +148,6 @@ class FakeDriver(Driver):
         with self._state():
             return uuid in self._domains
 
-    def is_rescued(self, uuid: str) -> bool:
-        """Return whether the domain runs its rescue image."""
-        with self._state():
-            return self._domain(uuid, "is_rescued").rescued
-
     def disk_of(self, uuid: str) -> str:
         """Return the name of the domain's disk (changes on rebuild)."""
         with self._state():

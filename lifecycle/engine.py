@@ -25,7 +25,7 @@ from lifecycle import console, graph
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import Conflict, InvalidInput, InvalidState
-from lifecycle.operations import PENDING, STEPS
+from lifecycle.operations import STEPS
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
@@ -436,8 +436,7 @@ class Engine:
         """
         if operation not in STEPS:
             known = ", ".join(sorted(STEPS))
-            later = " (its steps are not implemented yet)" if operation in PENDING else ""
-            raise InvalidInput(f"unknown operation {operation!r}{later}; available: {known}")
+            raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
         uuid = _check_uuid(uuid)
         params = dict(params or {})
         image_name = params.get("image")

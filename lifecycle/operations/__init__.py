@@ -11,10 +11,6 @@ from __future__ import annotations
 from lifecycle.operations import build, delete, move, power, rebuild
 from lifecycle.tasks import Steps
 
-__all__ = ["PENDING", "STEPS"]
+__all__ = ["STEPS"]
 
 STEPS: dict[str, Steps] = {**build.STEPS, **power.STEPS, **delete.STEPS, **rebuild.STEPS, **move.STEPS}
-
-# Operations whose table rows and guards exist but whose steps do not yet;
-# the engine refuses them with a clear error. Every operation has steps now.
-PENDING: frozenset[str] = frozenset()
