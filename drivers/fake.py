@@ -53,11 +53,16 @@ class SimulatedCrash(BaseException):
 
 
 class Gate:
-    """A held call: ``entered`` is set once the call blocks; ``release`` lets it go on."""
+    """A held call: ``entered`` is set once the call blocks; ``release`` lets it go on.
 
-    def __init__(self) -> None:
+    A held call goes on by itself after ``timeout`` seconds, so a test that
+    fails before releasing its gate ends instead of hanging the suite.
+    """
+
+    def __init__(self, timeout: float = 30.0) -> None:
         self.entered = threading.Event()
         self._released = threading.Event()
+        self._timeout = timeout
 
     def release(self) -> None:
         """Let the held call continue."""
@@ -69,7 +74,7 @@ class Gate:
 
     def _block(self) -> None:
         self.entered.set()
-        self._released.wait()
+        self._released.wait(self._timeout)
 
 
 @dataclass(slots=True)
