@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lifecycle.errors import LifecycleError
+from lifecycle.errors import InvalidState, LifecycleError
 from lifecycle.records import Cause
-from lifecycle.states import VmState
 from lifecycle.store.db import now
 
 if TYPE_CHECKING:
@@ -47,15 +46,14 @@ def poll_unconfirmed_resizes(engine: Engine) -> list[WindowResult]:
     action = "revert_resize" if engine.settings.resize_window_action == "revert" else "confirm_resize"
     results = []
     for migration in engine.store.migrations_finished_before(now() - timedelta(seconds=window)):
-        instance = engine.store.get_instance(migration.instance_uuid)
-        if instance.vm_state is not VmState.RESIZED or instance.task_state is not None:
-            outcome = "skipped"  # being deleted, still finishing, or already moving on: not ours to act
-        else:
-            try:
-                engine.run(action, instance.uuid, actor="resize_window", cause=Cause.TIMER)
-                outcome = "done"
-            except LifecycleError as exc:
-                log.info("resize_window_retry_later", instance_uuid=instance.uuid, error=str(exc))
-                outcome = "retry"
-        results.append(WindowResult(instance.uuid, migration.id, action, outcome))
+        uuid = migration.instance_uuid
+        try:
+            engine.run(action, uuid, actor="resize_window", cause=Cause.TIMER)
+            outcome = "done"
+        except InvalidState:
+            outcome = "skipped"  # being deleted, still finishing, or moving on: the table's guard says not now
+        except LifecycleError as exc:
+            log.info("resize_window_retry_later", instance_uuid=uuid, error=str(exc))
+            outcome = "retry"
+        results.append(WindowResult(uuid, migration.id, action, outcome))
     return results
