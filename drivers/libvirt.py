@@ -5,9 +5,10 @@
 - the connection, apart from per-domain calls: a close callback drops it, the
   next call reconnects with backoff, and calls made while the daemon is away
   raise :class:`DriverUnavailable` (transient) instead of crashing;
-- :func:`_map_error`, the one place libvirt errors become ours, by error code
-  and a re-read of the domain state, never by message (the test driver
-  answers code 1 where QEMU answers 55);
+- :func:`_map_error`, the one place libvirt errors become ours, by error code,
+  error domain and a re-read of the domain state, never by message (the test
+  driver answers code 1 where QEMU answers 55); every mapped error keeps
+  libvirt's own message and has the libvirt error as its ``__cause__``;
 - ``_POWER``, the one table from libvirt domain states to :class:`PowerState`.
 
 Domain XML is built with ElementTree from the instance, so a hostile name is
@@ -69,7 +70,12 @@ _EVENTS = {2: Transition.STARTED, 3: Transition.PAUSED, 4: Transition.RESUMED, 5
 _ERR_NO_DOMAIN = 42  # VIR_ERR_NO_DOMAIN
 _ERR_OPERATION_INVALID = 55  # VIR_ERR_OPERATION_INVALID: wrong state (QEMU)
 _ERR_INTERNAL = 1  # VIR_ERR_INTERNAL_ERROR: wrong state (test driver), or a closed socket
-_CONNECTION_CODES = {38, 39, 4, 45}  # SYSTEM_ERROR, RPC, NO_CONNECT, AUTH_FAILED
+_CONNECTION_CODES = {4, 39, 45}  # VIR_ERR_NO_CONNECT, VIR_ERR_RPC, VIR_ERR_AUTH_FAILED: always the link
+# VIR_ERR_SYSTEM_ERROR is any OS error (a missing disk file answers it from the
+# storage domain on a live connection); like Nova, only the remote and RPC
+# domains make it a lost connection.
+_ERR_SYSTEM = 38  # VIR_ERR_SYSTEM_ERROR
+_LINK_DOMAINS = {7, 13}  # VIR_FROM_RPC, VIR_FROM_REMOTE
 
 
 def libvirt_available() -> bool:
@@ -161,11 +167,11 @@ class LibvirtDriver(Driver):
         self._callback_id: int | None = None
         self._closed = threading.Event()
         _ensure_event_loop()
-        self._connection()
+        self._connection("connect")
 
     # -- connection --------------------------------------------------------
 
-    def _connection(self) -> Any:
+    def _connection(self, call: str) -> Any:
         with self._lock:
             if self._conn is not None:
                 return self._conn
@@ -177,7 +183,9 @@ class LibvirtDriver(Driver):
                     break
                 except libvirt.libvirtError as exc:
                     if time.monotonic() + delay > deadline:
-                        raise DriverUnavailable(f"cannot connect to {self.uri}: {exc.get_error_message()}") from None
+                        raise DriverUnavailable(
+                            f"{call}: cannot connect to {self.uri}: {_message(exc)}", call=call
+                        ) from exc
                     self._closed.wait(delay)
                     delay = min(delay * 2, 1.0)
             conn.registerCloseCallback(self._on_close, None)
@@ -208,29 +216,43 @@ class LibvirtDriver(Driver):
     @contextmanager
     def _calling(self, call: str, uuid: str | None = None) -> Iterator[Any]:
         """Yield a live connection; map any libvirt error raised inside to ours."""
-        conn = self._connection()
+        conn = self._connection(call)
         try:
             yield conn
         except libvirt.libvirtError as exc:
-            raise self._map_error(exc, call, uuid, conn) from None
+            raise self._map_error(exc, call, uuid, conn) from exc
 
     def _map_error(self, exc: Any, call: str, uuid: str | None, conn: Any) -> DriverError:
-        """Map a libvirt error to ours: by code, then by a fresh look at the domain."""
-        code = exc.get_error_code()
-        if code in _CONNECTION_CODES or not _alive(conn):
+        """Map a libvirt error to ours, keeping libvirt's message.
+
+        A lost connection (the close callback fired, a link error code, or a
+        dead connection) is :class:`DriverUnavailable` and drops the connection
+        so the next call reconnects; a missing domain is :class:`DomainNotFound`;
+        anything else is a permanent :class:`DriverError`, naming the domain's
+        state re-read when the code means "wrong state".
+        """
+        code, text = exc.get_error_code(), _message(exc)
+        if self._lost(exc, conn):
+            return DriverUnavailable(f"{call}: connection to {self.uri} lost: {text}", uuid=uuid, call=call)
+        if code == _ERR_NO_DOMAIN and uuid is not None:
+            return _not_found(uuid, call, text)
+        where = f"code {code}, error domain {exc.get_error_domain()}"
+        if uuid is not None and code in (_ERR_OPERATION_INVALID, _ERR_INTERNAL):
+            try:
+                where += f"; domain is {self._state(conn.lookupByUUIDString(uuid)).name.lower()}"
+            except libvirt.libvirtError as gone:
+                if gone.get_error_code() == _ERR_NO_DOMAIN:
+                    return _not_found(uuid, call, text)
+        return DriverError(f"{call} failed in libvirt ({where}): {text}", uuid=uuid, call=call)
+
+    def _lost(self, exc: Any, conn: Any) -> bool:
+        """Return whether ``exc`` means ``conn`` is gone; if so, drop it so the next call reconnects."""
+        lost = self._conn is not conn or _link_error(exc) or not _alive(conn)
+        if lost:
             with self._lock:
                 if self._conn is conn:
                     self._conn = None
-            return DriverUnavailable(f"{call}: connection to {self.uri} lost", uuid=uuid, call=call)
-        if code == _ERR_NO_DOMAIN and uuid is not None:
-            return DomainNotFound(uuid, call=call)
-        state = "unknown"
-        if uuid is not None and code in (_ERR_OPERATION_INVALID, _ERR_INTERNAL):
-            try:
-                state = _POWER[conn.lookupByUUIDString(uuid).state()[0]].name.lower()
-            except libvirt.libvirtError:
-                return DomainNotFound(uuid, call=call)
-        return DriverError(f"{call} refused by libvirt (code {code}, domain {state})", uuid=uuid, call=call)
+        return lost
 
     def _domain(self, conn: Any, uuid: str) -> Any:
         return conn.lookupByUUIDString(valid_uuid(uuid))
@@ -503,6 +525,25 @@ class LibvirtDriver(Driver):
         if transition is None or listener is None or not dom.name().startswith(NAME_PREFIX):
             return
         listener(LifecycleEvent(dom.UUIDString(), transition, datetime.now(UTC)))
+
+
+def _link_error(exc: Any) -> bool:
+    """Return whether a libvirt error is about the connection itself, by code and error domain."""
+    code = exc.get_error_code()
+    return code in _CONNECTION_CODES or (code == _ERR_SYSTEM and exc.get_error_domain() in _LINK_DOMAINS)
+
+
+def _message(exc: Any) -> str:
+    """Return libvirt's own message for ``exc`` (the exception text when libvirt set none)."""
+    return str(exc.get_error_message() or exc)
+
+
+def _not_found(uuid: str, call: str, text: str) -> DomainNotFound:
+    """Return :class:`DomainNotFound` for ``uuid`` whose message also names ``call`` and libvirt's text."""
+    error = DomainNotFound(uuid, call=call)
+    # DomainNotFound's constructor has no room for a detail; its message is its args.
+    error.args = (f"{call}: {error}: {text}",)
+    return error
 
 
 def _alive(conn: Any) -> bool:

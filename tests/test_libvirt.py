@@ -12,6 +12,7 @@ import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,16 +66,100 @@ def test_hostile_name_round_trips_through_libvirt(test_driver: LibvirtDriver, ba
 
 @pytest.mark.libvirt
 def test_wrong_state_errors_are_mapped_by_code_and_state(test_driver: LibvirtDriver, base_image: Path) -> None:
-    """A refused call (test driver code 1) becomes DriverError naming the re-read state; a missing domain DomainNotFound."""
+    """A refused call (test driver code 1) becomes DriverError naming the re-read state and keeping libvirt's text."""
     spec = _spec(base_image)
     test_driver.spawn(spec, power_on=False)
     with pytest.raises(DriverError, match="domain is shutdown"):
         test_driver.pause(spec.uuid)
-    resume = pytest.raises(DriverError, match=r"refused by libvirt \(code \d+, domain shutdown\)")
+    resume = pytest.raises(DriverError, match=r"^resume failed in libvirt \(code 1, .*; domain is shutdown\): .*not")
     with resume, test_driver._calling("resume", spec.uuid) as conn:
         conn.lookupByUUIDString(spec.uuid).resume()
-    with pytest.raises(DomainNotFound):
-        test_driver.get_info(str(uuidlib.uuid4()))
+
+
+@pytest.mark.libvirt
+def test_missing_domain_is_domain_not_found_with_libvirts_text(test_driver: LibvirtDriver) -> None:
+    """A lookup of an unknown uuid is DomainNotFound whose message names the call and carries libvirt's message."""
+    missing = str(uuidlib.uuid4())
+    with pytest.raises(DomainNotFound) as info:
+        test_driver.get_info(missing)
+    assert (info.value.uuid, info.value.call) == (missing, "get_info")
+    assert str(info.value).startswith(f"get_info: domain for instance {missing} not found: ")
+    assert "Domain not found" in str(info.value)
+    assert isinstance(info.value.__cause__, _libvirt().libvirtError)
+
+
+def _libvirt() -> Any:
+    import libvirt
+
+    return libvirt
+
+
+def _libvirt_error(code: int, domain: int, message: str) -> Exception:
+    """A real libvirtError whose error tuple says ``code`` from error ``domain`` with ``message``."""
+    exc = _libvirt().libvirtError(message)
+    exc.err = (code, domain, message, 2, message, None, None, -1, -1)
+    return exc
+
+
+STORAGE_ENOENT = "Cannot access storage file '/gone/disk' (as uid:107, gid:107): No such file or directory"
+# (code, error domain, message, expected class): VIR_ERR_SYSTEM_ERROR (38) is a
+# lost connection only from VIR_FROM_RPC (7) and VIR_FROM_REMOTE (13).
+MAPPING = [
+    (38, 18, STORAGE_ENOENT, DriverError),  # VIR_FROM_STORAGE: a missing disk on a live connection
+    (38, 10, "cannot open file '/x': Permission denied", DriverError),  # VIR_FROM_QEMU
+    (38, 12, "saving domain 'x' to '/y': open failed", DriverError),  # VIR_FROM_TEST
+    (38, 13, "Cannot recv data: Connection reset by peer", DriverUnavailable),  # VIR_FROM_REMOTE
+    (38, 7, "Failed to connect socket to '/run/libvirt/libvirt-sock'", DriverUnavailable),  # VIR_FROM_RPC
+    (4, 0, "no connection driver available", DriverUnavailable),  # VIR_ERR_NO_CONNECT
+    (39, 7, "rpc failure", DriverUnavailable),  # VIR_ERR_RPC
+    (45, 13, "authentication failed: no agent", DriverUnavailable),  # VIR_ERR_AUTH_FAILED
+    (42, 10, "Domain not found: no domain with matching uuid", DomainNotFound),  # VIR_ERR_NO_DOMAIN
+    (9, 10, "operation failed: guest CPU doesn't match", DriverError),  # VIR_ERR_OPERATION_FAILED
+]
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize(("code", "domain", "message", "expected"), MAPPING)
+def test_errors_are_classified_by_code_and_error_domain(
+    test_driver: LibvirtDriver, code: int, domain: int, message: str, expected: type[DriverError]
+) -> None:
+    """Each (code, error domain) maps to its class, keeps libvirt's message and the call, and only a lost link drops the connection."""
+    conn = test_driver._connection("spawn")
+    uuid = str(uuidlib.uuid4())
+    error = test_driver._map_error(_libvirt_error(code, domain, message), "spawn", uuid, conn)
+    assert type(error) is expected
+    assert message in str(error) and str(error).startswith("spawn")
+    assert (error.call, error.uuid) == ("spawn", uuid)
+    assert (test_driver._conn is None) is (expected is DriverUnavailable)
+
+
+@pytest.mark.libvirt
+def test_any_error_after_the_close_callback_is_a_lost_connection(test_driver: LibvirtDriver) -> None:
+    """Once the close callback dropped the connection, even a non-link error on it is DriverUnavailable."""
+    conn = test_driver._connection("get_info")
+    test_driver._on_close(conn, 0, None)
+    error = test_driver._map_error(_libvirt_error(1, 12, "internal error: x"), "get_info", str(uuidlib.uuid4()), conn)
+    assert type(error) is DriverUnavailable
+    assert str(error).endswith("lost: internal error: x")
+    conn.close()
+
+
+@pytest.mark.libvirt
+def test_os_error_on_a_live_connection_is_permanent(
+    test_driver: LibvirtDriver, base_image: Path, tmp_path: Path
+) -> None:
+    """A real OS error from the test driver (code 38, not from RPC) is a DriverError with libvirt's text; the connection is kept."""
+    spec = _spec(base_image)
+    test_driver.spawn(spec)
+    before = test_driver._connection("save")
+    with pytest.raises(DriverError) as info, test_driver._calling("save", spec.uuid) as conn:
+        conn.lookupByUUIDString(spec.uuid).save(str(tmp_path / "missing" / "save.img"))
+    assert type(info.value) is DriverError
+    assert str(info.value).startswith("save failed in libvirt (code 38, error domain 12")
+    assert "No such file or directory" in str(info.value)
+    assert info.value.__cause__ is not None and info.value.__cause__.get_error_code() == 38  # type: ignore[attr-defined]
+    assert test_driver._conn is before
+    assert test_driver.get_info(spec.uuid) is PowerState.RUNNING
 
 
 @pytest.mark.libvirt
@@ -177,6 +262,20 @@ def test_out_of_band_virsh_destroy_is_seen_as_shutdown(qemu: LibvirtDriver, base
     _virsh("destroy", f"lifecycle-{spec.uuid}")
     assert qemu.get_info(spec.uuid) is PowerState.SHUTDOWN
     assert qemu.list_instances().owned[spec.uuid] is PowerState.SHUTDOWN
+
+
+@pytest.mark.qemu
+def test_starting_a_guest_whose_disk_is_gone_is_a_permanent_error(qemu: LibvirtDriver, base_image: Path) -> None:
+    """A defined guest whose disk file was deleted fails to start with a non-transient DriverError carrying libvirt's text."""
+    spec = _spec(base_image)
+    made.add(spec.uuid)
+    qemu.spawn(spec, power_on=False)
+    qemu.images.disk_path(spec.uuid).unlink()
+    with pytest.raises(DriverError, match="Cannot access storage file") as info:
+        qemu.spawn(spec)
+    assert not isinstance(info.value, DriverUnavailable)
+    assert str(info.value).startswith("spawn failed in libvirt")
+    assert qemu.get_info(spec.uuid) is PowerState.SHUTDOWN
 
 
 @pytest.mark.qemu
