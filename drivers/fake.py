@@ -10,7 +10,9 @@ as the libvirt driver. Faults:
 - ``crash_after(call)``: the next ``call`` acts, then raises
   :class:`SimulatedCrash` (a ``BaseException``, so nothing in the engine
   catches it: the caller behaves as if its process died there);
-- ``set_power`` and ``undefine``: change a domain behind the engine's back.
+- ``set_power`` and ``undefine``: change a domain behind the engine's back;
+- ``unreachable = True``: every call raises :class:`DriverUnavailable` (a host
+  whose hypervisor does not answer) until it is set back to False.
 
 With ``state_path`` the domains are kept in a JSON file, so separate processes
 (the CLI) see one hypervisor.
@@ -39,7 +41,7 @@ from drivers.base import (
     RebootType,
     Transition,
 )
-from lifecycle.errors import DomainNotFound, DriverError
+from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
 from lifecycle.states import PowerState
 
 __all__ = ["FakeDriver", "Gate", "SimulatedCrash"]
@@ -104,6 +106,8 @@ class FakeDriver(Driver):
         self._dispatcher: threading.Thread | None = None
         self._state_path = Path(state_path) if state_path else None
         self._next_port = 5900
+        self.unreachable = False
+        """While True, every call raises DriverUnavailable, as a hypervisor that does not answer."""
 
     # -- fault injection ---------------------------------------------------
 
@@ -353,6 +357,8 @@ class FakeDriver(Driver):
 
     def _before(self, call: str) -> BaseException | None:
         """Record the call and apply its scripted fault; return what to raise after acting."""
+        if self.unreachable:
+            raise DriverUnavailable(f"{call}: hypervisor {self.name} unreachable (injected)", call=call)
         with self._lock:
             self.calls.append(call)
             queue = self._faults.get(call)

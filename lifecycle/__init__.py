@@ -16,7 +16,9 @@ from lifecycle.errors import (
     DomainNotFound,
     DriverError,
     DriverUnavailable,
+    HostInUse,
     HostNotFound,
+    IdempotencyMismatch,
     ImageNotFound,
     InstanceNotFound,
     InvalidFlavor,
@@ -27,6 +29,7 @@ from lifecycle.errors import (
     Preempted,
     SchemaOutOfDate,
     TaskFailed,
+    TaskNotFound,
 )
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState, status_of
@@ -48,7 +51,9 @@ __all__ = [
     "Engine",
     "Flavor",
     "Host",
+    "HostInUse",
     "HostNotFound",
+    "IdempotencyMismatch",
     "Image",
     "ImageNotFound",
     "Instance",
@@ -65,6 +70,7 @@ __all__ = [
     "Settings",
     "Task",
     "TaskFailed",
+    "TaskNotFound",
     "TaskState",
     "TaskStep",
     "VmState",

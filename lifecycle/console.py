@@ -67,6 +67,7 @@ def issue(
             instance.task_state,
             set(VmState) - _REFUSED_VM,
             {None, *(set(TaskState) - _REFUSED_TASKS)},
+            reason="the instance has no host, so no console" if instance.host is None else None,
         )
     console = driver_for(instance.host).get_vnc_console(instance.uuid)
     token = secrets.token_urlsafe(32)

@@ -10,6 +10,7 @@ on the engine's executor.
 from __future__ import annotations
 
 import builtins
+import json
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from drivers.base import Driver
 from lifecycle import console, graph
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
-from lifecycle.errors import Conflict, InvalidInput, InvalidState
+from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
 from lifecycle.operations import STEPS
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
@@ -41,6 +42,9 @@ __all__ = ["Engine"]
 log = structlog.get_logger(__name__)
 
 DriverFactory = Callable[[Host], Driver]
+
+# An instance with no host has no guest to act on: only these remove it (a database-only delete).
+_HOSTLESS_OPERATIONS = frozenset({"delete", "force_delete"})
 
 
 def _check_name(name: str) -> None:
@@ -82,6 +86,8 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.active_tasks: set[str] = set()
+        """Ids of the tasks a worker of this engine is running now: only their leases are renewed."""
 
     def close(self) -> None:
         """Wait for background tasks, stop the heartbeat, close drivers and the database."""
@@ -138,6 +144,22 @@ class Engine:
     def host(self, name: str) -> Host:
         """Return one host."""
         return self.store.get_host(name)
+
+    def remove_host(self, name: str, *, force: bool = False) -> builtins.list[str]:
+        """Forget a host; refused (:class:`HostInUse`) while instances live there, unless ``force``.
+
+        Forced, each idle instance still there goes to error with no host (a
+        delete of it is then a database-only delete) and the list of those
+        uuids is returned; the guests are not touched. Instances with a
+        running task or an open move are never orphaned.
+        """
+        orphaned = self.store.remove_host(name, force=force)
+        with self._lock:
+            driver = self._drivers.pop(name, None)
+        if driver is not None:
+            driver.close()
+        log.info("host_removed", host=name, force=force, orphaned=len(orphaned))
+        return orphaned
 
     def set_host_enabled(self, name: str, enabled: bool) -> Host:
         """Enable or disable a host for scheduling (its instances keep running)."""
@@ -234,13 +256,24 @@ class Engine:
     def execute(self, run: TaskRun) -> Task:
         """Run a prepared task in this thread (internal to recovery)."""
         self._ensure_heartbeat()
-        return execute(run, STEPS[run.task.operation])
+        return self._work(run)
 
     def sync(self, host: str | None = None) -> builtins.list[PassSummary]:
-        """Run one power-sync pass over ``host`` (default: every enabled host)."""
-        names = [host] if host is not None else [h.name for h in self.hosts() if h.enabled]
+        """Run one power-sync pass over ``host`` (default: every host, disabled ones too).
+
+        A host whose pass cannot run (its hypervisor unreachable, say) gets a
+        summary with ``error`` set; the other hosts are synced all the same.
+        """
+        names = [self.store.get_host(host).name] if host is not None else [h.name for h in self.hosts()]
+        return [self._sync_one(name) for name in names]
+
+    def _sync_one(self, name: str) -> PassSummary:
         s = self.settings
-        return [sweep_host(self, self.store.get_host(n).name, s.sync_policy, chunk=s.sync_chunk_size) for n in names]
+        try:
+            return sweep_host(self, name, s.sync_policy, chunk=s.sync_chunk_size)
+        except Exception as exc:  # per host: one unreachable hypervisor must not hide the others
+            log.warning("sync_pass_failed", host=name, error=f"{type(exc).__name__}: {exc}")
+            return PassSummary(name, error=f"{type(exc).__name__}: {exc}")
 
     def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
         """Remove a host's unused cached base images older than the age; return them."""
@@ -446,10 +479,21 @@ class Engine:
         for attempt in range(self.settings.preempt_retries + 1):
             instance = self.store.get_instance(uuid)
             if idempotency_key is not None:
-                existing = self.store.task_by_key(uuid, idempotency_key)
-                if existing is not None:
-                    return existing
+                replayed = self._replay(idempotency_key, operation, uuid, params)
+                if replayed is not None:
+                    return replayed
             first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
+            if instance.host is None and operation not in _HOSTLESS_OPERATIONS:
+                raise InvalidState(
+                    operation,
+                    uuid,
+                    instance.vm_state,
+                    instance.task_state,
+                    op.allowed_vm_states,
+                    op.allowed_task_states,
+                    reason="the instance has no host (it was never built, or its host was removed):"
+                    " only delete and force_delete are possible",
+                )
             preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
             task = self._new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
             why = Why(
@@ -464,8 +508,10 @@ class Engine:
             try:
                 after = self.store.begin(instance, task, first, why, preempt)
             except Conflict:
-                if idempotency_key is not None and self.store.task_by_key(uuid, idempotency_key):
-                    return self.store.task_by_key(uuid, idempotency_key)  # type: ignore[return-value]
+                if idempotency_key is not None:
+                    replayed = self._replay(idempotency_key, operation, uuid, params)
+                    if replayed is not None:
+                        return replayed
                 if not op.preempts or attempt == self.settings.preempt_retries:
                     raise
                 continue
@@ -479,11 +525,31 @@ class Engine:
                     operation=operation,
                 )
             image = self._image(image_name or instance.image)
-            assert instance.host is not None
             run = TaskRun(self.store, self.driver, self.settings, after, task, image, instance.vm_state)
             self._prepare_move(run)
             return self._launch(run, wait)
         raise AssertionError("unreachable")
+
+    def _replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
+        """Return the task an earlier call with ``key`` started, as that call ended.
+
+        A key names one call: reusing it for another operation, instance or
+        arguments is refused, never silently answered with the first call's
+        task. A replayed failure raises :class:`TaskFailed` as the first call did.
+        """
+        existing = self.store.task_by_key(key)
+        if existing is None:
+            return None
+        same = (existing.operation, existing.instance_uuid, _canonical(existing.params)) == (
+            operation,
+            uuid,
+            _canonical(params),
+        )
+        if not same:
+            raise IdempotencyMismatch(key, existing, operation, uuid)
+        if existing.outcome is Outcome.FAILED:
+            raise TaskFailed(existing, existing.error or "failed")
+        return existing
 
     # -- machinery -------------------------------------------------------------------
 
@@ -519,12 +585,27 @@ class Engine:
 
     def _launch(self, run: TaskRun, wait: bool) -> Task:
         self._ensure_heartbeat()
-        steps = STEPS[run.task.operation]
         if wait:
-            return execute(run, steps)
-        future = self._pool().submit(execute, run, steps)
+            return self._work(run)
+        with self._lock:
+            self.active_tasks.add(run.task.id)  # before the submit: the task is ours from now on
+        future = self._pool().submit(self._work, run)
         future.add_done_callback(_log_background_failure)
         return replace(run.task)
+
+    def _work(self, run: TaskRun) -> Task:
+        """Run a task's steps; its lease is renewed exactly while this runs.
+
+        Should the worker die without ending the task (the database gone at
+        the last write), the lease then runs out and recovery finishes it.
+        """
+        with self._lock:
+            self.active_tasks.add(run.task.id)
+        try:
+            return execute(run, STEPS[run.task.operation])
+        finally:
+            with self._lock:
+                self.active_tasks.discard(run.task.id)
 
     def _prepare_move(self, run: TaskRun) -> None:
         if run.task.operation not in ("resize", "migrate"):
@@ -572,10 +653,16 @@ class Engine:
 
     def _renew_leases(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
+            with self._lock:
+                active = builtins.list(self.active_tasks)
             try:
-                self.store.renew_leases(self.owner)
+                self.store.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
+
+
+def _canonical(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def _log_background_failure(future: Future[Task]) -> None:

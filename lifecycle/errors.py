@@ -12,7 +12,10 @@ The tree::
     │   ├── HostNotFound
     │   ├── ImageNotFound
     │   ├── InvalidFlavor
-    │   └── AlreadyExists
+    │   ├── AlreadyExists
+    │   ├── TaskNotFound
+    │   ├── IdempotencyMismatch  a key reused for another call
+    │   └── HostInUse            a host still holds instances
     ├── InvalidState            the operation's guard refused the current states
     ├── Conflict                a compare-and-swap lost against a concurrent write
     ├── Preempted               the running task was taken over (delete, hard reboot)
@@ -35,7 +38,9 @@ __all__ = [
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
+    "HostInUse",
     "HostNotFound",
+    "IdempotencyMismatch",
     "ImageNotFound",
     "InstanceNotFound",
     "InvalidFlavor",
@@ -46,6 +51,7 @@ __all__ = [
     "Preempted",
     "SchemaOutOfDate",
     "TaskFailed",
+    "TaskNotFound",
 ]
 
 
@@ -107,6 +113,40 @@ class AlreadyExists(InvalidInput):
         super().__init__(f"{kind} {name!r} already exists")
 
 
+class TaskNotFound(InvalidInput):
+    """No task has this id."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id!r} not found")
+
+
+class IdempotencyMismatch(InvalidInput):
+    """An idempotency key was reused for a different operation, instance or parameters."""
+
+    def __init__(self, key: str, task: Any, operation: str, uuid: str) -> None:
+        self.key = key
+        self.task = task
+        super().__init__(
+            f"idempotency key {key!r} already names {task.operation} task {task.id} on instance"
+            f" {task.instance_uuid} (arguments {task.params}); this call is {operation} on {uuid}:"
+            " a key may be repeated only for the very same call"
+        )
+
+
+class HostInUse(InvalidInput):
+    """A host cannot be removed while instances live on it (unless forced)."""
+
+    def __init__(self, name: str, instances: Iterable[str]) -> None:
+        self.name = name
+        self.instances = sorted(instances)
+        shown = ", ".join(self.instances[:5]) + (" ..." if len(self.instances) > 5 else "")
+        super().__init__(
+            f"host {name!r} still holds {len(self.instances)} instance(s) ({shown}):"
+            " delete or move them first, or remove with force"
+        )
+
+
 class InvalidState(LifecycleError):
     """The operation is not allowed from the instance's current states."""
 
@@ -118,8 +158,10 @@ class InvalidState(LifecycleError):
         task_state: object,
         allowed_vm_states: Iterable[object],
         allowed_task_states: Iterable[object],
+        reason: str | None = None,
     ) -> None:
         self.operation = operation
+        self.reason = reason
         self.uuid = uuid
         self.vm_state = vm_state
         self.task_state = task_state
@@ -129,7 +171,7 @@ class InvalidState(LifecycleError):
             f"cannot {operation} instance {uuid} in vm_state {_text(vm_state)}"
             f" with task_state {_text(task_state)};"
             f" {operation} is allowed from vm_state {', '.join(self.allowed_vm_states)}"
-            f" with task_state {', '.join(self.allowed_task_states)}"
+            f" with task_state {', '.join(self.allowed_task_states)}" + ("" if reason is None else f"; {reason}")
         )
 
 

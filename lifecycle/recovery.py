@@ -98,11 +98,18 @@ def recover_tasks(engine: Engine) -> list[Recovered]:
     """Take over and finish every recoverable task; return what became of each."""
     results = []
     for task in engine.store.recoverable_tasks(engine.owner):
-        if not engine.store.take_over(task.id, engine.owner):
-            continue  # another engine got it first
+        if task.id in engine.active_tasks or not engine.store.take_over(task.id, engine.owner):
+            continue  # this engine is running it right now, or another engine got it first
         with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):
-            results.append(_recover(engine, engine.store.get_task(task.id)))
-            log.info("task_recovered", **{k: v for k, v in vars_of(results[-1]).items() if k != "task_id"})
+            try:
+                result = _recover(engine, engine.store.get_task(task.id))
+            except Exception as exc:  # one task that cannot be recovered must not keep the others stuck
+                log.exception("task_recovery_failed", operation=task.operation)
+                result = Recovered(
+                    task.id, task.instance_uuid, task.operation, None, "error", "error", f"{type(exc).__name__}: {exc}"
+                )
+            results.append(result)
+            log.info("task_recovered", **{k: v for k, v in vars_of(result).items() if k != "task_id"})
     return results
 
 
@@ -144,6 +151,7 @@ def _roll_back(run: TaskRun, reason: str) -> None:
         if run.instance.host is not None:
             with contextlib.suppress(DriverError):
                 run.driver.destroy(run.instance.uuid, destroy_disks=True)
+        run.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
     run.before_power = run.read_power()
     run.fail(RecoveryRollBack(reason))
     raise TaskFailed(run.store.get_task(run.task.id), f"RecoveryRollBack: {reason}")

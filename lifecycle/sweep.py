@@ -56,6 +56,8 @@ class PassSummary:
     duration_ms: float = 0.0
     interrupted: bool = False
     """The pass was stopped between two chunks (daemon shutdown)."""
+    error: str | None = None
+    """Why the pass could not run at all (the hypervisor unreachable...); None when it ran."""
 
 
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:

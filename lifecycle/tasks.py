@@ -66,6 +66,10 @@ class TaskRun:
         """Set when recovery resumes this task after its owner died: writes say cause recovery."""
         self.done: set[str] = set()
         """Non-repeatable steps already completed (from the step log, when resuming)."""
+        self.note: str | None = None
+        """What the end's audit row should say (e.g. a delete done in the database only)."""
+        self.fail_fields: dict[str, Any] = {}
+        """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
         self._seq = 1
         self._position = 0
         self._written = self._walk_index(instance.task_state)
@@ -192,15 +196,20 @@ class TaskRun:
             vm_state=vm_state,
             power_state=power,
             outcome=Outcome.SUCCEEDED,
-            why=self.why(),
+            why=self.why(self.note),
             **self.fields,
         )
 
-    def fail(self, exc: Exception) -> None:
-        """Write the failure: vm_state kept if the guest is unchanged, else per the table."""
+    def fail(self, exc: BaseException) -> None:
+        """Write the failure: vm_state kept if the guest is unchanged, else per the table.
+
+        Whatever ``exc`` is, the task ends here with it and its traceback; a
+        driver that cannot even report power leaves power NOSTATE.
+        """
         try:
             power = self.read_power()
-        except DriverError:
+        except Exception as unreadable:  # the failure is being recorded: nothing may stop that
+            log.warning("power_unreadable_at_failure", error=f"{type(unreadable).__name__}: {unreadable}")
             power = PowerState.NOSTATE
         vm_state = graph.end_vm_state(
             self.task.operation,
@@ -218,7 +227,8 @@ class TaskRun:
             outcome=Outcome.FAILED,
             why=self.why(message),
             error=message,
-            traceback=traceback.format_exc(),
+            traceback="".join(traceback.format_exception(exc)),
+            **self.fail_fields,
         )
 
 

@@ -1,10 +1,13 @@
-"""Idempotency keys: the same key on the same instance returns the first task."""
+"""Idempotency keys: the same key for the same call returns the first call's task and outcome."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lifecycle import Engine, Outcome, VmState
+import pytest
+
+from lifecycle import Engine, IdempotencyMismatch, Outcome, TaskFailed, VmState
+from lifecycle.records import Task
 from tests.conftest import Fakes
 
 
@@ -32,7 +35,44 @@ def test_same_key_while_running_returns_the_running_task(
     assert engine.task(started.id).outcome is Outcome.SUCCEEDED
 
 
-def test_keys_are_per_instance(engine: Engine, new_instance: Callable[..., str]) -> None:
-    """The same key on two instances starts two tasks."""
+def test_a_key_reused_on_another_instance_is_refused(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """A key names one call: the same key on a second instance is refused and the second instance is untouched."""
     a, b = new_instance("a"), new_instance("b")
-    assert engine.stop(a, idempotency_key="same").id != engine.stop(b, idempotency_key="same").id
+    engine.stop(a, idempotency_key="same")
+    with pytest.raises(IdempotencyMismatch, match="very same call"):
+        engine.stop(b, idempotency_key="same")
+    assert engine.get(b).vm_state is VmState.ACTIVE
+    assert [t.operation for t in engine.tasks(b)] == ["create"]
+
+
+@pytest.mark.parametrize(
+    ("second", "kwargs"),
+    [("delete", {}), ("stop", {"timeout": 5.0}), ("reboot_hard", {})],
+    ids=["other-operation", "other-parameters", "other-operation-preempting"],
+)
+def test_a_key_reused_for_another_call_is_refused(
+    engine: Engine, new_instance: Callable[..., str], second: str, kwargs: dict[str, float]
+) -> None:
+    """stop with key K then delete (or stop with another timeout) with K is refused, not replayed: nothing is dropped."""
+    uuid = new_instance()
+    engine.stop(uuid, idempotency_key="k")
+    with pytest.raises(IdempotencyMismatch):
+        if second == "stop":
+            engine.stop(uuid, idempotency_key="k", **kwargs)
+        else:
+            engine.run(second, uuid, idempotency_key="k")
+    assert engine.get(uuid).vm_state is VmState.STOPPED
+    assert [t.operation for t in engine.tasks(uuid)] == ["create", "stop"]
+
+
+def test_a_replayed_failure_fails_again(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
+    """A repeat of a call that failed raises TaskFailed for the same task, and runs nothing new."""
+    uuid = new_instance()
+    fakes["h1"].fail_next("pause")
+    with pytest.raises(TaskFailed) as first:
+        engine.pause(uuid, idempotency_key="p")
+    with pytest.raises(TaskFailed) as again:
+        engine.pause(uuid, idempotency_key="p")
+    failed: Task = again.value.task
+    assert failed.id == first.value.task.id and failed.outcome is Outcome.FAILED
+    assert [t.operation for t in engine.tasks(uuid)] == ["create", "pause"]

@@ -56,7 +56,7 @@ def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -
     assert cloud.host("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == ["a"]
     messages = [r.message for r in cloud.history(uuid) if r.message]
     assert messages[0].startswith("scheduled to b")
-    assert "spawn on b failed: injected failure in spawn; rescheduling" in messages[1]
+    assert "spawn on b failed: DriverError: injected failure in spawn; rescheduling" in messages[1]
     assert messages[2].startswith("scheduled to a (attempt 2 of 3)")
 
 

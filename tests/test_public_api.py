@@ -19,7 +19,9 @@ EXPECTED = {
     "Engine",
     "Flavor",
     "Host",
+    "HostInUse",
     "HostNotFound",
+    "IdempotencyMismatch",
     "Image",
     "ImageNotFound",
     "Instance",
@@ -36,6 +38,7 @@ EXPECTED = {
     "Settings",
     "Task",
     "TaskFailed",
+    "TaskNotFound",
     "TaskState",
     "TaskStep",
     "VmState",
@@ -65,6 +68,16 @@ def test_every_error_derives_from_the_root() -> None:
         for n in lifecycle.__all__
         if n.endswith(("Error", "Found", "Exists"))
         or n
-        in {"Conflict", "InvalidState", "InvalidInput", "InvalidFlavor", "Preempted", "TaskFailed", "SchemaOutOfDate"}
+        in {
+            "Conflict",
+            "HostInUse",
+            "IdempotencyMismatch",
+            "InvalidState",
+            "InvalidInput",
+            "InvalidFlavor",
+            "Preempted",
+            "TaskFailed",
+            "SchemaOutOfDate",
+        }
     ]
     assert errors and all(issubclass(e, lifecycle.LifecycleError) for e in errors)

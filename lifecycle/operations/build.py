@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 
-from lifecycle.errors import DriverError
+import structlog
+
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
 
 __all__ = ["STEPS"]
+
+log = structlog.get_logger(__name__)
 
 
 def create(run: TaskRun) -> None:
@@ -17,8 +20,21 @@ def create(run: TaskRun) -> None:
 
     A spawn failure releases the host's claim and, while attempts remain and
     no host was named, goes back to scheduling with that host excluded; each
-    attempt leaves an audit row saying where it failed and why.
+    attempt leaves an audit row saying where it failed and why. A build that
+    ends failed (or is taken over by a delete) keeps nothing: no claim, no
+    half-made domain, and, as Nova clears it, no host, so no later operation
+    can revive the guest on a host that holds no room for it.
     """
+    claimed: list[str] = []
+    try:
+        _build(run, claimed)
+    except Exception:  # not BaseException: a process that dies here runs nothing (recovery takes over)
+        _give_back(run, claimed[-1:])
+        run.fail_fields["host"] = None
+        raise
+
+
+def _build(run: TaskRun, claimed: list[str]) -> None:
     attempts = run.attempts
     tried: list[str] = []
     for attempt in range(1, attempts + 1):
@@ -28,28 +44,45 @@ def create(run: TaskRun) -> None:
         else:
             assert run.schedule is not None, "create needs a scheduler"
             host = run.schedule(tried)
+            claimed.append(host)
         assert host is not None
         run.advance(f"scheduled to {host} (attempt {attempt} of {attempts})", host=host)  # networking
         run.advance()  # block_device_mapping: the root disk is made by spawn
         run.advance()  # spawning
         try:
             run.driver.spawn(run.spec, power_on=True)
-        except DriverError as exc:
+        except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's
             run.store.release_claims(run.instance.uuid, host)
             tried.append(host)
+            _destroy_quietly(run, host)
             if attempt == attempts:
                 raise
-            _destroy_quietly(run)
-            run.retry(f"spawn on {host} failed: {exc}; rescheduling", host=None)
+            run.retry(f"spawn on {host} failed: {type(exc).__name__}: {exc}; rescheduling", host=None)
             continue
         run.fields["launched_at"] = now()
         return
 
 
-def _destroy_quietly(run: TaskRun) -> None:
+def _give_back(run: TaskRun, last: list[str]) -> None:
+    """Release every claim and destroy what the last attempt built, whatever ended the build.
+
+    Also when a delete took the build over (:class:`Preempted`): the claim may
+    have been taken after the delete released everything, and a spawn still
+    in flight then may have made a domain after the delete destroyed it.
+    Both calls are repeat-safe, so racing the delete's own cleanup is harmless.
+    """
+    with contextlib.suppress(Exception):  # recorded failure follows; recovery/reaping catch the rest
+        run.store.release_claims(run.instance.uuid)
+    for host in {*last, *([run.instance.host] if run.instance.host else [])}:
+        _destroy_quietly(run, host)
+
+
+def _destroy_quietly(run: TaskRun, host: str) -> None:
     # A half-made domain on the failed host must not linger there.
-    with contextlib.suppress(DriverError):
-        run.driver.destroy(run.instance.uuid, destroy_disks=True)
+    try:
+        run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True)
+    except Exception as exc:  # best effort: the sync pass reports what is left, the reaper removes it
+        log.warning("failed_build_not_cleaned", host=host, error=f"{type(exc).__name__}: {exc}")
 
 
 STEPS: dict[str, Steps] = {"create": create}

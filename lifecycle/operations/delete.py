@@ -1,8 +1,18 @@
-"""Delete, force delete, soft delete and restore."""
+"""Delete, force delete, soft delete and restore.
+
+Delete must always be able to end: an instance with no host, or on a host
+that is down and cannot be reached, is deleted in the database alone (Nova's
+local delete). The claims go, the audit row says the guest may still exist,
+and the host's daemon reaps such leftovers when the host answers again.
+"""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from lifecycle.errors import DriverUnavailable
 from lifecycle.operations import move
+from lifecycle.records import Migration
 from lifecycle.states import PowerState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
@@ -12,17 +22,43 @@ __all__ = ["STEPS"]
 
 def delete(run: TaskRun) -> None:
     """Shut the guest down cleanly (bounded), then destroy the domain and its disk."""
+    _delete(run, clean=True)
+
+
+def force_delete(run: TaskRun) -> None:
+    """Destroy the domain and its disk at once, with no clean shutdown."""
+    _delete(run, clean=False)
+
+
+def _delete(run: TaskRun, *, clean: bool) -> None:
+    if run.instance.host is None:
+        _local(run, "the instance has no host: deleted in the database only")
+        return
+    try:
+        if clean:
+            _power_off(run)
+        _destroy(run)
+    except DriverUnavailable as exc:
+        if not _host_down(run, run.instance.host):
+            raise  # an up host that failed to answer once: the caller may retry
+        _local(
+            run,
+            f"host {run.instance.host} is down ({exc}): deleted locally; the guest may still exist there"
+            " and is reaped when the host answers again",
+        )
+
+
+def _power_off(run: TaskRun) -> None:
     uuid = run.instance.uuid
     if run.driver.list_instances().owned.get(uuid) not in (None, PowerState.SHUTDOWN):
         run.driver.power_off(
             uuid, timeout=run.settings.shutdown_timeout, retry_interval=run.settings.shutdown_retry_interval
         )
-    _destroy(run)
 
 
-def force_delete(run: TaskRun) -> None:
-    """Destroy the domain and its disk at once, with no clean shutdown."""
-    _destroy(run)
+def _host_down(run: TaskRun, host: str) -> bool:
+    beat = run.store.get_host(host).last_heartbeat
+    return beat is None or beat < now() - timedelta(seconds=run.settings.host_down_after)
 
 
 def _destroy(run: TaskRun) -> None:
@@ -30,9 +66,30 @@ def _destroy(run: TaskRun) -> None:
         # Confirm first, as Nova does, so nothing is left on the source (bug 1202484).
         migration = run.store.open_migration(run.instance.uuid)
         if migration is not None:
-            move.confirm_on_source(run, migration)
+            _confirm_first(run, migration)
     run.store.revoke_console_tokens(run.instance.uuid)
     run.driver.destroy(run.instance.uuid, destroy_disks=True)
+    _forget(run)
+
+
+def _confirm_first(run: TaskRun, migration: Migration) -> None:
+    try:
+        move.confirm_on_source(run, migration)
+    except DriverUnavailable:
+        if not _host_down(run, migration.source_host):
+            raise
+        # The source's kept disk stays behind; its image cache cleanup removes stale _resize copies.
+        run.store.release_claims(run.instance.uuid, migration.source_host)
+        run.store.update_migration(migration.id, status="confirmed")
+
+
+def _local(run: TaskRun, message: str) -> None:
+    run.store.revoke_console_tokens(run.instance.uuid)
+    run.note = message
+    _forget(run)
+
+
+def _forget(run: TaskRun) -> None:
     run.store.release_claims(run.instance.uuid)
     run.end_power = PowerState.NOSTATE
     run.fields["deleted_at"] = now()

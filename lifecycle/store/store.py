@@ -27,10 +27,13 @@ from lifecycle.audit import AuditEntry, Why
 from lifecycle.errors import (
     AlreadyExists,
     Conflict,
+    HostInUse,
     HostNotFound,
     ImageNotFound,
     InstanceNotFound,
+    InvalidInput,
     Preempted,
+    TaskNotFound,
 )
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState
@@ -274,8 +277,65 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(table), values)
-        except IntegrityError:
-            raise AlreadyExists(kind, name) from None
+        except IntegrityError as exc:
+            with self._read() as conn:
+                taken = conn.execute(sa.select(table.c.name).where(table.c.name == name)).first() is not None
+            if taken:
+                raise AlreadyExists(kind, name) from None
+            # Another constraint refused the row: say which, in the database's own words.
+            raise InvalidInput(f"cannot add {kind} {name!r}: {exc.orig}") from exc
+
+    def remove_host(self, name: str, *, force: bool = False) -> list[str]:
+        """Delete a host row; return the live instances a forced removal orphaned.
+
+        Refused (:class:`HostInUse`) while live instances, claims or open moves
+        use the host, unless ``force``: then each idle live instance there goes
+        to error with no host (only delete is left for it: a local delete), its
+        claims go, and an audit row says the guest may still exist. Instances
+        with a running task are never orphaned: :class:`HostInUse` either way.
+        Deleted instances forget the host (their history stays).
+        """
+        self.get_host(name)
+        live = [i for i in self.list_instances(name) if i.vm_state is not VmState.DELETED]
+        moving = [m.instance_uuid for m in self._open_migrations_touching(name)]
+        if (live or moving) and not force:
+            raise HostInUse(name, {i.uuid for i in live} | set(moving))
+        busy = [i.uuid for i in live if i.task_id is not None] + moving
+        if busy:
+            raise HostInUse(name, busy)
+        at = now()
+        why = Why(
+            actor="operator",
+            cause=Cause.API,
+            operation="remove_host",
+            message=f"host {name} removed by force: the guest may still exist there",
+        )
+        with self.engine.begin() as conn:
+            for i in live:
+                after = replace(
+                    i,
+                    vm_state=VmState.ERROR,
+                    power_state=PowerState.NOSTATE,
+                    host=None,
+                    version=i.version + 1,
+                    updated_at=at,
+                )
+                self._cas(conn, i, after, None)
+                self._audit(conn, i, after, why, always=True)
+            conn.execute(sa.update(_I).where(_I.c.host == name).values(host=None))
+            for claim in conn.execute(sa.select(_CL.c.instance_uuid).where(_CL.c.host == name)).scalars().all():
+                conn.execute(sa.delete(_CL).where(_CL.c.instance_uuid == claim, _CL.c.host == name))
+            conn.execute(sa.delete(_C).where(_C.c.host == name))
+            conn.execute(sa.delete(_H).where(_H.c.name == name))
+        return [i.uuid for i in live]
+
+    def _open_migrations_touching(self, host: str) -> list[Migration]:
+        query = sa.select(_M).where(
+            sa.or_(_M.c.source_host == host, _M.c.dest_host == host),
+            _M.c.status.not_in(("confirmed", "reverted", "error", "failed")),
+        )
+        with self._read() as conn:
+            return [_migration(r) for r in conn.execute(query).mappings()]
 
     # -- instance and task reads -------------------------------------------
 
@@ -298,16 +358,16 @@ class Store:
             return [_instance(r) for r in conn.execute(query).mappings()]
 
     def get_task(self, task_id: str) -> Task:
-        """Return the task with this id; ``KeyError`` if there is none."""
+        """Return the task with this id; :class:`TaskNotFound` if there is none."""
         with self._read() as conn:
             row = conn.execute(sa.select(_T).where(_T.c.id == task_id)).mappings().first()
         if row is None:
-            raise KeyError(f"task {task_id} not found")
+            raise TaskNotFound(task_id)
         return _task(row)
 
-    def task_by_key(self, uuid: str, key: str) -> Task | None:
-        """Return the task started on ``uuid`` with idempotency key ``key``, if any."""
-        query = sa.select(_T).where(_T.c.instance_uuid == uuid, _T.c.idempotency_key == key)
+    def task_by_key(self, key: str) -> Task | None:
+        """Return the task started with idempotency key ``key`` (keys are unique across instances), if any."""
+        query = sa.select(_T).where(_T.c.idempotency_key == key)
         with self._read() as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else _task(row)
@@ -388,11 +448,13 @@ class Store:
             )
             self._close_steps(conn, task.id, at, "failed", reason)
 
-    def renew_leases(self, owner: str) -> int:
-        """Push the lease of every running task of ``owner`` forward; return how many."""
+    def renew_leases(self, owner: str, task_ids: list[str]) -> int:
+        """Push the lease of these running tasks of ``owner`` forward; return how many."""
+        if not task_ids:
+            return 0
         query = (
             sa.update(_T)
-            .where(_T.c.owner == owner, _T.c.outcome == Outcome.RUNNING.value)
+            .where(_T.c.owner == owner, _T.c.outcome == Outcome.RUNNING.value, _T.c.id.in_(task_ids))
             .values(lease_expires_at=now() + self.lease)
         )
         with self.engine.begin() as conn:

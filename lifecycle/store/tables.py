@@ -122,9 +122,9 @@ class TaskRow(SQLModel, table=True):
 
     __tablename__ = "tasks"
     __table_args__ = (
+        # A key names one call, whatever instance it was for: reusing it elsewhere is refused.
         sa.Index(
-            "uq_tasks_idempotency",
-            "instance_uuid",
+            "uq_tasks_idempotency_key",
             "idempotency_key",
             unique=True,
             sqlite_where=sa.text("idempotency_key IS NOT NULL"),
