@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,7 @@ class Daemon:
             Job("claim_hosts", claim_interval, self._claim_hosts),
             Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
         ]
-        self._processors: dict[str, tuple[EventProcessor, threading.Thread]] = {}
+        self._processors: dict[str, tuple[EventProcessor, threading.Thread, threading.Event]] = {}
 
     def run(self) -> None:
         """Run jobs until stopped; then release every host and listener."""
@@ -98,21 +99,38 @@ class Daemon:
                 job.next_due = self.clock() + job.interval
 
     def _claim_hosts(self) -> None:
-        for host in self.engine.hosts():
-            wanted = host.enabled and (self.only_hosts is None or host.name in self.only_hosts)
-            if not wanted or host.name in self.claims:
+        # Disabled hosts too: disabling only keeps the scheduler away; their guests still need sync.
+        names = {h.name for h in self.engine.hosts()}
+        for gone in [h for h in self.claims if h not in names]:
+            self._release(gone)
+        for name in sorted(names):
+            wanted = self.only_hosts is None or name in self.only_hosts
+            if not wanted or name in self.claims:
                 continue
-            claim = self.engine.store.try_claim_host(host.name)
+            claim = self.engine.store.try_claim_host(name)
             if claim is not None:
-                self._own(host.name, claim)
+                self._own(name, claim)
+
+    def _release(self, host: str) -> None:
+        """Stop serving a host that was removed: its jobs, its listener, its claim."""
+        self.jobs = [job for job in self.jobs if not job.name.endswith(f":{host}")]
+        processor, thread, done = self._processors.pop(host)
+        with suppress(Exception):  # the driver went with the host
+            self.engine.driver(host).register_event_listener(None)
+        done.set()
+        processor.wake()
+        thread.join(timeout=5)
+        self.claims.pop(host).release()
+        log.info("host_released", host=host, reason="removed")
 
     def _own(self, host: str, claim: HostClaim) -> None:
         self.claims[host] = claim
         s = self.engine.settings
         processor = EventProcessor(self.engine, host, s.sync_policy, delay=s.stopped_event_delay)
-        thread = threading.Thread(target=processor.run, args=(self.stop,), name=f"events-{host}", daemon=True)
+        done = threading.Event()  # set when this host is released or the daemon stops
+        thread = threading.Thread(target=processor.run, args=(done,), name=f"events-{host}", daemon=True)
         thread.start()
-        self._processors[host] = (processor, thread)
+        self._processors[host] = (processor, thread, done)
         try:
             self.engine.driver(host).register_event_listener(processor.on_event)
         except Exception:  # the periodic pass still covers a host whose events cannot be had
@@ -130,11 +148,12 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.stop.set()
-        for host, (processor, thread) in self._processors.items():
+        for host, (processor, thread, done) in self._processors.items():
             try:
                 self.engine.driver(host).register_event_listener(None)
             except Exception:
                 log.exception("event_listener_release_failed", host=host)
+            done.set()
             processor.wake()
             thread.join(timeout=5)
         for claim in self.claims.values():

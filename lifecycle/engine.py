@@ -22,7 +22,7 @@ import structlog
 
 import drivers
 from drivers.base import Driver
-from lifecycle import console, graph
+from lifecycle import console, graph, validation
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
@@ -47,16 +47,21 @@ DriverFactory = Callable[[Host], Driver]
 _HOSTLESS_OPERATIONS = frozenset({"delete", "force_delete"})
 
 
-def _check_name(name: str) -> None:
-    if not name or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise InvalidInput(f"invalid instance name {name!r}: 1 to 255 characters, no control characters")
+def _labels(kind: str, value: object) -> dict[str, str]:
+    """Validate a mapping of names to short strings (capabilities, image properties)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{kind} must be a mapping of strings, got {type(value).__name__}")
+    for key, text in value.items():
+        validation.name(f"{kind} key", key)
+        if not isinstance(text, str) or len(text) > 255 or validation.unsafe_character(text):
+            raise InvalidInput(f"{kind} {key!r} must be a printable string of at most 255 characters, got {text!r}")
+    return dict(value)
 
 
-def _check_uuid(value: str) -> str:
-    try:
-        return str(uuidlib.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidInput(f"invalid instance uuid {value!r}") from None
+def _optional_name(kind: str, value: object) -> str | None:
+    return None if value is None else validation.name(kind, value)
 
 
 class Engine:
@@ -122,23 +127,32 @@ class Engine:
         hypervisor_type: str = "qemu",
         architecture: str = "x86_64",
     ) -> Host:
-        """Register a host reached through ``driver_uri``; resources None are not tracked."""
-        if not name or len(name) > 255:
-            raise InvalidInput(f"invalid host name {name!r}")
+        """Register a host reached through ``driver_uri``; resources None are not tracked.
+
+        The URI is checked, not opened (see :func:`drivers.validate_uri`): a
+        host may be registered before its hypervisor answers.
+        """
+        validation.name("host", name)
+        if not isinstance(driver_uri, str):
+            raise InvalidInput(f"driver URI must be a string, got {type(driver_uri).__name__}")
+        uri = drivers.validate_uri(driver_uri)
+        if not isinstance(instances_path, str) or not instances_path.startswith("/"):
+            raise InvalidInput(f"instances path must be an absolute path on the host, got {instances_path!r}")
+        validation.name("instances path", instances_path)
         for label, value in (("vcpus", vcpus), ("memory_mb", memory_mb), ("disk_gb", disk_gb)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise InvalidInput(f"host {label} must be a non-negative integer, got {value!r}")
+            if value is not None:
+                validation.count(f"host {label}", value)
         return self.store.add_host(
             name,
-            driver_uri,
+            uri,
             instances_path,
-            availability_zone=availability_zone,
+            availability_zone=validation.name("availability zone", availability_zone),
             vcpus=vcpus,
             memory_mb=memory_mb,
             disk_gb=disk_gb,
-            capabilities=capabilities or {},
-            hypervisor_type=hypervisor_type,
-            architecture=architecture,
+            capabilities=_labels("capabilities", capabilities),
+            hypervisor_type=validation.name("hypervisor type", hypervisor_type),
+            architecture=validation.name("architecture", architecture),
         )
 
     def host(self, name: str) -> Host:
@@ -162,15 +176,17 @@ class Engine:
         return orphaned
 
     def set_host_enabled(self, name: str, enabled: bool) -> Host:
-        """Enable or disable a host for scheduling (its instances keep running)."""
-        return self.store.update_host(name, enabled=enabled)
+        """Enable or disable a host for scheduling (its instances keep running and are still synced)."""
+        if not isinstance(enabled, bool):
+            raise InvalidInput(f"enabled must be True or False, got {enabled!r}")
+        return self.store.update_host(validation.name("host", name), enabled=enabled)
 
     def heartbeat(self, name: str, metrics: dict[str, float] | None = None) -> Host:
         """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it."""
         values: dict[str, object] = {"last_heartbeat": now()}
         if metrics is not None:
-            values["metrics"] = metrics
-        return self.store.update_host(name, **values)
+            values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
+        return self.store.update_host(validation.name("host", name), **values)
 
     def hosts(self) -> builtins.list[Host]:
         """Return every registered host."""
@@ -184,12 +200,16 @@ class Engine:
         min_disk_gb: int = 0,
         properties: dict[str, str] | None = None,
     ) -> Image:
-        """Register an image file instances can boot from (properties: architecture, hypervisor_type)."""
+        """Register an image file instances can boot from (properties: architecture, hypervisor_type).
+
+        ``path`` must be an absolute path to an existing regular file here.
+        """
         if disk_format not in ("qcow2", "raw"):
             raise InvalidInput(f"invalid disk format {disk_format!r}: expected qcow2 or raw")
-        if not name or len(name) > 255:
-            raise InvalidInput(f"invalid image name {name!r}")
-        return self.store.add_image(name, path, disk_format, min_disk_gb, properties)
+        validation.name("image", name)
+        path = validation.image_path(path)
+        validation.count("image min_disk_gb", min_disk_gb)
+        return self.store.add_image(name, path, disk_format, min_disk_gb, _labels("image properties", properties))
 
     def images(self) -> builtins.list[Image]:
         """Return every registered image."""
@@ -197,23 +217,23 @@ class Engine:
 
     def get(self, uuid: str) -> Instance:
         """Return the instance (deleted ones too); :class:`InstanceNotFound` otherwise."""
-        return self.store.get_instance(_check_uuid(uuid))
+        return self.store.get_instance(validation.uuid(uuid))
 
     def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
         """Return instances, optionally of one host."""
-        return self.store.list_instances(host, include_deleted=include_deleted)
+        return self.store.list_instances(_optional_name("host", host), include_deleted=include_deleted)
 
     def task(self, task_id: str) -> Task:
-        """Return a task by id."""
-        return self.store.get_task(task_id)
+        """Return a task by id; :class:`TaskNotFound` otherwise."""
+        return self.store.get_task(validation.uuid(task_id, "task"))
 
     def tasks(self, uuid: str) -> builtins.list[Task]:
-        """Return every task of an instance, oldest first."""
-        return self.store.tasks_of(_check_uuid(uuid))
+        """Return every task of an instance, oldest first; :class:`InstanceNotFound` for an unknown one."""
+        return self.store.tasks_of(self.get(uuid).uuid)
 
     def steps(self, task_id: str) -> builtins.list[TaskStep]:
         """Return a task's step log."""
-        return self.store.steps(task_id)
+        return self.store.steps(self.task(task_id).id)
 
     def history(self, uuid: str) -> builtins.list[AuditEntry]:
         """Return an instance's audit log, oldest first."""
@@ -278,6 +298,7 @@ class Engine:
     def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
         """Remove a host's unused cached base images older than the age; return them."""
         age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
+        age = validation.seconds("image cache max age", age)
         moving = frozenset(
             i.uuid
             for i in self.store.list_instances(include_deleted=False)
@@ -312,16 +333,18 @@ class Engine:
         ``scheduler.max_attempts`` times (not when a host was named); the
         instance then goes to error with every attempt in its audit log.
         """
-        _check_name(name)
+        validation.name("instance", name)
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        requested = None if host is None else self.store.get_host(host).name
+        _check_call(request_id, None, actor)
+        requested = None if host is None else self.store.get_host(validation.name("host", host)).name
+        availability_zone = _optional_name("availability zone", availability_zone)
         image_row = self._image(image)
         if flavor.root_gb < image_row.min_disk_gb:
             raise InvalidInput(
                 f"flavor disk {flavor.root_gb} GiB is smaller than image {image}'s minimum {image_row.min_disk_gb} GiB"
             )
-        instance_uuid = _check_uuid(uuid) if uuid else str(uuidlib.uuid4())
+        instance_uuid = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
         first = graph.begin("create", instance_uuid, None, None)
         task = self._new_task(instance_uuid, "create", {}, request_id, None, actor, Cause.API)
         at = task.started_at
@@ -363,7 +386,7 @@ class Engine:
 
     def stop(self, uuid: str, *, timeout: float | None = None, **kw: Any) -> Task:
         """Power an instance off: clean shutdown within ``timeout`` seconds, then hard."""
-        params = {} if timeout is None else {"timeout": float(timeout)}
+        params = {} if timeout is None else {"timeout": validation.seconds("stop timeout", timeout)}
         return self.run("stop", uuid, params=params, **kw)
 
     def reboot(self, uuid: str, *, hard: bool = False, **kw: Any) -> Task:
@@ -396,7 +419,7 @@ class Engine:
 
     def rebuild(self, uuid: str, *, image: str | None = None, **kw: Any) -> Task:
         """Replace the disk with a fresh one on ``image`` (default: the current image)."""
-        params = {} if image is None else {"image": image}
+        params = {} if image is None else {"image": validation.name("image", image)}
         return self.run("rebuild", uuid, params=params, **kw)
 
     def resize(self, uuid: str, flavor: Flavor, **kw: Any) -> Task:
@@ -423,7 +446,7 @@ class Engine:
 
     def migrate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
         """Cold-migrate to ``host`` or where the scheduler puts it; ends resized, awaiting confirm or revert."""
-        params = {} if host is None else {"host": self.store.get_host(host).name}
+        params = {} if host is None else {"host": self.store.get_host(validation.name("host", host)).name}
         return self.run("migrate", uuid, params=params, **kw)
 
     def confirm_resize(self, uuid: str, **kw: Any) -> Task:
@@ -467,10 +490,15 @@ class Engine:
         With ``idempotency_key``, a second call with the same key for the same
         instance returns the task the first call started.
         """
-        if operation not in STEPS:
+        if not isinstance(operation, str) or operation not in STEPS:
             known = ", ".join(sorted(STEPS))
             raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
-        uuid = _check_uuid(uuid)
+        if not isinstance(cause, Cause) or not isinstance(wait, bool):
+            raise InvalidInput(f"cause must be a Cause and wait a bool, got {cause!r} and {wait!r}")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
+        _check_call(request_id, idempotency_key, actor)
+        uuid = validation.uuid(uuid)
         params = dict(params or {})
         image_name = params.get("image")
         if image_name is not None:
@@ -659,6 +687,14 @@ class Engine:
                 self.store.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
+
+
+def _check_call(request_id: object, key: object, actor: object) -> None:
+    """Refuse request ids, idempotency keys and actors that are not short printable strings."""
+    for kind, value in (("request id", request_id), ("idempotency key", key)):
+        if value is not None:
+            validation.name(kind, value)
+    validation.name("actor", actor)
 
 
 def _canonical(params: dict[str, Any]) -> str:

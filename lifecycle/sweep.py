@@ -25,9 +25,9 @@ import structlog
 from lifecycle.audit import Why
 from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
 from lifecycle.records import Cause, Instance
-from lifecycle.states import PowerState
+from lifecycle.states import PowerState, VmState
 from lifecycle.store.db import now
-from lifecycle.sync import Action, Decision, Observation, Policy, Recorded, decide
+from lifecycle.sync import Action, Decision, Observation, Policy, Recorded, Stance, decide
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
@@ -58,6 +58,8 @@ class PassSummary:
     """The pass was stopped between two chunks (daemon shutdown)."""
     error: str | None = None
     """Why the pass could not run at all (the hypervisor unreachable...); None when it ran."""
+    reaped: list[str] = field(default_factory=list)
+    """Instances whose row is deleted but whose domain was still here: destroyed by this pass."""
 
 
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:
@@ -86,7 +88,9 @@ def sweep_host(
         seen.update(uuid for uuid, _, _ in rows)
         _apply_chunk(engine, summary, rows, listing.owned, observed_at, policy, actor, stop)
     if not summary.interrupted:
-        summary.unknown_domains = sorted(u for u in listing.owned if u not in seen) + list(listing.foreign)
+        leftovers = sorted(u for u in listing.owned if u not in seen)
+        reaped = _reap(engine, host, leftovers, summary) if policy.deleted_guest is Stance.ENFORCE else set()
+        summary.unknown_domains = [u for u in leftovers if u not in reaped] + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info(
         "sync_pass",
@@ -150,6 +154,23 @@ def _apply_chunk(
             summary.interrupted = True
             return
         _guarded(summary, instance, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
+
+
+def _reap(engine: Engine, host: str, uuids: list[str], summary: PassSummary) -> set[str]:
+    """Destroy the domains (and disks) of deleted instances; domains nobody owns are never touched."""
+    if not uuids:
+        return set()
+    deleted = [u for u, i in engine.store.instances_by_uuid(uuids).items() if i.vm_state is VmState.DELETED]
+    for uuid in deleted:
+        try:
+            engine.driver(host).destroy(uuid, destroy_disks=True)
+        except Exception as exc:  # per domain: the next pass tries again
+            summary.errors += 1
+            log.warning("reap_failed", host=host, instance_uuid=uuid, error=f"{type(exc).__name__}: {exc}")
+            continue
+        summary.reaped.append(uuid)
+        log.info("deleted_guest_reaped", host=host, instance_uuid=uuid)
+    return set(summary.reaped)
 
 
 def _count(summary: PassSummary, decision: Decision) -> None:

@@ -22,6 +22,7 @@ from drivers.base import Driver
 from drivers.fake import FakeDriver
 from lifecycle import Engine, Flavor, Settings, upgrade
 from lifecycle.records import Host
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 PG_ENV = "LIFECYCLE_TEST_PG_URL"
@@ -165,7 +166,7 @@ def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
     if not engine.hosts():
         engine.add_host("h1", "fake://")
         engine.add_host("h2", "fake://")
-        engine.add_image("cirros", "/images/cirros.qcow2")
+        engine.add_image("cirros", fake_image("cirros"))
     return engine
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle import Conflict, Engine, Flavor, InvalidState, Preempted, Settings, upgrade
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 PROCESSES = 4
@@ -46,7 +47,7 @@ def test_conflicting_processes_lose_no_update(pg_url: str, tmp_path: Path) -> No
     upgrade(pg_url)
     with Engine(pg_url) as engine:
         engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
-        engine.add_image("cirros", "/images/cirros.qcow2")
+        engine.add_image("cirros", fake_image("cirros"))
         uuids = [
             engine.create(f"vm{i}", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
             for i in range(INSTANCES)

@@ -17,6 +17,7 @@ from lifecycle import Engine, Flavor, PowerState, Settings, VmState, upgrade
 from lifecycle.daemon import Daemon
 from lifecycle.store import Store
 from tests.conftest import Fakes, make_engine
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 
@@ -107,7 +108,7 @@ def _setup(url: str, tmp_path: Path, hosts: int, per_host: int) -> list[str]:
     upgrade(url)
     uuids = []
     with Engine(url, settings=Settings(shutdown_timeout=0)) as engine:
-        engine.add_image("cirros", "/images/cirros.qcow2")
+        engine.add_image("cirros", fake_image("cirros"))
         for h in range(hosts):
             engine.add_host(f"h{h}", f"fake://{tmp_path / f'h{h}.json'}")
             for i in range(per_host):

@@ -9,6 +9,7 @@ import pytest
 from lifecycle import Engine, Flavor, InvalidInput, InvalidState, PowerState, TaskFailed, VmState
 from lifecycle.errors import DriverError, DriverUnavailable
 from tests.conftest import Fakes
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 V, P = VmState, PowerState
@@ -22,7 +23,7 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     for name in ("a", "b"):
         engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
         engine.heartbeat(name)
-    engine.add_image("cirros", "/images/cirros.qcow2")
+    engine.add_image("cirros", fake_image("cirros"))
     yield engine
     check_invariants(engine.store)
     engine.close()

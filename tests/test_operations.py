@@ -9,6 +9,7 @@ import pytest
 from lifecycle import Engine, InvalidInput, InvalidState, Outcome, PowerState, TaskFailed, TaskState, VmState
 from lifecycle.errors import DomainNotFound, DriverError, HostNotFound, ImageNotFound, InstanceNotFound
 from tests.conftest import FLAVOR, Fakes
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 V, P = VmState, PowerState
@@ -90,7 +91,7 @@ def test_rebuild_gives_a_new_disk_on_the_new_image(
 ) -> None:
     """Rebuild keeps uuid, name, host and flavor, replaces the disk and records the new image."""
     uuid = new_instance("keep-me")
-    engine.add_image("debian", "/images/debian.qcow2")
+    engine.add_image("debian", fake_image("debian"))
     old_disk = fakes["h1"].disk_of(uuid)
     engine.rebuild(uuid, image="debian")
     i = engine.get(uuid)
@@ -226,7 +227,7 @@ def test_bad_create_input_is_refused_before_anything_changes(
 
 def test_flavor_smaller_than_image_minimum_is_refused(engine: Engine) -> None:
     """An image's minimum disk is enforced before anything is written."""
-    engine.add_image("big", "/images/big.qcow2", min_disk_gb=20)
+    engine.add_image("big", fake_image("big"), min_disk_gb=20)
     with pytest.raises(InvalidInput, match="smaller than image big's minimum"):
         engine.create("vm", host="h1", flavor=FLAVOR, image="big")
     assert engine.list() == []

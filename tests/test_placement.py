@@ -11,6 +11,7 @@ import pytest
 from lifecycle import Engine, Flavor, NoValidHost, TaskFailed, VmState, upgrade
 from lifecycle.store import Store
 from tests.conftest import Fakes
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 SMALL = Flavor(vcpus=1, memory_mb=512, root_gb=1)
@@ -23,7 +24,7 @@ def cloud(sqlite_url: str, fakes: Fakes) -> Iterator[Engine]:
     for name, mem in (("a", 2048), ("b", 4096), ("c", 1024)):
         engine.add_host(name, "fake://", vcpus=4, memory_mb=mem, disk_gb=50)
         engine.heartbeat(name)
-    engine.add_image("cirros", "/images/cirros.qcow2")
+    engine.add_image("cirros", fake_image("cirros"))
     yield engine
     check_invariants(engine.store)
     engine.close()
@@ -105,7 +106,7 @@ def test_racing_claims_never_overcommit(pg_url: str) -> None:
     upgrade(pg_url)
     with Engine(pg_url) as engine:
         engine.add_host("tight", "fake://", vcpus=64, memory_mb=5 * 1024, disk_gb=100)
-        engine.add_image("cirros", "/images/cirros.qcow2")
+        engine.add_image("cirros", fake_image("cirros"))
         for w in range(6):
             for i in range(5):
                 engine.create(
@@ -134,7 +135,7 @@ def test_claim_is_refused_once_the_host_is_full(tmp_path: Path) -> None:
     upgrade(url)
     with Engine(url) as engine:
         engine.add_host("h", "fake://", vcpus=1, memory_mb=100, disk_gb=1)
-        engine.add_image("cirros", "/images/cirros.qcow2")
+        engine.add_image("cirros", fake_image("cirros"))
         uuid = engine.create("x", host="h", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
         assert engine.store.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
         assert engine.host("h").memory_mb_used == 64

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.images import fake_image
+
 README = Path(__file__).parents[1] / "README.md"
 
 
@@ -18,6 +20,7 @@ def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         code.group(1)
         .replace('"sqlite:///lifecycle.db"', repr(f"sqlite:///{tmp_path / 'readme.db'}"))
         .replace('"qemu:///system"', '"fake://"')
+        .replace('"/var/lib/images/cirros.qcow2"', repr(fake_image()))
     )
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}

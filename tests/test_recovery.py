@@ -20,6 +20,7 @@ from lifecycle import Engine, Flavor, Outcome, Settings, VmState, graph
 from lifecycle.recovery import Plan, plan
 from lifecycle.store import Store
 from tests.conftest import Fakes, make_engine
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 V = VmState
@@ -86,7 +87,7 @@ def cloud(sqlite_url: str, fakes: Fakes) -> Callable[[], Engine]:
         if not engine.hosts():
             for host in ("h1", "h2"):
                 engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.add_image("cirros", "/images/cirros.qcow2")
+            engine.add_image("cirros", fake_image("cirros"))
         for host in ("h1", "h2"):
             engine.heartbeat(host)
         return engine

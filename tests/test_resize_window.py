@@ -11,6 +11,7 @@ from lifecycle import Engine, Flavor, Settings, VmState
 from lifecycle.errors import DriverUnavailable
 from lifecycle.store.db import now
 from tests.conftest import Fakes
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 
@@ -19,7 +20,7 @@ def _cloud(url: str, fakes: Fakes, **settings: object) -> Engine:
     for name in ("a", "b"):
         engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
         engine.heartbeat(name)
-    engine.add_image("cirros", "/images/cirros.qcow2")
+    engine.add_image("cirros", fake_image("cirros"))
     return engine
 
 

@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from drivers.fake import FakeDriver, SimulatedCrash
 from lifecycle import Engine, Flavor, InvalidState, PowerState, Settings, TaskFailed, graph, upgrade
 from lifecycle.records import Host
+from tests.images import fake_image
 from tests.invariants import check_invariants
 
 OPERATIONS = sorted(
@@ -80,7 +81,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.factory = factory
         self.engine = self._open()
         self.engine.add_host("h1", "fake://")
-        self.engine.add_image("cirros", "/images/cirros.qcow2")
+        self.engine.add_image("cirros", fake_image("cirros"))
         self.uuids: list[str] = []
 
     def _open(self) -> Engine:
