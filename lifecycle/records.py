@@ -14,6 +14,7 @@ from typing import Any
 
 from lifecycle.errors import InvalidFlavor
 from lifecycle.states import PowerState, TaskState, VmState, status_of
+from lifecycle.validation import unsafe_character
 
 __all__ = ["Cause", "Flavor", "Host", "Image", "Instance", "Migration", "Outcome", "Task", "TaskStep", "to_plain"]
 
@@ -39,7 +40,9 @@ class Cause(enum.StrEnum):
 
 _FLAVOR_KEYS = {"vcpus": "vcpus", "ram": "memory_mb", "memory_mb": "memory_mb", "disk": "root_gb", "root_gb": "root_gb"}
 _FLAVOR_LIMITS = {"vcpus": (1, 1024), "memory_mb": (16, 16 * 1024 * 1024), "root_gb": (0, 65536)}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_SPEC_KEY = re.compile(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)+", re.ASCII)
+_SPEC_LIMIT = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,31 +61,64 @@ class Flavor:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidFlavor(str(self), f"{key} must be an integer from {low} to {high}, got {value!r}")
-        if not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise InvalidFlavor(str(self), f"name {self.name!r} must be 1-255 letters, digits, '.', '_' or '-'")
+        reason = _extra_specs_problem(self.extra_specs)
+        if reason is not None:
+            raise InvalidFlavor(str(self), reason)
 
     def __str__(self) -> str:
         return f"vcpus={self.vcpus},ram={self.memory_mb},disk={self.root_gb}"
 
     @classmethod
     def parse(cls, text: str, name: str = "custom") -> Flavor:
-        """Parse ``vcpus=N,ram=MiB,disk=GiB`` (all three required, nothing else)."""
+        """Parse ``vcpus=N,ram=MiB,disk=GiB`` (all three required, nothing else; numbers in ASCII digits)."""
         values: dict[str, int] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
+        for part in filter(None, (p.strip(" ") for p in text.split(","))):
             key, sep, raw = part.partition("=")
-            field_name = _FLAVOR_KEYS.get(key.strip())
+            key, raw = key.strip(" "), raw.strip(" ")
+            field_name = _FLAVOR_KEYS.get(key)
             if not sep or field_name is None:
                 raise InvalidFlavor(text, f"expected vcpus=N,ram=MiB,disk=GiB, got {part!r}")
             if field_name in values:
-                raise InvalidFlavor(text, f"{key.strip()} given twice")
-            try:
-                values[field_name] = int(raw.strip())
-            except ValueError:
-                raise InvalidFlavor(text, f"{key.strip()} must be an integer, got {raw.strip()!r}") from None
+                raise InvalidFlavor(text, f"{key} given twice")
+            values[field_name] = _flavor_number(text, key, raw)
         missing = sorted(set(_FLAVOR_LIMITS) - set(values))
         if missing:
             raise InvalidFlavor(text, f"missing {', '.join(missing)} (expected vcpus=N,ram=MiB,disk=GiB)")
         return cls(name=name, vcpus=values["vcpus"], memory_mb=values["memory_mb"], root_gb=values["root_gb"])
+
+
+def _flavor_number(text: str, key: str, raw: str) -> int:
+    # ASCII digits only: int() would also take '١٢' (Arabic-Indic digits), '1_000' and ' +3'.
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidFlavor(text, f"{key} must be a whole number in digits 0-9, got {raw!r}")
+    if len(raw) > 18:  # beyond every limit; int() of a huge string is slow, or refused past 4300 digits
+        low, high = _FLAVOR_LIMITS[_FLAVOR_KEYS[key]]
+        raise InvalidFlavor(text, f"{key} must be an integer from {low} to {high}, got {raw[:18]}...")
+    return int(raw)
+
+
+def _extra_specs_problem(specs: object) -> str | None:
+    """Say what is wrong with a flavor's extra specs, or None when they are a tuple of unique str pairs."""
+    if not isinstance(specs, tuple):
+        return f"extra_specs must be a tuple of (key, value) pairs, got {type(specs).__name__}"
+    seen: set[str] = set()
+    for pair in specs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            return f"extra spec {pair!r} must be a (key, value) pair of strings"
+        key, value = pair
+        if len(key) > _SPEC_LIMIT or not _SPEC_KEY.fullmatch(key):
+            return (
+                f"extra spec key {key!r} must be namespace:key (letters, digits, '.', '_', '-';"
+                f" at most {_SPEC_LIMIT} characters), e.g. capabilities:ssd"
+            )
+        if key in seen:
+            return f"extra spec {key!r} given twice"
+        seen.add(key)
+        if len(value) > _SPEC_LIMIT or unsafe_character(value) is not None:
+            return f"extra spec {key} value {value!r} must be at most {_SPEC_LIMIT} printable characters"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,167 @@
+"""Pure checks for values that cross into the engine from callers and the command line.
+
+Each function takes the value as given (``object``: callers may pass
+anything), returns it normalised, or raises :class:`InvalidInput` naming what
+was wrong, what was given and what is allowed. They read no database and
+change nothing; the only one that looks outside is :func:`image_path`, which
+asks the filesystem what the path is.
+
+Limits are chosen so every supported database stores the value: integers fit
+a 32-bit signed column, names fit the 255-character columns, and text never
+holds characters a terminal or a log line would act on (controls, format
+characters such as bidirectional overrides, line and paragraph separators) or
+that cannot be encoded (lone surrogates from undecodable command-line bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import unicodedata
+from collections.abc import Mapping
+from numbers import Real
+
+from lifecycle.errors import InvalidInput
+
+__all__ = [
+    "MAX_INT",
+    "MAX_SECONDS",
+    "count",
+    "image_path",
+    "metrics",
+    "name",
+    "period",
+    "seconds",
+    "unsafe_character",
+    "uuid",
+]
+
+MAX_INT = 2**31 - 1
+"""The largest integer every supported database stores in an INTEGER column."""
+MAX_SECONDS = float(MAX_INT)
+"""The longest duration accepted (about 68 years): far beyond any real setting, still a valid timedelta."""
+MAX_PATH = 1024
+"""The length of the path columns."""
+
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}", re.ASCII)
+
+
+def unsafe_character(text: str) -> str | None:
+    """Return the first character of ``text`` no name may hold, or None.
+
+    Those are controls (C0, DEL, C1: category Cc), format characters (Cf:
+    bidirectional overrides, zero-width spaces), line and paragraph
+    separators (Zl, Zp) and lone surrogates (Cs).
+    """
+    if text.isprintable():  # the fast path: printable text holds none of them
+        return None
+    return next((c for c in text if unicodedata.category(c) in _UNSAFE_CATEGORIES), None)
+
+
+def _describe(char: str) -> str:
+    return f"U+{ord(char):04X} ({unicodedata.name(char, unicodedata.category(char))})"
+
+
+def name(kind: str, value: object) -> str:
+    """Return ``value`` if it is a usable name for a ``kind`` (instance, host, image...).
+
+    1 to 255 characters, none of them unsafe (see :func:`unsafe_character`).
+    """
+    if not isinstance(value, str):
+        raise InvalidInput(f"{kind} name must be a string, got {type(value).__name__}")
+    if not 1 <= len(value) <= 255:
+        raise InvalidInput(f"invalid {kind} name {_clip(value)}: 1 to 255 characters, got {len(value)}")
+    bad = unsafe_character(value)
+    if bad is not None:
+        raise InvalidInput(
+            f"invalid {kind} name {_clip(value)}: {_describe(bad)} is a control or format character"
+            " (names hold printable characters only)"
+        )
+    return value
+
+
+def uuid(value: object, kind: str = "instance") -> str:
+    """Return ``value`` as a canonical lowercase uuid (``8-4-4-4-12`` hex digits, or 32 without dashes)."""
+    if not isinstance(value, str) or _UUID.fullmatch(value.lower()) is None:
+        raise InvalidInput(f"invalid {kind} uuid {_clip(value)}: expected 8-4-4-4-12 hexadecimal digits")
+    digits = value.lower().replace("-", "")
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def count(label: str, value: object, *, low: int = 0, high: int = MAX_INT) -> int:
+    """Return ``value`` if it is an integer (not a bool) from ``low`` to ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{label} must be an integer from {low} to {high}, got {_clip(value)}")
+    return value
+
+
+def seconds(label: str, value: object, *, low: float = 0.0, high: float = MAX_SECONDS) -> float:
+    """Return ``value`` as float seconds if it is a finite real number (not a bool) from ``low`` to ``high``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidInput(f"{label} must be a number of seconds, got {_clip(value)}")
+    number = float(value)
+    if not math.isfinite(number) or not low <= number <= high:
+        raise InvalidInput(f"{label} must be a finite number of seconds from {low:g} to {high:g}, got {_clip(value)}")
+    return number
+
+
+def period(label: str, value: object, minimum: float = 0.1) -> float:
+    """Return ``value`` as the seconds between two runs of a periodic job: at least ``minimum``.
+
+    A zero or negative period would make a loop spin a core; NaN and infinity
+    would make it never run or never stop waiting.
+    """
+    return seconds(label, value, low=minimum)
+
+
+def image_path(path: object) -> str:
+    """Return ``path`` if it names an existing regular file by an absolute path (symlinks followed)."""
+    if not isinstance(path, str):
+        raise InvalidInput(f"image path must be a string, got {type(path).__name__}")
+    shown = _clip(path)
+    if not path or len(path) > MAX_PATH:
+        raise InvalidInput(f"invalid image path {shown}: 1 to {MAX_PATH} characters, got {len(path)}")
+    bad = unsafe_character(path)
+    if bad is not None or "\0" in path:
+        raise InvalidInput(f"invalid image path {shown}: {_describe(bad or chr(0))} is a control character")
+    if not os.path.isabs(path):
+        raise InvalidInput(f"image path {shown} must be absolute")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InvalidInput(f"image path {shown} does not exist") from None
+    except OSError as exc:
+        raise InvalidInput(f"image path {shown} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise InvalidInput(f"image path {shown} is {kind}: expected an image file")
+    return path
+
+
+def metrics(value: object) -> dict[str, float]:
+    """Return host metrics as a dict of metric name to finite float."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"metrics must be a mapping of name to number, got {type(value).__name__}")
+    result: dict[str, float] = {}
+    for key, number in value.items():
+        label = f"metric {name('metric', key)!r}"
+        result[key] = _finite(label, number)
+    return result
+
+
+def _finite(label: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise InvalidInput(f"{label} must be a finite number, got {_clip(value)}")
+    return float(value)
+
+
+def _clip(value: object, limit: int = 80) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, so a huge argument cannot flood an error line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (sys.get_int_max_str_digits)
+        return f"an integer of {value.bit_length() if isinstance(value, int) else '?'} bits"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
