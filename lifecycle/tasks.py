@@ -68,6 +68,8 @@ class TaskRun:
         """Non-repeatable steps already completed (from the step log, when resuming)."""
         self.note: str | None = None
         """What the end's audit row should say (e.g. a delete done in the database only)."""
+        self.touched: set[str] = set()
+        """Hosts this run may have built on beyond the instance's recorded host (a build's pick)."""
         self.fail_fields: dict[str, Any] = {}
         """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
         self._seq = 1
@@ -248,11 +250,14 @@ def execute(run: TaskRun, steps: Steps) -> Task:
             steps(run)
             run.succeed()
         except Preempted as exc:
+            _after_preemption(run, exc.preempted_by)
             _finished(run, started, Outcome.PREEMPTED, preempted_by=exc.preempted_by)
             raise
         except Exception as exc:
             if _was_preempted(run, exc):
-                raise Preempted(run.task.id, run.instance.uuid, run.store.get_task(run.task.id).preempted_by) from exc
+                by = run.store.get_task(run.task.id).preempted_by
+                _after_preemption(run, by)
+                raise Preempted(run.task.id, run.instance.uuid, by) from exc
             try:
                 run.fail(exc)
             except Preempted as lost:
@@ -270,6 +275,30 @@ def _power_or(run: TaskRun, default: PowerState) -> PowerState:
         return run.read_power()
     except DriverError:
         return default
+
+
+_DELETES = frozenset({"delete", "force_delete"})
+
+
+def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
+    """Undo on the hypervisor what this worker's last driver call did after a delete took over.
+
+    The delete destroyed the guest while this worker was inside a driver
+    call; that call (a spawn, a power on) may have made or started a domain
+    after the destroy. Destroying again, on every host this run touched, and
+    releasing claims taken after the delete released them, leaves nothing
+    behind; both are repeat-safe, so racing the delete's own cleanup is harmless.
+    """
+    if preempted_by is None or run.store.get_task(preempted_by).operation not in _DELETES:
+        return
+    recorded = {run.instance.host} if run.instance.host is not None else set()
+    for host in sorted(run.touched | recorded):
+        try:
+            run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True)
+        except Exception as exc:  # an unreachable host: its daemon reaps the leftover later
+            log.warning("preempted_leftover_not_destroyed", host=host, error=f"{type(exc).__name__}: {exc}")
+    run.store.release_claims(run.instance.uuid)
+    log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
 
 
 def _was_preempted(run: TaskRun, exc: Exception) -> bool:

@@ -6,6 +6,7 @@ import contextlib
 
 import structlog
 
+from lifecycle.errors import Preempted
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
@@ -28,6 +29,8 @@ def create(run: TaskRun) -> None:
     claimed: list[str] = []
     try:
         _build(run, claimed)
+    except Preempted:
+        raise  # a delete took the build over: the worker's preemption rule cleans up (tasks.execute)
     except Exception:  # not BaseException: a process that dies here runs nothing (recovery takes over)
         _give_back(run, claimed[-1:])
         run.fail_fields["host"] = None
@@ -45,6 +48,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
             assert run.schedule is not None, "create needs a scheduler"
             host = run.schedule(tried)
             claimed.append(host)
+            run.touched.add(host)
         assert host is not None
         run.advance(f"scheduled to {host} (attempt {attempt} of {attempts})", host=host)  # networking
         run.advance()  # block_device_mapping: the root disk is made by spawn
@@ -64,13 +68,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
 
 
 def _give_back(run: TaskRun, last: list[str]) -> None:
-    """Release every claim and destroy what the last attempt built, whatever ended the build.
-
-    Also when a delete took the build over (:class:`Preempted`): the claim may
-    have been taken after the delete released everything, and a spawn still
-    in flight then may have made a domain after the delete destroyed it.
-    Both calls are repeat-safe, so racing the delete's own cleanup is harmless.
-    """
+    """Release every claim and destroy what the last attempt built, whatever failed the build."""
     with contextlib.suppress(Exception):  # recorded failure follows; recovery/reaping catch the rest
         run.store.release_claims(run.instance.uuid)
     for host in {*last, *([run.instance.host] if run.instance.host else [])}:

@@ -1,0 +1,414 @@
+"""Failure paths: nothing stuck, nothing silently dropped (issue: failure paths, part A)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from drivers.base import Driver
+from lifecycle import (
+    Engine,
+    HostInUse,
+    InvalidState,
+    NoValidHost,
+    Outcome,
+    PowerState,
+    TaskFailed,
+    TaskNotFound,
+    VmState,
+)
+from lifecycle.daemon import Daemon
+from lifecycle.errors import DriverUnavailable
+from lifecycle.records import Host
+from lifecycle.store.db import now
+from tests.conftest import FLAVOR, Fakes
+from tests.invariants import check_invariants
+
+V = VmState
+HOSTLESS_REFUSED = ["start", "stop", "reboot", "reboot_hard", "rebuild", "rescue", "soft_delete", "pause", "migrate"]
+
+
+def _no_valid_host(engine: Engine) -> str:
+    engine.set_host_enabled("h1", False)
+    engine.set_host_enabled("h2", False)
+    with pytest.raises(TaskFailed) as failed:
+        engine.create("nowhere", flavor=FLAVOR, image="cirros")
+    assert "NoValidHost" in failed.value.error
+    return failed.value.task.instance_uuid
+
+
+def _task_rows(engine: Engine, uuid: str) -> list[tuple[str, str]]:
+    return [(t.operation, t.outcome.value) for t in engine.tasks(uuid)]
+
+
+@pytest.mark.parametrize("op", ["delete", "force_delete"])
+def test_hostless_error_instance_is_deleted_in_the_database(engine: Engine, op: str) -> None:
+    """A create that found no host ends error without a host; delete and force_delete then end deleted, audited."""
+    uuid = _no_valid_host(engine)
+    assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (V.ERROR, None)
+    task = engine.run(op, uuid)
+    i = engine.get(uuid)
+    assert (task.outcome, i.vm_state, i.task_id, i.power_state) == (Outcome.SUCCEEDED, V.DELETED, None, 0)
+    assert "no host: deleted in the database only" in (engine.history(uuid)[-1].message or "")
+    assert engine.store.claims_of(uuid) == []
+
+
+@pytest.mark.parametrize("op", HOSTLESS_REFUSED)
+def test_hostless_instance_refuses_every_other_operation_before_writing(engine: Engine, op: str) -> None:
+    """Every operation but delete on a host-less instance is InvalidState naming why, and writes nothing."""
+    uuid = _no_valid_host(engine)
+    before, tasks = engine.get(uuid), _task_rows(engine, uuid)
+    with pytest.raises(InvalidState):
+        engine.run(op, uuid)
+    assert engine.get(uuid) == before and _task_rows(engine, uuid) == tasks
+
+
+def test_hostless_refusal_says_why(engine: Engine) -> None:
+    """stop of a host-less error instance says it has no host, not only the (satisfied) vm_state guard."""
+    uuid = _no_valid_host(engine)
+    with pytest.raises(InvalidState, match="has no host"):
+        engine.stop(uuid)
+
+
+def test_console_of_a_hostless_instance_says_it_has_no_host(engine: Engine) -> None:
+    """The console refusal of a host-less error instance names the missing host as its reason."""
+    uuid = _no_valid_host(engine)
+    with pytest.raises(InvalidState, match="no host, so no console"):
+        engine.get_vnc_console(uuid)
+
+
+def test_failed_build_on_a_named_host_keeps_no_host_claim_or_domain(engine: Engine, fakes: Fakes) -> None:
+    """A spawn failing on a named host ends error with no host, no claim and no half-made domain left there."""
+    engine.driver("h1")
+    fakes["h1"].fail_after("spawn")  # the domain is made, then the call reports failure
+    with pytest.raises(TaskFailed) as failed:
+        engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
+    uuid = failed.value.task.instance_uuid
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host) == (V.ERROR, None)
+    assert engine.store.claims_of(uuid) == [] and not fakes["h1"].domain_exists(uuid)
+    for op in ("rebuild", "reboot_hard", "rescue"):
+        with pytest.raises(InvalidState):
+            engine.run(op, uuid)
+
+
+def test_failed_build_leaves_room_for_the_next_create(db_url: str, fakes: Fakes) -> None:
+    """On a host with room for one guest, a failed build gives its room back and a later build fits exactly once."""
+    engine = Engine(db_url, driver_factory=fakes.factory)
+    engine.add_host("small", "fake://", vcpus=1, memory_mb=64, disk_gb=1)
+    from tests.images import fake_image
+
+    engine.add_image("cirros", fake_image())
+    engine.heartbeat("small")
+    fakes.factory(engine.host("small")).fail_next("spawn")
+    with pytest.raises(TaskFailed):
+        engine.create("a", host="small", flavor=FLAVOR, image="cirros")
+    engine.create("b", host="small", flavor=FLAVOR, image="cirros")
+    with pytest.raises(TaskFailed, match="NoValidHost"):
+        engine.create("c", flavor=FLAVOR, image="cirros")
+    assert engine.host("small").vcpus_used == 1
+    check_invariants(engine.store)
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(2, "No such file or directory"), json.JSONDecodeError("Expecting value", "", 0), RuntimeError("bug")],
+    ids=["OSError", "JSONDecodeError", "RuntimeError"],
+)
+@pytest.mark.parametrize("op", ["stop", "delete", "force_delete", "pause"])
+def test_any_exception_from_the_driver_ends_the_task(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], error: Exception, op: str
+) -> None:
+    """A driver raising something other than DriverError ends the task failed with error and traceback."""
+    uuid = new_instance()
+    call = {"stop": "power_off", "delete": "destroy", "force_delete": "destroy", "pause": "pause"}[op]
+    fakes["h1"].fail_next(call, error)
+    fakes["h1"].fail_next("get_info", error)  # the power read at failure breaks too
+    with pytest.raises(TaskFailed) as failed:
+        engine.run(op, uuid)
+    task = engine.task(failed.value.task.id)
+    assert task.outcome is Outcome.FAILED and type(error).__name__ in (task.error or "")
+    assert task.traceback and type(error).__name__ in task.traceback
+    assert engine.get(uuid).task_id is None
+    fakes["h1"]._faults.clear()  # the fault not consumed (the power read) would hit the delete
+    engine.delete(uuid)
+    assert engine.get(uuid).vm_state is V.DELETED
+
+
+def test_spawn_raising_oserror_reschedules(engine: Engine, fakes: Fakes) -> None:
+    """A spawn raising OSError is a failed spawn like any other: the build is tried on the other host."""
+    engine.heartbeat("h1")
+    engine.heartbeat("h2")
+    for name in ("h1", "h2"):
+        engine.driver(name)
+    first = iter(["h1", "h2"])
+    fakes["h1"].fail_next("spawn", OSError(28, "No space left on device"))
+    fakes["h2"].fail_next("spawn", OSError(28, "No space left on device"))
+    with pytest.raises(TaskFailed, match="NoValidHost"):
+        engine.create("vm", flavor=FLAVOR, image="cirros")
+    assert next(first) == "h1"
+    uuid = engine.list()[0].uuid
+    assert engine.get(uuid).host is None and engine.store.claims_of(uuid) == []
+    failures = [m for r in engine.history(uuid) if "OSError" in (m := r.message or "")]
+    assert len(failures) == 2 and all("No space left on device; rescheduling" in m for m in failures)
+
+
+class _Broken(Fakes):
+    """Fakes whose host h1 cannot even be opened (a driver factory raising)."""
+
+    def factory(self, host: Host) -> Driver:
+        if host.name == "h1" and self.get("broken"):
+            raise RuntimeError("cannot open h1")
+        return super().factory(host)
+
+
+def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
+    """A task whose recovery raises is reported as error, and the tasks after it are still recovered."""
+    fakes = _Broken()
+    first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
+    from tests.images import fake_image
+
+    first.add_host("h1", "fake://")
+    first.add_host("h2", "fake://")
+    first.add_image("cirros", fake_image())
+    on_h1 = first.create("a", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    on_h2 = first.create("b", host="h2", flavor=FLAVOR, image="cirros").instance_uuid
+    for uuid, host in ((on_h1, "h1"), (on_h2, "h2")):
+        gate = fakes[host].hold("power_off")
+        first.stop(uuid, wait=False)
+        assert gate.wait_entered()
+    fakes["broken"] = fakes["h1"]  # h1's driver can no longer be opened by a new engine
+    second = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
+    results = {r.instance_uuid: r for r in second.recover()}
+    assert results[on_h1].outcome == "failed" and "cannot open h1" in results[on_h1].reason
+    assert second.get(on_h1).task_id is None
+    assert results[on_h2].outcome == "succeeded" and second.get(on_h2).vm_state is V.STOPPED
+    for gate_host in ("h1", "h2"):
+        fakes[gate_host]._faults.clear()
+    del fakes["broken"]
+    first._stop.set()
+    second.close()
+
+
+def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
+    sqlite_url: str, fakes: Fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When recovering one task raises, recover reports it as error and still recovers the next one."""
+    from lifecycle import recovery
+    from tests.images import fake_image
+
+    first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
+    first.add_host("h1", "fake://")
+    first.add_image("cirros", fake_image())
+    uuids = [first.create(n, host="h1", flavor=FLAVOR, image="cirros").instance_uuid for n in ("a", "b")]
+    for uuid in uuids:
+        gate = fakes["h1"].hold("power_off")
+        first.stop(uuid, wait=False)
+        assert gate.wait_entered()
+    real = recovery._recover
+
+    def flaky(engine: Engine, task: object) -> recovery.Recovered:
+        if getattr(task, "instance_uuid", None) == uuids[0]:
+            raise RuntimeError("database hiccup")
+        return real(engine, task)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(recovery, "_recover", flaky)
+    second = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
+    results = {r.instance_uuid: r for r in second.recover()}
+    assert (results[uuids[0]].outcome, results[uuids[0]].reason) == ("error", "RuntimeError: database hiccup")
+    assert results[uuids[1]].outcome == "succeeded"
+    fakes["h1"]._faults.clear()
+    first._stop.set()
+    second.close()
+
+
+def test_recover_does_not_take_over_a_task_its_own_engine_runs(engine: Engine, fakes: Fakes) -> None:
+    """An engine's periodic recover leaves alone the tasks its own workers are running."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    gate = fakes["h1"].hold("pause")
+    task = engine.pause(uuid, wait=False)
+    assert gate.wait_entered()
+    assert engine.recover() == []
+    gate.release()
+    engine._pool().shutdown(wait=True)
+    assert engine.task(task.id).outcome is Outcome.SUCCEEDED and engine.get(uuid).vm_state is V.PAUSED
+
+
+def test_only_live_workers_have_their_lease_renewed(engine: Engine, fakes: Fakes) -> None:
+    """A running task row whose worker is gone is not renewed by the heartbeat, so recovery can end it."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    gate = fakes["h1"].hold("pause")
+    live = engine.pause(uuid, wait=False)
+    assert gate.wait_entered()
+    assert engine.store.renew_leases(engine.owner, sorted(engine.active_tasks)) == 1
+    assert engine.store.renew_leases(engine.owner, []) == 0
+    gate.release()
+    engine._pool().shutdown(wait=True)
+    assert engine.active_tasks == set() and engine.task(live.id).outcome is Outcome.SUCCEEDED
+
+
+def test_task_lookup_of_an_unknown_id_is_typed(engine: Engine) -> None:
+    """engine.task of an unknown id raises TaskNotFound; a malformed one raises InvalidInput."""
+    with pytest.raises(TaskNotFound):
+        engine.task("00000000-0000-0000-0000-000000000000")
+    with pytest.raises(TaskNotFound.__mro__[1]):
+        engine.task("nope")
+
+
+# -- hosts -----------------------------------------------------------------------
+
+
+def test_host_remove_is_refused_while_instances_live_there(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """remove_host refuses a host holding an instance and changes nothing."""
+    uuid = new_instance()
+    with pytest.raises(HostInUse, match=uuid):
+        engine.remove_host("h1")
+    assert engine.host("h1").name == "h1" and engine.get(uuid).host == "h1"
+
+
+def test_forced_host_remove_orphans_instances_that_delete_then_removes(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
+    """A forced removal leaves the instance error without host or claim; a delete then ends it in the database."""
+    uuid = new_instance()
+    assert engine.remove_host("h1", force=True) == [uuid]
+    assert "h1" not in [h.name for h in engine.hosts()]
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, engine.store.claims_of(uuid)) == (V.ERROR, None, [])
+    assert "may still exist" in (engine.history(uuid)[-1].message or "")
+    engine.delete(uuid)
+    assert engine.get(uuid).vm_state is V.DELETED
+
+
+def test_host_with_only_deleted_instances_can_be_removed(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """Deleted instances do not hold a host: it is removed without force, their history kept."""
+    uuid = new_instance()
+    engine.delete(uuid)
+    assert engine.remove_host("h1") == []
+    assert engine.get(uuid).vm_state is V.DELETED and engine.history(uuid)
+
+
+def _down(engine: Engine, fakes: Fakes, host: str = "h1") -> None:
+    """Make ``host`` unreachable and its last heartbeat older than host_down_after."""
+    engine.driver(host)
+    fakes[host].unreachable = True
+    stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
+    engine.store.update_host(host, last_heartbeat=stale)
+
+
+@pytest.mark.parametrize("op", ["delete", "force_delete"])
+def test_delete_on_a_down_host_is_local_and_the_guest_is_reaped_later(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], op: str
+) -> None:
+    """Delete of an instance on a down, unreachable host ends deleted; the host's next sync pass reaps the guest."""
+    uuid = new_instance()
+    _down(engine, fakes)
+    engine.run(op, uuid)
+    i = engine.get(uuid)
+    assert (i.vm_state, i.task_id, engine.store.claims_of(uuid)) == (V.DELETED, None, [])
+    assert "the guest may still exist" in (engine.history(uuid)[-1].message or "")
+    assert fakes["h1"].domain_exists(uuid)
+    fakes["h1"].unreachable = False
+    (summary,) = engine.sync("h1")
+    assert summary.reaped == [uuid] and summary.unknown_domains == []
+    assert not fakes["h1"].domain_exists(uuid)
+
+
+def test_delete_on_an_up_but_unanswering_host_fails_and_keeps_the_claim(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """While the host still heartbeats, an unreachable hypervisor fails the delete (to retry), claims kept."""
+    uuid = new_instance()
+    engine.driver("h1")
+    fakes["h1"].unreachable = True
+    engine.heartbeat("h1")
+    with pytest.raises(TaskFailed, match="unreachable"):
+        engine.delete(uuid)
+    assert engine.get(uuid).vm_state is V.ERROR and engine.store.claims_of(uuid) == ["h1"]
+    fakes["h1"].unreachable = False
+    engine.delete(uuid)
+    assert engine.get(uuid).vm_state is V.DELETED and not fakes["h1"].domain_exists(uuid)
+
+
+def test_reaping_can_be_turned_off(db_url: str, fakes: Fakes) -> None:
+    """With Policy(deleted_guest=record), a deleted instance's leftover domain is only reported."""
+    from lifecycle import Settings
+    from lifecycle.sync import Policy, Stance
+    from tests.images import fake_image
+
+    settings = Settings(shutdown_timeout=0, sync_policy=Policy(deleted_guest=Stance.RECORD))
+    engine = Engine(db_url, driver_factory=fakes.factory, settings=settings)
+    engine.add_host("h1", "fake://")
+    engine.add_image("cirros", fake_image())
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    _down(engine, fakes)
+    engine.delete(uuid)
+    fakes["h1"].unreachable = False
+    (summary,) = engine.sync("h1")
+    assert summary.reaped == [] and summary.unknown_domains == [uuid] and fakes["h1"].domain_exists(uuid)
+    engine.close()
+
+
+def test_sync_of_every_host_goes_on_past_an_unreachable_one(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """engine.sync() reports an unreachable host's error and still syncs the others, disabled ones included."""
+    new_instance("a", "h1")
+    b = new_instance("b", "h2")
+    engine.set_host_enabled("h2", False)
+    fakes["h1"].unreachable = True
+    fakes["h2"].set_power(b, PowerState.SHUTDOWN)
+    summaries = {s.host: s for s in engine.sync()}
+    assert "unreachable" in (summaries["h1"].error or "")
+    assert summaries["h2"].error is None and summaries["h2"].instances == 1
+    assert engine.get(b).vm_state is V.STOPPED
+
+
+def test_daemon_serves_disabled_hosts_and_releases_removed_ones(engine: Engine) -> None:
+    """The daemon claims a disabled host (sync, events, heartbeat) and lets a removed host go."""
+    engine.set_host_enabled("h2", False)
+    daemon = Daemon(engine)
+    daemon._claim_hosts()
+    assert sorted(daemon.claims) == ["h1", "h2"]
+    engine.remove_host("h2")
+    daemon._claim_hosts()
+    assert sorted(daemon.claims) == ["h1"] and not any(j.name.endswith(":h2") for j in daemon.jobs)
+    daemon._shutdown()
+
+
+def test_create_preempted_by_delete_keeps_no_claim_and_no_domain(engine: Engine, fakes: Fakes) -> None:
+    """A delete taking over a build held inside spawn leaves no claim, and the late spawn's domain is destroyed."""
+    engine.driver("h1")
+    gate = fakes["h1"].hold("spawn")
+    task = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros", wait=False)
+    assert gate.wait_entered()
+    engine.delete(task.instance_uuid)
+    gate.release()
+    engine._pool().shutdown(wait=True)
+    uuid = task.instance_uuid
+    assert engine.get(uuid).vm_state is V.DELETED and engine.store.claims_of(uuid) == []
+    assert not fakes["h1"].domain_exists(uuid)
+    assert engine.task(task.id).outcome is Outcome.PREEMPTED
+
+
+def test_unreachable_driver_error_is_transient(engine: Engine, fakes: Fakes) -> None:
+    """The fake's unreachable mode raises DriverUnavailable on every call until cleared."""
+    engine.driver("h1")
+    fakes["h1"].unreachable = True
+    with pytest.raises(DriverUnavailable):
+        fakes["h1"].list_instances()
+    fakes["h1"].unreachable = False
+    assert fakes["h1"].list_instances().owned == {}
+
+
+def test_no_valid_host_is_recorded_not_raised_bare(engine: Engine) -> None:
+    """A create with every host disabled is a failed task whose error names NoValidHost and each host's reason."""
+    uuid = _no_valid_host(engine)
+    task = engine.tasks(uuid)[0]
+    assert task.outcome is Outcome.FAILED and NoValidHost.__name__ in (task.error or "")
+    assert "h1" in (task.error or "") and replace(task, error=None).error is None
