@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
 from alembic import context
+from alembic.util import CommandError
 
 from lifecycle.store.db import connect
 from lifecycle.store.tables import metadata
@@ -34,15 +39,52 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
-def _run(connection: object) -> None:
-    context.configure(
-        connection=connection,  # type: ignore[arg-type]
-        target_metadata=metadata,
-        render_as_batch=True,
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+def _run(connection: sa.Connection) -> None:
+    with _sqlite_foreign_keys_off(connection):
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            render_as_batch=True,
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+            _check_foreign_keys(connection)
+
+
+@contextmanager
+def _sqlite_foreign_keys_off(connection: sa.Connection) -> Iterator[None]:
+    """Turn SQLite's foreign key enforcement off while the migrations run, and back on after.
+
+    Batch mode alters a SQLite table by copying it and dropping the original;
+    with enforcement on, that drop deletes the rows other tables reference
+    and fails ("FOREIGN KEY constraint failed") as soon as there is data.
+    Alembic's batch documentation prescribes this. The pragma is a no-op
+    inside a transaction, so it is issued on the DBAPI connection before the
+    migrations begin theirs (the connection runs in autocommit mode, see
+    ``lifecycle.store.db``); :func:`_check_foreign_keys` then verifies that
+    the migrations left every reference intact.
+    """
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    dbapi = connection.connection.driver_connection
+    assert dbapi is not None
+    dbapi.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        dbapi.execute("PRAGMA foreign_keys=ON")
+
+
+def _check_foreign_keys(connection: sa.Connection) -> None:
+    """Fail the migrations (rolling them back) if they left a row pointing at nothing (SQLite)."""
+    if connection.dialect.name != "sqlite":
+        return
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        rows = ", ".join(f"{table} row {rowid} -> {parent}" for table, rowid, parent, _fk in broken[:5])
+        raise CommandError(f"the migration left {len(broken)} broken foreign key reference(s): {rows}")
 
 
 if context.is_offline_mode():

@@ -2,11 +2,20 @@
 
 SQLite is the embedded default (a file, WAL, foreign keys on, a busy timeout
 so concurrent writers queue instead of failing). PostgreSQL is used as is.
+
+A database that cannot be used (a malformed URL, an unknown scheme, a driver
+that is not installed, a server that does not answer, a file that is not a
+database, a revision this version does not know) raises :class:`InvalidInput`
+from :func:`connect`, :func:`check_schema`, :func:`upgrade` or
+:func:`downgrade`, with the database's own message on one line and the URL
+shown without its password.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,8 +25,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
-from lifecycle.errors import SchemaOutOfDate
+from lifecycle.errors import InvalidInput, SchemaOutOfDate
 
 __all__ = [
     "DEFAULT_DB_URL",
@@ -27,6 +37,7 @@ __all__ = [
     "current_revision",
     "downgrade",
     "head_revision",
+    "known_revisions",
     "now",
     "upgrade",
 ]
@@ -47,13 +58,64 @@ def aware(value: datetime | None) -> datetime | None:
 
 
 def connect(url: str) -> sa.Engine:
-    """Create an SQLAlchemy engine for ``url`` with the pragmas the engine relies on."""
-    if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
-        sa.event.listen(engine, "begin", _sqlite_begin_immediate)
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    """Create an SQLAlchemy engine for ``url`` with the pragmas the engine relies on.
+
+    Nothing connects yet; a URL that cannot name a usable database raises
+    :class:`InvalidInput` (the first connection's failures surface in
+    :func:`check_schema`, :func:`upgrade` and :func:`downgrade`).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput(f"invalid database URL {url!r}: empty (e.g. sqlite:///lifecycle.db)")
+    try:
+        if url.startswith("sqlite"):
+            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+            sa.event.listen(engine, "begin", _sqlite_begin_immediate)
+            return engine
+        return sa.create_engine(url, pool_pre_ping=True)
+    except sa.exc.NoSuchModuleError as exc:
+        raise InvalidInput(f"invalid database URL {_shown(url)}: unknown database kind ({exc})") from None
+    except sa.exc.ArgumentError as exc:
+        raise InvalidInput(f"invalid database URL {_shown(url)}: {_one_line(str(exc))}") from None
+    except ImportError as exc:
+        # The dialect is known but its DBAPI module (MySQLdb, psycopg2, ...) is not installed.
+        raise InvalidInput(
+            f"database URL {_shown(url)} needs the Python module {exc.name or exc}, which is not installed"
+        ) from None
+
+
+def _shown(url: str | sa.URL) -> str:
+    """Return the URL as it may be printed: the password hidden, quoted when it does not parse."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return repr(url)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+@contextmanager
+def _database_errors(url: str | sa.URL, action: str) -> Iterator[None]:
+    """Raise :class:`InvalidInput` for a database the driver cannot open, reach or read."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        reason = _one_line(str(exc.orig)) or type(exc.orig).__name__
+        raise InvalidInput(f"cannot {action} the database {_shown(url)}: {reason}{_missing_folder(url)}") from None
+
+
+def _missing_folder(url: str | sa.URL) -> str:
+    """Say which folder is missing when a SQLite file cannot be opened because of it."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return ""
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return ""
+    folder = Path(parsed.database).absolute().parent
+    return "" if folder.is_dir() else f" (folder {folder} does not exist)"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -89,25 +151,64 @@ def _migrations_dir() -> Path:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Upgrade the database at ``url`` to ``revision`` with alembic."""
-    command.upgrade(_config(url), revision)
+    """Upgrade the database at ``url`` to ``revision`` with alembic.
+
+    An unknown revision, or a database at a revision this version does not
+    know (a newer lifecycle wrote it), raises :class:`InvalidInput` before
+    anything changes.
+    """
+    _migrate(url, "upgrade", revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
-    """Downgrade the database at ``url`` to ``revision`` with alembic."""
-    command.downgrade(_config(url), revision)
+    """Downgrade the database at ``url`` to ``revision`` with alembic (see :func:`upgrade`)."""
+    _migrate(url, "downgrade", revision)
+
+
+def _migrate(url: str, verb: str, revision: str) -> None:
+    engine = connect(url)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    known = known_revisions()
+    if current is not None and current not in known:
+        raise InvalidInput(
+            f"the database {_shown(url)} is at revision {current!r}, which this version of lifecycle does not know"
+            f" (it knows {', '.join(known)}): a newer lifecycle wrote it; use that version"
+        )
+    order = ["base", *known]
+    where = f"(the database is at {current or 'base'}; known revisions: {', '.join(order)})"
+    if verb == "upgrade" and revision in order and order.index(revision) < order.index(current or "base"):
+        # alembic would silently do nothing
+        raise InvalidInput(f"cannot upgrade to revision {revision!r}, older than the database: use downgrade {where}")
+    run = command.upgrade if verb == "upgrade" else command.downgrade
+    with _database_errors(url, verb):
+        try:
+            run(_config(url), revision)
+        except CommandError as exc:
+            raise InvalidInput(f"cannot {verb} to revision {revision!r}: {_one_line(str(exc))} {where}") from None
+
+
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config("sqlite://"))
+
+
+def known_revisions() -> list[str]:
+    """Return the revisions shipped with this version, oldest first (``base`` not included)."""
+    return [script.revision for script in reversed(list(_scripts().walk_revisions("base", "heads")))]
 
 
 def head_revision() -> str:
     """Return the head revision of the migrations shipped with this version."""
-    head = ScriptDirectory.from_config(_config("sqlite://")).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return head
 
 
 def current_revision(engine: sa.Engine) -> str | None:
     """Return the revision the database is at, or None for an empty database."""
-    with engine.connect() as conn:
+    with _database_errors(engine.url, "open"), engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
