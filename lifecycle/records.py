@@ -74,29 +74,34 @@ class Flavor:
     def parse(cls, text: str, name: str = "custom") -> Flavor:
         """Parse ``vcpus=N,ram=MiB,disk=GiB`` (all three required, nothing else; numbers in ASCII digits)."""
         values: dict[str, int] = {}
+        shown = text if len(text) <= 80 else f"{text[:77]}..."  # the error message quotes it
         for part in filter(None, (p.strip(" ") for p in text.split(","))):
             key, sep, raw = part.partition("=")
             key, raw = key.strip(" "), raw.strip(" ")
             field_name = _FLAVOR_KEYS.get(key)
             if not sep or field_name is None:
-                raise InvalidFlavor(text, f"expected vcpus=N,ram=MiB,disk=GiB, got {part!r}")
+                raise InvalidFlavor(shown, f"expected vcpus=N,ram=MiB,disk=GiB, got {_quoted(part)}")
             if field_name in values:
-                raise InvalidFlavor(text, f"{key} given twice")
-            values[field_name] = _flavor_number(text, key, raw)
+                raise InvalidFlavor(shown, f"{key} given twice")
+            values[field_name] = _flavor_number(shown, key, raw)
         missing = sorted(set(_FLAVOR_LIMITS) - set(values))
         if missing:
-            raise InvalidFlavor(text, f"missing {', '.join(missing)} (expected vcpus=N,ram=MiB,disk=GiB)")
+            raise InvalidFlavor(shown, f"missing {', '.join(missing)} (expected vcpus=N,ram=MiB,disk=GiB)")
         return cls(name=name, vcpus=values["vcpus"], memory_mb=values["memory_mb"], root_gb=values["root_gb"])
 
 
-def _flavor_number(text: str, key: str, raw: str) -> int:
+def _flavor_number(shown: str, key: str, raw: str) -> int:
     # ASCII digits only: int() would also take '١٢' (Arabic-Indic digits), '1_000' and ' +3'.
     if not (raw.isascii() and raw.isdigit()):
-        raise InvalidFlavor(text, f"{key} must be a whole number in digits 0-9, got {raw!r}")
+        raise InvalidFlavor(shown, f"{key} must be a whole number in digits 0-9, got {_quoted(raw)}")
     if len(raw) > 18:  # beyond every limit; int() of a huge string is slow, or refused past 4300 digits
         low, high = _FLAVOR_LIMITS[_FLAVOR_KEYS[key]]
-        raise InvalidFlavor(text, f"{key} must be an integer from {low} to {high}, got {raw[:18]}...")
+        raise InvalidFlavor(shown, f"{key} must be an integer from {low} to {high}, got {raw[:18]}...")
     return int(raw)
+
+
+def _quoted(text: str) -> str:
+    return repr(text if len(text) <= 40 else f"{text[:37]}...")
 
 
 def _extra_specs_problem(specs: object) -> str | None:
@@ -204,6 +209,8 @@ class Task:
     finished_at: datetime | None
     error: str | None
     traceback: str | None
+    epoch: int = 0
+    """Grows at each takeover by recovery: a worker holding an older epoch is fenced out."""
 
 
 @dataclass(frozen=True, slots=True)

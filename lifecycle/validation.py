@@ -61,8 +61,17 @@ def unsafe_character(text: str) -> str | None:
     return next((c for c in text if unicodedata.category(c) in _UNSAFE_CATEGORIES), None)
 
 
+_KINDS = {"Cc": "a control character", "Cf": "a format character", "Cs": "a lone surrogate"}
+
+
 def _describe(char: str) -> str:
-    return f"U+{ord(char):04X} ({unicodedata.name(char, unicodedata.category(char))})"
+    name = unicodedata.name(char, "")
+    kind = _KINDS.get(unicodedata.category(char), "a line or paragraph separator")
+    return f"U+{ord(char):04X}{f' ({name})' if name else ''}, {kind},"
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if abs(value) < 1e6 else f"{value:.0f}"
 
 
 def name(kind: str, value: object) -> str:
@@ -77,8 +86,7 @@ def name(kind: str, value: object) -> str:
     bad = unsafe_character(value)
     if bad is not None:
         raise InvalidInput(
-            f"invalid {kind} name {_clip(value)}: {_describe(bad)} is a control or format character"
-            " (names hold printable characters only)"
+            f"invalid {kind} name {_clip(value)}: {_describe(bad)} is not allowed (only printable characters are)"
         )
     return value
 
@@ -104,7 +112,9 @@ def seconds(label: str, value: object, *, low: float = 0.0, high: float = MAX_SE
         raise InvalidInput(f"{label} must be a number of seconds, got {_clip(value)}")
     number = float(value)
     if not math.isfinite(number) or not low <= number <= high:
-        raise InvalidInput(f"{label} must be a finite number of seconds from {low:g} to {high:g}, got {_clip(value)}")
+        raise InvalidInput(
+            f"{label} must be a finite number of seconds from {_number(low)} to {_number(high)}, got {_clip(value)}"
+        )
     return number
 
 
@@ -126,7 +136,7 @@ def image_path(path: object) -> str:
         raise InvalidInput(f"invalid image path {shown}: 1 to {MAX_PATH} characters, got {len(path)}")
     bad = unsafe_character(path)
     if bad is not None or "\0" in path:
-        raise InvalidInput(f"invalid image path {shown}: {_describe(bad or chr(0))} is a control character")
+        raise InvalidInput(f"invalid image path {shown}: {_describe(bad or chr(0))} is not allowed in a path")
     if not os.path.isabs(path):
         raise InvalidInput(f"image path {shown} must be absolute")
     try:

@@ -184,6 +184,9 @@ def _stamp(url: str, revision: str) -> None:
         ),
         (lambda url: downgrade(url, "0099"), "cannot downgrade to revision '0099': Can't locate revision"),
         (lambda url: downgrade(url, "+1"), "cannot downgrade to revision '+1'"),
+        (lambda url: downgrade(url, ""), "cannot downgrade to revision '': not a revision"),
+        (lambda url: downgrade(url, "head@x"), "cannot downgrade to revision 'head@x': not a revision"),
+        (lambda url: upgrade(url, "0001:0002"), "cannot upgrade to revision '0001:0002': not a revision"),
         (lambda url: upgrade(url, "0001"), "cannot upgrade to revision '0001', older than the database: use downgrade"),
     ],
 )

@@ -14,6 +14,7 @@ shown without its password.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 DEFAULT_DB_URL = "sqlite:///lifecycle.db"
+
+_REVISION = re.compile(r"(?=.)(base|heads?|[0-9A-Za-z_]+)?([+-][0-9]{1,4})?", re.ASCII)
+"""What ``db upgrade``/``downgrade`` take: a revision id, head or base, optionally +N or -N steps."""
 
 
 def now() -> datetime:
@@ -179,6 +183,9 @@ def _migrate(url: str, verb: str, revision: str) -> None:
         )
     order = ["base", *known]
     where = f"(the database is at {current or 'base'}; known revisions: {', '.join(order)})"
+    if not isinstance(revision, str) or not _REVISION.fullmatch(revision):
+        # alembic reads '@' and ':' as branch and range syntax, and asserts on an empty string
+        raise InvalidInput(f"cannot {verb} to revision {revision!r}: not a revision, head, base or +N/-N {where}")
     if verb == "upgrade" and revision in order and order.index(revision) < order.index(current or "base"):
         # alembic would silently do nothing
         raise InvalidInput(f"cannot upgrade to revision {revision!r}, older than the database: use downgrade {where}")
