@@ -1,9 +1,12 @@
 """The ``lifecycle`` command line; the only place that configures logging.
 
 Every command accepts ``--json`` and then prints machine-readable output with
-the library's field names. Errors print one line naming what was wrong and
-what is allowed, and exit non-zero: 2 for input refused before anything
-changed, 1 for an operation that ran and failed.
+the library's field names (strict JSON: never NaN). Errors print one line
+naming what was wrong and what is allowed, and exit non-zero: 2 for input
+refused before anything changed (the parser's refusals and unusable databases
+included), 1 for an operation that ran and failed or a sync pass that failed
+on a host, 141 when the reader of stdout went away. Text output escapes
+control and format characters in names, as older databases may hold them.
 """
 
 from __future__ import annotations
@@ -11,26 +14,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
-from typing import Any
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, NoReturn
 
 import structlog
 
-from lifecycle import graph
-from lifecycle.audit import format_history
+from lifecycle import graph, validation
+from lifecycle.audit import AuditEntry, format_history
 from lifecycle.config import Settings
 from lifecycle.daemon import Daemon
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
 from lifecycle.operations import STEPS
-from lifecycle.records import Flavor, Host, Instance, Task, to_plain
+from lifecycle.records import Flavor, Host, Image, Instance, Task, to_plain
 from lifecycle.recovery import vars_of
 from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
-from lifecycle.store.db import connect, current_revision, downgrade
+from lifecycle.store.db import connect, current_revision, downgrade, now
+from lifecycle.sweep import PassSummary
 
 __all__ = ["configure_logging", "main"]
 
@@ -65,15 +71,88 @@ def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
+_RECOVER_HELP = (
+    "Take over and finish the running tasks whose owner died. A task is taken only once its owner's"
+    " lease has expired (60 s by default; a living owner keeps renewing it), or at once when --owner"
+    " names the owner the crashed engine used. Right after a crash, recover without --owner therefore"
+    " finds nothing to do until the lease runs out; it then says how many running tasks are still"
+    " within their lease and when the first lease ends."
+)
+_BROKEN_PIPE = 141
+"""Exit status when whoever read stdout went away (``lifecycle list | head -1``): 128 + SIGPIPE, as a
+Unix filter killed by the signal reports it, so ``set -o pipefail`` scripts see what they see for ``cat``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose refusals are :class:`InvalidInput`: one line, exit 2, and the --json error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidInput(f"{self.prog}: {message}")
+
+
+def _number(label: str, check: Callable[[str, float], float]) -> Callable[[str], float]:
+    """Return an argparse type for seconds: ASCII text ``float()`` reads, then ``check`` (finite, in range)."""
+
+    def convert(text: str) -> float:
+        try:
+            if not text.isascii() or "_" in text:
+                raise ValueError(text)
+            return check(label, float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{label} must be a number of seconds, got {text!r}") from None
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _count(label: str, low: int = 0) -> Callable[[str], int]:
+    """Return an argparse type for an integer in ASCII digits that every database column holds (32-bit)."""
+
+    def convert(text: str) -> int:
+        digits = text.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()):
+            raise argparse.ArgumentTypeError(f"{label} must be a whole number in digits 0-9, got {text[:40]!r}")
+        if len(digits) > 12:  # past 32 bits; int() of thousands of digits is slow, past 4300 refused
+            raise argparse.ArgumentTypeError(
+                f"{label} must be an integer from {low} to {validation.MAX_INT}, got {len(digits)} digits"
+            )
+        try:
+            return validation.count(label, int(text), low=low)
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _text(label: str, limit: int = 255) -> Callable[[str], str]:
+    """Return an argparse type for a free-text identifier: 1 to ``limit`` printable characters."""
+
+    def convert(text: str) -> str:
+        bad = validation.unsafe_character(text)
+        if not 1 <= len(text) <= limit or bad is not None:
+            raise argparse.ArgumentTypeError(
+                f"{label} must be 1 to {limit} printable characters, got {text[:60]!r}"
+                + ("" if bad is None else f" (U+{ord(bad):04X} is a control or format character)")
+            )
+        return text
+
+    return convert
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    task_opts = argparse.ArgumentParser(add_help=False, parents=[common])
-    task_opts.add_argument("--request-id", help="request id recorded on the task and audit rows")
-    task_opts.add_argument("--idempotency-key", help="a repeat with the same key returns the first task")
+    task_opts = _Parser(add_help=False, parents=[common])
+    task_opts.add_argument(
+        "--request-id", type=_text("--request-id", 64), help="request id recorded on the task and audit rows"
+    )
+    task_opts.add_argument(
+        "--idempotency-key", type=_text("--idempotency-key"), help="a repeat with the same key returns the first task"
+    )
     task_opts.add_argument("--no-wait", action="store_true", help="return the started task at once")
 
-    p = argparse.ArgumentParser(prog="lifecycle", description="Manage virtual machine instance lifecycles.")
+    p = _Parser(prog="lifecycle", description="Manage virtual machine instance lifecycles.")
     p.add_argument("--db", default=os.environ.get("LIFECYCLE_DB_URL", DEFAULT_DB_URL), help="database URL")
     p.add_argument("--json", action="store_true", default=False, help="machine-readable output")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
@@ -83,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="schema migrations", parents=[common]).add_subparsers(
         dest="db_command", required=True
     )
-    db.add_parser("upgrade", help="upgrade the schema to head", parents=[common])
+    db.add_parser("upgrade", help="upgrade the schema", parents=[common]).add_argument(
+        "revision", nargs="?", default="head"
+    )
     db.add_parser("current", help="print the schema revision", parents=[common])
     down = db.add_parser("downgrade", help="downgrade the schema", parents=[common])
     down.add_argument("revision", nargs="?", default="base")
@@ -96,29 +177,36 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--uri", required=True, help="driver URI, e.g. fake:///var/lib/lifecycle/h1.json")
     add.add_argument("--instances-path", default="/var/lib/lifecycle/instances")
     add.add_argument("--zone", default="nova", help="availability zone")
-    add.add_argument("--vcpus", type=int, help="physical vCPUs (omit: resources not tracked)")
-    add.add_argument("--memory-mb", type=int)
-    add.add_argument("--disk-gb", type=int)
+    add.add_argument("--vcpus", type=_count("--vcpus"), help="physical vCPUs (omit: resources not tracked)")
+    add.add_argument("--memory-mb", type=_count("--memory-mb"))
+    add.add_argument("--disk-gb", type=_count("--disk-gb"))
     add.add_argument("--capability", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     add.add_argument("--hypervisor-type", default="qemu")
     add.add_argument("--architecture", default="x86_64")
     host.add_parser("list", help="list hosts", parents=[common])
     for verb in ("show", "enable", "disable", "heartbeat"):
         host.add_parser(verb, help=f"{verb} a host", parents=[common]).add_argument("name")
+    remove = host.add_parser("remove", help="forget a host (refused while instances live there)", parents=[common])
+    remove.add_argument("name")
+    remove.add_argument(
+        "--force", action="store_true", help="remove anyway: its idle instances go to error with no host"
+    )
 
     image = sub.add_parser("image", help="images", parents=[common]).add_subparsers(dest="image_command", required=True)
     add = image.add_parser("add", help="register an image file", parents=[common])
     add.add_argument("name")
-    add.add_argument("--path", required=True)
-    add.add_argument("--format", default="qcow2", dest="disk_format", help="qcow2 or raw")
-    add.add_argument("--min-disk", type=int, default=0, help="minimum root disk in GiB")
+    add.add_argument("--path", required=True, help="absolute path of an existing image file")
+    add.add_argument("--format", default="qcow2", dest="disk_format", choices=("qcow2", "raw"))
+    add.add_argument("--min-disk", type=_count("--min-disk"), default=0, help="minimum root disk in GiB")
     add.add_argument(
         "--property", action="append", default=[], metavar="KEY=VALUE", help="architecture=..., repeatable"
     )
     image.add_parser("list", help="list images", parents=[common])
     clean = image.add_parser("cleanup", help="remove a host's unused cached base images", parents=[common])
     clean.add_argument("--host", required=True)
-    clean.add_argument("--max-age", type=float, help="seconds (default: the setting, 86400)")
+    clean.add_argument(
+        "--max-age", type=_number("--max-age", validation.seconds), help="seconds (default: the setting, 86400)"
+    )
 
     create = sub.add_parser("create", help="build an instance", parents=[task_opts])
     create.add_argument("name")
@@ -135,7 +223,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"{name} an instance", parents=[task_opts]).add_argument("uuid")
     stop = sub.add_parser("stop", help="power an instance off", parents=[task_opts])
     stop.add_argument("uuid")
-    stop.add_argument("--timeout", type=float, help="seconds for a clean shutdown before a hard stop")
+    stop.add_argument(
+        "--timeout",
+        type=_number("--timeout", validation.seconds),
+        help="seconds for a clean shutdown before a hard stop",
+    )
     reboot = sub.add_parser("reboot", help="reboot an instance", parents=[task_opts])
     reboot.add_argument("uuid")
     reboot.add_argument("--hard", action="store_true")
@@ -150,16 +242,35 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--image")
 
     sub.add_parser("console", help="issue a VNC console URL", parents=[common]).add_argument("uuid")
-    recover = sub.add_parser("recover", help="finish tasks whose owner died", parents=[common])
-    recover.add_argument("--owner", help="the owner name a crashed engine used (its tasks are taken at once)")
+    recover = sub.add_parser(
+        "recover", help="finish tasks whose owner died", description=_RECOVER_HELP, parents=[common]
+    )
+    recover.add_argument(
+        "--owner",
+        type=_text("--owner"),
+        help="the owner name a crashed engine used: its tasks are taken at once, without waiting for the lease",
+    )
     sync = sub.add_parser("sync", help="run one power-sync pass", parents=[common])
     sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (the daemon loops)")
     sync.add_argument("--host", help="only this host (default: every enabled host)")
     daemon = sub.add_parser("daemon", help="periodic sync, events and image cache cleanup", parents=[common])
     daemon.add_argument("--host", action="append", dest="hosts", help="only these hosts (repeatable)")
-    daemon.add_argument("--interval", type=float, help="seconds between sync passes per host (default 600)")
-    daemon.add_argument("--claim-interval", type=float, default=10.0, help="seconds between host claim rounds")
-    daemon.add_argument("--event-delay", type=float, help="seconds a STOPPED event is held (default 15)")
+    daemon.add_argument(
+        "--interval",
+        type=_number("--interval", validation.period),
+        help="seconds between sync passes per host (default 600; at least 0.1)",
+    )
+    daemon.add_argument(
+        "--claim-interval",
+        type=_number("--claim-interval", validation.period),
+        default=10.0,
+        help="seconds between host claim rounds (at least 0.1)",
+    )
+    daemon.add_argument(
+        "--event-delay",
+        type=_number("--event-delay", validation.seconds),
+        help="seconds a STOPPED event is held (default 15)",
+    )
     sub.add_parser("show", help="show an instance", parents=[common]).add_argument("uuid")
     lst = sub.add_parser("list", help="list instances", parents=[common])
     lst.add_argument("--host")
@@ -173,14 +284,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _safe(text: object) -> str:
+    """Return ``text`` with the characters a terminal would act on escaped as ``repr`` escapes them.
+
+    Controls, format characters (bidirectional overrides...), line and
+    paragraph separators: names written before the engine refused them may
+    still hold them, and printed raw they could rewrite what the reader sees.
+    """
+    value = str(text)
+    if validation.unsafe_character(value) is None:
+        return value
+    return "".join(repr(c)[1:-1] if validation.unsafe_character(c) else c for c in value)
+
+
+def _finite(data: Any) -> Any:
+    """Return ``data`` with NaN and infinities replaced by None (JSON has no such numbers)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+    if not args.json:
+        print(text)
+        return
+    try:
+        out = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError:  # a NaN read back from an older database: print null rather than invalid JSON
+        out = json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False)
+    print(out)
 
 
 def _instance_line(i: Instance) -> str:
     task = i.task_state.value if i.task_state else "-"
     states = f"vm={i.vm_state.value} task={task} power={int(i.power_state)}"
-    return f"{i.uuid}  {i.name:<20} {i.host or '-':<12} {i.status:<14} {states}"
+    return f"{i.uuid}  {_safe(i.name):<20} {_safe(i.host or '-'):<12} {i.status:<14} {states}"
 
 
 def _task_result(engine: Engine, args: argparse.Namespace, task: Task) -> None:
@@ -226,11 +368,21 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
     _task_result(engine, args, task)
 
 
+def _history_line(entry: AuditEntry) -> AuditEntry:
+    # The message is printed with repr() by format_history, so it is already escaped.
+    texts: dict[str, Any] = {
+        f.name: _safe(v) for f in fields(entry) if f.name != "message" and isinstance(v := getattr(entry, f.name), str)
+    }
+    return replace(entry, **texts)
+
+
 def _read(engine: Engine, args: argparse.Namespace) -> None:
     if args.command == "show":
         i = engine.get(args.uuid)
         _emit(args, to_plain(i), _instance_line(i))
     elif args.command == "list":
+        if args.host is not None:
+            engine.host(args.host)  # an unknown host is a typo to report, not an empty list
         rows = engine.list(args.host, include_deleted=args.all)
         _emit(args, to_plain(rows), "\n".join(_instance_line(i) for i in rows) or "no instances")
     elif args.command == "console":
@@ -238,23 +390,26 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
         _emit(args, to_plain(access), f"{access.url}\n(valid until {access.expires_at.isoformat(timespec='seconds')})")
     elif args.command == "history":
         entries = engine.history(args.uuid)
-        _emit(args, to_plain(entries), format_history(entries))
+        _emit(args, to_plain(entries), format_history(_history_line(e) for e in entries))
     elif args.command == "tasks":
+        engine.get(args.uuid)  # an unknown uuid is refused as `show` refuses it, not an empty list
         tasks = engine.tasks(args.uuid)
         data = [{**to_plain(t), "steps": to_plain(engine.steps(t.id))} for t in tasks]
         lines = []
         for t in tasks:
-            lines.append(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})")
-            lines += [f"    {s.seq}. {s.name} {s.result or 'running'}" for s in engine.steps(t.id)]
+            lines.append(_safe(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})"))
+            lines += [_safe(f"    {s.seq}. {s.name} {s.result or 'running'}") for s in engine.steps(t.id)]
         _emit(args, data, "\n".join(lines))
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    pairs = {}
+    pairs: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidInput(f"{flag} takes KEY=VALUE, got {item!r}")
+        if key in pairs:
+            raise InvalidInput(f"{flag} {key!r} given twice")
         pairs[key] = value
     return pairs
 
@@ -267,7 +422,12 @@ def _host_line(h: Host) -> str:
         usage += f" disk {h.disk_gb_used}/{h.disk_gb} GiB"
     state = "enabled" if h.enabled else "disabled"
     beat = h.last_heartbeat.isoformat(timespec="seconds") if h.last_heartbeat else "never"
-    return f"{h.name}  {h.driver_uri}  zone={h.availability_zone}  {state}  {usage}  heartbeat={beat}"
+    where = f"{_safe(h.name)}  {_safe(h.driver_uri)}  zone={_safe(h.availability_zone)}"
+    return f"{where}  {state}  {usage}  heartbeat={beat}"
+
+
+def _image_line(i: Image) -> str:
+    return f"{_safe(i.name)}  {i.disk_format}  {_safe(i.path)}"
 
 
 def _hosts(engine: Engine, args: argparse.Namespace) -> None:
@@ -289,6 +449,11 @@ def _hosts(engine: Engine, args: argparse.Namespace) -> None:
         hosts = engine.hosts()
         _emit(args, to_plain(hosts), "\n".join(_host_line(h) for h in hosts) or "no hosts")
         return
+    elif command == "remove":
+        orphaned = engine.remove_host(args.name, force=args.force)
+        text = f"host {_safe(args.name)} removed" + "".join(f"\n{u}: error, no host" for u in orphaned)
+        _emit(args, {"removed": args.name, "orphaned": orphaned}, text)
+        return
     elif command in ("enable", "disable"):
         h = engine.set_host_enabled(args.name, command == "enable")
     elif command == "heartbeat":
@@ -303,36 +468,58 @@ def _admin(engine: Engine, args: argparse.Namespace) -> None:
         _hosts(engine, args)
     elif args.image_command == "cleanup":
         removed = engine.clean_image_cache(args.host, args.max_age)
-        _emit(args, {"removed": removed}, "\n".join(f"removed {p}" for p in removed) or "nothing to remove")
+        _emit(args, {"removed": removed}, "\n".join(f"removed {_safe(p)}" for p in removed) or "nothing to remove")
     elif args.image_command == "add":
         im = engine.add_image(
             args.name, args.path, args.disk_format, args.min_disk, _pairs(args.property, "--property")
         )
-        _emit(args, to_plain(im), f"image {im.name} added ({im.path})")
+        _emit(args, to_plain(im), f"image {_safe(im.name)} added ({_safe(im.path)})")
     else:
         images = engine.images()
-        _emit(args, to_plain(images), "\n".join(f"{i.name}  {i.disk_format}  {i.path}" for i in images) or "no images")
+        _emit(args, to_plain(images), "\n".join(_image_line(i) for i in images) or "no images")
 
 
-def _sync(engine: Engine, args: argparse.Namespace) -> None:
+def _sync(engine: Engine, args: argparse.Namespace) -> int:
+    """Print every host's pass, failed ones included; exit 1 when any host's pass failed."""
     summaries = engine.sync(args.host)
-    lines = [
-        f"{s.host}: {s.instances} instances, {s.in_sync} in sync, {s.drifted} drifted, {s.acted} acted,"
-        f" {s.skipped} skipped, {s.missing_unconfirmed} missing (unconfirmed), {s.lost_races} lost races,"
-        f" {s.errors} errors, unknown domains: "
-        f"{', '.join(s.unknown_domains) or 'none'}"
-        for s in summaries
-    ]
+    lines = [_pass_line(s) for s in summaries]
     _emit(args, [asdict(s) for s in summaries], "\n".join(lines) or "no hosts")
+    return 1 if any(s.error is not None for s in summaries) else 0
+
+
+def _pass_line(s: PassSummary) -> str:
+    if s.error is not None:
+        return f"{_safe(s.host)}: pass failed: {_safe(s.error)}"
+    return (
+        f"{_safe(s.host)}: {s.instances} instances, {s.in_sync} in sync, {s.drifted} drifted, {s.acted} acted,"
+        f" {s.skipped} skipped, {s.missing_unconfirmed} missing (unconfirmed), {s.lost_races} lost races,"
+        f" {s.errors} errors, reaped: {', '.join(s.reaped) or 'none'},"
+        f" unknown domains: {_safe(', '.join(s.unknown_domains) or 'none')}"
+    )
 
 
 def _recover(args: argparse.Namespace) -> None:
     with Engine(args.db, owner=args.owner) as engine:
-        results = engine.recover()
+        # Naming the crashed engine's owner is the caller saying it is dead: take its live tasks too.
+        results = engine.recover(force=args.owner is not None)
+        waiting = engine.waiting_for_lease()
     lines = [
-        f"{r.task_id} {r.operation} on {r.instance_uuid} at {r.task_state}: {r.plan} -> {r.outcome}" for r in results
-    ]
-    _emit(args, [vars_of(r) for r in results], "\n".join(lines) or "no task to recover")
+        _safe(f"{r.task_id} {r.operation} on {r.instance_uuid} at {r.task_state}: {r.plan} -> {r.outcome}")
+        for r in results
+    ] or ["no task to recover"]
+    if waiting:
+        first = min(t.lease_expires_at for t in waiting)
+        note = (
+            f"{len(waiting)} running task(s) still within their owner's lease, the first until"
+            f" {first.isoformat(timespec='seconds')} (in {max(0.0, (first - now()).total_seconds()):.0f} s):"
+            " recover takes a task once its lease has expired, or at once with --owner NAME of the engine"
+            " that crashed"
+        )
+        if args.json:
+            print(note, file=sys.stderr)  # stdout stays the JSON list of recovered tasks
+        else:
+            lines.append(note)
+    _emit(args, [vars_of(r) for r in results], "\n".join(lines))
 
 
 def _daemon(args: argparse.Namespace) -> None:
@@ -342,6 +529,8 @@ def _daemon(args: argparse.Namespace) -> None:
     if args.event_delay is not None:
         overrides["stopped_event_delay"] = args.event_delay
     with Engine(args.db, settings=Settings(**overrides)) as engine:  # type: ignore[arg-type]
+        for name in args.hosts or ():
+            engine.host(name)  # refuse a typo before claiming anything
         daemon = Daemon(engine, hosts=args.hosts, claim_interval=args.claim_interval)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: daemon.stop.set())
@@ -350,7 +539,7 @@ def _daemon(args: argparse.Namespace) -> None:
 
 def _db(args: argparse.Namespace) -> None:
     if args.db_command == "upgrade":
-        upgrade(args.db)
+        upgrade(args.db, args.revision)
     elif args.db_command == "downgrade":
         downgrade(args.db, args.revision)
     engine = connect(args.db)
@@ -363,55 +552,94 @@ def _db(args: argparse.Namespace) -> None:
     )
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from lifecycle.demo import run_demo
+
+    if args.keep:
+        try:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInput(f"--keep {args.keep!r} cannot be used as a directory: {exc.strerror}") from None
+    run_demo(args.keep, as_json=args.json)
+
+
 def _graph(args: argparse.Namespace) -> None:
     as_json = args.format == "json" or args.json
     print(graph.to_json() if as_json else graph.to_mermaid(), end="\n" if as_json else "")
 
 
-def _error(args: argparse.Namespace, exc: LifecycleError) -> int:
+def _error(as_json: bool, exc: LifecycleError) -> int:
     code = 1 if isinstance(exc, TaskFailed) else 2
-    if getattr(args, "json", False):
-        data: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+    message = _safe(exc)  # escapes newlines too: one line, whatever the message holds
+    print(f"error: {message}", file=sys.stderr)  # first: it still reaches the user if stdout is gone
+    if as_json:
+        data: dict[str, Any] = {"error": type(exc).__name__, "message": message}
         if isinstance(exc, InvalidState):
             data |= {"allowed_vm_states": exc.allowed_vm_states, "allowed_task_states": exc.allowed_task_states}
         print(json.dumps(data, indent=2, sort_keys=True))
-    print(f"error: {exc}", file=sys.stderr)
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
-    args = _parser().parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    handlers: dict[str, Callable[[Engine, argparse.Namespace], None]] = {
-        "show": _read,
-        "console": _read,
-        "sync": _sync,
-        "list": _read,
-        "history": _read,
-        "tasks": _read,
-        "host": _admin,
-        "image": _admin,
-    }
-    try:
-        if args.command == "db":
-            _db(args)
-        elif args.command == "graph":
-            _graph(args)
-        elif args.command == "recover":
-            _recover(args)
-        elif args.command == "daemon":
-            _daemon(args)
-        elif args.command == "demo":
-            from lifecycle.demo import run_demo
+_HANDLERS: dict[str, Callable[[Engine, argparse.Namespace], int | None]] = {
+    "show": _read,
+    "console": _read,
+    "sync": _sync,
+    "list": _read,
+    "history": _read,
+    "tasks": _read,
+    "host": _admin,
+    "image": _admin,
+}
+_STANDALONE: dict[str, Callable[[argparse.Namespace], None]] = {
+    "db": _db,
+    "graph": _graph,
+    "recover": _recover,
+    "daemon": _daemon,
+    "demo": _demo,
+}
 
-            run_demo(args.keep, as_json=args.json)
-        else:
-            with Engine(args.db) as engine:
-                handlers.get(args.command, _run_op)(engine, args)
+
+def _run(argv: list[str]) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except InvalidInput as exc:  # refused by the parser: --json may not have been read yet
+        return _error("--json" in argv, exc)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        if args.command in _STANDALONE:
+            _STANDALONE[args.command](args)
+            return 0
+        with Engine(args.db) as engine:
+            return _HANDLERS.get(args.command, _run_op)(engine, args) or 0
     except LifecycleError as exc:
-        return _error(args, exc)
-    return 0
+        return _error(args.json, exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    0 done, 1 an operation ran and failed (or a sync pass failed on a host),
+    2 input refused before anything changed, 141 the reader of stdout went
+    away (see ``_BROKEN_PIPE``).
+    """
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows up here when the output fit the buffer
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return _BROKEN_PIPE
+    return code
+
+
+def _stdout_to_devnull() -> None:
+    # Python's documented recipe (signal module, "Note on SIGPIPE"): point stdout at devnull so the
+    # interpreter's final flush cannot fail again and print "Exception ignored ... BrokenPipeError".
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no descriptor: an in-process caller captured it
+        pass
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ class Settings:
     """How often the engine renews the leases of the tasks it runs."""
     workers: int = 4
     """Threads running tasks started with ``wait=False``."""
+    preempt_wait_seconds: float = 30.0
+    """How long a hard reboot waits for a preempted pause or suspend still inside the driver to end."""
     preempt_retries: int = 5
     """How often a preempting operation retries a lost compare-and-swap before giving up."""
     libvirt_domain_type: str = "kvm"

@@ -134,7 +134,7 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
         except SimulatedCrash:
             say(f"  the engine 'crashed' inside pause: task_state {engine.get(app).task_state}, task still running")
     with Engine(url, driver_factory=driver_for, settings=settings, owner=engine.owner) as engine:
-        recovered = engine.recover()
+        recovered = engine.recover(force=True)  # it knows its predecessor died: no lease wait
         say(
             f"  a restarted engine recovers it: {recovered[0].plan} -> {recovered[0].outcome}, {engine.get(app).status}"
         )

@@ -60,6 +60,13 @@ def _labels(kind: str, value: object) -> dict[str, str]:
     return dict(value)
 
 
+def _short(kind: str, value: object, limit: int) -> str:
+    text = validation.name(kind, value)
+    if len(text) > limit:
+        raise InvalidInput(f"{kind} {text[:40]!r}... is {len(text)} characters: at most {limit}")
+    return text
+
+
 def _optional_name(kind: str, value: object) -> str | None:
     return None if value is None else validation.name(kind, value)
 
@@ -151,8 +158,8 @@ class Engine:
             memory_mb=memory_mb,
             disk_gb=disk_gb,
             capabilities=_labels("capabilities", capabilities),
-            hypervisor_type=validation.name("hypervisor type", hypervisor_type),
-            architecture=validation.name("architecture", architecture),
+            hypervisor_type=_short("hypervisor type", hypervisor_type, 64),
+            architecture=_short("architecture", architecture, 32),
         )
 
     def host(self, name: str) -> Host:
@@ -256,13 +263,22 @@ class Engine:
         """Confirm (or revert) moves finished longer ago than ``resize_confirm_window``."""
         return poll_unconfirmed_resizes(self)
 
-    def recover(self) -> builtins.list[Recovered]:
-        """Take over and finish every task whose owner died (lease expired, or our own name).
+    def recover(self, *, force: bool = False) -> builtins.list[Recovered]:
+        """Take over and finish every task whose owner's lease has run out.
 
         Each is resumed forward or rolled back per :func:`lifecycle.recovery.plan`;
-        afterwards no recovered instance has a task in flight.
+        afterwards no recovered instance has a task in flight. A task whose
+        lease is live belongs to a worker that may still be running: it is
+        taken only with ``force`` and only when it carries this engine's
+        owner name (a restarted engine that knows its predecessor is dead).
+        The old worker, if it lives after all, is fenced: it stops before its
+        next driver call, though a call already in flight still lands.
         """
-        return recover_tasks(self)
+        return recover_tasks(self, force=force)
+
+    def waiting_for_lease(self) -> builtins.list[Task]:
+        """Return the running tasks ``recover`` leaves alone because their lease is still live."""
+        return self.store.live_tasks()
 
     def resume_run(self, task: Task, instance: Instance) -> TaskRun:
         """Build the worker for a task recovery resumes (internal to recovery)."""
@@ -554,6 +570,7 @@ class Engine:
                 )
             image = self._image(image_name or instance.image)
             run = TaskRun(self.store, self.driver, self.settings, after, task, image, instance.vm_state)
+            run.preempted = preempt
             self._prepare_move(run)
             return self._launch(run, wait)
         raise AssertionError("unreachable")

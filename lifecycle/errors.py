@@ -19,6 +19,7 @@ The tree::
     ├── InvalidState            the operation's guard refused the current states
     ├── Conflict                a compare-and-swap lost against a concurrent write
     ├── Preempted               the running task was taken over (delete, hard reboot)
+    │   └── Fenced              ... by recovery (a newer epoch): the old worker must stop
     ├── TaskFailed              the operation ran and failed; the task says why
     ├── NoValidHost             no host passed the scheduler's filters; reasons per host
     ├── SchemaOutOfDate         the database is not at the migrations' head
@@ -38,6 +39,7 @@ __all__ = [
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
+    "Fenced",
     "HostInUse",
     "HostNotFound",
     "IdempotencyMismatch",
@@ -200,6 +202,22 @@ class Preempted(LifecycleError):
         self.uuid = uuid
         self.preempted_by = preempted_by
         super().__init__(f"task {task_id} on instance {uuid} was preempted by task {_text(preempted_by)}")
+
+
+class Fenced(Preempted):
+    """Recovery took the task over (its epoch grew): this worker must stop before its next driver call."""
+
+    def __init__(self, task_id: str, uuid: str, epoch: int, current: int) -> None:
+        self.epoch = epoch
+        self.current = current
+        LifecycleError.__init__(
+            self,
+            f"task {task_id} on instance {uuid} was taken over by recovery (epoch {current}, this worker holds"
+            f" {epoch}): this worker stops",
+        )
+        self.task_id = task_id
+        self.uuid = uuid
+        self.preempted_by = None
 
 
 class TaskFailed(LifecycleError):

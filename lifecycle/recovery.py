@@ -94,11 +94,11 @@ class Recovered:
     reason: str
 
 
-def recover_tasks(engine: Engine) -> list[Recovered]:
+def recover_tasks(engine: Engine, *, force: bool = False) -> list[Recovered]:
     """Take over and finish every recoverable task; return what became of each."""
     results = []
-    for task in engine.store.recoverable_tasks(engine.owner):
-        if task.id in engine.active_tasks or not engine.store.take_over(task.id, engine.owner):
+    for task in engine.store.recoverable_tasks(engine.owner, force=force):
+        if task.id in engine.active_tasks or not engine.store.take_over(task.id, engine.owner, force=force):
             continue  # this engine is running it right now, or another engine got it first
         with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):
             try:

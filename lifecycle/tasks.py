@@ -17,10 +17,10 @@ from typing import Any
 import structlog
 
 from drivers.base import DomainSpec, Driver
-from lifecycle import graph
+from lifecycle import graph, preemption
 from lifecycle.audit import Why
 from lifecycle.config import Settings
-from lifecycle.errors import DomainNotFound, DriverError, Preempted, TaskFailed
+from lifecycle.errors import DomainNotFound, DriverError, Fenced, Preempted, TaskFailed
 from lifecycle.records import Cause, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState
 from lifecycle.store import Store
@@ -68,8 +68,10 @@ class TaskRun:
         """Non-repeatable steps already completed (from the step log, when resuming)."""
         self.note: str | None = None
         """What the end's audit row should say (e.g. a delete done in the database only)."""
+        self.preempted: Task | None = None
+        """The task this one took over when it began, if any (see :mod:`lifecycle.preemption`)."""
         self.touched: set[str] = set()
-        """Hosts this run may have built on beyond the instance's recorded host (a build's pick)."""
+        """Hosts this run drove or claimed: where a late call of a preempted worker may have left something."""
         self.fail_fields: dict[str, Any] = {}
         """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
         self._seq = 1
@@ -78,10 +80,21 @@ class TaskRun:
 
     @property
     def driver(self) -> Driver:
-        """The driver of the host the instance is on now."""
+        """The driver of the host the instance is on now, for a call this task makes (see :meth:`on`)."""
         if self.instance.host is None:
             raise DomainNotFound(self.instance.uuid, call="driver")
-        return self.driver_for(self.instance.host)
+        return self.on(self.instance.host)
+
+    def on(self, host: str) -> Driver:
+        """Return the driver of ``host`` for a call this task makes, once the task is known to be still ours.
+
+        Every driver call of a task goes through here: a worker whose task was
+        preempted or taken over by recovery (a newer epoch) stops before its
+        next call instead of acting on a guest it no longer owns.
+        """
+        self.store.fence(self.task)
+        self.touched.add(host)
+        return self.driver_for(host)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -128,6 +141,23 @@ class TaskRun:
             return self.driver_for(host).get_info(self.instance.uuid)
         except DomainNotFound:
             return PowerState.NOSTATE
+
+    def wait_for_preempted(self) -> None:
+        """Under the WAIT rule, block until the worker of the task this one took over has ended.
+
+        Bounded by ``preempt_wait_seconds``: a worker hung in a hypervisor call
+        must not hold this task forever; past the bound it goes on, logged.
+        """
+        old = self.preempted
+        if old is None or preemption.rule(self.task.operation, old.operation) is not preemption.Rule.WAIT:
+            return
+        deadline = time.monotonic() + self.settings.preempt_wait_seconds
+        while self.store.worker_alive(old.id):
+            if time.monotonic() >= deadline:
+                log.warning("preempted_worker_still_busy", preempted_task_id=old.id)
+                return
+            time.sleep(0.02)  # a preemption is rare and short: polling one row is cheap and simple
+        log.debug("preempted_worker_ended", preempted_task_id=old.id)
 
     def resume_from(self, steps: list[TaskStep]) -> None:
         """Prepare to resume after a crash: writes say recovery, completed steps are not redone."""
@@ -250,18 +280,17 @@ def execute(run: TaskRun, steps: Steps) -> Task:
             steps(run)
             run.succeed()
         except Preempted as exc:
-            _after_preemption(run, exc.preempted_by)
-            _finished(run, started, Outcome.PREEMPTED, preempted_by=exc.preempted_by)
+            _lost(run, started, exc)
             raise
         except Exception as exc:
-            if _was_preempted(run, exc):
-                by = run.store.get_task(run.task.id).preempted_by
-                _after_preemption(run, by)
-                raise Preempted(run.task.id, run.instance.uuid, by) from exc
+            lost = _was_preempted(run, exc)
+            if lost is not None:
+                _lost(run, started, lost)
+                raise lost from exc
             try:
                 run.fail(exc)
-            except Preempted as lost:
-                _finished(run, started, Outcome.PREEMPTED, preempted_by=lost.preempted_by)
+            except Preempted as late:
+                _lost(run, started, late)
                 raise
             task = run.store.get_task(run.task.id)
             _finished(run, started, Outcome.FAILED, error=task.error)
@@ -277,7 +306,12 @@ def _power_or(run: TaskRun, default: PowerState) -> PowerState:
         return default
 
 
-_DELETES = frozenset({"delete", "force_delete"})
+def _lost(run: TaskRun, started: float, exc: Preempted) -> None:
+    """End a worker whose task was taken over: reconcile its late call, then let a waiting preemptor go on."""
+    if not isinstance(exc, Fenced):  # a fenced worker's lease now belongs to the recovering engine
+        _after_preemption(run, exc.preempted_by)
+        run.store.release_lease(run.task.id)
+    _finished(run, started, Outcome.PREEMPTED, preempted_by=exc.preempted_by, fenced=isinstance(exc, Fenced))
 
 
 def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
@@ -289,8 +323,11 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
     releasing claims taken after the delete released them, leaves nothing
     behind; both are repeat-safe, so racing the delete's own cleanup is harmless.
     """
-    if preempted_by is None or run.store.get_task(preempted_by).operation not in _DELETES:
+    if preempted_by is None:
         return
+    preemptor = run.store.get_task(preempted_by).operation
+    if preemption.rule(preemptor, run.task.operation) is not preemption.Rule.DESTROY_LATE:
+        return  # WAIT: the preemptor waited for this call; CONVERGE: the late call agrees with it
     recorded = {run.instance.host} if run.instance.host is not None else set()
     for host in sorted(run.touched | recorded):
         try:
@@ -301,14 +338,16 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
     log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
 
 
-def _was_preempted(run: TaskRun, exc: Exception) -> bool:
+def _was_preempted(run: TaskRun, exc: Exception) -> Preempted | None:
     # A driver call can fail *because* a preemptor destroyed the domain under it:
     # the failure then belongs to nobody and must not touch the instance.
     task = run.store.get_task(run.task.id)
+    if task.epoch != run.task.epoch:
+        return Fenced(task.id, task.instance_uuid, run.task.epoch, task.epoch)
     if task.outcome is Outcome.PREEMPTED:
         log.info("task_preempted", error=str(exc), preempted_by=task.preempted_by)
-        return True
-    return False
+        return Preempted(task.id, task.instance_uuid, task.preempted_by)
+    return None
 
 
 def _finished(run: TaskRun, started: float, outcome: Outcome, **extra: Any) -> None:

@@ -184,7 +184,7 @@ def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
         assert gate.wait_entered()
     fakes["broken"] = fakes["h1"]  # h1's driver can no longer be opened by a new engine
     second = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
-    results = {r.instance_uuid: r for r in second.recover()}
+    results = {r.instance_uuid: r for r in second.recover(force=True)}
     assert results[on_h1].outcome == "failed" and "cannot open h1" in results[on_h1].reason
     assert second.get(on_h1).task_id is None
     assert results[on_h2].outcome == "succeeded" and second.get(on_h2).vm_state is V.STOPPED
@@ -219,7 +219,7 @@ def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
 
     monkeypatch.setattr(recovery, "_recover", flaky)
     second = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
-    results = {r.instance_uuid: r for r in second.recover()}
+    results = {r.instance_uuid: r for r in second.recover(force=True)}
     assert (results[uuids[0]].outcome, results[uuids[0]].reason) == ("error", "RuntimeError: database hiccup")
     assert results[uuids[1]].outcome == "succeeded"
     fakes["h1"]._faults.clear()

@@ -91,17 +91,27 @@ def test_preempted_worker_in_a_multi_step_walk_stops_at_its_next_step(
 def test_hard_reboot_preempts_pause_and_suspend(
     engine: Engine, fakes: Fakes, new_instance: Callable[..., str], held: str
 ) -> None:
-    """Hard reboot may take over pausing and suspending, as Nova's ALLOW_REBOOT says."""
+    """Hard reboot takes over pausing and suspending (Nova's ALLOW_REBOOT), and resets after the late call lands."""
     uuid = new_instance()
     gate = fakes["h1"].hold(held)
     worker = Worker(lambda: engine.run(held, uuid))
     worker.start()
     assert gate.wait_entered()
-    engine.reboot(uuid, hard=True)
+    reboot = engine.reboot(uuid, hard=True, wait=False)
     gate.release()
     worker.join(10)
+    engine._pool().shutdown(wait=True)
     assert isinstance(worker.error, Preempted)
-    assert engine.get(uuid).vm_state is VmState.ACTIVE
+    assert engine.task(reboot.id).outcome is Outcome.SUCCEEDED
+    i = engine.get(uuid)
+    assert (
+        (i.vm_state, i.power_state)
+        == (VmState.ACTIVE, PowerState.RUNNING)
+        == (
+            VmState.ACTIVE,
+            fakes["h1"].get_info(uuid),
+        )
+    )
     check_invariants(engine.store)
 
 

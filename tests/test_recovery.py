@@ -127,7 +127,7 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     first.close()
 
     second = cloud()
-    results = second.recover()
+    results = second.recover(force=True)
     assert [r.task_id for r in results] == [crashed.task_id]
     instance = second.get(uuid)
     assert (instance.task_state, instance.task_id) == (None, None)
@@ -146,7 +146,7 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
         held = sorted(second.store.claims_of(uuid))
         assert held == (["h1", "h2"] if instance.vm_state is V.RESIZED else [instance.host]), held
     assert any(r.cause == "recovery" for r in second.history(uuid))
-    assert second.recover() == []
+    assert second.recover(force=True) == []
     check_invariants(second.store)
     second.close()
 
@@ -165,7 +165,7 @@ def test_rebuild_resumed_after_a_crash_never_wipes_the_new_disk(
     new_disk = fakes["h1"].disk_of(uuid) if call == "spawn" else None
     first.close()
     second = cloud()
-    second.recover()
+    second.recover(force=True)
     assert fakes["h1"].disk_of(uuid) != old_disk and second.get(uuid).vm_state is V.ACTIVE
     if new_disk is not None:
         assert fakes["h1"].disk_of(uuid) == new_disk

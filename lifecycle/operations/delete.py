@@ -8,9 +8,10 @@ and the host's daemon reaps such leftovers when the host answers again.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
-from lifecycle.errors import DriverUnavailable
+from lifecycle.errors import DomainNotFound, DriverUnavailable
 from lifecycle.operations import move
 from lifecycle.records import Migration
 from lifecycle.states import PowerState, VmState
@@ -51,9 +52,11 @@ def _delete(run: TaskRun, *, clean: bool) -> None:
 def _power_off(run: TaskRun) -> None:
     uuid = run.instance.uuid
     if run.driver.list_instances().owned.get(uuid) not in (None, PowerState.SHUTDOWN):
-        run.driver.power_off(
-            uuid, timeout=run.settings.shutdown_timeout, retry_interval=run.settings.shutdown_retry_interval
-        )
+        # Gone meanwhile (a preempted worker destroying what it made, an operator) is what a delete wants.
+        with contextlib.suppress(DomainNotFound):
+            run.driver.power_off(
+                uuid, timeout=run.settings.shutdown_timeout, retry_interval=run.settings.shutdown_retry_interval
+            )
 
 
 def _host_down(run: TaskRun, host: str) -> bool:

@@ -45,6 +45,8 @@ def move(run: TaskRun) -> None:
         assert migration is not None, "a move past resize_prep has a migration record"
     else:
         migration = _prepare(run)
+    assert migration.dest_host is not None
+    run.touched.add(migration.dest_host)  # a delete taking the move over must clean the destination too
     run.advance()  # resize_migrating
     source_disk = _leave_source(run, migration)
     run.advance(f"moved to {migration.dest_host}", host=migration.dest_host)  # resize_migrated
@@ -105,7 +107,7 @@ def revert_on_source(run: TaskRun, migration: Migration) -> None:
     """Undo a move that had not left the source: source back as it was, destination claim released."""
     assert migration.dest_host is not None
     with contextlib.suppress(DriverError):
-        run.driver_for(migration.source_host).finish_revert_migration(
+        run.on(migration.source_host).finish_revert_migration(
             _spec(run, migration.old_flavor), power_on=_power_on(migration)
         )
     run.store.release_claims(run.instance.uuid, migration.dest_host)
@@ -124,7 +126,7 @@ def confirm_on_source(run: TaskRun, migration: Migration) -> None:
     """Clean the source of a finished move (also what delete does first for a resized instance)."""
     run.store.update_migration(migration.id, status="confirming")
     try:
-        run.driver_for(migration.source_host).confirm_migration(run.instance.uuid)
+        run.on(migration.source_host).confirm_migration(run.instance.uuid)
     except LifecycleError:
         run.store.update_migration(migration.id, status="finished")  # retried later, never stuck
         raise
@@ -137,9 +139,9 @@ def revert(run: TaskRun) -> None:
     migration = run.store.open_migration(run.instance.uuid)
     assert migration is not None and migration.dest_host is not None, "a resized instance has an open migration"
     run.store.update_migration(migration.id, status="reverting")
-    run.driver_for(migration.dest_host).destroy(run.instance.uuid, destroy_disks=True)
+    run.on(migration.dest_host).destroy(run.instance.uuid, destroy_disks=True)
     run.store.release_claims(run.instance.uuid, migration.dest_host)
-    run.driver_for(migration.source_host).finish_revert_migration(
+    run.on(migration.source_host).finish_revert_migration(
         _spec(run, migration.old_flavor), power_on=_power_on(migration)
     )
     run.store.revoke_console_tokens(run.instance.uuid)

@@ -27,9 +27,14 @@ def reboot(run: TaskRun) -> None:
 
 
 def reboot_hard(run: TaskRun) -> None:
-    """Hard reboot: rebooting_hard -> reboot_pending_hard -> reboot_started_hard, then reset."""
+    """Hard reboot: rebooting_hard -> reboot_pending_hard -> reboot_started_hard, then reset.
+
+    Over a pause or suspend still in flight, the reset waits for that call to
+    end first (:mod:`lifecycle.preemption`), so that it lands last.
+    """
     run.advance()
     run.advance()
+    run.wait_for_preempted()
     run.driver.reboot(run.spec, RebootType.HARD)
 
 

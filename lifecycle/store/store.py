@@ -27,6 +27,7 @@ from lifecycle.audit import AuditEntry, Why
 from lifecycle.errors import (
     AlreadyExists,
     Conflict,
+    Fenced,
     HostInUse,
     HostNotFound,
     ImageNotFound,
@@ -403,30 +404,71 @@ class Store:
             rows = conn.execute(query).mappings().all()
         return [AuditEntry(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
 
-    def recoverable_tasks(self, owner: str) -> list[Task]:
-        """Return running tasks whose lease has expired, or that ``owner`` itself held before a restart."""
+    def recoverable_tasks(self, owner: str, *, force: bool = False) -> list[Task]:
+        """Return running tasks whose lease has expired; with ``force``, also ``owner``'s live ones."""
+        live_ok = (_T.c.owner == owner) if force else sa.false()
         query = (
             sa.select(_T)
-            .where(_T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < now(), _T.c.owner == owner))
+            .where(_T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < now(), live_ok))
             .order_by(_T.c.started_at)
         )
         with self._read() as conn:
             return [_task(r) for r in conn.execute(query).mappings()]
 
-    def take_over(self, task_id: str, owner: str) -> bool:
-        """Make ``owner`` the owner of a running task whose lease expired (or that it owned); False if lost."""
+    def live_tasks(self) -> list[Task]:
+        """Return running tasks whose lease is still live, soonest expiry first."""
+        query = (
+            sa.select(_T)
+            .where(_T.c.outcome == Outcome.RUNNING.value, _T.c.lease_expires_at >= now())
+            .order_by(_T.c.lease_expires_at)
+        )
+        with self._read() as conn:
+            return [_task(r) for r in conn.execute(query).mappings()]
+
+    def take_over(self, task_id: str, owner: str, *, force: bool = False) -> bool:
+        """Make ``owner`` the owner of a running task whose lease expired, bumping its epoch; False if lost.
+
+        With ``force``, a live lease held under ``owner``'s own name is taken
+        too. The epoch fences the old worker: it stops before its next
+        driver call (:meth:`fence`) and its writes fail.
+        """
         at = now()
+        live_ok = (_T.c.owner == owner) if force else sa.false()
         query = (
             sa.update(_T)
             .where(
-                _T.c.id == task_id,
-                _T.c.outcome == Outcome.RUNNING.value,
-                sa.or_(_T.c.lease_expires_at < at, _T.c.owner == owner),
+                _T.c.id == task_id, _T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < at, live_ok)
             )
-            .values(owner=owner, lease_expires_at=at + self.lease)
+            .values(owner=owner, lease_expires_at=at + self.lease, epoch=_T.c.epoch + 1)
         )
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount == 1
+
+    def fence(self, task: Task) -> None:
+        """Raise unless ``task`` is still running at its epoch: called before each driver call of a worker.
+
+        :class:`Preempted` when another task took the instance over,
+        :class:`Fenced` when recovery took this task over.
+        """
+        query = sa.select(_T.c.outcome, _T.c.preempted_by, _T.c.epoch).where(_T.c.id == task.id)
+        with self._read() as conn:
+            outcome, preempted_by, epoch = conn.execute(query).one()
+        if epoch != task.epoch:
+            raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
+        if outcome == Outcome.PREEMPTED.value:
+            raise Preempted(task.id, task.instance_uuid, preempted_by)
+
+    def release_lease(self, task_id: str) -> None:
+        """Say that a task's worker has ended (its lease ends now): a preemptor waiting on it goes on."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(_T).where(_T.c.id == task_id).values(lease_expires_at=now()))
+
+    def worker_alive(self, task_id: str) -> bool:
+        """Whether the task's worker may still be inside a driver call (its lease has not ended)."""
+        query = sa.select(_T.c.lease_expires_at).where(_T.c.id == task_id)
+        with self._read() as conn:
+            lease = conn.execute(query).scalar_one()
+        return _at(lease) > now()
 
     def mark_done(self, task_id: str, seq: int, name: str) -> None:
         """Record that a non-repeatable step of a task completed (recovery will not run it again)."""
@@ -449,13 +491,15 @@ class Store:
             self._close_steps(conn, task.id, at, "failed", reason)
 
     def renew_leases(self, owner: str, task_ids: list[str]) -> int:
-        """Push the lease of these running tasks of ``owner`` forward; return how many."""
+        """Push the lease of these tasks of ``owner`` forward while their workers live; return how many.
+
+        A preempted task's lease is renewed too while its worker is still in
+        a driver call: that is how a preemptor knows the call has not ended.
+        """
         if not task_ids:
             return 0
         query = (
-            sa.update(_T)
-            .where(_T.c.owner == owner, _T.c.outcome == Outcome.RUNNING.value, _T.c.id.in_(task_ids))
-            .values(lease_expires_at=now() + self.lease)
+            sa.update(_T).where(_T.c.owner == owner, _T.c.id.in_(task_ids)).values(lease_expires_at=now() + self.lease)
         )
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount
@@ -649,7 +693,7 @@ class Store:
             conn.execute(
                 sa.update(_T)
                 .where(_T.c.id == task.id)
-                .values(outcome=outcome.value, finished_at=at, error=error, traceback=traceback)
+                .values(outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at)
             )
             self._audit(conn, expected, after, why)
         return after
@@ -775,9 +819,11 @@ class Store:
         if conn.execute(query).rowcount == 1:
             return
         if task is not None:
-            outcome, preempted_by = conn.execute(
-                sa.select(_T.c.outcome, _T.c.preempted_by).where(_T.c.id == task.id)
+            outcome, preempted_by, epoch = conn.execute(
+                sa.select(_T.c.outcome, _T.c.preempted_by, _T.c.epoch).where(_T.c.id == task.id)
             ).one()
+            if epoch != task.epoch:
+                raise Fenced(task.id, expected.uuid, task.epoch, epoch)
             if outcome == Outcome.PREEMPTED.value:
                 raise Preempted(task.id, expected.uuid, preempted_by)
         raise Conflict(expected.uuid, _expect(expected), self._actual(expected.uuid, conn))
@@ -929,6 +975,7 @@ def _task_values(t: Task) -> dict[str, Any]:
         "finished_at": t.finished_at,
         "error": t.error,
         "traceback": t.traceback,
+        "epoch": t.epoch,
     }
 
 
@@ -1034,4 +1081,5 @@ def _task(r: sa.RowMapping) -> Task:
         finished_at=aware(r["finished_at"]),
         error=r["error"],
         traceback=r["traceback"],
+        epoch=r["epoch"],
     )

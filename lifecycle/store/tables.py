@@ -157,6 +157,8 @@ class TaskRow(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_type=_TS)
     error: str | None = Field(default=None)
     traceback: str | None = Field(default=None)
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
+    """Grows at each takeover; a worker with an older epoch stops before its next driver call."""
 
 
 class TaskStepRow(SQLModel, table=True):

@@ -1,0 +1,80 @@
+"""What happens on the hypervisor when a task is taken over while its worker is inside a driver call.
+
+A compare-and-swap keeps the rows right; it cannot stop a driver call that was
+already in flight when its task lost the instance. Each (preempting
+operation, preempted operation) pair the operations table allows has one rule
+here, checked complete at import, so that once both workers have returned the
+hypervisor and the database agree:
+
+- ``DESTROY_LATE`` (a delete took over): the preempted worker, when its call
+  returns and it finds the task lost, destroys the domain again on every host
+  it touched and releases any claim it took late. It never writes the row.
+  Should that worker die first, the daemon's reaper destroys the domain of a
+  deleted instance on its next pass. The delete does not wait: a hung
+  hypervisor must not hold a delete up.
+- ``WAIT`` (a hard reboot took over a pause or a suspend): the late call would
+  leave the guest paused or saved after the reboot ran it. The hard reboot
+  waits, before its own driver call, until the preempted worker has ended
+  (its lease released, or run out, or ``preempt_wait_seconds``), so that the
+  reset comes last and the guest ends running, as the row says.
+- ``CONVERGE`` (a hard reboot took over a soft reboot, an unpause, a resume,
+  or another hard reboot): the late call leaves the guest running, which is
+  what the hard reboot ends in too. Nothing waits: waiting for a stuck soft
+  reboot is exactly what a hard reboot exists to avoid.
+
+Takeovers by recovery are fenced instead (:class:`lifecycle.errors.Fenced`):
+the old worker stops before its next driver call.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from lifecycle import graph
+
+__all__ = ["RULES", "Rule", "pairs", "rule"]
+
+
+class Rule(enum.StrEnum):
+    """How a preempted worker's late driver call is reconciled."""
+
+    DESTROY_LATE = "destroy_late"
+    WAIT = "wait"
+    CONVERGE = "converge"
+
+
+_DELETES = frozenset({"delete", "force_delete"})
+_LATE_RUNNING = frozenset({"reboot", "reboot_hard", "unpause", "resume"})
+"""Operations whose driver call leaves the guest running: a hard reboot converges with them."""
+_LATE_STOPPED = frozenset({"pause", "suspend"})
+"""Operations whose driver call leaves the guest not running: a hard reboot waits for them."""
+
+
+def pairs() -> list[tuple[str, str]]:
+    """Every (preempting, preempted) operation pair the table allows, in table order."""
+    result = []
+    for preemptor in graph.OPERATIONS:
+        for victim in graph.OPERATIONS:
+            if any(state in preemptor.preempts for state in victim.walk):
+                result.append((preemptor.name, victim.name))
+    return result
+
+
+def _decide(preemptor: str, victim: str) -> Rule:
+    if preemptor in _DELETES:
+        return Rule.DESTROY_LATE
+    if preemptor == "reboot_hard" and victim in _LATE_RUNNING:
+        return Rule.CONVERGE
+    if preemptor == "reboot_hard" and victim in _LATE_STOPPED:
+        return Rule.WAIT
+    raise AssertionError(f"no preemption rule for {preemptor} over {victim}: add one to lifecycle/preemption.py")
+
+
+RULES: Mapping[tuple[str, str], Rule] = {pair: _decide(*pair) for pair in pairs()}
+"""The rule of every pair; building it fails at import when the table grows a pair without a rule."""
+
+
+def rule(preemptor: str, victim: str) -> Rule:
+    """Return the rule for ``preemptor`` taking over a task of ``victim``."""
+    return RULES[(preemptor, victim)]
