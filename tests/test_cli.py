@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import structlog
 
+from drivers.fake import SimulatedCrash
+from lifecycle import Engine
 from lifecycle.cli import main
 
 
@@ -27,7 +35,9 @@ def cli(
 
     assert run("db", "upgrade")[0] == 0
     assert run("host", "add", "h1", "--uri", f"fake://{tmp_path / 'h1.json'}")[0] == 0
-    assert run("image", "add", "cirros", "--path", "/images/cirros.qcow2")[0] == 0
+    image = tmp_path / "cirros.qcow2"
+    image.write_bytes(b"QFI\xfb")  # image add wants an existing file; the fake host never reads it
+    assert run("image", "add", "cirros", "--path", str(image))[0] == 0
     return run
 
 
@@ -205,3 +215,147 @@ def test_resize_confirm_and_revert_from_the_cli(cli, tmp_path: Path) -> None:  #
     assert json.loads(cli("revert-resize", uuid, "--json")[1])["host"] == "h2"
     code, _, err = cli("resize", uuid, "--flavor", "vcpus=2,ram=128,disk=1")
     assert code == 2 and "cannot shrink the root disk" in err
+
+
+def _sql(tmp_path: Path, statement: str, **params: object) -> None:
+    """Write to the CLI's database behind the engine's back, as an older version could have."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'cli.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement), params)
+    finally:
+        engine.dispose()
+
+
+def test_text_output_escapes_control_characters_from_older_databases(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Names, zones, paths, actors and request ids holding controls print as repr escapes in list, show, host, image, history and tasks."""
+    uuid = _create(cli)
+    evil = "evil\x1b[2J\x85\u202e\n"
+    _sql(tmp_path, "UPDATE instances SET name = :v", v=evil)
+    _sql(tmp_path, "UPDATE hosts SET availability_zone = :v, driver_uri = :v", v=evil)
+    _sql(tmp_path, "UPDATE images SET path = :v", v=evil)
+    _sql(tmp_path, "UPDATE audit_log SET actor = :v, request_id = :v", v=evil)
+    _sql(tmp_path, "UPDATE tasks SET actor = :v, request_id = :v", v=evil)
+    escaped = "evil\\x1b[2J\\x85\\u202e\\n"
+    for argv in (("list",), ("show", uuid), ("host", "list"), ("host", "show", "h1"), ("image", "list")):
+        code, out, _ = cli(*argv)
+        assert code == 0 and escaped in out, argv
+        assert not any(c in out for c in "\x1b\x85\u202e") and out.count("\n") == 1, argv
+    for argv in (("history", uuid), ("tasks", uuid)):
+        code, out, _ = cli(*argv)
+        assert code == 0 and escaped in out and not any(c in out for c in "\x1b\x85\u202e"), argv
+    code, out, _ = cli("show", uuid, "--json")
+    assert json.loads(out)["name"] == evil  # JSON carries the value itself, escaped by JSON's own rules
+
+
+def test_json_output_never_holds_nan(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A NaN metric read back from an older database prints as null: the output stays strict JSON."""
+    _sql(tmp_path, "UPDATE hosts SET metrics = :v", v='{"cpu": NaN, "io": 1.5}')
+
+    def strict(constant: str) -> object:
+        raise AssertionError(f"{constant} in JSON output")
+
+    code, out, _ = cli("host", "show", "h1", "--json")
+    assert code == 0 and json.loads(out, parse_constant=strict)["metrics"] == {"cpu": None, "io": 1.5}
+
+
+def test_a_closed_stdout_ends_quietly_with_141(cli, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """When whoever reads stdout goes away mid-output, main returns 141 (128 + SIGPIPE) and prints no traceback."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, _text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["graph"]) == 141
+    assert main(["list"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_a_closed_pipe_through_the_real_executable(tmp_path: Path) -> None:
+    """`lifecycle graph | head -1`: the process whose reader is gone exits 141 with nothing on stderr."""
+    exe = Path(sys.executable).with_name("lifecycle")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "lifecycle.cli"]
+    proc = subprocess.Popen([*command, "graph"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the interpreter has even started: every write meets a pipe with no reader
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=60), err) == (141, b"")
+    proc.stderr.close()
+
+
+def test_sync_reports_every_host_and_exits_1_when_one_failed(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`sync --once` prints the failed host's error and the other host's pass, then exits 1; --host of an unknown host stays exit 2."""
+    cli("host", "add", "h2", "--uri", f"fake://{tmp_path / 'h2.json'}")
+    _create(cli)
+    (tmp_path / "h1.json").write_text("not json")
+    code, out, _ = cli("sync", "--once")
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith("h1: pass failed: JSONDecodeError") and lines[1].startswith("h2: 0 instances")
+    code, out, _ = cli("sync", "--once", "--json")
+    assert code == 1 and [bool(s["error"]) for s in json.loads(out)] == [True, False]
+    assert cli("sync", "--once", "--host", "h2")[0] == 0
+    assert cli("sync", "--once", "--host", "nope")[0] == 2
+
+
+def test_host_remove(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`host remove` forgets an empty host, refuses one holding an instance, and with --force lists the orphans."""
+    cli("host", "add", "h2", "--uri", f"fake://{tmp_path / 'h2.json'}")
+    code, out, _ = cli("host", "remove", "h2", "--json")
+    assert (code, json.loads(out)) == (0, {"removed": "h2", "orphaned": []})
+    uuid = _create(cli)
+    code, out, err = cli("host", "remove", "h1", "--json")
+    assert code == 2 and json.loads(out)["error"] == "HostInUse" and "still holds 1 instance" in err
+    code, out, _ = cli("host", "remove", "h1", "--force")
+    assert code == 0 and out.splitlines() == ["host h1 removed", f"{uuid}: error, no host"]
+    assert [h["name"] for h in json.loads(cli("host", "list", "--json")[1])] == []
+
+
+def test_tasks_of_an_unknown_instance_is_not_found(cli) -> None:  # type: ignore[no-untyped-def]
+    """`tasks UUID` of no instance says not found and exits 2, as `show` does, instead of printing nothing."""
+    code, _, err = cli("tasks", "00000000-0000-0000-0000-000000000000")
+    assert code == 2 and "instance 00000000-0000-0000-0000-000000000000 not found" in err
+
+
+def test_db_downgrade_with_an_instance_and_back(cli) -> None:  # type: ignore[no-untyped-def]
+    """`db downgrade 0004` with an instance in the database works on SQLite, and `db upgrade` brings it back."""
+    uuid = _create(cli)
+    code, out, _ = cli("db", "downgrade", "0004", "--json")
+    assert (code, json.loads(out)["revision"]) == (0, "0004")
+    code, out, _ = cli("db", "upgrade", "--json")
+    assert code == 0 and json.loads(out)["revision"] == json.loads(out)["head"]
+    assert json.loads(cli("show", uuid, "--json")[1])["vm_state"] == "active"
+
+
+def test_recover_explains_the_lease(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """After a crash, recover without --owner says the task is still within its lease and until when; --owner takes it at once."""
+    uuid = _create(cli)
+    crashed = Engine(os.environ["LIFECYCLE_DB_URL"], owner="crashed-engine")
+    original = crashed.store.begin
+
+    def begin_then_crash(*args: Any, **kwargs: Any) -> Any:
+        original(*args, **kwargs)
+        raise SimulatedCrash("crash after begin")
+
+    crashed.store.begin = begin_then_crash  # type: ignore[method-assign]
+    with pytest.raises(SimulatedCrash):
+        crashed.stop(uuid)
+    crashed.close()
+    code, out, _ = cli("recover")
+    assert code == 0 and out.startswith("no task to recover\n1 running task(s) still within their owner's lease")
+    assert "--owner NAME" in out
+    code, out, err = cli("recover", "--json")
+    assert (code, json.loads(out)) == (0, []) and "1 running task(s) still within" in err
+    code, out, _ = cli("recover", "--owner", "crashed-engine", "--json")
+    assert code == 0 and [r["operation"] for r in json.loads(out)] == ["stop"]
+    code, out, _ = cli("recover")
+    assert out == "no task to recover\n"
+
+
+def test_recover_help_explains_the_lease(capsys: pytest.CaptureFixture[str]) -> None:
+    """`recover --help` says a task is taken only after its owner's lease expires, or at once with --owner."""
+    with pytest.raises(SystemExit):
+        main(["recover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "lease has expired (60 s by default" in text and "--owner" in text
