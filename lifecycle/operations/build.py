@@ -6,7 +6,7 @@ import contextlib
 
 import structlog
 
-from lifecycle.errors import Preempted
+from lifecycle.errors import NoValidHost, Preempted
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
@@ -44,6 +44,8 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         resumed = run.resumed_past(TaskState.SCHEDULING) and run.instance.host is not None
         if resumed:
             host = run.instance.host
+            assert host is not None
+            _hold_claim(run, host)
         else:
             assert run.schedule is not None, "create needs a scheduler"
             host = run.schedule(tried)
@@ -64,7 +66,18 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
             run.retry(f"spawn on {host} failed: {type(exc).__name__}: {exc}; rescheduling", host=None)
             continue
         run.fields["launched_at"] = now()
+        run.end_power = run.read_power()  # here, so that a failure to read it is the build's, cleaned up
         return
+
+
+def _hold_claim(run: TaskRun, host: str) -> None:
+    """Make sure a resumed build holds its room on ``host``: a crash may have come between release and retry."""
+    if host in run.store.claims_of(run.instance.uuid):
+        return
+    s, flavor = run.settings.scheduler, run.instance.flavor
+    ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
+    if not run.store.claim(run.instance.uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios):
+        raise NoValidHost({host: "no room left for the resumed build"})
 
 
 def _give_back(run: TaskRun, last: list[str]) -> None:

@@ -64,12 +64,17 @@ def _host_down(run: TaskRun, host: str) -> bool:
     return beat is None or beat < now() - timedelta(seconds=run.settings.host_down_after)
 
 
-def _destroy(run: TaskRun) -> None:
+def _confirm_open_move(run: TaskRun) -> None:
     if run.source_vm_state is VmState.RESIZED:
         # Confirm first, as Nova does, so nothing is left on the source (bug 1202484).
         migration = run.store.open_migration(run.instance.uuid)
         if migration is not None:
             _confirm_first(run, migration)
+            run.fields["previous_vm_state"] = None
+
+
+def _destroy(run: TaskRun) -> None:
+    _confirm_open_move(run)
     run.store.revoke_console_tokens(run.instance.uuid)
     run.driver.destroy(run.instance.uuid, destroy_disks=True)
     _forget(run)
@@ -99,7 +104,12 @@ def _forget(run: TaskRun) -> None:
 
 
 def soft_delete(run: TaskRun) -> None:
-    """Power the guest off and keep everything for a later restore or reclaim."""
+    """Power the guest off and keep everything for a later restore or reclaim.
+
+    A resized instance is confirmed first, as Nova's delete path does for both
+    kinds of delete: a restore brings the guest back where it now lives.
+    """
+    _confirm_open_move(run)
     run.driver.power_off(
         run.instance.uuid, timeout=run.settings.shutdown_timeout, retry_interval=run.settings.shutdown_retry_interval
     )
