@@ -73,10 +73,12 @@ def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
 
 _RECOVER_HELP = (
     "Take over and finish the running tasks whose owner died. A task is taken only once its owner's"
-    " lease has expired (60 s by default; a living owner keeps renewing it), or at once when --owner"
-    " names the owner the crashed engine used. Right after a crash, recover without --owner therefore"
-    " finds nothing to do until the lease runs out; it then says how many running tasks are still"
-    " within their lease and when the first lease ends."
+    " lease has expired (60 s by default; a living owner keeps renewing it). Right after a crash,"
+    " recover therefore finds nothing to do until the lease runs out; it then says how many running"
+    " tasks are still within their lease and when the first lease ends. --owner NAME --force takes the"
+    " live tasks of the engine that used NAME at once: only when you know that engine is dead. Should"
+    " it live after all, its workers are fenced (they stop before their next hypervisor call), but a"
+    " call already in flight still lands after the takeover."
 )
 _BROKEN_PIPE = 141
 """Exit status when whoever read stdout went away (``lifecycle list | head -1``): 128 + SIGPIPE, as a
@@ -248,7 +250,12 @@ def _parser() -> argparse.ArgumentParser:
     recover.add_argument(
         "--owner",
         type=_text("--owner"),
-        help="the owner name a crashed engine used: its tasks are taken at once, without waiting for the lease",
+        help="recover under the owner name a crashed engine used (with --force: take its live tasks at once)",
+    )
+    recover.add_argument(
+        "--force",
+        action="store_true",
+        help="with --owner: take that owner's tasks although their lease is live (its workers are fenced)",
     )
     sync = sub.add_parser("sync", help="run one power-sync pass", parents=[common])
     sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (the daemon loops)")
@@ -499,9 +506,10 @@ def _pass_line(s: PassSummary) -> str:
 
 
 def _recover(args: argparse.Namespace) -> None:
+    if args.force and args.owner is None:
+        raise InvalidInput("recover --force needs --owner NAME: it takes only that owner's live tasks")
     with Engine(args.db, owner=args.owner) as engine:
-        # Naming the crashed engine's owner is the caller saying it is dead: take its live tasks too.
-        results = engine.recover(force=args.owner is not None)
+        results = engine.recover(force=args.force)
         waiting = engine.waiting_for_lease()
     lines = [
         _safe(f"{r.task_id} {r.operation} on {r.instance_uuid} at {r.task_state}: {r.plan} -> {r.outcome}")
@@ -512,8 +520,8 @@ def _recover(args: argparse.Namespace) -> None:
         note = (
             f"{len(waiting)} running task(s) still within their owner's lease, the first until"
             f" {first.isoformat(timespec='seconds')} (in {max(0.0, (first - now()).total_seconds()):.0f} s):"
-            " recover takes a task once its lease has expired, or at once with --owner NAME of the engine"
-            " that crashed"
+            " recover takes a task once its lease has expired, or at once with --owner NAME --force when"
+            " the engine that used NAME is known to be dead"
         )
         if args.json:
             print(note, file=sys.stderr)  # stdout stays the JSON list of recovered tasks

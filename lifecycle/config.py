@@ -4,10 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lifecycle.errors import InvalidInput
 from lifecycle.scheduler import SchedulerSettings
 from lifecycle.sync import Policy
+from lifecycle.validation import count, seconds
 
-__all__ = ["Settings"]
+__all__ = ["RUNNING_DELETED_ACTIONS", "Settings"]
+
+RUNNING_DELETED_ACTIONS = ("reap", "shutdown", "log", "noop")
+_SECONDS = (
+    "shutdown_timeout",
+    "shutdown_retry_interval",
+    "lease_seconds",
+    "heartbeat_seconds",
+    "preempt_wait_seconds",
+    "host_down_after",
+    "sync_interval",
+    "stopped_event_delay",
+    "resize_confirm_window",
+    "console_token_ttl",
+    "image_cache_max_age",
+    "soft_reboot_seconds",
+    "running_deleted_instance_timeout",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +67,14 @@ class Settings:
     """Seconds after a move finished before the daemon confirms it; 0 turns the window off (Nova)."""
     resize_window_action: str = "confirm"
     """What the window does: confirm (default: a revert discards what the guest wrote) or revert."""
+    running_deleted_instance_action: str = "reap"
+    """What a sync pass does with a domain whose instance is deleted: reap (destroy it and its disk),
+    shutdown (power it off), log, or noop (Nova's names)."""
+    reap_unknown_domains: bool = False
+    """Also apply that action to domains named as ours that no row of this database knows. Off by
+    default: after a database restored from an older backup those are live guests, not leftovers."""
+    running_deleted_instance_timeout: float = 0.0
+    """Seconds after the delete before the action applies (Nova: 0), so a slow delete is not raced."""
     console_base_url: str = "http://127.0.0.1:6080/vnc_lite.html"
     """Base of console access URLs (a noVNC page); the token goes in its ``path`` query."""
     console_token_ttl: float = 600.0
@@ -56,3 +83,16 @@ class Settings:
     """Seconds an unused cached base image is kept before cleanup removes it (Nova: 86400)."""
     soft_reboot_seconds: float = 120.0
     """How long a soft reboot waits for the guest to go down before rebooting hard (Nova: 120)."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "running_deleted_instance_action": RUNNING_DELETED_ACTIONS,
+            "resize_window_action": ("confirm", "revert"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InvalidInput(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in _SECONDS:
+            seconds(f"setting {name}", getattr(self, name))
+        count("setting workers", self.workers, low=1, high=1024)
+        count("setting sync_chunk_size", self.sync_chunk_size, low=1, high=1_000_000)

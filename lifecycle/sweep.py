@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
 from lifecycle.records import Cause, Instance
 from lifecycle.states import PowerState, VmState
 from lifecycle.store.db import now
-from lifecycle.sync import Action, Decision, Observation, Policy, Recorded, Stance, decide
+from lifecycle.sync import Action, Decision, Observation, Policy, Recorded, decide
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
@@ -59,7 +59,8 @@ class PassSummary:
     error: str | None = None
     """Why the pass could not run at all (the hypervisor unreachable...); None when it ran."""
     reaped: list[str] = field(default_factory=list)
-    """Instances whose row is deleted but whose domain was still here: destroyed by this pass."""
+    """Our domains whose instance is deleted (or unknown here) that this pass acted on
+    (``running_deleted_instance_action``: destroyed, powered off, or logged)."""
 
 
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:
@@ -89,8 +90,8 @@ def sweep_host(
         _apply_chunk(engine, summary, rows, listing.owned, observed_at, policy, actor, stop)
     if not summary.interrupted:
         leftovers = sorted(u for u in listing.owned if u not in seen)
-        reaped = _reap(engine, host, leftovers, summary) if policy.deleted_guest is Stance.ENFORCE else set()
-        summary.unknown_domains = [u for u in leftovers if u not in reaped] + list(listing.foreign)
+        handled = _running_deleted(engine, host, leftovers, listing.owned, summary)
+        summary.unknown_domains = [u for u in leftovers if u not in handled] + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info(
         "sync_pass",
@@ -156,21 +157,62 @@ def _apply_chunk(
         _guarded(summary, instance, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
 
 
-def _reap(engine: Engine, host: str, uuids: list[str], summary: PassSummary) -> set[str]:
-    """Destroy the domains (and disks) of deleted instances; domains nobody owns are never touched."""
-    if not uuids:
+def _running_deleted(
+    engine: Engine, host: str, uuids: list[str], powers: Mapping[str, PowerState], summary: PassSummary
+) -> set[str]:
+    """Apply ``running_deleted_instance_action`` to our domains whose instance is deleted or unknown here.
+
+    Only domains named as ours (``owned``) are candidates; foreign domains
+    are never touched. A deleted instance's domain is acted on once
+    ``running_deleted_instance_timeout`` has passed since the delete, with an
+    audit row on the instance. A domain no row here knows is only reported,
+    unless ``reap_unknown_domains`` (there is no row to audit then: the log
+    line is its record). Returns the uuids handled (not listed as unknown).
+    """
+    action = engine.settings.running_deleted_instance_action
+    if not uuids or action == "noop":
         return set()
-    deleted = [u for u, i in engine.store.instances_by_uuid(uuids).items() if i.vm_state is VmState.DELETED]
-    for uuid in deleted:
+    rows = engine.store.instances_by_uuid(uuids)
+    cutoff = now() - timedelta(seconds=engine.settings.running_deleted_instance_timeout)
+    handled: set[str] = set()
+    for uuid in uuids:
+        row = rows.get(uuid)
+        if row is None and not engine.settings.reap_unknown_domains:
+            continue
+        if row is not None and (row.vm_state is not VmState.DELETED or (row.deleted_at or cutoff) > cutoff):
+            continue  # a live instance's domain elsewhere (a move in flight), or a delete too recent
+        if action == "shutdown" and powers.get(uuid) is PowerState.SHUTDOWN:
+            handled.add(uuid)
+            continue
         try:
-            engine.driver(host).destroy(uuid, destroy_disks=True)
+            _act_on_leftover(engine, host, uuid, action)
         except Exception as exc:  # per domain: the next pass tries again
             summary.errors += 1
-            log.warning("reap_failed", host=host, instance_uuid=uuid, error=f"{type(exc).__name__}: {exc}")
+            log.warning("running_deleted_failed", host=host, instance_uuid=uuid, error=f"{type(exc).__name__}: {exc}")
             continue
+        handled.add(uuid)
         summary.reaped.append(uuid)
-        log.info("deleted_guest_reaped", host=host, instance_uuid=uuid)
-    return set(summary.reaped)
+        if row is not None and action != "log":
+            engine.store.note(
+                row,
+                Why(
+                    actor="sync",
+                    cause=Cause.SYNC,
+                    operation="reap",
+                    rule=f"running_deleted_{action}",
+                    message=f"{action}: a domain of this deleted instance was still on {host}",
+                ),
+            )
+        log.warning("running_deleted_instance", host=host, instance_uuid=uuid, action=action, known=row is not None)
+    return handled
+
+
+def _act_on_leftover(engine: Engine, host: str, uuid: str, action: str) -> None:
+    driver = engine.driver(host)
+    if action == "reap":
+        driver.destroy(uuid, destroy_disks=True)
+    elif action == "shutdown":
+        driver.power_off(uuid, timeout=0, retry_interval=0)
 
 
 def _count(summary: PassSummary, decision: Decision) -> None:

@@ -71,10 +71,6 @@ class Policy:
     """A domain gone for ``missing_threshold`` observations: adopt = error + NOSTATE."""
     missing_threshold: int = 3
     """Consecutive observations of a missing domain before acting on it."""
-    deleted_guest: Stance = Stance.ENFORCE
-    """A domain whose instance is deleted (a delete done while its host was down, a build
-    that finished after its delete): enforce = destroy it and its disk (Nova's
-    running_deleted_instance_action=reap); record = report it with the unknown domains."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -329,7 +329,7 @@ def test_db_downgrade_with_an_instance_and_back(cli) -> None:  # type: ignore[no
 
 
 def test_recover_explains_the_lease(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """After a crash, recover without --owner says the task is still within its lease and until when; --owner takes it at once."""
+    """After a crash, recover says the task is within its lease and until when; --owner alone refuses, --force takes it."""
     uuid = _create(cli)
     crashed = Engine(os.environ["LIFECYCLE_DB_URL"], owner="crashed-engine")
     original = crashed.store.begin
@@ -344,10 +344,14 @@ def test_recover_explains_the_lease(cli, tmp_path: Path) -> None:  # type: ignor
     crashed.close()
     code, out, _ = cli("recover")
     assert code == 0 and out.startswith("no task to recover\n1 running task(s) still within their owner's lease")
-    assert "--owner NAME" in out
+    assert "--owner NAME --force" in out
     code, out, err = cli("recover", "--json")
     assert (code, json.loads(out)) == (0, []) and "1 running task(s) still within" in err
     code, out, _ = cli("recover", "--owner", "crashed-engine", "--json")
+    assert (code, json.loads(out)) == (0, [])  # a live lease is not taken without --force
+    code, _, err = cli("recover", "--force")
+    assert code == 2 and "needs --owner" in err
+    code, out, _ = cli("recover", "--owner", "crashed-engine", "--force", "--json")
     assert code == 0 and [r["operation"] for r in json.loads(out)] == ["stop"]
     code, out, _ = cli("recover")
     assert out == "no task to recover\n"
@@ -358,4 +362,4 @@ def test_recover_help_explains_the_lease(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         main(["recover", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "lease has expired (60 s by default" in text and "--owner" in text
+    assert "lease has expired (60 s by default" in text and "--owner NAME --force" in text and "fenced" in text

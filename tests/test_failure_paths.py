@@ -336,12 +336,11 @@ def test_delete_on_an_up_but_unanswering_host_fails_and_keeps_the_claim(
 
 
 def test_reaping_can_be_turned_off(db_url: str, fakes: Fakes) -> None:
-    """With Policy(deleted_guest=record), a deleted instance's leftover domain is only reported."""
+    """With running_deleted_instance_action=noop, a deleted instance's leftover domain is only reported."""
     from lifecycle import Settings
-    from lifecycle.sync import Policy, Stance
     from tests.images import fake_image
 
-    settings = Settings(shutdown_timeout=0, sync_policy=Policy(deleted_guest=Stance.RECORD))
+    settings = Settings(shutdown_timeout=0, running_deleted_instance_action="noop")
     engine = Engine(db_url, driver_factory=fakes.factory, settings=settings)
     engine.add_host("h1", "fake://")
     engine.add_image("cirros", fake_image())
@@ -412,3 +411,75 @@ def test_no_valid_host_is_recorded_not_raised_bare(engine: Engine) -> None:
     task = engine.tasks(uuid)[0]
     assert task.outcome is Outcome.FAILED and NoValidHost.__name__ in (task.error or "")
     assert "h1" in (task.error or "") and replace(task, error=None).error is None
+
+
+def _leftover(engine: Engine, fakes: Fakes) -> str:
+    """A deleted instance whose domain is still on h1 (deleted locally while h1 was down, then h1 came back)."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    _down(engine, fakes)
+    engine.delete(uuid)
+    fakes["h1"].unreachable = False
+    engine.heartbeat("h1")
+    return uuid
+
+
+def _engine_with(db_url: str, fakes: Fakes, **settings: object) -> Engine:
+    from lifecycle import Settings
+    from tests.images import fake_image
+
+    engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0, **settings))  # type: ignore[arg-type]
+    engine.add_host("h1", "fake://")
+    engine.add_image("cirros", fake_image())
+    engine.driver("h1")
+    return engine
+
+
+def test_reaping_is_audited_on_the_deleted_instance(engine: Engine, fakes: Fakes) -> None:
+    """The reaper's destroy of a deleted instance's domain leaves an audit row naming the host and the action."""
+    uuid = _leftover(engine, fakes)
+    engine.sync("h1")
+    last = engine.history(uuid)[-1]
+    assert (last.operation, last.rule, last.cause) == ("reap", "running_deleted_reap", "sync")
+    assert "still on h1" in (last.message or "")
+
+
+def test_shutdown_action_powers_the_leftover_off_and_keeps_it(db_url: str, fakes: Fakes) -> None:
+    """running_deleted_instance_action=shutdown powers a deleted instance's guest off and leaves its domain."""
+    engine = _engine_with(db_url, fakes, running_deleted_instance_action="shutdown")
+    uuid = _leftover(engine, fakes)
+    assert engine.sync("h1")[0].reaped == [uuid]
+    assert fakes["h1"].domain_exists(uuid) and fakes["h1"].get_info(uuid) is PowerState.SHUTDOWN
+    engine.close()
+
+
+def test_a_delete_younger_than_the_timeout_is_left_alone(db_url: str, fakes: Fakes) -> None:
+    """Within running_deleted_instance_timeout of the delete the leftover is only listed as an unknown domain."""
+    engine = _engine_with(db_url, fakes, running_deleted_instance_timeout=3600.0)
+    uuid = _leftover(engine, fakes)
+    (summary,) = engine.sync("h1")
+    assert summary.reaped == [] and summary.unknown_domains == [uuid] and fakes["h1"].domain_exists(uuid)
+    engine.close()
+
+
+def test_our_domain_unknown_to_the_database_is_reaped_only_when_asked(db_url: str, fakes: Fakes) -> None:
+    """With reap_unknown_domains, a domain named as ours that no row knows is reaped; foreign ones never are."""
+    from drivers.base import DomainSpec
+
+    engine = _engine_with(db_url, fakes, reap_unknown_domains=True)
+    stray = "0badc0de-0000-4000-8000-000000000001"
+    fakes["h1"].spawn(DomainSpec(stray, "stray", 1, 64, 1, "/x", "qcow2"))
+    fakes["h1"].add_foreign("someone-elses-vm")
+    (summary,) = engine.sync("h1")
+    assert summary.reaped == [stray] and not fakes["h1"].domain_exists(stray)
+    assert summary.unknown_domains == ["someone-elses-vm"]
+    engine.close()
+
+
+def test_settings_refuse_an_unknown_reap_action() -> None:
+    """Settings(running_deleted_instance_action=...) accepts only Nova's four actions."""
+    from lifecycle import InvalidInput, Settings
+
+    with pytest.raises(InvalidInput, match="reap, shutdown, log, noop"):
+        Settings(running_deleted_instance_action="explode")
+    with pytest.raises(InvalidInput):
+        Settings(sync_interval=float("nan"))

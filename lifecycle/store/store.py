@@ -788,6 +788,11 @@ class Store:
                     sa.update(_I).where(_I.c.uuid == uuid, _I.c.version == version).values(missing_count=count)
                 )
 
+    def note(self, instance: Instance, why: Why) -> None:
+        """Write an audit row that changes no state (something done on the hypervisor for this instance)."""
+        with self.engine.begin() as conn:
+            self._audit(conn, instance, instance, why, always=True)
+
     @_retry_on_deadlock
     def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
         """Set vm_state error on an idle instance (a sync rule), with its audit row."""
