@@ -245,6 +245,15 @@ class Driver(abc.ABC):
         Events arrive on a driver thread, never on the caller's.
         """
 
+    def ping(self) -> None:
+        """Return when the hypervisor answers now; raise DriverUnavailable when it does not.
+
+        The daemon heartbeats a host only while this succeeds. The default
+        lists the domains; drivers with a cheaper round trip override it.
+        Repeat: safe, no side effect.
+        """
+        self.list_instances()
+
     def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
         """Remove unused cached base images and stale ``<uuid>_resize`` directories older than the age.
 

@@ -339,10 +339,11 @@ class FakeDriver(Driver):
                 listener(event)
 
     def close(self) -> None:
-        if self._dispatcher is not None:
+        with self._lock:  # a listener being registered on another thread starts its dispatcher under the lock
+            dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
             self._events.put(None)
-            self._dispatcher.join(timeout=5)
-            self._dispatcher = None
+            dispatcher.join(timeout=5)
 
     # -- machinery -----------------------------------------------------------
 

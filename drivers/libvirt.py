@@ -166,6 +166,11 @@ class LibvirtDriver(Driver):
         self._listener: EventListener | None = None
         self._callback_id: int | None = None
         self._closed = threading.Event()
+        self.points: dict[str, Callable[[], None]] = {}
+        """Fault-injection seam for tests on real libvirt: a callable here runs at the named point of a call
+        (``spawn:defined`` after the domain is defined, ``spawn:started`` after it started, ``destroy:done``
+        at the end of a destroy), e.g. to hold a
+        call in flight as the fake driver's ``hold`` does. Empty in production."""
         _ensure_event_loop()
         self._connection("connect")
 
@@ -189,10 +194,18 @@ class LibvirtDriver(Driver):
                     self._closed.wait(delay)
                     delay = min(delay * 2, 1.0)
             conn.registerCloseCallback(self._on_close, None)
+            with suppress(libvirt.libvirtError):  # drivers without keepalive (test:///) refuse it: harmless
+                # A peer silent for 5 s x 3 probes closes the connection: a dead host is noticed in seconds.
+                conn.setKeepAlive(5, 3)
             self._conn = conn
             if self._listener is not None:
                 self._subscribe(conn)
             return conn
+
+    def ping(self) -> None:
+        """One round trip to libvirtd (its version); DriverUnavailable when it does not answer."""
+        with self._calling("ping") as conn:
+            conn.getLibVersion()
 
     def _on_close(self, conn: Any, _reason: int, _opaque: Any) -> None:
         with self._lock:
@@ -274,8 +287,15 @@ class LibvirtDriver(Driver):
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
                 dom = conn.defineXML(self._xml(spec, self._new_disk(spec)))
+            self._point("spawn:defined")
             if power_on and not dom.isActive():
                 dom.create()
+            self._point("spawn:started")
+
+    def _point(self, name: str) -> None:
+        hook = self.points.get(name)
+        if hook is not None:
+            hook()
 
     def _new_disk(self, spec: DomainSpec) -> Path:
         base = self.images.cache(spec.image_path, spec.image_format)
@@ -306,6 +326,7 @@ class LibvirtDriver(Driver):
                         raise
         if destroy_disks:
             self.images.remove_instance(uuid)
+        self._point("destroy:done")
 
     def _hard_stop(self, dom: Any) -> None:
         """Destroy a domain; "not running" while it is off counts as success (after a restart)."""

@@ -6,12 +6,17 @@ split the hosts between them and no host is ever synced by two at once; the
 hosts of a daemon that dies are claimed by the others at their next claim
 round. At start and every lease period it recovers tasks whose owner died
 (:mod:`lifecycle.recovery`); every minute it applies the resize confirm
-window (:mod:`lifecycle.resize_window`). For each owned host it records a heartbeat (so the scheduler sees
-the host up), runs a sync pass at start and then every ``sync_interval``,
-listens to the host's lifecycle events, and cleans the host's image cache
-every ``image_cache_interval``. Timers sleep by waiting on
-the stop event, so SIGTERM and SIGINT stop the daemon at once: a pass stops
-between chunks, never inside a write.
+window (:mod:`lifecycle.resize_window`).
+
+Each owned host gets a :class:`HostWorker` with threads of its own, so a
+hypervisor that stops answering stalls only its own host: one thread
+heartbeats the host while its hypervisor answers a ping (a silent one stops
+heartbeating, so the scheduler sees it down until it answers again), one runs
+its sync pass at start and every ``sync_interval`` and cleans its image cache
+every ``image_cache_interval``, one handles its lifecycle events. Timers sleep
+by waiting on events, so SIGTERM and SIGINT stop the daemon at once: a pass
+stops between chunks, never inside a write; a thread stuck inside a
+hypervisor call is left behind (it is a daemon thread) rather than waited for.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from lifecycle.sweep import sweep_host
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
 
-__all__ = ["Daemon", "Job"]
+__all__ = ["Daemon", "HostWorker", "Job"]
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +51,92 @@ class Job:
     interval: float
     run: Callable[[], object]
     next_due: float = 0.0
+
+
+def _run_due(jobs: list[Job], stop: threading.Event, clock: Callable[[], float]) -> float:
+    """Run the jobs that are due (each failure logged and retried at its next turn); return the wait to the next."""
+    for job in jobs:
+        if stop.is_set():
+            break
+        if job.next_due <= clock():
+            try:
+                job.run()
+            except Exception:  # a failed job is retried at its next turn, the loop goes on
+                log.exception("daemon_job_failed", job=job.name)
+            job.next_due = clock() + job.interval
+    return min(job.next_due for job in jobs) - clock()
+
+
+def _loop(jobs: list[Job], stop: threading.Event, clock: Callable[[], float]) -> None:
+    while not stop.is_set():
+        wait = _run_due(jobs, stop, clock)
+        if wait > 0:
+            stop.wait(wait)
+
+
+class HostWorker:
+    """What a daemon does for one host, on the host's own threads."""
+
+    def __init__(self, engine: Engine, host: str, *, image_cache_interval: float, clock: Callable[[], float]) -> None:
+        self.engine = engine
+        self.host = host
+        self.clock = clock
+        self.done = threading.Event()
+        """Set when the host is released or the daemon stops."""
+        s = engine.settings
+        self.processor = EventProcessor(engine, host, s.sync_policy, delay=s.stopped_event_delay)
+        self.beats = [Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), self.heartbeat)]
+        self.jobs = [
+            Job(f"sync:{host}", s.sync_interval, self.sync),
+            Job(f"image_cache:{host}", image_cache_interval, lambda: engine.clean_image_cache(host)),
+        ]
+        self.threads = [
+            threading.Thread(target=self.processor.run, args=(self.done,), name=f"events-{host}", daemon=True),
+            threading.Thread(target=_loop, args=(self.beats, self.done, clock), name=f"beat-{host}", daemon=True),
+            threading.Thread(target=self._work, name=f"work-{host}", daemon=True),
+        ]
+
+    def start(self) -> None:
+        """Start the host's threads."""
+        for thread in self.threads:
+            thread.start()
+
+    def heartbeat(self) -> None:
+        """Record the host as up, only if its hypervisor answers now (a silent one goes down by itself)."""
+        try:
+            self.engine.driver(self.host).ping()
+        except Exception as exc:
+            log.warning("host_not_answering", host=self.host, error=f"{type(exc).__name__}: {exc}")
+            return
+        self.engine.heartbeat(self.host)
+
+    def sync(self) -> None:
+        """One sync pass over the host, stopped between chunks when the host is released."""
+        s = self.engine.settings
+        sweep_host(self.engine, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done)
+
+    def _work(self) -> None:
+        try:
+            self.engine.driver(self.host).register_event_listener(self.processor.on_event)
+        except Exception:  # the periodic pass still covers a host whose events cannot be had
+            log.exception("event_listener_failed", host=self.host)
+        _loop(self.jobs, self.done, self.clock)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the host's threads; a thread stuck in a hypervisor call is not waited for past ``timeout``."""
+        self.done.set()
+        self.processor.wake()
+        releaser = threading.Thread(target=self._unlisten, name=f"unlisten-{self.host}", daemon=True)
+        releaser.start()
+        deadline = time.monotonic() + timeout
+        for thread in [*self.threads, releaser]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("host_thread_stuck", host=self.host, thread=thread.name)
+
+    def _unlisten(self) -> None:
+        with suppress(Exception):  # the driver may be gone with the host, or the hypervisor silent
+            self.engine.driver(self.host).register_event_listener(None)
 
 
 class Daemon:
@@ -67,42 +158,27 @@ class Daemon:
         self.clock = clock
         self.stop = threading.Event()
         self.claims: dict[str, HostClaim] = {}
+        self.workers: dict[str, HostWorker] = {}
         self.jobs: list[Job] = [
             Job("recover_tasks", engine.settings.lease_seconds, engine.recover),
             Job("claim_hosts", claim_interval, self._claim_hosts),
             Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
         ]
-        self._processors: dict[str, tuple[EventProcessor, threading.Thread, threading.Event]] = {}
 
     def run(self) -> None:
-        """Run jobs until stopped; then release every host and listener."""
+        """Run the daemon-wide jobs until stopped; then release every host."""
         log.info("daemon_started", pid=os.getpid(), owner=self.engine.owner)
         try:
-            while not self.stop.is_set():
-                self._run_due()
-                wait = min(job.next_due for job in self.jobs) - self.clock()
-                if wait > 0:
-                    self.stop.wait(wait)
+            _loop(self.jobs, self.stop, self.clock)
         finally:
             self._shutdown()
             log.info("daemon_stopped", pid=os.getpid())
-
-    def _run_due(self) -> None:
-        for job in list(self.jobs):
-            if self.stop.is_set():
-                return
-            if job.next_due <= self.clock():
-                try:
-                    job.run()
-                except Exception:  # a failed job is retried at its next turn, the daemon goes on
-                    log.exception("daemon_job_failed", job=job.name)
-                job.next_due = self.clock() + job.interval
 
     def _claim_hosts(self) -> None:
         # Disabled hosts too: disabling only keeps the scheduler away; their guests still need sync.
         names = {h.name for h in self.engine.hosts()}
         for gone in [h for h in self.claims if h not in names]:
-            self._release(gone)
+            self._release(gone, reason="removed")
         for name in sorted(names):
             wanted = self.only_hosts is None or name in self.only_hosts
             if not wanted or name in self.claims:
@@ -111,51 +187,20 @@ class Daemon:
             if claim is not None:
                 self._own(name, claim)
 
-    def _release(self, host: str) -> None:
-        """Stop serving a host that was removed: its jobs, its listener, its claim."""
-        self.jobs = [job for job in self.jobs if not job.name.endswith(f":{host}")]
-        processor, thread, done = self._processors.pop(host)
-        with suppress(Exception):  # the driver went with the host
-            self.engine.driver(host).register_event_listener(None)
-        done.set()
-        processor.wake()
-        thread.join(timeout=5)
-        self.claims.pop(host).release()
-        log.info("host_released", host=host, reason="removed")
-
     def _own(self, host: str, claim: HostClaim) -> None:
         self.claims[host] = claim
-        s = self.engine.settings
-        processor = EventProcessor(self.engine, host, s.sync_policy, delay=s.stopped_event_delay)
-        done = threading.Event()  # set when this host is released or the daemon stops
-        thread = threading.Thread(target=processor.run, args=(done,), name=f"events-{host}", daemon=True)
-        thread.start()
-        self._processors[host] = (processor, thread, done)
-        try:
-            self.engine.driver(host).register_event_listener(processor.on_event)
-        except Exception:  # the periodic pass still covers a host whose events cannot be had
-            log.exception("event_listener_failed", host=host)
-        self.jobs.append(Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), lambda: self.engine.heartbeat(host)))
-        self.jobs.append(Job(f"sync:{host}", s.sync_interval, lambda: self._sync(host)))
-        self.jobs.append(
-            Job(f"image_cache:{host}", self.image_cache_interval, lambda: self.engine.clean_image_cache(host))
-        )
+        worker = HostWorker(self.engine, host, image_cache_interval=self.image_cache_interval, clock=self.clock)
+        self.workers[host] = worker
+        worker.start()
         log.info("host_claimed", host=host, pid=os.getpid())
 
-    def _sync(self, host: str) -> None:
-        s = self.engine.settings
-        sweep_host(self.engine, host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.stop)
+    def _release(self, host: str, *, reason: str) -> None:
+        """Stop serving a host: its threads, its listener, its claim."""
+        self.workers.pop(host).stop()
+        self.claims.pop(host).release()
+        log.info("host_released", host=host, reason=reason)
 
     def _shutdown(self) -> None:
         self.stop.set()
-        for host, (processor, thread, done) in self._processors.items():
-            try:
-                self.engine.driver(host).register_event_listener(None)
-            except Exception:
-                log.exception("event_listener_release_failed", host=host)
-            done.set()
-            processor.wake()
-            thread.join(timeout=5)
-        for claim in self.claims.values():
-            claim.release()
-        self.claims.clear()
+        for host in list(self.workers):
+            self._release(host, reason="stopping")

@@ -93,6 +93,7 @@ class Engine:
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
         self._factory = driver_factory or self._connect
         self._drivers: dict[str, Driver] = {}
+        self._opening: dict[str, threading.Lock] = {}
         self._images: dict[str, Image] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -247,11 +248,23 @@ class Engine:
         return self.store.history(self.get(uuid).uuid)
 
     def driver(self, host_name: str) -> Driver:
-        """Return the (cached) driver of a host."""
+        """Return the (cached) driver of a host.
+
+        Opened under a lock of that host alone: connecting to a hypervisor that
+        does not answer blocks callers for that host, never for the others.
+        """
         with self._lock:
             driver = self._drivers.get(host_name)
+            if driver is not None:
+                return driver
+            opening = self._opening.setdefault(host_name, threading.Lock())
+        with opening:
+            with self._lock:
+                driver = self._drivers.get(host_name)
             if driver is None:
-                driver = self._drivers[host_name] = self._factory(self.store.get_host(host_name))
+                driver = self._factory(self.store.get_host(host_name))
+                with self._lock:
+                    self._drivers[host_name] = driver
             return driver
 
     def get_vnc_console(self, uuid: str) -> console.ConsoleAccess:

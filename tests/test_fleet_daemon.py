@@ -1,0 +1,94 @@
+"""The daemon and a fleet: one hung or silent hypervisor delays only its own host."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from lifecycle.daemon import Daemon
+from tests.conftest import Fakes, make_engine
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``check`` until it holds or ``timeout`` passes (the daemon works on its own threads)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _beat(engine, host: str):  # type: ignore[no-untyped-def]
+    return engine.host(host).last_heartbeat
+
+
+def test_a_hung_host_does_not_stall_the_others(sqlite_url: str, fakes: Fakes) -> None:
+    """While h1's hypervisor hangs inside a call, h2 keeps heartbeating and getting sync passes."""
+    engine = make_engine(sqlite_url, fakes, sync_interval=0.05, host_down_after=3.0)
+    for host in ("h1", "h2"):
+        engine.driver(host)
+    gate = fakes["h1"].hold("list_instances")  # the first call that lists h1 hangs there
+    daemon = Daemon(engine, claim_interval=0.05)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert gate.wait_entered()
+        passes = fakes["h2"].calls.count("list_instances")
+        assert wait_for(lambda: fakes["h2"].calls.count("list_instances") >= passes + 3)
+        first = _beat(engine, "h2")
+        assert wait_for(lambda: _beat(engine, "h2") != first, timeout=5)
+    finally:
+        gate.release()
+        daemon.stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    engine.close()
+
+
+def test_a_silent_host_stops_heartbeating_and_comes_back(sqlite_url: str, fakes: Fakes) -> None:
+    """A host whose hypervisor does not answer gets no heartbeat (down for the scheduler) until it answers again."""
+    engine = make_engine(sqlite_url, fakes, sync_interval=0.05, host_down_after=3.0)
+    for host in ("h1", "h2"):
+        engine.driver(host)
+    fakes["h1"].unreachable = True
+    daemon = Daemon(engine, claim_interval=0.05)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: _beat(engine, "h2") is not None)
+        assert _beat(engine, "h1") is None
+        fakes["h1"].unreachable = False
+        assert wait_for(lambda: _beat(engine, "h1") is not None, timeout=5)
+    finally:
+        daemon.stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    engine.close()
+
+
+def test_opening_one_hosts_driver_does_not_block_another(sqlite_url: str, fakes: Fakes) -> None:
+    """A driver factory stuck connecting to h1 leaves engine.driver('h2') free."""
+    entered, release = threading.Event(), threading.Event()
+    base = fakes.factory
+
+    def slow(host):  # type: ignore[no-untyped-def]
+        if host.name == "h1":
+            entered.set()
+            release.wait(10)
+        return base(host)
+
+    engine = make_engine(sqlite_url, fakes)
+    engine._factory = slow
+    opener = threading.Thread(target=engine.driver, args=("h1",))
+    opener.start()
+    try:
+        assert entered.wait(5)
+        done = threading.Event()
+        threading.Thread(target=lambda: (engine.driver("h2"), done.set()), daemon=True).start()
+        assert done.wait(2), "opening h2 waited for h1"
+    finally:
+        release.set()
+        opener.join(10)
+    engine.close()
