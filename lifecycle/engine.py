@@ -666,7 +666,7 @@ class Engine:
                 self.active_tasks.discard(run.task.id)
 
     def _prepare_move(self, run: TaskRun) -> None:
-        if run.task.operation not in ("resize", "migrate"):
+        if not graph.operation(run.task.operation).moves:
             return
         flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
         run.schedule = scheduler_for(

@@ -52,8 +52,6 @@ V, T = VmState, TaskState
 class Result(enum.StrEnum):
     """How an operation's final vm_state is chosen when it is not a fixed state."""
 
-    SAME = "same"
-    """Keep the vm_state the operation started from."""
     PREVIOUS = "previous"
     """The vm_state recorded before the move began (revert_resize)."""
     BY_POWER = "by_power"
@@ -93,6 +91,17 @@ _ALLOW_HARD_REBOOT_TASKS: frozenset[TaskState | None] = frozenset(
 )
 
 
+def _resolve(result: VmState | Result, start: VmState, power: PowerState, previous: VmState | None) -> VmState:
+    """Return the vm_state a success ends in: the one place a ``Result`` is given meaning."""
+    if isinstance(result, VmState):
+        return result
+    if result is Result.BY_POWER:
+        return V.ACTIVE if power is PowerState.RUNNING else V.STOPPED
+    if result is Result.PREVIOUS:
+        return previous if previous in (V.ACTIVE, V.STOPPED) else V.ACTIVE
+    return V.ACTIVE if start is V.ERROR else start  # Result.REBUILT
+
+
 @dataclass(frozen=True, slots=True)
 class Operation:
     """One row of the operations table."""
@@ -109,6 +118,10 @@ class Operation:
     """The operation brings the instance into existence (no vm_state guard)."""
     reschedules: bool = False
     """A failure in the last step may go back to the first one on another host (create)."""
+    moves: bool = False
+    """The operation moves the instance to another host (resize, migrate): it is scheduled first."""
+    move_family: bool = False
+    """The operation belongs to a move (moving, confirming or reverting it): the source keeps a disk."""
     note: str = ""
     """Where and why this row differs from Nova."""
     preempts: frozenset[TaskState] = field(init=False)
@@ -116,18 +129,15 @@ class Operation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "preempts", frozenset(t for t in self.allowed_task_states if t is not None))
 
-    def result_states(self) -> frozenset[VmState]:
-        """Every vm_state a success of this operation can end in."""
-        if isinstance(self.result, VmState):
-            return frozenset({self.result})
-        if self.result is Result.BY_POWER:
-            return frozenset({V.ACTIVE, V.STOPPED})
-        if self.result is Result.PREVIOUS:
-            return frozenset({V.ACTIVE, V.STOPPED})
-        sources = self.allowed_vm_states
-        if self.result is Result.REBUILT:
-            return frozenset(V.ACTIVE if s is V.ERROR else s for s in sources)
-        return sources
+    def result_states(self, source: VmState | None = None) -> frozenset[VmState]:
+        """Every vm_state a success of this operation can end in (from ``source``, or from any source)."""
+        sources = [source] if source is not None else [V.BUILDING] if self.creates else self.allowed_vm_states
+        return frozenset(
+            _resolve(self.result, start, power, previous)
+            for start in sources
+            for power in PowerState
+            for previous in (None, *VmState)
+        )
 
     def failure_states(self, source: VmState) -> frozenset[VmState]:
         """Every vm_state a failure of this operation started from ``source`` can end in."""
@@ -191,17 +201,18 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("resume", frozenset({V.SUSPENDED}), (T.RESUMING,), V.ACTIVE, PowerState.RUNNING),
     Operation("rescue", frozenset({V.ACTIVE, V.STOPPED, V.ERROR}), (T.RESCUING,), V.RESCUED, PowerState.RUNNING),
     Operation("unrescue", frozenset({V.RESCUED}), (T.UNRESCUING,), V.ACTIVE, PowerState.RUNNING),
-    Operation("resize", _MOVE_FROM, _RESIZE_WALK, V.RESIZED),
-    Operation("migrate", _MOVE_FROM, _RESIZE_WALK, V.RESIZED),
+    Operation("resize", _MOVE_FROM, _RESIZE_WALK, V.RESIZED, moves=True, move_family=True),
+    Operation("migrate", _MOVE_FROM, _RESIZE_WALK, V.RESIZED, moves=True, move_family=True),
     Operation(
         "confirm_resize",
         frozenset({V.RESIZED}),
         (T.RESIZE_CONFIRMING,),
         Result.BY_POWER,
+        move_family=True,
         note="Nova defines resize_confirming but never sets it and tracks confirm only on the "
         "migration record; here confirm is a task like any other, so it is visible and recoverable.",
     ),
-    Operation("revert_resize", frozenset({V.RESIZED}), (T.RESIZE_REVERTING,), Result.PREVIOUS),
+    Operation("revert_resize", frozenset({V.RESIZED}), (T.RESIZE_REVERTING,), Result.PREVIOUS, move_family=True),
     Operation(
         "rebuild",
         frozenset({V.ACTIVE, V.STOPPED, V.ERROR}),
@@ -242,7 +253,7 @@ OPERATIONS: tuple[Operation, ...] = (
 
 _BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 
-MOVE_OPERATIONS = ("resize", "migrate", "confirm_resize", "revert_resize")
+MOVE_OPERATIONS = tuple(op.name for op in OPERATIONS if op.move_family)
 MOVE_TASK_STATES: frozenset[TaskState] = frozenset(t for name in MOVE_OPERATIONS for t in _BY_NAME[name].walk)
 """Task states during which an instance's move is open (its source keeps ``<uuid>_resize``)."""
 
@@ -284,21 +295,13 @@ def _vm_machine() -> Machine:
     for op in OPERATIONS:
         sources = [_NEW_NAME] if op.creates else sorted(s.value for s in op.allowed_vm_states)
         for source in sources:
-            ends = op.result_states() if op.creates else _success_ends(op, VmState(source))
+            ends = op.result_states() if op.creates else op.result_states(VmState(source))
             for dest in sorted(ends):
                 machine.add_transition(op.name, source, dest.value, conditions=[_dest_is(dest.value)])
             fail_from = V.BUILDING if op.creates else VmState(source)
             for dest in sorted(op.failure_states(fail_from)):
                 machine.add_transition(f"{op.name}.fail", source, dest.value, conditions=[_dest_is(dest.value)])
     return machine
-
-
-def _success_ends(op: Operation, source: VmState) -> frozenset[VmState]:
-    if op.result is Result.SAME:
-        return frozenset({source})
-    if op.result is Result.REBUILT:
-        return frozenset({V.ACTIVE if source is V.ERROR else source})
-    return op.result_states()
 
 
 def _task_machine() -> Machine:
@@ -399,24 +402,12 @@ def end_vm_state(
     """
     op = operation(name)
     start = source if source is not None else V.BUILDING
-    dest = _success_dest(op, start, power, previous) if succeeded else _failure_dest(op, start, power, before_power)
+    dest = _resolve(op.result, start, power, previous) if succeeded else _failure_dest(op, start, power, before_power)
     cursor = _Cursor(_NEW_NAME if source is None else source.value, "")
     event = name if succeeded else f"{name}.fail"
     if not _fire(VM_MACHINE, event, cursor, dest=dest.value):
         raise AssertionError(f"{event} from {cursor.vm_state} to {dest.value} is not in the graph")
     return dest
-
-
-def _success_dest(op: Operation, start: VmState, power: PowerState, previous: VmState | None) -> VmState:
-    if isinstance(op.result, VmState):
-        return op.result
-    if op.result is Result.BY_POWER:
-        return V.ACTIVE if power is PowerState.RUNNING else V.STOPPED
-    if op.result is Result.PREVIOUS:
-        return previous if previous in (V.ACTIVE, V.STOPPED) else V.ACTIVE
-    if op.result is Result.REBUILT:
-        return V.ACTIVE if start is V.ERROR else start
-    return start
 
 
 def _failure_dest(op: Operation, start: VmState, power: PowerState, before_power: PowerState | None) -> VmState:
@@ -508,7 +499,7 @@ def to_mermaid() -> str:
         sources = ["[*]"] if op.creates else sorted(s.value for s in op.allowed_vm_states)
         for source in sources:
             start = V.BUILDING if op.creates else VmState(source)
-            for dest in sorted(_success_ends(op, start) if not op.creates else op.result_states()):
+            for dest in sorted(op.result_states(None if op.creates else start)):
                 edges.setdefault((source, dest.value), []).append(op.name)
     for (left, right), ops in sorted(edges.items()):
         lines.append(f"    {_node(left)} --> {_node(right)}: {', '.join(ops)}")

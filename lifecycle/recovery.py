@@ -144,7 +144,7 @@ def _recover(engine: Engine, task: Task) -> Recovered:
 
 def _roll_back(run: TaskRun, reason: str) -> None:
     migration = run.store.open_migration(run.instance.uuid)
-    if run.task.operation in ("resize", "migrate") and migration is not None:
+    if graph.operation(run.task.operation).moves and migration is not None:
         move.revert_on_source(run, migration)
     if run.task.operation == "create":
         run.store.release_claims(run.instance.uuid)
