@@ -173,21 +173,31 @@ class TaskRun:
         """Whether a resumed run finds ``state`` already behind it (its work was done before the crash)."""
         return self._written > self._walk_index(state)
 
-    def advance(self, message: str | None = None, **fields: Any) -> None:
-        """Move to the next task_state of the walk (a CAS under this task's id), writing ``fields``.
+    def advance(self, state: TaskState, message: str | None = None, **fields: Any) -> None:
+        """Enter ``state``, the next task_state of the walk (a CAS under this task's id), writing ``fields``.
 
-        A resumed run passes over the task_states written before the crash
+        Naming the state makes each step read as what it writes; naming one
+        that is not next in the table's walk is a programming error. A
+        resumed run passes over the task_states written before the crash
         without writing them again.
         """
+        walk = graph.operation(self.task.operation).walk
+        expected = walk[self._position + 1] if self._position + 1 < len(walk) else None
+        if state is not expected:
+            raise AssertionError(f"{self.task.operation} enters {expected} next, not {state}")
         self._position += 1
         if self._position <= self._written:
             return
-        current = self.instance.task_state
-        assert current is not None
-        nxt = graph.next_task_state(self.task.operation, current)
-        assert nxt is not None, f"{current} is the last step of {self.task.operation}"
-        self._step(nxt, message, fields)
+        self._step(state, message, fields)
         self._written = self._position
+
+    def power_off(self, timeout: float | None = None) -> None:
+        """Shut the guest down cleanly within ``timeout`` (default ``shutdown_timeout``), then hard."""
+        self.driver.power_off(
+            self.instance.uuid,
+            timeout=self.settings.shutdown_timeout if timeout is None else timeout,
+            retry_interval=self.settings.shutdown_retry_interval,
+        )
 
     def retry(self, message: str, **fields: Any) -> None:
         """Go back to the first step of the walk (a reschedule), recording why."""

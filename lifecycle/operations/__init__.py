@@ -2,7 +2,7 @@
 
 ``STEPS`` maps an operation name from the graph to the function that walks it.
 Each function is called after the task's first task_state is written and
-before its end state is; it calls ``run.advance()`` to enter each further
+before its end state is; it calls ``run.advance(TaskState.X)`` to enter each further
 task_state of the walk and does the driver work of each step.
 """
 

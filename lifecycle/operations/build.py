@@ -52,9 +52,9 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
             claimed.append(host)
             run.touched.add(host)
         assert host is not None
-        run.advance(f"scheduled to {host} (attempt {attempt} of {attempts})", host=host)  # networking
-        run.advance()  # block_device_mapping: the root disk is made by spawn
-        run.advance()  # spawning
+        run.advance(TaskState.NETWORKING, f"scheduled to {host} (attempt {attempt} of {attempts})", host=host)
+        run.advance(TaskState.BLOCK_DEVICE_MAPPING)  # the root disk is made by spawn
+        run.advance(TaskState.SPAWNING)
         try:
             run.driver.spawn(run.spec, power_on=True)
         except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's

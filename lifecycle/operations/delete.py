@@ -54,9 +54,7 @@ def _power_off(run: TaskRun) -> None:
     if run.driver.list_instances().owned.get(uuid) not in (None, PowerState.SHUTDOWN):
         # Gone meanwhile (a preempted worker destroying what it made, an operator) is what a delete wants.
         with contextlib.suppress(DomainNotFound):
-            run.driver.power_off(
-                uuid, timeout=run.settings.shutdown_timeout, retry_interval=run.settings.shutdown_retry_interval
-            )
+            run.power_off()
 
 
 def _host_down(run: TaskRun, host: str) -> bool:
@@ -110,9 +108,7 @@ def soft_delete(run: TaskRun) -> None:
     kinds of delete: a restore brings the guest back where it now lives.
     """
     _confirm_open_move(run)
-    run.driver.power_off(
-        run.instance.uuid, timeout=run.settings.shutdown_timeout, retry_interval=run.settings.shutdown_retry_interval
-    )
+    run.power_off()
 
 
 def restore(run: TaskRun) -> None:

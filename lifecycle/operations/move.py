@@ -47,11 +47,11 @@ def move(run: TaskRun) -> None:
         migration = _prepare(run)
     assert migration.dest_host is not None
     run.touched.add(migration.dest_host)  # a delete taking the move over must clean the destination too
-    run.advance()  # resize_migrating
+    run.advance(T.RESIZE_MIGRATING)
     source_disk = _leave_source(run, migration)
-    run.advance(f"moved to {migration.dest_host}", host=migration.dest_host)  # resize_migrated
+    run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host)
     store.update_migration(migration.id, status="post-migrating")
-    run.advance()  # resize_finish
+    run.advance(T.RESIZE_FINISH)
     run.driver.finish_migration(_spec(run, migration.new_flavor), source_disk, power_on=_power_on(migration))
     run.fields["flavor"] = migration.new_flavor
     run.fields["previous_vm_state"] = migration.previous_vm_state

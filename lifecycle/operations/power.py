@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from drivers.base import RebootType
+from lifecycle.states import TaskState
 from lifecycle.tasks import Steps, TaskRun
 
 __all__ = ["STEPS"]
@@ -15,14 +16,13 @@ def start(run: TaskRun) -> None:
 
 def stop(run: TaskRun) -> None:
     """Shut the guest down cleanly within the timeout, else destroy it (disk kept)."""
-    timeout = run.params.get("timeout", run.settings.shutdown_timeout)
-    run.driver.power_off(run.instance.uuid, timeout=timeout, retry_interval=run.settings.shutdown_retry_interval)
+    run.power_off(run.params.get("timeout"))
 
 
 def reboot(run: TaskRun) -> None:
     """Soft reboot: rebooting -> reboot_pending -> reboot_started, then through the guest."""
-    run.advance()
-    run.advance()
+    run.advance(TaskState.REBOOT_PENDING)
+    run.advance(TaskState.REBOOT_STARTED)
     run.driver.reboot(run.spec, RebootType.SOFT)
 
 
@@ -32,8 +32,8 @@ def reboot_hard(run: TaskRun) -> None:
     Over a pause or suspend still in flight, the reset waits for that call to
     end first (:mod:`lifecycle.preemption`), so that it lands last.
     """
-    run.advance()
-    run.advance()
+    run.advance(TaskState.REBOOT_PENDING_HARD)
+    run.advance(TaskState.REBOOT_STARTED_HARD)
     run.wait_for_preempted()
     run.driver.reboot(run.spec, RebootType.HARD)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lifecycle.states import VmState
+from lifecycle.states import TaskState, VmState
 from lifecycle.tasks import Steps, TaskRun
 
 __all__ = ["STEPS"]
@@ -17,13 +17,13 @@ def rebuild(run: TaskRun) -> None:
     repeat-safe (an existing domain is left as it is). A stopped instance is
     powered off again afterwards so it ends stopped.
     """
-    run.advance()  # rebuild_block_device_mapping: the new overlay is made by the driver
-    run.advance()  # rebuild_spawning
+    run.advance(TaskState.REBUILD_BLOCK_DEVICE_MAPPING)  # the new overlay is made by the driver
+    run.advance(TaskState.REBUILD_SPAWNING)
     run.once("old_disk_destroyed", lambda: run.driver.destroy(run.instance.uuid, destroy_disks=True))
     run.driver.spawn(run.spec, power_on=True)
     run.fields["image"] = run.image.name
     if run.source_vm_state is VmState.STOPPED:
-        run.driver.power_off(run.instance.uuid, timeout=0, retry_interval=0)
+        run.power_off(timeout=0)
 
 
 STEPS: dict[str, Steps] = {"rebuild": rebuild}
