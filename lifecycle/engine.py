@@ -10,12 +10,9 @@ on the engine's executor.
 from __future__ import annotations
 
 import builtins
-import json
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -25,27 +22,23 @@ from drivers.base import Driver
 from lifecycle import console, graph, validation
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
-from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
-from lifecycle.operations import STEPS
+from lifecycle.errors import InvalidInput
 from lifecycle.placement import scheduler_for
-from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
+from lifecycle.records import Cause, Flavor, Host, Image, Instance, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.resize_window import WindowResult, poll_unconfirmed_resizes
+from lifecycle.runner import Runner, check_call
 from lifecycle.states import PowerState, VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
 from lifecycle.store.db import now
 from lifecycle.sweep import PassSummary, sweep_host
-from lifecycle.tasks import TaskRun, execute
+from lifecycle.tasks import TaskRun
 
 __all__ = ["Engine"]
 
 log = structlog.get_logger(__name__)
 
 DriverFactory = Callable[[Host], Driver]
-
-# An instance with no host has no guest to act on: only these remove it (a database-only delete).
-_HOSTLESS_OPERATIONS = frozenset({"delete", "force_delete"})
-
 
 def _labels(kind: str, value: object) -> dict[str, str]:
     """Validate a mapping of names to short strings (capabilities, image properties)."""
@@ -94,21 +87,13 @@ class Engine:
         self._factory = driver_factory or self._connect
         self._drivers: dict[str, Driver] = {}
         self._opening: dict[str, threading.Lock] = {}
-        self._images: dict[str, Image] = {}
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
-        self.active_tasks: set[str] = set()
-        """Ids of the tasks a worker of this engine is running now: only their leases are renewed."""
+        self.runner = Runner(self.store, self.settings, self.driver, self.owner)
+        """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases)."""
 
     def close(self) -> None:
         """Wait for background tasks, stop the heartbeat, close drivers and the database."""
-        self._stop.set()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        if self._heartbeat is not None:
-            self._heartbeat.join()
+        self.runner.close()
         for driver in self._drivers.values():
             driver.close()
         self.store.close()
@@ -287,25 +272,20 @@ class Engine:
         The old worker, if it lives after all, is fenced: it stops before its
         next driver call, though a call already in flight still lands.
         """
-        return recover_tasks(self, force=force)
+        return recover_tasks(self.runner, force=force)
 
     def waiting_for_lease(self) -> builtins.list[Task]:
         """Return the running tasks ``recover`` leaves alone because their lease is still live."""
         return self.store.live_tasks()
 
-    def resume_run(self, task: Task, instance: Instance) -> TaskRun:
-        """Build the worker for a task recovery resumes (internal to recovery)."""
-        image = self._image(task.params.get("image") or instance.image)
-        source = None if task.operation == "create" else instance.vm_state
-        run = TaskRun(self.store, self.driver, self.settings, instance, task, image, source)
-        run.resume_from(self.store.steps(task.id))
-        self._prepare_move(run)
-        return run
+    @property
+    def active_tasks(self) -> set[str]:
+        """Ids of the tasks this engine's workers are running now."""
+        return self.runner.active
 
-    def execute(self, run: TaskRun) -> Task:
-        """Run a prepared task in this thread (internal to recovery)."""
-        self._ensure_heartbeat()
-        return self._work(run)
+    def wait_idle(self) -> None:
+        """Block until every task this engine started with ``wait=False`` has ended."""
+        self.runner.wait_idle()
 
     def sync(self, host: str | None = None) -> builtins.list[PassSummary]:
         """Run one power-sync pass over ``host`` (default: every host, disabled ones too).
@@ -365,17 +345,17 @@ class Engine:
         validation.name("instance", name)
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        _check_call(request_id, None, actor)
+        check_call(request_id, None, actor)
         requested = None if host is None else self.store.get_host(validation.name("host", host)).name
         availability_zone = _optional_name("availability zone", availability_zone)
-        image_row = self._image(image)
+        image_row = self.runner.image(image)
         if flavor.root_gb < image_row.min_disk_gb:
             raise InvalidInput(
                 f"flavor disk {flavor.root_gb} GiB is smaller than image {image}'s minimum {image_row.min_disk_gb} GiB"
             )
         instance_uuid = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
         first = graph.begin("create", instance_uuid, None, None)
-        task = self._new_task(instance_uuid, "create", {}, request_id, None, actor, Cause.API)
+        task = self.runner.new_task(instance_uuid, "create", {}, request_id, None, actor, Cause.API)
         at = task.started_at
         instance = Instance(
             uuid=instance_uuid,
@@ -407,7 +387,7 @@ class Engine:
             availability_zone=availability_zone,
         )
         run.attempts = 1 if requested is not None else self.settings.scheduler.max_attempts
-        return self._launch(run, wait)
+        return self.runner.launch(run, wait)
 
     def start(self, uuid: str, **kw: Any) -> Task:
         """Power a stopped instance on."""
@@ -516,168 +496,23 @@ class Engine:
     ) -> Task:
         """Run ``operation`` on an existing instance; see the module docstring.
 
-        With ``idempotency_key``, a second call with the same key for the same
-        instance returns the task the first call started.
+        With ``idempotency_key``, a repeat of the same call (same operation,
+        instance and arguments) returns the task the first call started, or
+        raises its :class:`TaskFailed` again; the key reused for another call
+        raises :class:`IdempotencyMismatch`.
         """
-        if not isinstance(operation, str) or operation not in STEPS:
-            known = ", ".join(sorted(STEPS))
-            raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
-        if not isinstance(cause, Cause) or not isinstance(wait, bool):
-            raise InvalidInput(f"cause must be a Cause and wait a bool, got {cause!r} and {wait!r}")
-        if params is not None and not isinstance(params, dict):
-            raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
-        _check_call(request_id, idempotency_key, actor)
-        uuid = validation.uuid(uuid)
-        params = dict(params or {})
-        image_name = params.get("image")
-        if image_name is not None:
-            self._image(image_name)
-        op = graph.operation(operation)
-        for attempt in range(self.settings.preempt_retries + 1):
-            instance = self.store.get_instance(uuid)
-            if idempotency_key is not None:
-                replayed = self._replay(idempotency_key, operation, uuid, params)
-                if replayed is not None:
-                    return replayed
-            first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
-            if instance.host is None and operation not in _HOSTLESS_OPERATIONS:
-                raise InvalidState(
-                    operation,
-                    uuid,
-                    instance.vm_state,
-                    instance.task_state,
-                    op.allowed_vm_states,
-                    op.allowed_task_states,
-                    reason="the instance has no host (it was never built, or its host was removed):"
-                    " only delete and force_delete are possible",
-                )
-            preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
-            task = self._new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
-            why = Why(
-                actor=actor,
-                cause=cause,
-                operation=operation,
-                task_id=task.id,
-                request_id=task.request_id,
-                rule=params.get("rule"),
-                message=None if preempt is None else f"preempts {preempt.operation} task {preempt.id}",
-            )
-            try:
-                after = self.store.begin(instance, task, first, why, preempt)
-            except Conflict:
-                if idempotency_key is not None:
-                    replayed = self._replay(idempotency_key, operation, uuid, params)
-                    if replayed is not None:
-                        return replayed
-                if not op.preempts or attempt == self.settings.preempt_retries:
-                    raise
-                continue
-            if preempt is not None:
-                log.info(
-                    "task_preempted_by",
-                    instance_uuid=uuid,
-                    task_id=task.id,
-                    request_id=task.request_id,
-                    preempted_task_id=preempt.id,
-                    operation=operation,
-                )
-            image = self._image(image_name or instance.image)
-            run = TaskRun(self.store, self.driver, self.settings, after, task, image, instance.vm_state)
-            run.preempted = preempt
-            self._prepare_move(run)
-            return self._launch(run, wait)
-        raise AssertionError("unreachable")
-
-    def _replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
-        """Return the task an earlier call with ``key`` started, as that call ended.
-
-        A key names one call: reusing it for another operation, instance or
-        arguments is refused, never silently answered with the first call's
-        task. A replayed failure raises :class:`TaskFailed` as the first call did.
-        """
-        existing = self.store.task_by_key(key)
-        if existing is None:
-            return None
-        same = (existing.operation, existing.instance_uuid, _canonical(existing.params)) == (
+        return self.runner.start(
             operation,
             uuid,
-            _canonical(params),
-        )
-        if not same:
-            raise IdempotencyMismatch(key, existing, operation, uuid)
-        if existing.outcome is Outcome.FAILED:
-            raise TaskFailed(existing, existing.error or "failed")
-        return existing
-
-    # -- machinery -------------------------------------------------------------------
-
-    def _new_task(
-        self,
-        uuid: str,
-        operation: str,
-        params: dict[str, Any],
-        request_id: str | None,
-        key: str | None,
-        actor: str,
-        cause: Cause,
-    ) -> Task:
-        at = now()
-        return Task(
-            id=str(uuidlib.uuid4()),
-            instance_uuid=uuid,
-            operation=operation,
-            request_id=request_id or f"req-{uuidlib.uuid4()}",
-            idempotency_key=key,
+            params=params,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
             actor=actor,
             cause=cause,
-            params=params,
-            outcome=Outcome.RUNNING,
-            preempted_by=None,
-            owner=self.owner,
-            lease_expires_at=at + self.store.lease,
-            started_at=at,
-            finished_at=None,
-            error=None,
-            traceback=None,
+            wait=wait,
         )
 
-    def _launch(self, run: TaskRun, wait: bool) -> Task:
-        self._ensure_heartbeat()
-        if wait:
-            return self._work(run)
-        with self._lock:
-            self.active_tasks.add(run.task.id)  # before the submit: the task is ours from now on
-        future = self._pool().submit(self._work, run)
-        future.add_done_callback(_log_background_failure)
-        return replace(run.task)
-
-    def _work(self, run: TaskRun) -> Task:
-        """Run a task's steps; its lease is renewed exactly while this runs.
-
-        Should the worker die without ending the task (the database gone at
-        the last write), the lease then runs out and recovery finishes it.
-        """
-        with self._lock:
-            self.active_tasks.add(run.task.id)
-        try:
-            return execute(run, STEPS[run.task.operation])
-        finally:
-            with self._lock:
-                self.active_tasks.discard(run.task.id)
-
-    def _prepare_move(self, run: TaskRun) -> None:
-        if not graph.operation(run.task.operation).moves:
-            return
-        flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
-        run.schedule = scheduler_for(
-            self.store,
-            self.settings,
-            run.instance.uuid,
-            flavor,
-            run.image,
-            requested_host=run.params.get("host"),
-            availability_zone=None,
-        )
+    # -- machinery -------------------------------------------------------------------
 
     def _connect(self, host: Host) -> Driver:
         s = self.settings
@@ -689,49 +524,3 @@ class Engine:
             vnc_listen=s.vnc_listen,
             soft_reboot_seconds=s.soft_reboot_seconds,
         )
-
-    def _image(self, name: str) -> Image:
-        # Image rows are never updated (no API changes one), so caching is safe.
-        image = self._images.get(name)
-        if image is None:
-            image = self._images[name] = self.store.get_image(name)
-        return image
-
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="lifecycle-task")
-            return self._executor
-
-    def _ensure_heartbeat(self) -> None:
-        with self._lock:
-            if self._heartbeat is None:
-                self._heartbeat = threading.Thread(target=self._renew_leases, name="lifecycle-heartbeat", daemon=True)
-                self._heartbeat.start()
-
-    def _renew_leases(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_seconds):
-            with self._lock:
-                active = builtins.list(self.active_tasks)
-            try:
-                self.store.renew_leases(self.owner, active)
-            except Exception:  # one failed renewal must not end the heartbeat
-                log.exception("lease_renewal_failed")
-
-
-def _check_call(request_id: object, key: object, actor: object) -> None:
-    """Refuse request ids, idempotency keys and actors that are not short printable strings."""
-    for kind, value in (("request id", request_id), ("idempotency key", key)):
-        if value is not None:
-            validation.name(kind, value)
-    validation.name("actor", actor)
-
-
-def _canonical(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def _log_background_failure(future: Future[Task]) -> None:
-    exc = future.exception()
-    if exc is not None and not isinstance(exc, InvalidState):
-        log.info("background_task_ended", error=str(exc), error_type=type(exc).__name__)

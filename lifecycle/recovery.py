@@ -29,7 +29,7 @@ from lifecycle.records import Task
 from lifecycle.states import TaskState
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.runner import Runner
     from lifecycle.tasks import TaskRun
 
 __all__ = ["Plan", "Recovered", "RecoveryRollBack", "Verdict", "plan", "recover_tasks"]
@@ -94,15 +94,16 @@ class Recovered:
     reason: str
 
 
-def recover_tasks(engine: Engine, *, force: bool = False) -> list[Recovered]:
+def recover_tasks(runner: Runner, *, force: bool = False) -> list[Recovered]:
     """Take over and finish every recoverable task; return what became of each."""
     results = []
-    for task in engine.store.recoverable_tasks(engine.owner, force=force):
-        if task.id in engine.active_tasks or not engine.store.take_over(task.id, engine.owner, force=force):
+    store = runner.store
+    for task in store.recoverable_tasks(runner.owner, force=force):
+        if task.id in runner.active or not store.take_over(task.id, runner.owner, force=force):
             continue  # this engine is running it right now, or another engine got it first
         with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):
             try:
-                result = _recover(engine, engine.store.get_task(task.id))
+                result = _recover(runner, store.get_task(task.id))
             except Exception as exc:  # one task that cannot be recovered must not keep the others stuck
                 log.exception("task_recovery_failed", operation=task.operation)
                 result = Recovered(
@@ -118,21 +119,22 @@ def vars_of(recovered: Recovered) -> dict[str, str | None]:
     return {name: getattr(recovered, name) for name in Recovered.__slots__}
 
 
-def _recover(engine: Engine, task: Task) -> Recovered:
-    instance = engine.store.get_instance(task.instance_uuid)
+def _recover(runner: Runner, task: Task) -> Recovered:
+    instance = runner.store.get_instance(task.instance_uuid)
     state = None if instance.task_state is None else instance.task_state.value
     if instance.task_id != task.id or instance.task_state is None:
         reason = "the instance no longer belongs to this task"
-        engine.store.end_orphan(task, reason)
+        runner.store.end_orphan(task, reason)
         return Recovered(task.id, task.instance_uuid, task.operation, state, "close", "failed", reason)
     verdict = plan(task.operation, instance.task_state)
-    run = engine.resume_run(task, instance)
+    run = runner.resume(task, instance)
     try:
         if verdict.plan is Plan.ROLL_BACK:
             _roll_back(run, verdict.reason)
             outcome = "rolled_back"
         else:
-            engine.execute(run)
+            runner.ensure_heartbeat()
+            runner.work(run)
             outcome = "succeeded"
     except TaskFailed as exc:
         outcome = "failed" if verdict.plan is Plan.RESUME else "rolled_back"

@@ -191,7 +191,6 @@ def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
     for gate_host in ("h1", "h2"):
         fakes[gate_host]._faults.clear()
     del fakes["broken"]
-    first._stop.set()
     second.close()
 
 
@@ -223,7 +222,6 @@ def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
     assert (results[uuids[0]].outcome, results[uuids[0]].reason) == ("error", "RuntimeError: database hiccup")
     assert results[uuids[1]].outcome == "succeeded"
     fakes["h1"]._faults.clear()
-    first._stop.set()
     second.close()
 
 
@@ -235,7 +233,7 @@ def test_recover_does_not_take_over_a_task_its_own_engine_runs(engine: Engine, f
     assert gate.wait_entered()
     assert engine.recover() == []
     gate.release()
-    engine._pool().shutdown(wait=True)
+    engine.wait_idle()
     assert engine.task(task.id).outcome is Outcome.SUCCEEDED and engine.get(uuid).vm_state is V.PAUSED
 
 
@@ -248,7 +246,7 @@ def test_only_live_workers_have_their_lease_renewed(engine: Engine, fakes: Fakes
     assert engine.store.renew_leases(engine.owner, sorted(engine.active_tasks)) == 1
     assert engine.store.renew_leases(engine.owner, []) == 0
     gate.release()
-    engine._pool().shutdown(wait=True)
+    engine.wait_idle()
     assert engine.active_tasks == set() and engine.task(live.id).outcome is Outcome.SUCCEEDED
 
 
@@ -390,7 +388,7 @@ def test_create_preempted_by_delete_keeps_no_claim_and_no_domain(engine: Engine,
     assert gate.wait_entered()
     engine.delete(task.instance_uuid)
     gate.release()
-    engine._pool().shutdown(wait=True)
+    engine.wait_idle()
     uuid = task.instance_uuid
     assert engine.get(uuid).vm_state is V.DELETED and engine.store.claims_of(uuid) == []
     assert not fakes["h1"].domain_exists(uuid)

@@ -250,7 +250,7 @@ def test_background_task_runs_on_the_executor(engine: Engine, fakes: Fakes, new_
     assert gate.wait_entered()
     assert engine.get(uuid).task_state is TaskState.PAUSING
     gate.release()
-    engine._pool().shutdown(wait=True)
+    engine.wait_idle()
     assert engine.task(task.id).outcome is Outcome.SUCCEEDED
     assert engine.get(uuid).vm_state is V.PAUSED
 

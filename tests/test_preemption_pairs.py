@@ -96,7 +96,7 @@ def _calls_of(tmp_path: Path, op: str) -> list[tuple[str, str]]:
     uuid = _prepared(engine, op)
     marks = {h: len(f.calls) for h, f in fakes.items()}
     _start(engine, op, uuid)
-    engine._pool().shutdown(wait=True)
+    engine.wait_idle()
     seen: list[tuple[str, str]] = []
     for host, fake in sorted(fakes.items()):
         for call in fake.calls[marks[host] :]:
@@ -148,7 +148,7 @@ def test_preemption_pair_leaves_hypervisor_and_database_agreeing(
         except InvalidState:
             took = None  # the guard refuses in this task_state: the victim simply finishes
         gate.release()
-        engine._pool().shutdown(wait=True)
+        engine.wait_idle()
         where = f"{preemptor} over {victim} held in {call} on {host}"
         if took is not None:
             assert engine.task(took.id).outcome is Outcome.SUCCEEDED, where

@@ -196,7 +196,7 @@ def test_a_live_lease_is_left_alone(sqlite_url: str, fakes: Fakes) -> None:
     other = make_engine(sqlite_url, fakes)
     assert other.recover() == []
     gate.release()
-    first._pool().shutdown(wait=True)
+    first.wait_idle()
     assert first.get(uuid).vm_state is V.PAUSED
     first.close()
     other.close()

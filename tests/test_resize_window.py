@@ -89,5 +89,5 @@ def test_an_instance_being_deleted_is_skipped(moved: tuple[Engine, str], fakes: 
         assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["skipped"]
     finally:
         gate.release()
-        engine._pool().shutdown(wait=True)
+        engine.wait_idle()
     assert engine.get(uuid).vm_state is VmState.DELETED and fakes["a"].kept_disks() == []

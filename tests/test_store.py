@@ -60,9 +60,9 @@ def test_one_running_task_per_instance_is_enforced_by_the_database(
     """Two task rows running on one instance violate a unique index, surfacing as Conflict."""
     uuid = new_instance()
     instance = engine.get(uuid)
-    t1 = engine._new_task(uuid, "stop", {}, None, None, "a", Cause.API)
+    t1 = engine.runner.new_task(uuid, "stop", {}, None, None, "a", Cause.API)
     engine.store.begin(instance, t1, TaskState.POWERING_OFF, Why("a", Cause.API), None)
-    t2 = engine._new_task(uuid, "pause", {}, None, None, "b", Cause.API)
+    t2 = engine.runner.new_task(uuid, "pause", {}, None, None, "b", Cause.API)
     with pytest.raises(Conflict):
         engine.store.begin(engine.get(uuid), t2, TaskState.PAUSING, Why("b", Cause.API), None)
     engine.force_delete(uuid)

@@ -123,7 +123,7 @@ def test_instance_with_a_task_is_skipped(engine: Engine, fakes: Fakes, new_insta
     fakes["h1"]._domains[uuid].power = int(P.CRASHED)  # drift while the task runs
     summary = _sync(engine)
     gate.release()
-    engine._pool().shutdown(wait=True)
+    engine.wait_idle()
     assert summary.skipped == 1 and engine.get(uuid).vm_state is V.STOPPED
 
 

@@ -1,0 +1,304 @@
+"""Starting tasks and running their workers: the machinery between the facade and the steps.
+
+:class:`Runner` checks an operation's guard, honours idempotency keys, starts
+the task with a compare-and-swap (taking over a task it may preempt, retried
+when it loses a race to another preemptor), and runs the task's steps in the
+caller's thread or on its worker pool. While a worker runs, a heartbeat
+renews that task's lease, and only that task's: a task whose worker died
+expires and recovery finishes it. Recovery resumes tasks through
+:meth:`Runner.resume` and :meth:`Runner.work`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid as uuidlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from drivers.base import Driver
+from lifecycle import graph, validation
+from lifecycle.audit import Why
+from lifecycle.config import Settings
+from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
+from lifecycle.operations import STEPS
+from lifecycle.placement import scheduler_for
+from lifecycle.records import Cause, Flavor, Image, Instance, Outcome, Task
+from lifecycle.store import Store
+from lifecycle.store.db import now
+from lifecycle.tasks import TaskRun, execute
+
+__all__ = ["Runner", "check_call"]
+
+log = structlog.get_logger(__name__)
+
+# An instance with no host has no guest to act on: only these remove it (a database-only delete).
+_HOSTLESS_OPERATIONS = frozenset({"delete", "force_delete"})
+
+
+class Runner:
+    """Starts and runs the tasks of one engine (its ``owner`` name in every lease)."""
+
+    def __init__(self, store: Store, settings: Settings, driver_for: Callable[[str], Driver], owner: str) -> None:
+        self.store = store
+        self.settings = settings
+        self.driver_for = driver_for
+        self.owner = owner
+        self.active: set[str] = set()
+        """Ids of the tasks a worker of this runner is running now: only their leases are renewed."""
+        self._images: dict[str, Image] = {}
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Wait for the background tasks, then stop the heartbeat."""
+        self.wait_idle()
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+
+    def wait_idle(self) -> None:
+        """Block until every task started with ``wait=False`` has ended (the pool is made anew on next use)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def start(
+        self,
+        operation: str,
+        uuid: str,
+        *,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        actor: str = "api",
+        cause: Cause = Cause.API,
+        wait: bool = True,
+    ) -> Task:
+        """Start ``operation`` on an existing instance and run it (see :meth:`lifecycle.Engine.run`)."""
+        if not isinstance(operation, str) or operation not in STEPS:
+            known = ", ".join(sorted(STEPS))
+            raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
+        if not isinstance(cause, Cause) or not isinstance(wait, bool):
+            raise InvalidInput(f"cause must be a Cause and wait a bool, got {cause!r} and {wait!r}")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
+        check_call(request_id, idempotency_key, actor)
+        uuid = validation.uuid(uuid)
+        params = dict(params or {})
+        image_name = params.get("image")
+        if image_name is not None:
+            self.image(image_name)
+        op = graph.operation(operation)
+        for attempt in range(self.settings.preempt_retries + 1):
+            instance = self.store.get_instance(uuid)
+            if idempotency_key is not None:
+                replayed = self.replay(idempotency_key, operation, uuid, params)
+                if replayed is not None:
+                    return replayed
+            first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
+            if instance.host is None and operation not in _HOSTLESS_OPERATIONS:
+                raise InvalidState(
+                    operation,
+                    uuid,
+                    instance.vm_state,
+                    instance.task_state,
+                    op.allowed_vm_states,
+                    op.allowed_task_states,
+                    reason="the instance has no host (it was never built, or its host was removed):"
+                    " only delete and force_delete are possible",
+                )
+            preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
+            task = self.new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
+            why = Why(
+                actor=actor,
+                cause=cause,
+                operation=operation,
+                task_id=task.id,
+                request_id=task.request_id,
+                rule=params.get("rule"),
+                message=None if preempt is None else f"preempts {preempt.operation} task {preempt.id}",
+            )
+            try:
+                after = self.store.begin(instance, task, first, why, preempt)
+            except Conflict:
+                if idempotency_key is not None:
+                    replayed = self.replay(idempotency_key, operation, uuid, params)
+                    if replayed is not None:
+                        return replayed
+                if not op.preempts or attempt == self.settings.preempt_retries:
+                    raise
+                continue
+            if preempt is not None:
+                log.info(
+                    "task_preempted_by",
+                    instance_uuid=uuid,
+                    task_id=task.id,
+                    request_id=task.request_id,
+                    preempted_task_id=preempt.id,
+                    operation=operation,
+                )
+            image = self.image(image_name or instance.image)
+            run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
+            run.preempted = preempt
+            self.prepare_move(run)
+            return self.launch(run, wait)
+        raise AssertionError("unreachable")
+
+    def replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
+        """Return the task an earlier call with ``key`` started, as that call ended.
+
+        A key names one call: reusing it for another operation, instance or
+        arguments is refused, never silently answered with the first call's
+        task. A replayed failure raises :class:`TaskFailed` as the first call did.
+        """
+        existing = self.store.task_by_key(key)
+        if existing is None:
+            return None
+        same = (existing.operation, existing.instance_uuid, _canonical(existing.params)) == (
+            operation,
+            uuid,
+            _canonical(params),
+        )
+        if not same:
+            raise IdempotencyMismatch(key, existing, operation, uuid)
+        if existing.outcome is Outcome.FAILED:
+            raise TaskFailed(existing, existing.error or "failed")
+        return existing
+
+    def new_task(
+        self,
+        uuid: str,
+        operation: str,
+        params: dict[str, Any],
+        request_id: str | None,
+        key: str | None,
+        actor: str,
+        cause: Cause,
+    ) -> Task:
+        """Return a new running task record owned by this runner (not yet written)."""
+        at = now()
+        return Task(
+            id=str(uuidlib.uuid4()),
+            instance_uuid=uuid,
+            operation=operation,
+            request_id=request_id or f"req-{uuidlib.uuid4()}",
+            idempotency_key=key,
+            actor=actor,
+            cause=cause,
+            params=params,
+            outcome=Outcome.RUNNING,
+            preempted_by=None,
+            owner=self.owner,
+            lease_expires_at=at + self.store.lease,
+            started_at=at,
+            finished_at=None,
+            error=None,
+            traceback=None,
+        )
+
+    def launch(self, run: TaskRun, wait: bool) -> Task:
+        """Run ``run`` here (``wait``) and return it finished, or on the pool and return it running."""
+        self.ensure_heartbeat()
+        if wait:
+            return self.work(run)
+        with self._lock:
+            self.active.add(run.task.id)  # before the submit: the task is ours from now on
+        future = self.pool().submit(self.work, run)
+        future.add_done_callback(_log_background_failure)
+        return replace(run.task)
+
+    def work(self, run: TaskRun) -> Task:
+        """Run a task's steps; its lease is renewed exactly while this runs.
+
+        Should the worker die without ending the task (the database gone at
+        the last write), the lease then runs out and recovery finishes it.
+        """
+        with self._lock:
+            self.active.add(run.task.id)
+        try:
+            return execute(run, STEPS[run.task.operation])
+        finally:
+            with self._lock:
+                self.active.discard(run.task.id)
+
+    def prepare_move(self, run: TaskRun) -> None:
+        """Give a move its scheduler (the destination is picked and claimed in its first step)."""
+        if not graph.operation(run.task.operation).moves:
+            return
+        flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
+        run.schedule = scheduler_for(
+            self.store,
+            self.settings,
+            run.instance.uuid,
+            flavor,
+            run.image,
+            requested_host=run.params.get("host"),
+            availability_zone=None,
+        )
+
+    def resume(self, task: Task, instance: Instance) -> TaskRun:
+        """Build the worker for a task recovery resumes after taking it over."""
+        image = self.image(task.params.get("image") or instance.image)
+        source = None if graph.operation(task.operation).creates else instance.vm_state
+        run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, source)
+        run.resume_from(self.store.steps(task.id))
+        self.prepare_move(run)
+        return run
+
+    def image(self, name: str) -> Image:
+        """Return an image row (cached: image rows are never updated, no API changes one)."""
+        # Image rows are never updated (no API changes one), so caching is safe.
+        image = self._images.get(name)
+        if image is None:
+            image = self._images[name] = self.store.get_image(name)
+        return image
+
+    def pool(self) -> ThreadPoolExecutor:
+        """Return the worker pool for tasks started with ``wait=False`` (made on first use)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="lifecycle-task")
+            return self._executor
+
+    def ensure_heartbeat(self) -> None:
+        """Start the lease-renewing heartbeat thread once."""
+        with self._lock:
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._renew_leases, name="lifecycle-heartbeat", daemon=True)
+                self._heartbeat.start()
+
+    def _renew_leases(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            with self._lock:
+                active = list(self.active)
+            try:
+                self.store.renew_leases(self.owner, active)
+            except Exception:  # one failed renewal must not end the heartbeat
+                log.exception("lease_renewal_failed")
+
+
+def check_call(request_id: object, key: object, actor: object) -> None:
+    """Refuse request ids, idempotency keys and actors that are not short printable strings."""
+    for kind, value in (("request id", request_id), ("idempotency key", key)):
+        if value is not None:
+            validation.name(kind, value)
+    validation.name("actor", actor)
+
+
+def _canonical(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _log_background_failure(future: Future[Task]) -> None:
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, InvalidState):
+        log.info("background_task_ended", error=str(exc), error_type=type(exc).__name__)
