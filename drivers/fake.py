@@ -131,11 +131,27 @@ class FakeDriver(Driver):
         """Make the next ``call`` complete, then raise :class:`SimulatedCrash`."""
         self._faults.setdefault(call, []).append(("crash", None))
 
-    def set_power(self, uuid: str, power: PowerState) -> None:
-        """Change a domain's power behind the engine's back (emits the event)."""
+    def set_power(self, uuid: str, power: PowerState, *, event: bool = True) -> None:
+        """Change a domain's power behind the engine's back; ``event=False`` does it silently (only a pass sees it)."""
         with self._state():
             self._domain(uuid, "set_power").power = int(power)
-        self._emit(uuid, power)
+        if event:
+            self._emit(uuid, power)
+
+    def clear_faults(self, call: str | None = None) -> None:
+        """Drop the scripted faults not yet consumed (of ``call``, or of every call); held gates stay held."""
+        with self._lock:
+            if call is None:
+                self._faults.clear()
+            else:
+                self._faults.pop(call, None)
+
+    def copy_domain_from(self, other: FakeDriver, uuid: str) -> None:
+        """Define here the same domain ``other`` has (a guest that seems to live on two hosts)."""
+        with other._state():
+            dom = other._domain(uuid, "copy_domain_from")
+        with self._state():
+            self._domains[uuid] = dom
 
     def undefine(self, uuid: str) -> None:
         """Remove a domain behind the engine's back."""

@@ -64,7 +64,7 @@ def test_daemon_syncs_its_hosts_and_lets_go_on_stop(sqlite_url: str, fakes: Fake
     """A daemon claims every host, passes over it at start and periodically, and releases it when stopped."""
     engine = make_engine(sqlite_url, fakes, sync_interval=0.05, stopped_event_delay=0.0)
     uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-    fakes["h1"]._domains[uuid].power = int(PowerState.CRASHED)  # silently: only a pass can see it
+    fakes["h1"].set_power(uuid, PowerState.CRASHED, event=False)  # silently: only a pass can see it
     daemon = Daemon(engine, claim_interval=0.05)
     thread = threading.Thread(target=daemon.run)
     thread.start()

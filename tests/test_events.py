@@ -40,7 +40,7 @@ def test_stopped_event_is_held_then_applied(engine: Engine, fakes: Fakes, new_in
     uuid = new_instance()
     clock = Clock()
     proc = _processor(engine, clock)
-    fakes["h1"]._domains[uuid].power = int(P.SHUTDOWN)
+    fakes["h1"].set_power(uuid, P.SHUTDOWN, event=False)
     proc.on_event(_event(uuid, Transition.STOPPED))
     assert proc.process_due() == [] and engine.get(uuid).vm_state is V.ACTIVE
     clock.t += 15
@@ -79,7 +79,7 @@ def test_event_older_than_the_last_change_is_ignored(
     """An event emitted before the instance last changed does not act, even if the guest agrees with it."""
     uuid = new_instance()
     old = LifecycleEvent(uuid, Transition.STOPPED, engine.get(uuid).updated_at - timedelta(seconds=5))
-    fakes["h1"]._domains[uuid].power = int(P.SHUTDOWN)
+    fakes["h1"].set_power(uuid, P.SHUTDOWN, event=False)
     proc = _processor(engine, Clock(), delay=0)
     proc.on_event(old)
     assert proc.process_due() == ["skip"]
@@ -92,7 +92,7 @@ def test_events_for_unknown_or_moved_instances_are_ignored(
     """Events for a domain with no row, or whose instance lives on another host, change nothing."""
     uuid = new_instance(host="h2")
     fakes.factory(engine.store.get_host("h1"))
-    fakes["h1"]._domains[uuid] = fakes["h2"]._domains[uuid]
+    fakes["h1"].copy_domain_from(fakes["h2"], uuid)
     proc = _processor(engine, Clock(), delay=0)
     proc.on_event(_event(uuid, Transition.STARTED))
     assert proc.process_due() == ["other_host"]

@@ -135,7 +135,7 @@ def test_any_exception_from_the_driver_ends_the_task(
     assert task.outcome is Outcome.FAILED and type(error).__name__ in (task.error or "")
     assert task.traceback and type(error).__name__ in task.traceback
     assert engine.get(uuid).task_id is None
-    fakes["h1"]._faults.clear()  # the fault not consumed (the power read) would hit the delete
+    fakes["h1"].clear_faults()  # the fault not consumed (the power read) would hit the delete
     engine.delete(uuid)
     assert engine.get(uuid).vm_state is V.DELETED
 
@@ -189,7 +189,7 @@ def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
     assert second.get(on_h1).task_id is None
     assert results[on_h2].outcome == "succeeded" and second.get(on_h2).vm_state is V.STOPPED
     for gate_host in ("h1", "h2"):
-        fakes[gate_host]._faults.clear()
+        fakes[gate_host].clear_faults()
     del fakes["broken"]
     second.close()
 
@@ -221,7 +221,7 @@ def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
     results = {r.instance_uuid: r for r in second.recover(force=True)}
     assert (results[uuids[0]].outcome, results[uuids[0]].reason) == ("error", "RuntimeError: database hiccup")
     assert results[uuids[1]].outcome == "succeeded"
-    fakes["h1"]._faults.clear()
+    fakes["h1"].clear_faults()
     second.close()
 
 

@@ -120,7 +120,7 @@ def test_instance_with_a_task_is_skipped(engine: Engine, fakes: Fakes, new_insta
     gate = fakes["h1"].hold("power_off")
     engine.stop(uuid, wait=False)
     assert gate.wait_entered()
-    fakes["h1"]._domains[uuid].power = int(P.CRASHED)  # drift while the task runs
+    fakes["h1"].set_power(uuid, P.CRASHED, event=False)  # drift while the task runs
     summary = _sync(engine)
     gate.release()
     engine.wait_idle()
