@@ -1,6 +1,6 @@
 """The facade embedders call: register hosts and images, run operations, read state.
 
-Every operation follows SPEC section 2: validate the arguments, check the
+Every operation goes the same way: validate the arguments, check the
 guard from the operations table, start a task with a compare-and-swap, run its
 steps, and end it. ``wait=True`` (the default) runs the task in the caller's
 thread and returns it finished; ``wait=False`` returns it running and runs it

@@ -245,8 +245,9 @@ OPERATIONS: tuple[Operation, ...] = (
         (T.SOFT_DELETING,),
         V.SOFT_DELETED,
         PowerState.SHUTDOWN,
-        note="Nova lets soft delete overwrite any running task; SPEC section 2 reserves "
-        "preemption for delete and force_delete, so soft delete requires an idle instance.",
+        note="Nova lets soft delete overwrite any running task; here only delete and force_delete take "
+        "over a running task (a soft delete is restorable, so it must not cut a task short): it needs an "
+        "idle instance.",
     ),
     Operation("restore", frozenset({V.SOFT_DELETED}), (T.RESTORING,), V.ACTIVE, PowerState.RUNNING),
 )

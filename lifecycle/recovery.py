@@ -4,7 +4,8 @@ A task is recoverable when its owner's lease has expired, or when the engine
 recovering it carries the same owner name (a restarted process with a stable
 owner). :func:`plan` decides, per task_state and pure, whether to resume the
 operation forward or roll it back; every task_state has a defined answer,
-where Nova leaves about fifteen stuck (reference section 6).
+where Nova's ``init_host`` leaves about fifteen task_states stuck until an
+operator resets them by hand.
 
 Resuming is safe because every driver call is repeat-safe by contract, the
 walk skips the task_states already written, and the one destructive call

@@ -3,7 +3,7 @@
 :func:`decide` takes what the database recorded, what the hypervisor showed
 and the policy, and returns a :class:`Decision` naming the rule that fired.
 With the default :class:`Policy` it reproduces Nova's
-``_sync_instance_power_state`` table (reference section 4.2); beyond Nova:
+``_sync_instance_power_state`` table (nova/compute/manager.py); beyond Nova:
 
 - an instance with a task in flight is skipped (the task owns it);
 - an observation older than the instance's last change is ignored;
@@ -19,7 +19,8 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 
-from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.records import Recorded  # defined with the other records; re-exported here
+from lifecycle.states import PowerState, VmState
 
 __all__ = ["Action", "Decision", "Observation", "Policy", "Recorded", "Stance", "decide"]
 
@@ -71,19 +72,6 @@ class Policy:
     """A domain gone for ``missing_threshold`` observations: adopt = error + NOSTATE."""
     missing_threshold: int = 3
     """Consecutive observations of a missing domain before acting on it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Recorded:
-    """What the database says about an instance."""
-
-    vm_state: VmState
-    task_state: TaskState | None
-    power_state: PowerState
-    changed_at: datetime
-    """When the row last changed; older observations are ignored."""
-    missing_count: int = 0
-    """Consecutive observations so far in which the domain was missing."""
 
 
 @dataclass(frozen=True, slots=True)
