@@ -16,7 +16,19 @@ from lifecycle.errors import InvalidFlavor
 from lifecycle.states import PowerState, TaskState, VmState, status_of
 from lifecycle.validation import unsafe_character
 
-__all__ = ["Cause", "Flavor", "Host", "Image", "Instance", "Migration", "Outcome", "Task", "TaskStep", "to_plain"]
+__all__ = [
+    "Cause",
+    "Flavor",
+    "Host",
+    "Image",
+    "Instance",
+    "Migration",
+    "Outcome",
+    "Recorded",
+    "Task",
+    "TaskStep",
+    "to_plain",
+]
 
 
 class Outcome(enum.StrEnum):
@@ -231,6 +243,19 @@ class Migration:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What the database says about an instance: the input of a sync decision (:func:`lifecycle.sync.decide`)."""
+
+    vm_state: VmState
+    task_state: TaskState | None
+    power_state: PowerState
+    changed_at: datetime
+    """When the row last changed; older observations are ignored."""
+    missing_count: int = 0
+    """Consecutive observations so far in which the domain was missing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,72 @@
+"""What every part of the store shares: the database engine, read connections, unique inserts, deadlock retries."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from lifecycle.errors import AlreadyExists, InvalidInput
+from lifecycle.store.db import connect
+
+__all__ = ["StoreBase", "retry_on_deadlock"]
+
+_RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
+_RETRIES = 5
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retry_on_deadlock(method: F) -> F:
+    """Re-run a write transaction PostgreSQL aborted for a deadlock or serialization failure.
+
+    Safe because every write is a compare-and-swap: if the other transaction
+    committed first, the retry finds the row changed and raises Conflict.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(_RETRIES):
+            try:
+                return method(*args, **kwargs)
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE_SQLSTATES or attempt == _RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class StoreBase:
+    """One database: its engine, the task lease length, and the helpers every part of the store uses."""
+
+    def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
+        self.url = url
+        self.engine = connect(url)
+        self.lease = timedelta(seconds=lease_seconds)
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            yield conn
+
+    def _insert_unique(self, table: sa.Table, values: dict[str, Any], kind: str, name: str) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(table), values)
+        except IntegrityError as exc:
+            with self._read() as conn:
+                taken = conn.execute(sa.select(table.c.name).where(table.c.name == name)).first() is not None
+            if taken:
+                raise AlreadyExists(kind, name) from None
+            # Another constraint refused the row: say which, in the database's own words.
+            raise InvalidInput(f"cannot add {kind} {name!r}: {exc.orig}") from exc

@@ -1,0 +1,155 @@
+"""The statements every write transaction is made of: the compare-and-swap, steps, preemption, the audit row.
+
+Each takes the transaction's connection, so a write's statements commit or
+roll back together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from lifecycle.audit import Why
+from lifecycle.errors import Conflict, Fenced, Preempted
+from lifecycle.records import Instance, Outcome, Task
+from lifecycle.store._rows import AUDITS, INSTANCES, STEPS, TASKS, instance_values, state_value
+from lifecycle.store.db import now
+
+__all__ = ["actual", "audit", "cas", "close_steps", "expect", "open_step", "preempt"]
+
+_I, _T, _S, _A = INSTANCES, TASKS, STEPS, AUDITS
+
+
+def cas(conn: sa.Connection, expected: Instance, after: Instance, task: Task | None) -> None:
+    """Write ``after`` over the instance row if it still matches ``expected``.
+
+    Raises :class:`Fenced` or :class:`Preempted` when ``task`` lost its
+    instance, :class:`Conflict` otherwise.
+    """
+    query = (
+        sa.update(_I)
+        .where(
+            _I.c.uuid == expected.uuid,
+            _I.c.version == expected.version,
+            _I.c.vm_state == expected.vm_state.value,
+            _I.c.task_state.is_not_distinct_from(state_value(expected.task_state)),
+            _I.c.task_id.is_not_distinct_from(expected.task_id),
+        )
+        .values(_changed(expected, after))
+    )
+    if conn.execute(query).rowcount == 1:
+        return
+    if task is not None:
+        outcome, preempted_by, epoch = conn.execute(
+            sa.select(_T.c.outcome, _T.c.preempted_by, _T.c.epoch).where(_T.c.id == task.id)
+        ).one()
+        if epoch != task.epoch:
+            raise Fenced(task.id, expected.uuid, task.epoch, epoch)
+        if outcome == Outcome.PREEMPTED.value:
+            raise Preempted(task.id, expected.uuid, preempted_by)
+    raise Conflict(expected.uuid, expect(expected), actual(conn, expected.uuid))
+
+
+def actual(conn: sa.Connection, uuid: str) -> dict[str, Any] | None:
+    """Return the instance's compare-and-swap columns as stored (None if there is no row)."""
+    query = sa.select(_I.c.version, _I.c.vm_state, _I.c.task_state, _I.c.task_id).where(_I.c.uuid == uuid)
+    row = conn.execute(query).mappings().first()
+    return None if row is None else dict(row)
+
+
+def expect(instance: Instance) -> dict[str, Any]:
+    """Return the compare-and-swap columns a writer expected."""
+    return {
+        "version": instance.version,
+        "vm_state": instance.vm_state.value,
+        "task_state": state_value(instance.task_state),
+        "task_id": instance.task_id,
+    }
+
+
+_WRITABLE = (
+    "vm_state",
+    "task_state",
+    "power_state",
+    "task_id",
+    "previous_vm_state",
+    "version",
+    "launched_at",
+    "updated_at",
+    "deleted_at",
+    "host",
+    "image",
+    "missing_count",
+)
+
+
+def _changed(before: Instance, after: Instance) -> dict[str, Any]:
+    values = instance_values(after)
+    changed = {k: values[k] for k in _WRITABLE if getattr(before, k) != getattr(after, k) or k == "version"}
+    if before.flavor != after.flavor:  # a resize finishing or reverting
+        changed |= {k: values[k] for k in ("flavor_name", "vcpus", "memory_mb", "root_gb")}
+    return changed
+
+
+def preempt(conn: sa.Connection, old: Task, new: Task) -> None:
+    """Mark running task ``old`` preempted by ``new`` and close its open step."""
+    conn.execute(
+        sa.update(_T)
+        .where(_T.c.id == old.id, _T.c.outcome == Outcome.RUNNING.value)
+        .values(outcome=Outcome.PREEMPTED.value, preempted_by=new.id, finished_at=new.started_at)
+    )
+    close_steps(conn, old.id, new.started_at, "preempted", f"preempted by {new.operation} task {new.id}")
+
+
+def open_step(conn: sa.Connection, task_id: str, seq: int, name: str) -> None:
+    """Open step ``seq`` of a task's step log."""
+    conn.execute(sa.insert(_S), {"task_id": task_id, "seq": seq, "name": name, "started_at": now()})
+
+
+def close_steps(conn: sa.Connection, task_id: str, at: datetime, result: str, detail: str | None) -> None:
+    """Close a task's open steps with ``result``."""
+    conn.execute(
+        sa.update(_S)
+        .where(_S.c.task_id == task_id, _S.c.finished_at.is_(None))
+        .values(finished_at=at, result=result, detail=detail)
+    )
+
+
+def audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Why, *, always: bool = False) -> None:
+    """Insert the audit row of a change, unless no state changed and not ``always``."""
+    if before is not None and before.host != after.host and why.message is None:
+        why = replace(why, message=f"host {before.host or 'none'} -> {after.host or 'none'}")
+    if (
+        not always
+        and before is not None
+        and (before.vm_state, before.task_state, before.power_state)
+        == (
+            after.vm_state,
+            after.task_state,
+            after.power_state,
+        )
+    ):
+        return
+    conn.execute(
+        sa.insert(_A),
+        {
+            "instance_uuid": after.uuid,
+            "task_id": why.task_id,
+            "request_id": why.request_id,
+            "actor": why.actor,
+            "cause": why.cause.value,
+            "operation": why.operation,
+            "rule": why.rule,
+            "from_vm_state": None if before is None else before.vm_state.value,
+            "to_vm_state": after.vm_state.value,
+            "from_task_state": None if before is None else state_value(before.task_state),
+            "to_task_state": state_value(after.task_state),
+            "from_power_state": None if before is None else int(before.power_state),
+            "to_power_state": int(after.power_state),
+            "message": why.message,
+            "created_at": after.updated_at,
+        },
+    )

@@ -1,0 +1,222 @@
+"""Row <-> record mapping: the table handles, and the values written for and read from each row."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Outcome, Task
+from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.store.db import aware
+from lifecycle.store.tables import (
+    AuditRow,
+    ClaimRow,
+    ConsoleTokenRow,
+    HostRow,
+    ImageRow,
+    InstanceRow,
+    MigrationRow,
+    TaskRow,
+    TaskStepRow,
+)
+
+__all__ = [
+    "AUDITS",
+    "CLAIMS",
+    "CONSOLE_TOKENS",
+    "HOSTS",
+    "IMAGES",
+    "INSTANCES",
+    "MIGRATIONS",
+    "STEPS",
+    "TASKS",
+    "host_from",
+    "image_from",
+    "instance_from",
+    "instance_values",
+    "migration_from",
+    "migration_values",
+    "stamp",
+    "state_value",
+    "task_from",
+    "task_values",
+]
+
+INSTANCES: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
+TASKS: sa.Table = TaskRow.__table__  # type: ignore[attr-defined]
+STEPS: sa.Table = TaskStepRow.__table__  # type: ignore[attr-defined]
+AUDITS: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
+HOSTS: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
+IMAGES: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
+CONSOLE_TOKENS: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+CLAIMS: sa.Table = ClaimRow.__table__  # type: ignore[attr-defined]
+MIGRATIONS: sa.Table = MigrationRow.__table__  # type: ignore[attr-defined]
+
+
+def state_value(state: TaskState | VmState | None) -> str | None:
+    """Return the stored value of a nullable state."""
+    return None if state is None else state.value
+
+
+def stamp(value: datetime) -> datetime:
+    """Return a NOT NULL timestamp column as an aware datetime."""
+    result = aware(value)
+    assert result is not None
+    return result
+
+
+def instance_values(i: Instance) -> dict[str, Any]:
+    """Return the column values of an instance row."""
+    return {
+        "uuid": i.uuid,
+        "name": i.name,
+        "host": i.host,
+        "flavor_name": i.flavor.name,
+        "vcpus": i.flavor.vcpus,
+        "memory_mb": i.flavor.memory_mb,
+        "root_gb": i.flavor.root_gb,
+        "image": i.image,
+        "vm_state": i.vm_state.value,
+        "task_state": state_value(i.task_state),
+        "power_state": int(i.power_state),
+        "task_id": i.task_id,
+        "previous_vm_state": state_value(i.previous_vm_state),
+        "version": i.version,
+        "launched_at": i.launched_at,
+        "created_at": i.created_at,
+        "updated_at": i.updated_at,
+        "deleted_at": i.deleted_at,
+        "missing_count": i.missing_count,
+    }
+
+
+def task_values(t: Task) -> dict[str, Any]:
+    """Return the column values of a task row."""
+    return {
+        "id": t.id,
+        "instance_uuid": t.instance_uuid,
+        "operation": t.operation,
+        "request_id": t.request_id,
+        "idempotency_key": t.idempotency_key,
+        "actor": t.actor,
+        "cause": t.cause.value,
+        "params": json.dumps(t.params, sort_keys=True),
+        "outcome": t.outcome.value,
+        "preempted_by": t.preempted_by,
+        "owner": t.owner,
+        "lease_expires_at": t.lease_expires_at,
+        "started_at": t.started_at,
+        "finished_at": t.finished_at,
+        "error": t.error,
+        "traceback": t.traceback,
+        "epoch": t.epoch,
+    }
+
+
+def instance_from(r: sa.RowMapping) -> Instance:
+    """Return the instance an instance row holds."""
+    task_state = r["task_state"]
+    previous = r["previous_vm_state"]
+    return Instance(
+        uuid=r["uuid"],
+        name=r["name"],
+        host=r["host"],
+        flavor=Flavor(vcpus=r["vcpus"], memory_mb=r["memory_mb"], root_gb=r["root_gb"], name=r["flavor_name"]),
+        image=r["image"],
+        vm_state=VmState(r["vm_state"]),
+        task_state=None if task_state is None else TaskState(task_state),
+        power_state=PowerState(r["power_state"]),
+        task_id=r["task_id"],
+        previous_vm_state=None if previous is None else VmState(previous),
+        version=r["version"],
+        launched_at=aware(r["launched_at"]),
+        created_at=stamp(r["created_at"]),
+        updated_at=stamp(r["updated_at"]),
+        deleted_at=aware(r["deleted_at"]),
+        missing_count=r["missing_count"],
+    )
+
+
+def _flavor_json(f: Flavor) -> str:
+    return json.dumps({"name": f.name, "vcpus": f.vcpus, "memory_mb": f.memory_mb, "root_gb": f.root_gb})
+
+
+def migration_values(m: Migration) -> dict[str, Any]:
+    """Return the column values of a migration row."""
+    return {
+        "id": m.id,
+        "instance_uuid": m.instance_uuid,
+        "task_id": m.task_id,
+        "kind": m.kind,
+        "source_host": m.source_host,
+        "dest_host": m.dest_host,
+        "old_flavor": _flavor_json(m.old_flavor),
+        "new_flavor": _flavor_json(m.new_flavor),
+        "status": m.status,
+        "previous_vm_state": m.previous_vm_state.value,
+        "source_disk": m.source_disk,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "finished_at": m.finished_at,
+    }
+
+
+def migration_from(r: sa.RowMapping) -> Migration:
+    """Return the migration a migration row holds."""
+    return Migration(
+        id=r["id"],
+        instance_uuid=r["instance_uuid"],
+        task_id=r["task_id"],
+        kind=r["kind"],
+        source_host=r["source_host"],
+        dest_host=r["dest_host"],
+        old_flavor=Flavor(**json.loads(r["old_flavor"])),
+        new_flavor=Flavor(**json.loads(r["new_flavor"])),
+        status=r["status"],
+        previous_vm_state=VmState(r["previous_vm_state"]),
+        source_disk=r["source_disk"],
+        created_at=stamp(r["created_at"]),
+        updated_at=stamp(r["updated_at"]),
+        finished_at=aware(r["finished_at"]),
+    )
+
+
+def host_from(r: sa.RowMapping) -> Host:
+    """Return the host a host row holds."""
+    values = dict(r)
+    values["created_at"] = stamp(values["created_at"])
+    values["last_heartbeat"] = aware(values["last_heartbeat"])
+    values["capabilities"] = json.loads(values["capabilities"])
+    values["metrics"] = json.loads(values["metrics"])
+    return Host(**values)
+
+
+def image_from(r: sa.RowMapping) -> Image:
+    """Return the image an image row holds."""
+    return Image(**{**r, "created_at": stamp(r["created_at"]), "properties": json.loads(r["properties"])})
+
+
+def task_from(r: sa.RowMapping) -> Task:
+    """Return the task a task row holds."""
+    return Task(
+        id=r["id"],
+        instance_uuid=r["instance_uuid"],
+        operation=r["operation"],
+        request_id=r["request_id"],
+        idempotency_key=r["idempotency_key"],
+        actor=r["actor"],
+        cause=Cause(r["cause"]),
+        params=json.loads(r["params"]),
+        outcome=Outcome(r["outcome"]),
+        preempted_by=r["preempted_by"],
+        owner=r["owner"],
+        lease_expires_at=stamp(r["lease_expires_at"]),
+        started_at=stamp(r["started_at"]),
+        finished_at=aware(r["finished_at"]),
+        error=r["error"],
+        traceback=r["traceback"],
+        epoch=r["epoch"],
+    )

@@ -1,0 +1,114 @@
+"""Hosts: adding, reading, updating and removing the hypervisor hosts instances run on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import sqlalchemy as sa
+
+from lifecycle.audit import Why
+from lifecycle.errors import HostInUse, HostNotFound
+from lifecycle.records import Cause, Host, Instance
+from lifecycle.states import PowerState, VmState
+from lifecycle.store._cas import audit, cas
+from lifecycle.store._rows import CLAIMS, CONSOLE_TOKENS, HOSTS, INSTANCES, host_from
+from lifecycle.store.db import now
+from lifecycle.store.instances import Instances
+from lifecycle.store.moves import Moves
+
+__all__ = ["Hosts"]
+
+_H, _I, _CL, _C = HOSTS, INSTANCES, CLAIMS, CONSOLE_TOKENS
+
+
+class Hosts(Instances, Moves):
+    """Host rows; removing one looks at its instances and its open moves."""
+
+    def add_host(self, name: str, driver_uri: str, instances_path: str, **fields: Any) -> Host:
+        """Insert a host (resources, zone, capabilities... as keyword fields); AlreadyExists if taken."""
+        values = {
+            "name": name,
+            "driver_uri": driver_uri,
+            "instances_path": instances_path,
+            "enabled": True,
+            "created_at": now(),
+        }
+        for key in ("capabilities", "metrics"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        self._insert_unique(_H, values | fields, "host", name)
+        return self.get_host(name)
+
+    def get_host(self, name: str) -> Host:
+        """Return the host named ``name`` or raise :class:`HostNotFound`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_H).where(_H.c.name == name)).mappings().first()
+            if row is None:
+                raise HostNotFound(name, conn.execute(sa.select(_H.c.name)).scalars())
+        return host_from(row)
+
+    def list_hosts(self) -> list[Host]:
+        """Return every host, by name (one query: the scheduler's input)."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(_H).order_by(_H.c.name)).mappings().all()
+        return [host_from(r) for r in rows]
+
+    def update_host(self, name: str, **values: Any) -> Host:
+        """Change a host's settable fields (enabled, metrics, last_heartbeat...)."""
+        if "metrics" in values:
+            values["metrics"] = json.dumps(values["metrics"], sort_keys=True)
+        with self.engine.begin() as conn:
+            if conn.execute(sa.update(_H).where(_H.c.name == name).values(**values)).rowcount == 0:
+                raise HostNotFound(name)
+        return self.get_host(name)
+
+    def remove_host(self, name: str, *, force: bool = False) -> list[str]:
+        """Delete a host row; return the live instances a forced removal orphaned.
+
+        Refused (:class:`HostInUse`) while live instances, claims or open moves
+        use the host, unless ``force``: then each idle live instance there goes
+        to error with no host (only delete is left for it: a local delete), its
+        claims go, and an audit row says the guest may still exist. Instances
+        with a running task are never orphaned: :class:`HostInUse` either way.
+        Deleted instances forget the host (their history stays).
+        """
+        self.get_host(name)
+        live = [i for i in self.list_instances(name) if i.vm_state is not VmState.DELETED]
+        moving = [m.instance_uuid for m in self._open_migrations_touching(name)]
+        if (live or moving) and not force:
+            raise HostInUse(name, {i.uuid for i in live} | set(moving))
+        busy = [i.uuid for i in live if i.task_id is not None] + moving
+        if busy:
+            raise HostInUse(name, busy)
+        with self.engine.begin() as conn:
+            _orphan(conn, name, live)
+            conn.execute(sa.update(_I).where(_I.c.host == name).values(host=None))
+            for claim in conn.execute(sa.select(_CL.c.instance_uuid).where(_CL.c.host == name)).scalars().all():
+                conn.execute(sa.delete(_CL).where(_CL.c.instance_uuid == claim, _CL.c.host == name))
+            conn.execute(sa.delete(_C).where(_C.c.host == name))
+            conn.execute(sa.delete(_H).where(_H.c.name == name))
+        return [i.uuid for i in live]
+
+
+def _orphan(conn: sa.Connection, name: str, live: list[Instance]) -> None:
+    """Put each idle live instance of a host removed by force in error with no host, audited."""
+    at = now()
+    why = Why(
+        actor="operator",
+        cause=Cause.API,
+        operation="remove_host",
+        message=f"host {name} removed by force: the guest may still exist there",
+    )
+    for i in live:
+        after = replace(
+            i,
+            vm_state=VmState.ERROR,
+            power_state=PowerState.NOSTATE,
+            host=None,
+            version=i.version + 1,
+            updated_at=at,
+        )
+        cas(conn, i, after, None)
+        audit(conn, i, after, why, always=True)

@@ -1,0 +1,50 @@
+"""Images: the base disks instances are built from."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+
+from lifecycle.errors import ImageNotFound
+from lifecycle.records import Image
+from lifecycle.store._base import StoreBase
+from lifecycle.store._rows import IMAGES, image_from
+from lifecycle.store.db import now
+
+__all__ = ["Images"]
+
+_IM = IMAGES
+
+
+class Images(StoreBase):
+    """Image rows."""
+
+    def add_image(
+        self, name: str, path: str, disk_format: str, min_disk_gb: int = 0, properties: dict[str, str] | None = None
+    ) -> Image:
+        """Insert an image; :class:`AlreadyExists` if the name is taken."""
+        values = {
+            "name": name,
+            "path": path,
+            "disk_format": disk_format,
+            "min_disk_gb": min_disk_gb,
+            "created_at": now(),
+            "properties": json.dumps(properties or {}, sort_keys=True),
+        }
+        self._insert_unique(_IM, values, "image", name)
+        return self.get_image(name)
+
+    def get_image(self, name: str) -> Image:
+        """Return the image named ``name`` or raise :class:`ImageNotFound`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_IM).where(_IM.c.name == name)).mappings().first()
+            if row is None:
+                raise ImageNotFound(name, conn.execute(sa.select(_IM.c.name)).scalars())
+        return image_from(row)
+
+    def list_images(self) -> list[Image]:
+        """Return every image, by name."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(_IM).order_by(_IM.c.name)).mappings().all()
+        return [image_from(r) for r in rows]

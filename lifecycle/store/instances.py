@@ -1,0 +1,46 @@
+"""Instance reads: one instance, the instances of a host, and an instance's audit history."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from lifecycle.audit import AuditEntry
+from lifecycle.errors import InstanceNotFound
+from lifecycle.records import Instance
+from lifecycle.states import VmState
+from lifecycle.store._base import StoreBase
+from lifecycle.store._rows import AUDITS, INSTANCES, instance_from
+from lifecycle.store.db import aware
+
+__all__ = ["Instances"]
+
+_I, _A = INSTANCES, AUDITS
+
+
+class Instances(StoreBase):
+    """Instance rows and their audit rows, read."""
+
+    def get_instance(self, uuid: str) -> Instance:
+        """Return the instance (deleted ones included) or raise :class:`InstanceNotFound`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_I).where(_I.c.uuid == uuid)).mappings().first()
+        if row is None:
+            raise InstanceNotFound(uuid)
+        return instance_from(row)
+
+    def list_instances(self, host: str | None = None, *, include_deleted: bool = False) -> list[Instance]:
+        """Return instances by creation time, optionally of one host."""
+        query = sa.select(_I).order_by(_I.c.created_at, _I.c.uuid)
+        if host is not None:
+            query = query.where(_I.c.host == host)
+        if not include_deleted:
+            query = query.where(_I.c.vm_state != VmState.DELETED.value)
+        with self._read() as conn:
+            return [instance_from(r) for r in conn.execute(query).mappings()]
+
+    def history(self, uuid: str) -> list[AuditEntry]:
+        """Return an instance's audit log, oldest first."""
+        query = sa.select(_A).where(_A.c.instance_uuid == uuid).order_by(_A.c.id)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [AuditEntry(**{**r, "created_at": aware(r["created_at"])}) for r in rows]

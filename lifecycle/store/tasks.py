@@ -1,0 +1,159 @@
+"""Tasks: reads, the step log, leases, takeover by recovery and the fencing of old workers."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from lifecycle.errors import Fenced, Preempted, TaskNotFound
+from lifecycle.records import Outcome, Task, TaskStep
+from lifecycle.store._base import StoreBase
+from lifecycle.store._cas import close_steps
+from lifecycle.store._rows import STEPS, TASKS, stamp, task_from
+from lifecycle.store.db import aware, now
+
+__all__ = ["Tasks"]
+
+_T, _S = TASKS, STEPS
+
+
+class Tasks(StoreBase):
+    """Task rows and step rows."""
+
+    def get_task(self, task_id: str) -> Task:
+        """Return the task with this id; :class:`TaskNotFound` if there is none."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_T).where(_T.c.id == task_id)).mappings().first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return task_from(row)
+
+    def task_by_key(self, key: str) -> Task | None:
+        """Return the task started with idempotency key ``key`` (keys are unique across instances), if any."""
+        query = sa.select(_T).where(_T.c.idempotency_key == key)
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else task_from(row)
+
+    def tasks_of(self, uuid: str) -> list[Task]:
+        """Return every task of an instance, oldest first."""
+        query = sa.select(_T).where(_T.c.instance_uuid == uuid).order_by(_T.c.started_at, _T.c.id)
+        with self._read() as conn:
+            return [task_from(r) for r in conn.execute(query).mappings()]
+
+    def steps(self, task_id: str) -> list[TaskStep]:
+        """Return a task's step log in order."""
+        query = sa.select(_S).where(_S.c.task_id == task_id).order_by(_S.c.seq)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            TaskStep(
+                task_id=r["task_id"],
+                seq=r["seq"],
+                name=r["name"],
+                started_at=stamp(r["started_at"]),
+                finished_at=aware(r["finished_at"]),
+                result=r["result"],
+                detail=r["detail"],
+            )
+            for r in rows
+        ]
+
+    def recoverable_tasks(self, owner: str, *, force: bool = False) -> list[Task]:
+        """Return running tasks whose lease has expired; with ``force``, also ``owner``'s live ones."""
+        live_ok = (_T.c.owner == owner) if force else sa.false()
+        query = (
+            sa.select(_T)
+            .where(_T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < now(), live_ok))
+            .order_by(_T.c.started_at)
+        )
+        with self._read() as conn:
+            return [task_from(r) for r in conn.execute(query).mappings()]
+
+    def live_tasks(self) -> list[Task]:
+        """Return running tasks whose lease is still live, soonest expiry first."""
+        query = (
+            sa.select(_T)
+            .where(_T.c.outcome == Outcome.RUNNING.value, _T.c.lease_expires_at >= now())
+            .order_by(_T.c.lease_expires_at)
+        )
+        with self._read() as conn:
+            return [task_from(r) for r in conn.execute(query).mappings()]
+
+    def take_over(self, task_id: str, owner: str, *, force: bool = False) -> bool:
+        """Make ``owner`` the owner of a running task whose lease expired, bumping its epoch; False if lost.
+
+        With ``force``, a live lease held under ``owner``'s own name is taken
+        too. The epoch fences the old worker: it stops before its next
+        driver call (:meth:`fence`) and its writes fail.
+        """
+        at = now()
+        live_ok = (_T.c.owner == owner) if force else sa.false()
+        query = (
+            sa.update(_T)
+            .where(
+                _T.c.id == task_id, _T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < at, live_ok)
+            )
+            .values(owner=owner, lease_expires_at=at + self.lease, epoch=_T.c.epoch + 1)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def fence(self, task: Task) -> None:
+        """Raise unless ``task`` is still running at its epoch: called before each driver call of a worker.
+
+        :class:`Preempted` when another task took the instance over,
+        :class:`Fenced` when recovery took this task over.
+        """
+        query = sa.select(_T.c.outcome, _T.c.preempted_by, _T.c.epoch).where(_T.c.id == task.id)
+        with self._read() as conn:
+            outcome, preempted_by, epoch = conn.execute(query).one()
+        if epoch != task.epoch:
+            raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
+        if outcome == Outcome.PREEMPTED.value:
+            raise Preempted(task.id, task.instance_uuid, preempted_by)
+
+    def release_lease(self, task_id: str) -> None:
+        """Say that a task's worker has ended (its lease ends now): a preemptor waiting on it goes on."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(_T).where(_T.c.id == task_id).values(lease_expires_at=now()))
+
+    def worker_alive(self, task_id: str) -> bool:
+        """Whether the task's worker may still be inside a driver call (its lease has not ended)."""
+        query = sa.select(_T.c.lease_expires_at).where(_T.c.id == task_id)
+        with self._read() as conn:
+            lease = conn.execute(query).scalar_one()
+        return stamp(lease) > now()
+
+    def mark_done(self, task_id: str, seq: int, name: str) -> None:
+        """Record that a non-repeatable step of a task completed (recovery will not run it again)."""
+        at = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.insert(_S),
+                {"task_id": task_id, "seq": seq, "name": name, "started_at": at, "finished_at": at, "result": "ok"},
+            )
+
+    def end_orphan(self, task: Task, reason: str) -> None:
+        """Close a running task that no longer owns its instance, without touching the instance."""
+        at = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(_T)
+                .where(_T.c.id == task.id, _T.c.outcome == Outcome.RUNNING.value)
+                .values(outcome=Outcome.FAILED.value, finished_at=at, error=reason)
+            )
+            close_steps(conn, task.id, at, "failed", reason)
+
+    def renew_leases(self, owner: str, task_ids: list[str]) -> int:
+        """Push the lease of these tasks of ``owner`` forward while their workers live; return how many.
+
+        A preempted task's lease is renewed too while its worker is still in
+        a driver call: that is how a preemptor knows the call has not ended.
+        """
+        if not task_ids:
+            return 0
+        query = (
+            sa.update(_T).where(_T.c.owner == owner, _T.c.id.in_(task_ids)).values(lease_expires_at=now() + self.lease)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount

@@ -1,0 +1,158 @@
+"""The compare-and-swap writes of a task's life: create, begin, advance, finish, and the idle-instance writes.
+
+Every state write is one transaction holding a conditional UPDATE of the
+instance on its expected (version, vm_state, task_state, task_id), the task and
+step-log statements that go with it, and one audit row when any of the three
+states changed. An UPDATE that matches no row raises: :class:`Preempted` when
+the writer's own task was taken over, :class:`Conflict` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from lifecycle.audit import Why
+from lifecycle.errors import AlreadyExists, Conflict
+from lifecycle.records import Instance, Outcome, Task
+from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.store._base import StoreBase, retry_on_deadlock
+from lifecycle.store._cas import actual, audit, cas, close_steps, expect, open_step
+from lifecycle.store._cas import preempt as mark_preempted
+from lifecycle.store._rows import INSTANCES, TASKS, instance_values, task_values
+from lifecycle.store.db import now
+
+__all__ = ["Writes"]
+
+_I, _T = INSTANCES, TASKS
+
+
+class Writes(StoreBase):
+    """Instance state changes, each with its task, step and audit rows in the same transaction."""
+
+    @retry_on_deadlock
+    def create(self, instance: Instance, task: Task, step: str, why: Why) -> Instance:
+        """Insert a new instance already owned by ``task``, with its first step and audit row."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(_I), instance_values(instance))
+                conn.execute(sa.insert(_T), task_values(task))
+                open_step(conn, task.id, 1, step)
+                audit(conn, None, instance, why)
+        except IntegrityError:
+            raise AlreadyExists("instance", instance.uuid) from None
+        return instance
+
+    @retry_on_deadlock
+    def begin(self, expected: Instance, task: Task, task_state: TaskState, why: Why, preempt: Task | None) -> Instance:
+        """Start ``task`` on ``expected``: task row, first task_state, step and audit row.
+
+        With ``preempt``, that running task is marked preempted by this one and
+        its open step closed, in the same transaction.
+        """
+        after = replace(
+            expected, task_state=task_state, task_id=task.id, version=expected.version + 1, updated_at=task.started_at
+        )
+        try:
+            with self.engine.begin() as conn:
+                # Lock order: the instance row first, then task rows, in every write
+                # (a worker's finish does the same), so PostgreSQL never deadlocks on them.
+                cas(conn, expected, after, None)
+                if preempt is not None:
+                    mark_preempted(conn, preempt, task)
+                conn.execute(sa.insert(_T), task_values(task))
+                open_step(conn, task.id, 1, task_state.value)
+                # Always audited: a takeover (hard reboot over hard reboot) may change no state, only the task.
+                audit(conn, expected, after, why, always=True)
+        except IntegrityError:
+            # The one-running-task index: another task started on this instance first.
+            with self._read() as reader:
+                stored = actual(reader, expected.uuid)
+            raise Conflict(expected.uuid, expect(expected), stored) from None
+        return after
+
+    @retry_on_deadlock
+    def advance(
+        self, expected: Instance, task: Task, seq: int, task_state: TaskState, why: Why, **fields: Any
+    ) -> Instance:
+        """Move ``task`` to its next task_state (with ``fields``, e.g. host); close step ``seq - 1``, open ``seq``."""
+        at = now()
+        after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at, **fields)
+        with self.engine.begin() as conn:
+            cas(conn, expected, after, task)
+            close_steps(conn, task.id, at, "ok" if why.message is None else "retried", why.message)
+            open_step(conn, task.id, seq, task_state.value)
+            conn.execute(sa.update(_T).where(_T.c.id == task.id).values(lease_expires_at=at + self.lease))
+            audit(conn, expected, after, why)
+        return after
+
+    @retry_on_deadlock
+    def finish(
+        self,
+        expected: Instance,
+        task: Task,
+        *,
+        vm_state: VmState,
+        power_state: PowerState,
+        outcome: Outcome,
+        why: Why,
+        error: str | None = None,
+        traceback: str | None = None,
+        **fields: Any,
+    ) -> Instance:
+        """End ``task``: final states, task idle, task row closed, step closed, audit row."""
+        at = now()
+        after = replace(
+            expected,
+            vm_state=vm_state,
+            task_state=None,
+            task_id=None,
+            power_state=power_state,
+            version=expected.version + 1,
+            updated_at=at,
+            **fields,
+        )
+        step_result = "ok" if outcome is Outcome.SUCCEEDED else "failed"
+        with self.engine.begin() as conn:
+            cas(conn, expected, after, task)
+            close_steps(conn, task.id, at, step_result, error)
+            conn.execute(
+                sa.update(_T)
+                .where(_T.c.id == task.id)
+                .values(outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at)
+            )
+            audit(conn, expected, after, why)
+        return after
+
+    @retry_on_deadlock
+    def set_power(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
+        """Record a new power_state on an idle instance (a sync write)."""
+        after = replace(expected, power_state=power_state, version=expected.version + 1, updated_at=now())
+        with self.engine.begin() as conn:
+            cas(conn, expected, after, None)
+            audit(conn, expected, after, why)
+        return after
+
+    def note(self, instance: Instance, why: Why) -> None:
+        """Write an audit row that changes no state (something done on the hypervisor for this instance)."""
+        with self.engine.begin() as conn:
+            audit(conn, instance, instance, why, always=True)
+
+    @retry_on_deadlock
+    def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
+        """Set vm_state error on an idle instance (a sync rule), with its audit row."""
+        after = replace(
+            expected, vm_state=VmState.ERROR, power_state=power_state, version=expected.version + 1, updated_at=now()
+        )
+        with self.engine.begin() as conn:
+            cas(conn, expected, after, None)
+            audit(conn, expected, after, why)
+        return after
+
+    def close_step(self, task_id: str, result: str, detail: str | None) -> None:
+        """Close a task's open step without touching the instance (a preempted worker)."""
+        with self.engine.begin() as conn:
+            close_steps(conn, task_id, now(), result, detail)
