@@ -3,16 +3,26 @@
 Tiers: tests marked ``postgres``, ``libvirt`` or ``qemu`` need a real part.
 Without it they skip with a message saying how to enable them; with
 ``LIFECYCLE_CI=1`` (set by ``.ci/run``) a missing part fails the test instead.
+
+``qemu:///system`` is one hypervisor shared by every qemu test, and by any
+other pytest process on the machine; its domains outlive a test, a pytest
+process and even libvirtd (persistent definitions and QEMU processes stay).
+A domain belongs to the test whose ``tmp_path`` holds its disks: after each
+qemu test the domains it left are removed (and a test that passed yet left
+one fails), and at the first qemu test the domains of pytest sessions that
+are gone are removed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -59,6 +69,119 @@ def qemu_ready() -> None:
     except libvirt.libvirtError:
         answered = False
     require("libvirtd with QEMU", answered, f"start libvirtd (`make test` does) so that {QEMU_URI} answers")
+
+
+def remove_qemu_domains(owned: Callable[[list[Path]], bool]) -> list[str]:
+    """Destroy and undefine each ``lifecycle-`` domain on QEMU_URI whose disk paths ``owned`` claims.
+
+    Returns the names (and titles) of those found; nothing when libvirtd does not answer.
+    """
+    import libvirt
+
+    try:
+        conn = libvirt.open(QEMU_URI)
+    except libvirt.libvirtError:
+        return []
+    found = []
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                root = ET.fromstring(dom.XMLDesc(0))
+                disks = [Path(s.get("file", "")) for s in root.iterfind("devices/disk/source") if s.get("file")]
+                if not dom.name().startswith("lifecycle-") or not disks or not owned(disks):
+                    continue
+                found.append(f"{root.findtext('name')} ({root.findtext('title')!r})")
+                persistent = dom.isPersistent()
+                with suppress(libvirt.libvirtError):  # already off
+                    dom.destroy()
+                if persistent:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone meanwhile is fine
+                    raise
+    finally:
+        conn.close()
+    return found
+
+
+def _under(root: Path) -> Callable[[list[Path]], bool]:
+    return lambda disks: any(disk.is_relative_to(root) for disk in disks)
+
+
+def _session_gone(temproot: Path) -> Callable[[list[Path]], bool]:
+    """Claim disks in a numbered pytest directory whose session has ended, or was killed.
+
+    pytest keeps a ``.lock`` holding its pid in its numbered directory while
+    the session runs and removes it at exit; a directory without one, or whose
+    pid is dead, or that pytest already deleted, belongs to no live session.
+    """
+
+    def gone(disks: list[Path]) -> bool:
+        for disk in disks:
+            if not disk.is_relative_to(temproot) or len(disk.relative_to(temproot).parts) < 2:
+                continue
+            numbered = temproot / disk.relative_to(temproot).parts[0]
+            if not re.fullmatch(r"pytest-\d+", numbered.name):
+                continue
+            try:
+                pid = int((numbered / ".lock").read_text())
+            except (OSError, ValueError):
+                return True
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass  # alive, another user's
+        return False
+
+    return gone
+
+
+_STALE_REMOVED = pytest.StashKey[list[str]]()
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session")
+def stale_qemu_domains_removed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> None:
+    """Once per session: remove domains left on QEMU_URI by pytest sessions that have ended or were killed."""
+    basetemp = tmp_path_factory.getbasetemp()
+    if not re.fullmatch(r"pytest-\d+", basetemp.name):  # --basetemp: no numbered siblings to judge
+        return
+    pytestconfig.stash[_STALE_REMOVED] = remove_qemu_domains(_session_gone(basetemp.parent))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Say which domains of ended pytest sessions were removed from QEMU_URI, if any."""
+    if removed := config.stash.get(_STALE_REMOVED, []):
+        terminalreporter.write_line(f"removed domains of ended pytest sessions from {QEMU_URI}: {', '.join(removed)}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Note on the item whether its test body failed (read by the qemu clean-up below)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_CALL_FAILED] = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def qemu_domains_removed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a qemu test, remove the domains whose disks are in its tmp_path; a passing test must leave none."""
+    from drivers.libvirt import libvirt_available
+
+    if request.node.get_closest_marker("qemu") is None or not libvirt_available():
+        yield
+        return
+    request.getfixturevalue("stale_qemu_domains_removed")
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    yield
+    left = remove_qemu_domains(_under(tmp_path))
+    if left and not request.node.stash.get(_CALL_FAILED, False):
+        pytest.fail(f"the test passed but left domains on {QEMU_URI} (now removed): {', '.join(left)}")
 
 
 @pytest.fixture

@@ -50,10 +50,12 @@ def engine(tmp_path: Path, base_image: Path) -> Iterator[Engine]:
     eng = Engine(url, settings=settings)
     eng.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
     eng.add_image("base", str(base_image))
-    yield eng
-    for instance in eng.list():
-        eng.force_delete(instance.uuid)
-    eng.close()
+    try:
+        yield eng
+        for instance in eng.list():
+            eng.force_delete(instance.uuid)
+    finally:
+        eng.close()
 
 
 def _create(engine: Engine) -> str:
