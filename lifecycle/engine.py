@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 DriverFactory = Callable[[Host], Driver]
 
+
 def _labels(kind: str, value: object) -> dict[str, str]:
     """Validate a mapping of names to short strings (capabilities, image properties)."""
     if value is None:
