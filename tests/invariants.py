@@ -1,4 +1,4 @@
-"""The SPEC section 1 invariants, checked against a database after commits."""
+"""Invariants checked against a database after commits: SPEC section 1, claims, tasks ended, no deleted guests."""
 
 from __future__ import annotations
 
