@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from lifecycle.errors import InvalidFlavor
-from lifecycle.states import PowerState, TaskState, VmState, status_of
+from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState, status_of
 from lifecycle.validation import unsafe_character
 
 __all__ = [
@@ -237,7 +237,7 @@ class Migration:
     dest_host: str | None
     old_flavor: Flavor
     new_flavor: Flavor
-    status: str
+    status: MigrationStatus
     previous_vm_state: VmState
     source_disk: str | None
     created_at: datetime

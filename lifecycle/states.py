@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["PowerState", "TaskState", "VmState", "status_of"]
+__all__ = ["MIGRATION_TRANSITIONS", "MigrationStatus", "PowerState", "TaskState", "VmState", "status_of"]
 
 
 class VmState(enum.StrEnum):
@@ -130,3 +130,55 @@ def status_of(vm_state: VmState, task_state: TaskState | None) -> str:
     if task_state is None:
         return default
     return overrides.get(task_state, default)
+
+
+class MigrationStatus(enum.StrEnum):
+    """How far a cold migration or resize got (Nova's migration status values)."""
+
+    PRE_MIGRATING = "pre-migrating"
+    MIGRATING = "migrating"
+    POST_MIGRATING = "post-migrating"
+    FINISHED = "finished"
+    CONFIRMING = "confirming"
+    CONFIRMED = "confirmed"
+    REVERTING = "reverting"
+    REVERTED = "reverted"
+    ERROR = "error"
+
+    @property
+    def open(self) -> bool:
+        """Whether the move still holds something on the source (not confirmed, reverted or failed)."""
+        return self not in (MigrationStatus.CONFIRMED, MigrationStatus.REVERTED, MigrationStatus.ERROR)
+
+
+_M = MigrationStatus
+# A delete confirms whatever move is open, from any open status, so that the source keeps nothing; a delete
+# whose source host is down confirms without it (the source's cache cleanup removes the copy later).
+MIGRATION_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    _M.PRE_MIGRATING: frozenset({_M.MIGRATING, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
+    _M.MIGRATING: frozenset({_M.POST_MIGRATING, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
+    _M.POST_MIGRATING: frozenset({_M.FINISHED, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
+    _M.FINISHED: frozenset({_M.CONFIRMING, _M.REVERTING, _M.CONFIRMED}),
+    _M.CONFIRMING: frozenset({_M.CONFIRMED, _M.FINISHED}),  # back to finished: the source did not answer
+    _M.REVERTING: frozenset({_M.REVERTED, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
+    _M.CONFIRMED: frozenset(),
+    _M.REVERTED: frozenset(),
+    _M.ERROR: frozenset(),
+}
+"""Which status a migration may go to from each; the store refuses any other write (writing the
+current status again is allowed: a step resumed after a crash repeats its write)."""
+
+
+def _check_migration_chart() -> None:
+    """Every status is reachable from pre-migrating, the closed ones are terminal and the open ones have exits."""
+    seen, todo = {_M.PRE_MIGRATING}, [_M.PRE_MIGRATING]
+    while todo:
+        for nxt in MIGRATION_TRANSITIONS[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    assert seen == set(MigrationStatus), f"unreachable migration statuses: {set(MigrationStatus) - seen}"
+    for status, exits in MIGRATION_TRANSITIONS.items():
+        assert bool(exits) == status.open, f"migration status {status} must {'have' if status.open else 'lack'} exits"
+
+
+_check_migration_chart()

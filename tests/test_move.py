@@ -8,6 +8,7 @@ import pytest
 
 from lifecycle import Engine, Flavor, InvalidInput, InvalidState, PowerState, TaskFailed, VmState
 from lifecycle.errors import DriverError, DriverUnavailable
+from lifecycle.states import MigrationStatus
 from tests.conftest import Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -52,7 +53,7 @@ def test_resize_moves_grows_and_waits_for_confirm(cloud: Engine, fakes: Fakes) -
     assert _used(cloud) == {"a": 512, "b": 1024} and sorted(cloud.store.claims_of(uuid)) == ["a", "b"]
     assert fakes["a"].kept_disks() == [uuid] and not fakes["a"].domain_exists(uuid)
     migration = cloud.store.get_migration(cloud.store.open_migration(uuid).id)  # type: ignore[union-attr]
-    assert (migration.status, migration.source_host, migration.dest_host) == ("finished", "a", "b")
+    assert (migration.status, migration.source_host, migration.dest_host) == (MigrationStatus.FINISHED, "a", "b")
 
 
 def test_confirm_cleans_the_source(cloud: Engine, fakes: Fakes) -> None:
@@ -167,3 +168,27 @@ def test_a_move_revokes_console_tokens(cloud: Engine) -> None:
     token = cloud.get_vnc_console(uuid).token
     cloud.migrate(uuid)
     assert cloud.check_console_token(token) is None
+
+
+def test_migration_status_chart_is_checked() -> None:
+    """Every migration status is reachable from pre-migrating; only confirmed, reverted and error are terminal."""
+    from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus
+
+    terminal = {s for s, exits in MIGRATION_TRANSITIONS.items() if not exits}
+    assert terminal == {MigrationStatus.CONFIRMED, MigrationStatus.REVERTED, MigrationStatus.ERROR}
+    assert {s for s in MigrationStatus if not s.open} == terminal
+
+
+def test_the_store_refuses_a_migration_status_the_chart_does_not_allow(cloud: Engine) -> None:
+    """A confirmed migration cannot be written back to migrating: the write raises Conflict and changes nothing."""
+    from lifecycle import Conflict
+    from lifecycle.states import MigrationStatus
+
+    uuid = _vm(cloud)
+    cloud.migrate(uuid)
+    migration = cloud.store.open_migration(uuid)
+    assert migration is not None
+    cloud.confirm_resize(uuid)
+    with pytest.raises(Conflict, match="migration status"):
+        cloud.store.update_migration(migration.id, status=MigrationStatus.MIGRATING)
+    assert cloud.store.get_migration(migration.id).status is MigrationStatus.CONFIRMED

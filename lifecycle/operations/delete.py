@@ -14,7 +14,7 @@ from datetime import timedelta
 from lifecycle.errors import DomainNotFound, DriverUnavailable
 from lifecycle.operations import move
 from lifecycle.records import Migration
-from lifecycle.states import PowerState, VmState
+from lifecycle.states import MigrationStatus, PowerState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
 
@@ -63,12 +63,12 @@ def _host_down(run: TaskRun, host: str) -> bool:
 
 
 def _confirm_open_move(run: TaskRun) -> None:
-    if run.source_vm_state is VmState.RESIZED:
-        # Confirm first, as Nova does, so nothing is left on the source (bug 1202484).
-        migration = run.store.open_migration(run.instance.uuid)
-        if migration is not None:
-            _confirm_first(run, migration)
-            run.fields["previous_vm_state"] = None
+    # Confirm first, as Nova does, so nothing is left on the source (bug 1202484): a resized instance's
+    # move, and also one the delete took over mid-way (its source may already keep a copy).
+    migration = run.store.open_migration(run.instance.uuid)
+    if migration is not None:
+        _confirm_first(run, migration)
+        run.fields["previous_vm_state"] = None
 
 
 def _destroy(run: TaskRun) -> None:
@@ -86,7 +86,7 @@ def _confirm_first(run: TaskRun, migration: Migration) -> None:
             raise
         # The source's kept disk stays behind; its image cache cleanup removes stale _resize copies.
         run.store.release_claims(run.instance.uuid, migration.source_host)
-        run.store.update_migration(migration.id, status="confirmed")
+        run.store.update_migration(migration.id, status=MigrationStatus.CONFIRMED)
 
 
 def _local(run: TaskRun, message: str) -> None:

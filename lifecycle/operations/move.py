@@ -20,13 +20,14 @@ from dataclasses import replace
 from drivers.base import DomainSpec
 from lifecycle.errors import DriverError, LifecycleError
 from lifecycle.records import Flavor, Migration
-from lifecycle.states import TaskState, VmState
+from lifecycle.states import MigrationStatus, TaskState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
 
 __all__ = ["STEPS", "revert_on_source"]
 
 T = TaskState
+MS = MigrationStatus
 
 
 def _spec(run: TaskRun, flavor: Flavor) -> DomainSpec:
@@ -50,12 +51,12 @@ def move(run: TaskRun) -> None:
     run.advance(T.RESIZE_MIGRATING)
     source_disk = _leave_source(run, migration)
     run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host)
-    store.update_migration(migration.id, status="post-migrating")
+    store.update_migration(migration.id, status=MS.POST_MIGRATING)
     run.advance(T.RESIZE_FINISH)
     run.driver.finish_migration(_spec(run, migration.new_flavor), source_disk, power_on=_power_on(migration))
     run.fields["flavor"] = migration.new_flavor
     run.fields["previous_vm_state"] = migration.previous_vm_state
-    store.update_migration(migration.id, status="finished", finished_at=now())
+    store.update_migration(migration.id, status=MS.FINISHED, finished_at=now())
 
 
 def _prepare(run: TaskRun) -> Migration:
@@ -73,7 +74,7 @@ def _prepare(run: TaskRun) -> Migration:
         dest_host=dest,
         old_flavor=run.instance.flavor,
         new_flavor=new_flavor,
-        status="pre-migrating",
+        status=MS.PRE_MIGRATING,
         previous_vm_state=run.source_vm_state,
         source_disk=None,
         created_at=at,
@@ -88,7 +89,7 @@ def _leave_source(run: TaskRun, migration: Migration) -> str:
     store = run.store
     if migration.source_disk is not None:  # resumed: the disk already left
         return migration.source_disk
-    store.update_migration(migration.id, status="migrating")
+    store.update_migration(migration.id, status=MS.MIGRATING)
     try:
         disk = run.driver.migrate_disk_and_power_off(
             run.instance.uuid,
@@ -111,7 +112,7 @@ def revert_on_source(run: TaskRun, migration: Migration) -> None:
             _spec(run, migration.old_flavor), power_on=_power_on(migration)
         )
     run.store.release_claims(run.instance.uuid, migration.dest_host)
-    run.store.update_migration(migration.id, status="error")
+    run.store.update_migration(migration.id, status=MS.ERROR)
 
 
 def confirm(run: TaskRun) -> None:
@@ -124,21 +125,21 @@ def confirm(run: TaskRun) -> None:
 
 def confirm_on_source(run: TaskRun, migration: Migration) -> None:
     """Clean the source of a finished move (also what delete does first for a resized instance)."""
-    run.store.update_migration(migration.id, status="confirming")
+    run.store.update_migration(migration.id, status=MS.CONFIRMING)
     try:
         run.on(migration.source_host).confirm_migration(run.instance.uuid)
     except LifecycleError:
-        run.store.update_migration(migration.id, status="finished")  # retried later, never stuck
+        run.store.update_migration(migration.id, status=MS.FINISHED)  # retried later, never stuck
         raise
     run.store.release_claims(run.instance.uuid, migration.source_host)
-    run.store.update_migration(migration.id, status="confirmed")
+    run.store.update_migration(migration.id, status=MS.CONFIRMED)
 
 
 def revert(run: TaskRun) -> None:
     """Destroy the destination's copy, put the source back with the old flavor, as before the move."""
     migration = run.store.open_migration(run.instance.uuid)
     assert migration is not None and migration.dest_host is not None, "a resized instance has an open migration"
-    run.store.update_migration(migration.id, status="reverting")
+    run.store.update_migration(migration.id, status=MS.REVERTING)
     run.on(migration.dest_host).destroy(run.instance.uuid, destroy_disks=True)
     run.store.release_claims(run.instance.uuid, migration.dest_host)
     run.on(migration.source_host).finish_revert_migration(
@@ -146,7 +147,7 @@ def revert(run: TaskRun) -> None:
     )
     run.store.revoke_console_tokens(run.instance.uuid)
     run.fields |= {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
-    run.store.update_migration(migration.id, status="reverted")
+    run.store.update_migration(migration.id, status=MS.REVERTED)
 
 
 STEPS: dict[str, Steps] = {"resize": move, "migrate": move, "confirm_resize": confirm, "revert_resize": revert}

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Outcome, Task
-from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store.db import aware
 from lifecycle.store.tables import (
     AuditRow,
@@ -155,7 +155,7 @@ def migration_values(m: Migration) -> dict[str, Any]:
         "dest_host": m.dest_host,
         "old_flavor": _flavor_json(m.old_flavor),
         "new_flavor": _flavor_json(m.new_flavor),
-        "status": m.status,
+        "status": m.status.value,
         "previous_vm_state": m.previous_vm_state.value,
         "source_disk": m.source_disk,
         "created_at": m.created_at,
@@ -175,7 +175,7 @@ def migration_from(r: sa.RowMapping) -> Migration:
         dest_host=r["dest_host"],
         old_flavor=Flavor(**json.loads(r["old_flavor"])),
         new_flavor=Flavor(**json.loads(r["new_flavor"])),
-        status=r["status"],
+        status=MigrationStatus(r["status"]),
         previous_vm_state=VmState(r["previous_vm_state"]),
         source_disk=r["source_disk"],
         created_at=stamp(r["created_at"]),

@@ -7,7 +7,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from lifecycle.errors import Conflict
 from lifecycle.records import Migration
+from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus
 from lifecycle.store._base import StoreBase
 from lifecycle.store._rows import MIGRATIONS, migration_from, migration_values
 from lifecycle.store.db import now
@@ -15,6 +17,7 @@ from lifecycle.store.db import now
 __all__ = ["Moves"]
 
 _M = MIGRATIONS
+_CLOSED = [s.value for s in MigrationStatus if not s.open]
 
 
 class Moves(StoreBase):
@@ -26,10 +29,28 @@ class Moves(StoreBase):
             conn.execute(sa.insert(_M), migration_values(migration))
 
     def update_migration(self, migration_id: str, **values: Any) -> Migration:
-        """Change a migration's status (and dest host, source disk, finished_at...)."""
+        """Change a migration's status (and dest host, source disk, finished_at...).
+
+        A new status is written only from a status that may lead to it
+        (:data:`lifecycle.states.MIGRATION_TRANSITIONS`); any other raises
+        :class:`Conflict` and writes nothing.
+        """
         values["updated_at"] = now()
+        query = sa.update(_M).where(_M.c.id == migration_id)
+        status = values.get("status")
+        if status is not None:
+            new = MigrationStatus(status)
+            sources = [new.value, *(s.value for s, exits in MIGRATION_TRANSITIONS.items() if new in exits)]
+            query = query.where(_M.c.status.in_(sources))
+            values["status"] = new.value
         with self.engine.begin() as conn:
-            conn.execute(sa.update(_M).where(_M.c.id == migration_id).values(**values))
+            if conn.execute(query.values(**values)).rowcount != 1:
+                actual = self.get_migration(migration_id)
+                raise Conflict(
+                    actual.instance_uuid,
+                    {"migration status": f"one leading to {status}"},
+                    {"migration status": actual.status.value},
+                )
         return self.get_migration(migration_id)
 
     def get_migration(self, migration_id: str) -> Migration:
@@ -41,7 +62,7 @@ class Moves(StoreBase):
         """Return the instance's newest migration not yet confirmed, reverted or failed."""
         query = (
             sa.select(_M)
-            .where(_M.c.instance_uuid == uuid, _M.c.status.not_in(("confirmed", "reverted", "error")))
+            .where(_M.c.instance_uuid == uuid, _M.c.status.not_in(_CLOSED))
             .order_by(_M.c.created_at.desc())
         )
         with self._read() as conn:
@@ -50,14 +71,18 @@ class Moves(StoreBase):
 
     def migrations_finished_before(self, moment: datetime) -> list[Migration]:
         """Return finished migrations whose finish is older than ``moment`` (the confirm window)."""
-        query = sa.select(_M).where(_M.c.status == "finished", _M.c.finished_at < moment).order_by(_M.c.finished_at)
+        query = (
+            sa.select(_M)
+            .where(_M.c.status == MigrationStatus.FINISHED.value, _M.c.finished_at < moment)
+            .order_by(_M.c.finished_at)
+        )
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
 
     def _open_migrations_touching(self, host: str) -> list[Migration]:
         query = sa.select(_M).where(
             sa.or_(_M.c.source_host == host, _M.c.dest_host == host),
-            _M.c.status.not_in(("confirmed", "reverted", "error", "failed")),
+            _M.c.status.not_in(_CLOSED),
         )
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
