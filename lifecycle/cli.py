@@ -185,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--capability", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     add.add_argument("--hypervisor-type", default="qemu")
     add.add_argument("--architecture", default="x86_64")
+    add.add_argument(
+        "--console-address", help="the host's management address: its guests' VNC listens there (remote hosts)"
+    )
     host.add_parser("list", help="list hosts", parents=[common])
     for verb in ("show", "enable", "disable", "heartbeat"):
         host.add_parser(verb, help=f"{verb} a host", parents=[common]).add_argument("name")
@@ -451,6 +454,7 @@ def _hosts(engine: Engine, args: argparse.Namespace) -> None:
             capabilities=_pairs(args.capability, "--capability"),
             hypervisor_type=args.hypervisor_type,
             architecture=args.architecture,
+            console_address=args.console_address,
         )
     elif command == "list":
         hosts = engine.hosts()

@@ -70,9 +70,10 @@ def issue(
             reason="the instance has no host, so no console" if instance.host is None else None,
         )
     console = driver_for(instance.host).get_vnc_console(instance.uuid)
+    address = store.get_host(instance.host).console_address or console.host  # a remote host's own address
     token = secrets.token_urlsafe(32)
     expires_at = now() + timedelta(seconds=ttl_seconds)
-    store.add_console_token(_hash(token), instance, console.host, console.port, expires_at)
+    store.add_console_token(_hash(token), instance, address, console.port, expires_at)
     url = f"{base_url}?path={quote(f'?token={token}', safe='')}"
     return ConsoleAccess(instance.uuid, url, token, expires_at)
 

@@ -10,6 +10,8 @@ on the engine's executor.
 from __future__ import annotations
 
 import builtins
+import ipaddress
+import re
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
@@ -58,6 +60,18 @@ def _short(kind: str, value: object, limit: int) -> str:
     text = validation.name(kind, value)
     if len(text) > limit:
         raise InvalidInput(f"{kind} {text[:40]!r}... is {len(text)} characters: at most {limit}")
+    return text
+
+
+def _console_address(value: object) -> str | None:
+    if value is None:
+        return None
+    text = _short("console address", value, 255)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", text):
+            raise InvalidInput(f"console address {text!r} is neither an IP address nor a host name") from None
     return text
 
 
@@ -120,11 +134,14 @@ class Engine:
         capabilities: dict[str, str] | None = None,
         hypervisor_type: str = "qemu",
         architecture: str = "x86_64",
+        console_address: str | None = None,
     ) -> Host:
         """Register a host reached through ``driver_uri``; resources None are not tracked.
 
         The URI is checked, not opened (see :func:`drivers.validate_uri`): a
-        host may be registered before its hypervisor answers.
+        host may be registered before its hypervisor answers. ``console_address``
+        is the host's management address, where its guests' VNC servers listen
+        and console tokens lead (default: the engine's ``vnc_listen``).
         """
         validation.name("host", name)
         if not isinstance(driver_uri, str):
@@ -147,6 +164,7 @@ class Engine:
             capabilities=_labels("capabilities", capabilities),
             hypervisor_type=_short("hypervisor type", hypervisor_type, 64),
             architecture=_short("architecture", architecture, 32),
+            console_address=_console_address(console_address),
         )
 
     def host(self, name: str) -> Host:
@@ -522,6 +540,6 @@ class Engine:
             host.name,
             host.instances_path,
             domain_type=s.libvirt_domain_type,
-            vnc_listen=s.vnc_listen,
+            vnc_listen=host.console_address or s.vnc_listen,
             soft_reboot_seconds=s.soft_reboot_seconds,
         )

@@ -160,6 +160,8 @@ class Host:
     architecture: str = "x86_64"
     metrics: dict[str, float] = field(default_factory=dict)
     last_heartbeat: datetime | None = None
+    console_address: str | None = None
+    """Where the host's guests' VNC servers listen (a remote host's management address); None: ``vnc_listen``."""
 
 
 @dataclass(frozen=True, slots=True)

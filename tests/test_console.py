@@ -71,3 +71,19 @@ def test_a_moved_instance_invalidates_its_tokens(engine: Engine, new_instance: C
         table = InstanceRow.__table__  # type: ignore[attr-defined]
         db.execute(sa.update(table).where(table.c.uuid == uuid).values(host="h2"))
     assert engine.check_console_token(token) is None
+
+
+def test_a_remote_hosts_console_resolves_to_its_own_address(engine: Engine) -> None:
+    """A host registered with a console address has its console tokens lead there, not to the engine's vnc_listen."""
+    engine.add_host("far", "fake://", console_address="192.0.2.10")
+    uuid = engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
+    connection = engine.check_console_token(engine.get_vnc_console(uuid).token)
+    assert connection is not None and connection.host == "192.0.2.10"
+
+
+@pytest.mark.parametrize("address", ["", "not an address", "a" * 300, "host\x85name"])
+def test_a_bad_console_address_is_refused(engine: Engine, address: str) -> None:
+    """A console address must be an IP address or a host name; anything else is refused before the host is added."""
+    with pytest.raises(InvalidInput):
+        engine.add_host("far", "fake://", console_address=address)
+    assert "far" not in [h.name for h in engine.hosts()]

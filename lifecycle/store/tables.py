@@ -55,6 +55,8 @@ class HostRow(SQLModel, table=True):
     """JSON object of metric values for the metrics weigher."""
     last_heartbeat: datetime | None = Field(default=None, sa_type=_TS)
     """When a daemon owning the host last reported; a host silent for too long is down."""
+    console_address: str | None = Field(default=None, max_length=255)
+    """The host's management address: its guests' VNC servers listen there (None: the engine's vnc_listen)."""
 
 
 class ClaimRow(SQLModel, table=True):
