@@ -32,7 +32,7 @@ from lifecycle.daemon import Daemon
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
 from lifecycle.operations import STEPS
-from lifecycle.records import Flavor, Host, Image, Instance, Task, to_plain
+from lifecycle.records import Flavor, Host, Image, Instance, Migration, Task, to_plain
 from lifecycle.recovery import vars_of
 from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
 from lifecycle.store.db import connect, current_revision, downgrade, now
@@ -287,6 +287,12 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--all", action="store_true", help="include deleted instances")
     sub.add_parser("history", help="an instance's audit log", parents=[common]).add_argument("uuid")
     sub.add_parser("tasks", help="an instance's tasks and their step logs", parents=[common]).add_argument("uuid")
+    migration = sub.add_parser("migration", help="cold migrations and resizes", parents=[common]).add_subparsers(
+        dest="migration_command", required=True
+    )
+    mlist = migration.add_parser("list", help="list migrations, newest first", parents=[common])
+    mlist.add_argument("--host", help="only those from or to this host")
+    migration.add_parser("show", help="show a migration", parents=[common]).add_argument("id")
     gr = sub.add_parser("graph", help="print the state graph", parents=[common])
     gr.add_argument("--format", choices=("mermaid", "json"), default="mermaid")
     demo = sub.add_parser("demo", help="run a demonstration on a scratch database", parents=[common])
@@ -410,6 +416,23 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
             lines.append(_safe(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})"))
             lines += [_safe(f"    {s.seq}. {s.name} {s.result or 'running'}") for s in engine.steps(t.id)]
         _emit(args, data, "\n".join(lines))
+
+
+def _migration_line(m: Migration) -> str:
+    done = m.finished_at.isoformat(timespec="seconds") if m.finished_at else "-"
+    return _safe(
+        f"{m.id}  {m.instance_uuid}  {m.kind:<9} {m.status.value:<14} {m.source_host} -> {m.dest_host or '-'}"
+        f"  {m.old_flavor} -> {m.new_flavor}  started {m.created_at.isoformat(timespec='seconds')} finished {done}"
+    )
+
+
+def _migrations(engine: Engine, args: argparse.Namespace) -> None:
+    if args.migration_command == "show":
+        m = engine.migration(args.id)
+        _emit(args, to_plain(m), _migration_line(m))
+        return
+    rows = engine.migrations(args.host)
+    _emit(args, to_plain(rows), "\n".join(_migration_line(m) for m in rows) or "no migrations")
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -599,6 +622,7 @@ _HANDLERS: dict[str, Callable[[Engine, argparse.Namespace], int | None]] = {
     "list": _read,
     "history": _read,
     "tasks": _read,
+    "migration": _migrations,
     "host": _admin,
     "image": _admin,
 }

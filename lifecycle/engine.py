@@ -26,7 +26,7 @@ from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
 from lifecycle.placement import scheduler_for
-from lifecycle.records import Cause, Flavor, Host, Image, Instance, Task, TaskStep
+from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.resize_window import WindowResult, poll_unconfirmed_resizes
 from lifecycle.runner import Runner, check_call
@@ -242,6 +242,16 @@ class Engine:
     def tasks(self, uuid: str) -> builtins.list[Task]:
         """Return every task of an instance, oldest first; :class:`InstanceNotFound` for an unknown one."""
         return self.store.tasks_of(self.get(uuid).uuid)
+
+    def migrations(self, host: str | None = None) -> builtins.list[Migration]:
+        """Return cold migrations and resizes, newest first, optionally those from or to ``host``."""
+        if host is not None:
+            self.host(validation.name("host", host))
+        return self.store.list_migrations(host)
+
+    def migration(self, migration_id: str) -> Migration:
+        """Return one migration by id; :class:`MigrationNotFound` otherwise."""
+        return self.store.get_migration(validation.uuid(migration_id, "migration"))
 
     def steps(self, task_id: str) -> builtins.list[TaskStep]:
         """Return a task's step log."""

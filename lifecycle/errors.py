@@ -14,6 +14,7 @@ The tree::
     │   ├── InvalidFlavor
     │   ├── AlreadyExists
     │   ├── TaskNotFound
+    │   ├── MigrationNotFound
     │   ├── IdempotencyMismatch  a key reused for another call
     │   └── HostInUse            a host still holds instances
     ├── InvalidState            the operation's guard refused the current states
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidInput",
     "InvalidState",
     "LifecycleError",
+    "MigrationNotFound",
     "NoValidHost",
     "Preempted",
     "SchemaOutOfDate",
@@ -121,6 +123,14 @@ class TaskNotFound(InvalidInput):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         super().__init__(f"task {task_id!r} not found")
+
+
+class MigrationNotFound(InvalidInput):
+    """No migration has this id."""
+
+    def __init__(self, migration_id: str) -> None:
+        self.migration_id = migration_id
+        super().__init__(f"migration {migration_id!r} not found")
 
 
 class IdempotencyMismatch(InvalidInput):

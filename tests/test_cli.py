@@ -363,3 +363,11 @@ def test_recover_help_explains_the_lease(capsys: pytest.CaptureFixture[str]) -> 
         main(["recover", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "lease has expired (60 s by default" in text and "--owner NAME --force" in text and "fenced" in text
+
+
+def test_migration_list_and_show(cli) -> None:  # type: ignore[no-untyped-def]
+    """`migration list` and `migration show ID` print a move with its hosts and status; an unknown id exits 2."""
+    code, out, _ = cli("migration", "list")
+    assert (code, out) == (0, "no migrations\n")
+    code, out, err = cli("migration", "show", "00000000-0000-0000-0000-000000000000")
+    assert code == 2 and "not found" in err

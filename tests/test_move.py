@@ -192,3 +192,20 @@ def test_the_store_refuses_a_migration_status_the_chart_does_not_allow(cloud: En
     with pytest.raises(Conflict, match="migration status"):
         cloud.store.update_migration(migration.id, status=MigrationStatus.MIGRATING)
     assert cloud.store.get_migration(migration.id).status is MigrationStatus.CONFIRMED
+
+
+def test_migrations_are_listed_and_shown(cloud: Engine) -> None:
+    """engine.migrations lists moves newest first (filtered by host); engine.migration shows one or says not found."""
+    from lifecycle.errors import MigrationNotFound
+
+    uuid = _vm(cloud)
+    cloud.migrate(uuid)
+    (m,) = cloud.migrations()
+    assert (m.instance_uuid, m.source_host, m.dest_host, m.status) == (uuid, "a", "b", MigrationStatus.FINISHED)
+    assert cloud.migrations("b") == [m] and cloud.migration(m.id) == m
+    cloud.add_host("c", "fake://")
+    assert cloud.migrations("c") == []
+    with pytest.raises(MigrationNotFound):
+        cloud.migration("00000000-0000-0000-0000-000000000000")
+    with pytest.raises(InvalidInput):
+        cloud.migration("nope")

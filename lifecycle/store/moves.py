@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lifecycle.errors import Conflict
+from lifecycle.errors import Conflict, MigrationNotFound
 from lifecycle.records import Migration
 from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus
 from lifecycle.store._base import StoreBase
@@ -54,9 +54,20 @@ class Moves(StoreBase):
         return self.get_migration(migration_id)
 
     def get_migration(self, migration_id: str) -> Migration:
-        """Return a migration by id."""
+        """Return a migration by id; :class:`MigrationNotFound` otherwise."""
         with self._read() as conn:
-            return migration_from(conn.execute(sa.select(_M).where(_M.c.id == migration_id)).mappings().one())
+            row = conn.execute(sa.select(_M).where(_M.c.id == migration_id)).mappings().first()
+        if row is None:
+            raise MigrationNotFound(migration_id)
+        return migration_from(row)
+
+    def list_migrations(self, host: str | None = None) -> list[Migration]:
+        """Return migrations, newest first, optionally those whose source or destination is ``host``."""
+        query = sa.select(_M).order_by(_M.c.created_at.desc(), _M.c.id)
+        if host is not None:
+            query = query.where(sa.or_(_M.c.source_host == host, _M.c.dest_host == host))
+        with self._read() as conn:
+            return [migration_from(r) for r in conn.execute(query).mappings()]
 
     def open_migration(self, uuid: str) -> Migration | None:
         """Return the instance's newest migration not yet confirmed, reverted or failed."""
