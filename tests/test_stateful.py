@@ -252,6 +252,9 @@ class Lifecycle(RuleBasedStateMachine):
             if source is not None:
                 source.clear_faults("finish_revert_migration")
                 return source.unreachable
+        if instance.vm_state is VmState.ERROR and op not in ("delete", "force_delete"):
+            # test_an_instance_brought_back_from_a_failed_move_holds_only_its_own_claim
+            return self.engine.store.open_migration(uuid) is not None
         # test_soft_delete_of_a_resized_instance_failing_after_the_confirm_leaves_it_unresized
         return op == "soft_delete" and instance.vm_state is VmState.RESIZED
 
