@@ -29,6 +29,7 @@ from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, Invali
 from lifecycle.operations import STEPS
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Image, Instance, Outcome, Task
+from lifecycle.states import VmState
 from lifecycle.store import Store
 from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun, execute
@@ -37,8 +38,8 @@ __all__ = ["Runner", "check_call"]
 
 log = structlog.get_logger(__name__)
 
-# An instance with no host has no guest to act on: only these remove it (a database-only delete).
-_HOSTLESS_OPERATIONS = frozenset({"delete", "force_delete"})
+# What is left for an instance without a host (a database-only delete) or with a failed move half-way.
+_ONLY_DELETE_LEFT = frozenset({"delete", "force_delete"})
 
 
 class Runner:
@@ -105,7 +106,8 @@ class Runner:
                 if replayed is not None:
                     return replayed
             first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
-            if instance.host is None and operation not in _HOSTLESS_OPERATIONS:
+            reason = self._only_delete(instance) if operation not in _ONLY_DELETE_LEFT else None
+            if reason is not None:
                 raise InvalidState(
                     operation,
                     uuid,
@@ -113,8 +115,7 @@ class Runner:
                     instance.task_state,
                     op.allowed_vm_states,
                     op.allowed_task_states,
-                    reason="the instance has no host (it was never built, or its host was removed):"
-                    " only delete and force_delete are possible",
+                    reason=reason + ": only delete and force_delete are possible",
                 )
             preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
             task = self.new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
@@ -152,6 +153,15 @@ class Runner:
             self.prepare_move(run)
             return self.launch(run, wait)
         raise AssertionError("unreachable")
+
+    def _only_delete(self, instance: Instance) -> str | None:
+        """Why nothing but a delete may touch ``instance`` now, or None."""
+        if instance.host is None:
+            return "the instance has no host (it was never built, or its host was removed)"
+        if instance.vm_state is VmState.ERROR and self.store.open_migration(instance.uuid) is not None:
+            # Reviving it would leave the move's claims and the source's kept disk behind, on the wrong flavor.
+            return "a move of this instance failed half-way and is still open"
+        return None
 
     def replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
         """Return the task an earlier call with ``key`` started, as that call ended.

@@ -72,6 +72,9 @@ class TaskRun:
         """The task this one took over when it began, if any (see :mod:`lifecycle.preemption`)."""
         self.touched: set[str] = set()
         """Hosts this run drove or claimed: where a late call of a preempted worker may have left something."""
+        self.changed = False
+        """Set once the task changed the instance beyond undoing (a move left its source, a delete
+        confirmed a move): a failure then ends in error instead of keeping the vm_state."""
         self.fail_fields: dict[str, Any] = {}
         """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
         self._seq = 1
@@ -191,6 +194,11 @@ class TaskRun:
         self._step(state, message, fields)
         self._written = self._position
 
+    def migration_status(self, migration_id: str, status: Any, **values: Any) -> None:
+        """Write a move's status for this task, once the task is known to be still ours (as a driver call is)."""
+        self.store.fence(self.task)
+        self.store.update_migration(migration_id, status=status, **values)
+
     def power_off(self, timeout: float | None = None) -> None:
         """Shut the guest down cleanly within ``timeout`` (default ``shutdown_timeout``), then hard."""
         self.driver.power_off(
@@ -258,7 +266,7 @@ class TaskRun:
             self.source_vm_state,
             succeeded=False,
             power=power,
-            before_power=self.before_power,
+            before_power=None if self.changed else self.before_power,
         )
         message = f"{type(exc).__name__}: {exc}"
         self.instance = self.store.finish(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from datetime import timedelta
 
-from lifecycle.errors import DomainNotFound, DriverUnavailable
+from lifecycle.errors import Conflict, DomainNotFound, DriverUnavailable
 from lifecycle.operations import move
 from lifecycle.records import Migration
 from lifecycle.states import MigrationStatus, PowerState
@@ -69,6 +69,7 @@ def _confirm_open_move(run: TaskRun) -> None:
     if migration is not None:
         _confirm_first(run, migration)
         run.fields["previous_vm_state"] = None
+        run.changed = True  # no longer resized: a failure from here on cannot keep that vm_state
 
 
 def _destroy(run: TaskRun) -> None:
@@ -81,12 +82,16 @@ def _destroy(run: TaskRun) -> None:
 def _confirm_first(run: TaskRun, migration: Migration) -> None:
     try:
         move.confirm_on_source(run, migration)
+    except Conflict:
+        if run.store.get_migration(migration.id).status.open:
+            raise
+        return  # the task this delete took over closed the move meanwhile: nothing is left to confirm
     except DriverUnavailable:
         if not _host_down(run, migration.source_host):
             raise
         # The source's kept disk stays behind; its image cache cleanup removes stale _resize copies.
         run.store.release_claims(run.instance.uuid, migration.source_host)
-        run.store.update_migration(migration.id, status=MigrationStatus.CONFIRMED)
+        run.migration_status(migration.id, MigrationStatus.CONFIRMED)
 
 
 def _local(run: TaskRun, message: str) -> None:

@@ -18,7 +18,7 @@ import uuid as uuidlib
 from dataclasses import replace
 
 from drivers.base import DomainSpec
-from lifecycle.errors import DriverError, LifecycleError
+from lifecycle.errors import DomainNotFound, DriverError, LifecycleError
 from lifecycle.records import Flavor, Migration
 from lifecycle.states import MigrationStatus, TaskState, VmState
 from lifecycle.store.db import now
@@ -51,12 +51,14 @@ def move(run: TaskRun) -> None:
     run.advance(T.RESIZE_MIGRATING)
     source_disk = _leave_source(run, migration)
     run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host)
-    store.update_migration(migration.id, status=MS.POST_MIGRATING)
+    run.changed = True  # the guest left its source: a failure from here on cannot keep the vm_state
+    run.migration_status(migration.id, MS.POST_MIGRATING)
     run.advance(T.RESIZE_FINISH)
     run.driver.finish_migration(_spec(run, migration.new_flavor), source_disk, power_on=_power_on(migration))
     run.fields["flavor"] = migration.new_flavor
     run.fields["previous_vm_state"] = migration.previous_vm_state
-    store.update_migration(migration.id, status=MS.FINISHED, finished_at=now())
+    run.end_power = run.read_power()  # here, so that a failure to read it is the move's (error, move open)
+    run.migration_status(migration.id, MS.FINISHED, finished_at=now())
 
 
 def _prepare(run: TaskRun) -> Migration:
@@ -89,7 +91,7 @@ def _leave_source(run: TaskRun, migration: Migration) -> str:
     store = run.store
     if migration.source_disk is not None:  # resumed: the disk already left
         return migration.source_disk
-    store.update_migration(migration.id, status=MS.MIGRATING)
+    run.migration_status(migration.id, MS.MIGRATING)
     try:
         disk = run.driver.migrate_disk_and_power_off(
             run.instance.uuid,
@@ -112,7 +114,7 @@ def revert_on_source(run: TaskRun, migration: Migration) -> None:
             _spec(run, migration.old_flavor), power_on=_power_on(migration)
         )
     run.store.release_claims(run.instance.uuid, migration.dest_host)
-    run.store.update_migration(migration.id, status=MS.ERROR)
+    run.migration_status(migration.id, MS.ERROR)
 
 
 def confirm(run: TaskRun) -> None:
@@ -125,29 +127,39 @@ def confirm(run: TaskRun) -> None:
 
 def confirm_on_source(run: TaskRun, migration: Migration) -> None:
     """Clean the source of a finished move (also what delete does first for a resized instance)."""
-    run.store.update_migration(migration.id, status=MS.CONFIRMING)
+    run.migration_status(migration.id, MS.CONFIRMING)
     try:
         run.on(migration.source_host).confirm_migration(run.instance.uuid)
     except LifecycleError:
-        run.store.update_migration(migration.id, status=MS.FINISHED)  # retried later, never stuck
+        run.migration_status(migration.id, MS.FINISHED)  # retried later, never stuck
         raise
     run.store.release_claims(run.instance.uuid, migration.source_host)
-    run.store.update_migration(migration.id, status=MS.CONFIRMED)
+    run.migration_status(migration.id, MS.CONFIRMED)
 
 
 def revert(run: TaskRun) -> None:
-    """Destroy the destination's copy, put the source back with the old flavor, as before the move."""
+    """Put the source back with the old flavor, as before the move, then destroy the destination's copy.
+
+    The destination's guest is powered off first (never two running copies),
+    but its disk and claim go only once the source is back: a restore that
+    fails leaves the instance where its claim and disk still are.
+    """
     migration = run.store.open_migration(run.instance.uuid)
     assert migration is not None and migration.dest_host is not None, "a resized instance has an open migration"
-    run.store.update_migration(migration.id, status=MS.REVERTING)
-    run.on(migration.dest_host).destroy(run.instance.uuid, destroy_disks=True)
-    run.store.release_claims(run.instance.uuid, migration.dest_host)
+    uuid = run.instance.uuid
+    run.migration_status(migration.id, MS.REVERTING)
+    with contextlib.suppress(DomainNotFound):
+        run.on(migration.dest_host).power_off(uuid, timeout=0, retry_interval=0)
     run.on(migration.source_host).finish_revert_migration(
         _spec(run, migration.old_flavor), power_on=_power_on(migration)
     )
-    run.store.revoke_console_tokens(run.instance.uuid)
-    run.fields |= {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
-    run.store.update_migration(migration.id, status=MS.REVERTED)
+    back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
+    run.fail_fields |= back  # from here on the guest lives on the source, whatever fails next
+    run.store.revoke_console_tokens(uuid)
+    run.store.release_claims(uuid, migration.dest_host)
+    run.on(migration.dest_host).destroy(uuid, destroy_disks=True)
+    run.fields |= back
+    run.migration_status(migration.id, MS.REVERTED)
 
 
 STEPS: dict[str, Steps] = {"resize": move, "migrate": move, "confirm_resize": confirm, "revert_resize": revert}
