@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lifecycle.errors import InvalidInput
@@ -95,4 +96,12 @@ class Settings:
         for name in _SECONDS:
             seconds(f"setting {name}", getattr(self, name))
         count("setting workers", self.workers, low=1, high=1024)
+        if not isinstance(self.reap_unknown_domains, bool):
+            raise InvalidInput(f"setting reap_unknown_domains must be True or False, got {self.reap_unknown_domains!r}")
+        if not isinstance(self.scheduler, SchedulerSettings):
+            raise InvalidInput(f"setting scheduler must be a SchedulerSettings, got {type(self.scheduler).__name__}")
+        for ratio in ("cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio"):
+            value = getattr(self.scheduler, ratio)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise InvalidInput(f"setting scheduler.{ratio} must be a finite number above 0, got {value!r}")
         count("setting sync_chunk_size", self.sync_chunk_size, low=1, high=1_000_000)

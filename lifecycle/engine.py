@@ -95,6 +95,10 @@ class Engine:
         driver_factory: DriverFactory | None = None,
         owner: str | None = None,
     ) -> None:
+        if settings is not None and not isinstance(settings, Settings):
+            raise InvalidInput(f"settings must be a lifecycle.Settings, got {type(settings).__name__}")
+        if owner is not None:
+            validation.name("owner", owner)
         self.settings = settings or Settings()
         self.store = Store(db_url, lease_seconds=self.settings.lease_seconds)
         check_schema(self.store.engine)
@@ -169,7 +173,7 @@ class Engine:
 
     def host(self, name: str) -> Host:
         """Return one host."""
-        return self.store.get_host(name)
+        return self.store.get_host(validation.name("host", name))
 
     def remove_host(self, name: str, *, force: bool = False) -> builtins.list[str]:
         """Forget a host; refused (:class:`HostInUse`) while instances live there, unless ``force``.
@@ -179,7 +183,9 @@ class Engine:
         uuids is returned; the guests are not touched. Instances with a
         running task or an open move are never orphaned.
         """
-        orphaned = self.store.remove_host(name, force=force)
+        if not isinstance(force, bool):
+            raise InvalidInput(f"force must be True or False, got {force!r}")
+        orphaned = self.store.remove_host(validation.name("host", name), force=force)
         with self._lock:
             driver = self._drivers.pop(name, None)
         if driver is not None:
@@ -267,6 +273,7 @@ class Engine:
         Opened under a lock of that host alone: connecting to a hypervisor that
         does not answer blocks callers for that host, never for the others.
         """
+        validation.name("host", host_name)
         with self._lock:
             driver = self._drivers.get(host_name)
             if driver is not None:
@@ -322,7 +329,7 @@ class Engine:
         A host whose pass cannot run (its hypervisor unreachable, say) gets a
         summary with ``error`` set; the other hosts are synced all the same.
         """
-        names = [self.store.get_host(host).name] if host is not None else [h.name for h in self.hosts()]
+        names = [self.host(host).name] if host is not None else [h.name for h in self.hosts()]
         return [self._sync_one(name) for name in names]
 
     def _sync_one(self, name: str) -> PassSummary:
@@ -337,6 +344,7 @@ class Engine:
         """Remove a host's unused cached base images older than the age; return them."""
         age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
         age = validation.seconds("image cache max age", age)
+        self.host(host)
         moving = frozenset(
             i.uuid
             for i in self.store.list_instances(include_deleted=False)

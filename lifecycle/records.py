@@ -85,6 +85,8 @@ class Flavor:
     @classmethod
     def parse(cls, text: str, name: str = "custom") -> Flavor:
         """Parse ``vcpus=N,ram=MiB,disk=GiB`` (all three required, nothing else; numbers in ASCII digits)."""
+        if not isinstance(text, str):
+            raise InvalidFlavor(repr(text)[:80], "a flavor is text: vcpus=N,ram=MiB,disk=GiB")
         values: dict[str, int] = {}
         shown = text if len(text) <= 80 else f"{text[:77]}..."  # the error message quotes it
         for part in filter(None, (p.strip(" ") for p in text.split(","))):

@@ -27,7 +27,7 @@ from lifecycle import graph
 from lifecycle.errors import DriverError, LifecycleError, Preempted, TaskFailed
 from lifecycle.operations import move
 from lifecycle.records import Task
-from lifecycle.states import TaskState
+from lifecycle.states import PowerState, TaskState
 
 if TYPE_CHECKING:
     from lifecycle.runner import Runner
@@ -155,6 +155,9 @@ def _roll_back(run: TaskRun, reason: str) -> None:
             with contextlib.suppress(DriverError):
                 run.driver.destroy(run.instance.uuid, destroy_disks=True)
         run.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
-    run.before_power = run.read_power()
+    try:
+        run.before_power = run.read_power()
+    except Exception:  # an unreachable host must not keep a roll-back (which needs no driver) from ending
+        run.before_power = PowerState.NOSTATE
     run.fail(RecoveryRollBack(reason))
     raise TaskFailed(run.store.get_task(run.task.id), f"RecoveryRollBack: {reason}")

@@ -264,9 +264,11 @@ class Runner:
         self.prepare_move(run)
         return run
 
-    def image(self, name: str) -> Image:
+    def image(self, name: object) -> Image:
         """Return an image row (cached: image rows are never updated, no API changes one)."""
         # Image rows are never updated (no API changes one), so caching is safe.
+        validation.name("image", name)
+        assert isinstance(name, str)
         image = self._images.get(name)
         if image is None:
             image = self._images[name] = self.store.get_image(name)

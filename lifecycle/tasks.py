@@ -22,7 +22,7 @@ from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, Fenced, Preempted, TaskFailed
 from lifecycle.records import Cause, Image, Instance, Outcome, Task, TaskStep
-from lifecycle.states import PowerState, TaskState
+from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import Store
 
 __all__ = ["Steps", "TaskRun", "execute"]
@@ -78,6 +78,8 @@ class TaskRun:
         self.fail_fields: dict[str, Any] = {}
         """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
         self._seq = 1
+        self._verified = True
+        """The last write of this task proved it ours, and no driver call has been made since."""
         self._position = 0
         self._written = self._walk_index(instance.task_state)
 
@@ -95,9 +97,17 @@ class TaskRun:
         preempted or taken over by recovery (a newer epoch) stops before its
         next call instead of acting on a guest it no longer owns.
         """
-        self.store.fence(self.task)
+        self._fence()
         self.touched.add(host)
         return self.driver_for(host)
+
+    def _fence(self) -> None:
+        # Right after this task's own write (its start, a step, a takeover) the write itself proved the
+        # task was ours; only a second call with no write between needs to read the task again.
+        if self._verified:
+            self._verified = False
+            return
+        self.store.fence(self.task)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -196,7 +206,7 @@ class TaskRun:
 
     def migration_status(self, migration_id: str, status: Any, **values: Any) -> None:
         """Write a move's status for this task, once the task is known to be still ours (as a driver call is)."""
-        self.store.fence(self.task)
+        self._fence()
         self.store.update_migration(migration_id, status=status, **values)
 
     def power_off(self, timeout: float | None = None) -> None:
@@ -228,6 +238,7 @@ class TaskRun:
     def _step(self, task_state: TaskState, message: str | None, fields: dict[str, Any]) -> None:
         self._seq += 1
         self.instance = self.store.advance(self.instance, self.task, self._seq, task_state, self.why(message), **fields)
+        self._verified = True
         log.debug("task_step", task_state=task_state.value, seq=self._seq, message=message)
 
     def succeed(self) -> None:
@@ -343,16 +354,21 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
     """
     if preempted_by is None:
         return
-    preemptor = run.store.get_task(preempted_by).operation
-    if preemption.rule(preemptor, run.task.operation) is not preemption.Rule.DESTROY_LATE:
+    preemptor = run.store.get_task(preempted_by)
+    if preemption.rule(preemptor.operation, run.task.operation) is not preemption.Rule.DESTROY_LATE:
         return  # WAIT: the preemptor waited for this call; CONVERGE: the late call agrees with it
+    now_row = run.store.get_instance(run.instance.uuid)
+    deleted = now_row.vm_state is VmState.DELETED
+    if not deleted and now_row.task_id != preemptor.id:
+        return  # the delete failed (the instance lives on, error): what the late call made is the instance's
     recorded = {run.instance.host} if run.instance.host is not None else set()
     for host in sorted(run.touched | recorded):
         try:
             run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True)
         except Exception as exc:  # an unreachable host: its daemon reaps the leftover later
             log.warning("preempted_leftover_not_destroyed", host=host, error=f"{type(exc).__name__}: {exc}")
-    run.store.release_claims(run.instance.uuid)
+    if deleted:  # a delete still running releases every claim itself when it ends
+        run.store.release_claims(run.instance.uuid)
     log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -19,6 +20,7 @@ from lifecycle import (
     PowerState,
     TaskFailed,
     TaskNotFound,
+    TaskState,
     VmState,
 )
 from lifecycle.daemon import Daemon
@@ -483,3 +485,114 @@ def test_settings_refuse_an_unknown_reap_action() -> None:
         Settings(running_deleted_instance_action="explode")
     with pytest.raises(InvalidInput):
         Settings(sync_interval=float("nan"))
+
+
+def test_a_fenced_worker_cannot_write_after_a_forced_takeover(sqlite_url: str, fakes: Fakes) -> None:
+    """The old worker of a task taken over by force is refused at its write (epoch), and recovery's run ends it."""
+    from tests.images import fake_image
+
+    first = Engine(sqlite_url, driver_factory=fakes.factory, owner="node-1")
+    first.add_host("h1", "fake://")
+    first.add_image("cirros", fake_image())
+    uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    old_gate = fakes["h1"].hold("pause")
+    task = first.pause(uuid, wait=False)
+    assert old_gate.wait_entered()
+    second = Engine(sqlite_url, driver_factory=fakes.factory, owner="node-1")
+    new_gate = fakes["h1"].hold("pause")
+    recovering = threading.Thread(target=second.recover, kwargs={"force": True})
+    recovering.start()
+    assert new_gate.wait_entered()
+    old_gate.release()
+    first.wait_idle()
+    new_gate.release()
+    recovering.join(10)
+    finished = second.task(task.id)
+    assert (finished.outcome, finished.epoch, finished.actor) == (Outcome.SUCCEEDED, 1, "api")
+    writes = [e for e in second.history(uuid) if e.task_id == task.id and e.to_task_state is None]
+    assert len(writes) == 1 and writes[0].cause == "recovery"
+    assert second.get(uuid).vm_state is V.PAUSED
+    first.close()
+    second.close()
+
+
+def test_a_failed_delete_does_not_let_its_victim_destroy_the_guest(engine: Engine, fakes: Fakes) -> None:
+    """When the delete that took over a stop fails, the stop's late return leaves the domain and claim alone."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    gate = fakes["h1"].hold("power_off")
+    engine.stop(uuid, wait=False)
+    assert gate.wait_entered()
+    fakes["h1"].fail_next("destroy")
+    with pytest.raises(TaskFailed):
+        engine.force_delete(uuid)
+    gate.release()
+    engine.wait_idle()
+    i = engine.get(uuid)
+    assert i.vm_state is V.ERROR and fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == ["h1"]
+
+
+def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: str, fakes: Fakes) -> None:
+    """Recovery rolls a create back to error without a host although the host does not answer (no driver needed)."""
+    from drivers.fake import SimulatedCrash
+    from tests.images import fake_image
+
+    first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
+    first.add_host("h1", "fake://")
+    first.add_image("cirros", fake_image())
+    original = first.store.advance
+
+    def crash_at_bdm(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)  # type: ignore[arg-type]
+        if result.task_state is TaskState.BLOCK_DEVICE_MAPPING:
+            raise SimulatedCrash("crash at block_device_mapping")
+        return result
+
+    first.driver("h1")
+    first.store.advance = crash_at_bdm  # type: ignore[method-assign]
+    with pytest.raises(SimulatedCrash):
+        first.create("vm", host="h1", flavor=FLAVOR, image="cirros")
+    uuid = first.list()[0].uuid
+    fakes["h1"].unreachable = True
+    second = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
+    (result,) = second.recover(force=True)
+    i = second.get(uuid)
+    assert (result.outcome, i.vm_state, i.host, i.task_id) == ("rolled_back", V.ERROR, None, None)
+    assert second.store.claims_of(uuid) == []
+    second.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: e.host(["h1"]),
+        lambda e: e.remove_host({"h": 1}),
+        lambda e: e.sync(10**30),
+        lambda e: e.driver(object()),
+        lambda e: e.clean_image_cache(["h1"]),
+        lambda e: e.create("vm", flavor=FLAVOR, image=["cirros"]),
+    ],
+    ids=["host", "remove_host", "sync", "driver", "clean_image_cache", "create-image"],
+)
+def test_wrong_argument_types_are_invalid_input(engine: Engine, call: Callable[[Engine], object]) -> None:
+    """Library calls given a list, dict, object or huge integer where a name belongs raise InvalidInput."""
+    from lifecycle import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        call(engine)
+
+
+def test_settings_and_engine_arguments_are_checked(sqlite_url: str) -> None:
+    """Settings refuse a non-bool reap switch and bad ratios; Engine refuses non-Settings and unsafe owners."""
+    from lifecycle import Flavor, InvalidInput, Settings
+    from lifecycle.scheduler import SchedulerSettings
+
+    with pytest.raises(InvalidInput):
+        Settings(reap_unknown_domains="false")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        Settings(scheduler=SchedulerSettings(cpu_allocation_ratio=float("nan")))
+    with pytest.raises(InvalidInput):
+        Engine(sqlite_url, settings=1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        Engine(sqlite_url, owner="a\x00b")
+    with pytest.raises(InvalidInput):
+        Flavor.parse(None)  # type: ignore[arg-type]

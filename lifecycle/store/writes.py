@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from lifecycle.audit import Why
-from lifecycle.errors import AlreadyExists, Conflict
+from lifecycle.errors import AlreadyExists, Conflict, Fenced
 from lifecycle.records import Instance, Outcome, Task
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store._base import StoreBase, retry_on_deadlock
@@ -85,7 +85,7 @@ class Writes(StoreBase):
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, "ok" if why.message is None else "retried", why.message)
             open_step(conn, task.id, seq, task_state.value)
-            conn.execute(sa.update(_T).where(_T.c.id == task.id).values(lease_expires_at=at + self.lease))
+            _still_ours(conn, task, sa.update(_T).values(lease_expires_at=at + self.lease))
             audit(conn, expected, after, why)
         return after
 
@@ -119,11 +119,8 @@ class Writes(StoreBase):
         with self.engine.begin() as conn:
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, step_result, error)
-            conn.execute(
-                sa.update(_T)
-                .where(_T.c.id == task.id)
-                .values(outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at)
-            )
+            ended = dict(outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at)
+            _still_ours(conn, task, sa.update(_T).values(**ended))
             audit(conn, expected, after, why)
         return after
 
@@ -156,3 +153,15 @@ class Writes(StoreBase):
         """Close a task's open step without touching the instance (a preempted worker)."""
         with self.engine.begin() as conn:
             close_steps(conn, task_id, now(), result, detail)
+
+
+def _still_ours(conn: sa.Connection, task: Task, update: sa.Update) -> None:
+    """Run a worker's task-row update only at the epoch it holds; else raise :class:`Fenced` (the write rolls back).
+
+    The instance's compare-and-swap cannot tell a fenced worker from the
+    recovering one (both hold the same task id); the epoch can.
+    """
+    done = conn.execute(update.where(_T.c.id == task.id, _T.c.epoch == task.epoch)).rowcount
+    if done != 1:
+        current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
+        raise Fenced(task.id, task.instance_uuid, task.epoch, current)
