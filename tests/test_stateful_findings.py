@@ -114,12 +114,6 @@ def test_create_failing_at_its_final_power_read_keeps_no_host_claim_or_domain(cl
         assert engine.get(uuid).vm_state is VmState.ACTIVE and engine.store.claims_of(uuid) == ["h1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle/tasks.py TaskRun.succeed: the final power read (get_info) raising after a move's steps are"
-    " done fails the task, and revert_if_unchanged keeps vm_state active on the destination with the old flavor,"
-    " the migration open and claims on both hosts",
-)
 def test_resize_failing_at_its_final_power_read_keeps_claims_consistent(cloud: Cloud) -> None:
     """A resize whose final power read raised does not end active on the new host with the old flavor and two claims."""
     engine = cloud.setup(("h1", "h2"))
@@ -130,12 +124,6 @@ def test_resize_failing_at_its_final_power_read_keeps_claims_consistent(cloud: C
     check_claims(engine.store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle/operations/delete.py soft_delete: after confirming a resized instance's move, a failed"
-    " power off ends the task by revert_if_unchanged, so the instance stays resized with no open move:"
-    " confirm and revert then fail on their assertion, forever",
-)
 def test_soft_delete_of_a_resized_instance_failing_after_the_confirm_leaves_it_unresized(cloud: Cloud) -> None:
     """A soft delete that confirmed the move and then failed to power off does not leave the instance resized."""
     engine = cloud.setup(("h1", "h2"))
@@ -149,12 +137,6 @@ def test_soft_delete_of_a_resized_instance_failing_after_the_confirm_leaves_it_u
     check_claims(engine.store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle/operations/move.py revert: the destination's copy and claim go before the source is"
-    " restored; when finish_revert_migration fails the instance ends error still recorded on the destination,"
-    " where it has neither claim nor domain (a rebuild there would spawn without room)",
-)
 def test_revert_failing_on_the_source_leaves_the_instance_where_its_claim_and_disk_are(cloud: Cloud) -> None:
     """A revert whose restore on the source failed leaves the instance recorded on a host it holds a claim on."""
     engine = cloud.setup(("h1", "h2"))
@@ -168,13 +150,6 @@ def test_revert_failing_on_the_source_leaves_the_instance_where_its_claim_and_di
     check_claims(engine.store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle/graph.py and lifecycle/operations: a move that failed after the disk left the source leaves"
-    " the instance error with its move open; rebuild (or hard reboot, stop, rescue) brings it back active without"
-    " closing the move, so the source's claim and kept disk stay until delete, and the destination's claim keeps"
-    " the new flavor while the instance has the old one",
-)
 def test_an_instance_brought_back_from_a_failed_move_holds_only_its_own_claim(cloud: Cloud) -> None:
     """Rebuilding an instance left error by a failed move either is refused or leaves one claim, on its host, of its flavor."""
     engine = cloud.setup(("h1", "h2"))
