@@ -238,26 +238,6 @@ class Lifecycle(RuleBasedStateMachine):
     def _instance_uuid(self, data: st.DataObject) -> str:
         return data.draw(st.sampled_from(self.uuids), label="instance")
 
-    def _dodge_known_defects(self, op: str, uuid: str) -> bool:
-        """Keep ``op`` away from defects already pinned in tests/test_stateful_findings.py; True: do not run it."""
-        instance = self.engine.get(uuid)
-        if op in MOVES:
-            # test_resize_failing_at_its_final_power_read_keeps_claims_consistent
-            for fake in self.fakes.values():
-                fake.clear_faults("get_info")
-        if op == "revert_resize" and instance.vm_state is VmState.RESIZED:
-            # test_revert_failing_on_the_source_leaves_the_instance_where_its_claim_and_disk_are
-            migration = self.engine.store.open_migration(uuid)
-            source = self.fakes[migration.source_host] if migration is not None else None
-            if source is not None:
-                source.clear_faults("finish_revert_migration")
-                return source.unreachable
-        if instance.vm_state is VmState.ERROR and op not in ("delete", "force_delete"):
-            # test_an_instance_brought_back_from_a_failed_move_holds_only_its_own_claim
-            return self.engine.store.open_migration(uuid) is not None
-        # test_soft_delete_of_a_resized_instance_failing_after_the_confirm_leaves_it_unresized
-        return op == "soft_delete" and instance.vm_state is VmState.RESIZED
-
     # -- operations ------------------------------------------------------------
 
     @rule(
@@ -298,25 +278,19 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(data=st.data(), op=st.sampled_from(OPERATIONS))
     def operate(self, data: st.DataObject, op: str) -> None:
         """Run a power, rebuild or delete operation on any instance, deleted and host-less ones included."""
-        uuid = self._instance_uuid(data)
-        if not self._dodge_known_defects(op, uuid):
-            self._check_call(op, uuid)
+        self._check_call(op, self._instance_uuid(data))
 
     @precondition(lambda self: bool(self.uuids))
     @rule(data=st.data(), op=st.sampled_from(MOVES), dest=st.sampled_from(HOSTS))
     def move(self, data: st.DataObject, op: str, dest: str) -> None:
         """Resize, migrate (scheduled or to a named host), confirm or revert."""
-        uuid = self._instance_uuid(data)
-        if not self._dodge_known_defects(op, uuid):
-            self._check_call(op, uuid, dest)
+        self._check_call(op, self._instance_uuid(data), dest)
 
     @precondition(lambda self: bool(self.uuids))
     @rule(data=st.data(), op=st.sampled_from([*OPERATIONS, "stop_timeout"]), key=st.sampled_from(KEYS))
     def keyed_call(self, data: st.DataObject, op: str, key: str) -> None:
         """A call with an idempotency key: first use runs it, a replay answers it, a reuse is refused."""
         uuid = self._instance_uuid(data)
-        if self._dodge_known_defects(op, uuid):
-            return
         before, tasks = self.engine.get(uuid), self._tasks(uuid)
         first = self.keys.get(key)
         try:
@@ -367,8 +341,6 @@ class Lifecycle(RuleBasedStateMachine):
     def crash_and_recover(self, data: st.DataObject, op: str, call: str, dest: str, new_owner: bool) -> None:
         """The process dies after a driver call of an operation or move; a new engine recovers."""
         uuid = self._instance_uuid(data)
-        if self._dodge_known_defects(op, uuid):
-            return
         for fake in self.fakes.values():
             fake.crash_after(call)
         try:
