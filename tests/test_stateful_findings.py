@@ -166,12 +166,6 @@ def test_an_instance_brought_back_from_a_failed_move_holds_only_its_own_claim(cl
     check_claims(engine.store)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle/operations/move.py _leave_source and revert_on_source: the roll back on the source runs only"
-    " for a LifecycleError (and tolerates only a DriverError), so any other exception from the driver (OSError,"
-    " JSONDecodeError, a bug) leaves the destination's claim held and the move open on an instance still on its source",
-)
 @pytest.mark.parametrize(
     "faults",
     [

@@ -17,14 +17,18 @@ import contextlib
 import uuid as uuidlib
 from dataclasses import replace
 
+import structlog
+
 from drivers.base import DomainSpec
-from lifecycle.errors import DomainNotFound, DriverError, LifecycleError
+from lifecycle.errors import DomainNotFound, LifecycleError, Preempted
 from lifecycle.records import Flavor, Migration
 from lifecycle.states import MigrationStatus, TaskState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import Steps, TaskRun
 
 __all__ = ["STEPS", "revert_on_source"]
+
+log = structlog.get_logger(__name__)
 
 T = TaskState
 MS = MigrationStatus
@@ -98,7 +102,9 @@ def _leave_source(run: TaskRun, migration: Migration) -> str:
             timeout=run.settings.shutdown_timeout,
             retry_interval=run.settings.shutdown_retry_interval,
         )
-    except LifecycleError:
+    except Preempted:
+        raise  # a delete took the move over: it confirms and cleans up, this worker writes nothing
+    except Exception:  # any failure before the disk left, not only a driver's: back onto the source
         revert_on_source(run, migration)
         raise
     store.update_migration(migration.id, source_disk=disk)
@@ -109,10 +115,14 @@ def _leave_source(run: TaskRun, migration: Migration) -> str:
 def revert_on_source(run: TaskRun, migration: Migration) -> None:
     """Undo a move that had not left the source: source back as it was, destination claim released."""
     assert migration.dest_host is not None
-    with contextlib.suppress(DriverError):
+    try:
         run.on(migration.source_host).finish_revert_migration(
             _spec(run, migration.old_flavor), power_on=_power_on(migration)
         )
+    except Preempted:
+        raise
+    except Exception as exc:  # the roll back records itself whatever the source said; sync sees the guest
+        log.warning("source_restore_failed", host=migration.source_host, error=f"{type(exc).__name__}: {exc}")
     run.store.release_claims(run.instance.uuid, migration.dest_host)
     run.migration_status(migration.id, MS.ERROR)
 
