@@ -309,21 +309,15 @@ class LibvirtDriver(Driver):
 
     def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
         with self._calling("destroy", uuid) as conn:
-            try:
+            try:  # gone before or during the destroy (a racing delete, an operator) is what destroy wants
                 dom = self._domain(conn, uuid)
+                self._hard_stop(dom)
+                if dom.hasManagedSaveImage(0):
+                    dom.managedSaveRemove(0)
+                dom.undefine()
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
-                dom = None
-            if dom is not None:
-                self._hard_stop(dom)
-                try:
-                    if dom.hasManagedSaveImage(0):
-                        dom.managedSaveRemove(0)
-                    dom.undefine()
-                except libvirt.libvirtError as exc:
-                    if exc.get_error_code() != _ERR_NO_DOMAIN:
-                        raise
         if destroy_disks:
             self.images.remove_instance(uuid)
         self._point("destroy:done")
