@@ -367,8 +367,8 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
             run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True)
         except Exception as exc:  # an unreachable host: its daemon reaps the leftover later
             log.warning("preempted_leftover_not_destroyed", host=host, error=f"{type(exc).__name__}: {exc}")
-    if deleted:  # a delete still running releases every claim itself when it ends
-        run.store.release_claims(run.instance.uuid)
+    # Also while the delete still runs: it may have released the claims already, before this late one.
+    run.store.release_claims(run.instance.uuid)
     log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
 
 
