@@ -7,7 +7,8 @@ removed hosts, driver calls raising any kind of exception (not only
 DriverError) before or after acting, hypervisors unreachable for a while,
 idempotency keys replayed and reused, sync passes that reap the guests of
 deleted instances, and crashes after a random driver call followed by a
-restart that recovers once the dead engine's leases ran out (under its owner name, or another).
+restart that recovers once the dead engine's leases ran out (under its owner
+name, or another), sometimes while no hypervisor answers.
 
 After every step the SPEC section 1 invariants hold, claims equal the sum of
 what the live instances hold per host, and every task has ended; every call
@@ -72,32 +73,53 @@ OPERATIONS = sorted(
     }
 )
 MOVES = ["resize", "migrate", "migrate_to", "confirm_resize", "revert_resize"]
-FAULTY_CALLS = [
-    "power_on",
-    "power_off",
-    "reboot",
-    "pause",
-    "unpause",
-    "suspend",
-    "resume",
-    "rescue",
-    "destroy",
-    "rebuild",
-]
 DRIVER_CALLS = sorted(
     {
-        *FAULTY_CALLS,
         "spawn",
+        "destroy",
+        "power_on",
+        "power_off",
+        "reboot",
+        "pause",
+        "unpause",
+        "suspend",
+        "resume",
+        "rescue",
         "unrescue",
-        "get_info",
-        "list_instances",
         "migrate_disk_and_power_off",
         "finish_migration",
         "confirm_migration",
         "finish_revert_migration",
+        "get_info",
+        "list_instances",
     }
 )
-CRASH_CALLS = sorted(set(DRIVER_CALLS) - {"get_info", "list_instances"})
+"""Every driver method the engine calls on these paths: any of them may fail, with any exception."""
+CRASH_CALLS: dict[str, list[str]] = {
+    "start": ["power_on"],
+    "stop": ["power_off"],
+    "reboot": ["reboot"],
+    "reboot_hard": ["reboot"],
+    "pause": ["pause"],
+    "unpause": ["unpause"],
+    "suspend": ["suspend"],
+    "resume": ["resume"],
+    "rescue": ["rescue"],
+    "unrescue": ["unrescue"],
+    "rebuild": ["destroy", "spawn", "power_off"],
+    "soft_delete": ["confirm_migration", "power_off"],
+    "restore": ["power_on"],
+    "delete": ["confirm_migration", "power_off", "destroy"],
+    "force_delete": ["confirm_migration", "destroy"],
+    "resize": ["migrate_disk_and_power_off", "finish_revert_migration", "finish_migration"],
+    "migrate": ["migrate_disk_and_power_off", "finish_revert_migration", "finish_migration"],
+    "migrate_to": ["migrate_disk_and_power_off", "finish_revert_migration", "finish_migration"],
+    "confirm_resize": ["confirm_migration"],
+    "revert_resize": ["power_off", "finish_revert_migration", "destroy"],
+}
+"""Per operation (or move, as spelled in MOVES), the driver calls after which its process may die."""
+_OPERATION = {"migrate_to": "migrate"}
+"""The operation a move of MOVES runs, where the names differ."""
 ERRORS: dict[str, Callable[[str], Exception]] = {
     "DriverError": lambda call: DriverError(f"injected failure in {call}", call=call),
     "DriverUnavailable": lambda call: DriverUnavailable(f"{call}: injected outage", call=call),
@@ -106,7 +128,6 @@ ERRORS: dict[str, Callable[[str], Exception]] = {
     "JSONDecodeError": lambda call: json.JSONDecodeError("Expecting value", call, 0),
     "RuntimeError": lambda call: RuntimeError(f"bug in {call}"),
 }
-LIFECYCLE_ERRORS = ("DriverError", "DriverUnavailable", "DomainNotFound")
 HOSTS = ("h1", "h2", "h3")
 CAPACITY = {"vcpus": 4, "memory_mb": 512, "disk_gb": 3}
 """Room for three small guests per host (disk allocation ratio 1.0), so hosts fill up."""
@@ -202,7 +223,7 @@ class Lifecycle(RuleBasedStateMachine):
     def _check_call(self, op: str, uuid: str, target: str | None = None) -> None:
         """Run a call and check it ended as the table allows: refused unchanged, succeeded or failed into its states."""
         before, tasks = self.engine.get(uuid), self._tasks(uuid)
-        name = {"migrate_to": "migrate"}.get(op, op)
+        name = _OPERATION.get(op, op)
         try:
             self._invoke(op, uuid, target)
         except (InvalidState, InvalidInput):
@@ -330,30 +351,19 @@ class Lifecycle(RuleBasedStateMachine):
     def inject_fault(self, host: str, call: str, after: bool, error: str) -> None:
         """Make a host's next call of one driver method raise any kind of exception, before or after acting."""
         fake = self.fakes[host]
-        if call in ("migrate_disk_and_power_off", "finish_revert_migration") and error not in LIFECYCLE_ERRORS:
-            # test_a_move_failing_with_any_exception_before_the_disk_left_is_rolled_back
-            error = "DriverError"
         (fake.fail_after if after else fake.fail_next)(call, ERRORS[error](call))
 
-    @rule(host=st.sampled_from(HOSTS), reachable=st.booleans())
-    def set_reachable(self, host: str, reachable: bool) -> None:
-        """A hypervisor stops answering (every call raises DriverUnavailable) or answers again."""
-        self.fakes[host].unreachable = not reachable
-
     @precondition(lambda self: bool(self.uuids))
-    @rule(
-        data=st.data(),
-        op=st.sampled_from([*OPERATIONS, *MOVES]),
-        call=st.sampled_from(CRASH_CALLS),
-        dest=st.sampled_from(HOSTS),
-        new_owner=st.booleans(),
-        outage=st.booleans(),
-    )
-    def crash_and_recover(
-        self, data: st.DataObject, op: str, call: str, dest: str, new_owner: bool, outage: bool
-    ) -> None:
-        """The process dies after a driver call of an operation or move; a new engine recovers."""
+    @rule(data=st.data(), dest=st.sampled_from(HOSTS), new_owner=st.booleans(), outage=st.booleans())
+    def crash_and_recover(self, data: st.DataObject, dest: str, new_owner: bool, outage: bool) -> None:
+        """The process dies after one of the driver calls of an operation its guard admits; a new engine recovers."""
         uuid = self._instance_uuid(data)
+        vm_state = self.engine.get(uuid).vm_state
+        admitted = [op for op in CRASH_CALLS if vm_state in graph.operation(_OPERATION.get(op, op)).allowed_vm_states]
+        if not admitted:
+            return
+        op = data.draw(st.sampled_from(admitted), label="operation")
+        call = data.draw(st.sampled_from(CRASH_CALLS[op]), label="crash after")
         for fake in self.fakes.values():
             fake.crash_after(call)
         try:
@@ -386,13 +396,17 @@ class Lifecycle(RuleBasedStateMachine):
 
     # -- hosts -----------------------------------------------------------------
 
-    @rule(data=st.data(), up=st.booleans())
-    def heartbeat(self, data: st.DataObject, up: bool) -> None:
-        """A host's daemon reports (the host is up) or has been silent longer than host_down_after."""
-        present = self._present()
-        if not present:
+    @rule(host=st.sampled_from(HOSTS), up=st.booleans(), answering=st.booleans())
+    def host_health(self, host: str, up: bool, answering: bool) -> None:
+        """A host's daemon reports or has been silent past host_down_after; its hypervisor answers or not.
+
+        All four combinations matter: a down host whose hypervisor does not
+        answer gets local deletes (reaped once it answers again), an up one
+        that does not answer fails them, and the scheduler avoids down hosts.
+        """
+        self.fakes[host].unreachable = not answering  # every call raises DriverUnavailable meanwhile
+        if host not in self._present():
             return
-        host = data.draw(st.sampled_from(present), label="host")
         if up:
             self.engine.heartbeat(host)
         else:
@@ -451,6 +465,33 @@ class Lifecycle(RuleBasedStateMachine):
                 continue
             assert summary.error is None and summary.errors == 0, summary
             check_no_deleted_guests(self.engine.store, summary.host, fake.list_instances().owned)
+
+    @precondition(lambda self: bool(self.uuids))
+    @rule(data=st.data(), force=st.booleans())
+    def delete_on_a_down_host_then_reap(self, data: st.DataObject, force: bool) -> None:
+        """Delete an instance whose host is down and does not answer: a local delete; once back, a pass reaps it."""
+        uuid = self._instance_uuid(data)
+        host = self.engine.get(uuid).host
+        if host is None or self.engine.get(uuid).vm_state is VmState.DELETED:
+            return
+        moving = self.engine.store.open_migration(uuid) is not None
+        self.host_health(host, up=False, answering=False)
+        try:
+            self.engine.run("force_delete" if force else "delete", uuid)
+        except TaskFailed:
+            assert moving, "only the confirm of an open move, on its answering source, may fail such a delete"
+        else:
+            instance = self.engine.get(uuid)
+            assert (instance.vm_state, instance.task_id) == (VmState.DELETED, None)
+            assert self.engine.store.claims_of(uuid) == []
+        self.host_health(host, up=True, answering=True)
+        guest = self.fakes[host].domain_exists(uuid)
+        self.fakes[host].clear_faults()
+        (summary,) = self.engine.sync(host)
+        assert summary.error is None and summary.errors == 0, summary
+        deleted = self.engine.get(uuid).vm_state is VmState.DELETED
+        assert (uuid in summary.reaped) == (guest and deleted), summary
+        check_no_deleted_guests(self.engine.store, host, self.fakes[host].list_instances().owned)
 
     # -- out of band -----------------------------------------------------------
 
