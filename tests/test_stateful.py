@@ -129,8 +129,8 @@ ERRORS: dict[str, Callable[[str], Exception]] = {
     "RuntimeError": lambda call: RuntimeError(f"bug in {call}"),
 }
 HOSTS = ("h1", "h2", "h3")
-CAPACITY = {"vcpus": 4, "memory_mb": 512, "disk_gb": 3}
-"""Room for three small guests per host (disk allocation ratio 1.0), so hosts fill up."""
+VCPUS, MEMORY_MB, DISK_GB = 4, 512, 3
+"""Each host's resources: room for three small guests (disk allocation ratio 1.0), so hosts fill up."""
 SMALL = Flavor(1, 64, 1, name="small")
 MEDIUM = Flavor(2, 128, 1, name="medium")
 LARGE = Flavor(2, 128, 2, name="large")
@@ -179,11 +179,14 @@ class Lifecycle(RuleBasedStateMachine):
         self.restarts = 0
         self.engine = self._open()
         for name in HOSTS:
-            self.engine.add_host(name, "fake://", **CAPACITY)
+            self._add_host(name)
             self.engine.heartbeat(name)
         self.engine.add_image("cirros", fake_image("cirros"))
         self.uuids: list[str] = []
         self.keys: dict[str, KeyedCall] = {}
+
+    def _add_host(self, name: str) -> None:
+        self.engine.add_host(name, "fake://", vcpus=VCPUS, memory_mb=MEMORY_MB, disk_gb=DISK_GB)
 
     def _factory(self, host: Host) -> FakeDriver:
         return self.fakes[host.name]
@@ -207,15 +210,14 @@ class Lifecycle(RuleBasedStateMachine):
 
     def _invoke(self, op: str, uuid: str, target: str | None = None, key: str | None = None) -> Task:
         """Run ``op`` (an operation, or a move spelled as in MOVES) on ``uuid``, waiting for its end."""
-        kw = {} if key is None else {"idempotency_key": key}
         if op == "resize":
             flavor = LARGE if self.engine.get(uuid).flavor == MEDIUM else MEDIUM
-            return self.engine.resize(uuid, flavor, **kw)
+            return self.engine.resize(uuid, flavor, idempotency_key=key)
         if op in ("migrate", "migrate_to"):
-            return self.engine.migrate(uuid, host=target if op == "migrate_to" else None, **kw)
+            return self.engine.migrate(uuid, host=target if op == "migrate_to" else None, idempotency_key=key)
         if op == "stop_timeout":
-            return self.engine.stop(uuid, timeout=5.0, **kw)
-        return self.engine.run(op, uuid, **kw)
+            return self.engine.stop(uuid, timeout=5.0, idempotency_key=key)
+        return self.engine.run(op, uuid, idempotency_key=key)
 
     def _tasks(self, uuid: str) -> list[tuple[str, Outcome]]:
         return [(t.id, t.outcome) for t in self.engine.tasks(uuid)]
@@ -230,8 +232,8 @@ class Lifecycle(RuleBasedStateMachine):
             assert (self.engine.get(uuid), self._tasks(uuid)) == (before, tasks), "a refused call changed something"
             return
         except TaskFailed as exc:
-            after = self.engine.get(uuid)
-            assert after.task_id is None and self.engine.task(exc.task.id).outcome is Outcome.FAILED
+            after, task = self.engine.get(uuid), self.engine.task(exc.task.id)
+            assert after.task_id is None and task.outcome is Outcome.FAILED and task.error and task.traceback, task
             assert after.vm_state in graph.operation(name).failure_states(before.vm_state), (before, after)
             return
         after = self.engine.get(uuid)
@@ -291,7 +293,8 @@ class Lifecycle(RuleBasedStateMachine):
         try:
             self.engine.create(f"vm{len(self.uuids)}", flavor=flavor, image="cirros", host=host, uuid=uuid)
         except TaskFailed as exc:
-            assert exc.task.instance_uuid == uuid
+            task = self.engine.task(exc.task.id)
+            assert task.instance_uuid == uuid and task.outcome is Outcome.FAILED and task.error and task.traceback
             i = self.engine.get(uuid)
             assert (i.vm_state, i.host, self.engine.store.claims_of(uuid)) == (VmState.ERROR, None, [])
             for name, fake in self.fakes.items():
@@ -443,7 +446,7 @@ class Lifecycle(RuleBasedStateMachine):
     def add_host_back(self, data: st.DataObject) -> None:
         """Register a removed host again (its hypervisor kept whatever domains it had); it is down until it beats."""
         host = data.draw(st.sampled_from(sorted(set(HOSTS) - set(self._present()))), label="host")
-        self.engine.add_host(host, "fake://", **CAPACITY)
+        self._add_host(host)
 
     @precondition(lambda self: bool(self._present()))
     @rule(data=st.data(), every=st.booleans())
@@ -524,9 +527,12 @@ class Lifecycle(RuleBasedStateMachine):
             check_tasks_ended(self.engine.store)
 
 
+# Derandomized: the same examples on every run, so the fast tier never flakes (about 20 s on two cores).
+# To hunt for new defects, run a subclass of Lifecycle.TestCase with derandomize=False, more examples and
+# steps, under several --hypothesis-seed values.
 Lifecycle.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=25,
+    max_examples=60,
+    stateful_step_count=40,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
