@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every check: ruff, mypy, import-linter, then pytest with a throwaway
 # PostgreSQL (stopped by its data directory on exit) and, as root, libvirtd and
-# virtlogd for real QEMU (stopped by their pidfiles on exit).
+# virtlogd for real QEMU (stopped by their pidfiles on exit), plus a second
+# libvirt host at qemu+tcp://127.0.0.2/system (scripts/second-host.sh, stopped
+# by its pidfiles on exit; LIFECYCLE_HOST2_ADDR picks another 127.x address).
 # LIFECYCLE_CI=1 turns a missing tier (postgres, libvirt, qemu) into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ cleanup() {
   for pidfile in "$work/libvirtd.pid" "$work/virtlogd.pid"; do
     if [[ -s $pidfile ]]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
   done
+  ./scripts/second-host.sh stop "$work/host2" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -63,10 +66,23 @@ start_libvirt() {
   echo "test: libvirtd pid $(cat "$work/libvirtd.pid")"
 }
 
+start_second_host() {
+  if [[ $(id -u) != 0 ]] || ! command -v libvirtd >/dev/null || ! command -v unshare >/dev/null; then
+    echo "test: libvirtd, unshare or root missing; the second-host tests will skip (fail under LIFECYCLE_CI=1)" >&2
+    return 0
+  fi
+  # Also when the machine's own libvirtd was already running: this one is always ours.
+  ./scripts/second-host.sh start "$work/host2"
+  export LIFECYCLE_TEST_REMOTE_URI="qemu+tcp://${LIFECYCLE_HOST2_ADDR:-127.0.0.2}/system"
+  export LIFECYCLE_TEST_REMOTE_INSTANCES=/var/lib/libvirt/lifecycle
+  export LIFECYCLE_TEST_REMOTE_PIDFILE="$work/host2/libvirtd.pid"
+}
+
 ruff check .
 ruff format --check .
 mypy
 lint-imports
 start_postgres
 start_libvirt
+start_second_host
 pytest "$@"

@@ -5,12 +5,21 @@ Without it they skip with a message saying how to enable them; with
 ``LIFECYCLE_CI=1`` (set by ``.ci/run``) a missing part fails the test instead.
 
 ``qemu:///system`` is one hypervisor shared by every qemu test, and by any
-other pytest process on the machine; its domains outlive a test, a pytest
-process and even libvirtd (persistent definitions and QEMU processes stay).
-A domain belongs to the test whose ``tmp_path`` holds its disks: after each
-qemu test the domains it left are removed (and a test that passed yet left
-one fails), and at the first qemu test the domains of pytest sessions that
-are gone are removed.
+other pytest process on the machine; its domains and storage pools outlive a
+test, a pytest process and even libvirtd (persistent definitions and QEMU
+processes stay). A domain belongs to the test whose ``tmp_path`` holds its
+disks, a pool to the test whose ``tmp_path`` holds its target folder: after
+each qemu test the domains and pools it left are removed, pools with their
+volumes (and a test that passed yet left a domain fails), and at the first
+qemu test those of pytest sessions that are gone are removed.
+
+A second host (``remote_host``: ``scripts/second-host.sh``, started by
+``scripts/test.sh``) is another libvirtd reached only through libvirt at
+``LIFECYCLE_TEST_REMOTE_URI``; its instances path exists on that host alone.
+Each test using it takes a folder of its own under that path
+(``remote_instances``); afterwards the domains whose disks are there, the
+pools there with their volumes, and the folder itself are removed through
+libvirt (and a test that passed yet left a domain fails).
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -38,6 +49,9 @@ from tests.invariants import check_invariants
 PG_ENV = "LIFECYCLE_TEST_PG_URL"
 QEMU_URI = os.environ.get("LIFECYCLE_TEST_QEMU_URI", "qemu:///system")
 CI = os.environ.get("LIFECYCLE_CI") == "1"
+REMOTE_URI_ENV = "LIFECYCLE_TEST_REMOTE_URI"
+REMOTE_INSTANCES_ENV = "LIFECYCLE_TEST_REMOTE_INSTANCES"
+REMOTE_PIDFILE_ENV = "LIFECYCLE_TEST_REMOTE_PIDFILE"
 
 
 def require(part: str, available: bool, how: str) -> None:
@@ -71,15 +85,60 @@ def qemu_ready() -> None:
     require("libvirtd with QEMU", answered, f"start libvirtd (`make test` does) so that {QEMU_URI} answers")
 
 
-def remove_qemu_domains(owned: Callable[[list[Path]], bool]) -> list[str]:
-    """Destroy and undefine each ``lifecycle-`` domain on QEMU_URI whose disk paths ``owned`` claims.
+def remote_ready() -> None:
+    """Require a second libvirtd answering on LIFECYCLE_TEST_REMOTE_URI (the qemu tier's second host)."""
+    libvirt_ready()
+    import libvirt
+
+    uri = os.environ.get(REMOTE_URI_ENV, "")
+    how = (
+        f"`make test` starts one; by hand, `scripts/second-host.sh start DIR` as root and set "
+        f"{REMOTE_URI_ENV}, {REMOTE_INSTANCES_ENV} and {REMOTE_PIDFILE_ENV} as scripts/test.sh does"
+    )
+    require(
+        "a second libvirt host",
+        all(os.environ.get(name) for name in (REMOTE_URI_ENV, REMOTE_INSTANCES_ENV, REMOTE_PIDFILE_ENV)),
+        how,
+    )
+    try:
+        libvirt.open(uri).close()
+        answered = True
+    except libvirt.libvirtError:
+        answered = False
+    require("a second libvirt host", answered, f"{uri} does not answer; {how}")
+
+
+def _disk_paths(conn: Any, root: ET.Element) -> list[Path]:
+    """The paths of a domain's disks: file and block sources, and pool volumes (resolved through their pool)."""
+    import libvirt
+
+    paths = []
+    for source in root.iterfind("devices/disk/source"):
+        if path := source.get("file") or source.get("dev"):
+            paths.append(Path(path))
+        elif (pool_name := source.get("pool")) and (volume := source.get("volume")):
+            with suppress(libvirt.libvirtError):  # a pool gone or undefined claims nothing
+                pool = conn.storagePoolLookupByName(pool_name)
+                try:
+                    paths.append(Path(pool.storageVolLookupByName(volume).path()))
+                except libvirt.libvirtError:  # an inactive pool: its volumes are files in its folder
+                    target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                    if target:
+                        paths.append(Path(target) / volume)
+    return paths
+
+
+def remove_qemu_domains(
+    owned: Callable[[list[Path]], bool], uri: str = QEMU_URI, prefix: str = "lifecycle-"
+) -> list[str]:
+    """Destroy and undefine each domain on ``uri`` named ``prefix``* whose disk paths ``owned`` claims.
 
     Returns the names (and titles) of those found; nothing when libvirtd does not answer.
     """
     import libvirt
 
     try:
-        conn = libvirt.open(QEMU_URI)
+        conn = libvirt.open(uri)
     except libvirt.libvirtError:
         return []
     found = []
@@ -87,8 +146,8 @@ def remove_qemu_domains(owned: Callable[[list[Path]], bool]) -> list[str]:
         for dom in conn.listAllDomains():
             try:
                 root = ET.fromstring(dom.XMLDesc(0))
-                disks = [Path(s.get("file", "")) for s in root.iterfind("devices/disk/source") if s.get("file")]
-                if not dom.name().startswith("lifecycle-") or not disks or not owned(disks):
+                disks = _disk_paths(conn, root)
+                if not dom.name().startswith(prefix) or not disks or not owned(disks):
                     continue
                 found.append(f"{root.findtext('name')} ({root.findtext('title')!r})")
                 persistent = dom.isPersistent()
@@ -104,7 +163,113 @@ def remove_qemu_domains(owned: Callable[[list[Path]], bool]) -> list[str]:
     return found
 
 
-def _under(root: Path) -> Callable[[list[Path]], bool]:
+def _empty_and_remove(pool: Any) -> None:
+    """Delete a storage pool's volumes, stop it, remove its folder (when empty) and undefine it.
+
+    Each step tolerates what another clean-up (of another pytest process) or a folder already
+    deleted can leave: a pool already stopped or started, a volume gone, a folder gone.
+    """
+    import libvirt
+
+    with suppress(libvirt.libvirtError):  # started meanwhile, or its folder is gone
+        if not pool.isActive():
+            pool.create(0)
+    volumes = []
+    with suppress(libvirt.libvirtError):  # not active: a refresh that fails (folder gone) also stops it
+        pool.refresh(0)
+        volumes = pool.listAllVolumes(0)
+    for vol in volumes:
+        with suppress(libvirt.libvirtError):  # gone meanwhile, or a folder not empty
+            vol.delete(0)
+    with suppress(libvirt.libvirtError):  # not active
+        pool.destroy()
+    with suppress(libvirt.libvirtError):  # the folder is gone, or not empty
+        pool.delete(0)
+    if pool.isPersistent():  # a transient pool is gone once stopped
+        pool.undefine()
+
+
+def remove_qemu_pools(owned: Callable[[list[Path]], bool], uri: str = QEMU_URI) -> list[str]:
+    """Remove each storage pool on ``uri`` whose target folder ``owned`` claims, with its volumes.
+
+    Returns the names of those found; nothing when libvirtd does not answer.
+    """
+    import libvirt
+
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return []
+    found = []
+    try:
+        for pool in conn.listAllStoragePools(0):
+            try:
+                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                if not target or not owned([Path(target)]):
+                    continue
+                found.append(pool.name())
+                _empty_and_remove(pool)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:  # gone meanwhile is fine
+                    raise
+    finally:
+        conn.close()
+    return found
+
+
+def _remove_remote_folder(uri: str, folder: PurePath, depth: int = 8) -> None:
+    """Delete ``folder`` on the host at ``uri`` with what it holds, through a pool made for the purpose.
+
+    The folder may exist on that host alone, so libvirt is the only way in; nothing is done
+    when that libvirtd does not answer.
+    """
+    import libvirt
+
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return
+    try:
+        xml = (
+            f"<pool type='dir'><name>pytest-sweep-{uuid.uuid4().hex[:12]}</name>"
+            f"<target><path>{folder}</path></target></pool>"
+        )
+        pool = conn.storagePoolDefineXML(xml, 0)
+        try:
+            try:
+                pool.create(0)
+            except libvirt.libvirtError:  # no such folder
+                return
+            for vol in pool.listAllVolumes(0):
+                if vol.info()[0] == libvirt.VIR_STORAGE_VOL_DIR and depth > 0:
+                    _remove_remote_folder(uri, PurePosixPath(vol.path()), depth - 1)
+                else:
+                    with suppress(libvirt.libvirtError):
+                        vol.delete(0)
+            pool.destroy()
+            with suppress(libvirt.libvirtError):  # something in it was not a volume
+                pool.delete(0)
+        finally:
+            with suppress(libvirt.libvirtError):
+                pool.destroy()
+            pool.undefine()
+    finally:
+        conn.close()
+
+
+def remove_remote_leftovers(uri: str, folder: PurePath) -> list[str]:
+    """Remove from the host at ``uri`` what lives in ``folder``: domains, pools with their volumes, the folder.
+
+    Returns the names of the domains and pools found.
+    """
+    owned = _under(folder)
+    found = remove_qemu_domains(owned, uri=uri, prefix="")
+    found += [f"pool {name}" for name in remove_qemu_pools(owned, uri=uri)]
+    _remove_remote_folder(uri, folder)
+    return found
+
+
+def _under(root: PurePath) -> Callable[[list[Path]], bool]:
     return lambda disks: any(disk.is_relative_to(root) for disk in disks)
 
 
@@ -144,17 +309,22 @@ _CALL_FAILED = pytest.StashKey[bool]()
 
 @pytest.fixture(scope="session")
 def stale_qemu_domains_removed(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> None:
-    """Once per session: remove domains left on QEMU_URI by pytest sessions that have ended or were killed."""
+    """Once per session: remove domains and pools left on QEMU_URI by pytest sessions that have ended or were killed."""
     basetemp = tmp_path_factory.getbasetemp()
     if not re.fullmatch(r"pytest-\d+", basetemp.name):  # --basetemp: no numbered siblings to judge
         return
-    pytestconfig.stash[_STALE_REMOVED] = remove_qemu_domains(_session_gone(basetemp.parent))
+    gone = _session_gone(basetemp.parent)
+    removed = remove_qemu_domains(gone)
+    removed += [f"pool {name}" for name in remove_qemu_pools(gone)]
+    pytestconfig.stash[_STALE_REMOVED] = removed
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    """Say which domains of ended pytest sessions were removed from QEMU_URI, if any."""
+    """Say which domains and pools of ended pytest sessions were removed from QEMU_URI, if any."""
     if removed := config.stash.get(_STALE_REMOVED, []):
-        terminalreporter.write_line(f"removed domains of ended pytest sessions from {QEMU_URI}: {', '.join(removed)}")
+        terminalreporter.write_line(
+            f"removed domains and pools of ended pytest sessions from {QEMU_URI}: {', '.join(removed)}"
+        )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -170,7 +340,7 @@ def pytest_runtest_makereport(
 
 @pytest.fixture(autouse=True)
 def qemu_domains_removed(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a qemu test, remove the domains whose disks are in its tmp_path; a passing test must leave none."""
+    """After a qemu test, remove the domains and pools in its tmp_path; a passing test must leave no domain."""
     from drivers.libvirt import libvirt_available
 
     if request.node.get_closest_marker("qemu") is None or not libvirt_available():
@@ -180,8 +350,44 @@ def qemu_domains_removed(request: pytest.FixtureRequest) -> Iterator[None]:
     tmp_path: Path = request.getfixturevalue("tmp_path")
     yield
     left = remove_qemu_domains(_under(tmp_path))
+    remove_qemu_pools(_under(tmp_path))  # the engine's to keep: removed, not a fault
     if left and not request.node.stash.get(_CALL_FAILED, False):
         pytest.fail(f"the test passed but left domains on {QEMU_URI} (now removed): {', '.join(left)}")
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    """The second libvirt host: its URI, its instances path (on that host only) and its libvirtd's pidfile."""
+
+    uri: str
+    instances_path: PurePosixPath
+    pidfile: Path
+
+
+@pytest.fixture
+def remote_host() -> RemoteHost:
+    """The second libvirt host that `scripts/test.sh` starts (``scripts/second-host.sh``)."""
+    remote_ready()
+    return RemoteHost(
+        uri=os.environ[REMOTE_URI_ENV],
+        instances_path=PurePosixPath(os.environ[REMOTE_INSTANCES_ENV]),
+        pidfile=Path(os.environ[REMOTE_PIDFILE_ENV]),
+    )
+
+
+@pytest.fixture
+def remote_instances(request: pytest.FixtureRequest, remote_host: RemoteHost) -> Iterator[PurePosixPath]:
+    """A folder of this test's own under the second host's instances path (not created; on that host only).
+
+    Afterwards the domains whose disks are in it, the pools in it with their volumes, and the folder
+    are removed through libvirt; a passing test must leave no domain.
+    """
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    folder = remote_host.instances_path / f"{name}-{uuid.uuid4().hex[:8]}"
+    yield folder
+    left = [f for f in remove_remote_leftovers(remote_host.uri, folder) if not f.startswith("pool ")]
+    if left and not request.node.stash.get(_CALL_FAILED, False):
+        pytest.fail(f"the test passed but left domains on {remote_host.uri} (now removed): {', '.join(left)}")
 
 
 @pytest.fixture
