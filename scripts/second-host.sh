@@ -74,9 +74,31 @@ pidfile_pid() {
   [[ -s $1 ]] && tr -dc 0-9 <"$1" || true
 }
 
+# qemu_cgroups PID...: the cgroups libvirt made for those QEMU processes (/machine/qemu-ID-NAME.libvirt-qemu).
+qemu_cgroups() {
+  local pid line
+  for pid in "$@"; do
+    if ! ours "$pid"; then continue; fi
+    while IFS= read -r line; do
+      if [[ $line =~ ^[0-9]+:[^:]*:(/.*\.libvirt-qemu)(/.*)?$ ]]; then echo "${BASH_REMATCH[1]}"; fi
+    done <"/proc/$pid/cgroup" || true
+  done | sort -u
+}
+
+# remove_cgroups CGROUP...: remove them, once empty, from every cgroup hierarchy (libvirt does when
+# it stops a domain itself; a QEMU killed here would leave them behind).
+remove_cgroups() {
+  local cgroup base
+  for cgroup in "$@"; do
+    for base in /sys/fs/cgroup /sys/fs/cgroup/*; do
+      if [[ -d $base$cgroup ]]; then find "$base$cgroup" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
+    done
+  done
+}
+
 stop() {
   [[ -d $dir/lib ]] || return 0 # never prepared
-  local libvirtd virtlogd qemu=() f
+  local libvirtd virtlogd qemu=() cgroups=() f
   libvirtd=$(pidfile_pid "$dir/libvirtd.pid")
   virtlogd=$(pidfile_pid "$dir/virtlogd.pid")
   # libvirtd first, so that it starts nothing more; QEMU outlives it (as on a real host), so
@@ -85,7 +107,11 @@ stop() {
   for f in "$dir"/run/qemu/*.pid; do
     if [[ -e $f ]]; then qemu+=("$(pidfile_pid "$f")"); fi
   done
-  ((${#qemu[@]} == 0)) || stop_pids 5 "${qemu[@]}"
+  if ((${#qemu[@]})); then
+    mapfile -t cgroups < <(qemu_cgroups "${qemu[@]}")
+    stop_pids 5 "${qemu[@]}"
+    remove_cgroups "${cgroups[@]}"
+  fi
   stop_pids 5 "$virtlogd"
 }
 
