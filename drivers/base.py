@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -21,14 +22,37 @@ from lifecycle.states import PowerState
 
 __all__ = [
     "Console",
+    "DiskRead",
+    "DiskSegments",
+    "DiskSource",
     "DomainSpec",
     "Driver",
     "EventListener",
     "LifecycleEvent",
     "Listing",
+    "Progress",
     "RebootType",
     "Transition",
 ]
+
+DiskSegments = Iterator[bytes | int]
+"""A disk's content in order: ``bytes`` of data, or an ``int``, the length of a hole (zeros never sent)."""
+
+Progress = Callable[[int, int], None]
+"""Called as data moves with (bytes done, bytes total); what it raises stops the copy."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRead:
+    """A disk being read from its host for a move."""
+
+    segments: DiskSegments
+    total: int
+    """The bytes of data the disk holds (what a sparse copy sends), for progress."""
+
+
+DiskSource = Callable[[], AbstractContextManager[DiskRead]]
+"""Opens the source disk of a move (on the source host's connection) when the destination needs it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,26 +212,39 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
-        """Source side of a move: power off (clean, then hard), undefine, keep the disk aside.
+        """Source side of a move: power off (clean, then hard), undefine, keep the disk.
 
-        After: no domain for ``uuid`` here; its disk kept as ``<uuid>_resize``
-        until confirm or revert. Returns where the kept disk is, for the
-        destination to copy. Repeat: safe (returns the same place).
+        After: no domain for ``uuid`` here; its disk kept, unchanged, until
+        confirm or revert. Returns a name of the kept disk (for the record and
+        for operators). Repeat: safe (returns the same name).
         Errors: DomainNotFound when there is neither a domain nor a kept disk.
         """
 
     @abc.abstractmethod
-    def finish_migration(self, spec: DomainSpec, source_disk: str, *, power_on: bool) -> None:
-        """Destination side: copy the disk, rebase it on this host's image cache, grow it, define, start.
+    def read_disk(self, uuid: str) -> AbstractContextManager[DiskRead]:
+        """Open the kept disk of a move for reading, as sparse segments; closing it ends the read.
 
-        ``spec`` carries the new flavor; the disk grows to ``spec.root_gb``
-        when that is larger. After: the domain exists, running if
-        ``power_on``. Repeat: safe (an existing domain is left as it is).
+        Repeat: safe, no side effect. Errors: DomainNotFound when no disk is kept.
+        """
+
+    @abc.abstractmethod
+    def finish_migration(
+        self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
+    ) -> None:
+        """Destination side: copy the disk from ``source``, check it arrived intact, grow it, define, start.
+
+        The image ``spec`` names is ensured in this host's cache first (the
+        disk is backed by it). ``progress`` hears the bytes copied; an error
+        it raises stops the copy. A copy that fails or arrives different from
+        what was sent leaves nothing here. ``spec`` carries the new flavor;
+        the disk grows to ``spec.root_gb`` when that is larger. After: the
+        domain exists, running if ``power_on``. Repeat: safe (an existing
+        domain is left as it is; a partial copy is started again).
         """
 
     @abc.abstractmethod
     def confirm_migration(self, uuid: str) -> None:
-        """Source side of a confirm: delete the kept ``<uuid>_resize`` disk. Repeat: safe."""
+        """Source side of a confirm: delete the kept disk (never a disk a domain here uses). Repeat: safe."""
 
     @abc.abstractmethod
     def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
@@ -255,12 +292,12 @@ class Driver(abc.ABC):
         self.list_instances()
 
     def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
-        """Remove unused cached base images and stale ``<uuid>_resize`` directories older than the age.
+        """Remove unused cached base images older than the age.
 
-        ``moving`` names the instances whose move is not yet confirmed or
-        reverted: their ``<uuid>_resize`` directories are kept. A base behind
-        any disk is never removed. Returns what was removed. Repeat: safe.
-        Drivers without an image cache have nothing to remove.
+        A base behind any disk of the host (an instance's, a kept one of a
+        move, a rescue disk) is never removed; ``moving`` names the instances
+        whose move is not yet confirmed or reverted. Returns what was removed.
+        Repeat: safe. Drivers without an image cache have nothing to remove.
         """
         return []
 

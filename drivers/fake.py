@@ -7,6 +7,9 @@ as the libvirt driver. Faults:
 - ``fail_after(call, error)``: the next ``call`` acts, then raises ``error``
   (the hypervisor did part of the work and reported a failure);
 - ``hold(call)``: the next ``call`` blocks until the returned gate is released;
+- ``hold("copy")`` and the others above on ``"copy"``: a move's disk copy
+  calls ``copy`` once per chunk it moves, so a fault there strikes with the
+  copy in flight;
 - ``crash_after(call)``: the next ``call`` acts, then raises
   :class:`SimulatedCrash` (a ``BaseException``, so nothing in the engine
   catches it: the caller behaves as if its process died there);
@@ -25,7 +28,7 @@ import json
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,20 +36,25 @@ from typing import Any
 
 from drivers.base import (
     Console,
+    DiskRead,
+    DiskSource,
     DomainSpec,
     Driver,
     EventListener,
     LifecycleEvent,
     Listing,
+    Progress,
     RebootType,
     Transition,
 )
-from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
+from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable
 from lifecycle.states import PowerState
 
 __all__ = ["FakeDriver", "Gate", "SimulatedCrash"]
 
 P = PowerState
+_CHUNK = 16 * 1024
+_HOLE = 1024 * 1024
 _TRANSITIONS = {P.RUNNING: Transition.STARTED, P.SHUTDOWN: Transition.STOPPED, P.PAUSED: Transition.PAUSED}
 
 
@@ -283,17 +291,61 @@ class FakeDriver(Driver):
             return P.SHUTDOWN if dom.power != P.SHUTDOWN else None
 
         self._call("migrate_disk_and_power_off", uuid, act)
-        return f"fake://{self.name}/{uuid}_resize/{self._kept[uuid].disk}"
+        return f"fake://{self.name}/{self._kept[uuid].disk}"
 
-    def finish_migration(self, spec: DomainSpec, source_disk: str, *, power_on: bool) -> None:
+    def read_disk(self, uuid: str) -> AbstractContextManager[DiskRead]:
+        return self._reading(uuid)
+
+    @contextmanager
+    def _reading(self, uuid: str) -> Iterator[DiskRead]:
+        self._before("read_disk")
+        with self._state():
+            kept = self._kept.get(uuid)
+            if kept is None:
+                raise DomainNotFound(uuid, call="read_disk")
+            name = kept.disk.encode()
+        # The disk's name, a hole, then four chunks of data: enough for progress and faults between chunks.
+        segments: list[bytes | int] = [name, _HOLE, *(bytes([n]) * _CHUNK for n in range(1, 5))]
+        yield DiskRead(segments=iter(segments), total=len(name) + 4 * _CHUNK)
+
+    def finish_migration(
+        self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
+    ) -> None:
+        after = self._before("finish_migration")
+        disk = None if self.domain_exists(spec.uuid) else self._copy(source, progress)
+
         def act() -> PowerState | None:
             if spec.uuid not in self._domains:
-                disk = source_disk.rsplit("/", 1)[-1] + f"@{self.name}"
+                assert disk is not None
                 self._domains[spec.uuid] = _Domain(asdict(spec), int(P.SHUTDOWN), disk, vnc_port=self._port())
             dom = self._domains[spec.uuid]
             return self._set(dom, P.RUNNING) if power_on else None
 
-        self._call("finish_migration", spec.uuid, act)
+        with self._state():
+            changed = act()
+        if changed is not None:
+            self._emit(spec.uuid, changed)
+        if after is not None:
+            raise after
+
+    def _copy(self, source: DiskSource, progress: Progress | None) -> str:
+        """Read the moved disk chunk by chunk (each a ``copy`` call); return this host's copy's name."""
+        done, name = 0, b""
+        try:
+            with source() as read:
+                for segment in read.segments:
+                    if isinstance(segment, int):
+                        continue
+                    after = self._before("copy")
+                    name = name or segment
+                    done += len(segment)
+                    if progress is not None:
+                        progress(done, read.total)
+                    if after is not None:
+                        raise after
+        except DriverError as exc:
+            raise CopyFailed(f"disk copy failed: {exc}", call="finish_migration") from exc
+        return name.decode().rsplit("/", 1)[-1] + f"@{self.name}"
 
     def confirm_migration(self, uuid: str) -> None:
         def act() -> PowerState | None:

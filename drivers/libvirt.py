@@ -18,28 +18,31 @@ own name lives in ``<title>`` and in the lifecycle ``<metadata>``.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from drivers.base import (
     Console,
+    DiskRead,
+    DiskSource,
     DomainSpec,
     Driver,
     EventListener,
     LifecycleEvent,
     Listing,
+    Progress,
     RebootType,
     Transition,
 )
-from drivers.images import ImageCache, valid_uuid
-from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
+from drivers.images import ImageInfo, inspect_image, valid_uuid
+from drivers.storage import HostStorage, read_volume, volume_digest, write_volume
+from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable
 from lifecycle.states import PowerState
 
 try:
@@ -105,7 +108,7 @@ def _ensure_event_loop() -> None:
 
 
 def domain_xml(
-    spec: DomainSpec, disk: Path, *, domain_type: str, vnc_listen: str, rescue_disk: Path | None = None
+    spec: DomainSpec, disk: str, *, domain_type: str, vnc_listen: str, rescue_disk: str | None = None
 ) -> str:
     """Return the domain XML for ``spec`` booting from ``disk`` (or ``rescue_disk`` first)."""
     dom = ET.Element("domain", type=domain_type)
@@ -127,7 +130,7 @@ def domain_xml(
     for index, path in enumerate(disks):
         el = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(el, "driver", name="qemu", type="qcow2")
-        ET.SubElement(el, "source", file=str(path))
+        ET.SubElement(el, "source", file=path)
         ET.SubElement(el, "target", dev=f"vd{'abcdefgh'[index]}", bus="virtio")
     ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=vnc_listen)
     ET.register_namespace("lifecycle", METADATA_NS)
@@ -135,9 +138,11 @@ def domain_xml(
 
 
 class LibvirtDriver(Driver):
-    """One libvirt host.
+    """One libvirt host, reached only through its libvirt connection (local or remote).
 
-    ``domain_type`` is the libvirt domain type (``kvm``, ``qemu`` for TCG, and
+    ``instances_path`` is a path on the host, never opened here: the driver
+    keeps the host's image cache and instance disks in two libvirt ``dir``
+    pools under it (:mod:`drivers.storage`). ``domain_type`` is the libvirt domain type (``kvm``, ``qemu`` for TCG, and
     always ``test`` on a ``test:///`` URI). ``soft_reboot_seconds`` bounds the
     wait for a guest to go down on a soft reboot before a hard one (Nova: 120).
     """
@@ -155,7 +160,7 @@ class LibvirtDriver(Driver):
         if libvirt is None:
             raise DriverError("libvirt-python is not installed: pip install 'lifecycle[libvirt]'")
         self.uri = uri
-        self.images = ImageCache(instances_path)
+        self.storage = HostStorage(str(instances_path))
         self.domain_type = "test" if uri.startswith("test:") else domain_type
         self.allocates_console_ports = self.domain_type != "test"
         self.vnc_listen = vnc_listen
@@ -169,8 +174,8 @@ class LibvirtDriver(Driver):
         self.points: dict[str, Callable[[], None]] = {}
         """Fault-injection seam for tests on real libvirt: a callable here runs at the named point of a call
         (``spawn:defined`` after the domain is defined, ``spawn:started`` after it started, ``destroy:done``
-        at the end of a destroy), e.g. to hold a
-        call in flight as the fake driver's ``hold`` does. Empty in production."""
+        at the end of a destroy, ``receive:created`` when a move's destination volume exists, before the
+        copy), e.g. to hold a call in flight as the fake driver's ``hold`` does. Empty in production."""
         _ensure_event_loop()
         self._connection("connect")
 
@@ -286,7 +291,7 @@ class LibvirtDriver(Driver):
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
-                dom = conn.defineXML(self._xml(spec, self._new_disk(spec)))
+                dom = conn.defineXML(self._xml(spec, self._new_disk(conn, spec)))
             self._point("spawn:defined")
             if power_on and not dom.isActive():
                 dom.create()
@@ -297,14 +302,26 @@ class LibvirtDriver(Driver):
         if hook is not None:
             hook()
 
-    def _new_disk(self, spec: DomainSpec) -> Path:
-        base = self.images.cache(spec.image_path, spec.image_format)
-        disk = self.images.disk_path(spec.uuid)
-        if not disk.exists():
-            self.images.create_overlay(spec.uuid, base, spec.image_format, spec.root_gb)
-        return disk
+    def _base(self, conn: Any, spec: DomainSpec) -> tuple[str, ImageInfo]:
+        """Inspect the image on the engine's side, then make sure the host caches it; return its key."""
+        image = Path(spec.image_path)
+        info = inspect_image(image, spec.image_format)
+        return self.storage.ensure_base(conn, self.uri, image, info), info
 
-    def _xml(self, spec: DomainSpec, disk: Path, rescue: Path | None = None) -> str:
+    def _new_disk(self, conn: Any, spec: DomainSpec, *, rescue: bool = False) -> str:
+        """Create the instance's root (or rescue) disk volume on its cached base; return its path on the host."""
+        key, info = self._base(conn, spec)
+        root, rescue_name = self.storage.disk_names(spec.uuid)
+        return str(self.storage.create_disk(conn, rescue_name if rescue else root, key, info, spec.root_gb).path())
+
+    def _disk(self, conn: Any, uuid: str, call: str) -> str:
+        """Return the path on the host of an instance's root disk; DomainNotFound when there is none."""
+        vol = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[0])
+        if vol is None:
+            raise DomainNotFound(uuid, call=call)
+        return str(vol.path())
+
+    def _xml(self, spec: DomainSpec, disk: str, rescue: str | None = None) -> str:
         return domain_xml(spec, disk, domain_type=self.domain_type, vnc_listen=self.vnc_listen, rescue_disk=rescue)
 
     def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
@@ -318,8 +335,9 @@ class LibvirtDriver(Driver):
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
-        if destroy_disks:
-            self.images.remove_instance(uuid)
+            if destroy_disks:
+                for name in self.storage.disk_names(uuid):
+                    self.storage.delete(conn, self.storage.disks_pool, name)
         self._point("destroy:done")
 
     def _hard_stop(self, dom: Any) -> None:
@@ -382,7 +400,7 @@ class LibvirtDriver(Driver):
             self._hard_stop(dom)
             if dom.hasManagedSaveImage(0):
                 dom.managedSaveRemove(0)
-            dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
+            dom = conn.defineXML(self._xml(spec, self._disk(conn, spec.uuid, "reboot")))
             dom.create()
 
     def pause(self, uuid: str) -> None:
@@ -424,68 +442,140 @@ class LibvirtDriver(Driver):
     def rescue(self, spec: DomainSpec) -> None:
         with self._calling("rescue", spec.uuid) as conn:
             dom = self._domain(conn, spec.uuid)
-            base = self.images.cache(spec.image_path, spec.image_format)
-            rescue = self.images.instance_dir(spec.uuid) / "disk.rescue"
-            if not rescue.exists():
-                self.images.create_overlay(spec.uuid, base, spec.image_format, spec.root_gb, name="disk.rescue")
+            rescue = self._new_disk(conn, spec, rescue=True)
             self._hard_stop(dom)
-            dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid), rescue))
+            dom = conn.defineXML(self._xml(spec, self._disk(conn, spec.uuid, "rescue"), rescue))
             dom.create()
 
     def unrescue(self, spec: DomainSpec) -> None:
         with self._calling("unrescue", spec.uuid) as conn:
             dom = self._domain(conn, spec.uuid)
             self._hard_stop(dom)
-            dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
-            (self.images.instance_dir(spec.uuid) / "disk.rescue").unlink(missing_ok=True)
+            dom = conn.defineXML(self._xml(spec, self._disk(conn, spec.uuid, "unrescue")))
+            self.storage.delete(conn, self.storage.disks_pool, self.storage.disk_names(spec.uuid)[1])
             dom.create()
 
     def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
         with self._calling("migrate_disk_and_power_off", uuid) as conn:
+            disk = self._disk(conn, uuid, "migrate_disk_and_power_off")  # neither domain nor disk: not found
             try:
                 dom = self._domain(conn, uuid)
             except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_NO_DOMAIN or not self.images.resize_dir(uuid).exists():
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
-                dom = None
+                dom = None  # repeated: the disk is already kept
             if dom is not None:
                 if dom.isActive() and not (timeout > 0 and self._clean_shutdown(dom, timeout, retry_interval)):
                     self._hard_stop(dom)
                 if dom.hasManagedSaveImage(0):
                     dom.managedSaveRemove(0)
                 dom.undefine()
-        return str(self.images.set_aside(uuid))
+            self.storage.delete(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[1])
+        return f"{self.uri} {disk}"
 
-    def finish_migration(self, spec: DomainSpec, source_disk: str, *, power_on: bool) -> None:
+    def read_disk(self, uuid: str) -> AbstractContextManager[DiskRead]:
+        return self._reading(uuid)
+
+    @contextmanager
+    def _reading(self, uuid: str) -> Iterator[DiskRead]:
+        with self._calling("read_disk", uuid) as conn:
+            vol = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[0])
+            if vol is None:
+                raise DomainNotFound(uuid, call="read_disk")
+            with read_volume(conn, vol) as segments:
+                yield DiskRead(segments=segments, total=int(vol.info()[2]))
+
+    def finish_migration(
+        self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
+    ) -> None:
         with self._calling("finish_migration", spec.uuid) as conn:
             try:
                 dom = self._domain(conn, spec.uuid)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
-                base = self.images.cache(spec.image_path, spec.image_format)
-                disk = self.images.receive(spec.uuid, Path(source_disk), base, spec.image_format, spec.root_gb)
-                dom = conn.defineXML(self._xml(spec, disk))
+                dom = conn.defineXML(self._xml(spec, self._receive(conn, spec, source, progress)))
             if power_on and not dom.isActive():
                 dom.create()
 
+    def _receive(self, conn: Any, spec: DomainSpec, source: DiskSource, progress: Progress | None) -> str:
+        """Copy the moved disk into a new volume here, check its digest, grow it; return its path."""
+        self._base(conn, spec)  # the disk's backing store, in this host's cache before the disk arrives
+        name = self.storage.disk_names(spec.uuid)[0]
+        self.storage.delete(conn, self.storage.disks_pool, name)  # no domain here: a partial copy at most
+        vol = self.storage.pool(conn, self.storage.disks_pool).createXML(_empty_volume(name), 0)
+        try:
+            self._point("receive:created")
+            with source() as read:
+                sent = write_volume(conn, vol, read.segments, progress, read.total)
+            vol = self.storage.volume(conn, self.storage.disks_pool, name)  # re-read: now a qcow2 overlay
+            if vol is None:
+                raise DriverError(f"the copy of {spec.uuid}'s disk vanished", uuid=spec.uuid, call="finish_migration")
+            received = volume_digest(conn, vol)
+            if received.hexdigest() != sent.hexdigest() or received.length != sent.length:
+                raise DriverError(
+                    f"disk of {spec.uuid} arrived different from what was sent "
+                    f"(sha256 sent {sent.hexdigest()}, {sent.length} bytes; "
+                    f"received {received.hexdigest()}, {received.length} bytes)",
+                    uuid=spec.uuid,
+                    call="finish_migration",
+                )
+            self.storage.grow(vol, spec.root_gb)
+            return str(vol.path())
+        except BaseException as exc:
+            with suppress(Exception):
+                self.storage.delete(conn, self.storage.disks_pool, name)
+            if isinstance(exc, libvirt.libvirtError):
+                exc = self._map_error(exc, "finish_migration", spec.uuid, conn)
+            if isinstance(exc, DriverError) and not isinstance(exc, CopyFailed):
+                raise CopyFailed(
+                    f"disk copy of {spec.uuid} failed: {exc}", uuid=spec.uuid, call="finish_migration"
+                ) from exc
+            raise
+
     def confirm_migration(self, uuid: str) -> None:
-        shutil.rmtree(self.images.resize_dir(uuid), ignore_errors=True)
+        with self._calling("confirm_migration", uuid) as conn:
+            kept = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[0])
+            try:
+                dom = self._domain(conn, uuid)
+                if kept is not None and kept.path() in _disk_sources(dom.XMLDesc(0)):
+                    return  # a domain here uses the disk (the move was reverted): it is not kept, keep it
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    raise
+            for name in self.storage.disk_names(uuid):
+                self.storage.delete(conn, self.storage.disks_pool, name)
 
     def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
         with self._calling("finish_revert_migration", spec.uuid) as conn:
-            self.images.put_back(spec.uuid)
+            disk = self._disk(conn, spec.uuid, "finish_revert_migration")  # nothing kept: DomainNotFound
             try:
                 dom = self._domain(conn, spec.uuid)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
-                dom = conn.defineXML(self._xml(spec, self.images.disk_path(spec.uuid)))
+                dom = conn.defineXML(self._xml(spec, disk))
             if power_on and not dom.isActive():
                 dom.create()
 
     def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
-        return [str(p) for p in self.images.cleanup([], max_age_seconds, moving=moving)]
+        with self._calling("cleanup_images") as conn:
+            used = {_backing_key(vol.XMLDesc(0)) for vol in self.storage.disks(conn)}
+            removed = []
+            moment = time.time()
+            for base in self.storage.bases(conn):
+                if base.name() in used or moment - _mtime(base.XMLDesc(0)) < max_age_seconds:
+                    continue
+                with suppress(libvirt.libvirtError):  # taken into use or removed meanwhile: leave it
+                    if base.name() not in {_backing_key(v.XMLDesc(0)) for v in self.storage.disks(conn)}:
+                        base.delete(0)
+                        removed.append(f"{self.storage.cache_pool}/{base.name()}")
+            return removed
+
+    def drop_storage(self) -> None:
+        """Delete this host's pools and every volume in them: for scratch hosts (demo, benchmarks), never a fleet's."""
+        with self._calling("drop_storage") as conn:
+            self.storage.drop(conn)
 
     def get_info(self, uuid: str) -> PowerState:
         return self._run("get_info", uuid, self._state)
@@ -540,6 +630,30 @@ class LibvirtDriver(Driver):
         if transition is None or listener is None or not dom.name().startswith(NAME_PREFIX):
             return
         listener(LifecycleEvent(dom.UUIDString(), transition, datetime.now(UTC)))
+
+
+def _empty_volume(name: str) -> str:
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = "0"
+    ET.SubElement(ET.SubElement(vol, "target"), "format", type="raw")
+    return ET.tostring(vol, encoding="unicode")
+
+
+def _disk_sources(domain_xml: str) -> list[str]:
+    """Return the file paths of a domain's disks."""
+    return [s.get("file", "") for s in ET.fromstring(domain_xml).iterfind("./devices/disk/source")]
+
+
+def _backing_key(volume_xml: str) -> str | None:
+    """Return the cache key a disk volume is backed by (``../_base/<key>``), if any."""
+    path = ET.fromstring(volume_xml).findtext("./backingStore/path")
+    return None if path is None else path.rsplit("/", 1)[-1]
+
+
+def _mtime(volume_xml: str) -> float:
+    text = ET.fromstring(volume_xml).findtext("./target/timestamps/mtime")
+    return float(text) if text else time.time()
 
 
 def _link_error(exc: Any) -> bool:

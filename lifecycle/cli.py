@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 import structlog
 
+import drivers
 from lifecycle import graph, validation
 from lifecycle.audit import AuditEntry, format_history
 from lifecycle.config import Settings
@@ -297,6 +298,11 @@ def _parser() -> argparse.ArgumentParser:
     gr.add_argument("--format", choices=("mermaid", "json"), default="mermaid")
     demo = sub.add_parser("demo", help="run a demonstration on a scratch database", parents=[common])
     demo.add_argument("--keep", help="directory to keep the demo's database and hypervisor state in")
+    demo.add_argument("--uri", help="libvirt URI for compute-1 (e.g. qemu:///system); without it, a fake host")
+    demo.add_argument("--remote-uri", help="libvirt URI of a second hypervisor to resize onto (qemu+tcp://...)")
+    demo.add_argument(
+        "--remote-instances", default="/var/lib/libvirt/lifecycle/demo", help="instances path on that hypervisor"
+    )
     return p
 
 
@@ -414,8 +420,19 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
         lines = []
         for t in tasks:
             lines.append(_safe(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})"))
-            lines += [_safe(f"    {s.seq}. {s.name} {s.result or 'running'}") for s in engine.steps(t.id)]
+            lines += [
+                _safe(f"    {s.seq}. {s.name} {s.result or 'running'}{_progress(s.bytes_done, s.bytes_total)}")
+                for s in engine.steps(t.id)
+            ]
         _emit(args, data, "\n".join(lines))
+
+
+def _progress(done: int | None, total: int | None) -> str:
+    """Render a disk copy's progress: `` (copied 12.0 of 512.0 MiB, 2%)``, or nothing before it began."""
+    if done is None or total is None:
+        return ""
+    share = f", {100 * done // total}%" if total else ""
+    return f" (copied {done / 2**20:.1f} of {total / 2**20:.1f} MiB{share})"
 
 
 def _migration_line(m: Migration) -> str:
@@ -423,6 +440,7 @@ def _migration_line(m: Migration) -> str:
     return _safe(
         f"{m.id}  {m.instance_uuid}  {m.kind:<9} {m.status.value:<14} {m.source_host} -> {m.dest_host or '-'}"
         f"  {m.old_flavor} -> {m.new_flavor}  started {m.created_at.isoformat(timespec='seconds')} finished {done}"
+        + _progress(m.bytes_done, m.bytes_total)
     )
 
 
@@ -588,14 +606,18 @@ def _db(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from lifecycle.demo import run_demo
+    from lifecycle.demo import DemoHosts, run_demo
 
+    for uri in (args.uri, args.remote_uri):
+        if uri is not None:
+            drivers.validate_uri(uri)
     if args.keep:
         try:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InvalidInput(f"--keep {args.keep!r} cannot be used as a directory: {exc.strerror}") from None
-    run_demo(args.keep, as_json=args.json)
+    hosts = DemoHosts(args.uri, args.remote_uri, args.remote_instances)
+    run_demo(args.keep, as_json=args.json, hosts=hosts)
 
 
 def _graph(args: argparse.Namespace) -> None:

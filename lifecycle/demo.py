@@ -1,14 +1,18 @@
 """``lifecycle demo``: the engine end to end on its embedded default, SQLite plus libvirt.
 
-compute-1 is a libvirt host (libvirt's own test driver, with a private node
-file, and a real qcow2 base made with qemu-img). The demo builds an instance
-there, walks it through the power operations, destroys its domain behind the
-engine's back so that a pause is refused by libvirt (the guest is unchanged,
-so the vm_state stays), then lets a sync pass correct another out-of-band
-shutdown. compute-2 is a fake host with scripted faults: a stop held inside
-the "hypervisor" is taken over by a force delete, and a scheduled instance
-whose engine "crashes" mid-operation is finished by recovery. The audit logs
-are printed at the end.
+compute-1 is a libvirt host when ``--uri`` names one (``make demo`` starts a
+libvirtd for it and passes ``qemu:///system``: real QEMU guests, TCG, on a
+real qcow2 base made with qemu-img), else a fake host. The demo builds an
+instance there, walks it through the power operations, destroys its domain
+behind the engine's back so that a pause is refused by the hypervisor (the
+guest is unchanged, so the vm_state stays), then lets a sync pass correct
+another out-of-band shutdown. With ``--remote-uri`` (``make demo`` starts a
+second libvirtd in its own mount namespace, reached over TCP), the instance
+is then resized onto that host, its disk streamed over the two libvirt
+connections, and the resize confirmed. compute-2 is a fake host with
+scripted faults: a stop held inside the "hypervisor" is taken over by a force
+delete, and a scheduled instance whose engine "crashes" mid-operation is
+finished by recovery. The audit logs are printed at the end.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +37,27 @@ from lifecycle.errors import Preempted, TaskFailed
 from lifecycle.records import Flavor, Host, to_plain
 from lifecycle.store import upgrade
 
-__all__ = ["run_demo"]
+__all__ = ["DemoHosts", "run_demo"]
 
 
-def run_demo(keep: str | None = None, *, as_json: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class DemoHosts:
+    """Where the demo's libvirt hosts are: none (fake hosts only), compute-1, and compute-3 on another libvirtd."""
+
+    uri: str | None = None
+    remote_uri: str | None = None
+    remote_instances: str = "/var/lib/libvirt/lifecycle/demo"
+
+
+def run_demo(keep: str | None = None, *, as_json: bool = False, hosts: DemoHosts | None = None) -> dict[str, Any]:
     """Run the demonstration; print as it goes (or one JSON document) and return the summary."""
+    hosts = hosts or DemoHosts()
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
-        return _demo(Path(keep), as_json)
+        return _demo(Path(keep), as_json, hosts)
     with tempfile.TemporaryDirectory(prefix="lifecycle-demo-") as scratch:
-        return _demo(Path(scratch), as_json)
+        Path(scratch).chmod(0o755)  # libvirtd's QEMU reads the base image here
+        return _demo(Path(scratch), as_json, hosts)
 
 
 def _libvirt_ready() -> str | None:
@@ -54,22 +70,23 @@ def _libvirt_ready() -> str | None:
     return None
 
 
-def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
+def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
     say: Callable[..., None] = (lambda *_: None) if as_json else print
     url = f"sqlite:///{workdir / 'lifecycle.db'}"
     upgrade(url)
-    fake = FakeDriver("compute-2")
-    missing = _libvirt_ready()
+    fake, local = FakeDriver("compute-2"), FakeDriver("compute-1")
+    missing = "no --uri given" if hosts.uri is None else _libvirt_ready()
 
     def driver_for(host: Host) -> Driver:
-        return fake if host.name == "compute-2" or missing else engine._connect(host)
+        if host.name == "compute-2" or (missing and host.name == "compute-1"):
+            return fake if host.name == "compute-2" else local
+        return engine._connect(host)
 
     summary: dict[str, Any] = {"database": url, "instances": {}}
-    settings = Settings(shutdown_timeout=2, soft_reboot_seconds=2)
+    settings = Settings(shutdown_timeout=2, soft_reboot_seconds=2, libvirt_domain_type="qemu")
     with Engine(url, driver_factory=driver_for, settings=settings) as engine:
-        node = workdir / "compute-1-node.xml"
-        node.write_text("<node/>")
-        engine.add_host("compute-1", f"test://{node}", str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
+        uri = hosts.uri if missing is None and hosts.uri is not None else "fake://"
+        engine.add_host("compute-1", uri, str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
         engine.add_host(
             "compute-2",
             "fake://",
@@ -82,10 +99,12 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
         for host in ("compute-1", "compute-2"):
             engine.heartbeat(host)  # a daemon owning the host does this; the scheduler needs it
         base = workdir / "cirros.qcow2"
-        if missing is None:
+        if shutil.which("qemu-img") is not None:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+        else:  # the fake hosts never read it
+            base.write_bytes(b"")
         engine.add_image("cirros", str(base))
-        kind = f"the fake driver ({missing})" if missing else "libvirt's test driver"
+        kind = f"the fake driver ({missing})" if missing else f"libvirt at {hosts.uri}, real QEMU guests"
         say(f"database: {url}\ncompute-1: {kind}; compute-2: a fake host with scripted faults\n")
 
         web = engine.create("web-1", host="compute-1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
@@ -110,6 +129,8 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
         summary_line = engine.sync("compute-1")[0]
         say(f"  started, then shut down behind our back; a sync pass: rules {summary_line.rules}")
         say(f"  -> {engine.get(web).status} (the stop ran as a task with actor sync)")
+        if missing is None and hosts.remote_uri is not None:
+            _resize_to_remote(engine, web, hosts, say)
 
         db = engine.create("db-1", host="compute-2", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
         gate = fake.hold("power_off")
@@ -142,9 +163,38 @@ def _demo(workdir: Path, as_json: bool) -> dict[str, Any]:
             history = engine.history(uuid)
             summary["instances"][name] = {"instance": to_plain(engine.get(uuid)), "history": to_plain(history)}
             say(f"\naudit log of {name}:\n{format_history(history)}")
+        _drop_storage(engine, {web, db, app})
     if as_json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def _resize_to_remote(engine: Engine, uuid: str, hosts: DemoHosts, say: Callable[..., None]) -> None:
+    """Resize the guest onto compute-3, a libvirtd the engine reaches only over TCP, and confirm."""
+    assert hosts.remote_uri is not None
+    engine.add_host("compute-3", hosts.remote_uri, hosts.remote_instances, vcpus=4, memory_mb=4096, disk_gb=40)
+    engine.heartbeat("compute-3")
+    engine.start(uuid)
+    engine.set_host_enabled("compute-2", False)  # a resize is scheduled: leave compute-3 the only choice
+    engine.resize(uuid, Flavor(1, 96, 2))
+    engine.set_host_enabled("compute-2", True)
+    copy = engine.migrations()[0]
+    say(f"\nresized web-1 onto compute-3 ({hosts.remote_uri}): {engine.get(uuid).status} on {engine.get(uuid).host}")
+    say(f"  the disk was streamed between the two libvirt connections: {copy.bytes_done} bytes of data")
+    engine.confirm_resize(uuid)
+    say(f"  confirm_resize -> {engine.get(uuid).status}; the source's kept disk is gone")
+
+
+def _drop_storage(engine: Engine, uuids: set[str]) -> None:
+    """Delete the demo's guests and pools on its libvirt hosts: it leaves nothing on a shared libvirtd."""
+    from drivers.libvirt import LibvirtDriver
+
+    for host in engine.hosts():
+        driver = engine.driver(host.name)
+        if isinstance(driver, LibvirtDriver):
+            for uuid in set(driver.list_instances().owned) & uuids:
+                driver.destroy(uuid)
+            driver.drop_storage()
 
 
 def _stop_quietly(engine: Engine, uuid: str) -> None:

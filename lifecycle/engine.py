@@ -143,7 +143,8 @@ class Engine:
         """Register a host reached through ``driver_uri``; resources None are not tracked.
 
         The URI is checked, not opened (see :func:`drivers.validate_uri`): a
-        host may be registered before its hypervisor answers. ``console_address``
+        host may be registered before its hypervisor answers. A ``qemu`` URI
+        another host already uses is refused: one libvirtd is one host. ``console_address``
         is the host's management address, where its guests' VNC servers listen
         and console tokens lead (default: the engine's ``vnc_listen``).
         """
@@ -151,6 +152,13 @@ class Engine:
         if not isinstance(driver_uri, str):
             raise InvalidInput(f"driver URI must be a string, got {type(driver_uri).__name__}")
         uri = drivers.validate_uri(driver_uri)
+        if uri.split(":", 1)[0].startswith("qemu"):
+            for other in self.store.list_hosts():
+                if other.driver_uri == uri and other.name != name:
+                    raise InvalidInput(
+                        f"{uri} is already the hypervisor of host {other.name}: one libvirtd is one host "
+                        "(domain names and storage pools belong to the libvirtd, not to an instances path)"
+                    )
         if not isinstance(instances_path, str) or not instances_path.startswith("/"):
             raise InvalidInput(f"instances path must be an absolute path on the host, got {instances_path!r}")
         validation.name("instances path", instances_path)

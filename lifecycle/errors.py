@@ -37,6 +37,7 @@ from typing import Any
 __all__ = [
     "AlreadyExists",
     "Conflict",
+    "CopyFailed",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
@@ -271,6 +272,15 @@ class DomainNotFound(DriverError):
 
     def __init__(self, uuid: str, *, call: str | None = None) -> None:
         super().__init__(f"domain for instance {uuid} not found", uuid=uuid, call=call)
+
+
+class CopyFailed(DriverError):
+    """A move's disk copy to the destination failed; the destination kept nothing and defined nothing.
+
+    The cause (the source's or destination's error, or a digest mismatch) is
+    in the message and is the ``__cause__``. The source still holds the disk,
+    so the move can be rolled back onto it.
+    """
 
 
 class DriverUnavailable(DriverError):

@@ -247,6 +247,10 @@ class Migration:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    bytes_done: int | None = None
+    """How much of the disk's data the copy to the destination moved (None before the copy began)."""
+    bytes_total: int | None = None
+    """How much data the copy moves in all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +277,9 @@ class TaskStep:
     finished_at: datetime | None
     result: str | None
     detail: str | None = field(default=None)
+    bytes_done: int | None = field(default=None)
+    """How far the step's disk copy got (a move's resize_finish), while it runs and after."""
+    bytes_total: int | None = field(default=None)
 
 
 def to_plain(value: Any) -> Any:

@@ -16,7 +16,6 @@ operation's failure rule (create: error, claims released).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,8 +23,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from lifecycle import graph
-from lifecycle.errors import DriverError, LifecycleError, Preempted, TaskFailed
-from lifecycle.operations import move
+from lifecycle.errors import LifecycleError, Preempted, TaskFailed
+from lifecycle.operations import ROLL_BACK
 from lifecycle.records import Task
 from lifecycle.states import PowerState, TaskState
 
@@ -146,15 +145,9 @@ def _recover(runner: Runner, task: Task) -> Recovered:
 
 
 def _roll_back(run: TaskRun, reason: str) -> None:
-    migration = run.store.open_migration(run.instance.uuid)
-    if graph.operation(run.task.operation).moves and migration is not None:
-        move.revert_on_source(run, migration)
-    if run.task.operation == "create":
-        run.store.release_claims(run.instance.uuid)
-        if run.instance.host is not None:
-            with contextlib.suppress(DriverError):
-                run.driver.destroy(run.instance.uuid, destroy_disks=True)
-        run.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
+    hook = ROLL_BACK.get(run.task.operation)
+    if hook is not None:
+        hook(run)
     try:
         run.before_power = run.read_power()
     except Exception:  # an unreachable host must not keep a roll-back (which needs no driver) from ending

@@ -26,9 +26,8 @@ from lifecycle import graph, validation
 from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
-from lifecycle.operations import STEPS
-from lifecycle.placement import scheduler_for
-from lifecycle.records import Cause, Flavor, Image, Instance, Outcome, Task
+from lifecycle.operations import PREPARE, STEPS
+from lifecycle.records import Cause, Image, Instance, Outcome, Task
 from lifecycle.states import VmState
 from lifecycle.store import Store
 from lifecycle.store.db import now
@@ -150,7 +149,7 @@ class Runner:
             image = self.image(image_name or instance.image)
             run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
             run.preempted = preempt
-            self.prepare_move(run)
+            self.prepare(run)
             return self.launch(run, wait)
         raise AssertionError("unreachable")
 
@@ -240,20 +239,11 @@ class Runner:
             with self._lock:
                 self.active.discard(run.task.id)
 
-    def prepare_move(self, run: TaskRun) -> None:
-        """Give a move its scheduler (the destination is picked and claimed in its first step)."""
-        if not graph.operation(run.task.operation).moves:
-            return
-        flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
-        run.schedule = scheduler_for(
-            self.store,
-            self.settings,
-            run.instance.uuid,
-            flavor,
-            run.image,
-            requested_host=run.params.get("host"),
-            availability_zone=None,
-        )
+    def prepare(self, run: TaskRun) -> None:
+        """Run the operation's preparation hook, if it registered one (a move gets its scheduler)."""
+        hook = PREPARE.get(run.task.operation)
+        if hook is not None:
+            hook(run)
 
     def resume(self, task: Task, instance: Instance) -> TaskRun:
         """Build the worker for a task recovery resumes after taking it over."""
@@ -261,7 +251,7 @@ class Runner:
         source = None if graph.operation(task.operation).creates else instance.vm_state
         run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, source)
         run.resume_from(self.store.steps(task.id))
-        self.prepare_move(run)
+        self.prepare(run)
         return run
 
     def image(self, name: object) -> Image:

@@ -25,11 +25,13 @@ from lifecycle.records import Cause, Image, Instance, Outcome, Task, TaskStep
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import Store
 
-__all__ = ["Steps", "TaskRun", "execute"]
+__all__ = ["Hook", "Steps", "TaskRun", "execute"]
 
 log = structlog.get_logger(__name__)
 
 Steps = Callable[["TaskRun"], None]
+Hook = Callable[["TaskRun"], None]
+"""Work an operation registers beside its steps: its preparation before the task runs, its roll-back in recovery."""
 
 
 class TaskRun:
@@ -78,6 +80,7 @@ class TaskRun:
         self.fail_fields: dict[str, Any] = {}
         """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
         self._seq = 1
+        self._progress_at = 0.0
         self._verified = True
         """The last write of this task proved it ours, and no driver call has been made since."""
         self._position = 0
@@ -208,6 +211,18 @@ class TaskRun:
         """Write a move's status for this task, once the task is known to be still ours (as a driver call is)."""
         self._fence()
         self.store.update_migration(migration_id, status=status, **values)
+
+    def copy_progress(self, done: int, total: int) -> None:
+        """Record how far this step's disk copy got (at most every quarter second, and at its end).
+
+        Each record also checks the task is still ours: a delete that took the
+        instance over, or recovery that took the task over, stops the copy here.
+        """
+        moment = time.monotonic()
+        if done < total and moment - self._progress_at < 0.25:
+            return
+        self._progress_at = moment
+        self.store.record_progress(self.task, done, total)
 
     def power_off(self, timeout: float | None = None) -> None:
         """Shut the guest down cleanly within ``timeout`` (default ``shutdown_timeout``), then hard."""

@@ -371,3 +371,20 @@ def test_migration_list_and_show(cli) -> None:  # type: ignore[no-untyped-def]
     assert (code, out) == (0, "no migrations\n")
     code, out, err = cli("migration", "show", "00000000-0000-0000-0000-000000000000")
     assert code == 2 and "not found" in err
+
+
+def test_tasks_and_migrations_show_the_copy_progress(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """After a resize, `tasks` shows resize_finish's bytes copied, `migration list/show` the same, --json the numbers."""
+    cli("host", "add", "h2", "--uri", f"fake://{tmp_path / 'h2.json'}")
+    for host in ("h1", "h2"):
+        cli("host", "heartbeat", host)
+    uuid = _create(cli)
+    assert cli("resize", uuid, "--flavor", "vcpus=2,ram=128,disk=2")[0] == 0
+    code, out, _ = cli("tasks", uuid)
+    finish = [line for line in out.splitlines() if "resize_finish" in line]
+    assert code == 0 and len(finish) == 1 and "(copied " in finish[0] and "100%)" in finish[0]
+    code, out, _ = cli("migration", "list", "--json")
+    [row] = json.loads(out)
+    assert code == 0 and row["bytes_done"] == row["bytes_total"] > 0 and row["status"] == "finished"
+    code, out, _ = cli("migration", "show", row["id"])
+    assert code == 0 and "h1 -> h2" in out and "100%)" in out

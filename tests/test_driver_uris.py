@@ -129,3 +129,19 @@ def test_validating_opens_no_connection(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(drivers, "connect", refuse)
     assert validate_uri("qemu+ssh://no-such-host.invalid/system") == "qemu+ssh://no-such-host.invalid/system"
+
+
+def test_one_libvirtd_is_one_host(tmp_path: Path) -> None:
+    """A second host on a qemu URI another host uses is refused and not added; re-adding the same name is not this check."""
+    from lifecycle import Engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'uris.db'}"
+    upgrade(url)
+    with Engine(url) as engine:
+        engine.add_host("a", "qemu+tcp://10.0.0.5/system", "/srv/a")
+        with pytest.raises(InvalidInput, match="already the hypervisor of host a"):
+            engine.add_host("b", "qemu+tcp://10.0.0.5/system", "/srv/b")
+        assert [h.name for h in engine.hosts()] == ["a"]
+        engine.add_host("c", "qemu+tcp://10.0.0.6/system", "/srv/a")  # another machine may use the same path
+        engine.add_host("d", "fake://", "/srv/d")
+        engine.add_host("e", "fake://", "/srv/e")  # fake hosts are each their own hypervisor

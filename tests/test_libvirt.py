@@ -1,4 +1,11 @@
-"""The libvirt driver beyond the contract: XML safety, state table, errors, real QEMU."""
+"""The libvirt driver beyond the contract: XML safety, state table, errors, real QEMU.
+
+libvirt's test driver cannot spawn through the driver (it has no volume
+upload, and every disk goes through one): tests on it define the domain
+directly, as the driver would (:func:`_define`), and pin what the driver does
+with it. What needs a real spawn runs on QEMU; the storage itself is in
+tests/test_storage.py.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +18,19 @@ import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 
-from drivers.base import DomainSpec
+import drivers.storage
+from drivers.base import DomainSpec, Driver
 from drivers.libvirt import _POWER, METADATA_NS, LibvirtDriver, domain_xml
+from drivers.storage import HostStorage, image_key
 from lifecycle import Engine, Flavor, PowerState, Settings, TaskFailed, VmState, upgrade
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
 from tests.conftest import QEMU_URI, libvirt_ready, private_node_uri, qemu_ready, require
+from tests.test_storage import backed_by_cache, remove_pools
 
 HOSTILE = "<domain type='kvm'>&amp;\"quotes\" 'and' ünïcødé ☃ ]]></name><devices/>"
 
@@ -32,7 +42,7 @@ def _spec(image: Path | str, name: str = "vm") -> DomainSpec:
 def test_hostile_name_is_data_not_markup() -> None:
     """A name full of markup, quotes and non-ASCII comes back out of the XML unchanged, as text."""
     spec = _spec("/images/base.qcow2", HOSTILE)
-    root = ET.fromstring(domain_xml(spec, Path("/i/disk"), domain_type="qemu", vnc_listen="127.0.0.1"))
+    root = ET.fromstring(domain_xml(spec, "/i/disk", domain_type="qemu", vnc_listen="127.0.0.1"))
     assert root.findtext("title") == HOSTILE
     assert root.findtext(f"metadata/{{{METADATA_NS}}}instance/{{{METADATA_NS}}}name") == HOSTILE
     assert root.findtext("name") == f"lifecycle-{spec.uuid}"
@@ -54,21 +64,31 @@ def test_driver(tmp_path: Path) -> Iterator[LibvirtDriver]:
     drv.close()
 
 
+def _define(drv: LibvirtDriver, spec: DomainSpec, *, start: bool = False) -> None:
+    """Define (and start) the domain the driver would for ``spec``, directly on its test-driver connection."""
+    xml = domain_xml(spec, "/nonexistent/disk", domain_type="test", vnc_listen="127.0.0.1")
+    with drv._calling("define", spec.uuid) as conn:
+        dom = conn.defineXML(xml)
+        if start:
+            dom.create()
+
+
 @pytest.mark.libvirt
-def test_hostile_name_round_trips_through_libvirt(test_driver: LibvirtDriver, base_image: Path) -> None:
-    """Libvirt stores and returns the hostile name as the domain title."""
-    spec = _spec(base_image, HOSTILE)
-    test_driver.spawn(spec)
+def test_hostile_name_round_trips_through_libvirt(test_driver: LibvirtDriver) -> None:
+    """Libvirt stores and returns the hostile name as the domain title, and the driver lists the domain as owned."""
+    spec = _spec("/images/base.qcow2", HOSTILE)
+    _define(test_driver, spec)
+    assert dict(test_driver.list_instances().owned) == {spec.uuid: PowerState.SHUTDOWN}
     with test_driver._calling("test") as conn:
         root = ET.fromstring(conn.lookupByUUIDString(spec.uuid).XMLDesc(0))
     assert root.findtext("title") == HOSTILE
 
 
 @pytest.mark.libvirt
-def test_wrong_state_errors_are_mapped_by_code_and_state(test_driver: LibvirtDriver, base_image: Path) -> None:
+def test_wrong_state_errors_are_mapped_by_code_and_state(test_driver: LibvirtDriver) -> None:
     """A refused call (test driver code 1) becomes DriverError naming the re-read state and keeping libvirt's text."""
-    spec = _spec(base_image)
-    test_driver.spawn(spec, power_on=False)
+    spec = _spec("/images/base.qcow2")
+    _define(test_driver, spec)
     with pytest.raises(DriverError, match="domain is shutdown"):
         test_driver.pause(spec.uuid)
     resume = pytest.raises(DriverError, match=r"^resume failed in libvirt \(code 1, .*; domain is shutdown\): .*not")
@@ -145,12 +165,10 @@ def test_any_error_after_the_close_callback_is_a_lost_connection(test_driver: Li
 
 
 @pytest.mark.libvirt
-def test_os_error_on_a_live_connection_is_permanent(
-    test_driver: LibvirtDriver, base_image: Path, tmp_path: Path
-) -> None:
+def test_os_error_on_a_live_connection_is_permanent(test_driver: LibvirtDriver, tmp_path: Path) -> None:
     """A real OS error from the test driver (code 38, not from RPC) is a DriverError with libvirt's text; the connection is kept."""
-    spec = _spec(base_image)
-    test_driver.spawn(spec)
+    spec = _spec("/images/base.qcow2")
+    _define(test_driver, spec, start=True)
     before = test_driver._connection("save")
     with pytest.raises(DriverError) as info, test_driver._calling("save", spec.uuid) as conn:
         conn.lookupByUUIDString(spec.uuid).save(str(tmp_path / "missing" / "save.img"))
@@ -163,43 +181,36 @@ def test_os_error_on_a_live_connection_is_permanent(
 
 
 @pytest.mark.libvirt
-def test_foreign_domains_are_reported_not_owned(test_driver: LibvirtDriver, base_image: Path) -> None:
+def test_foreign_domains_are_reported_not_owned(test_driver: LibvirtDriver) -> None:
     """A domain the engine did not define is listed as foreign, never as an instance."""
     with test_driver._calling("define") as conn:
         conn.defineXML(
             "<domain type='test'><name>someone-else</name><memory>65536</memory><os><type>hvm</type></os></domain>"
         )
-    spec = _spec(base_image)
-    test_driver.spawn(spec)
+    spec = _spec("/images/base.qcow2")
+    _define(test_driver, spec, start=True)
     listing = test_driver.list_instances()
     assert dict(listing.owned) == {spec.uuid: PowerState.RUNNING}
     assert listing.foreign == ("someone-else",)
 
 
 @pytest.mark.libvirt
-def test_engine_drives_a_libvirt_host(tmp_path: Path, base_image: Path) -> None:
-    """The engine runs every power operation on a host added with a test:/// URI; delete removes the disk."""
-    libvirt_ready()
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    with Engine(url, settings=Settings(shutdown_timeout=1, soft_reboot_seconds=1)) as engine:
-        engine.add_host("lv1", private_node_uri(tmp_path), str(tmp_path / "instances"))
-        engine.add_image("base", str(base_image))
-        uuid = engine.create("web", host="lv1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
-        assert (tmp_path / "instances" / uuid / "disk").exists()
-        for op in ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue", "rebuild"):
-            engine.run(op, uuid)
-        engine.reboot(uuid, hard=True)
-        assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.ACTIVE, PowerState.RUNNING)
-        engine.delete(uuid)
-        assert not (tmp_path / "instances" / uuid).exists()
-        assert engine.driver("lv1").list_instances().owned == {}
+def test_engine_refuses_a_malicious_image_at_spawn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Create with an image whose backing file is a host file fails, goes to error, and nothing reaches the host.
 
-
-@pytest.mark.libvirt
-def test_engine_refuses_a_malicious_image_at_spawn(tmp_path: Path) -> None:
-    """Create with an image whose backing file is a host file fails, goes to error, and defines no domain."""
+    The image is inspected on the engine's side before any upload: no volume
+    and no domain on the host afterwards (this runs on the test driver, which
+    could not take an upload anyway).
+    """
     libvirt_ready()
+    uploads: list[str] = []
+    real_upload = drivers.storage.write_volume
+
+    def counting(conn: Any, vol: Any, *args: Any, **kwargs: Any) -> Any:
+        uploads.append(vol.name())
+        return real_upload(conn, vol, *args, **kwargs)
+
+    monkeypatch.setattr(drivers.storage, "write_volume", counting)
     secret = tmp_path / "secret"
     secret.write_text("host data")
     evil = tmp_path / "evil.qcow2"
@@ -214,7 +225,13 @@ def test_engine_refuses_a_malicious_image_at_spawn(tmp_path: Path) -> None:
         with pytest.raises(TaskFailed, match="outside the image cache") as info:
             engine.create("victim", host="lv1", flavor=Flavor(1, 64, 1), image="evil")
         assert engine.get(info.value.task.instance_uuid).vm_state is VmState.ERROR
-        assert engine.driver("lv1").list_instances().owned == {}
+        host = engine.driver("lv1")
+        assert host.list_instances().owned == {}
+        assert isinstance(host, LibvirtDriver)
+        with host._calling("volumes") as conn:
+            pools = conn.listAllStoragePools(0)
+            assert [vol.name() for pool in pools for vol in pool.listAllVolumes(0)] == []
+    assert uploads == []
 
 
 # -- real QEMU under libvirtd ------------------------------------------------------------
@@ -226,11 +243,14 @@ def qemu(tmp_path: Path) -> Iterator[LibvirtDriver]:
     qemu_ready()
     drv = LibvirtDriver(QEMU_URI, tmp_path / "instances", domain_type="qemu", soft_reboot_seconds=1)
     yield drv
-    for uuid in drv.list_instances().owned:
-        if uuid in made:
-            drv.destroy(uuid)
-    made.clear()
-    drv.close()
+    try:
+        for uuid in drv.list_instances().owned:
+            if uuid in made:
+                drv.destroy(uuid)
+    finally:
+        made.clear()
+        remove_pools(drv.storage)
+        drv.close()
 
 
 made: set[str] = set()
@@ -270,7 +290,10 @@ def test_starting_a_guest_whose_disk_is_gone_is_a_permanent_error(qemu: LibvirtD
     spec = _spec(base_image)
     made.add(spec.uuid)
     qemu.spawn(spec, power_on=False)
-    qemu.images.disk_path(spec.uuid).unlink()
+    with qemu._calling("test") as conn:
+        disk = ET.fromstring(conn.lookupByUUIDString(spec.uuid).XMLDesc(0)).find("devices/disk/source")
+        assert disk is not None
+        conn.storageVolLookupByPath(disk.get("file")).delete(0)
     with pytest.raises(DriverError, match="Cannot access storage file") as info:
         qemu.spawn(spec)
     assert not isinstance(info.value, DriverUnavailable)
@@ -288,11 +311,17 @@ def test_console_port_speaks_rfb(qemu: LibvirtDriver, base_image: Path) -> None:
 
 
 @pytest.mark.qemu
-def test_disk_backing_chain_ends_at_the_cached_base(qemu: LibvirtDriver, base_image: Path) -> None:
-    """A running guest's disk is an overlay on the _base copy (read with -U while QEMU holds it)."""
+def test_disk_is_a_volume_on_the_cached_base(qemu: LibvirtDriver, base_image: Path) -> None:
+    """A running guest boots from its volume in the disks pool, an overlay on the image's volume in the cache pool."""
     spec = _running(qemu, base_image)
-    chain = qemu.images.backing_chain(qemu.images.disk_path(spec.uuid))
-    assert len(chain) == 2 and Path(chain[1]).parent == qemu.images.base_dir
+    key = image_key(base_image)
+    with qemu._calling("test") as conn:
+        root = ET.fromstring(conn.lookupByUUIDString(spec.uuid).XMLDesc(0))
+        disk = qemu.storage.volume(conn, qemu.storage.disks_pool, spec.uuid)
+        assert disk is not None
+        assert [s.get("file") for s in root.iterfind("devices/disk/source")] == [disk.path()]
+        assert {vol.name() for vol in qemu.storage.bases(conn)} == {key}
+    assert backed_by_cache(qemu, spec.uuid, key)
 
 
 @pytest.mark.qemu
@@ -342,6 +371,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _disk_volumes(drv: Driver) -> set[str]:
+    """The names of the volumes in a libvirt host's disks pool."""
+    assert isinstance(drv, LibvirtDriver)
+    with drv._calling("test") as conn:
+        return {vol.name() for vol in drv.storage.disks(conn)}
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_engine_drives_a_libvirt_host(tmp_path: Path, base_image: Path) -> None:
+    """The engine runs every power operation on a real libvirt host; rescue adds a rescue volume, unrescue and delete remove the volumes."""
+    qemu_ready()
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    settings = Settings(
+        libvirt_domain_type="qemu", shutdown_timeout=1, shutdown_retry_interval=0.5, soft_reboot_seconds=1
+    )
+    try:
+        with Engine(url, settings=settings) as engine:
+            engine.add_host("lv1", QEMU_URI, str(tmp_path / "instances"))
+            engine.add_image("base", str(base_image))
+            uuid = engine.create("web", host="lv1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+            host = engine.driver("lv1")
+            assert _disk_volumes(host) == {uuid}
+            ops = ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue", "rebuild")
+            for op in ops:
+                engine.run(op, uuid)
+                assert _disk_volumes(host) == ({uuid, f"{uuid}.rescue"} if op == "rescue" else {uuid}), op
+            engine.reboot(uuid, hard=True)
+            assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.ACTIVE, PowerState.RUNNING)
+            engine.delete(uuid)
+            assert _disk_volumes(host) == set()
+            assert uuid not in host.list_instances().owned
+    finally:
+        remove_pools(HostStorage(str(tmp_path / "instances")))
+
+
 @pytest.mark.qemu
 @pytest.mark.slow
 def test_engine_on_real_qemu_with_a_console(tmp_path: Path, base_image: Path) -> None:
@@ -350,49 +416,53 @@ def test_engine_on_real_qemu_with_a_console(tmp_path: Path, base_image: Path) ->
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     settings = Settings(libvirt_domain_type="qemu", shutdown_timeout=1, shutdown_retry_interval=0.5)
-    with Engine(url, settings=settings) as engine:
-        engine.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
-        engine.add_image("base", str(base_image))
-        uuid = engine.create("real", host="q1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
-        made.add(uuid)
-        connection = engine.check_console_token(engine.get_vnc_console(uuid).token)
-        assert connection is not None
-        with socket.create_connection((connection.host, connection.port), timeout=5) as sock:
-            assert sock.recv(4) == b"RFB "
-        engine.stop(uuid)
-        assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.STOPPED, PowerState.SHUTDOWN)
-        engine.delete(uuid)
-        assert not (tmp_path / "instances" / uuid).exists()
-        assert uuid not in engine.driver("q1").list_instances().owned
+    try:
+        with Engine(url, settings=settings) as engine:
+            engine.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
+            engine.add_image("base", str(base_image))
+            uuid = engine.create("real", host="q1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+            connection = engine.check_console_token(engine.get_vnc_console(uuid).token)
+            assert connection is not None
+            with socket.create_connection((connection.host, connection.port), timeout=5) as sock:
+                assert sock.recv(4) == b"RFB "
+            engine.stop(uuid)
+            assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.STOPPED, PowerState.SHUTDOWN)
+            engine.delete(uuid)
+            assert _disk_volumes(engine.driver("q1")) == set()
+            assert uuid not in engine.driver("q1").list_instances().owned
+    finally:
+        remove_pools(HostStorage(str(tmp_path / "instances")))
 
 
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path) -> None:
-    """On real QEMU: resize grows the copied disk on the destination, rebased on its own cache; confirm cleans the source."""
+def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_instances: PurePosixPath) -> None:
+    """On real QEMU: resize copies the disk to the other libvirtd, grown and backed by that host's own cache; confirm deletes the source's kept disk."""
     qemu_ready()
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    with Engine(url, settings=Settings(libvirt_domain_type="qemu", shutdown_timeout=0)) as engine:
-        for name in ("src", "dst"):
-            engine.add_host(name, QEMU_URI, str(tmp_path / name))
-            engine.heartbeat(name)
-        engine.add_image("base", str(base_image))
-        uuid = engine.create("mover", host="src", flavor=Flavor(1, 64, 1), image="base").instance_uuid
-        made.add(uuid)
-        engine.resize(uuid, Flavor(1, 128, 2))
-        assert (engine.get(uuid).host, engine.get(uuid).status) == ("dst", "VERIFY_RESIZE")
-        dst = engine.driver("dst")
-        assert isinstance(dst, LibvirtDriver)
-        disk = dst.images.disk_path(uuid)
-        chain = dst.images.backing_chain(disk)
-        assert Path(chain[-1]).parent == dst.images.base_dir
-        info = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(disk)], capture_output=True, text=True, check=True
-        )
-        assert '"virtual-size": 2147483648' in info.stdout
-        assert (tmp_path / "src" / f"{uuid}_resize").exists()
-        engine.confirm_resize(uuid)
-        assert not (tmp_path / "src" / f"{uuid}_resize").exists()
-        assert engine.driver("dst").get_info(uuid) is PowerState.RUNNING
-        engine.delete(uuid)
+    remote_uri = os.environ["LIFECYCLE_TEST_REMOTE_URI"]
+    try:
+        with Engine(url, settings=Settings(libvirt_domain_type="qemu", shutdown_timeout=0)) as engine:
+            engine.add_host("src", QEMU_URI, str(tmp_path / "src"))
+            engine.add_host("dst", remote_uri, str(remote_instances))
+            for name in ("src", "dst"):
+                engine.heartbeat(name)
+            engine.add_image("base", str(base_image))
+            uuid = engine.create("mover", host="src", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+            engine.resize(uuid, Flavor(1, 128, 2))
+            assert (engine.get(uuid).host, engine.get(uuid).status) == ("dst", "VERIFY_RESIZE")
+            src, dst = engine.driver("src"), engine.driver("dst")
+            assert isinstance(dst, LibvirtDriver)
+            with dst._calling("test") as conn:
+                copy = dst.storage.volume(conn, dst.storage.disks_pool, uuid)
+                assert copy is not None and copy.info()[1] == 2 * 1024**3
+                assert copy.XMLDesc(0).count(f"_base/{image_key(base_image)}") == 1  # backed by dst's own cache
+            assert _disk_volumes(src) == {uuid}  # kept until the resize is confirmed
+            engine.confirm_resize(uuid)
+            assert _disk_volumes(src) == set()
+            assert dst.get_info(uuid) is PowerState.RUNNING
+            engine.delete(uuid)
+            assert _disk_volumes(dst) == set()
+    finally:
+        remove_pools(HostStorage(str(tmp_path / "src")))

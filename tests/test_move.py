@@ -8,7 +8,7 @@ import pytest
 
 from lifecycle import Engine, Flavor, InvalidInput, InvalidState, PowerState, TaskFailed, VmState
 from lifecycle.errors import DriverError, DriverUnavailable
-from lifecycle.states import MigrationStatus
+from lifecycle.states import MigrationStatus, TaskState
 from tests.conftest import Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -209,3 +209,88 @@ def test_migrations_are_listed_and_shown(cloud: Engine) -> None:
         cloud.migration("00000000-0000-0000-0000-000000000000")
     with pytest.raises(InvalidInput):
         cloud.migration("nope")
+
+
+def test_the_copy_records_its_progress_on_the_step_and_the_migration(cloud: Engine) -> None:
+    """The disk copy writes bytes done and total on resize_finish; the migration shows the copy complete."""
+    uuid = _vm(cloud)
+    task = cloud.resize(uuid, BIG)
+    finish = next(s for s in cloud.steps(task.id) if s.name == "resize_finish")
+    assert finish.bytes_total is not None and finish.bytes_total > 0
+    assert finish.bytes_done == finish.bytes_total
+    migration = cloud.migrations()[0]
+    assert (migration.bytes_done, migration.bytes_total) == (finish.bytes_done, finish.bytes_total)
+    assert all(s.bytes_total is None for s in cloud.steps(task.id) if s.name != "resize_finish")
+
+
+def test_a_copy_that_fails_rolls_back_onto_the_source(cloud: Engine, fakes: Fakes) -> None:
+    """A copy failing midway leaves nothing on b: the guest runs on a as before, old flavor, b's claim released."""
+    uuid = _vm(cloud)
+    b = fakes.factory(cloud.host("b"))
+    b.fail_after("copy", DriverUnavailable("b stopped answering", call="copy"))  # after the first chunk
+    with pytest.raises(TaskFailed, match="CopyFailed"):
+        cloud.resize(uuid, BIG)
+    i = cloud.get(uuid)
+    assert (i.vm_state, i.task_state, i.host, i.flavor, i.power_state) == (V.ACTIVE, None, "a", SMALL, P.RUNNING)
+    assert fakes["a"].get_info(uuid) is P.RUNNING and not b.domain_exists(uuid)
+    assert _used(cloud) == {"a": 512, "b": 0} and cloud.store.claims_of(uuid) == ["a"]
+    assert cloud.migrations()[0].status is MigrationStatus.ERROR and fakes["a"].kept_disks() == []
+
+
+def test_a_stopped_guest_whose_copy_fails_stays_stopped_on_the_source(cloud: Engine, fakes: Fakes) -> None:
+    """The roll back of a failed copy keeps a stopped guest stopped (vm_state and power)."""
+    uuid = _vm(cloud)
+    cloud.stop(uuid)
+    b = fakes.factory(cloud.host("b"))
+    b.fail_next("copy")
+    with pytest.raises(TaskFailed):
+        cloud.migrate(uuid)
+    i = cloud.get(uuid)
+    assert (i.vm_state, i.host, i.power_state, fakes["a"].get_info(uuid)) == (V.STOPPED, "a", P.SHUTDOWN, P.SHUTDOWN)
+
+
+def test_a_force_delete_stops_a_copy_in_flight(cloud: Engine, fakes: Fakes) -> None:
+    """A force delete while the copy is held takes the move over; the copy stops and neither host keeps anything."""
+    import threading
+
+    from lifecycle.errors import Preempted
+
+    uuid = _vm(cloud)
+    b = fakes.factory(cloud.host("b"))
+    gate = b.hold("copy")
+    errors: list[BaseException] = []
+
+    def resize() -> None:
+        try:
+            cloud.resize(uuid, BIG)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=resize)
+    worker.start()
+    assert gate.wait_entered()
+    cloud.force_delete(uuid)
+    gate.release()
+    worker.join(10)
+    assert not worker.is_alive() and len(errors) == 1 and isinstance(errors[0], Preempted)
+    assert cloud.get(uuid).vm_state is V.DELETED
+    assert not fakes["a"].domain_exists(uuid) and not b.domain_exists(uuid)
+    assert fakes["a"].kept_disks() == [] and cloud.store.claims_of(uuid) == []
+    assert b.calls.count("copy") == 1  # the next chunk's progress record found the task taken over
+
+
+def test_a_copy_cut_by_a_crash_is_restarted_by_recovery(cloud: Engine, fakes: Fakes) -> None:
+    """An engine dying mid-copy leaves the task in resize_finish; recovery copies again and finishes the move."""
+    from drivers.fake import SimulatedCrash
+
+    uuid = _vm(cloud)
+    b = fakes.factory(cloud.host("b"))
+    b.crash_after("copy")
+    with pytest.raises(SimulatedCrash):
+        cloud.resize(uuid, BIG)
+    assert cloud.get(uuid).task_state is TaskState.RESIZE_FINISH and not b.domain_exists(uuid)
+    [recovered] = cloud.recover(force=True)
+    assert (recovered.plan, recovered.outcome) == ("resume", "succeeded")
+    i = cloud.get(uuid)
+    assert (i.status, i.host, i.flavor) == ("VERIFY_RESIZE", "b", BIG) and b.get_info(uuid) is P.RUNNING
+    assert b.calls.count("copy") == 1 + 5  # the cut copy's first chunk, then the whole disk again

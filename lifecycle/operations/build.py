@@ -6,12 +6,12 @@ import contextlib
 
 import structlog
 
-from lifecycle.errors import NoValidHost, Preempted
+from lifecycle.errors import DriverError, NoValidHost, Preempted
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
-from lifecycle.tasks import Steps, TaskRun
+from lifecycle.tasks import Hook, Steps, TaskRun
 
-__all__ = ["STEPS"]
+__all__ = ["ROLL_BACK", "STEPS"]
 
 log = structlog.get_logger(__name__)
 
@@ -96,4 +96,14 @@ def _destroy_quietly(run: TaskRun, host: str) -> None:
         log.warning("failed_build_not_cleaned", host=host, error=f"{type(exc).__name__}: {exc}")
 
 
+def roll_back(run: TaskRun) -> None:
+    """Recovery's roll-back of a build: nothing kept (no claim, no half-made domain, no host)."""
+    run.store.release_claims(run.instance.uuid)
+    if run.instance.host is not None:
+        with contextlib.suppress(DriverError):
+            run.driver.destroy(run.instance.uuid, destroy_disks=True)
+    run.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
+
+
 STEPS: dict[str, Steps] = {"create": create}
+ROLL_BACK: dict[str, Hook] = {"create": roll_back}

@@ -3,30 +3,41 @@
 resize/migrate walks resize_prep (pick and claim a destination, record the
 migration) -> resize_migrating (power off and set the disk aside on the
 source) -> resize_migrated (the instance now belongs to the destination) ->
-resize_finish (copy, rebase and grow the disk there, define, power on unless
-it was stopped) and ends in resized, holding claims on both hosts. Confirm
-deletes the source's kept disk and releases its claim; revert destroys the
-destination's copy and puts the source back as it was. A failure before the
-disk left the source is rolled back on the source; after it, the source
-disk stays kept (never lost) and the instance goes to error.
+resize_finish (stream the disk from the source host to the destination over
+their two libvirt connections, check its digest, grow it, define, power on
+unless it was stopped) and ends in resized, holding claims on both hosts.
+Confirm deletes the source's kept disk and releases its claim; revert
+destroys the destination's copy and puts the source back as it was.
+
+A failure before the disk left the source, or of the copy itself (the
+destination then keeps nothing), is rolled back onto the source: the guest
+back as it was, the destination claim released, the task failed. A failure
+after the copy leaves the source disk kept (never lost) and the instance in
+error. The copy records its progress on the step and stops when the task is
+taken over (a force delete); recovery restarts an interrupted copy.
+
+Besides the steps, the module registers the move's preparation (its
+scheduler) and its roll-back for recovery: ``PREPARE`` and ``ROLL_BACK``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid as uuidlib
 from dataclasses import replace
 
 import structlog
 
 from drivers.base import DomainSpec
-from lifecycle.errors import DomainNotFound, LifecycleError, Preempted
+from lifecycle.errors import CopyFailed, DomainNotFound, LifecycleError, Preempted
+from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
 from lifecycle.states import MigrationStatus, TaskState, VmState
 from lifecycle.store.db import now
-from lifecycle.tasks import Steps, TaskRun
+from lifecycle.tasks import Hook, Steps, TaskRun
 
-__all__ = ["STEPS", "revert_on_source"]
+__all__ = ["PREPARE", "ROLL_BACK", "STEPS", "revert_on_source"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,16 +64,34 @@ def move(run: TaskRun) -> None:
     assert migration.dest_host is not None
     run.touched.add(migration.dest_host)  # a delete taking the move over must clean the destination too
     run.advance(T.RESIZE_MIGRATING)
-    source_disk = _leave_source(run, migration)
+    _leave_source(run, migration)
     run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host)
     run.changed = True  # the guest left its source: a failure from here on cannot keep the vm_state
     run.migration_status(migration.id, MS.POST_MIGRATING)
     run.advance(T.RESIZE_FINISH)
-    run.driver.finish_migration(_spec(run, migration.new_flavor), source_disk, power_on=_power_on(migration))
+    _copy_and_finish(run, migration)
     run.fields["flavor"] = migration.new_flavor
     run.fields["previous_vm_state"] = migration.previous_vm_state
     run.end_power = run.read_power()  # here, so that a failure to read it is the move's (error, move open)
     run.migration_status(migration.id, MS.FINISHED, finished_at=now())
+
+
+def _copy_and_finish(run: TaskRun, migration: Migration) -> None:
+    """Bring the disk over from the source and start the guest there; a failed copy goes back to the source."""
+    source = functools.partial(run.on(migration.source_host).read_disk, run.instance.uuid)
+    assert migration.dest_host is not None
+    dest = run.on(migration.dest_host)
+    try:
+        dest.finish_migration(
+            _spec(run, migration.new_flavor), source, power_on=_power_on(migration), progress=run.copy_progress
+        )
+    except CopyFailed:
+        back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
+        run.fields |= back  # the power read at the failure is the source's
+        run.fail_fields |= back
+        run.changed = False  # the destination holds nothing: the guest is as it was, on its source
+        revert_on_source(run, migration)
+        raise
 
 
 def _prepare(run: TaskRun) -> Migration:
@@ -89,6 +118,27 @@ def _prepare(run: TaskRun) -> Migration:
     )
     run.store.add_migration(migration)
     return migration
+
+
+def prepare(run: TaskRun) -> None:
+    """Give a move its scheduler (the destination is picked and claimed in its first step)."""
+    flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
+    run.schedule = scheduler_for(
+        run.store,
+        run.settings,
+        run.instance.uuid,
+        flavor,
+        run.image,
+        requested_host=run.params.get("host"),
+        availability_zone=None,
+    )
+
+
+def roll_back(run: TaskRun) -> None:
+    """Recovery's roll-back of a move that had not left its source: back onto the source."""
+    migration = run.store.open_migration(run.instance.uuid)
+    if migration is not None:
+        revert_on_source(run, migration)
 
 
 def _leave_source(run: TaskRun, migration: Migration) -> str:
@@ -173,3 +223,5 @@ def revert(run: TaskRun) -> None:
 
 
 STEPS: dict[str, Steps] = {"resize": move, "migrate": move, "confirm_resize": confirm, "revert_resize": revert}
+PREPARE: dict[str, Hook] = {"resize": prepare, "migrate": prepare}
+ROLL_BACK: dict[str, Hook] = {"resize": roll_back, "migrate": roll_back}

@@ -181,6 +181,8 @@ def migration_from(r: sa.RowMapping) -> Migration:
         created_at=stamp(r["created_at"]),
         updated_at=stamp(r["updated_at"]),
         finished_at=aware(r["finished_at"]),
+        bytes_done=r.get("bytes_done"),
+        bytes_total=r.get("bytes_total"),
     )
 
 

@@ -11,12 +11,13 @@ from lifecycle.errors import Conflict, MigrationNotFound
 from lifecycle.records import Migration
 from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus
 from lifecycle.store._base import StoreBase
-from lifecycle.store._rows import MIGRATIONS, migration_from, migration_values
+from lifecycle.store._rows import MIGRATIONS, STEPS, migration_from, migration_values
 from lifecycle.store.db import now
 
 __all__ = ["Moves"]
 
-_M = MIGRATIONS
+_M, _S = MIGRATIONS, STEPS
+_COPY_STEP = "resize_finish"  # the step of a move that copies the disk and records its progress
 _CLOSED = [s.value for s in MigrationStatus if not s.open]
 
 
@@ -56,14 +57,14 @@ class Moves(StoreBase):
     def get_migration(self, migration_id: str) -> Migration:
         """Return a migration by id; :class:`MigrationNotFound` otherwise."""
         with self._read() as conn:
-            row = conn.execute(sa.select(_M).where(_M.c.id == migration_id)).mappings().first()
+            row = conn.execute(_with_progress().where(_M.c.id == migration_id)).mappings().first()
         if row is None:
             raise MigrationNotFound(migration_id)
         return migration_from(row)
 
     def list_migrations(self, host: str | None = None) -> list[Migration]:
         """Return migrations, newest first, optionally those whose source or destination is ``host``."""
-        query = sa.select(_M).order_by(_M.c.created_at.desc(), _M.c.id)
+        query = _with_progress().order_by(_M.c.created_at.desc(), _M.c.id)
         if host is not None:
             query = query.where(sa.or_(_M.c.source_host == host, _M.c.dest_host == host))
         with self._read() as conn:
@@ -97,3 +98,9 @@ class Moves(StoreBase):
         )
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
+
+
+def _with_progress() -> sa.Select[Any]:
+    """Select migrations with the progress their task's copy step recorded (when it has begun)."""
+    step = sa.and_(_S.c.task_id == _M.c.task_id, _S.c.name == _COPY_STEP)
+    return sa.select(_M, _S.c.bytes_done, _S.c.bytes_total).outerjoin(_S, step)

@@ -177,6 +177,10 @@ class TaskStepRow(SQLModel, table=True):
     result: str | None = Field(default=None, max_length=16)
     """ok, failed or preempted; None while the step runs."""
     detail: str | None = Field(default=None)
+    bytes_done: int | None = Field(default=None, sa_type=sa.BigInteger)
+    """Bytes of data a step's disk copy has moved so far (None: the step copies nothing)."""
+    bytes_total: int | None = Field(default=None, sa_type=sa.BigInteger)
+    """Bytes of data the copy moves in all."""
 
 
 class AuditRow(SQLModel, table=True):

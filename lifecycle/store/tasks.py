@@ -54,6 +54,8 @@ class Tasks(StoreBase):
                 finished_at=aware(r["finished_at"]),
                 result=r["result"],
                 detail=r["detail"],
+                bytes_done=r["bytes_done"],
+                bytes_total=r["bytes_total"],
             )
             for r in rows
         ]
@@ -111,6 +113,13 @@ class Tasks(StoreBase):
             raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
         if outcome == Outcome.PREEMPTED.value:
             raise Preempted(task.id, task.instance_uuid, preempted_by)
+
+    def record_progress(self, task: Task, done: int, total: int) -> None:
+        """Write how far the open step's disk copy got, then raise as :meth:`fence` when the task is no longer ours."""
+        query = sa.update(_S).where(_S.c.task_id == task.id, _S.c.finished_at.is_(None))
+        with self.engine.begin() as conn:
+            conn.execute(query.values(bytes_done=done, bytes_total=total))
+        self.fence(task)
 
     def release_lease(self, task_id: str) -> None:
         """Say that a task's worker has ended (its lease ends now): a preemptor waiting on it goes on."""

@@ -1,0 +1,416 @@
+"""A host's disks through libvirt's storage API: two ``dir`` pools, volumes and sparse streams.
+
+The engine reaches a hypervisor only through its libvirt connection, local or
+remote, so every byte of host-side disk work goes through it; this module
+never opens a path of the host. Per host (its instances path ``I``, a path on
+that host)::
+
+    I/_base   pool lifecycle-<h>-cache   one volume per image content: <sha256>-<bytes>
+    I/disks   pool lifecycle-<h>-disks   <uuid> (root disk), <uuid>.rescue
+
+``<h>`` is a digest of ``I``, so two hosts sharing one libvirtd (tests, or a
+host serving two cells) never share a pool. An instance disk is a qcow2
+volume whose backing store is the relative path ``../_base/<key>``: the same
+bytes are valid on every host whatever its instances path, so a disk copied
+to another host needs no rebase (libvirt has no rebase call).
+
+A base reaches a host by an upload stream once per content; a volume whose
+size is short of the image's is an upload in flight (wait) or abandoned
+(remove it and upload again). Disks move between hosts as sparse streams,
+source download piped into destination upload, with a digest of the logical
+content (holes count as zeros) computed on both sides.
+
+libvirt errors are left to the caller (the driver maps them, keeping
+libvirt's message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drivers.base import DiskSegments, Progress
+from drivers.images import ImageInfo, valid_uuid
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - the driver refuses to start without it
+    libvirt = None
+
+__all__ = ["Content", "HostStorage", "image_key", "read_volume", "volume_digest"]
+
+CHUNK = 256 * 1024  # libvirt's stream packets carry at most 256 KiB
+_ERR_NO_POOL = 49  # VIR_ERR_NO_STORAGE_POOL
+_ERR_NO_VOL = 50  # VIR_ERR_NO_STORAGE_VOL
+_ZEROS = bytes(CHUNK)
+_STALL_SECONDS = 3.0  # a partial base that does not grow for this long was abandoned
+_upload_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_upload_locks_guard = threading.Lock()
+_keys: dict[tuple[str, int, int, int], str] = {}
+
+
+def image_key(path: Path) -> str:
+    """Return the cache name of an image file: its content's sha256 and size (memoized per file version)."""
+    st = path.stat()
+    version = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _keys.get(version)
+    if key is None:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        key = _keys[version] = f"{digest.hexdigest()}-{st.st_size}"
+    return key
+
+
+class Content:
+    """A digest of a disk's logical content, holes hashed as zeros, and its data bytes."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.data_bytes = 0
+        self.length = 0
+
+    def add(self, segment: bytes | int) -> None:
+        """Account one segment: bytes of data, or the length of a hole."""
+        if isinstance(segment, int):
+            self.length += segment
+            left = segment
+            while left > 0:
+                step = min(left, CHUNK)
+                self._hash.update(_ZEROS[:step])
+                left -= step
+            return
+        self._hash.update(segment)
+        self.data_bytes += len(segment)
+        self.length += len(segment)
+
+    def hexdigest(self) -> str:
+        """Return the digest so far."""
+        return self._hash.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class HostStorage:
+    """Where one host keeps its image cache and instance disks, as libvirt pools."""
+
+    instances_path: str
+
+    @property
+    def _tag(self) -> str:
+        return hashlib.sha256(self.instances_path.encode()).hexdigest()[:12]
+
+    @property
+    def cache_pool(self) -> str:
+        """The name of the host's image cache pool."""
+        return f"lifecycle-{self._tag}-cache"
+
+    @property
+    def disks_pool(self) -> str:
+        """The name of the host's instance disks pool."""
+        return f"lifecycle-{self._tag}-disks"
+
+    # -- pools ---------------------------------------------------------------
+
+    def pool(self, conn: Any, name: str) -> Any:
+        """Return the started pool ``name``; define, build and start it (autostart) when missing."""
+        try:
+            pool = conn.storagePoolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_POOL:
+                raise
+            sub = "_base" if name == self.cache_pool else "disks"
+            xml = ET.Element("pool", type="dir")
+            ET.SubElement(xml, "name").text = name
+            ET.SubElement(ET.SubElement(xml, "target"), "path").text = str(Path(self.instances_path) / sub)
+            try:
+                pool = conn.storagePoolDefineXML(ET.tostring(xml, encoding="unicode"), 0)
+            except libvirt.libvirtError:
+                pool = conn.storagePoolLookupByName(name)  # defined by a racing call meanwhile
+            pool.build(0)  # creates the directory; a no-op when it exists
+            pool.setAutostart(1)
+        if not pool.isActive():
+            try:
+                pool.create(0)
+            except libvirt.libvirtError:
+                if not pool.isActive():  # started by a racing call meanwhile is fine
+                    raise
+        return pool
+
+    def volume(self, conn: Any, pool_name: str, name: str) -> Any | None:
+        """Return the volume ``name`` of a pool, or None when it does not exist."""
+        pool = self.pool(conn, pool_name)
+        try:
+            return pool.storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_VOL:
+                raise
+        pool.refresh(0)  # a volume made outside this connection (another process) shows after a refresh
+        try:
+            return pool.storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_VOL:
+                raise
+        return None
+
+    def delete(self, conn: Any, pool_name: str, name: str) -> bool:
+        """Delete a volume; True if there was one (gone already counts as done)."""
+        vol = self.volume(conn, pool_name, name)
+        if vol is None:
+            return False
+        try:
+            vol.delete(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_VOL:
+                raise
+        return True
+
+    # -- the image cache -----------------------------------------------------
+
+    def ensure_base(self, conn: Any, uri: str, image: Path, info: ImageInfo) -> str:
+        """Make the inspected ``image`` present in the host's cache (uploading it once); return its key."""
+        key = image_key(image)
+        size = int(key.rsplit("-", 1)[1])
+        with _lock_for(uri, self.cache_pool, key):
+            while True:
+                vol = self.volume(conn, self.cache_pool, key)
+                if vol is not None and _physical(vol) >= size:
+                    return key
+                if vol is not None and _growing(vol):
+                    continue  # another process is uploading it: wait for it
+                if vol is not None:
+                    vol.delete(0)  # abandoned by a process that died mid-upload
+                self._upload(conn, key, image)
+                return key
+
+    def _upload(self, conn: Any, key: str, image: Path) -> None:
+        pool = self.pool(conn, self.cache_pool)
+        xml = _volume_xml(key, 0, "raw")  # an empty file: it ends up holding the image's bytes and nothing else
+        vol = pool.createXML(xml, 0)
+        try:
+            with image.open("rb") as handle:
+                write_volume(conn, vol, _file_segments(handle.fileno()), None)
+        except BaseException:
+            _quietly(vol.delete, 0)
+            raise
+
+    def bases(self, conn: Any) -> list[Any]:
+        """Return the cache pool's volumes."""
+        pool = self.pool(conn, self.cache_pool)
+        pool.refresh(0)
+        return list(pool.listAllVolumes(0))
+
+    # -- instance disks ------------------------------------------------------
+
+    def create_disk(self, conn: Any, name: str, key: str, info: ImageInfo, size_gb: int) -> Any:
+        """Create ``name`` in the disks pool as a qcow2 overlay on base ``key``, at least ``size_gb`` GiB."""
+        vol = self.volume(conn, self.disks_pool, name)
+        if vol is not None:
+            return vol
+        capacity = max(info.virtual_size, size_gb * 1024**3)
+        xml = _volume_xml(name, capacity, "qcow2", backing=(f"../_base/{key}", info.format))
+        return self.pool(conn, self.disks_pool).createXML(xml, 0)
+
+    def grow(self, vol: Any, size_gb: int) -> None:
+        """Grow a volume (not in use) to ``size_gb`` GiB; never shrink."""
+        if size_gb * 1024**3 > vol.info()[1]:
+            vol.resize(size_gb * 1024**3, 0)
+
+    def disk_names(self, uuid: str) -> tuple[str, str]:
+        """Return the volume names of an instance's root and rescue disks."""
+        name = valid_uuid(uuid)
+        return name, f"{name}.rescue"
+
+    def drop(self, conn: Any) -> None:
+        """Delete every volume of both pools, then the pools themselves (a scratch host's clean-up)."""
+        for name in (self.disks_pool, self.cache_pool):
+            try:
+                pool = conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_POOL:
+                    raise
+                continue
+            if pool.isActive():
+                pool.refresh(0)
+                for vol in pool.listAllVolumes(0):
+                    vol.delete(0)
+                pool.destroy()
+            with suppress(libvirt.libvirtError):  # the folder may be gone already
+                pool.delete(0)
+            pool.undefine()
+
+    def disks(self, conn: Any) -> list[Any]:
+        """Return the disks pool's volumes."""
+        pool = self.pool(conn, self.disks_pool)
+        pool.refresh(0)
+        return list(pool.listAllVolumes(0))
+
+
+# -- streams -------------------------------------------------------------------
+
+
+def write_volume(conn: Any, vol: Any, segments: DiskSegments, progress: Progress | None, total: int = 0) -> Content:
+    """Upload ``segments`` into ``vol`` as a sparse stream; return the content sent.
+
+    ``progress(done, total)`` is called after each chunk with the data bytes
+    so far (``total`` is the caller's estimate), and once at the end with
+    the exact bytes moved as both; an exception it raises (a task taken
+    over) aborts the stream.
+    """
+    stream = conn.newStream(0)
+    vol.upload(stream, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+    content = Content()
+    try:
+        for segment in segments:
+            content.add(segment)
+            if isinstance(segment, int):
+                stream.sendHole(segment, 0)
+                continue
+            view = memoryview(segment)
+            while view:
+                sent = stream.send(bytes(view) if len(view) != len(segment) else segment)
+                view = view[sent:]
+            if progress is not None:
+                progress(content.data_bytes, total)
+        stream.finish()
+        if progress is not None:  # the total was the source's estimate; at the end, the exact bytes moved
+            progress(content.data_bytes, content.data_bytes)
+    except BaseException:
+        _quietly(stream.abort)
+        raise
+    return content
+
+
+@contextmanager
+def read_volume(conn: Any, vol: Any) -> Iterator[Iterator[bytes | int]]:
+    """Yield the volume's content as sparse segments, read ahead on a thread while the caller writes."""
+    stream = conn.newStream(0)
+    vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+    ahead: queue.Queue[bytes | int | BaseException | None] = queue.Queue(maxsize=16)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            while not stop.is_set():
+                got = stream.recvFlags(CHUNK, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
+                if got == -3:
+                    _put(ahead, stream.recvHole(0), stop)
+                    continue
+                if not got:
+                    stream.finish()
+                    _put(ahead, None, stop)
+                    return
+                _put(ahead, got, stop)
+        except BaseException as exc:  # handed to the reader, which raises it on its thread
+            _quietly(stream.abort)
+            _put(ahead, exc, stop)
+
+    worker = threading.Thread(target=pump, name="volume-download", daemon=True)
+    worker.start()
+
+    def segments() -> Iterator[bytes | int]:
+        while True:
+            item = ahead.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    try:
+        yield segments()
+    finally:
+        stop.set()
+        if worker.is_alive():
+            _quietly(stream.abort)  # wakes a blocked receive
+        worker.join(timeout=5)
+
+
+def volume_digest(conn: Any, vol: Any) -> Content:
+    """Read a volume back and return its content's digest."""
+    content = Content()
+    with read_volume(conn, vol) as segments:
+        for segment in segments:
+            content.add(segment)
+    return content
+
+
+def _put(ahead: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            ahead.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
+def _file_segments(fd: int) -> Iterator[bytes | int]:
+    """Yield a local file's content as sparse segments (data, and hole lengths)."""
+    size = os.fstat(fd).st_size
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            data = size
+        if data > pos:
+            yield data - pos
+            pos = data
+            continue
+        end = os.lseek(fd, pos, os.SEEK_HOLE)
+        while pos < end:
+            block = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not block:
+                return
+            yield block
+            pos += len(block)
+
+
+def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if fmt == "qcow2" and backing is not None:
+        ET.SubElement(target, "compat").text = "1.1"
+    if backing is not None:
+        store = ET.SubElement(vol, "backingStore")
+        ET.SubElement(store, "path").text = backing[0]
+        ET.SubElement(store, "format", type=backing[1])
+    return ET.tostring(vol, encoding="unicode")
+
+
+def _physical(vol: Any) -> int:
+    return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+
+
+def _growing(vol: Any) -> bool:
+    """Return whether a partial volume grows within the stall time (an upload in flight elsewhere)."""
+    before = _physical(vol)
+    deadline = time.monotonic() + _STALL_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if _physical(vol) != before:
+            return True
+    return False
+
+
+def _lock_for(uri: str, pool: str, name: str) -> threading.Lock:
+    with _upload_locks_guard:
+        return _upload_locks.setdefault((uri, pool, name), threading.Lock())
+
+
+def _quietly(call: Callable[..., Any], *args: Any) -> None:
+    """Run a clean-up step after a failure that is already being raised; its own failure adds nothing."""
+    with suppress(Exception):
+        call(*args)
