@@ -5,7 +5,7 @@
 
 demo:
 	./scripts/bootstrap.sh
-	.venv/bin/lifecycle demo
+	./scripts/demo.sh
 
 test:
 	./scripts/bootstrap.sh

@@ -84,86 +84,99 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"database": url, "instances": {}}
     settings = Settings(shutdown_timeout=2, soft_reboot_seconds=2, libvirt_domain_type="qemu")
-    with Engine(url, driver_factory=driver_for, settings=settings) as engine:
-        uri = hosts.uri if missing is None and hosts.uri is not None else "fake://"
-        engine.add_host("compute-1", uri, str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
-        engine.add_host(
-            "compute-2",
-            "fake://",
-            str(workdir / "instances-2"),
-            vcpus=8,
-            memory_mb=8192,
-            disk_gb=80,
-            capabilities={"tier": "gold"},
-        )
-        for host in ("compute-1", "compute-2"):
-            engine.heartbeat(host)  # a daemon owning the host does this; the scheduler needs it
-        base = workdir / "cirros.qcow2"
-        if shutil.which("qemu-img") is not None:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
-        else:  # the fake hosts never read it
-            base.write_bytes(b"")
-        engine.add_image("cirros", str(base))
-        kind = f"the fake driver ({missing})" if missing else f"libvirt at {hosts.uri}, real QEMU guests"
-        say(f"database: {url}\ncompute-1: {kind}; compute-2: a fake host with scripted faults\n")
+    try:
+        with Engine(url, driver_factory=driver_for, settings=settings) as engine:
+            uri = hosts.uri if missing is None and hosts.uri is not None else "fake://"
+            engine.add_host("compute-1", uri, str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
+            engine.add_host(
+                "compute-2",
+                "fake://",
+                str(workdir / "instances-2"),
+                vcpus=8,
+                memory_mb=8192,
+                disk_gb=80,
+                capabilities={"tier": "gold"},
+            )
+            for host in ("compute-1", "compute-2"):
+                engine.heartbeat(host)  # a daemon owning the host does this; the scheduler needs it
+            base = workdir / "cirros.qcow2"
+            if shutil.which("qemu-img") is not None:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+            else:  # the fake hosts never read it
+                base.write_bytes(b"")
+            engine.add_image("cirros", str(base))
+            kind = f"the fake driver ({missing})" if missing else f"libvirt at {hosts.uri}, real QEMU guests"
+            say(f"database: {url}\ncompute-1: {kind}; compute-2: a fake host with scripted faults\n")
 
-        web = engine.create("web-1", host="compute-1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-        say(f"created web-1 {web} on compute-1: {engine.get(web).status}")
-        for op in ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue", "rebuild"):
-            engine.run(op, web)
-            say(f"  {op:<9} -> {engine.get(web).status}")
-        engine.reboot(web, hard=True)
-        say(f"  reboot --hard -> {engine.get(web).status}")
+            web = engine.create("web-1", host="compute-1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
+            say(f"created web-1 {web} on compute-1: {engine.get(web).status}")
+            for op in (
+                "stop",
+                "start",
+                "reboot",
+                "pause",
+                "unpause",
+                "suspend",
+                "resume",
+                "rescue",
+                "unrescue",
+                "rebuild",
+            ):
+                engine.run(op, web)
+                say(f"  {op:<9} -> {engine.get(web).status}")
+            engine.reboot(web, hard=True)
+            say(f"  reboot --hard -> {engine.get(web).status}")
 
-        engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
-        say("\nweb-1's domain destroyed behind the engine's back")
-        try:
-            engine.pause(web)
-        except TaskFailed as exc:
-            say(f"  pause refused by the hypervisor: {exc.error}")
-            say(f"  guest unchanged, so the vm_state stays: {engine.get(web).status}")
-        engine.stop(web)
-        say(f"  stop -> {engine.get(web).status}")
-        engine.start(web)
-        engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
-        summary_line = engine.sync("compute-1")[0]
-        say(f"  started, then shut down behind our back; a sync pass: rules {summary_line.rules}")
-        say(f"  -> {engine.get(web).status} (the stop ran as a task with actor sync)")
-        if missing is None and hosts.remote_uri is not None:
-            _resize_to_remote(engine, web, hosts, say)
+            engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
+            say("\nweb-1's domain destroyed behind the engine's back")
+            try:
+                engine.pause(web)
+            except TaskFailed as exc:
+                say(f"  pause refused by the hypervisor: {exc.error}")
+                say(f"  guest unchanged, so the vm_state stays: {engine.get(web).status}")
+            engine.stop(web)
+            say(f"  stop -> {engine.get(web).status}")
+            engine.start(web)
+            engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
+            summary_line = engine.sync("compute-1")[0]
+            say(f"  started, then shut down behind our back; a sync pass: rules {summary_line.rules}")
+            say(f"  -> {engine.get(web).status} (the stop ran as a task with actor sync)")
+            if missing is None and hosts.remote_uri is not None:
+                _resize_to_remote(engine, web, hosts, say)
 
-        db = engine.create("db-1", host="compute-2", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
-        gate = fake.hold("power_off")
-        stopper = threading.Thread(target=_stop_quietly, args=(engine, db))
-        stopper.start()
-        gate.wait_entered()
-        stuck = engine.get(db).task_state
-        say(f"\ncreated db-1 {db} on compute-2; its stop is stuck in the hypervisor: task_state {stuck}")
-        engine.force_delete(db)
-        say(f"  force_delete took over: {engine.get(db).status}")
-        gate.release()
-        stopper.join()
-        stop_task = engine.tasks(db)[1]
-        say(f"  the stop task ended {stop_task.outcome.value} by {stop_task.preempted_by}; the row was left alone")
+            db = engine.create("db-1", host="compute-2", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
+            gate = fake.hold("power_off")
+            stopper = threading.Thread(target=_stop_quietly, args=(engine, db))
+            stopper.start()
+            gate.wait_entered()
+            stuck = engine.get(db).task_state
+            say(f"\ncreated db-1 {db} on compute-2; its stop is stuck in the hypervisor: task_state {stuck}")
+            engine.force_delete(db)
+            say(f"  force_delete took over: {engine.get(db).status}")
+            gate.release()
+            stopper.join()
+            stop_task = engine.tasks(db)[1]
+            say(f"  the stop task ended {stop_task.outcome.value} by {stop_task.preempted_by}; the row was left alone")
 
-        gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
-        app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
-        say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
-        fake.crash_after("pause")
-        try:
-            engine.pause(app)
-        except SimulatedCrash:
-            say(f"  the engine 'crashed' inside pause: task_state {engine.get(app).task_state}, task still running")
-    with Engine(url, driver_factory=driver_for, settings=settings, owner=engine.owner) as engine:
-        recovered = engine.recover(force=True)  # it knows its predecessor died: no lease wait
-        say(
-            f"  a restarted engine recovers it: {recovered[0].plan} -> {recovered[0].outcome}, {engine.get(app).status}"
-        )
-        for name, uuid in (("web-1", web), ("db-1", db), ("app-1", app)):
-            history = engine.history(uuid)
-            summary["instances"][name] = {"instance": to_plain(engine.get(uuid)), "history": to_plain(history)}
-            say(f"\naudit log of {name}:\n{format_history(history)}")
-        _drop_storage(engine, {web, db, app})
+            gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
+            app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
+            say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
+            fake.crash_after("pause")
+            try:
+                engine.pause(app)
+            except SimulatedCrash:
+                say(f"  the engine 'crashed' inside pause: task_state {engine.get(app).task_state}, task still running")
+        with Engine(url, driver_factory=driver_for, settings=settings, owner=engine.owner) as engine:
+            recovered = engine.recover(force=True)  # it knows its predecessor died: no lease wait
+            done = recovered[0]
+            say(f"  a restarted engine recovers it: {done.plan} -> {done.outcome}, {engine.get(app).status}")
+            for name, uuid in (("web-1", web), ("db-1", db), ("app-1", app)):
+                history = engine.history(uuid)
+                summary["instances"][name] = {"instance": to_plain(engine.get(uuid)), "history": to_plain(history)}
+                say(f"\naudit log of {name}:\n{format_history(history)}")
+    finally:  # whatever happened, the demo leaves no guest and no pool on a libvirtd it may share
+        with Engine(url, driver_factory=driver_for, settings=settings) as engine:
+            _drop_storage(engine, {i.uuid for i in engine.list(include_deleted=True)})
     if as_json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     return summary

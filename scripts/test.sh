@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+# shellcheck source=scripts/libvirtd.sh
+source scripts/libvirtd.sh
 
 work=$(mktemp -d /tmp/lifecycle-test.XXXXXX)
 chmod 755 "$work"
@@ -16,9 +18,7 @@ cleanup() {
   if [[ -f $pgdata/postmaster.pid ]]; then
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null || true
   fi
-  for pidfile in "$work/libvirtd.pid" "$work/virtlogd.pid"; do
-    if [[ -s $pidfile ]]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
-  done
+  stop_libvirt "$work"
   ./scripts/second-host.sh stop "$work/host2" || true
   rm -rf "$work"
 }
@@ -41,29 +41,15 @@ start_postgres() {
   echo "test: throwaway PostgreSQL on port $port"
 }
 
-start_libvirt() {
-  if [[ $(id -u) != 0 ]] || ! command -v libvirtd >/dev/null; then
+start_libvirt_for_tests() {
+  if ! libvirt_usable; then
     echo "test: libvirtd or root missing; the qemu tier will skip (fail under LIFECYCLE_CI=1)" >&2
     return 0
   fi
-  if virsh -q -c qemu:///system version >/dev/null 2>&1; then
-    echo "test: using the libvirtd already running; the libvirtd restart test needs one started here" >&2
-    return 0
+  start_libvirt "$work"
+  if [[ $LIBVIRT_STARTED == 0 ]]; then
+    echo "test: the libvirtd restart test needs one started here" >&2
   fi
-  # The start sequence of platform-notes.md: each step prevents a known failure.
-  getent group kvm >/dev/null || addgroup --quiet --system kvm
-  getent group libvirt-qemu >/dev/null || addgroup --quiet --system libvirt-qemu
-  getent passwd libvirt-qemu >/dev/null || adduser --quiet --system --ingroup kvm \
-    --disabled-login --disabled-password --home /var/lib/libvirt --no-create-home libvirt-qemu
-  mkdir -p /var/log/libvirt
-  grep -q '^user = "root"' /etc/libvirt/qemu.conf 2>/dev/null || printf 'user = "root"\ngroup = "root"\n' >> /etc/libvirt/qemu.conf
-  virtlogd -d -p "$work/virtlogd.pid"
-  libvirtd -d -p "$work/libvirtd.pid"
-  # libvirtd -d returns 0 even when the daemon dies at start: poll until it answers.
-  for _ in $(seq 100); do virsh -q -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
-  virsh -q -c qemu:///system version >/dev/null
-  export LIFECYCLE_LIBVIRTD_PIDFILE="$work/libvirtd.pid"
-  echo "test: libvirtd pid $(cat "$work/libvirtd.pid")"
 }
 
 start_second_host() {
@@ -83,6 +69,6 @@ ruff format --check .
 mypy
 lint-imports
 start_postgres
-start_libvirt
+start_libvirt_for_tests
 start_second_host
 pytest "$@"

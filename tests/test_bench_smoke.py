@@ -29,3 +29,16 @@ def test_benchmark_script_runs(script: str, args: list[str], expect: str) -> Non
     done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_move_benchmark_runs(remote_instances: object) -> None:
+    """bench/move.py migrates a small disk between the two libvirt hosts and prints both ratios."""
+    from tests.conftest import qemu_ready
+
+    qemu_ready()
+    args = ["--runs", "1", "--data-mib", "8", "--remote-instances", str(remote_instances)]
+    done = subprocess.run([sys.executable, str(BENCH / "move.py"), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio migrate/cp" in done.stdout and "ratio to data written" in done.stdout

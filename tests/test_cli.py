@@ -153,6 +153,38 @@ def test_demo_tells_the_story(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r["operation"] for r in db["history"]][-3:] == ["stop", "force_delete", "force_delete"]
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_demo_on_real_qemu_resizes_onto_the_second_libvirtd(remote_instances: Any) -> None:
+    """With --uri and --remote-uri the demo drives real QEMU, resizes web-1 onto the other libvirtd, and leaves no pool."""
+    import libvirt
+
+    from tests.conftest import QEMU_URI, qemu_ready
+
+    qemu_ready()
+    remote = os.environ["LIFECYCLE_TEST_REMOTE_URI"]
+
+    def pools() -> set[str]:
+        names = set()
+        for uri in (QEMU_URI, remote):
+            conn = libvirt.open(uri)
+            names |= {p.name() for p in conn.listAllStoragePools(0) if "/lifecycle-demo-" in p.XMLDesc(0)}
+            names |= {p.name() for p in conn.listAllStoragePools(0) if str(remote_instances) in p.XMLDesc(0)}
+            conn.close()
+        return names
+
+    before = pools()
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lifecycle")), "demo", "--uri", QEMU_URI, "--remote-uri", remote,
+         "--remote-instances", str(remote_instances)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compute-1: libvirt at qemu:///system" in done.stdout
+    assert "resized web-1 onto compute-3" in done.stdout and "confirm_resize -> ACTIVE" in done.stdout
+    assert pools() == before
+
+
 def test_hosts_and_scheduled_create(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Hosts with resources are shown, disabled and heartbeated; create without --host is scheduled or explains why not."""
     code, out, _ = cli(

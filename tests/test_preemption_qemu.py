@@ -92,13 +92,13 @@ def test_a_taken_over_worker_that_wakes_late_makes_no_more_calls(cloud: tuple[st
     assert (taken.task_id, taken.outcome) == (rebuild.id, "succeeded")
     assert second.task(rebuild.id).epoch == 1
     second.stop(uuid)
-    disk = (instances / uuid / "disk").stat().st_ino
+    disk = (instances / "disks" / uuid).stat().st_ino
 
     hold.released.set()
     first.wait_idle()
     assert second.get(uuid).vm_state is VmState.STOPPED
     assert _driver(second).get_info(uuid) is PowerState.SHUTDOWN  # the old worker did not spawn it again
-    assert (instances / uuid / "disk").stat().st_ino == disk  # nor replace the disk the new owner made
+    assert (instances / "disks" / uuid).stat().st_ino == disk  # nor replace the disk the new owner made
     assert second.task(rebuild.id).outcome is Outcome.SUCCEEDED
     first.close()
     second.delete(uuid)
