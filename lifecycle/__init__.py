@@ -7,7 +7,7 @@ side of this package (errors, states), which must not pull the engine in.
 
 from typing import TYPE_CHECKING, Any
 
-from lifecycle.audit import AuditEntry
+from lifecycle.audit import AuditEntry, Change, Consumer, Position
 from lifecycle.config import Settings
 from lifecycle.console import ConsoleAccess, ConsoleConnection
 from lifecycle.errors import (
@@ -42,9 +42,11 @@ __all__ = [
     "AlreadyExists",
     "AuditEntry",
     "Cause",
+    "Change",
     "Conflict",
     "ConsoleAccess",
     "ConsoleConnection",
+    "Consumer",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
@@ -64,6 +66,7 @@ __all__ = [
     "LifecycleError",
     "NoValidHost",
     "Outcome",
+    "Position",
     "PowerState",
     "Preempted",
     "SchemaOutOfDate",

@@ -12,14 +12,18 @@ control and format characters in names, as older databases may hold them.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,13 +32,16 @@ import structlog
 import drivers
 from lifecycle import graph, validation
 from lifecycle.audit import AuditEntry, format_history
-from lifecycle.config import Settings
+from lifecycle.configfile import Loaded, load_settings
 from lifecycle.daemon import Daemon
+from lifecycle.duties import RESET_STATES
 from lifecycle.engine import Engine
 from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
+from lifecycle.feed import Change, Position, as_change, change_data, change_line, nova_notification
 from lifecycle.operations import STEPS
 from lifecycle.records import Flavor, Host, Image, Instance, Migration, Task, to_plain
 from lifecycle.recovery import vars_of
+from lifecycle.states import VmState
 from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
 from lifecycle.store.db import connect, current_revision, downgrade, now
 from lifecycle.sweep import PassSummary
@@ -154,9 +161,18 @@ def _parser() -> argparse.ArgumentParser:
         "--idempotency-key", type=_text("--idempotency-key"), help="a repeat with the same key returns the first task"
     )
     task_opts.add_argument("--no-wait", action="store_true", help="return the started task at once")
+    task_opts.add_argument(
+        "--force", action="store_true", help="override the instance's lock (an admin's override, audited)"
+    )
 
     p = _Parser(prog="lifecycle", description="Manage virtual machine instance lifecycles.")
-    p.add_argument("--db", default=os.environ.get("LIFECYCLE_DB_URL", DEFAULT_DB_URL), help="database URL")
+    p.add_argument(
+        "--db", help="database URL (default: $LIFECYCLE_DB_URL, else the config file's database_url, else SQLite)"
+    )
+    p.add_argument(
+        "--config",
+        help="settings file (TOML; default: $LIFECYCLE_CONFIG, else /etc/lifecycle/lifecycle.toml if it exists)",
+    )
     p.add_argument("--json", action="store_true", default=False, help="machine-readable output")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
@@ -282,11 +298,32 @@ def _parser() -> argparse.ArgumentParser:
         type=_number("--event-delay", validation.seconds),
         help="seconds a STOPPED event is held (default 15)",
     )
+    daemon.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        help="serve Prometheus metrics over HTTP at ADDR:PORT (e.g. 127.0.0.1:9464)",
+    )
+    daemon.add_argument(
+        "--reclaim-instance-interval",
+        type=_number("--reclaim-instance-interval", validation.seconds),
+        help="seconds a soft-deleted instance is kept before the daemon deletes it (default 0: off)",
+    )
+    daemon.add_argument(
+        "--instance-build-timeout",
+        type=_number("--instance-build-timeout", validation.seconds),
+        help="seconds a build may run before it is put in error (default 0: off)",
+    )
+    _duty_parsers(sub, common)
+    config = sub.add_parser("config", help="the effective settings", parents=[common]).add_subparsers(
+        dest="config_command", required=True
+    )
+    config.add_parser("show", help="print every setting, its value and where it came from", parents=[common])
     sub.add_parser("show", help="show an instance", parents=[common]).add_argument("uuid")
     lst = sub.add_parser("list", help="list instances", parents=[common])
     lst.add_argument("--host")
     lst.add_argument("--all", action="store_true", help="include deleted instances")
     sub.add_parser("history", help="an instance's audit log", parents=[common]).add_argument("uuid")
+    _feed_parsers(sub, common)
     sub.add_parser("tasks", help="an instance's tasks and their step logs", parents=[common]).add_argument("uuid")
     migration = sub.add_parser("migration", help="cold migrations and resizes", parents=[common]).add_subparsers(
         dest="migration_command", required=True
@@ -358,12 +395,15 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
         "request_id": args.request_id,
         "idempotency_key": args.idempotency_key,
         "wait": not args.no_wait,
+        "override_lock": args.force,
     }
     command = args.command
     if command == "create":
         specs = tuple(sorted(_pairs(args.extra_spec, "--extra-spec").items()))
         flavor = replace(Flavor.parse(args.flavor), extra_specs=specs)
         kw.pop("idempotency_key")
+        if kw.pop("override_lock"):
+            raise InvalidInput("create does not take --force: a new instance has no lock to override")
         if args.idempotency_key:
             raise InvalidInput("create does not take --idempotency-key; pass --uuid to make it repeat-safe")
         task = engine.create(
@@ -385,9 +425,59 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
         task = engine.resize(args.uuid, Flavor.parse(args.flavor), **kw)
     elif command == "migrate":
         task = engine.migrate(args.uuid, host=args.host, **kw)
+    elif command == "delete":
+        task = engine.delete(args.uuid, **kw)  # a soft delete while reclaim_instance_interval is set
     else:
         task = engine.run(command.replace("-", "_"), args.uuid, **kw)
     _task_result(engine, args, task)
+
+
+def _duty_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the operator duties: lock, unlock, reset-state, and one-shot reclaim and build-timeout runs."""
+    actor = {"type": _text("--actor"), "default": os.environ.get("USER") or "cli", "help": "who does it (audited)"}
+    lock = sub.add_parser("lock", help="lock an instance: operations but reads are refused", parents=[common])
+    lock.add_argument("uuid")
+    lock.add_argument("--reason", required=True, type=_text("--reason", 1000))
+    lock.add_argument("--actor", **actor)
+    unlock = sub.add_parser("unlock", help="unlock an instance (its locker, or --force)", parents=[common])
+    unlock.add_argument("uuid")
+    unlock.add_argument("--actor", **actor)
+    unlock.add_argument("--force", action="store_true", help="unlock another's lock (an admin's override)")
+    reset = sub.add_parser(
+        "reset-state", help="admin: end a stuck task and set the vm_state (error or active)", parents=[common]
+    )
+    reset.add_argument("uuid")
+    reset.add_argument("--state", choices=[s.value for s in RESET_STATES], default="error")
+    reset.add_argument("--reason", required=True, type=_text("--reason", 1000))
+    reset.add_argument("--actor", **actor)
+    for name, what, setting in (
+        ("reclaim", "delete for good what was soft-deleted longer ago than", "reclaim_instance_interval"),
+        ("build-timeout", "put in error the builds running longer than", "instance_build_timeout"),
+    ):
+        duty = sub.add_parser(name, help=f"once: {what} --older-than seconds", parents=[common])
+        duty.add_argument(
+            "--older-than",
+            required=True,
+            type=_number("--older-than", validation.seconds),
+            help=f"seconds (the daemon uses the {setting} setting)",
+        )
+
+
+def _duty(engine: Engine, args: argparse.Namespace) -> None:
+    if args.command in ("reclaim", "build-timeout"):
+        run = engine.reclaim_queued_deletes if args.command == "reclaim" else engine.check_build_timeouts
+        results = run(args.older_than) if args.older_than > 0 else []
+        lines = [f"{r.uuid} {r.outcome}" + (f" ({_safe(r.detail)})" if r.detail else "") for r in results]
+        _emit(args, [asdict(r) for r in results], "\n".join(lines) or "nothing to do")
+        return
+    if args.command == "lock":
+        i = engine.lock(args.uuid, reason=args.reason, actor=args.actor)
+    elif args.command == "unlock":
+        i = engine.unlock(args.uuid, actor=args.actor, override_lock=args.force)
+    else:
+        i = engine.reset_state(args.uuid, state=VmState(args.state), reason=args.reason, actor=args.actor)
+    lock = f"  locked by {_safe(i.locked_by)}: {_safe(i.locked_reason)}" if i.locked_by else ""
+    _emit(args, to_plain(i), _instance_line(i) + lock)
 
 
 def _history_line(entry: AuditEntry) -> AuditEntry:
@@ -463,6 +553,162 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
             raise InvalidInput(f"{flag} {key!r} given twice")
         pairs[key] = value
     return pairs
+
+
+_AGE = re.compile(r"([0-9]{1,9})([smhd])", re.ASCII)
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _when(label: str) -> Callable[[str], datetime]:
+    """Return an argparse type for a time: ISO 8601 (UTC unless it names a zone), or an age (90m, 12h, 7d)."""
+
+    def convert(text: str) -> datetime:
+        try:
+            if age := _AGE.fullmatch(text):
+                return now() - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
+            value = datetime.fromisoformat(text) if text.isascii() else None
+        except (ValueError, OverflowError):  # not a time; an age before year 1
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(
+                f"{label} must be an ISO 8601 time (2026-11-27T22:00, UTC unless it names a zone)"
+                f" or an age such as 90m, 12h or 7d, got {text[:60]!r}"
+            )
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+    return convert
+
+
+def _limit(label: str, high: int) -> Callable[[str], int]:
+    """Return an argparse type for a count from 1 to ``high`` in ASCII digits."""
+
+    def convert(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and len(text) <= 12 and 1 <= int(text) <= high):
+            raise argparse.ArgumentTypeError(f"{label} must be an integer from 1 to {high}, got {text[:40]!r}")
+        return int(text)
+
+    return convert
+
+
+def _position(text: str) -> Position | str:
+    if text == "end":
+        return text
+    try:
+        return Position.parse(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _feed_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``changes`` (the feed; its prune, consumers and forget) and ``audit`` (queries across instances)."""
+    changes = sub.add_parser(
+        "changes", help="the change feed: every committed state change, in commit order", parents=[common]
+    )
+    changes.add_argument(
+        "--after", type=_position, help="a position TX:ID as printed (default: the start; end: only changes to come)"
+    )
+    changes.add_argument("--follow", action="store_true", help="keep printing changes as they commit (until SIGINT)")
+    changes.add_argument(
+        "--consumer",
+        type=_text("--consumer"),
+        help="as this named consumer: resume at its stored position, store it after printing (first run: --after)",
+    )
+    changes.add_argument("--limit", type=_limit("--limit", 10_000), help="changes per read, 1 to 10000 (default 100)")
+    changes.add_argument(
+        "--format", choices=("plain", "json", "nova"), help="nova: Nova's instance.update notifications (JSON lines)"
+    )
+    admin = changes.add_subparsers(dest="changes_command", metavar="{prune,consumers,forget}")
+    prune = admin.add_parser(
+        "prune", help="delete changes older than the retention that every consumer has passed", parents=[common]
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_number("--older-than", validation.seconds),
+        help="seconds (default: the change_retention setting; 0 keeps every change)",
+    )
+    admin.add_parser("consumers", help="the registered consumers and their positions", parents=[common])
+    forget = admin.add_parser("forget", help="unregister a consumer: retention stops waiting for it", parents=[common])
+    forget.add_argument("name", type=_text("consumer"))
+
+    audit = sub.add_parser(
+        "audit", help="audit rows across instances, oldest first (each filter reads one index range)", parents=[common]
+    )
+    for flag, what in (("--since", "from this time"), ("--until", "before this time")):
+        audit.add_argument(flag, type=_when(flag), help=f"{what}: ISO 8601 (UTC unless zoned) or an age: 90m, 12h, 7d")
+    audit.add_argument("--request-id", type=_text("--request-id", 64), help="the changes of one request")
+    audit.add_argument("--host", type=_text("--host"), help="changes on this host")
+    audit.add_argument("--operation", type=_text("--operation", 64), help="e.g. stop, delete, sync")
+    audit.add_argument("--cause", help="api, sync, event, recovery, timer, ...")
+    audit.add_argument("--vm-state", help="changes into this vm_state, e.g. error")
+    audit.add_argument(
+        "--limit", type=_limit("--limit", 100_000), default=1000, help="at most this many (default 1000)"
+    )
+
+
+def _changes(engine: Engine, args: argparse.Namespace) -> None:
+    """Print the feed: one line (or one JSON object) per change; with --consumer or --follow as a follower."""
+    if args.changes_command is not None:
+        _feed_admin(engine, args)
+        return
+    fmt = args.format or ("json" if args.json else "plain")
+    renders: dict[str, Callable[[Change], str]] = {
+        "plain": lambda c: _safe(change_line(c)),
+        "json": lambda c: json.dumps(change_data(c), sort_keys=True, allow_nan=False),
+        "nova": lambda c: json.dumps(nova_notification(c), sort_keys=True, allow_nan=False),
+    }
+    render = renders[fmt]
+    limit = 100 if args.limit is None else args.limit
+    if not args.follow and args.consumer is None:
+        batch = engine.changes(args.after, limit)
+        if batch:
+            print("\n".join(render(c) for c in batch))
+        elif fmt == "plain":
+            print("no changes")
+        return
+    stop = threading.Event()
+    if not args.follow:
+        stop.set()  # one batch, its position stored
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        engine.follow(args.consumer, lambda c: print(render(c), flush=True), stop=stop, batch=limit, after=args.after)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _feed_admin(engine: Engine, args: argparse.Namespace) -> None:
+    given = [flag for flag in ("after", "consumer", "limit", "format") if getattr(args, flag) is not None]
+    if given or args.follow:
+        flags = ", ".join(f"--{flag}" for flag in [*given, *(["follow"] if args.follow else [])])
+        raise InvalidInput(f"changes {args.changes_command} takes none of {flags}")
+    if args.changes_command == "prune":
+        pruned = engine.prune_changes(args.older_than)
+        off = args.older_than is None and engine.settings.change_retention == 0
+        note = " (change_retention is 0: every change is kept)" if off else ""
+        _emit(args, {"pruned": pruned}, f"pruned {pruned} changes{note}")
+    elif args.changes_command == "forget":
+        engine.forget_consumer(args.name)
+        _emit(args, {"forgotten": args.name}, f"consumer {_safe(args.name)} forgotten")
+    else:
+        rows = engine.consumers()
+        data = [{**to_plain(c), "position": str(c.position)} for c in rows]
+        lines = [_safe(f"{c.name}  {c.position}  updated {c.updated_at.isoformat(timespec='seconds')}") for c in rows]
+        _emit(args, data, "\n".join(lines) or "no consumers")
+
+
+def _audit(engine: Engine, args: argparse.Namespace) -> None:
+    entries = engine.audit(
+        since=args.since,
+        until=args.until,
+        request_id=args.request_id,
+        host=args.host,
+        operation=args.operation,
+        cause=args.cause,
+        vm_state=args.vm_state,
+        limit=args.limit,
+    )
+    data = [{**to_plain(e), "position": str(e.position)} for e in entries]
+    _emit(args, data, "\n".join(_safe(change_line(as_change(e))) for e in entries) or "no audit rows")
 
 
 def _host_line(h: Host) -> str:
@@ -553,7 +799,7 @@ def _pass_line(s: PassSummary) -> str:
 def _recover(args: argparse.Namespace) -> None:
     if args.force and args.owner is None:
         raise InvalidInput("recover --force needs --owner NAME: it takes only that owner's live tasks")
-    with Engine(args.db, owner=args.owner) as engine:
+    with Engine(args.db, owner=args.owner, settings=args.settings) as engine:
         results = engine.recover(force=args.force)
         waiting = engine.waiting_for_lease()
     lines = [
@@ -575,19 +821,86 @@ def _recover(args: argparse.Namespace) -> None:
     _emit(args, [vars_of(r) for r in results], "\n".join(lines))
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the settings a command's own flags set (they win over the environment and the file)."""
+    if args.command != "daemon":
+        return {}
+    named = {
+        "interval": "sync_interval",
+        "event_delay": "stopped_event_delay",
+        "reclaim_instance_interval": "reclaim_instance_interval",
+        "instance_build_timeout": "instance_build_timeout",
+    }
+    return {setting: getattr(args, flag) for flag, setting in named.items() if getattr(args, flag) is not None}
+
+
+def _configure(args: argparse.Namespace) -> None:
+    """Resolve the settings and the database URL: flags > environment > config file > defaults."""
+    loaded = load_settings(args.config, overrides=_flags(args))
+    args.settings = loaded.settings
+    args.loaded = loaded
+    if args.db is None:
+        args.db = loaded.database_url or DEFAULT_DB_URL
+
+
+def _config(args: argparse.Namespace) -> None:
+    loaded: Loaded = args.loaded
+    values = _flat(asdict(loaded.settings)) | {"database_url": args.db}
+    sources = dict(loaded.sources)
+    if args.db_from_flag:
+        sources["database_url"] = "flag"
+    rows = [{"key": k, "value": values[k], "source": sources.get(k, "default")} for k in sorted(values)]
+    text = [f"# config file: {loaded.path or 'none'}"]
+    text += [_safe(f"{r['key']} = {r['value']!r}  ({r['source']})") for r in rows]
+    _emit(args, rows, "\n".join(text))
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """Parse ``ADDR:PORT`` (``[v6addr]:PORT`` for IPv6) for --metrics-listen."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"--metrics-listen must be ADDR:PORT with an IP address, got {text[:60]!r}")
+    return host, number
+
+
 def _daemon(args: argparse.Namespace) -> None:
-    overrides: dict[str, float] = {}
-    if args.interval is not None:
-        overrides["sync_interval"] = args.interval
-    if args.event_delay is not None:
-        overrides["stopped_event_delay"] = args.event_delay
-    with Engine(args.db, settings=Settings(**overrides)) as engine:  # type: ignore[arg-type]
+    with Engine(args.db, settings=args.settings) as engine:
         for name in args.hosts or ():
             engine.host(name)  # refuse a typo before claiming anything
+        server = None
+        if args.metrics_listen is not None:
+            from prometheus_client import start_wsgi_server
+
+            addr, port = args.metrics_listen
+            try:
+                server, _ = start_wsgi_server(port, addr=addr, registry=engine.metrics.registry)
+            except OSError as exc:
+                raise InvalidInput(f"--metrics-listen {addr}:{port}: {exc.strerror or exc}") from None
         daemon = Daemon(engine, hosts=args.hosts, claim_interval=args.claim_interval)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: daemon.stop.set())
-        daemon.run()
+        try:
+            daemon.run()
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
 
 
 def _db(args: argparse.Namespace) -> None:
@@ -647,8 +960,18 @@ _HANDLERS: dict[str, Callable[[Engine, argparse.Namespace], int | None]] = {
     "migration": _migrations,
     "host": _admin,
     "image": _admin,
+    "lock": _duty,
+    "unlock": _duty,
+    "reset-state": _duty,
+    "reclaim": _duty,
+    "build-timeout": _duty,
+    "changes": _changes,
+    "audit": _audit,
 }
+_NO_CONFIG = frozenset({"graph", "demo"})
+"""Commands that read no settings (the demo makes its own)."""
 _STANDALONE: dict[str, Callable[[argparse.Namespace], None]] = {
+    "config": _config,
     "db": _db,
     "graph": _graph,
     "recover": _recover,
@@ -664,10 +987,13 @@ def _run(argv: list[str]) -> int:
         return _error("--json" in argv, exc)
     configure_logging(args.log_format, args.log_level)
     try:
+        args.db_from_flag = args.db is not None
+        if args.command not in _NO_CONFIG:
+            _configure(args)
         if args.command in _STANDALONE:
             _STANDALONE[args.command](args)
             return 0
-        with Engine(args.db) as engine:
+        with Engine(args.db, settings=args.settings) as engine:
             return _HANDLERS.get(args.command, _run_op)(engine, args) or 0
     except LifecycleError as exc:
         return _error(args.json, exc)

@@ -27,6 +27,10 @@ _SECONDS = (
     "image_cache_max_age",
     "soft_reboot_seconds",
     "running_deleted_instance_timeout",
+    "reclaim_instance_interval",
+    "instance_build_timeout",
+    "change_retention",
+    "feed_poll_interval",
 )
 
 
@@ -84,6 +88,17 @@ class Settings:
     """Seconds an unused cached base image is kept before cleanup removes it (Nova: 86400)."""
     soft_reboot_seconds: float = 120.0
     """How long a soft reboot waits for the guest to go down before rebooting hard (Nova: 120)."""
+    reclaim_instance_interval: float = 0.0
+    """With more than 0, delete is a soft delete, restorable for this many seconds, then the daemon
+    deletes it for good (Nova); 0 deletes at once."""
+    instance_build_timeout: float = 0.0
+    """Seconds a build may take before the daemon ends it failed and puts the instance in error (Nova); 0: off."""
+    change_retention: float = 0.0
+    """Seconds a change (an audit row: the feed is the audit log) is kept before ``prune_changes`` removes
+    it, and never before every registered feed consumer has passed it; 0 keeps every change."""
+    feed_poll_interval: float = 1.0
+    """Seconds between a change feed follower's reads on SQLite; on PostgreSQL, where commits wake it,
+    between re-reads while a committed change waits for an older transaction to end (at least 0.01)."""
 
     def __post_init__(self) -> None:
         choices = {
@@ -105,3 +120,4 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
                 raise InvalidInput(f"setting scheduler.{ratio} must be a finite number above 0, got {value!r}")
         count("setting sync_chunk_size", self.sync_chunk_size, low=1, high=1_000_000)
+        seconds("setting feed_poll_interval", self.feed_poll_interval, low=0.01)

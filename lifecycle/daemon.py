@@ -6,7 +6,9 @@ split the hosts between them and no host is ever synced by two at once; the
 hosts of a daemon that dies are claimed by the others at their next claim
 round. At start and every lease period it recovers tasks whose owner died
 (:mod:`lifecycle.recovery`); every minute it applies the resize confirm
-window (:mod:`lifecycle.resize_window`).
+window (:mod:`lifecycle.resize_window`); and it runs the operator duties
+(:mod:`lifecycle.duties`): reclaim of soft-deleted instances and the build
+timeout, each every tenth of its setting (1 s to a minute) when set.
 
 Each owned host gets a :class:`HostWorker` with threads of its own, so a
 hypervisor that stops answering stalls only its own host: one thread
@@ -33,7 +35,7 @@ import structlog
 
 from lifecycle.events import EventProcessor
 from lifecycle.store.store import HostClaim
-from lifecycle.sweep import sweep_host
+from lifecycle.sweep import PassSummary, sweep_host
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
@@ -74,6 +76,11 @@ def _loop(jobs: list[Job], stop: threading.Event, clock: Callable[[], float]) ->
             stop.wait(wait)
 
 
+def _duty_interval(setting: float) -> float:
+    """How often a duty bounded by ``setting`` seconds runs: a tenth of it, from 1 s to a minute."""
+    return min(60.0, max(1.0, setting / 10)) if setting > 0 else 60.0
+
+
 class HostWorker:
     """What a daemon does for one host, on the host's own threads."""
 
@@ -88,7 +95,7 @@ class HostWorker:
         self.beats = [Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), self.heartbeat)]
         self.jobs = [
             Job(f"sync:{host}", s.sync_interval, self.sync),
-            Job(f"image_cache:{host}", image_cache_interval, lambda: engine.clean_image_cache(host)),
+            Job(f"image_cache:{host}", image_cache_interval, self.clean_image_cache),
         ]
         self.threads = [
             threading.Thread(target=self.processor.run, args=(self.done,), name=f"events-{host}", daemon=True),
@@ -107,13 +114,27 @@ class HostWorker:
             self.engine.driver(self.host).ping()
         except Exception as exc:
             log.warning("host_not_answering", host=self.host, error=f"{type(exc).__name__}: {exc}")
+            self.engine.metrics.host_error(self.host, "heartbeat")
             return
         self.engine.heartbeat(self.host)
 
     def sync(self) -> None:
-        """One sync pass over the host, stopped between chunks when the host is released."""
+        """One sync pass over the host, stopped between chunks when the host is released; counted in metrics."""
         s = self.engine.settings
-        sweep_host(self.engine, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done)
+        try:
+            summary = sweep_host(self.engine, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done)
+        except Exception as exc:
+            self.engine.metrics.observe_pass(PassSummary(self.host, error=f"{type(exc).__name__}: {exc}"))
+            raise
+        self.engine.metrics.observe_pass(summary)
+
+    def clean_image_cache(self) -> None:
+        """Clean the host's image cache; a failure is counted in metrics (and logged by the job loop)."""
+        try:
+            self.engine.clean_image_cache(self.host)
+        except Exception:
+            self.engine.metrics.host_error(self.host, "image_cache")
+            raise
 
     def _work(self) -> None:
         try:
@@ -163,6 +184,8 @@ class Daemon:
             Job("recover_tasks", engine.settings.lease_seconds, engine.recover),
             Job("claim_hosts", claim_interval, self._claim_hosts),
             Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
+            Job("reclaim", _duty_interval(engine.settings.reclaim_instance_interval), engine.reclaim_queued_deletes),
+            Job("build_timeout", _duty_interval(engine.settings.instance_build_timeout), engine.check_build_timeouts),
         ]
 
     def run(self) -> None:

@@ -15,16 +15,20 @@ import re
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 import drivers
+import lifecycle.feed as feed
 from drivers.base import Driver
-from lifecycle import console, graph, validation
+from lifecycle import console, duties, graph, validation
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
+from lifecycle.metrics import Metrics
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
@@ -94,6 +98,7 @@ class Engine:
         settings: Settings | None = None,
         driver_factory: DriverFactory | None = None,
         owner: str | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, Settings):
             raise InvalidInput(f"settings must be a lifecycle.Settings, got {type(settings).__name__}")
@@ -109,6 +114,8 @@ class Engine:
         self._lock = threading.Lock()
         self.runner = Runner(self.store, self.settings, self.driver, self.owner)
         """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases)."""
+        self.metrics = Metrics(self.store, self.settings, metrics_registry)
+        """Prometheus metrics; ``metrics.registry`` is what to serve (a new registry unless one is given)."""
 
     def close(self) -> None:
         """Wait for background tasks, stop the heartbeat, close drivers and the database."""
@@ -303,7 +310,9 @@ class Engine:
 
     def poll_unconfirmed_resizes(self) -> builtins.list[WindowResult]:
         """Confirm (or revert) moves finished longer ago than ``resize_confirm_window``."""
-        return poll_unconfirmed_resizes(self)
+        results = poll_unconfirmed_resizes(self)
+        self.metrics.observe_window(results)
+        return results
 
     def recover(self, *, force: bool = False) -> builtins.list[Recovered]:
         """Take over and finish every task whose owner's lease has run out.
@@ -316,7 +325,9 @@ class Engine:
         The old worker, if it lives after all, is fenced: it stops before its
         next driver call, though a call already in flight still lands.
         """
-        return recover_tasks(self.runner, force=force)
+        results = recover_tasks(self.runner, force=force)
+        self.metrics.observe_recovery(results)
+        return results
 
     def waiting_for_lease(self) -> builtins.list[Task]:
         """Return the running tasks ``recover`` leaves alone because their lease is still live."""
@@ -343,10 +354,12 @@ class Engine:
     def _sync_one(self, name: str) -> PassSummary:
         s = self.settings
         try:
-            return sweep_host(self, name, s.sync_policy, chunk=s.sync_chunk_size)
+            summary = sweep_host(self, name, s.sync_policy, chunk=s.sync_chunk_size)
         except Exception as exc:  # per host: one unreachable hypervisor must not hide the others
             log.warning("sync_pass_failed", host=name, error=f"{type(exc).__name__}: {exc}")
-            return PassSummary(name, error=f"{type(exc).__name__}: {exc}")
+            summary = PassSummary(name, error=f"{type(exc).__name__}: {exc}")
+        self.metrics.observe_pass(summary)
+        return summary
 
     def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
         """Remove a host's unused cached base images older than the age; return them."""
@@ -512,7 +525,16 @@ class Engine:
         return self.run("revert_resize", uuid, **kw)
 
     def delete(self, uuid: str, **kw: Any) -> Task:
-        """Delete an instance from any state, taking over any running task."""
+        """Delete an instance from any state, taking over any running task.
+
+        With ``reclaim_instance_interval`` > 0 this is a soft delete of an idle
+        active or stopped instance (restorable until the daemon reclaims it),
+        as in Nova; otherwise, and from any other state, a delete.
+        """
+        if self.settings.reclaim_instance_interval > 0:
+            instance = self.get(uuid)
+            if instance.task_state is None and instance.vm_state in graph.operation("soft_delete").allowed_vm_states:
+                return self.run("soft_delete", uuid, **kw)
         return self.run("delete", uuid, **kw)
 
     def force_delete(self, uuid: str, **kw: Any) -> Task:
@@ -538,8 +560,12 @@ class Engine:
         actor: str = "api",
         cause: Cause = Cause.API,
         wait: bool = True,
+        override_lock: bool = False,
     ) -> Task:
         """Run ``operation`` on an existing instance; see the module docstring.
+
+        A locked instance refuses the call (:class:`InstanceLocked`) unless
+        ``override_lock`` (an admin's override; the audit row names the actor).
 
         With ``idempotency_key``, a repeat of the same call (same operation,
         instance and arguments) returns the task the first call started, or
@@ -555,6 +581,119 @@ class Engine:
             actor=actor,
             cause=cause,
             wait=wait,
+            override_lock=override_lock,
+        )
+
+    # -- operator duties ---------------------------------------------------------------
+
+    def lock(self, uuid: str, *, reason: str, actor: str = "api") -> Instance:
+        """Lock an instance: operations but reads are refused until unlocked (or overridden by an admin)."""
+        return duties.lock(self, uuid, reason=reason, actor=actor)
+
+    def unlock(self, uuid: str, *, actor: str = "api", override_lock: bool = False) -> Instance:
+        """Unlock an instance: its locker may, anyone with ``override_lock`` (an admin) may."""
+        return duties.unlock(self, uuid, actor=actor, override_lock=override_lock)
+
+    def reset_state(self, uuid: str, *, reason: str, state: VmState = VmState.ERROR, actor: str = "admin") -> Instance:
+        """End a stuck task failed (cause admin), clear the task_state and set ``state`` (error or active)."""
+        return duties.reset_state(self, uuid, state=state, reason=reason, actor=actor)
+
+    def reclaim_queued_deletes(self, interval: float | None = None) -> builtins.list[duties.DutyResult]:
+        """Delete for good what was soft-deleted longer ago than ``reclaim_instance_interval`` (or ``interval``)."""
+        return duties.reclaim(self, interval)
+
+    def check_build_timeouts(self, timeout: float | None = None) -> builtins.list[duties.DutyResult]:
+        """Put builds running longer than ``instance_build_timeout`` (or ``timeout``) in error, their tasks failed."""
+        return duties.check_build_timeouts(self, timeout)
+
+    # -- change feed and audit queries -------------------------------------------------
+
+    def changes(self, after: feed.Position | str | None = None, limit: int = 100) -> builtins.list[feed.Change]:
+        """Return up to ``limit`` (1 to 10000) committed changes after ``after``, in feed order.
+
+        ``after`` is a position or its ``tx:id`` text (None: the start; ``"end"``: the newest change
+        readable now). Positions grow in commit order: paging with the last change's position never
+        passes over a change, not even one that a transaction begun earlier commits later.
+        """
+        return self.store.read_changes(feed.resolve(self.store, after), feed.check_batch(limit, "limit"))
+
+    def follow(
+        self,
+        consumer: str | None,
+        handler: Callable[[feed.Change], object],
+        *,
+        stop: threading.Event | None = None,
+        batch: int = 100,
+        after: feed.Position | str | None = None,
+    ) -> int:
+        """Deliver the change feed to ``handler``, change by change, until ``stop`` is set; return how many.
+
+        At least once and in order (see :mod:`lifecycle.feed`): a named ``consumer``'s position is
+        stored only once the handler returned from the changes up to it, so a consumer killed
+        mid-stream resumes where it stopped (a few changes may come twice); its first run registers
+        it at ``after`` (default: the start), later runs ignore ``after``. ``consumer`` None follows
+        from ``after`` and stores nothing. A ``stop`` already set delivers one batch (up to
+        ``batch``, 1 to 10000) and returns. An exception from the handler stops the follow; the
+        position of the changes before it is stored first.
+        """
+        name = None if consumer is None else validation.name("consumer", consumer)
+        return feed.follow(
+            self.store,
+            name,
+            handler,
+            stop=stop if stop is not None else threading.Event(),
+            batch=feed.check_batch(batch),
+            poll=self.settings.feed_poll_interval,
+            after=feed.resolve(self.store, after),
+        )
+
+    def consumers(self) -> builtins.list[feed.Consumer]:
+        """Return the registered feed consumers and their positions, by name."""
+        return self.store.consumers()
+
+    def forget_consumer(self, name: str) -> None:
+        """Unregister a feed consumer: retention no longer waits for it (:class:`InvalidInput` if unknown)."""
+        if not self.store.forget_consumer(validation.name("consumer", name)):
+            known = ", ".join(c.name for c in self.store.consumers()) or "none"
+            raise InvalidInput(f"no feed consumer named {name!r} (consumers: {known})")
+
+    def prune_changes(self, older_than: float | None = None) -> int:
+        """Delete the changes every consumer has passed that are older than the retention; return how many.
+
+        The retention is ``older_than`` seconds, by default the ``change_retention`` setting; 0 keeps
+        every change. The changes are the audit log: a pruned change is gone from ``history`` too.
+        """
+        retention = self.settings.change_retention if older_than is None else older_than
+        return feed.prune(self.store, validation.seconds("change retention", retention), now())
+
+    def audit(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        request_id: str | None = None,
+        host: str | None = None,
+        operation: str | None = None,
+        cause: Cause | str | None = None,
+        vm_state: VmState | str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[AuditEntry]:
+        """Return the audit rows of every instance that all given filters admit, oldest first, at most ``limit``.
+
+        ``since`` (inclusive) and ``until`` (exclusive) are timezone-aware; ``host`` is where the change
+        happened; ``vm_state`` selects changes *into* that state ("which instances went to error").
+        Each filter alone reads one index range: only the rows it returns.
+        """
+        return feed.query_audit(
+            self.store,
+            since=since,
+            until=until,
+            request_id=request_id,
+            host=host,
+            operation=operation,
+            cause=cause,
+            vm_state=vm_state,
+            limit=limit,
         )
 
     # -- machinery -------------------------------------------------------------------

@@ -46,6 +46,7 @@ __all__ = [
     "HostNotFound",
     "IdempotencyMismatch",
     "ImageNotFound",
+    "InstanceLocked",
     "InstanceNotFound",
     "InvalidFlavor",
     "InvalidInput",
@@ -185,6 +186,21 @@ class InvalidState(LifecycleError):
             f" with task_state {_text(task_state)};"
             f" {operation} is allowed from vm_state {', '.join(self.allowed_vm_states)}"
             f" with task_state {', '.join(self.allowed_task_states)}" + ("" if reason is None else f"; {reason}")
+        )
+
+
+class InstanceLocked(LifecycleError):
+    """The instance is locked: no operation but a read runs on it without an admin override."""
+
+    def __init__(self, operation: str, uuid: str, locked_by: str, reason: str | None, at: object) -> None:
+        self.operation = operation
+        self.uuid = uuid
+        self.locked_by = locked_by
+        self.reason = reason
+        super().__init__(
+            f"cannot {operation} instance {uuid}: locked by {locked_by} at {_text(at)}"
+            + ("" if not reason else f" ({reason})")
+            + "; unlock it, or override the lock as an admin (--force)"
         )
 
 

@@ -117,10 +117,12 @@ class EventProcessor:
     def _handle(self, event: LifecycleEvent) -> str:
         with structlog.contextvars.bound_contextvars(instance_uuid=event.uuid, event=event.transition.value):
             try:
-                return self._decide_and_apply(event)
+                outcome = self._decide_and_apply(event)
             except LifecycleError as exc:  # contained per event, like the sweep per instance
                 log.warning("event_not_applied", error=str(exc), error_type=type(exc).__name__)
-                return "error"
+                outcome = "error"
+        self.engine.metrics.observe_event(self.host, event.at, outcome)
+        return outcome
 
     def _decide_and_apply(self, event: LifecycleEvent) -> str:
         expected = _POWER[event.transition]

@@ -48,6 +48,7 @@ class Cause(enum.StrEnum):
     EVENT = "event"
     RECOVERY = "recovery"
     TIMER = "timer"
+    ADMIN = "admin"
 
 
 _FLAVOR_KEYS = {"vcpus": "vcpus", "ram": "memory_mb", "memory_mb": "memory_mb", "disk": "root_gb", "root_gb": "root_gb"}
@@ -198,6 +199,10 @@ class Instance:
     updated_at: datetime
     deleted_at: datetime | None
     missing_count: int = 0
+    locked_by: str | None = None
+    """Who locked the instance (an actor), or None: a locked instance refuses operations without an override."""
+    locked_reason: str | None = None
+    locked_at: datetime | None = None
 
     @property
     def status(self) -> str:

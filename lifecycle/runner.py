@@ -25,6 +25,7 @@ from drivers.base import Driver
 from lifecycle import graph, validation
 from lifecycle.audit import Why
 from lifecycle.config import Settings
+from lifecycle.duties import refuse_if_locked
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
 from lifecycle.operations import PREPARE, STEPS
 from lifecycle.records import Cause, Image, Instance, Outcome, Task
@@ -82,13 +83,16 @@ class Runner:
         actor: str = "api",
         cause: Cause = Cause.API,
         wait: bool = True,
+        override_lock: bool = False,
     ) -> Task:
         """Start ``operation`` on an existing instance and run it (see :meth:`lifecycle.Engine.run`)."""
         if not isinstance(operation, str) or operation not in STEPS:
             known = ", ".join(sorted(STEPS))
             raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
-        if not isinstance(cause, Cause) or not isinstance(wait, bool):
-            raise InvalidInput(f"cause must be a Cause and wait a bool, got {cause!r} and {wait!r}")
+        if not isinstance(cause, Cause) or not isinstance(wait, bool) or not isinstance(override_lock, bool):
+            raise InvalidInput(
+                f"cause must be a Cause, wait and override_lock bools, got {cause!r}, {wait!r}, {override_lock!r}"
+            )
         if params is not None and not isinstance(params, dict):
             raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
         check_call(request_id, idempotency_key, actor)
@@ -104,6 +108,7 @@ class Runner:
                 replayed = self.replay(idempotency_key, operation, uuid, params)
                 if replayed is not None:
                     return replayed
+            refuse_if_locked(operation, instance, cause, override_lock)
             first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
             reason = self._only_delete(instance) if operation not in _ONLY_DELETE_LEFT else None
             if reason is not None:

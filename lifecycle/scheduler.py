@@ -71,14 +71,19 @@ class SchedulerSettings:
     """Scheduler options; defaults are the seed note's and Nova's."""
 
     filters: tuple[str, ...] = DEFAULT_FILTERS
+    """Host filters run in this order; a host any filter refuses is not a candidate (Nova's names)."""
     ram_allocation_ratio: float = 1.5
+    """Memory a host may promise, as a multiple of its memory (Nova: 1.5)."""
     cpu_allocation_ratio: float = 16.0
+    """vCPUs a host may promise, as a multiple of its cores (Nova: 16.0)."""
     disk_allocation_ratio: float = 1.0
+    """Disk a host may promise, as a multiple of its disk (Nova: 1.0)."""
     ram_weight_multiplier: float = 1.0
     """Positive spreads instances over hosts, negative stacks them."""
     metrics_weights: tuple[tuple[str, float], ...] = ()
     """(metric, ratio) pairs for the metrics weigher; empty turns it off."""
     metrics_weight_multiplier: float = 1.0
+    """Scales the metrics weigher against the RAM weigher."""
     metrics_unavailable_weight: float = -10000.0
     """Weight of a host lacking a configured metric (Nova's weight_of_unavailable)."""
     host_subset_size: int = 1

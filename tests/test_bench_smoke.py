@@ -22,6 +22,11 @@ BENCH = Path(__file__).parents[1] / "bench"
         ("transitions.py", ["--cycles", "3", "--rounds", "1"], "ratio engine/raw"),
         ("sync.py", ["--instances", "300", "--runs", "1", "--skip-memory"], "1% drifted"),
         ("scheduler.py", ["--repeat", "1"], "10000 hosts"),
+        (
+            "changes.py",
+            ["--backlog", "600", "--writers", "1", "--runs", "1", "--cycles", "5", "--rows", "3000"],
+            "rows read = rows returned for every query",
+        ),
     ],
 )
 def test_benchmark_script_runs(script: str, args: list[str], expect: str) -> None:

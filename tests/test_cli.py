@@ -420,3 +420,52 @@ def test_tasks_and_migrations_show_the_copy_progress(cli, tmp_path: Path) -> Non
     assert code == 0 and row["bytes_done"] == row["bytes_total"] > 0 and row["status"] == "finished"
     code, out, _ = cli("migration", "show", row["id"])
     assert code == 0 and "h1 -> h2" in out and "100%)" in out
+
+
+def test_lock_refuses_stop_naming_the_lock_and_force_passes(cli) -> None:  # type: ignore[no-untyped-def]
+    """`lock` then `stop` exits 2 naming who and why; `stop --force` runs; `show` carries the lock; `unlock` by another needs --force."""
+    uuid = _create(cli)
+    code, out, _ = cli("lock", uuid, "--reason", "legal hold", "--actor", "bob", "--json")
+    assert code == 0 and (json.loads(out)["locked_by"], json.loads(out)["locked_reason"]) == ("bob", "legal hold")
+    code, _, err = cli("stop", uuid)
+    assert code == 2 and "locked by bob" in err and "legal hold" in err
+    code, out, _ = cli("stop", uuid, "--force", "--json")
+    assert code == 0 and json.loads(out)["status"] == "SHUTOFF"
+    assert json.loads(cli("show", uuid, "--json")[1])["locked_by"] == "bob"
+    code, _, err = cli("unlock", uuid, "--actor", "eve")
+    assert code == 2 and "locked by bob" in err
+    assert cli("unlock", uuid, "--actor", "eve", "--force")[0] == 0
+    assert json.loads(cli("show", uuid, "--json")[1])["locked_by"] is None
+
+
+def test_reset_state_from_the_cli(cli) -> None:  # type: ignore[no-untyped-def]
+    """`reset-state` needs --reason (exit 2 without), sets error by default or --state active, and is audited as admin."""
+    uuid = _create(cli)
+    code, _, err = cli("reset-state", uuid)
+    assert code == 2 and "--reason" in err
+    code, _, err = cli("reset-state", uuid, "--state", "stopped", "--reason", "x")
+    assert code == 2 and "invalid choice" in err
+    code, out, _ = cli("reset-state", uuid, "--reason", "ticket 7", "--actor", "alice", "--json")
+    assert code == 0 and json.loads(out)["vm_state"] == "error"
+    code, out, _ = cli("reset-state", uuid, "--state", "active", "--reason", "fixed", "--json")
+    assert code == 0 and json.loads(out)["vm_state"] == "active"
+    history = json.loads(cli("history", uuid, "--json")[1])
+    assert [(h["cause"], h["operation"], h["message"]) for h in history[-2:]] == [
+        ("admin", "reset_state", "ticket 7"),
+        ("admin", "reset_state", "fixed"),
+    ]
+
+
+def test_one_shot_reclaim_and_build_timeout(cli) -> None:  # type: ignore[no-untyped-def]
+    """`reclaim --older-than 0` finds nothing to do; a soft-deleted instance is reclaimed by `reclaim --older-than S`."""
+    uuid = _create(cli)
+    assert cli("soft-delete", uuid)[0] == 0
+    code, out, _ = cli("reclaim", "--older-than", "3600")
+    assert (code, out) == (0, "nothing to do\n")
+    code, out, _ = cli("reclaim", "--older-than", "0.001", "--json")
+    assert code == 0 and json.loads(out) == [{"uuid": uuid, "outcome": "deleted", "detail": None}]
+    assert json.loads(cli("show", uuid, "--json")[1])["vm_state"] == "deleted"
+    code, out, _ = cli("build-timeout", "--older-than", "60")
+    assert (code, out) == (0, "nothing to do\n")
+    code, _, err = cli("build-timeout", "--older-than", "-1")
+    assert code == 2 and "--older-than" in err

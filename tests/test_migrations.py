@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ def _counts(url: str) -> dict[str, int]:
         engine.dispose()
 
 
+_STOPPED = threading.Event()
+_STOPPED.set()
+
+
 def _populate(url: str) -> dict[str, int]:
     """Write rows into every table through the engine: hosts, an image, a moved instance, its tasks, audit, claims."""
     fakes = Fakes()
@@ -90,6 +95,7 @@ def _populate(url: str) -> dict[str, int]:
         engine.migrate(uuid, host="h2")  # a migration row, claims on both hosts
         engine.get_vnc_console(uuid)
         engine.create("other", host="h1", flavor=FLAVOR, image="cirros")
+        engine.follow("billing", lambda change: None, stop=_STOPPED)  # a feed consumer's position
     counts = _counts(url)
     assert all(counts.values()), f"a table has no row, the round trip would not test it: {counts}"
     return counts

@@ -83,6 +83,9 @@ _WRITABLE = (
     "host",
     "image",
     "missing_count",
+    "locked_by",
+    "locked_reason",
+    "locked_at",
 )
 
 
@@ -151,5 +154,7 @@ def audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Wh
             "to_power_state": int(after.power_state),
             "message": why.message,
             "created_at": after.updated_at,
+            # Where it happened: a change taking the instance off its host happened on that host.
+            "host": after.host if after.host is not None or before is None else before.host,
         },
     )

@@ -90,6 +90,9 @@ def instance_values(i: Instance) -> dict[str, Any]:
         "updated_at": i.updated_at,
         "deleted_at": i.deleted_at,
         "missing_count": i.missing_count,
+        "locked_by": i.locked_by,
+        "locked_reason": i.locked_reason,
+        "locked_at": i.locked_at,
     }
 
 
@@ -137,6 +140,9 @@ def instance_from(r: sa.RowMapping) -> Instance:
         updated_at=stamp(r["updated_at"]),
         deleted_at=aware(r["deleted_at"]),
         missing_count=r["missing_count"],
+        locked_by=r["locked_by"],
+        locked_reason=r["locked_reason"],
+        locked_at=aware(r["locked_at"]),
     )
 
 

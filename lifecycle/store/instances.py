@@ -1,6 +1,8 @@
-"""Instance reads: one instance, the instances of a host, and an instance's audit history."""
+"""Instance reads: one instance, the instances of a host or a state, and an instance's audit history."""
 
 from __future__ import annotations
+
+from datetime import datetime
 
 import sqlalchemy as sa
 
@@ -9,12 +11,12 @@ from lifecycle.errors import InstanceNotFound
 from lifecycle.records import Instance
 from lifecycle.states import VmState
 from lifecycle.store._base import StoreBase
-from lifecycle.store._rows import AUDITS, INSTANCES, instance_from
+from lifecycle.store._rows import AUDITS, INSTANCES, TASKS, instance_from
 from lifecycle.store.db import aware
 
 __all__ = ["Instances"]
 
-_I, _A = INSTANCES, AUDITS
+_I, _A, _T = INSTANCES, AUDITS, TASKS
 
 
 class Instances(StoreBase):
@@ -35,6 +37,32 @@ class Instances(StoreBase):
             query = query.where(_I.c.host == host)
         if not include_deleted:
             query = query.where(_I.c.vm_state != VmState.DELETED.value)
+        with self._read() as conn:
+            return [instance_from(r) for r in conn.execute(query).mappings()]
+
+    def in_state_since(self, vm_state: VmState, before: datetime) -> list[Instance]:
+        """Return the instances in ``vm_state`` whose last write is older than ``before``, oldest first.
+
+        For a soft-deleted instance that write is the end of its soft delete
+        (reclaim); for a building one, any step of its build (build timeout
+        measures from the task's start instead: see :meth:`building_since`).
+        """
+        query = (
+            sa.select(_I)
+            .where(_I.c.vm_state == vm_state.value, _I.c.updated_at < before)
+            .order_by(_I.c.updated_at, _I.c.uuid)
+        )
+        with self._read() as conn:
+            return [instance_from(r) for r in conn.execute(query).mappings()]
+
+    def building_since(self, before: datetime) -> list[Instance]:
+        """Return the instances still building whose create task started before ``before``."""
+        query = (
+            sa.select(_I)
+            .join(_T, _T.c.id == _I.c.task_id)
+            .where(_I.c.vm_state == VmState.BUILDING.value, _T.c.started_at < before)
+            .order_by(_T.c.started_at, _I.c.uuid)
+        )
         with self._read() as conn:
             return [instance_from(r) for r in conn.execute(query).mappings()]
 

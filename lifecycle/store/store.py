@@ -16,7 +16,9 @@ the writer's own task was taken over, :class:`Conflict` otherwise.
 - :mod:`~lifecycle.store.moves`: migration records;
 - :mod:`~lifecycle.store.consoles`: console tokens;
 - :mod:`~lifecycle.store.writes`: the compare-and-swap writes of a task's life;
-- :mod:`~lifecycle.store.syncrows`: the sync pass's reads and batch writes.
+- :mod:`~lifecycle.store.syncrows`: the sync pass's reads and batch writes;
+- :mod:`~lifecycle.store.stats`: counts for metrics;
+- :mod:`~lifecycle.store.feed`: the change feed, its consumers and retention, and audit queries.
 
 Underneath: ``_base`` (engine, read connections, deadlock retries), ``_rows``
 (table handles and row <-> record mapping) and ``_cas`` (the statements a
@@ -27,11 +29,13 @@ from __future__ import annotations
 
 from lifecycle.store.claims import Claims
 from lifecycle.store.consoles import Consoles
+from lifecycle.store.feed import Feed
 from lifecycle.store.hosts import Hosts
 from lifecycle.store.images import Images
 from lifecycle.store.instances import Instances
 from lifecycle.store.moves import Moves
 from lifecycle.store.ownership import HostClaim, Ownership
+from lifecycle.store.stats import Stats
 from lifecycle.store.syncrows import SyncRows
 from lifecycle.store.tasks import Tasks
 from lifecycle.store.writes import Writes
@@ -39,5 +43,5 @@ from lifecycle.store.writes import Writes
 __all__ = ["HostClaim", "Store"]
 
 
-class Store(Hosts, Images, Claims, Instances, Tasks, Ownership, Moves, Consoles, Writes, SyncRows):
+class Store(Hosts, Images, Claims, Instances, Tasks, Ownership, Moves, Consoles, Writes, SyncRows, Stats, Feed):
     """Reads and compare-and-swap writes over one database."""

@@ -15,6 +15,7 @@ __all__ = [
     "AuditRow",
     "ClaimRow",
     "ConsoleTokenRow",
+    "FeedConsumerRow",
     "HostRow",
     "ImageRow",
     "InstanceRow",
@@ -113,6 +114,10 @@ class InstanceRow(SQLModel, table=True):
     """Bumped by every write; part of every compare-and-swap."""
     missing_count: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
     """Consecutive sync observations in which the domain was missing (not a state: no audit)."""
+    locked_by: str | None = Field(default=None, max_length=255)
+    """Who locked the instance; a locked instance refuses every operation but reads unless overridden."""
+    locked_reason: str | None = Field(default=None)
+    locked_at: datetime | None = Field(default=None, sa_type=_TS)
     launched_at: datetime | None = Field(default=None, sa_type=_TS)
     created_at: datetime = Field(sa_type=_TS)
     updated_at: datetime = Field(sa_type=_TS)
@@ -187,6 +192,56 @@ class AuditRow(SQLModel, table=True):
     """One change of vm_state, task_state or power_state, and why it happened."""
 
     __tablename__ = "audit_log"
+    # The change feed and the audit queries read these (lifecycle.store.feed says which reads which); each
+    # ends in created_at, id so a time window is one index range, read in the order it is returned.
+    __table_args__ = (
+        # PostgreSQL only (tx is 0 on SQLite, which reads the feed by id): the feed's order, and the
+        # instance's latest tx the insert trigger reads.
+        sa.Index("ix_audit_log_feed", "tx", "id", sqlite_where=sa.text("tx > 0"), postgresql_where=sa.text("tx > 0")),
+        sa.Index(
+            "ix_audit_log_instance_tx",
+            "instance_uuid",
+            "tx",
+            sqlite_where=sa.text("tx > 0"),
+            postgresql_where=sa.text("tx > 0"),
+        ),
+        sa.Index("ix_audit_log_created_at", "created_at", "id"),
+        sa.Index(
+            "ix_audit_log_request",
+            "request_id",
+            "created_at",
+            "id",
+            sqlite_where=sa.text("request_id IS NOT NULL"),
+            postgresql_where=sa.text("request_id IS NOT NULL"),
+        ),
+        sa.Index(
+            "ix_audit_log_host_cause",
+            "host",
+            "cause",
+            "created_at",
+            "id",
+            sqlite_where=sa.text("host IS NOT NULL"),
+            postgresql_where=sa.text("host IS NOT NULL"),
+        ),
+        sa.Index("ix_audit_log_cause", "cause", "created_at", "id"),
+        sa.Index(
+            "ix_audit_log_operation",
+            "operation",
+            "created_at",
+            "id",
+            sqlite_where=sa.text("operation IS NOT NULL"),
+            postgresql_where=sa.text("operation IS NOT NULL"),
+        ),
+        # Changes into a vm_state ("which instances went to error"): the rows that changed it.
+        sa.Index(
+            "ix_audit_log_entered",
+            "to_vm_state",
+            "created_at",
+            "id",
+            sqlite_where=sa.text("from_vm_state IS NOT to_vm_state"),
+            postgresql_where=sa.text("from_vm_state IS DISTINCT FROM to_vm_state"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     instance_uuid: str = Field(max_length=36, foreign_key="instances.uuid", index=True)
@@ -205,6 +260,12 @@ class AuditRow(SQLModel, table=True):
     to_power_state: int
     message: str | None = Field(default=None)
     created_at: datetime = Field(sa_type=_TS)
+    host: str | None = Field(default=None, max_length=255)
+    """The instance's host at the change (the one it left, for a change taking it off a host); None on
+    rows written before migration 0012."""
+    tx: int = Field(default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": sa.text("0")})
+    """The change's place in the feed, with ``id``: on PostgreSQL the writing transaction's id (at least
+    the instance's previous change's), set by a trigger; 0 on SQLite. See :mod:`lifecycle.store.feed`."""
 
 
 class ConsoleTokenRow(SQLModel, table=True):
@@ -247,3 +308,20 @@ class MigrationRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=_TS)
     finished_at: datetime | None = Field(default=None, sa_type=_TS)
     """When the move became finished: the confirm window counts from here."""
+
+
+class FeedConsumerRow(SQLModel, table=True):
+    """A named follower of the change feed and the position it has been delivered up to.
+
+    Changes are pruned only once every consumer's position has passed them.
+    """
+
+    __tablename__ = "feed_consumers"
+
+    name: str = Field(primary_key=True, max_length=255)
+    tx: int = Field(sa_type=sa.BigInteger)
+    """With ``seq``, the position of the last change the consumer's handler returned from."""
+    seq: int = Field(sa_type=sa.BigInteger)
+    """The audit row id of that change."""
+    created_at: datetime = Field(sa_type=_TS)
+    updated_at: datetime = Field(sa_type=_TS)

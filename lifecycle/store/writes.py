@@ -149,6 +149,58 @@ class Writes(StoreBase):
             audit(conn, expected, after, why)
         return after
 
+    @retry_on_deadlock
+    def set_lock(self, expected: Instance, locked_by: str | None, reason: str | None, why: Why) -> Instance:
+        """Lock (``locked_by`` an actor) or unlock (None) an instance, with an audit row saying who and why.
+
+        A compare-and-swap like every write: an operation starting from the
+        instance as it was before the lock finds it changed and reads the lock.
+        """
+        at = now()
+        after = replace(
+            expected,
+            locked_by=locked_by,
+            locked_reason=reason,
+            locked_at=at if locked_by is not None else None,
+            version=expected.version + 1,
+            updated_at=at,
+        )
+        with self.engine.begin() as conn:
+            cas(conn, expected, after, None)
+            audit(conn, expected, after, why, always=True)
+        return after
+
+    @retry_on_deadlock
+    def reset_state(self, expected: Instance, vm_state: VmState, why: Why) -> Instance:
+        """End the instance's running task failed (its worker fenced) and set ``vm_state``, task idle: one transaction.
+
+        The task's epoch grows, so a worker still inside a hypervisor call
+        stops before its next call or write; the task's error says who reset
+        it and why (``why.message``).
+        """
+        at = now()
+        after = replace(
+            expected, vm_state=vm_state, task_state=None, task_id=None, version=expected.version + 1, updated_at=at
+        )
+        with self.engine.begin() as conn:
+            cas(conn, expected, after, None)
+            if expected.task_id is not None:
+                error = f"ended by {why.cause.value} {why.actor}: {why.message}"
+                close_steps(conn, expected.task_id, at, "failed", error)
+                conn.execute(
+                    sa.update(_T)
+                    .where(_T.c.id == expected.task_id, _T.c.outcome == Outcome.RUNNING.value)
+                    .values(
+                        outcome=Outcome.FAILED.value,
+                        finished_at=at,
+                        error=error,
+                        lease_expires_at=at,
+                        epoch=_T.c.epoch + 1,
+                    )
+                )
+            audit(conn, expected, after, why, always=True)
+        return after
+
     def close_step(self, task_id: str, result: str, detail: str | None) -> None:
         """Close a task's open step without touching the instance (a preempted worker)."""
         with self.engine.begin() as conn:

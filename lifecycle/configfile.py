@@ -1,0 +1,216 @@
+"""Settings from a TOML file and ``LIFECYCLE_...`` environment variables, with where each value came from.
+
+Precedence, highest first: flags (the CLI's, or ``overrides`` from code) >
+environment > file > the defaults of :class:`~lifecycle.config.Settings`.
+The file is ``--config PATH``, else ``$LIFECYCLE_CONFIG``, else
+``/etc/lifecycle/lifecycle.toml`` when it exists. Every field of ``Settings``
+can be set, nested ones too::
+
+    # lifecycle.toml
+    database_url = "postgresql+psycopg://lifecycle@db/lifecycle"
+    libvirt_domain_type = "qemu"
+    resize_confirm_window = 3600
+    [scheduler]
+    ram_allocation_ratio = 1.0
+    [sync_policy]
+    missing = "record"
+
+    LIFECYCLE_RESIZE_CONFIRM_WINDOW=3600 LIFECYCLE_SCHEDULER__RAM_ALLOCATION_RATIO=1.0
+
+The environment name of a key is ``LIFECYCLE_`` plus the key in capitals,
+nested keys joined by ``__``; ``LIFECYCLE_DB_URL`` is the database URL.
+pydantic-settings reads both sources and converts and checks the types; the
+rules of ``Settings`` itself (allowed choices, ranges) run after. Whatever is
+wrong is reported as :class:`~lifecycle.errors.InvalidInput` naming the key,
+the value and what is allowed, and nothing is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, create_model
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from lifecycle.config import Settings
+from lifecycle.errors import InvalidInput
+
+__all__ = ["DEFAULT_CONFIG", "Loaded", "find_config", "load_settings"]
+
+DEFAULT_CONFIG = Path("/etc/lifecycle/lifecycle.toml")
+ENV_PREFIX = "LIFECYCLE_"
+_DB_KEY = "database_url"
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Effective settings, the database URL (None: the caller's default), and each key's source."""
+
+    settings: Settings
+    database_url: str | None
+    sources: dict[str, str]
+    """Dotted key (``scheduler.ram_allocation_ratio``) to ``flag``, ``env``, ``file PATH`` or ``default``."""
+    path: Path | None
+
+
+def find_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """Return the config file to read: ``path``, else ``$LIFECYCLE_CONFIG``, else the default one if it exists."""
+    chosen = path if path is not None else environ.get("LIFECYCLE_CONFIG")
+    if chosen:
+        found = Path(chosen)
+        if not found.is_file():
+            raise InvalidInput(f"config file {str(found)!r} does not exist or is not a file")
+        return found
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Loaded:
+    """Load settings from the file, the environment and ``overrides`` (flags, dotted keys allowed)."""
+    env = dict(os.environ if environ is None else environ)
+    found = find_config(path, env)
+    flags = _nest(dict(overrides or {}))
+    model = _model(found, env)
+    try:
+        env_values = _env_source(model, env)()
+        file_source = TomlConfigSettingsSource(model, toml_file=found) if found is not None else None
+        file_values = file_source() if file_source is not None else {}
+        values = model(**flags)
+    except ValidationError as exc:
+        raise _invalid(exc, found) from None
+    except (OSError, ValueError) as exc:  # unreadable file, or not TOML (tomllib's TOMLDecodeError)
+        raise InvalidInput(f"config file {found}: {exc}") from None
+    data = {f.name: getattr(values, f.name) for f in dataclasses.fields(Settings)}
+    try:
+        settings = Settings(**data)  # the rules of Settings (choices, ranges), each naming its setting
+    except InvalidInput as exc:
+        raise InvalidInput(f"invalid configuration{f' in {found}' if found else ''}: {exc}") from None
+    sources = _sources(flags, env_values, file_values, found)
+    # The database URL is read through its alias (LIFECYCLE_DB_URL), which the sources do not report by key.
+    if _DB_KEY in flags:
+        sources[_DB_KEY] = "flag"
+    elif "LIFECYCLE_DB_URL" in env:
+        sources[_DB_KEY] = "env"
+    elif file_source is not None and _DB_KEY in file_source.toml_data:
+        sources[_DB_KEY] = f"file {found}"
+    return Loaded(settings, getattr(values, _DB_KEY), sources, found)
+
+
+def settings_model_fields() -> list[str]:
+    """Return the top-level keys a config file may hold."""
+    return [*(f.name for f in dataclasses.fields(Settings)), _DB_KEY]
+
+
+def _model(path: Path | None, environ: dict[str, str]) -> type[BaseSettings]:
+    """Build the pydantic-settings model mirroring Settings (its types and defaults), reading ``path``."""
+    hints = typing.get_type_hints(Settings)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        fields[f.name] = (hints[f.name], default)
+    fields[_DB_KEY] = (str | None, Field(default=None, validation_alias="LIFECYCLE_DB_URL"))
+
+    class _Base(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            case_sensitive=False,
+            extra="forbid",
+            populate_by_name=True,
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, _env_source(settings_cls, environ)]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    model: type[BaseSettings] = create_model("LifecycleSettings", __base__=_Base, **fields)
+    return model
+
+
+def _env_source(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> EnvSettingsSource:
+    """Read ``LIFECYCLE_...`` variables from ``environ`` (the given environment, not necessarily os.environ)."""
+    source = EnvSettingsSource(settings_cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
+    source.env_vars = {k.lower(): v for k, v in environ.items()}
+    return source
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and key != "metrics_weights":
+            keys |= _leaves(value, f"{name}.")
+        else:
+            keys.add(name)
+    return keys
+
+
+def _sources(flags: dict[str, Any], env: dict[str, Any], file: dict[str, Any], path: Path | None) -> dict[str, str]:
+    """Return where each leaf key's effective value came from."""
+    given = [("flag", _leaves(flags)), ("env", _leaves(env)), (f"file {path}", _leaves(file))]
+    result = {}
+    for key in sorted(_all_keys()):
+        result[key] = next((label for label, keys in given if key in keys or key.split(".")[0] in keys), "default")
+    return result
+
+
+def _all_keys() -> set[str]:
+    keys = {_DB_KEY}
+    for f in dataclasses.fields(Settings):
+        value = getattr(Settings(), f.name)
+        if dataclasses.is_dataclass(value):
+            keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(value)}
+        else:
+            keys.add(f.name)
+    return keys
+
+
+def _invalid(exc: ValidationError, path: Path | None) -> InvalidInput:
+    """Turn pydantic's report into one line naming each bad key, its value and what is wanted."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(settings_model_fields())
+            problems.append(f"unknown setting {key!r} (known: {known})")
+        else:
+            problems.append(f"setting {key} = {error.get('input')!r}: {error['msg']}")
+    where = f" in {path}" if path is not None else ""
+    return InvalidInput(f"invalid configuration{where}: " + "; ".join(problems))

@@ -1,0 +1,165 @@
+"""Operator duties: reclaim of soft-deleted instances, build timeout, reset-state, lock and unlock.
+
+These are what Nova operators rely on every week and what, missing, pushes
+operators of its peers to edit the database by hand:
+
+- **reclaim** (Nova's ``_reclaim_queued_deletes``): with
+  ``reclaim_instance_interval`` > 0 a delete is a soft delete; once an
+  instance has been soft-deleted for that long the daemon deletes it for
+  good (a ``delete`` task, cause ``timer``). ``restore`` works until then.
+- **build timeout** (Nova's ``_check_instance_build_time``): a build still
+  running after ``instance_build_timeout`` seconds ends failed and the
+  instance goes to error (cause ``timer``).
+- **reset-state** (Nova's ``nova reset-state``): the one supported way out of
+  a stuck task. The running task ends failed with cause ``admin`` and its
+  worker is fenced (it stops before its next hypervisor call or write); the
+  task_state is cleared and the vm_state set (error, or active); who and why
+  are in the audit row and the task's error. The next sync pass brings the
+  power state in line.
+- **lock / unlock** (Nova's ``locked_by``): a locked instance refuses every
+  operation started by the API, naming who locked it, when and why, unless
+  the caller overrides the lock (an admin); sync, events, recovery and the
+  timer duties are never blocked by a lock. Only the locker, or an override,
+  unlocks.
+
+Every change is one compare-and-swap with its audit row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from lifecycle import validation
+from lifecycle.audit import Why
+from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, LifecycleError
+from lifecycle.records import Cause, Instance
+from lifecycle.states import VmState
+from lifecycle.store.db import now
+
+if TYPE_CHECKING:
+    from lifecycle.engine import Engine
+
+__all__ = ["RESET_STATES", "DutyResult", "check_build_timeouts", "lock", "reclaim", "reset_state", "unlock"]
+
+log = structlog.get_logger(__name__)
+
+RESET_STATES = (VmState.ERROR, VmState.ACTIVE)
+"""The vm_states reset-state may set, as Nova's (``--active``, default error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DutyResult:
+    """What a periodic duty did to one instance."""
+
+    uuid: str
+    outcome: str
+    """``deleted``, ``timed_out``, ``skipped`` (it changed meanwhile) or ``failed``."""
+    detail: str | None = None
+
+
+def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
+    """Delete for good the instances soft-deleted longer ago than ``interval`` (default the setting; 0: none)."""
+    seconds = (
+        engine.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
+    )
+    if seconds <= 0:
+        return []
+    results = []
+    for instance in engine.store.in_state_since(VmState.SOFT_DELETED, now() - timedelta(seconds=seconds)):
+        try:
+            engine.runner.start("delete", instance.uuid, actor="timer:reclaim", cause=Cause.TIMER)
+            results.append(DutyResult(instance.uuid, "deleted"))
+        except (Conflict, InvalidInput) as exc:  # restored, or taken by another task meanwhile
+            results.append(DutyResult(instance.uuid, "skipped", str(exc)))
+        except LifecycleError as exc:
+            log.warning("reclaim_failed", instance_uuid=instance.uuid, error=str(exc))
+            results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[DutyResult]:
+    """End failed the builds running longer than ``timeout`` (default the setting; 0: none); instances to error."""
+    seconds = engine.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
+    if seconds <= 0:
+        return []
+    results = []
+    for instance in engine.store.building_since(now() - timedelta(seconds=seconds)):
+        why = Why(
+            actor="timer:build_timeout",
+            cause=Cause.TIMER,
+            operation="build_timeout",
+            task_id=instance.task_id,
+            message=f"build still running after {seconds:g} s (instance_build_timeout)",
+        )
+        try:
+            engine.store.reset_state(instance, VmState.ERROR, why)
+            results.append(DutyResult(instance.uuid, "timed_out"))
+        except Conflict as exc:  # it finished (or moved on) meanwhile
+            results.append(DutyResult(instance.uuid, "skipped", str(exc)))
+    return results
+
+
+def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor: str) -> Instance:
+    """End the instance's running task failed (cause admin), clear its task_state, set ``state``."""
+    uuid = validation.uuid(uuid)
+    if not isinstance(state, VmState) or state not in RESET_STATES:
+        allowed = ", ".join(s.value for s in RESET_STATES)
+        raise InvalidInput(f"reset-state sets vm_state {allowed}, not {getattr(state, 'value', state)!r}")
+    reason = _reason(reason)
+    validation.name("actor", actor)
+    instance = engine.store.get_instance(uuid)
+    if instance.vm_state is VmState.DELETED:
+        raise InvalidInput(f"instance {uuid} is deleted: there is nothing to reset")
+    why = Why(actor=actor, cause=Cause.ADMIN, operation="reset_state", task_id=instance.task_id, message=reason)
+    return engine.store.reset_state(instance, state, why)
+
+
+def lock(engine: Engine, uuid: str, *, reason: str, actor: str) -> Instance:
+    """Lock an instance for ``actor`` with ``reason``; locking a locked one is refused (it names the lock)."""
+    uuid = validation.uuid(uuid)
+    reason = _reason(reason)
+    validation.name("actor", actor)
+    instance = engine.store.get_instance(uuid)
+    if instance.locked_by is not None:
+        raise _locked("lock", instance)
+    why = Why(actor=actor, cause=Cause.API, operation="lock", message=f"locked: {reason}")
+    return engine.store.set_lock(instance, actor, reason, why)
+
+
+def unlock(engine: Engine, uuid: str, *, actor: str, override_lock: bool = False) -> Instance:
+    """Unlock an instance: its locker may, anyone with ``override_lock`` (an admin) may; unlocked is a no-op."""
+    uuid = validation.uuid(uuid)
+    validation.name("actor", actor)
+    instance = engine.store.get_instance(uuid)
+    if instance.locked_by is None:
+        return instance
+    if instance.locked_by != actor and not override_lock:
+        raise _locked("unlock", instance)
+    message = f"unlocked (was locked by {instance.locked_by}: {instance.locked_reason})"
+    why = Why(actor=actor, cause=Cause.ADMIN if override_lock else Cause.API, operation="unlock", message=message)
+    return engine.store.set_lock(instance, None, None, why)
+
+
+def refuse_if_locked(operation: str, instance: Instance, cause: Cause, override_lock: bool) -> None:
+    """Raise :class:`InstanceLocked` when an API call without an override meets a locked instance."""
+    if instance.locked_by is not None and cause is Cause.API and not override_lock:
+        raise _locked(operation, instance)
+
+
+def _locked(operation: str, instance: Instance) -> InstanceLocked:
+    assert instance.locked_by is not None
+    at = instance.locked_at.isoformat(timespec="seconds") if instance.locked_at else "an unknown time"
+    return InstanceLocked(operation, instance.uuid, instance.locked_by, instance.locked_reason, at)
+
+
+def _reason(reason: object) -> str:
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidInput("a reason is required: say why, for whoever reads the audit log")
+    text = reason.strip()
+    if len(text) > 1000 or any(ord(c) < 32 and c not in "\t" for c in text):
+        raise InvalidInput("the reason must be one line of at most 1000 characters")
+    return text

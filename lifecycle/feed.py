@@ -1,0 +1,331 @@
+"""The change feed: every committed change of an instance's states, in commit order, never lost; audit queries.
+
+Each audit row is a :class:`~lifecycle.audit.Change` at a
+:class:`~lifecycle.audit.Position` that grows in commit order, so a reader
+paging by position never passes over a change that commits later (how each
+database makes sure: :mod:`lifecycle.store.feed`). :func:`follow` delivers the
+feed to a handler:
+
+- **at least once**: a consumer's position is stored only after the
+  handler returned for every change up to it: when the follower catches up,
+  at most every :data:`SAVE_EVERY` seconds while it works through a backlog,
+  when it stops, and before an exception from the handler propagates. A
+  consumer killed meanwhile gets the changes after its stored position again
+  when it restarts (at most a second's worth, or the unfinished batch), and
+  nothing after a stored position is ever skipped;
+- **in order**: changes come in feed order, which keeps each instance's
+  changes in the order they committed;
+- **woken by commits** on PostgreSQL (LISTEN/NOTIFY; a read every
+  ``feed_poll_interval`` while a committed change waits for an older
+  transaction, and every :data:`IDLE_RECHECK` seconds regardless), **polling**
+  every ``feed_poll_interval`` on SQLite.
+
+A consumer is registered by its first :func:`follow`, at ``after``; from then
+on it resumes where it stopped and ``after`` is ignored (as Kafka's
+``auto.offset.reset`` applies only to a group without an offset). Retention
+(:meth:`Engine.prune_changes`) never removes a change a registered consumer
+has not passed, so a consumer that is gone for good must be forgotten. Two
+followers under one name each get every change: run one per name.
+
+:func:`query_audit` answers questions across instances ("what happened in
+this request", "what did sync change on this host last night", "which
+instances went to error today"), each from one index range.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from lifecycle import validation
+from lifecycle.audit import START, AuditEntry, Change, Consumer, Position, audit_query
+from lifecycle.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from lifecycle.store import Store
+
+__all__ = [
+    "IDLE_RECHECK",
+    "SAVE_EVERY",
+    "Change",
+    "Consumer",
+    "Position",
+    "as_change",
+    "change_data",
+    "change_line",
+    "check_batch",
+    "follow",
+    "nova_notification",
+    "prune",
+    "query_audit",
+    "resolve",
+]
+
+log = structlog.get_logger(__name__)
+
+SAVE_EVERY = 1.0
+"""Seconds between position writes while a backlog streams (each write waits for a writer's lock on
+SQLite); a follower also stores its position whenever it catches up, stops, or its handler raises."""
+IDLE_RECHECK = 30.0
+"""Seconds a PostgreSQL follower waits for a notification before it reads anyway (a lost connection's
+notifications, say, must not stall it)."""
+
+Handler = Callable[[Change], object]
+
+
+def resolve(store: Store, after: Position | str | None) -> Position:
+    """Return the position ``after`` names: START for None, the newest readable change for ``"end"``."""
+    if after is None:
+        return START
+    if after == "end":
+        return store.newest_change() or START
+    return Position.parse(after)
+
+
+def _start(store: Store, consumer: str | None, after: Position) -> Position:
+    if consumer is None:
+        return after
+    registered, new = store.register_consumer(consumer, after)
+    event = "feed_consumer_registered" if new else "feed_consumer_resumed"
+    log.info(event, consumer=consumer, position=str(registered.position))
+    return registered.position
+
+
+class _Cursor:
+    """Where delivery got to (the last change the handler returned from) and what the database holds."""
+
+    def __init__(self, store: Store, consumer: str | None, at: Position) -> None:
+        self.store, self.consumer = store, consumer
+        self.at = self.stored = at
+        self.saved = time.monotonic()
+
+    def save(self) -> None:
+        """Store the position delivery got to, if it moved (an anonymous follower stores nothing)."""
+        if self.consumer is not None and self.at != self.stored:
+            self.stored = self.at  # not retried if the write fails: the older position only means more redelivery
+            self.store.save_position(self.consumer, self.at)
+        self.saved = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.saved >= SAVE_EVERY
+
+
+def _deliver(handler: Handler, changes: Sequence[Change], cursor: _Cursor) -> int:
+    """Hand each change to ``handler``; move the cursor past those it returned from, even when one raised."""
+    done = 0
+    try:
+        for change in changes:
+            handler(change)
+            done += 1
+    finally:
+        if done:
+            cursor.at = changes[done - 1].position
+    return done
+
+
+def follow(
+    store: Store,
+    consumer: str | None,
+    handler: Handler,
+    *,
+    stop: threading.Event,
+    batch: int,
+    poll: float,
+    after: Position,
+) -> int:
+    """Deliver the feed to ``handler`` until ``stop`` is set; return how many changes were delivered.
+
+    ``consumer`` None follows anonymously from ``after``: no position is
+    stored and retention does not wait for it. A ``stop`` already set
+    delivers one batch, what is there now, and returns.
+    """
+    if not callable(handler):
+        raise InvalidInput(f"handler must be callable with a Change, got {type(handler).__name__}")
+    cursor = _Cursor(store, consumer, _start(store, consumer, after))
+    delivered = 0
+    try:
+        with store.reader() as reader:  # listening before the first read: a commit after it wakes the wait below
+            while True:
+                changes = reader.read(cursor.at, batch)
+                delivered += _deliver(handler, changes, cursor)
+                caught_up = len(changes) < batch
+                if caught_up or stop.is_set() or cursor.due():
+                    cursor.save()
+                if stop.is_set():
+                    break
+                if caught_up:
+                    held = not reader.notified or reader.held_back()
+                    reader.wait(stop, poll if held else IDLE_RECHECK)
+                    if stop.is_set():
+                        break
+    finally:
+        cursor.save()  # what the handler returned from, whatever ends the follow (a kill stores nothing)
+    log.info("feed_follow_stopped", consumer=consumer, position=str(cursor.at), delivered=delivered)
+    return delivered
+
+
+def check_batch(value: object, label: str = "batch") -> int:
+    """Return ``value`` if it is a batch size or limit (1 to 10000), else raise :class:`InvalidInput`."""
+    return validation.count(label, value, low=1, high=10_000)
+
+
+def prune(store: Store, retention: float, now: datetime) -> int:
+    """Delete the changes older than ``retention`` seconds that every consumer has passed; 0 keeps all."""
+    if retention == 0:
+        return 0
+    pruned = store.prune_changes(now - timedelta(seconds=retention))
+    log.info("changes_pruned", pruned=pruned, retention=retention)
+    return pruned
+
+
+def query_audit(store: Store, **filters: object) -> list[AuditEntry]:
+    """Return the audit rows the filters of :func:`lifecycle.audit.audit_query` admit, oldest first."""
+    return store.audit_rows(audit_query(**filters))
+
+
+def as_change(e: AuditEntry) -> Change:
+    """Return an audit row as the change the feed delivers for it."""
+    return Change(
+        tx=e.tx,
+        id=e.id,
+        instance_uuid=e.instance_uuid,
+        host=e.host,
+        old_vm_state=e.from_vm_state,
+        new_vm_state=e.to_vm_state,
+        old_task_state=e.from_task_state,
+        new_task_state=e.to_task_state,
+        old_power_state=e.from_power_state,
+        new_power_state=e.to_power_state,
+        task_id=e.task_id,
+        operation=e.operation,
+        actor=e.actor,
+        cause=e.cause,
+        rule=e.rule,
+        request_id=e.request_id,
+        message=e.message,
+        timestamp=e.created_at,
+    )
+
+
+def _stamp(change: Change) -> str:
+    return change.timestamp.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def change_data(change: Change) -> dict[str, Any]:
+    """Return the change as JSON-ready data (the position as its ``tx:id`` text)."""
+    return {
+        "position": str(change.position),
+        "instance_uuid": change.instance_uuid,
+        "host": change.host,
+        "old_vm_state": change.old_vm_state,
+        "new_vm_state": change.new_vm_state,
+        "old_task_state": change.old_task_state,
+        "new_task_state": change.new_task_state,
+        "old_power_state": change.old_power_state,
+        "new_power_state": change.new_power_state,
+        "task_id": change.task_id,
+        "operation": change.operation,
+        "actor": change.actor,
+        "cause": change.cause,
+        "rule": change.rule,
+        "request_id": change.request_id,
+        "message": change.message,
+        "timestamp": _stamp(change),
+    }
+
+
+def _arrow(before: object, after: object) -> str:
+    left, right = ("none" if v is None else str(v) for v in (before, after))
+    return right if left == right else f"{left}->{right}"
+
+
+def change_line(change: Change) -> str:
+    """Render a change as one line: position, time, instance, host, the three states, and why."""
+    why = " ".join(
+        part
+        for part in (
+            f"{change.cause}:{change.actor}",
+            change.operation and f"op={change.operation}",
+            change.task_id and f"task={change.task_id[:8]}",
+            change.rule and f"rule={change.rule}",
+            change.request_id and f"request={change.request_id}",
+            change.message and f"message={change.message!r}",
+        )
+        if part
+    )
+    return (
+        f"{change.position}  {change.timestamp.isoformat(timespec='milliseconds')}  {change.instance_uuid}"
+        f"  {change.host or '-'}  vm {_arrow(change.old_vm_state, change.new_vm_state)}"
+        f"  task {_arrow(change.old_task_state, change.new_task_state)}"
+        f"  power {_arrow(change.old_power_state, change.new_power_state)}  [{why}]"
+    )
+
+
+_NOVA_POWER = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed", 7: "suspended"}
+"""Nova's InstancePowerStateField values by power_state number."""
+_MESSAGES = uuidlib.UUID("5d0e4bb4-2f4e-4a9e-9f65-6f2a1c1e7a11")
+"""Namespace of the notifications' message ids: one change always gets the same id, so a consumer can
+drop a redelivered one."""
+
+
+def _nova_object(name: str, version: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "nova_object.name": name,
+        "nova_object.namespace": "nova",
+        "nova_object.version": version,
+        "nova_object.data": data,
+    }
+
+
+def nova_notification(change: Change) -> dict[str, Any]:
+    """Return the change as Nova's versioned ``instance.update`` notification, for consumers that read those.
+
+    The payload carries the fields of ``InstanceUpdatePayload`` a change knows
+    (``uuid``, ``host``, ``state``, ``task_state``, ``power_state``,
+    ``updated_at``, ``request_id``, ``action_initiator_user`` and
+    ``state_update`` with ``old_state``, ``state``, ``old_task_state``,
+    ``new_task_state``), under Nova's names and value spellings; what Nova
+    does not carry (the old power_state, the position, operation, cause, rule,
+    task id and message) is under ``lifecycle``, beside the payload.
+    """
+    at = change.timestamp.astimezone(UTC)
+    state_update = {
+        "old_state": change.old_vm_state,
+        "state": change.new_vm_state,
+        "old_task_state": change.old_task_state,
+        "new_task_state": change.new_task_state,
+    }
+    data = {
+        "uuid": change.instance_uuid,
+        "host": change.host,
+        "state": change.new_vm_state,
+        "task_state": change.new_task_state,
+        "power_state": _NOVA_POWER.get(change.new_power_state),
+        "updated_at": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "request_id": change.request_id,
+        "action_initiator_user": change.actor,
+        "state_update": _nova_object("InstanceStateUpdatePayload", "1.0", state_update),
+    }
+    return {
+        "event_type": "instance.update",
+        "priority": "INFO",
+        "publisher_id": f"lifecycle:{change.host or 'none'}",
+        "timestamp": at.strftime("%Y-%m-%d %H:%M:%S.%f"),
+        "message_id": str(uuidlib.uuid5(_MESSAGES, f"{change.instance_uuid}/{change.position}")),
+        "payload": _nova_object("InstanceUpdatePayload", "1.8", data),
+        "lifecycle": {
+            "position": str(change.position),
+            "old_power_state": None if change.old_power_state is None else _NOVA_POWER.get(change.old_power_state),
+            "operation": change.operation,
+            "cause": change.cause,
+            "rule": change.rule,
+            "task_id": change.task_id,
+            "message": change.message,
+        },
+    }
