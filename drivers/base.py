@@ -291,13 +291,19 @@ class Driver(abc.ABC):
         """
         self.list_instances()
 
-    def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
-        """Remove unused cached base images older than the age.
+    def cleanup_images(
+        self, max_age_seconds: float, moving: frozenset[str] = frozenset(), keep: frozenset[str] | None = None
+    ) -> list[str]:
+        """Remove unused cached base images older than the age, and with ``keep``, orphaned instance disks.
 
         A base behind any disk of the host (an instance's, a kept one of a
         move, a rescue disk) is never removed; ``moving`` names the instances
-        whose move is not yet confirmed or reverted. Returns what was removed.
-        Repeat: safe. Drivers without an image cache have nothing to remove.
+        whose move is not yet confirmed or reverted. With ``keep`` (the
+        instances the database places on this host or in a move touching it),
+        an instance disk of any other instance, used by no domain and older
+        than the age, is removed too: what a copy or a delete left while the
+        host did not answer. Returns what was removed. Repeat: safe. Drivers
+        without an image cache have nothing to remove.
         """
         return []
 

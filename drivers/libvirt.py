@@ -189,7 +189,7 @@ class LibvirtDriver(Driver):
             delay = 0.1
             while True:
                 try:
-                    conn = libvirt.open(self.uri)
+                    conn = _open_bounded(self.uri, max(1.0, deadline - time.monotonic()), call)
                     break
                 except libvirt.libvirtError as exc:
                     if time.monotonic() + delay > deadline:
@@ -558,11 +558,13 @@ class LibvirtDriver(Driver):
             if power_on and not dom.isActive():
                 dom.create()
 
-    def cleanup_images(self, max_age_seconds: float, moving: frozenset[str] = frozenset()) -> list[str]:
+    def cleanup_images(
+        self, max_age_seconds: float, moving: frozenset[str] = frozenset(), keep: frozenset[str] | None = None
+    ) -> list[str]:
         with self._calling("cleanup_images") as conn:
-            used = {_backing_key(vol.XMLDesc(0)) for vol in self.storage.disks(conn)}
-            removed = []
             moment = time.time()
+            removed = [] if keep is None else self._orphan_disks(conn, keep | moving, max_age_seconds, moment)
+            used = {_backing_key(vol.XMLDesc(0)) for vol in self.storage.disks(conn)}
             for base in self.storage.bases(conn):
                 if base.name() in used or moment - _mtime(base.XMLDesc(0)) < max_age_seconds:
                     continue
@@ -571,6 +573,25 @@ class LibvirtDriver(Driver):
                         base.delete(0)
                         removed.append(f"{self.storage.cache_pool}/{base.name()}")
             return removed
+
+    def _orphan_disks(self, conn: Any, keep: frozenset[str], max_age_seconds: float, moment: float) -> list[str]:
+        """Delete instance disks of instances not in ``keep``, used by no domain, older than the age."""
+        in_use = {src for dom in conn.listAllDomains(0) for src in _disk_sources(dom.XMLDesc(0))}
+        removed = []
+        for vol in self.storage.disks(conn):
+            name = vol.name()
+            uuid = name.removesuffix(".rescue")
+            try:
+                valid_uuid(uuid)
+            except DriverError:
+                continue  # not a name this driver gives: never touch what we did not make
+            xml = vol.XMLDesc(0)
+            if uuid in keep or vol.path() in in_use or moment - _mtime(xml) < max_age_seconds:
+                continue
+            with suppress(libvirt.libvirtError):  # taken or removed meanwhile
+                vol.delete(0)
+                removed.append(f"{self.storage.disks_pool}/{name}")
+        return removed
 
     def drop_storage(self) -> None:
         """Delete this host's pools and every volume in them: for scratch hosts (demo, benchmarks), never a fleet's."""
@@ -630,6 +651,44 @@ class LibvirtDriver(Driver):
         if transition is None or listener is None or not dom.name().startswith(NAME_PREFIX):
             return
         listener(LifecycleEvent(dom.UUIDString(), transition, datetime.now(UTC)))
+
+
+def _open_bounded(uri: str, timeout: float, call: str) -> Any:
+    """Open a connection, giving up after ``timeout`` seconds: a hung libvirtd never answers the handshake.
+
+    ``libvirt.open`` has no time limit of its own (keepalive starts only once
+    it returned), so it runs on a thread of its own; one that answers after
+    the deadline closes its connection itself.
+    """
+    lock = threading.Lock()
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def opening() -> None:
+        try:
+            conn = libvirt.open(uri)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+            done.set()
+            return
+        with lock:
+            late = box.get("abandoned", False)
+            if not late:
+                box["conn"] = conn
+                done.set()
+        if late:
+            with suppress(libvirt.libvirtError):
+                conn.close()
+
+    threading.Thread(target=opening, name=f"libvirt-open-{uri}", daemon=True).start()
+    done.wait(timeout)
+    with lock:
+        if not done.is_set():
+            box["abandoned"] = True
+            raise DriverUnavailable(f"{call}: {uri} did not answer within {timeout:.0f} s (libvirtd hung?)", call=call)
+    if "error" in box:
+        raise box["error"]
+    return box["conn"]
 
 
 def _empty_volume(name: str) -> str:

@@ -122,28 +122,38 @@ class HostStorage:
     # -- pools ---------------------------------------------------------------
 
     def pool(self, conn: Any, name: str) -> Any:
-        """Return the started pool ``name``; define, build and start it (autostart) when missing."""
-        try:
-            pool = conn.storagePoolLookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != _ERR_NO_POOL:
-                raise
-            sub = "_base" if name == self.cache_pool else "disks"
-            xml = ET.Element("pool", type="dir")
-            ET.SubElement(xml, "name").text = name
-            ET.SubElement(ET.SubElement(xml, "target"), "path").text = str(Path(self.instances_path) / sub)
+        """Return the started pool ``name``; define, build and start it (autostart) when missing.
+
+        Serialized per pool within the process, and tolerant of another
+        process doing the same at once (a define or start that lost the race
+        finds the pool there).
+        """
+        with _lock_for("pool", self.instances_path, name):
             try:
-                pool = conn.storagePoolDefineXML(ET.tostring(xml, encoding="unicode"), 0)
-            except libvirt.libvirtError:
-                pool = conn.storagePoolLookupByName(name)  # defined by a racing call meanwhile
-            pool.build(0)  # creates the directory; a no-op when it exists
-            pool.setAutostart(1)
-        if not pool.isActive():
-            try:
-                pool.create(0)
-            except libvirt.libvirtError:
-                if not pool.isActive():  # started by a racing call meanwhile is fine
+                pool = conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_POOL:
                     raise
+                pool = self._define(conn, name)
+            if not pool.isActive():
+                try:
+                    pool.create(0)
+                except libvirt.libvirtError:
+                    if not pool.isActive():  # started by a racing process meanwhile is fine
+                        raise
+            return pool
+
+    def _define(self, conn: Any, name: str) -> Any:
+        sub = "_base" if name == self.cache_pool else "disks"
+        xml = ET.Element("pool", type="dir")
+        ET.SubElement(xml, "name").text = name
+        ET.SubElement(ET.SubElement(xml, "target"), "path").text = str(Path(self.instances_path) / sub)
+        try:
+            pool = conn.storagePoolDefineXML(ET.tostring(xml, encoding="unicode"), 0)
+        except libvirt.libvirtError:
+            return conn.storagePoolLookupByName(name)  # defined by a racing process meanwhile
+        pool.build(0)  # creates the directory (and its parents); a no-op when it exists
+        pool.setAutostart(1)
         return pool
 
     def volume(self, conn: Any, pool_name: str, name: str) -> Any | None:

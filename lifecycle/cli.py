@@ -36,7 +36,7 @@ from lifecycle.configfile import Loaded, load_settings
 from lifecycle.daemon import Daemon
 from lifecycle.duties import RESET_STATES
 from lifecycle.engine import Engine
-from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, TaskFailed
+from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, Preempted, TaskFailed
 from lifecycle.feed import Change, Position, as_change, change_data, change_line, nova_notification
 from lifecycle.operations import STEPS
 from lifecycle.records import Flavor, Host, Image, Instance, Migration, Task, to_plain
@@ -617,7 +617,7 @@ def _feed_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     changes.add_argument(
         "--format", choices=("plain", "json", "nova"), help="nova: Nova's instance.update notifications (JSON lines)"
     )
-    admin = changes.add_subparsers(dest="changes_command", metavar="{prune,consumers,forget}")
+    admin = changes.add_subparsers(dest="changes_command", metavar="{prune,consumers,forget,webhook}")
     prune = admin.add_parser(
         "prune", help="delete changes older than the retention that every consumer has passed", parents=[common]
     )
@@ -629,6 +629,13 @@ def _feed_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     admin.add_parser("consumers", help="the registered consumers and their positions", parents=[common])
     forget = admin.add_parser("forget", help="unregister a consumer: retention stops waiting for it", parents=[common])
     forget.add_argument("name", type=_text("consumer"))
+    hook = admin.add_parser(
+        "webhook",
+        help="post each change to URL until SIGINT or SIGTERM, signed with $LIFECYCLE_WEBHOOK_SECRET",
+        parents=[common],
+    )
+    hook.add_argument("url", type=_text("webhook URL", 1024))
+    hook.add_argument("--nova", action="store_true", help="post Nova's instance.update notifications")
 
     audit = sub.add_parser(
         "audit", help="audit rows across instances, oldest first (each filter reads one index range)", parents=[common]
@@ -668,12 +675,22 @@ def _changes(engine: Engine, args: argparse.Namespace) -> None:
     stop = threading.Event()
     if not args.follow:
         stop.set()  # one batch, its position stored
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    restore = _stop_on_signals(stop)
     try:
         engine.follow(args.consumer, lambda c: print(render(c), flush=True), stop=stop, batch=limit, after=args.after)
     finally:
+        restore()
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """Make SIGTERM and SIGINT set ``stop``; return what puts the previous handlers back."""
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+    return restore
 
 
 def _feed_admin(engine: Engine, args: argparse.Namespace) -> None:
@@ -689,11 +706,26 @@ def _feed_admin(engine: Engine, args: argparse.Namespace) -> None:
     elif args.changes_command == "forget":
         engine.forget_consumer(args.name)
         _emit(args, {"forgotten": args.name}, f"consumer {_safe(args.name)} forgotten")
+    elif args.changes_command == "webhook":
+        _webhook(engine, args)
     else:
         rows = engine.consumers()
         data = [{**to_plain(c), "position": str(c.position)} for c in rows]
         lines = [_safe(f"{c.name}  {c.position}  updated {c.updated_at.isoformat(timespec='seconds')}") for c in rows]
         _emit(args, data, "\n".join(lines) or "no consumers")
+
+
+def _webhook(engine: Engine, args: argparse.Namespace) -> None:
+    secret = os.environ.get("LIFECYCLE_WEBHOOK_SECRET", "")
+    if not secret:
+        raise InvalidInput("changes webhook signs every request: set LIFECYCLE_WEBHOOK_SECRET (16 bytes or more)")
+    stop = threading.Event()
+    restore = _stop_on_signals(stop)
+    try:
+        delivered = engine.deliver_webhook(args.url, secret.encode(), stop=stop, nova=args.nova)
+    finally:
+        restore()
+    _emit(args, {"delivered": delivered}, f"delivered {delivered} changes to {_safe(args.url)}")
 
 
 def _audit(engine: Engine, args: argparse.Namespace) -> None:
@@ -939,7 +971,7 @@ def _graph(args: argparse.Namespace) -> None:
 
 
 def _error(as_json: bool, exc: LifecycleError) -> int:
-    code = 1 if isinstance(exc, TaskFailed) else 2
+    code = 1 if isinstance(exc, TaskFailed | Preempted) else 2  # the operation ran: not refused input
     message = _safe(exc)  # escapes newlines too: one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr)  # first: it still reaches the user if stdout is gone
     if as_json:
@@ -1002,7 +1034,7 @@ def _run(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status.
 
-    0 done, 1 an operation ran and failed (or a sync pass failed on a host),
+    0 done, 1 an operation ran and failed or was taken over by another (or a sync pass failed on a host),
     2 input refused before anything changed, 141 the reader of stdout went
     away (see ``_BROKEN_PIPE``).
     """

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 import drivers
 import lifecycle.feed as feed
+import lifecycle.webhooks as webhooks
 from drivers.base import Driver
 from lifecycle import console, duties, graph, validation
 from lifecycle.audit import AuditEntry, Why
@@ -362,7 +363,12 @@ class Engine:
         return summary
 
     def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
-        """Remove a host's unused cached base images older than the age; return them."""
+        """Remove a host's unused cached base images older than the age, and its orphaned disks; return them.
+
+        An orphaned disk is one of an instance the database places neither on
+        this host nor in a move touching it, used by no domain: what a copy
+        or a delete left while the host did not answer.
+        """
         age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
         age = validation.seconds("image cache max age", age)
         self.host(host)
@@ -373,7 +379,10 @@ class Engine:
             or i.task_state in graph.MOVE_TASK_STATES
             or self.store.open_migration(i.uuid) is not None
         )
-        return self.driver(host).cleanup_images(age, moving)
+        keep = frozenset(i.uuid for i in self.store.list_instances(host)) | frozenset(
+            m.instance_uuid for m in self.store.migrations_touching(host)
+        )
+        return self.driver(host).cleanup_images(age, moving, keep)
 
     def check_console_token(self, token: str) -> console.ConsoleConnection | None:
         """Return where to connect for a console token while it is valid, else None."""
@@ -665,6 +674,15 @@ class Engine:
         """
         retention = self.settings.change_retention if older_than is None else older_than
         return feed.prune(self.store, validation.seconds("change retention", retention), now())
+
+    def deliver_webhook(self, url: str, secret: bytes, *, stop: threading.Event, nova: bool = False) -> int:
+        """Post each change to ``url`` until ``stop`` is set; return how many were delivered.
+
+        Signed with ``secret``, retried with backoff, at the URL's own feed consumer position (see
+        :mod:`lifecycle.webhooks`); a first run starts at the newest change. ``nova`` posts Nova's
+        ``instance.update`` notifications.
+        """
+        return webhooks.deliver(self, webhooks.Webhook(url, secret, nova=nova), stop=stop)
 
     def audit(
         self,

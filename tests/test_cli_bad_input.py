@@ -306,6 +306,7 @@ CASES: list[Any] = [
     ("feed-prune-nan", ["changes", "prune", "--older-than", "nan"]),
     ("feed-forget-unknown", ["changes", "forget", "nobody"]),
     ("feed-unknown-subcommand", ["changes", "rewind"]),
+    ("feed-webhook-no-secret", ["changes", "webhook", "http://127.0.0.1:9/hook"]),
     ("audit-bad-since", ["audit", "--since", "yesterday"]),
     ("audit-bad-date", ["audit", "--since", "2026-13-01"]),
     ("audit-age-overflow", ["audit", "--since", "999999999d"]),

@@ -6,15 +6,15 @@ that exists on that host alone. What the hypervisors hold is read back through l
 states, the volumes of the ``lifecycle-*-disks`` and ``-cache`` pools, a disk's content (a sparse
 volume download, sha256'd).
 
-The command line cannot set engine settings (no flag, variable or file): the domain type (``kvm``
-by default; these tests' guests are TCG, ``qemu``), ``shutdown_timeout`` (these guests have no ACPI, so every
-power-off would wait 60 s), ``soft_reboot_seconds``, ``host_down_after`` and
-``resize_confirm_window``. Commands that run operations, ``recover`` and ``daemon`` therefore run
-as processes of ``lifecycle.cli.main`` through a shim that hands the CLI's engine those settings;
-reads and administration (``tasks``, ``history``, ``image cleanup``, ``migration``...) run the
-installed ``lifecycle`` executable. The set-up, ``show``, ``host list`` and the polls during a
-disk copy run the CLI's ``main`` in this process: the same commands without an interpreter
-start-up (about a second here) between two reads.
+Every command runs the installed ``lifecycle`` executable, configured as an operator configures
+it: a config file (``LIFECYCLE_CONFIG``) with the database and the settings these guests need
+(domain type ``qemu``: TCG; no ACPI in them, so ``shutdown_timeout`` 0 and a short
+``soft_reboot_seconds``), and ``LIFECYCLE_...`` variables for what one test changes
+(``host_down_after``, ``resize_confirm_window``). The one exception is a command that must start
+the moment a copy is under way: it runs the CLI's ``main`` in a process that has loaded
+everything and waits on its stdin. The set-up, ``show``, ``host list`` and the polls during a
+disk copy run ``main`` in this process, to read without an interpreter start-up (about a second
+here) between two reads.
 """
 
 from __future__ import annotations
@@ -48,29 +48,12 @@ T = TypeVar("T")
 EXECUTABLE = [str(Path(sys.executable).with_name("lifecycle"))]
 if not Path(EXECUTABLE[0]).exists():
     EXECUTABLE = [sys.executable, "-m", "lifecycle.cli"]
-SETTINGS: dict[str, Any] = {"libvirt_domain_type": "qemu", "shutdown_timeout": 0, "soft_reboot_seconds": 1}
-"""What every engine of these tests runs with: TCG guests, which have no ACPI, so no clean-shutdown wait."""
-READS = frozenset({"db", "host", "image", "show", "list", "tasks", "history", "migration"})
-"""Commands that run no operation: the installed executable runs them, with no settings."""
+CONFIG = 'libvirt_domain_type = "qemu"\nshutdown_timeout = 0\nsoft_reboot_seconds = 1\n'
+"""The settings of every command (with the database URL): TCG guests, which have no ACPI to shut down by."""
 BIG = "1G"
 """Data written into a disk whose copy a test interrupts (about 2-3 s of copy here)."""
-
-# Runs the CLI's main with SETTINGS merged into every Engine it makes. With FLEET_TEST_GATE set
-# it loads everything, then waits for a line on stdin: the command starts the moment the test says.
-SHIM = """
-import dataclasses, json, os, sys
-import lifecycle.cli as cli
-from lifecycle.config import Settings
-made = cli.Engine
-extra = json.loads(os.environ["FLEET_TEST_SETTINGS"])
-def engine(*args, settings=None, **kw):
-    return made(*args, settings=dataclasses.replace(settings or Settings(), **extra), **kw)
-cli.Engine = engine
-if os.environ.get("FLEET_TEST_GATE"):
-    import libvirt
-    sys.stdin.readline()
-sys.exit(cli.main(sys.argv[1:]))
-"""
+GATED = "import sys, libvirt, lifecycle.cli; sys.stdin.readline(); sys.exit(lifecycle.cli.main(sys.argv[1:]))"
+"""A CLI process that loads everything, then waits for a line on stdin before it runs its command."""
 
 
 def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0, every: float = 0.05) -> T:
@@ -201,25 +184,24 @@ class Fleet:
     """A database with hosts a and b and image ``base``, and the ways to run the CLI on it."""
 
     tmp_path: Path
-    url: str
     a: HostView
     b: HostView
     remote: RemoteHost
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def command(self, args: tuple[str, ...]) -> list[str]:
-        if args[0] in READS:
-            return [*EXECUTABLE, *args]
-        return [sys.executable, "-c", SHIM, *args]
+    @property
+    def config(self) -> Path:
+        return self.tmp_path / "lifecycle.toml"
 
-    def env(self, settings: dict[str, Any] | None = None, gate: bool = False) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "LIFECYCLE_DB_URL": self.url,
-            "FLEET_TEST_SETTINGS": json.dumps({**SETTINGS, **(settings or {})}),
-        }
-        if gate:
-            env["FLEET_TEST_GATE"] = "1"
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.tmp_path / 'db.sqlite'}"
+
+    def env(self, settings: dict[str, Any] | None = None) -> dict[str, str]:
+        """The environment of a command: the config file, and ``settings`` as LIFECYCLE_<KEY> variables."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIFECYCLE_")}  # none of the caller's
+        env["LIFECYCLE_CONFIG"] = str(self.config)
+        env |= {f"LIFECYCLE_{key.upper()}": str(value) for key, value in (settings or {}).items()}
         return env
 
     def run(
@@ -227,7 +209,7 @@ class Fleet:
     ) -> subprocess.CompletedProcess[str]:
         """Run one command to its end (killed after ``timeout``: TimeoutExpired)."""
         return subprocess.run(
-            self.command(args),
+            [*EXECUTABLE, *args],
             env=self.env(settings),
             cwd=self.tmp_path,
             capture_output=True,
@@ -249,8 +231,8 @@ class Fleet:
         with contextlib.ExitStack() as stack:
             sink = subprocess.DEVNULL if log is None else stack.enter_context(log.open("w"))
             proc = subprocess.Popen(
-                self.command(args),
-                env=self.env(settings, gate),
+                [sys.executable, "-c", GATED, *args] if gate else [*EXECUTABLE, *args],
+                env=self.env(settings),
                 cwd=self.tmp_path,
                 stdin=subprocess.PIPE if gate else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -265,7 +247,7 @@ class Fleet:
         out, old = io.StringIO(), structlog.get_config()
         try:
             with contextlib.redirect_stdout(out):
-                code = main(["--db", self.url, *args, "--json"])
+                code = main(["--db", self.url, "--config", str(self.config), *args, "--json"])
         finally:
             structlog.configure(**old)  # the CLI configures logging globally
         assert code == 0, f"lifecycle {' '.join(args)}: exit {code}"
@@ -318,11 +300,11 @@ def fleet(
     tmp_path.chmod(0o755)  # QEMU reads the base image through the instances path under it
     fleet = Fleet(
         tmp_path=tmp_path,
-        url=f"sqlite:///{tmp_path / 'db.sqlite'}",
         a=HostView(QEMU_URI, PurePosixPath(tmp_path / "a")),
         b=HostView(remote_host.uri, remote_instances),
         remote=remote_host,
     )
+    fleet.config.write_text(f'database_url = "{fleet.url}"\n{CONFIG}')
     # Set up with the CLI's main in this process (the same commands, without six interpreter start-ups).
     fleet.here("db", "upgrade")
     hosts = {  # b has more free RAM than a: the scheduler prefers it while it is up

@@ -386,3 +386,42 @@ def test_a_disk_that_arrives_different_is_refused_and_deleted(
     monkeypatch.undo()
     dest.finish_migration(spec, read, power_on=False)
     assert dest.get_info(spec.uuid) is PowerState.SHUTDOWN
+
+
+def test_cleanup_with_keep_removes_orphaned_disks_only(host: LibvirtDriver, hosts: Hosts, base_image: Path) -> None:
+    """With keep, an old disk of an instance not kept and used by no domain is removed; a kept one, one a domain uses, and a young one stay."""
+    orphan, kept, running, young = (hosts.spec(base_image) for _ in range(4))
+    for spec in (orphan, kept, young):
+        host.spawn(spec, power_on=False)
+        host.migrate_disk_and_power_off(spec.uuid, timeout=0, retry_interval=0)  # the disk alone, no domain
+    host.spawn(running, power_on=False)  # a defined domain uses its disk
+    day_ago = time.time() - 86400
+    for spec in (orphan, kept, running):
+        os.utime(_volume(host, host.storage.disks_pool, spec.uuid).path(), (day_ago, day_ago))
+    removed = host.cleanup_images(3600, keep=frozenset({kept.uuid}))
+    assert removed == [f"{host.storage.disks_pool}/{orphan.uuid}"]
+    assert _volumes(host, host.storage.disks_pool) == {kept.uuid, running.uuid, young.uuid}
+    assert host.cleanup_images(3600) == []  # without keep, no disk is ever touched
+    for spec in (kept, young):
+        host.confirm_migration(spec.uuid)
+    host.destroy(running.uuid)
+
+
+@pytest.mark.libvirt
+def test_a_libvirtd_that_accepts_but_never_answers_is_unavailable_in_bounded_time(tmp_path: Path) -> None:
+    """Opening a connection to a listener that never speaks (a hung libvirtd) raises DriverUnavailable near the deadline."""
+    import socket
+
+    from lifecycle.errors import DriverUnavailable
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    started = time.monotonic()
+    try:
+        with pytest.raises(DriverUnavailable, match="did not answer"):
+            LibvirtDriver(f"qemu+tcp://127.0.0.1:{port}/system", tmp_path / "i", reconnect_seconds=2)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 10

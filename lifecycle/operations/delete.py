@@ -89,7 +89,7 @@ def _confirm_first(run: TaskRun, migration: Migration) -> None:
     except DriverUnavailable:
         if not _host_down(run, migration.source_host):
             raise
-        # The source's kept disk stays behind; its image cache cleanup removes stale _resize copies.
+        # The source's kept disk stays behind; the host's image cache cleanup removes it once it answers.
         run.store.release_claims(run.instance.uuid, migration.source_host)
         run.migration_status(migration.id, MigrationStatus.CONFIRMED)
 

@@ -91,6 +91,10 @@ class Moves(StoreBase):
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
 
+    def migrations_touching(self, host: str) -> list[Migration]:
+        """Return the open migrations whose source or destination is ``host``."""
+        return self._open_migrations_touching(host)
+
     def _open_migrations_touching(self, host: str) -> list[Migration]:
         query = sa.select(_M).where(
             sa.or_(_M.c.source_host == host, _M.c.dest_host == host),
