@@ -17,7 +17,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from drivers.base import Driver
 from lifecycle.errors import InvalidInput
 
-__all__ = ["connect", "validate_uri"]
+__all__ = ["connect", "hypervisor_identity", "validate_uri"]
 
 _ALLOWED = (
     "fake://, fake:///ABS/state.json, test:///default, test:///ABS/node.xml, qemu:///system, qemu:///session,"
@@ -147,3 +147,29 @@ def _abspath(path: str) -> Path:
 
 def _invalid(uri: str, reason: str) -> InvalidInput:
     return InvalidInput(f"invalid hypervisor URI {uri!r}: {reason}; allowed: {_ALLOWED}")
+
+
+_DEFAULT_PORTS = {"tcp": 16509, "tls": 16514, "ssh": 22}
+_LOCAL_NAMES = {"", "localhost", "127.0.0.1", "::1"}
+
+
+def hypervisor_identity(uri: str) -> str | None:
+    """Return what names one libvirtd behind a qemu URI, or None for other drivers (each its own hypervisor).
+
+    ``qemu:///system``, ``qemu+unix:///system`` and ``qemu://localhost/system``
+    are the machine's own libvirtd; ``qemu+tcp://h/system`` and
+    ``qemu+tcp://h:16509/system`` are one (default ports filled in); the query
+    does not change which daemon answers.
+    """
+    parts = urlsplit(uri.strip())
+    scheme, _, transport = parts.scheme.lower().partition("+")
+    if scheme != "qemu":
+        return None
+    host = (parts.hostname or "").lower()
+    if transport == "unix" or (transport == "" and host in _LOCAL_NAMES):
+        return f"local{parts.path}"
+    transport = transport or "tls"  # libvirt's default for a remote host
+    port = parts.port or _DEFAULT_PORTS.get(transport, 0)
+    if host in _LOCAL_NAMES:
+        host = "local"
+    return f"{transport}://{host}:{port}{parts.path}"

@@ -168,6 +168,8 @@ class LibvirtDriver(Driver):
         self.reconnect_seconds = reconnect_seconds
         self._lock = threading.RLock()
         self._conn: Any = None
+        self._retired: list[Any] = []
+        """Connections dropped after a loss, kept alive until close (see :meth:`_retire`)."""
         self._listener: EventListener | None = None
         self._callback_id: int | None = None
         self._closed = threading.Event()
@@ -215,13 +217,31 @@ class LibvirtDriver(Driver):
     def _on_close(self, conn: Any, _reason: int, _opaque: Any) -> None:
         with self._lock:
             if self._conn is conn:
-                self._conn = None
+                self._retire(conn)
                 self._callback_id = None
+
+    def _retire(self, conn: Any) -> None:
+        """Stop using ``conn`` but keep a reference to it until :meth:`close`.
+
+        A connection dropped while libvirt's event loop still holds its
+        keepalive timer, close callback and event callbacks must not be freed
+        by Python under that loop (freeing it there crashed the process inside
+        libvirt's event loop); it is closed properly with the driver.
+        """
+        if self._conn is conn:
+            self._conn = None
+        if all(old is not conn for old in self._retired):
+            self._retired.append(conn)
 
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
             self._closed.set()
+            retired, self._retired = self._retired, []
+            for old in retired:
+                with suppress(libvirt.libvirtError):
+                    old.unregisterCloseCallback()
+                    old.close()
             if conn is not None:
                 try:
                     if self._callback_id is not None:
@@ -269,7 +289,7 @@ class LibvirtDriver(Driver):
         if lost:
             with self._lock:
                 if self._conn is conn:
-                    self._conn = None
+                    self._retire(conn)
         return lost
 
     def _domain(self, conn: Any, uuid: str) -> Any:

@@ -1,41 +1,42 @@
 """lifecycle: an embeddable engine for the lifecycle of virtual machine instances.
 
-The public surface is re-exported here; everything else is internal.
-``Engine`` and ``upgrade`` load on first use: the drivers import the contract
-side of this package (errors, states), which must not pull the engine in.
+The public surface is re-exported here; everything else is internal. Every
+name loads on first use: the drivers import the contract side of this
+package (errors, states), which must not pull the engine in, and a CLI
+command that needs no database must not pay for importing one.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from lifecycle.audit import AuditEntry, Change, Consumer, Position
-from lifecycle.config import Settings
-from lifecycle.console import ConsoleAccess, ConsoleConnection
-from lifecycle.errors import (
-    AlreadyExists,
-    Conflict,
-    DomainNotFound,
-    DriverError,
-    DriverUnavailable,
-    HostInUse,
-    HostNotFound,
-    IdempotencyMismatch,
-    ImageNotFound,
-    InstanceNotFound,
-    InvalidFlavor,
-    InvalidInput,
-    InvalidState,
-    LifecycleError,
-    NoValidHost,
-    Preempted,
-    SchemaOutOfDate,
-    TaskFailed,
-    TaskNotFound,
-)
-from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
-from lifecycle.states import PowerState, TaskState, VmState, status_of
-
 if TYPE_CHECKING:
+    from lifecycle.audit import AuditEntry, Change, Consumer, Position
+    from lifecycle.config import Settings
+    from lifecycle.console import ConsoleAccess, ConsoleConnection
     from lifecycle.engine import Engine
+    from lifecycle.errors import (
+        AlreadyExists,
+        Conflict,
+        DomainNotFound,
+        DriverError,
+        DriverUnavailable,
+        HostInUse,
+        HostNotEvacuable,
+        HostNotFound,
+        IdempotencyMismatch,
+        ImageNotFound,
+        InstanceNotFound,
+        InvalidFlavor,
+        InvalidInput,
+        InvalidState,
+        LifecycleError,
+        NoValidHost,
+        Preempted,
+        SchemaOutOfDate,
+        TaskFailed,
+        TaskNotFound,
+    )
+    from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
+    from lifecycle.states import PowerState, TaskState, VmState, status_of
     from lifecycle.store import upgrade
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "Flavor",
     "Host",
     "HostInUse",
+    "HostNotEvacuable",
     "HostNotFound",
     "IdempotencyMismatch",
     "Image",
@@ -82,13 +84,35 @@ __all__ = [
 ]
 
 
+_HOME = {
+    "lifecycle.audit": ("AuditEntry", "Change", "Consumer", "Position"),
+    "lifecycle.config": ("Settings",),
+    "lifecycle.console": ("ConsoleAccess", "ConsoleConnection"),
+    "lifecycle.engine": ("Engine",),
+    "lifecycle.errors": (
+        "AlreadyExists", "Conflict", "DomainNotFound", "DriverError", "DriverUnavailable", "HostInUse",
+        "HostNotEvacuable", "HostNotFound", "IdempotencyMismatch", "ImageNotFound", "InstanceNotFound",
+        "InvalidFlavor", "InvalidInput",
+        "InvalidState", "LifecycleError", "NoValidHost", "Preempted", "SchemaOutOfDate", "TaskFailed", "TaskNotFound",
+    ),
+    "lifecycle.records": ("Cause", "Flavor", "Host", "Image", "Instance", "Outcome", "Task", "TaskStep"),
+    "lifecycle.states": ("PowerState", "TaskState", "VmState", "status_of"),
+    "lifecycle.store": ("upgrade",),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "Engine":
-        from lifecycle.engine import Engine
+    """Import a public name's module on first use: importing the package (or the CLI) stays cheap."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lifecycle' has no attribute {name!r}")
+    import importlib
 
-        return Engine
-    if name == "upgrade":
-        from lifecycle.store import upgrade
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return upgrade
-    raise AttributeError(f"module 'lifecycle' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

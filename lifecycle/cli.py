@@ -25,38 +25,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import structlog
-
-import drivers
 from lifecycle import graph, validation
-from lifecycle.audit import AuditEntry, format_history
-from lifecycle.configfile import Loaded, load_settings
-from lifecycle.daemon import Daemon
-from lifecycle.duties import RESET_STATES
-from lifecycle.engine import Engine
-from lifecycle.errors import InvalidInput, InvalidState, LifecycleError, Preempted, TaskFailed
-from lifecycle.feed import Change, Position, as_change, change_data, change_line, nova_notification
-from lifecycle.operations import STEPS
-from lifecycle.records import Flavor, Host, Image, Instance, Migration, Task, to_plain
-from lifecycle.recovery import vars_of
+from lifecycle.errors import DriverError, InvalidInput, InvalidState, LifecycleError, Preempted, TaskFailed
 from lifecycle.states import VmState
-from lifecycle.store import DEFAULT_DB_URL, head_revision, upgrade
-from lifecycle.store.db import connect, current_revision, downgrade, now
-from lifecycle.sweep import PassSummary
+
+if TYPE_CHECKING:
+    from lifecycle.audit import AuditEntry
+    from lifecycle.configfile import Loaded
+    from lifecycle.engine import Engine
+    from lifecycle.feed import Change, Position
+    from lifecycle.records import Host, Image, Instance, Migration, Task
+    from lifecycle.sweep import PassSummary
 
 __all__ = ["configure_logging", "main"]
 
 # Commands with their own options; every other implemented operation takes only a uuid.
-_OWN_OPTIONS = frozenset({"create", "stop", "reboot", "reboot_hard", "rebuild", "resize", "migrate"})
-_SIMPLE_OPS = tuple(
-    op.name.replace("_", "-") for op in graph.OPERATIONS if op.name in STEPS and op.name not in _OWN_OPTIONS
-)
+_OWN_OPTIONS = frozenset({"create", "stop", "reboot", "reboot_hard", "rebuild", "resize", "migrate", "evacuate"})
+_SIMPLE_OPS = tuple(op.name.replace("_", "-") for op in graph.OPERATIONS if op.name not in _OWN_OPTIONS)
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog: readable on a terminal, JSON lines otherwise, to stderr."""
+    import structlog
+
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
@@ -73,9 +66,11 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     )
 
 
-def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+def _stderr_logger(*_args: Any) -> Any:
     # Looked up per logger, not captured once: whoever swaps sys.stderr later
     # (a test runner, a daemon manager) still gets the log lines.
+    import structlog
+
     return structlog.PrintLogger(sys.stderr)
 
 
@@ -213,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument(
         "--force", action="store_true", help="remove anyway: its idle instances go to error with no host"
     )
+    _evacuate_parsers(sub, host, common, task_opts)
 
     image = sub.add_parser("image", help="images", parents=[common]).add_subparsers(dest="image_command", required=True)
     add = image.add_parser("add", help="register an image file", parents=[common])
@@ -385,12 +381,16 @@ def _instance_line(i: Instance) -> str:
 
 
 def _task_result(engine: Engine, args: argparse.Namespace, task: Task) -> None:
+    from lifecycle.records import to_plain
+
     instance = engine.get(task.instance_uuid)
     data = {**to_plain(instance), "task": to_plain(task)}
     _emit(args, data, f"task {task.id} {task.operation} {task.outcome.value}\n{_instance_line(instance)}")
 
 
 def _run_op(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import Flavor
+
     kw: dict[str, Any] = {
         "request_id": args.request_id,
         "idempotency_key": args.idempotency_key,
@@ -447,7 +447,7 @@ def _duty_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "reset-state", help="admin: end a stuck task and set the vm_state (error or active)", parents=[common]
     )
     reset.add_argument("uuid")
-    reset.add_argument("--state", choices=[s.value for s in RESET_STATES], default="error")
+    reset.add_argument("--state", choices=[VmState.ERROR.value, VmState.ACTIVE.value], default="error")
     reset.add_argument("--reason", required=True, type=_text("--reason", 1000))
     reset.add_argument("--actor", **actor)
     for name, what, setting in (
@@ -464,9 +464,11 @@ def _duty_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _duty(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
     if args.command in ("reclaim", "build-timeout"):
         run = engine.reclaim_queued_deletes if args.command == "reclaim" else engine.check_build_timeouts
-        results = run(args.older_than) if args.older_than > 0 else []
+        results = run(args.older_than)
         lines = [f"{r.uuid} {r.outcome}" + (f" ({_safe(r.detail)})" if r.detail else "") for r in results]
         _emit(args, [asdict(r) for r in results], "\n".join(lines) or "nothing to do")
         return
@@ -489,6 +491,9 @@ def _history_line(entry: AuditEntry) -> AuditEntry:
 
 
 def _read(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.audit import format_history
+    from lifecycle.records import to_plain
+
     if args.command == "show":
         i = engine.get(args.uuid)
         _emit(args, to_plain(i), _instance_line(i))
@@ -535,6 +540,8 @@ def _migration_line(m: Migration) -> str:
 
 
 def _migrations(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
     if args.migration_command == "show":
         m = engine.migration(args.id)
         _emit(args, to_plain(m), _migration_line(m))
@@ -565,7 +572,7 @@ def _when(label: str) -> Callable[[str], datetime]:
     def convert(text: str) -> datetime:
         try:
             if age := _AGE.fullmatch(text):
-                return now() - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
+                return datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
             value = datetime.fromisoformat(text) if text.isascii() else None
         except (ValueError, OverflowError):  # not a time; an age before year 1
             value = None
@@ -591,6 +598,8 @@ def _limit(label: str, high: int) -> Callable[[str], int]:
 
 
 def _position(text: str) -> Position | str:
+    from lifecycle.feed import Position
+
     if text == "end":
         return text
     try:
@@ -654,6 +663,8 @@ def _feed_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _changes(engine: Engine, args: argparse.Namespace) -> None:
     """Print the feed: one line (or one JSON object) per change; with --consumer or --follow as a follower."""
+    from lifecycle.feed import change_data, change_line, nova_notification
+
     if args.changes_command is not None:
         _feed_admin(engine, args)
         return
@@ -694,6 +705,8 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 
 
 def _feed_admin(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
     given = [flag for flag in ("after", "consumer", "limit", "format") if getattr(args, flag) is not None]
     if given or args.follow:
         flags = ", ".join(f"--{flag}" for flag in [*given, *(["follow"] if args.follow else [])])
@@ -729,6 +742,9 @@ def _webhook(engine: Engine, args: argparse.Namespace) -> None:
 
 
 def _audit(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.feed import as_change, change_line
+    from lifecycle.records import to_plain
+
     entries = engine.audit(
         since=args.since,
         until=args.until,
@@ -752,7 +768,11 @@ def _host_line(h: Host) -> str:
     state = "enabled" if h.enabled else "disabled"
     beat = h.last_heartbeat.isoformat(timespec="seconds") if h.last_heartbeat else "never"
     where = f"{_safe(h.name)}  {_safe(h.driver_uri)}  zone={_safe(h.availability_zone)}"
-    return f"{where}  {state}  {usage}  heartbeat={beat}"
+    fenced = ""
+    if h.fenced_at is not None:
+        at = h.fenced_at.isoformat(timespec="seconds")
+        fenced = f"  FENCED by {_safe(h.fenced_by)} at {at}: {_safe(h.fenced_reason)}"
+    return f"{where}  {state}  {usage}  heartbeat={beat}{fenced}"
 
 
 def _image_line(i: Image) -> str:
@@ -760,7 +780,12 @@ def _image_line(i: Image) -> str:
 
 
 def _hosts(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
     command = args.host_command
+    if command in _HOST_FAILURE_COMMANDS:
+        _host_failure(engine, args)
+        return
     if command == "add":
         h = engine.add_host(
             args.name,
@@ -794,6 +819,8 @@ def _hosts(engine: Engine, args: argparse.Namespace) -> None:
 
 
 def _admin(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
     if args.command == "host":
         _hosts(engine, args)
     elif args.image_command == "cleanup":
@@ -829,6 +856,10 @@ def _pass_line(s: PassSummary) -> str:
 
 
 def _recover(args: argparse.Namespace) -> None:
+    from lifecycle.engine import Engine
+    from lifecycle.recovery import vars_of
+    from lifecycle.store.db import now
+
     if args.force and args.owner is None:
         raise InvalidInput("recover --force needs --owner NAME: it takes only that owner's live tasks")
     with Engine(args.db, owner=args.owner, settings=args.settings) as engine:
@@ -868,6 +899,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _configure(args: argparse.Namespace) -> None:
     """Resolve the settings and the database URL: flags > environment > config file > defaults."""
+    from lifecycle.configfile import load_settings
+    from lifecycle.store import DEFAULT_DB_URL
+
     loaded = load_settings(args.config, overrides=_flags(args))
     args.settings = loaded.settings
     args.loaded = loaded
@@ -877,7 +911,10 @@ def _configure(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace) -> None:
     loaded: Loaded = args.loaded
-    values = _flat(asdict(loaded.settings)) | {"database_url": args.db}
+    from lifecycle.store.db import shown_url
+
+    shown = shown_url(args.db)  # never print a password
+    values = _flat(asdict(loaded.settings)) | {"database_url": shown}
     sources = dict(loaded.sources)
     if args.db_from_flag:
         sources["database_url"] = "flag"
@@ -893,8 +930,15 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             flat |= _flat(value, f"{prefix}{key}.")
         else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+            flat[f"{prefix}{key}"] = _plain(value)
     return flat
+
+
+def _plain(value: Any) -> Any:
+    """Return a setting's value as the config file would write it (enums as their values, tuples as lists)."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return getattr(value, "value", value)
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -903,7 +947,7 @@ def _listen(text: str) -> tuple[str, int]:
     host = host.strip("[]")
     try:
         ipaddress.ip_address(host)
-        number = int(port)
+        number = int(port) if port.isascii() and port.isdigit() else -1
     except ValueError:
         number = -1
     if not sep or not 1 <= number <= 65535:
@@ -912,6 +956,9 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def _daemon(args: argparse.Namespace) -> None:
+    from lifecycle.daemon import Daemon
+    from lifecycle.engine import Engine
+
     with Engine(args.db, settings=args.settings) as engine:
         for name in args.hosts or ():
             engine.host(name)  # refuse a typo before claiming anything
@@ -936,6 +983,9 @@ def _daemon(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
+    from lifecycle.store import head_revision, upgrade
+    from lifecycle.store.db import connect, current_revision, downgrade
+
     if args.db_command == "upgrade":
         upgrade(args.db, args.revision)
     elif args.db_command == "downgrade":
@@ -951,6 +1001,7 @@ def _db(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    import drivers
     from lifecycle.demo import DemoHosts, run_demo
 
     for uri in (args.uri, args.remote_uri):
@@ -971,7 +1022,8 @@ def _graph(args: argparse.Namespace) -> None:
 
 
 def _error(as_json: bool, exc: LifecycleError) -> int:
-    code = 1 if isinstance(exc, TaskFailed | Preempted) else 2  # the operation ran: not refused input
+    # 1: the operation ran (or the hypervisor failed or did not answer): not input refused before anything changed.
+    code = 1 if isinstance(exc, TaskFailed | Preempted | DriverError) else 2
     message = _safe(exc)  # escapes newlines too: one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr)  # first: it still reaches the user if stdout is gone
     if as_json:
@@ -980,6 +1032,69 @@ def _error(as_json: bool, exc: LifecycleError) -> int:
             data |= {"allowed_vm_states": exc.allowed_vm_states, "allowed_task_states": exc.allowed_task_states}
         print(json.dumps(data, indent=2, sort_keys=True))
     return code
+
+
+# -- host failure: fence, unfence, evacuate (issue 13) ---------------------------------
+
+_HOST_FAILURE_COMMANDS = frozenset({"fence", "unfence", "evacuate"})
+_DATA_LOSS = "rebuilt from its image: data on the dead host's disk is lost"
+
+
+def _evacuate_parsers(sub: Any, host: Any, common: argparse.ArgumentParser, task_opts: argparse.ArgumentParser) -> None:
+    """Add ``host fence``, ``host unfence``, ``host evacuate`` and ``evacuate``."""
+    actor = {"type": _text("--actor"), "default": os.environ.get("USER") or "cli", "help": "who does it (recorded)"}
+    fence = host.add_parser(
+        "fence", help="declare a host dead: never scheduled to, evacuable once down", parents=[common]
+    )
+    fence.add_argument("name")
+    fence.add_argument("--reason", required=True, type=_text("--reason", 1000))
+    fence.add_argument("--actor", **actor)
+    unfence = host.add_parser("unfence", help="lift a host's fence", parents=[common])
+    unfence.add_argument("name")
+    unfence.add_argument("--actor", **actor)
+    evacuate_all = host.add_parser(
+        "evacuate", help=f"evacuate every instance of a down, fenced host ({_DATA_LOSS})", parents=[common]
+    )
+    evacuate_all.add_argument("name")
+    evacuate_all.add_argument("--actor", **actor)
+    one = sub.add_parser(
+        "evacuate", help=f"rebuild an instance of a down, fenced host elsewhere ({_DATA_LOSS})", parents=[task_opts]
+    )
+    one.add_argument("uuid")
+    one.add_argument("--host", type=_text("--host"), help="destination (default: the scheduler picks)")
+
+
+def _host_failure(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
+    if args.host_command == "evacuate":
+        results = engine.evacuate_host(args.name, actor=args.actor)
+        lines = [
+            f"{r.uuid} {r.outcome} now on {_safe(r.host or '-')}" + (f" ({_safe(r.detail)})" if r.detail else "")
+            for r in results
+        ]
+        text = "\n".join([*lines, f"note: {_DATA_LOSS}"]) if lines else f"no instances on {_safe(args.name)}"
+        _emit(args, {"host": args.name, "note": _DATA_LOSS, "instances": [asdict(r) for r in results]}, text)
+        return
+    if args.host_command == "fence":
+        h = engine.fence_host(args.name, reason=args.reason, actor=args.actor)
+    else:
+        h = engine.unfence_host(args.name, actor=args.actor)
+    _emit(args, to_plain(h), _host_line(h))
+
+
+def _evacuate(engine: Engine, args: argparse.Namespace) -> None:
+    task = engine.evacuate(
+        args.uuid,
+        host=args.host,
+        request_id=args.request_id,
+        idempotency_key=args.idempotency_key,
+        wait=not args.no_wait,
+        override_lock=args.force,
+    )
+    _task_result(engine, args, task)
+    if not args.json:
+        print(f"note: {_DATA_LOSS}")
 
 
 _HANDLERS: dict[str, Callable[[Engine, argparse.Namespace], int | None]] = {
@@ -995,11 +1110,14 @@ _HANDLERS: dict[str, Callable[[Engine, argparse.Namespace], int | None]] = {
     "lock": _duty,
     "unlock": _duty,
     "reset-state": _duty,
+    "evacuate": _evacuate,
     "reclaim": _duty,
     "build-timeout": _duty,
     "changes": _changes,
     "audit": _audit,
 }
+_NO_LOGGING = frozenset({"graph"})
+"""Commands that log nothing: they skip importing structlog, for a fast start."""
 _NO_CONFIG = frozenset({"graph", "demo"})
 """Commands that read no settings (the demo makes its own)."""
 _STANDALONE: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -1017,7 +1135,8 @@ def _run(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except InvalidInput as exc:  # refused by the parser: --json may not have been read yet
         return _error("--json" in argv, exc)
-    configure_logging(args.log_format, args.log_level)
+    if args.command not in _NO_LOGGING:
+        configure_logging(args.log_format, args.log_level)
     try:
         args.db_from_flag = args.db is not None
         if args.command not in _NO_CONFIG:
@@ -1025,6 +1144,8 @@ def _run(argv: list[str]) -> int:
         if args.command in _STANDALONE:
             _STANDALONE[args.command](args)
             return 0
+        from lifecycle.engine import Engine  # here: --help, graph and config show never import the engine
+
         with Engine(args.db, settings=args.settings) as engine:
             return _HANDLERS.get(args.command, _run_op)(engine, args) or 0
     except LifecycleError as exc:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from lifecycle.errors import InvalidInput
-from lifecycle.scheduler import SchedulerSettings
+from lifecycle.scheduler import FILTERS, SchedulerSettings
 from lifecycle.sync import Policy
-from lifecycle.validation import count, seconds
+from lifecycle.validation import count, seconds, unsafe_character
 
 __all__ = ["RUNNING_DELETED_ACTIONS", "Settings"]
 
 RUNNING_DELETED_ACTIONS = ("reap", "shutdown", "log", "noop")
+DOMAIN_TYPES = ("kvm", "qemu")
+"""libvirt domain types for QEMU hosts (libvirt's test driver always gets ``test``)."""
 _SECONDS = (
     "shutdown_timeout",
     "shutdown_retry_interval",
@@ -121,3 +125,41 @@ class Settings:
                 raise InvalidInput(f"setting scheduler.{ratio} must be a finite number above 0, got {value!r}")
         count("setting sync_chunk_size", self.sync_chunk_size, low=1, high=1_000_000)
         seconds("setting feed_poll_interval", self.feed_poll_interval, low=0.01)
+        self._check_more()
+
+    def _check_more(self) -> None:
+        """Check the remaining fields: choices, addresses, counts, and the nested settings."""
+        if self.libvirt_domain_type not in DOMAIN_TYPES:
+            allowed = ", ".join(DOMAIN_TYPES)
+            raise InvalidInput(
+                f"setting libvirt_domain_type must be one of {allowed}, got {self.libvirt_domain_type!r}"
+            )
+        try:
+            ipaddress.ip_address(self.vnc_listen)
+        except ValueError:
+            raise InvalidInput(f"setting vnc_listen must be an IP address, got {self.vnc_listen!r}") from None
+        url = urlsplit(self.console_base_url) if isinstance(self.console_base_url, str) else None
+        if (
+            url is None
+            or url.scheme not in ("http", "https")
+            or not url.hostname
+            or unsafe_character(self.console_base_url)
+        ):
+            raise InvalidInput(f"setting console_base_url must be an http(s) URL, got {self.console_base_url!r}")
+        count("setting preempt_retries", self.preempt_retries, low=0, high=100)
+        s = self.scheduler
+        unknown = [f for f in s.filters if f not in FILTERS]
+        if not isinstance(s.filters, tuple) or unknown:
+            raise InvalidInput(
+                f"setting scheduler.filters has unknown filters {unknown!r}; known: {', '.join(sorted(FILTERS))}"
+            )
+        count("setting scheduler.max_attempts", s.max_attempts, low=1, high=100)
+        count("setting scheduler.host_subset_size", s.host_subset_size, low=1, high=100_000)
+        weights = [("ram_weight_multiplier", s.ram_weight_multiplier)]
+        weights += [("metrics_weight_multiplier", s.metrics_weight_multiplier)]
+        weights += [("metrics_unavailable_weight", s.metrics_unavailable_weight)]
+        weights += [(f"metrics_weights[{name!r}]", ratio) for name, ratio in s.metrics_weights]
+        for name, value in weights:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidInput(f"setting scheduler.{name} must be a finite number, got {value!r}")
+        count("setting sync_policy.missing_threshold", self.sync_policy.missing_threshold, low=1, high=1_000_000)

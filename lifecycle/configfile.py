@@ -84,6 +84,8 @@ def load_settings(
 ) -> Loaded:
     """Load settings from the file, the environment and ``overrides`` (flags, dotted keys allowed)."""
     env = dict(os.environ if environ is None else environ)
+    if "LIFECYCLE_DB_URL" in env and not env["LIFECYCLE_DB_URL"].strip():
+        raise InvalidInput("LIFECYCLE_DB_URL is set but empty: unset it, or name a database")
     found = find_config(path, env)
     flags = _nest(dict(overrides or {}))
     model = _model(found, env)

@@ -15,7 +15,11 @@ hypervisor that stops answering stalls only its own host: one thread
 heartbeats the host while its hypervisor answers a ping (a silent one stops
 heartbeating, so the scheduler sees it down until it answers again), one runs
 its sync pass at start and every ``sync_interval`` and cleans its image cache
-every ``image_cache_interval``, one handles its lifecycle events. Timers sleep
+every ``image_cache_interval``, one handles its lifecycle events. Before any
+of that, and again each time the hypervisor answers after it stopped, the
+worker destroys the host's copies of instances evacuated away from it
+(:func:`lifecycle.evacuation.destroy_evacuated`): no heartbeat, sync pass or
+event handling for the host until they are gone. Timers sleep
 by waiting on events, so SIGTERM and SIGINT stop the daemon at once: a pass
 stops between chunks, never inside a write; a thread stuck inside a
 hypervisor call is left behind (it is a daemon thread) rather than waited for.
@@ -90,6 +94,9 @@ class HostWorker:
         self.clock = clock
         self.done = threading.Event()
         """Set when the host is released or the daemon stops."""
+        self.cleared = threading.Event()
+        """Set once the copies of instances evacuated away were destroyed since the hypervisor last answered."""
+        self._clearing = threading.Lock()
         s = engine.settings
         self.processor = EventProcessor(engine, host, s.sync_policy, delay=s.stopped_event_delay)
         self.beats = [Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), self.heartbeat)]
@@ -115,8 +122,26 @@ class HostWorker:
         except Exception as exc:
             log.warning("host_not_answering", host=self.host, error=f"{type(exc).__name__}: {exc}")
             self.engine.metrics.host_error(self.host, "heartbeat")
+            self.cleared.clear()  # when it answers again, its evacuated copies go first
             return
-        self.engine.heartbeat(self.host)
+        if self.clear_evacuated():
+            self.engine.heartbeat(self.host)
+
+    def clear_evacuated(self) -> bool:
+        """Destroy the host's copies of evacuated instances unless done since it last answered; return whether done."""
+        with self._clearing:
+            if self.cleared.is_set():
+                return True
+            try:
+                destroyed = self.engine.destroy_evacuated(self.host)
+            except Exception as exc:  # retried before the next heartbeat; nothing else runs for the host meanwhile
+                log.warning("evacuated_cleanup_failed", host=self.host, error=f"{type(exc).__name__}: {exc}")
+                self.engine.metrics.host_error(self.host, "evacuated_cleanup")
+                return False
+            self.cleared.set()
+        if destroyed:
+            log.warning("evacuated_copies_destroyed", host=self.host, count=len(destroyed))
+        return True
 
     def sync(self) -> None:
         """One sync pass over the host, stopped between chunks when the host is released; counted in metrics."""
@@ -137,6 +162,10 @@ class HostWorker:
             raise
 
     def _work(self) -> None:
+        retry = max(1.0, self.engine.settings.host_down_after / 3)
+        while not self.clear_evacuated():
+            if self.done.wait(retry):
+                return
         try:
             self.engine.driver(self.host).register_event_listener(self.processor.on_event)
         except Exception:  # the periodic pass still covers a host whose events cannot be had

@@ -35,7 +35,7 @@ import structlog
 
 from lifecycle import validation
 from lifecycle.audit import Why
-from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, LifecycleError
+from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, InvalidState, LifecycleError
 from lifecycle.records import Cause, Instance
 from lifecycle.states import VmState
 from lifecycle.store.db import now
@@ -62,18 +62,25 @@ class DutyResult:
 
 
 def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
-    """Delete for good the instances soft-deleted longer ago than ``interval`` (default the setting; 0: none)."""
+    """Delete for good the instances soft-deleted longer ago than ``interval`` seconds (0: all of them).
+
+    Without ``interval``, the setting ``reclaim_instance_interval`` (0 there
+    means the duty is off). An instance restored (or being restored) meanwhile
+    is skipped: the delete starts only on an idle soft-deleted instance.
+    """
+    if interval is None and engine.settings.reclaim_instance_interval <= 0:
+        return []
     seconds = (
         engine.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
     )
-    if seconds <= 0:
-        return []
     results = []
     for instance in engine.store.in_state_since(VmState.SOFT_DELETED, now() - timedelta(seconds=seconds)):
         try:
-            engine.runner.start("delete", instance.uuid, actor="timer:reclaim", cause=Cause.TIMER)
+            engine.runner.start(
+                "delete", instance.uuid, actor="timer:reclaim", cause=Cause.TIMER, only_idle_in=VmState.SOFT_DELETED
+            )
             results.append(DutyResult(instance.uuid, "deleted"))
-        except (Conflict, InvalidInput) as exc:  # restored, or taken by another task meanwhile
+        except (Conflict, InvalidInput, InvalidState) as exc:  # restored, or taken by another task meanwhile
             results.append(DutyResult(instance.uuid, "skipped", str(exc)))
         except LifecycleError as exc:
             log.warning("reclaim_failed", instance_uuid=instance.uuid, error=str(exc))
@@ -82,10 +89,13 @@ def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
 
 
 def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[DutyResult]:
-    """End failed the builds running longer than ``timeout`` (default the setting; 0: none); instances to error."""
-    seconds = engine.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
-    if seconds <= 0:
+    """End failed the builds running longer than ``timeout`` seconds (0: every running build); instances to error.
+
+    Without ``timeout``, the setting ``instance_build_timeout`` (0 there means off).
+    """
+    if timeout is None and engine.settings.instance_build_timeout <= 0:
         return []
+    seconds = engine.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
     results = []
     for instance in engine.store.building_since(now() - timedelta(seconds=seconds)):
         why = Why(
@@ -114,6 +124,13 @@ def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor
     instance = engine.store.get_instance(uuid)
     if instance.vm_state is VmState.DELETED:
         raise InvalidInput(f"instance {uuid} is deleted: there is nothing to reset")
+    move = engine.store.open_migration(uuid)
+    if move is not None:  # its disk may be on either host, its claims on both: only the move's own ends place it
+        raise InvalidInput(
+            f"instance {uuid} has an open move (migration {move.id}, {move.status.value},"
+            f" {move.source_host} -> {move.dest_host}): reset-state cannot say where it is; let the move end"
+            " (a crashed one is rolled back by recover), then confirm-resize or revert-resize it"
+        )
     why = Why(actor=actor, cause=Cause.ADMIN, operation="reset_state", task_id=instance.task_id, message=reason)
     return engine.store.reset_state(instance, state, why)
 

@@ -25,7 +25,7 @@ import drivers
 import lifecycle.feed as feed
 import lifecycle.webhooks as webhooks
 from drivers.base import Driver
-from lifecycle import console, duties, graph, validation
+from lifecycle import console, duties, evacuation, graph, validation
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
@@ -160,11 +160,12 @@ class Engine:
         if not isinstance(driver_uri, str):
             raise InvalidInput(f"driver URI must be a string, got {type(driver_uri).__name__}")
         uri = drivers.validate_uri(driver_uri)
-        if uri.split(":", 1)[0].startswith("qemu"):
+        identity = drivers.hypervisor_identity(uri)
+        if identity is not None:
             for other in self.store.list_hosts():
-                if other.driver_uri == uri and other.name != name:
+                if drivers.hypervisor_identity(other.driver_uri) == identity and other.name != name:
                     raise InvalidInput(
-                        f"{uri} is already the hypervisor of host {other.name}: one libvirtd is one host "
+                        f"{uri} names the libvirtd of host {other.name} ({other.driver_uri}): one libvirtd is one host "
                         "(domain names and storage pools belong to the libvirtd, not to an instances path)"
                     )
         if not isinstance(instances_path, str) or not instances_path.startswith("/"):
@@ -214,6 +215,22 @@ class Engine:
         if not isinstance(enabled, bool):
             raise InvalidInput(f"enabled must be True or False, got {enabled!r}")
         return self.store.update_host(validation.name("host", name), enabled=enabled)
+
+    def fence_host(self, name: str, *, reason: str, actor: str = "api") -> Host:
+        """Declare a host dead: the scheduler never places there, and once it is down its instances may be evacuated."""
+        return evacuation.fence(self, name, reason=reason, actor=actor)
+
+    def unfence_host(self, name: str, *, actor: str = "api") -> Host:
+        """Lift a host's fence (after its evacuated copies were destroyed, say)."""
+        return evacuation.unfence(self, name, actor=actor)
+
+    def evacuate_host(self, name: str, *, actor: str = "api") -> builtins.list[evacuation.EvacuationResult]:
+        """Evacuate every instance of a down, fenced host (see :meth:`evacuate`); one result per instance."""
+        return evacuation.evacuate_host(self, name, actor=actor)
+
+    def destroy_evacuated(self, name: str) -> builtins.list[str]:
+        """Destroy (never start) the copies a returning host still holds of instances evacuated away from it."""
+        return evacuation.destroy_evacuated(self, name)
 
     def heartbeat(self, name: str, metrics: dict[str, float] | None = None) -> Host:
         """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it."""
@@ -532,6 +549,15 @@ class Engine:
     def revert_resize(self, uuid: str, **kw: Any) -> Task:
         """Undo a finished move: back on the source, old flavor, previous vm_state."""
         return self.run("revert_resize", uuid, **kw)
+
+    def evacuate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+        """Rebuild an instance of a down, fenced host on ``host`` (or where the scheduler puts it), from its image.
+
+        The instance keeps its uuid, name, flavor and image and ends active
+        (stopped if it was stopped); data on the dead host's disk is lost.
+        Refused with :class:`HostNotEvacuable` unless its host is down and fenced.
+        """
+        return evacuation.evacuate(self, uuid, host=host, **kw)
 
     def delete(self, uuid: str, **kw: Any) -> Task:
         """Delete an instance from any state, taking over any running task.

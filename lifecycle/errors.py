@@ -18,6 +18,7 @@ The tree::
     │   ├── IdempotencyMismatch  a key reused for another call
     │   └── HostInUse            a host still holds instances
     ├── InvalidState            the operation's guard refused the current states
+    ├── HostNotEvacuable        evacuate refused: the host is not both down and fenced
     ├── Conflict                a compare-and-swap lost against a concurrent write
     ├── Preempted               the running task was taken over (delete, hard reboot)
     │   └── Fenced              ... by recovery (a newer epoch): the old worker must stop
@@ -43,6 +44,7 @@ __all__ = [
     "DriverUnavailable",
     "Fenced",
     "HostInUse",
+    "HostNotEvacuable",
     "HostNotFound",
     "IdempotencyMismatch",
     "ImageNotFound",
@@ -187,6 +189,24 @@ class InvalidState(LifecycleError):
             f" {operation} is allowed from vm_state {', '.join(self.allowed_vm_states)}"
             f" with task_state {', '.join(self.allowed_task_states)}" + ("" if reason is None else f"; {reason}")
         )
+
+
+class HostNotEvacuable(LifecycleError):
+    """Evacuate needs the host down (no heartbeat) and fenced by an operator; ``failing`` names what is not."""
+
+    def __init__(self, host: str, *, down: bool, fenced: bool, uuid: str | None = None) -> None:
+        self.host = host
+        self.uuid = uuid
+        self.down = down
+        self.fenced = fenced
+        self.failing = [name for name, ok in (("down", down), ("fenced", fenced)) if not ok]
+        what = f"instance {uuid} on host {host}" if uuid else f"host {host}"
+        needs = []
+        if not down:
+            needs.append("it is not down (its daemon's heartbeat is recent; a host must be silent for host_down_after)")
+        if not fenced:
+            needs.append("it is not fenced (`lifecycle host fence` it once it is known dead)")
+        super().__init__(f"cannot evacuate {what}: " + "; ".join(needs))
 
 
 class InstanceLocked(LifecycleError):

@@ -220,6 +220,16 @@ OPERATIONS: tuple[Operation, ...] = (
         Result.REBUILT,
     ),
     Operation(
+        "evacuate",
+        frozenset({V.ACTIVE, V.STOPPED, V.ERROR}),
+        (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
+        Result.REBUILT,
+        failure=Failure.ERROR,
+        note="Nova's evacuate skips the task check; here it needs an idle instance (a task stuck on the dead "
+        "host ends by itself once its connection fails, or by reset-state), so only delete and force_delete "
+        "ever take it over. Its host must be down and fenced (lifecycle.evacuation), not only down.",
+    ),
+    Operation(
         "delete",
         ANY_VM,
         (T.DELETING,),

@@ -19,20 +19,25 @@ from lifecycle.scheduler import HostState, Request, select_host
 from lifecycle.store import Store
 from lifecycle.store.db import now
 
-__all__ = ["host_states", "scheduler_for"]
+__all__ = ["host_is_up", "host_states", "scheduler_for"]
 
 _CLAIM_RACES = 5
 
 
+def host_is_up(host: Host, down_after: float) -> bool:
+    """Whether a daemon owning the host heartbeated within the last ``down_after`` seconds."""
+    return host.last_heartbeat is not None and host.last_heartbeat >= now() - timedelta(seconds=down_after)
+
+
 def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
     """Turn host records into scheduler values; a host without a recent heartbeat is down."""
-    cutoff = now() - timedelta(seconds=down_after)
     return [
         HostState(
             name=h.name,
             availability_zone=h.availability_zone,
             enabled=h.enabled,
-            up=h.last_heartbeat is not None and h.last_heartbeat >= cutoff,
+            up=host_is_up(h, down_after),
+            fenced=h.fenced,
             vcpus=h.vcpus,
             memory_mb=h.memory_mb,
             disk_gb=h.disk_gb,
@@ -68,7 +73,9 @@ def scheduler_for(
 
     def schedule(tried: list[str]) -> str:
         if requested_host is not None:
-            # A named host bypasses the filters (Nova's forced host) but not the claim.
+            # A named host bypasses the filters (Nova's forced host) but not the fence or the claim.
+            if store.get_host(requested_host).fenced:
+                raise NoValidHost({requested_host: "fenced by an operator"})
             if requested_host in tried or not claim(requested_host):
                 raise NoValidHost({requested_host: "the requested host has no room for this flavor, or failed"})
             return requested_host

@@ -11,7 +11,9 @@ hypervisor and the database agree:
   it touched and releases any claim it took late. It never writes the row.
   Should that worker die first, the daemon's reaper destroys the domain of a
   deleted instance on its next pass. The delete does not wait: a hung
-  hypervisor must not hold a delete up.
+  hypervisor must not hold a delete up. Over an evacuate this destroys what
+  its late spawn made on the destination; the dead host's old copy is
+  destroyed when that host answers again (:mod:`lifecycle.evacuation`).
 - ``WAIT`` (a hard reboot took over a pause or a suspend): the late call would
   leave the guest paused or saved after the reboot ran it. The hard reboot
   waits, before its own driver call, until the preempted worker has ended

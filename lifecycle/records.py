@@ -165,6 +165,15 @@ class Host:
     last_heartbeat: datetime | None = None
     console_address: str | None = None
     """Where the host's guests' VNC servers listen (a remote host's management address); None: ``vnc_listen``."""
+    fenced_at: datetime | None = None
+    """When an operator fenced the host (see :meth:`lifecycle.Engine.fence_host`); None: not fenced."""
+    fenced_by: str | None = None
+    fenced_reason: str | None = None
+
+    @property
+    def fenced(self) -> bool:
+        """Whether an operator declared the host dead: never scheduled to, its instances evacuable when down."""
+        return self.fenced_at is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.duties import refuse_if_locked
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
-from lifecycle.operations import PREPARE, STEPS
+from lifecycle.operations import GUARDS, PREPARE, STEPS
 from lifecycle.records import Cause, Image, Instance, Outcome, Task
 from lifecycle.states import VmState
 from lifecycle.store import Store
@@ -84,8 +84,14 @@ class Runner:
         cause: Cause = Cause.API,
         wait: bool = True,
         override_lock: bool = False,
+        only_idle_in: VmState | None = None,
     ) -> Task:
-        """Start ``operation`` on an existing instance and run it (see :meth:`lifecycle.Engine.run`)."""
+        """Start ``operation`` on an existing instance and run it (see :meth:`lifecycle.Engine.run`).
+
+        With ``only_idle_in`` (a timer's duty), start only while the instance is
+        idle in that vm_state, never preempting a task (a restore racing the
+        reclaim): otherwise :class:`InvalidState`, and nothing is written.
+        """
         if not isinstance(operation, str) or operation not in STEPS:
             known = ", ".join(sorted(STEPS))
             raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
@@ -109,7 +115,20 @@ class Runner:
                 if replayed is not None:
                     return replayed
             refuse_if_locked(operation, instance, cause, override_lock)
+            if only_idle_in is not None and (instance.vm_state is not only_idle_in or instance.task_id is not None):
+                raise InvalidState(
+                    operation,
+                    uuid,
+                    instance.vm_state,
+                    instance.task_state,
+                    [only_idle_in],
+                    [None],
+                    reason=f"this duty runs only on an idle {only_idle_in.value} instance",
+                )
             first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
+            extra_guard = GUARDS.get(operation)
+            if extra_guard is not None:
+                extra_guard(self.store, self.settings, instance)
             reason = self._only_delete(instance) if operation not in _ONLY_DELETE_LEFT else None
             if reason is not None:
                 raise InvalidState(
@@ -130,7 +149,7 @@ class Runner:
                 task_id=task.id,
                 request_id=task.request_id,
                 rule=params.get("rule"),
-                message=None if preempt is None else f"preempts {preempt.operation} task {preempt.id}",
+                message=_start_note(preempt, instance if override_lock else None),
             )
             try:
                 after = self.store.begin(instance, task, first, why, preempt)
@@ -291,6 +310,16 @@ class Runner:
                 self.store.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
+
+
+def _start_note(preempt: Task | None, overriding: Instance | None) -> str | None:
+    """Say what a starting task's first audit row should: the task it preempts, the lock it overrides."""
+    notes = []
+    if preempt is not None:
+        notes.append(f"preempts {preempt.operation} task {preempt.id}")
+    if overriding is not None and overriding.locked_by is not None:
+        notes.append(f"overrides the lock of {overriding.locked_by} ({overriding.locked_reason})")
+    return "; ".join(notes) or None
 
 
 def check_call(request_id: object, key: object, actor: object) -> None:

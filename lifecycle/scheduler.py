@@ -29,6 +29,8 @@ class HostState:
     availability_zone: str = "nova"
     enabled: bool = True
     up: bool = True
+    fenced: bool = False
+    """An operator declared the host dead: it is refused whatever the configured filters."""
     vcpus: int | None = None
     memory_mb: int | None = None
     disk_gb: int | None = None
@@ -193,11 +195,17 @@ FILTERS: dict[str, Filter] = {
 
 
 def filter_hosts(hosts: list[HostState], req: Request, s: SchedulerSettings) -> tuple[list[HostState], dict[str, str]]:
-    """Return the hosts every enabled filter admits, and for the others the first reason."""
+    """Return the hosts every enabled filter admits, and for the others the first reason.
+
+    A fenced host is refused before any filter, whichever filters are enabled.
+    """
     checks = [(name, FILTERS[name]) for name in s.filters]
     passed: list[HostState] = []
     reasons: dict[str, str] = {}
     for host in hosts:
+        if host.fenced:  # not a filter one could switch off: a fenced host may still run its dead guests
+            reasons[host.name] = "fenced by an operator"
+            continue
         for name, check in checks:
             reason = check(host, req, s)
             if reason is not None:

@@ -133,7 +133,7 @@ def status_of(vm_state: VmState, task_state: TaskState | None) -> str:
 
 
 class MigrationStatus(enum.StrEnum):
-    """How far a cold migration or resize got (Nova's migration status values)."""
+    """How far a cold migration, resize or evacuation got (Nova's migration status values)."""
 
     PRE_MIGRATING = "pre-migrating"
     MIGRATING = "migrating"
@@ -144,18 +144,24 @@ class MigrationStatus(enum.StrEnum):
     REVERTING = "reverting"
     REVERTED = "reverted"
     ERROR = "error"
+    DONE = "done"
+    """An evacuation rebuilt the instance elsewhere; the dead source may still hold its old copy."""
+    COMPLETED = "completed"
+    """The evacuated source answered again and its old copy was destroyed."""
 
     @property
     def open(self) -> bool:
-        """Whether the move still holds something on the source (not confirmed, reverted or failed)."""
-        return self not in (MigrationStatus.CONFIRMED, MigrationStatus.REVERTED, MigrationStatus.ERROR)
+        """Whether the move still holds something on the source (not confirmed, reverted, failed or completed)."""
+        return self not in (_M.CONFIRMED, _M.REVERTED, _M.ERROR, _M.COMPLETED)
 
 
 _M = MigrationStatus
-# A delete confirms whatever move is open, from any open status, so that the source keeps nothing; a delete
-# whose source host is down confirms without it (the source's cache cleanup removes the copy later).
+# An evacuation goes pre-migrating -> done (rebuilt on the destination) -> completed (the returning source's
+# old copy destroyed), as Nova's; it is never confirmed or reverted. A delete confirms whatever move is open,
+# from any open status, so that the source keeps nothing; a delete whose source host is down confirms without
+# it (the source's cache cleanup removes the copy later).
 MIGRATION_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
-    _M.PRE_MIGRATING: frozenset({_M.MIGRATING, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
+    _M.PRE_MIGRATING: frozenset({_M.MIGRATING, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED, _M.DONE}),
     _M.MIGRATING: frozenset({_M.POST_MIGRATING, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
     _M.POST_MIGRATING: frozenset({_M.FINISHED, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
     _M.FINISHED: frozenset({_M.CONFIRMING, _M.REVERTING, _M.CONFIRMED}),
@@ -164,6 +170,8 @@ MIGRATION_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     _M.CONFIRMED: frozenset(),
     _M.REVERTED: frozenset(),
     _M.ERROR: frozenset(),
+    _M.DONE: frozenset({_M.COMPLETED}),
+    _M.COMPLETED: frozenset(),
 }
 """Which status a migration may go to from each; the store refuses any other write (writing the
 current status again is allowed: a step resumed after a crash repeats its write)."""

@@ -7,7 +7,11 @@ and applies the decisions: power-only changes in one transaction per chunk
 ordinary tasks with actor ``sync`` and the rule in their audit rows. A racing
 user operation wins cleanly: its write changed the version, so ours is
 skipped. Errors are contained per instance. Domains no instance owns are
-reported, never touched. One summary line is logged per pass.
+reported, never touched. A domain whose instance lives on another host (one
+evacuated away from this host, or a move in flight) is reported and never
+started, adopted or reaped here: the instance's row belongs to its own host's
+pass, and an evacuated copy is destroyed by :mod:`lifecycle.evacuation`.
+One summary line is logged per pass.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class PassSummary:
     reaped: list[str] = field(default_factory=list)
     """Our domains whose instance is deleted (or unknown here) that this pass acted on
     (``running_deleted_instance_action``: destroyed, powered off, or logged)."""
+    elsewhere: list[str] = field(default_factory=list)
+    """Our domains whose live instance is recorded on another host (evacuated away, or moving): left alone."""
 
 
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:
@@ -90,6 +96,8 @@ def sweep_host(
         _apply_chunk(engine, summary, rows, listing.owned, observed_at, policy, actor, stop)
     if not summary.interrupted:
         leftovers = sorted(u for u in listing.owned if u not in seen)
+        summary.elsewhere = _living_elsewhere(engine, host, leftovers)
+        leftovers = [u for u in leftovers if u not in summary.elsewhere]
         handled = _running_deleted(engine, host, leftovers, listing.owned, summary)
         summary.unknown_domains = [u for u in leftovers if u not in handled] + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
@@ -155,6 +163,19 @@ def _apply_chunk(
             summary.interrupted = True
             return
         _guarded(summary, instance, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
+
+
+def _living_elsewhere(engine: Engine, host: str, uuids: list[str]) -> list[str]:
+    """Return the domains here whose instance is live and recorded on another host: never to be started here."""
+    if not uuids:
+        return []
+    rows = engine.store.instances_by_uuid(uuids)
+    found = [
+        u for u in uuids if (r := rows.get(u)) is not None and r.vm_state is not VmState.DELETED and r.host != host
+    ]
+    if found:
+        log.warning("domains_of_instances_elsewhere", host=host, count=len(found), instance_uuids=found)
+    return found
 
 
 def _running_deleted(

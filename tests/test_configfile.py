@@ -119,3 +119,37 @@ def test_the_database_url_comes_from_the_file_when_no_flag_or_environment(
     path = _file(tmp_path, f'database_url = "sqlite:///{db_file}"\n')
     assert main(["--config", str(path), "db", "upgrade"]) == 0
     assert db_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[scheduler]\nmax_attempts = 0\n", "scheduler.max_attempts"),
+        ('[scheduler]\nfilters = ["NoSuchFilter"]\n', "unknown filters"),
+        ("[scheduler]\nhost_subset_size = 0\n", "scheduler.host_subset_size"),
+        ('[scheduler]\nmetrics_weights = [["cpu", nan]]\n', "must be a finite number"),
+        ("[scheduler]\nram_weight_multiplier = inf\n", "must be a finite number"),
+        ('libvirt_domain_type = "xen"\n', "libvirt_domain_type must be one of kvm, qemu"),
+        ('vnc_listen = "not an ip; rm -rf"\n', "vnc_listen must be an IP address"),
+        ('console_base_url = "javascript:alert(1)"\n', "console_base_url must be an http"),
+        ("[sync_policy]\nmissing_threshold = -5\n", "sync_policy.missing_threshold"),
+        ("preempt_retries = -3\n", "preempt_retries"),
+    ],
+)
+def test_values_that_would_break_the_engine_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    """Values the engine cannot run with (no build attempts, unknown filters, non-finite weights...) are refused."""
+    with pytest.raises(InvalidInput, match=message):
+        load_settings(_file(tmp_path, text), environ={})
+
+
+def test_config_show_never_prints_a_database_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database URL's password is masked in `config show`; an empty LIFECYCLE_DB_URL is refused, not defaulted."""
+    monkeypatch.delenv("LIFECYCLE_DB_URL", raising=False)
+    assert main(["--db", "postgresql+psycopg://admin:s3cr3tpw@db.example/lc", "config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3tpw" not in out and "admin:***@db.example" in out
+    monkeypatch.setenv("LIFECYCLE_DB_URL", "")
+    assert main(["config", "show"]) == 2
+    assert "LIFECYCLE_DB_URL is set but empty" in capsys.readouterr().err

@@ -139,9 +139,51 @@ def test_one_libvirtd_is_one_host(tmp_path: Path) -> None:
     upgrade(url)
     with Engine(url) as engine:
         engine.add_host("a", "qemu+tcp://10.0.0.5/system", "/srv/a")
-        with pytest.raises(InvalidInput, match="already the hypervisor of host a"):
+        with pytest.raises(InvalidInput, match="names the libvirtd of host a"):
             engine.add_host("b", "qemu+tcp://10.0.0.5/system", "/srv/b")
         assert [h.name for h in engine.hosts()] == ["a"]
         engine.add_host("c", "qemu+tcp://10.0.0.6/system", "/srv/a")  # another machine may use the same path
         engine.add_host("d", "fake://", "/srv/d")
         engine.add_host("e", "fake://", "/srv/e")  # fake hosts are each their own hypervisor
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("qemu:///system", "qemu+unix:///system"),
+        ("qemu:///system", "qemu://localhost/system"),
+        ("qemu:///system", "qemu:///system?socket=/run/libvirt/libvirt-sock"),
+        ("qemu+tcp://10.0.0.5/system", "qemu+tcp://10.0.0.5:16509/system"),
+        ("qemu+tls://h.example/system", "qemu://h.example:16514/system"),
+    ],
+)
+def test_two_spellings_of_one_libvirtd_are_one_host(tmp_path: Path, first: str, second: str) -> None:
+    """URIs that reach the same libvirtd (transport, default port, localhost, query) are refused as a second host."""
+    from drivers import hypervisor_identity
+    from lifecycle import Engine, upgrade
+
+    assert hypervisor_identity(first) == hypervisor_identity(second)
+    url = f"sqlite:///{tmp_path / 'uris.db'}"
+    upgrade(url)
+    with Engine(url) as engine:
+        engine.add_host("a", first, "/srv/a")
+        with pytest.raises(InvalidInput, match="names the libvirtd of host a"):
+            engine.add_host("b", second, "/srv/b")
+
+
+def test_other_libvirtds_are_other_hosts() -> None:
+    """Another address, port, transport to another daemon, or /session are different hypervisors."""
+    from drivers import hypervisor_identity
+
+    ids = {
+        hypervisor_identity(u)
+        for u in (
+            "qemu:///system",
+            "qemu:///session",
+            "qemu+tcp://127.0.0.2/system",
+            "qemu+tcp://127.0.0.3/system",
+            "qemu+tcp://10.0.0.5:16600/system",
+            "qemu+ssh://root@10.0.0.5/system",
+        )
+    }
+    assert len(ids) == 6 and hypervisor_identity("fake://") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
@@ -190,6 +191,8 @@ def test_a_locked_instance_refuses_operations_but_reads_and_an_override_passes(c
     assert cloud.get(uuid).vm_state is V.ACTIVE and cloud.history(uuid)[-1].message == "locked: legal hold"
     cloud.stop(uuid, override_lock=True, actor="admin-carol")
     assert cloud.get(uuid).vm_state is V.STOPPED and cloud.get(uuid).locked_by == "bob"
+    started = next(h for h in cloud.history(uuid) if h.operation == "stop")
+    assert started.actor == "admin-carol" and "overrides the lock of bob (legal hold)" in (started.message or "")
     cloud.run("start", uuid, actor="sync", cause=Cause.SYNC)  # sync and timers are never blocked by a lock
     assert cloud.get(uuid).vm_state is V.ACTIVE
 
@@ -210,21 +213,32 @@ def test_only_the_locker_or_an_override_unlocks(cloud: Engine) -> None:
     assert cloud.get(uuid).vm_state is V.STOPPED
 
 
-def test_a_lock_taken_while_an_operation_starts_is_seen_by_it(cloud: Engine) -> None:
-    """The lock is a compare-and-swap: an operation holding the instance as read before the lock cannot begin."""
+def test_a_lock_taken_while_an_operation_runs_lets_it_finish(cloud: Engine, fakes: Fakes) -> None:
+    """Locking during a stop held in the driver changes only the lock: the stop ends as it would."""
+    uuid = _vm(cloud)
+    gate = fakes["a"].hold("power_off")
+    worker = threading.Thread(target=cloud.stop, args=(uuid,))
+    worker.start()
+    assert gate.wait_entered()
+    cloud.lock(uuid, reason="freeze", actor="bob")
+    gate.release()
+    worker.join(10)
+    i = cloud.get(uuid)
+    assert (i.vm_state, i.task_state, i.locked_by) == (V.STOPPED, None, "bob")
+    assert cloud.tasks(uuid)[-1].outcome is Outcome.SUCCEEDED
+
+
+def test_two_lockers_cannot_both_win(cloud: Engine) -> None:
+    """A lock written from a stale read of an unlocked instance is a Conflict once another lock is in."""
+    from lifecycle.audit import Why
     from lifecycle.errors import Conflict
 
     uuid = _vm(cloud)
     stale = cloud.get(uuid)
-    cloud.lock(uuid, reason="freeze", actor="bob")
+    cloud.lock(uuid, reason="first", actor="bob")
     with pytest.raises(Conflict):
-        cloud.store.set_lock(stale, None, None, cloud.history(uuid)[-1] and _why())  # the stale copy cannot write
-
-
-def _why():  # type: ignore[no-untyped-def]
-    from lifecycle.audit import Why
-
-    return Why(actor="test", cause=Cause.API, operation="unlock")
+        cloud.store.set_lock(stale, "eve", "second", Why(actor="eve", cause=Cause.API, operation="lock"))
+    assert cloud.get(uuid).locked_by == "bob"
 
 
 def test_a_locked_instance_refuses_through_the_state_guard_order(cloud: Engine) -> None:
@@ -237,3 +251,41 @@ def test_a_locked_instance_refuses_through_the_state_guard_order(cloud: Engine) 
     cloud.unlock(uuid, actor="bob")
     with pytest.raises(InvalidState):
         cloud.stop(uuid)
+
+
+def test_reclaim_never_takes_over_a_restore_in_flight(reclaiming: Engine, fakes: Fakes) -> None:
+    """A restore held in the driver when the reclaim runs is skipped, not preempted: the guest comes back."""
+    uuid = _vm(reclaiming)
+    reclaiming.delete(uuid)
+    time.sleep(0.3)
+    queue = reclaiming.store.in_state_since(V.SOFT_DELETED, reclaiming.get(uuid).updated_at + timedelta(seconds=1))
+    assert [i.uuid for i in queue] == [uuid]
+    gate = fakes["a"].hold("power_on")
+    worker = threading.Thread(target=reclaiming.restore, args=(uuid,))
+    worker.start()
+    assert gate.wait_entered()
+    # The duty read its queue just before the restore began: it acts on that read.
+    reclaiming.store.in_state_since = lambda *_args: queue  # type: ignore[method-assign]
+    [result] = reclaiming.reclaim_queued_deletes()
+    assert (result.uuid, result.outcome) == (uuid, "skipped")
+    gate.release()
+    worker.join(10)
+    assert reclaiming.get(uuid).vm_state is V.ACTIVE and fakes["a"].domain_exists(uuid)
+
+
+def test_reset_state_refuses_an_instance_with_an_open_move(db_url: str, fakes: Fakes) -> None:
+    """A resized instance (move open, disk on both hosts) is refused by reset-state naming the move; nothing changes."""
+    engine = _cloud(db_url, fakes)
+    try:
+        engine.add_host("b", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.heartbeat("b")
+        uuid = _vm(engine)
+        engine.resize(uuid, Flavor(2, 512, 2))
+        before = engine.get(uuid)
+        with pytest.raises(InvalidInput, match="has an open move"):
+            engine.reset_state(uuid, state=V.ACTIVE, reason="x")
+        assert engine.get(uuid) == before
+        engine.revert_resize(uuid)
+        assert engine.reset_state(uuid, state=V.ACTIVE, reason="now it may").vm_state is V.ACTIVE
+    finally:
+        engine.close()

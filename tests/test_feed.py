@@ -189,13 +189,13 @@ def test_a_bad_follow_is_refused_before_registering(
 
 @contextmanager
 def following(engine: Engine, consumer: str | None, handler: Callable[[Change], object]) -> Iterator[None]:
-    """Run ``engine.follow`` from the end of the feed in a thread for the block; it must stop when told."""
-    stop = threading.Event()
+    """Run ``engine.follow`` from the end of the feed (as it is now) in a thread for the block; it must stop when told."""
+    stop, end = threading.Event(), engine.store.newest_change() or START
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            engine.follow(consumer, handler, stop=stop, after="end")
+            engine.follow(consumer, handler, stop=stop, after=end)
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 

@@ -57,6 +57,11 @@ NOVA_GUARDS: dict[str, tuple[set[VmState], set[TaskState | None], tuple[TaskStat
         IDLE,
         (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
     ),
+    "evacuate": (  # DIFFERS: Nova skips the task check; here it needs an idle instance
+        {V.ACTIVE, V.STOPPED, V.ERROR},
+        IDLE,
+        (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
+    ),
     "delete": (ANY_VM, ALL_TASKS, (T.DELETING,)),
     "force_delete": (ANY_VM, ALL_TASKS, (T.DELETING,)),
     "soft_delete": (ANY_VM - {V.SOFT_DELETED}, IDLE, (T.SOFT_DELETING,)),  # DIFFERS: Nova allows any task

@@ -214,3 +214,10 @@ def test_a_database_from_a_newer_version_is_refused(sqlite_url: str) -> None:
             action(sqlite_url)
     with pytest.raises(SchemaOutOfDate):
         Engine(sqlite_url)
+
+
+def test_the_head_read_without_alembic_is_alembics_head() -> None:
+    """head_revision() (read from the migration files, for a fast start) names the head alembic computes."""
+    from lifecycle.store.db import _scripts
+
+    assert head_revision() == _scripts().get_current_head()

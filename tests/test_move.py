@@ -171,11 +171,12 @@ def test_a_move_revokes_console_tokens(cloud: Engine) -> None:
 
 
 def test_migration_status_chart_is_checked() -> None:
-    """Every migration status is reachable from pre-migrating; only confirmed, reverted and error are terminal."""
+    """Every migration status is reachable from pre-migrating; only confirmed, reverted, error and completed end."""
     from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus
 
     terminal = {s for s, exits in MIGRATION_TRANSITIONS.items() if not exits}
-    assert terminal == {MigrationStatus.CONFIRMED, MigrationStatus.REVERTED, MigrationStatus.ERROR}
+    ends = {MigrationStatus.CONFIRMED, MigrationStatus.REVERTED, MigrationStatus.ERROR, MigrationStatus.COMPLETED}
+    assert terminal == ends
     assert {s for s in MigrationStatus if not s.open} == terminal
 
 

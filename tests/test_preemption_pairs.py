@@ -86,6 +86,9 @@ def _prepared(engine: Engine, op: str) -> str | None:
             engine.migrate(uuid, host="h2")
         else:
             engine.run(step, uuid)
+    if op == "evacuate":  # its host must be down and fenced; the fake still answers, as a host coming back would
+        engine.store.update_host("h1", last_heartbeat=None)
+        engine.fence_host("h1", reason="dead", actor="test")
     return uuid
 
 
@@ -156,15 +159,17 @@ def test_preemption_pair_leaves_hypervisor_and_database_agreeing(
             assert engine.get(uuid).vm_state is expected, where
             if preemptor == "reboot_hard":
                 assert engine.get(uuid).power_state is PowerState.RUNNING, where
+        if victim == "evacuate":
+            engine.destroy_evacuated("h1")  # what h1's daemon does first when the dead host answers again
         _agree(engine, fakes, uuid)
         check_invariants(engine.store)
         engine.close()
 
 
 def test_every_pair_has_a_rule_and_the_counts_are_known() -> None:
-    """42 delete pairs destroy late, hard reboot waits for pause and suspend and converges with the rest."""
+    """44 delete pairs destroy late, hard reboot waits for pause and suspend and converges with the rest."""
     counts = {r: sum(1 for v in preemption.RULES.values() if v is r) for r in preemption.Rule}
-    assert counts == {preemption.Rule.DESTROY_LATE: 42, preemption.Rule.WAIT: 2, preemption.Rule.CONVERGE: 4}
+    assert counts == {preemption.Rule.DESTROY_LATE: 44, preemption.Rule.WAIT: 2, preemption.Rule.CONVERGE: 4}
     assert set(preemption.RULES) == set(preemption.pairs())
 
 

@@ -22,6 +22,7 @@ EXPECTED = {
     "Flavor",
     "Host",
     "HostInUse",
+    "HostNotEvacuable",
     "HostNotFound",
     "IdempotencyMismatch",
     "Image",

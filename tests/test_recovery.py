@@ -49,6 +49,7 @@ OPERATIONS: dict[str, tuple[list[str], str, VmState]] = {
     "migrate": (["stop"], "finish_migration", V.RESIZED),
     "confirm_resize": (["migrate"], "confirm_migration", V.ACTIVE),
     "revert_resize": (["migrate"], "finish_revert_migration", V.ACTIVE),
+    "evacuate": (["stop"], "spawn", V.STOPPED),
 }
 ROLLED_BACK_VM = {"create": V.ERROR}  # a rolled-back move keeps the instance as it was before
 
@@ -105,12 +106,15 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
         uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
         for step in before:
             first.run(step, uuid)
+    if op == "evacuate":  # its host must be down and fenced
+        first.store.update_host("h1", last_heartbeat=None)
+        first.fence_host("h1", reason="dead", actor="test")
     if point == "begin":
         _crash_after_nth(first.store, "create" if op == "create" else "begin", 1)
     elif point.startswith("step"):
         _crash_after_nth(first.store, "advance", int(point[4:]))
     else:
-        host = "h2" if call == "finish_migration" else "h1"  # the destination finishes a move
+        host = "h2" if call == "finish_migration" or op == "evacuate" else "h1"  # the destination
         fakes.factory(first.host(host)).crash_after(call)
     with pytest.raises(SimulatedCrash):
         if op == "create":

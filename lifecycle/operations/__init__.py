@@ -8,16 +8,31 @@ task_state of the walk and does the driver work of each step.
 Beside the steps, an operation may register hooks: ``PREPARE`` runs when its
 task is started or resumed (a move gets its scheduler), ``ROLL_BACK`` when
 recovery ends a crashed task failed instead of resuming it (a build gives
-its claim back, a move goes back onto its source).
+its claim back, a move goes back onto its source). ``GUARDS`` holds checks
+beyond the table's guard, run before the task starts (evacuate needs its
+host down and fenced).
 """
 
 from __future__ import annotations
 
-from lifecycle.operations import build, delete, move, power, rebuild
+from collections.abc import Callable
+
+from lifecycle.config import Settings
+from lifecycle.operations import build, delete, evacuate, move, power, rebuild
+from lifecycle.records import Instance
+from lifecycle.store import Store
 from lifecycle.tasks import Hook, Steps
 
-__all__ = ["PREPARE", "ROLL_BACK", "STEPS"]
+__all__ = ["GUARDS", "PREPARE", "ROLL_BACK", "STEPS"]
 
-STEPS: dict[str, Steps] = {**build.STEPS, **power.STEPS, **delete.STEPS, **rebuild.STEPS, **move.STEPS}
-PREPARE: dict[str, Hook] = {**move.PREPARE}
+STEPS: dict[str, Steps] = {
+    **build.STEPS,
+    **power.STEPS,
+    **delete.STEPS,
+    **rebuild.STEPS,
+    **move.STEPS,
+    **evacuate.STEPS,
+}
+PREPARE: dict[str, Hook] = {**move.PREPARE, **evacuate.PREPARE}
+GUARDS: dict[str, Callable[[Store, Settings, Instance], None]] = {**evacuate.GUARDS}
 ROLL_BACK: dict[str, Hook] = {**build.ROLL_BACK, **move.ROLL_BACK}

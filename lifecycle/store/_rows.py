@@ -197,6 +197,7 @@ def host_from(r: sa.RowMapping) -> Host:
     values = dict(r)
     values["created_at"] = stamp(values["created_at"])
     values["last_heartbeat"] = aware(values["last_heartbeat"])
+    values["fenced_at"] = aware(values["fenced_at"])
     values["capabilities"] = json.loads(values["capabilities"])
     values["metrics"] = json.loads(values["metrics"])
     return Host(**values)

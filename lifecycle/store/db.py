@@ -13,6 +13,7 @@ shown without its password.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -22,11 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 
 from lifecycle.errors import InvalidInput, SchemaOutOfDate
 
@@ -88,6 +84,11 @@ def connect(url: str) -> sa.Engine:
         ) from None
 
 
+def shown_url(url: str | sa.URL) -> str:
+    """Return a database URL as it may be printed: the password hidden."""
+    return _shown(url)
+
+
 def _shown(url: str | sa.URL) -> str:
     """Return the URL as it may be printed: the password hidden, quoted when it does not parse."""
     try:
@@ -141,7 +142,9 @@ def _sqlite_begin_immediate(conn: sa.Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _config(url: str) -> Config:
+def _config(url: str) -> Any:
+    from alembic.config import Config  # alembic only for db commands: every other command starts faster
+
     config = Config()
     config.set_main_option("script_location", str(_migrations_dir()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -189,6 +192,9 @@ def _migrate(url: str, verb: str, revision: str) -> None:
     if verb == "upgrade" and revision in order and order.index(revision) < order.index(current or "base"):
         # alembic would silently do nothing
         raise InvalidInput(f"cannot upgrade to revision {revision!r}, older than the database: use downgrade {where}")
+    from alembic import command
+    from alembic.util import CommandError
+
     run = command.upgrade if verb == "upgrade" else command.downgrade
     with _database_errors(url, verb):
         try:
@@ -197,7 +203,9 @@ def _migrate(url: str, verb: str, revision: str) -> None:
             raise InvalidInput(f"cannot {verb} to revision {revision!r}: {_one_line(str(exc))} {where}") from None
 
 
-def _scripts() -> ScriptDirectory:
+def _scripts() -> Any:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config("sqlite://"))
 
 
@@ -206,17 +214,36 @@ def known_revisions() -> list[str]:
     return [script.revision for script in reversed(list(_scripts().walk_revisions("base", "heads")))]
 
 
+_REVISION_LINE = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*['\"]?([A-Za-z0-9_]+|None)['\"]?", re.M)
+
+
+@functools.cache
 def head_revision() -> str:
-    """Return the head revision of the migrations shipped with this version."""
-    head = _scripts().get_current_head()
-    assert head is not None
-    return head
+    """Return the head revision of the migrations shipped with this version.
+
+    Read from the migration files' ``revision`` and ``down_revision`` lines
+    (the one no other revision follows), without importing alembic; a test
+    checks it against alembic's own answer.
+    """
+    revisions: set[str] = set()
+    parents: set[str | None] = set()
+    for path in (_migrations_dir() / "versions").glob("*.py"):
+        found: dict[str, str] = dict(_REVISION_LINE.findall(path.read_text()))
+        if "revision" in found:
+            revisions.add(found["revision"])
+            parents.add(found.get("down_revision"))
+    heads = sorted(r for r in revisions if r not in parents)
+    assert len(heads) == 1, f"the migrations must have one head, found {heads}"
+    return heads[0]
 
 
 def current_revision(engine: sa.Engine) -> str | None:
-    """Return the revision the database is at, or None for an empty database."""
+    """Return the revision the database is at, or None for an empty database (alembic's version table)."""
     with _database_errors(engine.url, "open"), engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    return rows[0] if len(rows) == 1 else None
 
 
 def check_schema(engine: sa.Engine) -> None:

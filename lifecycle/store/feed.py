@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from lifecycle.audit import AuditEntry, AuditQuery, Change, Consumer, Position
 from lifecycle.errors import InvalidInput
@@ -88,24 +89,6 @@ def _xmin() -> sa.ColumnElement[int]:
     return sa.cast(sa.cast(xmin, sa.Text), sa.BigInteger)
 
 
-class _UTC(sa.types.TypeDecorator[datetime]):
-    """A timestamp read as aware UTC in the row's own processing: the feed's per-row cost (bench/changes.py).
-
-    PostgreSQL hands back aware datetimes. SQLite holds UTC wall time as text, which this parses once,
-    zone included (parsing, then ``replace(tzinfo=...)``, costs several times as much).
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def result_processor(self, dialect: sa.Dialect, coltype: object) -> Callable[[Any], Any] | None:
-        return _utc_text if dialect.name == "sqlite" else None
-
-
-def _utc_text(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(f"{value}+00:00")
-
-
 _CHANGE_COLUMNS = (
     _A.c.tx,
     _A.c.id,
@@ -124,14 +107,9 @@ _CHANGE_COLUMNS = (
     _A.c.rule,
     _A.c.request_id,
     _A.c.message,
-    sa.type_coerce(_A.c.created_at, _UTC()).label("created_at"),
+    _A.c.created_at,
 )
 """The columns of a change in the order of :class:`Change`'s fields: a row is a change as it comes."""
-
-
-def _changes(rows: Iterable[Iterable[Any]]) -> list[Change]:
-    new = tuple.__new__  # the feed's hot loop (bench/changes.py): nothing per row but the tuple
-    return [new(Change, row) for row in rows]
 
 
 def _consumer(r: sa.Row[Any]) -> Consumer:
@@ -173,15 +151,48 @@ grew, stale statistics can make PostgreSQL prefer reading every row after the po
 each page: the follower's sessions forbid the sort."""
 
 
-def _changes_query(after: Position, limit: int, postgres: bool) -> sa.Select[Any] | None:
-    """Return the query of the next ``limit`` changes after ``after`` (None: there can be none)."""
+def _changes_statement(postgres: bool) -> sa.Select[Any]:
+    """Return the query of the next ``limit`` changes after (``after_tx``, ``after_id``)."""
+    after_tx, after_id = sa.bindparam("after_tx", type_=sa.BigInteger), sa.bindparam("after_id", type_=sa.BigInteger)
     if postgres:
-        after_it = sa.tuple_(_A.c.tx, _A.c.id) > sa.tuple_(sa.literal(after.tx), sa.literal(after.id))
-        query = sa.select(*_CHANGE_COLUMNS).where(_INDEXED, after_it, _A.c.tx < _xmin())
-        return query.order_by(_A.c.tx, _A.c.id).limit(limit)
-    if after.tx > 0:  # past every SQLite row: they all have tx 0
-        return None
-    return sa.select(*_CHANGE_COLUMNS).where(_A.c.id > after.id).order_by(_A.c.id).limit(limit)
+        where = (_INDEXED, sa.tuple_(_A.c.tx, _A.c.id) > sa.tuple_(after_tx, after_id), _A.c.tx < _xmin())
+        query = sa.select(*_CHANGE_COLUMNS).where(*where).order_by(_A.c.tx, _A.c.id)
+    else:
+        query = sa.select(*_CHANGE_COLUMNS).where(_A.c.id > after_id).order_by(_A.c.id)
+    return query.limit(sa.bindparam("limit", type_=sa.Integer))
+
+
+_COMPILED: dict[str, SQLCompiler] = {}
+
+
+def _read_changes(conn: sa.Connection, after: Position, limit: int) -> list[Change]:
+    """Read the next changes on ``conn``'s own DBAPI cursor, each row made a :class:`Change` as it comes.
+
+    This is the feed's hot loop: SQLAlchemy compiles the statement once per dialect, and the rows skip its
+    result objects, so a follower reads at the pace of a plain select (``bench/changes.py``).
+    """
+    dialect = conn.dialect
+    postgres = dialect.name == "postgresql"
+    if not postgres and after.tx > 0:  # past every SQLite row: they all have tx 0
+        return []
+    key = f"{dialect.name}+{dialect.driver}"  # one statement per dialect and paramstyle
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = _changes_statement(postgres).compile(dialect=dialect)
+    values = compiled.construct_params({"after_tx": after.tx, "after_id": after.id, "limit": limit})
+    assert values is not None
+    params: Any = values if compiled.positiontup is None else [values[name] for name in compiled.positiontup]
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(compiled.string, params)
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    new = tuple.__new__
+    if postgres:  # timestamps come aware
+        return [new(Change, row) for row in rows]
+    utc = datetime.fromisoformat  # SQLite keeps UTC wall time as text: parsed with its zone in one call
+    return [new(Change, (*row[:17], utc(f"{row[17]}+00:00"))) for row in rows]
 
 
 _HELD_BACK = sa.select(sa.exists().where(_INDEXED, _A.c.tx >= _xmin()))
@@ -236,9 +247,7 @@ class _ListenReader:
         self._dbapi: Any = conn.connection.dbapi_connection  # psycopg's own (detached: no driver_connection)
 
     def read(self, after: Position, limit: int) -> list[Change]:
-        query = _changes_query(after, limit, postgres=True)
-        assert query is not None
-        return _changes(self._conn.execute(query).all())
+        return _read_changes(self._conn, after, limit)
 
     def held_back(self) -> bool:
         return bool(self._conn.execute(_HELD_BACK).scalar_one())
@@ -261,13 +270,10 @@ class Feed(StoreBase):
 
     def read_changes(self, after: Position, limit: int) -> list[Change]:
         """Return up to ``limit`` changes after ``after``, in feed order; none is ever passed over."""
-        query = _changes_query(after, limit, self._postgres)
-        if query is None:
-            return []
         with self._read() as conn:
             if self._postgres:
                 conn.exec_driver_sql(_NO_SORT.format("LOCAL"))
-            return _changes(conn.execute(query).all())
+            return _read_changes(conn, after, limit)
 
     def changes_held_back(self) -> bool:
         """Return whether a committed change is not readable yet (PostgreSQL: an older transaction is open)."""

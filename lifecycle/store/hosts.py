@@ -64,6 +64,11 @@ class Hosts(Instances, Moves):
                 raise HostNotFound(name)
         return self.get_host(name)
 
+    def set_fence(self, name: str, by: str | None, reason: str | None) -> Host:
+        """Fence the host (``by`` and ``reason`` given: recorded with the time) or unfence it (both None)."""
+        at = None if by is None else now()
+        return self.update_host(name, fenced_at=at, fenced_by=by, fenced_reason=reason)
+
     def remove_host(self, name: str, *, force: bool = False) -> list[str]:
         """Delete a host row; return the live instances a forced removal orphaned.
 

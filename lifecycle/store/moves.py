@@ -1,4 +1,8 @@
-"""Migrations: the records of cold migrations and resizes, from start to confirm or revert."""
+"""Migrations: the records of cold migrations and resizes, from start to confirm or revert, and of evacuations.
+
+An evacuation's record is no move: nothing is confirmed or reverted, so the
+queries for open moves leave it out.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ __all__ = ["Moves"]
 _M, _S = MIGRATIONS, STEPS
 _COPY_STEP = "resize_finish"  # the step of a move that copies the disk and records its progress
 _CLOSED = [s.value for s in MigrationStatus if not s.open]
+EVACUATION = "evacuation"
+"""The ``kind`` of an evacuation's migration record."""
+_A_MOVE = _M.c.kind != EVACUATION
 
 
 class Moves(StoreBase):
@@ -74,12 +81,28 @@ class Moves(StoreBase):
         """Return the instance's newest migration not yet confirmed, reverted or failed."""
         query = (
             sa.select(_M)
-            .where(_M.c.instance_uuid == uuid, _M.c.status.not_in(_CLOSED))
+            .where(_M.c.instance_uuid == uuid, _M.c.status.not_in(_CLOSED), _A_MOVE)
             .order_by(_M.c.created_at.desc())
         )
         with self._read() as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else migration_from(row)
+
+    def migration_of_task(self, task_id: str) -> Migration | None:
+        """Return the migration record a task wrote (an evacuation resumed after a crash finds its own)."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(_M).where(_M.c.task_id == task_id)).mappings().first()
+        return None if row is None else migration_from(row)
+
+    def evacuations_from(self, host: str) -> list[Migration]:
+        """Return the evacuations away from ``host`` whose old copy there is not known to be destroyed yet."""
+        query = (
+            sa.select(_M)
+            .where(_M.c.kind == EVACUATION, _M.c.source_host == host, _M.c.status != MigrationStatus.COMPLETED.value)
+            .order_by(_M.c.created_at)
+        )
+        with self._read() as conn:
+            return [migration_from(r) for r in conn.execute(query).mappings()]
 
     def migrations_finished_before(self, moment: datetime) -> list[Migration]:
         """Return finished migrations whose finish is older than ``moment`` (the confirm window)."""
@@ -99,6 +122,7 @@ class Moves(StoreBase):
         query = sa.select(_M).where(
             sa.or_(_M.c.source_host == host, _M.c.dest_host == host),
             _M.c.status.not_in(_CLOSED),
+            _A_MOVE,
         )
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]

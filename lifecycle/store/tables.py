@@ -58,6 +58,13 @@ class HostRow(SQLModel, table=True):
     """When a daemon owning the host last reported; a host silent for too long is down."""
     console_address: str | None = Field(default=None, max_length=255)
     """The host's management address: its guests' VNC servers listen there (None: the engine's vnc_listen)."""
+    fenced_at: datetime | None = Field(default=None, sa_type=_TS)
+    """When an operator fenced the host (declared it dead: nothing is placed there, its instances may be
+    evacuated); None: not fenced."""
+    fenced_by: str | None = Field(default=None, max_length=255)
+    """Who fenced the host."""
+    fenced_reason: str | None = Field(default=None)
+    """Why the host was fenced, as the operator said."""
 
 
 class ClaimRow(SQLModel, table=True):

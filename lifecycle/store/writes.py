@@ -153,20 +153,24 @@ class Writes(StoreBase):
     def set_lock(self, expected: Instance, locked_by: str | None, reason: str | None, why: Why) -> Instance:
         """Lock (``locked_by`` an actor) or unlock (None) an instance, with an audit row saying who and why.
 
-        A compare-and-swap like every write: an operation starting from the
-        instance as it was before the lock finds it changed and reads the lock.
+        Only the lock columns change, compared with what the caller read (so
+        two lockers cannot both win) but not the version: a task running on
+        the instance keeps its compare-and-swap valid and runs to its end. An
+        operation that read the instance unlocked just before the lock may
+        still start (check, then act, as Nova's lock).
         """
         at = now()
         after = replace(
-            expected,
-            locked_by=locked_by,
-            locked_reason=reason,
-            locked_at=at if locked_by is not None else None,
-            version=expected.version + 1,
-            updated_at=at,
+            expected, locked_by=locked_by, locked_reason=reason, locked_at=at if locked_by is not None else None
+        )
+        query = (
+            sa.update(_I)
+            .where(_I.c.uuid == expected.uuid, _I.c.locked_by.is_not_distinct_from(expected.locked_by))
+            .values(locked_by=after.locked_by, locked_reason=after.locked_reason, locked_at=after.locked_at)
         )
         with self.engine.begin() as conn:
-            cas(conn, expected, after, None)
+            if conn.execute(query).rowcount != 1:
+                raise Conflict(expected.uuid, {"locked_by": expected.locked_by}, actual(conn, expected.uuid))
             audit(conn, expected, after, why, always=True)
         return after
 

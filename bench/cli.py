@@ -1,0 +1,95 @@
+"""Benchmark: how long CLI commands take to start and answer, against the interpreter's own floor, same run.
+
+Floors: ``python -c pass`` and ``python -c "import sqlmodel"`` on the same
+interpreter. Commands: ``lifecycle --help`` and ``lifecycle graph`` (no
+database: target at most 3x ``pass``), ``lifecycle show UUID`` and
+``lifecycle list`` on a SQLite database of ``--instances`` instances (they
+need the database layer: target at most 1.3x ``import sqlmodel``). Medians of
+``--runs`` runs each, interleaved so that machine noise hits all alike.
+
+    python bench/cli.py [--instances 1000] [--runs 9]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This folder holds bench/transitions.py, which would shadow the `transitions`
+# library the engine imports: take the folder off sys.path first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+import structlog
+
+from lifecycle import Engine, Flavor, upgrade
+
+
+def main() -> int:
+    """Build the database, time every command, print medians and ratios."""
+    args = _parse()
+    logging.disable(logging.CRITICAL)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    with tempfile.TemporaryDirectory(prefix="lifecycle-bench-cli-") as scratch:
+        url = f"sqlite:///{Path(scratch) / 'cli.db'}"
+        uuid = _populate(url, Path(scratch), args.instances)
+        exe = str(Path(sys.executable).with_name("lifecycle"))
+        commands = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "python -c 'import sqlmodel'": [sys.executable, "-c", "import sqlmodel"],
+            "lifecycle --help": [exe, "--help"],
+            "lifecycle graph": [exe, "graph"],
+            "lifecycle show UUID": [exe, "--db", url, "show", uuid],
+            "lifecycle list": [exe, "--db", url, "list"],
+        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIFECYCLE_")}
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(args.runs):
+            for name, command in commands.items():
+                started = time.perf_counter()
+                done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, check=False)
+                if done.returncode != 0:
+                    raise SystemExit(f"{name} exited {done.returncode}: {done.stderr.decode()[-2000:]}")
+                times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    bare, sqlmodel = median["python -c pass"], median["python -c 'import sqlmodel'"]
+    print(f"{args.instances} instances; medians of {args.runs} runs")
+    for name, seconds in median.items():
+        print(f"{name:<30} {seconds * 1000:8.1f} ms")
+    for name in ("lifecycle --help", "lifecycle graph"):
+        print(f"ratio {name} / python -c pass: {median[name] / bare:.2f}x (target <= 3x)")
+    for name in ("lifecycle show UUID", "lifecycle list"):
+        print(f"ratio {name} / import sqlmodel: {median[name] / sqlmodel:.2f}x (target <= 1.3x)")
+    return 0
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=9)
+    return parser.parse_args()
+
+
+def _populate(url: str, scratch: Path, count: int) -> str:
+    """Create ``count`` instances on a fake host; return one uuid."""
+    upgrade(url)
+    image = scratch / "base.img"
+    image.write_bytes(b"\0" * 512)
+    with Engine(url) as engine:
+        engine.add_host("h1", f"fake://{scratch / 'h1.json'}")
+        engine.add_image("base", str(image))
+        uuid = ""
+        for i in range(count):
+            uuid = engine.create(f"vm{i}", host="h1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+    return uuid
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""When a host dies: fencing it, evacuating its instances, and destroying its old copies when it returns.
+
+A host is *down* when no daemon heartbeated it for ``host_down_after``
+seconds; an operator *fences* it once it is known dead (who, why and when
+are recorded). The scheduler never places on a fenced host, up or not.
+Evacuate (:mod:`lifecycle.operations.evacuate`) needs both: down alone may
+be a network cut with the guests still running.
+
+When the dead host's hypervisor answers again, :func:`destroy_evacuated`
+(run by its daemon before anything else it does for the host) destroys the
+domain and disk of every instance evacuated away from it, never starting
+them, and audits each on the instance (Nova's ``_destroy_evacuated_instances``).
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from lifecycle import validation
+from lifecycle.audit import Why
+from lifecycle.errors import HostNotEvacuable, InvalidInput, LifecycleError, TaskFailed
+from lifecycle.placement import host_is_up
+from lifecycle.records import Cause, Host, Task
+from lifecycle.states import MigrationStatus, VmState
+
+if TYPE_CHECKING:
+    from lifecycle.engine import Engine
+
+__all__ = ["EvacuationResult", "destroy_evacuated", "evacuate", "evacuate_host", "fence", "unfence"]
+
+log = structlog.get_logger(__name__)
+
+DATA_LOSS = "rebuilt from its image on the new host: data on the dead host's disk is lost"
+"""What every evacuation means for the guest's disk (said by the CLI and the docs)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvacuationResult:
+    """What a host evacuation did with one instance."""
+
+    uuid: str
+    outcome: str
+    """``evacuated``, ``failed`` (the task ran and failed) or ``refused`` (its guard refused it)."""
+    host: str | None
+    """Where the instance is now."""
+    detail: str | None = None
+
+
+def _reason(reason: object) -> str:
+    """Return the operator's reason, stripped: required, one line of at most 1000 characters."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidInput("a reason is required: say why the host is fenced, for whoever reads it")
+    text = reason.strip()
+    if len(text) > 1000 or validation.unsafe_character(text):
+        raise InvalidInput("the reason must be one printable line of at most 1000 characters")
+    return text
+
+
+def fence(engine: Engine, name: str, *, reason: str, actor: str) -> Host:
+    """Fence a host: recorded with who, why and when; refused if it is fenced already (the record stays)."""
+    host = engine.host(name)
+    text = _reason(reason)
+    validation.name("actor", actor)
+    if host.fenced:
+        raise InvalidInput(
+            f"host {host.name} is already fenced (by {host.fenced_by} at {host.fenced_at}: {host.fenced_reason})"
+        )
+    log.warning("host_fenced", host=host.name, actor=actor, reason=text)
+    return engine.store.set_fence(host.name, actor, text)
+
+
+def unfence(engine: Engine, name: str, *, actor: str) -> Host:
+    """Lift a host's fence (a no-op on a host that is not fenced); the scheduler may place there again."""
+    host = engine.host(name)
+    validation.name("actor", actor)
+    if not host.fenced:
+        return host
+    log.warning("host_unfenced", host=host.name, actor=actor, was=host.fenced_reason)
+    return engine.store.set_fence(host.name, None, None)
+
+
+def check_evacuable(engine: Engine, host: Host) -> None:
+    """Raise :class:`HostNotEvacuable` naming what fails unless ``host`` is down and fenced."""
+    down = not host_is_up(host, engine.settings.host_down_after)
+    if not (down and host.fenced):
+        raise HostNotEvacuable(host.name, down=down, fenced=host.fenced)
+
+
+def evacuate(engine: Engine, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+    """Run an evacuate task for one instance (to ``host``, or where the scheduler puts it)."""
+    instance = engine.get(uuid)
+    params: dict[str, Any] = {}
+    if host is not None:
+        dest = engine.host(host).name
+        if dest == instance.host:
+            raise InvalidInput(f"cannot evacuate instance {instance.uuid} to {dest}: that is the host it is on")
+        params["host"] = dest
+    return engine.run("evacuate", instance.uuid, params=params, **kw)
+
+
+def evacuate_host(engine: Engine, name: str, *, actor: str = "api") -> builtins.list[EvacuationResult]:
+    """Evacuate every live instance of a down, fenced host, one task each; return what became of each.
+
+    The host's state is checked first (nothing is started when it is not
+    down and fenced). One instance that fails or is refused never stops the others.
+    """
+    host = engine.host(name)
+    check_evacuable(engine, host)
+    results = []
+    for instance in engine.list(host.name):
+        if instance.vm_state is VmState.DELETED:
+            continue
+        try:
+            task = engine.evacuate(instance.uuid, actor=actor)
+            results.append(EvacuationResult(instance.uuid, "evacuated", engine.get(task.instance_uuid).host))
+        except TaskFailed as exc:
+            results.append(EvacuationResult(instance.uuid, "failed", engine.get(instance.uuid).host, exc.error))
+        except LifecycleError as exc:
+            results.append(EvacuationResult(instance.uuid, "refused", instance.host, str(exc)))
+    log.info("host_evacuated", host=host.name, **_counts(results))
+    return results
+
+
+def _counts(results: builtins.list[EvacuationResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    return counts
+
+
+def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
+    """Destroy, on ``name``, the domain and disk of each instance evacuated away from it; return their uuids.
+
+    An instance still recorded on ``name`` (its evacuation failed before it
+    left) is not touched. Each destroyed copy is audited on its instance
+    (cause sync) and its record goes ``completed``. The domains are
+    destroyed, never started. Raises the driver's error when the host does
+    not answer (the caller retries; nothing is marked done).
+    """
+    host = engine.host(name).name
+    driver = engine.driver(host)
+    destroyed = []
+    listing = None
+    for migration in engine.store.evacuations_from(host):
+        instance = engine.store.get_instance(migration.instance_uuid)
+        if instance.host == host:
+            continue  # the evacuation never left this host: the instance still lives here
+        listing = listing or driver.list_instances()
+        had_domain = migration.instance_uuid in listing.owned
+        driver.destroy(migration.instance_uuid, destroy_disks=True)
+        if not had_domain and migration.status is not MigrationStatus.DONE:
+            continue  # cleaned on an earlier return: nothing new to say
+        where = instance.host or "no host (deleted)"
+        message = (
+            f"destroyed the evacuated copy on {host} (domain and disk; never started): the instance lives on {where}"
+        )
+        engine.store.note(instance, Why(actor="sync", cause=Cause.SYNC, operation="destroy_evacuated", message=message))
+        if migration.status is MigrationStatus.DONE:
+            engine.store.update_migration(migration.id, status=MigrationStatus.COMPLETED)
+        destroyed.append(migration.instance_uuid)
+        log.warning("evacuated_copy_destroyed", host=host, instance_uuid=migration.instance_uuid, now_on=where)
+    return destroyed

@@ -1,0 +1,135 @@
+"""Evacuate: rebuild an instance of a dead host on another host, from its image (Nova's evacuate).
+
+The walk is rebuild's: ``rebuilding`` (the scheduler picks and claims a
+destination other than the dead host; an ``evacuation`` migration record is
+written), ``rebuild_block_device_mapping`` (the instance now belongs to the
+destination; the dead host's claim is released), ``rebuild_spawning`` (a fresh
+disk from the instance's image, the domain defined and started, powered off
+again when the instance was stopped). The instance keeps its uuid, name,
+flavor and image; whatever its disk on the dead host held is lost.
+
+Only an instance whose host is down (no heartbeat for ``host_down_after``)
+*and* fenced by an operator may be evacuated (:func:`guard`, checked before
+the task starts): a host that is merely silent may still run the guest, and
+two copies writing the same volumes is the disaster evacuate must not cause.
+The dead host's old copy is destroyed when it answers again
+(:mod:`lifecycle.evacuation`), and the record then goes ``completed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid as uuidlib
+
+from lifecycle.config import Settings
+from lifecycle.errors import HostNotEvacuable, Preempted
+from lifecycle.placement import host_is_up, scheduler_for
+from lifecycle.records import Instance, Migration
+from lifecycle.states import MigrationStatus, TaskState, VmState
+from lifecycle.store import Store
+from lifecycle.store.db import now
+from lifecycle.store.moves import EVACUATION
+from lifecycle.tasks import Hook, Steps, TaskRun
+
+__all__ = ["GUARDS", "PREPARE", "STEPS", "guard"]
+
+T = TaskState
+MS = MigrationStatus
+
+
+def guard(store: Store, settings: Settings, instance: Instance) -> None:
+    """Refuse (:class:`HostNotEvacuable`, naming each failing condition) unless the host is down and fenced."""
+    if instance.host is None:
+        return  # the runner refuses a host-less instance itself: only a delete is left for it
+    host = store.get_host(instance.host)
+    down = not host_is_up(host, settings.host_down_after)
+    if not (down and host.fenced):
+        raise HostNotEvacuable(host.name, down=down, fenced=host.fenced, uuid=instance.uuid)
+
+
+def prepare(run: TaskRun) -> None:
+    """Give the evacuation its scheduler (the destination is picked and claimed in its first step)."""
+    run.schedule = scheduler_for(
+        run.store,
+        run.settings,
+        run.instance.uuid,
+        run.instance.flavor,
+        run.image,
+        requested_host=run.params.get("host"),
+        availability_zone=None,
+    )
+
+
+def evacuate(run: TaskRun) -> None:
+    """Walk rebuilding -> rebuild_block_device_mapping -> rebuild_spawning onto a new host.
+
+    Resumed after a crash, the run finds its own migration record (and so
+    its destination) again; spawn is repeat-safe.
+    """
+    migration = run.store.migration_of_task(run.task.id) or _record(run)
+    dest = migration.dest_host
+    assert dest is not None
+    run.touched.add(dest)  # a delete taking the evacuation over must clean the destination too
+    try:
+        _rebuild_on(run, migration, dest)
+    except Preempted:
+        with contextlib.suppress(Exception):  # the preemptor owns the instance; the record only says it ended
+            run.store.update_migration(migration.id, status=MS.ERROR)
+        raise
+    except Exception:
+        if run.instance.host != dest:  # never left the dead host: the destination's room goes back
+            run.store.release_claims(run.instance.uuid, dest)
+        run.migration_status(migration.id, MS.ERROR)
+        raise
+    run.migration_status(migration.id, MS.DONE, finished_at=now())
+
+
+def _record(run: TaskRun) -> Migration:
+    """Pick and claim a destination (not the dead host) and write the evacuation's record."""
+    assert run.schedule is not None and run.instance.host is not None
+    source, uuid = run.instance.host, run.instance.uuid
+    for held in run.store.claims_of(uuid):  # a crash between a claim and its record left this one behind
+        if held != source:
+            run.store.release_claims(uuid, held)
+    dest = run.schedule([source])
+    at = now()
+    migration = Migration(
+        id=str(uuidlib.uuid4()),
+        instance_uuid=uuid,
+        task_id=run.task.id,
+        kind=EVACUATION,
+        source_host=source,
+        dest_host=dest,
+        old_flavor=run.instance.flavor,
+        new_flavor=run.instance.flavor,
+        status=MS.PRE_MIGRATING,
+        previous_vm_state=run.source_vm_state,
+        source_disk=None,
+        created_at=at,
+        updated_at=at,
+        finished_at=None,
+    )
+    run.store.add_migration(migration)
+    return migration
+
+
+def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
+    source, uuid = migration.source_host, run.instance.uuid
+    message = (
+        f"evacuated from {source} (down and fenced) to {dest}: rebuilt from image {run.image.name};"
+        f" data on {source}'s disk is lost"
+    )
+    run.advance(T.REBUILD_BLOCK_DEVICE_MAPPING, message, host=dest)
+    run.changed = True  # the instance left its host: a failure from here on ends in error
+    run.store.release_claims(uuid, source)
+    run.store.revoke_console_tokens(uuid)
+    run.advance(T.REBUILD_SPAWNING)
+    run.driver.spawn(run.spec, power_on=True)
+    if run.source_vm_state is VmState.STOPPED:
+        run.power_off(timeout=0)
+
+
+GUARDS = {"evacuate": guard}
+"""Checks an operation needs beyond the table's guard, run before its task starts (nothing changed on refusal)."""
+STEPS: dict[str, Steps] = {"evacuate": evacuate}
+PREPARE: dict[str, Hook] = {"evacuate": prepare}
