@@ -8,7 +8,8 @@ round. At start and every lease period it recovers tasks whose owner died
 (:mod:`lifecycle.recovery`); every minute it applies the resize confirm
 window (:mod:`lifecycle.resize_window`); and it runs the operator duties
 (:mod:`lifecycle.duties`): reclaim of soft-deleted instances and the build
-timeout, each every tenth of its setting (1 s to a minute) when set.
+timeout, and the change feed's retention (``change_retention``), each every
+tenth of its setting (1 s to a minute) when set.
 
 Each owned host gets a :class:`HostWorker` with threads of its own, so a
 hypervisor that stops answering stalls only its own host: one thread
@@ -215,6 +216,7 @@ class Daemon:
             Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
             Job("reclaim", _duty_interval(engine.settings.reclaim_instance_interval), engine.reclaim_queued_deletes),
             Job("build_timeout", _duty_interval(engine.settings.instance_build_timeout), engine.check_build_timeouts),
+            Job("prune_changes", _duty_interval(engine.settings.change_retention), engine.prune_changes),
         ]
 
     def run(self) -> None:

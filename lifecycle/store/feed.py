@@ -39,7 +39,15 @@ the cluster (any database, any table) holds the feed back until it ends,
 never losing anything; a follower that finds committed changes held back
 re-reads every ``feed_poll_interval``. Each audit insert pays an index probe
 and the NOTIFY, and PostgreSQL serialises the commits of transactions that
-sent a NOTIFY (a lock taken briefly at commit).
+sent a NOTIFY (a lock taken briefly at commit). Rows inserted with the trigger
+off (``session_replication_role = replica``, as on a logical replica) keep
+``tx`` 0 and never reach the feed: follow the primary. On both databases the
+feed's indexes cost every audit insert (``bench/changes.py`` measures it).
+
+A follower reads on a connection of its own (on PostgreSQL in autocommit,
+LISTENing, with sorts off so a page always comes off ``ix_audit_log_feed``
+in order), with a statement compiled once, on the DBAPI cursor: each row is
+a :class:`Change` as it comes.
 
 Audit queries (:func:`audit_select`) each read one index range: by time
 (``ix_audit_log_created_at``), request (``ix_audit_log_request``), host and
