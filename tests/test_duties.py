@@ -289,3 +289,26 @@ def test_reset_state_refuses_an_instance_with_an_open_move(db_url: str, fakes: F
         assert engine.reset_state(uuid, state=V.ACTIVE, reason="now it may").vm_state is V.ACTIVE
     finally:
         engine.close()
+
+
+def test_a_delete_worker_fenced_by_reset_state_releases_no_claim(cloud: Engine, fakes: Fakes) -> None:
+    """A delete held in destroy, ended by reset-state, wakes fenced: the instance keeps its claim (no accounting hole)."""
+    uuid = _vm(cloud)
+    gate = fakes["a"].hold("destroy")
+    errors: list[BaseException] = []
+
+    def delete() -> None:
+        try:
+            cloud.force_delete(uuid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=delete)
+    worker.start()
+    assert gate.wait_entered()
+    cloud.reset_state(uuid, state=V.ACTIVE, reason="the delete was a mistake")
+    gate.release()
+    worker.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], Fenced)
+    assert cloud.store.claims_of(uuid) == ["a"]
+    assert next(h for h in cloud.hosts() if h.name == "a").memory_mb_used == SMALL.memory_mb

@@ -101,7 +101,7 @@ def _local(run: TaskRun, message: str) -> None:
 
 
 def _forget(run: TaskRun) -> None:
-    run.store.release_claims(run.instance.uuid)
+    run.store.release_claims(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
     run.end_power = PowerState.NOSTATE
     run.fields["deleted_at"] = now()
 

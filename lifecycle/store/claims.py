@@ -6,13 +6,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from lifecycle.errors import Fenced
+from lifecycle.records import Task
 from lifecycle.store._base import StoreBase, retry_on_deadlock
-from lifecycle.store._rows import CLAIMS, HOSTS
+from lifecycle.store._rows import CLAIMS, HOSTS, TASKS
 from lifecycle.store.db import now
 
 __all__ = ["Claims"]
 
-_H, _CL = HOSTS, CLAIMS
+_H, _CL, _T = HOSTS, CLAIMS, TASKS
 
 
 class Claims(StoreBase):
@@ -59,10 +61,19 @@ class Claims(StoreBase):
         return True
 
     @retry_on_deadlock
-    def release_claims(self, uuid: str, host: str | None = None) -> int:
-        """Give back what an instance holds (on one host, or everywhere); return how many claims."""
+    def release_claims(self, uuid: str, host: str | None = None, *, task: Task | None = None) -> int:
+        """Give back what an instance holds (on one host, or everywhere); return how many claims.
+
+        With ``task`` (a worker's release), only while that task is still at its
+        epoch: a worker whose task was ended by reset-state, a build timeout or
+        recovery raises :class:`Fenced` and releases nothing.
+        """
         where = [_CL.c.instance_uuid == uuid] + ([_CL.c.host == host] if host is not None else [])
         with self.engine.begin() as conn:
+            if task is not None:
+                epoch = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
+                if epoch != task.epoch:
+                    raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
             claims = conn.execute(sa.select(_CL).where(*where)).mappings().all()
             for c in claims:
                 conn.execute(
