@@ -42,19 +42,7 @@ def remove_pools(storage: HostStorage, uri: str = QEMU_URI) -> None:
 
     conn = libvirt.open(uri)
     try:
-        for name in (storage.disks_pool, storage.cache_pool):
-            try:
-                pool = conn.storagePoolLookupByName(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
-                    raise
-                continue
-            if pool.isActive():
-                pool.refresh(0)
-                for vol in pool.listAllVolumes(0):
-                    vol.delete(0)
-                pool.destroy()
-            pool.undefine()
+        storage.drop(conn)
     finally:
         conn.close()
 

@@ -74,22 +74,17 @@ def connect(url: str) -> sa.Engine:
             return engine
         return sa.create_engine(url, pool_pre_ping=True)
     except sa.exc.NoSuchModuleError as exc:
-        raise InvalidInput(f"invalid database URL {_shown(url)}: unknown database kind ({exc})") from None
+        raise InvalidInput(f"invalid database URL {shown_url(url)}: unknown database kind ({exc})") from None
     except sa.exc.ArgumentError as exc:
-        raise InvalidInput(f"invalid database URL {_shown(url)}: {_one_line(str(exc))}") from None
+        raise InvalidInput(f"invalid database URL {shown_url(url)}: {_one_line(str(exc))}") from None
     except ImportError as exc:
         # The dialect is known but its DBAPI module (MySQLdb, psycopg2, ...) is not installed.
         raise InvalidInput(
-            f"database URL {_shown(url)} needs the Python module {exc.name or exc}, which is not installed"
+            f"database URL {shown_url(url)} needs the Python module {exc.name or exc}, which is not installed"
         ) from None
 
 
 def shown_url(url: str | sa.URL) -> str:
-    """Return a database URL as it may be printed: the password hidden."""
-    return _shown(url)
-
-
-def _shown(url: str | sa.URL) -> str:
     """Return the URL as it may be printed: the password hidden, quoted when it does not parse."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
@@ -108,7 +103,7 @@ def _database_errors(url: str | sa.URL, action: str) -> Iterator[None]:
         yield
     except sa.exc.DBAPIError as exc:
         reason = _one_line(str(exc.orig)) or type(exc.orig).__name__
-        raise InvalidInput(f"cannot {action} the database {_shown(url)}: {reason}{_missing_folder(url)}") from None
+        raise InvalidInput(f"cannot {action} the database {shown_url(url)}: {reason}{_missing_folder(url)}") from None
 
 
 def _missing_folder(url: str | sa.URL) -> str:
@@ -181,7 +176,7 @@ def _migrate(url: str, verb: str, revision: str) -> None:
     known = known_revisions()
     if current is not None and current not in known:
         raise InvalidInput(
-            f"the database {_shown(url)} is at revision {current!r}, which this version of lifecycle does not know"
+            f"the database {shown_url(url)} is at revision {current!r}, which this version of lifecycle does not know"
             f" (it knows {', '.join(known)}): a newer lifecycle wrote it; use that version"
         )
     order = ["base", *known]

@@ -81,7 +81,7 @@ class Hosts(Instances, Moves):
         """
         self.get_host(name)
         live = [i for i in self.list_instances(name) if i.vm_state is not VmState.DELETED]
-        moving = [m.instance_uuid for m in self._open_migrations_touching(name)]
+        moving = [m.instance_uuid for m in self.migrations_touching(name)]
         if (live or moving) and not force:
             raise HostInUse(name, {i.uuid for i in live} | set(moving))
         busy = [i.uuid for i in live if i.task_id is not None] + moving

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from lifecycle.errors import Conflict, MigrationNotFound
 from lifecycle.records import Migration
-from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus
+from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus, TaskState
 from lifecycle.store._base import StoreBase
 from lifecycle.store._rows import MIGRATIONS, STEPS, migration_from, migration_values
 from lifecycle.store.db import now
@@ -21,7 +21,7 @@ from lifecycle.store.db import now
 __all__ = ["Moves"]
 
 _M, _S = MIGRATIONS, STEPS
-_COPY_STEP = "resize_finish"  # the step of a move that copies the disk and records its progress
+_COPY_STEP = TaskState.RESIZE_FINISH.value  # the step of a move that copies the disk and records its progress
 _CLOSED = [s.value for s in MigrationStatus if not s.open]
 EVACUATION = "evacuation"
 """The ``kind`` of an evacuation's migration record."""
@@ -116,9 +116,6 @@ class Moves(StoreBase):
 
     def migrations_touching(self, host: str) -> list[Migration]:
         """Return the open migrations whose source or destination is ``host``."""
-        return self._open_migrations_touching(host)
-
-    def _open_migrations_touching(self, host: str) -> list[Migration]:
         query = sa.select(_M).where(
             sa.or_(_M.c.source_host == host, _M.c.dest_host == host),
             _M.c.status.not_in(_CLOSED),
