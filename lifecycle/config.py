@@ -33,6 +33,7 @@ _SECONDS = (
     "running_deleted_instance_timeout",
     "reclaim_instance_interval",
     "instance_build_timeout",
+    "shelved_offload_time",
     "change_retention",
     "feed_poll_interval",
 )
@@ -97,6 +98,9 @@ class Settings:
     deletes it for good (Nova); 0 deletes at once."""
     instance_build_timeout: float = 0.0
     """Seconds a build may take before the daemon ends it failed and puts the instance in error (Nova); 0: off."""
+    shelved_offload_time: float = 0.0
+    """Seconds a shelved instance keeps its host before the daemon offloads it (destroys its domain and
+    disk, releases its claims); 0 offloads at once, as part of the shelve (Nova: 0)."""
     change_retention: float = 0.0
     """Seconds a change (an audit row: the feed is the audit log) is kept before ``prune_changes`` removes
     it, and never before every registered feed consumer has passed it; 0 keeps every change."""
