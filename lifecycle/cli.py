@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["configure_logging", "main"]
 
 # Commands with their own options; every other implemented operation takes only a uuid.
-_OWN_OPTIONS = frozenset({"create", "stop", "reboot", "reboot_hard", "rebuild", "resize", "migrate", "evacuate"})
+_OWN_OPTIONS = frozenset(
+    {"create", "stop", "reboot", "reboot_hard", "rebuild", "resize", "migrate", "evacuate", "unshelve"}
+)
 _SIMPLE_OPS = tuple(op.name.replace("_", "-") for op in graph.OPERATIONS if op.name not in _OWN_OPTIONS)
 
 
@@ -255,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="cold-migrate to another host", parents=[task_opts])
     migrate.add_argument("uuid")
     migrate.add_argument("--host", help="destination (default: let the scheduler choose)")
+    unshelve = sub.add_parser("unshelve", help="bring a shelved instance back on a host", parents=[task_opts])
+    unshelve.add_argument("uuid")
+    unshelve.add_argument("--host", help="for an offloaded instance: where (default: let the scheduler choose)")
     rebuild = sub.add_parser("rebuild", help="rebuild an instance on a fresh disk", parents=[task_opts])
     rebuild.add_argument("uuid")
     rebuild.add_argument("--image")
@@ -327,6 +332,14 @@ def _parser() -> argparse.ArgumentParser:
     mlist = migration.add_parser("list", help="list migrations, newest first", parents=[common])
     mlist.add_argument("--host", help="only those from or to this host")
     migration.add_parser("show", help="show a migration", parents=[common]).add_argument("id")
+    proxy = sub.add_parser(
+        "console-proxy",
+        help="serve the console page and bridge browsers to guests' VNC servers, token-checked",
+        parents=[common],
+    )
+    proxy.add_argument(
+        "--listen", type=_listen, default=None, help="ADDR:PORT to listen on (default: setting console_proxy_listen)"
+    )
     gr = sub.add_parser("graph", help="print the state graph", parents=[common])
     gr.add_argument("--format", choices=("mermaid", "json"), default="mermaid")
     demo = sub.add_parser("demo", help="run a demonstration on a scratch database", parents=[common])
@@ -425,6 +438,8 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
         task = engine.resize(args.uuid, Flavor.parse(args.flavor), **kw)
     elif command == "migrate":
         task = engine.migrate(args.uuid, host=args.host, **kw)
+    elif command == "unshelve":
+        task = engine.unshelve(args.uuid, host=args.host, **kw)
     elif command == "delete":
         task = engine.delete(args.uuid, **kw)  # a soft delete while reclaim_instance_interval is set
     else:
@@ -942,7 +957,7 @@ def _plain(value: Any) -> Any:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    """Parse ``ADDR:PORT`` (``[v6addr]:PORT`` for IPv6) for --metrics-listen."""
+    """Parse ``ADDR:PORT`` (``[v6addr]:PORT`` for IPv6) for --metrics-listen and --listen."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     try:
@@ -951,7 +966,7 @@ def _listen(text: str) -> tuple[str, int]:
     except ValueError:
         number = -1
     if not sep or not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"--metrics-listen must be ADDR:PORT with an IP address, got {text[:60]!r}")
+        raise argparse.ArgumentTypeError(f"must be ADDR:PORT with an IP address, got {text[:60]!r}")
     return host, number
 
 
@@ -980,6 +995,12 @@ def _daemon(args: argparse.Namespace) -> None:
             if server is not None:
                 server.shutdown()
                 server.server_close()
+
+
+def _console_proxy(args: argparse.Namespace) -> None:
+    from lifecycle.console_proxy import serve
+
+    serve(args.db, args.settings, listen=args.listen)  # until SIGTERM or SIGINT
 
 
 def _db(args: argparse.Namespace) -> None:
@@ -1126,6 +1147,7 @@ _STANDALONE: dict[str, Callable[[argparse.Namespace], None]] = {
     "graph": _graph,
     "recover": _recover,
     "daemon": _daemon,
+    "console-proxy": _console_proxy,
     "demo": _demo,
 }
 
