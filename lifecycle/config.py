@@ -12,7 +12,7 @@ from lifecycle.scheduler import FILTERS, SchedulerSettings
 from lifecycle.sync import Policy
 from lifecycle.validation import count, seconds, unsafe_character
 
-__all__ = ["RUNNING_DELETED_ACTIONS", "Settings"]
+__all__ = ["RUNNING_DELETED_ACTIONS", "Settings", "listen_address", "web_origin"]
 
 RUNNING_DELETED_ACTIONS = ("reap", "shutdown", "log", "noop")
 DOMAIN_TYPES = ("kvm", "qemu")
@@ -28,6 +28,7 @@ _SECONDS = (
     "stopped_event_delay",
     "resize_confirm_window",
     "console_token_ttl",
+    "console_idle_timeout",
     "image_cache_max_age",
     "soft_reboot_seconds",
     "running_deleted_instance_timeout",
@@ -89,6 +90,20 @@ class Settings:
     """Base of console access URLs (a noVNC page); the token goes in its ``path`` query."""
     console_token_ttl: float = 600.0
     """Seconds a console token stays valid (Nova: 600)."""
+    console_proxy_listen: str = "127.0.0.1:6080"
+    """ADDR:PORT the console proxy (``lifecycle console-proxy``) serves its page and websockets on (Nova: 6080)."""
+    console_allowed_origins: tuple[str, ...] = ()
+    """Origins (``scheme://host[:port]``) whose pages may open console websockets; empty: only the origin
+    of ``console_base_url``, the proxy's own page. A request with another Origin, or none, is refused."""
+    console_max_connections_per_token: int = 2
+    """Console sessions one token may hold open at once (a reload opens the next before the last closes)."""
+    console_max_connections: int = 100
+    """Console sessions the proxy holds open at once, over all tokens."""
+    console_idle_timeout: float = 1800.0
+    """Seconds a console session may pass with no byte either way before the proxy closes it; 0: never."""
+    console_page_dir: str = ""
+    """Folder the proxy serves the console page and noVNC from; empty: the checkout's ``console/dist``,
+    which ``scripts/console-assets.sh`` builds."""
     image_cache_max_age: float = 86400.0
     """Seconds an unused cached base image is kept before cleanup removes it (Nova: 86400)."""
     soft_reboot_seconds: float = 120.0
@@ -151,6 +166,7 @@ class Settings:
         ):
             raise InvalidInput(f"setting console_base_url must be an http(s) URL, got {self.console_base_url!r}")
         count("setting preempt_retries", self.preempt_retries, low=0, high=100)
+        self._check_console()
         s = self.scheduler
         unknown = [f for f in s.filters if f not in FILTERS]
         if not isinstance(s.filters, tuple) or unknown:
@@ -167,3 +183,54 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise InvalidInput(f"setting scheduler.{name} must be a finite number, got {value!r}")
         count("setting sync_policy.missing_threshold", self.sync_policy.missing_threshold, low=1, high=1_000_000)
+
+    def _check_console(self) -> None:
+        """Check the console proxy's settings: its address, the allowed origins, the limits, the page folder."""
+        listen_address("setting console_proxy_listen", self.console_proxy_listen)
+        origins = self.console_allowed_origins
+        if not isinstance(origins, tuple) or len(origins) > 100:
+            raise InvalidInput(f"setting console_allowed_origins must be a list of origins, got {origins!r}")
+        for origin in origins:
+            web_origin("setting console_allowed_origins", origin)
+        count("setting console_max_connections_per_token", self.console_max_connections_per_token, low=1, high=1000)
+        count("setting console_max_connections", self.console_max_connections, low=1, high=100_000)
+        page_dir = self.console_page_dir
+        if not isinstance(page_dir, str) or len(page_dir) > 4096 or unsafe_character(page_dir):
+            raise InvalidInput(f"setting console_page_dir must be a folder path, got {page_dir!r}")
+
+
+def listen_address(label: str, value: object) -> tuple[str, int]:
+    """Return ``(address, port)`` from ``ADDR:PORT`` (an IP address, IPv6 in brackets; port 0 picks a free one)."""
+    text = value if isinstance(value, str) else ""
+    addr, sep, port = text.rpartition(":")
+    addr = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+    try:
+        ipaddress.ip_address(addr)
+        number = int(port, 10) if port.isascii() and port.isdigit() else -1
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise InvalidInput(f"{label} must be ADDR:PORT with an IP address and a port up to 65535, got {value!r}")
+    return addr, number
+
+
+def web_origin(label: str, value: object) -> str:
+    """Return ``value`` if it is a web origin as browsers send it: ``http(s)://host[:port]``, lower case, no path."""
+    text = value if isinstance(value, str) else ""
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if (
+        url is None
+        or url.scheme not in ("http", "https")
+        or not url.hostname
+        or text != f"{url.scheme}://{url.netloc}"
+        or url.netloc != url.netloc.lower()
+        or "@" in url.netloc
+        or port == {"http": 80, "https": 443}[url.scheme]
+        or unsafe_character(text)
+    ):
+        raise InvalidInput(f"{label}: {value!r} is not an origin such as https://console.example.org:6080")
+    return text
