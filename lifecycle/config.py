@@ -116,6 +116,9 @@ class Settings:
     shelved_offload_time: float = 0.0
     """Seconds a shelved instance keeps its host before the daemon offloads it (destroys its domain and
     disk, releases its claims); 0 offloads at once, as part of the shelve (Nova: 0)."""
+    image_store_dir: str = ""
+    """Directory on the engine's machine for the images the engine makes (shelve snapshots); empty:
+    ``$XDG_DATA_HOME/lifecycle/images`` (``~/.local/share/lifecycle/images``)."""
     change_retention: float = 0.0
     """Seconds a change (an audit row: the feed is the audit log) is kept before ``prune_changes`` removes
     it, and never before every registered feed consumer has passed it; 0 keeps every change."""
@@ -165,6 +168,8 @@ class Settings:
             or unsafe_character(self.console_base_url)
         ):
             raise InvalidInput(f"setting console_base_url must be an http(s) URL, got {self.console_base_url!r}")
+        if not isinstance(self.image_store_dir, str) or unsafe_character(self.image_store_dir):
+            raise InvalidInput(f"setting image_store_dir must be a directory path, got {self.image_store_dir!r}")
         count("setting preempt_retries", self.preempt_retries, low=0, high=100)
         self._check_console()
         s = self.scheduler
