@@ -1,10 +1,12 @@
 """One sync pass over one host: a listing, chunked reads, a decision per instance.
 
 The pass reads every domain of the host with one driver call and the host's
-instances in chunks (keyset paging), decides each with :func:`sync.decide`,
-and applies the decisions: power-only changes in one transaction per chunk
-(each still its own compare-and-swap with its own audit row), operations as
-ordinary tasks with actor ``sync`` and the rule in their audit rows. A racing
+instances in chunks (keyset paging, plain stored values), decides each with
+:class:`sync.Decider` (:func:`sync.decide` once per distinct case), and
+applies the decisions: power-only changes as one batched compare-and-swap
+per chunk (each row still checked against the version it was read at, with
+its own audit row), operations as ordinary tasks with actor ``sync`` and the
+rule in their audit rows, on full rows read only for them. A racing
 user operation wins cleanly: its write changed the version, so ours is
 skipped. Errors are contained per instance. Domains no instance owns are
 reported, never touched. A domain whose instance lives on another host (one
@@ -20,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -31,7 +33,8 @@ from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
 from lifecycle.records import Cause, Instance
 from lifecycle.states import PowerState, VmState
 from lifecycle.store.db import now
-from lifecycle.sync import Action, Decision, Observation, Policy, Recorded, decide
+from lifecycle.store.syncrows import PowerWrite, SyncRow
+from lifecycle.sync import Action, Decider, Decision, Policy
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
@@ -87,13 +90,14 @@ def sweep_host(
     summary = PassSummary(host)
     observed_at = now()
     listing = engine.driver(host).list_instances()
+    decider = Decider(policy, observed_at)
     seen: set[str] = set()
-    for rows in engine.store.host_sync_rows(host, chunk):
+    for rows in engine.store.host_sync_rows(host, observed_at, chunk):
         if stop is not None and stop.is_set():
             summary.interrupted = True
             break
-        seen.update(uuid for uuid, _, _ in rows)
-        _apply_chunk(engine, summary, rows, listing.owned, observed_at, policy, actor, stop)
+        seen.update(row.uuid for row in rows)
+        _apply_chunk(engine, summary, host, rows, listing.owned, decider, actor, stop)
     if not summary.interrupted:
         leftovers = sorted(u for u in listing.owned if u not in seen)
         summary.elsewhere = _living_elsewhere(engine, host, leftovers)
@@ -119,50 +123,78 @@ def sweep_host(
     return summary
 
 
+def _group(
+    rows: list[SyncRow], owned: Mapping[str, PowerState], decider: Decider
+) -> list[tuple[Decision, list[SyncRow]]]:
+    """Decide every row and group the rows by decision (the per-row work of a pass: keep it a lookup)."""
+    groups: dict[int, tuple[Decision, list[SyncRow]]] = {}
+    observed = owned.get
+    for row in rows:
+        decision = decider(
+            row.vm_state, row.task_state, row.power_state, row.missing_count, observed(row.uuid), row.changed_after
+        )
+        group = groups.get(id(decision))  # the decider hands back one object per case
+        if group is None:
+            group = groups[id(decision)] = (decision, [])
+        group[1].append(row)
+    return list(groups.values())
+
+
 def _apply_chunk(
     engine: Engine,
     summary: PassSummary,
-    rows: list[tuple[str, int, Recorded]],
+    host: str,
+    rows: list[SyncRow],
     owned: Mapping[str, PowerState],
-    observed_at: datetime,
-    policy: Policy,
+    decider: Decider,
     actor: str,
     stop: threading.Event | None,
 ) -> None:
     counts: list[tuple[str, int, int]] = []
-    acting: list[tuple[str, int, Decision]] = []
-    for uuid, version, recorded in rows:
-        summary.instances += 1
-        decision = decide(recorded, Observation(owned.get(uuid), observed_at), policy)
-        _count(summary, decision)
+    powers: list[PowerWrite] = []
+    acting: list[tuple[SyncRow, Decision]] = []
+    summary.instances += len(rows)
+    for decision, group in _group(rows, owned, decider):
+        _count(summary, decision, len(group))
         power_write = decision.action in (Action.UPDATE_POWER, Action.RECORD)  # resets the count itself
-        if decision.missing_count != recorded.missing_count and not power_write:
-            counts.append((uuid, version, decision.missing_count))
-        if decision.changes_something:
-            acting.append((uuid, version, decision))
-    if counts:
-        engine.store.set_missing_counts(counts)
-    if not acting:
-        return
-    full = engine.store.instances_by_uuid([uuid for uuid, _, _ in acting])
-    powers: list[tuple[Instance, PowerState, Why]] = []
-    others: list[tuple[Instance, Decision]] = []
-    for uuid, version, decision in acting:
-        instance = full.get(uuid)
-        if instance is None or instance.version != version:
-            summary.lost_races += 1  # changed since the light read: whoever changed it wins
-        elif decision.action in (Action.UPDATE_POWER, Action.RECORD):
+        if not power_write:
+            counts.extend(
+                (r.uuid, r.version, decision.missing_count) for r in group if r.missing_count != decision.missing_count
+            )
+        if power_write:
             assert decision.power is not None
-            powers.append((instance, decision.power, _why(decision, Cause.SYNC, actor)))
-        else:
-            others.append((instance, decision))
+            why = _why(decision, Cause.SYNC, actor)
+            powers.extend(
+                PowerWrite(r.uuid, r.version, VmState(r.vm_state), host, PowerState(r.power_state), decision.power, why)
+                for r in group
+            )
+        elif decision.changes_something:
+            acting.extend((r, decision) for r in group)
+    engine.store.set_missing_counts(counts)
     if powers:
         _apply_powers(engine, summary, powers)
-    for instance, decision in others:
+    if acting:
+        _run_decisions(engine, summary, acting, actor, stop)
+
+
+def _run_decisions(
+    engine: Engine,
+    summary: PassSummary,
+    acting: list[tuple[SyncRow, Decision]],
+    actor: str,
+    stop: threading.Event | None,
+) -> None:
+    """Run the RUN and MARK_ERROR decisions on full rows, each only if the row is still as the pass read it."""
+    full = engine.store.instances_by_uuid([row.uuid for row, _ in acting])
+    for row, decision in acting:
         if stop is not None and stop.is_set():  # each task runs to its end; the rest wait for the next pass
             summary.interrupted = True
             return
-        _guarded(summary, instance, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
+        instance = full.get(row.uuid)
+        if instance is None or instance.version != row.version:
+            summary.lost_races += 1  # changed since the light read: whoever changed it wins
+            continue
+        _guarded(summary, row.uuid, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
 
 
 def _living_elsewhere(engine: Engine, host: str, uuids: list[str]) -> list[str]:
@@ -236,41 +268,37 @@ def _act_on_leftover(engine: Engine, host: str, uuid: str, action: str) -> None:
         driver.power_off(uuid, timeout=0, retry_interval=0)
 
 
-def _count(summary: PassSummary, decision: Decision) -> None:
+def _count(summary: PassSummary, decision: Decision, times: int) -> None:
     if decision.action is Action.SKIP:
-        summary.skipped += 1
+        summary.skipped += times
     elif decision.action is Action.COUNT_MISSING:
-        summary.missing_unconfirmed += 1
+        summary.missing_unconfirmed += times
     elif decision.changes_something:
-        summary.drifted += 1
-        summary.rules[decision.rule] = summary.rules.get(decision.rule, 0) + 1
+        summary.drifted += times
+        summary.rules[decision.rule] = summary.rules.get(decision.rule, 0) + times
     else:
-        summary.in_sync += 1
+        summary.in_sync += times
 
 
-def _apply_powers(engine: Engine, summary: PassSummary, powers: list[tuple[Instance, PowerState, Why]]) -> None:
+def _apply_powers(engine: Engine, summary: PassSummary, powers: list[PowerWrite]) -> None:
     try:
-        results = engine.store.set_power_many(powers)
+        won = engine.store.record_powers(powers)
     except Exception:  # the batch failed as a whole: retry one by one so one bad row costs one
         log.exception("sync_batch_failed", count=len(powers))
-        for change in powers:
-            _guarded(summary, change[0], partial(_one_power, engine, change))
+        for write in powers:
+            _guarded(summary, write.uuid, partial(_one_power, engine, write))
         return
-    for result in results:
-        if result is None:
-            summary.lost_races += 1
-        else:
-            summary.acted += 1
+    lost = won.count(False)
+    summary.lost_races += lost
+    summary.acted += len(won) - lost
 
 
-def _one_power(engine: Engine, change: tuple[Instance, PowerState, Why]) -> Instance:
-    result = engine.store.set_power_many([change])[0]
-    if result is None:
-        raise Conflict(change[0].uuid, {"version": change[0].version}, None)
-    return result
+def _one_power(engine: Engine, write: PowerWrite) -> None:
+    if not engine.store.record_powers([write])[0]:
+        raise Conflict(write.uuid, {"version": write.version}, None)
 
 
-def _guarded(summary: PassSummary, instance: Instance, action: Callable[[], object]) -> object:
+def _guarded(summary: PassSummary, uuid: str, action: Callable[[], object]) -> object:
     try:
         result = action()
     except (Conflict, InvalidState, Preempted):
@@ -278,11 +306,11 @@ def _guarded(summary: PassSummary, instance: Instance, action: Callable[[], obje
         return None
     except TaskFailed as exc:
         summary.errors += 1
-        log.warning("sync_action_failed", instance_uuid=instance.uuid, error=exc.error)
+        log.warning("sync_action_failed", instance_uuid=uuid, error=exc.error)
         return None
     except Exception as exc:  # contained per instance: one bad row must not end the pass
         summary.errors += 1
-        log.exception("sync_instance_failed", instance_uuid=instance.uuid, error=str(exc))
+        log.exception("sync_instance_failed", instance_uuid=uuid, error=str(exc))
         return None
     summary.acted += 1
     return result

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import pytest
 
 from drivers.base import DomainSpec
 from lifecycle import Engine, PowerState, Settings, VmState
+from lifecycle.store.syncrows import SyncRow
 from lifecycle.sweep import sweep_host
-from lifecycle.sync import Policy, Recorded, Stance
+from lifecycle.sync import Policy, Stance
 from tests.conftest import Fakes
 from tests.invariants import check_invariants
 
@@ -135,8 +137,8 @@ def test_a_racing_user_operation_wins(
     fakes["h1"].set_power(uuid, P.PAUSED)
     real = engine.store.host_sync_rows
 
-    def read_then_race(host: str, chunk: int = 1000) -> Iterator[list[tuple[str, int, Recorded]]]:
-        for rows in real(host, chunk):
+    def read_then_race(host: str, observed_at: datetime, chunk: int = 1000) -> Iterator[list[SyncRow]]:
+        for rows in real(host, observed_at, chunk):
             engine.stop(uuid)
             yield rows
 

@@ -1,55 +1,116 @@
-"""The sync pass's rows: light keyset-paged reads of a host's instances, and the batch writes a pass makes."""
+"""The sync pass's rows: light keyset-paged reads of a host's instances, and the batch writes a pass makes.
+
+A pass over a big host must cost a small multiple of one select and one
+listing, so its reads hand back plain tuples of stored values (no record per
+row), and its power writes are one batched compare-and-swap per chunk: one
+``UPDATE ... WHERE uuid AND version AND vm_state AND task_state IS NULL AND
+task_id IS NULL`` executed for every drifted row, and their audit rows in one
+batched INSERT, in one transaction. Each row still matches at most once (uuid
+is the key), so when the rows updated add up to the rows sent every
+compare-and-swap won; otherwise the batch is rolled back and redone one row
+at a time, so the rows that lost their race are known and skipped.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from datetime import datetime
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
 from lifecycle.audit import Why
 from lifecycle.errors import Conflict
-from lifecycle.records import Instance, Recorded
-from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.records import Instance
+from lifecycle.states import PowerState, VmState
 from lifecycle.store._base import StoreBase, retry_on_deadlock
 from lifecycle.store._cas import audit, cas
-from lifecycle.store._rows import INSTANCES, instance_from, stamp
+from lifecycle.store._rows import AUDITS, INSTANCES, instance_from
 from lifecycle.store.db import now
 
-__all__ = ["SyncRows"]
+__all__ = ["PowerWrite", "SyncRow", "SyncRows"]
 
-_I = INSTANCES
+_I, _A = INSTANCES, AUDITS
 
-# Lookups for the sync read path, where an Enum(value) call per column per row shows in profiles.
-_VM_STATES = {s.value: s for s in VmState}
-_TASK_STATES = {t.value: t for t in TaskState}
-_POWERS = {int(p): p for p in PowerState}
 
-_SYNC_COLUMNS = (
-    _I.c.uuid,
-    _I.c.version,
-    _I.c.vm_state,
-    _I.c.task_state,
-    _I.c.power_state,
-    _I.c.updated_at,
-    _I.c.missing_count,
+class SyncRow(NamedTuple):
+    """What a sync decision needs of one instance, as stored (plain values: no record built per row)."""
+
+    uuid: str
+    version: int
+    vm_state: str
+    task_state: str | None
+    power_state: int
+    missing_count: int
+    changed_after: bool
+    """The row changed after the pass's observation time (the observation is stale for it)."""
+
+
+class PowerWrite(NamedTuple):
+    """A power state a pass records on an idle instance, expected at ``version`` in ``vm_state`` on ``host``."""
+
+    uuid: str
+    version: int
+    vm_state: VmState
+    host: str
+    before: PowerState
+    after: PowerState
+    why: Why
+
+
+class _LostRace(Exception):
+    """Some row of a batched compare-and-swap did not match: roll the batch back and redo it row by row."""
+
+
+_POWER_CAS = (
+    sa.update(_I)
+    .where(
+        _I.c.uuid == sa.bindparam("b_uuid"),
+        _I.c.version == sa.bindparam("b_version"),
+        _I.c.vm_state == sa.bindparam("b_vm_state"),
+        _I.c.task_state.is_(None),
+        _I.c.task_id.is_(None),
+    )
+    .values(
+        power_state=sa.bindparam("b_power"),
+        version=sa.bindparam("b_version") + 1,
+        updated_at=sa.bindparam("b_at"),
+        missing_count=0,
+    )
+)
+_MISSING_COUNT = (
+    sa.update(_I)
+    .where(_I.c.uuid == sa.bindparam("b_uuid"), _I.c.version == sa.bindparam("b_version"))
+    .values(missing_count=sa.bindparam("b_count"))
 )
 
 
 class SyncRows(StoreBase):
     """What a sync pass reads and writes, in chunks and batches."""
 
-    def host_sync_rows(self, host: str, chunk: int = 1000) -> Iterator[list[tuple[str, int, Recorded]]]:
-        """Yield (uuid, version, recorded states) of a host's live instances in chunks (keyset paging).
+    def host_sync_rows(self, host: str, observed_at: datetime, chunk: int = 1000) -> Iterator[list[SyncRow]]:
+        """Yield the :class:`SyncRow` of each of a host's live instances, in chunks (keyset paging by uuid).
 
-        Only the columns a sync decision needs are read, so a pass over a big
-        host costs one light query per chunk; full rows are loaded only for
-        the few instances a pass acts on (:meth:`instances_by_uuid`).
+        Only the columns a sync decision needs are read, and whether the row
+        changed after ``observed_at`` is compared by the database, so a pass
+        over a big host costs one light query per chunk and no datetime per
+        row; full rows are loaded only for the few instances a pass runs an
+        operation on (:meth:`instances_by_uuid`).
         """
+        changed_after = _I.c.updated_at > observed_at
         after = ""
         while True:
             query = (
-                sa.select(*_SYNC_COLUMNS)
+                sa.select(
+                    _I.c.uuid,
+                    _I.c.version,
+                    _I.c.vm_state,
+                    _I.c.task_state,
+                    _I.c.power_state,
+                    _I.c.missing_count,
+                    changed_after,
+                )
                 .where(_I.c.host == host, _I.c.vm_state != VmState.DELETED.value, _I.c.uuid > after)
                 .order_by(_I.c.uuid)
                 .limit(chunk)
@@ -58,20 +119,7 @@ class SyncRows(StoreBase):
                 rows = conn.execute(query).all()
             if not rows:
                 return
-            yield [
-                (
-                    uuid,
-                    version,
-                    Recorded(
-                        _VM_STATES[vm],
-                        None if task is None else _TASK_STATES[task],
-                        _POWERS[power],
-                        stamp(changed),
-                        missing,
-                    ),
-                )
-                for uuid, version, vm, task, power, changed, missing in rows
-            ]
+            yield [SyncRow._make(r) for r in rows]
             after = rows[-1][0]
 
     def instances_by_uuid(self, uuids: list[str]) -> dict[str, Instance]:
@@ -103,10 +151,77 @@ class SyncRows(StoreBase):
                 results.append(after)
         return results
 
+    @retry_on_deadlock
+    def record_powers(self, writes: Sequence[PowerWrite]) -> list[bool]:
+        """Record new power states on idle instances with one batched compare-and-swap; return which won.
+
+        Each write expects the row at its version and vm_state with no task,
+        and adds its audit row in the same transaction. A write whose row
+        changed since the pass read it lost its race: it is skipped (False),
+        never retried or forced.
+        """
+        if not writes:
+            return []
+        at = now()
+        try:
+            with self.engine.begin() as conn:
+                return self._powers_batched(conn, writes, at)
+        except _LostRace:
+            with self.engine.begin() as conn:
+                return self._powers_one_by_one(conn, writes, at)
+
+    def _powers_batched(self, conn: sa.Connection, writes: Sequence[PowerWrite], at: datetime) -> list[bool]:
+        updated = conn.execute(_POWER_CAS, [_cas_params(w, at) for w in writes]).rowcount
+        if not conn.dialect.supports_sane_multi_rowcount or updated != len(writes):
+            raise _LostRace
+        conn.execute(sa.insert(_A), [_audit_row(w, at) for w in writes])
+        return [True] * len(writes)
+
+    def _powers_one_by_one(self, conn: sa.Connection, writes: Sequence[PowerWrite], at: datetime) -> list[bool]:
+        won = [conn.execute(_POWER_CAS, _cas_params(w, at)).rowcount == 1 for w in writes]
+        audits = [_audit_row(w, at) for w, ok in zip(writes, won, strict=True) if ok]
+        if audits:
+            conn.execute(sa.insert(_A), audits)
+        return won
+
     def set_missing_counts(self, counts: list[tuple[str, int, int]]) -> None:
-        """Store (uuid, expected version, count) missing counts; bookkeeping: no version bump, no audit row."""
+        """Store (uuid, expected version, count) missing counts in one batch; bookkeeping: no version bump, no audit.
+
+        A row whose version moved on is left alone (its writer reset or owns it).
+        """
+        if not counts:
+            return
         with self.engine.begin() as conn:
-            for uuid, version, count in counts:
-                conn.execute(
-                    sa.update(_I).where(_I.c.uuid == uuid, _I.c.version == version).values(missing_count=count)
-                )
+            conn.execute(_MISSING_COUNT, [{"b_uuid": u, "b_version": v, "b_count": c} for u, v, c in counts])
+
+
+def _cas_params(w: PowerWrite, at: datetime) -> dict[str, object]:
+    return {
+        "b_uuid": w.uuid,
+        "b_version": w.version,
+        "b_vm_state": w.vm_state.value,
+        "b_power": int(w.after),
+        "b_at": at,
+    }
+
+
+def _audit_row(w: PowerWrite, at: datetime) -> dict[str, object]:
+    """Return the audit row :func:`lifecycle.store._cas.audit` writes for a power change of an idle instance."""
+    return {
+        "instance_uuid": w.uuid,
+        "task_id": w.why.task_id,
+        "request_id": w.why.request_id,
+        "actor": w.why.actor,
+        "cause": w.why.cause.value,
+        "operation": w.why.operation,
+        "rule": w.why.rule,
+        "from_vm_state": w.vm_state.value,
+        "to_vm_state": w.vm_state.value,
+        "from_task_state": None,
+        "to_task_state": None,
+        "from_power_state": int(w.before),
+        "to_power_state": int(w.after),
+        "message": w.why.message,
+        "created_at": at,
+        "host": w.host,
+    }
