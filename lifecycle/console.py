@@ -26,7 +26,7 @@ from lifecycle.store.db import now
 if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import would cycle
     from drivers.base import Driver
 
-__all__ = ["ConsoleAccess", "ConsoleConnection", "check", "issue"]
+__all__ = ["ConsoleAccess", "ConsoleConnection", "check", "issue", "token_hash"]
 
 _REFUSED_TASKS = frozenset({TaskState.DELETING})
 _REFUSED_VM = frozenset({VmState.DELETED, VmState.SOFT_DELETED, VmState.BUILDING})
@@ -51,7 +51,8 @@ class ConsoleConnection:
     port: int
 
 
-def _hash(token: str) -> str:
+def token_hash(token: str) -> str:
+    """Return the SHA-256 (hex) a token is stored and logged as: never the token itself."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -73,7 +74,7 @@ def issue(
     address = store.get_host(instance.host).console_address or console.host  # a remote host's own address
     token = secrets.token_urlsafe(32)
     expires_at = now() + timedelta(seconds=ttl_seconds)
-    store.add_console_token(_hash(token), instance, address, console.port, expires_at)
+    store.add_console_token(token_hash(token), instance, address, console.port, expires_at)
     url = f"{base_url}?path={quote(f'?token={token}', safe='')}"
     return ConsoleAccess(instance.uuid, url, token, expires_at)
 
@@ -82,7 +83,7 @@ def check(store: Store, token: str) -> ConsoleConnection | None:
     """Return where to connect for ``token``, or None when it is not (or no longer) valid."""
     if not isinstance(token, str) or not token or len(token) > 256:
         raise InvalidInput("a console token is a non-empty string of at most 256 characters")
-    row = store.console_token(_hash(token))
+    row = store.console_token(token_hash(token))
     if row is None:
         return None
     instance = store.get_instance(row["instance_uuid"])

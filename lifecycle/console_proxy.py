@@ -1,0 +1,363 @@
+"""The console proxy: browsers' websockets bridged to guests' VNC servers, each connection token-checked.
+
+``lifecycle console-proxy`` serves, on one port (``console_proxy_listen``, 6080):
+
+- the console page and noVNC (``console_page_dir``, built by ``scripts/console-assets.sh``);
+- ``/metrics``: this proxy's Prometheus registry (connections open, refusals by reason);
+- websockets (``/websockify?token=...``, subprotocol ``binary`` when offered), each bridged to
+  the VNC address and port the engine resolves for the token at connect time, and nowhere else.
+
+A websocket is refused with HTTP 403, before any connection to a VNC server is opened, when its
+Origin is not allowed (``console_allowed_origins``; empty: ``console_base_url``'s own), when it
+carries no token, or when the engine does not know the token as valid (unknown, forged, expired,
+revoked, or its instance deleted or moved). Past the handshake, a token over its session limit
+(``console_max_connections_per_token``) or a proxy at ``console_max_connections`` gets close code
+1013 (try again later), still before any VNC connection. Each refusal is logged with the token's
+SHA-256 (as stored by the engine), never the token. A session passing ``console_idle_timeout``
+seconds with no byte either way is closed (1000, ``idle``). Stopping (SIGTERM, SIGINT, or
+:meth:`ConsoleProxy.stop`) closes every websocket with a close frame (1001, going away).
+
+The engine's calls are synchronous SQL, so each token check runs in a thread: a slow database
+delays that handshake only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import weakref
+from collections import Counter as Tally
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from lifecycle.config import Settings, listen_address
+from lifecycle.console import ConsoleConnection, token_hash
+from lifecycle.errors import InvalidInput
+
+__all__ = ["REFUSAL_REASONS", "ConsoleProxy", "serve"]
+
+log = structlog.get_logger(__name__)
+
+REFUSAL_REASONS: Final = ("origin", "no_token", "bad_token", "invalid_token", "unavailable", "token_limit", "limit")
+"""Why a websocket was refused (the ``reason`` label of ``lifecycle_console_refusals_total``)."""
+
+PAGE_DIR = Path(__file__).resolve().parents[1] / "console" / "dist"
+"""Where ``scripts/console-assets.sh`` builds the page in a checkout (used when console_page_dir is empty)."""
+
+_WEBSOCKET_PATHS = ("/websockify", "/")
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the page's URL holds the token
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"
+    ),
+}
+_CONNECT_TIMEOUT = 10.0
+_CHUNK = 65536
+_TOKEN_IN_TEXT = re.compile(r"token=[^&\s\"']*")
+
+
+class _NoTokens(logging.Filter):
+    """Blank tokens out of the websockets library's lines (its debug lines carry request paths)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "token=" in text:
+            record.msg, record.args = _TOKEN_IN_TEXT.sub("token=<redacted>", text), None
+        return True
+
+
+_wire_log = logging.getLogger(f"{__name__}.websockets")
+_wire_log.addFilter(_NoTokens())
+
+
+class ConsoleProxy:
+    """One proxy: its server, its sessions and its metrics.
+
+    ``check`` is the engine's ``check_console_token``: it returns where to connect, or None.
+    """
+
+    def __init__(
+        self,
+        check: Callable[[str], ConsoleConnection | None],
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._check = check
+        self.settings = settings
+        self.page_dir = Path(settings.console_page_dir) if settings.console_page_dir else PAGE_DIR
+        self._origins = set(settings.console_allowed_origins) or {_origin_of(settings.console_base_url)}
+        self._resolved: weakref.WeakKeyDictionary[ServerConnection, tuple[str, ConsoleConnection]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._per_token: Tally[str] = Tally()
+        self._server: Server | None = None
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.connections_open = Gauge(
+            "lifecycle_console_connections_open", "Console sessions bridged right now", registry=self.registry
+        )
+        self.refusals = Counter(
+            "lifecycle_console_refusals_total",
+            "Console websockets refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason=reason)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (port 0: any free one) and return the address bound."""
+        self._server = await ws_serve(
+            self._bridge,
+            host,
+            port,
+            process_request=self._process_request,
+            select_subprotocol=_binary_if_offered,
+            compression=None,  # VNC traffic is already encoded; deflate would only cost CPU
+            logger=_wire_log,
+        )
+        bound = next(iter(self._server.sockets)).getsockname()
+        log.info("console_proxy_listening", address=bound[0], port=bound[1], page_dir=str(self.page_dir))
+        return bound[0], bound[1]
+
+    async def stop(self) -> None:
+        """Stop listening, close every websocket with 1001 (going away), and wait for the sessions to end."""
+        if self._server is None:
+            return
+        self._server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="console proxy stopping")
+        await self._server.wait_closed()
+        log.info("console_proxy_stopped")
+
+    # -- handshake --------------------------------------------------------
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Serve plain HTTP requests; check a websocket's Origin and token before the handshake completes."""
+        url = urlsplit(request.path)
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return self._http(url.path)
+        if url.path not in _WEBSOCKET_PATHS:
+            return _text(404, "Not Found", "no websocket here\n")
+        try:
+            token = parse_qs(url.query, max_num_fields=4).get("token", [""])[0]
+        except ValueError:
+            token = ""
+        hashed = token_hash(token) if token else None
+        if request.headers.get("Origin") not in self._origins:
+            return self._refuse(connection, "origin", hashed)
+        if not token:
+            return self._refuse(connection, "no_token", hashed)
+        try:
+            target = await asyncio.to_thread(self._check, token)
+        except InvalidInput:
+            return self._refuse(connection, "bad_token", hashed)
+        except Exception:  # the database is away: this handshake fails, the proxy goes on
+            log.exception("console_token_check_failed", token_hash=hashed)
+            return self._refuse(connection, "unavailable", hashed, status=503)
+        if target is None:
+            return self._refuse(connection, "invalid_token", hashed)
+        self._resolved[connection] = (token_hash(token), target)
+        return None
+
+    def _refuse(self, connection: ServerConnection, reason: str, hashed: str | None, status: int = 403) -> Response:
+        self._count_refusal(connection, reason, hashed)
+        return _text(status, "Forbidden" if status == 403 else "Service Unavailable", f"console refused: {reason}\n")
+
+    def _count_refusal(self, connection: ServerConnection, reason: str, hashed: str | None) -> None:
+        self.refusals.labels(reason=reason).inc()
+        log.warning("console_refused", reason=reason, token_hash=hashed, peer=_peer(connection))
+
+    def _http(self, path: str) -> Response:
+        """Answer a plain GET: the page and noVNC's files, or the metrics."""
+        if path == "/metrics":
+            headers = Headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"})
+            return _response(200, "OK", headers, generate_latest(self.registry))
+        if path == "/":
+            return _response(302, "Found", Headers({"Location": "/vnc_lite.html"}), b"")
+        if not (self.page_dir / "vnc_lite.html").is_file():
+            return _text(
+                404, "Not Found", f"console page not built in {self.page_dir}: run scripts/console-assets.sh\n"
+            )
+        root = self.page_dir.resolve()
+        file = (root / path.lstrip("/")).resolve()
+        content_type = _TYPES.get(file.suffix)
+        if not file.is_relative_to(root) or not file.is_file() or content_type is None:
+            return _text(404, "Not Found", "not found\n")
+        return _response(200, "OK", Headers({"Content-Type": content_type, **_PAGE_HEADERS}), file.read_bytes())
+
+    # -- sessions ---------------------------------------------------------
+
+    async def _bridge(self, ws: ServerConnection) -> None:
+        """Bridge one admitted websocket to its VNC server until either side ends, it idles, or the proxy stops."""
+        hashed, target = self._resolved.pop(ws)
+        limit = self._over_limit(hashed)
+        if limit is not None:
+            self._count_refusal(ws, limit, hashed)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, f"console refused: {limit}")
+            return
+        self._per_token[hashed] += 1
+        self.connections_open.inc()
+        try:
+            await self._session(ws, hashed, target)
+        finally:
+            self._per_token[hashed] -= 1
+            if not self._per_token[hashed]:
+                del self._per_token[hashed]
+            self.connections_open.dec()
+
+    def _over_limit(self, hashed: str) -> str | None:
+        if sum(self._per_token.values()) >= self.settings.console_max_connections:
+            return "limit"
+        if self._per_token[hashed] >= self.settings.console_max_connections_per_token:
+            return "token_limit"
+        return None
+
+    async def _session(self, ws: ServerConnection, hashed: str, target: ConsoleConnection) -> None:
+        bound = log.bind(instance_uuid=target.instance_uuid, token_hash=hashed, peer=_peer(ws))
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(target.host, target.port), timeout=_CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as exc:
+            bound.warning("console_unreachable", host=target.host, port=target.port, error=str(exc))
+            await ws.close(CloseCode.INTERNAL_ERROR, "console unreachable")
+            return
+        bound.info("console_opened", host=target.host, port=target.port)
+        loop = asyncio.get_running_loop()
+        last = [loop.time()]
+        tasks = [asyncio.create_task(_upstream(ws, writer, last)), asyncio.create_task(_downstream(reader, ws, last))]
+        if self.settings.console_idle_timeout > 0:
+            tasks.append(asyncio.create_task(_idle(last, self.settings.console_idle_timeout)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            ended = next(iter(done)).result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if ended == "idle":
+            await ws.close(CloseCode.NORMAL_CLOSURE, "idle")
+        elif ended == "console_closed":
+            await ws.close(CloseCode.NORMAL_CLOSURE, "console closed")
+        bound.info("console_closed", ended=ended, code=ws.close_code)
+
+
+async def _upstream(ws: ServerConnection, writer: asyncio.StreamWriter, last: list[float]) -> str:
+    """Browser to VNC: binary messages only."""
+    try:
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.close(CloseCode.UNSUPPORTED_DATA, "binary messages only")
+                return "browser_closed"
+            writer.write(message)
+            await writer.drain()
+            last[0] = asyncio.get_running_loop().time()
+    except ConnectionClosed:
+        pass
+    except OSError:
+        return "console_closed"
+    return "browser_closed"
+
+
+async def _downstream(reader: asyncio.StreamReader, ws: ServerConnection, last: list[float]) -> str:
+    """VNC to browser."""
+    try:
+        while data := await reader.read(_CHUNK):
+            await ws.send(data)
+            last[0] = asyncio.get_running_loop().time()
+    except ConnectionClosed:
+        return "browser_closed"
+    except OSError:
+        pass
+    return "console_closed"
+
+
+async def _idle(last: list[float], timeout: float) -> str:
+    """Return once ``timeout`` seconds have passed since the last byte either way."""
+    loop = asyncio.get_running_loop()
+    while (left := last[0] + timeout - loop.time()) > 0:
+        await asyncio.sleep(left)
+    return "idle"
+
+
+def _binary_if_offered(_connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Choose ``binary`` (noVNC's) when the client offers it; accept a client that offers none."""
+    return Subprotocol("binary") if "binary" in offered else None
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    port = "" if parts.port in (None, default) else f":{parts.port}"
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}"
+
+
+def _peer(connection: ServerConnection) -> str:
+    with contextlib.suppress(Exception):  # a transport already gone has no address
+        host, port = connection.remote_address[:2]
+        return f"{host}:{port}"
+    return "?"
+
+
+def _response(status: int, reason: str, headers: Headers, body: bytes) -> Response:
+    headers["Content-Length"] = str(len(body))
+    return Response(status, reason, headers, body)
+
+
+def _text(status: int, reason: str, text: str) -> Response:
+    headers = Headers({"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"})
+    return _response(status, reason, headers, text.encode())
+
+
+def serve(db_url: str, settings: Settings, listen: tuple[str, int] | None = None) -> None:
+    """Run a console proxy over the engine at ``db_url`` until SIGTERM or SIGINT, then stop cleanly."""
+    from lifecycle.engine import Engine  # the engine pulls in the whole package; the proxy module stays light
+
+    address = (
+        listen if listen is not None else listen_address("setting console_proxy_listen", settings.console_proxy_listen)
+    )
+    engine = Engine(db_url, settings=settings)
+    try:
+        asyncio.run(_run(ConsoleProxy(engine.check_console_token, settings), address))
+    finally:
+        engine.close()
+
+
+async def _run(proxy: ConsoleProxy, address: tuple[str, int]) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await proxy.start(*address)
+    try:
+        await stopping.wait()
+    finally:
+        await proxy.stop()
