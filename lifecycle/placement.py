@@ -1,27 +1,34 @@
 """Placement glue between the pure scheduler and the store: host states and claims.
 
 :func:`scheduler_for` returns the function a create task calls in its
-scheduling step: read every host in one query, filter and weigh them, and
-claim the chosen one atomically. A claim lost to a concurrent engine (the
-host filled up between the read and the claim) reads the hosts again; it
-does not use up one of the ``max_attempts`` spawn attempts.
+scheduling step: read the hosts best first for the RAM weigher, with the
+filters the database can check applied in the query (:func:`scheduler.prefilter`),
+a page at a time until enough pass every filter, pick one, and claim it
+atomically. Reading only those pages keeps a decision at 10,000 hosts a small
+fraction of reading every host row; when nothing passes (or the metrics
+weigher is on) every host is read, so :class:`NoValidHost` gives each host's
+reason. A claim lost to a concurrent engine (the host filled up between the
+read and the claim) reads the hosts again; it does not use up one of the
+``max_attempts`` spawn attempts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 
 from lifecycle.config import Settings
 from lifecycle.errors import NoValidHost
 from lifecycle.records import Flavor, Host, Image
-from lifecycle.scheduler import HostState, Request, select_host
+from lifecycle.scheduler import HostState, Request, SchedulerSettings, prefilter, select_host, select_ranked
 from lifecycle.store import Store
 from lifecycle.store.db import now
 
-__all__ = ["host_is_up", "host_states", "scheduler_for"]
+__all__ = ["host_is_up", "host_states", "pick_host", "scheduler_for"]
 
 _CLAIM_RACES = 5
+_FIRST_PAGE = 16
+"""Hosts read by the first page of a decision; each next page is four times larger (a rare fit costs log N reads)."""
 
 
 def host_is_up(host: Host, down_after: float) -> bool:
@@ -51,6 +58,25 @@ def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
         )
         for h in hosts
     ]
+
+
+def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: float) -> HostState:
+    """Filter, weigh and pick a host for ``request`` (not claimed yet); NoValidHost gives each host's reason."""
+    pre = prefilter(request, s)
+    if pre is not None:
+        up_since = now() - timedelta(seconds=down_after)
+
+        def pages() -> Iterator[list[HostState]]:
+            offset, size = 0, _FIRST_PAGE
+            while page := store.ranked_hosts(pre, up_since, offset, size):
+                yield host_states(page, down_after)
+                offset, size = offset + size, size * 4
+
+        chosen = select_ranked(pages(), request, s)
+        if chosen is not None:
+            return chosen
+    # Nothing passed (or the metrics weigher needs every host): read them all, so NoValidHost gives every reason.
+    return select_host(host_states(store.list_hosts(), down_after), request, s)
 
 
 def scheduler_for(
@@ -83,7 +109,7 @@ def scheduler_for(
             flavor.vcpus, flavor.memory_mb, flavor.root_gb, availability_zone, specs, image.properties, frozenset(tried)
         )
         for _ in range(_CLAIM_RACES):
-            chosen = select_host(host_states(store.list_hosts(), settings.host_down_after), request, s)
+            chosen = pick_host(store, request, s, settings.host_down_after)
             if claim(chosen.name):
                 return chosen.name
         raise NoValidHost({"*": f"lost the claim race {_CLAIM_RACES} times in a row"})

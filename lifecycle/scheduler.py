@@ -7,18 +7,38 @@ None to admit a host or a sentence saying why not. Weights are normalised to
 [0, 1] across the candidates before their multiplier is applied (Nova's
 ``normalize``), and the pick is random among the best ``host_subset_size``.
 Claiming the chosen host is the store's job (one conditional UPDATE).
+
+At thousands of hosts reading every host row per decision costs far more
+than deciding, so :func:`prefilter` says which of the enabled filters a
+database can check on the rows and in which order the RAM weigher ranks them,
+and :func:`select_ranked` picks from hosts read in that order, a page at a
+time, until ``host_subset_size`` of them passed every filter. The database
+only narrows and orders: each candidate still goes through every filter here,
+so a host is admitted by the same rules, and the pick is the one
+:func:`select_host` makes over all hosts.
 """
 
 from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lifecycle.errors import NoValidHost
 
-__all__ = ["FILTERS", "HostState", "Request", "SchedulerSettings", "filter_hosts", "select_host", "weigh"]
+__all__ = [
+    "FILTERS",
+    "HostState",
+    "Prefilter",
+    "Request",
+    "SchedulerSettings",
+    "filter_hosts",
+    "prefilter",
+    "select_host",
+    "select_ranked",
+    "weigh",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,3 +280,76 @@ def select_host(
     ranked = weigh(passed, s)
     best = ranked[: max(1, s.host_subset_size)]
     return (rng or random).choice(best)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Prefilter:
+    """What a database may check on host rows before the filters run, and the order to read them in.
+
+    It admits every host the enabled filters would admit (it may admit more:
+    the filters still run on each candidate). Rows come best first for the
+    RAM weigher: by free memory (``memory_mb * ram_allocation_ratio -
+    memory_mb_used``, 0 for an untracked host) descending when ``ram_order``
+    is 1, ascending when -1, and by name within equal free memory or when 0.
+    """
+
+    exclude: frozenset[str] = frozenset()
+    """Hosts already tried (RetryFilter)."""
+    availability_zone: str | None = None
+    """Only this zone (AvailabilityZoneFilter); None: any."""
+    fits: tuple[tuple[str, str, int, float], ...] = ()
+    """(total column, used column, wanted, ratio) for each enabled resource filter: used + wanted <= total x ratio."""
+    enabled_and_up: bool = False
+    """Only enabled hosts that heartbeated recently (ComputeFilter)."""
+    ram_order: int = 1
+    ram_allocation_ratio: float = 1.5
+
+
+_FITS = {
+    "RamFilter": ("memory_mb", "memory_mb_used", "ram_allocation_ratio"),
+    "CoreFilter": ("vcpus", "vcpus_used", "cpu_allocation_ratio"),
+    "DiskFilter": ("disk_gb", "disk_gb_used", "disk_allocation_ratio"),
+}
+
+
+def prefilter(req: Request, s: SchedulerSettings) -> Prefilter | None:
+    """Return what a database can check for ``req``, or None when the ranking needs every host (metrics weigher).
+
+    The metrics weigher normalises over every candidate's metrics, which no
+    row order reproduces: with it configured each decision reads every host.
+    """
+    if s.metrics_weights:
+        return None
+    enabled = set(s.filters)
+    wants = {"RamFilter": req.memory_mb, "CoreFilter": req.vcpus, "DiskFilter": req.disk_gb}
+    return Prefilter(
+        exclude=req.tried if "RetryFilter" in enabled else frozenset(),
+        availability_zone=req.availability_zone if "AvailabilityZoneFilter" in enabled else None,
+        fits=tuple(
+            (total, used, wants[name], getattr(s, ratio))
+            for name, (total, used, ratio) in _FITS.items()
+            if name in enabled
+        ),
+        enabled_and_up="ComputeFilter" in enabled,
+        ram_order=(s.ram_weight_multiplier > 0) - (s.ram_weight_multiplier < 0),
+        ram_allocation_ratio=s.ram_allocation_ratio,
+    )
+
+
+def select_ranked(
+    pages: Iterable[list[HostState]], req: Request, s: SchedulerSettings, rng: random.Random | None = None
+) -> HostState | None:
+    """Pick as :func:`select_host` does from hosts read best first (see :class:`Prefilter`); None if none passed.
+
+    Pages are read only until ``host_subset_size`` hosts passed every
+    filter: the hosts after them rank no better.
+    """
+    want = max(1, s.host_subset_size)
+    passed: list[HostState] = []
+    for page in pages:
+        passed += filter_hosts(page, req, s)[0]
+        if len(passed) >= want:
+            break
+    if not passed:
+        return None
+    return (rng or random).choice(weigh(passed, s)[:want])[1]

@@ -20,8 +20,8 @@ BENCH = Path(__file__).parents[1] / "bench"
     ("script", "args", "expect"),
     [
         ("transitions.py", ["--cycles", "3", "--rounds", "1"], "ratio engine/raw"),
-        ("sync.py", ["--instances", "300", "--runs", "1", "--skip-memory"], "1% drifted"),
-        ("scheduler.py", ["--repeat", "1"], "10000 hosts"),
+        ("sync.py", ["--instances", "300", "--runs", "1", "--skip-memory"], "ratio sweep/floor"),
+        ("scheduler.py", ["--repeat", "2", "--sizes", "100", "300"], "ratio decision/read"),
         (
             "changes.py",
             ["--backlog", "600", "--writers", "1", "--runs", "1", "--cycles", "5", "--rows", "3000"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from lifecycle.audit import Why
 from lifecycle.errors import HostInUse, HostNotFound
 from lifecycle.records import Cause, Host, Instance
+from lifecycle.scheduler import Prefilter
 from lifecycle.states import PowerState, VmState
 from lifecycle.store._cas import audit, cas
 from lifecycle.store._rows import CLAIMS, CONSOLE_TOKENS, HOSTS, INSTANCES, host_from
@@ -53,6 +55,31 @@ class Hosts(Instances, Moves):
         """Return every host, by name (one query: the scheduler's input)."""
         with self._read() as conn:
             rows = conn.execute(sa.select(_H).order_by(_H.c.name)).mappings().all()
+        return [host_from(r) for r in rows]
+
+    def ranked_hosts(self, pre: Prefilter, up_since: datetime, offset: int, limit: int) -> list[Host]:
+        """Return one page of the hosts ``pre`` admits, best first for the RAM weigher (see :class:`Prefilter`).
+
+        Fenced hosts are left out; ``up_since`` is the oldest heartbeat a host
+        counts as up with (when ``pre.enabled_and_up``). The database scans
+        the host rows without turning them into records: only the page is.
+        """
+        where: list[sa.ColumnElement[bool]] = [_H.c.fenced_at.is_(None)]
+        if pre.exclude:
+            where.append(_H.c.name.not_in(sorted(pre.exclude)))
+        if pre.availability_zone is not None:
+            where.append(_H.c.availability_zone == pre.availability_zone)
+        for total, used, want, ratio in pre.fits:
+            where.append(sa.or_(_H.c[total].is_(None), _H.c[used] + want <= _H.c[total] * ratio))
+        if pre.enabled_and_up:
+            where += [_H.c.enabled.is_(True), _H.c.last_heartbeat >= up_since]
+        free = sa.case(
+            (_H.c.memory_mb.is_(None), 0.0), else_=_H.c.memory_mb * pre.ram_allocation_ratio - _H.c.memory_mb_used
+        )
+        order = [free.desc()] if pre.ram_order > 0 else [free.asc()] if pre.ram_order < 0 else []
+        query = sa.select(_H).where(*where).order_by(*order, _H.c.name).offset(offset).limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
         return [host_from(r) for r in rows]
 
     def update_host(self, name: str, **values: Any) -> Host:
