@@ -226,7 +226,8 @@ class FloorRow:
 
     def __init__(self, uuid: str, flavor: Flavor) -> None:
         self.uuid, self.flavor = uuid, flavor
-        self.version, self.vm, self.task, self.power = 1, "building", "scheduling", 0
+        self.version, self.vm, self.power = 1, "building", 0
+        self.task: str | None = "scheduling"
         self.host: str | None = None
 
     def cas(self, conn: sa.Connection, vm: str, task: str | None, power: int) -> None:
