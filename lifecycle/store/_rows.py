@@ -11,17 +11,7 @@ import sqlalchemy as sa
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Outcome, Task
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store.db import aware
-from lifecycle.store.tables import (
-    AuditRow,
-    ClaimRow,
-    ConsoleTokenRow,
-    HostRow,
-    ImageRow,
-    InstanceRow,
-    MigrationRow,
-    TaskRow,
-    TaskStepRow,
-)
+from lifecycle.store.tables import AUDITS, CLAIMS, CONSOLE_TOKENS, HOSTS, IMAGES, INSTANCES, MIGRATIONS, STEPS, TASKS
 
 __all__ = [
     "AUDITS",
@@ -44,16 +34,6 @@ __all__ = [
     "task_from",
     "task_values",
 ]
-
-INSTANCES: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
-TASKS: sa.Table = TaskRow.__table__  # type: ignore[attr-defined]
-STEPS: sa.Table = TaskStepRow.__table__  # type: ignore[attr-defined]
-AUDITS: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
-HOSTS: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
-IMAGES: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
-CONSOLE_TOKENS: sa.Table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
-CLAIMS: sa.Table = ClaimRow.__table__  # type: ignore[attr-defined]
-MIGRATIONS: sa.Table = MigrationRow.__table__  # type: ignore[attr-defined]
 
 
 def state_value(state: TaskState | VmState | None) -> str | None:
