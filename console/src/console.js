@@ -15,10 +15,11 @@ const path = new URLSearchParams(window.location.search).get("path") ?? "";
 const scheme = window.location.protocol === "https:" ? "wss" : "ws";
 const url = `${scheme}://${window.location.host}/websockify${path.startsWith("?") ? path : ""}`;
 
+let desktop = "";
 const rfb = new RFB(document.getElementById("screen"), url, { wsProtocols: ["binary"] });
 rfb.scaleViewport = true;
 rfb.addEventListener("connect", () => {
-  show("connected", "Connected");
+  show("connected", desktop ? `Connected: ${desktop}` : "Connected");
   cad.disabled = false;
 });
 rfb.addEventListener("disconnect", (event) => {
@@ -29,6 +30,9 @@ rfb.addEventListener("disconnect", (event) => {
   cad.disabled = true;
 });
 rfb.addEventListener("securityfailure", (event) => show("failed", `Security failure: ${event.detail.reason}`));
-rfb.addEventListener("desktopname", (event) => show("connected", `Connected: ${event.detail.name}`));
+rfb.addEventListener("desktopname", (event) => {
+  desktop = event.detail.name;
+  if (status.dataset.state === "connected") show("connected", `Connected: ${desktop}`);
+});
 cad.addEventListener("click", () => rfb.sendCtrlAltDel());
 window.rfb = rfb; // for debugging from the browser's console
