@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# chromium: the browser the console test drives (Playwright for Python, with Debian's binary).
 SYSTEM_PACKAGES=(postgresql qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu
-  libvirt-clients libvirt-dev pkg-config gcc)
+  libvirt-clients libvirt-dev pkg-config gcc chromium)
+# npm builds the console page; a node from elsewhere that brings its own npm is fine.
+command -v npm >/dev/null || SYSTEM_PACKAGES+=(nodejs npm)
 
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
@@ -35,4 +38,11 @@ if [[ ! -f $stamp ]]; then
   fi
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# The console page and noVNC that `lifecycle console-proxy` serves (console/dist).
+if command -v npm >/dev/null; then
+  ./scripts/console-assets.sh
+else
+  echo "bootstrap: npm missing; the console page is not built (the browser console test will skip)" >&2
 fi
