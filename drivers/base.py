@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from lifecycle.states import PowerState
 
@@ -240,6 +241,34 @@ class Driver(abc.ABC):
         the disk grows to ``spec.root_gb`` when that is larger. After: the
         domain exists, running if ``power_on``. Repeat: safe (an existing
         domain is left as it is; a partial copy is started again).
+        """
+
+    @abc.abstractmethod
+    def snapshot(self, spec: DomainSpec, target: Path) -> None:
+        """Write the instance's root disk to ``target``, a file on the engine's machine, as an image of its own.
+
+        The disk is read over this host's connection (the guest should be
+        powered off: a running guest's disk is not consistent), made whole on
+        the engine's side from ``spec``'s image (the disk's backing store), and
+        inspected as any image is. ``target`` is written completely or not at
+        all (a ``.part`` file beside it is renamed at the end). Repeat: safe
+        (``target`` is written again). Errors: DomainNotFound when the
+        instance has no disk here; DriverError.
+        """
+
+    @abc.abstractmethod
+    def spawn_from_snapshot(
+        self, spec: DomainSpec, snapshot: Path, *, power_on: bool = True, progress: Progress | None = None
+    ) -> None:
+        """Spawn with a root disk holding ``snapshot``'s content (a :meth:`snapshot`), backed by ``spec``'s image.
+
+        The disk is made on the engine's side as the difference between the
+        snapshot and ``spec``'s image, sent over this host's connection,
+        checked to have arrived intact and grown to ``spec.root_gb``, so it is
+        laid out as any spawned disk (later moves copy it the same way). After:
+        the domain exists, running when ``power_on``. A copy that fails leaves
+        nothing here. Repeat: safe (an existing domain is left as it is and
+        started if ``power_on``). Errors: DriverError (CopyFailed for the copy).
         """
 
     @abc.abstractmethod

@@ -347,6 +347,38 @@ class FakeDriver(Driver):
             raise CopyFailed(f"disk copy failed: {exc}", call="finish_migration") from exc
         return name.decode().rsplit("/", 1)[-1] + f"@{self.name}"
 
+    def snapshot(self, spec: DomainSpec, target: Path) -> None:
+        def act() -> PowerState | None:
+            dom = self._domain(spec.uuid, "snapshot")
+            if dom.power == P.RUNNING:
+                raise DriverError(f"cannot snapshot {spec.uuid}: domain is running", uuid=spec.uuid, call="snapshot")
+            part = target.with_name(target.name + ".part")
+            part.write_text(dom.disk)  # the fake disk's content is its name
+            part.replace(target)
+            return None
+
+        self._call("snapshot", spec.uuid, act)
+
+    def spawn_from_snapshot(
+        self, spec: DomainSpec, snapshot: Path, *, power_on: bool = True, progress: Progress | None = None
+    ) -> None:
+        after = self._before("spawn_from_snapshot")
+        disk = None if self.domain_exists(spec.uuid) else self._copy(_file_source(snapshot), progress)
+
+        def act() -> PowerState | None:
+            if spec.uuid not in self._domains:
+                assert disk is not None
+                self._domains[spec.uuid] = _Domain(asdict(spec), int(P.SHUTDOWN), disk, vnc_port=self._port())
+            dom = self._domains[spec.uuid]
+            return self._set(dom, P.RUNNING) if power_on else None
+
+        with self._state():
+            changed = act()
+        if changed is not None:
+            self._emit(spec.uuid, changed)
+        if after is not None:
+            raise after
+
     def confirm_migration(self, uuid: str) -> None:
         def act() -> PowerState | None:
             self._kept.pop(uuid, None)
@@ -509,3 +541,19 @@ class FakeDriver(Driver):
         self._domains = {u: _Domain(**d) for u, d in data["domains"].items()}
         self._kept = {u: _Domain(**d) for u, d in data.get("kept", {}).items()}
         self._next_port = data["next_port"]
+
+
+def _file_source(path: Path) -> DiskSource:
+    """Read a snapshot file the way a move reads a kept disk (one segment: a fake disk's content is its name)."""
+
+    @contextmanager
+    def reading() -> Iterator[DiskRead]:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DriverError(
+                f"snapshot {path} unreadable: {exc.strerror or exc}", call="spawn_from_snapshot"
+            ) from None
+        yield DiskRead(segments=iter([data]), total=len(data))
+
+    return reading

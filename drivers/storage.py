@@ -46,7 +46,16 @@ try:
 except ImportError:  # pragma: no cover - the driver refuses to start without it
     libvirt = None
 
-__all__ = ["Content", "HostStorage", "image_key", "read_volume", "volume_digest"]
+__all__ = [
+    "Content",
+    "HostStorage",
+    "file_segments",
+    "image_key",
+    "read_volume",
+    "volume_digest",
+    "write_file",
+    "write_volume",
+]
 
 CHUNK = 256 * 1024  # libvirt's stream packets carry at most 256 KiB
 _ERR_NO_POOL = 49  # VIR_ERR_NO_STORAGE_POOL
@@ -208,7 +217,7 @@ class HostStorage:
         vol = pool.createXML(xml, 0)
         try:
             with image.open("rb") as handle:
-                write_volume(conn, vol, _file_segments(handle.fileno()), None)
+                write_volume(conn, vol, file_segments(handle.fileno()), None)
         except BaseException:
             _quietly(vol.delete, 0)
             raise
@@ -363,7 +372,7 @@ def _put(ahead: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
             continue
 
 
-def _file_segments(fd: int) -> Iterator[bytes | int]:
+def file_segments(fd: int) -> Iterator[bytes | int]:
     """Yield a local file's content as sparse segments (data, and hole lengths)."""
     size = os.fstat(fd).st_size
     pos = 0
@@ -383,6 +392,22 @@ def _file_segments(fd: int) -> Iterator[bytes | int]:
                 return
             yield block
             pos += len(block)
+
+
+def write_file(path: Path, segments: Iterator[bytes | int]) -> None:
+    """Write sparse segments to a new local file ``path``: holes stay holes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for segment in segments:
+            if isinstance(segment, int):
+                os.lseek(fd, segment, os.SEEK_CUR)
+                continue
+            view = memoryview(segment)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))  # a trailing hole still counts in the size
+    finally:
+        os.close(fd)
 
 
 def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:

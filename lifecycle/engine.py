@@ -559,6 +559,36 @@ class Engine:
         """
         return evacuation.evacuate(self, uuid, host=host, **kw)
 
+    def shelve(self, uuid: str, **kw: Any) -> Task:
+        """Power off and snapshot an instance into an image the engine keeps; ends shelved.
+
+        With ``shelved_offload_time`` 0 (the default, as Nova) it is offloaded
+        at once (domain and disk destroyed, claims released, no host) and ends
+        shelved_offloaded; otherwise the daemon offloads it after that time.
+        """
+        return self.run("shelve", uuid, **kw)
+
+    def shelve_offload(self, uuid: str, **kw: Any) -> Task:
+        """Destroy a shelved instance's domain and disk and release its host; ends shelved_offloaded."""
+        return self.run("shelve_offload", uuid, **kw)
+
+    def unshelve(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+        """Bring a shelved instance back, active; its snapshot image is deleted once it runs.
+
+        A shelved instance is powered on where it is; an offloaded one is
+        spawned from its snapshot on ``host`` or where the scheduler puts it.
+        """
+        params = {}
+        if host is not None:
+            instance = self.get(uuid)
+            if instance.vm_state is not VmState.SHELVED_OFFLOADED:
+                raise InvalidInput(
+                    f"unshelve --host is only for an offloaded instance; {uuid} is {instance.vm_state.value}"
+                    + (f" on {instance.host}" if instance.host else "")
+                )
+            params["host"] = self.store.get_host(validation.name("host", host)).name
+        return self.run("unshelve", uuid, params=params, **kw)
+
     def delete(self, uuid: str, **kw: Any) -> Task:
         """Delete an instance from any state, taking over any running task.
 

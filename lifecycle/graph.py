@@ -58,6 +58,8 @@ class Result(enum.StrEnum):
     """active when the guest runs afterwards, else stopped (confirm_resize)."""
     REBUILT = "rebuilt"
     """The starting vm_state, except error, which becomes active (rebuild)."""
+    SHELVED = "shelved"
+    """shelved_offloaded when the guest's domain is gone (offloaded at once), else shelved (shelve)."""
 
 
 class Failure(enum.StrEnum):
@@ -99,6 +101,8 @@ def _resolve(result: VmState | Result, start: VmState, power: PowerState, previo
         return V.ACTIVE if power is PowerState.RUNNING else V.STOPPED
     if result is Result.PREVIOUS:
         return previous if previous in (V.ACTIVE, V.STOPPED) else V.ACTIVE
+    if result is Result.SHELVED:
+        return V.SHELVED_OFFLOADED if power is PowerState.NOSTATE else V.SHELVED
     return V.ACTIVE if start is V.ERROR else start  # Result.REBUILT
 
 
@@ -124,6 +128,8 @@ class Operation:
     """The operation belongs to a move (moving, confirming or reverting it): the source keeps a disk."""
     note: str = ""
     """Where and why this row differs from Nova."""
+    may_end_after: TaskState | None = None
+    """A success may also end after this step of the walk, short of its last (shelve when it keeps the host)."""
     preempts: frozenset[TaskState] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -251,15 +257,41 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "soft_delete",
-        ANY_VM - {V.SOFT_DELETED},
+        ANY_VM - {V.SOFT_DELETED, V.SHELVED_OFFLOADED},
         (T.SOFT_DELETING,),
         V.SOFT_DELETED,
         PowerState.SHUTDOWN,
         note="Nova lets soft delete overwrite any running task; here only delete and force_delete take "
         "over a running task (a soft delete is restorable, so it must not cut a task short): it needs an "
-        "idle instance.",
+        "idle instance. An offloaded instance has no guest to keep: its delete is a delete, as Nova's local delete.",
     ),
     Operation("restore", frozenset({V.SOFT_DELETED}), (T.RESTORING,), V.ACTIVE, PowerState.RUNNING),
+    Operation(
+        "shelve",
+        frozenset({V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED}),
+        (T.SHELVING, T.SHELVING_IMAGE_PENDING_UPLOAD, T.SHELVING_IMAGE_UPLOADING, T.SHELVING_OFFLOADING),
+        Result.SHELVED,
+        may_end_after=T.SHELVING_IMAGE_UPLOADING,
+        note="As Nova: the offload is part of the shelve when shelved_offload_time is 0 (the walk goes on to "
+        "shelving_offloading and ends shelved_offloaded), else the walk ends after the upload, shelved. A failed "
+        "snapshot powers a guest that was running back on, so its vm_state is kept.",
+    ),
+    Operation(
+        "shelve_offload",
+        frozenset({V.SHELVED}),
+        (T.SHELVING_OFFLOADING,),
+        V.SHELVED_OFFLOADED,
+        PowerState.NOSTATE,
+    ),
+    Operation(
+        "unshelve",
+        frozenset({V.SHELVED, V.SHELVED_OFFLOADED}),
+        (T.UNSHELVING, T.SPAWNING),
+        V.ACTIVE,
+        PowerState.RUNNING,
+        note="Nova starts a shelved (not offloaded) instance through start_instance (powering-on); here both "
+        "kinds walk unshelving -> spawning, the offloaded one scheduled and spawned from its snapshot.",
+    ),
 )
 
 _BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
@@ -270,7 +302,7 @@ MOVE_TASK_STATES: frozenset[TaskState] = frozenset(t for name in MOVE_OPERATIONS
 
 # vm_states no operation enters yet: kept in the vocabulary so Nova-written rows
 # load, exempted from the reachability check by name rather than silently.
-RESERVED_VM_STATES: frozenset[VmState] = frozenset({V.SHELVED, V.SHELVED_OFFLOADED})
+RESERVED_VM_STATES: frozenset[VmState] = frozenset()
 
 _IDLE_NAME = "idle"
 _NEW_NAME = "new"
@@ -330,6 +362,8 @@ def _task_machine() -> Machine:
         for here, there in zip(op.walk, op.walk[1:], strict=False):
             machine.add_transition(f"{op.name}.step", here.value, there.value)
         machine.add_transition(f"{op.name}.finish", op.walk[-1].value, _IDLE_NAME)
+        if op.may_end_after is not None:
+            machine.add_transition(f"{op.name}.finish", op.may_end_after.value, _IDLE_NAME)
         if op.reschedules:
             machine.add_transition(f"{op.name}.retry", op.walk[-1].value, first)
         walked: list[Any] = [t.value for t in op.walk]

@@ -179,7 +179,7 @@ class Runner:
 
     def _only_delete(self, instance: Instance) -> str | None:
         """Why nothing but a delete may touch ``instance`` now, or None."""
-        if instance.host is None:
+        if instance.host is None and instance.vm_state is not VmState.SHELVED_OFFLOADED:
             return "the instance has no host (it was never built, or its host was removed)"
         if instance.vm_state is VmState.ERROR and self.store.open_migration(instance.uuid) is not None:
             # Reviving it would leave the move's claims and the source's kept disk behind, on the wrong flavor.

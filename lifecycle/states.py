@@ -61,6 +61,11 @@ class TaskState(enum.StrEnum):
     DELETING = "deleting"
     SOFT_DELETING = "soft-deleting"
     RESTORING = "restoring"
+    SHELVING = "shelving"
+    SHELVING_IMAGE_PENDING_UPLOAD = "shelving_image_pending_upload"
+    SHELVING_IMAGE_UPLOADING = "shelving_image_uploading"
+    SHELVING_OFFLOADING = "shelving_offloading"
+    UNSHELVING = "unshelving"
 
 
 class PowerState(enum.IntEnum):

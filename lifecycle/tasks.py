@@ -235,7 +235,7 @@ class TaskRun:
     def retry(self, message: str, **fields: Any) -> None:
         """Go back to the first step of the walk (a reschedule), recording why."""
         assert self.instance.task_state is not None
-        self._step(graph.retry_task_state(self.task.operation, self.instance.task_state), message, fields)
+        self._step(graph.retry_task_state(self.task.operation, self.instance.task_state), message, fields, retried=True)
         self._position = self._written = 0
 
     def once(self, name: str, action: Callable[[], object]) -> None:
@@ -250,9 +250,13 @@ class TaskRun:
         self.store.mark_done(self.task.id, self._seq, name)
         self.done.add(name)
 
-    def _step(self, task_state: TaskState, message: str | None, fields: dict[str, Any]) -> None:
+    def _step(
+        self, task_state: TaskState, message: str | None, fields: dict[str, Any], *, retried: bool = False
+    ) -> None:
         self._seq += 1
-        self.instance = self.store.advance(self.instance, self.task, self._seq, task_state, self.why(message), **fields)
+        self.instance = self.store.advance(
+            self.instance, self.task, self._seq, task_state, self.why(message), retried=retried, **fields
+        )
         self._verified = True
         log.debug("task_step", task_state=task_state.value, seq=self._seq, message=message)
 

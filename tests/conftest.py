@@ -483,6 +483,12 @@ class Fakes(dict[str, FakeDriver]):
         return self.setdefault(host.name, FakeDriver(host.name))
 
 
+@pytest.fixture(autouse=True)
+def engine_images_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images the engine makes (shelve snapshots) go under the test's own folder, never the home folder."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
 @pytest.fixture
 def fakes() -> Fakes:
     """The fake hosts of the engine under test."""

@@ -64,8 +64,16 @@ NOVA_GUARDS: dict[str, tuple[set[VmState], set[TaskState | None], tuple[TaskStat
     ),
     "delete": (ANY_VM, ALL_TASKS, (T.DELETING,)),
     "force_delete": (ANY_VM, ALL_TASKS, (T.DELETING,)),
-    "soft_delete": (ANY_VM - {V.SOFT_DELETED}, IDLE, (T.SOFT_DELETING,)),  # DIFFERS: Nova allows any task
+    # DIFFERS: Nova allows any task; an offloaded instance's soft delete is a delete (Nova's local delete)
+    "soft_delete": (ANY_VM - {V.SOFT_DELETED, V.SHELVED_OFFLOADED}, IDLE, (T.SOFT_DELETING,)),
     "restore": ({V.SOFT_DELETED}, IDLE, (T.RESTORING,)),
+    "shelve": (
+        {V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED},
+        IDLE,
+        (T.SHELVING, T.SHELVING_IMAGE_PENDING_UPLOAD, T.SHELVING_IMAGE_UPLOADING, T.SHELVING_OFFLOADING),
+    ),
+    "shelve_offload": ({V.SHELVED}, IDLE, (T.SHELVING_OFFLOADING,)),
+    "unshelve": ({V.SHELVED, V.SHELVED_OFFLOADED}, IDLE, (T.UNSHELVING, T.SPAWNING)),  # DIFFERS: Nova: unshelving only
 }
 
 

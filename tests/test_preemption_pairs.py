@@ -34,6 +34,8 @@ BEFORE: dict[str, list[str]] = {
     "restore": ["soft_delete"],
     "confirm_resize": ["migrate"],
     "revert_resize": ["migrate"],
+    "shelve_offload": ["shelve"],
+    "unshelve": ["shelve", "shelve_offload"],
 }
 
 
@@ -54,7 +56,11 @@ def _migrated(tmp_path: Path) -> str:
 def _cloud(tmp_path: Path) -> tuple[Engine, Fakes]:
     url = _migrated(tmp_path)
     fakes = Fakes()
-    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0, preempt_wait_seconds=10))
+    engine = Engine(
+        url,
+        driver_factory=fakes.factory,
+        settings=Settings(shutdown_timeout=0, preempt_wait_seconds=10, shelved_offload_time=3600),
+    )
     for host in ("h1", "h2"):
         engine.add_host(host, "fake://")
         engine.heartbeat(host)
@@ -167,9 +173,9 @@ def test_preemption_pair_leaves_hypervisor_and_database_agreeing(
 
 
 def test_every_pair_has_a_rule_and_the_counts_are_known() -> None:
-    """44 delete pairs destroy late, hard reboot waits for pause and suspend and converges with the rest."""
+    """50 delete pairs destroy late, hard reboot waits for pause and suspend and converges with the rest."""
     counts = {r: sum(1 for v in preemption.RULES.values() if v is r) for r in preemption.Rule}
-    assert counts == {preemption.Rule.DESTROY_LATE: 44, preemption.Rule.WAIT: 2, preemption.Rule.CONVERGE: 4}
+    assert counts == {preemption.Rule.DESTROY_LATE: 50, preemption.Rule.WAIT: 2, preemption.Rule.CONVERGE: 4}
     assert set(preemption.RULES) == set(preemption.pairs())
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,7 +51,12 @@ OPERATIONS: dict[str, tuple[list[str], str, VmState]] = {
     "confirm_resize": (["migrate"], "confirm_migration", V.ACTIVE),
     "revert_resize": (["migrate"], "finish_revert_migration", V.ACTIVE),
     "evacuate": (["stop"], "spawn", V.STOPPED),
+    "shelve": ([], "snapshot", V.SHELVED_OFFLOADED),
+    "shelve_offload": (["shelve"], "destroy", V.SHELVED_OFFLOADED),
+    "unshelve": (["shelve"], "spawn_from_snapshot", V.ACTIVE),
 }
+KEEP_SHELVED = {"shelve_offload": 3600.0}
+"""Operations that need a shelved instance kept on its host (``shelved_offload_time``) to start from."""
 ROLLED_BACK_VM = {"create": V.ERROR}  # a rolled-back move keeps the instance as it was before
 
 
@@ -81,10 +87,9 @@ def _crash_after_nth(store: Store, method: str, n: int) -> None:
 def cloud(sqlite_url: str, fakes: Fakes) -> Callable[[], Engine]:
     """Open engines that share one database, one owner name and the same fake hosts."""
 
-    def open_engine() -> Engine:
-        engine = Engine(
-            sqlite_url, driver_factory=fakes.factory, owner="engine-a", settings=Settings(shutdown_timeout=0)
-        )
+    def open_engine(shelved_offload_time: float = 0.0) -> Engine:
+        settings = Settings(shutdown_timeout=0, shelved_offload_time=shelved_offload_time)
+        engine = Engine(sqlite_url, driver_factory=fakes.factory, owner="engine-a", settings=settings)
         if not engine.hosts():
             for host in ("h1", "h2"):
                 engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
@@ -97,10 +102,10 @@ def cloud(sqlite_url: str, fakes: Fakes) -> Callable[[], Engine]:
 
 
 @pytest.mark.parametrize(("op", "point"), CASES)
-def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fakes, op: str, point: str) -> None:
+def test_crash_at_every_step_then_recover(cloud: Callable[..., Engine], fakes: Fakes, op: str, point: str) -> None:
     """Crashing at this point leaves a running task; recovery finishes it consistently and loses no disk."""
     before, call, success = OPERATIONS[op]
-    first = cloud()
+    first = cloud(KEEP_SHELVED.get(op, 0.0))
     uuid = None
     if op != "create":
         uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
@@ -114,7 +119,7 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     elif point.startswith("step"):
         _crash_after_nth(first.store, "advance", int(point[4:]))
     else:
-        host = "h2" if call == "finish_migration" or op == "evacuate" else "h1"  # the destination
+        host = "h2" if call == "finish_migration" or op in ("evacuate", "unshelve") else "h1"  # the destination
         fakes.factory(first.host(host)).crash_after(call)
     with pytest.raises(SimulatedCrash):
         if op == "create":
@@ -123,6 +128,8 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
             assert uuid is not None
             if op == "resize":
                 first.resize(uuid, Flavor(2, 1024, 2))
+            elif op == "unshelve":
+                first.unshelve(uuid, host="h2")
             else:
                 first.run(op, uuid)
     uuid = uuid or "00000000-0000-0000-0000-0000000000aa"
@@ -130,7 +137,7 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     assert crashed.task_id is not None, "the crash should leave the task running"
     first.close()
 
-    second = cloud()
+    second = cloud(KEEP_SHELVED.get(op, 0.0))
     results = second.recover(force=True)
     assert [r.task_id for r in results] == [crashed.task_id]
     instance = second.get(uuid)
@@ -142,6 +149,10 @@ def test_crash_at_every_step_then_recover(cloud: Callable[[], Engine], fakes: Fa
     fake = fakes.factory(second.host("h1"))
     if instance.vm_state in (V.DELETED, V.ERROR):
         assert not fake.domain_exists(uuid) and second.store.claims_of(uuid) == []
+    elif instance.vm_state is V.SHELVED_OFFLOADED:  # on no host, its disk only in the snapshot image
+        assert instance.host is None and second.store.claims_of(uuid) == []
+        assert not any(fakes.factory(second.host(h)).domain_exists(uuid) for h in ("h1", "h2"))
+        assert Path(second.store.get_image(f"shelved-{uuid}").path).read_text().startswith(uuid)
     else:
         assert instance.host is not None
         here = fakes.factory(second.host(instance.host))

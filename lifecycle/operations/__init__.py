@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lifecycle.config import Settings
-from lifecycle.operations import build, delete, evacuate, move, power, rebuild
+from lifecycle.operations import build, delete, evacuate, move, power, rebuild, shelve
 from lifecycle.records import Instance
 from lifecycle.store import Store
 from lifecycle.tasks import Hook, Steps
@@ -32,7 +32,8 @@ STEPS: dict[str, Steps] = {
     **rebuild.STEPS,
     **move.STEPS,
     **evacuate.STEPS,
+    **shelve.STEPS,
 }
-PREPARE: dict[str, Hook] = {**move.PREPARE, **evacuate.PREPARE}
-GUARDS: dict[str, Callable[[Store, Settings, Instance], None]] = {**evacuate.GUARDS}
+PREPARE: dict[str, Hook] = {**move.PREPARE, **evacuate.PREPARE, **shelve.PREPARE}
+GUARDS: dict[str, Callable[[Store, Settings, Instance], None]] = {**evacuate.GUARDS, **shelve.GUARDS}
 ROLL_BACK: dict[str, Hook] = {**build.ROLL_BACK, **move.ROLL_BACK}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from datetime import timedelta
 
+from lifecycle import snapshots
 from lifecycle.errors import Conflict, DomainNotFound, DriverUnavailable
 from lifecycle.operations import move
 from lifecycle.records import Migration
@@ -102,6 +103,7 @@ def _local(run: TaskRun, message: str) -> None:
 
 def _forget(run: TaskRun) -> None:
     run.store.release_claims(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
+    snapshots.drop_snapshot(run.store, run.instance.uuid)  # a shelved instance's disk lives on only there
     run.end_power = PowerState.NOSTATE
     run.fields["deleted_at"] = now()
 

@@ -48,3 +48,8 @@ class Images(StoreBase):
         with self._read() as conn:
             rows = conn.execute(sa.select(_IM).order_by(_IM.c.name)).mappings().all()
         return [image_from(r) for r in rows]
+
+    def remove_image(self, name: str) -> bool:
+        """Delete the image row named ``name``; return whether there was one (an image the engine made)."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(sa.delete(_IM).where(_IM.c.name == name)).rowcount)

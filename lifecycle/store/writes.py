@@ -76,14 +76,26 @@ class Writes(StoreBase):
 
     @retry_on_deadlock
     def advance(
-        self, expected: Instance, task: Task, seq: int, task_state: TaskState, why: Why, **fields: Any
+        self,
+        expected: Instance,
+        task: Task,
+        seq: int,
+        task_state: TaskState,
+        why: Why,
+        *,
+        retried: bool = False,
+        **fields: Any,
     ) -> Instance:
-        """Move ``task`` to its next task_state (with ``fields``, e.g. host); close step ``seq - 1``, open ``seq``."""
+        """Move ``task`` to its next task_state (with ``fields``, e.g. host); close step ``seq - 1``, open ``seq``.
+
+        The closed step's result is ``ok``, or ``retried`` when the task goes back to
+        the first step of its walk (a reschedule); ``why.message`` is kept on it either way.
+        """
         at = now()
         after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at, **fields)
         with self.engine.begin() as conn:
             cas(conn, expected, after, task)
-            close_steps(conn, task.id, at, "ok" if why.message is None else "retried", why.message)
+            close_steps(conn, task.id, at, "retried" if retried else "ok", why.message)
             open_step(conn, task.id, seq, task_state.value)
             _still_ours(conn, task, sa.update(_T).values(lease_expires_at=at + self.lease))
             audit(conn, expected, after, why)

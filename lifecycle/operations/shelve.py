@@ -1,0 +1,190 @@
+"""Shelve, shelve offload and unshelve, as Nova's compute manager does them.
+
+shelve walks shelving (power the guest off: cleanly within ``shutdown_timeout``,
+then hard) -> shelving_image_pending_upload -> shelving_image_uploading (the
+root disk is read over the host's libvirt connection into a snapshot image the
+engine keeps under ``image_store_dir``, made whole from the instance's image
+and inspected as any image, registered as image ``shelved-<uuid>``). With
+``shelved_offload_time`` 0 (Nova's default) the walk goes on to
+shelving_offloading: the domain and disk are destroyed, the claims released,
+the host forgotten, and the instance ends ``shelved_offloaded``; otherwise it
+ends ``shelved`` and the daemon offloads it once that time has passed.
+
+unshelve walks unshelving -> spawning. A shelved instance still on its host is
+powered on there; an offloaded one is scheduled (or sent to ``host``), its
+claim taken, and spawned from its snapshot, the disk laid out over its image
+as any disk is. Once it is active the snapshot image is deleted, as is a
+shelved instance's snapshot when it is deleted.
+
+Failures: a snapshot that fails powers a guest that was running back on, so
+the instance keeps its vm_state; an offload at once that cannot reach the
+host leaves the instance ``shelved`` (the daemon offloads it later); an
+unshelve whose spawn fails gives its claim back and stays offloaded.
+Every step is repeat-safe, so recovery resumes each of these task_states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from lifecycle.config import Settings
+from lifecycle.errors import DriverError, ImageNotFound, InvalidInput, Preempted
+from lifecycle.placement import scheduler_for
+from lifecycle.records import Image, Instance
+from lifecycle.snapshots import SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
+from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.store import Store
+from lifecycle.store.db import now
+from lifecycle.tasks import Hook, Steps, TaskRun
+
+__all__ = ["GUARDS", "PREPARE", "STEPS"]
+
+
+T = TaskState
+
+
+# -- shelve ---------------------------------------------------------------------------------
+
+
+def shelve(run: TaskRun) -> None:
+    """Walk shelving -> shelving_image_pending_upload -> shelving_image_uploading [-> shelving_offloading]."""
+    try:
+        _shelve(run)
+    except Preempted:
+        _after_lost(run)
+        raise
+    except Exception:
+        if run.source_vm_state is VmState.ACTIVE and not run.changed:
+            with contextlib.suppress(Exception):  # best effort: the failure below is what gets recorded
+                run.driver.power_on(run.spec)
+        raise
+
+
+def _shelve(run: TaskRun) -> None:
+    # A paused guest cannot answer an ACPI request: it goes off at once, as Nova's would after its timeout.
+    run.power_off(timeout=0 if run.source_vm_state is VmState.PAUSED else None)
+    run.advance(T.SHELVING_IMAGE_PENDING_UPLOAD)
+    run.advance(T.SHELVING_IMAGE_UPLOADING)
+    image = _upload(run)
+    if run.settings.shelved_offload_time > 0:
+        return
+    run.advance(T.SHELVING_OFFLOADING, f"snapshot {image.name} stored; offloading at once (shelved_offload_time is 0)")
+    try:
+        _offload(run)
+    except DriverError as exc:
+        # The snapshot is safe and the guest off: keep the host, end shelved; the daemon offloads it later.
+        run.note = f"offload failed ({exc}); the instance stays shelved on {run.instance.host} for the daemon"
+        run.changed = False
+
+
+def _upload(run: TaskRun) -> Image:
+    uuid = run.instance.uuid
+    directory = image_store(run.settings)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DriverError(f"image store {directory}: {exc.strerror or exc}", uuid=uuid, call="snapshot") from None
+    target = directory / f"{snapshot_name(uuid)}.{SNAPSHOT_FORMAT}"
+    run.driver.snapshot(run.spec, target)
+    image = snapshot_of(run.store, uuid)
+    if image is None:  # a resumed run finds the row its crashed predecessor wrote
+        image = run.store.add_image(
+            snapshot_name(uuid),
+            str(target),
+            SNAPSHOT_FORMAT,
+            run.instance.flavor.root_gb,
+            {"shelved_instance": uuid, "base_image": run.image.name},
+        )
+    return image
+
+
+def _offload(run: TaskRun) -> None:
+    uuid = run.instance.uuid
+    run.changed = True  # the domain is going: a failure from here on cannot keep the vm_state
+    run.store.revoke_console_tokens(uuid)
+    run.driver.destroy(uuid, destroy_disks=True)
+    run.store.release_claims(uuid, task=run.task)
+    run.fields["host"] = None
+    run.end_power = PowerState.NOSTATE
+
+
+def _after_lost(run: TaskRun) -> None:
+    """Drop the snapshot this worker stored after a delete took the shelve over (and dropped it first)."""
+    with contextlib.suppress(Exception):
+        if run.store.get_instance(run.instance.uuid).vm_state is VmState.DELETED:
+            drop_snapshot(run.store, run.instance.uuid)
+
+
+def shelve_offload(run: TaskRun) -> None:
+    """Destroy a shelved instance's domain and disk, release its claims and forget its host."""
+    if snapshot_of(run.store, run.instance.uuid) is None:
+        raise ImageNotFound(snapshot_name(run.instance.uuid), [])  # never offload the only copy of a disk
+    _offload(run)
+
+
+# -- unshelve -------------------------------------------------------------------------------
+
+
+def guard(store: Store, _settings: Settings, instance: Instance) -> None:
+    """Refuse an unshelve with nothing to bring back, and ``host`` for an instance that still has one."""
+    if instance.vm_state is VmState.SHELVED_OFFLOADED and snapshot_of(store, instance.uuid) is None:
+        raise InvalidInput(
+            f"instance {instance.uuid} is offloaded but its snapshot {snapshot_name(instance.uuid)} is gone"
+        )
+
+
+def prepare(run: TaskRun) -> None:
+    """Give an offloaded instance's unshelve its scheduler (a shelved one stays where it is)."""
+    if run.source_vm_state is VmState.SHELVED_OFFLOADED:
+        run.schedule = scheduler_for(
+            run.store,
+            run.settings,
+            run.instance.uuid,
+            run.instance.flavor,
+            run.image,
+            requested_host=run.params.get("host"),
+            availability_zone=None,
+        )
+
+
+def unshelve(run: TaskRun) -> None:
+    """Walk unshelving -> spawning: power on where it is, or spawn from the snapshot on a scheduled host."""
+    uuid = run.instance.uuid
+    if run.source_vm_state is VmState.SHELVED:
+        run.advance(T.SPAWNING)
+        run.driver.power_on(run.spec)
+    else:
+        _spawn_offloaded(run)
+    drop_snapshot(run.store, uuid)
+    run.fields["launched_at"] = now()
+
+
+def _spawn_offloaded(run: TaskRun) -> None:
+    uuid = run.instance.uuid
+    snapshot = snapshot_of(run.store, uuid)
+    if snapshot is None:
+        raise ImageNotFound(snapshot_name(uuid), [])
+    run.fail_fields["host"] = None  # a failed unshelve stays offloaded: no host, no claim
+    if run.resumed_past(T.UNSHELVING) and run.instance.host is not None:
+        dest = run.instance.host
+    else:
+        assert run.schedule is not None, "an offloaded unshelve needs a scheduler"
+        run.store.release_claims(uuid)  # a crash between a claim and its step left one behind
+        dest = run.schedule([])
+        run.touched.add(dest)
+        run.advance(T.SPAWNING, f"scheduled to {dest}; spawning from snapshot {snapshot.name}", host=dest)
+    try:
+        run.driver.spawn_from_snapshot(run.spec, Path(snapshot.path), power_on=True)
+    except Preempted:
+        raise
+    except Exception:
+        run.store.release_claims(uuid, dest)
+        with contextlib.suppress(Exception):  # nothing half-made may stay on the host
+            run.driver_for(dest).destroy(uuid, destroy_disks=True)
+        raise
+
+
+GUARDS = {"unshelve": guard}
+STEPS: dict[str, Steps] = {"shelve": shelve, "shelve_offload": shelve_offload, "unshelve": unshelve}
+PREPARE: dict[str, Hook] = {"unshelve": prepare}

@@ -1,0 +1,54 @@
+"""Shelve snapshots: the images the engine makes of a shelved instance's disk, and where it keeps them.
+
+A shelved instance's disk lives on in one image, ``shelved-<uuid>``, a qcow2
+file under ``image_store_dir``. Unshelve and delete drop it (row and file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import structlog
+
+from lifecycle.config import Settings
+from lifecycle.errors import ImageNotFound
+from lifecycle.records import Image
+from lifecycle.store import Store
+
+__all__ = ["SNAPSHOT_FORMAT", "drop_snapshot", "image_store", "snapshot_name", "snapshot_of"]
+
+log = structlog.get_logger(__name__)
+
+SNAPSHOT_FORMAT = "qcow2"
+
+
+def snapshot_name(uuid: str) -> str:
+    """Return the name of the image holding a shelved instance's disk."""
+    return f"shelved-{uuid}"
+
+
+def image_store(settings: Settings) -> Path:
+    """Return the directory for images the engine makes (created on first use)."""
+    if settings.image_store_dir:
+        return Path(settings.image_store_dir).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "lifecycle" / "images"
+
+
+def snapshot_of(store: Store, uuid: str) -> Image | None:
+    """Return the snapshot image of a shelved instance, or None."""
+    try:
+        return store.get_image(snapshot_name(uuid))
+    except ImageNotFound:
+        return None
+
+
+def drop_snapshot(store: Store, uuid: str) -> None:
+    """Delete a shelved instance's snapshot image: its row and its file. Repeat-safe."""
+    image = snapshot_of(store, uuid)
+    if image is None:
+        return
+    Path(image.path).unlink(missing_ok=True)
+    store.remove_image(image.name)
+    log.info("shelve_snapshot_deleted", instance_uuid=uuid, image=image.name)
