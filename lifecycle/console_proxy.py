@@ -131,18 +131,26 @@ class ConsoleProxy:
             self.refusals.labels(reason=reason)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on ``host:port`` (port 0: any free one) and return the address bound."""
-        self._server = await ws_serve(
-            self._bridge,
-            host,
-            port,
-            process_request=self._process_request,
-            select_subprotocol=_binary_if_offered,
-            compression=None,  # VNC traffic is already encoded; deflate would only cost CPU
-            logger=_wire_log,
-        )
+        """Listen on ``host:port`` (port 0: any free one) and return the address bound.
+
+        Raises InvalidInput when the address cannot be listened on (in use, not this machine's).
+        """
+        try:
+            self._server = await ws_serve(
+                self._bridge,
+                host,
+                port,
+                process_request=self._process_request,
+                select_subprotocol=_binary_if_offered,
+                compression=None,  # VNC traffic is already encoded; deflate would only cost CPU
+                logger=_wire_log,
+            )
+        except OSError as exc:
+            raise InvalidInput(f"console proxy cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         bound = next(iter(self._server.sockets)).getsockname()
         log.info("console_proxy_listening", address=bound[0], port=bound[1], page_dir=str(self.page_dir))
+        if not (self.page_dir / "vnc_lite.html").is_file():
+            log.warning("console_page_missing", page_dir=str(self.page_dir), build="scripts/console-assets.sh")
         return bound[0], bound[1]
 
     async def stop(self) -> None:

@@ -33,6 +33,7 @@ from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
 from lifecycle import Engine, Settings
+from lifecycle.cli import main
 from lifecycle.console_proxy import ConsoleProxy
 from lifecycle.errors import InvalidInput
 from tests.conftest import FLAVOR, Fakes, make_engine
@@ -96,7 +97,8 @@ class RunningProxy:
         )
 
     def metric(self, name: str, **labels: str) -> float:
-        text = urllib.request.urlopen(f"{self.http}/metrics", timeout=10).read().decode()
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=10) as response:
+            text = response.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -419,14 +421,15 @@ def test_the_page_noVNC_and_metrics_are_served_and_nothing_else(tmp_path: Path, 
     (tmp_path / "outside.html").write_text("outside")
     proxy = RunningProxy(engine, Settings(console_page_dir=str(page)))
     try:
-        html = urllib.request.urlopen(f"{proxy.http}/vnc_lite.html?path=%3Ftoken%3Dx", timeout=10)
+        with urllib.request.urlopen(f"{proxy.http}/vnc_lite.html?path=%3Ftoken%3Dx", timeout=10) as html:
+            html.read()
         assert html.headers["Content-Type"].startswith("text/html")
         assert (
             html.headers["Referrer-Policy"] == "no-referrer"
             and "frame-ancestors 'none'" in html.headers["Content-Security-Policy"]
         )
-        js = urllib.request.urlopen(f"{proxy.http}/novnc/core/rfb.js", timeout=10)
-        assert js.headers["Content-Type"].startswith("text/javascript") and b"RFB" in js.read()
+        with urllib.request.urlopen(f"{proxy.http}/novnc/core/rfb.js", timeout=10) as js:
+            assert js.headers["Content-Type"].startswith("text/javascript") and b"RFB" in js.read()
         for path in (
             "/secret.txt",
             "/../outside.html",
@@ -436,6 +439,7 @@ def test_the_page_noVNC_and_metrics_are_served_and_nothing_else(tmp_path: Path, 
         ):
             with pytest.raises(urllib.error.HTTPError) as missing:
                 urllib.request.urlopen(f"{proxy.http}{path}", timeout=10)
+            missing.value.close()
             assert missing.value.code == 404, path
         assert proxy.metric("lifecycle_console_connections_open") == 0
     finally:
@@ -449,6 +453,7 @@ def test_an_unbuilt_page_says_how_to_build_it(tmp_path: Path, engine: Engine) ->
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"{proxy.http}/vnc_lite.html", timeout=10)
         assert missing.value.code == 404 and b"scripts/console-assets.sh" in missing.value.read()
+        missing.value.close()
     finally:
         proxy.close()
 
@@ -472,3 +477,13 @@ def test_bad_console_proxy_settings_are_refused(settings: dict[str, Any]) -> Non
     """Each console proxy setting is checked: a bad listen address, origin, limit, timeout or folder is refused."""
     with pytest.raises(InvalidInput, match=next(iter(settings))):
         Settings(**settings)
+
+
+def test_an_address_in_use_is_refused_with_exit_2(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``lifecycle console-proxy --listen`` on an address already taken exits 2 with a one-line reason."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--db", sqlite_url, "console-proxy", "--listen", f"127.0.0.1:{port}"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
