@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import logging
 import math
 import os
 import re
@@ -50,9 +49,13 @@ _SIMPLE_OPS = tuple(op.name.replace("_", "-") for op in graph.OPERATIONS if op.n
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog: readable on a terminal, JSON lines otherwise, to stderr."""
-    import structlog
+    import logging
 
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    if use_json and "structlog" not in sys.modules and "rich" not in sys.modules:
+        _import_structlog_without_rich()
+    import structlog
+
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -66,6 +69,22 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _import_structlog_without_rich() -> None:
+    """Import structlog with rich hidden: for JSON lines, which never use it.
+
+    structlog imports its console renderer whenever it is imported, and that
+    imports rich when installed (for pretty tracebacks): ~30 ms of a read
+    command's start. Hidden while structlog loads, rich stays importable
+    afterwards; only the console renderer of this process then formats
+    tracebacks without it.
+    """
+    sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` raises ImportError, as if absent
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
 
 
 def _stderr_logger(*_args: Any) -> Any:
@@ -511,12 +530,13 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
 
     if args.command == "show":
         i = engine.get(args.uuid)
-        _emit(args, to_plain(i), _instance_line(i))
+        _emit(args, to_plain(i) if args.json else None, _instance_line(i))  # JSON data only when printed
     elif args.command == "list":
         if args.host is not None:
             engine.host(args.host)  # an unknown host is a typo to report, not an empty list
         rows = engine.list(args.host, include_deleted=args.all)
-        _emit(args, to_plain(rows), "\n".join(_instance_line(i) for i in rows) or "no instances")
+        text = "\n".join(_instance_line(i) for i in rows) if not args.json else ""
+        _emit(args, to_plain(rows) if args.json else None, text or "no instances")
     elif args.command == "console":
         access = engine.get_vnc_console(args.uuid)
         _emit(args, to_plain(access), f"{access.url}\n(valid until {access.expires_at.isoformat(timespec='seconds')})")

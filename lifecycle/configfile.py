@@ -33,19 +33,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import Field, ValidationError, create_model
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+    from pydantic_settings import BaseSettings, EnvSettingsSource
 
 __all__ = ["DEFAULT_CONFIG", "Loaded", "find_config", "load_settings"]
 
@@ -87,7 +82,17 @@ def load_settings(
     if "LIFECYCLE_DB_URL" in env and not env["LIFECYCLE_DB_URL"].strip():
         raise InvalidInput("LIFECYCLE_DB_URL is set but empty: unset it, or name a database")
     found = find_config(path, env)
-    flags = _nest(dict(overrides or {}))
+    if found is None and not overrides and not _settings_in(env):
+        return _defaults(env)  # the common case, without importing pydantic-settings (a CLI read starts faster)
+    return _read(found, env, overrides or {})
+
+
+def _read(found: Path | None, env: dict[str, str], overrides: Mapping[str, Any]) -> Loaded:
+    """Read the settings through pydantic-settings: the file, the environment, the flags, converted and checked."""
+    from pydantic import ValidationError
+    from pydantic_settings import TomlConfigSettingsSource
+
+    flags = _nest(dict(overrides))
     model = _model(found, env)
     try:
         env_values = _env_source(model, env)()
@@ -114,6 +119,29 @@ def load_settings(
     return Loaded(settings, getattr(values, _DB_KEY), sources, found)
 
 
+def _settings_in(environ: Mapping[str, str]) -> bool:
+    """Say whether ``environ`` names a setting other than by ``LIFECYCLE_DB_URL`` (as pydantic-settings reads it).
+
+    The environment source matches names case-insensitively: ``LIFECYCLE_`` plus a field, nested fields
+    after ``__``; the database URL by its alias or its field name.
+    """
+    names = {f"{ENV_PREFIX}{name}".lower() for name in settings_model_fields()} | {"lifecycle_db_url"}
+    for key in environ:
+        low = key.lower()
+        if key != "LIFECYCLE_DB_URL" and (low in names or low.partition("__")[0] in names):
+            return True
+    return False
+
+
+def _defaults(environ: Mapping[str, str]) -> Loaded:
+    """Return what :func:`load_settings` reads with no file, no flags and no setting in the environment."""
+    url = environ.get("LIFECYCLE_DB_URL")
+    sources = dict.fromkeys(sorted(_all_keys()), "default")
+    if url is not None:
+        sources[_DB_KEY] = "env"
+    return Loaded(Settings(), url, sources, None)
+
+
 def settings_model_fields() -> list[str]:
     """Return the top-level keys a config file may hold."""
     return [*(f.name for f in dataclasses.fields(Settings)), _DB_KEY]
@@ -121,6 +149,9 @@ def settings_model_fields() -> list[str]:
 
 def _model(path: Path | None, environ: dict[str, str]) -> type[BaseSettings]:
     """Build the pydantic-settings model mirroring Settings (its types and defaults), reading ``path``."""
+    from pydantic import Field, create_model
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
     hints = typing.get_type_hints(Settings)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
@@ -157,6 +188,8 @@ def _model(path: Path | None, environ: dict[str, str]) -> type[BaseSettings]:
 
 def _env_source(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> EnvSettingsSource:
     """Read ``LIFECYCLE_...`` variables from ``environ`` (the given environment, not necessarily os.environ)."""
+    from pydantic_settings import EnvSettingsSource
+
     source = EnvSettingsSource(settings_cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
     source.env_vars = {k.lower(): v for k, v in environ.items()}
     return source

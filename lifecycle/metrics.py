@@ -7,6 +7,10 @@ and the age of the oldest per operation (a stuck task shows as an age that
 only grows), and each host up or down. ``lifecycle daemon --metrics-listen
 ADDR:PORT`` serves :attr:`Metrics.registry` in Prometheus text format.
 
+prometheus-client is imported, and the metrics made, when first used (an
+observation, or reading ``registry``), or at once when the embedder gives a
+registry of its own: a command that only reads the database never loads it.
+
 =========================================  ================================================
 metric                                     meaning
 =========================================  ================================================
@@ -27,17 +31,18 @@ lifecycle_host_up{host}                    1 while the host heartbeats within ho
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from lifecycle.store.db import now
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
     from lifecycle.config import Settings
     from lifecycle.recovery import Recovered
     from lifecycle.resize_window import WindowResult
@@ -54,6 +59,58 @@ class Metrics:
     """The metrics of one engine."""
 
     def __init__(self, store: Store, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self._store = store
+        self._settings = settings
+        self._given = registry
+        self._lock = threading.Lock()
+        self._built: _Made | None = None
+        if registry is not None:
+            self._made  # noqa: B018  # the embedder's registry shows the metrics from the start, as it always did
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry to serve: the embedder's, else one of this engine's own."""
+        return self._made.registry
+
+    @property
+    def _made(self) -> _Made:
+        made = self._built
+        if made is None:
+            with self._lock:  # once, whichever thread observes first
+                if self._built is None:
+                    self._built = _Made(self._store, self._settings, self._given)
+                made = self._built
+        return made
+
+    def observe_pass(self, summary: PassSummary) -> None:
+        """Count one sync pass: its duration, result, drift and the actions per rule."""
+        self._made.observe_pass(summary)
+
+    def observe_event(self, host: str, at: datetime, outcome: str) -> None:
+        """Count one handled hypervisor event: its lag, and the rule it fired (or an error)."""
+        self._made.observe_event(host, at, outcome)
+
+    def host_error(self, host: str, kind: str) -> None:
+        """Count an error of a host's heartbeat, image cache cleanup or other periodic job."""
+        self._made.errors.labels(host, kind).inc()
+
+    def observe_recovery(self, results: Iterable[Recovered]) -> None:
+        """Count the tasks a recovery round took over."""
+        for r in results:
+            self._made.recovered.labels(r.plan, r.outcome).inc()
+
+    def observe_window(self, results: Iterable[WindowResult]) -> None:
+        """Count the moves the confirm window handled."""
+        for r in results:
+            self._made.window.labels(r.action, r.outcome).inc()
+
+
+class _Made:
+    """The registry and the metrics on it, made on first use."""
+
+    def __init__(self, store: Store, settings: Settings, registry: CollectorRegistry | None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.pass_seconds = Histogram(
@@ -72,7 +129,7 @@ class Metrics:
         self.window = Counter(
             "lifecycle_resize_window", "Moves the confirm window handled", ["action", "outcome"], registry=r
         )
-        r.register(_StateCollector(store, settings))
+        r.register(_state_collector(store, settings))
 
     def observe_pass(self, summary: PassSummary) -> None:
         """Count one sync pass: its duration, result, drift and the actions per rule."""
@@ -97,53 +154,43 @@ class Metrics:
         elif ":" in outcome:  # a sync rule fired (rules are named case:stance)
             self.actions.labels(host, outcome).inc()
 
-    def host_error(self, host: str, kind: str) -> None:
-        """Count an error of a host's heartbeat, image cache cleanup or other periodic job."""
-        self.errors.labels(host, kind).inc()
 
-    def observe_recovery(self, results: Iterable[Recovered]) -> None:
-        """Count the tasks a recovery round took over."""
-        for r in results:
-            self.recovered.labels(r.plan, r.outcome).inc()
+def _state_collector(store: Store, settings: Settings) -> Collector:
+    """Return the collector of what the database says now: instances per state, running tasks, hosts up."""
+    from prometheus_client.registry import Collector
 
-    def observe_window(self, results: Iterable[WindowResult]) -> None:
-        """Count the moves the confirm window handled."""
-        for r in results:
-            self.window.labels(r.action, r.outcome).inc()
+    class _StateCollector(Collector):
+        def describe(self) -> Iterable[GaugeMetricFamily]:
+            return []  # collected from the database at scrape time only, not at registration
+
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            return _collect(store, settings)
+
+    return _StateCollector()
 
 
-class _StateCollector(Collector):
-    """What the database says now: instances per state, running tasks, hosts up."""
+def _collect(store: Store, settings: Settings) -> Iterator[GaugeMetricFamily]:
+    from prometheus_client.core import GaugeMetricFamily
 
-    def __init__(self, store: Store, settings: Settings) -> None:
-        self.store = store
-        self.settings = settings
-
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return []  # collected from the database at scrape time only, not at registration
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        instances = GaugeMetricFamily(
-            "lifecycle_instances", "Live instances per vm_state and task_state", labels=["vm_state", "task_state"]
-        )
-        for (vm, task), count in sorted(self.store.instance_counts().items(), key=str):
-            instances.add_metric([vm, task or "none"], count)
-        yield instances
-        running = GaugeMetricFamily("lifecycle_running_tasks", "Running tasks per operation", labels=["operation"])
-        oldest = GaugeMetricFamily(
-            "lifecycle_oldest_running_task_seconds", "Age of the oldest running task", labels=["operation"]
-        )
-        moment = now()
-        for operation, (count, started) in sorted(self.store.running_task_stats().items()):
-            running.add_metric([operation], count)
-            oldest.add_metric([operation], max(0.0, (moment - started).total_seconds()))
-        yield running
-        yield oldest
-        up = GaugeMetricFamily(
-            "lifecycle_host_up", "1 while the host heartbeats within host_down_after", labels=["host"]
-        )
-        for host in self.store.list_hosts():
-            beat = host.last_heartbeat
-            alive = beat is not None and (moment - beat).total_seconds() <= self.settings.host_down_after
-            up.add_metric([host.name], 1.0 if alive else 0.0)
-        yield up
+    instances = GaugeMetricFamily(
+        "lifecycle_instances", "Live instances per vm_state and task_state", labels=["vm_state", "task_state"]
+    )
+    for (vm, task), count in sorted(store.instance_counts().items(), key=str):
+        instances.add_metric([vm, task or "none"], count)
+    yield instances
+    running = GaugeMetricFamily("lifecycle_running_tasks", "Running tasks per operation", labels=["operation"])
+    oldest = GaugeMetricFamily(
+        "lifecycle_oldest_running_task_seconds", "Age of the oldest running task", labels=["operation"]
+    )
+    moment = now()
+    for operation, (count, started) in sorted(store.running_task_stats().items()):
+        running.add_metric([operation], count)
+        oldest.add_metric([operation], max(0.0, (moment - started).total_seconds()))
+    yield running
+    yield oldest
+    up = GaugeMetricFamily("lifecycle_host_up", "1 while the host heartbeats within host_down_after", labels=["host"])
+    for host in store.list_hosts():
+        beat = host.last_heartbeat
+        alive = beat is not None and (moment - beat).total_seconds() <= settings.host_down_after
+        up.add_metric([host.name], 1.0 if alive else 0.0)
+    yield up

@@ -153,3 +153,22 @@ def test_config_show_never_prints_a_database_password(
     monkeypatch.setenv("LIFECYCLE_DB_URL", "")
     assert main(["config", "show"]) == 2
     assert "LIFECYCLE_DB_URL is set but empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"LIFECYCLE_DB_URL": " sqlite:///spaced.db "},
+        {"LIFECYCLE_DB_URL": "sqlite:///x.db", "LIFECYCLE_WEBHOOK_SECRET": "s" * 20, "LIFECYCLE_TEST_PG_URL": "x"},
+        {"lifecycle_db_url": "sqlite:///lower.db"},
+        {"LIFECYCLE_WORKERS": "3"},
+        {"lifecycle_scheduler__ram_allocation_ratio": "2.0"},
+        {"LIFECYCLE_DATABASE_URL": "sqlite:///by-field.db"},
+    ],
+)
+def test_the_shortcut_without_pydantic_settings_reads_what_pydantic_settings_reads(env: dict[str, str]) -> None:
+    """With no file and no flag, load_settings answers as the pydantic-settings path does, whatever the environment."""
+    from lifecycle import configfile
+
+    assert load_settings(environ=env) == configfile._read(None, dict(env), {})

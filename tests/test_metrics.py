@@ -167,3 +167,38 @@ def test_a_bad_metrics_address_is_refused(tmp_path: Path) -> None:
             check=False,
         )
         assert done.returncode == 2 and "--metrics-listen" in done.stderr, (bad, done.stderr)
+
+
+def test_a_given_registry_holds_the_metrics_before_anything_is_observed(db_url: str, fakes: Fakes) -> None:
+    """Metrics are made lazily only for the engine's own registry: an embedder's shows them from construction."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    with Engine(db_url, driver_factory=fakes.factory, metrics_registry=registry):
+        text = generate_latest(registry).decode()
+    assert "# TYPE lifecycle_sync_passes_total counter" in text
+    assert "# TYPE lifecycle_instances gauge" in text
+
+
+def test_the_metrics_are_made_once_whichever_threads_observe_first(
+    db_url: str, fakes: Fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads observing at once on a fresh engine share one registry: every count lands in the one served."""
+    from lifecycle import metrics
+
+    made = metrics._Made.__init__
+
+    def slow(self: metrics._Made, *args: object) -> None:
+        time.sleep(0.05)  # widen the window in which a second thread could make a second registry
+        made(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(metrics._Made, "__init__", slow)
+    with Engine(db_url, driver_factory=fakes.factory) as engine:
+        threads = [threading.Thread(target=engine.metrics.host_error, args=("a", "event")) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert (
+            engine.metrics.registry.get_sample_value("lifecycle_host_errors_total", {"host": "a", "kind": "event"}) == 8
+        )
