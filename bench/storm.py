@@ -32,6 +32,12 @@ Each create that had to pick again counts as a reschedule caused by racing
 claims (target: under 5% of creates); reschedules after a failed spawn are
 read from the audit log (none expected: the fake hosts do not fail).
 
+What limits the engine shows in its per-operation counts, printed beside the
+floor's for each kind: transactions, reads (connections used outside a
+transaction), statements, pool pings (``pool_pre_ping``: one ``SELECT 1`` at
+each checkout) and the round trips they add up to (statements, plus BEGIN and
+COMMIT or ROLLBACK per transaction or read, plus pings).
+
 Afterwards the database is checked: no host is over its allocation ratios
 (vCPU, RAM, disk), and every instance's audit chain is consistent (each
 row starts where the previous one ended, the last one ends at the instance
@@ -114,6 +120,13 @@ class Result(NamedTuple):
     ops: list[Op]
     started: float
     ended: float
+    pings: bool
+    """Whether its pool pinged the server at each checkout (``pool_pre_ping``): one round trip each."""
+
+
+def round_trips(op: Op, pings: bool) -> int:
+    """Client-server round trips of an operation: its statements, BEGIN and COMMIT/ROLLBACK, and pings."""
+    return op.statements + 2 * (op.commits + op.rollbacks) + (op.checkouts if pings else 0)
 
 
 # -- counting what the engine sends ------------------------------------------------------------------
@@ -211,7 +224,7 @@ def engine_worker(url: str, proc: int, budget: int, window: int, image: str, bar
             elif len(ops) < budget:  # the error instance goes at once; then room is awaited
                 live.appendleft([uuid, 2, False])
                 waiting = True
-        return Result(ops, started, time.time())
+        return Result(ops, started, time.time(), bool(engine.store.engine.pool._pre_ping))
 
 
 # -- the floor ---------------------------------------------------------------------------------------
@@ -336,6 +349,8 @@ def floor_worker(url: str, proc: int, script: list[Op], hosts: list[str], image:
     """Replay a process's operations as bare compare-and-swap-plus-audit transactions, as many per operation."""
     rng = random.Random(proc)
     db = sa.create_engine(url)
+    counts = Counts()
+    counts.listen(db)
     live: deque[FloorRow] = deque()
     timed: list[Op] = []
     barrier.wait()
@@ -357,10 +372,11 @@ def floor_worker(url: str, proc: int, script: list[Op], hosts: list[str], image:
                 if i == 0 and op.placed:
                     _floor_claim(conn, row, hosts, rng, +1 if op.kind == "create" else -1)
                 row.cas(conn, *state)
-        timed.append(op._replace(seconds=time.perf_counter() - clock))
+        timed.append(Op(op.kind, time.perf_counter() - clock, *counts.take(), placed=op.placed))
     ended = time.time()
+    pings = bool(db.pool._pre_ping)
     db.dispose()
-    return Result(timed, started, ended)
+    return Result(timed, started, ended, pings)
 
 
 # -- set-up, runs, checks, report --------------------------------------------------------------------
@@ -454,24 +470,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+def _per_op(results: list[Result], kind: str) -> tuple[list[float], dict[str, float]]:
+    """Latencies of one kind of operation, and its mean counts per operation."""
+    ops = [(op, r.pings) for r in results for op in r.ops if op.kind == kind]
+    n = max(1, len(ops))
+    means = {
+        "txns": sum(op.commits for op, _ in ops) / n,
+        "reads": sum(op.rollbacks for op, _ in ops) / n,
+        "stmts": sum(op.statements for op, _ in ops) / n,
+        "pings": sum(op.checkouts for op, pings in ops if pings) / n,
+        "trips": sum(round_trips(op, pings) for op, pings in ops) / n,
+    }
+    return [op.seconds for op, _ in ops], means
+
+
 def report_kinds(engine: list[Result], floor: list[Result]) -> None:
+    """One line per kind of operation: latencies on each side, and what each sent the server per operation."""
     print(
-        f"{'kind':<19}{'n':>5}  {'p50 ms':>7} {'p99 ms':>7}   {'floor p50':>9} {'p99':>6}"
-        "  per op: txns reads stmts checkouts"
+        f"{'kind':<19}{'n':>5} | engine p50 {'p99':>6} | floor p50 {'p99':>6} | engine per op: txns reads stmts"
+        " pings trips | floor per op: txns stmts trips  (ms; trips: round trips to the server)"
     )
     for kind in KINDS:
-        ops = [op for r in engine for op in r.ops if op.kind == kind]
-        if not ops:
+        took, mine = _per_op(engine, kind)
+        if not took:
             continue
-        raw = [op.seconds for r in floor for op in r.ops if op.kind == kind]
-        n = len(ops)
+        raw, base = _per_op(floor, kind)
         print(
-            f"{kind:<19}{n:>5}  {percentile([o.seconds for o in ops], 0.5) * 1e3:7.1f} "
-            f"{percentile([o.seconds for o in ops], 0.99) * 1e3:7.1f}   {percentile(raw, 0.5) * 1e3:9.1f} "
-            f"{percentile(raw, 0.99) * 1e3:6.1f}  {sum(o.commits for o in ops) / n:13.1f} "
-            f"{sum(o.rollbacks for o in ops) / n:5.1f} {sum(o.statements for o in ops) / n:5.1f} "
-            f"{sum(o.checkouts for o in ops) / n:9.1f}"
+            f"{kind:<19}{len(took):>5} | {percentile(took, 0.5) * 1e3:10.1f} {percentile(took, 0.99) * 1e3:6.1f} | "
+            f"{percentile(raw, 0.5) * 1e3:9.1f} {percentile(raw, 0.99) * 1e3:6.1f} | {mine['txns']:19.1f} "
+            f"{mine['reads']:5.1f} {mine['stmts']:5.1f} {mine['pings']:5.1f} {mine['trips']:5.1f} | "
+            f"{base['txns']:18.1f} {base['stmts']:5.1f} {base['trips']:5.1f}"
         )
+    trips = [sum(round_trips(op, r.pings) for r in side for op in r.ops) for side in (engine, floor)]
+    print(
+        f"round trips per operation: engine {trips[0] / rate(engine)[0]:.1f}, floor {trips[1] / rate(floor)[0]:.1f} "
+        f"({trips[0] / max(1, trips[1]):.2f}x)"
+    )
 
 
 def check_hosts(db: sa.Engine) -> list[str]:

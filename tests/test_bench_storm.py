@@ -42,6 +42,7 @@ def test_storm_runs_with_invariants_holding(pg_server_url: str) -> None:
         "engine: 60 operations in",
         "floor:  60 operations in",
         "ratio engine/floor:",
+        "round trips per operation: engine",
         "claim races:",
         "reschedules caused by racing claims:",
         "hosts over an allocation ratio: 0",
