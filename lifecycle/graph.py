@@ -1,4 +1,4 @@
-"""The operations table, and the state machines built from it once at import.
+"""The operations table, and the state machines built from it once, when first used.
 
 ``OPERATIONS`` is the single source of truth for guards: which vm_states and
 task_states each operation is allowed from, the task_states it walks through,
@@ -9,23 +9,27 @@ Two model-less ``transitions`` machines are built from the table, one per state
 dimension that operations drive (vm_state and task_state). They are fired on
 throw-away cursors, never bound to rows: one shared machine costs nothing,
 one machine per instance costs seconds and hundreds of MiB at 10,000 rows.
-``transitions`` does not check a chart; :func:`check_table` does, at import:
-every state is reachable (or explicitly reserved), every task_state has a
-success, a failure and a preemption exit, and ``deleted`` is terminal.
+``transitions`` does not check a chart; :func:`check_table` does, before the
+machines are built (so before any operation's guard is checked): every state
+is reachable (or explicitly reserved), every task_state has a success, a
+failure and a preemption exit, and ``deleted`` is terminal. Neither runs on
+import: the CLI's ``--help``, ``graph`` and reads need only the table.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from transitions import Machine, MachineError
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.errors import InvalidState
 from lifecycle.states import PowerState, TaskState, VmState
+
+if TYPE_CHECKING:
+    from transitions import Machine
 
 __all__ = [
     "ANY_TASK",
@@ -328,6 +332,8 @@ def _dest_is(dest: str) -> Any:
 
 
 def _vm_machine() -> Machine:
+    from transitions import Machine
+
     machine = Machine(
         model=None,
         states=[_NEW_NAME, *(s.value for s in VmState)],
@@ -348,6 +354,8 @@ def _vm_machine() -> Machine:
 
 
 def _task_machine() -> Machine:
+    from transitions import Machine
+
     machine = Machine(
         model=None,
         states=[_task_name(None), *(t.value for t in TaskState)],
@@ -371,8 +379,19 @@ def _task_machine() -> Machine:
     return machine
 
 
-VM_MACHINE = _vm_machine()
-TASK_MACHINE = _task_machine()
+@functools.cache
+def _machines() -> tuple[Machine, Machine]:
+    """Check the table, then build the vm_state and task_state machines (once, at the first guard or step)."""
+    check_table()
+    return _vm_machine(), _task_machine()
+
+
+def _vm() -> Machine:
+    return _machines()[0]
+
+
+def _task() -> Machine:
+    return _machines()[1]
 
 
 class _Cursor:
@@ -386,6 +405,8 @@ class _Cursor:
 
 
 def _fire(machine: Machine, event: str, cursor: _Cursor, **kwargs: Any) -> bool:
+    from transitions import MachineError
+
     try:
         return bool(machine.events[event].trigger(cursor, **kwargs))
     except (MachineError, KeyError):
@@ -402,22 +423,22 @@ def begin(name: str, uuid: str, vm_state: VmState | None, task_state: TaskState 
     vm = _NEW_NAME if vm_state is None else vm_state.value
     cursor = _Cursor(vm, _task_name(task_state))
     vm_ok = op.creates == (vm_state is None) and _any_vm_transition(op.name, vm)
-    if not (vm_ok and _fire(TASK_MACHINE, f"{name}.begin", cursor)):
+    if not (vm_ok and _fire(_task(), f"{name}.begin", cursor)):
         raise InvalidState(name, uuid, vm_state, task_state, op.allowed_vm_states, op.allowed_task_states)
     return TaskState(cursor.task_state)
 
 
 def _any_vm_transition(event: str, source: str) -> bool:
-    ev = VM_MACHINE.events.get(event)
+    ev = _vm().events.get(event)
     return ev is not None and source in ev.transitions
 
 
 def next_task_state(name: str, current: TaskState) -> TaskState | None:
     """Return the task_state after ``current`` in the walk, or None after the last one."""
     cursor = _Cursor("", current.value)
-    if _fire(TASK_MACHINE, f"{name}.step", cursor):
+    if _fire(_task(), f"{name}.step", cursor):
         return TaskState(cursor.task_state)
-    if _fire(TASK_MACHINE, f"{name}.finish", cursor):
+    if _fire(_task(), f"{name}.finish", cursor):
         return None
     raise ValueError(f"{current.value} is not part of the {name} walk")
 
@@ -425,7 +446,7 @@ def next_task_state(name: str, current: TaskState) -> TaskState | None:
 def retry_task_state(name: str, current: TaskState) -> TaskState:
     """Return the task_state a rescheduling operation goes back to from ``current``."""
     cursor = _Cursor("", current.value)
-    if not _fire(TASK_MACHINE, f"{name}.retry", cursor):
+    if not _fire(_task(), f"{name}.retry", cursor):
         raise ValueError(f"{name} cannot go back from {current.value}")
     return TaskState(cursor.task_state)
 
@@ -450,7 +471,7 @@ def end_vm_state(
     dest = _resolve(op.result, start, power, previous) if succeeded else _failure_dest(op, start, power, before_power)
     cursor = _Cursor(_NEW_NAME if source is None else source.value, "")
     event = name if succeeded else f"{name}.fail"
-    if not _fire(VM_MACHINE, event, cursor, dest=dest.value):
+    if not _fire(_vm(), event, cursor, dest=dest.value):
         raise AssertionError(f"{event} from {cursor.vm_state} to {dest.value} is not in the graph")
     return dest
 
@@ -554,6 +575,3 @@ def to_mermaid() -> str:
 
 def _node(name: str) -> str:
     return name if name == "[*]" else name.replace("-", "_")
-
-
-check_table()

@@ -77,7 +77,7 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def test_help_and_graph_import_no_database_layer_and_no_logging(argv: tuple[str, ...]) -> None:
     """--help and graph load neither SQLAlchemy nor the store nor the engine, nor structlog, nor transitions."""
     modules = _modules(*argv)
-    assert _loaded(modules, (*_DATABASE, "structlog", "pydantic", "prometheus_client", "drivers")) == []
+    assert _loaded(modules, (*_DATABASE, "structlog", "transitions", "pydantic", "prometheus_client", "drivers")) == []
 
 
 @pytest.mark.parametrize("command", ["show", "list", "show-json", "list-json"])
