@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from lifecycle.console_proxy import PAGE_DIR
-from tests.conftest import QEMU_URI, qemu_ready, require
+from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, require
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -129,20 +129,15 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, remote_instances: PurePosixPath, base_image: Path) -> Iterator[Setup]:
-    """Hosts a (local, VNC on 127.0.0.1) and b (remote, console address 127.0.0.2), an image, a config file."""
+def setup(tmp_path: Path, base_image: Path) -> Iterator[Setup]:
+    """Host a (qemu:///system, VNC on 127.0.0.1), an image, and the settings in a config file."""
     qemu_ready()
     chromium_ready()
     tmp_path.chmod(0o755)
     run = Setup(tmp_path)
     run("db", "upgrade")
     run("host", "add", "a", "--uri", QEMU_URI, "--instances-path", str(tmp_path / "a"))
-    remote = os.environ["LIFECYCLE_TEST_REMOTE_URI"]
-    run(
-        "host", "add", "b", "--uri", remote, "--instances-path", str(remote_instances), "--console-address", "127.0.0.2"
-    )
-    for host in ("a", "b"):
-        run("host", "heartbeat", host)
+    run("host", "heartbeat", "a")
     run("image", "add", "base", "--path", str(base_image))
     yield run
     if run.proxy is not None and run.proxy.poll() is None:
@@ -242,9 +237,12 @@ def test_the_console_url_shows_the_guests_screen_and_a_stopped_proxy_closes_clea
 
 
 def test_a_console_on_the_remote_host_and_refused_once_the_guest_is_deleted(
-    setup: Setup, browser: Any, tmp_path: Path
+    setup: Setup, browser: Any, tmp_path: Path, remote_host: RemoteHost, remote_instances: PurePosixPath
 ) -> None:
     """A guest on the second libvirtd is shown through 127.0.0.2; after its delete the same URL is refused in the browser."""
+    b = ["--uri", remote_host.uri, "--instances-path", str(remote_instances), "--console-address", "127.0.0.2"]
+    setup("host", "add", "b", *b)
+    setup("host", "heartbeat", "b")
     uuid = setup.create("b")
     url = setup("console", uuid)["url"]
     setup.start_proxy()
