@@ -153,9 +153,10 @@ def run_nova_loop(engine: Engine) -> None:
 
 def run_floor(engine: Engine) -> None:
     """One listing, one select of the decision's columns, one batched write of the drifted rows (raw Core)."""
+    observed_at = datetime.now(UTC)
     owned = engine.driver("h1").list_instances().owned
     db, t = engine.store.engine, TABLE
-    query = sa.select(t.c.uuid, t.c.version, t.c.task_state, t.c.power_state, t.c.updated_at).where(
+    query = sa.select(t.c.uuid, t.c.version, t.c.task_state, t.c.power_state, t.c.updated_at > observed_at).where(
         t.c.host == "h1", t.c.vm_state != "deleted"
     )
     with db.connect() as conn:
@@ -163,8 +164,8 @@ def run_floor(engine: Engine) -> None:
     at = datetime.now(UTC)
     drifted = [
         {"u": u, "v": v, "p": int(owned[u]), "old": p}
-        for u, v, task, p, _ in rows
-        if task is None and u in owned and int(owned[u]) != p
+        for u, v, task, p, changed in rows
+        if task is None and not changed and u in owned and int(owned[u]) != p
     ]
     if not drifted:
         return
@@ -215,13 +216,14 @@ def scenario(
         sweeps.append(timed(template, workdir, uuids, drift, run_sweep))
         loops.append(timed(template, workdir, uuids, drift, run_nova_loop))
     sweep, loop, floor = statistics.median(sweeps), statistics.median(loops), statistics.median(floors)
-    ratio, over = loop / sweep, sweep / floor
+    ratio = loop / sweep
+    over = statistics.median(s / f for s, f in zip(sweeps, floors, strict=True))  # each run's pair: same noise
     verdict = "met" if ratio >= target else "NOT met"
     floor_verdict = "met" if over <= FLOOR_TARGET else "NOT met"
     print(
         f"{name:<13} sweep {sweep * 1000:8.1f} ms  nova-loop {loop * 1000:8.1f} ms  "
         f"speed-up {ratio:5.1f}x  (target >= {target:.0f}x: {verdict})\n"
-        f"{'':<13} floor {floor * 1000:8.1f} ms  ratio sweep/floor {over:5.2f}x  "
+        f"{'':<13} floor {floor * 1000:8.1f} ms  ratio sweep/floor {over:5.2f}x (median of the runs' ratios)  "
         f"(target <= {FLOOR_TARGET:g}x: {floor_verdict})"
     )
 

@@ -33,7 +33,7 @@ def test_decider_agrees_with_decide_on_every_case(policy: Policy) -> None:
         expected = decide(Recorded(vm, task_state, power, changed_at, missing), Observation(observed, AT), policy)
         stored = (vm.value, task, int(power), missing, observed, changed_after)
         assert decider(*stored) == expected
-        assert decider(*stored) is decider(*stored)  # decided once per case: the pass groups rows by identity
+        assert decider(*stored) is decider(*stored)  # each case decided once per pass
 
 
 def test_sync_rows_say_which_rows_changed_after_the_observation(
