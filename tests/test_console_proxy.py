@@ -487,3 +487,28 @@ def test_an_address_in_use_is_refused_with_exit_2(sqlite_url: str, capsys: pytes
         port = taken.getsockname()[1]
         assert main(["--db", sqlite_url, "console-proxy", "--listen", f"127.0.0.1:{port}"]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_database_that_fails_refuses_with_503_and_the_proxy_goes_on(
+    sqlite_url: str,
+    engine: Engine,
+    new_console: Callable[[], tuple[str, str, FakeVnc]],
+    proxy_for: Callable[..., RunningProxy],
+    logged: list[dict[str, Any]],
+) -> None:
+    """When the token check fails in the database the websocket gets 503 (no VNC connection) and later ones still work."""
+    _, token, vnc = new_console()
+    proxy = proxy_for()
+    database = Path(sqlite_url.removeprefix("sqlite:///"))
+    kept = database.with_suffix(".kept")
+    engine.store.engine.dispose()
+    database.rename(kept)  # the next connection opens a new, empty file: no tables
+    try:
+        assert _refused_with(proxy, token) == 503
+    finally:
+        engine.store.engine.dispose()
+        kept.replace(database)
+    assert vnc.connections == 0
+    assert [e["reason"] for e in logged if e["event"] == "console_refused"] == ["unavailable"]
+    with proxy.open(token) as ws:
+        assert ws.recv(timeout=10) == BANNER
