@@ -216,6 +216,11 @@ class Daemon:
             Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
             Job("reclaim", _duty_interval(engine.settings.reclaim_instance_interval), engine.reclaim_queued_deletes),
             Job("build_timeout", _duty_interval(engine.settings.instance_build_timeout), engine.check_build_timeouts),
+            Job(
+                "shelved_offload",
+                _duty_interval(engine.settings.shelved_offload_time),
+                engine.offload_shelved_instances,
+            ),
             Job("prune_changes", _duty_interval(engine.settings.change_retention), engine.prune_changes),
         ]
 

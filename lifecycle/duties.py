@@ -1,4 +1,4 @@
-"""Operator duties: reclaim of soft-deleted instances, build timeout, reset-state, lock and unlock.
+"""Operator duties: reclaim, build timeout, shelved offload, reset-state, lock and unlock.
 
 These are what Nova operators rely on every week and what, missing, pushes
 operators of its peers to edit the database by hand:
@@ -10,6 +10,10 @@ operators of its peers to edit the database by hand:
 - **build timeout** (Nova's ``_check_instance_build_time``): a build still
   running after ``instance_build_timeout`` seconds ends failed and the
   instance goes to error (cause ``timer``).
+- **shelved offload** (Nova's ``_poll_shelved_instances``): an instance shelved
+  on its host for ``shelved_offload_time`` seconds is offloaded (a
+  ``shelve_offload`` task, cause ``timer``); with the setting at 0 a shelve
+  offloads at once, and the duty offloads what an unreachable host kept.
 - **reset-state** (Nova's ``nova reset-state``): the one supported way out of
   a stuck task. The running task ends failed with cause ``admin`` and its
   worker is fenced (it stops before its next hypervisor call or write); the
@@ -43,7 +47,16 @@ from lifecycle.store.db import now
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
 
-__all__ = ["RESET_STATES", "DutyResult", "check_build_timeouts", "lock", "reclaim", "reset_state", "unlock"]
+__all__ = [
+    "RESET_STATES",
+    "DutyResult",
+    "check_build_timeouts",
+    "lock",
+    "offload_shelved",
+    "reclaim",
+    "reset_state",
+    "unlock",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +70,7 @@ class DutyResult:
 
     uuid: str
     outcome: str
-    """``deleted``, ``timed_out``, ``skipped`` (it changed meanwhile) or ``failed``."""
+    """``deleted``, ``offloaded``, ``timed_out``, ``skipped`` (it changed meanwhile) or ``failed``."""
     detail: str | None = None
 
 
@@ -84,6 +97,37 @@ def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
             results.append(DutyResult(instance.uuid, "skipped", str(exc)))
         except LifecycleError as exc:
             log.warning("reclaim_failed", instance_uuid=instance.uuid, error=str(exc))
+            results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+def offload_shelved(engine: Engine, older_than: float | None = None) -> list[DutyResult]:
+    """Offload the instances shelved (on their host) longer ago than ``older_than`` seconds.
+
+    Nova's ``_poll_shelved_instances``. Without ``older_than``, the setting
+    ``shelved_offload_time``; with it at 0 a shelve offloads at once, and
+    this catches a shelve whose offload could not reach its host. A shelved
+    instance being unshelved meanwhile is skipped (the offload starts only on
+    an idle shelved instance).
+    """
+    seconds = (
+        engine.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
+    )
+    results = []
+    for instance in engine.store.in_state_since(VmState.SHELVED, now() - timedelta(seconds=seconds)):
+        try:
+            engine.runner.start(
+                "shelve_offload",
+                instance.uuid,
+                actor="timer:shelved_offload",
+                cause=Cause.TIMER,
+                only_idle_in=VmState.SHELVED,
+            )
+            results.append(DutyResult(instance.uuid, "offloaded"))
+        except (Conflict, InvalidInput, InvalidState) as exc:  # unshelved, or taken by another task meanwhile
+            results.append(DutyResult(instance.uuid, "skipped", str(exc)))
+        except LifecycleError as exc:  # its host does not answer: the next pass tries again
+            log.warning("shelved_offload_failed", instance_uuid=instance.uuid, error=str(exc))
             results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
     return results
 

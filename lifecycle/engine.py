@@ -667,6 +667,10 @@ class Engine:
         """Delete for good what was soft-deleted longer ago than ``reclaim_instance_interval`` (or ``interval``)."""
         return duties.reclaim(self, interval)
 
+    def offload_shelved_instances(self, older_than: float | None = None) -> builtins.list[duties.DutyResult]:
+        """Offload what was shelved on its host longer ago than ``shelved_offload_time`` (or ``older_than``)."""
+        return duties.offload_shelved(self, older_than)
+
     def check_build_timeouts(self, timeout: float | None = None) -> builtins.list[duties.DutyResult]:
         """Put builds running longer than ``instance_build_timeout`` (or ``timeout``) in error, their tasks failed."""
         return duties.check_build_timeouts(self, timeout)
