@@ -279,3 +279,32 @@ def test_move_then_revert(two_hosts: tuple[Driver, Driver], move_spec: DomainSpe
     assert source.get_info(move_spec.uuid) is P.SHUTDOWN
     source.power_on(move_spec)
     assert source.get_info(move_spec.uuid) is P.RUNNING
+
+
+def test_snapshot_then_spawn_from_it_on_another_host(
+    two_hosts: tuple[Driver, Driver], move_spec: DomainSpec, tmp_path: Path
+) -> None:
+    """A stopped guest's disk becomes a whole image (a running one is refused); another host spawns from it, twice safely."""
+    source, dest = two_hosts
+    source.spawn(move_spec)
+    target = tmp_path / "shelved.qcow2"
+    with pytest.raises(DriverError, match="running"):
+        source.snapshot(move_spec, target)
+    assert not target.exists() and not list(tmp_path.glob("shelved.qcow2.*"))  # nothing half-written
+    source.power_off(move_spec.uuid, timeout=0, retry_interval=0)
+    source.snapshot(move_spec, target)
+    source.snapshot(move_spec, target)  # repeat: written again
+    assert target.is_file() and not list(tmp_path.glob("shelved.qcow2.*"))
+    source.destroy(move_spec.uuid)
+    dest.spawn_from_snapshot(move_spec, target, power_on=False)
+    assert dest.get_info(move_spec.uuid) is P.SHUTDOWN
+    dest.spawn_from_snapshot(move_spec, target, power_on=True)
+    assert dest.get_info(move_spec.uuid) is P.RUNNING
+    assert _owned(dest) == {move_spec.uuid: P.RUNNING}
+
+
+def test_snapshot_of_a_missing_disk_is_domain_not_found(driver: Driver, spec: DomainSpec, tmp_path: Path) -> None:
+    """snapshot names a uuid with no disk here as DomainNotFound and writes nothing."""
+    with pytest.raises(DomainNotFound):
+        driver.snapshot(spec, tmp_path / "nothing.qcow2")
+    assert not (tmp_path / "nothing.qcow2").exists()
