@@ -1,0 +1,280 @@
+"""Shelve, shelve offload and unshelve on the fake driver: walks, claims, the snapshot image, and every failure path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lifecycle import Engine, InvalidInput, InvalidState, Outcome, PowerState, TaskFailed, VmState
+from lifecycle.errors import DriverError, DriverUnavailable
+from lifecycle.snapshots import image_store, snapshot_name
+from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.invariants import check_invariants
+
+V, P = VmState, PowerState
+
+
+@pytest.fixture
+def keeping(db_url: str, fakes: Fakes) -> Iterator[Engine]:
+    """An engine whose shelve keeps the instance on its host for an hour (shelved_offload_time 3600)."""
+    eng = make_engine(db_url, fakes, shutdown_timeout=0.0, shelved_offload_time=3600.0)
+    yield eng
+    check_invariants(eng.store)
+    eng.close()
+
+
+def _snapshot(engine: Engine, uuid: str) -> Path | None:
+    names = {i.name: i for i in engine.images()}
+    image = names.get(snapshot_name(uuid))
+    return None if image is None else Path(image.path)
+
+
+@pytest.mark.parametrize("before", [[], ["stop"], ["pause"], ["suspend"]])
+def test_shelve_offloads_at_once_from_each_allowed_state(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str], before: list[str]
+) -> None:
+    """From active, stopped, paused and suspended, shelve walks Nova's four steps and ends offloaded, nothing kept."""
+    uuid = new_instance()
+    disk = fakes["h1"].disk_of(uuid)
+    for op in before:
+        engine.run(op, uuid)
+    task = engine.shelve(uuid)
+    i = engine.get(uuid)
+    assert (i.vm_state, i.task_state, i.host, i.power_state, i.status) == (
+        V.SHELVED_OFFLOADED,
+        None,
+        None,
+        P.NOSTATE,
+        "SHELVED_OFFLOADED",
+    )
+    steps = engine.steps(task.id)
+    assert [(s.name, s.result) for s in steps] == [
+        ("shelving", "ok"),
+        ("shelving_image_pending_upload", "ok"),
+        ("shelving_image_uploading", "ok"),
+        ("shelving_offloading", "ok"),
+    ]
+    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == []
+    snapshot = _snapshot(engine, uuid)
+    assert snapshot is not None and snapshot.read_text() == disk  # the disk lives on in the image
+
+
+def test_shelve_keeps_the_host_until_offload(keeping: Engine, fakes: Fakes) -> None:
+    """With shelved_offload_time set, shelve ends shelved on its host (off, claim held); offload then frees it."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    task = keeping.shelve(uuid)
+    i = keeping.get(uuid)
+    assert (i.vm_state, i.host, i.power_state, i.status) == (V.SHELVED, "h1", P.SHUTDOWN, "SHELVED")
+    assert [s.name for s in keeping.steps(task.id)][-1] == "shelving_image_uploading"
+    assert keeping.store.claims_of(uuid) == ["h1"] and fakes["h1"].get_info(uuid) is P.SHUTDOWN
+    keeping.shelve_offload(uuid)
+    i = keeping.get(uuid)
+    assert (i.vm_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, P.NOSTATE)
+    assert not fakes["h1"].domain_exists(uuid) and keeping.store.claims_of(uuid) == []
+
+
+def test_unshelve_of_an_offloaded_instance_spawns_its_snapshot_elsewhere(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """Unshelve --host h2 claims h2, spawns from the snapshot there, ends active and deletes the snapshot."""
+    uuid = new_instance()
+    disk = fakes["h1"].disk_of(uuid)
+    engine.shelve(uuid)
+    snapshot = _snapshot(engine, uuid)
+    assert snapshot is not None
+    task = engine.unshelve(uuid, host="h2")
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, i.power_state, i.status) == (V.ACTIVE, "h2", P.RUNNING, "ACTIVE")
+    assert [(s.name, s.result) for s in engine.steps(task.id)] == [("unshelving", "ok"), ("spawning", "ok")]
+    assert fakes["h2"].disk_of(uuid) == f"{disk.rsplit('/', 1)[-1]}@h2"  # the shelved disk's content
+    assert engine.store.claims_of(uuid) == ["h2"] and not fakes["h1"].domain_exists(uuid)
+    assert _snapshot(engine, uuid) is None and not snapshot.exists()
+
+
+def test_unshelve_of_a_shelved_instance_powers_it_on_in_place(keeping: Engine, fakes: Fakes) -> None:
+    """A shelved (not offloaded) instance is started where it is; --host is refused for it, naming why."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    with pytest.raises(InvalidInput, match="only for an offloaded instance"):
+        keeping.unshelve(uuid, host="h2")
+    keeping.unshelve(uuid)
+    i = keeping.get(uuid)
+    assert (i.vm_state, i.host, i.power_state) == (V.ACTIVE, "h1", P.RUNNING)
+    assert _snapshot(keeping, uuid) is None
+
+
+def test_a_failed_snapshot_powers_a_running_guest_back_on(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A snapshot that fails leaves the instance active and running, its claim held, no snapshot image."""
+    uuid = new_instance()
+    fakes["h1"].fail_next("snapshot", DriverError("disk unreadable (injected)"))
+    with pytest.raises(TaskFailed, match="disk unreadable"):
+        engine.shelve(uuid)
+    i = engine.get(uuid)
+    assert (i.vm_state, i.task_state, i.host, i.power_state) == (V.ACTIVE, None, "h1", P.RUNNING)
+    assert engine.store.claims_of(uuid) == ["h1"] and _snapshot(engine, uuid) is None
+
+
+def test_an_offload_that_cannot_reach_the_host_ends_shelved_and_the_duty_finishes_it(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """The offload at once failing keeps the instance shelved on its host, noted; the daemon's duty offloads it."""
+    uuid = new_instance()
+    fakes["h1"].fail_next("destroy", DriverUnavailable("host h1 went away (injected)"))
+    task = engine.shelve(uuid)
+    assert task.outcome is Outcome.SUCCEEDED
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, i.power_state) == (V.SHELVED, "h1", P.SHUTDOWN)
+    assert "offload failed" in (engine.history(uuid)[-1].message or "")
+    results = engine.offload_shelved_instances()  # shelved_offload_time is 0: due at once
+    assert [r.outcome for r in results] == ["offloaded"]
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and engine.store.claims_of(uuid) == []
+    assert engine.history(uuid)[-1].cause == "timer"
+
+
+def test_the_duty_waits_for_shelved_offload_time(keeping: Engine) -> None:
+    """An instance shelved for less than shelved_offload_time is left on its host; older_than=0 offloads it."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    assert keeping.offload_shelved_instances() == []
+    assert keeping.get(uuid).vm_state is V.SHELVED
+    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["offloaded"]
+    assert keeping.get(uuid).vm_state is V.SHELVED_OFFLOADED
+
+
+def test_a_failed_unshelve_stays_offloaded_and_can_be_tried_again(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A spawn failing on the chosen host gives its claim back, leaves nothing there, keeps the snapshot."""
+    uuid = new_instance()
+    engine.shelve(uuid)
+    fakes.factory(engine.host("h2"))
+    fakes["h2"].fail_after("spawn_from_snapshot", DriverError("qemu died (injected)"))
+    with pytest.raises(TaskFailed, match="qemu died"):
+        engine.unshelve(uuid, host="h2")
+    i = engine.get(uuid)
+    assert (i.vm_state, i.task_state, i.host) == (V.SHELVED_OFFLOADED, None, None)
+    assert engine.store.claims_of(uuid) == [] and not fakes["h2"].domain_exists(uuid)
+    assert _snapshot(engine, uuid) is not None
+    engine.unshelve(uuid, host="h2")
+    assert engine.get(uuid).vm_state is V.ACTIVE
+
+
+def test_nothing_but_unshelve_and_delete_touches_an_offloaded_instance(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
+    """Start, stop, soft delete, rebuild and migrate are refused for an offloaded instance, nothing written."""
+    uuid = new_instance()
+    engine.shelve(uuid)
+    version = engine.get(uuid).version
+    for op in ("start", "stop", "soft_delete", "rebuild", "migrate", "shelve", "shelve_offload"):
+        with pytest.raises(InvalidState):
+            engine.run(op, uuid)
+    assert engine.get(uuid).version == version
+
+
+def test_unshelve_is_refused_when_the_snapshot_is_gone(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """An offloaded instance whose snapshot image vanished cannot be unshelved: a typed error naming the image."""
+    uuid = new_instance()
+    engine.shelve(uuid)
+    engine.store.remove_image(snapshot_name(uuid))
+    with pytest.raises(InvalidInput, match=snapshot_name(uuid)):
+        engine.unshelve(uuid)
+    assert engine.get(uuid).task_id is None
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_delete_of_a_shelved_instance_drops_its_snapshot(keeping: Engine, fakes: Fakes, offload: bool) -> None:
+    """Deleting a shelved or an offloaded instance removes its domain, claims and snapshot (row and file)."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    if offload:
+        keeping.shelve_offload(uuid)
+    snapshot = _snapshot(keeping, uuid)
+    assert snapshot is not None and snapshot.exists()
+    keeping.delete(uuid)
+    assert keeping.get(uuid).vm_state is V.DELETED
+    assert _snapshot(keeping, uuid) is None and not snapshot.exists()
+    assert not fakes["h1"].domain_exists(uuid) and keeping.store.claims_of(uuid) == []
+
+
+def test_with_reclaim_an_offloaded_instance_is_deleted_for_good(db_url: str, fakes: Fakes) -> None:
+    """Under reclaim_instance_interval, delete of an offloaded instance is a delete (nothing to keep), not a soft one."""
+    engine = make_engine(db_url, fakes, shutdown_timeout=0.0, reclaim_instance_interval=3600.0)
+    try:
+        uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+        engine.shelve(uuid)
+        assert engine.delete(uuid).operation == "delete"
+        assert engine.get(uuid).vm_state is V.DELETED
+    finally:
+        engine.close()
+
+
+def test_a_delete_racing_the_snapshot_leaves_no_snapshot_behind(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A delete that ends while the shelve's snapshot is being registered: no image row or file survives it."""
+    uuid = new_instance()
+    entered, release = threading.Event(), threading.Event()
+    add_image = engine.store.add_image
+
+    def held_add_image(*args: Any, **kwargs: Any) -> Any:
+        entered.set()  # the snapshot file is written; the delete runs now, before the row exists
+        assert release.wait(10)
+        return add_image(*args, **kwargs)
+
+    engine.store.add_image = held_add_image  # type: ignore[method-assign]
+    engine.shelve(uuid, wait=False)
+    assert entered.wait(10)
+    assert list(image_store(engine.settings).glob(f"*{uuid}*"))  # the late file is there
+    engine.delete(uuid)
+    release.set()
+    engine.wait_idle()
+    assert engine.get(uuid).vm_state is V.DELETED
+    assert _snapshot(engine, uuid) is None
+    assert list(image_store(engine.settings).glob(f"*{uuid}*")) == []  # the late worker removed its file
+    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == []
+
+
+def test_the_cli_shelves_offloads_and_unshelves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lifecycle shelve`, `shelve-offload` and `unshelve --host` print the states; a bad --host is exit 2."""
+    import json
+
+    import structlog
+
+    from lifecycle.cli import main
+
+    monkeypatch.setenv("LIFECYCLE_DB_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("LIFECYCLE_SHELVED_OFFLOAD_TIME", "3600")
+    old = structlog.get_config()
+
+    def run(*argv: str) -> tuple[int, Any]:
+        code = main([*argv, "--json"] if argv[0] not in ("db", "host", "image") else list(argv))
+        out = capsys.readouterr().out
+        return code, json.loads(out) if out.strip().startswith(("{", "[")) else out
+
+    try:
+        assert run("db", "upgrade")[0] == 0
+        for host in ("h1", "h2"):
+            assert run("host", "add", host, "--uri", f"fake://{tmp_path / (host + '.json')}")[0] == 0
+        image = tmp_path / "cirros.qcow2"
+        image.write_bytes(b"QFI\xfb")
+        assert run("image", "add", "cirros", "--path", str(image))[0] == 0
+        code, made = run("create", "vm", "--host", "h1", "--flavor", "vcpus=1,ram=64,disk=1", "--image", "cirros")
+        uuid = made["uuid"]
+        assert run("shelve", uuid)[1]["status"] == "SHELVED"
+        assert run("unshelve", uuid, "--host", "h2")[0] == 2  # still on h1: refused, nothing changed
+        assert run("shelve-offload", uuid)[1]["status"] == "SHELVED_OFFLOADED"
+        assert run("unshelve", uuid, "--host", "nowhere")[0] == 2
+        code, back = run("unshelve", uuid, "--host", "h2")
+        assert (code, back["status"], back["host"]) == (0, "ACTIVE", "h2")
+    finally:
+        structlog.configure(**old)
