@@ -469,3 +469,13 @@ def test_one_shot_reclaim_and_build_timeout(cli) -> None:  # type: ignore[no-unt
     assert (code, out) == (0, "nothing to do\n")
     code, _, err = cli("build-timeout", "--older-than", "-1")
     assert code == 2 and "--older-than" in err
+
+
+def test_building_the_parser_leaves_argparse_translating_through_gettext(capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser memoizes argparse's translations only while it is built: argparse uses gettext again after."""
+    import argparse
+    import gettext
+
+    assert main(["graph", "--format", "json"]) == 0
+    capsys.readouterr()
+    assert argparse._ is gettext.gettext  # type: ignore[attr-defined]
