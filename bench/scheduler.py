@@ -10,7 +10,11 @@
 Target: at 10,000 hosts the median decision costs at most 0.2x the median
 read, measured interleaved in the same run.
 
-    python bench/scheduler.py [--repeat 15] [--sizes 100 1000 10000]
+    python bench/scheduler.py [--repeat 15] [--sizes 100 1000 10000] [--pg-server URL]
+
+On SQLite files by default; with ``--pg-server`` (a PostgreSQL URL whose
+role may create databases) each size runs in a database of its own, created
+and dropped by the script.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -124,20 +131,40 @@ def measure(url: str, count: int, repeat: int) -> tuple[float, float]:
     return statistics.median(reads), statistics.median(decisions)
 
 
+@contextlib.contextmanager
+def database(scratch: Path, count: int, pg_server: str | None) -> Iterator[str]:
+    """Yield the URL of an empty database for one size: a SQLite file, or a PostgreSQL database dropped after."""
+    if pg_server is None:
+        yield f"sqlite:///{scratch / f'{count}.db'}"
+        return
+    name = f"lifecycle_bench_sched_{count}_{os.getpid()}"
+    server = sa.create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with server.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        server.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=15, help="decisions per size (median reported)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1_000, 10_000], help="host counts")
+    parser.add_argument("--pg-server", help="run on PostgreSQL: a server URL whose role may create databases")
     args = parser.parse_args()
     print(
         f"one placement decision (filter + weigh + pick + claim) vs reading every host row once, "
-        f"medians of {args.repeat}; az1, 4 vcpus, 8 GiB, 40 GiB, capabilities:ssd true"
+        f"medians of {args.repeat}; az1, 4 vcpus, 8 GiB, 40 GiB, capabilities:ssd true; "
+        f"{'PostgreSQL' if args.pg_server else 'SQLite'}"
     )
     with tempfile.TemporaryDirectory(prefix="lifecycle-bench-sched-") as scratch:
         for count in args.sizes:
-            url = f"sqlite:///{Path(scratch) / f'{count}.db'}"
-            upgrade(url)
-            read, decision = measure(url, count, args.repeat)
+            with database(Path(scratch), count, args.pg_server) as url:
+                upgrade(url)
+                read, decision = measure(url, count, args.repeat)
             ratio = decision / read
             verdict = ("met" if ratio <= TARGET else "NOT met") if count >= 10_000 else "judged at 10000 hosts"
             print(
