@@ -122,6 +122,8 @@ class Result(NamedTuple):
     ended: float
     pings: bool
     """Whether its pool pinged the server at each checkout (``pool_pre_ping``): one round trip each."""
+    cpu: float
+    """CPU seconds the process spent between start and end (its Python side, not the server's)."""
 
 
 def round_trips(op: Op, pings: bool) -> int:
@@ -194,7 +196,7 @@ def engine_worker(url: str, proc: int, budget: int, window: int, image: str, bar
         ops: list[Op] = []
         waiting = False  # a create found no room: walk the oldest instance to its delete first
         barrier.wait()
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         while len(ops) < budget:
             if live and (len(live) >= window or waiting):
                 entry = live[0]
@@ -224,7 +226,8 @@ def engine_worker(url: str, proc: int, budget: int, window: int, image: str, bar
             elif len(ops) < budget:  # the error instance goes at once; then room is awaited
                 live.appendleft([uuid, 2, False])
                 waiting = True
-        return Result(ops, started, time.time(), bool(engine.store.engine.pool._pre_ping))
+        ended, cpu = time.time(), time.process_time() - cpu
+        return Result(ops, started, ended, bool(engine.store.engine.pool._pre_ping), cpu)
 
 
 # -- the floor ---------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def floor_worker(url: str, proc: int, script: list[Op], hosts: list[str], image:
     live: deque[FloorRow] = deque()
     timed: list[Op] = []
     barrier.wait()
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     for op in script:
         clock = time.perf_counter()
         if op.kind.startswith("create"):
@@ -373,10 +376,10 @@ def floor_worker(url: str, proc: int, script: list[Op], hosts: list[str], image:
                     _floor_claim(conn, row, hosts, rng, +1 if op.kind == "create" else -1)
                 row.cas(conn, *state)
         timed.append(Op(op.kind, time.perf_counter() - clock, *counts.take(), placed=op.placed))
-    ended = time.time()
+    ended, cpu = time.time(), time.process_time() - cpu
     pings = bool(db.pool._pre_ping)
     db.dispose()
-    return Result(timed, started, ended, pings)
+    return Result(timed, started, ended, pings, cpu)
 
 
 # -- set-up, runs, checks, report --------------------------------------------------------------------
@@ -502,9 +505,14 @@ def report_kinds(engine: list[Result], floor: list[Result]) -> None:
             f"{base['txns']:18.1f} {base['stmts']:5.1f} {base['trips']:5.1f}"
         )
     trips = [sum(round_trips(op, r.pings) for r in side for op in r.ops) for side in (engine, floor)]
+    count = rate(engine)[0]
     print(
-        f"round trips per operation: engine {trips[0] / rate(engine)[0]:.1f}, floor {trips[1] / rate(floor)[0]:.1f} "
+        f"round trips per operation: engine {trips[0] / count:.1f}, floor {trips[1] / count:.1f} "
         f"({trips[0] / max(1, trips[1]):.2f}x)"
+    )
+    cpu = [sum(r.cpu for r in side) / count * 1e3 for side in (engine, floor)]
+    print(
+        f"client CPU per operation: engine {cpu[0]:.1f} ms, floor {cpu[1]:.1f} ms ({cpu[0] / max(cpu[1], 1e-9):.2f}x)"
     )
 
 
