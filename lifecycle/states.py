@@ -170,7 +170,8 @@ MIGRATION_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     _M.MIGRATING: frozenset({_M.POST_MIGRATING, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
     _M.POST_MIGRATING: frozenset({_M.FINISHED, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
     _M.FINISHED: frozenset({_M.CONFIRMING, _M.REVERTING, _M.CONFIRMED}),
-    _M.CONFIRMING: frozenset({_M.CONFIRMED, _M.FINISHED}),  # back to finished: the source did not answer
+    # back to finished: the source did not answer; error: a delete cleaned up a move it cut short
+    _M.CONFIRMING: frozenset({_M.CONFIRMED, _M.FINISHED, _M.ERROR}),
     _M.REVERTING: frozenset({_M.REVERTED, _M.ERROR, _M.CONFIRMING, _M.CONFIRMED}),
     _M.CONFIRMED: frozenset(),
     _M.REVERTED: frozenset(),

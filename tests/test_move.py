@@ -295,3 +295,27 @@ def test_a_copy_cut_by_a_crash_is_restarted_by_recovery(cloud: Engine, fakes: Fa
     i = cloud.get(uuid)
     assert (i.status, i.host, i.flavor) == ("VERIFY_RESIZE", "b", BIG) and b.get_info(uuid) is P.RUNNING
     assert b.calls.count("copy") == 1 + 5  # the cut copy's first chunk, then the whole disk again
+
+
+def test_a_delete_that_cuts_a_move_short_leaves_its_record_in_error(cloud: Engine, fakes: Fakes) -> None:
+    """A delete taking over a move mid-copy ends the migration in error (it never happened), a resized one confirmed."""
+    uuid = _vm(cloud)
+    fakes.factory(cloud.host("b"))
+    gate = fakes["b"].hold("copy")
+    cloud.migrate(uuid, host="b", wait=False)
+    assert gate.wait_entered()
+    migration = cloud.store.open_migration(uuid)
+    assert migration is not None
+    cloud.delete(uuid)
+    gate.release()
+    cloud.wait_idle()
+    assert cloud.get(uuid).vm_state is V.DELETED
+    assert cloud.store.get_migration(migration.id).status is MigrationStatus.ERROR
+    assert _used(cloud) == {"a": 0, "b": 0}
+
+    resized = _vm(cloud)
+    cloud.migrate(resized, host="b")
+    done = cloud.store.open_migration(resized)
+    assert done is not None
+    cloud.delete(resized)
+    assert cloud.store.get_migration(done.id).status is MigrationStatus.CONFIRMED

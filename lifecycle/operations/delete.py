@@ -81,8 +81,10 @@ def _destroy(run: TaskRun) -> None:
 
 
 def _confirm_first(run: TaskRun, migration: Migration) -> None:
+    # A move the delete took over before it finished did not happen: its record ends in error, not confirmed.
+    ends = MigrationStatus.CONFIRMED if migration.status is MigrationStatus.FINISHED else MigrationStatus.ERROR
     try:
-        move.confirm_on_source(run, migration)
+        move.confirm_on_source(run, migration, ends=ends)
     except Conflict:
         if run.store.get_migration(migration.id).status.open:
             raise
@@ -92,7 +94,7 @@ def _confirm_first(run: TaskRun, migration: Migration) -> None:
             raise
         # The source's kept disk stays behind; the host's image cache cleanup removes it once it answers.
         run.store.release_claims(run.instance.uuid, migration.source_host)
-        run.migration_status(migration.id, MigrationStatus.CONFIRMED)
+        run.migration_status(migration.id, ends)
 
 
 def _local(run: TaskRun, message: str) -> None:

@@ -185,8 +185,11 @@ def confirm(run: TaskRun) -> None:
     run.fields["previous_vm_state"] = None
 
 
-def confirm_on_source(run: TaskRun, migration: Migration) -> None:
-    """Clean the source of a finished move (also what delete does first for a resized instance)."""
+def confirm_on_source(run: TaskRun, migration: Migration, *, ends: MigrationStatus = MS.CONFIRMED) -> None:
+    """Clean the source of a finished move (also what delete does first for a resized instance).
+
+    The record ends ``ends``: confirmed, or error for a move a delete cut short.
+    """
     run.migration_status(migration.id, MS.CONFIRMING)
     try:
         run.on(migration.source_host).confirm_migration(run.instance.uuid)
@@ -194,7 +197,7 @@ def confirm_on_source(run: TaskRun, migration: Migration) -> None:
         run.migration_status(migration.id, MS.FINISHED)  # retried later, never stuck
         raise
     run.store.release_claims(run.instance.uuid, migration.source_host)
-    run.migration_status(migration.id, MS.CONFIRMED)
+    run.migration_status(migration.id, ends)
 
 
 def revert(run: TaskRun) -> None:
