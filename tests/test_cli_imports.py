@@ -110,3 +110,34 @@ def test_rich_stays_importable_after_structlog_was_loaded_without_it(database: t
     script = f"from lifecycle.cli import main\nassert main(['--db', {url!r}, 'list']) == 0\nimport rich\nprint(rich.__name__)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120)
     assert done.stdout.splitlines()[-1:] == ["rich"], done.stderr
+
+
+def test_the_script_pauses_the_collector_only_while_the_command_starts(database: tuple[str, str]) -> None:
+    """`lifecycle` (main without argv) runs each command's work with the collector on, the start frozen."""
+    url, _ = database
+    script = f"""
+import gc, sys
+import lifecycle.cli as cli
+seen = []
+cli._HANDLERS["list"] = lambda engine, args: seen.append(("list", gc.isenabled()))
+cli._STANDALONE["graph"] = lambda args: seen.append(("graph", gc.isenabled()))
+for argv in (["--db", {url!r}, "list"], ["graph"]):
+    sys.argv = ["lifecycle", *argv]
+    assert cli.main() == 0
+print(seen, gc.isenabled(), gc.get_freeze_count() > 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120)
+    assert done.stdout.strip() == "[('list', True), ('graph', True)] True True", done.stderr
+
+
+def test_a_caller_of_main_keeps_its_collector_as_it_was(database: tuple[str, str]) -> None:
+    """main(argv) called in-process (tests, embedders) neither pauses nor freezes the caller's collector."""
+    url, _ = database
+    script = f"""
+import gc
+from lifecycle.cli import main
+assert main(["--db", {url!r}, "list"]) == 0
+print(gc.isenabled(), gc.get_freeze_count())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120)
+    assert done.stdout.split()[-2:] == ["True", "0"], done.stderr
