@@ -36,7 +36,8 @@ What limits the engine shows in its per-operation counts, printed beside the
 floor's for each kind: transactions, reads (connections used outside a
 transaction), statements, pool pings (``pool_pre_ping``: one ``SELECT 1`` at
 each checkout) and the round trips they add up to (statements, plus BEGIN and
-COMMIT or ROLLBACK per transaction or read, plus pings).
+COMMIT or ROLLBACK per transaction or read, plus pings), and the client CPU
+each side spent per operation; a closing line puts the two ratios together.
 
 Afterwards the database is checked: no host is over its allocation ratios
 (vCPU, RAM, disk), and every instance's audit chain is consistent (each
@@ -513,6 +514,13 @@ def report_kinds(engine: list[Result], floor: list[Result]) -> None:
     cpu = [sum(r.cpu for r in side) / count * 1e3 for side in (engine, floor)]
     print(
         f"client CPU per operation: engine {cpu[0]:.1f} ms, floor {cpu[1]:.1f} ms ({cpu[0] / max(cpu[1], 1e-9):.2f}x)"
+    )
+    pings = sum(op.checkouts for r in engine if r.pings for op in r.ops) / count
+    reads = sum(op.rollbacks for r in engine for op in r.ops) / count
+    print(
+        f"what limits it: per operation the engine makes {trips[0] / max(1, trips[1]):.2f}x the floor's round trips "
+        f"(of its {trips[0] / count:.1f}: {pings:.1f} pool pings, {2 * reads:.1f} BEGIN/ROLLBACK around "
+        f"{reads:.1f} reads) and spends {cpu[0] / max(cpu[1], 1e-9):.2f}x its client CPU"
     )
 
 

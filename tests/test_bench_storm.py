@@ -43,6 +43,7 @@ def test_storm_runs_with_invariants_holding(pg_server_url: str) -> None:
         "floor:  60 operations in",
         "ratio engine/floor:",
         "round trips per operation: engine",
+        "what limits it: per operation the engine makes",
         "claim races:",
         "reschedules caused by racing claims:",
         "hosts over an allocation ratio: 0",
