@@ -50,7 +50,8 @@ only prints the verdict.
 
 ``--db`` is a PostgreSQL server URL (default: $LIFECYCLE_TEST_PG_URL): a scratch
 database is created on that server and dropped at the end; with
-``--in-place`` the URL's own database is used (migrated to head first).
+``--in-place`` the URL's own database is used (migrated to head first; it
+must not hold the hosts of an earlier storm).
 """
 
 from __future__ import annotations
