@@ -4,11 +4,11 @@ Setup: a SQLite file (WAL) with N instances on one host, a fake driver
 listing, both built fresh for every timed run from the same template.
 
 - sweep: the engine's pass: one listing call, chunked reads, one decision per
-  instance, power-only changes batched per chunk, stops run as tasks;
+  distinct case, power-only changes as one batched compare-and-swap (per
+  chunk's worth of writes), stops run as tasks;
 - nova loop: what Nova's _sync_power_states does: one query for the host's
   instances, then per instance a fresh read of its row, one driver call, the
-  same decision, and one transaction per change (stops run as tasks too).
-
+  same decision, and one transaction per change (stops run as tasks too);
 - floor: the least any pass can do, in raw SQLAlchemy Core: one listing call,
   one select of the columns a decision needs, and one transaction holding one
   batched compare-and-swap UPDATE of the drifted rows' power state and one
@@ -17,11 +17,13 @@ listing, both built fresh for every timed run from the same template.
 
 Scenarios: steady state (nothing drifted; target sweep >= 20x faster than the
 loop) and 1% drifted (90% of the drifted power-only, 10% needing a stop;
-target >= 5x); in both the sweep must cost at most 3x the floor.
+target >= 5x); in both the sweep must cost at most 3x the floor (the median
+of each run's sweep/floor ratio: a floor and a sweep run back to back share
+the machine's noise).
 Then peak traced memory of a steady pass at N and 10N instances (target:
 growth < 64 MiB).
 
-    python bench/sync.py [--instances 10000] [--runs 3]
+    python bench/sync.py [--instances 10000] [--runs 5]
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def peak_memory(count: int, workdir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=10_000)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per side (median reported)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per side (median reported)")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
