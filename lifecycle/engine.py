@@ -25,7 +25,7 @@ import drivers
 import lifecycle.feed as feed
 import lifecycle.webhooks as webhooks
 from drivers.base import Driver
-from lifecycle import console, duties, evacuation, graph, validation
+from lifecycle import console, duties, evacuation, graph, snapshots, validation
 from lifecycle.audit import AuditEntry, Why
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
@@ -258,6 +258,10 @@ class Engine:
         if disk_format not in ("qcow2", "raw"):
             raise InvalidInput(f"invalid disk format {disk_format!r}: expected qcow2 or raw")
         validation.name("image", name)
+        if name.startswith(snapshots.PREFIX):
+            raise InvalidInput(
+                f"image names starting with {snapshots.PREFIX!r} are kept for shelve snapshots: {name!r}"
+            )
         path = validation.image_path(path)
         validation.count("image min_disk_gb", min_disk_gb)
         return self.store.add_image(name, path, disk_format, min_disk_gb, _labels("image properties", properties))

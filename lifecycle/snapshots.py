@@ -21,11 +21,15 @@ __all__ = ["SNAPSHOT_FORMAT", "drop_snapshot", "image_store", "snapshot_name", "
 log = structlog.get_logger(__name__)
 
 SNAPSHOT_FORMAT = "qcow2"
+PREFIX = "shelved-"
+"""Image names the engine reserves for its snapshots: ``image add`` refuses them."""
+OWNER = "shelved_instance"
+"""The image property naming the instance a snapshot belongs to (only such an image is ever deleted)."""
 
 
 def snapshot_name(uuid: str) -> str:
     """Return the name of the image holding a shelved instance's disk."""
-    return f"shelved-{uuid}"
+    return f"{PREFIX}{uuid}"
 
 
 def image_store(settings: Settings) -> Path:
@@ -37,11 +41,12 @@ def image_store(settings: Settings) -> Path:
 
 
 def snapshot_of(store: Store, uuid: str) -> Image | None:
-    """Return the snapshot image of a shelved instance, or None."""
+    """Return the snapshot image of a shelved instance, or None (also for an image not made by a shelve)."""
     try:
-        return store.get_image(snapshot_name(uuid))
+        image = store.get_image(snapshot_name(uuid))
     except ImageNotFound:
         return None
+    return image if image.properties.get(OWNER) == uuid else None
 
 
 def drop_snapshot(store: Store, uuid: str) -> None:

@@ -278,3 +278,19 @@ def test_the_cli_shelves_offloads_and_unshelves(
         assert (code, back["status"], back["host"]) == (0, "ACTIVE", "h2")
     finally:
         structlog.configure(**old)
+
+
+def test_the_snapshot_names_are_kept_for_the_engine(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """`image add shelved-...` is refused, and a look-alike row never stands in for a snapshot nor gets deleted."""
+    from tests.images import fake_image
+
+    uuid = new_instance()
+    with pytest.raises(InvalidInput, match="kept for shelve snapshots"):
+        engine.add_image(snapshot_name(uuid), fake_image("decoy"))
+    decoy = Path(fake_image("decoy"))
+    engine.store.add_image(snapshot_name(uuid), str(decoy), "qcow2")  # as if written behind the API's back
+    with pytest.raises(TaskFailed, match="already exists"):
+        engine.shelve(uuid)
+    assert engine.get(uuid).vm_state is V.ACTIVE and decoy.exists()  # powered back on; the file not touched
+    engine.delete(uuid)
+    assert decoy.exists() and engine.store.get_image(snapshot_name(uuid)).path == str(decoy)

@@ -32,7 +32,7 @@ from lifecycle.config import Settings
 from lifecycle.errors import DriverError, ImageNotFound, InvalidInput, Preempted
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Image, Instance
-from lifecycle.snapshots import SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
+from lifecycle.snapshots import OWNER, SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import Store
 from lifecycle.store.db import now
@@ -88,13 +88,16 @@ def _upload(run: TaskRun) -> Image:
     target = directory / f"{snapshot_name(uuid)}.{SNAPSHOT_FORMAT}"
     run.driver.snapshot(run.spec, target)
     image = snapshot_of(run.store, uuid)
-    if image is None:  # a resumed run finds the row its crashed predecessor wrote
+    if image is not None and image.path != str(target):  # kept under an image_store_dir changed since
+        drop_snapshot(run.store, uuid)
+        image = None
+    if image is None:  # else a resumed run found the row its crashed predecessor wrote
         image = run.store.add_image(
             snapshot_name(uuid),
             str(target),
             SNAPSHOT_FORMAT,
             run.instance.flavor.root_gb,
-            {"shelved_instance": uuid, "base_image": run.image.name},
+            {OWNER: uuid, "base_image": run.image.name},
         )
     return image
 
