@@ -83,7 +83,9 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
         return engine._connect(host)
 
     summary: dict[str, Any] = {"database": url, "instances": {}}
-    settings = Settings(shutdown_timeout=2, soft_reboot_seconds=2, libvirt_domain_type="qemu")
+    settings = Settings(
+        shutdown_timeout=2, soft_reboot_seconds=2, libvirt_domain_type="qemu", image_store_dir=str(workdir / "images")
+    )
     try:
         with Engine(url, driver_factory=driver_for, settings=settings) as engine:
             uri = hosts.uri if missing is None and hosts.uri is not None else "fake://"
@@ -126,6 +128,10 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
                 say(f"  {op:<9} -> {engine.get(web).status}")
             engine.reboot(web, hard=True)
             say(f"  reboot --hard -> {engine.get(web).status}")
+            engine.shelve(web)
+            say(f"  shelve    -> {engine.get(web).status}: disk kept as image shelved-..., host {engine.get(web).host}")
+            engine.unshelve(web, host="compute-1")
+            say(f"  unshelve  -> {engine.get(web).status} on {engine.get(web).host}, spawned from the snapshot")
 
             engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
             say("\nweb-1's domain destroyed behind the engine's back")
