@@ -22,7 +22,6 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -440,6 +439,8 @@ def _task_result(engine: Engine, args: argparse.Namespace, task: Task) -> None:
 
 
 def _run_op(engine: Engine, args: argparse.Namespace) -> None:
+    import dataclasses
+
     from lifecycle.records import Flavor
 
     kw: dict[str, Any] = {
@@ -451,7 +452,7 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
     command = args.command
     if command == "create":
         specs = tuple(sorted(_pairs(args.extra_spec, "--extra-spec").items()))
-        flavor = replace(Flavor.parse(args.flavor), extra_specs=specs)
+        flavor = dataclasses.replace(Flavor.parse(args.flavor), extra_specs=specs)
         kw.pop("idempotency_key")
         if kw.pop("override_lock"):
             raise InvalidInput("create does not take --force: a new instance has no lock to override")
@@ -517,13 +518,15 @@ def _duty_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _duty(engine: Engine, args: argparse.Namespace) -> None:
+    import dataclasses
+
     from lifecycle.records import to_plain
 
     if args.command in ("reclaim", "build-timeout"):
         run = engine.reclaim_queued_deletes if args.command == "reclaim" else engine.check_build_timeouts
         results = run(args.older_than)
         lines = [f"{r.uuid} {r.outcome}" + (f" ({_safe(r.detail)})" if r.detail else "") for r in results]
-        _emit(args, [asdict(r) for r in results], "\n".join(lines) or "nothing to do")
+        _emit(args, [dataclasses.asdict(r) for r in results], "\n".join(lines) or "nothing to do")
         return
     if args.command == "lock":
         i = engine.lock(args.uuid, reason=args.reason, actor=args.actor)
@@ -536,11 +539,15 @@ def _duty(engine: Engine, args: argparse.Namespace) -> None:
 
 
 def _history_line(entry: AuditEntry) -> AuditEntry:
+    import dataclasses
+
     # The message is printed with repr() by format_history, so it is already escaped.
     texts: dict[str, Any] = {
-        f.name: _safe(v) for f in fields(entry) if f.name != "message" and isinstance(v := getattr(entry, f.name), str)
+        f.name: _safe(v)
+        for f in dataclasses.fields(entry)
+        if f.name != "message" and isinstance(v := getattr(entry, f.name), str)
     }
-    return replace(entry, **texts)
+    return dataclasses.replace(entry, **texts)
 
 
 def _read(engine: Engine, args: argparse.Namespace) -> None:
@@ -896,9 +903,11 @@ def _admin(engine: Engine, args: argparse.Namespace) -> None:
 
 def _sync(engine: Engine, args: argparse.Namespace) -> int:
     """Print every host's pass, failed ones included; exit 1 when any host's pass failed."""
+    import dataclasses
+
     summaries = engine.sync(args.host)
     lines = [_pass_line(s) for s in summaries]
-    _emit(args, [asdict(s) for s in summaries], "\n".join(lines) or "no hosts")
+    _emit(args, [dataclasses.asdict(s) for s in summaries], "\n".join(lines) or "no hosts")
     return 1 if any(s.error is not None for s in summaries) else 0
 
 
@@ -968,11 +977,13 @@ def _configure(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
+    import dataclasses
+
     loaded: Loaded = args.loaded
     from lifecycle.store.db import shown_url
 
     shown = shown_url(args.db)  # never print a password
-    values = _flat(asdict(loaded.settings)) | {"database_url": shown}
+    values = _flat(dataclasses.asdict(loaded.settings)) | {"database_url": shown}
     sources = dict(loaded.sources)
     if args.db_from_flag:
         sources["database_url"] = "flag"
@@ -1129,6 +1140,8 @@ def _evacuate_parsers(sub: Any, host: Any, common: argparse.ArgumentParser, task
 
 
 def _host_failure(engine: Engine, args: argparse.Namespace) -> None:
+    import dataclasses
+
     from lifecycle.records import to_plain
 
     if args.host_command == "evacuate":
@@ -1138,7 +1151,9 @@ def _host_failure(engine: Engine, args: argparse.Namespace) -> None:
             for r in results
         ]
         text = "\n".join([*lines, f"note: {_DATA_LOSS}"]) if lines else f"no instances on {_safe(args.name)}"
-        _emit(args, {"host": args.name, "note": _DATA_LOSS, "instances": [asdict(r) for r in results]}, text)
+        _emit(
+            args, {"host": args.name, "note": _DATA_LOSS, "instances": [dataclasses.asdict(r) for r in results]}, text
+        )
         return
     if args.host_command == "fence":
         h = engine.fence_host(args.name, reason=args.reason, actor=args.actor)

@@ -22,8 +22,7 @@ import enum
 import functools
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lifecycle.errors import InvalidState
 from lifecycle.states import PowerState, TaskState, VmState
@@ -110,9 +109,8 @@ def _resolve(result: VmState | Result, start: VmState, power: PowerState, previo
     return V.ACTIVE if start is V.ERROR else start  # Result.REBUILT
 
 
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One row of the operations table."""
+class Operation(NamedTuple):
+    """One row of the operations table (a named tuple: a dataclass would cost ``--help`` its import)."""
 
     name: str
     allowed_vm_states: frozenset[VmState]
@@ -134,10 +132,11 @@ class Operation:
     """Where and why this row differs from Nova."""
     may_end_after: TaskState | None = None
     """A success may also end after this step of the walk, short of its last (shelve when it keeps the host)."""
-    preempts: frozenset[TaskState] = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "preempts", frozenset(t for t in self.allowed_task_states if t is not None))
+    @property
+    def preempts(self) -> frozenset[TaskState]:
+        """The task_states this operation may cut short: those it is allowed from."""
+        return frozenset(t for t in self.allowed_task_states if t is not None)
 
     def result_states(self, source: VmState | None = None) -> frozenset[VmState]:
         """Every vm_state a success of this operation can end in (from ``source``, or from any source)."""

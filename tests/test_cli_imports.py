@@ -75,9 +75,10 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 @pytest.mark.parametrize("argv", [("--help",), ("graph",), ("graph", "--format", "json")])
 def test_help_and_graph_import_no_database_layer_and_no_logging(argv: tuple[str, ...]) -> None:
-    """--help and graph load neither SQLAlchemy nor the store nor the engine, nor structlog, nor transitions."""
+    """--help and graph load no SQLAlchemy, store, engine, structlog, transitions, nor dataclasses (inspect, ast)."""
     modules = _modules(*argv)
-    assert _loaded(modules, (*_DATABASE, "structlog", "transitions", "pydantic", "prometheus_client", "drivers")) == []
+    heavy = ("structlog", "transitions", "pydantic", "prometheus_client", "drivers", "dataclasses", "inspect")
+    assert _loaded(modules, (*_DATABASE, *heavy)) == []
 
 
 @pytest.mark.parametrize("command", ["show", "list", "show-json", "list-json"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -197,7 +196,7 @@ def test_walk_steps_follow_the_table() -> None:
 
 
 def _with(op_name: str, **changes: object) -> list[Operation]:
-    return [dataclasses.replace(op, **changes) if op.name == op_name else op for op in OPERATIONS]
+    return [op._replace(**changes) if op.name == op_name else op for op in OPERATIONS]
 
 
 def test_check_table_accepts_the_real_table() -> None:
@@ -213,10 +212,7 @@ def test_check_table_finds_an_unreachable_state() -> None:
 
 def test_check_table_finds_a_task_state_without_preemption_exit() -> None:
     """If delete and force_delete only started from idle, running tasks could never be taken over."""
-    ops = [
-        dataclasses.replace(op, allowed_task_states=frozenset({None})) if "delete" in op.name else op
-        for op in OPERATIONS
-    ]
+    ops = [op._replace(allowed_task_states=frozenset({None})) if "delete" in op.name else op for op in OPERATIONS]
     with pytest.raises(ValueError, match="has no preemption exit"):
         check_table(ops)
 
