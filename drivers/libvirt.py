@@ -18,6 +18,8 @@ own name lives in ``<title>`` and in the lifecycle ``<metadata>``.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -562,7 +564,9 @@ class LibvirtDriver(Driver):
             raise
 
     def snapshot(self, spec: DomainSpec, target: Path) -> None:
-        part, download = target.with_name(target.name + ".part"), target.with_name(target.name + ".download")
+        # Files of this call's own (two workers of one task, an old one and its recovery, never share one),
+        # readable by the engine's user alone: they hold a guest's disk.
+        part, download = _scratch(target, ".part"), _scratch(target, ".download")
         try:
             with self._calling("snapshot", spec.uuid) as conn:
                 with suppress(libvirt.libvirtError):  # no domain: the disk alone is what is read
@@ -578,6 +582,7 @@ class LibvirtDriver(Driver):
                     write_file(download, segments)
             _flatten(download, part, backing, spec)
             inspect_image(part, "qcow2")  # as any image: qcow2 through and through, no backing or data file
+            part.chmod(0o600)
             part.replace(target)
         finally:
             download.unlink(missing_ok=True)
@@ -777,7 +782,7 @@ def _difference(snapshot: Path, spec: DomainSpec, key: str) -> Iterator[Path]:
     """Yield a qcow2 file holding what ``snapshot`` adds to ``spec``'s image, backed as a host disk is."""
     inspect_image(snapshot, "qcow2")
     base = Path(spec.image_path).resolve()
-    delta = snapshot.with_name(snapshot.name + f".{spec.uuid}.delta")
+    delta = _scratch(snapshot, ".delta")
     try:
         qemu_img(
             "convert", "-O", "qcow2", "-f", "qcow2", "-B", str(base), "-F", spec.image_format, str(snapshot), str(delta)
@@ -786,6 +791,13 @@ def _difference(snapshot: Path, spec: DomainSpec, key: str) -> Iterator[Path]:
         yield delta
     finally:
         delta.unlink(missing_ok=True)
+
+
+def _scratch(beside: Path, suffix: str) -> Path:
+    """Return a new empty file of this call's own next to ``beside`` (mode 0600)."""
+    fd, name = tempfile.mkstemp(prefix=f"{beside.name}.", suffix=suffix, dir=beside.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def _file_source(path: Path) -> DiskSource:

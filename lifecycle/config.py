@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -168,8 +169,13 @@ class Settings:
             or unsafe_character(self.console_base_url)
         ):
             raise InvalidInput(f"setting console_base_url must be an http(s) URL, got {self.console_base_url!r}")
-        if not isinstance(self.image_store_dir, str) or unsafe_character(self.image_store_dir):
-            raise InvalidInput(f"setting image_store_dir must be a directory path, got {self.image_store_dir!r}")
+        store = self.image_store_dir
+        if (
+            not isinstance(store, str)
+            or unsafe_character(store)
+            or (store and not (store.startswith(("/", "~")) and os.path.isabs(os.path.expanduser(store))))
+        ):
+            raise InvalidInput(f"setting image_store_dir must be an absolute directory path (or empty), got {store!r}")
         count("setting preempt_retries", self.preempt_retries, low=0, high=100)
         self._check_console()
         s = self.scheduler

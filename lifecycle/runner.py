@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from drivers.base import Driver
-from lifecycle import graph, validation
+from lifecycle import graph, snapshots, validation
 from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.duties import refuse_if_locked
@@ -283,6 +283,8 @@ class Runner:
         # Image rows are never updated (no API changes one), so caching is safe.
         validation.name("image", name)
         assert isinstance(name, str)
+        if name.startswith(snapshots.PREFIX):
+            raise InvalidInput(f"image {name!r} is a shelve snapshot: only its own instance's unshelve uses it")
         image = self._images.get(name)
         if image is None:
             image = self._images[name] = self.store.get_image(name)

@@ -54,6 +54,6 @@ def drop_snapshot(store: Store, uuid: str) -> None:
     image = snapshot_of(store, uuid)
     if image is None:
         return
+    store.remove_image(image.name)  # the row first: a failure here leaves both, never a row without its file
     Path(image.path).unlink(missing_ok=True)
-    store.remove_image(image.name)
     log.info("shelve_snapshot_deleted", instance_uuid=uuid, image=image.name)

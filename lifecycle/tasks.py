@@ -79,6 +79,9 @@ class TaskRun:
         confirmed a move): a failure then ends in error instead of keeping the vm_state."""
         self.fail_fields: dict[str, Any] = {}
         """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
+        self.after_success: list[Callable[[], object]] = []
+        """Clean-ups that may run only once the task's success is written (an unshelve deletes its snapshot):
+        a worker taken over or crashed before that write never runs them; each runs at most once, best effort."""
         self._seq = 1
         self._progress_at = 0.0
         self._verified = True
@@ -327,6 +330,7 @@ def execute(run: TaskRun, steps: Steps) -> Task:
             run.before_power = _power_or(run, run.instance.power_state)
             steps(run)
             run.succeed()
+            _clean_up(run)
         except Preempted as exc:
             _lost(run, started, exc)
             raise
@@ -345,6 +349,15 @@ def execute(run: TaskRun, steps: Steps) -> Task:
             raise TaskFailed(task, task.error or str(exc)) from exc
         _finished(run, started, Outcome.SUCCEEDED)
         return run.store.get_task(run.task.id)
+
+
+def _clean_up(run: TaskRun) -> None:
+    """Run the clean-ups of a task whose success is written; one failing is logged, never the task's failure."""
+    for action in run.after_success:
+        try:
+            action()
+        except Exception as exc:
+            log.warning("clean_up_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def _power_or(run: TaskRun, default: PowerState) -> PowerState:

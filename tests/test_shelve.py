@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lifecycle import Engine, InvalidInput, InvalidState, Outcome, PowerState, TaskFailed, VmState
-from lifecycle.errors import DriverError, DriverUnavailable
+from lifecycle.errors import DriverError, DriverUnavailable, Preempted
 from lifecycle.snapshots import image_store, snapshot_name
 from tests.conftest import FLAVOR, Fakes, make_engine
 from tests.invariants import check_invariants
@@ -294,3 +294,163 @@ def test_the_snapshot_names_are_kept_for_the_engine(engine: Engine, new_instance
     assert engine.get(uuid).vm_state is V.ACTIVE and decoy.exists()  # powered back on; the file not touched
     engine.delete(uuid)
     assert decoy.exists() and engine.store.get_image(snapshot_name(uuid)).path == str(decoy)
+
+
+# -- found by the hostile pass ---------------------------------------------------------------
+
+
+@pytest.fixture
+def two_engines(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
+    """Open engines that share one database, one owner name (a restarted process) and the same fake hosts."""
+    from lifecycle import Settings
+
+    def open_engine(**settings: float) -> Engine:
+        engine = Engine(
+            sqlite_url,
+            driver_factory=fakes.factory,
+            owner="engine-a",
+            settings=Settings(shutdown_timeout=0, **settings),  # type: ignore[arg-type]
+        )
+        if not engine.hosts():
+            for host in ("h1", "h2"):
+                engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+            from tests.images import fake_image
+
+            engine.add_image("cirros", fake_image("cirros"))
+        for host in ("h1", "h2"):
+            engine.heartbeat(host)
+        return engine
+
+    return open_engine
+
+
+def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
+    two_engines: Callable[..., Engine], fakes: Fakes
+) -> None:
+    """The old worker of an unshelve recovery took over (and failed) stops fenced; the snapshot stays, nothing leaks."""
+    first = two_engines()
+    uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    first.shelve(uuid)
+    snapshot = _snapshot(first, uuid)
+    assert snapshot is not None
+    first.driver("h2")
+    gate = fakes["h2"].hold("spawn_from_snapshot")
+    ended: list[str] = []
+
+    def old_worker() -> None:
+        try:
+            first.unshelve(uuid, host="h2")
+        except Preempted as exc:  # Fenced: recovery took the task over
+            ended.append(type(exc).__name__)
+
+    worker = threading.Thread(target=old_worker)
+    worker.start()
+    assert gate.wait_entered()
+    second = two_engines()
+    fakes["h2"].fail_next("spawn_from_snapshot", DriverError("copy failed (injected)"))
+    assert [r.outcome for r in second.recover(force=True)] == ["failed"]
+    gate.release()
+    worker.join(30)
+    assert ended == ["Fenced"]
+    i = second.get(uuid)
+    assert (i.vm_state, i.host, i.task_id) == (V.SHELVED_OFFLOADED, None, None)
+    assert _snapshot(second, uuid) == snapshot and snapshot.exists()  # the only copy of the disk survives
+    assert second.store.claims_of(uuid) == [] and not fakes["h2"].domain_exists(uuid)
+    second.unshelve(uuid, host="h2")
+    assert second.get(uuid).vm_state is V.ACTIVE and not snapshot.exists()
+    check_invariants(second.store)
+
+
+def test_a_crash_after_the_offload_destroy_is_recovered_offloaded(
+    two_engines: Callable[..., Engine], fakes: Fakes
+) -> None:
+    """Recovery of a shelve that died right after destroying the domain finishes the offload, snapshot kept."""
+    from drivers.fake import SimulatedCrash
+
+    first = two_engines()
+    uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    fakes["h1"].crash_after("destroy")
+    with pytest.raises(SimulatedCrash):
+        first.shelve(uuid)
+    first.close()
+    second = two_engines()
+    assert [r.outcome for r in second.recover(force=True)] == ["succeeded"]
+    i = second.get(uuid)
+    assert (i.vm_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, P.NOSTATE)
+    assert second.store.claims_of(uuid) == [] and _snapshot(second, uuid) is not None
+    second.unshelve(uuid)
+    assert second.get(uuid).vm_state is V.ACTIVE
+
+
+def test_offload_refuses_when_the_snapshot_file_is_gone(keeping: Engine, fakes: Fakes) -> None:
+    """A shelved instance whose snapshot file vanished is not offloaded: its disk is the only copy; it stays shelved."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    snapshot = _snapshot(keeping, uuid)
+    assert snapshot is not None
+    snapshot.unlink()
+    with pytest.raises(TaskFailed, match="only copy"):
+        keeping.shelve_offload(uuid)
+    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["failed"]
+    i = keeping.get(uuid)
+    assert (i.vm_state, i.host) == (V.SHELVED, "h1") and fakes["h1"].domain_exists(uuid)
+
+
+def test_offload_refuses_a_guest_started_behind_the_engine(keeping: Engine, fakes: Fakes) -> None:
+    """A shelved guest found running (started outside the engine) is not offloaded: what it wrote would be lost."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    fakes["h1"].set_power(uuid, P.RUNNING)
+    with pytest.raises(TaskFailed, match="started outside the engine"):
+        keeping.shelve_offload(uuid)
+    i = keeping.get(uuid)
+    assert (i.vm_state, i.host) == (V.SHELVED, "h1") and fakes["h1"].domain_exists(uuid)
+
+
+@pytest.mark.parametrize("op", ["shelve_offload", "unshelve"])
+def test_an_unreachable_host_keeps_a_shelved_instance_shelved(keeping: Engine, fakes: Fakes, op: str) -> None:
+    """Offload and unshelve on a host that does not answer fail, the instance stays shelved; the duty retries later."""
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    fakes["h1"].unreachable = True
+    with pytest.raises(TaskFailed, match="unreachable"):
+        keeping.run(op, uuid)
+    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["failed"]
+    assert (keeping.get(uuid).vm_state, keeping.get(uuid).host) == (V.SHELVED, "h1")
+    fakes["h1"].unreachable = False
+    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["offloaded"]
+    assert keeping.get(uuid).vm_state is V.SHELVED_OFFLOADED
+
+
+def test_a_failed_snapshot_of_a_paused_guest_leaves_it_paused(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A paused guest whose snapshot fails is started and paused again: the instance stays paused, not error."""
+    uuid = new_instance()
+    engine.pause(uuid)
+    fakes["h1"].fail_next("snapshot", DriverError("disk unreadable (injected)"))
+    with pytest.raises(TaskFailed):
+        engine.shelve(uuid)
+    i = engine.get(uuid)
+    assert (i.vm_state, i.power_state) == (V.PAUSED, P.PAUSED) and fakes["h1"].get_info(uuid) is P.PAUSED
+
+
+def test_a_snapshot_is_no_image_to_build_from(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """create and rebuild refuse a shelve snapshot as their image (it belongs to its instance's unshelve)."""
+    uuid = new_instance()
+    engine.shelve(uuid)
+    other = new_instance("other")
+    with pytest.raises(InvalidInput, match="shelve snapshot"):
+        engine.create("thief", host="h2", flavor=FLAVOR, image=snapshot_name(uuid))
+    with pytest.raises(InvalidInput, match="shelve snapshot"):
+        engine.rebuild(other, image=snapshot_name(uuid))
+    assert _snapshot(engine, uuid) is not None
+
+
+@pytest.mark.parametrize("bad", ["snaps", "./snaps", "../x"])
+def test_a_relative_image_store_is_refused(bad: str) -> None:
+    """image_store_dir must be absolute: a relative one would move with the working directory and lose snapshots."""
+    from lifecycle import Settings
+
+    with pytest.raises(InvalidInput, match="image_store_dir"):
+        Settings(image_store_dir=bad)

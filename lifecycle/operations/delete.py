@@ -121,8 +121,9 @@ def soft_delete(run: TaskRun) -> None:
 
 
 def restore(run: TaskRun) -> None:
-    """Power a soft-deleted guest back on."""
+    """Power a soft-deleted guest back on (one soft-deleted while shelved no longer needs its snapshot)."""
     run.driver.power_on(run.spec)
+    run.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid))
 
 
 STEPS: dict[str, Steps] = {

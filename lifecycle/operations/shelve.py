@@ -29,7 +29,7 @@ import contextlib
 from pathlib import Path
 
 from lifecycle.config import Settings
-from lifecycle.errors import DriverError, ImageNotFound, InvalidInput, Preempted
+from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, ImageNotFound, InvalidInput, Preempted
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Image, Instance
 from lifecycle.snapshots import OWNER, SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
@@ -54,35 +54,50 @@ def shelve(run: TaskRun) -> None:
     except Preempted:
         _after_lost(run)
         raise
+    except DriverUnavailable:
+        run.before_power = PowerState.NOSTATE  # the host does not answer: nothing known changed, the vm_state stays
+        raise
     except Exception:
-        if run.source_vm_state is VmState.ACTIVE and not run.changed:
-            with contextlib.suppress(Exception):  # best effort: the failure below is what gets recorded
-                run.driver.power_on(run.spec)
+        if not run.changed:
+            _power_back(run)
         raise
 
 
+def _power_back(run: TaskRun) -> None:
+    """After a failed snapshot, put a guest that ran (or was paused) back as it was: its vm_state is then kept."""
+    with contextlib.suppress(Exception):  # best effort: the failure being raised is what gets recorded
+        if run.source_vm_state in (VmState.ACTIVE, VmState.PAUSED):
+            run.driver.power_on(run.spec)
+        if run.source_vm_state is VmState.PAUSED:
+            run.driver.pause(run.instance.uuid)
+
+
 def _shelve(run: TaskRun) -> None:
-    # A paused guest cannot answer an ACPI request: it goes off at once, as Nova's would after its timeout.
-    run.power_off(timeout=0 if run.source_vm_state is VmState.PAUSED else None)
-    run.advance(T.SHELVING_IMAGE_PENDING_UPLOAD)
-    run.advance(T.SHELVING_IMAGE_UPLOADING)
-    image = _upload(run)
-    if run.settings.shelved_offload_time > 0:
-        return
-    run.advance(T.SHELVING_OFFLOADING, f"snapshot {image.name} stored; offloading at once (shelved_offload_time is 0)")
+    if not run.resumed_past(T.SHELVING_IMAGE_UPLOADING):  # a run resumed at shelving_offloading has its image
+        # A paused guest cannot answer an ACPI request: it goes off at once, as Nova's would after its timeout.
+        run.power_off(timeout=0 if run.source_vm_state is VmState.PAUSED else None)
+        run.advance(T.SHELVING_IMAGE_PENDING_UPLOAD)
+        run.advance(T.SHELVING_IMAGE_UPLOADING)
+        image = _upload(run)
+        if run.settings.shelved_offload_time > 0:
+            return
+        run.advance(
+            T.SHELVING_OFFLOADING, f"snapshot {image.name} stored; offloading at once (shelved_offload_time is 0)"
+        )
     try:
         _offload(run)
     except DriverError as exc:
         # The snapshot is safe and the guest off: keep the host, end shelved; the daemon offloads it later.
         run.note = f"offload failed ({exc}); the instance stays shelved on {run.instance.host} for the daemon"
         run.changed = False
+        run.end_power = PowerState.SHUTDOWN  # powered off by this task (a host gone silent cannot be asked)
 
 
 def _upload(run: TaskRun) -> Image:
     uuid = run.instance.uuid
     directory = image_store(run.settings)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # shelved disks are nobody else's to read
     except OSError as exc:
         raise DriverError(f"image store {directory}: {exc.strerror or exc}", uuid=uuid, call="snapshot") from None
     target = directory / f"{snapshot_name(uuid)}.{SNAPSHOT_FORMAT}"
@@ -103,10 +118,29 @@ def _upload(run: TaskRun) -> Image:
 
 
 def _offload(run: TaskRun) -> None:
-    uuid = run.instance.uuid
-    run.changed = True  # the domain is going: a failure from here on cannot keep the vm_state
+    """Destroy the domain and disk once the snapshot is known kept and the guest off; forget the host."""
+    uuid, host = run.instance.uuid, run.instance.host
+    image = snapshot_of(run.store, uuid)
+    if image is None:
+        raise ImageNotFound(snapshot_name(uuid), [])  # never offload the only copy of a disk
+    kept = Path(image.path)
+    if not kept.is_file() or kept.stat().st_size == 0:
+        raise DriverError(
+            f"snapshot {image.name} has no file at {kept}: not offloaded, the disk on {host} is the only copy",
+            uuid=uuid,
+            call="shelve_offload",
+        )
+    with contextlib.suppress(DomainNotFound):  # gone already (a resumed offload): nothing runs
+        if run.driver.get_info(uuid) is PowerState.RUNNING:
+            raise DriverError(
+                f"{uuid} runs on {host} although shelved (started outside the engine): not offloaded, its disk "
+                "holds what was written since the snapshot; unshelve it, then shelve it again",
+                uuid=uuid,
+                call="shelve_offload",
+            )
     run.store.revoke_console_tokens(uuid)
     run.driver.destroy(uuid, destroy_disks=True)
+    run.changed = True  # the domain is gone: a failure from here on cannot keep the vm_state
     run.store.release_claims(uuid, task=run.task)
     run.fields["host"] = None
     run.end_power = PowerState.NOSTATE
@@ -121,9 +155,11 @@ def _after_lost(run: TaskRun) -> None:
 
 def shelve_offload(run: TaskRun) -> None:
     """Destroy a shelved instance's domain and disk, release its claims and forget its host."""
-    if snapshot_of(run.store, run.instance.uuid) is None:
-        raise ImageNotFound(snapshot_name(run.instance.uuid), [])  # never offload the only copy of a disk
-    _offload(run)
+    try:
+        _offload(run)
+    except DriverUnavailable:
+        run.before_power = PowerState.NOSTATE  # the host does not answer: it stays shelved, the duty tries again
+        raise
 
 
 # -- unshelve -------------------------------------------------------------------------------
@@ -152,15 +188,23 @@ def prepare(run: TaskRun) -> None:
 
 
 def unshelve(run: TaskRun) -> None:
-    """Walk unshelving -> spawning: power on where it is, or spawn from the snapshot on a scheduled host."""
+    """Walk unshelving -> spawning: power on where it is, or spawn from the snapshot on a scheduled host.
+
+    The snapshot is deleted only once the instance's success is written
+    (:attr:`TaskRun.after_success`): a worker taken over or crashed before that never touches it.
+    """
     uuid = run.instance.uuid
     if run.source_vm_state is VmState.SHELVED:
         run.advance(T.SPAWNING)
-        run.driver.power_on(run.spec)
+        try:
+            run.driver.power_on(run.spec)
+        except DriverUnavailable:
+            run.before_power = PowerState.NOSTATE  # the host does not answer: it stays shelved there
+            raise
     else:
         _spawn_offloaded(run)
-    drop_snapshot(run.store, uuid)
     run.fields["launched_at"] = now()
+    run.after_success.append(lambda: drop_snapshot(run.store, uuid))
 
 
 def _spawn_offloaded(run: TaskRun) -> None:
@@ -173,18 +217,19 @@ def _spawn_offloaded(run: TaskRun) -> None:
         dest = run.instance.host
     else:
         assert run.schedule is not None, "an offloaded unshelve needs a scheduler"
-        run.store.release_claims(uuid)  # a crash between a claim and its step left one behind
+        run.store.release_claims(uuid, task=run.task)  # a crash between a claim and its step left one behind
         dest = run.schedule([])
         run.touched.add(dest)
         run.advance(T.SPAWNING, f"scheduled to {dest}; spawning from snapshot {snapshot.name}", host=dest)
     try:
-        run.driver.spawn_from_snapshot(run.spec, Path(snapshot.path), power_on=True)
+        # The copy records its progress on the step, and stops there once the task is no longer ours.
+        run.driver.spawn_from_snapshot(run.spec, Path(snapshot.path), power_on=True, progress=run.copy_progress)
     except Preempted:
         raise
     except Exception:
-        run.store.release_claims(uuid, dest)
-        with contextlib.suppress(Exception):  # nothing half-made may stay on the host
-            run.driver_for(dest).destroy(uuid, destroy_disks=True)
+        run.store.release_claims(uuid, dest, task=run.task)  # a fenced worker releases nothing
+        with contextlib.suppress(Exception):  # nothing half-made may stay on the host (fenced: not ours to touch)
+            run.on(dest).destroy(uuid, destroy_disks=True)
         raise
 
 
