@@ -63,6 +63,23 @@ class _LostRace(Exception):
     """Some row of a batched compare-and-swap did not match: roll the batch back and redo it row by row."""
 
 
+# Built once: a pass reads one page per chunk, and building a select costs more than running this one.
+_SYNC_PAGE = (
+    sa.select(
+        _I.c.uuid,
+        _I.c.version,
+        _I.c.vm_state,
+        _I.c.task_state,
+        _I.c.power_state,
+        _I.c.missing_count,
+        _I.c.updated_at > sa.bindparam("b_at", type_=_I.c.updated_at.type),
+    )
+    .where(
+        _I.c.host == sa.bindparam("b_host"), _I.c.vm_state != VmState.DELETED.value, _I.c.uuid > sa.bindparam("b_after")
+    )
+    .order_by(_I.c.uuid)
+    .limit(sa.bindparam("b_limit"))
+)
 _POWER_CAS = (
     sa.update(_I)
     .where(
@@ -98,28 +115,14 @@ class SyncRows(StoreBase):
         row; full rows are loaded only for the few instances a pass runs an
         operation on (:meth:`instances_by_uuid`).
         """
-        changed_after = _I.c.updated_at > observed_at
         after = ""
         while True:
-            query = (
-                sa.select(
-                    _I.c.uuid,
-                    _I.c.version,
-                    _I.c.vm_state,
-                    _I.c.task_state,
-                    _I.c.power_state,
-                    _I.c.missing_count,
-                    changed_after,
-                )
-                .where(_I.c.host == host, _I.c.vm_state != VmState.DELETED.value, _I.c.uuid > after)
-                .order_by(_I.c.uuid)
-                .limit(chunk)
-            )
+            page = {"b_host": host, "b_after": after, "b_at": observed_at, "b_limit": chunk}
             with self._read() as conn:
-                rows = conn.execute(query).all()
+                rows = conn.execute(_SYNC_PAGE, page).all()
             if not rows:
                 return
-            yield [SyncRow._make(r) for r in rows]
+            yield list(map(SyncRow._make, rows))
             after = rows[-1][0]
 
     def instances_by_uuid(self, uuids: list[str]) -> dict[str, Instance]:
