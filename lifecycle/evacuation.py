@@ -44,7 +44,8 @@ class EvacuationResult:
 
     uuid: str
     outcome: str
-    """``evacuated``, ``failed`` (the task ran and failed) or ``refused`` (its guard refused it)."""
+    """``evacuated``, ``offloaded`` (a shelved instance: its disk is in its snapshot), ``failed`` (the task ran
+    and failed) or ``refused`` (its guard refused it)."""
     host: str | None
     """Where the instance is now."""
     detail: str | None = None
@@ -115,6 +116,10 @@ def evacuate_host(engine: Engine, name: str, *, actor: str = "api") -> builtins.
         if instance.vm_state is VmState.DELETED:
             continue
         try:
+            if instance.vm_state is VmState.SHELVED:  # its disk is in its snapshot: offloaded, not rebuilt
+                engine.shelve_offload(instance.uuid, actor=actor)
+                results.append(EvacuationResult(instance.uuid, "offloaded", None))
+                continue
             task = engine.evacuate(instance.uuid, actor=actor)
             results.append(EvacuationResult(instance.uuid, "evacuated", engine.get(task.instance_uuid).host))
         except TaskFailed as exc:
@@ -154,7 +159,7 @@ def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
         driver.destroy(migration.instance_uuid, destroy_disks=True)
         if not had_domain and migration.status is not MigrationStatus.DONE:
             continue  # cleaned on an earlier return: nothing new to say
-        where = instance.host or "no host (deleted)"
+        where = instance.host or f"no host ({instance.vm_state.value})"
         message = (
             f"destroyed the evacuated copy on {host} (domain and disk; never started): the instance lives on {where}"
         )

@@ -454,3 +454,33 @@ def test_a_relative_image_store_is_refused(bad: str) -> None:
 
     with pytest.raises(InvalidInput, match="image_store_dir"):
         Settings(image_store_dir=bad)
+
+
+def test_a_shelved_instance_of_a_dead_fenced_host_is_offloaded_and_its_leftover_destroyed(
+    keeping: Engine, fakes: Fakes
+) -> None:
+    """Host evacuate offloads a shelved instance of a down, fenced host in the database; its return destroys the copy."""
+    from datetime import timedelta
+
+    from lifecycle.store.db import now
+
+    uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    keeping.shelve(uuid)
+    fakes["h1"].unreachable = True
+    with pytest.raises(TaskFailed):  # merely silent: not offloaded, it stays shelved there
+        keeping.shelve_offload(uuid)
+    assert keeping.get(uuid).vm_state is V.SHELVED
+    keeping.store.update_host("h1", last_heartbeat=now() - timedelta(seconds=keeping.settings.host_down_after + 5))
+    keeping.fence_host("h1", reason="dead", actor="test")
+    results = keeping.evacuate_host("h1")
+    assert [(r.uuid, r.outcome) for r in results] == [(uuid, "offloaded")]
+    i = keeping.get(uuid)
+    assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and keeping.store.claims_of(uuid) == []
+    assert "destroyed when its hypervisor answers again" in (keeping.history(uuid)[-1].message or "")
+    assert fakes["h1"].domain_exists(uuid)  # still there: nobody could reach it
+    fakes["h1"].unreachable = False
+    assert keeping.destroy_evacuated("h1") == [uuid]
+    assert not fakes["h1"].domain_exists(uuid)
+    keeping.unfence_host("h1")
+    keeping.unshelve(uuid, host="h2")
+    assert keeping.get(uuid).vm_state is V.ACTIVE

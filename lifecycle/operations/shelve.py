@@ -26,16 +26,18 @@ Every step is repeat-safe, so recovery resumes each of these task_states.
 from __future__ import annotations
 
 import contextlib
+import uuid as uuidlib
 from pathlib import Path
 
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, ImageNotFound, InvalidInput, Preempted
-from lifecycle.placement import scheduler_for
-from lifecycle.records import Image, Instance
+from lifecycle.placement import host_is_up, scheduler_for
+from lifecycle.records import Image, Instance, Migration
 from lifecycle.snapshots import OWNER, SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
-from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store import Store
 from lifecycle.store.db import now
+from lifecycle.store.moves import EVACUATION
 from lifecycle.tasks import Hook, Steps, TaskRun
 
 __all__ = ["GUARDS", "PREPARE", "STEPS"]
@@ -154,12 +156,59 @@ def _after_lost(run: TaskRun) -> None:
 
 
 def shelve_offload(run: TaskRun) -> None:
-    """Destroy a shelved instance's domain and disk, release its claims and forget its host."""
+    """Destroy a shelved instance's domain and disk, release its claims and forget its host.
+
+    On a host that does not answer it stays shelved (the duty tries again),
+    unless the host is down and fenced: then the offload is done in the
+    database alone (the snapshot holds the disk), with an ``evacuation``
+    record so that the host's daemon destroys the leftover domain and disk,
+    never starting them, when its hypervisor answers again.
+    """
     try:
         _offload(run)
-    except DriverUnavailable:
-        run.before_power = PowerState.NOSTATE  # the host does not answer: it stays shelved, the duty tries again
-        raise
+    except DriverUnavailable as exc:
+        assert run.instance.host is not None
+        host = run.store.get_host(run.instance.host)
+        if not (host.fenced and not host_is_up(host, run.settings.host_down_after)):
+            run.before_power = PowerState.NOSTATE  # nothing known changed: it stays shelved there
+            raise
+        _offload_from_dead_host(run, f"{exc}")
+
+
+def _offload_from_dead_host(run: TaskRun, why: str) -> None:
+    uuid, source = run.instance.uuid, run.instance.host
+    assert source is not None
+    image = snapshot_of(run.store, uuid)
+    if image is None or not Path(image.path).is_file():
+        raise DriverError(f"{source} is dead and the snapshot of {uuid} has no file: nothing to offload to", uuid=uuid)
+    at = now()
+    run.store.add_migration(
+        Migration(
+            id=str(uuidlib.uuid4()),
+            instance_uuid=uuid,
+            task_id=run.task.id,
+            kind=EVACUATION,
+            source_host=source,
+            dest_host=None,
+            old_flavor=run.instance.flavor,
+            new_flavor=run.instance.flavor,
+            status=MigrationStatus.DONE,
+            previous_vm_state=VmState.SHELVED,
+            source_disk=None,
+            created_at=at,
+            updated_at=at,
+            finished_at=at,
+        )
+    )
+    run.store.revoke_console_tokens(uuid)
+    run.changed = True
+    run.store.release_claims(uuid, task=run.task)
+    run.fields["host"] = None
+    run.end_power = PowerState.NOSTATE
+    run.note = (
+        f"{source} is down and fenced ({why}): offloaded in the database, the disk kept in {image.name};"
+        f" the domain left on {source} is destroyed when its hypervisor answers again"
+    )
 
 
 # -- unshelve -------------------------------------------------------------------------------
