@@ -49,11 +49,17 @@ def snapshot_of(store: Store, uuid: str) -> Image | None:
     return image if image.properties.get(OWNER) == uuid else None
 
 
-def drop_snapshot(store: Store, uuid: str) -> None:
-    """Delete a shelved instance's snapshot image: its row and its file. Repeat-safe."""
+def drop_snapshot(store: Store, uuid: str, settings: Settings | None = None) -> None:
+    """Delete a shelved instance's snapshot image: its row and its file. Repeat-safe.
+
+    With ``settings``, also the scratch files a killed shelve or unshelve left
+    for this instance in the image store (``shelved-<uuid>.qcow2.*``).
+    """
     image = snapshot_of(store, uuid)
-    if image is None:
-        return
-    store.remove_image(image.name)  # the row first: a failure here leaves both, never a row without its file
-    Path(image.path).unlink(missing_ok=True)
-    log.info("shelve_snapshot_deleted", instance_uuid=uuid, image=image.name)
+    if image is not None:
+        store.remove_image(image.name)  # the row first: a failure here leaves both, never a row without its file
+        Path(image.path).unlink(missing_ok=True)
+        log.info("shelve_snapshot_deleted", instance_uuid=uuid, image=image.name)
+    if settings is not None:
+        for leftover in image_store(settings).glob(f"{snapshot_name(uuid)}.{SNAPSHOT_FORMAT}.*"):
+            leftover.unlink(missing_ok=True)

@@ -484,3 +484,17 @@ def test_a_shelved_instance_of_a_dead_fenced_host_is_offloaded_and_its_leftover_
     keeping.unfence_host("h1")
     keeping.unshelve(uuid, host="h2")
     assert keeping.get(uuid).vm_state is V.ACTIVE
+
+
+def test_delete_removes_scratch_files_a_killed_shelve_left(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """Files a SIGKILLed shelve or unshelve left for an instance (.download, .part, .delta) go with its delete."""
+    uuid = new_instance()
+    other = new_instance("other")
+    store = image_store(engine.settings)
+    store.mkdir(parents=True)
+    left = [store / f"{snapshot_name(uuid)}.qcow2.x1{suffix}" for suffix in (".download", ".part", ".delta")]
+    kept = store / f"{snapshot_name(other)}.qcow2.x2.download"
+    for path in [*left, kept]:
+        path.write_bytes(b"disk bytes")
+    engine.delete(uuid)
+    assert not any(p.exists() for p in left) and kept.exists()  # another instance's are not this delete's

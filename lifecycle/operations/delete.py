@@ -105,7 +105,7 @@ def _local(run: TaskRun, message: str) -> None:
 
 def _forget(run: TaskRun) -> None:
     run.store.release_claims(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
-    snapshots.drop_snapshot(run.store, run.instance.uuid)  # a shelved instance's disk lives on only there
+    snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings)  # a shelved instance's disk lives on only there
     run.end_power = PowerState.NOSTATE
     run.fields["deleted_at"] = now()
 
@@ -123,7 +123,7 @@ def soft_delete(run: TaskRun) -> None:
 def restore(run: TaskRun) -> None:
     """Power a soft-deleted guest back on (one soft-deleted while shelved no longer needs its snapshot)."""
     run.driver.power_on(run.spec)
-    run.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid))
+    run.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings))
 
 
 STEPS: dict[str, Steps] = {

@@ -152,7 +152,7 @@ def _after_lost(run: TaskRun) -> None:
     """Drop the snapshot this worker stored after a delete took the shelve over (and dropped it first)."""
     with contextlib.suppress(Exception):
         if run.store.get_instance(run.instance.uuid).vm_state is VmState.DELETED:
-            drop_snapshot(run.store, run.instance.uuid)
+            drop_snapshot(run.store, run.instance.uuid, run.settings)
 
 
 def shelve_offload(run: TaskRun) -> None:
@@ -253,7 +253,7 @@ def unshelve(run: TaskRun) -> None:
     else:
         _spawn_offloaded(run)
     run.fields["launched_at"] = now()
-    run.after_success.append(lambda: drop_snapshot(run.store, uuid))
+    run.after_success.append(lambda: drop_snapshot(run.store, uuid, run.settings))
 
 
 def _spawn_offloaded(run: TaskRun) -> None:
