@@ -3,10 +3,11 @@
 The pass reads every domain of the host with one driver call and the host's
 instances in chunks (keyset paging, plain stored values), decides each with
 :class:`sync.Decider` (:func:`sync.decide` once per distinct case), and
-applies the decisions: power-only changes as one batched compare-and-swap
-per chunk (each row still checked against the version it was read at, with
-its own audit row), operations as ordinary tasks with actor ``sync`` and the
-rule in their audit rows, on full rows read only for them. A racing
+applies them once a chunk's worth of writes gathered (and at the end):
+power-only changes as one batched compare-and-swap (each row still checked
+against the version it was read at, with its own audit row), operations as
+ordinary tasks with actor ``sync`` and the rule in their audit rows, on full
+rows read only for them. A racing
 user operation wins cleanly: its write changed the version, so ours is
 skipped. Errors are contained per instance. Domains no instance owns are
 reported, never touched. A domain whose instance lives on another host (one
