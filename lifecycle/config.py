@@ -35,7 +35,6 @@ _SECONDS = (
     "running_deleted_instance_timeout",
     "reclaim_instance_interval",
     "instance_build_timeout",
-    "shelved_offload_time",
     "change_retention",
     "feed_poll_interval",
 )
@@ -116,7 +115,7 @@ class Settings:
     """Seconds a build may take before the daemon ends it failed and puts the instance in error (Nova); 0: off."""
     shelved_offload_time: float = 0.0
     """Seconds a shelved instance keeps its host before the daemon offloads it (destroys its domain and
-    disk, releases its claims); 0 offloads at once, as part of the shelve (Nova: 0)."""
+    disk, releases its claims); 0 offloads at once, as part of the shelve; -1 never (Nova: 0)."""
     image_store_dir: str = ""
     """Directory on the engine's machine for the images the engine makes (shelve snapshots); empty:
     ``$XDG_DATA_HOME/lifecycle/images`` (``~/.local/share/lifecycle/images``)."""
@@ -137,6 +136,8 @@ class Settings:
                 raise InvalidInput(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in _SECONDS:
             seconds(f"setting {name}", getattr(self, name))
+        if self.shelved_offload_time != -1:  # Nova's "never"
+            seconds("setting shelved_offload_time (or -1: never)", self.shelved_offload_time)
         count("setting workers", self.workers, low=1, high=1024)
         if not isinstance(self.reap_unknown_domains, bool):
             raise InvalidInput(f"setting reap_unknown_domains must be True or False, got {self.reap_unknown_domains!r}")

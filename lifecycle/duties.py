@@ -106,10 +106,12 @@ def offload_shelved(engine: Engine, older_than: float | None = None) -> list[Dut
 
     Nova's ``_poll_shelved_instances``. Without ``older_than``, the setting
     ``shelved_offload_time``; with it at 0 a shelve offloads at once, and
-    this catches a shelve whose offload could not reach its host. A shelved
+    this catches a shelve whose offload could not reach its host; -1 turns it off. A shelved
     instance being unshelved meanwhile is skipped (the offload starts only on
     an idle shelved instance).
     """
+    if older_than is None and engine.settings.shelved_offload_time < 0:
+        return []  # -1: never (Nova)
     seconds = (
         engine.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
     )

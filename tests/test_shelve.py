@@ -498,3 +498,19 @@ def test_delete_removes_scratch_files_a_killed_shelve_left(engine: Engine, new_i
         path.write_bytes(b"disk bytes")
     engine.delete(uuid)
     assert not any(p.exists() for p in left) and kept.exists()  # another instance's are not this delete's
+
+
+def test_minus_one_never_offloads(db_url: str, fakes: Fakes) -> None:
+    """shelved_offload_time -1 (Nova's never): shelve keeps the host and the duty leaves it; other negatives are refused."""
+    from lifecycle import Settings
+
+    with pytest.raises(InvalidInput, match="shelved_offload_time"):
+        Settings(shelved_offload_time=-2)
+    engine = make_engine(db_url, fakes, shutdown_timeout=0.0, shelved_offload_time=-1.0)
+    try:
+        uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+        engine.shelve(uuid)
+        assert engine.offload_shelved_instances() == []
+        assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (V.SHELVED, "h1")
+    finally:
+        engine.close()

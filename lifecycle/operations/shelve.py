@@ -81,7 +81,7 @@ def _shelve(run: TaskRun) -> None:
         run.advance(T.SHELVING_IMAGE_PENDING_UPLOAD)
         run.advance(T.SHELVING_IMAGE_UPLOADING)
         image = _upload(run)
-        if run.settings.shelved_offload_time > 0:
+        if run.settings.shelved_offload_time != 0:  # kept on its host: for the daemon after that time, or never
             return
         run.advance(
             T.SHELVING_OFFLOADING, f"snapshot {image.name} stored; offloading at once (shelved_offload_time is 0)"
