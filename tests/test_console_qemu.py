@@ -204,7 +204,12 @@ def _see_the_screen(browser: Any, url: str, name: str, tmp_path: Path) -> Any:
     page = browser.new_page()
     page.goto(url)
     page.wait_for_selector("#status[data-state=connected]", timeout=60_000)
-    page.wait_for_function(f"({_COLOURS_JS})() > 1", timeout=60_000, polling=250)
+    # Polled from here: wait_for_function compiles its predicate inside the page, which the page's CSP
+    # (no 'unsafe-eval') refuses; evaluate runs through the DevTools protocol, which the CSP does not cover.
+    deadline = time.monotonic() + 60
+    while page.evaluate(_COLOURS_JS) <= 1:
+        assert time.monotonic() < deadline, "the guest's screen was not drawn within 60 s"
+        page.wait_for_timeout(250)
     page.wait_for_timeout(1500)  # let the firmware finish its lines, for a screenshot worth keeping
     canvas = page.locator("#screen canvas")
     shot = canvas.screenshot()
