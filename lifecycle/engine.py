@@ -16,10 +16,9 @@ import threading
 import uuid as uuidlib
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry
 
 import drivers
 import lifecycle.feed as feed
@@ -40,6 +39,9 @@ from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
 from lifecycle.store.db import now
 from lifecycle.sweep import PassSummary, sweep_host
 from lifecycle.tasks import TaskRun
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["Engine"]
 

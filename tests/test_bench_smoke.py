@@ -22,6 +22,7 @@ BENCH = Path(__file__).parents[1] / "bench"
         ("transitions.py", ["--cycles", "3", "--rounds", "1"], "ratio engine/raw"),
         ("sync.py", ["--instances", "300", "--runs", "1", "--skip-memory"], "ratio sweep/floor"),
         ("scheduler.py", ["--repeat", "2", "--sizes", "100", "300"], "ratio decision/read"),
+        ("cli.py", ["--instances", "20", "--runs", "1"], "ratio lifecycle list"),
         (
             "changes.py",
             ["--backlog", "600", "--writers", "1", "--runs", "1", "--cycles", "5", "--rows", "3000"],

@@ -36,8 +36,7 @@ _NEVER_FOR_READS = (
     "pydantic_settings",  # no config file, no setting in the environment: the defaults need no parsing
     "drivers.libvirt",  # a read opens no driver
     "drivers.fake",
-    # prometheus_client joins this list once lifecycle.engine imports it for type checking only: the
-    # metrics are made when first used (lifecycle.metrics), but the engine still imports the package.
+    "prometheus_client",  # the metrics are made when first used
     "rich",  # structlog's console renderer's tracebacks; JSON log lines never use them
 )
 
