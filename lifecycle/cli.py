@@ -487,7 +487,7 @@ def _run_op(engine: Engine, args: argparse.Namespace) -> None:
 
 
 def _duty_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the operator duties: lock, unlock, reset-state, and one-shot reclaim and build-timeout runs."""
+    """Add the operator duties: lock, unlock, reset-state, and one-shot reclaim, build-timeout, offload runs."""
     actor = {"type": _text("--actor"), "default": os.environ.get("USER") or "cli", "help": "who does it (audited)"}
     lock = sub.add_parser("lock", help="lock an instance: operations but reads are refused", parents=[common])
     lock.add_argument("uuid")
@@ -507,6 +507,7 @@ def _duty_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     for name, what, setting in (
         ("reclaim", "delete for good what was soft-deleted longer ago than", "reclaim_instance_interval"),
         ("build-timeout", "put in error the builds running longer than", "instance_build_timeout"),
+        ("offload-shelved", "offload what was shelved on its host longer ago than", "shelved_offload_time"),
     ):
         duty = sub.add_parser(name, help=f"once: {what} --older-than seconds", parents=[common])
         duty.add_argument(
@@ -522,9 +523,13 @@ def _duty(engine: Engine, args: argparse.Namespace) -> None:
 
     from lifecycle.records import to_plain
 
-    if args.command in ("reclaim", "build-timeout"):
-        run = engine.reclaim_queued_deletes if args.command == "reclaim" else engine.check_build_timeouts
-        results = run(args.older_than)
+    duties = {
+        "reclaim": engine.reclaim_queued_deletes,
+        "build-timeout": engine.check_build_timeouts,
+        "offload-shelved": engine.offload_shelved_instances,
+    }
+    if args.command in duties:
+        results = duties[args.command](args.older_than)
         lines = [f"{r.uuid} {r.outcome}" + (f" ({_safe(r.detail)})" if r.detail else "") for r in results]
         _emit(args, [dataclasses.asdict(r) for r in results], "\n".join(lines) or "nothing to do")
         return
@@ -1192,6 +1197,7 @@ _HANDLERS: dict[str, Callable[[Engine, argparse.Namespace], int | None]] = {
     "evacuate": _evacuate,
     "reclaim": _duty,
     "build-timeout": _duty,
+    "offload-shelved": _duty,
     "changes": _changes,
     "audit": _audit,
 }

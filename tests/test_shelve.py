@@ -245,7 +245,7 @@ def test_a_delete_racing_the_snapshot_leaves_no_snapshot_behind(
 def test_the_cli_shelves_offloads_and_unshelves(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`lifecycle shelve`, `shelve-offload` and `unshelve --host` print the states; a bad --host is exit 2."""
+    """`shelve`, `shelve-offload`, `unshelve --host` and `offload-shelved` work; a bad --host or age is exit 2."""
     import json
 
     import structlog
@@ -276,6 +276,10 @@ def test_the_cli_shelves_offloads_and_unshelves(
         assert run("unshelve", uuid, "--host", "nowhere")[0] == 2
         code, back = run("unshelve", uuid, "--host", "h2")
         assert (code, back["status"], back["host"]) == (0, "ACTIVE", "h2")
+        assert run("shelve", uuid)[1]["status"] == "SHELVED"
+        assert run("offload-shelved", "--older-than", "-1")[0] == 2
+        code, done = run("offload-shelved", "--older-than", "0")
+        assert (code, [(d["uuid"], d["outcome"]) for d in done]) == (0, [(uuid, "offloaded")])
     finally:
         structlog.configure(**old)
 
