@@ -418,7 +418,12 @@ class FakeDriver(Driver):
     def get_vnc_console(self, uuid: str) -> Console:
         self._before("get_vnc_console")
         with self._state():
-            return Console(host="127.0.0.1", port=self._domain(uuid, "get_vnc_console").vnc_port)
+            dom = self._domain(uuid, "get_vnc_console")
+            if dom.power not in (P.RUNNING, P.PAUSED):  # as QEMU: a guest that is not running serves no VNC
+                raise DriverError(
+                    f"domain of {uuid} has no VNC port (is it running?)", uuid=uuid, call="get_vnc_console"
+                )
+            return Console(host="127.0.0.1", port=dom.vnc_port)
 
     def register_event_listener(self, listener: EventListener | None) -> None:
         with self._lock:

@@ -90,7 +90,7 @@ def load_settings(
 def _read(found: Path | None, env: dict[str, str], overrides: Mapping[str, Any]) -> Loaded:
     """Read the settings through pydantic-settings: the file, the environment, the flags, converted and checked."""
     from pydantic import ValidationError
-    from pydantic_settings import TomlConfigSettingsSource
+    from pydantic_settings import SettingsError, TomlConfigSettingsSource
 
     flags = _nest(dict(overrides))
     model = _model(found, env)
@@ -101,6 +101,10 @@ def _read(found: Path | None, env: dict[str, str], overrides: Mapping[str, Any])
         values = model(**flags)
     except ValidationError as exc:
         raise _invalid(exc, found) from None
+    except SettingsError as exc:  # a LIFECYCLE_ variable pydantic-settings could not parse (a list that is not JSON)
+        raise InvalidInput(
+            f"environment: {exc}; a list or table in a LIFECYCLE_ variable is JSON, e.g. '[\"https://a.example\"]'"
+        ) from None
     except (OSError, ValueError) as exc:  # unreadable file, or not TOML (tomllib's TOMLDecodeError)
         raise InvalidInput(f"config file {found}: {exc}") from None
     data = {f.name: getattr(values, f.name) for f in dataclasses.fields(Settings)}

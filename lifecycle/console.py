@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from lifecycle.errors import InvalidInput, InvalidState
+from lifecycle.errors import DriverError, InvalidInput, InvalidState
 from lifecycle.records import Instance
 from lifecycle.states import TaskState, VmState
 from lifecycle.store import Store
@@ -79,8 +79,14 @@ def issue(
     return ConsoleAccess(instance.uuid, url, token, expires_at)
 
 
-def check(store: Store, token: str) -> ConsoleConnection | None:
-    """Return where to connect for ``token``, or None when it is not (or no longer) valid."""
+def check(store: Store, token: str, driver_for: Callable[[str], Driver] | None = None) -> ConsoleConnection | None:
+    """Return where to connect for ``token``, or None when it is not (or no longer) valid.
+
+    With ``driver_for``, the hypervisor is asked too (Nova's ``validate_console_port``): the
+    instance's domain must still serve its console on the port the token was issued for. A
+    guest stopped since has none, and libvirt gives a freed port to the next guest started:
+    an old token must never reach that other guest's screen.
+    """
     if not isinstance(token, str) or not token or len(token) > 256:
         raise InvalidInput("a console token is a non-empty string of at most 256 characters")
     row = store.console_token(token_hash(token))
@@ -90,4 +96,11 @@ def check(store: Store, token: str) -> ConsoleConnection | None:
     moved = instance.host != row["host"]
     if moved or instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS:
         return None
+    if driver_for is not None and instance.host is not None:
+        try:
+            now_serving = driver_for(instance.host).get_vnc_console(instance.uuid)
+        except DriverError:  # no domain, not running, or the host does not answer: nothing to bridge to
+            return None
+        if now_serving.port != row["console_port"]:
+            return None
     return ConsoleConnection(instance.uuid, row["console_host"], row["console_port"])

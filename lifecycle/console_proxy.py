@@ -39,7 +39,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
@@ -166,7 +166,11 @@ class ConsoleProxy:
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Serve plain HTTP requests; check a websocket's Origin and token before the handshake completes."""
         url = urlsplit(request.path)
-        if request.headers.get("Upgrade", "").lower() != "websocket":
+        try:
+            upgrade, origin = request.headers.get("Upgrade", ""), request.headers.get("Origin")
+        except MultipleValuesError:  # two Upgrade or Origin headers: no browser sends that
+            return self._refuse(connection, "origin", None)
+        if upgrade.lower() != "websocket":
             return self._http(url.path)
         if url.path not in _WEBSOCKET_PATHS:
             return _text(404, "Not Found", "no websocket here\n")
@@ -175,7 +179,7 @@ class ConsoleProxy:
         except ValueError:
             token = ""
         hashed = token_hash(token) if token else None
-        if request.headers.get("Origin") not in self._origins:
+        if origin not in self._origins:
             return self._refuse(connection, "origin", hashed)
         if not token:
             return self._refuse(connection, "no_token", hashed)
@@ -211,9 +215,13 @@ class ConsoleProxy:
                 404, "Not Found", f"console page not built in {self.page_dir}: run scripts/console-assets.sh\n"
             )
         root = self.page_dir.resolve()
-        file = (root / path.lstrip("/")).resolve()
-        content_type = _TYPES.get(file.suffix)
-        if not file.is_relative_to(root) or not file.is_file() or content_type is None:
+        try:
+            file = (root / path.lstrip("/")).resolve()
+            found = file.is_relative_to(root) and file.is_file()
+        except (OSError, ValueError):  # a name too long, a NUL: no such file
+            found = False
+        content_type = _TYPES.get(file.suffix) if found else None
+        if not found or content_type is None:
             return _text(404, "Not Found", "not found\n")
         return _response(200, "OK", Headers({"Content-Type": content_type, **_PAGE_HEADERS}), file.read_bytes())
 

@@ -408,8 +408,8 @@ class Engine:
         return self.driver(host).cleanup_images(age, moving, keep)
 
     def check_console_token(self, token: str) -> console.ConsoleConnection | None:
-        """Return where to connect for a console token while it is valid, else None."""
-        return console.check(self.store, token)
+        """Return where to connect for a console token while valid and its guest still serves it, else None."""
+        return console.check(self.store, token, self.driver)
 
     # -- operations -------------------------------------------------------------
 

@@ -477,10 +477,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 class Fakes(dict[str, FakeDriver]):
-    """Fake hypervisors by host name, created on first use."""
+    """Fake hypervisors by host name, created on first use (kept in the host's state file when its URI names one)."""
 
     def factory(self, host: Host) -> Driver:
-        return self.setdefault(host.name, FakeDriver(host.name))
+        state = host.driver_uri.removeprefix("fake://") or None  # fake:///ABS/state.json: shared with subprocesses
+        return self.setdefault(host.name, FakeDriver(host.name, state_path=state))
 
 
 @pytest.fixture(autouse=True)

@@ -172,3 +172,14 @@ def test_the_shortcut_without_pydantic_settings_reads_what_pydantic_settings_rea
     from lifecycle import configfile
 
     assert load_settings(environ=env) == configfile._read(None, dict(env), {})
+
+
+def test_a_list_in_the_environment_that_is_not_json_says_so(tmp_path: Path) -> None:
+    """A LIFECYCLE_ list written as plain text is refused naming the field and that lists are JSON, not a file."""
+    env = {"LIFECYCLE_CONSOLE_ALLOWED_ORIGINS": "http://x"}
+    with pytest.raises(InvalidInput, match=r"console_allowed_origins.*is JSON") as refused:
+        load_settings(None, environ=env)
+    assert "config file" not in str(refused.value)
+    assert load_settings(
+        None, environ={"LIFECYCLE_CONSOLE_ALLOWED_ORIGINS": '["http://x"]'}
+    ).settings.console_allowed_origins == ("http://x",)

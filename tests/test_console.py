@@ -87,3 +87,29 @@ def test_a_bad_console_address_is_refused(engine: Engine, address: str) -> None:
     with pytest.raises(InvalidInput):
         engine.add_host("far", "fake://", console_address=address)
     assert "far" not in [h.name for h in engine.hosts()]
+
+
+def test_a_token_only_reaches_the_console_its_guest_still_serves(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A stopped guest serves no console, and a rebuilt one another port: the old token leads nowhere (Nova's port check)."""
+    uuid = new_instance()
+    token = engine.get_vnc_console(uuid).token
+    engine.stop(uuid)
+    assert engine.check_console_token(token) is None  # its port may be the next guest's now
+    engine.start(uuid)
+    assert engine.check_console_token(token) is not None  # the same domain serves the same port again
+    engine.rebuild(uuid)  # a new domain: a new port
+    assert fakes["h1"].get_vnc_console(uuid).port != engine.store.console_token(_hash(token))["console_port"]
+    assert engine.check_console_token(token) is None
+    fresh = engine.get_vnc_console(uuid).token
+    fakes["h1"].unreachable = True  # the hypervisor cannot confirm the port: nothing is bridged
+    assert engine.check_console_token(fresh) is None
+    fakes["h1"].unreachable = False
+    assert engine.check_console_token(fresh) is not None
+
+
+def _hash(token: str) -> str:
+    from lifecycle.console import token_hash
+
+    return token_hash(token)

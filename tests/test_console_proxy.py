@@ -119,10 +119,13 @@ def logged() -> Iterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
-def engine(sqlite_url: str, fakes: Fakes) -> Iterator[Engine]:
-    """An engine on SQLite with a fake host ``far`` whose consoles lead to a loopback address of the test's own."""
+def engine(sqlite_url: str, fakes: Fakes, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on SQLite with a fake host ``far`` whose consoles lead to a loopback address of the test's own.
+
+    ``far`` keeps its domains in a state file, so a ``lifecycle console-proxy`` process sees them too.
+    """
     eng = make_engine(sqlite_url, fakes)
-    eng.add_host("far", "fake://", console_address=_loopback())
+    eng.add_host("far", f"fake://{tmp_path / 'far.json'}", console_address=_loopback())
     yield eng
     eng.close()
 
@@ -436,6 +439,7 @@ def test_the_page_noVNC_and_metrics_are_served_and_nothing_else(tmp_path: Path, 
             "/%2e%2e/outside.html",
             "/novnc/../../outside.html",
             "/nope.js",
+            "/" + "a" * 5000 + ".html",  # a name too long for the filesystem: 404, not a 500
         ):
             with pytest.raises(urllib.error.HTTPError) as missing:
                 urllib.request.urlopen(f"{proxy.http}{path}", timeout=10)
@@ -512,3 +516,32 @@ def test_a_database_that_fails_refuses_with_503_and_the_proxy_goes_on(
     assert [e["reason"] for e in logged if e["event"] == "console_refused"] == ["unavailable"]
     with proxy.open(token) as ws:
         assert ws.recv(timeout=10) == BANNER
+
+
+def test_two_origin_headers_are_refused_not_a_crash(
+    engine: Engine, proxy_for: Callable[..., RunningProxy], new_console: Callable[[], tuple[str, str, FakeVnc]]
+) -> None:
+    """A websocket request carrying Origin twice is refused with 403 and counted, and reaches no VNC server."""
+    import http.client
+
+    _, token, vnc = new_console()
+    proxy = proxy_for()
+    host, port = proxy.http.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("GET", f"/websockify?token={token}", skip_host=True, skip_accept_encoding=True)
+    for name, value in (
+        ("Host", f"{host}:{port}"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+        ("Origin", ORIGIN),
+        ("Origin", "http://evil.example"),
+    ):
+        conn.putheader(name, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 403
+    conn.close()
+    assert proxy.metric("lifecycle_console_refusals_total", reason="origin") == 1
+    assert vnc.connections == 0
