@@ -13,7 +13,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first python block of the README executes without error and ends with a suspended instance."""
+    """The first python block of the README executes without error and ends with a resumed, active instance."""
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
     assert code is not None
     source = (
@@ -27,4 +27,5 @@ def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     exec(compile(source, "README.md", "exec"), namespace)
     engine = namespace["engine"]
     uuid = namespace["uuid"]
-    assert engine.get(uuid).vm_state.value == "suspended"  # type: ignore[attr-defined]
+    assert engine.get(uuid).vm_state.value == "active"  # type: ignore[attr-defined]
+    assert [t.operation for t in engine.tasks(uuid)][-2:] == ["suspend", "resume"]  # type: ignore[attr-defined]
