@@ -13,14 +13,17 @@ ends ``shelved`` and the daemon offloads it once that time has passed.
 unshelve walks unshelving -> spawning. A shelved instance still on its host is
 powered on there; an offloaded one is scheduled (or sent to ``host``), its
 claim taken, and spawned from its snapshot, the disk laid out over its image
-as any disk is. Once it is active the snapshot image is deleted, as is a
-shelved instance's snapshot when it is deleted.
+as any disk is. The snapshot image is deleted once the success is written
+(never by a worker taken over or crashed before that), as is a shelved
+instance's snapshot when it is deleted.
 
-Failures: a snapshot that fails powers a guest that was running back on, so
-the instance keeps its vm_state; an offload at once that cannot reach the
-host leaves the instance ``shelved`` (the daemon offloads it later); an
-unshelve whose spawn fails gives its claim back and stays offloaded.
-Every step is repeat-safe, so recovery resumes each of these task_states.
+Failures never lose the disk: a snapshot that fails puts a running or paused
+guest back as it was, so the instance keeps its vm_state; an offload refuses
+without the snapshot's file or with the guest running; a host that does not
+answer keeps the instance ``shelved`` (the daemon's duty tries again), and a
+down, fenced one is offloaded in the database alone; an unshelve whose spawn
+fails gives its claim back and stays offloaded. Every step is repeat-safe,
+so recovery resumes each of these task_states.
 """
 
 from __future__ import annotations
