@@ -311,7 +311,13 @@ class FakeDriver(Driver):
     def finish_migration(
         self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
     ) -> None:
-        after = self._before("finish_migration")
+        self._receive("finish_migration", spec, source, power_on, progress)
+
+    def _receive(
+        self, call: str, spec: DomainSpec, source: DiskSource, power_on: bool, progress: Progress | None
+    ) -> None:
+        """Define the domain on a copy of ``source`` unless it exists, start it if ``power_on`` (a ``call`` call)."""
+        after = self._before(call)
         disk = None if self.domain_exists(spec.uuid) else self._copy(source, progress)
 
         def act() -> PowerState | None:
@@ -362,22 +368,7 @@ class FakeDriver(Driver):
     def spawn_from_snapshot(
         self, spec: DomainSpec, snapshot: Path, *, power_on: bool = True, progress: Progress | None = None
     ) -> None:
-        after = self._before("spawn_from_snapshot")
-        disk = None if self.domain_exists(spec.uuid) else self._copy(_file_source(snapshot), progress)
-
-        def act() -> PowerState | None:
-            if spec.uuid not in self._domains:
-                assert disk is not None
-                self._domains[spec.uuid] = _Domain(asdict(spec), int(P.SHUTDOWN), disk, vnc_port=self._port())
-            dom = self._domains[spec.uuid]
-            return self._set(dom, P.RUNNING) if power_on else None
-
-        with self._state():
-            changed = act()
-        if changed is not None:
-            self._emit(spec.uuid, changed)
-        if after is not None:
-            raise after
+        self._receive("spawn_from_snapshot", spec, _file_source(snapshot), power_on, progress)
 
     def confirm_migration(self, uuid: str) -> None:
         def act() -> PowerState | None:

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+import structlog
+
 from lifecycle.errors import DriverError, InvalidInput, InvalidState
 from lifecycle.records import Instance
 from lifecycle.states import TaskState, VmState
@@ -27,6 +29,8 @@ if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import woul
     from drivers.base import Driver
 
 __all__ = ["ConsoleAccess", "ConsoleConnection", "check", "issue", "token_hash"]
+
+log = structlog.get_logger(__name__)
 
 _REFUSED_TASKS = frozenset({TaskState.DELETING})
 _REFUSED_VM = frozenset({VmState.DELETED, VmState.SOFT_DELETED, VmState.BUILDING})
@@ -99,8 +103,10 @@ def check(store: Store, token: str, driver_for: Callable[[str], Driver] | None =
     if driver_for is not None and instance.host is not None:
         try:
             now_serving = driver_for(instance.host).get_vnc_console(instance.uuid)
-        except DriverError:  # no domain, not running, or the host does not answer: nothing to bridge to
+        except DriverError as exc:  # no domain, not running, or the host does not answer: nothing to bridge to
+            log.info("console_not_served", instance_uuid=instance.uuid, error=f"{type(exc).__name__}: {exc}")
             return None
         if now_serving.port != row["console_port"]:
+            log.info("console_port_changed", instance_uuid=instance.uuid, issued=row["console_port"])
             return None
     return ConsoleConnection(instance.uuid, row["console_host"], row["console_port"])

@@ -86,19 +86,7 @@ def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
     seconds = (
         engine.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
     )
-    results = []
-    for instance in engine.store.in_state_since(VmState.SOFT_DELETED, now() - timedelta(seconds=seconds)):
-        try:
-            engine.runner.start(
-                "delete", instance.uuid, actor="timer:reclaim", cause=Cause.TIMER, only_idle_in=VmState.SOFT_DELETED
-            )
-            results.append(DutyResult(instance.uuid, "deleted"))
-        except (Conflict, InvalidInput, InvalidState) as exc:  # restored, or taken by another task meanwhile
-            results.append(DutyResult(instance.uuid, "skipped", str(exc)))
-        except LifecycleError as exc:
-            log.warning("reclaim_failed", instance_uuid=instance.uuid, error=str(exc))
-            results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
-    return results
+    return _start_on_idle(engine, "delete", VmState.SOFT_DELETED, seconds, "reclaim", "deleted")
 
 
 def offload_shelved(engine: Engine, older_than: float | None = None) -> list[DutyResult]:
@@ -115,21 +103,29 @@ def offload_shelved(engine: Engine, older_than: float | None = None) -> list[Dut
     seconds = (
         engine.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
     )
+    return _start_on_idle(engine, "shelve_offload", VmState.SHELVED, seconds, "shelved_offload", "offloaded")
+
+
+def _start_on_idle(
+    engine: Engine, operation: str, vm_state: VmState, seconds: float, duty: str, done: str
+) -> list[DutyResult]:
+    """Start ``operation`` (cause timer) on each instance idle in ``vm_state`` since ``seconds`` ago, one by one.
+
+    One that changed meanwhile (restored, unshelved, taken by another task) is
+    skipped; one whose task fails (its host does not answer) is reported
+    failed, and the next run of the duty tries it again.
+    """
     results = []
-    for instance in engine.store.in_state_since(VmState.SHELVED, now() - timedelta(seconds=seconds)):
+    for instance in engine.store.in_state_since(vm_state, now() - timedelta(seconds=seconds)):
         try:
             engine.runner.start(
-                "shelve_offload",
-                instance.uuid,
-                actor="timer:shelved_offload",
-                cause=Cause.TIMER,
-                only_idle_in=VmState.SHELVED,
+                operation, instance.uuid, actor=f"timer:{duty}", cause=Cause.TIMER, only_idle_in=vm_state
             )
-            results.append(DutyResult(instance.uuid, "offloaded"))
-        except (Conflict, InvalidInput, InvalidState) as exc:  # unshelved, or taken by another task meanwhile
+            results.append(DutyResult(instance.uuid, done))
+        except (Conflict, InvalidInput, InvalidState) as exc:
             results.append(DutyResult(instance.uuid, "skipped", str(exc)))
-        except LifecycleError as exc:  # its host does not answer: the next pass tries again
-            log.warning("shelved_offload_failed", instance_uuid=instance.uuid, error=str(exc))
+        except LifecycleError as exc:
+            log.warning(f"{duty}_failed", instance_uuid=instance.uuid, error=str(exc))
             results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
     return results
 

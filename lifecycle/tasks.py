@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import traceback
+import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,10 @@ from lifecycle import graph, preemption
 from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, Fenced, Preempted, TaskFailed
-from lifecycle.records import Cause, Image, Instance, Outcome, Task, TaskStep
-from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Outcome, Task, TaskStep
+from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store import Store
+from lifecycle.store.db import now
 
 __all__ = ["Hook", "Steps", "TaskRun", "execute"]
 
@@ -209,6 +211,36 @@ class TaskRun:
             return
         self._step(state, message, fields)
         self._written = self._position
+
+    def record_migration(
+        self,
+        kind: str,
+        source: str,
+        dest: str | None,
+        *,
+        new_flavor: Flavor | None = None,
+        status: MigrationStatus = MigrationStatus.PRE_MIGRATING,
+    ) -> Migration:
+        """Write this task's migration record (a move, an evacuation); a record with an end status is finished."""
+        at = now()
+        migration = Migration(
+            id=str(uuidlib.uuid4()),
+            instance_uuid=self.instance.uuid,
+            task_id=self.task.id,
+            kind=kind,
+            source_host=source,
+            dest_host=dest,
+            old_flavor=self.instance.flavor,
+            new_flavor=new_flavor or self.instance.flavor,
+            status=status,
+            previous_vm_state=self.source_vm_state,
+            source_disk=None,
+            created_at=at,
+            updated_at=at,
+            finished_at=None if status is MigrationStatus.PRE_MIGRATING else at,
+        )
+        self.store.add_migration(migration)
+        return migration
 
     def migration_status(self, migration_id: str, status: Any, **values: Any) -> None:
         """Write a move's status for this task, once the task is known to be still ours (as a driver call is)."""

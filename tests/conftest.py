@@ -496,6 +496,28 @@ def fakes() -> Fakes:
     return Fakes()
 
 
+@pytest.fixture
+def one_owner(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
+    """Open engines (with ``settings``) sharing one database, one owner name (a restarted process) and fake hosts."""
+
+    def open_engine(**settings: float) -> Engine:
+        engine = Engine(
+            sqlite_url,
+            driver_factory=fakes.factory,
+            owner="engine-a",
+            settings=Settings(**{"shutdown_timeout": 0.0, **settings}),  # type: ignore[arg-type]
+        )
+        if not engine.hosts():
+            for host in ("h1", "h2"):
+                engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+            engine.add_image("cirros", fake_image("cirros"))
+        for host in ("h1", "h2"):
+            engine.heartbeat(host)
+        return engine
+
+    return open_engine
+
+
 def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
     """An engine over ``url`` with hosts h1 and h2 (fake) and image cirros."""
     engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 
 from drivers.fake import SimulatedCrash
-from lifecycle import Engine, Flavor, Outcome, Settings, VmState, graph
+from lifecycle import Engine, Flavor, Outcome, VmState, graph
 from lifecycle.recovery import Plan, plan
 from lifecycle.store import Store
 from tests.conftest import Fakes, make_engine
-from tests.images import fake_image
 from tests.invariants import check_invariants
 
 V = VmState
@@ -83,29 +82,11 @@ def _crash_after_nth(store: Store, method: str, n: int) -> None:
     setattr(store, method, wrapper)
 
 
-@pytest.fixture
-def cloud(sqlite_url: str, fakes: Fakes) -> Callable[[], Engine]:
-    """Open engines that share one database, one owner name and the same fake hosts."""
-
-    def open_engine(shelved_offload_time: float = 0.0) -> Engine:
-        settings = Settings(shutdown_timeout=0, shelved_offload_time=shelved_offload_time)
-        engine = Engine(sqlite_url, driver_factory=fakes.factory, owner="engine-a", settings=settings)
-        if not engine.hosts():
-            for host in ("h1", "h2"):
-                engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.add_image("cirros", fake_image("cirros"))
-        for host in ("h1", "h2"):
-            engine.heartbeat(host)
-        return engine
-
-    return open_engine
-
-
 @pytest.mark.parametrize(("op", "point"), CASES)
-def test_crash_at_every_step_then_recover(cloud: Callable[..., Engine], fakes: Fakes, op: str, point: str) -> None:
+def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fakes: Fakes, op: str, point: str) -> None:
     """Crashing at this point leaves a running task; recovery finishes it consistently and loses no disk."""
     before, call, success = OPERATIONS[op]
-    first = cloud(KEEP_SHELVED.get(op, 0.0))
+    first = one_owner(shelved_offload_time=KEEP_SHELVED.get(op, 0.0))
     uuid = None
     if op != "create":
         uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
@@ -137,7 +118,7 @@ def test_crash_at_every_step_then_recover(cloud: Callable[..., Engine], fakes: F
     assert crashed.task_id is not None, "the crash should leave the task running"
     first.close()
 
-    second = cloud(KEEP_SHELVED.get(op, 0.0))
+    second = one_owner(shelved_offload_time=KEEP_SHELVED.get(op, 0.0))
     results = second.recover(force=True)
     assert [r.task_id for r in results] == [crashed.task_id]
     instance = second.get(uuid)
@@ -168,10 +149,10 @@ def test_crash_at_every_step_then_recover(cloud: Callable[..., Engine], fakes: F
 
 @pytest.mark.parametrize("call", ["destroy", "spawn"])
 def test_rebuild_resumed_after_a_crash_never_wipes_the_new_disk(
-    cloud: Callable[[], Engine], fakes: Fakes, call: str
+    one_owner: Callable[..., Engine], fakes: Fakes, call: str
 ) -> None:
     """A crash after the old disk went, or after the new one came: recovery ends with one new disk, kept."""
-    first = cloud()
+    first = one_owner()
     uuid = first.create("vm", flavor=SMALL, image="cirros").instance_uuid
     old_disk = fakes["h1"].disk_of(uuid)
     fakes["h1"].crash_after(call)
@@ -179,7 +160,7 @@ def test_rebuild_resumed_after_a_crash_never_wipes_the_new_disk(
         first.rebuild(uuid)
     new_disk = fakes["h1"].disk_of(uuid) if call == "spawn" else None
     first.close()
-    second = cloud()
+    second = one_owner()
     second.recover(force=True)
     assert fakes["h1"].disk_of(uuid) != old_disk and second.get(uuid).vm_state is V.ACTIVE
     if new_disk is not None:

@@ -303,36 +303,11 @@ def test_the_snapshot_names_are_kept_for_the_engine(engine: Engine, new_instance
 # -- found by the hostile pass ---------------------------------------------------------------
 
 
-@pytest.fixture
-def two_engines(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
-    """Open engines that share one database, one owner name (a restarted process) and the same fake hosts."""
-    from lifecycle import Settings
-
-    def open_engine(**settings: float) -> Engine:
-        engine = Engine(
-            sqlite_url,
-            driver_factory=fakes.factory,
-            owner="engine-a",
-            settings=Settings(shutdown_timeout=0, **settings),  # type: ignore[arg-type]
-        )
-        if not engine.hosts():
-            for host in ("h1", "h2"):
-                engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            from tests.images import fake_image
-
-            engine.add_image("cirros", fake_image("cirros"))
-        for host in ("h1", "h2"):
-            engine.heartbeat(host)
-        return engine
-
-    return open_engine
-
-
 def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
-    two_engines: Callable[..., Engine], fakes: Fakes
+    one_owner: Callable[..., Engine], fakes: Fakes
 ) -> None:
     """The old worker of an unshelve recovery took over (and failed) stops fenced; the snapshot stays, nothing leaks."""
-    first = two_engines()
+    first = one_owner()
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     first.shelve(uuid)
     snapshot = _snapshot(first, uuid)
@@ -350,7 +325,7 @@ def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
     worker = threading.Thread(target=old_worker)
     worker.start()
     assert gate.wait_entered()
-    second = two_engines()
+    second = one_owner()
     fakes["h2"].fail_next("spawn_from_snapshot", DriverError("copy failed (injected)"))
     assert [r.outcome for r in second.recover(force=True)] == ["failed"]
     gate.release()
@@ -366,18 +341,18 @@ def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
 
 
 def test_a_crash_after_the_offload_destroy_is_recovered_offloaded(
-    two_engines: Callable[..., Engine], fakes: Fakes
+    one_owner: Callable[..., Engine], fakes: Fakes
 ) -> None:
     """Recovery of a shelve that died right after destroying the domain finishes the offload, snapshot kept."""
     from drivers.fake import SimulatedCrash
 
-    first = two_engines()
+    first = one_owner()
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     fakes["h1"].crash_after("destroy")
     with pytest.raises(SimulatedCrash):
         first.shelve(uuid)
     first.close()
-    second = two_engines()
+    second = one_owner()
     assert [r.outcome for r in second.recover(force=True)] == ["succeeded"]
     i = second.get(uuid)
     assert (i.vm_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, P.NOSTATE)

@@ -19,7 +19,6 @@ The dead host's old copy is destroyed when it answers again
 from __future__ import annotations
 
 import contextlib
-import uuid as uuidlib
 
 from lifecycle.config import Settings
 from lifecycle.errors import HostNotEvacuable, Preempted
@@ -92,25 +91,7 @@ def _record(run: TaskRun) -> Migration:
         if held != source:
             run.store.release_claims(uuid, held)
     dest = run.schedule([source])
-    at = now()
-    migration = Migration(
-        id=str(uuidlib.uuid4()),
-        instance_uuid=uuid,
-        task_id=run.task.id,
-        kind=EVACUATION,
-        source_host=source,
-        dest_host=dest,
-        old_flavor=run.instance.flavor,
-        new_flavor=run.instance.flavor,
-        status=MS.PRE_MIGRATING,
-        previous_vm_state=run.source_vm_state,
-        source_disk=None,
-        created_at=at,
-        updated_at=at,
-        finished_at=None,
-    )
-    run.store.add_migration(migration)
-    return migration
+    return run.record_migration(EVACUATION, source, dest)
 
 
 def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import uuid as uuidlib
 from dataclasses import replace
 
 import structlog
@@ -99,25 +98,9 @@ def _prepare(run: TaskRun) -> Migration:
     source = run.instance.host
     new_flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
     dest = run.schedule([source])  # claims the new flavor on the destination
-    at = now()
-    migration = Migration(
-        id=str(uuidlib.uuid4()),
-        instance_uuid=run.instance.uuid,
-        task_id=run.task.id,
-        kind="resize" if "flavor" in run.params else "migration",
-        source_host=source,
-        dest_host=dest,
-        old_flavor=run.instance.flavor,
-        new_flavor=new_flavor,
-        status=MS.PRE_MIGRATING,
-        previous_vm_state=run.source_vm_state,
-        source_disk=None,
-        created_at=at,
-        updated_at=at,
-        finished_at=None,
+    return run.record_migration(
+        "resize" if "flavor" in run.params else "migration", source, dest, new_flavor=new_flavor
     )
-    run.store.add_migration(migration)
-    return migration
 
 
 def prepare(run: TaskRun) -> None:

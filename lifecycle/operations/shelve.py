@@ -29,13 +29,12 @@ so recovery resumes each of these task_states.
 from __future__ import annotations
 
 import contextlib
-import uuid as uuidlib
 from pathlib import Path
 
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, ImageNotFound, InvalidInput, Preempted
 from lifecycle.placement import host_is_up, scheduler_for
-from lifecycle.records import Image, Instance, Migration
+from lifecycle.records import Image, Instance
 from lifecycle.snapshots import OWNER, SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store import Store
@@ -184,25 +183,8 @@ def _offload_from_dead_host(run: TaskRun, why: str) -> None:
     image = snapshot_of(run.store, uuid)
     if image is None or not Path(image.path).is_file():
         raise DriverError(f"{source} is dead and the snapshot of {uuid} has no file: nothing to offload to", uuid=uuid)
-    at = now()
-    run.store.add_migration(
-        Migration(
-            id=str(uuidlib.uuid4()),
-            instance_uuid=uuid,
-            task_id=run.task.id,
-            kind=EVACUATION,
-            source_host=source,
-            dest_host=None,
-            old_flavor=run.instance.flavor,
-            new_flavor=run.instance.flavor,
-            status=MigrationStatus.DONE,
-            previous_vm_state=VmState.SHELVED,
-            source_disk=None,
-            created_at=at,
-            updated_at=at,
-            finished_at=at,
-        )
-    )
+    # An evacuation to nowhere: the host's daemon destroys the leftover when its hypervisor answers again.
+    run.record_migration(EVACUATION, source, None, status=MigrationStatus.DONE)
     run.store.revoke_console_tokens(uuid)
     run.changed = True
     run.store.release_claims(uuid, task=run.task)
