@@ -13,6 +13,7 @@ import time
 import traceback
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -314,6 +315,7 @@ class TaskRun:
             why=self.why(self.note),
             **self.fields,
         )
+        self._ended(Outcome.SUCCEEDED, None, None)
 
     def fail(self, exc: BaseException) -> None:
         """Write the failure: vm_state kept if the guest is unchanged, else per the table.
@@ -334,6 +336,7 @@ class TaskRun:
             before_power=None if self.changed else self.before_power,
         )
         message = f"{type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(exc))
         self.instance = self.store.finish(
             self.instance,
             self.task,
@@ -342,8 +345,16 @@ class TaskRun:
             outcome=Outcome.FAILED,
             why=self.why(message),
             error=message,
-            traceback="".join(traceback.format_exception(exc)),
+            traceback=trace,
             **self.fail_fields,
+        )
+        self._ended(Outcome.FAILED, message, trace)
+
+    def _ended(self, outcome: Outcome, error: str | None, trace: str | None) -> None:
+        # The task row as the end's write left it (that write proved the epoch ours): no read needed to return it.
+        at = self.instance.updated_at
+        self.task = replace(
+            self.task, outcome=outcome, finished_at=at, lease_expires_at=at, error=error, traceback=trace
         )
 
 
@@ -376,11 +387,10 @@ def execute(run: TaskRun, steps: Steps) -> Task:
             except Preempted as late:
                 _lost(run, started, late)
                 raise
-            task = run.store.get_task(run.task.id)
-            _finished(run, started, Outcome.FAILED, error=task.error)
-            raise TaskFailed(task, task.error or str(exc)) from exc
+            _finished(run, started, Outcome.FAILED, error=run.task.error)
+            raise TaskFailed(run.task, run.task.error or str(exc)) from exc
         _finished(run, started, Outcome.SUCCEEDED)
-        return run.store.get_task(run.task.id)
+        return run.task
 
 
 def _clean_up(run: TaskRun) -> None:

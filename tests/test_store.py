@@ -66,3 +66,58 @@ def test_one_running_task_per_instance_is_enforced_by_the_database(
     with pytest.raises(Conflict):
         engine.store.begin(engine.get(uuid), t2, TaskState.PAUSING, Why("b", Cause.API), None)
     engine.force_delete(uuid)
+
+
+def _terminate_backends(url: str) -> int:
+    """Kill every other server connection to the database of ``url`` (a server restart, as the pool sees it)."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            return len(
+                conn.exec_driver_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).all()
+            )
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_pooled_connection_idle_past_the_ping_time_is_checked_and_replaced(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections the server dropped while idle are pinged at checkout and replaced: the next operation works."""
+    from lifecycle import upgrade
+    from lifecycle.store import db
+
+    upgrade(pg_url)
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.05)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        assert _terminate_backends(pg_url) >= 1
+        import time
+
+        time.sleep(0.1)
+        engine.add_host("h2", "fake://")
+        assert [h.name for h in engine.store.list_hosts()] == ["h1", "h2"]
+
+
+@pytest.mark.postgres
+def test_a_connection_used_a_moment_ago_is_not_pinged(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the ping time a checkout sends no ping (that round trip is what the storm saved): a dropped one fails once."""
+    import sqlalchemy as sa
+
+    from lifecycle import upgrade
+    from lifecycle.store import db
+
+    upgrade(pg_url)
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        assert _terminate_backends(pg_url) >= 1
+        with pytest.raises(sa.exc.OperationalError):
+            engine.store.list_hosts()
+        assert [h.name for h in engine.store.list_hosts()] == ["h1"]  # the pool dropped the dead connections

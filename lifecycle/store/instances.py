@@ -17,6 +17,7 @@ from lifecycle.store.db import aware
 __all__ = ["Instances"]
 
 _I, _A, _T = INSTANCES, AUDITS, TASKS
+_BY_UUID = sa.select(_I).where(_I.c.uuid == sa.bindparam("x_uuid"))
 
 
 class Instances(StoreBase):
@@ -25,7 +26,7 @@ class Instances(StoreBase):
     def get_instance(self, uuid: str) -> Instance:
         """Return the instance (deleted ones included) or raise :class:`InstanceNotFound`."""
         with self._read() as conn:
-            row = conn.execute(sa.select(_I).where(_I.c.uuid == uuid)).mappings().first()
+            row = conn.execute(_BY_UUID, {"x_uuid": uuid}).mappings().first()
         if row is None:
             raise InstanceNotFound(uuid)
         return instance_from(row)

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from lifecycle.errors import Fenced, Preempted, TaskNotFound
 from lifecycle.records import Outcome, Task, TaskStep
 from lifecycle.store._base import StoreBase
-from lifecycle.store._cas import close_steps
+from lifecycle.store._cas import TASK_STATUS, close_steps
 from lifecycle.store._rows import STEPS, TASKS, stamp, task_from
 from lifecycle.store.db import aware, now
 
@@ -106,9 +106,8 @@ class Tasks(StoreBase):
         :class:`Preempted` when another task took the instance over,
         :class:`Fenced` when recovery took this task over.
         """
-        query = sa.select(_T.c.outcome, _T.c.preempted_by, _T.c.epoch).where(_T.c.id == task.id)
         with self._read() as conn:
-            outcome, preempted_by, epoch = conn.execute(query).one()
+            outcome, preempted_by, epoch = conn.execute(TASK_STATUS, {"x_id": task.id}).one()
         if epoch != task.epoch:
             raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
         if outcome == Outcome.PREEMPTED.value:

@@ -20,7 +20,7 @@ from lifecycle.errors import AlreadyExists, Conflict, Fenced
 from lifecycle.records import Instance, Outcome, Task
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store._base import StoreBase, retry_on_deadlock
-from lifecycle.store._cas import actual, audit, cas, close_steps, expect, open_step
+from lifecycle.store._cas import TASK_AT_EPOCH, actual, audit, cas, close_steps, expect, open_step
 from lifecycle.store._cas import preempt as mark_preempted
 from lifecycle.store._rows import INSTANCES, TASKS, instance_values, task_values
 from lifecycle.store.db import now
@@ -28,6 +28,7 @@ from lifecycle.store.db import now
 __all__ = ["Writes"]
 
 _I, _T = INSTANCES, TASKS
+_INSERT_TASK = sa.insert(_T)
 
 
 class Writes(StoreBase):
@@ -39,7 +40,7 @@ class Writes(StoreBase):
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(_I), instance_values(instance))
-                conn.execute(sa.insert(_T), task_values(task))
+                conn.execute(_INSERT_TASK, task_values(task))
                 open_step(conn, task.id, 1, step)
                 audit(conn, None, instance, why)
         except IntegrityError:
@@ -63,7 +64,7 @@ class Writes(StoreBase):
                 cas(conn, expected, after, None)
                 if preempt is not None:
                     mark_preempted(conn, preempt, task)
-                conn.execute(sa.insert(_T), task_values(task))
+                conn.execute(_INSERT_TASK, task_values(task))
                 open_step(conn, task.id, 1, task_state.value)
                 # Always audited: a takeover (hard reboot over hard reboot) may change no state, only the task.
                 audit(conn, expected, after, why, always=True)
@@ -97,7 +98,7 @@ class Writes(StoreBase):
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, "retried" if retried else "ok", why.message)
             open_step(conn, task.id, seq, task_state.value)
-            _still_ours(conn, task, sa.update(_T).values(lease_expires_at=at + self.lease))
+            _still_ours(conn, task, lease_expires_at=at + self.lease)
             audit(conn, expected, after, why)
         return after
 
@@ -131,8 +132,9 @@ class Writes(StoreBase):
         with self.engine.begin() as conn:
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, step_result, error)
-            ended = dict(outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at)
-            _still_ours(conn, task, sa.update(_T).values(**ended))
+            _still_ours(
+                conn, task, outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at
+            )
             audit(conn, expected, after, why)
         return after
 
@@ -223,13 +225,13 @@ class Writes(StoreBase):
             close_steps(conn, task_id, now(), result, detail)
 
 
-def _still_ours(conn: sa.Connection, task: Task, update: sa.Update) -> None:
+def _still_ours(conn: sa.Connection, task: Task, **values: Any) -> None:
     """Run a worker's task-row update only at the epoch it holds; else raise :class:`Fenced` (the write rolls back).
 
     The instance's compare-and-swap cannot tell a fenced worker from the
     recovering one (both hold the same task id); the epoch can.
     """
-    done = conn.execute(update.where(_T.c.id == task.id, _T.c.epoch == task.epoch)).rowcount
+    done = conn.execute(TASK_AT_EPOCH, {**values, "x_id": task.id, "x_epoch": task.epoch}).rowcount
     if done != 1:
         current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
         raise Fenced(task.id, task.instance_uuid, task.epoch, current)
