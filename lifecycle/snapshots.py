@@ -12,7 +12,6 @@ from pathlib import Path
 import structlog
 
 from lifecycle.config import Settings
-from lifecycle.errors import ImageNotFound
 from lifecycle.records import Image
 from lifecycle.store import Store
 
@@ -42,11 +41,8 @@ def image_store(settings: Settings) -> Path:
 
 def snapshot_of(store: Store, uuid: str) -> Image | None:
     """Return the snapshot image of a shelved instance, or None (also for an image not made by a shelve)."""
-    try:
-        image = store.get_image(snapshot_name(uuid))
-    except ImageNotFound:
-        return None
-    return image if image.properties.get(OWNER) == uuid else None
+    image = store.find_image(snapshot_name(uuid))
+    return image if image is not None and image.properties.get(OWNER) == uuid else None
 
 
 def drop_snapshot(store: Store, uuid: str, settings: Settings | None = None) -> None:

@@ -487,18 +487,18 @@ def test_settings_refuse_an_unknown_reap_action() -> None:
         Settings(sync_interval=float("nan"))
 
 
-def test_a_fenced_worker_cannot_write_after_a_forced_takeover(sqlite_url: str, fakes: Fakes) -> None:
+def test_a_fenced_worker_cannot_write_after_a_forced_takeover(db_url: str, fakes: Fakes) -> None:
     """The old worker of a task taken over by force is refused at its write (epoch), and recovery's run ends it."""
     from tests.images import fake_image
 
-    first = Engine(sqlite_url, driver_factory=fakes.factory, owner="node-1")
+    first = Engine(db_url, driver_factory=fakes.factory, owner="node-1")
     first.add_host("h1", "fake://")
     first.add_image("cirros", fake_image())
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     old_gate = fakes["h1"].hold("pause")
     task = first.pause(uuid, wait=False)
     assert old_gate.wait_entered()
-    second = Engine(sqlite_url, driver_factory=fakes.factory, owner="node-1")
+    second = Engine(db_url, driver_factory=fakes.factory, owner="node-1")
     new_gate = fakes["h1"].hold("pause")
     recovering = threading.Thread(target=second.recover, kwargs={"force": True})
     recovering.start()

@@ -121,3 +121,47 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(pg_url: str, monkeypatch: 
         with pytest.raises(sa.exc.OperationalError):
             engine.store.list_hosts()
         assert [h.name for h in engine.store.list_hosts()] == ["h1"]  # the pool dropped the dead connections
+
+
+@pytest.mark.postgres
+def test_on_postgresql_each_state_write_of_a_task_is_one_statement(pg_url: str) -> None:
+    """A stop on PostgreSQL sends three statements: the read, then its start and its end, each one round trip."""
+    import sqlalchemy as sa
+
+    from lifecycle import Flavor, upgrade
+    from tests.images import fake_image
+
+    upgrade(pg_url)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        engine.add_image("cirros", fake_image())
+        uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
+        sent: list[str] = []
+        sa.event.listen(engine.store.engine, "before_cursor_execute", lambda *a: sent.append(a[2].split()[0]))
+        engine.stop(uuid)
+        assert sent == ["SELECT", "WITH", "WITH"]
+        assert [(e.to_vm_state, e.to_task_state) for e in engine.history(uuid)][-2:] == [
+            ("active", "powering-off"),
+            ("stopped", None),
+        ]
+        assert [s.result for s in engine.store.steps(engine.store.tasks_of(uuid)[-1].id)] == ["ok"]
+
+
+@pytest.mark.postgres
+def test_a_one_statement_write_refuses_a_value_too_long_instead_of_cutting_it(pg_url: str) -> None:
+    """Casts in the one-statement writes carry no length: a value over a column's length fails, nothing is written."""
+    import sqlalchemy as sa
+
+    from lifecycle import Flavor, upgrade
+    from tests.images import fake_image
+
+    upgrade(pg_url)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        engine.add_image("cirros", fake_image())
+        uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
+        before, history = engine.get(uuid), engine.history(uuid)
+        task = engine.runner.new_task(uuid, "stop", {}, "r" * 65, None, "test", Cause.API)
+        with pytest.raises(sa.exc.DataError, match="too long"):
+            engine.store.begin(before, task, TaskState.POWERING_OFF, Why(actor="test", cause=Cause.API), None)
+        assert engine.get(uuid) == before and engine.history(uuid) == history

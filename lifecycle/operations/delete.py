@@ -51,8 +51,8 @@ def _delete(run: TaskRun, *, clean: bool) -> None:
 
 
 def _power_off(run: TaskRun) -> None:
-    uuid = run.instance.uuid
-    if run.driver.list_instances().owned.get(uuid) not in (None, PowerState.SHUTDOWN):
+    # The guest's power as read just before the steps began (NOSTATE: no domain): no second call to ask.
+    if run.before_power not in (PowerState.NOSTATE, PowerState.SHUTDOWN):
         # Gone meanwhile (a preempted worker destroying what it made, an operator) is what a delete wants.
         with contextlib.suppress(DomainNotFound):
             run.power_off()

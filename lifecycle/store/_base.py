@@ -50,6 +50,8 @@ class StoreBase:
         self.engine = connect(url)
         self.lease = timedelta(seconds=lease_seconds)
         self._read_options: dict[str, object] = {"readonly": True}
+        self.one_statement = self.engine.dialect.name == "postgresql"
+        """Whether a task's state writes go as one statement each (:mod:`lifecycle.store._pg`)."""
         if self.engine.dialect.name == "postgresql":
             # Under READ COMMITTED each statement reads its own snapshot anyway: a BEGIN and a ROLLBACK
             # around a read are two round trips that buy nothing (bench/storm.py: 6 of 40 per operation).

@@ -18,7 +18,20 @@ from lifecycle.records import Instance, Outcome, Task
 from lifecycle.store._rows import AUDITS, INSTANCES, STEPS, TASKS, instance_values, state_value
 from lifecycle.store.db import now
 
-__all__ = ["TASK_AT_EPOCH", "TASK_STATUS", "actual", "audit", "cas", "close_steps", "expect", "open_step", "preempt"]
+__all__ = [
+    "TASK_AT_EPOCH",
+    "TASK_STATUS",
+    "actual",
+    "audit",
+    "audit_values",
+    "cas",
+    "changed",
+    "close_steps",
+    "expect",
+    "lost",
+    "open_step",
+    "preempt",
+]
 
 _I, _T, _S, _A = INSTANCES, TASKS, STEPS, AUDITS
 
@@ -48,14 +61,18 @@ def cas(conn: sa.Connection, expected: Instance, after: Instance, task: Task | N
     Raises :class:`Fenced` or :class:`Preempted` when ``task`` lost its
     instance, :class:`Conflict` otherwise.
     """
-    values = _changed(expected, after)
+    values = changed(expected, after)
     values["x_uuid"] = expected.uuid
     values["x_version"] = expected.version
     values["x_vm_state"] = expected.vm_state.value
     values["x_task_state"] = state_value(expected.task_state)
     values["x_task_id"] = expected.task_id
-    if conn.execute(_CAS, values).rowcount == 1:
-        return
+    if conn.execute(_CAS, values).rowcount != 1:
+        lost(conn, expected, task)
+
+
+def lost(conn: sa.Connection, expected: Instance, task: Task | None) -> None:
+    """Raise why a compare-and-swap on ``expected`` matched no row: Fenced, Preempted or Conflict."""
     if task is not None:
         outcome, preempted_by, epoch = conn.execute(TASK_STATUS, {"x_id": task.id}).one()
         if epoch != task.epoch:
@@ -101,7 +118,8 @@ _WRITABLE = (
 )
 
 
-def _changed(before: Instance, after: Instance) -> dict[str, Any]:
+def changed(before: Instance, after: Instance) -> dict[str, Any]:
+    """Return the instance columns a compare-and-swap from ``before`` to ``after`` sets (the version always)."""
     values = instance_values(after)
     changed = {k: values[k] for k in _WRITABLE if getattr(before, k) != getattr(after, k) or k == "version"}
     if before.flavor != after.flavor:  # a resize finishing or reverting
@@ -131,6 +149,13 @@ def close_steps(conn: sa.Connection, task_id: str, at: datetime, result: str, de
 
 def audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Why, *, always: bool = False) -> None:
     """Insert the audit row of a change, unless no state changed and not ``always``."""
+    values = audit_values(before, after, why, always=always)
+    if values is not None:
+        conn.execute(_INSERT_AUDIT, values)
+
+
+def audit_values(before: Instance | None, after: Instance, why: Why, *, always: bool = False) -> dict[str, Any] | None:
+    """Return the audit row of a change, or None when no state changed and not ``always``."""
     if before is not None and before.host != after.host and why.message is None:
         why = replace(why, message=f"host {before.host or 'none'} -> {after.host or 'none'}")
     if (
@@ -143,26 +168,23 @@ def audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Wh
             after.power_state,
         )
     ):
-        return
-    conn.execute(
-        _INSERT_AUDIT,
-        {
-            "instance_uuid": after.uuid,
-            "task_id": why.task_id,
-            "request_id": why.request_id,
-            "actor": why.actor,
-            "cause": why.cause.value,
-            "operation": why.operation,
-            "rule": why.rule,
-            "from_vm_state": None if before is None else before.vm_state.value,
-            "to_vm_state": after.vm_state.value,
-            "from_task_state": None if before is None else state_value(before.task_state),
-            "to_task_state": state_value(after.task_state),
-            "from_power_state": None if before is None else int(before.power_state),
-            "to_power_state": int(after.power_state),
-            "message": why.message,
-            "created_at": after.updated_at,
-            # Where it happened: a change taking the instance off its host happened on that host.
-            "host": after.host if after.host is not None or before is None else before.host,
-        },
-    )
+        return None
+    return {
+        "instance_uuid": after.uuid,
+        "task_id": why.task_id,
+        "request_id": why.request_id,
+        "actor": why.actor,
+        "cause": why.cause.value,
+        "operation": why.operation,
+        "rule": why.rule,
+        "from_vm_state": None if before is None else before.vm_state.value,
+        "to_vm_state": after.vm_state.value,
+        "from_task_state": None if before is None else state_value(before.task_state),
+        "to_task_state": state_value(after.task_state),
+        "from_power_state": None if before is None else int(before.power_state),
+        "to_power_state": int(after.power_state),
+        "message": why.message,
+        "created_at": after.updated_at,
+        # Where it happened: a change taking the instance off its host happened on that host.
+        "host": after.host if after.host is not None or before is None else before.host,
+    }

@@ -15,6 +15,7 @@ from lifecycle.store.db import now
 __all__ = ["Images"]
 
 _IM = IMAGES
+_BY_NAME = sa.select(_IM).where(_IM.c.name == sa.bindparam("x_name"))
 
 
 class Images(StoreBase):
@@ -42,6 +43,12 @@ class Images(StoreBase):
             if row is None:
                 raise ImageNotFound(name, conn.execute(sa.select(_IM.c.name)).scalars())
         return image_from(row)
+
+    def find_image(self, name: str) -> Image | None:
+        """Return the image named ``name``, or None (one query: no list of names for an error)."""
+        with self._read() as conn:
+            row = conn.execute(_BY_NAME, {"x_name": name}).mappings().first()
+        return None if row is None else image_from(row)
 
     def list_images(self) -> list[Image]:
         """Return every image, by name."""

@@ -19,8 +19,20 @@ from lifecycle.audit import Why
 from lifecycle.errors import AlreadyExists, Conflict, Fenced
 from lifecycle.records import Instance, Outcome, Task
 from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.store import _pg
 from lifecycle.store._base import StoreBase, retry_on_deadlock
-from lifecycle.store._cas import TASK_AT_EPOCH, actual, audit, cas, close_steps, expect, open_step
+from lifecycle.store._cas import (
+    TASK_AT_EPOCH,
+    actual,
+    audit,
+    audit_values,
+    cas,
+    changed,
+    close_steps,
+    expect,
+    lost,
+    open_step,
+)
 from lifecycle.store._cas import preempt as mark_preempted
 from lifecycle.store._rows import INSTANCES, TASKS, instance_values, task_values
 from lifecycle.store.db import now
@@ -39,10 +51,22 @@ class Writes(StoreBase):
         """Insert a new instance already owned by ``task``, with its first step and audit row."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(sa.insert(_I), instance_values(instance))
-                conn.execute(_INSERT_TASK, task_values(task))
-                open_step(conn, task.id, 1, step)
-                audit(conn, None, instance, why)
+                if self.one_statement:
+                    _pg.write(
+                        conn,
+                        _pg.Parts(
+                            instance_values(instance),
+                            task_id=task.id,
+                            new_task=task_values(task),
+                            open=_opened(1, step),
+                            audit=audit_values(None, instance, why),
+                        ),
+                    )
+                else:
+                    conn.execute(sa.insert(_I), instance_values(instance))
+                    conn.execute(_INSERT_TASK, task_values(task))
+                    open_step(conn, task.id, 1, step)
+                    audit(conn, None, instance, why)
         except IntegrityError:
             raise AlreadyExists("instance", instance.uuid) from None
         return instance
@@ -59,6 +83,18 @@ class Writes(StoreBase):
         )
         try:
             with self.engine.begin() as conn:
+                if self.one_statement and preempt is None:
+                    parts = _pg.Parts(
+                        changed(expected, after),
+                        {"uuid": expected.uuid, **expect(expected)},
+                        task_id=task.id,
+                        new_task=task_values(task),
+                        open=_opened(1, task_state.value),
+                        audit=audit_values(expected, after, why, always=True),
+                    )
+                    if _pg.write(conn, parts)[0] != 1:
+                        lost(conn, expected, None)
+                    return after
                 # Lock order: the instance row first, then task rows, in every write
                 # (a worker's finish does the same), so PostgreSQL never deadlocks on them.
                 cas(conn, expected, after, None)
@@ -94,9 +130,23 @@ class Writes(StoreBase):
         """
         at = now()
         after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at, **fields)
+        result = "retried" if retried else "ok"
         with self.engine.begin() as conn:
+            if self.one_statement:
+                parts = _pg.Parts(
+                    changed(expected, after),
+                    {"uuid": expected.uuid, **expect(expected)},
+                    task_id=task.id,
+                    task_epoch=task.epoch,
+                    task_set={"lease_expires_at": at + self.lease},
+                    close={"finished_at": at, "result": result, "detail": why.message},
+                    open=_opened(seq, task_state.value),
+                    audit=audit_values(expected, after, why),
+                )
+                _written_by(conn, _pg.write(conn, parts), expected, task)
+                return after
             cas(conn, expected, after, task)
-            close_steps(conn, task.id, at, "retried" if retried else "ok", why.message)
+            close_steps(conn, task.id, at, result, why.message)
             open_step(conn, task.id, seq, task_state.value)
             _still_ours(conn, task, lease_expires_at=at + self.lease)
             audit(conn, expected, after, why)
@@ -129,12 +179,23 @@ class Writes(StoreBase):
             **fields,
         )
         step_result = "ok" if outcome is Outcome.SUCCEEDED else "failed"
+        ended = {"outcome": outcome.value, "finished_at": at, "error": error, "traceback": traceback}
         with self.engine.begin() as conn:
+            if self.one_statement:
+                parts = _pg.Parts(
+                    changed(expected, after),
+                    {"uuid": expected.uuid, **expect(expected)},
+                    task_id=task.id,
+                    task_epoch=task.epoch,
+                    task_set={**ended, "lease_expires_at": at},
+                    close={"finished_at": at, "result": step_result, "detail": error},
+                    audit=audit_values(expected, after, why),
+                )
+                _written_by(conn, _pg.write(conn, parts), expected, task)
+                return after
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, step_result, error)
-            _still_ours(
-                conn, task, outcome=outcome.value, finished_at=at, error=error, traceback=traceback, lease_expires_at=at
-            )
+            _still_ours(conn, task, **ended, lease_expires_at=at)
             audit(conn, expected, after, why)
         return after
 
@@ -223,6 +284,20 @@ class Writes(StoreBase):
         """Close a task's open step without touching the instance (a preempted worker)."""
         with self.engine.begin() as conn:
             close_steps(conn, task_id, now(), result, detail)
+
+
+def _opened(seq: int, name: str) -> dict[str, Any]:
+    return {"seq": seq, "name": name, "started_at": now()}
+
+
+def _written_by(conn: sa.Connection, counts: tuple[int, int], expected: Instance, task: Task) -> None:
+    """Raise as the statement-by-statement write would: the instance lost, or the task row at another epoch."""
+    written, at_epoch = counts
+    if written != 1:
+        lost(conn, expected, task)
+    if at_epoch != 1:
+        current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
+        raise Fenced(task.id, task.instance_uuid, task.epoch, current)
 
 
 def _still_ours(conn: sa.Connection, task: Task, **values: Any) -> None:
