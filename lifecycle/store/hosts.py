@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from datetime import datetime
@@ -64,22 +65,22 @@ class Hosts(Instances, Moves):
         counts as up with (when ``pre.enabled_and_up``). The database scans
         the host rows without turning them into records: only the page is.
         """
-        where: list[sa.ColumnElement[bool]] = [_H.c.fenced_at.is_(None)]
-        if pre.exclude:
-            where.append(_H.c.name.not_in(sorted(pre.exclude)))
-        if pre.availability_zone is not None:
-            where.append(_H.c.availability_zone == pre.availability_zone)
-        for total, used, want, ratio in pre.fits:
-            where.append(sa.or_(_H.c[total].is_(None), _H.c[used] + want <= _H.c[total] * ratio))
-        if pre.enabled_and_up:
-            where += [_H.c.enabled.is_(True), _H.c.last_heartbeat >= up_since]
-        free = sa.case(
-            (_H.c.memory_mb.is_(None), 0.0), else_=_H.c.memory_mb * pre.ram_allocation_ratio - _H.c.memory_mb_used
+        query = _ranked_query(
+            bool(pre.exclude),
+            pre.availability_zone is not None,
+            tuple((total, used, ratio) for total, used, _want, ratio in pre.fits),
+            pre.enabled_and_up,
+            pre.ram_order,
+            pre.ram_allocation_ratio,
         )
-        order = [free.desc()] if pre.ram_order > 0 else [free.asc()] if pre.ram_order < 0 else []
-        query = sa.select(_H).where(*where).order_by(*order, _H.c.name).offset(offset).limit(limit)
+        params: dict[str, Any] = {"x_offset": offset, "x_limit": limit, "x_up_since": up_since}
+        params |= {f"x_want{i}": want for i, (_t, _u, want, _r) in enumerate(pre.fits)}
+        if pre.exclude:
+            params["x_exclude"] = sorted(pre.exclude)
+        if pre.availability_zone is not None:
+            params["x_zone"] = pre.availability_zone
         with self._read() as conn:
-            rows = conn.execute(query).mappings().all()
+            rows = conn.execute(query, params).mappings().all()
         return [host_from(r) for r in rows]
 
     def update_host(self, name: str, **values: Any) -> Host:
@@ -144,3 +145,33 @@ def _orphan(conn: sa.Connection, name: str, live: list[Instance]) -> None:
         )
         cas(conn, i, after, None)
         audit(conn, i, after, why, always=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _ranked_query(
+    exclude: bool,
+    zone: bool,
+    fits: tuple[tuple[str, str, float], ...],
+    enabled_and_up: bool,
+    ram_order: int,
+    ram_allocation_ratio: float,
+) -> sa.Select[Any]:
+    """Build once per shape the query of :meth:`Hosts.ranked_hosts` (the values a decision changes are parameters)."""
+    where: list[sa.ColumnElement[bool]] = [_H.c.fenced_at.is_(None)]
+    if exclude:
+        where.append(_H.c.name.not_in(sa.bindparam("x_exclude", expanding=True)))
+    if zone:
+        where.append(_H.c.availability_zone == sa.bindparam("x_zone"))
+    for i, (total, used, ratio) in enumerate(fits):
+        where.append(sa.or_(_H.c[total].is_(None), _H.c[used] + sa.bindparam(f"x_want{i}") <= _H.c[total] * ratio))
+    if enabled_and_up:
+        where += [_H.c.enabled.is_(True), _H.c.last_heartbeat >= sa.bindparam("x_up_since")]
+    free = sa.case((_H.c.memory_mb.is_(None), 0.0), else_=_H.c.memory_mb * ram_allocation_ratio - _H.c.memory_mb_used)
+    order = [free.desc()] if ram_order > 0 else [free.asc()] if ram_order < 0 else []
+    return (
+        sa.select(_H)
+        .where(*where)
+        .order_by(*order, _H.c.name)
+        .offset(sa.bindparam("x_offset", type_=sa.Integer))
+        .limit(sa.bindparam("x_limit", type_=sa.Integer))
+    )
