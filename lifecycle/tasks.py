@@ -63,6 +63,8 @@ class TaskRun:
         self.end_power: PowerState | None = None
         """Power to record at the end instead of reading it (a destroyed domain)."""
         self.before_power = instance.power_state
+        self.power_read = False
+        """Whether ``before_power`` came from the hypervisor (execute's read before the steps), not the database."""
         self.schedule: Callable[[list[str]], str] | None = None
         """For create: pick and claim a host, avoiding the ones tried (set by the engine)."""
         self.attempts = 1
@@ -404,9 +406,11 @@ def _clean_up(run: TaskRun) -> None:
 
 def _power_or(run: TaskRun, default: PowerState) -> PowerState:
     try:
-        return run.read_power()
+        power = run.read_power()
     except DriverError:
         return default
+    run.power_read = True
+    return power
 
 
 def _lost(run: TaskRun, started: float, exc: Preempted) -> None:

@@ -596,3 +596,20 @@ def test_settings_and_engine_arguments_are_checked(sqlite_url: str) -> None:
         Engine(sqlite_url, owner="a\x00b")
     with pytest.raises(InvalidInput):
         Flavor.parse(None)  # type: ignore[arg-type]
+
+
+def test_a_delete_whose_power_read_failed_still_shuts_a_running_guest_down_cleanly(
+    engine: Engine, fakes: Fakes
+) -> None:
+    """Delete asks the host again when the read before its steps failed: a guest started out of band gets power_off."""
+    from drivers.base import DomainSpec
+
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    engine.stop(uuid)
+    fake = fakes["h1"]
+    fake.power_on(DomainSpec(uuid, "vm", 1, 64, 1, "/x", "qcow2"))  # started behind the engine's back
+    fake.calls.clear()
+    fake.fail_next("get_info")
+    engine.delete(uuid)
+    assert next(c for c in fake.calls if c.startswith(("power_off", "destroy"))) == "power_off"
+    assert not fake.domain_exists(uuid) and engine.get(uuid).vm_state is V.DELETED

@@ -106,10 +106,31 @@ def test_a_pooled_connection_idle_past_the_ping_time_is_checked_and_replaced(
 
 
 @pytest.mark.postgres
-def test_a_connection_used_a_moment_ago_is_not_pinged(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Within the ping time a checkout sends no ping (that round trip is what the storm saved): a dropped one fails once."""
-    import sqlalchemy as sa
+def test_a_pooled_connection_idle_past_the_ping_time_and_alive_serves_reads_and_writes(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A successful ping leaves no transaction open: the reads (autocommit) and writes after it work."""
+    import time
 
+    from lifecycle import upgrade
+    from lifecycle.store import db
+
+    upgrade(pg_url)
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.05)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        for name in ("h2", "h3"):
+            time.sleep(0.1)
+            assert [h.name for h in engine.store.list_hosts()][-1] == ("h1" if name == "h2" else "h2")
+            time.sleep(0.1)
+            engine.add_host(name, "fake://")
+
+
+@pytest.mark.postgres
+def test_a_connection_the_server_ended_a_moment_after_its_use_is_replaced_without_a_failure(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the ping time, a connection whose socket holds the server's goodbye is pinged and replaced: no error."""
     from lifecycle import upgrade
     from lifecycle.store import db
 
@@ -118,9 +139,39 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(pg_url: str, monkeypatch: 
     with Engine(pg_url) as engine:
         engine.add_host("h1", "fake://")
         assert _terminate_backends(pg_url) >= 1
+        import time
+
+        time.sleep(0.05)  # the server's termination message reaches the client's socket
+        assert [h.name for h in engine.store.list_hosts()] == ["h1"]
+        engine.add_host("h2", "fake://")
+
+
+@pytest.mark.postgres
+def test_a_write_whose_connection_died_under_a_statement_is_run_again_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that lost its connection before COMMIT (nothing committed) is retried on a fresh one and succeeds."""
+    import sqlalchemy as sa
+
+    from lifecycle import Flavor, upgrade
+    from lifecycle.store import db
+    from tests.images import fake_image
+
+    upgrade(pg_url)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        engine.add_image("cirros", fake_image())
+        uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
+        monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
+        monkeypatch.setattr(db, "_readable", lambda _conn: False)  # no check at checkout: the statement finds it dead
+        assert _terminate_backends(pg_url) >= 1
         with pytest.raises(sa.exc.OperationalError):
-            engine.store.list_hosts()
-        assert [h.name for h in engine.store.list_hosts()] == ["h1"]  # the pool dropped the dead connections
+            engine.get(uuid)  # a read is not retried: it fails once with the database's own error
+        before = engine.get(uuid)  # the pool's dead connections are gone: this one is fresh
+        assert _terminate_backends(pg_url) >= 1
+        after = engine.store.set_power(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))
+        assert engine.get(uuid) == after and after.power_state is PowerState.SHUTDOWN
+        assert [e.to_power_state for e in engine.history(uuid)][-2:] == [PowerState.RUNNING, PowerState.SHUTDOWN]
 
 
 @pytest.mark.postgres

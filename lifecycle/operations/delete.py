@@ -52,7 +52,12 @@ def _delete(run: TaskRun, *, clean: bool) -> None:
 
 def _power_off(run: TaskRun) -> None:
     # The guest's power as read just before the steps began (NOSTATE: no domain): no second call to ask.
-    if run.before_power not in (PowerState.NOSTATE, PowerState.SHUTDOWN):
+    # When that read failed, before_power is the database's (maybe stale): ask the host again.
+    if run.power_read:
+        power: PowerState | None = run.before_power
+    else:
+        power = run.driver.list_instances().owned.get(run.instance.uuid)
+    if power not in (None, PowerState.NOSTATE, PowerState.SHUTDOWN):
         # Gone meanwhile (a preempted worker destroying what it made, an operator) is what a delete wants.
         with contextlib.suppress(DomainNotFound):
             run.power_off()

@@ -23,23 +23,36 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def retry_on_deadlock(method: F) -> F:
-    """Re-run a write transaction PostgreSQL aborted for a deadlock or serialization failure.
+    """Re-run a write transaction aborted for a deadlock or serialization failure, or lost with its connection.
 
     Safe because every write is a compare-and-swap: if the other transaction
-    committed first, the retry finds the row changed and raises Conflict.
+    committed first, the retry finds the row changed and raises Conflict. A
+    connection that died under one of the transaction's statements (a server
+    restart, a dropped link) committed nothing, so the write is run again
+    once, on a fresh connection; one that died at the COMMIT may have
+    committed, and is not retried.
     """
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        reconnected = False
         for attempt in range(_RETRIES):
             try:
                 return method(*args, **kwargs)
             except OperationalError as exc:
+                if _lost_before_commit(exc) and not reconnected:
+                    reconnected = True
+                    continue
                 if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE_SQLSTATES or attempt == _RETRIES - 1:
                     raise
         raise AssertionError("unreachable")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _lost_before_commit(exc: OperationalError) -> bool:
+    """Whether the connection died under a statement (SQLAlchemy names it; a COMMIT's failure has none)."""
+    return bool(exc.connection_invalidated) and exc.statement is not None
 
 
 class StoreBase:

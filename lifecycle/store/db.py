@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,7 +77,7 @@ def connect(url: str) -> sa.Engine:
         engine = sa.create_engine(url)
         sa.event.listen(engine.pool, "checkin", _mark_used)
         sa.event.listen(engine.pool, "connect", _mark_used)
-        sa.event.listen(engine.pool, "checkout", _ping_if_idle)
+        sa.event.listen(engine.pool, "checkout", _ping_when_in_doubt(engine))
         return engine
     except sa.exc.NoSuchModuleError as exc:
         raise InvalidInput(f"invalid database URL {shown_url(url)}: unknown database kind ({exc})") from None
@@ -90,36 +91,51 @@ def connect(url: str) -> sa.Engine:
 
 
 PING_IDLE_SECONDS = 1.0
-"""A pooled server connection idle this long is pinged before it is handed out (see :func:`_ping_if_idle`)."""
+"""A pooled server connection idle this long is pinged before it is handed out (see :func:`_ping_when_in_doubt`)."""
 
 
 def _mark_used(_dbapi_conn: Any, record: Any) -> None:
     record.info["lifecycle_used"] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-    """Check a pooled connection that sat idle before using it; a dead one is replaced (SQLAlchemy's disconnect path).
+def _ping_when_in_doubt(engine: sa.Engine) -> Any:
+    """Return the pool checkout hook: ping a pooled connection only when it may be dead; a dead one is replaced.
 
     SQLAlchemy's ``pool_pre_ping`` pings at every checkout: under load, one
     round trip per transaction and per read that buys nothing, since a
     connection used a moment ago is alive (``bench/storm.py`` measured 7 pings
-    per operation, a fifth of its round trips). A connection idle for
-    :data:`PING_IDLE_SECONDS` or more (the server may have restarted, or a
-    firewall dropped it) is pinged; one that fails raises
-    ``DisconnectionError``, which makes the pool open a fresh connection.
+    per operation, a fifth of its round trips). Here a connection is pinged
+    when it sat idle for :data:`PING_IDLE_SECONDS` or more (the server may
+    have restarted, or a firewall dropped it), or when its socket has
+    something to read although no query is in flight: a server that ends a
+    connection (a restart, ``pg_terminate_backend``) sends its reason and
+    closes, which a zero-timeout ``select`` sees without a round trip. A ping
+    that fails raises ``DisconnectionError``, which makes the pool open a
+    fresh connection. The ping is the dialect's own (it leaves no transaction open).
     """
-    used = record.info.get("lifecycle_used")
-    if used is not None and time.monotonic() - used < PING_IDLE_SECONDS:
-        return
-    try:
-        cursor = dbapi_conn.cursor()
+
+    def hook(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        used = record.info.get("lifecycle_used")
+        if used is not None and time.monotonic() - used < PING_IDLE_SECONDS and not _readable(dbapi_conn):
+            return
         try:
-            cursor.execute("SELECT 1")
-        finally:
-            cursor.close()
-    except Exception as exc:  # the driver's own error class: any failure means the connection is unusable
-        raise sa.exc.DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
-    record.info["lifecycle_used"] = time.monotonic()
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the driver's own error class: any failure means the connection is unusable
+            raise sa.exc.DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
+        if not alive:
+            raise sa.exc.DisconnectionError("pooled connection failed its ping")
+        record.info["lifecycle_used"] = time.monotonic()
+
+    return hook
+
+
+def _readable(dbapi_conn: Any) -> bool:
+    """Whether an idle connection's socket has data or an end of file waiting (True also when it cannot be told)."""
+    try:
+        ready, _, _ = select.select([dbapi_conn.fileno()], [], [], 0)
+    except (AttributeError, OSError, ValueError):  # no socket to look at (closed, or a driver without fileno)
+        return True
+    return bool(ready)
 
 
 def shown_url(url: str | sa.URL) -> str:
