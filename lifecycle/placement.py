@@ -3,13 +3,22 @@
 :func:`scheduler_for` returns the function a create task calls in its
 scheduling step: read the hosts best first for the RAM weigher, with the
 filters the database can check applied in the query (:func:`scheduler.prefilter`),
-a page at a time until enough pass every filter, pick one, and claim it
-atomically. Reading only those pages keeps a decision at 10,000 hosts a small
-fraction of reading every host row; when nothing passes (or the metrics
+a page at a time until enough pass every filter, and claim room on one of
+them atomically. Reading only those pages keeps a decision at 10,000 hosts a
+small fraction of reading every host row; when nothing passes (or the metrics
 weigher is on) every host is read, so :class:`NoValidHost` gives each host's
-reason. A claim lost to a concurrent engine (the host filled up between the
-read and the claim) reads the hosts again; it does not use up one of the
-``max_attempts`` spawn attempts.
+reason.
+
+The claim goes to the store with up to :data:`_CANDIDATES` of the hosts that
+passed, the pick first, then best first (:func:`scheduler.order_candidates`),
+and takes the first that still fits, in one statement
+(:meth:`Store.claim_first`): engines that chose the same host settle it inside
+the database, the losers landing on the next candidates (logged as
+``claim_took_later_candidate``). Only when no candidate fits any more (all of
+them filled up between the read and the claim) is the claim lost
+(``claim_lost``): the hosts are read again, up to :data:`_CLAIM_RACES` times;
+that does not use up one of the ``max_attempts`` spawn attempts. A requested
+host is claimed alone.
 """
 
 from __future__ import annotations
@@ -17,16 +26,30 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 
+import structlog
+
 from lifecycle.config import Settings
 from lifecycle.errors import NoValidHost
 from lifecycle.records import Flavor, Host, Image
-from lifecycle.scheduler import HostState, Request, SchedulerSettings, prefilter, select_host, select_ranked
+from lifecycle.scheduler import (
+    HostState,
+    Request,
+    SchedulerSettings,
+    prefilter,
+    ranked_candidates,
+    select_candidates,
+)
 from lifecycle.store import Store
 from lifecycle.store.db import now
 
-__all__ = ["host_is_up", "host_states", "pick_host", "scheduler_for"]
+__all__ = ["candidate_hosts", "host_is_up", "host_states", "pick_host", "scheduler_for"]
+
+log = structlog.get_logger(__name__)
 
 _CLAIM_RACES = 5
+"""Times a decision reads the hosts again after every candidate filled up before it could claim one."""
+_CANDIDATES = 8
+"""Hosts one claim may try, in order (more than the engines likely to race for the same host at once)."""
 _FIRST_PAGE = 16
 """Hosts read by the first page of a decision; each next page is four times larger (a rare fit costs log N reads)."""
 
@@ -60,8 +83,13 @@ def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
     ]
 
 
-def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: float) -> HostState:
-    """Filter, weigh and pick a host for ``request`` (not claimed yet); NoValidHost gives each host's reason."""
+def candidate_hosts(
+    store: Store, request: Request, s: SchedulerSettings, down_after: float, limit: int = _CANDIDATES
+) -> list[HostState]:
+    """Filter and weigh hosts for ``request``: up to ``limit`` to claim in order, the pick first (none claimed yet).
+
+    NoValidHost gives each host's reason.
+    """
     pre = prefilter(request, s)
     if pre is not None:
         up_since = now() - timedelta(seconds=down_after)
@@ -72,11 +100,16 @@ def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: 
                 yield host_states(page, down_after)
                 offset, size = offset + size, size * 4
 
-        chosen = select_ranked(pages(), request, s)
-        if chosen is not None:
-            return chosen
+        found = ranked_candidates(pages(), request, s, limit)
+        if found:
+            return found
     # Nothing passed (or the metrics weigher needs every host): read them all, so NoValidHost gives every reason.
-    return select_host(host_states(store.list_hosts(), down_after), request, s)
+    return select_candidates(host_states(store.list_hosts(), down_after), request, s, limit)
+
+
+def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: float) -> HostState:
+    """Filter, weigh and pick a host for ``request`` (not claimed yet); NoValidHost gives each host's reason."""
+    return candidate_hosts(store, request, s, down_after, limit=1)[0]
 
 
 def scheduler_for(
@@ -93,25 +126,28 @@ def scheduler_for(
     s = settings.scheduler
     ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
     specs: Mapping[str, str] = dict(flavor.extra_specs)
-
-    def claim(host: str) -> bool:
-        return store.claim(uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios)
+    want = (flavor.vcpus, flavor.memory_mb, flavor.root_gb)
 
     def schedule(tried: list[str]) -> str:
         if requested_host is not None:
             # A named host bypasses the filters (Nova's forced host) but not the fence or the claim.
             if store.get_host(requested_host).fenced:
                 raise NoValidHost({requested_host: "fenced by an operator"})
-            if requested_host in tried or not claim(requested_host):
+            if requested_host in tried or not store.claim(uuid, requested_host, *want, ratios):
                 raise NoValidHost({requested_host: "the requested host has no room for this flavor, or failed"})
             return requested_host
         request = Request(
             flavor.vcpus, flavor.memory_mb, flavor.root_gb, availability_zone, specs, image.properties, frozenset(tried)
         )
-        for _ in range(_CLAIM_RACES):
-            chosen = pick_host(store, request, s, settings.host_down_after)
-            if claim(chosen.name):
-                return chosen.name
+        for attempt in range(1, _CLAIM_RACES + 1):
+            names = [h.name for h in candidate_hosts(store, request, s, settings.host_down_after)]
+            host = store.claim_first(uuid, names, *want, ratios)
+            if host == names[0]:
+                return host
+            if host is not None:  # the pick filled up or was being claimed: the race was settled in the claim
+                log.info("claim_took_later_candidate", host=host, first_choice=names[0], rank=names.index(host))
+                return host
+            log.info("claim_lost", candidates=len(names), attempt=attempt)
         raise NoValidHost({"*": f"lost the claim race {_CLAIM_RACES} times in a row"})
 
     return schedule

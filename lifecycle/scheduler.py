@@ -16,6 +16,12 @@ time, until ``host_subset_size`` of them passed every filter. The database
 only narrows and orders: each candidate still goes through every filter here,
 so a host is admitted by the same rules, and the pick is the one
 :func:`select_host` makes over all hosts.
+
+A decision may also hand the store several hosts to claim in order (the
+``*_candidates`` functions, see :func:`order_candidates`): the pick first,
+then the other hosts that passed, best first. Engines racing for the same
+best host then settle it inside the database, in the claim, instead of
+reading the hosts again.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ __all__ = [
     "Request",
     "SchedulerSettings",
     "filter_hosts",
+    "order_candidates",
     "prefilter",
+    "ranked_candidates",
+    "select_candidates",
     "select_host",
     "select_ranked",
     "weigh",
@@ -270,16 +279,40 @@ def weigh(hosts: list[HostState], s: SchedulerSettings) -> list[tuple[float, Hos
     return sorted(zip(weights, hosts, strict=True), key=lambda pair: (-pair[0], pair[1].name))
 
 
+def order_candidates(
+    passed: list[HostState], s: SchedulerSettings, limit: int, rng: random.Random | None = None
+) -> list[HostState]:
+    """Weigh hosts that passed every filter; return at most ``limit`` of them in the order to claim them.
+
+    First the pick: one at random among the best ``host_subset_size``. Then
+    the others, best first: where a concurrent claim took the pick's room,
+    the next best that still fits is what a fresh decision would choose.
+    """
+    ranked = [host for _, host in weigh(passed, s)]
+    if not ranked:
+        return []
+    pick = (rng or random).choice(ranked[: max(1, s.host_subset_size)])
+    return [pick, *(host for host in ranked if host is not pick)][: max(1, limit)]
+
+
+def select_candidates(
+    hosts: list[HostState], req: Request, s: SchedulerSettings, limit: int, rng: random.Random | None = None
+) -> list[HostState]:
+    """Filter, weigh, and return up to ``limit`` hosts to claim in order (:func:`order_candidates`).
+
+    NoValidHost says why nothing fit.
+    """
+    passed, reasons = filter_hosts(hosts, req, s)
+    if not passed:
+        raise NoValidHost(reasons)
+    return order_candidates(passed, s, limit, rng)
+
+
 def select_host(
     hosts: list[HostState], req: Request, s: SchedulerSettings, rng: random.Random | None = None
 ) -> HostState:
     """Filter, weigh, and pick one of the best ``host_subset_size``; NoValidHost says why nothing fit."""
-    passed, reasons = filter_hosts(hosts, req, s)
-    if not passed:
-        raise NoValidHost(reasons)
-    ranked = weigh(passed, s)
-    best = ranked[: max(1, s.host_subset_size)]
-    return (rng or random).choice(best)[1]
+    return select_candidates(hosts, req, s, 1, rng)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,13 +369,19 @@ def prefilter(req: Request, s: SchedulerSettings) -> Prefilter | None:
     )
 
 
-def select_ranked(
-    pages: Iterable[list[HostState]], req: Request, s: SchedulerSettings, rng: random.Random | None = None
-) -> HostState | None:
-    """Pick as :func:`select_host` does from hosts read best first (see :class:`Prefilter`); None if none passed.
+def ranked_candidates(
+    pages: Iterable[list[HostState]],
+    req: Request,
+    s: SchedulerSettings,
+    limit: int,
+    rng: random.Random | None = None,
+) -> list[HostState]:
+    """Return as :func:`select_candidates` does from hosts read best first (see :class:`Prefilter`); [] if none passed.
 
     Pages are read only until ``host_subset_size`` hosts passed every
-    filter: the hosts after them rank no better.
+    filter: the hosts after them rank no better, and the other candidates
+    are those that passed on the pages read (a decision reads no more pages
+    for the sake of spares).
     """
     want = max(1, s.host_subset_size)
     passed: list[HostState] = []
@@ -350,6 +389,12 @@ def select_ranked(
         passed += filter_hosts(page, req, s)[0]
         if len(passed) >= want:
             break
-    if not passed:
-        return None
-    return (rng or random).choice(weigh(passed, s)[:want])[1]
+    return order_candidates(passed, s, limit, rng)
+
+
+def select_ranked(
+    pages: Iterable[list[HostState]], req: Request, s: SchedulerSettings, rng: random.Random | None = None
+) -> HostState | None:
+    """Pick as :func:`select_host` does from hosts read best first (see :class:`Prefilter`); None if none passed."""
+    found = ranked_candidates(pages, req, s, 1, rng)
+    return found[0] if found else None

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
+import structlog
 
 from lifecycle import Engine, Flavor, NoValidHost, TaskFailed, VmState, upgrade
+from lifecycle.records import Host
+from lifecycle.scheduler import HostState, SchedulerSettings, order_candidates
 from lifecycle.store import Store
+from lifecycle.store.tables import HOSTS
 from tests.conftest import Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -140,3 +148,76 @@ def test_claim_is_refused_once_the_host_is_full(tmp_path: Path) -> None:
         assert engine.store.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
         assert engine.host("h").memory_mb_used == 64
     assert NoValidHost({}).reasons == {}
+
+
+def test_candidates_are_the_pick_then_the_rest_best_first() -> None:
+    """The claim order is the random pick among the best host_subset_size, then every other host best first, capped."""
+    hosts = [HostState(f"h{i}", memory_mb=1024 * (i + 1)) for i in range(6)]  # h5 has the most free memory
+    s = SchedulerSettings(host_subset_size=3)
+    ordered = order_candidates(hosts, s, 4, random.Random(1))
+    assert ordered[0].name in {"h5", "h4", "h3"} and len(ordered) == 4
+    assert [h.name for h in ordered[1:]] == [n for n in ("h5", "h4", "h3", "h2", "h1") if n != ordered[0].name][:3]
+    assert [h.name for h in order_candidates(hosts, SchedulerSettings(), 8)] == ["h5", "h4", "h3", "h2", "h1", "h0"]
+    assert order_candidates([], s, 8) == []
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """The engine's log events at info and above, whatever logging an earlier test configured."""
+    captured: list[dict[str, Any]] = []
+
+    def capture(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        captured.append(event)
+        raise structlog.DropEvent
+
+    old = structlog.get_config()
+    structlog.configure(processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    yield captured
+    structlog.configure(**old)
+
+
+def _fill(engine: Engine, **used_mb: int) -> None:
+    """Set hosts' memory usage behind the scheduler's back, as another engine's claims would."""
+    with engine.store.engine.begin() as conn:
+        for name, used in used_mb.items():
+            conn.execute(sa.update(HOSTS).where(HOSTS.c.name == name).values(memory_mb_used=used))
+
+
+def _after_each_read(engine: Engine, monkeypatch: pytest.MonkeyPatch, *actions: Callable[[], None]) -> list[int]:
+    """Run the n-th action right after the scheduler's n-th page read of the hosts; return the reads' count."""
+    reads: list[int] = []
+    ranked = engine.store.ranked_hosts
+
+    def read(*args: Any) -> list[Host]:
+        page = ranked(*args)
+        if args[2] == 0:  # a decision's first page
+            reads.append(1)
+            if len(reads) <= len(actions):
+                actions[len(reads) - 1]()
+        return page
+
+    monkeypatch.setattr(engine.store, "ranked_hosts", read)
+    return reads
+
+
+def test_a_first_choice_filled_meanwhile_is_settled_in_the_claim_without_a_re_read(
+    cloud: Engine, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+) -> None:
+    """When b fills up between the read and the claim, the same claim lands on a, the next best, and says so."""
+    reads = _after_each_read(cloud, monkeypatch, lambda: _fill(cloud, b=6144))
+    uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
+    assert cloud.get(uuid).host == "a" and cloud.store.claims_of(uuid) == ["a"] and len(reads) == 1
+    raced = [e for e in events if e["event"] == "claim_took_later_candidate"]
+    assert [(e["host"], e["first_choice"], e["rank"]) for e in raced] == [("a", "b", 1)]
+    _fill(cloud, b=0)
+
+
+def test_every_candidate_filled_meanwhile_reads_the_hosts_again(
+    cloud: Engine, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+) -> None:
+    """When every candidate fills up before the claim, the claim is lost and the next read finds the room freed since."""
+    full = {"a": 3072, "b": 6144, "c": 1536}
+    reads = _after_each_read(cloud, monkeypatch, lambda: _fill(cloud, **full), lambda: _fill(cloud, a=0, b=0, c=0))
+    uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
+    assert cloud.get(uuid).host == "b" and len(reads) == 2
+    assert [e["candidates"] for e in events if e["event"] == "claim_lost"] == [3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,14 +18,17 @@ __all__ = ["Claims"]
 
 _H, _CL, _T = HOSTS, CLAIMS, TASKS
 
+Ratios = tuple[float, float, float]
+"""cpu, ram and disk allocation ratios."""
+
+_RESOURCES = ("vcpus", "memory_mb", "disk_gb")
+
 
 class Claims(StoreBase):
     """Claim rows and the host usage counters they add to."""
 
     @retry_on_deadlock
-    def claim(
-        self, uuid: str, host: str, vcpus: int, memory_mb: int, disk_gb: int, ratios: tuple[float, float, float]
-    ) -> bool:
+    def claim(self, uuid: str, host: str, vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios) -> bool:
         """Reserve resources for an instance on a host within its allocation ratios, atomically.
 
         One conditional UPDATE adds the usage only if it still fits, so two
@@ -31,34 +36,51 @@ class Claims(StoreBase):
         same transaction. A host whose resources are not tracked always fits.
         Returns False (nothing written) when it does not fit.
         """
-        cpu_ratio, ram_ratio, disk_ratio = ratios
-        query = (
-            sa.update(_H)
-            .where(
-                _H.c.name == host,
-                _fits(_H.c.vcpus, _H.c.vcpus_used, vcpus, cpu_ratio),
-                _fits(_H.c.memory_mb, _H.c.memory_mb_used, memory_mb, ram_ratio),
-                _fits(_H.c.disk_gb, _H.c.disk_gb_used, disk_gb, disk_ratio),
-            )
-            .values(
-                vcpus_used=_H.c.vcpus_used + vcpus,
-                memory_mb_used=_H.c.memory_mb_used + memory_mb,
-                disk_gb_used=_H.c.disk_gb_used + disk_gb,
-            )
-        )
-        claim = {
-            "instance_uuid": uuid,
-            "host": host,
-            "vcpus": vcpus,
-            "memory_mb": memory_mb,
-            "disk_gb": disk_gb,
-            "created_at": now(),
-        }
+        params = _params((vcpus, memory_mb, disk_gb), ratios) | {"x_host": host}
         with self.engine.begin() as conn:
-            if conn.execute(query).rowcount != 1:
+            if conn.execute(_CLAIM, params).rowcount != 1:
                 return False
-            conn.execute(sa.insert(_CL), claim)
+            conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params))
         return True
+
+    @retry_on_deadlock
+    def claim_first(
+        self, uuid: str, candidates: Sequence[str], vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios
+    ) -> str | None:
+        """Reserve resources on the first of ``candidates``, in their order, that still fits; return its name.
+
+        One UPDATE picks the host and adds the usage, so engines racing for
+        the same host settle it inside the database instead of reading the
+        hosts again; the claim row is written in the same transaction. The
+        fit is checked as :meth:`claim` checks it, on the row as it is when
+        locked: no host is ever overcommitted.
+
+        On PostgreSQL the pick locks the row it takes and skips rows other
+        transactions hold (``FOR NO KEY UPDATE SKIP LOCKED``), so racing
+        engines spread over the next candidates instead of queueing on the
+        first; a row locked after a concurrent commit is checked again, and
+        passed over when it no longer fits. A skipped row may have room once
+        its holder commits, so when that pass claims nothing a second one, in
+        a transaction of its own, first waits for the locks of every
+        candidate, taken in name order (as :meth:`release_claims` takes its
+        hosts', so waiting claims never deadlock), and picks again: None
+        (nothing written) means every candidate was full when looked at.
+        SQLite runs one writer at a time, so one pass, without locks, is exact.
+        """
+        if not candidates:
+            return None
+        params = _params((vcpus, memory_mb, disk_gb), ratios) | _numbered(candidates)
+        postgres = self.engine.dialect.name == "postgresql"
+        for waiting in (False, True) if postgres else (False,):
+            with self.engine.begin() as conn:
+                if waiting:
+                    conn.execute(_lock_in_name_order(len(candidates)), _numbered(sorted(candidates)))
+                pick = _claim_first(len(candidates), skip_locked=postgres and not waiting)
+                host = conn.execute(pick, params).scalar_one_or_none()
+                if host is not None:
+                    conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params))
+                    return str(host)
+        return None
 
     @retry_on_deadlock
     def release_claims(self, uuid: str, host: str | None = None, *, task: Task | None = None) -> int:
@@ -68,25 +90,21 @@ class Claims(StoreBase):
         epoch: a worker whose task was ended by reset-state, a build timeout or
         recovery raises :class:`Fenced` and releases nothing.
         """
-        where = [_CL.c.instance_uuid == uuid] + ([_CL.c.host == host] if host is not None else [])
+        params: dict[str, Any] = {"x_uuid": uuid, "x_host": host}
+        if task is not None:
+            params |= {"x_task": task.id, "x_epoch": task.epoch}
         with self.engine.begin() as conn:
-            if task is not None:
-                epoch = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
+            gone = conn.execute(_release(host is not None, task is not None), params).all()
+            if not gone and task is not None:  # nothing held, or fenced: the task row says which
+                epoch = conn.execute(_TASK_EPOCH, params).scalar_one()
                 if epoch != task.epoch:
                     raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
-            claims = conn.execute(sa.select(_CL).where(*where)).mappings().all()
-            for c in claims:
+            for c in sorted(gone, key=lambda c: str(c.host)):  # one lock order across releases: no deadlock
                 conn.execute(
-                    sa.update(_H)
-                    .where(_H.c.name == c["host"])
-                    .values(
-                        vcpus_used=_H.c.vcpus_used - c["vcpus"],
-                        memory_mb_used=_H.c.memory_mb_used - c["memory_mb"],
-                        disk_gb_used=_H.c.disk_gb_used - c["disk_gb"],
-                    )
+                    _GIVE_BACK,
+                    {"x_host": c.host, "x_vcpus": c.vcpus, "x_memory_mb": c.memory_mb, "x_disk_gb": c.disk_gb},
                 )
-            conn.execute(sa.delete(_CL).where(*where))
-        return len(claims)
+        return len(gone)
 
     def claims_of(self, uuid: str) -> list[str]:
         """Return the hosts an instance holds claims on."""
@@ -96,5 +114,84 @@ class Claims(StoreBase):
             )
 
 
-def _fits(total: sa.ColumnElement[Any], used: sa.ColumnElement[Any], want: int, ratio: float) -> sa.ColumnElement[bool]:
-    return sa.or_(total.is_(None), used + want <= total * ratio)
+# The statements, built once per shape (building an expression and its cache key at each call cost more
+# client CPU than running it); every value of a call is a parameter: x_vcpus, x_memory_mb and x_disk_gb
+# wanted, x_ratio_vcpus... the allocation ratios, x_host one host, x_c0, x_c1... the candidates in order.
+
+
+def _want(resource: str) -> sa.BindParameter[int]:
+    return sa.bindparam(f"x_{resource}", type_=sa.Integer)
+
+
+def _fits(hosts: sa.FromClause) -> list[sa.ColumnElement[bool]]:
+    """Each resource still fits: untracked (total NULL), or used + wanted within total x ratio."""
+    return [
+        sa.or_(
+            hosts.c[r].is_(None),
+            hosts.c[f"{r}_used"] + _want(r) <= hosts.c[r] * sa.bindparam(f"x_ratio_{r}", type_=sa.Float),
+        )
+        for r in _RESOURCES
+    ]
+
+
+_ADD_USAGE = sa.update(_H).values({f"{r}_used": _H.c[f"{r}_used"] + _want(r) for r in _RESOURCES})
+_CLAIM = _ADD_USAGE.where(_H.c.name == sa.bindparam("x_host"), *_fits(_H))
+"""The single-host claim: add the usage if it still fits (rowcount 0: it does not)."""
+_GIVE_BACK = (
+    sa.update(_H)
+    .values({f"{r}_used": _H.c[f"{r}_used"] - _want(r) for r in _RESOURCES})
+    .where(_H.c.name == sa.bindparam("x_host"))
+)
+_INSERT_CLAIM = sa.insert(_CL)
+_TASK_EPOCH = sa.select(_T.c.epoch).where(_T.c.id == sa.bindparam("x_task"))
+
+
+def _candidates(column: sa.ColumnElement[str], count: int) -> sa.ColumnElement[bool]:
+    return column.in_([sa.bindparam(f"x_c{i}") for i in range(count)])
+
+
+@functools.lru_cache(maxsize=64)
+def _claim_first(count: int, *, skip_locked: bool) -> sa.Executable:
+    """UPDATE hosts ... WHERE name = (the first of ``count`` candidates that fits, locked) AND fits RETURNING name."""
+    pick = _H.alias("candidate")  # not correlated with the hosts row being updated
+    order = sa.case(*((pick.c.name == sa.bindparam(f"x_c{i}"), i) for i in range(count)))
+    first = (
+        sa.select(pick.c.name)
+        .where(_candidates(pick.c.name, count), *_fits(pick))
+        .order_by(order)
+        .limit(1)
+        .with_for_update(key_share=True, skip_locked=skip_locked)  # FOR NO KEY UPDATE, as the UPDATE itself
+        .scalar_subquery()
+    )
+    return _ADD_USAGE.where(_H.c.name == first, *_fits(_H)).returning(_H.c.name)
+
+
+@functools.lru_cache(maxsize=16)
+def _lock_in_name_order(count: int) -> sa.Select[tuple[str]]:
+    """SELECT ... FOR NO KEY UPDATE of ``count`` hosts (given sorted), locked one after the other in name order."""
+    return sa.select(_H.c.name).where(_candidates(_H.c.name, count)).order_by(_H.c.name).with_for_update(key_share=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _release(one_host: bool, fenced: bool) -> sa.Executable:
+    """DELETE an instance's claims (on x_host) RETURNING what they held; with ``fenced``, only at the task's epoch."""
+    where = [_CL.c.instance_uuid == sa.bindparam("x_uuid")]
+    if one_host:
+        where.append(_CL.c.host == sa.bindparam("x_host"))
+    if fenced:  # the fence rides on the DELETE: a moved epoch deletes nothing
+        where.append(sa.exists().where(_T.c.id == sa.bindparam("x_task"), _T.c.epoch == sa.bindparam("x_epoch")))
+    return sa.delete(_CL).where(*where).returning(_CL.c.host, _CL.c.vcpus, _CL.c.memory_mb, _CL.c.disk_gb)
+
+
+def _params(want: tuple[int, int, int], ratios: Ratios) -> dict[str, Any]:
+    return {f"x_{r}": w for r, w in zip(_RESOURCES, want, strict=True)} | {
+        f"x_ratio_{r}": ratio for r, ratio in zip(_RESOURCES, ratios, strict=True)
+    }
+
+
+def _numbered(names: Sequence[str]) -> dict[str, str]:
+    return {f"x_c{i}": name for i, name in enumerate(names)}
+
+
+def _claim_row(uuid: str, host: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"instance_uuid": uuid, "host": host, "created_at": now()} | {r: params[f"x_{r}"] for r in _RESOURCES}
