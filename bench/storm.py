@@ -25,12 +25,19 @@ This is the regime where claims race: several processes see the same last
 free room and all claim it. ``--fill 0.8`` runs the comfortable case
 (peak at 80% of capacity).
 
-A claim race is a claim UPDATE that matched no row: the host the scheduler
-had just chosen filled up meanwhile, and the scheduler reads the hosts again
-and picks another (``lifecycle.placement``; spawn attempts are not used up).
-Each create that had to pick again counts as a reschedule caused by racing
-claims (target: under 5% of creates); reschedules after a failed spawn are
-read from the audit log (none expected: the fake hosts do not fail).
+The scheduler hands the claim a few candidate hosts, its pick first, and
+one UPDATE claims the first that still fits (``lifecycle.placement``). A
+claim race is a claim UPDATE that matched no row: every candidate filled up
+meanwhile (or, in the first of PostgreSQL's two passes, was held by another
+transaction), and the scheduler reads the hosts again and picks again (spawn
+attempts are not used up). Each create with such an UPDATE counts as a
+reschedule caused by racing claims (target: under 5% of creates), and the
+report says how many of them then found no room left anywhere (NoValidHost:
+they raced for the last room). Races the claim settled inside the database,
+landing on a later candidate than the first choice without a re-read, are
+counted beside them (from the engine's ``claim_took_later_candidate`` log
+events). Reschedules after a failed spawn are read from the audit log (none
+expected: the fake hosts do not fail).
 
 What limits the engine shows in its per-operation counts, printed beside the
 floor's for each kind: transactions, reads (connections used outside a
@@ -112,6 +119,8 @@ class Op(NamedTuple):
     statements: int
     checkouts: int
     lost_claims: int
+    later_candidates: int
+    """Claims settled in the database on a later candidate than the first choice (``claim_took_later_candidate``)."""
     placed: bool
     """A create that got a host, or a delete of an instance that had one: the floor claims or releases."""
 
@@ -146,6 +155,7 @@ class Counts:
     statements: int = 0
     checkouts: int = 0
     lost_claims: int = 0
+    later_candidates: int = 0
 
     def listen(self, db: sa.Engine) -> None:
         sa.event.listen(db, "commit", self._commit)
@@ -153,10 +163,33 @@ class Counts:
         sa.event.listen(db, "after_cursor_execute", self._statement)
         sa.event.listen(db.pool, "checkout", self._checkout)
 
-    def take(self) -> tuple[int, int, int, int, int]:
-        taken = (self.commits, self.rollbacks, self.statements, self.checkouts, self.lost_claims)
-        self.commits = self.rollbacks = self.statements = self.checkouts = self.lost_claims = 0
+    def take(self) -> tuple[int, int, int, int, int, int]:
+        taken = (
+            self.commits,
+            self.rollbacks,
+            self.statements,
+            self.checkouts,
+            self.lost_claims,
+            self.later_candidates,
+        )
+        self.commits = self.rollbacks = self.statements = self.checkouts = 0
+        self.lost_claims = self.later_candidates = 0
         return taken
+
+    def log_events(self) -> None:
+        """Count the scheduler's ``claim_took_later_candidate`` events (info); print warnings and worse as before."""
+        shown = structlog.get_config()["processors"]
+
+        def count(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+            if self._mine() and event.get("event") == "claim_took_later_candidate":
+                self.later_candidates += 1
+            if method in ("debug", "info"):
+                raise structlog.DropEvent
+            return event
+
+        structlog.configure(
+            processors=[count, *shown], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
+        )
 
     def _mine(self) -> bool:
         return threading.get_ident() == self.thread
@@ -194,6 +227,7 @@ def engine_worker(url: str, proc: int, budget: int, window: int, image: str, bar
     with Engine(url, settings=settings, owner=f"storm-{proc}") as engine:
         counts = Counts()
         counts.listen(engine.store.engine)
+        counts.log_events()
         live: deque[list[Any]] = deque()  # [uuid, next stage index, placed]
         ops: list[Op] = []
         waiting = False  # a create found no room: walk the oldest instance to its delete first
@@ -637,13 +671,20 @@ def report(
     report_kinds(engine, floor)
     ops = [op for r in engine for op in r.ops]
     creates = [op for op in ops if op.kind.startswith("create")]
-    raced = sum(op.lost_claims > 0 for op in creates)
-    share = raced / max(1, len(creates))
+    raced = [op for op in creates if op.lost_claims > 0]
+    share = len(raced) / max(1, len(creates))
+    last_room = sum(op.kind == "create:novalidhost" for op in raced)
+    settled = sum(op.later_candidates > 0 for op in creates)
     kinds = Counter(op.kind for op in ops)
     print(
         f"claim races: {sum(op.lost_claims for op in creates)} lost claims; reschedules caused by racing claims: "
-        f"{raced} of {len(creates)} creates = {share:.1%} (target < 5%: {verdict(share < 0.05)}); "
-        f"NoValidHost: {kinds['create:novalidhost']}; reschedules after a failed spawn: {reschedules}"
+        f"{len(raced)} of {len(creates)} creates = {share:.1%} (target < 5%: {verdict(share < 0.05)}; "
+        f"{last_room} of them then found no room anywhere: NoValidHost); NoValidHost: "
+        f"{kinds['create:novalidhost']}; reschedules after a failed spawn: {reschedules}"
+    )
+    print(
+        f"claim races settled inside the database (claimed a later candidate than the first choice, no re-read): "
+        f"{settled} of {len(creates)} creates = {settled / max(1, len(creates)):.1%}"
     )
     print(f"hosts over an allocation ratio: {len(hosts)}" + "".join(f"\n  {b}" for b in hosts[:20]))
     print(
