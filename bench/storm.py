@@ -41,10 +41,12 @@ expected: the fake hosts do not fail).
 
 What limits the engine shows in its per-operation counts, printed beside the
 floor's for each kind: transactions, reads (connections used outside a
-transaction), statements, pool pings (``pool_pre_ping``: one ``SELECT 1`` at
-each checkout) and the round trips they add up to (statements, plus BEGIN and
-COMMIT or ROLLBACK per transaction or read, plus pings), and the client CPU
-each side spent per operation; a closing line puts the two ratios together.
+transaction), statements, pings of pooled connections (the dialect's ``do_ping``:
+the engine pings only a connection in doubt, see ``lifecycle.store.db``) and
+the round trips they add up to (statements, plus BEGIN and COMMIT or ROLLBACK
+per transaction and per read outside autocommit, plus pings: a read in
+autocommit sends neither), and the client CPU each side spent per operation;
+a closing line puts the two ratios together.
 
 Afterwards the database is checked: no host is over its allocation ratios
 (vCPU, RAM, disk), and every instance's audit chain is consistent (each
@@ -116,8 +118,11 @@ class Op(NamedTuple):
     seconds: float
     commits: int
     rollbacks: int
+    """Connections used outside a transaction (reads), each ended by a rollback."""
+    free_reads: int
+    """Those of them in autocommit: no BEGIN or ROLLBACK reaches the server."""
     statements: int
-    checkouts: int
+    pings: int
     lost_claims: int
     later_candidates: int
     """Claims settled in the database on a later candidate than the first choice (``claim_took_later_candidate``)."""
@@ -131,15 +136,13 @@ class Result(NamedTuple):
     ops: list[Op]
     started: float
     ended: float
-    pings: bool
-    """Whether its pool pinged the server at each checkout (``pool_pre_ping``): one round trip each."""
     cpu: float
     """CPU seconds the process spent between start and end (its Python side, not the server's)."""
 
 
-def round_trips(op: Op, pings: bool) -> int:
+def round_trips(op: Op) -> int:
     """Client-server round trips of an operation: its statements, BEGIN and COMMIT/ROLLBACK, and pings."""
-    return op.statements + 2 * (op.commits + op.rollbacks) + (op.checkouts if pings else 0)
+    return op.statements + 2 * (op.commits + op.rollbacks - op.free_reads) + op.pings
 
 
 # -- counting what the engine sends ------------------------------------------------------------------
@@ -152,8 +155,9 @@ class Counts:
     thread: int = field(default_factory=threading.get_ident)
     commits: int = 0
     rollbacks: int = 0
+    free_reads: int = 0
     statements: int = 0
-    checkouts: int = 0
+    pings: int = 0
     lost_claims: int = 0
     later_candidates: int = 0
 
@@ -161,18 +165,25 @@ class Counts:
         sa.event.listen(db, "commit", self._commit)
         sa.event.listen(db, "rollback", self._rollback)
         sa.event.listen(db, "after_cursor_execute", self._statement)
-        sa.event.listen(db.pool, "checkout", self._checkout)
+        ping = db.dialect.do_ping
 
-    def take(self) -> tuple[int, int, int, int, int, int]:
+        def counted(dbapi_conn: Any) -> bool:
+            self.pings += self._mine()
+            return bool(ping(dbapi_conn))
+
+        db.dialect.do_ping = counted  # type: ignore[method-assign]
+
+    def take(self) -> tuple[int, int, int, int, int, int, int]:
         taken = (
             self.commits,
             self.rollbacks,
+            self.free_reads,
             self.statements,
-            self.checkouts,
+            self.pings,
             self.lost_claims,
             self.later_candidates,
         )
-        self.commits = self.rollbacks = self.statements = self.checkouts = 0
+        self.commits = self.rollbacks = self.free_reads = self.statements = self.pings = 0
         self.lost_claims = self.later_candidates = 0
         return taken
 
@@ -197,11 +208,10 @@ class Counts:
     def _commit(self, *_a: Any) -> None:
         self.commits += self._mine()
 
-    def _rollback(self, *_a: Any) -> None:
-        self.rollbacks += self._mine()
-
-    def _checkout(self, *_a: Any) -> None:
-        self.checkouts += self._mine()
+    def _rollback(self, conn: sa.Connection) -> None:
+        if self._mine():
+            self.rollbacks += 1
+            self.free_reads += bool(getattr(conn.connection.dbapi_connection, "autocommit", False))
 
     def _statement(self, _conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
         if not self._mine():
@@ -263,7 +273,7 @@ def engine_worker(url: str, proc: int, budget: int, window: int, image: str, bar
                 live.appendleft([uuid, 2, False])
                 waiting = True
         ended, cpu = time.time(), time.process_time() - cpu
-        return Result(ops, started, ended, bool(engine.store.engine.pool._pre_ping), cpu)
+        return Result(ops, started, ended, cpu)
 
 
 # -- the floor ---------------------------------------------------------------------------------------
@@ -413,9 +423,8 @@ def floor_worker(url: str, proc: int, script: list[Op], hosts: list[str], image:
                 row.cas(conn, *state)
         timed.append(Op(op.kind, time.perf_counter() - clock, *counts.take(), placed=op.placed))
     ended, cpu = time.time(), time.process_time() - cpu
-    pings = bool(db.pool._pre_ping)
     db.dispose()
-    return Result(timed, started, ended, pings, cpu)
+    return Result(timed, started, ended, cpu)
 
 
 # -- set-up, runs, checks, report --------------------------------------------------------------------
@@ -511,16 +520,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def _per_op(results: list[Result], kind: str) -> tuple[list[float], dict[str, float]]:
     """Latencies of one kind of operation, and its mean counts per operation."""
-    ops = [(op, r.pings) for r in results for op in r.ops if op.kind == kind]
+    ops = [op for r in results for op in r.ops if op.kind == kind]
     n = max(1, len(ops))
     means = {
-        "txns": sum(op.commits for op, _ in ops) / n,
-        "reads": sum(op.rollbacks for op, _ in ops) / n,
-        "stmts": sum(op.statements for op, _ in ops) / n,
-        "pings": sum(op.checkouts for op, pings in ops if pings) / n,
-        "trips": sum(round_trips(op, pings) for op, pings in ops) / n,
+        "txns": sum(op.commits for op in ops) / n,
+        "reads": sum(op.rollbacks for op in ops) / n,
+        "stmts": sum(op.statements for op in ops) / n,
+        "pings": sum(op.pings for op in ops) / n,
+        "trips": sum(round_trips(op) for op in ops) / n,
     }
-    return [op.seconds for op, _ in ops], means
+    return [op.seconds for op in ops], means
 
 
 def report_kinds(engine: list[Result], floor: list[Result]) -> None:
@@ -540,7 +549,7 @@ def report_kinds(engine: list[Result], floor: list[Result]) -> None:
             f"{mine['reads']:5.1f} {mine['stmts']:5.1f} {mine['pings']:5.1f} {mine['trips']:5.1f} | "
             f"{base['txns']:18.1f} {base['stmts']:5.1f} {base['trips']:5.1f}"
         )
-    trips = [sum(round_trips(op, r.pings) for r in side for op in r.ops) for side in (engine, floor)]
+    trips = [sum(round_trips(op) for r in side for op in r.ops) for side in (engine, floor)]
     count = rate(engine)[0]
     print(
         f"round trips per operation: engine {trips[0] / count:.1f}, floor {trips[1] / count:.1f} "
@@ -550,12 +559,13 @@ def report_kinds(engine: list[Result], floor: list[Result]) -> None:
     print(
         f"client CPU per operation: engine {cpu[0]:.1f} ms, floor {cpu[1]:.1f} ms ({cpu[0] / max(cpu[1], 1e-9):.2f}x)"
     )
-    pings = sum(op.checkouts for r in engine if r.pings for op in r.ops) / count
+    pings = sum(op.pings for r in engine for op in r.ops) / count
     reads = sum(op.rollbacks for r in engine for op in r.ops) / count
+    bracketed = sum(op.rollbacks - op.free_reads for r in engine for op in r.ops) / count
     print(
         f"what limits it: per operation the engine makes {trips[0] / max(1, trips[1]):.2f}x the floor's round trips "
-        f"(of its {trips[0] / count:.1f}: {pings:.1f} pool pings, {2 * reads:.1f} BEGIN/ROLLBACK around "
-        f"{reads:.1f} reads) and spends {cpu[0] / max(cpu[1], 1e-9):.2f}x its client CPU"
+        f"(of its {trips[0] / count:.1f}: {pings:.1f} pings, {reads:.1f} reads of which {bracketed:.1f} "
+        f"between BEGIN and ROLLBACK) and spends {cpu[0] / max(cpu[1], 1e-9):.2f}x its client CPU"
     )
 
 
