@@ -81,6 +81,7 @@ import random
 import tempfile
 import threading
 import time
+import traceback
 import uuid as uuidlib
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -500,12 +501,28 @@ def prepare_floor(url: str, hosts: int, memory_mb: int) -> list[str]:
 
 
 def run_processes(target: Any, args: list[tuple[Any, ...]]) -> list[Result]:
-    """Run ``target`` in one spawned process per argument tuple, released together by a barrier."""
+    """Run ``target`` in one spawned process per argument tuple, released together by a barrier.
+
+    A process that fails makes the run fail with its traceback instead of
+    hanging: the barrier times out for the others, and the error crosses back
+    as text (an exception that does not pickle would stall the pool).
+    """
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
-        barrier = manager.Barrier(len(args))
+        barrier = manager.Barrier(len(args), timeout=_BARRIER_SECONDS)
         with ctx.Pool(len(args)) as pool:
-            return pool.starmap(target, [(*a, barrier) for a in args])
+            return pool.starmap(_guarded, [(target, *a, barrier) for a in args])
+
+
+_BARRIER_SECONDS = 300.0
+
+
+def _guarded(target: Any, *args: Any) -> Result:
+    try:
+        result: Result = target(*args)
+    except BaseException:
+        raise RuntimeError(f"{target.__name__} failed in process {os.getpid()}:\n{traceback.format_exc()}") from None
+    return result
 
 
 def rate(results: list[Result]) -> tuple[int, float]:
