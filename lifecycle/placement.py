@@ -148,6 +148,11 @@ def scheduler_for(
                 log.info("claim_took_later_candidate", host=host, first_choice=names[0], rank=names.index(host))
                 return host
             log.info("claim_lost", candidates=len(names), attempt=attempt)
-        raise NoValidHost({"*": f"lost the claim race {_CLAIM_RACES} times in a row"})
+        raise NoValidHost(
+            {
+                "*": f"no candidate host had room at its claim {_CLAIM_RACES} times in a row (engines racing for"
+                " the same room, or a resource whose filter is disabled: the claim checks vCPU, RAM and disk)"
+            }
+        )
 
     return schedule

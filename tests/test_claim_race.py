@@ -98,6 +98,16 @@ def test_claim_first_returns_none_and_writes_nothing_when_no_candidate_fits(stor
     assert _used(store) == {"a": 0, "b": 0, "c": 0} and store.claims_of(uuid) == []
 
 
+def test_a_fenced_candidate_is_never_claimed(store: Store) -> None:
+    """A host fenced after the decision's read is passed over by claim_first and refused by claim, nothing written."""
+    first, second = _instances(store, 2)
+    store.set_fence("c", "operator", "PSU failed")
+    assert store.claim_first(first, ["c", "b"], 1, SLOT_MB, 1, RATIOS) == "b"
+    assert store.claim_first(second, ["c"], 1, SLOT_MB, 1, RATIOS) is None
+    assert not store.claim(second, "c", 1, SLOT_MB, 1, RATIOS)
+    assert _used(store) == {"a": 0, "b": SLOT_MB, "c": 0} and store.claims_of(second) == []
+
+
 # -- releases and the task's epoch --------------------------------------------------------------------
 
 

@@ -613,3 +613,19 @@ def test_a_delete_whose_power_read_failed_still_shuts_a_running_guest_down_clean
     engine.delete(uuid)
     assert next(c for c in fake.calls if c.startswith(("power_off", "destroy"))) == "power_off"
     assert not fake.domain_exists(uuid) and engine.get(uuid).vm_state is V.DELETED
+
+
+def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(engine: Engine, fakes: Fakes) -> None:
+    """A claim whose instance has no host set (a build between its claim and its first step) keeps the host unless forced."""
+    engine.driver("h1")
+    fakes["h1"].fail_next("spawn")
+    with pytest.raises(TaskFailed):
+        engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
+    (failed,) = [i for i in engine.list() if i.vm_state is V.ERROR]
+    assert failed.host is None and engine.store.claims_of(failed.uuid) == []
+    assert engine.store.claim(failed.uuid, "h1", 1, 64, 1, (16.0, 1.5, 1.0))
+    with pytest.raises(HostInUse, match=failed.uuid):
+        engine.remove_host("h1")
+    assert engine.store.claims_of(failed.uuid) == ["h1"] and engine.host("h1").vcpus_used == 1
+    assert engine.remove_host("h1", force=True) == []
+    assert engine.store.claims_of(failed.uuid) == []

@@ -31,10 +31,11 @@ class Claims(StoreBase):
     def claim(self, uuid: str, host: str, vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios) -> bool:
         """Reserve resources for an instance on a host within its allocation ratios, atomically.
 
-        One conditional UPDATE adds the usage only if it still fits, so two
-        engines can never overcommit a host; the claim row is written in the
-        same transaction. A host whose resources are not tracked always fits.
-        Returns False (nothing written) when it does not fit.
+        One conditional UPDATE adds the usage only if it still fits (and the
+        host is not fenced), so two engines can never overcommit a host; the
+        claim row is written in the same transaction. A host whose resources
+        are not tracked always fits. Returns False (nothing written) when it
+        does not fit or is fenced.
         """
         params = _params((vcpus, memory_mb, disk_gb), ratios) | {"x_host": host}
         with self.engine.begin() as conn:
@@ -124,8 +125,13 @@ def _want(resource: str) -> sa.BindParameter[int]:
 
 
 def _fits(hosts: sa.FromClause) -> list[sa.ColumnElement[bool]]:
-    """Each resource still fits: untracked (total NULL), or used + wanted within total x ratio."""
-    return [
+    """Return the claim's conditions: not fenced, and each resource untracked (total NULL) or within total x ratio.
+
+    The fence is checked here too, on the row as the claim finds it: an
+    operator fencing a host between a decision's read and its claim (or while
+    a claim waits for the row) keeps the host from being used.
+    """
+    return [hosts.c.fenced_at.is_(None)] + [
         sa.or_(
             hosts.c[r].is_(None),
             hosts.c[f"{r}_used"] + _want(r) <= hosts.c[r] * sa.bindparam(f"x_ratio_{r}", type_=sa.Float),
@@ -169,7 +175,13 @@ def _claim_first(count: int, *, skip_locked: bool) -> sa.Executable:
 @functools.lru_cache(maxsize=16)
 def _lock_in_name_order(count: int) -> sa.Select[tuple[str]]:
     """SELECT ... FOR NO KEY UPDATE of ``count`` hosts (given sorted), locked one after the other in name order."""
-    return sa.select(_H.c.name).where(_candidates(_H.c.name, count)).order_by(_H.c.name).with_for_update(key_share=True)
+    # Byte order ("C"), whatever the database's collation: the order Python's sorted() gives release_claims.
+    return (
+        sa.select(_H.c.name)
+        .where(_candidates(_H.c.name, count))
+        .order_by(_H.c.name.collate("C"))
+        .with_for_update(key_share=True)
+    )
 
 
 @functools.lru_cache(maxsize=4)

@@ -110,9 +110,14 @@ class Hosts(Instances, Moves):
         self.get_host(name)
         live = [i for i in self.list_instances(name) if i.vm_state is not VmState.DELETED]
         moving = [m.instance_uuid for m in self.migrations_touching(name)]
-        if (live or moving) and not force:
-            raise HostInUse(name, {i.uuid for i in live} | set(moving))
+        # A claim without the instance's host set yet: a build between its claim and its first step there.
+        query = sa.select(_I.c.uuid, _I.c.task_id).join(_CL, _CL.c.instance_uuid == _I.c.uuid).where(_CL.c.host == name)
+        with self._read() as conn:
+            claimed = {uuid: task for uuid, task in conn.execute(query).all()}
+        if (live or moving or claimed) and not force:
+            raise HostInUse(name, {i.uuid for i in live} | set(moving) | set(claimed))
         busy = [i.uuid for i in live if i.task_id is not None] + moving
+        busy += [uuid for uuid, task in claimed.items() if task is not None and uuid not in busy]
         if busy:
             raise HostInUse(name, busy)
         with self.engine.begin() as conn:
