@@ -65,6 +65,14 @@ class Parts(NamedTuple):
 
 def write(conn: sa.Connection, parts: Parts) -> tuple[int, int]:
     """Send the write as one statement; return (instance rows written, task rows updated at the epoch)."""
+    if parts.expected is None or parts.new_task is not None or parts.audit is not None:
+        # Inserted columns left NULL need no parameter (psycopg caches the conversion of a query with at
+        # most 50): a create's statement drops from about 60 to under 50.
+        parts = parts._replace(
+            instance=parts.instance if parts.expected is not None else _set(INSTANCES, parts.instance),
+            new_task=None if parts.new_task is None else _set(TASKS, parts.new_task),
+            audit=None if parts.audit is None else _set(AUDITS, parts.audit),
+        )
     sql = _sql(
         tuple(parts.instance),
         parts.expected is not None,
@@ -87,6 +95,11 @@ def write(conn: sa.Connection, parts: Parts) -> tuple[int, int]:
         params.update({f"a_{k}": v for k, v in parts.audit.items()})
     written, task = conn.exec_driver_sql(sql, params).one()
     return int(written), int(task)
+
+
+def _set(table: sa.Table, values: dict[str, Any]) -> dict[str, Any]:
+    """Return the values of an inserted row that are not NULL (or whose column has a server default to override)."""
+    return {k: v for k, v in values.items() if v is not None or table.c[k].server_default is not None}
 
 
 def _param(table: sa.Table, column: str, prefix: str) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "STEPS",
     "TASKS",
     "host_from",
+    "hosts_from",
     "image_from",
     "instance_from",
     "instance_values",
@@ -174,13 +175,26 @@ def migration_from(r: sa.RowMapping) -> Migration:
 
 def host_from(r: sa.RowMapping) -> Host:
     """Return the host a host row holds."""
-    values = dict(r)
+    return _host(dict(r))
+
+
+def hosts_from(result: sa.Result[Any]) -> list[Host]:
+    """Return the hosts of a query's rows (plain tuples zipped with the column names: a scheduler reads many)."""
+    keys = list(result.keys())
+    return [_host(dict(zip(keys, row, strict=True))) for row in result]
+
+
+def _host(values: dict[str, Any]) -> Host:
     values["created_at"] = stamp(values["created_at"])
     values["last_heartbeat"] = aware(values["last_heartbeat"])
     values["fenced_at"] = aware(values["fenced_at"])
-    values["capabilities"] = json.loads(values["capabilities"])
-    values["metrics"] = json.loads(values["metrics"])
+    values["capabilities"] = _json_object(values["capabilities"])
+    values["metrics"] = _json_object(values["metrics"])
     return Host(**values)
+
+
+def _json_object(text: str) -> Any:
+    return {} if text == "{}" else json.loads(text)  # most hosts have no capabilities or metrics
 
 
 def image_from(r: sa.RowMapping) -> Image:

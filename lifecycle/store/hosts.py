@@ -16,7 +16,7 @@ from lifecycle.records import Cause, Host, Instance
 from lifecycle.scheduler import Prefilter
 from lifecycle.states import PowerState, VmState
 from lifecycle.store._cas import audit, cas
-from lifecycle.store._rows import CLAIMS, CONSOLE_TOKENS, HOSTS, INSTANCES, host_from
+from lifecycle.store._rows import CLAIMS, CONSOLE_TOKENS, HOSTS, INSTANCES, host_from, hosts_from
 from lifecycle.store.db import now
 from lifecycle.store.instances import Instances
 from lifecycle.store.moves import Moves
@@ -24,6 +24,7 @@ from lifecycle.store.moves import Moves
 __all__ = ["Hosts"]
 
 _H, _I, _CL, _C = HOSTS, INSTANCES, CLAIMS, CONSOLE_TOKENS
+_ALL_HOSTS = sa.select(_H).order_by(_H.c.name)
 
 
 class Hosts(Instances, Moves):
@@ -55,8 +56,7 @@ class Hosts(Instances, Moves):
     def list_hosts(self) -> list[Host]:
         """Return every host, by name (one query: the scheduler's input)."""
         with self._read() as conn:
-            rows = conn.execute(sa.select(_H).order_by(_H.c.name)).mappings().all()
-        return [host_from(r) for r in rows]
+            return hosts_from(conn.execute(_ALL_HOSTS))
 
     def ranked_hosts(self, pre: Prefilter, up_since: datetime, offset: int, limit: int) -> list[Host]:
         """Return one page of the hosts ``pre`` admits, best first for the RAM weigher (see :class:`Prefilter`).
@@ -80,8 +80,7 @@ class Hosts(Instances, Moves):
         if pre.availability_zone is not None:
             params["x_zone"] = pre.availability_zone
         with self._read() as conn:
-            rows = conn.execute(query, params).mappings().all()
-        return [host_from(r) for r in rows]
+            return hosts_from(conn.execute(query, params))
 
     def update_host(self, name: str, **values: Any) -> Host:
         """Change a host's settable fields (enabled, metrics, last_heartbeat...)."""
