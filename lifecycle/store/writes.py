@@ -4,7 +4,9 @@ Every state write is one transaction holding a conditional UPDATE of the
 instance on its expected (version, vm_state, task_state, task_id), the task and
 step-log statements that go with it, and one audit row when any of the three
 states changed. An UPDATE that matches no row raises: :class:`Preempted` when
-the writer's own task was taken over, :class:`Conflict` otherwise.
+the writer's own task was taken over, :class:`Conflict` otherwise. On
+PostgreSQL a task's create, begin, advance and finish send that transaction's
+statements as one (:mod:`lifecycle.store._pg`); SQLite sends them one by one.
 """
 
 from __future__ import annotations
