@@ -337,8 +337,10 @@ class TaskRun:
             power=power,
             before_power=None if self.changed else self.before_power,
         )
-        message = f"{type(exc).__name__}: {exc}"
-        trace = "".join(traceback.format_exception(exc))
+        # A NUL byte (in a hypervisor's message) is shown escaped: PostgreSQL text cannot hold one, and a
+        # refused failure write would leave the task running until recovery.
+        message = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
+        trace = "".join(traceback.format_exception(exc)).replace("\x00", "\\x00")
         self.instance = self.store.finish(
             self.instance,
             self.task,

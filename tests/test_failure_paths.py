@@ -629,3 +629,16 @@ def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(
     assert engine.store.claims_of(failed.uuid) == ["h1"] and engine.host("h1").vcpus_used == 1
     assert engine.remove_host("h1", force=True) == []
     assert engine.store.claims_of(failed.uuid) == []
+
+
+def test_a_driver_error_holding_a_nul_byte_still_ends_the_task(engine: Engine, fakes: Fakes) -> None:
+    """The failure write shows a NUL byte escaped (PostgreSQL text refuses one): the task ends failed, not running."""
+    from lifecycle.errors import DriverError
+
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    fakes["h1"].fail_next("power_off", DriverError("bad\x00byte", call="power_off"))
+    with pytest.raises(TaskFailed, match=r"bad\\x00byte"):
+        engine.stop(uuid)
+    task = engine.store.tasks_of(uuid)[-1]
+    assert task.outcome is Outcome.FAILED and task.error is not None and "bad\\x00byte" in task.error
+    assert engine.get(uuid).vm_state is V.ACTIVE and engine.get(uuid).task_id is None
