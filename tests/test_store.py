@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
+import sqlalchemy as sa
 
-from lifecycle import Conflict, Engine, PowerState, TaskState
+from lifecycle import Conflict, Engine, Flavor, PowerState, TaskState, upgrade
 from lifecycle.audit import Why
 from lifecycle.records import Cause
+from lifecycle.store import db
+from tests.images import fake_image
 
 
 def test_stale_version_raises_conflict_with_expected_and_actual(
@@ -68,151 +72,109 @@ def test_one_running_task_per_instance_is_enforced_by_the_database(
     engine.force_delete(uuid)
 
 
-def _terminate_backends(url: str) -> int:
-    """Kill every other server connection to the database of ``url`` (a server restart, as the pool sees it)."""
-    import sqlalchemy as sa
+@pytest.fixture
+def pg_vm(pg_url: str) -> Iterator[tuple[Engine, str]]:
+    """An engine on a migrated PostgreSQL database with host h1, image cirros and one instance built there."""
+    upgrade(pg_url)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", "fake://")
+        engine.add_image("cirros", fake_image())
+        yield engine, engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
 
+
+def _terminate_backends(url: str) -> int:
+    """End every other server connection to the database of ``url`` (a restart, as the pool sees it); wait until gone."""
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     try:
         with admin.connect() as conn:
-            return len(
-                conn.exec_driver_sql(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                ).all()
-            )
+            ended = len(conn.exec_driver_sql(f"SELECT pg_terminate_backend(pid) {others}").all())
+            deadline = time.monotonic() + 10
+            # A backend sends its goodbye to the client before it exits: once none is left, every socket has it.
+            while conn.exec_driver_sql(f"SELECT count(*) {others}").scalar_one() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return ended
     finally:
         admin.dispose()
 
 
 @pytest.mark.postgres
 def test_a_pooled_connection_idle_past_the_ping_time_is_checked_and_replaced(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_vm: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Connections the server dropped while idle are pinged at checkout and replaced: the next operation works."""
-    from lifecycle import upgrade
-    from lifecycle.store import db
-
-    upgrade(pg_url)
-    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.05)
-    with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        assert _terminate_backends(pg_url) >= 1
-        import time
-
-        time.sleep(0.1)
-        engine.add_host("h2", "fake://")
-        assert [h.name for h in engine.store.list_hosts()] == ["h1", "h2"]
+    engine, _uuid = pg_vm
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # every pooled connection counts as idle
+    monkeypatch.setattr(db, "_readable", lambda _conn: False)  # only the idle time decides
+    assert _terminate_backends(engine.store.url) >= 1
+    assert [h.name for h in engine.store.list_hosts()] == ["h1"]
+    engine.add_host("h2", "fake://")
 
 
 @pytest.mark.postgres
 def test_a_pooled_connection_idle_past_the_ping_time_and_alive_serves_reads_and_writes(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_vm: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A successful ping leaves no transaction open: the reads (autocommit) and writes after it work."""
-    import time
-
-    from lifecycle import upgrade
-    from lifecycle.store import db
-
-    upgrade(pg_url)
-    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.05)
-    with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        for name in ("h2", "h3"):
-            time.sleep(0.1)
-            assert [h.name for h in engine.store.list_hosts()][-1] == ("h1" if name == "h2" else "h2")
-            time.sleep(0.1)
-            engine.add_host(name, "fake://")
+    engine, uuid = pg_vm
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # every checkout pings
+    for name in ("h2", "h3"):
+        assert engine.store.list_hosts()[-1].name < name
+        engine.add_host(name, "fake://")
+    assert engine.stop(uuid).outcome.value == "succeeded" and engine.get(uuid).vm_state.value == "stopped"
 
 
 @pytest.mark.postgres
 def test_a_connection_the_server_ended_a_moment_after_its_use_is_replaced_without_a_failure(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_vm: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Within the ping time, a connection whose socket holds the server's goodbye is pinged and replaced: no error."""
-    from lifecycle import upgrade
-    from lifecycle.store import db
-
-    upgrade(pg_url)
+    engine, _uuid = pg_vm
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
-    with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        assert _terminate_backends(pg_url) >= 1
-        import time
-
-        time.sleep(0.05)  # the server's termination message reaches the client's socket
-        assert [h.name for h in engine.store.list_hosts()] == ["h1"]
-        engine.add_host("h2", "fake://")
+    assert _terminate_backends(engine.store.url) >= 1
+    assert [h.name for h in engine.store.list_hosts()] == ["h1"]
+    engine.add_host("h2", "fake://")
 
 
 @pytest.mark.postgres
 def test_a_write_whose_connection_died_under_a_statement_is_run_again_once(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_vm: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write that lost its connection before COMMIT (nothing committed) is retried on a fresh one and succeeds."""
-    import sqlalchemy as sa
-
-    from lifecycle import Flavor, upgrade
-    from lifecycle.store import db
-    from tests.images import fake_image
-
-    upgrade(pg_url)
-    with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        engine.add_image("cirros", fake_image())
-        uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
-        monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
-        monkeypatch.setattr(db, "_readable", lambda _conn: False)  # no check at checkout: the statement finds it dead
-        assert _terminate_backends(pg_url) >= 1
-        with pytest.raises(sa.exc.OperationalError):
-            engine.get(uuid)  # a read is not retried: it fails once with the database's own error
-        before = engine.get(uuid)  # the pool's dead connections are gone: this one is fresh
-        assert _terminate_backends(pg_url) >= 1
-        after = engine.store.set_power(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))
-        assert engine.get(uuid) == after and after.power_state is PowerState.SHUTDOWN
-        assert [e.to_power_state for e in engine.history(uuid)][-2:] == [PowerState.RUNNING, PowerState.SHUTDOWN]
+    engine, uuid = pg_vm
+    monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
+    monkeypatch.setattr(db, "_readable", lambda _conn: False)  # no check at checkout: the statement finds it dead
+    assert _terminate_backends(engine.store.url) >= 1
+    with pytest.raises(sa.exc.OperationalError):
+        engine.get(uuid)  # a read is not retried: it fails once with the database's own error
+    before = engine.get(uuid)  # the pool's dead connections are gone: this one is fresh
+    assert _terminate_backends(engine.store.url) >= 1
+    after = engine.store.set_power(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))
+    assert engine.get(uuid) == after and after.power_state is PowerState.SHUTDOWN
+    assert [e.to_power_state for e in engine.history(uuid)][-2:] == [PowerState.RUNNING, PowerState.SHUTDOWN]
 
 
 @pytest.mark.postgres
-def test_on_postgresql_each_state_write_of_a_task_is_one_statement(pg_url: str) -> None:
+def test_on_postgresql_each_state_write_of_a_task_is_one_statement(pg_vm: tuple[Engine, str]) -> None:
     """A stop on PostgreSQL sends three statements: the read, then its start and its end, each one round trip."""
-    import sqlalchemy as sa
-
-    from lifecycle import Flavor, upgrade
-    from tests.images import fake_image
-
-    upgrade(pg_url)
-    with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        engine.add_image("cirros", fake_image())
-        uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
-        sent: list[str] = []
-        sa.event.listen(engine.store.engine, "before_cursor_execute", lambda *a: sent.append(a[2].split()[0]))
-        engine.stop(uuid)
-        assert sent == ["SELECT", "WITH", "WITH"]
-        assert [(e.to_vm_state, e.to_task_state) for e in engine.history(uuid)][-2:] == [
-            ("active", "powering-off"),
-            ("stopped", None),
-        ]
-        assert [s.result for s in engine.store.steps(engine.store.tasks_of(uuid)[-1].id)] == ["ok"]
+    engine, uuid = pg_vm
+    sent: list[str] = []
+    sa.event.listen(engine.store.engine, "before_cursor_execute", lambda *a: sent.append(a[2].split()[0]))
+    engine.stop(uuid)
+    assert sent == ["SELECT", "WITH", "WITH"]
+    assert [(e.to_vm_state, e.to_task_state) for e in engine.history(uuid)][-2:] == [
+        ("active", "powering-off"),
+        ("stopped", None),
+    ]
+    assert [s.result for s in engine.store.steps(engine.store.tasks_of(uuid)[-1].id)] == ["ok"]
 
 
 @pytest.mark.postgres
-def test_a_one_statement_write_refuses_a_value_too_long_instead_of_cutting_it(pg_url: str) -> None:
+def test_a_one_statement_write_refuses_a_value_too_long_instead_of_cutting_it(pg_vm: tuple[Engine, str]) -> None:
     """Casts in the one-statement writes carry no length: a value over a column's length fails, nothing is written."""
-    import sqlalchemy as sa
-
-    from lifecycle import Flavor, upgrade
-    from tests.images import fake_image
-
-    upgrade(pg_url)
-    with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        engine.add_image("cirros", fake_image())
-        uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
-        before, history = engine.get(uuid), engine.history(uuid)
-        task = engine.runner.new_task(uuid, "stop", {}, "r" * 65, None, "test", Cause.API)
-        with pytest.raises(sa.exc.DataError, match="too long"):
-            engine.store.begin(before, task, TaskState.POWERING_OFF, Why(actor="test", cause=Cause.API), None)
-        assert engine.get(uuid) == before and engine.history(uuid) == history
+    engine, uuid = pg_vm
+    before, history = engine.get(uuid), engine.history(uuid)
+    task = engine.runner.new_task(uuid, "stop", {}, "r" * 65, None, "test", Cause.API)
+    with pytest.raises(sa.exc.DataError, match="too long"):
+        engine.store.begin(before, task, TaskState.POWERING_OFF, Why(actor="test", cause=Cause.API), None)
+    assert engine.get(uuid) == before and engine.history(uuid) == history

@@ -12,7 +12,7 @@ statements as one (:mod:`lifecycle.store._pg`); SQLite sends them one by one.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -88,7 +88,7 @@ class Writes(StoreBase):
                 if self.one_statement and preempt is None:
                     parts = _pg.Parts(
                         changed(expected, after),
-                        {"uuid": expected.uuid, **expect(expected)},
+                        _expected(expected),
                         task_id=task.id,
                         new_task=task_values(task),
                         open=_opened(1, task_state.value),
@@ -135,17 +135,9 @@ class Writes(StoreBase):
         result = "retried" if retried else "ok"
         with self.engine.begin() as conn:
             if self.one_statement:
-                parts = _pg.Parts(
-                    changed(expected, after),
-                    {"uuid": expected.uuid, **expect(expected)},
-                    task_id=task.id,
-                    task_epoch=task.epoch,
-                    task_set={"lease_expires_at": at + self.lease},
-                    close={"finished_at": at, "result": result, "detail": why.message},
-                    open=_opened(seq, task_state.value),
-                    audit=audit_values(expected, after, why),
-                )
-                _written_by(conn, _pg.write(conn, parts), expected, task)
+                closed = {"finished_at": at, "result": result, "detail": why.message}
+                set_task = {"lease_expires_at": at + self.lease}
+                _worker_write(conn, expected, after, task, why, set_task, closed, _opened(seq, task_state.value))
                 return after
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, result, why.message)
@@ -184,16 +176,8 @@ class Writes(StoreBase):
         ended = {"outcome": outcome.value, "finished_at": at, "error": error, "traceback": traceback}
         with self.engine.begin() as conn:
             if self.one_statement:
-                parts = _pg.Parts(
-                    changed(expected, after),
-                    {"uuid": expected.uuid, **expect(expected)},
-                    task_id=task.id,
-                    task_epoch=task.epoch,
-                    task_set={**ended, "lease_expires_at": at},
-                    close={"finished_at": at, "result": step_result, "detail": error},
-                    audit=audit_values(expected, after, why),
-                )
-                _written_by(conn, _pg.write(conn, parts), expected, task)
+                closed = {"finished_at": at, "result": step_result, "detail": error}
+                _worker_write(conn, expected, after, task, why, {**ended, "lease_expires_at": at}, closed, None)
                 return after
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, step_result, error)
@@ -292,14 +276,41 @@ def _opened(seq: int, name: str) -> dict[str, Any]:
     return {"seq": seq, "name": name, "started_at": now()}
 
 
-def _written_by(conn: sa.Connection, counts: tuple[int, int], expected: Instance, task: Task) -> None:
-    """Raise as the statement-by-statement write would: the instance lost, or the task row at another epoch."""
-    written, at_epoch = counts
+def _expected(instance: Instance) -> dict[str, Any]:
+    return {"uuid": instance.uuid, **expect(instance)}
+
+
+def _worker_write(
+    conn: sa.Connection,
+    expected: Instance,
+    after: Instance,
+    task: Task,
+    why: Why,
+    task_set: dict[str, Any],
+    closed: dict[str, Any],
+    opened: dict[str, Any] | None,
+) -> None:
+    """Write a worker's step or end as one statement; raise as the statement-by-statement write would.
+
+    The instance lost raises as :func:`lifecycle.store._cas.lost` says; the
+    task row found at another epoch raises :class:`Fenced` (the transaction
+    rolls back).
+    """
+    parts = _pg.Parts(
+        changed(expected, after),
+        _expected(expected),
+        task_id=task.id,
+        task_epoch=task.epoch,
+        task_set=task_set,
+        close=closed,
+        open=opened,
+        audit=audit_values(expected, after, why),
+    )
+    written, at_epoch = _pg.write(conn, parts)
     if written != 1:
         lost(conn, expected, task)
     if at_epoch != 1:
-        current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
-        raise Fenced(task.id, task.instance_uuid, task.epoch, current)
+        _fenced(conn, task)
 
 
 def _still_ours(conn: sa.Connection, task: Task, **values: Any) -> None:
@@ -310,5 +321,10 @@ def _still_ours(conn: sa.Connection, task: Task, **values: Any) -> None:
     """
     done = conn.execute(TASK_AT_EPOCH, {**values, "x_id": task.id, "x_epoch": task.epoch}).rowcount
     if done != 1:
-        current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
-        raise Fenced(task.id, task.instance_uuid, task.epoch, current)
+        _fenced(conn, task)
+
+
+def _fenced(conn: sa.Connection, task: Task) -> NoReturn:
+    """Raise :class:`Fenced`: the worker's task row is at another epoch than the one it holds."""
+    current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
+    raise Fenced(task.id, task.instance_uuid, task.epoch, current)
