@@ -7,6 +7,10 @@ operation forward or roll it back; every task_state has a defined answer,
 where Nova's ``init_host`` leaves about fifteen task_states stuck until an
 operator resets them by hand.
 
+A task is taken over with a compare-and-swap on the epoch recovery read it
+at (:meth:`lifecycle.store.Store.take_over`): of two recoveries that read it
+at once, even under one owner name with ``force``, only one runs it.
+
 Resuming is safe because every driver call is repeat-safe by contract, the
 walk skips the task_states already written, and the one destructive call
 that must not run twice (rebuild's new disk) leaves a durable "done" step
@@ -98,12 +102,15 @@ def recover_tasks(runner: Runner, *, force: bool = False) -> list[Recovered]:
     """Take over and finish every recoverable task; return what became of each."""
     results = []
     store = runner.store
-    for task in store.recoverable_tasks(runner.owner, force=force):
-        if task.id in runner.active or not store.take_over(task.id, runner.owner, force=force):
-            continue  # this engine is running it right now, or another engine got it first
+    for read in store.recoverable_tasks(runner.owner, force=force):
+        if read.id in runner.active:
+            continue  # this engine's own worker is running it right now
+        task = store.take_over(read, runner.owner, force=force)  # a compare-and-swap on the epoch read
+        if task is None:
+            continue  # another recovery took it first (or it ended) since it was read
         with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):
             try:
-                result = _recover(runner, store.get_task(task.id))
+                result = _recover(runner, task)
             except Exception as exc:  # one task that cannot be recovered must not keep the others stuck
                 log.exception("task_recovery_failed", operation=task.operation)
                 result = Recovered(

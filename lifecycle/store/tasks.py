@@ -81,24 +81,33 @@ class Tasks(StoreBase):
         with self._read() as conn:
             return [task_from(r) for r in conn.execute(query).mappings()]
 
-    def take_over(self, task_id: str, owner: str, *, force: bool = False) -> bool:
-        """Make ``owner`` the owner of a running task whose lease expired, bumping its epoch; False if lost.
+    def take_over(self, task: Task, owner: str, *, force: bool = False) -> Task | None:
+        """Make ``owner`` the owner of ``task`` as read, bumping its epoch; return it taken over, or None if lost.
 
-        With ``force``, a live lease held under ``owner``'s own name is taken
-        too. The epoch fences the old worker: it stops before its next
-        driver call (:meth:`fence`) and its writes fail.
+        A compare-and-swap on the epoch ``task`` was read at: the task must
+        still be running at that epoch, with an expired lease (with ``force``,
+        a live lease held under ``owner``'s own name is taken too). Of two
+        recoveries that read the same epoch, even under one owner name, one
+        wins and the other gets None; a read made stale by any takeover since
+        takes nothing. The new epoch fences the old worker: it stops before
+        its next driver call (:meth:`fence`) and its writes fail.
         """
         at = now()
         live_ok = (_T.c.owner == owner) if force else sa.false()
         query = (
             sa.update(_T)
             .where(
-                _T.c.id == task_id, _T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < at, live_ok)
+                _T.c.id == task.id,
+                _T.c.epoch == task.epoch,
+                _T.c.outcome == Outcome.RUNNING.value,
+                sa.or_(_T.c.lease_expires_at < at, live_ok),
             )
             .values(owner=owner, lease_expires_at=at + self.lease, epoch=_T.c.epoch + 1)
+            .returning(*_T.c)
         )
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            row = conn.execute(query).mappings().first()
+        return None if row is None else task_from(row)
 
     def fence(self, task: Task) -> None:
         """Raise unless ``task`` is still running at its epoch: called before each driver call of a worker.
