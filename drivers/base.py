@@ -22,6 +22,7 @@ from pathlib import Path
 from lifecycle.states import PowerState
 
 __all__ = [
+    "Attempt",
     "Console",
     "DiskRead",
     "DiskSegments",
@@ -29,11 +30,15 @@ __all__ = [
     "DomainSpec",
     "Driver",
     "EventListener",
+    "HostObject",
     "LifecycleEvent",
     "Listing",
     "Progress",
     "RebootType",
+    "Stamp",
     "Transition",
+    "volume_name",
+    "volume_tag",
 ]
 
 DiskSegments = Iterator[bytes | int]
@@ -56,6 +61,69 @@ DiskSource = Callable[[], AbstractContextManager[DiskRead]]
 """Opens the source disk of a move (on the source host's connection) when the destination needs it."""
 
 
+def _always() -> None:
+    """Hold always: the check of a call made outside any task (tests, tools), which nothing can fence."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The attempt of a task a driver call acts for: stamped on what it makes, checked before what it destroys.
+
+    One task may run in several attempts: each takeover by recovery bumps the
+    task's ``epoch``. Objects an attempt makes on a hypervisor name it (a
+    domain in its metadata, a volume in its name), so no worker ever deletes,
+    overwrites, adopts or starts what another attempt made.
+    """
+
+    task_id: str
+    epoch: int
+    migration_id: str | None = None
+    holds: Callable[[], None] = field(default=_always, compare=False, repr=False)
+    """Raises (``Fenced``, ``Preempted``) once this attempt's epoch no longer holds; drivers call it right before
+    each destructive step (delete, undefine, overwrite, start) of a long call."""
+
+    @property
+    def task_tag(self) -> str:
+        """The short form of the task id that volume names carry (its first 12 hex digits)."""
+        return self.task_id.replace("-", "")[:12]
+
+    @property
+    def tag(self) -> str:
+        """What a volume made by this attempt carries in its name: ``<task tag>-<epoch>``."""
+        return f"{self.task_tag}-{self.epoch}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What a domain's metadata says of the attempt that made it (or last took it over)."""
+
+    task_id: str | None
+    """None for a domain from before stamps (or made outside the engine): it belongs to no attempt."""
+    epoch: int = 0
+    migration_id: str | None = None
+
+    def of_task(self, attempt: Attempt | None) -> bool:
+        """Whether this stamp names ``attempt``'s task (any of its epochs)."""
+        return attempt is not None and self.task_id == attempt.task_id
+
+    def newer_than(self, attempt: Attempt | None) -> bool:
+        """Whether a later attempt of the same task took this object: the caller's epoch no longer holds."""
+        return self.of_task(attempt) and attempt is not None and self.epoch > attempt.epoch
+
+
+def volume_name(uuid: str, attempt: Attempt | None) -> str:
+    """Return the name of the root volume ``attempt`` makes for ``uuid`` (the bare uuid without an attempt)."""
+    return uuid if attempt is None else f"{uuid}.{attempt.tag}"
+
+
+def volume_tag(uuid: str, name: str) -> str | None:
+    """Return the attempt tag in a root volume's name of ``uuid`` (None: a bare-uuid volume, from before tags)."""
+    prefix = uuid + "."
+    if not name.startswith(prefix) or name.endswith(".rescue"):
+        return None
+    return name[len(prefix) :]
+
+
 @dataclass(frozen=True, slots=True)
 class DomainSpec:
     """Everything a driver needs to define a domain for an instance."""
@@ -67,6 +135,36 @@ class DomainSpec:
     root_gb: int
     image_path: str
     image_format: str
+    disk: str | None = None
+    """The root volume the database records as the instance's current disk on the host called (None: the
+    bare-uuid name of volumes made before attempts were named, or no disk yet)."""
+    attempt: Attempt | None = None
+    """The task attempt the call acts for (None outside a task: it then owns nothing it did not make)."""
+
+    @property
+    def root(self) -> str:
+        """The name of the current root volume on the host called."""
+        return self.disk or self.uuid
+
+
+@dataclass(frozen=True, slots=True)
+class HostObject:
+    """A domain or a root volume of one instance on a host, with the attempt it names."""
+
+    kind: str
+    """``domain`` or ``volume``."""
+    name: str
+    task_tag: str | None
+    """The short task id of the attempt that made (or last took) it; None when it names none (made before tags)."""
+    epoch: int | None = None
+    running: bool = False
+    """For a domain: whether it is active now."""
+    volumes: tuple[str, ...] = ()
+    """For a domain: the names of the volumes it uses."""
+
+    def of_task(self, attempt: Attempt | None) -> bool:
+        """Whether ``attempt``'s task made this (any of its epochs)."""
+        return attempt is not None and self.task_tag == attempt.task_tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,20 +221,45 @@ class Driver(abc.ABC):
     """False where the hypervisor never assigns VNC ports (libvirt's test driver)."""
 
     @abc.abstractmethod
-    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
-        """Create the disk and define the domain, and start it if ``power_on``.
+    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> str:
+        """Create the root volume and define the domain, both naming ``spec.attempt``; start it if ``power_on``.
 
         After: the domain exists with ``spec``'s size, running when ``power_on``
-        else shut down. Repeat: safe; an existing domain for the uuid is left
-        as it is and started if ``power_on``. Errors: DriverError.
+        else shut down. Returns the root volume's name (what the instance
+        records as its disk). Repeat: safe; a domain an earlier epoch of the
+        same task made is taken over (stamped anew) and started if
+        ``power_on``. A domain of any other attempt is never adopted nor
+        started: :class:`~lifecycle.errors.StaleObject` (callers clear
+        leftovers first, see :meth:`objects`); one a later epoch of the task
+        took: ``Fenced``. Errors: DriverError.
         """
 
     @abc.abstractmethod
-    def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
-        """Stop the domain at once, undefine it and (by default) delete its disk.
+    def destroy(self, uuid: str, *, destroy_disks: bool = True, attempt: Attempt | None = None) -> None:
+        """Stop the domain at once, undefine it and (by default) delete the instance's volumes here.
 
-        After: no domain for ``uuid``; no disk either when ``destroy_disks``.
-        Repeat: safe; a missing or already-off domain is success.
+        Without ``attempt``, everything of ``uuid`` on this host goes (what a
+        delete, the owner of the instance's fate, wants). With it, only what
+        that attempt's task made: a worker cleaning up after itself never
+        touches another attempt's domain or disk. After: no such domain, nor
+        volume when ``destroy_disks``. Repeat: safe; a missing or already-off
+        domain is success, as is one a racing destroy removes meanwhile.
+        """
+
+    @abc.abstractmethod
+    def objects(self, uuid: str) -> list[HostObject]:
+        """Return every domain and root volume of ``uuid`` on this host, with the attempt each names.
+
+        Repeat: safe, no side effect.
+        """
+
+    @abc.abstractmethod
+    def remove(self, uuid: str, objects: list[HostObject]) -> list[str]:
+        """Destroy exactly ``objects`` as :meth:`objects` listed them: domains stopped and undefined, volumes deleted.
+
+        A domain stamped anew since it was listed, or a volume a domain now
+        uses, is left alone (someone took it meanwhile). Returns the names
+        removed. Repeat: safe.
         """
 
     @abc.abstractmethod
@@ -161,8 +284,12 @@ class Driver(abc.ABC):
     def reboot(self, spec: DomainSpec, kind: RebootType) -> None:
         """Reboot the guest: soft through the guest (running guests only), hard by reset.
 
-        After: running. Repeat: safe (it reboots again).
-        Errors: DomainNotFound; DriverError when a soft reboot finds the guest off.
+        A hard reboot defines the domain anew from ``spec`` on its disk
+        (``spec.root``), so a domain lost while its disk survived comes back
+        (as Nova regenerates the XML on a hard reboot). After: running.
+        Repeat: safe (it reboots again). Errors: DomainNotFound (no domain
+        for a soft reboot; no disk for a hard one); DriverError when a soft
+        reboot finds the guest off.
         """
 
     @abc.abstractmethod
@@ -212,40 +339,57 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
-        """Source side of a move: power off (clean, then hard), undefine, keep the disk.
+    def migrate_disk_and_power_off(
+        self,
+        uuid: str,
+        *,
+        timeout: float,
+        retry_interval: float,
+        disk: str | None = None,
+        attempt: Attempt | None = None,
+    ) -> str:
+        """Source side of a move: power off (clean, then hard), undefine, keep the disk ``disk``.
 
-        After: no domain for ``uuid`` here; its disk kept, unchanged, until
-        confirm or revert. Returns a name of the kept disk (for the record and
-        for operators). Repeat: safe (returns the same name).
-        Errors: DomainNotFound when there is neither a domain nor a kept disk.
+        ``disk`` is the root volume the instance records here (None: the bare
+        uuid). The epoch is checked (``attempt.holds``) right before the hard
+        stop and the undefine, and a domain a later epoch of the task took is
+        never touched (``Fenced``). After: no domain for ``uuid`` here; its
+        disk kept, unchanged, until confirm or revert. Returns the kept
+        volume's name (for the record and for operators). Repeat: safe
+        (returns the same name). Errors: DomainNotFound when there is neither
+        a domain nor the kept disk.
         """
 
     @abc.abstractmethod
-    def read_disk(self, uuid: str) -> AbstractContextManager[DiskRead]:
-        """Open the kept disk of a move for reading, as sparse segments; closing it ends the read.
+    def read_disk(self, uuid: str, disk: str | None = None) -> AbstractContextManager[DiskRead]:
+        """Open the kept root volume ``disk`` (None: the bare uuid) for reading, as sparse segments.
 
-        Repeat: safe, no side effect. Errors: DomainNotFound when no disk is kept.
+        Closing it ends the read. Repeat: safe, no side effect.
+        Errors: DomainNotFound when no such volume is here.
         """
 
     @abc.abstractmethod
     def finish_migration(
         self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
-    ) -> None:
+    ) -> str:
         """Destination side: copy the disk from ``source``, check it arrived intact, grow it, define, start.
 
         The image ``spec`` names is ensured in this host's cache first (the
         disk is backed by it). ``progress`` hears the bytes copied; an error
         it raises stops the copy. A copy that fails or arrives different from
         what was sent leaves nothing here. ``spec`` carries the new flavor;
-        the disk grows to ``spec.root_gb`` when that is larger. After: the
-        domain exists, running if ``power_on``. Repeat: safe (an existing
-        domain is left as it is; a partial copy is started again).
+        the disk grows to ``spec.root_gb`` when that is larger. The copy goes
+        into a volume named after ``spec.attempt`` (a stalled earlier attempt
+        cleaning up its own partial copy never touches it), and the epoch is
+        checked right before the define and the start. After: the domain
+        exists, running if ``power_on``. Returns the root volume's name.
+        Repeat: safe (a domain of an earlier epoch of the task is taken over;
+        one of another attempt is never adopted: StaleObject).
         """
 
     @abc.abstractmethod
     def snapshot(self, spec: DomainSpec, target: Path) -> None:
-        """Write the instance's root disk to ``target``, a file on the engine's machine, as an image of its own.
+        """Write the instance's root disk (``spec.root``) to ``target``, a file on the engine's machine, as an image.
 
         The disk is read over this host's connection (the guest should be
         powered off: a running guest's disk is not consistent), made whole on
@@ -259,28 +403,30 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def spawn_from_snapshot(
         self, spec: DomainSpec, snapshot: Path, *, power_on: bool = True, progress: Progress | None = None
-    ) -> None:
+    ) -> str:
         """Spawn with a root disk holding ``snapshot``'s content (a :meth:`snapshot`), backed by ``spec``'s image.
 
         The disk is made on the engine's side as the difference between the
         snapshot and ``spec``'s image, sent over this host's connection,
         checked to have arrived intact and grown to ``spec.root_gb``, so it is
         laid out as any spawned disk (later moves copy it the same way). After:
-        the domain exists, running when ``power_on``. A copy that fails leaves
-        nothing here. Repeat: safe (an existing domain is left as it is and
-        started if ``power_on``). Errors: DriverError (CopyFailed for the copy).
+        the domain exists, running when ``power_on``. Returns the root volume's
+        name. A copy that fails leaves nothing here. Repeat: safe, as
+        :meth:`finish_migration`. Errors: DriverError (CopyFailed for the copy).
         """
 
     @abc.abstractmethod
-    def confirm_migration(self, uuid: str) -> None:
-        """Source side of a confirm: delete the kept disk (never a disk a domain here uses). Repeat: safe."""
+    def confirm_migration(self, uuid: str, disk: str | None = None) -> None:
+        """Source side of a confirm: delete the kept volume ``disk`` (never one a domain here uses). Repeat: safe."""
 
     @abc.abstractmethod
     def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
-        """Source side of a revert: put the kept disk back, define with ``spec`` (old flavor), start.
+        """Source side of a revert: put the kept disk (``spec.root``) back, define with ``spec`` (old flavor), start.
 
-        After: the domain exists here again, running if ``power_on``.
-        Repeat: safe. Errors: DomainNotFound when nothing was kept.
+        A domain here is kept only when it uses that disk; the domain is
+        stamped with ``spec.attempt``. After: the domain exists here again,
+        running if ``power_on``. Repeat: safe. Errors: DomainNotFound when
+        nothing was kept.
         """
 
     @abc.abstractmethod

@@ -17,6 +17,12 @@ as the libvirt driver. Faults:
 - ``unreachable = True``: every call raises :class:`DriverUnavailable` (a host
   whose hypervisor does not answer) until it is set back to False.
 
+Disks are volumes with a content (a string): a new one holds its image's
+name, ``write`` appends a data marker to a running guest's disk, and a move or
+a snapshot carries the content over, so a test can check no data is lost.
+Domains carry the stamp of the attempt that made or last took them, and
+volumes are named after it, as on libvirt.
+
 With ``state_path`` the domains are kept in a JSON file, so separate processes
 (the CLI) see one hypervisor.
 """
@@ -29,25 +35,29 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from drivers.base import (
+    Attempt,
     Console,
     DiskRead,
     DiskSource,
     DomainSpec,
     Driver,
     EventListener,
+    HostObject,
     LifecycleEvent,
     Listing,
     Progress,
     RebootType,
     Transition,
+    volume_name,
+    volume_tag,
 )
-from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable
+from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable, Fenced, StaleObject
 from lifecycle.states import PowerState
 
 __all__ = ["FakeDriver", "Gate", "SimulatedCrash"]
@@ -96,6 +106,15 @@ class _Domain:
     saved: bool = False
     ignores_acpi: bool = False
     vnc_port: int = 5900
+    task_id: str | None = None
+    epoch: int = 0
+
+    def stamp(self, attempt: Attempt | None) -> None:
+        self.task_id = None if attempt is None else attempt.task_id
+        self.epoch = 0 if attempt is None else attempt.epoch
+
+    def task_tag(self) -> str | None:
+        return None if self.task_id is None else self.task_id.replace("-", "")[:12]
 
 
 class FakeDriver(Driver):
@@ -106,7 +125,8 @@ class FakeDriver(Driver):
         self.calls: list[str] = []
         self._lock = threading.RLock()
         self._domains: dict[str, _Domain] = {}
-        self._kept: dict[str, _Domain] = {}
+        self._volumes: dict[str, str] = {}
+        """Root volume name to content."""
         self._foreign: list[str] = []
         self._faults: dict[str, list[tuple[str, Any]]] = {}
         self._listener: EventListener | None = None
@@ -155,16 +175,37 @@ class FakeDriver(Driver):
                 self._faults.pop(call, None)
 
     def copy_domain_from(self, other: FakeDriver, uuid: str) -> None:
-        """Define here the same domain ``other`` has (a guest that seems to live on two hosts)."""
+        """Define here the same domain and disk ``other`` has (a guest that seems to live on two hosts)."""
         with other._state():
             dom = other._domain(uuid, "copy_domain_from")
+            content = other._volumes.get(dom.disk, "")
         with self._state():
-            self._domains[uuid] = dom
+            self._domains[uuid] = _Domain(**asdict(dom))
+            self._volumes[dom.disk] = content
 
     def undefine(self, uuid: str) -> None:
-        """Remove a domain behind the engine's back."""
+        """Remove a domain behind the engine's back (its disk stays)."""
         with self._state():
             self._domains.pop(uuid, None)
+
+    def write(self, uuid: str, marker: str) -> None:
+        """Write ``marker`` into a running guest's disk (what a guest's user does between operations)."""
+        with self._state():
+            dom = self._domain(uuid, "write")
+            if dom.power != P.RUNNING:
+                raise DriverError(f"cannot write to {uuid}: guest is not running", uuid=uuid, call="write")
+            self._volumes[dom.disk] = self._volumes.get(dom.disk, "") + f"|{marker}"
+
+    def volumes(self) -> dict[str, str]:
+        """Return every root volume here with its content."""
+        with self._state():
+            return dict(self._volumes)
+
+    def domain_disk(self, uuid: str) -> str | None:
+        """Return the content of the disk the domain of ``uuid`` uses (None: no domain)."""
+        with self._state():
+            dom = self._domains.get(uuid)
+            return None if dom is None else self._volumes.get(dom.disk)
 
     def add_foreign(self, name: str) -> None:
         """Add a domain that no instance owns."""
@@ -188,25 +229,102 @@ class FakeDriver(Driver):
 
     # -- the contract --------------------------------------------------------
 
-    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
+    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> str:
         def act() -> PowerState | None:
-            dom = self._domains.get(spec.uuid)
+            dom = self._adopt(spec, "spawn")
             if dom is None:
-                dom = _Domain(asdict(spec), int(P.SHUTDOWN), self._new_disk(spec), vnc_port=self._port())
+                name = volume_name(spec.uuid, spec.attempt)
+                _holds(spec)
+                self._volumes.setdefault(name, f"image:{spec.image_path}")
+                dom = _Domain(_spec(spec), int(P.SHUTDOWN), name, vnc_port=self._port())
+                dom.stamp(spec.attempt)
                 self._domains[spec.uuid] = dom
             if power_on and dom.power != P.RUNNING:
+                _holds(spec)
                 dom.power = int(P.RUNNING)
                 return P.RUNNING
             return None
 
         self._call("spawn", spec.uuid, act)
+        return self._domains_disk(spec.uuid)
 
-    def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
+    def _adopt(self, spec: DomainSpec, call: str) -> _Domain | None:
+        """Return the domain of ``spec`` here if the call may take it (stamped anew), None if there is none."""
+        dom = self._domains.get(spec.uuid)
+        if dom is None:
+            return None
+        attempt = spec.attempt
+        if attempt is not None and dom.task_id == attempt.task_id and dom.epoch > attempt.epoch:
+            raise Fenced(attempt.task_id, spec.uuid, attempt.epoch, dom.epoch)
+        if dom.task_id != (None if attempt is None else attempt.task_id) and dom.disk != spec.disk:
+            raise StaleObject(
+                f"{call}: a domain of {spec.uuid} made by another attempt (task {dom.task_id}, epoch {dom.epoch},"
+                f" disk {dom.disk}) is on {self.name}: never adopted nor started",
+                uuid=spec.uuid,
+                call=call,
+            )
+        dom.stamp(attempt)
+        return dom
+
+    def _domains_disk(self, uuid: str) -> str:
+        with self._state():
+            return self._domain(uuid, "spawn").disk
+
+    def destroy(self, uuid: str, *, destroy_disks: bool = True, attempt: Attempt | None = None) -> None:
         def act() -> PowerState | None:
-            dom = self._domains.pop(uuid, None)
+            dom = self._domains.get(uuid)
+            if dom is not None and (attempt is None or dom.task_id == attempt.task_id):
+                del self._domains[uuid]
+            else:
+                dom = None
+            if destroy_disks:
+                used = {d.disk for d in self._domains.values()}
+                for name in self._names(uuid):
+                    tag = volume_tag(uuid, name)
+                    if name not in used and (attempt is None or (tag or "").startswith(attempt.task_tag + "-")):
+                        del self._volumes[name]
             return P.SHUTDOWN if dom is not None and dom.power != P.SHUTDOWN else None
 
         self._call("destroy", uuid, act)
+
+    def objects(self, uuid: str) -> list[HostObject]:
+        self._before("objects")
+        with self._state():
+            found = []
+            dom = self._domains.get(uuid)
+            if dom is not None:
+                running = dom.power in (P.RUNNING, P.PAUSED)
+                found.append(HostObject("domain", uuid, dom.task_tag(), dom.epoch, running, (dom.disk,)))
+            for name in self._names(uuid):
+                tag = volume_tag(uuid, name)
+                task_tag, epoch = _split(tag)
+                found.append(HostObject("volume", name, task_tag, epoch))
+            return found
+
+    def remove(self, uuid: str, objects: list[HostObject]) -> list[str]:
+        removed: list[str] = []
+
+        def act() -> PowerState | None:
+            changed = None
+            for obj in objects:
+                if obj.kind == "domain":
+                    dom = self._domains.get(uuid)
+                    if dom is not None and (dom.task_tag(), dom.epoch) == (obj.task_tag, obj.epoch):
+                        del self._domains[uuid]
+                        removed.append(obj.name)
+                        changed = P.SHUTDOWN if dom.power != P.SHUTDOWN else changed
+            used = {d.disk for d in self._domains.values()}
+            for obj in objects:
+                if obj.kind == "volume" and obj.name in self._volumes and obj.name not in used:
+                    del self._volumes[obj.name]
+                    removed.append(obj.name)
+            return changed
+
+        self._call("remove", uuid, act)
+        return removed
+
+    def _names(self, uuid: str) -> list[str]:
+        return sorted(n for n in self._volumes if n == uuid or n.startswith(uuid + "."))
 
     def power_on(self, spec: DomainSpec) -> None:
         def act() -> PowerState | None:
@@ -230,6 +348,11 @@ class FakeDriver(Driver):
 
     def reboot(self, spec: DomainSpec, kind: RebootType) -> None:
         def act() -> PowerState | None:
+            if kind is RebootType.HARD and spec.uuid not in self._domains and spec.root in self._volumes:
+                # Defined anew from the database and the disk, as a hard reboot regenerates the domain.
+                dom = _Domain(_spec(spec), int(P.SHUTDOWN), spec.root, vnc_port=self._port())
+                dom.stamp(spec.attempt)
+                self._domains[spec.uuid] = dom
             dom = self._domain(spec.uuid, "reboot")
             if kind is RebootType.SOFT and dom.power != P.RUNNING:
                 raise DriverError(f"soft reboot of {spec.uuid}: guest is not running", uuid=spec.uuid, call="reboot")
@@ -280,86 +403,117 @@ class FakeDriver(Driver):
 
         self._call("unrescue", spec.uuid, act)
 
-    def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
+    def migrate_disk_and_power_off(
+        self,
+        uuid: str,
+        *,
+        timeout: float,
+        retry_interval: float,
+        disk: str | None = None,
+        attempt: Attempt | None = None,
+    ) -> str:
+        kept = [disk or uuid]
+
         def act() -> PowerState | None:
-            dom = self._domains.pop(uuid, None)
+            dom = self._domains.get(uuid)
             if dom is None:
-                if uuid in self._kept:
+                if kept[0] in self._volumes:
                     return None
                 raise DomainNotFound(uuid, call="migrate_disk_and_power_off")
-            self._kept[uuid] = dom
+            if attempt is not None and dom.task_id == attempt.task_id and dom.epoch > attempt.epoch:
+                raise Fenced(attempt.task_id, uuid, attempt.epoch, dom.epoch)
+            if attempt is not None:
+                attempt.holds()
+            del self._domains[uuid]
+            kept[0] = dom.disk
             return P.SHUTDOWN if dom.power != P.SHUTDOWN else None
 
         self._call("migrate_disk_and_power_off", uuid, act)
-        return f"fake://{self.name}/{self._kept[uuid].disk}"
+        return kept[0]
 
-    def read_disk(self, uuid: str) -> AbstractContextManager[DiskRead]:
-        return self._reading(uuid)
+    def read_disk(self, uuid: str, disk: str | None = None) -> AbstractContextManager[DiskRead]:
+        return self._reading(uuid, disk or uuid)
 
     @contextmanager
-    def _reading(self, uuid: str) -> Iterator[DiskRead]:
+    def _reading(self, uuid: str, disk: str) -> Iterator[DiskRead]:
         self._before("read_disk")
         with self._state():
-            kept = self._kept.get(uuid)
-            if kept is None:
+            content = self._volumes.get(disk)
+            if content is None:
                 raise DomainNotFound(uuid, call="read_disk")
-            name = kept.disk.encode()
-        # The disk's name, a hole, then four chunks of data: enough for progress and faults between chunks.
-        segments: list[bytes | int] = [name, _HOLE, *(bytes([n]) * _CHUNK for n in range(1, 5))]
-        yield DiskRead(segments=iter(segments), total=len(name) + 4 * _CHUNK)
+        data = content.encode()
+        # The content, a hole, then four chunks of padding: enough for progress and faults between chunks.
+        segments: list[bytes | int] = [data, _HOLE, *(bytes([n]) * _CHUNK for n in range(1, 5))]
+        yield DiskRead(segments=iter(segments), total=len(data) + 4 * _CHUNK)
 
     def finish_migration(
         self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
-    ) -> None:
-        self._receive("finish_migration", spec, source, power_on, progress)
+    ) -> str:
+        return self._receive("finish_migration", spec, source, power_on, progress)
 
     def _receive(
         self, call: str, spec: DomainSpec, source: DiskSource, power_on: bool, progress: Progress | None
-    ) -> None:
-        """Define the domain on a copy of ``source`` unless it exists, start it if ``power_on`` (a ``call`` call)."""
+    ) -> str:
+        """Define the domain on a copy of ``source`` unless this task's exists, start it if ``power_on``."""
         after = self._before(call)
-        disk = None if self.domain_exists(spec.uuid) else self._copy(source, progress)
-
-        def act() -> PowerState | None:
-            if spec.uuid not in self._domains:
-                assert disk is not None
-                self._domains[spec.uuid] = _Domain(asdict(spec), int(P.SHUTDOWN), disk, vnc_port=self._port())
-            dom = self._domains[spec.uuid]
-            return self._set(dom, P.RUNNING) if power_on else None
-
         with self._state():
-            changed = act()
+            dom = self._adopt(spec, call)
+        if dom is None:
+            name = volume_name(spec.uuid, spec.attempt)
+            with self._state():
+                self._volumes[name] = ""  # the copy's volume, this attempt's own
+            try:
+                content = self._copy(call, source, progress)
+            except BaseException:
+                with self._state():
+                    self._volumes.pop(name, None)  # its own partial copy only: named after this attempt
+                raise
+            with self._state():
+                _holds(spec)  # the epoch, right before the define: a stalled worker stops here
+                self._volumes[name] = content
+                dom = self._adopt(spec, call) or _Domain(_spec(spec), int(P.SHUTDOWN), name, vnc_port=self._port())
+                dom.stamp(spec.attempt)
+                self._domains[spec.uuid] = dom
+        with self._state():
+            dom = self._domain(spec.uuid, call)  # read again: with a state file, each hold reloads it
+            if power_on:
+                _holds(spec)
+            changed = self._set(dom, P.RUNNING) if power_on else None
         if changed is not None:
             self._emit(spec.uuid, changed)
         if after is not None:
             raise after
+        return dom.disk
 
-    def _copy(self, source: DiskSource, progress: Progress | None) -> str:
-        """Read the moved disk chunk by chunk (each a ``copy`` call); return this host's copy's name."""
-        done, name = 0, b""
+    def _copy(self, call: str, source: DiskSource, progress: Progress | None) -> str:
+        """Read the moved disk chunk by chunk (each a ``copy`` call); return the content it carried."""
+        done, content = 0, None
         try:
             with source() as read:
                 for segment in read.segments:
                     if isinstance(segment, int):
                         continue
                     after = self._before("copy")
-                    name = name or segment
+                    content = segment if content is None else content
                     done += len(segment)
                     if progress is not None:
                         progress(done, read.total)
                     if after is not None:
                         raise after
         except DriverError as exc:
-            raise CopyFailed(f"disk copy failed: {exc}", call="finish_migration") from exc
-        return name.decode().rsplit("/", 1)[-1] + f"@{self.name}"
+            raise CopyFailed(f"disk copy failed: {exc}", call=call) from exc
+        return (content or b"").decode()
 
     def snapshot(self, spec: DomainSpec, target: Path) -> None:
         def act() -> PowerState | None:
-            dom = self._domain(spec.uuid, "snapshot")
-            if dom.power == P.RUNNING:
+            dom = self._domains.get(spec.uuid)
+            if dom is not None and dom.power == P.RUNNING:
                 raise DriverError(f"cannot snapshot {spec.uuid}: domain is running", uuid=spec.uuid, call="snapshot")
+            disk = dom.disk if dom is not None else spec.root
+            if disk not in self._volumes:
+                raise DomainNotFound(spec.uuid, call="snapshot")
             part = target.with_name(target.name + ".part")
-            part.write_text(dom.disk)  # the fake disk's content is its name
+            part.write_text(self._volumes[disk])
             part.replace(target)
             return None
 
@@ -367,33 +521,46 @@ class FakeDriver(Driver):
 
     def spawn_from_snapshot(
         self, spec: DomainSpec, snapshot: Path, *, power_on: bool = True, progress: Progress | None = None
-    ) -> None:
-        self._receive("spawn_from_snapshot", spec, _file_source(snapshot), power_on, progress)
+    ) -> str:
+        return self._receive("spawn_from_snapshot", spec, _file_source(snapshot), power_on, progress)
 
-    def confirm_migration(self, uuid: str) -> None:
+    def confirm_migration(self, uuid: str, disk: str | None = None) -> None:
         def act() -> PowerState | None:
-            self._kept.pop(uuid, None)
+            name = disk or uuid
+            if name not in {d.disk for d in self._domains.values()}:
+                self._volumes.pop(name, None)
             return None
 
         self._call("confirm_migration", uuid, act)
 
     def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
         def act() -> PowerState | None:
-            if spec.uuid not in self._domains:
-                kept = self._kept.pop(spec.uuid, None)
-                if kept is None:
+            dom = self._domains.get(spec.uuid)
+            if dom is not None and dom.disk != spec.root:
+                raise StaleObject(
+                    f"finish_revert_migration: the domain of {spec.uuid} on {self.name} uses {dom.disk}, not the kept"
+                    f" disk {spec.root}: never adopted",
+                    uuid=spec.uuid,
+                    call="finish_revert_migration",
+                )
+            if dom is None:
+                if spec.root not in self._volumes:
                     raise DomainNotFound(spec.uuid, call="finish_revert_migration")
-                kept.spec = asdict(spec)
-                self._domains[spec.uuid] = kept
-            dom = self._domains[spec.uuid]
+                _holds(spec)
+                dom = _Domain(_spec(spec), int(P.SHUTDOWN), spec.root, vnc_port=self._port())
+                self._domains[spec.uuid] = dom
+            dom.stamp(spec.attempt)
+            if power_on:
+                _holds(spec)
             return self._set(dom, P.RUNNING if power_on else P.SHUTDOWN)
 
         self._call("finish_revert_migration", spec.uuid, act)
 
     def kept_disks(self) -> list[str]:
-        """Return the uuids whose disk this host keeps aside for a move (``<uuid>_resize``)."""
+        """Return the uuids that have a root volume here no domain uses (a move's kept disk, a leftover)."""
         with self._state():
-            return sorted(self._kept)
+            used = {d.disk for d in self._domains.values()}
+            return sorted({n.split(".", 1)[0] for n in self._volumes if n not in used})
 
     def get_info(self, uuid: str) -> PowerState:
         self._before("get_info")
@@ -490,9 +657,6 @@ class FakeDriver(Driver):
         dom.power = int(power)
         return power
 
-    def _new_disk(self, spec: DomainSpec) -> str:
-        return f"{spec.uuid}/disk@{len(self.calls)}"
-
     def _port(self) -> int:
         self._next_port += 1
         return self._next_port - 1
@@ -524,7 +688,7 @@ class FakeDriver(Driver):
         assert self._state_path is not None
         data = {
             "domains": {u: asdict(d) for u, d in self._domains.items()},
-            "kept": {u: asdict(d) for u, d in self._kept.items()},
+            "volumes": self._volumes,
             "next_port": self._next_port,
         }
         tmp = self._state_path.with_suffix(".tmp")
@@ -535,8 +699,27 @@ class FakeDriver(Driver):
         assert self._state_path is not None
         data = json.loads(self._state_path.read_text())
         self._domains = {u: _Domain(**d) for u, d in data["domains"].items()}
-        self._kept = {u: _Domain(**d) for u, d in data.get("kept", {}).items()}
+        self._volumes = dict(data.get("volumes", {}))
         self._next_port = data["next_port"]
+
+
+def _spec(spec: DomainSpec) -> dict[str, Any]:
+    """Return what a fake domain keeps of its spec (plain values: saved as JSON)."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.name != "attempt"}
+
+
+def _holds(spec: DomainSpec) -> None:
+    """Check the call's attempt still holds (right before a destructive step)."""
+    if spec.attempt is not None:
+        spec.attempt.holds()
+
+
+def _split(tag: str | None) -> tuple[str | None, int | None]:
+    """Split a volume's attempt tag into its task tag and epoch."""
+    if tag is None or "-" not in tag:
+        return None, None
+    task_tag, _, epoch = tag.rpartition("-")
+    return task_tag, int(epoch) if epoch.isdigit() else None
 
 
 def _file_source(path: Path) -> DiskSource:

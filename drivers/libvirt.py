@@ -14,6 +14,16 @@
 Domain XML is built with ElementTree from the instance, so a hostile name is
 data, never markup. Domains are named ``lifecycle-<uuid>``; the instance's
 own name lives in ``<title>`` and in the lifecycle ``<metadata>``.
+
+Ownership reaches the hypervisor: the metadata also stamps the attempt (task
+id, epoch, move) that made the domain or last took it over, and a root
+volume is named ``<uuid>.<task tag>-<epoch>`` after the attempt that made it.
+A call adopts only a domain of its own task (or one using the disk the
+database records as current), never one of another attempt (StaleObject), and
+one a later epoch took stops it (Fenced); clean-ups delete only volumes named
+after their own attempt, and the epoch is checked (``Attempt.holds``) right
+before each define, start, undefine and delete of a long call. What is left
+between that check and the libvirt call itself is a window of one round trip.
 """
 
 from __future__ import annotations
@@ -30,17 +40,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from drivers.base import (
+    Attempt,
     Console,
     DiskRead,
     DiskSource,
     DomainSpec,
     Driver,
     EventListener,
+    HostObject,
     LifecycleEvent,
     Listing,
     Progress,
     RebootType,
+    Stamp,
     Transition,
+    volume_name,
+    volume_tag,
 )
 from drivers.images import ImageInfo, inspect_image, qemu_img, valid_uuid
 from drivers.storage import (
@@ -52,7 +67,7 @@ from drivers.storage import (
     write_file,
     write_volume,
 )
-from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable
+from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable, Fenced, StaleObject
 from lifecycle.states import PowerState
 
 try:
@@ -81,6 +96,7 @@ _POWER = {
 _EVENTS = {2: Transition.STARTED, 3: Transition.PAUSED, 4: Transition.RESUMED, 5: Transition.STOPPED}
 
 _ERR_NO_DOMAIN = 42  # VIR_ERR_NO_DOMAIN
+_ERR_NO_STORAGE_VOL = 50  # VIR_ERR_NO_STORAGE_VOL
 _ERR_OPERATION_INVALID = 55  # VIR_ERR_OPERATION_INVALID: wrong state (QEMU)
 _ERR_INTERNAL = 1  # VIR_ERR_INTERNAL_ERROR: wrong state (test driver), or a closed socket
 _CONNECTION_CODES = {4, 39, 45}  # VIR_ERR_NO_CONNECT, VIR_ERR_RPC, VIR_ERR_AUTH_FAILED: always the link
@@ -128,6 +144,7 @@ def domain_xml(
     meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}instance")
     ET.SubElement(meta, f"{{{METADATA_NS}}}uuid").text = spec.uuid
     ET.SubElement(meta, f"{{{METADATA_NS}}}name").text = spec.name
+    meta.append(_attempt_element(spec.attempt))
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     os_el = ET.SubElement(dom, "os")
@@ -145,6 +162,41 @@ def domain_xml(
     ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=vnc_listen)
     ET.register_namespace("lifecycle", METADATA_NS)
     return ET.tostring(dom, encoding="unicode")
+
+
+def _attempt_element(attempt: Attempt | None) -> ET.Element:
+    """Return the ``<lifecycle:attempt>`` stamp of ``attempt`` (empty for a call outside any task)."""
+    el = ET.Element(f"{{{METADATA_NS}}}attempt")
+    if attempt is not None:
+        el.set("task", attempt.task_id)
+        el.set("epoch", str(attempt.epoch))
+        if attempt.migration_id is not None:
+            el.set("migration", attempt.migration_id)
+    return el
+
+
+def _stamp_of(xml: str) -> Stamp:
+    """Return the attempt a domain's XML is stamped with (no task: made before stamps, or outside any task)."""
+    el = ET.fromstring(xml).find(f"./metadata/{{{METADATA_NS}}}instance/{{{METADATA_NS}}}attempt")
+    if el is None or not el.get("task"):
+        return Stamp(None)
+    epoch = el.get("epoch", "0")
+    return Stamp(el.get("task"), int(epoch) if epoch.isdigit() else 0, el.get("migration"))
+
+
+def _root_volume(xml: str) -> str | None:
+    """Return the name of a domain's root volume (its disk that is not a rescue disk)."""
+    for source in _disk_sources(xml):
+        name = source.rsplit("/", 1)[-1]
+        if not name.endswith(".rescue"):
+            return name
+    return None
+
+
+def _holds(attempt: Attempt | None) -> None:
+    """Check the call's attempt still holds, right before a destructive step."""
+    if attempt is not None:
+        attempt.holds()
 
 
 class LibvirtDriver(Driver):
@@ -186,8 +238,10 @@ class LibvirtDriver(Driver):
         self.points: dict[str, Callable[[], None]] = {}
         """Fault-injection seam for tests on real libvirt: a callable here runs at the named point of a call
         (``spawn:defined`` after the domain is defined, ``spawn:started`` after it started, ``destroy:done``
-        at the end of a destroy, ``receive:created`` when a move's destination volume exists, before the
-        copy), e.g. to hold a call in flight as the fake driver's ``hold`` does. Empty in production."""
+        at the end of a destroy, ``remove:done`` at the end of a remove, ``receive:created`` when a move's
+        destination volume exists, before the copy, ``arrive:defined`` once a move's destination domain is
+        defined, before its start, ``migrate:begin`` when a move's source found its domain, before it stops
+        it), e.g. to hold a call in flight as the fake driver's ``hold`` does. Empty in production."""
         _ensure_event_loop()
         self._connection("connect")
 
@@ -314,18 +368,72 @@ class LibvirtDriver(Driver):
 
     # -- the contract --------------------------------------------------------
 
-    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> None:
+    def spawn(self, spec: DomainSpec, *, power_on: bool = True) -> str:
         with self._calling("spawn", spec.uuid) as conn:
-            try:
-                dom = self._domain(conn, spec.uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_NO_DOMAIN:
-                    raise
-                dom = conn.defineXML(self._xml(spec, self._new_disk(conn, spec)))
+            dom = self._adopt(conn, spec, "spawn")
+            if dom is None:
+                disk = self._new_disk(conn, spec)
+                _holds(spec.attempt)
+                dom = conn.defineXML(self._xml(spec, disk))
             self._point("spawn:defined")
-            if power_on and not dom.isActive():
-                dom.create()
+            self._start(dom, spec, power_on)
             self._point("spawn:started")
+            return _root_volume(dom.XMLDesc(0)) or spec.root
+
+    def _start(self, dom: Any, spec: DomainSpec, power_on: bool) -> None:
+        """Start ``dom`` when ``power_on`` and it is off, once the call's epoch is known to hold."""
+        if power_on and not dom.isActive():
+            _holds(spec.attempt)
+            dom.create()
+
+    def _adopt(self, conn: Any, spec: DomainSpec, call: str) -> Any | None:
+        """Return the domain of ``spec`` if this call may take it (stamped anew), None if there is none.
+
+        Taken: a domain of the call's own task (an earlier epoch's), or one
+        using the disk the database records as current here. A later epoch's
+        stops the call (Fenced); any other is never adopted (StaleObject).
+        """
+        try:
+            dom = self._domain(conn, spec.uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_DOMAIN:
+                raise
+            return None
+        xml = dom.XMLDesc(0)
+        stamp, attempt = _stamp_of(xml), spec.attempt
+        if attempt is not None and stamp.newer_than(attempt):
+            raise Fenced(attempt.task_id, spec.uuid, attempt.epoch, stamp.epoch)
+        ours = stamp.task_id == (None if attempt is None else attempt.task_id)
+        if not ours and (spec.disk is None or _root_volume(xml) != spec.disk):
+            raise StaleObject(
+                f"{call}: the domain of {spec.uuid} on {self.uri} was made by another attempt (task"
+                f" {stamp.task_id or 'unknown'}, epoch {stamp.epoch}, disk {_root_volume(xml)}): never adopted"
+                " nor started",
+                uuid=spec.uuid,
+                call=call,
+            )
+        if attempt is not None and (stamp.task_id, stamp.epoch) != (attempt.task_id, attempt.epoch):
+            self._restamp(dom, attempt)
+        return dom
+
+    def _restamp(self, dom: Any, attempt: Attempt) -> None:
+        """Stamp ``dom`` with ``attempt`` (live and persistent): a stalled earlier attempt then leaves it alone."""
+        instance = ET.fromstring(dom.XMLDesc(0)).find(f"./metadata/{{{METADATA_NS}}}instance")
+        if instance is None:
+            instance = ET.Element(f"{{{METADATA_NS}}}instance")
+        for old in instance.findall(f"{{{METADATA_NS}}}attempt"):
+            instance.remove(old)
+        instance.append(_attempt_element(attempt))
+        for el in instance.iter():  # libvirt puts the element in the namespace itself: it is given without one
+            el.tag = el.tag.rsplit("}", 1)[-1]
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ET.tostring(instance, encoding="unicode"),
+            "lifecycle",
+            METADATA_NS,
+            flags,
+        )
 
     def _point(self, name: str) -> None:
         hook = self.points.get(name)
@@ -339,36 +447,141 @@ class LibvirtDriver(Driver):
         return self.storage.ensure_base(conn, self.uri, image, info), info
 
     def _new_disk(self, conn: Any, spec: DomainSpec, *, rescue: bool = False) -> str:
-        """Create the instance's root (or rescue) disk volume on its cached base; return its path on the host."""
+        """Create the attempt's root (or the rescue) disk volume on its cached base; return its path on the host."""
         key, info = self._base(conn, spec)
-        root, rescue_name = self.storage.disk_names(spec.uuid)
-        return str(self.storage.create_disk(conn, rescue_name if rescue else root, key, info, spec.root_gb).path())
+        name = self.storage.disk_names(spec.uuid)[1] if rescue else volume_name(spec.uuid, spec.attempt)
+        return str(self.storage.create_disk(conn, name, key, info, spec.root_gb).path())
 
-    def _disk(self, conn: Any, uuid: str, call: str) -> str:
-        """Return the path on the host of an instance's root disk; DomainNotFound when there is none."""
-        vol = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[0])
+    def _disk(self, conn: Any, uuid: str, call: str, name: str | None = None) -> str:
+        """Return the path of the root volume ``name`` (default the bare uuid); DomainNotFound when there is none."""
+        vol = self.storage.volume(conn, self.storage.disks_pool, name or valid_uuid(uuid))
         if vol is None:
             raise DomainNotFound(uuid, call=call)
         return str(vol.path())
 
+    def _current_disk(self, conn: Any, dom: Any, spec: DomainSpec, call: str) -> str:
+        """Return the path of the root disk ``dom`` uses (the database's ``spec.root`` when it names none)."""
+        return self._disk(conn, spec.uuid, call, _root_volume(dom.XMLDesc(0)) or spec.root)
+
     def _xml(self, spec: DomainSpec, disk: str, rescue: str | None = None) -> str:
         return domain_xml(spec, disk, domain_type=self.domain_type, vnc_listen=self.vnc_listen, rescue_disk=rescue)
 
-    def destroy(self, uuid: str, *, destroy_disks: bool = True) -> None:
+    def destroy(self, uuid: str, *, destroy_disks: bool = True, attempt: Attempt | None = None) -> None:
         with self._calling("destroy", uuid) as conn:
+            used: set[str] = set()
             try:  # gone before or during the destroy (a racing delete, an operator) is what destroy wants
                 dom = self._domain(conn, uuid)
-                self._hard_stop(dom)
-                if dom.hasManagedSaveImage(0):
-                    dom.managedSaveRemove(0)
-                dom.undefine()
+                xml = dom.XMLDesc(0)
+                if attempt is None or _stamp_of(xml).of_task(attempt):
+                    self._undefine(dom)
+                else:
+                    used = {v for v in (_root_volume(xml),) if v}  # another attempt's domain: its disk stays
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
             if destroy_disks:
-                for name in self.storage.disk_names(uuid):
-                    self.storage.delete(conn, self.storage.disks_pool, name)
+                for vol in self._volumes_of(conn, uuid):
+                    name = vol.name()
+                    mine = attempt is None or (volume_tag(uuid, name) or "").startswith(attempt.task_tag + "-")
+                    if name not in used and mine:
+                        self._delete_volume(conn, name)
         self._point("destroy:done")
+
+    def _undefine(self, dom: Any) -> None:
+        """Hard-stop and undefine ``dom`` (and drop its saved memory); gone meanwhile counts as done."""
+        try:
+            self._hard_stop(dom)
+            if dom.hasManagedSaveImage(0):
+                dom.managedSaveRemove(0)
+            dom.undefine()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_DOMAIN:
+                raise
+
+    def _volumes_of(self, conn: Any, uuid: str) -> list[Any]:
+        """Return every volume of ``uuid`` in the disks pool (root volumes of any attempt, the rescue disk)."""
+        name = valid_uuid(uuid)
+        return [v for v in self.storage.disks(conn) if v.name() == name or v.name().startswith(name + ".")]
+
+    def _delete_volume(self, conn: Any, name: str) -> None:
+        """Delete a volume of the disks pool; one still being made or used by a racing call is retried, not a failure.
+
+        libvirt answers "still in use"/"being allocated" with code 55 for a
+        volume another call holds for a moment (a racing destroy, a copy
+        ending): that is no missing domain, so it is retried for a few seconds
+        and then raised as itself.
+        """
+        delay, deadline = 0.1, time.monotonic() + 10.0
+        while True:
+            try:
+                self.storage.delete(conn, self.storage.disks_pool, name)
+                return
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_OPERATION_INVALID or time.monotonic() + delay > deadline:
+                    raise DriverError(
+                        f"cannot delete volume {name} on {self.uri} (code {exc.get_error_code()}): {_message(exc)}",
+                        call="destroy",
+                    ) from exc
+                self._closed.wait(delay)
+                delay = min(delay * 2, 1.0)
+
+    def objects(self, uuid: str) -> list[HostObject]:
+        with self._calling("objects", uuid) as conn:
+            found = []
+            try:
+                dom = self._domain(conn, uuid)
+                xml = dom.XMLDesc(0)
+                stamp = _stamp_of(xml)
+                tag = None if stamp.task_id is None else stamp.task_id.replace("-", "")[:12]
+                volumes = tuple(s.rsplit("/", 1)[-1] for s in _disk_sources(xml))
+                found.append(HostObject("domain", dom.name(), tag, stamp.epoch, bool(dom.isActive()), volumes))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    raise
+            for vol in self._volumes_of(conn, uuid):
+                tag, _, epoch = (volume_tag(uuid, vol.name()) or "").rpartition("-")
+                found.append(HostObject("volume", vol.name(), tag or None, int(epoch) if epoch.isdigit() else None))
+            return found
+
+    def remove(self, uuid: str, objects: list[HostObject]) -> list[str]:
+        removed = []
+        with self._calling("remove", uuid) as conn:
+            used: set[str] = set()
+            for obj in objects:
+                if obj.kind != "domain":
+                    continue
+                try:
+                    dom = self._domain(conn, uuid)
+                    xml = dom.XMLDesc(0)
+                    stamp = _stamp_of(xml)
+                    tag = None if stamp.task_id is None else stamp.task_id.replace("-", "")[:12]
+                    if (tag, stamp.epoch) != (obj.task_tag, obj.epoch):
+                        used |= {s.rsplit("/", 1)[-1] for s in _disk_sources(xml)}  # taken meanwhile: left alone
+                        continue
+                    self._undefine(dom)
+                    removed.append(obj.name)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != _ERR_NO_DOMAIN:
+                        raise
+            for obj in objects:
+                if obj.kind == "volume" and obj.name not in used and not self._in_use(conn, uuid, obj.name):
+                    self._delete_volume(conn, obj.name)
+                    removed.append(obj.name)
+        self._point("remove:done")
+        return removed
+
+    def _in_use(self, conn: Any, uuid: str, name: str) -> bool:
+        """Whether the domain of ``uuid`` here uses this host's volume ``name`` (by path: pools may share names)."""
+        vol = self.storage.volume(conn, self.storage.disks_pool, name)
+        if vol is None:
+            return False
+        try:
+            xml = self._domain(conn, uuid).XMLDesc(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_NO_DOMAIN:
+                raise
+            return False
+        return vol.path() in _disk_sources(xml)
 
     def _hard_stop(self, dom: Any) -> None:
         """Destroy a domain; "not running" while it is off counts as success (after a restart)."""
@@ -418,7 +631,16 @@ class LibvirtDriver(Driver):
 
     def reboot(self, spec: DomainSpec, kind: RebootType) -> None:
         with self._calling("reboot", spec.uuid) as conn:
-            dom = self._domain(conn, spec.uuid)
+            try:
+                dom = self._domain(conn, spec.uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN or kind is RebootType.SOFT:
+                    raise
+                # Lost while its disk survived: defined anew from the database and the disk, as Nova's hard reboot.
+                disk = self._disk(conn, spec.uuid, "reboot", spec.root)
+                _holds(spec.attempt)
+                conn.defineXML(self._xml(spec, disk)).create()
+                return
             if kind is RebootType.SOFT:
                 if self._state(dom) is not PowerState.RUNNING:
                     raise DriverError(
@@ -427,10 +649,11 @@ class LibvirtDriver(Driver):
                 if self._clean_shutdown(dom, self.soft_reboot_seconds, self.soft_reboot_seconds):
                     dom.create()
                     return
+            disk = self._current_disk(conn, dom, spec, "reboot")
             self._hard_stop(dom)
             if dom.hasManagedSaveImage(0):
                 dom.managedSaveRemove(0)
-            dom = conn.defineXML(self._xml(spec, self._disk(conn, spec.uuid, "reboot")))
+            dom = conn.defineXML(self._xml(spec, disk))
             dom.create()
 
     def pause(self, uuid: str) -> None:
@@ -472,44 +695,71 @@ class LibvirtDriver(Driver):
     def rescue(self, spec: DomainSpec) -> None:
         with self._calling("rescue", spec.uuid) as conn:
             dom = self._domain(conn, spec.uuid)
+            disk = self._current_disk(conn, dom, spec, "rescue")
             rescue = self._new_disk(conn, spec, rescue=True)
             self._hard_stop(dom)
-            dom = conn.defineXML(self._xml(spec, self._disk(conn, spec.uuid, "rescue"), rescue))
+            dom = conn.defineXML(self._xml(spec, disk, rescue))
             dom.create()
 
     def unrescue(self, spec: DomainSpec) -> None:
         with self._calling("unrescue", spec.uuid) as conn:
             dom = self._domain(conn, spec.uuid)
+            disk = self._current_disk(conn, dom, spec, "unrescue")
             self._hard_stop(dom)
-            dom = conn.defineXML(self._xml(spec, self._disk(conn, spec.uuid, "unrescue")))
+            dom = conn.defineXML(self._xml(spec, disk))
             self.storage.delete(conn, self.storage.disks_pool, self.storage.disk_names(spec.uuid)[1])
             dom.create()
 
-    def migrate_disk_and_power_off(self, uuid: str, *, timeout: float, retry_interval: float) -> str:
-        with self._calling("migrate_disk_and_power_off", uuid) as conn:
-            disk = self._disk(conn, uuid, "migrate_disk_and_power_off")  # neither domain nor disk: not found
+    def migrate_disk_and_power_off(
+        self,
+        uuid: str,
+        *,
+        timeout: float,
+        retry_interval: float,
+        disk: str | None = None,
+        attempt: Attempt | None = None,
+    ) -> str:
+        call = "migrate_disk_and_power_off"
+        with self._calling(call, uuid) as conn:
             try:
                 dom = self._domain(conn, uuid)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
                 dom = None  # repeated: the disk is already kept
-            if dom is not None:
-                if dom.isActive() and not (timeout > 0 and self._clean_shutdown(dom, timeout, retry_interval)):
-                    self._hard_stop(dom)
-                if dom.hasManagedSaveImage(0):
-                    dom.managedSaveRemove(0)
-                dom.undefine()
+            if dom is None:
+                kept = disk or valid_uuid(uuid)
+                self._disk(conn, uuid, call, kept)  # neither domain nor disk: not found
+                return kept
+            kept = _root_volume(dom.XMLDesc(0)) or disk or valid_uuid(uuid)
+            self._point("migrate:begin")
+            self._still_ours(dom, uuid, attempt)
+            if dom.isActive() and not (timeout > 0 and self._clean_shutdown(dom, timeout, retry_interval)):
+                self._still_ours(dom, uuid, attempt)
+                self._hard_stop(dom)
+            if dom.hasManagedSaveImage(0):
+                dom.managedSaveRemove(0)
+            self._still_ours(dom, uuid, attempt)
+            dom.undefine()
             self.storage.delete(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[1])
-        return f"{self.uri} {disk}"
+        return kept
 
-    def read_disk(self, uuid: str) -> AbstractContextManager[DiskRead]:
-        return self._reading(uuid)
+    def _still_ours(self, dom: Any, uuid: str, attempt: Attempt | None) -> None:
+        """Raise Fenced when a later epoch of the task took ``dom`` or the attempt's epoch no longer holds."""
+        if attempt is None:
+            return
+        stamp = _stamp_of(dom.XMLDesc(0))
+        if stamp.newer_than(attempt):
+            raise Fenced(attempt.task_id, uuid, attempt.epoch, stamp.epoch)
+        attempt.holds()
+
+    def read_disk(self, uuid: str, disk: str | None = None) -> AbstractContextManager[DiskRead]:
+        return self._reading(uuid, disk or valid_uuid(uuid))
 
     @contextmanager
-    def _reading(self, uuid: str) -> Iterator[DiskRead]:
+    def _reading(self, uuid: str, disk: str) -> Iterator[DiskRead]:
         with self._calling("read_disk", uuid) as conn:
-            vol = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[0])
+            vol = self.storage.volume(conn, self.storage.disks_pool, disk)
             if vol is None:
                 raise DomainNotFound(uuid, call="read_disk")
             with read_volume(conn, vol) as segments:
@@ -517,22 +767,33 @@ class LibvirtDriver(Driver):
 
     def finish_migration(
         self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
-    ) -> None:
-        with self._calling("finish_migration", spec.uuid) as conn:
-            try:
-                dom = self._domain(conn, spec.uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_NO_DOMAIN:
-                    raise
-                dom = conn.defineXML(self._xml(spec, self._receive(conn, spec, source, progress)))
-            if power_on and not dom.isActive():
-                dom.create()
+    ) -> str:
+        return self._arrive("finish_migration", spec, source, power_on, progress)
 
-    def _receive(self, conn: Any, spec: DomainSpec, source: DiskSource, progress: Progress | None) -> str:
-        """Copy the moved disk into a new volume here, check its digest, grow it; return its path."""
+    def _arrive(
+        self, call: str, spec: DomainSpec, source: DiskSource, power_on: bool, progress: Progress | None
+    ) -> str:
+        """Take this task's domain here, or copy ``source`` into this attempt's volume and define one; start it."""
+        with self._calling(call, spec.uuid) as conn:
+            dom = self._adopt(conn, spec, call)
+            if dom is None:
+                disk = self._receive(conn, spec, source, progress, call)
+                try:
+                    _holds(spec.attempt)  # right before the define: a worker stalled mid-copy stops here
+                    dom = conn.defineXML(self._xml(spec, disk))
+                except BaseException:
+                    with suppress(Exception):  # this attempt's own copy, never another's
+                        self.storage.delete(conn, self.storage.disks_pool, volume_name(spec.uuid, spec.attempt))
+                    raise
+            self._point("arrive:defined")
+            self._start(dom, spec, power_on)
+            return _root_volume(dom.XMLDesc(0)) or spec.root
+
+    def _receive(self, conn: Any, spec: DomainSpec, source: DiskSource, progress: Progress | None, call: str) -> str:
+        """Copy the moved disk into this attempt's new volume here, check its digest, grow it; return its path."""
         self._base(conn, spec)  # the disk's backing store, in this host's cache before the disk arrives
-        name = self.storage.disk_names(spec.uuid)[0]
-        self.storage.delete(conn, self.storage.disks_pool, name)  # no domain here: a partial copy at most
+        name = volume_name(spec.uuid, spec.attempt)
+        self.storage.delete(conn, self.storage.disks_pool, name)  # this attempt's own partial copy at most
         vol = self.storage.pool(conn, self.storage.disks_pool).createXML(_empty_volume(name), 0)
         try:
             self._point("receive:created")
@@ -540,7 +801,7 @@ class LibvirtDriver(Driver):
                 sent = write_volume(conn, vol, read.segments, progress, read.total)
             vol = self.storage.volume(conn, self.storage.disks_pool, name)  # re-read: now a qcow2 overlay
             if vol is None:
-                raise DriverError(f"the copy of {spec.uuid}'s disk vanished", uuid=spec.uuid, call="finish_migration")
+                raise DriverError(f"the copy of {spec.uuid}'s disk vanished", uuid=spec.uuid, call=call)
             received = volume_digest(conn, vol)
             if received.hexdigest() != sent.hexdigest() or received.length != sent.length:
                 raise DriverError(
@@ -548,19 +809,17 @@ class LibvirtDriver(Driver):
                     f"(sha256 sent {sent.hexdigest()}, {sent.length} bytes; "
                     f"received {received.hexdigest()}, {received.length} bytes)",
                     uuid=spec.uuid,
-                    call="finish_migration",
+                    call=call,
                 )
             self.storage.grow(vol, spec.root_gb)
             return str(vol.path())
         except BaseException as exc:
-            with suppress(Exception):
+            with suppress(Exception):  # named after this attempt: a recovered attempt's copy is never this one
                 self.storage.delete(conn, self.storage.disks_pool, name)
             if isinstance(exc, libvirt.libvirtError):
-                exc = self._map_error(exc, "finish_migration", spec.uuid, conn)
+                exc = self._map_error(exc, call, None, conn)
             if isinstance(exc, DriverError) and not isinstance(exc, CopyFailed):
-                raise CopyFailed(
-                    f"disk copy of {spec.uuid} failed: {exc}", uuid=spec.uuid, call="finish_migration"
-                ) from exc
+                raise CopyFailed(f"disk copy of {spec.uuid} failed: {exc}", uuid=spec.uuid, call=call) from exc
             raise
 
     def snapshot(self, spec: DomainSpec, target: Path) -> None:
@@ -569,12 +828,15 @@ class LibvirtDriver(Driver):
         part, download = _scratch(target, ".part"), _scratch(target, ".download")
         try:
             with self._calling("snapshot", spec.uuid) as conn:
+                disk = spec.root
                 with suppress(libvirt.libvirtError):  # no domain: the disk alone is what is read
-                    if self._domain(conn, spec.uuid).isActive():
+                    dom = self._domain(conn, spec.uuid)
+                    if dom.isActive():
                         raise DriverError(
                             f"cannot snapshot {spec.uuid}: domain is running", uuid=spec.uuid, call="snapshot"
                         )
-                vol = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(spec.uuid)[0])
+                    disk = _root_volume(dom.XMLDesc(0)) or disk
+                vol = self.storage.volume(conn, self.storage.disks_pool, disk)
                 if vol is None:
                     raise DomainNotFound(spec.uuid, call="snapshot")
                 backing = _backing_key(vol.XMLDesc(0))
@@ -590,44 +852,46 @@ class LibvirtDriver(Driver):
 
     def spawn_from_snapshot(
         self, spec: DomainSpec, snapshot: Path, *, power_on: bool = True, progress: Progress | None = None
-    ) -> None:
-        with self._calling("spawn_from_snapshot", spec.uuid) as conn:
-            try:
-                dom = self._domain(conn, spec.uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_NO_DOMAIN:
-                    raise
+    ) -> str:
+        @contextmanager
+        def delta() -> Iterator[DiskRead]:
+            with self._calling("spawn_from_snapshot", spec.uuid) as conn:
                 key, _ = self._base(conn, spec)
-                with _difference(snapshot, spec, key) as delta:
-                    disk = self._receive(conn, spec, _file_source(delta), progress)
-                dom = conn.defineXML(self._xml(spec, disk))
-            if power_on and not dom.isActive():
-                dom.create()
+            with _difference(snapshot, spec, key) as path, _file_source(path)() as read:
+                yield read
 
-    def confirm_migration(self, uuid: str) -> None:
+        return self._arrive("spawn_from_snapshot", spec, delta, power_on, progress)
+
+    def confirm_migration(self, uuid: str, disk: str | None = None) -> None:
         with self._calling("confirm_migration", uuid) as conn:
-            kept = self.storage.volume(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[0])
-            try:
-                dom = self._domain(conn, uuid)
-                if kept is not None and kept.path() in _disk_sources(dom.XMLDesc(0)):
-                    return  # a domain here uses the disk (the move was reverted): it is not kept, keep it
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_NO_DOMAIN:
-                    raise
-            for name in self.storage.disk_names(uuid):
-                self.storage.delete(conn, self.storage.disks_pool, name)
+            name = disk or valid_uuid(uuid)
+            if self._in_use(conn, uuid, name):
+                return  # a domain here uses the disk (the move was reverted): it is not kept, keep it
+            self._delete_volume(conn, name)
+            self.storage.delete(conn, self.storage.disks_pool, self.storage.disk_names(uuid)[1])
 
     def finish_revert_migration(self, spec: DomainSpec, *, power_on: bool) -> None:
-        with self._calling("finish_revert_migration", spec.uuid) as conn:
-            disk = self._disk(conn, spec.uuid, "finish_revert_migration")  # nothing kept: DomainNotFound
+        call = "finish_revert_migration"
+        with self._calling(call, spec.uuid) as conn:
+            disk = self._disk(conn, spec.uuid, call, spec.root)  # nothing kept: DomainNotFound
             try:
                 dom = self._domain(conn, spec.uuid)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
                     raise
+                _holds(spec.attempt)
                 dom = conn.defineXML(self._xml(spec, disk))
-            if power_on and not dom.isActive():
-                dom.create()
+            else:
+                if _root_volume(dom.XMLDesc(0)) != spec.root:
+                    raise StaleObject(
+                        f"{call}: the domain of {spec.uuid} on {self.uri} uses {_root_volume(dom.XMLDesc(0))}, not"
+                        f" the kept disk {spec.root}: never adopted",
+                        uuid=spec.uuid,
+                        call=call,
+                    )
+                if spec.attempt is not None:
+                    self._restamp(dom, spec.attempt)
+            self._start(dom, spec, power_on)
 
     def cleanup_images(
         self, max_age_seconds: float, moving: frozenset[str] = frozenset(), keep: frozenset[str] | None = None
@@ -651,7 +915,7 @@ class LibvirtDriver(Driver):
         removed = []
         for vol in self.storage.disks(conn):
             name = vol.name()
-            uuid = name.removesuffix(".rescue")
+            uuid = name.split(".", 1)[0]  # <uuid>, <uuid>.<attempt tag>, <uuid>.rescue
             try:
                 valid_uuid(uuid)
             except DriverError:

@@ -19,6 +19,7 @@ The tree::
     │   └── HostInUse            a host still holds instances
     ├── InvalidState            the operation's guard refused the current states
     ├── HostNotEvacuable        evacuate refused: the host is not both down and fenced
+    ├── InstanceLocked          the instance is locked; only an admin override runs an operation
     ├── Conflict                a compare-and-swap lost against a concurrent write
     ├── Preempted               the running task was taken over (delete, hard reboot)
     │   └── Fenced              ... by recovery (a newer epoch): the old worker must stop
@@ -27,6 +28,9 @@ The tree::
     ├── SchemaOutOfDate         the database is not at the migrations' head
     └── DriverError             the hypervisor refused or failed a call
         ├── DomainNotFound      the domain does not exist on that host
+        ├── CopyFailed          a move's disk copy failed; the destination kept nothing
+        ├── EvacuatedCopiesPending  heartbeat refused: the host's copies of evacuated instances remain
+        ├── StaleObject         a domain of another attempt is in the way; never adopted nor started
         └── DriverUnavailable   transient: the hypervisor cannot be reached now
 """
 
@@ -42,6 +46,7 @@ __all__ = [
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
+    "EvacuatedCopiesPending",
     "Fenced",
     "HostInUse",
     "HostNotEvacuable",
@@ -58,6 +63,7 @@ __all__ = [
     "NoValidHost",
     "Preempted",
     "SchemaOutOfDate",
+    "StaleObject",
     "TaskFailed",
     "TaskNotFound",
 ]
@@ -310,6 +316,15 @@ class DomainNotFound(DriverError):
         super().__init__(f"domain for instance {uuid} not found", uuid=uuid, call=call)
 
 
+class StaleObject(DriverError):
+    """A domain of this instance made by another attempt (an earlier life, another task) is where a call would make one.
+
+    It is never adopted nor started, and the call changed nothing; the
+    operation clears such leftovers first (audited), so this means one
+    appeared meanwhile.
+    """
+
+
 class CopyFailed(DriverError):
     """A move's disk copy to the destination failed; the destination kept nothing and defined nothing.
 
@@ -317,6 +332,29 @@ class CopyFailed(DriverError):
     in the message and is the ``__cause__``. The source still holds the disk,
     so the move can be rolled back onto it.
     """
+
+
+class EvacuatedCopiesPending(DriverError):
+    """A heartbeat refused: the host holds old copies of evacuated instances, and they could not be destroyed.
+
+    A host records a heartbeat only once those copies are gone (a move or an
+    unshelve there would find them); its hypervisor failed or did not answer
+    while destroying them, so nothing was written. ``instances`` names the
+    instances whose copies remain, ``cause`` what the hypervisor said (also the
+    ``__cause__``). Retry when the hypervisor answers.
+    """
+
+    def __init__(self, host: str, instances: Iterable[str], cause: BaseException) -> None:
+        self.host = host
+        self.instances = sorted(instances)
+        self.cause = f"{type(cause).__name__}: {cause}"
+        shown = ", ".join(self.instances[:5]) + (" ..." if len(self.instances) > 5 else "")
+        super().__init__(
+            f"cannot heartbeat host {host}: it still holds the old copies of {len(self.instances)} instance(s)"
+            f" evacuated away from it ({shown}), which must be destroyed first, and its hypervisor could not"
+            f" destroy them ({self.cause}); no heartbeat was recorded: retry when it answers",
+            call=getattr(cause, "call", None),
+        )
 
 
 class DriverUnavailable(DriverError):

@@ -212,6 +212,9 @@ class Instance:
     """Who locked the instance (an actor), or None: a locked instance refuses operations without an override."""
     locked_reason: str | None = None
     locked_at: datetime | None = None
+    disk: str | None = None
+    """The root volume the instance uses on its host, named after the attempt that made it (None: the bare uuid
+    of a volume made before volumes named their attempt, or no disk)."""
 
     @property
     def status(self) -> str:

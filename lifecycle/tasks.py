@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from drivers.base import DomainSpec, Driver
+from drivers.base import Attempt, DomainSpec, Driver, HostObject
 from lifecycle import graph, preemption
 from lifecycle.audit import Why
 from lifecycle.config import Settings
@@ -127,7 +127,7 @@ class TaskRun:
 
     @property
     def spec(self) -> DomainSpec:
-        """What the driver needs to define this instance's domain."""
+        """What the driver needs to define this instance's domain, on its disk, for this attempt."""
         i = self.instance
         return DomainSpec(
             uuid=i.uuid,
@@ -137,7 +137,42 @@ class TaskRun:
             root_gb=i.flavor.root_gb,
             image_path=self.image.path,
             image_format=self.image.disk_format,
+            disk=i.disk,
+            attempt=self.attempt(),
         )
+
+    def attempt(self, migration_id: str | None = None) -> Attempt:
+        """Return the attempt of this worker: what its driver calls stamp, and the epoch check before destroying."""
+        return Attempt(self.task.id, self.task.epoch, migration_id, holds=self._holds)
+
+    def _holds(self) -> None:
+        self.store.fence(self.task)
+
+    def clear_leftovers(self, host: str, keep: frozenset[str] = frozenset(), why: str = "") -> list[str]:
+        """Destroy, on ``host``, what another attempt left of this instance (never this task's, nor ``keep``).
+
+        Called before this task makes a copy of the instance where it does not
+        live: an earlier life's domain and disk (an evacuated copy, a failed
+        move's) are destroyed first, never adopted nor started, and the audit
+        log says so. Returns the names destroyed.
+        """
+        driver = self.on(host)
+        attempt = self.attempt()
+        stale = [o for o in driver.objects(self.instance.uuid) if _leftover(o, attempt, keep)]
+        if not stale:
+            return []
+        removed = self.on(host).remove(self.instance.uuid, stale)
+        if removed:
+            names = ", ".join(removed)
+            message = (
+                f"destroyed on {host}, before {why or 'making a copy'}, what another attempt left of this instance"
+                f" (never adopted nor started): {names}; by {self.task.operation} task {self.task.id}"
+            )
+            # A note beside the task's own rows (no task id: it changes no state of the task's walk), on the row as
+            # it is now (a delete may have taken the instance over meanwhile).
+            self.store.note(self.store.get_instance(self.instance.uuid), replace(self.why(message), task_id=None))
+            log.warning("leftovers_destroyed", host=host, removed=removed)
+        return removed
 
     def why(self, message: str | None = None) -> Why:
         """Return the audit reason for writes of this task."""
@@ -444,12 +479,18 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
     recorded = {run.instance.host} if run.instance.host is not None else set()
     for host in sorted(run.touched | recorded):
         try:
-            run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True)
+            # Only what this worker's task made: the instance's current copy (if any) is another attempt's.
+            run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True, attempt=run.attempt())
         except Exception as exc:  # an unreachable host: its daemon reaps the leftover later
             log.warning("preempted_leftover_not_destroyed", host=host, error=f"{type(exc).__name__}: {exc}")
     # Also while the delete still runs: it may have released the claims already, before this late one.
     run.store.release_claims(run.instance.uuid)
     log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
+
+
+def _leftover(obj: HostObject, attempt: Attempt, keep: frozenset[str]) -> bool:
+    """Whether a hypervisor object belongs to neither ``attempt``'s task nor the disks in ``keep``."""
+    return not obj.of_task(attempt) and obj.name not in keep and not (set(obj.volumes) & keep)
 
 
 def _was_preempted(run: TaskRun, exc: Exception) -> Preempted | None:

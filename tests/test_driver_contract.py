@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import DomainSpec, Driver, LifecycleEvent, RebootType, Transition
+from drivers.base import Attempt, DomainSpec, Driver, LifecycleEvent, RebootType, Transition
 from drivers.fake import FakeDriver
 from drivers.libvirt import LibvirtDriver
-from lifecycle.errors import DomainNotFound, DriverError
+from lifecycle.errors import DomainNotFound, DriverError, Fenced, StaleObject
 from lifecycle.states import PowerState
 from tests.conftest import QEMU_URI, qemu_ready
 from tests.test_storage import remove_pools
@@ -70,8 +70,7 @@ def _made_here(drv: Driver, uuid: str) -> bool:
     """
     if not isinstance(drv, LibvirtDriver) or drv.uri != QEMU_URI:
         return True
-    with drv._calling("made_here") as conn:
-        return drv.storage.volume(conn, drv.storage.disks_pool, uuid) is not None
+    return any(o.kind == "volume" for o in drv.objects(uuid))
 
 
 def _owned(drv: Driver) -> dict[str, PowerState]:
@@ -308,3 +307,69 @@ def test_snapshot_of_a_missing_disk_is_domain_not_found(driver: Driver, spec: Do
     with pytest.raises(DomainNotFound):
         driver.snapshot(spec, tmp_path / "nothing.qcow2")
     assert not (tmp_path / "nothing.qcow2").exists()
+
+
+# -- ownership on the hypervisor ----------------------------------------------------------
+
+
+def _by(spec: DomainSpec, task: str, epoch: int = 0) -> DomainSpec:
+    """``spec`` acting for ``task`` at ``epoch``."""
+    return dataclasses.replace(spec, attempt=Attempt(task, epoch))
+
+
+def _volumes(driver: Driver, uuid: str) -> set[str]:
+    return {o.name for o in driver.objects(uuid) if o.kind == "volume"}
+
+
+def test_spawn_never_adopts_nor_starts_another_attempts_domain(driver: Driver, spec: DomainSpec) -> None:
+    """A domain made by one task is never adopted nor started by another task's spawn: StaleObject, nothing changed."""
+    disk = driver.spawn(_by(spec, str(uuidlib.uuid4())), power_on=False)
+    assert disk.startswith(spec.uuid + ".")  # the volume names its attempt
+    with pytest.raises(StaleObject):
+        driver.spawn(_by(spec, str(uuidlib.uuid4())))
+    assert driver.get_info(spec.uuid) is P.SHUTDOWN and _volumes(driver, spec.uuid) == {disk}
+
+
+def test_a_later_epoch_takes_the_domain_and_fences_the_earlier(driver: Driver, spec: DomainSpec) -> None:
+    """Epoch 1 of a task takes epoch 0's domain (same disk); epoch 0 coming back is Fenced and changes nothing."""
+    task = str(uuidlib.uuid4())
+    disk = driver.spawn(_by(spec, task, 0), power_on=False)
+    assert driver.spawn(_by(spec, task, 1), power_on=False) == disk
+    with pytest.raises(Fenced):
+        driver.spawn(_by(spec, task, 0))
+    assert driver.get_info(spec.uuid) is P.SHUTDOWN
+    [domain] = [o for o in driver.objects(spec.uuid) if o.kind == "domain"]
+    assert (domain.task_tag, domain.epoch) == (Attempt(task, 1).task_tag, 1)
+
+
+def test_destroy_for_an_attempt_touches_only_its_tasks_objects(driver: Driver, spec: DomainSpec) -> None:
+    """destroy(attempt=another task) leaves the domain and its disk; destroy without an attempt removes all."""
+    disk = driver.spawn(_by(spec, str(uuidlib.uuid4())))
+    driver.destroy(spec.uuid, attempt=Attempt(str(uuidlib.uuid4()), 0))
+    assert driver.get_info(spec.uuid) is P.RUNNING and _volumes(driver, spec.uuid) == {disk}
+    driver.destroy(spec.uuid)
+    assert driver.objects(spec.uuid) == []
+
+
+def test_remove_destroys_what_was_listed_but_not_what_was_taken_meanwhile(driver: Driver, spec: DomainSpec) -> None:
+    """remove() leaves a domain stamped anew after the listing (and the disk it uses); a listed one goes."""
+    task = str(uuidlib.uuid4())
+    driver.spawn(_by(spec, task, 0), power_on=False)
+    listed = driver.objects(spec.uuid)
+    driver.spawn(_by(spec, task, 1), power_on=False)  # taken by a later epoch after the listing
+    assert driver.remove(spec.uuid, listed) == []
+    assert {o.kind for o in driver.objects(spec.uuid)} == {"domain", "volume"}
+    now = driver.objects(spec.uuid)
+    assert sorted(driver.remove(spec.uuid, now)) == sorted(o.name for o in now)
+    assert driver.objects(spec.uuid) == []
+
+
+def test_hard_reboot_defines_a_lost_domain_anew_on_its_disk(driver: Driver, spec: DomainSpec) -> None:
+    """A domain gone while its disk stayed comes back on that disk with a hard reboot (a soft one cannot)."""
+    disk = driver.spawn(_by(spec, str(uuidlib.uuid4())), power_on=False)
+    moved = driver.migrate_disk_and_power_off(spec.uuid, timeout=0, retry_interval=0, disk=disk)
+    assert moved == disk and spec.uuid not in driver.list_instances().owned
+    with pytest.raises(DomainNotFound):
+        driver.reboot(dataclasses.replace(spec, disk=disk), RebootType.SOFT)
+    driver.reboot(_by(dataclasses.replace(spec, disk=disk), str(uuidlib.uuid4())), RebootType.HARD)
+    assert driver.get_info(spec.uuid) is P.RUNNING and _volumes(driver, spec.uuid) == {disk}

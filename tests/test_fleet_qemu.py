@@ -103,13 +103,23 @@ class HostView:
             if pool is None or not pool.isActive():
                 return set()
             pool.refresh(0)
-            return {vol.name() for vol in pool.listAllVolumes(0)}
+            names = [vol.name() for vol in pool.listAllVolumes(0)]
+        if sub != "disks":
+            return set(names)
+        # An instance's root volume is named <uuid>.<attempt tag>: one per instance, counted by its uuid.
+        owners = [n if n.endswith(".rescue") else n.split(".", 1)[0] for n in names]
+        assert len(owners) == len(set(owners)), f"more than one root volume of an instance: {names}"
+        return set(owners)
 
     def _volume(self, conn: Any, name: str) -> Any:
         pool = self._pool(conn, "disks")
         assert pool is not None, f"no disks pool for {self.instances} on {self.uri}"
         pool.refresh(0)
-        return pool.storageVolLookupByName(name)
+        # An instance's uuid names its one root volume, whatever attempt tag that carries.
+        found = [v for v in pool.listAllVolumes(0) if v.name() == name or v.name().startswith(name + ".")]
+        found = [v for v in found if not v.name().endswith(".rescue")] or found
+        assert len(found) == 1, f"{name}: volumes {[v.name() for v in found]}"
+        return found[0]
 
     def capacity(self, name: str) -> int:
         """A disk volume's virtual size in bytes."""

@@ -372,10 +372,17 @@ def _alive(pid: int) -> bool:
 
 
 def _disk_volumes(drv: Driver) -> set[str]:
-    """The names of the volumes in a libvirt host's disks pool."""
+    """The instances (and rescue disks) the volumes of a libvirt host's disks pool belong to, one volume each."""
     assert isinstance(drv, LibvirtDriver)
     with drv._calling("test") as conn:
-        return {vol.name() for vol in drv.storage.disks(conn)}
+        names = [_owner(vol.name()) for vol in drv.storage.disks(conn)]
+    assert len(names) == len(set(names)), f"more than one root volume of an instance: {names}"
+    return set(names)
+
+
+def _owner(volume: str) -> str:
+    """Return the instance a root volume belongs to (``<uuid>.<attempt tag>``), or a rescue disk's own name."""
+    return volume if volume.endswith(".rescue") else volume.split(".", 1)[0]
 
 
 @pytest.mark.qemu
@@ -455,7 +462,7 @@ def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_
             src, dst = engine.driver("src"), engine.driver("dst")
             assert isinstance(dst, LibvirtDriver)
             with dst._calling("test") as conn:
-                copy = dst.storage.volume(conn, dst.storage.disks_pool, uuid)
+                copy = dst.storage.volume(conn, dst.storage.disks_pool, engine.get(uuid).disk)
                 assert copy is not None and copy.info()[1] == 2 * 1024**3
                 assert copy.XMLDesc(0).count(f"_base/{image_key(base_image)}") == 1  # backed by dst's own cache
             assert _disk_volumes(src) == {uuid}  # kept until the resize is confirmed

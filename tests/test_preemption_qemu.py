@@ -73,16 +73,16 @@ def test_delete_while_spawn_is_in_flight_leaves_no_domain(cloud: tuple[str, Path
         assert engine.task(build.id).outcome is Outcome.PREEMPTED
         assert engine.get(uuid).vm_state is VmState.DELETED and engine.store.claims_of(uuid) == []
         assert uuid not in _driver(engine).list_instances().owned
-        assert not (instances / uuid).exists()
+        assert not [p for p in (instances / "disks").glob(f"{uuid}*")]
 
 
 def test_a_taken_over_worker_that_wakes_late_makes_no_more_calls(cloud: tuple[str, Path]) -> None:
-    """A rebuild held after its destroy is taken over by force; when it wakes it is fenced before its spawn."""
+    """A rebuild held after it removed the old disk is taken over by force; when it wakes it is fenced before its spawn."""
     url, instances = cloud
     first = Engine(url, settings=SETTINGS, owner="node-1")
     uuid = first.create("victim", host="q1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
     hold = Hold()
-    _driver(first).points["destroy:done"] = hold
+    _driver(first).points["remove:done"] = hold
     rebuild = first.rebuild(uuid, wait=False)
     assert hold.entered.wait(60)
 
@@ -92,13 +92,15 @@ def test_a_taken_over_worker_that_wakes_late_makes_no_more_calls(cloud: tuple[st
     assert (taken.task_id, taken.outcome) == (rebuild.id, "succeeded")
     assert second.task(rebuild.id).epoch == 1
     second.stop(uuid)
-    disk = (instances / "disks" / uuid).stat().st_ino
+    current = second.get(uuid).disk
+    assert current is not None
+    disk = (instances / "disks" / current).stat().st_ino
 
     hold.released.set()
     first.wait_idle()
     assert second.get(uuid).vm_state is VmState.STOPPED
     assert _driver(second).get_info(uuid) is PowerState.SHUTDOWN  # the old worker did not spawn it again
-    assert (instances / "disks" / uuid).stat().st_ino == disk  # nor replace the disk the new owner made
+    assert (instances / "disks" / current).stat().st_ino == disk  # nor replace the disk the new owner made
     assert second.task(rebuild.id).outcome is Outcome.SUCCEEDED
     first.close()
     second.delete(uuid)

@@ -133,7 +133,7 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
     elif instance.vm_state is V.SHELVED_OFFLOADED:  # on no host, its disk only in the snapshot image
         assert instance.host is None and second.store.claims_of(uuid) == []
         assert not any(fakes.factory(second.host(h)).domain_exists(uuid) for h in ("h1", "h2"))
-        assert Path(second.store.get_image(f"shelved-{uuid}").path).read_text().startswith(uuid)
+        assert Path(second.store.get_image(f"shelved-{uuid}").path).read_text().startswith("image:")
     else:
         assert instance.host is not None
         here = fakes.factory(second.host(instance.host))
@@ -147,7 +147,7 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
     second.close()
 
 
-@pytest.mark.parametrize("call", ["destroy", "spawn"])
+@pytest.mark.parametrize("call", ["remove", "spawn"])
 def test_rebuild_resumed_after_a_crash_never_wipes_the_new_disk(
     one_owner: Callable[..., Engine], fakes: Fakes, call: str
 ) -> None:

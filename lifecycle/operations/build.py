@@ -56,7 +56,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         run.advance(TaskState.BLOCK_DEVICE_MAPPING)  # the root disk is made by spawn
         run.advance(TaskState.SPAWNING)
         try:
-            run.driver.spawn(run.spec, power_on=True)
+            run.fields["disk"] = run.driver.spawn(run.spec, power_on=True)
         except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's
             run.store.release_claims(run.instance.uuid, host)
             tried.append(host)
@@ -89,9 +89,9 @@ def _give_back(run: TaskRun, last: list[str]) -> None:
 
 
 def _destroy_quietly(run: TaskRun, host: str) -> None:
-    # A half-made domain on the failed host must not linger there.
+    # A half-made domain on the failed host must not linger there; only this task's own objects go.
     try:
-        run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True)
+        run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True, attempt=run.attempt())
     except Exception as exc:  # best effort: the sync pass reports what is left, the reaper removes it
         log.warning("failed_build_not_cleaned", host=host, error=f"{type(exc).__name__}: {exc}")
 

@@ -19,7 +19,9 @@ The dead host's old copy is destroyed when it answers again
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
+from drivers.base import volume_name
 from lifecycle.config import Settings
 from lifecycle.errors import HostNotEvacuable, Preempted
 from lifecycle.placement import host_is_up, scheduler_for
@@ -100,12 +102,15 @@ def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
         f"evacuated from {source} (down and fenced) to {dest}: rebuilt from image {run.image.name};"
         f" data on {source}'s disk is lost"
     )
-    run.advance(T.REBUILD_BLOCK_DEVICE_MAPPING, message, host=dest)
+    # The disk this attempt makes there: what a hard reboot finds should the spawn fail half-way.
+    run.advance(T.REBUILD_BLOCK_DEVICE_MAPPING, message, host=dest, disk=volume_name(uuid, run.attempt()))
     run.changed = True  # the instance left its host: a failure from here on ends in error
     run.store.release_claims(uuid, source)
     run.store.revoke_console_tokens(uuid)
     run.advance(T.REBUILD_SPAWNING)
-    run.driver.spawn(run.spec, power_on=True)
+    # An earlier life's copy on the destination (evacuated away from it once) is destroyed first, never started.
+    run.clear_leftovers(dest, why="rebuilding the evacuated instance")
+    run.fields["disk"] = run.driver.spawn(replace(run.spec, disk=None), power_on=True)
     if run.source_vm_state is VmState.STOPPED:
         run.power_off(timeout=0)
 

@@ -28,11 +28,11 @@ from dataclasses import replace
 
 import structlog
 
-from drivers.base import DomainSpec
-from lifecycle.errors import CopyFailed, DomainNotFound, LifecycleError, Preempted
+from drivers.base import DomainSpec, volume_name
+from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, LifecycleError, Preempted
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
-from lifecycle.states import MigrationStatus, TaskState, VmState
+from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import Hook, Steps, TaskRun
 
@@ -44,8 +44,25 @@ T = TaskState
 MS = MigrationStatus
 
 
-def _spec(run: TaskRun, flavor: Flavor) -> DomainSpec:
-    return replace(run.spec, vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, root_gb=flavor.root_gb)
+def _spec(run: TaskRun, flavor: Flavor, disk: str | None) -> DomainSpec:
+    """Return the instance's spec with ``flavor``, on the root volume ``disk`` of the host called."""
+    spec = run.spec
+    return replace(spec, vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, root_gb=flavor.root_gb, disk=disk)
+
+
+def kept_disk(migration: Migration) -> str | None:
+    """Return the source's kept root volume of a move (records from before volume names hold "<uri> <path>")."""
+    if migration.source_disk is None:
+        return None
+    return migration.source_disk.rsplit("/", 1)[-1].rsplit(" ", 1)[-1]
+
+
+def _source_disk(run: TaskRun, migration: Migration) -> str | None:
+    """Return the instance's root volume on the move's source: the kept one once it left, else the recorded one."""
+    kept = kept_disk(migration)
+    if kept is not None:
+        return kept
+    return run.instance.disk if run.instance.host == migration.source_host else None
 
 
 def _power_on(migration: Migration) -> bool:
@@ -63,8 +80,10 @@ def move(run: TaskRun) -> None:
     assert migration.dest_host is not None
     run.touched.add(migration.dest_host)  # a delete taking the move over must clean the destination too
     run.advance(T.RESIZE_MIGRATING)
-    _leave_source(run, migration)
-    run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host)
+    migration = _leave_source(run, migration)
+    # The disk this attempt makes on the destination: what a hard reboot finds should the finish fail half-way.
+    arriving = volume_name(uuid, run.attempt())
+    run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host, disk=arriving)
     run.changed = True  # the guest left its source: a failure from here on cannot keep the vm_state
     run.migration_status(migration.id, MS.POST_MIGRATING)
     run.advance(T.RESIZE_FINISH)
@@ -77,18 +96,24 @@ def move(run: TaskRun) -> None:
 
 def _copy_and_finish(run: TaskRun, migration: Migration) -> None:
     """Bring the disk over from the source and start the guest there; a failed copy goes back to the source."""
-    source = functools.partial(run.on(migration.source_host).read_disk, run.instance.uuid)
+    kept = _source_disk(run, migration)
+    source = functools.partial(run.on(migration.source_host).read_disk, run.instance.uuid, kept)
     assert migration.dest_host is not None
+    # A copy from an earlier life of the instance there (an evacuated one, a failed move's) is destroyed first.
+    run.clear_leftovers(migration.dest_host, why="copying the disk there")
     dest = run.on(migration.dest_host)
+    spec = replace(_spec(run, migration.new_flavor, None), attempt=run.attempt(migration.id))
+    run.fail_fields["disk"] = volume_name(run.instance.uuid, spec.attempt)
     try:
-        dest.finish_migration(
-            _spec(run, migration.new_flavor), source, power_on=_power_on(migration), progress=run.copy_progress
-        )
+        disk = dest.finish_migration(spec, source, power_on=_power_on(migration), progress=run.copy_progress)
+        run.fields["disk"] = run.fail_fields["disk"] = disk
     except CopyFailed:
-        back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
+        back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None, "disk": kept}
         run.fields |= back  # the power read at the failure is the source's
         run.fail_fields |= back
         run.changed = False  # the destination holds nothing: the guest is as it was, on its source
+        # As it was before the move (a resumed run read its "before" on the destination, where nothing was).
+        run.before_power = PowerState.RUNNING if _power_on(migration) else PowerState.SHUTDOWN
         revert_on_source(run, migration)
         raise
 
@@ -120,20 +145,25 @@ def prepare(run: TaskRun) -> None:
 def roll_back(run: TaskRun) -> None:
     """Recovery's roll-back of a move that had not left its source: back onto the source."""
     migration = run.store.open_migration(run.instance.uuid)
-    if migration is not None:
+    if migration is None:
+        return
+    # A source that does not answer: the move stays open, the instance ends in error on it (revert_resize later).
+    with contextlib.suppress(DriverUnavailable):
         revert_on_source(run, migration)
 
 
-def _leave_source(run: TaskRun, migration: Migration) -> str:
+def _leave_source(run: TaskRun, migration: Migration) -> Migration:
     store = run.store
     if migration.source_disk is not None:  # resumed: the disk already left
-        return migration.source_disk
+        return migration
     run.migration_status(migration.id, MS.MIGRATING)
     try:
         disk = run.driver.migrate_disk_and_power_off(
             run.instance.uuid,
             timeout=run.settings.shutdown_timeout,
             retry_interval=run.settings.shutdown_retry_interval,
+            disk=run.instance.disk,
+            attempt=run.attempt(migration.id),
         )
     except Preempted:
         raise  # a delete took the move over: it confirms and cleans up, this worker writes nothing
@@ -142,17 +172,28 @@ def _leave_source(run: TaskRun, migration: Migration) -> str:
         raise
     store.update_migration(migration.id, source_disk=disk)
     store.revoke_console_tokens(run.instance.uuid)
-    return disk
+    return replace(migration, source_disk=disk)
 
 
 def revert_on_source(run: TaskRun, migration: Migration) -> None:
-    """Undo a move that had not left the source: source back as it was, destination claim released."""
+    """Undo a move that had not left the source: source back as it was, destination claim released.
+
+    A source that does not answer leaves the move open (the instance ends in
+    error on its source, its disk kept there): ``revert_resize`` finishes it
+    once the source answers, as it would never be finished by guessing now.
+    """
     assert migration.dest_host is not None
+    disk = _source_disk(run, migration)
     try:
         run.on(migration.source_host).finish_revert_migration(
-            _spec(run, migration.old_flavor), power_on=_power_on(migration)
+            _spec(run, migration.old_flavor, disk), power_on=_power_on(migration)
         )
     except Preempted:
+        raise
+    except DriverUnavailable as exc:
+        log.warning("source_restore_unreachable", host=migration.source_host, error=str(exc))
+        run.fail_fields |= {"host": migration.source_host, "flavor": migration.old_flavor, "disk": disk}
+        run.changed = True  # the guest is not back: the instance ends in error with the move open, revertible
         raise
     except Exception as exc:  # the roll back records itself whatever the source said; sync sees the guest
         log.warning("source_restore_failed", host=migration.source_host, error=f"{type(exc).__name__}: {exc}")
@@ -175,7 +216,7 @@ def confirm_on_source(run: TaskRun, migration: Migration, *, ends: MigrationStat
     """
     run.migration_status(migration.id, MS.CONFIRMING)
     try:
-        run.on(migration.source_host).confirm_migration(run.instance.uuid)
+        run.on(migration.source_host).confirm_migration(run.instance.uuid, kept_disk(migration))
     except LifecycleError:
         run.migration_status(migration.id, MS.FINISHED)  # retried later, never stuck
         raise
@@ -196,10 +237,11 @@ def revert(run: TaskRun) -> None:
     run.migration_status(migration.id, MS.REVERTING)
     with contextlib.suppress(DomainNotFound):
         run.on(migration.dest_host).power_off(uuid, timeout=0, retry_interval=0)
+    kept = _source_disk(run, migration)
     run.on(migration.source_host).finish_revert_migration(
-        _spec(run, migration.old_flavor), power_on=_power_on(migration)
+        _spec(run, migration.old_flavor, kept), power_on=_power_on(migration)
     )
-    back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None}
+    back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None, "disk": kept}
     run.fail_fields |= back  # from here on the guest lives on the source, whatever fails next
     run.store.revoke_console_tokens(uuid)
     run.store.release_claims(uuid, migration.dest_host)

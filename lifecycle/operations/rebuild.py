@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lifecycle.states import TaskState, VmState
 from lifecycle.tasks import Steps, TaskRun
 
@@ -19,8 +21,12 @@ def rebuild(run: TaskRun) -> None:
     """
     run.advance(TaskState.REBUILD_BLOCK_DEVICE_MAPPING)  # the new overlay is made by the driver
     run.advance(TaskState.REBUILD_SPAWNING)
-    run.once("old_disk_destroyed", lambda: run.driver.destroy(run.instance.uuid, destroy_disks=True))
-    run.driver.spawn(run.spec, power_on=True)
+    host = run.instance.host
+    assert host is not None
+    # Everything of the instance there but what this task made (a resumed or stalled run never destroys the new
+    # disk of another epoch); recorded done once it completed.
+    run.once("old_disk_destroyed", lambda: run.clear_leftovers(host, why="rebuilding from the image"))
+    run.fields["disk"] = run.driver.spawn(replace(run.spec, disk=None), power_on=True)
     run.fields["image"] = run.image.name
     if run.source_vm_state is VmState.STOPPED:
         run.power_off(timeout=0)

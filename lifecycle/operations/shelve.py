@@ -29,6 +29,7 @@ so recovery resumes each of these task_states.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 from lifecycle.config import Settings
@@ -147,6 +148,7 @@ def _offload(run: TaskRun) -> None:
     run.changed = True  # the domain is gone: a failure from here on cannot keep the vm_state
     run.store.release_claims(uuid, task=run.task)
     run.fields["host"] = None
+    run.fields["disk"] = None
     run.end_power = PowerState.NOSTATE
 
 
@@ -189,6 +191,7 @@ def _offload_from_dead_host(run: TaskRun, why: str) -> None:
     run.changed = True
     run.store.release_claims(uuid, task=run.task)
     run.fields["host"] = None
+    run.fields["disk"] = None
     run.end_power = PowerState.NOSTATE
     run.note = (
         f"{source} is down and fenced ({why}): offloaded in the database, the disk kept in {image.name};"
@@ -246,7 +249,7 @@ def _spawn_offloaded(run: TaskRun) -> None:
     snapshot = snapshot_of(run.store, uuid)
     if snapshot is None:
         raise ImageNotFound(snapshot_name(uuid), [])
-    run.fail_fields["host"] = None  # a failed unshelve stays offloaded: no host, no claim
+    run.fail_fields |= {"host": None, "disk": None}  # a failed unshelve stays offloaded: no host, no claim
     if run.resumed_past(T.UNSHELVING) and run.instance.host is not None:
         dest = run.instance.host
     else:
@@ -256,14 +259,19 @@ def _spawn_offloaded(run: TaskRun) -> None:
         run.touched.add(dest)
         run.advance(T.SPAWNING, f"scheduled to {dest}; spawning from snapshot {snapshot.name}", host=dest)
     try:
+        # A copy from an earlier life of the instance there (an evacuated one) is destroyed first, never started.
+        run.clear_leftovers(dest, why="spawning from the snapshot")
         # The copy records its progress on the step, and stops there once the task is no longer ours.
-        run.driver.spawn_from_snapshot(run.spec, Path(snapshot.path), power_on=True, progress=run.copy_progress)
+        spec = replace(run.spec, disk=None)
+        run.fields["disk"] = run.driver.spawn_from_snapshot(
+            spec, Path(snapshot.path), power_on=True, progress=run.copy_progress
+        )
     except Preempted:
         raise
     except Exception:
         run.store.release_claims(uuid, dest, task=run.task)  # a fenced worker releases nothing
-        with contextlib.suppress(Exception):  # nothing half-made may stay on the host (fenced: not ours to touch)
-            run.on(dest).destroy(uuid, destroy_disks=True)
+        with contextlib.suppress(Exception):  # nothing half-made may stay on the host, and only this task's goes
+            run.on(dest).destroy(uuid, destroy_disks=True, attempt=run.attempt())
         raise
 
 

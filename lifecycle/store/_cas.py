@@ -115,6 +115,7 @@ _WRITABLE = (
     "locked_by",
     "locked_reason",
     "locked_at",
+    "disk",
 )
 
 

@@ -74,6 +74,7 @@ def instance_values(i: Instance) -> dict[str, Any]:
         "locked_by": i.locked_by,
         "locked_reason": i.locked_reason,
         "locked_at": i.locked_at,
+        "disk": i.disk,
     }
 
 
@@ -124,6 +125,7 @@ def instance_from(r: sa.RowMapping) -> Instance:
         locked_by=r["locked_by"],
         locked_reason=r["locked_reason"],
         locked_at=aware(r["locked_at"]),
+        disk=r["disk"],
     )
 
 

@@ -129,6 +129,9 @@ INSTANCES = sa.Table(
     sa.Column("locked_by", _text(255), nullable=True),
     sa.Column("locked_reason", _text(), nullable=True),
     sa.Column("locked_at", _TS, nullable=True),
+    # The root volume the instance uses on its host (named after the attempt that made it); NULL: the bare
+    # uuid of volumes made before volumes named their attempt, or no disk.
+    sa.Column("disk", _text(255), nullable=True),
     sa.Column("launched_at", _TS, nullable=True),
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("updated_at", _TS, nullable=False),
