@@ -97,7 +97,7 @@ def _round(args: argparse.Namespace) -> tuple[float, float, int]:
             uuid = engine.create("bench", host="local", flavor=Flavor(1, 64, 4), image="base").instance_uuid
             try:
                 engine.stop(uuid)
-                overlay = work / "instances" / "disks" / uuid
+                overlay = work / "instances" / "disks" / str(engine.get(uuid).disk)
                 pattern = f"write -P 0x5a 0 {args.data_mib}M"
                 subprocess.run(["qemu-io", "-f", "qcow2", "-c", pattern, str(overlay)], check=True, capture_output=True)
                 started = time.perf_counter()

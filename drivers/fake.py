@@ -464,9 +464,10 @@ class FakeDriver(Driver):
                 self._volumes[name] = ""  # the copy's volume, this attempt's own
             try:
                 content = self._copy(call, source, progress)
-            except BaseException:
-                with self._state():
-                    self._volumes.pop(name, None)  # its own partial copy only: named after this attempt
+            except BaseException as exc:
+                if not isinstance(exc, SimulatedCrash):  # a dead process cleans nothing up: its copy stays
+                    with self._state():
+                        self._volumes.pop(name, None)  # its own partial copy only: named after this attempt
                 raise
             with self._state():
                 _holds(spec)  # the epoch, right before the define: a stalled worker stops here

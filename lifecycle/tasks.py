@@ -158,7 +158,9 @@ class TaskRun:
         """
         driver = self.on(host)
         attempt = self.attempt()
-        stale = [o for o in driver.objects(self.instance.uuid) if _leftover(o, attempt, keep)]
+        found = driver.objects(self.instance.uuid)
+        used = {v for o in found for v in o.volumes}
+        stale = [o for o in found if _leftover(o, attempt, keep, used)]
         if not stale:
             return []
         removed = self.on(host).remove(self.instance.uuid, stale)
@@ -488,9 +490,19 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
     log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
 
 
-def _leftover(obj: HostObject, attempt: Attempt, keep: frozenset[str]) -> bool:
-    """Whether a hypervisor object belongs to neither ``attempt``'s task nor the disks in ``keep``."""
-    return not obj.of_task(attempt) and obj.name not in keep and not (set(obj.volumes) & keep)
+def _leftover(obj: HostObject, attempt: Attempt, keep: frozenset[str], used: set[str]) -> bool:
+    """Whether a hypervisor object is another attempt's: not ``attempt``'s task's, nor a disk in ``keep``.
+
+    An earlier epoch of the task left it too when it is a volume no domain
+    uses (a copy cut short by a crash or a takeover): its domain, and the
+    disk that domain uses, are what a resumed run takes over.
+    """
+    if obj.name in keep or set(obj.volumes) & keep:
+        return False
+    if not obj.of_task(attempt):
+        return True
+    partial = obj.kind == "volume" and obj.name not in used
+    return partial and obj.epoch is not None and obj.epoch < attempt.epoch
 
 
 def _was_preempted(run: TaskRun, exc: Exception) -> Preempted | None:

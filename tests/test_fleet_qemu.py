@@ -287,7 +287,7 @@ class Fleet:
         """An instance on a, stopped, whose disk holds BIG bytes of data (its copy takes seconds)."""
         uuid = self.create(name, "a", disk=2)
         assert self.ok("stop", uuid, "--timeout", "0")["status"] == "SHUTOFF"
-        disk = Path(self.a.instances) / "disks" / uuid
+        disk = Path(self.a.instances) / "disks" / self.here("show", uuid)["disk"]
         subprocess.run(
             ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {BIG}", str(disk)], check=True, capture_output=True
         )
@@ -408,9 +408,11 @@ def test_every_power_operation_and_rebuild_on_the_remote_host(fleet: Fleet, tmp_
     assert not resumed["managed_save"]
     rescued = step("rescue", uuid, status="RESCUE", power=1, state=RUNNING)
     assert b.volumes() == {uuid, f"{uuid}.rescue"}
-    assert [PurePosixPath(d).name for d in rescued["disks"]] == [f"{uuid}.rescue", uuid]
+    root = fleet.show(uuid)["disk"]  # the root volume, named after the attempt that made it
+    assert root.startswith(f"{uuid}.")
+    assert [PurePosixPath(d).name for d in rescued["disks"]] == [f"{uuid}.rescue", root]
     unrescued = step("unrescue", uuid, status="ACTIVE", power=1, state=RUNNING)
-    assert [PurePosixPath(d).name for d in unrescued["disks"]] == [uuid]
+    assert [PurePosixPath(d).name for d in unrescued["disks"]] == [root]
     assert b.volumes() == {uuid}
     assert PurePosixPath(b.backing(uuid)).parent.name == "_base"
     old_backing = b.backing(uuid)
@@ -427,7 +429,7 @@ def test_resize_onto_the_remote_host_then_migrate_back_and_revert(fleet: Fleet) 
     a, b = fleet.a, fleet.b
     uuid = fleet.create("mover", "a")
     assert fleet.ok("stop", uuid, "--timeout", "0")["status"] == "SHUTOFF"
-    disk = Path(a.instances) / "disks" / uuid
+    disk = Path(a.instances) / "disks" / fleet.here("show", uuid)["disk"]
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 8M", str(disk)], check=True, capture_output=True)
     fleet.heartbeat("b")  # up for the scheduler, which picks the destination of a resize
 
@@ -448,6 +450,7 @@ def test_resize_onto_the_remote_host_then_migrate_back_and_revert(fleet: Fleet) 
     assert (out["host"], out["status"]) == ("a", "VERIFY_RESIZE")
     assert (a.state(uuid), b.state(uuid)) == (SHUTOFF, None)
     assert a.digest(uuid) == before  # the copy is the disk, byte for byte (same flavor: not grown)
+    disk = Path(a.instances) / "disks" / fleet.show(uuid)["disk"]  # a new volume on a, of the move's attempt
     subprocess.run(  # and the guest sees the data written on a before the first move
         ["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 0 8M", str(disk)], check=True, capture_output=True
     )

@@ -200,3 +200,20 @@ def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Eng
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.task_state) == (V.STOPPED, "a", None)
     assert fakes.factory(engine.host("a")).domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
+
+
+def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[], Engine], fakes: Fakes) -> None:
+    """The partial copy a dead worker left on the destination goes when its recovery copies again: one disk stays."""
+    from drivers.fake import SimulatedCrash
+
+    engine = twins()
+    uuid = _vm(engine, fakes)
+    b = fakes.factory(engine.host("b"))
+    b.crash_after("copy")
+    with pytest.raises(SimulatedCrash):
+        engine.migrate(uuid, host="b")
+    assert len(b.volumes()) == 1  # the dead worker's partial copy
+    [recovered] = twins().recover(force=True)
+    assert recovered.outcome == "succeeded"
+    i = engine.get(uuid)
+    assert list(b.volumes()) == [i.disk] and b.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]

@@ -51,7 +51,7 @@ def _remote_content_digest(view: HostView, uuid: str, base_image: Path, work: Pa
     with view.conn() as conn, local.open("wb") as out:
         pool = view._pool(conn, "disks")
         assert pool is not None
-        vol = pool.storageVolLookupByName(uuid)
+        vol = view._volume(conn, uuid)
         stream = conn.newStream(0)
         vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
 
@@ -72,7 +72,7 @@ def _stopped_with_data(on: Fleet, name: str) -> tuple[str, str]:
     """An instance on a, stopped, with PATTERN written into its disk; return its uuid and content digest."""
     uuid = on.create(name, "a")
     assert on.ok("stop", uuid, "--timeout", "0")["status"] == "SHUTOFF"
-    disk = Path(on.a.instances) / "disks" / uuid
+    disk = Path(on.a.instances) / "disks" / on.here("show", uuid)["disk"]
     pattern, offset, length = PATTERN
     subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", str(disk)],
@@ -131,7 +131,7 @@ def test_the_daemon_offloads_after_shelved_offload_time_and_unshelve_brings_it_b
     back = fleet.ok("unshelve", uuid, "--host", "a")
     assert (back["vm_state"], back["host"]) == ("active", "a")
     assert fleet.ok("stop", uuid, "--timeout", "0")["status"] == "SHUTOFF"
-    assert _content_digest(Path(fleet.a.instances) / "disks" / uuid) == before
+    assert _content_digest(Path(fleet.a.instances) / "disks" / fleet.here("show", uuid)["disk"]) == before
     assert fleet.ok("delete", uuid)["vm_state"] == "deleted"
 
 
