@@ -240,8 +240,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--console-address", help="the host's management address: its guests' VNC listens there (remote hosts)"
     )
     host.add_parser("list", help="list hosts", parents=[common])
+    beat = "record a host as up; the copies of instances evacuated away from it are destroyed first (exit 1 if not)"
     for verb in ("show", "enable", "disable", "heartbeat"):
-        host.add_parser(verb, help=f"{verb} a host", parents=[common]).add_argument("name")
+        verb_help = beat if verb == "heartbeat" else f"{verb} a host"
+        host.add_parser(verb, help=verb_help, parents=[common]).add_argument("name")
     remove = host.add_parser("remove", help="forget a host (refused while instances live there)", parents=[common])
     remove.add_argument("name")
     remove.add_argument(

@@ -20,7 +20,9 @@ every ``image_cache_interval``, one handles its lifecycle events. Before any
 of that, and again each time the hypervisor answers after it stopped, the
 worker destroys the host's copies of instances evacuated away from it
 (:func:`lifecycle.evacuation.destroy_evacuated`): no heartbeat, sync pass or
-event handling for the host until they are gone. Timers sleep
+event handling for the host until they are gone. Each heartbeat goes through
+:meth:`Engine.heartbeat`, which destroys any copy still pending with the same
+function and refuses to record the host up while one remains. Timers sleep
 by waiting on events, so SIGTERM and SIGINT stop the daemon at once: a pass
 stops between chunks, never inside a write; a thread stuck inside a
 hypervisor call is left behind (it is a daemon thread) rather than waited for.
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from lifecycle.errors import EvacuatedCopiesPending
 from lifecycle.events import EventProcessor
 from lifecycle.store.store import HostClaim
 from lifecycle.sweep import PassSummary, sweep_host
@@ -125,8 +128,14 @@ class HostWorker:
             self.engine.metrics.host_error(self.host, "heartbeat")
             self.cleared.clear()  # when it answers again, its evacuated copies go first
             return
-        if self.clear_evacuated():
-            self.engine.heartbeat(self.host)
+        if not self.clear_evacuated():
+            return
+        try:
+            self.engine.heartbeat(self.host)  # destroys a copy evacuated since the clear, or refuses
+        except EvacuatedCopiesPending as exc:
+            log.warning("evacuated_cleanup_failed", host=self.host, error=str(exc))
+            self.engine.metrics.host_error(self.host, "evacuated_cleanup")
+            self.cleared.clear()
 
     def clear_evacuated(self) -> bool:
         """Destroy the host's copies of evacuated instances unless done since it last answered; return whether done."""

@@ -235,11 +235,19 @@ class Engine:
         return evacuation.destroy_evacuated(self, name)
 
     def heartbeat(self, name: str, metrics: dict[str, float] | None = None) -> Host:
-        """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it."""
-        values: dict[str, object] = {"last_heartbeat": now()}
+        """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it.
+
+        A host still holding old copies of instances evacuated away from it
+        has them destroyed first (:func:`evacuation.clear_for_heartbeat`); when
+        its hypervisor cannot do that, :class:`EvacuatedCopiesPending` names them
+        and nothing is written.
+        """
+        name = validation.name("host", name)
+        values: dict[str, object] = {}
         if metrics is not None:
             values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
-        return self.store.update_host(validation.name("host", name), **values)
+        evacuation.clear_for_heartbeat(self, name)
+        return self.store.update_host(name, last_heartbeat=now(), **values)
 
     def hosts(self) -> builtins.list[Host]:
         """Return every registered host."""

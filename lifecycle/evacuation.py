@@ -10,6 +10,10 @@ When the dead host's hypervisor answers again, :func:`destroy_evacuated`
 (run by its daemon before anything else it does for the host) destroys the
 domain and disk of every instance evacuated away from it, never starting
 them, and audits each on the instance (Nova's ``_destroy_evacuated_instances``).
+A heartbeat (the daemon's or ``lifecycle host heartbeat``) runs it too while
+such copies are pending (:func:`clear_for_heartbeat`), and is refused with
+:class:`EvacuatedCopiesPending` when the hypervisor cannot: a host that still
+holds them never counts as up, and the scheduler never places there.
 """
 
 from __future__ import annotations
@@ -22,15 +26,30 @@ import structlog
 
 from lifecycle import validation
 from lifecycle.audit import Why
-from lifecycle.errors import HostNotEvacuable, InvalidInput, LifecycleError, TaskFailed
-from lifecycle.placement import host_is_up
+from lifecycle.errors import (
+    DriverError,
+    EvacuatedCopiesPending,
+    HostNotEvacuable,
+    InvalidInput,
+    LifecycleError,
+    TaskFailed,
+)
+from lifecycle.placement import evacuated_copies, host_is_up
 from lifecycle.records import Cause, Host, Task
 from lifecycle.states import MigrationStatus, VmState
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
 
-__all__ = ["EvacuationResult", "destroy_evacuated", "evacuate", "evacuate_host", "fence", "unfence"]
+__all__ = [
+    "EvacuationResult",
+    "clear_for_heartbeat",
+    "destroy_evacuated",
+    "evacuate",
+    "evacuate_host",
+    "fence",
+    "unfence",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -169,3 +188,26 @@ def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
         destroyed.append(migration.instance_uuid)
         log.warning("evacuated_copy_destroyed", host=host, instance_uuid=migration.instance_uuid, now_on=where)
     return destroyed
+
+
+def clear_for_heartbeat(engine: Engine, name: str) -> builtins.list[str]:
+    """Destroy the copies ``name`` still holds of instances evacuated away from it, before it may heartbeat.
+
+    Nothing is asked of the hypervisor when none are pending
+    (:func:`lifecycle.placement.evacuated_copies`); otherwise
+    :func:`destroy_evacuated` runs and the uuids it destroyed are returned.
+    When the hypervisor fails or does not answer, raises
+    :class:`EvacuatedCopiesPending` naming the copies still pending (those
+    destroyed before the failure are audited and done): the caller writes no heartbeat.
+    """
+    pending = evacuated_copies(engine.store, name)
+    if not pending:
+        return []
+    try:
+        return destroy_evacuated(engine, name)
+    except DriverError as exc:
+        left = evacuated_copies(engine.store, name)
+        if not left:  # those were destroyed; what failed was a leftover of a failed evacuation (the daemon retries)
+            log.warning("evacuated_cleanup_incomplete", host=name, error=f"{type(exc).__name__}: {exc}")
+            return pending
+        raise EvacuatedCopiesPending(name, left, exc) from exc

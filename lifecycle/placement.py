@@ -19,11 +19,20 @@ them filled up between the read and the claim) is the claim lost
 (``claim_lost``): the hosts are read again, up to :data:`_CLAIM_RACES` times;
 that does not use up one of the ``max_attempts`` spawn attempts. A requested
 host is claimed alone.
+
+A host that still holds old copies of instances evacuated away from it
+(:func:`evacuated_copies`) is never a destination, named or not, whichever
+filters are enabled: a move or unshelve there would find the stale domain and
+disk. Its heartbeat destroys them first (:meth:`Engine.heartbeat`), so such a
+host is normally down too; the claimed host is checked anyway (one query: the
+filters that see "down" may be disabled, a heartbeat may predate the
+evacuation, a named host skips the filters): one holding such copies gets its
+claim back and is refused for the rest of the decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import timedelta
 
 import structlog
@@ -32,6 +41,7 @@ from lifecycle.config import Settings
 from lifecycle.errors import NoValidHost
 from lifecycle.records import Flavor, Host, Image
 from lifecycle.scheduler import (
+    EVACUATED_COPIES,
     HostState,
     Request,
     SchedulerSettings,
@@ -39,10 +49,11 @@ from lifecycle.scheduler import (
     ranked_candidates,
     select_candidates,
 )
+from lifecycle.states import MigrationStatus
 from lifecycle.store import Store
 from lifecycle.store.db import now
 
-__all__ = ["candidate_hosts", "host_is_up", "host_states", "pick_host", "scheduler_for"]
+__all__ = ["candidate_hosts", "evacuated_copies", "host_is_up", "host_states", "pick_host", "scheduler_for"]
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +70,25 @@ def host_is_up(host: Host, down_after: float) -> bool:
     return host.last_heartbeat is not None and host.last_heartbeat >= now() - timedelta(seconds=down_after)
 
 
-def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
-    """Turn host records into scheduler values; a host without a recent heartbeat is down."""
+def evacuated_copies(store: Store, host: str) -> list[str]:
+    """Return the instances whose old copy ``host`` still holds: evacuated away (record ``done``), not living there.
+
+    Such a copy is destroyed by :func:`lifecycle.evacuation.destroy_evacuated`,
+    which then marks the record ``completed``; until then the host may not
+    heartbeat and is never a destination.
+    """
+    pending = []
+    for migration in store.evacuations_from(host):
+        if migration.status is MigrationStatus.DONE and store.get_instance(migration.instance_uuid).host != host:
+            pending.append(migration.instance_uuid)
+    return pending
+
+
+def host_states(hosts: list[Host], down_after: float, evacuated: Collection[str] = ()) -> list[HostState]:
+    """Turn host records into scheduler values; a host without a recent heartbeat is down.
+
+    ``evacuated`` names hosts known to hold evacuated copies (:func:`evacuated_copies`): refused by the scheduler.
+    """
     return [
         HostState(
             name=h.name,
@@ -68,6 +96,7 @@ def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
             enabled=h.enabled,
             up=host_is_up(h, down_after),
             fenced=h.fenced,
+            evacuated_copies=h.name in evacuated,
             vcpus=h.vcpus,
             memory_mb=h.memory_mb,
             disk_gb=h.disk_gb,
@@ -84,11 +113,16 @@ def host_states(hosts: list[Host], down_after: float) -> list[HostState]:
 
 
 def candidate_hosts(
-    store: Store, request: Request, s: SchedulerSettings, down_after: float, limit: int = _CANDIDATES
+    store: Store,
+    request: Request,
+    s: SchedulerSettings,
+    down_after: float,
+    limit: int = _CANDIDATES,
+    evacuated: Collection[str] = (),
 ) -> list[HostState]:
     """Filter and weigh hosts for ``request``: up to ``limit`` to claim in order, the pick first (none claimed yet).
 
-    NoValidHost gives each host's reason.
+    Hosts in ``evacuated`` are known to hold evacuated copies: refused. NoValidHost gives each host's reason.
     """
     pre = prefilter(request, s)
     if pre is not None:
@@ -97,14 +131,14 @@ def candidate_hosts(
         def pages() -> Iterator[list[HostState]]:
             offset, size = 0, _FIRST_PAGE
             while page := store.ranked_hosts(pre, up_since, offset, size):
-                yield host_states(page, down_after)
+                yield host_states(page, down_after, evacuated)
                 offset, size = offset + size, size * 4
 
         found = ranked_candidates(pages(), request, s, limit)
         if found:
             return found
     # Nothing passed (or the metrics weigher needs every host): read them all, so NoValidHost gives every reason.
-    return select_candidates(host_states(store.list_hosts(), down_after), request, s, limit)
+    return select_candidates(host_states(store.list_hosts(), down_after, evacuated), request, s, limit)
 
 
 def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: float) -> HostState:
@@ -130,24 +164,35 @@ def scheduler_for(
 
     def schedule(tried: list[str]) -> str:
         if requested_host is not None:
-            # A named host bypasses the filters (Nova's forced host) but not the fence or the claim.
+            # A named host bypasses the filters (Nova's forced host) but not the fence, evacuated copies or the claim.
             if store.get_host(requested_host).fenced:
                 raise NoValidHost({requested_host: "fenced by an operator"})
+            if evacuated_copies(store, requested_host):
+                raise NoValidHost({requested_host: EVACUATED_COPIES})
             if requested_host in tried or not store.claim(uuid, requested_host, *want, ratios):
                 raise NoValidHost({requested_host: "the requested host has no room for this flavor, or failed"})
             return requested_host
         request = Request(
             flavor.vcpus, flavor.memory_mb, flavor.root_gb, availability_zone, specs, image.properties, frozenset(tried)
         )
-        for attempt in range(1, _CLAIM_RACES + 1):
-            names = [h.name for h in candidate_hosts(store, request, s, settings.host_down_after)]
+        evacuated: set[str] = set()
+        races = 0
+        while races < _CLAIM_RACES:
+            names = [h.name for h in candidate_hosts(store, request, s, settings.host_down_after, evacuated=evacuated)]
             host = store.claim_first(uuid, names, *want, ratios)
+            if host is not None and evacuated_copies(store, host):
+                # Checked once claimed (one query): its heartbeat destroys them first, so such a host is seldom up.
+                store.release_claims(uuid, host)  # (instance, host) is the claim's key: only this one goes
+                log.warning("host_holds_evacuated_copies", host=host)
+                evacuated.add(host)  # refused from now on; each such host is found once
+                continue
             if host == names[0]:
                 return host
             if host is not None:  # the pick filled up or was being claimed: the race was settled in the claim
                 log.info("claim_took_later_candidate", host=host, first_choice=names[0], rank=names.index(host))
                 return host
-            log.info("claim_lost", candidates=len(names), attempt=attempt)
+            races += 1
+            log.info("claim_lost", candidates=len(names), attempt=races)
         raise NoValidHost(
             {
                 "*": f"no candidate host had room at its claim {_CLAIM_RACES} times in a row (engines racing for"

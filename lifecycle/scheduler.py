@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from lifecycle.errors import NoValidHost
 
 __all__ = [
+    "EVACUATED_COPIES",
     "FILTERS",
     "HostState",
     "Prefilter",
@@ -60,6 +61,8 @@ class HostState:
     up: bool = True
     fenced: bool = False
     """An operator declared the host dead: it is refused whatever the configured filters."""
+    evacuated_copies: bool = False
+    """The host still holds old copies of instances evacuated away from it: refused whatever the filters."""
     vcpus: int | None = None
     memory_mb: int | None = None
     disk_gb: int | None = None
@@ -124,6 +127,9 @@ class SchedulerSettings:
 
 
 Filter = Callable[[HostState, Request, SchedulerSettings], str | None]
+
+EVACUATED_COPIES = "holds old copies of instances evacuated away from it, not destroyed yet (a heartbeat does it first)"
+"""Why a host with evacuated copies pending is refused (see :attr:`HostState.evacuated_copies`)."""
 
 
 def _retry(host: HostState, req: Request, _s: SchedulerSettings) -> str | None:
@@ -226,7 +232,8 @@ FILTERS: dict[str, Filter] = {
 def filter_hosts(hosts: list[HostState], req: Request, s: SchedulerSettings) -> tuple[list[HostState], dict[str, str]]:
     """Return the hosts every enabled filter admits, and for the others the first reason.
 
-    A fenced host is refused before any filter, whichever filters are enabled.
+    A fenced host, and one still holding old copies of instances evacuated
+    away from it, are refused before any filter, whichever filters are enabled.
     """
     checks = [(name, FILTERS[name]) for name in s.filters]
     passed: list[HostState] = []
@@ -234,6 +241,9 @@ def filter_hosts(hosts: list[HostState], req: Request, s: SchedulerSettings) -> 
     for host in hosts:
         if host.fenced:  # not a filter one could switch off: a fenced host may still run its dead guests
             reasons[host.name] = "fenced by an operator"
+            continue
+        if host.evacuated_copies:  # a move or unshelve there would find the instance's stale domain and disk
+            reasons[host.name] = EVACUATED_COPIES
             continue
         for name, check in checks:
             reason = check(host, req, s)
