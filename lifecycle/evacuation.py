@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from drivers.base import Attempt
 from lifecycle import validation
 from lifecycle.audit import Why
 from lifecycle.errors import (
@@ -168,14 +169,21 @@ def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
     host = engine.host(name).name
     driver = engine.driver(host)
     destroyed = []
-    listing = None
     for migration in engine.store.evacuations_from(host):
         instance = engine.store.get_instance(migration.instance_uuid)
         if instance.host == host:
             continue  # the evacuation never left this host: the instance still lives here
-        listing = listing or driver.list_instances()
-        had_domain = migration.instance_uuid in listing.owned
-        driver.destroy(migration.instance_uuid, destroy_disks=True)
+        # Only what tasks before the evacuation made: a later task's copy here (a move or an unshelve on
+        # its way back to this host) is the instance's current life, never the evacuated one.
+        later = {
+            Attempt(t.id, 0).task_tag
+            for t in engine.store.tasks_of(instance.uuid)
+            if t.started_at >= migration.created_at
+        }
+        stale = [o for o in driver.objects(instance.uuid) if o.task_tag not in later]
+        had_domain = any(o.kind == "domain" for o in stale)
+        if stale:
+            driver.remove(instance.uuid, stale)
         if not had_domain and migration.status is not MigrationStatus.DONE:
             continue  # cleaned on an earlier return: nothing new to say
         where = instance.host or f"no host ({instance.vm_state.value})"

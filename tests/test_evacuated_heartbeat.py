@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
+from drivers.base import Attempt, HostObject
 from drivers.fake import FakeDriver
 from lifecycle import DriverError, DriverUnavailable, Engine, Flavor, TaskFailed, VmState
 from lifecycle.cli import main
@@ -104,14 +105,14 @@ def test_a_copy_destroyed_before_the_failure_is_done_and_only_the_rest_is_named(
     cloud.fence_host("h1", reason="again", actor="ops")
     cloud.evacuate(later, host="h3")
     cloud.unfence_host("h1", actor="ops")
-    destroy = fakes["h1"].destroy
+    remove = fakes["h1"].remove
 
-    def destroy_all_but_later(uuid: str, *, destroy_disks: bool = True) -> None:
+    def remove_all_but_later(uuid: str, objects: list[HostObject]) -> list[str]:
         if uuid == later:
-            raise DriverUnavailable("h1 went silent", call="destroy")
-        destroy(uuid, destroy_disks=destroy_disks)
+            raise DriverUnavailable("h1 went silent", call="remove")
+        return remove(uuid, objects)
 
-    monkeypatch.setattr(fakes["h1"], "destroy", destroy_all_but_later)
+    monkeypatch.setattr(fakes["h1"], "remove", remove_all_but_later)
     beat = cloud.host("h1").last_heartbeat
     with pytest.raises(EvacuatedCopiesPending) as refused:
         cloud.heartbeat("h1")
@@ -129,7 +130,7 @@ def test_the_daemon_heartbeat_refuses_a_copy_evacuated_after_its_clear(cloud: En
     assert worker.cleared.is_set()
     uuid = _evacuated_then_unfenced(cloud)
     beat = cloud.host("h1").last_heartbeat
-    fakes["h1"].fail_next("destroy", DriverUnavailable("h1 went silent", call="destroy"))
+    fakes["h1"].fail_next("remove", DriverUnavailable("h1 went silent", call="remove"))
     worker.heartbeat()  # the ping answers; destroying the copy does not
     assert cloud.host("h1").last_heartbeat == beat and not worker.cleared.is_set()
     assert fakes["h1"].domain_exists(uuid)
@@ -238,3 +239,17 @@ def test_cli_heartbeat_destroys_the_copy_and_records_the_heartbeat(
     assert main(["history", evacuated, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["operation"] for r in rows].count("destroy_evacuated") == 1
+
+
+def test_destroying_the_evacuated_copy_spares_what_a_later_task_made_there(cloud: Engine, fakes: Fakes) -> None:
+    """Only what tasks before the evacuation made goes: a later task's volume on the host (a move on its way) stays."""
+    uuid = _evacuated_then_unfenced(cloud)
+    later = cloud.stop(uuid)  # a task of the instance's new life
+    h1 = fakes["h1"]
+    arriving = f"{uuid}.{Attempt(later.id, 0).tag}"
+    with h1._state():
+        h1._volumes[arriving] = "a copy on its way here"
+    old = [o.name for o in h1.objects(uuid)]
+    assert len(old) == 3  # the evacuated domain, its disk, and the arriving volume
+    cloud.heartbeat("h1")
+    assert [o.name for o in h1.objects(uuid)] == [arriving] and len(_notes(cloud, uuid)) == 1
