@@ -19,7 +19,11 @@ operators of its peers to edit the database by hand:
   worker is fenced (it stops before its next hypervisor call or write); the
   task_state is cleared and the vm_state set (error, or active); who and why
   are in the audit row and the task's error. The next sync pass brings the
-  power state in line.
+  power state in line. An unshelve of an offloaded instance goes back to
+  ``shelved_offloaded`` instead (its disk is in its snapshot, which only an
+  unshelve can use): no host, no claim, and what its spawn left on the host
+  is destroyed there by the host's daemon. An instance with an open move is
+  refused, saying what can end the move.
 - **lock / unlock** (Nova's ``locked_by``): a locked instance refuses every
   operation started by the API, naming who locked it, when and why, unless
   the caller overrides the lock (an admin); sync, events, recovery and the
@@ -31,7 +35,8 @@ Every change is one compare-and-swap with its audit row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid as uuidlib
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -40,9 +45,13 @@ import structlog
 from lifecycle import validation
 from lifecycle.audit import Why
 from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, InvalidState, LifecycleError
-from lifecycle.records import Cause, Instance
-from lifecycle.states import VmState
+from lifecycle.operations import revertible
+from lifecycle.records import Cause, Image, Instance, Migration
+from lifecycle.snapshots import snapshot_of
+from lifecycle.states import MigrationStatus, PowerState, VmState
+from lifecycle.store.claims import Hold
 from lifecycle.store.db import now
+from lifecycle.store.moves import EVACUATION
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
@@ -156,7 +165,14 @@ def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[D
 
 
 def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor: str) -> Instance:
-    """End the instance's running task failed (cause admin), clear its task_state, set ``state``."""
+    """End the instance's running task failed (cause admin), clear its task_state, set ``state``.
+
+    An instance being unshelved from ``shelved_offloaded`` goes back there
+    instead (see :func:`_back_to_offloaded`); one with an open move is
+    refused, saying what can end the move. Set active, an instance on a host
+    holds its claim there (taken if missing; :class:`NoValidHost` and
+    nothing written when the host has no room).
+    """
     uuid = validation.uuid(uuid)
     if not isinstance(state, VmState) or state not in RESET_STATES:
         allowed = ", ".join(s.value for s in RESET_STATES)
@@ -168,13 +184,92 @@ def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor
         raise InvalidInput(f"instance {uuid} is deleted: there is nothing to reset")
     move = engine.store.open_migration(uuid)
     if move is not None:  # its disk may be on either host, its claims on both: only the move's own ends place it
-        raise InvalidInput(
-            f"instance {uuid} has an open move (migration {move.id}, {move.status.value},"
-            f" {move.source_host} -> {move.dest_host}): reset-state cannot say where it is; let the move end"
-            " (a crashed one is rolled back by recover), then confirm-resize or revert-resize it"
-        )
+        raise InvalidInput(_open_move(instance, move))
     why = Why(actor=actor, cause=Cause.ADMIN, operation="reset_state", task_id=instance.task_id, message=reason)
-    return engine.store.reset_state(instance, state, why)
+    if instance.vm_state is VmState.SHELVED_OFFLOADED and instance.task_id is not None:
+        snapshot = snapshot_of(engine.store, uuid)
+        if snapshot is not None and engine.store.get_task(instance.task_id).operation == "unshelve":
+            return _back_to_offloaded(engine, instance, snapshot, state, why)
+    claim = None
+    if state is VmState.ACTIVE and instance.host is not None:
+        s, flavor = engine.settings.scheduler, instance.flavor
+        ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
+        claim = Hold(instance.host, (flavor.vcpus, flavor.memory_mb, flavor.root_gb), ratios)
+    return engine.store.reset_state(instance, state, why, claim=claim)
+
+
+def _open_move(instance: Instance, move: Migration) -> str:
+    """Say why reset-state refuses an instance with an open move, and what can end the move from where it is."""
+    head = (
+        f"instance {instance.uuid} has an open move (migration {move.id}, {move.status.value},"
+        f" {move.source_host} -> {move.dest_host}): reset-state cannot say where it is; "
+    )
+    if instance.task_state is not None:
+        return head + (
+            f"let its running task ({instance.task_state.value}) end (`lifecycle recover` finishes one whose engine"
+            " died), or delete it: delete and force-delete take over any task"
+        )
+    if instance.vm_state is VmState.RESIZED:
+        return head + "confirm-resize or revert-resize it"
+    if instance.vm_state is VmState.ERROR and revertible(move):
+        return head + (
+            f"the move failed: revert-resize puts it back on {move.source_host} with the disk kept there, as it was"
+            " before the move; or delete it"
+        )
+    return head + "delete it (the delete confirms the move first): nothing else can end this move"
+
+
+def _back_to_offloaded(engine: Engine, instance: Instance, snapshot: Image, state: VmState, why: Why) -> Instance:
+    """End an unshelve of an offloaded instance back in ``shelved_offloaded``: snapshot kept, no host, no claim.
+
+    Its disk lives on only in the snapshot, which only an unshelve can use:
+    error (or active) would leave it where no operation but delete reaches
+    it. A spawn begun on a host is left to that host's daemon: an
+    ``evacuation`` record from there to nowhere makes it destroy what the
+    spawn left (domain and disk, never started), as after an offload from a
+    dead host.
+    """
+    uuid, host = instance.uuid, instance.host
+    if state is not VmState.ERROR:
+        raise InvalidInput(
+            f"instance {uuid} is being unshelved from its snapshot {snapshot.name}: reset-state returns it to"
+            f" shelved_offloaded (no guest of it is known to run), not {state.value}; reset it without --state"
+        )
+    note = f"unshelve ended: back to shelved_offloaded, the disk kept in {snapshot.name}, claims released"
+    leftover = None
+    if host is not None:
+        assert instance.task_id is not None
+        note += (
+            f"; whatever the spawn left on {host} is a leftover, destroyed there (never started) by {host}'s daemon"
+            " as it destroys evacuated copies"
+        )
+        at = now()
+        leftover = Migration(
+            id=str(uuidlib.uuid4()),
+            instance_uuid=uuid,
+            task_id=instance.task_id,
+            kind=EVACUATION,
+            source_host=host,
+            dest_host=None,
+            old_flavor=instance.flavor,
+            new_flavor=instance.flavor,
+            status=MigrationStatus.DONE,
+            previous_vm_state=VmState.SHELVED_OFFLOADED,
+            source_disk=None,
+            created_at=at,
+            updated_at=at,
+            finished_at=at,
+        )
+    why = replace(why, message=f"{why.message} ({note})")
+    return engine.store.reset_state(
+        instance,
+        VmState.SHELVED_OFFLOADED,
+        why,
+        release_claims=True,
+        leftover=leftover,
+        host=None,
+        power_state=PowerState.NOSTATE,
+    )
 
 
 def lock(engine: Engine, uuid: str, *, reason: str, actor: str) -> Instance:

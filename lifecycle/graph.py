@@ -56,7 +56,7 @@ class Result(enum.StrEnum):
     """How an operation's final vm_state is chosen when it is not a fixed state."""
 
     PREVIOUS = "previous"
-    """The vm_state recorded before the move began (revert_resize)."""
+    """The vm_state recorded before the move began, active or stopped (revert_resize, from resized or error)."""
     BY_POWER = "by_power"
     """active when the guest runs afterwards, else stopped (confirm_resize)."""
     REBUILT = "rebuilt"
@@ -221,7 +221,16 @@ OPERATIONS: tuple[Operation, ...] = (
         note="Nova defines resize_confirming but never sets it and tracks confirm only on the "
         "migration record; here confirm is a task like any other, so it is visible and recoverable.",
     ),
-    Operation("revert_resize", frozenset({V.RESIZED}), (T.RESIZE_REVERTING,), Result.PREVIOUS, move_family=True),
+    Operation(
+        "revert_resize",
+        frozenset({V.RESIZED, V.ERROR}),
+        (T.RESIZE_REVERTING,),
+        Result.PREVIOUS,
+        move_family=True,
+        note="Nova reverts only a resized instance; here also an error one whose move failed after its disk left "
+        "the source and is still open (the runner refuses it otherwise): the source's kept disk is put back, with the "
+        "old flavor and the vm_state from before the move, and the destination's copy and claim go.",
+    ),
     Operation(
         "rebuild",
         frozenset({V.ACTIVE, V.STOPPED, V.ERROR}),

@@ -17,7 +17,7 @@ import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -26,11 +26,12 @@ from lifecycle import graph, snapshots, validation
 from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.duties import refuse_if_locked
-from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, TaskFailed
-from lifecycle.operations import GUARDS, PREPARE, STEPS
-from lifecycle.records import Cause, Image, Instance, Outcome, Task
+from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
+from lifecycle.operations import GUARDS, PREPARE, STEPS, revertible
+from lifecycle.records import Cause, Image, Instance, Migration, Outcome, Task
 from lifecycle.states import VmState
 from lifecycle.store import Store
+from lifecycle.store.claims import Hold
 from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun, execute
 
@@ -40,6 +41,14 @@ log = structlog.get_logger(__name__)
 
 # What is left for an instance without a host (a database-only delete) or with a failed move half-way.
 _ONLY_DELETE_LEFT = frozenset({"delete", "force_delete"})
+_NO_HOST = (
+    "the instance has no host (it was never built, or its host was removed): only delete and force_delete are possible"
+)
+_OFF_ITS_HOST = frozenset({"delete", "force_delete", "soft_delete", "evacuate"})
+"""Operations that end an instance, keep it off, or take it elsewhere: they never need its room on its host."""
+_CLAIM_FROM = frozenset({VmState.ERROR, VmState.SOFT_DELETED})
+"""vm_states whose instance may hold no claim on its host (a failed delete released it): any other operation from
+them makes sure it holds one first, so that bringing it back never overcommits the host."""
 
 
 class Runner:
@@ -129,17 +138,7 @@ class Runner:
             extra_guard = GUARDS.get(operation)
             if extra_guard is not None:
                 extra_guard(self.store, self.settings, instance)
-            reason = self._only_delete(instance) if operation not in _ONLY_DELETE_LEFT else None
-            if reason is not None:
-                raise InvalidState(
-                    operation,
-                    uuid,
-                    instance.vm_state,
-                    instance.task_state,
-                    op.allowed_vm_states,
-                    op.allowed_task_states,
-                    reason=reason + ": only delete and force_delete are possible",
-                )
+            claim = self._admit(operation, instance, cause)
             preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
             task = self.new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
             why = Why(
@@ -152,7 +151,16 @@ class Runner:
                 message=_start_note(preempt, instance if override_lock else None),
             )
             try:
-                after = self.store.begin(instance, task, first, why, preempt)
+                after = self.store.begin(instance, task, first, why, preempt, claim=claim)
+            except NoValidHost as exc:
+                assert claim is not None
+                held = f"{instance.vm_state.value} instance {uuid} holds no claim on {claim.host}"
+                raise NoValidHost(
+                    {
+                        h: f"{held} and cannot get one ({reason}): {operation} would run it uncounted there"
+                        for h, reason in exc.reasons.items()
+                    }
+                ) from None
             except Conflict:
                 if idempotency_key is not None:
                     replayed = self.replay(idempotency_key, operation, uuid, params)
@@ -177,14 +185,49 @@ class Runner:
             return self.launch(run, wait)
         raise AssertionError("unreachable")
 
-    def _only_delete(self, instance: Instance) -> str | None:
-        """Why nothing but a delete may touch ``instance`` now, or None."""
+    def _admit(self, operation: str, instance: Instance, cause: Cause) -> Hold | None:
+        """Refuse what the instance's host and open move leave impossible; return the claim it must hold first.
+
+        An instance without a host, or in error with a move still open, allows
+        only delete (and, for a move whose source kept its disk, revert_resize:
+        back onto the source). An operation from error or soft_deleted that
+        keeps the instance on its host must hold its claim there (taken in
+        the task's first write, or :class:`NoValidHost` and nothing written).
+        """
+        if operation in _ONLY_DELETE_LEFT:
+            return None
         if instance.host is None and instance.vm_state is not VmState.SHELVED_OFFLOADED:
-            return "the instance has no host (it was never built, or its host was removed)"
-        if instance.vm_state is VmState.ERROR and self.store.open_migration(instance.uuid) is not None:
-            # Reviving it would leave the move's claims and the source's kept disk behind, on the wrong flavor.
-            return "a move of this instance failed half-way and is still open"
-        return None
+            self._refuse(operation, instance, _NO_HOST)
+        migration = self.store.open_migration(instance.uuid) if instance.vm_state is VmState.ERROR else None
+        reverting = operation == "revert_resize" and instance.vm_state is VmState.ERROR
+        if migration is not None and not (reverting and revertible(migration)):
+            self._refuse(operation, instance, _failed_move(migration))
+        if reverting and migration is None:
+            self._refuse(operation, instance, "no move of this instance is open: there is nothing to revert")
+        if reverting and cause is Cause.TIMER:
+            self._refuse(operation, instance, "a move that failed is reverted by an operator, never by a timer")
+        if instance.vm_state not in _CLAIM_FROM or operation in _OFF_ITS_HOST or instance.host is None:
+            return None
+        # The host it lives on afterwards, with the flavor it has there: a revert's is the move's source.
+        host, flavor = (
+            (migration.source_host, migration.old_flavor) if migration is not None else (instance.host, instance.flavor)
+        )
+        s = self.settings.scheduler
+        ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
+        return Hold(host, (flavor.vcpus, flavor.memory_mb, flavor.root_gb), ratios)
+
+    @staticmethod
+    def _refuse(operation: str, instance: Instance, reason: str) -> NoReturn:
+        op = graph.operation(operation)
+        raise InvalidState(
+            operation,
+            instance.uuid,
+            instance.vm_state,
+            instance.task_state,
+            op.allowed_vm_states,
+            op.allowed_task_states,
+            reason=reason,
+        )
 
     def replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
         """Return the task an earlier call with ``key`` started, as that call ended.
@@ -312,6 +355,18 @@ class Runner:
                 self.store.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
+
+
+def _failed_move(migration: Migration) -> str:
+    """Say what is left for an error instance whose move ``migration`` is still open."""
+    where = f"{migration.source_host} -> {migration.dest_host}"
+    left = "delete and force_delete are possible"
+    if revertible(migration):
+        left = (
+            f"revert_resize (back onto {migration.source_host}, on the disk it kept, as before the move),"
+            " delete and force_delete are possible"
+        )
+    return f"a move of this instance failed half-way and is still open ({migration.status.value}, {where}): only {left}"
 
 
 def _start_note(preempt: Task | None, overriding: Instance | None) -> str | None:

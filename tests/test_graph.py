@@ -50,7 +50,8 @@ NOVA_GUARDS: dict[str, tuple[set[VmState], set[TaskState | None], tuple[TaskStat
     "resize": ({V.ACTIVE, V.STOPPED}, IDLE, (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)),
     "migrate": ({V.ACTIVE, V.STOPPED}, IDLE, (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)),
     "confirm_resize": ({V.RESIZED}, IDLE, (T.RESIZE_CONFIRMING,)),  # DIFFERS: Nova sets no task_state
-    "revert_resize": ({V.RESIZED}, IDLE, (T.RESIZE_REVERTING,)),
+    # DIFFERS: also from error, while a failed move is open (the runner checks the move)
+    "revert_resize": ({V.RESIZED, V.ERROR}, IDLE, (T.RESIZE_REVERTING,)),
     "rebuild": (
         {V.ACTIVE, V.STOPPED, V.ERROR},
         IDLE,
@@ -168,6 +169,15 @@ def test_revert_returns_to_the_previous_vm_state() -> None:
         graph.end_vm_state("revert_resize", V.RESIZED, succeeded=True, power=PowerState.SHUTDOWN, previous=V.STOPPED)
         is V.STOPPED
     )
+
+
+@pytest.mark.parametrize("previous", [V.ACTIVE, V.STOPPED])
+def test_revert_from_error_returns_to_the_vm_state_before_the_move(previous: VmState) -> None:
+    """Differs from Nova on purpose: revert_resize from error (a failed move) ends as the instance was before it."""
+    assert graph.begin("revert_resize", "u", V.ERROR, None) is T.RESIZE_REVERTING
+    power = PowerState.RUNNING if previous is V.ACTIVE else PowerState.SHUTDOWN
+    assert graph.end_vm_state("revert_resize", V.ERROR, succeeded=True, power=power, previous=previous) is previous
+    assert graph.end_vm_state("revert_resize", V.ERROR, succeeded=False, power=power) is V.ERROR
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -14,7 +14,7 @@ from lifecycle.store._base import StoreBase, retry_on_deadlock
 from lifecycle.store._rows import CLAIMS, HOSTS, TASKS
 from lifecycle.store.db import now
 
-__all__ = ["Claims"]
+__all__ = ["Claims", "Hold", "hold", "release_all"]
 
 _H, _CL, _T = HOSTS, CLAIMS, TASKS
 
@@ -22,6 +22,15 @@ Ratios = tuple[float, float, float]
 """cpu, ram and disk allocation ratios."""
 
 _RESOURCES = ("vcpus", "memory_mb", "disk_gb")
+
+
+class Hold(NamedTuple):
+    """The claim an instance must hold on a host before a write goes on (see :func:`hold`)."""
+
+    host: str
+    size: tuple[int, int, int]
+    """vcpus, memory in MiB, disk in GiB: the flavor the instance has there."""
+    ratios: Ratios
 
 
 class Claims(StoreBase):
@@ -37,12 +46,8 @@ class Claims(StoreBase):
         are not tracked always fits. Returns False (nothing written) when it
         does not fit or is fenced.
         """
-        params = _params((vcpus, memory_mb, disk_gb), ratios) | {"x_host": host}
         with self.engine.begin() as conn:
-            if conn.execute(_CLAIM, params).rowcount != 1:
-                return False
-            conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params))
-        return True
+            return _add(conn, uuid, host, (vcpus, memory_mb, disk_gb), ratios)
 
     @retry_on_deadlock
     def claim_first(
@@ -100,11 +105,7 @@ class Claims(StoreBase):
                 epoch = conn.execute(_TASK_EPOCH, params).scalar_one()
                 if epoch != task.epoch:
                     raise Fenced(task.id, task.instance_uuid, task.epoch, epoch)
-            for c in sorted(gone, key=lambda c: str(c.host)):  # one lock order across releases: no deadlock
-                conn.execute(
-                    _GIVE_BACK,
-                    {"x_host": c.host, "x_vcpus": c.vcpus, "x_memory_mb": c.memory_mb, "x_disk_gb": c.disk_gb},
-                )
+            _give_back(conn, gone)
         return len(gone)
 
     def claims_of(self, uuid: str) -> list[str]:
@@ -113,6 +114,48 @@ class Claims(StoreBase):
             return list(
                 conn.execute(sa.select(_CL.c.host).where(_CL.c.instance_uuid == uuid).order_by(_CL.c.host)).scalars()
             )
+
+
+def hold(conn: sa.Connection, uuid: str, want: Hold) -> str | None:
+    """Make sure ``uuid`` holds its claim on ``want.host``, inside the caller's transaction; return why not, or None.
+
+    A claim already there is left as it is; a missing one is taken as
+    :meth:`Claims.claim` takes one (within the ratios, never on a fenced
+    host). When it cannot be taken nothing is written and the reason is
+    returned: the caller raises, and its transaction rolls back.
+    """
+    if conn.execute(_HELD, {"x_uuid": uuid, "x_host": want.host}).first() is not None:
+        return None
+    if _add(conn, uuid, want.host, want.size, want.ratios):
+        return None
+    if conn.execute(_FENCED, {"x_host": want.host}).scalar_one_or_none() is not None:
+        return "fenced by an operator"
+    vcpus, memory_mb, disk_gb = want.size
+    return f"no room left for {vcpus} vCPU, {memory_mb} MiB, {disk_gb} GiB within its allocation ratios"
+
+
+def release_all(conn: sa.Connection, uuid: str) -> int:
+    """Give back every claim of ``uuid`` inside the caller's transaction; return how many there were."""
+    gone = conn.execute(_release(False, False), {"x_uuid": uuid, "x_host": None}).all()
+    _give_back(conn, gone)
+    return len(gone)
+
+
+def _add(conn: sa.Connection, uuid: str, host: str, size: tuple[int, int, int], ratios: Ratios) -> bool:
+    """Add the usage to ``host`` if it still fits (and is not fenced), with the claim row; False: nothing written."""
+    params = _params(size, ratios) | {"x_host": host}
+    if conn.execute(_CLAIM, params).rowcount != 1:
+        return False
+    conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params))
+    return True
+
+
+def _give_back(conn: sa.Connection, gone: Sequence[sa.Row[Any]]) -> None:
+    """Take released claims' usage off their hosts, in one lock order across releases (no deadlock)."""
+    for c in sorted(gone, key=lambda c: str(c.host)):
+        conn.execute(
+            _GIVE_BACK, {"x_host": c.host, "x_vcpus": c.vcpus, "x_memory_mb": c.memory_mb, "x_disk_gb": c.disk_gb}
+        )
 
 
 # The statements, built once per shape (building an expression and its cache key at each call cost more
@@ -149,6 +192,8 @@ _GIVE_BACK = (
     .where(_H.c.name == sa.bindparam("x_host"))
 )
 _INSERT_CLAIM = sa.insert(_CL)
+_HELD = sa.select(_CL.c.host).where(_CL.c.instance_uuid == sa.bindparam("x_uuid"), _CL.c.host == sa.bindparam("x_host"))
+_FENCED = sa.select(_H.c.fenced_at).where(_H.c.name == sa.bindparam("x_host"))
 _TASK_EPOCH = sa.select(_T.c.epoch).where(_T.c.id == sa.bindparam("x_task"))
 
 

@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from lifecycle.audit import Why
-from lifecycle.errors import AlreadyExists, Conflict, Fenced
-from lifecycle.records import Instance, Outcome, Task
+from lifecycle.errors import AlreadyExists, Conflict, Fenced, NoValidHost
+from lifecycle.records import Instance, Migration, Outcome, Task
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import _pg
 from lifecycle.store._base import StoreBase, retry_on_deadlock
@@ -36,7 +36,8 @@ from lifecycle.store._cas import (
     open_step,
 )
 from lifecycle.store._cas import preempt as mark_preempted
-from lifecycle.store._rows import INSTANCES, TASKS, instance_values, task_values
+from lifecycle.store._rows import INSTANCES, MIGRATIONS, TASKS, instance_values, migration_values, task_values
+from lifecycle.store.claims import Hold, hold, release_all
 from lifecycle.store.db import now
 
 __all__ = ["Writes"]
@@ -74,18 +75,30 @@ class Writes(StoreBase):
         return instance
 
     @retry_on_deadlock
-    def begin(self, expected: Instance, task: Task, task_state: TaskState, why: Why, preempt: Task | None) -> Instance:
+    def begin(
+        self,
+        expected: Instance,
+        task: Task,
+        task_state: TaskState,
+        why: Why,
+        preempt: Task | None,
+        *,
+        claim: Hold | None = None,
+    ) -> Instance:
         """Start ``task`` on ``expected``: task row, first task_state, step and audit row.
 
         With ``preempt``, that running task is marked preempted by this one and
-        its open step closed, in the same transaction.
+        its open step closed, in the same transaction. With ``claim``, the
+        instance must hold that claim (one missing is taken, within the host's
+        ratios): when it cannot, :class:`NoValidHost` is raised and nothing is
+        written.
         """
         after = replace(
             expected, task_state=task_state, task_id=task.id, version=expected.version + 1, updated_at=task.started_at
         )
         try:
             with self.engine.begin() as conn:
-                if self.one_statement and preempt is None:
+                if self.one_statement and preempt is None and claim is None:
                     parts = _pg.Parts(
                         changed(expected, after),
                         _expected(expected),
@@ -100,6 +113,7 @@ class Writes(StoreBase):
                 # Lock order: the instance row first, then task rows, in every write
                 # (a worker's finish does the same), so PostgreSQL never deadlocks on them.
                 cas(conn, expected, after, None)
+                _hold(conn, expected.uuid, claim)
                 if preempt is not None:
                     mark_preempted(conn, preempt, task)
                 conn.execute(_INSERT_TASK, task_values(task))
@@ -236,19 +250,45 @@ class Writes(StoreBase):
         return after
 
     @retry_on_deadlock
-    def reset_state(self, expected: Instance, vm_state: VmState, why: Why) -> Instance:
+    def reset_state(
+        self,
+        expected: Instance,
+        vm_state: VmState,
+        why: Why,
+        *,
+        claim: Hold | None = None,
+        release_claims: bool = False,
+        leftover: Migration | None = None,
+        **fields: Any,
+    ) -> Instance:
         """End the instance's running task failed (its worker fenced) and set ``vm_state``, task idle: one transaction.
 
         The task's epoch grows, so a worker still inside a hypervisor call
         stops before its next call or write; the task's error says who reset
-        it and why (``why.message``).
+        it and why (``why.message``). ``fields`` are other columns to set (a
+        host cleared); with ``claim`` the instance must hold that claim (taken
+        if missing; :class:`NoValidHost` and nothing written when it cannot
+        be), with ``release_claims`` it gives back every claim it holds, and
+        ``leftover`` is a migration record to insert (an evacuation to
+        nowhere: the host's daemon destroys what the task left there).
         """
         at = now()
         after = replace(
-            expected, vm_state=vm_state, task_state=None, task_id=None, version=expected.version + 1, updated_at=at
+            expected,
+            vm_state=vm_state,
+            task_state=None,
+            task_id=None,
+            version=expected.version + 1,
+            updated_at=at,
+            **fields,
         )
         with self.engine.begin() as conn:
             cas(conn, expected, after, None)
+            _hold(conn, expected.uuid, claim)
+            if release_claims:
+                release_all(conn, expected.uuid)
+            if leftover is not None:
+                conn.execute(sa.insert(MIGRATIONS), migration_values(leftover))
             if expected.task_id is not None:
                 error = f"ended by {why.cause.value} {why.actor}: {why.message}"
                 close_steps(conn, expected.task_id, at, "failed", error)
@@ -270,6 +310,15 @@ class Writes(StoreBase):
         """Close a task's open step without touching the instance (a preempted worker)."""
         with self.engine.begin() as conn:
             close_steps(conn, task_id, now(), result, detail)
+
+
+def _hold(conn: sa.Connection, uuid: str, claim: Hold | None) -> None:
+    """Make sure the instance holds ``claim`` in this transaction; else raise :class:`NoValidHost` (it rolls back)."""
+    if claim is None:
+        return
+    refused = hold(conn, uuid, claim)
+    if refused is not None:
+        raise NoValidHost({claim.host: refused})
 
 
 def _opened(seq: int, name: str) -> dict[str, Any]:
