@@ -159,7 +159,7 @@ def test_a_hard_reboot_brings_back_a_lost_domain_on_its_disk(twins: Callable[[],
 def test_a_roll_back_that_cannot_reach_the_source_leaves_the_move_open(
     twins: Callable[[], Engine], fakes: Fakes
 ) -> None:
-    """A copy failing while the source does not answer ends in error with the move open and the disk kept there."""
+    """A copy failing while the source does not answer ends in error with the move open, disk kept; revert ends it."""
     engine = twins()
     uuid = _vm(engine, fakes)
     a, b = fakes.factory(engine.host("a")), fakes.factory(engine.host("b"))
@@ -181,6 +181,10 @@ def test_a_roll_back_that_cannot_reach_the_source_leaves_the_move_open(
     assert i.vm_state is V.ERROR and i.host == "a" and migration is not None
     assert migration.status is not MigrationStatus.ERROR and a.volumes() == original  # the disk is kept on a
     assert b.volumes() == {}  # the partial copy went
+    engine.revert_resize(uuid)  # once the source answers, the move is finished onto it with its disk
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, a.get_info(uuid)) == (V.ACTIVE, "a", P.RUNNING)
+    assert a.domain_disk(uuid).endswith("|customer-data") and engine.store.open_migration(uuid) is None  # type: ignore[union-attr]
 
 
 def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Engine], fakes: Fakes) -> None:

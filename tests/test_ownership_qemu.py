@@ -25,9 +25,12 @@ import pytest
 
 from drivers.base import Attempt, DomainSpec
 from drivers.libvirt import LibvirtDriver
+from drivers.storage import volume_digest
 from lifecycle import Engine, Flavor, Outcome, PowerState, Settings, VmState, upgrade
-from lifecycle.errors import Fenced
+from lifecycle.errors import DriverError, Fenced
+from lifecycle.states import MigrationStatus
 from tests.conftest import QEMU_URI, RemoteHost, qemu_ready
+from tests.test_fleet_qemu import frozen
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -57,6 +60,7 @@ class Pair:
     url: str
     a_path: Path
     b_path: PurePosixPath
+    remote: RemoteHost
     engines: list[Engine] = dataclasses.field(default_factory=list)
 
     def engine(self) -> Engine:
@@ -78,7 +82,7 @@ def pair(tmp_path: Path, base_image: Path, remote_host: RemoteHost, remote_insta
     tmp_path.chmod(0o755)  # QEMU reads the base image through the instances path under it
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    pair = Pair(url, tmp_path / "a", remote_instances)
+    pair = Pair(url, tmp_path / "a", remote_instances, remote_host)
     setup = pair.engine()
     setup.add_host("a", QEMU_URI, str(pair.a_path), vcpus=8, memory_mb=4096, disk_gb=50)
     setup.add_host("b", remote_host.uri, str(remote_instances), vcpus=8, memory_mb=4096, disk_gb=50)
@@ -101,15 +105,25 @@ def _qemu_io(path: Path, command: str) -> str:
     return done.stdout
 
 
-def _marked_stopped_vm(pair: Pair, engine: Engine) -> str:
-    """Create an instance on a, stop it and write the marker into its disk; return its uuid."""
-    uuid = engine.create("marked", host="a", flavor=Flavor(1, 64, 1), image="base").instance_uuid
+def _marked_stopped_vm(pair: Pair, engine: Engine, size: str | None = None) -> str:
+    """Create an instance on a, stop it and write the marker (and ``size`` more bytes) into its disk."""
+    uuid = engine.create("marked", host="a", flavor=Flavor(1, 64, 2), image="base").instance_uuid
     engine.stop(uuid)
     disk = engine.get(uuid).disk
     assert disk is not None
     pattern, offset, length = MARKER
+    if size is not None:
+        _qemu_io(pair.a_path / "disks" / disk, f"write -P 0x33 8M {size}")
     _qemu_io(pair.a_path / "disks" / disk, f"write -P {pattern} {offset} {length}")
     return uuid
+
+
+def _digest(driver: LibvirtDriver, disk: str) -> str:
+    """The sha256 of a root volume's content as the host holds it."""
+    with driver._calling("test") as conn:
+        vol = driver.storage.volume(conn, driver.storage.disks_pool, disk)
+        assert vol is not None, disk
+        return volume_digest(conn, vol).hexdigest()
 
 
 def _marker_on_a(pair: Pair, disk: str) -> None:
@@ -209,3 +223,60 @@ def test_a_delete_racing_a_build_always_ends_deleted(pair: Pair) -> None:
         i = engine.get(build.instance_uuid)
         assert i.vm_state is VmState.DELETED, (n, engine.task(build.id).error)
         assert a.objects(build.instance_uuid) == [], n
+
+
+def test_a_move_that_fails_after_the_copy_is_reverted_from_error_with_its_data(pair: Pair) -> None:
+    """A destination that cannot start the copied guest leaves error with the move open; revert brings it home whole."""
+    engine = pair.engine()
+    uuid = _marked_stopped_vm(pair, engine)
+    engine.start(uuid)
+    kept = engine.get(uuid).disk
+    assert kept is not None
+
+    def cannot_start() -> None:
+        raise DriverError("injected: the destination cannot start the guest", call="finish_migration")
+
+    pair.driver(engine, "b").points["arrive:defined"] = cannot_start
+    with pytest.raises(Exception, match="cannot start the guest"):
+        engine.migrate(uuid, host="b")
+    i = engine.get(uuid)
+    migration = engine.store.open_migration(uuid)
+    assert (i.vm_state, i.host) == (VmState.ERROR, "b") and migration is not None
+    pair.driver(engine, "b").points.clear()
+    engine.revert_resize(uuid)
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, i.disk) == (VmState.ACTIVE, "a", kept)
+    assert not pair.driver(engine, "b").objects(uuid)  # the copy on b went
+    assert engine.store.get_migration(migration.id).status is MigrationStatus.ERROR  # it never finished
+    engine.stop(uuid)
+    _marker_on_a(pair, kept)
+
+
+def test_a_source_lost_mid_copy_leaves_the_move_open_until_it_answers(pair: Pair) -> None:
+    """b stops answering while its disk is read: the instance stays on b in error, disk kept; revert then restores it."""
+    engine = pair.engine()
+    uuid = _marked_stopped_vm(pair, engine, size="512M")
+    engine.migrate(uuid, host="b")
+    engine.confirm_resize(uuid)
+    b = pair.driver(engine, "b")
+    disk = engine.get(uuid).disk
+    assert disk is not None and engine.get(uuid).host == "b"
+    before = _digest(b, disk)
+    task = engine.migrate(uuid, host="a", wait=False)
+    step = None
+    for _ in range(600):  # until the copy has started
+        step = next((s for s in engine.steps(task.id) if s.name == "resize_finish" and s.bytes_done), None)
+        if step is not None:
+            break
+        threading.Event().wait(0.02)
+    assert step is not None
+    with frozen(pair.remote):
+        engine.wait_idle()  # keepalive ends the copy; the roll-back cannot reach b
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, i.disk) == (VmState.ERROR, "b", disk), engine.task(task.id).error
+    assert engine.store.open_migration(uuid) is not None
+    assert not [o for o in pair.driver(engine, "a").objects(uuid) if o.kind == "domain"]
+    engine.revert_resize(uuid)
+    i = engine.get(uuid)
+    assert (i.vm_state, i.host, i.disk) == (VmState.STOPPED, "b", disk)
+    assert _digest(b, disk) == before and not pair.driver(engine, "a").objects(uuid)

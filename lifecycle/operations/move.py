@@ -32,7 +32,7 @@ from drivers.base import DomainSpec, volume_name
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, LifecycleError, Preempted
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
-from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
+from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import Hook, Steps, TaskRun
 
@@ -227,6 +227,11 @@ def confirm_on_source(run: TaskRun, migration: Migration, *, ends: MigrationStat
 def revert(run: TaskRun) -> None:
     """Put the source back with the old flavor, as before the move, then destroy the destination's copy.
 
+    Also from error while a failed move is open (the runner admits it only
+    then): the instance goes back onto the source's kept disk, in the
+    vm_state it had before the move, and the record of a move that never
+    finished ends ``error``.
+
     The destination's guest is powered off first (never two running copies),
     but its disk and claim go only once the source is back: a restore that
     fails leaves the instance where its claim and disk still are.
@@ -234,7 +239,12 @@ def revert(run: TaskRun) -> None:
     migration = run.store.open_migration(run.instance.uuid)
     assert migration is not None and migration.dest_host is not None, "a resized instance has an open migration"
     uuid = run.instance.uuid
-    run.migration_status(migration.id, MS.REVERTING)
+    # From error (a move that failed after its disk left the source, or whose roll-back could not reach it):
+    # the vm_state to end in is the one before the move, which only the record holds.
+    run.instance = replace(run.instance, previous_vm_state=migration.previous_vm_state)
+    finished = MS.REVERTING in MIGRATION_TRANSITIONS[migration.status]  # else it never finished: it ends error
+    if finished:
+        run.migration_status(migration.id, MS.REVERTING)
     with contextlib.suppress(DomainNotFound):
         run.on(migration.dest_host).power_off(uuid, timeout=0, retry_interval=0)
     kept = _source_disk(run, migration)
@@ -247,7 +257,7 @@ def revert(run: TaskRun) -> None:
     run.store.release_claims(uuid, migration.dest_host)
     run.on(migration.dest_host).destroy(uuid, destroy_disks=True)
     run.fields |= back
-    run.migration_status(migration.id, MS.REVERTED)
+    run.migration_status(migration.id, MS.REVERTED if finished else MS.ERROR)
 
 
 STEPS: dict[str, Steps] = {"resize": move, "migrate": move, "confirm_resize": confirm, "revert_resize": revert}
