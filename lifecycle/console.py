@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import structlog
 
-from lifecycle.errors import DriverError, InvalidInput, InvalidState
+from lifecycle.errors import DriverError, DriverUnavailable, InvalidInput, InvalidState
 from lifecycle.records import Instance
 from lifecycle.states import TaskState, VmState
 from lifecycle.store import Store
@@ -28,7 +28,7 @@ from lifecycle.store.db import now
 if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import would cycle
     from drivers.base import Driver
 
-__all__ = ["ConsoleAccess", "ConsoleConnection", "check", "issue", "token_hash"]
+__all__ = ["ConsoleAccess", "ConsoleConnection", "TokenClaim", "check", "issue", "lookup", "serving", "token_hash"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +53,16 @@ class ConsoleConnection:
     instance_uuid: str
     host: str
     port: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaim:
+    """A token the database holds as valid, before the hypervisor is asked whether its guest still serves it."""
+
+    connection: ConsoleConnection
+    host: str
+    """The instance's host: the hypervisor to ask."""
+    issued_port: int
 
 
 def token_hash(token: str) -> str:
@@ -91,6 +101,18 @@ def check(store: Store, token: str, driver_for: Callable[[str], Driver] | None =
     guest stopped since has none, and libvirt gives a freed port to the next guest started:
     an old token must never reach that other guest's screen.
     """
+    claim = lookup(store, token)
+    if claim is None or driver_for is None:
+        return None if claim is None else claim.connection
+    try:
+        return serving(claim, driver_for)
+    except DriverUnavailable as exc:  # the host does not answer: nothing to bridge to now
+        log.info("console_not_served", instance_uuid=claim.connection.instance_uuid, error=str(exc))
+        return None
+
+
+def lookup(store: Store, token: str) -> TokenClaim | None:
+    """Check the database's half of :func:`check`: the token is valid, its instance still where it was issued."""
     if not isinstance(token, str) or not token or len(token) > 256:
         raise InvalidInput("a console token is a non-empty string of at most 256 characters")
     row = store.console_token(token_hash(token))
@@ -98,15 +120,27 @@ def check(store: Store, token: str, driver_for: Callable[[str], Driver] | None =
         return None
     instance = store.get_instance(row["instance_uuid"])
     moved = instance.host != row["host"]
-    if moved or instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS:
+    if moved or instance.host is None or instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS:
         return None
-    if driver_for is not None and instance.host is not None:
-        try:
-            now_serving = driver_for(instance.host).get_vnc_console(instance.uuid)
-        except DriverError as exc:  # no domain, not running, or the host does not answer: nothing to bridge to
-            log.info("console_not_served", instance_uuid=instance.uuid, error=f"{type(exc).__name__}: {exc}")
-            return None
-        if now_serving.port != row["console_port"]:
-            log.info("console_port_changed", instance_uuid=instance.uuid, issued=row["console_port"])
-            return None
-    return ConsoleConnection(instance.uuid, row["console_host"], row["console_port"])
+    connection = ConsoleConnection(instance.uuid, row["console_host"], row["console_port"])
+    return TokenClaim(connection, instance.host, row["console_port"])
+
+
+def serving(claim: TokenClaim, driver_for: Callable[[str], Driver]) -> ConsoleConnection | None:
+    """Check the hypervisor's half of :func:`check`: the guest still serves its console on the issued port.
+
+    Raises :class:`DriverUnavailable` when the host does not answer (try
+    again later); any other driver error means there is nothing to bridge to.
+    """
+    uuid = claim.connection.instance_uuid
+    try:
+        now_serving = driver_for(claim.host).get_vnc_console(uuid)
+    except DriverUnavailable:
+        raise
+    except DriverError as exc:  # no domain, or not running: nothing to bridge to
+        log.info("console_not_served", instance_uuid=uuid, error=f"{type(exc).__name__}: {exc}")
+        return None
+    if now_serving.port != claim.issued_port:
+        log.info("console_port_changed", instance_uuid=uuid, issued=claim.issued_port)
+        return None
+    return claim.connection

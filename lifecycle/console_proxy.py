@@ -17,22 +17,31 @@ SHA-256 (as stored by the engine), never the token. A session passing ``console_
 seconds with no byte either way is closed (1000, ``idle``). Stopping (SIGTERM, SIGINT, or
 :meth:`ConsoleProxy.stop`) closes every websocket with a close frame (1001, going away).
 
-The engine's calls are synchronous SQL, so each token check runs in a thread: a slow database
-delays that handshake only.
+A token check is two synchronous halves, each on a thread pool of the proxy's own (never
+asyncio's default, which the websockets library shares) and each with a deadline of
+``_CHECK_DEADLINE`` seconds, past which the handshake gets HTTP 503: the database's (the token
+is valid, its instance where it was issued), then the hypervisor's (the guest still serves the
+port). A host holds at most ``_CHECKS_PER_HOST`` threads in a check (counted until the thread
+really returns: a libvirt call stuck on a hung host keeps its thread), further handshakes to its
+guests get 503 at once, and so do they for ``_SILENT_FOR`` seconds after one of its checks missed
+the deadline: one hung hypervisor never takes the threads other hosts' handshakes need. A check
+not yet started when its handshake is given up (deadline, or the client gone) never runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import signal
 import weakref
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -46,8 +55,8 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from lifecycle.config import Settings, listen_address
-from lifecycle.console import ConsoleConnection, token_hash
-from lifecycle.errors import InvalidInput
+from lifecycle.console import ConsoleConnection, TokenClaim, token_hash
+from lifecycle.errors import DriverUnavailable, InvalidInput
 
 __all__ = ["REFUSAL_REASONS", "ConsoleProxy", "serve"]
 
@@ -77,6 +86,15 @@ _PAGE_HEADERS = {
     ),
 }
 _CONNECT_TIMEOUT = 10.0
+_CHECK_DEADLINE = 5.0
+"""Seconds each half of a token check (database, hypervisor) may take before the handshake gets 503."""
+_CHECKS_PER_HOST = 2
+"""Threads one host may hold in hypervisor checks; a handshake beyond that gets 503 at once."""
+_SILENT_FOR = 10.0
+"""Seconds a host whose check missed the deadline is answered 503 at once, without asking it."""
+_DB_THREADS = 4
+_HYPERVISOR_THREADS = 16
+R = TypeVar("R")
 _CHUNK = 65536
 _TOKEN_IN_TEXT = re.compile(r"token=[^&\s\"']*")
 
@@ -95,20 +113,32 @@ _wire_log = logging.getLogger(f"{__name__}.websockets")
 _wire_log.addFilter(_NoTokens())
 
 
+class _Unavailable(Exception):
+    """A token check could not be answered in time (the database or the hypervisor): the handshake gets 503."""
+
+
 class ConsoleProxy:
     """One proxy: its server, its sessions and its metrics.
 
-    ``check`` is the engine's ``check_console_token``: it returns where to connect, or None.
+    ``lookup`` is the database's half of a token check (:func:`lifecycle.console.lookup`: a claim, or None),
+    ``serving`` the hypervisor's (:func:`lifecycle.console.serving`: where to connect, or None).
     """
 
     def __init__(
         self,
-        check: Callable[[str], ConsoleConnection | None],
+        lookup: Callable[[str], TokenClaim | None],
+        serving: Callable[[TokenClaim], ConsoleConnection | None],
         settings: Settings,
         *,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self._check = check
+        self._lookup = lookup
+        self._serving = serving
+        self._db = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="console-db")
+        self._hypervisor = ThreadPoolExecutor(_HYPERVISOR_THREADS, thread_name_prefix="console-hypervisor")
+        self._checking: Tally[str] = Tally()
+        """Threads in a hypervisor check, per host, until each really returns."""
+        self._silent_until: dict[str, float] = {}
         self.settings = settings
         self.page_dir = Path(settings.console_page_dir) if settings.console_page_dir else PAGE_DIR
         self._origins = set(settings.console_allowed_origins) or {_origin_of(settings.console_base_url)}
@@ -159,6 +189,8 @@ class ConsoleProxy:
             return
         self._server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="console proxy stopping")
         await self._server.wait_closed()
+        for pool in (self._db, self._hypervisor):  # a thread stuck in a hung hypervisor is not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
         log.info("console_proxy_stopped")
 
     # -- handshake --------------------------------------------------------
@@ -184,9 +216,12 @@ class ConsoleProxy:
         if not token:
             return self._refuse(connection, "no_token", hashed)
         try:
-            target = await asyncio.to_thread(self._check, token)
+            target = await self._check(token)
         except InvalidInput:
             return self._refuse(connection, "bad_token", hashed)
+        except _Unavailable as exc:
+            log.warning("console_check_unavailable", token_hash=hashed, error=str(exc))
+            return self._refuse(connection, "unavailable", hashed, status=503)
         except Exception:  # the database is away: this handshake fails, the proxy goes on
             log.exception("console_token_check_failed", token_hash=hashed)
             return self._refuse(connection, "unavailable", hashed, status=503)
@@ -194,6 +229,40 @@ class ConsoleProxy:
             return self._refuse(connection, "invalid_token", hashed)
         self._resolved[connection] = (token_hash(token), target)
         return None
+
+    async def _check(self, token: str) -> ConsoleConnection | None:
+        """Check a token: the database's half, then the hypervisor's, each on its own pool and deadline."""
+        loop = asyncio.get_running_loop()
+        claim = await self._within(self._db.submit(self._lookup, token), "the database")
+        if claim is None:
+            return None
+        host = claim.host
+        if loop.time() < self._silent_until.get(host, 0.0):
+            raise _Unavailable(f"host {host} missed a check's deadline lately: not asked again yet")
+        if self._checking[host] >= _CHECKS_PER_HOST:
+            raise _Unavailable(f"host {host} has {self._checking[host]} checks in flight already")
+        self._checking[host] += 1
+        future = self._hypervisor.submit(self._serving, claim)
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._checked, host))
+        try:
+            return await self._within(future, f"host {host}")
+        except _Unavailable:
+            self._silent_until[host] = loop.time() + _SILENT_FOR
+            raise
+        except DriverUnavailable as exc:
+            raise _Unavailable(f"host {host} does not answer: {exc}") from exc
+
+    def _checked(self, host: str) -> None:
+        self._checking[host] -= 1
+        if self._checking[host] <= 0:
+            del self._checking[host]
+
+    async def _within(self, future: Future[R], who: str) -> R:
+        """Wait for a check's thread up to the deadline (a check not started by then never runs)."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), _CHECK_DEADLINE)
+        except TimeoutError:
+            raise _Unavailable(f"{who} did not answer within {_CHECK_DEADLINE:.0f} s") from None
 
     def _refuse(self, connection: ServerConnection, reason: str, hashed: str | None, status: int = 403) -> Response:
         self._count_refusal(connection, reason, hashed)
@@ -355,6 +424,7 @@ def _text(status: int, reason: str, text: str) -> Response:
 
 def serve(db_url: str, settings: Settings, listen: tuple[str, int] | None = None) -> None:
     """Run a console proxy over the engine at ``db_url`` until SIGTERM or SIGINT, then stop cleanly."""
+    from lifecycle import console
     from lifecycle.engine import Engine  # the engine pulls in the whole package; the proxy module stays light
 
     address = (
@@ -362,7 +432,12 @@ def serve(db_url: str, settings: Settings, listen: tuple[str, int] | None = None
     )
     engine = Engine(db_url, settings=settings)
     try:
-        asyncio.run(_run(ConsoleProxy(engine.check_console_token, settings), address))
+        proxy = ConsoleProxy(
+            functools.partial(console.lookup, engine.store),
+            functools.partial(console.serving, driver_for=engine.driver),
+            settings,
+        )
+        asyncio.run(_run(proxy, address))
     finally:
         engine.close()
 

@@ -8,6 +8,7 @@ of the test's own (the fake hypervisor numbers VNC ports from 5900, as QEMU gues
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
-from lifecycle import Engine, Settings
+from lifecycle import Engine, Settings, console
 from lifecycle.cli import main
 from lifecycle.console_proxy import ConsoleProxy
 from lifecycle.errors import InvalidInput
@@ -72,7 +73,11 @@ class RunningProxy:
     """A ConsoleProxy on its own event loop thread, listening on a free port of 127.0.0.1."""
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.proxy = ConsoleProxy(engine.check_console_token, settings)
+        self.proxy = ConsoleProxy(
+            functools.partial(console.lookup, engine.store),
+            functools.partial(console.serving, driver_for=engine.driver),
+            settings,
+        )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -545,3 +550,105 @@ def test_two_origin_headers_are_refused_not_a_crash(
     conn.close()
     assert proxy.metric("lifecycle_console_refusals_total", reason="origin") == 1
     assert vnc.connections == 0
+
+
+@pytest.fixture
+def quick_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Token checks get a half-second deadline (the proxy's is 5 s), and a silent host 2 s of quiet."""
+    from lifecycle import console_proxy
+
+    monkeypatch.setattr(console_proxy, "_CHECK_DEADLINE", 0.5)
+    monkeypatch.setattr(console_proxy, "_SILENT_FOR", 2.0)
+    return 0.5
+
+
+def _second_console(engine: Engine, tmp_path: Path) -> tuple[str, FakeVnc]:
+    """An instance on a host ``near`` of its own, with a fake VNC server where its console leads."""
+    engine.add_host("near", f"fake://{tmp_path / 'near.json'}", console_address=_loopback())
+    uuid = engine.create("other", host="near", flavor=FLAVOR, image="cirros").instance_uuid
+    token = engine.get_vnc_console(uuid).token
+    target = engine.check_console_token(token)
+    assert target is not None
+    return token, FakeVnc((target.host, target.port))
+
+
+def test_a_hung_host_gets_503_in_time_and_never_starves_the_others(
+    engine: Engine,
+    fakes: Fakes,
+    tmp_path: Path,
+    new_console: Callable[[], tuple[str, str, FakeVnc]],
+    proxy_for: Callable[..., RunningProxy],
+    quick_deadline: float,
+) -> None:
+    """8 handshakes to a guest whose hypervisor hangs get 503 within the deadline, at most 2 reach it; another host's answer at once."""
+    import time
+
+    _, token, vnc = new_console()
+    near_token, near_vnc = _second_console(engine, tmp_path)
+    far = fakes.factory(engine.host("far"))
+    gates = [far.hold("get_vnc_console") for _ in range(8)]
+    proxy = proxy_for()
+    took: list[float] = []
+    codes: list[int] = []
+
+    def handshake() -> None:
+        started = time.monotonic()
+        codes.append(_refused_with(proxy, token))
+        took.append(time.monotonic() - started)
+
+    try:
+        threads = [threading.Thread(target=handshake) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        started = time.monotonic()
+        with proxy.open(near_token) as ws:  # the other host, while 8 checks of the hung one are in flight
+            assert ws.recv(timeout=10) == BANNER
+        assert time.monotonic() - started < 1.0
+        for thread in threads:
+            thread.join(10)
+        assert codes == [503] * 8 and max(took) < quick_deadline + 1.5, took
+        assert sum(g.entered.is_set() for g in gates) <= 2  # the rest were answered without asking the host
+        assert vnc.connections == 0
+    finally:
+        for gate in gates:
+            gate.release()
+        near_vnc.shutdown()
+        near_vnc.server_close()
+
+
+@pytest.mark.postgres
+def test_a_locked_token_table_gets_503_within_the_deadline(
+    pg_url: str, fakes: Fakes, tmp_path: Path, quick_deadline: float
+) -> None:
+    """A handshake while console_tokens is locked (PostgreSQL) gets 503 within the deadline, then works once freed."""
+    import time
+
+    import sqlalchemy as sa
+
+    from lifecycle import upgrade
+
+    upgrade(pg_url)
+    engine = make_engine(pg_url, fakes)
+    engine.add_host("far", f"fake://{tmp_path / 'far.json'}", console_address=_loopback())
+    uuid = engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
+    token = engine.get_vnc_console(uuid).token
+    target = engine.check_console_token(token)
+    assert target is not None
+    vnc = FakeVnc((target.host, target.port))
+    proxy = RunningProxy(engine, Settings(console_allowed_origins=(ORIGIN,)))
+    locker = sa.create_engine(pg_url).connect()
+    try:
+        with locker.begin():
+            locker.exec_driver_sql("LOCK TABLE console_tokens IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            assert _refused_with(proxy, token) == 503
+            assert time.monotonic() - started < quick_deadline + 1.5
+        assert vnc.connections == 0
+        with proxy.open(token) as ws:
+            assert ws.recv(timeout=10) == BANNER
+    finally:
+        locker.close()
+        proxy.close()
+        vnc.shutdown()
+        vnc.server_close()
+        engine.close()
