@@ -636,7 +636,8 @@ def test_a_locked_token_table_gets_503_within_the_deadline(
     assert target is not None
     vnc = FakeVnc((target.host, target.port))
     proxy = RunningProxy(engine, Settings(console_allowed_origins=(ORIGIN,)))
-    locker = sa.create_engine(pg_url).connect()
+    lock_engine = sa.create_engine(pg_url)
+    locker = lock_engine.connect()
     try:
         with locker.begin():
             locker.exec_driver_sql("LOCK TABLE console_tokens IN ACCESS EXCLUSIVE MODE")
@@ -648,6 +649,7 @@ def test_a_locked_token_table_gets_503_within_the_deadline(
             assert ws.recv(timeout=10) == BANNER
     finally:
         locker.close()
+        lock_engine.dispose()
         proxy.close()
         vnc.shutdown()
         vnc.server_close()
