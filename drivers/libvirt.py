@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from drivers._link import Guarded, Link, Opener
 from drivers.base import (
     Attempt,
     Console,
@@ -218,6 +219,7 @@ class LibvirtDriver(Driver):
         vnc_listen: str = "127.0.0.1",
         soft_reboot_seconds: float = 120.0,
         reconnect_seconds: float = 10.0,
+        call_seconds: float = 20.0,
     ) -> None:
         if libvirt is None:
             raise DriverError("libvirt-python is not installed: pip install 'lifecycle[libvirt]'")
@@ -228,10 +230,13 @@ class LibvirtDriver(Driver):
         self.vnc_listen = vnc_listen
         self.soft_reboot_seconds = soft_reboot_seconds
         self.reconnect_seconds = reconnect_seconds
+        self.call_seconds = call_seconds
+        """How long a call waits for its turn on the connection (one call in flight at a time) before it gives up."""
         self._lock = threading.RLock()
-        self._conn: Any = None
-        self._retired: list[Any] = []
-        """Connections dropped after a loss, kept alive until close (see :meth:`_retire`)."""
+        self._link: Link | None = None
+        self._links: dict[int, Link] = {}
+        """Every connection this driver opened, by the identity of its raw object, kept until :meth:`close`."""
+        self._opener = Opener(uri)
         self._listener: EventListener | None = None
         self._callback_id: int | None = None
         self._closed = threading.Event()
@@ -248,14 +253,19 @@ class LibvirtDriver(Driver):
     # -- connection --------------------------------------------------------
 
     def _connection(self, call: str) -> Any:
+        """Return the live connection (guarded: each call on it holds its lock), opening one when needed."""
         with self._lock:
-            if self._conn is not None:
-                return self._conn
+            link = self._link
+            if link is not None and not link.dead:
+                return Guarded(link.raw, link)
+            if self._closed.is_set():
+                raise DriverUnavailable(f"{call}: the driver for {self.uri} is closed", call=call)
+            self._link = None
             deadline = time.monotonic() + self.reconnect_seconds
             delay = 0.1
             while True:
                 try:
-                    conn = _open_bounded(self.uri, max(1.0, deadline - time.monotonic()), call)
+                    raw = self._opener.open(max(1.0, deadline - time.monotonic()), call)
                     break
                 except libvirt.libvirtError as exc:
                     if time.monotonic() + delay > deadline:
@@ -264,11 +274,14 @@ class LibvirtDriver(Driver):
                         ) from exc
                     self._closed.wait(delay)
                     delay = min(delay * 2, 1.0)
+            link = Link(raw, self.uri, self.call_seconds)
+            self._links[id(raw)] = link  # referenced until close: never freed under a libvirt callback
+            conn = Guarded(raw, link)
             conn.registerCloseCallback(self._on_close, None)
             with suppress(libvirt.libvirtError):  # drivers without keepalive (test:///) refuse it: harmless
                 # A peer silent for 5 s x 3 probes closes the connection: a dead host is noticed in seconds.
                 conn.setKeepAlive(5, 3)
-            self._conn = conn
+            self._link = link
             if self._listener is not None:
                 self._subscribe(conn)
             return conn
@@ -279,41 +292,27 @@ class LibvirtDriver(Driver):
             conn.getLibVersion()
 
     def _on_close(self, conn: Any, _reason: int, _opaque: Any) -> None:
-        with self._lock:
-            if self._conn is conn:
-                self._retire(conn)
-                self._callback_id = None
-
-    def _retire(self, conn: Any) -> None:
-        """Stop using ``conn`` but keep a reference to it until :meth:`close`.
-
-        A connection dropped while libvirt's event loop still holds its
-        keepalive timer, close callback and event callbacks must not be freed
-        by Python under that loop (freeing it there crashed the process inside
-        libvirt's event loop); it is closed properly with the driver.
-        """
-        if self._conn is conn:
-            self._conn = None
-        if all(old is not conn for old in self._retired):
-            self._retired.append(conn)
+        # On libvirt's event loop, or on a thread inside a call: mark the link dead and nothing more (no lock
+        # a call may hold, no call); the next call opens a new connection.
+        link = self._links.get(id(conn))
+        if link is not None:
+            link.dead = True
 
     def close(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
             self._closed.set()
-            retired, self._retired = self._retired, []
-            for old in retired:
+            current, self._link = self._link, None
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            callback = self._callback_id if link is current else None
+
+            def unregister(raw: Any, callback: int | None = callback) -> None:
                 with suppress(libvirt.libvirtError):
-                    old.unregisterCloseCallback()
-                    old.close()
-            if conn is not None:
-                try:
-                    if self._callback_id is not None:
-                        conn.domainEventDeregisterAny(self._callback_id)
-                    conn.unregisterCloseCallback()
-                    conn.close()
-                except libvirt.libvirtError:
-                    pass
+                    if callback is not None:
+                        raw.domainEventDeregisterAny(callback)
+                    raw.unregisterCloseCallback()
+
+            link.close(before=unregister)
 
     @contextmanager
     def _calling(self, call: str, uuid: str | None = None) -> Iterator[Any]:
@@ -348,12 +347,11 @@ class LibvirtDriver(Driver):
         return DriverError(f"{call} failed in libvirt ({where}): {text}", uuid=uuid, call=call)
 
     def _lost(self, exc: Any, conn: Any) -> bool:
-        """Return whether ``exc`` means ``conn`` is gone; if so, drop it so the next call reconnects."""
-        lost = self._conn is not conn or _link_error(exc) or not _alive(conn)
+        """Return whether ``exc`` means ``conn`` is gone; if so, mark it dead so the next call reconnects."""
+        link = conn._link
+        lost = link.dead or self._link is not link or _link_error(exc) or not _alive(conn)
         if lost:
-            with self._lock:
-                if self._conn is conn:
-                    self._retire(conn)
+            link.dead = True
         return lost
 
     def _domain(self, conn: Any, uuid: str) -> Any:
@@ -965,9 +963,10 @@ class LibvirtDriver(Driver):
     def register_event_listener(self, listener: EventListener | None) -> None:
         with self._lock:
             self._listener = listener
-            conn = self._conn
-            if conn is None:
+            link = self._link
+            if link is None or link.dead:
                 return
+            conn = Guarded(link.raw, link)
             if self._callback_id is not None:
                 with suppress(libvirt.libvirtError):
                     conn.domainEventDeregisterAny(self._callback_id)
@@ -986,44 +985,6 @@ class LibvirtDriver(Driver):
         if transition is None or listener is None or not dom.name().startswith(NAME_PREFIX):
             return
         listener(LifecycleEvent(dom.UUIDString(), transition, datetime.now(UTC)))
-
-
-def _open_bounded(uri: str, timeout: float, call: str) -> Any:
-    """Open a connection, giving up after ``timeout`` seconds: a hung libvirtd never answers the handshake.
-
-    ``libvirt.open`` has no time limit of its own (keepalive starts only once
-    it returned), so it runs on a thread of its own; one that answers after
-    the deadline closes its connection itself.
-    """
-    lock = threading.Lock()
-    done = threading.Event()
-    box: dict[str, Any] = {}
-
-    def opening() -> None:
-        try:
-            conn = libvirt.open(uri)
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-            done.set()
-            return
-        with lock:
-            late = box.get("abandoned", False)
-            if not late:
-                box["conn"] = conn
-                done.set()
-        if late:
-            with suppress(libvirt.libvirtError):
-                conn.close()
-
-    threading.Thread(target=opening, name=f"libvirt-open-{uri}", daemon=True).start()
-    done.wait(timeout)
-    with lock:
-        if not done.is_set():
-            box["abandoned"] = True
-            raise DriverUnavailable(f"{call}: {uri} did not answer within {timeout:.0f} s (libvirtd hung?)", call=call)
-    if "error" in box:
-        raise box["error"]
-    return box["conn"]
 
 
 def _flatten(download: Path, target: Path, backing: str | None, spec: DomainSpec) -> None:
@@ -1121,5 +1082,5 @@ def _not_found(uuid: str, call: str, text: str) -> DomainNotFound:
 def _alive(conn: Any) -> bool:
     try:
         return bool(conn.isAlive())
-    except libvirt.libvirtError:
+    except (libvirt.libvirtError, DriverUnavailable):
         return False

@@ -150,18 +150,18 @@ def test_errors_are_classified_by_code_and_error_domain(
     assert type(error) is expected
     assert message in str(error) and str(error).startswith("spawn")
     assert (error.call, error.uuid) == ("spawn", uuid)
-    assert (test_driver._conn is None) is (expected is DriverUnavailable)
+    assert conn._link.dead is (expected is DriverUnavailable)
 
 
 @pytest.mark.libvirt
 def test_any_error_after_the_close_callback_is_a_lost_connection(test_driver: LibvirtDriver) -> None:
     """Once the close callback dropped the connection, even a non-link error on it is DriverUnavailable."""
     conn = test_driver._connection("get_info")
-    test_driver._on_close(conn, 0, None)
+    test_driver._on_close(conn._link.raw, 0, None)  # libvirt hands the callback its own connection object
     error = test_driver._map_error(_libvirt_error(1, 12, "internal error: x"), "get_info", str(uuidlib.uuid4()), conn)
     assert type(error) is DriverUnavailable
     assert str(error).endswith("lost: internal error: x")
-    conn.close()
+    assert test_driver._connection("get_info")._link is not conn._link  # the next call opened a new connection
 
 
 @pytest.mark.libvirt
@@ -176,7 +176,7 @@ def test_os_error_on_a_live_connection_is_permanent(test_driver: LibvirtDriver, 
     assert str(info.value).startswith("save failed in libvirt (code 38, error domain 12")
     assert "No such file or directory" in str(info.value)
     assert info.value.__cause__ is not None and info.value.__cause__.get_error_code() == 38  # type: ignore[attr-defined]
-    assert test_driver._conn is before
+    assert test_driver._link is before._link
     assert test_driver.get_info(spec.uuid) is PowerState.RUNNING
 
 
