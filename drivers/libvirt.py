@@ -371,8 +371,13 @@ class LibvirtDriver(Driver):
             dom = self._adopt(conn, spec, "spawn")
             if dom is None:
                 disk = self._new_disk(conn, spec)
-                _holds(spec.attempt)
-                dom = conn.defineXML(self._xml(spec, disk))
+                try:
+                    _holds(spec.attempt)  # right before the define: a worker stalled meanwhile stops here
+                    dom = conn.defineXML(self._xml(spec, disk))
+                except BaseException:
+                    with suppress(Exception):  # this attempt's own new volume, never another's
+                        self.storage.delete(conn, self.storage.disks_pool, volume_name(spec.uuid, spec.attempt))
+                    raise
             self._point("spawn:defined")
             self._start(dom, spec, power_on)
             self._point("spawn:started")

@@ -936,8 +936,10 @@ def _recover(args: argparse.Namespace) -> None:
 
     if args.force and args.owner is None:
         raise InvalidInput("recover --force needs --owner NAME: it takes only that owner's live tasks")
-    with Engine(args.db, owner=args.owner, settings=args.settings) as engine:
-        results = engine.recover(force=args.force)
+    # Under a name of its own: the tasks it takes are then never taken again by a second `recover --force`
+    # of the dead engine's name while this one still runs them.
+    with Engine(args.db, settings=args.settings) as engine:
+        results = engine.recover(force=args.force, owner=args.owner)
         waiting = engine.waiting_for_lease()
     lines = [
         _safe(f"{r.task_id} {r.operation} on {r.instance_uuid} at {r.task_state}: {r.plan} -> {r.outcome}")

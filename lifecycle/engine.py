@@ -346,18 +346,21 @@ class Engine:
         self.metrics.observe_window(results)
         return results
 
-    def recover(self, *, force: bool = False) -> builtins.list[Recovered]:
+    def recover(self, *, force: bool = False, owner: str | None = None) -> builtins.list[Recovered]:
         """Take over and finish every task whose owner's lease has run out.
 
         Each is resumed forward or rolled back per :func:`lifecycle.recovery.plan`;
         afterwards no recovered instance has a task in flight. A task whose
         lease is live belongs to a worker that may still be running: it is
-        taken only with ``force`` and only when it carries this engine's
-        owner name (a restarted engine that knows its predecessor is dead).
-        The old worker, if it lives after all, is fenced: it stops before its
-        next driver call, though a call already in flight still lands.
+        taken only with ``force`` and only when it carries ``owner``, by
+        default this engine's own name (a restarted engine that knows its
+        predecessor is dead). Taken tasks are this engine's from then on. The
+        old worker, if it lives after all, is fenced: it stops before its next
+        driver call, and a call in flight touches only its own attempt's objects.
         """
-        results = recover_tasks(self.runner, force=force)
+        if owner is not None:
+            validation.name("owner", owner)
+        results = recover_tasks(self.runner, force=force, of_owner=owner)
         self.metrics.observe_recovery(results)
         return results
 

@@ -98,14 +98,21 @@ class Recovered:
     reason: str
 
 
-def recover_tasks(runner: Runner, *, force: bool = False) -> list[Recovered]:
-    """Take over and finish every recoverable task; return what became of each."""
+def recover_tasks(runner: Runner, *, force: bool = False, of_owner: str | None = None) -> list[Recovered]:
+    """Take over and finish every recoverable task; return what became of each.
+
+    With ``force``, the live tasks of ``of_owner`` (default the runner's own
+    name) are taken too. Taken tasks belong to the runner's owner from then
+    on: a recovery running under a name of its own is never itself taken
+    over by a second forced recovery of the dead engine's name.
+    """
     results = []
     store = runner.store
-    for read in store.recoverable_tasks(runner.owner, force=force):
+    victim = of_owner or runner.owner
+    for read in store.recoverable_tasks(victim, force=force):
         if read.id in runner.active:
             continue  # this engine's own worker is running it right now
-        task = store.take_over(read, runner.owner, force=force)  # a compare-and-swap on the epoch read
+        task = store.take_over(read, runner.owner, force=force, of_owner=victim)  # a CAS on the epoch read
         if task is None:
             continue  # another recovery took it first (or it ended) since it was read
         with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):

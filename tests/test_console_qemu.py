@@ -97,16 +97,18 @@ class Setup:
 
     def start_proxy(self) -> None:
         """Start ``lifecycle console-proxy`` (its address from the config file) and wait until it serves the page."""
-        self.proxy = subprocess.Popen(
-            [LIFECYCLE, "--log-level", "info", "console-proxy"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # Its log goes to a file: a pipe nobody reads until the end fills up and blocks the proxy's event loop.
+        with (self.tmp_path / "proxy.log").open("w") as log:
+            self.proxy = subprocess.Popen(
+                [LIFECYCLE, "--log-level", "info", "console-proxy"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                text=True,
+            )
         deadline = time.monotonic() + 60
         while True:
-            assert self.proxy.poll() is None, self.proxy.communicate()[1]
+            assert self.proxy.poll() is None, self.log()
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/vnc_lite.html", timeout=5).close()
                 return
@@ -120,12 +122,17 @@ class Setup:
         if self.proxy.poll() is None:
             self.proxy.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proxy.communicate(timeout=30)
+            self.proxy.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proxy.kill()
-            _, err = self.proxy.communicate(timeout=10)
-        assert self.proxy.returncode == 0, err
+            self.proxy.wait(timeout=10)
+        err = self.log()
+        assert self.proxy.returncode == 0, err[-4000:]
         return err
+
+    def log(self) -> str:
+        """What the proxy logged so far."""
+        return (self.tmp_path / "proxy.log").read_text(errors="replace")
 
 
 @pytest.fixture
@@ -262,3 +269,80 @@ def test_a_console_on_the_remote_host_and_refused_once_the_guest_is_deleted(
     refused = [json.loads(line) for line in log.splitlines() if '"console_refused"' in line]
     assert [o["host"] for o in opened] == ["127.0.0.2"]
     assert [r["reason"] for r in refused] == ["invalid_token"]
+
+
+def _token(url: str) -> str:
+    """The token inside a console URL (``...?path=%3Ftoken%3D<token>``)."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    path = parse_qs(urlsplit(url).query)["path"][0]
+    return parse_qs(urlsplit(unquote(path)).query)["token"][0]
+
+
+def _handshake(setup: Setup, token: str) -> tuple[int, float]:
+    """Open a websocket to the proxy with ``token``: (101 or the refusal's HTTP status, seconds it took)."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    started = time.monotonic()
+    origin = f"http://127.0.0.1:{setup.port}"
+    try:
+        with connect(
+            f"ws://127.0.0.1:{setup.port}/websockify?token={token}",
+            additional_headers={"Origin": origin},
+            open_timeout=30,
+        ) as ws:
+            ws.recv(timeout=10)  # the guest's RFB greeting
+            return 101, time.monotonic() - started
+    except InvalidStatus as refused:
+        return refused.response.status_code, time.monotonic() - started
+
+
+def _into(codes: list[int], setup: Setup, token: str) -> None:
+    codes.append(_handshake(setup, token)[0])
+
+
+def test_the_proxy_survives_handshakes_to_a_stalled_host_and_its_resume(
+    setup: Setup, remote_host: RemoteHost, remote_instances: PurePosixPath
+) -> None:
+    """8 handshakes to b's guest while its libvirtd is stopped, then its resume, 3 times: the proxy lives, a's answer within 1 s."""
+    import threading
+
+    from websockets.sync.client import connect
+
+    from tests.test_fleet_qemu import frozen
+
+    b = ["--uri", remote_host.uri, "--instances-path", str(remote_instances), "--console-address", "127.0.0.2"]
+    setup("host", "add", "b", *b)
+    setup("host", "heartbeat", "b")
+    here, there = setup.create("a"), setup.create("b")
+    near, far = _token(setup("console", here)["url"]), _token(setup("console", there)["url"])
+    setup.env["PYTHONFAULTHANDLER"] = "1"
+    setup.start_proxy()
+    origin = {"Origin": f"http://127.0.0.1:{setup.port}"}
+    with connect(f"ws://127.0.0.1:{setup.port}/websockify?token={near}", additional_headers=origin) as session:
+        session.recv(timeout=10)
+        for _ in range(3):
+            codes: list[int] = []
+            with frozen(remote_host):
+                stuck = [threading.Thread(target=_into, args=(codes, setup, far)) for _ in range(8)]
+                for thread in stuck:
+                    thread.start()
+                ends = time.monotonic() + 30
+                while time.monotonic() < ends:
+                    code, took = _handshake(setup, near)
+                    assert (code, took < 1.0) == (101, True), (code, took)
+                    session.ping().wait(1.0)  # the open session to a's guest stays open
+                    time.sleep(1.0)
+                for thread in stuck:
+                    thread.join(30)
+                assert codes == [503] * 8, codes
+            deadline = time.monotonic() + 90
+            while _handshake(setup, far)[0] != 101:  # b answers again: its guest's console is reachable
+                assert time.monotonic() < deadline, "b's console never came back"
+                assert setup.proxy is not None and setup.proxy.poll() is None
+                time.sleep(1.0)
+    assert setup.proxy is not None and setup.proxy.poll() is None
+    setup.stop_proxy()
+    for uuid in (here, there):
+        setup("delete", uuid)

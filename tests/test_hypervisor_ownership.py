@@ -221,3 +221,47 @@ def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[]
     assert recovered.outcome == "succeeded"
     i = engine.get(uuid)
     assert list(b.volumes()) == [i.disk] and b.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
+
+
+def test_a_destination_silent_before_the_copy_rolls_the_move_back(twins: Callable[[], Engine], fakes: Fakes) -> None:
+    """A destination that does not answer when the move clears it puts the guest back on its source, running."""
+    engine = twins()
+    uuid = _vm(engine, fakes)
+    b = fakes.factory(engine.host("b"))
+    b.unreachable = True
+    with pytest.raises(TaskFailed, match="does not answer before the copy"):
+        engine.migrate(uuid, host="b")
+    i = engine.get(uuid)
+    a = fakes.factory(engine.host("a"))
+    assert (i.vm_state, i.host, a.get_info(uuid)) == (V.ACTIVE, "a", P.RUNNING)
+    assert engine.store.open_migration(uuid) is None and a.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
+
+
+def test_a_second_forced_recovery_never_takes_the_first_ones_task(
+    db_url: str, twins: Callable[[], Engine], fakes: Fakes
+) -> None:
+    """A forced recovery runs a dead engine's task under a name of its own: a second one, forced too, takes nothing."""
+    first = twins()
+    uuid = _vm(first, fakes)
+    b = fakes.factory(first.host("b"))
+    gates = [b.hold("copy"), b.hold("copy")]  # the first worker's copy, then the recovery's
+    worker, _ = _in_thread(lambda: first.migrate(uuid, host="b"))
+    assert gates[0].wait_entered()
+    rescuer = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0))
+    rescue, _ = _in_thread(lambda: rescuer.recover(force=True, owner="engine-x"))
+    try:
+        assert gates[1].wait_entered()  # the recovery's run is in flight
+        late = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0))
+        try:
+            assert late.recover(force=True, owner="engine-x") == []
+        finally:
+            late.close()
+        task = first.store.get_task(first.get(uuid).task_id or "")
+        assert (task.epoch, task.owner) == (1, rescuer.owner)
+    finally:
+        for gate in gates:
+            gate.release()
+        rescue.join(10)
+        worker.join(10)
+        rescuer.close()
+    assert first.get(uuid).host == "b" and first.get(uuid).status == "VERIFY_RESIZE"

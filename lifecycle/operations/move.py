@@ -99,12 +99,11 @@ def _copy_and_finish(run: TaskRun, migration: Migration) -> None:
     kept = _source_disk(run, migration)
     source = functools.partial(run.on(migration.source_host).read_disk, run.instance.uuid, kept)
     assert migration.dest_host is not None
-    # A copy from an earlier life of the instance there (an evacuated one, a failed move's) is destroyed first.
-    run.clear_leftovers(migration.dest_host, why="copying the disk there")
-    dest = run.on(migration.dest_host)
     spec = replace(_spec(run, migration.new_flavor, None), attempt=run.attempt(migration.id))
     run.fail_fields["disk"] = volume_name(run.instance.uuid, spec.attempt)
     try:
+        _clear_destination(run, migration.dest_host)
+        dest = run.on(migration.dest_host)
         disk = dest.finish_migration(spec, source, power_on=_power_on(migration), progress=run.copy_progress)
         run.fields["disk"] = run.fail_fields["disk"] = disk
     except CopyFailed:
@@ -116,6 +115,17 @@ def _copy_and_finish(run: TaskRun, migration: Migration) -> None:
         run.before_power = PowerState.RUNNING if _power_on(migration) else PowerState.SHUTDOWN
         revert_on_source(run, migration)
         raise
+
+
+def _clear_destination(run: TaskRun, dest: str) -> None:
+    """Destroy what an earlier life left on the destination; one that does not answer fails like a failed copy.
+
+    Nothing of this move is there yet, so the move goes back onto its source.
+    """
+    try:
+        run.clear_leftovers(dest, why="copying the disk there")
+    except DriverUnavailable as exc:
+        raise CopyFailed(f"destination {dest} does not answer before the copy: {exc}", call="finish_migration") from exc
 
 
 def _prepare(run: TaskRun) -> Migration:

@@ -81,19 +81,19 @@ class Tasks(StoreBase):
         with self._read() as conn:
             return [task_from(r) for r in conn.execute(query).mappings()]
 
-    def take_over(self, task: Task, owner: str, *, force: bool = False) -> Task | None:
+    def take_over(self, task: Task, owner: str, *, force: bool = False, of_owner: str | None = None) -> Task | None:
         """Make ``owner`` the owner of ``task`` as read, bumping its epoch; return it taken over, or None if lost.
 
         A compare-and-swap on the epoch ``task`` was read at: the task must
         still be running at that epoch, with an expired lease (with ``force``,
-        a live lease held under ``owner``'s own name is taken too). Of two
+        a live lease held under ``of_owner``'s name, by default ``owner``'s, is taken too). Of two
         recoveries that read the same epoch, even under one owner name, one
         wins and the other gets None; a read made stale by any takeover since
         takes nothing. The new epoch fences the old worker: it stops before
         its next driver call (:meth:`fence`) and its writes fail.
         """
         at = now()
-        live_ok = (_T.c.owner == owner) if force else sa.false()
+        live_ok = (_T.c.owner == (of_owner or owner)) if force else sa.false()
         query = (
             sa.update(_T)
             .where(
