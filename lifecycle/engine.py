@@ -242,7 +242,7 @@ class Engine:
         its hypervisor cannot do that, :class:`EvacuatedCopiesPending` names them
         and nothing is written.
         """
-        name = validation.name("host", name)
+        name = self.host(validation.name("host", name)).name  # an unknown one is named with the known ones
         values: dict[str, object] = {}
         if metrics is not None:
             values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
@@ -557,6 +557,8 @@ class Engine:
     def migrate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
         """Cold-migrate to ``host`` or where the scheduler puts it; ends resized, awaiting confirm or revert."""
         params = {} if host is None else {"host": self.store.get_host(validation.name("host", host)).name}
+        if host is not None and params["host"] == self.get(uuid).host:
+            raise InvalidInput(f"cannot migrate instance {uuid} to {params['host']}: that is the host it is on")
         return self.run("migrate", uuid, params=params, **kw)
 
     def confirm_resize(self, uuid: str, **kw: Any) -> Task:

@@ -210,8 +210,8 @@ class Writes(StoreBase):
 
     def note(self, instance: Instance, why: Why) -> None:
         """Write an audit row that changes no state (something done on the hypervisor for this instance)."""
-        with self.engine.begin() as conn:
-            audit(conn, instance, instance, why, always=True)
+        with self.engine.begin() as conn:  # stamped now, when the thing it records was done
+            audit(conn, instance, replace(instance, updated_at=now()), why, always=True)
 
     @retry_on_deadlock
     def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
