@@ -765,8 +765,24 @@ class LibvirtDriver(Driver):
             vol = self.storage.volume(conn, self.storage.disks_pool, disk)
             if vol is None:
                 raise DomainNotFound(uuid, call="read_disk")
-            with read_volume(conn, vol) as segments:
-                yield DiskRead(segments=segments, total=int(vol.info()[2]))
+            total = int(vol.info()[2])
+            reading = read_volume(conn, vol)
+            segments = reading.__enter__()
+        # Outside the source's own error mapping: what the reader raises while writing (the destination's
+        # error) is the destination's, never read as this host's missing domain.
+        try:
+            yield DiskRead(segments=self._source_segments(segments, conn), total=total)
+        except BaseException as exc:
+            reading.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        reading.__exit__(None, None, None)
+
+    def _source_segments(self, segments: Iterator[bytes | int], conn: Any) -> Iterator[bytes | int]:
+        """Yield a source disk's segments; the source's own stream errors are mapped as this host's."""
+        try:
+            yield from segments
+        except libvirt.libvirtError as exc:
+            raise self._map_error(exc, "read_disk", None, conn) from exc
 
     def finish_migration(
         self, spec: DomainSpec, source: DiskSource, *, power_on: bool, progress: Progress | None = None
