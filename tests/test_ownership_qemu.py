@@ -31,26 +31,13 @@ from lifecycle.errors import DriverError, Fenced
 from lifecycle.states import MigrationStatus
 from tests.conftest import QEMU_URI, RemoteHost, qemu_ready
 from tests.test_fleet_qemu import frozen
+from tests.test_preemption_qemu import Hold
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 SETTINGS = Settings(libvirt_domain_type="qemu", shutdown_timeout=0)
 MARKER = ("0x5a", 1024 * 1024, 65536)
 """A 64 KiB pattern of 0x5a at 1 MiB into the guest's disk."""
-
-
-class Hold:
-    """A point inside a driver call that blocks until released (and goes on by itself after 60 s)."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.released = threading.Event()
-
-    def __call__(self) -> None:
-        if self.entered.is_set():
-            return  # hold the first call only
-        self.entered.set()
-        self.released.wait(60)
 
 
 @dataclasses.dataclass
