@@ -273,15 +273,19 @@ class FakeDriver(Driver):
     def destroy(self, uuid: str, *, destroy_disks: bool = True, attempt: Attempt | None = None) -> None:
         def act() -> PowerState | None:
             dom = self._domains.get(uuid)
-            if dom is not None and (attempt is None or dom.task_id == attempt.task_id):
+            ours = attempt is None or (
+                dom is not None and dom.task_id == attempt.task_id and dom.epoch <= attempt.epoch
+            )
+            if dom is not None and ours:
                 del self._domains[uuid]
             else:
                 dom = None
             if destroy_disks:
                 used = {d.disk for d in self._domains.values()}
                 for name in self._names(uuid):
-                    tag = volume_tag(uuid, name)
-                    if name not in used and (attempt is None or (tag or "").startswith(attempt.task_tag + "-")):
+                    task_tag, epoch = _split(volume_tag(uuid, name))
+                    mine = attempt is None or (task_tag == attempt.task_tag and (epoch or 0) <= attempt.epoch)
+                    if name not in used and mine:
                         del self._volumes[name]
             return P.SHUTDOWN if dom is not None and dom.power != P.SHUTDOWN else None
 

@@ -475,7 +475,8 @@ class LibvirtDriver(Driver):
             try:  # gone before or during the destroy (a racing delete, an operator) is what destroy wants
                 dom = self._domain(conn, uuid)
                 xml = dom.XMLDesc(0)
-                if attempt is None or _stamp_of(xml).of_task(attempt):
+                stamp = _stamp_of(xml)
+                if attempt is None or (stamp.of_task(attempt) and not stamp.newer_than(attempt)):
                     self._undefine(dom)
                 else:
                     used = {v for v in (_root_volume(xml),) if v}  # another attempt's domain: its disk stays
@@ -485,8 +486,11 @@ class LibvirtDriver(Driver):
             if destroy_disks:
                 for vol in self._volumes_of(conn, uuid):
                     name = vol.name()
-                    mine = attempt is None or (volume_tag(uuid, name) or "").startswith(attempt.task_tag + "-")
-                    if name not in used and mine:
+                    task_tag, _, epoch = (volume_tag(uuid, name) or "").rpartition("-")
+                    mine = attempt is None or (
+                        task_tag == attempt.task_tag and int(epoch if epoch.isdigit() else 0) <= attempt.epoch
+                    )
+                    if name not in used and mine:  # a later epoch's volume is never an earlier one's to delete
                         self._delete_volume(conn, name)
         self._point("destroy:done")
 

@@ -63,9 +63,10 @@ def expected_claims(store: Store, instance: Instance) -> dict[str, Size]:
 
     An instance on host H holds one claim on H sized as its flavor; a resized
     one also holds one on its move's source, sized as the old flavor; an
-    error one whose move failed after the disk left the source keeps both
-    claims of the move (source: old flavor, destination: new), since the
-    source keeps the disk. Deleted and host-less instances hold none.
+    error one whose move is still open (it failed after the disk left the
+    source, or its roll-back could not reach the source) keeps both claims of
+    the move (source: old flavor, destination: new), since the source keeps
+    the disk. Deleted and host-less instances hold none.
     """
     if instance.vm_state is VmState.DELETED or instance.host is None:
         return {}
@@ -73,8 +74,10 @@ def expected_claims(store: Store, instance: Instance) -> dict[str, Size]:
     if instance.vm_state is VmState.RESIZED:
         assert migration is not None and migration.dest_host == instance.host, (instance, migration)
         return {instance.host: _size(instance.flavor), migration.source_host: _size(migration.old_flavor)}
-    if instance.vm_state is VmState.ERROR and migration is not None and migration.source_disk is not None:
-        assert migration.dest_host is not None and instance.host in (migration.source_host, migration.dest_host)
+    # A move left open in error (it failed after the disk left the source, or its roll-back could not reach the
+    # source, which then may not have recorded the kept disk yet): both claims stay until revert or delete.
+    if instance.vm_state is VmState.ERROR and migration is not None and migration.dest_host is not None:
+        assert instance.host in (migration.source_host, migration.dest_host), (instance, migration)
         return {migration.source_host: _size(migration.old_flavor), migration.dest_host: _size(migration.new_flavor)}
     return {instance.host: _size(instance.flavor)}
 

@@ -162,29 +162,7 @@ read: a build's, after its spawn, before its end; a move's, before its steps
 TAKEOVERS = ["recover", "delete", "force_delete"]
 """What takes a stalled worker's task over: a forced recovery by a second engine under the same owner name
 (the task's epoch grows: the worker is fenced), or a delete preempting it (the worker is preempted)."""
-STALLED_BUILD = (
-    "DEFECT (stalled build): a create worker held in its spawn, woken after a forced recovery finished the build,"
-    " takes what its spawn call raised (Fenced by the newer epoch, or the call's own failure) for a failed spawn:"
-    " it releases the instance's claim (release_claims without the task: never fenced) and destroys, with its own"
-    " attempt, the domain and disk the recovery made (destroy matches the attempt's task, whatever its epoch); the"
-    " instance stays active with no domain, no disk and no claim (lifecycle/operations/build.py, _build's except)"
-)
-STALLED_MOVE_START = (
-    "DEFECT (stalled move start): a resize or migrate worker held in the power read before its steps, whose task a"
-    " forced recovery rolled back (resize_prep), wakes and still picks and claims a destination and writes an open"
-    " migration record (scheduler claim and record_migration check no epoch) before its first step's write finds it"
-    " Fenced; the claim on the destination leaks and the active instance keeps an open move"
-    " (lifecycle/operations/move.py _prepare)"
-)
-KNOWN_DEFECTS: dict[tuple[str, str, bool, str], str] = {
-    ("create", "spawn", False, "recover"): STALLED_BUILD,
-    ("create", "spawn", True, "recover"): STALLED_BUILD,
-    **{
-        (move, "get_info", after, "recover"): STALLED_MOVE_START
-        for move in ("resize", "migrate", "migrate_to")
-        for after in (False, True)
-    },
-}
+KNOWN_DEFECTS: dict[tuple[str, str, bool, str], str] = {}
 """(operation, stalled call, held after it acted, takeover) -> a defect of the engine that stall finds: not run."""
 STALL_SECONDS = 10.0
 """The bound on every wait of the stall rule: for the worker to reach its call, and to end once released."""
@@ -930,7 +908,7 @@ class Lifecycle(RuleBasedStateMachine):
         rows = self.engine.store.instances_by_uuid(sorted(twice))
         query = sa.text("SELECT instance_uuid, id FROM tasks WHERE operation = 'create'")
         with self.engine.store.engine.connect() as conn:
-            builds: dict[str, str] = dict(conn.execute(query).tuples().all())
+            builds: dict[str, str] = {row[0]: row[1] for row in conn.execute(query)}
 
         def build_leftover(uuid: str, host: str) -> bool:
             row, build = rows.get(uuid), builds.get(uuid)

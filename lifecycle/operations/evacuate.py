@@ -88,6 +88,7 @@ def evacuate(run: TaskRun) -> None:
 def _record(run: TaskRun) -> Migration:
     """Pick and claim a destination (not the dead host) and write the evacuation's record."""
     assert run.schedule is not None and run.instance.host is not None
+    run.store.fence(run.task)  # a worker taken over since its start claims nothing
     source, uuid = run.instance.host, run.instance.uuid
     for held in run.store.claims_of(uuid):  # a crash between a claim and its record left this one behind
         if held != source:

@@ -130,6 +130,9 @@ def _clear_destination(run: TaskRun, dest: str) -> None:
 
 def _prepare(run: TaskRun) -> Migration:
     assert run.schedule is not None and run.instance.host is not None
+    # A worker stalled since its start (in the power read before its steps) whose task recovery rolled back
+    # must not claim a destination nor open a move: it stops here.
+    run.store.fence(run.task)
     source = run.instance.host
     new_flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
     dest = run.schedule([source])  # claims the new flavor on the destination

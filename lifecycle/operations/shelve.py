@@ -254,6 +254,7 @@ def _spawn_offloaded(run: TaskRun) -> None:
         dest = run.instance.host
     else:
         assert run.schedule is not None, "an offloaded unshelve needs a scheduler"
+        run.store.fence(run.task)  # a worker taken over since its start claims nothing
         run.store.release_claims(uuid, task=run.task)  # a crash between a claim and its step left one behind
         dest = run.schedule([])
         run.touched.add(dest)
