@@ -1,9 +1,9 @@
+# ruff: noqa: F811  (the `cloud` fixture is imported from tests/test_evacuate.py and named by each test)
 """Evacuated copies cannot come back: a heartbeat destroys them first or is refused; the scheduler avoids their host."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,24 +22,12 @@ from lifecycle.scheduler import EVACUATED_COPIES, HostState, Request, SchedulerS
 from lifecycle.states import MigrationStatus
 from lifecycle.store import upgrade
 from lifecycle.store.db import now
-from tests.conftest import Fakes, fake_image, make_engine
+from tests.conftest import Fakes, fake_image
 from tests.invariants import check_invariants
 from tests.test_cli_bad_input import dump
+from tests.test_evacuate import cloud  # noqa: F401  (the fixture: three fake hosts with room, all up)
 
 SMALL = Flavor(1, 512, 1)
-
-
-@pytest.fixture
-def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
-    """Three fake hosts with room (h1, h2, h3), all up, image cirros."""
-    engine = make_engine(db_url, fakes, shutdown_timeout=0.0)
-    engine.add_host("h3", "fake://")
-    for host in ("h1", "h2", "h3"):
-        engine.store.update_host(host, vcpus=8, memory_mb=8192, disk_gb=80)
-        engine.heartbeat(host)
-    yield engine
-    check_invariants(engine.store)
-    engine.close()
 
 
 def _evacuated_then_unfenced(engine: Engine, host: str = "h1", to: str = "h2") -> str:
