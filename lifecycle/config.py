@@ -54,6 +54,8 @@ class Settings:
     """How often the engine renews the leases of the tasks it runs."""
     workers: int = 4
     """Threads running tasks started with ``wait=False``."""
+    max_concurrent_builds: int = 10
+    """Builds one engine runs at once; a build beyond that waits its turn (Nova: max_concurrent_builds, 10)."""
     preempt_wait_seconds: float = 30.0
     """How long a hard reboot waits for a preempted pause or suspend still inside the driver to end."""
     preempt_retries: int = 5
@@ -101,6 +103,9 @@ class Settings:
     """Console sessions the proxy holds open at once, over all tokens."""
     console_idle_timeout: float = 1800.0
     """Seconds a console session may pass with no byte either way before the proxy closes it; 0: never."""
+    console_metrics_listen: str = ""
+    """Where the console proxy serves ``/metrics``: empty, on its console port (as before); ``ADDR:PORT``, on
+    that address instead, and the console port answers 404 there; ``off``, nowhere."""
     console_page_dir: str = ""
     """Folder the proxy serves the console page and noVNC from; empty: the checkout's ``console/dist``,
     which ``scripts/console-assets.sh`` builds."""
@@ -139,6 +144,7 @@ class Settings:
         if self.shelved_offload_time != -1:  # Nova's "never"
             seconds("setting shelved_offload_time (or -1: never)", self.shelved_offload_time)
         count("setting workers", self.workers, low=1, high=1024)
+        count("setting max_concurrent_builds", self.max_concurrent_builds, low=1)
         if not isinstance(self.reap_unknown_domains, bool):
             raise InvalidInput(f"setting reap_unknown_domains must be True or False, got {self.reap_unknown_domains!r}")
         if not isinstance(self.scheduler, SchedulerSettings):
@@ -162,13 +168,7 @@ class Settings:
             ipaddress.ip_address(self.vnc_listen)
         except ValueError:
             raise InvalidInput(f"setting vnc_listen must be an IP address, got {self.vnc_listen!r}") from None
-        url = urlsplit(self.console_base_url) if isinstance(self.console_base_url, str) else None
-        if (
-            url is None
-            or url.scheme not in ("http", "https")
-            or not url.hostname
-            or unsafe_character(self.console_base_url)
-        ):
+        if not _is_http_url(self.console_base_url):
             raise InvalidInput(f"setting console_base_url must be an http(s) URL, got {self.console_base_url!r}")
         store = self.image_store_dir
         if (
@@ -198,7 +198,15 @@ class Settings:
 
     def _check_console(self) -> None:
         """Check the console proxy's settings: its address, the allowed origins, the limits, the page folder."""
-        listen_address("setting console_proxy_listen", self.console_proxy_listen)
+        listen = listen_address("setting console_proxy_listen", self.console_proxy_listen)
+        metrics = self.console_metrics_listen
+        if metrics not in ("", "off"):
+            label = "setting console_metrics_listen (empty: on the console port; off: nowhere; or ADDR:PORT)"
+            if listen_address(label, metrics) == listen and listen[1] != 0:
+                raise InvalidInput(
+                    f"setting console_metrics_listen {metrics!r} is console_proxy_listen itself: leave it empty to"
+                    " serve /metrics on the console port"
+                )
         origins = self.console_allowed_origins
         if not isinstance(origins, tuple) or len(origins) > 100:
             raise InvalidInput(f"setting console_allowed_origins must be a list of origins, got {origins!r}")
@@ -209,6 +217,18 @@ class Settings:
         page_dir = self.console_page_dir
         if not isinstance(page_dir, str) or len(page_dir) > 4096 or unsafe_character(page_dir):
             raise InvalidInput(f"setting console_page_dir must be a folder path, got {page_dir!r}")
+
+
+def _is_http_url(value: object) -> bool:
+    """Say whether ``value`` is an http(s) URL with a host, a valid port if any, and no unsafe character."""
+    if not isinstance(value, str) or unsafe_character(value):
+        return False
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018  # parsing the port is the check: an unclosed "[::1" or a port past 65535 raise
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 def listen_address(label: str, value: object) -> tuple[str, int]:

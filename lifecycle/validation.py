@@ -29,11 +29,13 @@ __all__ = [
     "MAX_INT",
     "MAX_SECONDS",
     "count",
+    "database_url",
     "image_path",
     "metrics",
     "name",
     "period",
     "seconds",
+    "shown_url",
     "unsafe_character",
     "uuid",
 ]
@@ -149,6 +151,65 @@ def image_path(path: object) -> str:
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise InvalidInput(f"image path {shown} is {kind}: expected an image file")
     return path
+
+
+def database_url(label: str, value: object) -> str:
+    """Return ``value``, stripped, if SQLAlchemy parses it as a database URL with a usable host part.
+
+    Refused (:class:`InvalidInput` naming ``label``, where the URL came from): an empty or non-string
+    value, one SQLAlchemy cannot parse (an unclosed IPv6 bracket, a port that is not a number), a port
+    past 65535, and a host part holding ``@``: a password holding ``@`` must be percent-encoded (``%40``),
+    else the text after its ``@`` is taken for the host and shows up in connection errors. The URL is
+    shown by :func:`shown_url`, never with its password.
+    """
+    import sqlalchemy as sa  # here: only reading a configuration needs it
+
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(
+            f"{label}: a database URL is a non-empty string (e.g. sqlite:///lifecycle.db), got {_clip(value)}"
+        )
+    text = value.strip()
+    shown = shown_url(text)
+    if unsafe_character(text):
+        raise InvalidInput(f"{label}: database URL {shown} holds a control or format character")
+    try:
+        url = sa.make_url(text)
+    except sa.exc.ArgumentError:
+        raise InvalidInput(
+            f"{label}: {shown} is not a database URL (dialect[+driver]://user:password@host:port/database,"
+            " or sqlite:///path)"
+        ) from None
+    except ValueError:  # its own text may hold the password: never shown
+        raise InvalidInput(
+            f"{label}: database URL {shown} does not parse: its port must be a number from 1 to 65535 and an IPv6"
+            " host goes in brackets ([::1]); a password holding : / @ ? # must be percent-encoded"
+        ) from None
+    if url.host is not None and "@" in url.host:
+        raise InvalidInput(
+            f"{label}: the host part of database URL {shown} holds '@': a password holding @ must be"
+            " percent-encoded (@ as %40; urllib.parse.quote(password, safe='') encodes it)"
+        )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise InvalidInput(f"{label}: database URL {shown} has port {url.port}: a port is from 1 to 65535")
+    return text
+
+
+def shown_url(url: str) -> str:
+    """Return a URL as it may be printed: whatever stands between ``user:`` and the last ``@`` is masked.
+
+    Unlike SQLAlchemy's own masking this needs no parse, so it also masks URLs that do not parse,
+    and the whole of a password holding an unencoded ``@``.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at and not userinfo.startswith("/"):  # sqlite:///a@b.db has no user part
+        user, colon, _password = userinfo.partition(":")
+        return _clip(f"{scheme}://{user}{':***' if colon else ''}@{host}", 200)
+    authority, slash, path = rest.partition("/")
+    name, colon, port = authority.rpartition(":")
+    if sep and colon and not port.isdigit() and "]" not in port:  # user:password with no @host: not a port
+        return _clip(f"{scheme}://{name}:***{slash}{path}", 200)
+    return _clip(url, 200)
 
 
 def metrics(value: object) -> dict[str, float]:

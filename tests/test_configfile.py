@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from lifecycle import Settings
+from lifecycle import Settings, configfile
 from lifecycle.cli import main
 from lifecycle.configfile import load_settings
 from lifecycle.errors import InvalidInput
@@ -183,3 +184,126 @@ def test_a_list_in_the_environment_that_is_not_json_says_so(tmp_path: Path) -> N
     assert load_settings(
         None, environ={"LIFECYCLE_CONSOLE_ALLOWED_ORIGINS": '["http://x"]'}
     ).settings.console_allowed_origins == ("http://x",)
+
+
+def test_an_unknown_lifecycle_variable_is_refused_naming_it_and_the_nearest_setting() -> None:
+    """A LIFECYCLE_ variable that names no setting is InvalidInput naming it, with the nearest name when one is close."""
+    with pytest.raises(InvalidInput, match=r"LIFECYCLE_SYNC_INTERVL \(did you mean LIFECYCLE_SYNC_INTERVAL[ ?]"):
+        load_settings(None, environ={"LIFECYCLE_SYNC_INTERVL": "30"})
+    with pytest.raises(InvalidInput, match="LIFECYCLE_SCHEDULER__BOGUS"):
+        load_settings(None, environ={"LIFECYCLE_SCHEDULER__BOGUS": "1"})
+    with pytest.raises(InvalidInput, match="unknown environment variable lifecycle_nothing_like_it:"):
+        load_settings(None, environ={"lifecycle_nothing_like_it": "1"})
+
+
+def test_the_variables_scripts_and_tests_read_are_not_refused() -> None:
+    """Every LIFECYCLE_ name the repository's code, scripts and other tests use is a setting's or an allowed one."""
+    root = Path(__file__).parents[1]
+    names: set[str] = set()
+    for folder in ("lifecycle", "drivers", "bench", "scripts", "tests", ".ci"):
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and path.suffix in ("", ".py", ".sh", ".toml", ".md") and path != Path(__file__):
+                names |= set(re.findall(r"\bLIFECYCLE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")))
+    assert {"LIFECYCLE_TEST_PG_URL", "LIFECYCLE_LIBVIRTD_PIDFILE", "LIFECYCLE_HOST2_ADDR"} <= names
+    configfile._refuse_unknown_variables(dict.fromkeys(names, ""))  # no error: each names a setting or is allowed
+    others = {"LIFECYCLE_TEST_ANYTHING": "1", "LIFECYCLE_CI": "1", "LIFECYCLE_WEBHOOK_SECRET_PREVIOUS": "s"}
+    assert load_settings(None, environ=others).settings == Settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key"),
+    [
+        ("workers = true\n", {}, "workers"),
+        ("sync_interval = false\n", {}, "sync_interval"),
+        ("max_concurrent_builds = true\n", {}, "max_concurrent_builds"),
+        ("[scheduler]\nmax_attempts = true\n", {}, "scheduler.max_attempts"),
+        ('[scheduler]\nmetrics_weights = [["cpu", true]]\n', {}, "scheduler.metrics_weights"),
+        ("", {"LIFECYCLE_SCHEDULER": '{"max_attempts": true}'}, "scheduler.max_attempts"),
+    ],
+)
+def test_booleans_are_not_numbers(tmp_path: Path, text: str, env: dict[str, str], key: str) -> None:
+    """true or false for a number (TOML, or JSON in a variable) is refused, not taken for 1 or 0."""
+    with pytest.raises(InvalidInput, match=rf"setting {re.escape(key)} takes a number, not true or false"):
+        load_settings(_file(tmp_path, text), environ=env)
+
+
+def test_every_error_says_where_the_value_came_from(tmp_path: Path) -> None:
+    """A bad value is named with its file and key, its environment variable, or its flag; a default never is."""
+    path = _file(tmp_path, "workers = 0\n[scheduler]\nmax_attempts = 0\n")
+    with pytest.raises(InvalidInput, match=rf"{re.escape(str(path))}, key workers: setting workers must be"):
+        load_settings(path, environ={})
+    with pytest.raises(InvalidInput, match=r"environment variable LIFECYCLE_WORKERS: setting workers must be"):
+        load_settings(path, environ={"LIFECYCLE_WORKERS": "2000"})
+    with pytest.raises(InvalidInput, match=r"flag workers: setting workers must be"):
+        load_settings(path, environ={"LIFECYCLE_WORKERS": "3"}, overrides={"workers": -1})
+    env = {"LIFECYCLE_WORKERS": "3", "lifecycle_scheduler__max_attempts": "x"}
+    with pytest.raises(InvalidInput, match=r"environment variable lifecycle_scheduler__max_attempts: setting sch"):
+        load_settings(path, environ=env)
+    with pytest.raises(InvalidInput, match=rf"{re.escape(str(path))}, key scheduler.max_attempts: setting sch"):
+        load_settings(path, environ={"LIFECYCLE_WORKERS": "3"})
+    with pytest.raises(InvalidInput, match=rf"{re.escape(str(path))}, key bogus: unknown setting 'bogus'"):
+        load_settings(_file(tmp_path, "bogus = 1\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql+psycopg://lc:Zq@x9@db.example/lc", "holds '@': a password holding @ must be percent-encoded"),
+        ("postgresql+psycopg://lc:Zqx9@[::1/lc", "does not parse"),
+        ("postgresql+psycopg://lc:Zqx9@db.example:54x/lc", "does not parse"),
+        ("postgresql+psycopg://lc:Zqx9@db.example:99999/lc", "has port 99999"),
+        ("postgresql+psycopg://lc:Zqx9/db", "does not parse"),  # no @host: the password taken for a port
+        ("not a url", "is not a database URL"),
+    ],
+)
+def test_a_database_url_that_cannot_work_is_refused_without_its_password(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    """A database URL with an unencoded @, a bad IPv6 host or port is InvalidInput saying where, never the password."""
+    for env, path, where in (
+        ({"LIFECYCLE_DB_URL": url}, None, "environment variable LIFECYCLE_DB_URL"),
+        ({}, _file(tmp_path, f"database_url = '{url}'\n"), ", key database_url"),
+        ({"LIFECYCLE_WORKERS": "2", "LIFECYCLE_DB_URL": url}, None, "environment variable LIFECYCLE_DB_URL"),
+    ):
+        with pytest.raises(InvalidInput, match=re.escape(message)) as refused:
+            load_settings(path, environ=env)
+        assert where in str(refused.value) and "Zq" not in str(refused.value) and "x9@" not in str(refused.value)
+
+
+def test_config_show_refuses_a_password_with_an_at_sign_without_printing_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`config show` with LIFECYCLE_DB_URL holding an unencoded @ exits 2, the password in no output."""
+    monkeypatch.setenv("LIFECYCLE_DB_URL", "postgresql+psycopg://admin:s3cr@t@db.example/lc")
+    assert main(["config", "show"]) == 2
+    out, err = capsys.readouterr()
+    assert "percent-encoded" in err and "s3cr" not in out + err and "t@db" not in out + err
+
+
+def test_max_concurrent_builds_comes_from_file_and_environment(tmp_path: Path) -> None:
+    """max_concurrent_builds defaults to 10 (Nova's), is read from the file and LIFECYCLE_MAX_CONCURRENT_BUILDS."""
+    assert Settings().max_concurrent_builds == 10
+    path = _file(tmp_path, "max_concurrent_builds = 3\n")
+    assert load_settings(path, environ={}).settings.max_concurrent_builds == 3
+    assert load_settings(path, environ={"LIFECYCLE_MAX_CONCURRENT_BUILDS": "7"}).settings.max_concurrent_builds == 7
+    for bad in (0, -1, True, 2.5, "10"):
+        with pytest.raises(InvalidInput, match="max_concurrent_builds"):
+            Settings(max_concurrent_builds=bad)  # type: ignore[arg-type]
+
+
+def test_the_console_metrics_address_comes_from_file_and_environment(tmp_path: Path) -> None:
+    """console_metrics_listen is empty (the console port) by default, set by the file or its variable, else refused."""
+    assert Settings().console_metrics_listen == ""
+    path = _file(tmp_path, 'console_metrics_listen = "off"\n')
+    assert load_settings(path, environ={}).settings.console_metrics_listen == "off"
+    env = {"LIFECYCLE_CONSOLE_METRICS_LISTEN": "[::1]:9181"}
+    assert load_settings(path, environ=env).settings.console_metrics_listen == "[::1]:9181"
+    with pytest.raises(InvalidInput, match="environment variable LIFECYCLE_CONSOLE_METRICS_LISTEN: setting console_m"):
+        load_settings(path, environ={"LIFECYCLE_CONSOLE_METRICS_LISTEN": "metrics.example:9181"})
+
+
+@pytest.mark.parametrize("url", ["http://[::1/vnc_lite.html", "http://console.example:99999/vnc_lite.html"])
+def test_a_console_url_that_does_not_parse_is_invalid_input(tmp_path: Path, url: str) -> None:
+    """A console_base_url with an unclosed IPv6 bracket or a bad port is InvalidInput naming the key, not a traceback."""
+    with pytest.raises(InvalidInput, match="key console_base_url: setting console_base_url must be an http"):
+        load_settings(_file(tmp_path, f'console_base_url = "{url}"\n'), environ={})
