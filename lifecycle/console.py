@@ -4,7 +4,15 @@ A token is 256 random bits (``secrets``), handed to the caller once inside an
 access URL and stored as its SHA-256. ``check`` answers with the connection
 info only while the token is unrevoked, unexpired, and its instance still
 lives, idle or busy with anything but a delete, on the host it was issued for.
-Delete and move revoke an instance's tokens.
+Delete and move revoke an instance's tokens; :func:`purge` (a daemon duty)
+deletes the revoked ones and those expired more than :data:`EXPIRED_GRACE` ago.
+
+A remote host (a qemu URI with a transport, or naming another machine: see
+:func:`requires_console_address`) must have a console address: its guests'
+VNC servers listen on that machine, so the address libvirt reports for them
+(``vnc_listen``, 127.0.0.1 by default) would lead the proxy to a port of its
+own machine, perhaps another guest's screen. No token is issued for such a
+host without one, and a token issued before is never honoured.
 """
 
 from __future__ import annotations
@@ -13,27 +21,46 @@ import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import sqlalchemy as sa
 import structlog
 
 from lifecycle.errors import DriverError, DriverUnavailable, InvalidInput, InvalidState
-from lifecycle.records import Instance
+from lifecycle.records import Host, Instance
 from lifecycle.states import TaskState, VmState
 from lifecycle.store import Store
+from lifecycle.store._rows import CONSOLE_TOKENS
 from lifecycle.store.db import now
 
 if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import would cycle
     from drivers.base import Driver
 
-__all__ = ["ConsoleAccess", "ConsoleConnection", "TokenClaim", "check", "issue", "lookup", "serving", "token_hash"]
+__all__ = [
+    "EXPIRED_GRACE",
+    "ConsoleAccess",
+    "ConsoleConnection",
+    "TokenClaim",
+    "check",
+    "issue",
+    "lookup",
+    "purge",
+    "requires_console_address",
+    "serving",
+    "token_hash",
+]
 
 log = structlog.get_logger(__name__)
 
+EXPIRED_GRACE = 3600.0
+"""Seconds an expired token's row is kept, so a console refused as expired can still be explained."""
 _REFUSED_TASKS = frozenset({TaskState.DELETING})
-_REFUSED_VM = frozenset({VmState.DELETED, VmState.SOFT_DELETED, VmState.BUILDING})
+_REFUSED_VM = frozenset({VmState.DELETED, VmState.SOFT_DELETED, VmState.BUILDING, VmState.SHELVED_OFFLOADED})
+_CONSOLE_VM = frozenset(VmState) - _REFUSED_VM
+_CONSOLE_TASKS = frozenset({None, *(set(TaskState) - _REFUSED_TASKS)})
+_LOCAL_NAMES = frozenset({"", "localhost", "127.0.0.1", "::1"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,24 +100,75 @@ def token_hash(token: str) -> str:
 def issue(
     store: Store, driver_for: Callable[[str], Driver], instance: Instance, base_url: str, ttl_seconds: float
 ) -> ConsoleAccess:
-    """Read the console's address from the driver and issue a token for it."""
-    if instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS or instance.host is None:
-        raise InvalidState(
-            "get_vnc_console",
-            instance.uuid,
-            instance.vm_state,
-            instance.task_state,
-            set(VmState) - _REFUSED_VM,
-            {None, *(set(TaskState) - _REFUSED_TASKS)},
-            reason="the instance has no host, so no console" if instance.host is None else None,
-        )
-    console = driver_for(instance.host).get_vnc_console(instance.uuid)
-    address = store.get_host(instance.host).console_address or console.host  # a remote host's own address
+    """Read the console's address from the driver and issue a token for it.
+
+    Refused (:class:`InvalidState`) for an instance deleted, being deleted, building, offloaded, or with
+    no host; refused (:class:`InvalidInput`, nothing asked of the hypervisor) when its host is remote and has
+    no console address.
+    """
+    host = store.get_host(_console_host(instance))
+    if requires_console_address(host.driver_uri) and host.console_address is None:
+        raise InvalidInput(_no_console_address(host))
+    console = driver_for(host.name).get_vnc_console(instance.uuid)
+    address = host.console_address or console.host
     token = secrets.token_urlsafe(32)
     expires_at = now() + timedelta(seconds=ttl_seconds)
     store.add_console_token(token_hash(token), instance, address, console.port, expires_at)
     url = f"{base_url}?path={quote(f'?token={token}', safe='')}"
     return ConsoleAccess(instance.uuid, url, token, expires_at)
+
+
+def _console_host(instance: Instance) -> str:
+    """Return the instance's host; raise :class:`InvalidState` if no guest of it can serve a console, saying why."""
+    vm, task = instance.vm_state, instance.task_state
+    if vm in _REFUSED_VM or task in _REFUSED_TASKS:
+        raise InvalidState("get_vnc_console", instance.uuid, vm, task, _CONSOLE_VM, _CONSOLE_TASKS)
+    if instance.host is None:  # an instance in error has a console only while on a host: not listed as allowed
+        raise InvalidState(
+            "get_vnc_console",
+            instance.uuid,
+            vm,
+            task,
+            _CONSOLE_VM - {vm},
+            _CONSOLE_TASKS,
+            reason=(
+                f"the instance has no host, so no console: in vm_state {vm.value} it has one only while on a host"
+                " (it was never built, or its host was removed)"
+            ),
+        )
+    return instance.host
+
+
+def requires_console_address(uri: str) -> bool:
+    """Say whether a host reached through ``uri`` must be registered with a console address.
+
+    True for a qemu URI with a network transport (``qemu+tcp``, ``+tls``, ``+ssh``, ``+libssh``,
+    ``+libssh2``, any but ``+unix``) or naming a machine other than this one (``qemu://host/system``:
+    libvirt's default transport is TLS); its guests' VNC servers listen on that machine. False for
+    the machine's own libvirtd and for the test and fake drivers. Raises :class:`InvalidInput` for a
+    URI that does not parse.
+    """
+    if not isinstance(uri, str):
+        raise InvalidInput(f"driver URI must be a string, got {type(uri).__name__}")
+    try:
+        parts = urlsplit(uri.strip())
+        host = (parts.hostname or "").lower()
+        parts.port  # noqa: B018  # parsing the port is part of the check
+    except ValueError as exc:
+        raise InvalidInput(f"invalid hypervisor URI {uri!r}: it does not parse ({exc})") from None
+    driver, _, transport = parts.scheme.lower().partition("+")
+    if driver != "qemu":
+        return False
+    return (transport != "" and transport != "unix") or host not in _LOCAL_NAMES
+
+
+def _no_console_address(host: Host) -> str:
+    return (
+        f"host {host.name} ({host.driver_uri}) is remote and has no console address: its guests' VNC servers"
+        " listen on that machine, and the address libvirt reports for them would lead to this machine instead;"
+        f" register it with its management address: lifecycle host add {host.name} --uri {host.driver_uri}"
+        " --console-address ADDR"
+    )
 
 
 def check(store: Store, token: str, driver_for: Callable[[str], Driver] | None = None) -> ConsoleConnection | None:
@@ -122,6 +200,10 @@ def lookup(store: Store, token: str) -> TokenClaim | None:
     moved = instance.host != row["host"]
     if moved or instance.host is None or instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS:
         return None
+    host = store.get_host(instance.host)
+    if requires_console_address(host.driver_uri) and host.console_address is None:  # a token issued before the rule
+        log.warning("console_no_address", instance_uuid=instance.uuid, host=host.name, fix=_no_console_address(host))
+        return None
     connection = ConsoleConnection(instance.uuid, row["console_host"], row["console_port"])
     return TokenClaim(connection, instance.host, row["console_port"])
 
@@ -144,3 +226,20 @@ def serving(claim: TokenClaim, driver_for: Callable[[str], Driver]) -> ConsoleCo
         log.info("console_port_changed", instance_uuid=uuid, issued=claim.issued_port)
         return None
     return claim.connection
+
+
+def purge(store: Store, *, grace: float = EXPIRED_GRACE, at: datetime | None = None) -> int:
+    """Delete the revoked tokens and those expired more than ``grace`` seconds before ``at`` (now); return how many.
+
+    Neither can ever be honoured again: deleting them changes no answer of :func:`check`. The daemon
+    runs this every minute; each run is one transaction, logged with its counts (``console_tokens_purged``).
+    """
+    cutoff = (now() if at is None else at) - timedelta(seconds=grace)
+    t = CONSOLE_TOKENS
+    # Kept here until the store offers it (Consoles.delete_console_tokens); the SQL is the store's kind.
+    with store.engine.begin() as conn:
+        revoked = conn.execute(sa.delete(t).where(t.c.revoked_at.is_not(None))).rowcount
+        expired = conn.execute(sa.delete(t).where(t.c.expires_at < cutoff.astimezone(UTC))).rowcount
+    if revoked or expired:
+        log.info("console_tokens_purged", expired=expired, revoked=revoked, grace=grace)
+    return int(revoked + expired)

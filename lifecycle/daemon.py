@@ -9,7 +9,8 @@ round. At start and every lease period it recovers tasks whose owner died
 window (:mod:`lifecycle.resize_window`); and it runs the operator duties
 (:mod:`lifecycle.duties`): reclaim of soft-deleted instances and the build
 timeout, and the change feed's retention (``change_retention``), each every
-tenth of its setting (1 s to a minute) when set.
+tenth of its setting (1 s to a minute) when set; every minute it deletes the
+console tokens revoked or long expired (:func:`lifecycle.duties.purge_console_tokens`).
 
 Each owned host gets a :class:`HostWorker` with threads of its own, so a
 hypervisor that stops answering stalls only its own host: one thread
@@ -30,6 +31,7 @@ hypervisor call is left behind (it is a daemon thread) rather than waited for.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from lifecycle import duties
 from lifecycle.errors import EvacuatedCopiesPending
 from lifecycle.events import EventProcessor
 from lifecycle.store.store import HostClaim
@@ -231,6 +234,7 @@ class Daemon:
                 engine.offload_shelved_instances,
             ),
             Job("prune_changes", _duty_interval(engine.settings.change_retention), engine.prune_changes),
+            Job("purge_console_tokens", 60.0, functools.partial(duties.purge_console_tokens, engine)),
         ]
 
     def run(self) -> None:

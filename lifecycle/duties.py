@@ -14,6 +14,9 @@ operators of its peers to edit the database by hand:
   on its host for ``shelved_offload_time`` seconds is offloaded (a
   ``shelve_offload`` task, cause ``timer``); with the setting at 0 a shelve
   offloads at once, and the duty offloads what an unreachable host kept.
+- **console token purge**: console tokens revoked (by a delete or a move),
+  and those expired for more than an hour (:data:`lifecycle.console.EXPIRED_GRACE`),
+  are deleted: neither can ever open a console again.
 - **reset-state** (Nova's ``nova reset-state``): the one supported way out of
   a stuck task. The running task ends failed with cause ``admin`` and its
   worker is fenced (it stops before its next hypervisor call or write); the
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lifecycle import validation
+from lifecycle import console, validation
 from lifecycle.audit import Why
 from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, InvalidState, LifecycleError
 from lifecycle.operations import revertible
@@ -62,6 +65,7 @@ __all__ = [
     "check_build_timeouts",
     "lock",
     "offload_shelved",
+    "purge_console_tokens",
     "reclaim",
     "reset_state",
     "unlock",
@@ -137,6 +141,15 @@ def _start_on_idle(
             log.warning(f"{duty}_failed", instance_uuid=instance.uuid, error=str(exc))
             results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
     return results
+
+
+def purge_console_tokens(engine: Engine, grace: float | None = None) -> int:
+    """Delete the revoked console tokens and those expired more than ``grace`` seconds ago; return how many.
+
+    Without ``grace``, :data:`lifecycle.console.EXPIRED_GRACE` (an hour).
+    """
+    seconds = console.EXPIRED_GRACE if grace is None else validation.seconds("grace", grace)
+    return console.purge(engine.store, grace=seconds)
 
 
 def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[DutyResult]:

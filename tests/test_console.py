@@ -1,17 +1,24 @@
-"""Console tokens: unguessable, stored hashed, expiring, revoked on delete, tied to the host."""
+"""Console tokens: unguessable, stored hashed, expiring, revoked on delete, tied to the host, purged when dead."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator, MutableMapping
+from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
-from lifecycle import Engine, InvalidState
+from drivers.fake import FakeDriver
+from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
 from lifecycle.errors import InvalidInput
+from lifecycle.store.db import now
 from lifecycle.store.tables import ConsoleTokenRow, InstanceRow
 from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.images import fake_image
 
 
 def _token(url: str) -> str:
@@ -113,3 +120,135 @@ def _hash(token: str) -> str:
     from lifecycle.console import token_hash
 
     return token_hash(token)
+
+
+@pytest.mark.parametrize(
+    ("uri", "remote"),
+    [
+        ("qemu+tcp://far.example/system", True),
+        ("qemu+tls://far.example/system", True),
+        ("qemu+ssh://root@far.example/system", True),
+        ("qemu+libssh://far.example/system", True),
+        ("qemu+libssh2://far.example/system?known_hosts=/k", True),
+        ("qemu+tcp://127.0.0.2/system", True),  # a transport is a remote libvirtd, whatever its address
+        ("qemu+tcp://localhost/system", True),
+        ("qemu://far.example/system", True),  # libvirt's default transport: TLS
+        ("QEMU+TCP://far.example/system", True),
+        ("qemu:///system", False),
+        ("qemu:///session", False),
+        ("qemu+unix:///system", False),
+        ("qemu://localhost/system", False),
+        ("test:///default", False),
+        ("fake://", False),
+    ],
+)
+def test_which_hosts_need_a_console_address(uri: str, remote: bool) -> None:
+    """A qemu URI with a network transport or another machine's name needs a console address; local ones do not."""
+    assert console.requires_console_address(uri) is remote
+
+
+def test_a_uri_that_does_not_parse_is_invalid_input() -> None:
+    """An unclosed IPv6 bracket or a bad port is InvalidInput naming the URI, not a ValueError."""
+    for uri in ("qemu+tcp://[::1/system", "qemu+tcp://far:99999/system"):
+        with pytest.raises(InvalidInput, match="does not parse"):
+            console.requires_console_address(uri)
+
+
+@pytest.fixture
+def far_engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
+    """An engine whose host ``far`` is remote (qemu+tcp; a fake hypervisor answers) and has no console address.
+
+    ``far`` is registered through the store, as hosts registered before the rule were.
+    """
+    eng = Engine(db_url, driver_factory=lambda host: fakes.setdefault(host.name, FakeDriver(host.name)))
+    eng.add_image("cirros", fake_image("cirros"))
+    eng.store.add_host("far", "qemu+tcp://far.example/system", "/var/lib/lifecycle/instances")
+    yield eng
+    eng.close()
+
+
+def _token_rows(engine: Engine) -> list[dict[str, Any]]:
+    with engine.store.engine.connect() as db:
+        return [dict(r) for r in db.execute(sa.select(ConsoleTokenRow.__table__)).mappings()]  # type: ignore[attr-defined]
+
+
+def test_a_remote_host_without_console_address_gets_no_token(far_engine: Engine, fakes: Fakes) -> None:
+    """No token is issued for a guest of a remote host with no console address: InvalidInput naming host and fix."""
+    uuid = far_engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
+    with pytest.raises(InvalidInput) as refused:
+        far_engine.get_vnc_console(uuid)
+    message = str(refused.value)
+    assert "host far (qemu+tcp://far.example/system)" in message and "--console-address" in message
+    assert _token_rows(far_engine) == []
+    far_engine.store.update_host("far", console_address="192.0.2.7")
+    connection = far_engine.check_console_token(far_engine.get_vnc_console(uuid).token)
+    assert connection is not None and connection.host == "192.0.2.7"
+
+
+def test_a_token_issued_before_the_rule_never_leads_to_loopback(
+    far_engine: Engine, fakes: Fakes, logged: list[MutableMapping[str, Any]]
+) -> None:
+    """A token a remote host without console address got earlier (leading to 127.0.0.1) is refused by check and lookup."""
+    uuid = far_engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
+    port = fakes["far"].get_vnc_console(uuid).port
+    far_engine.store.add_console_token(
+        _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, now() + timedelta(hours=1)
+    )
+    assert far_engine.check_console_token("old-token") is None
+    assert console.lookup(far_engine.store, "old-token") is None
+    assert any(e["event"] == "console_no_address" and e["host"] == "far" for e in logged), logged
+
+
+def test_the_console_refusal_of_a_hostless_instance_never_lists_its_own_state_as_allowed(engine: Engine) -> None:
+    """A host-less error or offloaded instance is refused naming the missing host, never its state as allowed."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
+    engine.shelve(uuid)  # shelved_offload_time 0: offloaded at once, no host
+    with pytest.raises(InvalidState) as offloaded:
+        engine.get_vnc_console(uuid)
+    assert engine.get(uuid).vm_state is VmState.SHELVED_OFFLOADED
+    assert "shelved_offloaded" not in offloaded.value.allowed_vm_states
+    engine.set_host_enabled("h1", False)
+    engine.set_host_enabled("h2", False)
+    with pytest.raises(TaskFailed) as failed:
+        engine.create("nowhere", flavor=FLAVOR, image="cirros")
+    with pytest.raises(InvalidState, match="no host, so no console") as hostless:
+        engine.get_vnc_console(failed.value.task.instance_uuid)
+    assert hostless.value.vm_state is VmState.ERROR and "error" not in hostless.value.allowed_vm_states
+    assert "allowed from vm_state active," in str(hostless.value)
+
+
+@pytest.fixture
+def logged() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Capture structlog events of every level (a CLI run earlier in the session may have set a level filter)."""
+    config = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as events:
+            yield events
+    finally:
+        structlog.configure(**config)
+
+
+def _age(engine: Engine, token: str, **moments: datetime) -> None:
+    with engine.store.engine.begin() as db:
+        table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+        db.execute(sa.update(table).where(table.c.token_hash == _hash(token)).values(**moments))
+
+
+def test_the_purge_deletes_revoked_and_long_expired_tokens_and_keeps_live_ones(
+    engine: Engine, new_instance: Callable[..., str], logged: list[MutableMapping[str, Any]]
+) -> None:
+    """The purge duty deletes revoked tokens and those expired beyond the grace; live and recently expired ones stay."""
+    uuid = new_instance()
+    live, recent, old, revoked = (engine.get_vnc_console(uuid).token for _ in range(4))
+    moment = now()
+    _age(engine, recent, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE - 60))
+    _age(engine, old, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE + 60))
+    _age(engine, revoked, revoked_at=moment - timedelta(seconds=1))
+    assert duties.purge_console_tokens(engine) == 2
+    assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live), _hash(recent)}
+    assert engine.check_console_token(live) is not None
+    assert [(e["expired"], e["revoked"]) for e in logged if e["event"] == "console_tokens_purged"] == [(1, 1)]
+    assert duties.purge_console_tokens(engine) == 0
+    assert duties.purge_console_tokens(engine, grace=0) == 1  # the recently expired one, with no grace
+    assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live)}

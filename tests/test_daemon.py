@@ -9,13 +9,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from lifecycle import Engine, Flavor, PowerState, Settings, VmState, upgrade
+from lifecycle.console import token_hash
 from lifecycle.daemon import Daemon
 from lifecycle.store import Store
+from lifecycle.store.db import now
+from lifecycle.store.tables import ConsoleTokenRow
 from tests.conftest import Fakes, make_engine
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -195,3 +200,30 @@ def test_two_daemons_split_hosts_and_take_over(pg_url: str, tmp_path: Path) -> N
     finally:
         for p in procs:
             p.kill()
+
+
+def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) -> None:
+    """A running daemon deletes a console token expired long ago and keeps a live one (its purge duty)."""
+    engine = make_engine(sqlite_url, fakes)
+    uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
+    live, dead = engine.get_vnc_console(uuid).token, engine.get_vnc_console(uuid).token
+    table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+    with engine.store.engine.begin() as db:
+        db.execute(
+            sa.update(table).where(table.c.token_hash == token_hash(dead)).values(expires_at=now() - timedelta(days=1))
+        )
+    daemon = Daemon(engine, claim_interval=60.0)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: _tokens(engine) == 1)
+    finally:
+        daemon.stop.set()
+        thread.join(10)
+    assert engine.check_console_token(live) is not None
+    engine.close()
+
+
+def _tokens(engine: Engine) -> int:
+    with engine.store.engine.connect() as db:
+        return int(db.execute(sa.select(sa.func.count()).select_from(ConsoleTokenRow.__table__)).scalar_one())  # type: ignore[attr-defined]
