@@ -3,7 +3,9 @@
 ``lifecycle console-proxy`` serves, on one port (``console_proxy_listen``, 6080):
 
 - the console page and noVNC (``console_page_dir``, built by ``scripts/console-assets.sh``);
-- ``/metrics``: this proxy's Prometheus registry (connections open, refusals by reason);
+- ``/metrics``: this proxy's Prometheus registry (connections open, refusals by reason), unless
+  ``console_metrics_listen`` moves it to an address of its own (``ADDR:PORT``: the console port
+  then answers 404 there) or turns it off (``off``);
 - websockets (``/websockify?token=...``, subprotocol ``binary`` when offered), each bridged to
   the VNC address and port the engine resolves for the token at connect time, and nowhere else.
 
@@ -38,10 +40,10 @@ import re
 import signal
 import weakref
 from collections import Counter as Tally
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -147,6 +149,9 @@ class ConsoleProxy:
         )
         self._per_token: Tally[str] = Tally()
         self._server: Server | None = None
+        self._metrics_server: Server | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        """Where ``/metrics`` is served on an address of its own, once started (None: on the console port, or off)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.connections_open = Gauge(
             "lifecycle_console_connections_open", "Console sessions bridged right now", registry=self.registry
@@ -163,28 +168,38 @@ class ConsoleProxy:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (port 0: any free one) and return the address bound.
 
-        Raises InvalidInput when the address cannot be listened on (in use, not this machine's).
+        With ``console_metrics_listen`` set to ``ADDR:PORT``, ``/metrics`` is served there (see
+        :attr:`metrics_address`). Raises InvalidInput when an address cannot be listened on (in use,
+        not this machine's); then nothing listens.
         """
+        metrics = self.settings.console_metrics_listen
+        if metrics not in ("", "off"):
+            address = listen_address("setting console_metrics_listen", metrics)
+            self._metrics_server = await _listen(
+                _no_session, *address, process_request=self._metrics_only, label=" (console_metrics_listen)"
+            )
+            self.metrics_address = _bound(self._metrics_server)
+            log.info("console_metrics_listening", address=self.metrics_address[0], port=self.metrics_address[1])
         try:
-            self._server = await ws_serve(
+            self._server = await _listen(
                 self._bridge,
                 host,
                 port,
                 process_request=self._process_request,
                 select_subprotocol=_binary_if_offered,
-                compression=None,  # VNC traffic is already encoded; deflate would only cost CPU
-                logger=_wire_log,
             )
-        except OSError as exc:
-            raise InvalidInput(f"console proxy cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        bound = next(iter(self._server.sockets)).getsockname()
+        except InvalidInput:
+            await self._stop_metrics()
+            raise
+        bound = _bound(self._server)
         log.info("console_proxy_listening", address=bound[0], port=bound[1], page_dir=str(self.page_dir))
         if not (self.page_dir / "vnc_lite.html").is_file():
             log.warning("console_page_missing", page_dir=str(self.page_dir), build="scripts/console-assets.sh")
-        return bound[0], bound[1]
+        return bound
 
     async def stop(self) -> None:
         """Stop listening, close every websocket with 1001 (going away), and wait for the sessions to end."""
+        await self._stop_metrics()
         if self._server is None:
             return
         self._server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="console proxy stopping")
@@ -192,6 +207,20 @@ class ConsoleProxy:
         for pool in (self._db, self._hypervisor):  # a thread stuck in a hung hypervisor is not waited for
             pool.shutdown(wait=False, cancel_futures=True)
         log.info("console_proxy_stopped")
+
+    async def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+            self._metrics_server = None
+
+    def _metrics(self) -> Response:
+        headers = Headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"})
+        return _response(200, "OK", headers, generate_latest(self.registry))
+
+    async def _metrics_only(self, _connection: ServerConnection, request: Request) -> Response:
+        """Answer a request to the metrics address: ``GET /metrics``, and 404 for anything else."""
+        return self._metrics() if urlsplit(request.path).path == "/metrics" else _text(404, "Not Found", "not found\n")
 
     # -- handshake --------------------------------------------------------
 
@@ -274,9 +303,8 @@ class ConsoleProxy:
 
     def _http(self, path: str) -> Response:
         """Answer a plain GET: the page and noVNC's files, or the metrics."""
-        if path == "/metrics":
-            headers = Headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"})
-            return _response(200, "OK", headers, generate_latest(self.registry))
+        if path == "/metrics" and self.settings.console_metrics_listen == "":  # else moved or off: a 404 below
+            return self._metrics()
         if path == "/":
             return _response(302, "Found", Headers({"Location": "/vnc_lite.html"}), b"")
         if not (self.page_dir / "vnc_lite.html").is_file():
@@ -390,6 +418,33 @@ async def _idle(last: list[float], timeout: float) -> str:
     while (left := last[0] + timeout - loop.time()) > 0:
         await asyncio.sleep(left)
     return "idle"
+
+
+async def _listen(
+    handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, *, label: str = "", **options: Any
+) -> Server:
+    """Serve websockets (and plain HTTP through ``process_request``) on ``host:port``; InvalidInput if it cannot."""
+    try:
+        return await ws_serve(
+            handler,
+            host,
+            port,
+            compression=None,  # VNC traffic is already encoded; deflate would only cost CPU
+            logger=_wire_log,
+            **options,
+        )
+    except OSError as exc:
+        raise InvalidInput(f"console proxy cannot listen on {host}:{port}{label}: {exc.strerror or exc}") from None
+
+
+def _bound(server: Server) -> tuple[str, int]:
+    address = next(iter(server.sockets)).getsockname()
+    return str(address[0]), int(address[1])
+
+
+async def _no_session(ws: ServerConnection) -> None:
+    """Close at once: the metrics address bridges nothing (every request there is answered before a handshake)."""
+    await ws.close(CloseCode.POLICY_VIOLATION, "no websocket here")
 
 
 def _binary_if_offered(_connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:

@@ -480,6 +480,9 @@ def test_an_unbuilt_page_says_how_to_build_it(tmp_path: Path, engine: Engine) ->
         {"console_max_connections": True},
         {"console_idle_timeout": -1.0},
         {"console_page_dir": "dist\x00"},
+        {"console_metrics_listen": "on"},
+        {"console_metrics_listen": "localhost:9181"},
+        {"console_metrics_listen": "127.0.0.1:6080"},  # the console port itself: empty says that
     ],
 )
 def test_bad_console_proxy_settings_are_refused(settings: dict[str, Any]) -> None:
@@ -654,3 +657,93 @@ def test_a_locked_token_table_gets_503_within_the_deadline(
         vnc.shutdown()
         vnc.server_close()
         engine.close()
+
+
+def _status(url: str) -> int:
+    """GET ``url`` and return the HTTP status (an error status too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code
+
+
+def _samples(url: str) -> dict[tuple[str, str], float]:
+    """Scrape ``url``: {(sample name, its ``reason`` label or ""): value}."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, s.labels.get("reason", "")): s.value for f in text_string_to_metric_families(text) for s in f.samples
+    }
+
+
+def test_metrics_moved_to_their_own_address_are_gone_from_the_console_port(
+    new_console: Callable[[], tuple[str, str, FakeVnc]], proxy_for: Callable[..., RunningProxy]
+) -> None:
+    """With console_metrics_listen ADDR:PORT the metrics (refusals counted) are there only; the console port says 404."""
+    _, token, _vnc = new_console()
+    proxy = proxy_for(console_metrics_listen="127.0.0.1:0")
+    assert proxy.proxy.metrics_address is not None
+    metrics = "http://{}:{}".format(*proxy.proxy.metrics_address)
+    assert _refused_with(proxy, token, "http://evil.example") == 403
+    assert _status(f"{proxy.http}/metrics") == 404
+    assert _samples(f"{metrics}/metrics")[("lifecycle_console_refusals_total", "origin")] == 1
+    assert _status(f"{metrics}/vnc_lite.html") == _status(f"{metrics}/websockify?token={token}") == 404
+    with proxy.open(token) as ws:  # the console port still bridges
+        assert ws.recv(timeout=10) == BANNER
+    proxy.run(proxy.proxy.stop())
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{metrics}/metrics", timeout=2)
+
+
+def test_metrics_turned_off_are_served_nowhere(engine: Engine, proxy_for: Callable[..., RunningProxy]) -> None:
+    """With console_metrics_listen off the console port answers 404 on /metrics and no other address is opened."""
+    proxy = proxy_for(console_metrics_listen="off")
+    assert _status(f"{proxy.http}/metrics") == 404 and proxy.proxy.metrics_address is None
+
+
+def test_a_metrics_address_in_use_leaves_nothing_listening(engine: Engine) -> None:
+    """A metrics address already taken is InvalidInput naming the setting, and the console port is not opened."""
+    console_port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(console_metrics_listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        proxy = ConsoleProxy(
+            functools.partial(console.lookup, engine.store),
+            functools.partial(console.serving, driver_for=engine.driver),
+            settings,
+        )
+        with pytest.raises(InvalidInput, match="console_metrics_listen"):
+            asyncio.run(proxy.start("127.0.0.1", console_port))
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", console_port)) != 0
+
+
+def test_the_console_proxy_command_reads_the_metrics_address_from_the_environment(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """``lifecycle console-proxy`` with LIFECYCLE_CONSOLE_METRICS_LISTEN serves metrics there, 404 on its console port."""
+    port, metrics_port = _free_port(), _free_port()
+    env = {**os.environ, "LIFECYCLE_CONSOLE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
+    cmd = [LIFECYCLE, "--db", sqlite_url, "console-proxy", "--listen", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                status = _status(f"http://127.0.0.1:{port}/metrics")
+                break
+            except urllib.error.URLError:
+                threading.Event().wait(0.05)
+        assert status == 404
+        assert ("lifecycle_console_connections_open", "") in _samples(f"http://127.0.0.1:{metrics_port}/metrics")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
