@@ -26,7 +26,12 @@ lifecycle_instances{vm_state,task_state}   live instances per state (scrape time
 lifecycle_running_tasks{operation}         running tasks per operation (scrape time)
 lifecycle_oldest_running_task_seconds{op}  age of the oldest running task (scrape time)
 lifecycle_host_up{host}                    1 while the host heartbeats within host_down_after
+lifecycle_database_up                      1 when the scrape's database reads worked, else 0
 =========================================  ================================================
+
+A scrape while the database does not answer still succeeds: it serves the
+counted families and ``lifecycle_database_up 0`` (the scrape-time families
+are left out, not served stale), and logs the database's own error.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING
+
+import structlog
 
 from lifecycle.store.db import now
 
@@ -50,6 +57,8 @@ if TYPE_CHECKING:
     from lifecycle.sweep import PassSummary
 
 __all__ = ["Metrics"]
+
+log = structlog.get_logger(__name__)
 
 _PASS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300)
@@ -170,6 +179,31 @@ def _state_collector(store: Store, settings: Settings) -> Collector:
 
 
 def _collect(store: Store, settings: Settings) -> Iterator[GaugeMetricFamily]:
+    """Yield the scrape-time families and ``lifecycle_database_up``; only the latter while the database fails."""
+    import sqlalchemy as sa
+    from prometheus_client.core import GaugeMetricFamily
+
+    up = GaugeMetricFamily("lifecycle_database_up", "1 when this scrape's database reads worked, else 0")
+    try:
+        families = _read_state(store, settings)  # read in full first: a failure halfway yields nothing of it
+    except sa.exc.SQLAlchemyError as exc:  # the database's own errors, connection refused included
+        log.warning("metrics_database_down", error=f"{type(exc).__name__}: {_one_line(exc)}")
+        up.add_metric([], 0.0)
+        yield up
+        return
+    yield from families
+    up.add_metric([], 1.0)
+    yield up
+
+
+def _one_line(exc: BaseException) -> str:
+    """Return the driver's own message on one line (SQLAlchemy's wrapper adds the statement and a link)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _read_state(store: Store, settings: Settings) -> list[GaugeMetricFamily]:
+    """Read what the database says now: instances per state, running tasks, hosts up."""
     from prometheus_client.core import GaugeMetricFamily
 
     instances = GaugeMetricFamily(
@@ -177,7 +211,6 @@ def _collect(store: Store, settings: Settings) -> Iterator[GaugeMetricFamily]:
     )
     for (vm, task), count in sorted(store.instance_counts().items(), key=str):
         instances.add_metric([vm, task or "none"], count)
-    yield instances
     running = GaugeMetricFamily("lifecycle_running_tasks", "Running tasks per operation", labels=["operation"])
     oldest = GaugeMetricFamily(
         "lifecycle_oldest_running_task_seconds", "Age of the oldest running task", labels=["operation"]
@@ -186,11 +219,9 @@ def _collect(store: Store, settings: Settings) -> Iterator[GaugeMetricFamily]:
     for operation, (count, started) in sorted(store.running_task_stats().items()):
         running.add_metric([operation], count)
         oldest.add_metric([operation], max(0.0, (moment - started).total_seconds()))
-    yield running
-    yield oldest
     up = GaugeMetricFamily("lifecycle_host_up", "1 while the host heartbeats within host_down_after", labels=["host"])
     for host in store.list_hosts():
         beat = host.last_heartbeat
         alive = beat is not None and (moment - beat).total_seconds() <= settings.host_down_after
         up.add_metric([host.name], 1.0 if alive else 0.0)
-    yield up
+    return [instances, running, oldest, up]

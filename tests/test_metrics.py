@@ -11,13 +11,16 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
+import structlog
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lifecycle import Engine, Flavor, PowerState, Settings, upgrade
+from lifecycle.metrics import Metrics
 from tests.conftest import Fakes
 from tests.images import fake_image
 
@@ -202,3 +205,107 @@ def test_the_metrics_are_made_once_whichever_threads_observe_first(
         assert (
             engine.metrics.registry.get_sample_value("lifecycle_host_errors_total", {"host": "a", "kind": "event"}) == 8
         )
+
+
+def _closed_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (bound, then released)."""
+    return _free_port()
+
+
+def test_a_scrape_with_the_database_unreachable_answers_with_database_up_0(tmp_path: Path) -> None:
+    """Served as the daemon serves it, a scrape with PostgreSQL unreachable is 200: the counters and database_up 0."""
+    from prometheus_client import start_wsgi_server
+
+    from lifecycle.store import Store
+
+    store = Store(f"postgresql+psycopg://lifecycle:s3cr3tpw@127.0.0.1:{_closed_port()}/lifecycle")
+    metrics = Metrics(store, Settings())
+    metrics.host_error("a", "heartbeat")
+    server, thread = start_wsgi_server(0, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        with (
+            structlog.testing.capture_logs() as logged,
+            urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response,
+        ):
+            assert response.status == 200
+            s = _samples(response.read().decode())
+        assert [e["event"] for e in logged] == ["metrics_database_down"]
+        assert "Connection refused" in logged[0]["error"] and "s3cr3tpw" not in str(logged)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        store.close()
+    assert _value(s, "lifecycle_database_up") == 0
+    assert _value(s, "lifecycle_host_errors_total", host="a", kind="heartbeat") == 1
+    assert not any(name == "lifecycle_instances" for name, _ in s)
+
+
+class Relay:
+    """A TCP relay in front of PostgreSQL; :meth:`cut` closes its port and every relayed connection."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # cut
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def cut(self) -> None:
+        """Make the database unreachable through the relay: refused connections, and the open ones reset."""
+        for sock in [self.listener, *self.sockets]:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.thread.join(10)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.postgres
+def test_the_daemons_metrics_answer_while_its_database_is_down(pg_url: str, tmp_path: Path) -> None:
+    """`lifecycle daemon --metrics-listen` answers 200 with database_up 1, and still 200 with 0 once PostgreSQL is cut."""
+    import sqlalchemy as sa
+
+    upgrade(pg_url)
+    with Engine(pg_url) as engine:
+        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
+    server = sa.make_url(pg_url)
+    relay = Relay((server.host or "127.0.0.1", server.port or 5432))
+    relayed = server.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "lifecycle.cli", "--db", relayed, "daemon", "--metrics-listen", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        s = _samples(_scrape(port, time.monotonic() + 30))
+        assert _value(s, "lifecycle_database_up") == 1 and _value(s, "lifecycle_host_up", host="h1") is not None
+        relay.cut()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            assert response.status == 200
+            text = response.read().decode()
+        s = _samples(text)
+        assert _value(s, "lifecycle_database_up") == 0 and _value(s, "lifecycle_host_up", host="h1") is None
+        assert "# TYPE lifecycle_sync_passes_total counter" in text  # the families counted in the process
+    finally:
+        relay.cut()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert b"metrics_database_down" in err and b"Connection refused" in err, err.decode()[-2000:]
