@@ -25,7 +25,19 @@ on it resumes where it stopped and ``after`` is ignored (as Kafka's
 ``auto.offset.reset`` applies only to a group without an offset). Retention
 (:meth:`Engine.prune_changes`) never removes a change a registered consumer
 has not passed, so a consumer that is gone for good must be forgotten. Two
-followers under one name each get every change: run one per name.
+followers under one name each get every change: run one per name. An
+``exclusive`` follower (a webhook sender) holds its consumer's lock while it
+follows, so a second one is refused with :class:`ConsumerInUse`.
+
+**A database that goes away** (a restart, a dropped link: the store raises
+:class:`DatabaseUnavailable` with ``transient`` set) does not end a follow:
+it logs ``feed_database_lost`` with the database's own message, reconnects
+after a backoff that doubles from :data:`RECONNECT_FIRST` to
+:data:`RECONNECT_MAX` seconds, LISTENs again, takes its lock again, and goes
+on after the last change its handler returned from (never behind the stored
+position), so nothing is lost and nothing comes twice that had not come
+twice anyway. It raises :class:`DatabaseUnavailable` only when told to stop
+while the database is away, or for an error a reconnect cannot cure.
 
 :func:`query_audit` answers questions across instances ("what happened in
 this request", "what did sync change on this host last night", "which
@@ -45,16 +57,21 @@ import structlog
 
 from lifecycle import validation
 from lifecycle.audit import START, AuditEntry, Change, Consumer, Position, audit_query
-from lifecycle.errors import InvalidInput
+from lifecycle.errors import InvalidInput, LifecycleError
 
 if TYPE_CHECKING:
     from lifecycle.store import Store
+    from lifecycle.store.feed import Reader
 
 __all__ = [
     "IDLE_RECHECK",
+    "RECONNECT_FIRST",
+    "RECONNECT_MAX",
     "SAVE_EVERY",
     "Change",
     "Consumer",
+    "ConsumerInUse",
+    "DatabaseUnavailable",
     "Position",
     "as_change",
     "change_data",
@@ -76,7 +93,40 @@ IDLE_RECHECK = 30.0
 """Seconds a PostgreSQL follower waits for a notification before it reads anyway (a lost connection's
 notifications, say, must not stall it)."""
 
+RECONNECT_FIRST = 0.5
+"""Seconds a follower waits before its first reconnect to a database that went away."""
+RECONNECT_MAX = 10.0
+"""Longest wait between two reconnects: the wait doubles from :data:`RECONNECT_FIRST` up to this."""
+
 Handler = Callable[[Change], object]
+
+
+class DatabaseUnavailable(LifecycleError):
+    """The database could not be reached or read; ``reason`` is its own message.
+
+    ``transient`` when a reconnect may cure it (the server went away, is
+    starting, or the file is locked); :func:`follow` then waits and retries,
+    and raises this only when told to stop meanwhile (``stopped``).
+    """
+
+    def __init__(self, reason: str, *, transient: bool, stopped: str | None = None) -> None:
+        self.reason = reason
+        self.transient = transient
+        self.stopped = stopped
+        """Where delivery got to, when the follower was told to stop while the database was away."""
+        if stopped is None:
+            super().__init__(f"the database cannot be used: {reason}")
+        else:
+            super().__init__(f"stopped while the database was unreachable ({reason}); {stopped}")
+
+
+class ConsumerInUse(InvalidInput):
+    """Another exclusive follower holds the consumer (one webhook sender per URL); nothing was delivered."""
+
+    def __init__(self, consumer: str, detail: str | None = None) -> None:
+        self.consumer = consumer
+        holder = detail or "another process follows it"
+        super().__init__(f"feed consumer {consumer!r} is in use: {holder}; one exclusive follower at a time")
 
 
 def resolve(store: Store, after: Position | str | None) -> Position:
@@ -88,45 +138,70 @@ def resolve(store: Store, after: Position | str | None) -> Position:
     return Position.parse(after)
 
 
-def _start(store: Store, consumer: str | None, after: Position) -> Position:
-    if consumer is None:
-        return after
-    registered, new = store.register_consumer(consumer, after)
-    event = "feed_consumer_registered" if new else "feed_consumer_resumed"
-    log.info(event, consumer=consumer, position=str(registered.position))
-    return registered.position
-
-
 class _Cursor:
-    """Where delivery got to (the last change the handler returned from) and what the database holds."""
+    """Where delivery got to (the last change the handler returned from), what the database holds, and how many."""
 
-    def __init__(self, store: Store, consumer: str | None, at: Position) -> None:
-        self.store, self.consumer = store, consumer
+    def __init__(self, store: Store, consumer: str | None, at: Position, url: str | None) -> None:
+        self.store, self.consumer, self.url = store, consumer, url
         self.at = self.stored = at
+        self.registered = consumer is None
+        self.delivered = 0
         self.saved = time.monotonic()
+
+    def register(self) -> None:
+        """Register the consumer at ``at`` on its first run, or resume at its stored position (once per follow)."""
+        if self.registered or self.consumer is None:
+            return
+        found, new = self.store.register_consumer(self.consumer, self.at, url=self.url)
+        self.at = self.stored = found.position
+        self.registered = True
+        event = "feed_consumer_registered" if new else "feed_consumer_resumed"
+        log.info(event, consumer=self.consumer, position=str(found.position))
 
     def save(self) -> None:
         """Store the position delivery got to, if it moved (an anonymous follower stores nothing)."""
         if self.consumer is not None and self.at != self.stored:
-            self.stored = self.at  # not retried if the write fails: the older position only means more redelivery
             self.store.save_position(self.consumer, self.at)
+            self.stored = self.at  # only once written: a write lost with the database is made again
         self.saved = time.monotonic()
 
     def due(self) -> bool:
         return time.monotonic() - self.saved >= SAVE_EVERY
 
+    def deliver(self, handler: Handler, changes: Sequence[Change]) -> None:
+        """Hand each change to ``handler``; move past those it returned from, even when one raised."""
+        done = 0
+        try:
+            for change in changes:
+                handler(change)
+                done += 1
+        finally:
+            if done:
+                self.at = changes[done - 1].position
+                self.delivered += done
 
-def _deliver(handler: Handler, changes: Sequence[Change], cursor: _Cursor) -> int:
-    """Hand each change to ``handler``; move the cursor past those it returned from, even when one raised."""
-    done = 0
-    try:
-        for change in changes:
-            handler(change)
-            done += 1
-    finally:
-        if done:
-            cursor.at = changes[done - 1].position
-    return done
+    def where(self) -> str:
+        """Say where delivery got to, and where a follow started again resumes."""
+        if self.consumer is None:
+            return f"delivered up to {self.at}: follow again with --after {self.at}"
+        return f"delivered up to {self.at}; consumer {self.consumer!r} resumes after its stored position {self.stored}"
+
+
+class _Backoff:
+    """The waits between reconnects: doubling from RECONNECT_FIRST to RECONNECT_MAX, reset once connected."""
+
+    def __init__(self) -> None:
+        self.next = RECONNECT_FIRST
+        self.lost: DatabaseUnavailable | None = None
+
+    def failed(self, exc: DatabaseUnavailable) -> float:
+        wait, self.next, self.lost = self.next, min(self.next * 2, RECONNECT_MAX), exc
+        return wait
+
+    def connected(self, cursor: _Cursor) -> None:
+        if self.lost is not None:
+            log.info("feed_database_back", consumer=cursor.consumer, position=str(cursor.at))
+        self.next, self.lost = RECONNECT_FIRST, None
 
 
 def follow(
@@ -138,36 +213,90 @@ def follow(
     batch: int,
     poll: float,
     after: Position,
+    exclusive: bool = False,
+    url: str | None = None,
 ) -> int:
     """Deliver the feed to ``handler`` until ``stop`` is set; return how many changes were delivered.
 
     ``consumer`` None follows anonymously from ``after``: no position is
     stored and retention does not wait for it. A ``stop`` already set
-    delivers one batch, what is there now, and returns.
+    delivers one batch, what is there now, and returns. ``exclusive`` holds
+    the consumer's lock while following (:class:`ConsumerInUse` if another
+    holds it); ``url`` is stored with a consumer it registers. A database
+    that goes away is waited for (see the module docstring):
+    :class:`DatabaseUnavailable` if told to stop meanwhile.
     """
     if not callable(handler):
         raise InvalidInput(f"handler must be callable with a Change, got {type(handler).__name__}")
-    cursor = _Cursor(store, consumer, _start(store, consumer, after))
-    delivered = 0
+    cursor, backoff = _Cursor(store, consumer, after, url), _Backoff()
+    claim = consumer if exclusive else None
+    while True:
+        try:
+            _session(store, cursor, handler, backoff, stop=stop, batch=batch, poll=poll, claim=claim)
+            break
+        except DatabaseUnavailable as exc:
+            if not exc.transient:
+                _save_quietly(cursor)  # the database answers, but not this: keep what was delivered
+                raise
+            wait = backoff.failed(exc)
+            log.warning(
+                "feed_database_lost", consumer=consumer, position=str(cursor.at), error=exc.reason, retry_in=wait
+            )
+            if stop.wait(wait):
+                raise DatabaseUnavailable(exc.reason, transient=True, stopped=cursor.where()) from exc
+    log.info("feed_follow_stopped", consumer=consumer, position=str(cursor.at), delivered=cursor.delivered)
+    return cursor.delivered
+
+
+def _session(
+    store: Store,
+    cursor: _Cursor,
+    handler: Handler,
+    backoff: _Backoff,
+    *,
+    stop: threading.Event,
+    batch: int,
+    poll: float,
+    claim: str | None,
+) -> None:
+    """Follow on one connection until ``stop``; the database going away raises, the position left to store later."""
+    with store.reader(claim=claim) as reader:  # listening before the first read: a commit after it wakes the wait
+        cursor.register()
+        backoff.connected(cursor)
+        try:
+            _pages(reader, cursor, handler, stop=stop, batch=batch, poll=poll)
+        except DatabaseUnavailable:
+            raise  # nothing to store it in: stored once the database is back
+        except BaseException:
+            _save_quietly(cursor)  # what the handler returned from, before its error propagates
+            raise
+        cursor.save()
+
+
+def _pages(
+    reader: Reader, cursor: _Cursor, handler: Handler, *, stop: threading.Event, batch: int, poll: float
+) -> None:
+    while True:
+        changes = reader.read(cursor.at, batch)
+        cursor.deliver(handler, changes)
+        caught_up = len(changes) < batch
+        if caught_up or stop.is_set() or cursor.due():
+            cursor.save()
+        if stop.is_set():
+            return
+        if caught_up:
+            held = not reader.notified or reader.held_back()
+            reader.wait(stop, poll if held else IDLE_RECHECK)
+            if stop.is_set():
+                return
+
+
+def _save_quietly(cursor: _Cursor) -> None:
+    """Store the position on the way out of an error; the database being away only means more redelivery."""
     try:
-        with store.reader() as reader:  # listening before the first read: a commit after it wakes the wait below
-            while True:
-                changes = reader.read(cursor.at, batch)
-                delivered += _deliver(handler, changes, cursor)
-                caught_up = len(changes) < batch
-                if caught_up or stop.is_set() or cursor.due():
-                    cursor.save()
-                if stop.is_set():
-                    break
-                if caught_up:
-                    held = not reader.notified or reader.held_back()
-                    reader.wait(stop, poll if held else IDLE_RECHECK)
-                    if stop.is_set():
-                        break
-    finally:
-        cursor.save()  # what the handler returned from, whatever ends the follow (a kill stores nothing)
-    log.info("feed_follow_stopped", consumer=consumer, position=str(cursor.at), delivered=delivered)
-    return delivered
+        cursor.save()
+    except DatabaseUnavailable as exc:
+        log.warning("feed_position_not_saved", consumer=cursor.consumer, position=str(cursor.at), error=exc.reason)
 
 
 def check_batch(value: object, label: str = "batch") -> int:

@@ -362,8 +362,8 @@ def test_a_commit_wakes_a_follower_that_is_not_polling(db_url: str, fakes: Fakes
     reader = engine.store.reader
 
     @contextmanager
-    def watched() -> Iterator[Any]:
-        with reader() as inner:
+    def watched(claim: str | None = None) -> Iterator[Any]:
+        with reader(claim) as inner:
             read = inner.read
 
             def read_and_tell(after: Position, limit: int) -> list[Change]:

@@ -47,7 +47,10 @@ feed's indexes cost every audit insert (``bench/changes.py`` measures it).
 A follower reads on a connection of its own (on PostgreSQL in autocommit,
 LISTENing, with sorts off so a page always comes off ``ix_audit_log_feed``
 in order), with a statement compiled once, on the DBAPI cursor: each row is
-a :class:`Change` as it comes.
+a :class:`Change` as it comes. What it reads, waits for and writes raises
+:class:`~lifecycle.feed.DatabaseUnavailable` when the database is away, and
+an exclusive follower holds its consumer's lock on that connection
+(:mod:`lifecycle.store._follower`).
 
 Audit queries (:func:`audit_select`) each read one index range: by time
 (``ix_audit_log_created_at``), request (``ix_audit_log_request``), host and
@@ -62,7 +65,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -74,6 +77,7 @@ from lifecycle.audit import AuditEntry, AuditQuery, Change, Consumer, Position
 from lifecycle.errors import InvalidInput
 from lifecycle.records import Cause
 from lifecycle.store._base import StoreBase
+from lifecycle.store._follower import advisory_lock, file_lock, unavailable
 from lifecycle.store._rows import AUDITS, stamp
 from lifecycle.store.db import aware, now
 from lifecycle.store.tables import FeedConsumerRow
@@ -232,7 +236,8 @@ class _PollReader:
         self._feed = feed
 
     def read(self, after: Position, limit: int) -> list[Change]:
-        return self._feed.read_changes(after, limit)
+        with unavailable(self._feed.engine.dialect):
+            return self._feed.read_changes(after, limit)
 
     def held_back(self) -> bool:
         return False
@@ -255,18 +260,21 @@ class _ListenReader:
         self._dbapi: Any = conn.connection.dbapi_connection  # psycopg's own (detached: no driver_connection)
 
     def read(self, after: Position, limit: int) -> list[Change]:
-        return _read_changes(self._conn, after, limit)
+        with unavailable(self._conn.dialect):
+            return _read_changes(self._conn, after, limit)
 
     def held_back(self) -> bool:
-        return bool(self._conn.execute(_HELD_BACK).scalar_one())
+        with unavailable(self._conn.dialect):
+            return bool(self._conn.execute(_HELD_BACK).scalar_one())
 
     def wait(self, stop: threading.Event, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
-            if any(True for _ in self._dbapi.notifies(timeout=min(left, _SLICE), stop_after=1)):
-                for _ in self._dbapi.notifies(timeout=0):  # the others queued meanwhile: one read serves all
-                    pass
-                return
+        with unavailable(self._conn.dialect):  # a server gone ends the wait at once: its socket closes
+            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                if any(True for _ in self._dbapi.notifies(timeout=min(left, _SLICE), stop_after=1)):
+                    for _ in self._dbapi.notifies(timeout=0):  # the others queued meanwhile: one read serves all
+                        pass
+                    return
 
 
 class Feed(StoreBase):
@@ -302,33 +310,62 @@ class Feed(StoreBase):
         return None if row is None else Position(row.tx, row.id)
 
     @contextmanager
-    def reader(self) -> Iterator[Reader]:
-        """Yield a follower's reader: on PostgreSQL LISTENing from before its first read, on SQLite polling."""
+    def reader(self, claim: str | None = None) -> Iterator[Reader]:
+        """Yield a follower's reader: on PostgreSQL LISTENing from before its first read, on SQLite polling.
+
+        ``claim`` names a consumer whose lock the reader holds while it lives
+        (:class:`~lifecycle.feed.ConsumerInUse` if another holder has it).
+        :class:`~lifecycle.feed.DatabaseUnavailable` when the database cannot be reached.
+        """
         if not self._postgres:
-            yield _PollReader(self)
+            if claim is None:
+                yield _PollReader(self)
+                return
+            with file_lock(self.engine.url.database, claim):
+                yield _PollReader(self)
             return
-        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        with unavailable(self.engine.dialect):
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         conn.detach()  # a LISTENing session must never go back to the pool
         try:
-            conn.exec_driver_sql(_NO_SORT.format("SESSION"))
-            conn.exec_driver_sql(f"LISTEN {CHANNEL}")
+            with unavailable(self.engine.dialect):
+                if claim is not None:
+                    advisory_lock(conn, claim)  # released with the session, however it ends
+                conn.exec_driver_sql(_NO_SORT.format("SESSION"))
+                conn.exec_driver_sql(f"LISTEN {CHANNEL}")
             yield _ListenReader(conn)
         finally:
-            conn.close()
+            with suppress(sa.exc.DBAPIError):  # a connection the server dropped has nothing left to close
+                conn.close()
 
-    def register_consumer(self, name: str, at: Position) -> tuple[Consumer, bool]:
-        """Return the consumer ``name``, registered at ``at`` if new, and whether it was new."""
+    def register_consumer(self, name: str, at: Position, *, url: str | None = None) -> tuple[Consumer, bool]:
+        """Return the consumer ``name``, registered at ``at`` if new, and whether it was new.
+
+        ``url`` (a webhook's) is stored with it, also when it was registered without one.
+        """
         stamp = now()
-        values = {"name": name, "tx": at.tx, "seq": at.id, "created_at": stamp, "updated_at": stamp}
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(sa.insert(_C), values)
-        except IntegrityError:
+        values = {"name": name, "tx": at.tx, "seq": at.id, "created_at": stamp, "updated_at": stamp, "url": url}
+        with unavailable(self.engine.dialect):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.insert(_C), values)
+                return Consumer(name, at, stamp, stamp), True
+            except IntegrityError:
+                pass  # registered before
+            if url is not None:
+                with self.engine.begin() as conn:
+                    where = (_C.c.name == name, _C.c.url.is_distinct_from(url))
+                    conn.execute(sa.update(_C).where(*where).values(url=url))
             found = self.consumer(name)
-            if found is None:  # forgotten between the insert and the read: try once more
-                return self.register_consumer(name, at)
-            return found, False
-        return Consumer(name, at, stamp, stamp), True
+        if found is None:  # forgotten between the insert and the read: try once more
+            return self.register_consumer(name, at, url=url)
+        return found, False
+
+    def consumer_urls(self) -> dict[str, str]:
+        """Return the URL each webhook consumer delivers to, by consumer name (those that stored one)."""
+        query = sa.select(_C.c.name, _C.c.url).where(_C.c.url.is_not(None))
+        with self._read() as conn:
+            return {name: url for name, url in conn.execute(query)}
 
     def consumer(self, name: str) -> Consumer | None:
         """Return the consumer ``name``, or None."""
@@ -348,7 +385,7 @@ class Feed(StoreBase):
         """
         ahead = sa.tuple_(_C.c.tx, _C.c.seq) < sa.tuple_(sa.literal(position.tx), sa.literal(position.id))
         update = sa.update(_C).where(_C.c.name == name, ahead)
-        with self.engine.begin() as conn:
+        with unavailable(self.engine.dialect), self.engine.begin() as conn:
             if conn.execute(update.values(tx=position.tx, seq=position.id, updated_at=now())).rowcount:
                 return
             if conn.execute(sa.select(_C.c.name).where(_C.c.name == name)).first() is None:

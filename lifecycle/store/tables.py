@@ -320,6 +320,9 @@ FEED_CONSUMERS = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("updated_at", _TS, nullable=False),
+    # A webhook sender's URL (never a secret: URLs with a user or password are refused); NULL for other
+    # consumers, and for senders registered before revision 0015 until they run again.
+    sa.Column("url", _text(1024), nullable=True),
 )
 
 

@@ -1,0 +1,98 @@
+"""What a feed follower needs besides reads: the database's errors in the feed's terms, and a consumer's lock.
+
+**Errors.** :func:`unavailable` turns what the driver raises (through
+SQLAlchemy or straight off a DBAPI cursor, as the feed's hot loop reads) into
+:class:`~lifecycle.feed.DatabaseUnavailable` with the database's own message.
+It is ``transient`` when a reconnect may cure it: on PostgreSQL any
+``OperationalError`` (the server went away, restarts, refuses connections,
+ran out of them) and any connection SQLAlchemy found dead; on SQLite only a
+locked or busy file. Anything else (a missing table, a syntax error) is not.
+
+**Locks.** An exclusive follower (one webhook sender per URL) holds its
+consumer's lock while it follows, and a holder that dies loses it at once:
+
+- PostgreSQL: a session advisory lock on the follower's own LISTEN
+  connection. A server restart or a dropped link releases it with the
+  session; the follower takes it again when it reconnects, or stops with
+  :class:`~lifecycle.feed.ConsumerInUse` if another took it meanwhile;
+- SQLite: an ``flock`` on a file next to the database (``<db>.consumer-<digest>.lock``),
+  which the kernel releases when the holding process dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import sqlalchemy as sa
+
+from lifecycle.feed import ConsumerInUse, DatabaseUnavailable
+
+__all__ = ["advisory_lock", "file_lock", "unavailable"]
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _transient(dialect: sa.Dialect, error: BaseException, invalidated: bool) -> bool:
+    if invalidated or isinstance(error, sa.exc.DisconnectionError):
+        return True
+    if not isinstance(error, dialect.loaded_dbapi.OperationalError):
+        return False
+    if dialect.name == "sqlite":  # "database is locked": a writer holds it longer than the busy timeout
+        return any(word in str(error).lower() for word in ("locked", "busy"))
+    return True
+
+
+def _mapped(dialect: sa.Dialect, error: BaseException, invalidated: bool = False) -> DatabaseUnavailable:
+    reason = _one_line(str(error)) or type(error).__name__
+    return DatabaseUnavailable(reason, transient=_transient(dialect, error, invalidated))
+
+
+@contextmanager
+def unavailable(dialect: sa.Dialect) -> Iterator[None]:
+    """Raise :class:`DatabaseUnavailable` for what the database or its driver raised in the block."""
+    driver_error: type[BaseException] = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        raise _mapped(dialect, exc.orig or exc, exc.connection_invalidated) from exc
+    except sa.exc.DisconnectionError as exc:
+        raise _mapped(dialect, exc) from exc
+    except driver_error as exc:  # off a DBAPI cursor or connection, which SQLAlchemy does not wrap
+        raise _mapped(dialect, exc) from exc
+
+
+def _key(consumer: str) -> int:
+    digest = hashlib.sha1(f"lifecycle-consumer:{consumer}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def advisory_lock(conn: sa.Connection, consumer: str) -> None:
+    """Take ``consumer``'s lock for ``conn``'s session (autocommit), or raise :class:`ConsumerInUse`.
+
+    The lock lasts as long as the session: closing the connection releases it.
+    """
+    if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _key(consumer)}).scalar_one():
+        raise ConsumerInUse(consumer)
+
+
+@contextmanager
+def file_lock(database: str | None, consumer: str) -> Iterator[None]:
+    """Hold ``consumer``'s lock file next to the SQLite ``database`` for the block, or raise :class:`ConsumerInUse`."""
+    name = hashlib.sha1(consumer.encode()).hexdigest()[:16]
+    path = f"{database or tempfile.gettempdir() + '/lifecycle-memory'}.consumer-{name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConsumerInUse(consumer) from None
+        try:
+            yield
+        finally:
+            with suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
