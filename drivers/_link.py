@@ -19,9 +19,13 @@ So, here:
   volumes, streams: all RPCs on the same client), holds that connection's
   lock: one call in flight per connection, never two. The lock is fair
   (first come, first served), so a disk copy's chunks never starve a
-  heartbeat. A caller that cannot get it within ``deadline`` seconds (a call
-  stuck on a hung host holds it until keepalive ends that call) gets
-  :class:`DriverUnavailable` instead of waiting on;
+  heartbeat. A caller waits as long as calls keep returning; once the call
+  in flight has not returned for ``deadline`` seconds (a call stuck on a hung
+  host holds the lock until keepalive ends it) the waiters get
+  :class:`DriverUnavailable` instead of waiting on. A queue of quick calls is
+  load, not a hang: the driver spreads its calls over a few connections
+  (:class:`Link` is one of them) so that many workers on one host wait for
+  each other only as long as libvirtd itself makes them;
 - an open is never abandoned: one open per host runs at a time, on a thread
   of its own; a caller waits for it up to its deadline, and an open that
   completes late is kept as the next connection (the host answers again),
@@ -60,27 +64,29 @@ _GUARDED_TYPES: tuple[type, ...] = (
 
 
 class _FairLock:
-    """A lock granted in the order it was asked for, with a timeout."""
+    """A lock granted in the order it was asked for; a waiter keeps its place until it gives up."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._waiters: collections.deque[threading.Event] = collections.deque()
         self._held = False
 
-    def acquire(self, timeout: float) -> bool:
+    def acquire(self, give_up: Callable[[], bool], poll: float = 0.2) -> bool:
+        """Wait for the lock in turn; False as soon as ``give_up()`` (asked every ``poll`` seconds) says so."""
         with self._mutex:
             if not self._held and not self._waiters:
                 self._held = True
                 return True
             turn = threading.Event()
             self._waiters.append(turn)
-        if turn.wait(timeout):
-            return True
-        with self._mutex:
-            if turn.is_set():  # granted just as the wait ran out: it is ours
-                return True
-            self._waiters.remove(turn)
-            return False
+        while not turn.wait(poll):
+            if give_up():
+                with self._mutex:
+                    if turn.is_set():  # granted just as it gave up: it is ours
+                        return True
+                    self._waiters.remove(turn)
+                    return False
+        return True
 
     def release(self) -> None:
         with self._mutex:
@@ -88,6 +94,12 @@ class _FairLock:
                 self._waiters.popleft().set()  # handed over: still held, now by the next in line
             else:
                 self._held = False
+
+    @property
+    def load(self) -> int:
+        """How many callers hold or wait for the lock."""
+        with self._mutex:
+            return len(self._waiters) + self._held
 
 
 class Link:
@@ -101,27 +113,52 @@ class Link:
         """Set by the close callback (keepalive, the peer closing) or on a lost-connection error: no more calls."""
         self.closed = False
         self._lock = _FairLock()
+        self._since: float | None = None
+        """When the call in flight began (monotonic), None between calls."""
+
+    @property
+    def load(self) -> int:
+        """How many calls are in flight on this connection or waiting for it."""
+        return self._lock.load
+
+    def stuck_for(self) -> float:
+        """Seconds the call in flight has not returned for (0 when none is in flight)."""
+        since = self._since
+        return 0.0 if since is None else time.monotonic() - since
 
     def call(self, name: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one libvirt call under this connection's lock; DriverUnavailable past the deadline or once dead."""
+        """Run one libvirt call under this connection's lock; DriverUnavailable once the link hangs or dies.
+
+        It hangs when the call in flight has not returned for ``deadline``
+        seconds: however long the queue, a waiter gives up only then.
+        """
         if self.dead:
             raise DriverUnavailable(f"{name}: the connection to {self.uri} was closed (keepalive or peer)", call=name)
-        if not self._lock.acquire(self.deadline):
+        stuck = [0.0]
+
+        def give_up() -> bool:
+            stuck[0] = self.stuck_for()
+            return self.dead or stuck[0] >= self.deadline
+
+        if not self._lock.acquire(give_up):
+            if self.dead:
+                raise DriverUnavailable(f"{name}: the connection to {self.uri} was closed while waiting", call=name)
             raise DriverUnavailable(
-                f"{name}: {self.uri} is busy with a call that has not returned for {self.deadline:.0f} s"
-                " (libvirtd hung?)",
+                f"{name}: {self.uri} is busy with a call that has not returned for {stuck[0]:.0f} s (libvirtd hung?)",
                 call=name,
             )
         try:
-            if self.closed:
+            if self.closed or self.dead:
                 raise DriverUnavailable(f"{name}: the connection to {self.uri} is closed", call=name)
+            self._since = time.monotonic()
             return guard(method(*args, **kwargs), self)
         finally:
+            self._since = None
             self._lock.release()
 
     def close(self, before: Callable[[Any], None] | None = None) -> None:
         """Close the connection once no call is in flight on it (``before`` runs first, under the lock)."""
-        if not self._lock.acquire(self.deadline):
+        if not self._lock.acquire(lambda: self.stuck_for() >= self.deadline):
             return  # a call is stuck on it: it stays referenced (and open) rather than freed under that call
         try:
             if self.closed:

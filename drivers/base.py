@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from lifecycle.states import PowerState
 
@@ -39,7 +41,10 @@ __all__ = [
     "Transition",
     "volume_name",
     "volume_tag",
+    "wait_out",
 ]
+
+T = TypeVar("T")
 
 DiskSegments = Iterator[bytes | int]
 """A disk's content in order: ``bytes`` of data, or an ``int``, the length of a hole (zeros never sent)."""
@@ -59,6 +64,32 @@ class DiskRead:
 
 DiskSource = Callable[[], AbstractContextManager[DiskRead]]
 """Opens the source disk of a move (on the source host's connection) when the destination needs it."""
+
+
+def wait_out(
+    call: Callable[[], T],
+    busy: Callable[[BaseException], bool],
+    *,
+    seconds: float,
+    first: float = 0.05,
+    most: float = 1.0,
+) -> T:
+    """Run ``call``, retrying it while what it raises is a transient ``busy`` answer, for ``seconds`` at most.
+
+    The wait between tries starts at ``first`` and doubles up to ``most``. Any
+    other exception, or a busy answer once ``seconds`` are spent, is raised
+    as it came. Only for calls that are safe to repeat after such an answer
+    (the hypervisor refused them without acting).
+    """
+    delay, deadline = first, time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not busy(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, most)
 
 
 def _always() -> None:

@@ -15,7 +15,14 @@ as the libvirt driver. Faults:
   catches it: the caller behaves as if its process died there);
 - ``set_power`` and ``undefine``: change a domain behind the engine's back;
 - ``unreachable = True``: every call raises :class:`DriverUnavailable` (a host
-  whose hypervisor does not answer) until it is set back to False.
+  whose hypervisor does not answer) until it is set back to False;
+- ``busy_pool(answers)``: the next ``answers`` calls that work on the host's
+  storage pool are refused as busy first, as libvirt's storage driver refuses
+  a pool call while another call builds a volume there (see
+  :mod:`drivers.storage`); the driver waits each out as the libvirt driver
+  does (:func:`drivers.base.wait_out`), and past ``busy_seconds`` the call
+  fails as a :class:`DriverError` naming the busy pool, never as a missing
+  domain.
 
 Disks are volumes with a content (a string): a new one holds its image's
 name, ``write`` appends a data marker to a running guest's disk, and a move or
@@ -56,6 +63,7 @@ from drivers.base import (
     Transition,
     volume_name,
     volume_tag,
+    wait_out,
 )
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, DriverUnavailable, Fenced, StaleObject
 from lifecycle.states import PowerState
@@ -117,6 +125,29 @@ class _Domain:
         return None if self.task_id is None else self.task_id.replace("-", "")[:12]
 
 
+_POOL_CALLS = frozenset(
+    {
+        "spawn",
+        "destroy",
+        "remove",
+        "objects",
+        "migrate_disk_and_power_off",
+        "finish_migration",
+        "finish_revert_migration",
+        "confirm_migration",
+        "snapshot",
+        "spawn_from_snapshot",
+        "rescue",
+        "unrescue",
+    }
+)
+"""Calls that create, delete, list or stream volumes of the host's pools (busy_pool answers them)."""
+
+
+class _Busy(Exception):
+    """A busy pool's answer inside the fake (waited out; never leaves the driver as itself)."""
+
+
 class FakeDriver(Driver):
     """One fake host. Thread-safe; held calls block outside the state lock."""
 
@@ -136,6 +167,11 @@ class FakeDriver(Driver):
         self._next_port = 5900
         self.unreachable = False
         """While True, every call raises DriverUnavailable, as a hypervisor that does not answer."""
+        self._busy = 0
+        self.busy_seconds = 2.0
+        """How long a busy pool answer is waited out (the libvirt driver: ``drivers.storage.BUSY_SECONDS``)."""
+        self.busy_answers = 0
+        """How many busy answers the driver has waited out so far."""
 
     # -- fault injection ---------------------------------------------------
 
@@ -154,6 +190,11 @@ class FakeDriver(Driver):
         gate = Gate()
         self._faults.setdefault(call, []).append(("hold", gate))
         return gate
+
+    def busy_pool(self, answers: int) -> None:
+        """Make the next ``answers`` storage-pool calls of this host answer busy once each before acting."""
+        with self._lock:
+            self._busy += answers
 
     def crash_after(self, call: str) -> None:
         """Make the next ``call`` complete, then raise :class:`SimulatedCrash`."""
@@ -628,6 +669,8 @@ class FakeDriver(Driver):
         """Record the call and apply its scripted fault; return what to raise after acting."""
         if self.unreachable:
             raise DriverUnavailable(f"{call}: hypervisor {self.name} unreachable (injected)", call=call)
+        if call in _POOL_CALLS:
+            self._pool_ready(call)
         with self._lock:
             self.calls.append(call)
             queue = self._faults.get(call)
@@ -641,6 +684,25 @@ class FakeDriver(Driver):
         if kind == "crash":
             return SimulatedCrash(f"crash after {call}")
         return arg if kind == "fail_after" else None
+
+    def _pool_ready(self, call: str) -> None:
+        """Wait out the busy answers the storage pool gives ``call`` (busy_pool); DriverError past busy_seconds."""
+
+        def answer() -> None:
+            with self._lock:
+                if self._busy <= 0:
+                    return
+                self._busy -= 1
+                self.busy_answers += 1
+            raise _Busy(f"pool '{self.name}-disks' has asynchronous jobs running.")
+
+        try:
+            wait_out(answer, lambda exc: isinstance(exc, _Busy), seconds=self.busy_seconds, first=0.001, most=0.05)
+        except _Busy as exc:
+            raise DriverError(
+                f"{call} failed on {self.name}: {exc} (still busy after {self.busy_seconds:.0f} s of retries)",
+                call=call,
+            ) from exc
 
     def _domain(self, uuid: str, call: str) -> _Domain:
         dom = self._domains.get(uuid)

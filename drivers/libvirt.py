@@ -39,6 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from drivers._link import Guarded, Link, Opener
 from drivers.base import (
     Attempt,
@@ -60,7 +62,9 @@ from drivers.base import (
 )
 from drivers.images import ImageInfo, inspect_image, qemu_img, valid_uuid
 from drivers.storage import (
+    BUSY_SECONDS,
     HostStorage,
+    busy,
     file_segments,
     image_key,
     read_volume,
@@ -77,6 +81,8 @@ except ImportError:  # pragma: no cover - exercised where libvirt-python is abse
     libvirt = None
 
 __all__ = ["LibvirtDriver", "domain_xml", "libvirt_available"]
+
+log = structlog.get_logger(__name__)
 
 R = TypeVar("R")
 METADATA_NS = "https://lifecycle.invalid/xmlns/instance/1"
@@ -105,6 +111,7 @@ _CONNECTION_CODES = {4, 39, 45}  # VIR_ERR_NO_CONNECT, VIR_ERR_RPC, VIR_ERR_AUTH
 # storage domain on a live connection); like Nova, only the remote and RPC
 # domains make it a lost connection.
 _ERR_SYSTEM = 38  # VIR_ERR_SYSTEM_ERROR
+_FROM_STORAGE = 18  # VIR_FROM_STORAGE: the storage driver's errors (busy answers: drivers.storage)
 _LINK_DOMAINS = {7, 13}  # VIR_FROM_RPC, VIR_FROM_REMOTE
 
 
@@ -220,6 +227,7 @@ class LibvirtDriver(Driver):
         soft_reboot_seconds: float = 120.0,
         reconnect_seconds: float = 10.0,
         call_seconds: float = 20.0,
+        connections: int = 4,
     ) -> None:
         if libvirt is None:
             raise DriverError("libvirt-python is not installed: pip install 'lifecycle[libvirt]'")
@@ -231,9 +239,18 @@ class LibvirtDriver(Driver):
         self.soft_reboot_seconds = soft_reboot_seconds
         self.reconnect_seconds = reconnect_seconds
         self.call_seconds = call_seconds
-        """How long a call waits for its turn on the connection (one call in flight at a time) before it gives up."""
+        """How long the call in flight on a connection may go without returning before its waiters give up."""
+        if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 64:
+            raise DriverError(f"connections must be an integer from 1 to 64, got {connections!r}")
+        self.connections = connections
+        """How many connections the driver keeps to its host at most: one call in flight on each
+        (:mod:`drivers._link`), so this many calls run on libvirtd at once."""
         self._lock = threading.RLock()
         self._link: Link | None = None
+        """The first connection: it carries the domain events, and its loss is a lost host."""
+        self._spare: list[Link] = []
+        """More connections, opened in the background while every connection is busy."""
+        self._growing = False
         self._links: dict[int, Link] = {}
         """Every connection this driver opened, by the identity of its raw object, kept until :meth:`close`."""
         self._opener = Opener(uri)
@@ -253,38 +270,79 @@ class LibvirtDriver(Driver):
     # -- connection --------------------------------------------------------
 
     def _connection(self, call: str) -> Any:
-        """Return the live connection (guarded: each call on it holds its lock), opening one when needed."""
+        """Return the least busy live connection (guarded: each call on it holds its lock), opening one when needed.
+
+        The first connection is opened here, and again when it is lost
+        (bounded by ``reconnect_seconds``). While every live connection has a
+        call in flight, one more is opened on a thread of its own (up to
+        ``connections``), and meanwhile the caller queues on the least busy.
+        Everything made through a connection (a domain, a volume, a stream)
+        keeps using that connection.
+        """
         with self._lock:
             link = self._link
-            if link is not None and not link.dead:
-                return Guarded(link.raw, link)
+            if link is None or link.dead:
+                link = self._reopen(call)
+            self._spare = [spare for spare in self._spare if not spare.dead and not spare.closed]
+            best = min([link, *self._spare], key=lambda candidate: candidate.load)
+            if best.load and not self._growing and 1 + len(self._spare) < self.connections:
+                self._growing = True
+                threading.Thread(target=self._grow, name=f"libvirt-grow-{self.uri}", daemon=True).start()
+            return Guarded(best.raw, best)
+
+    def _reopen(self, call: str) -> Link:
+        """Open the first connection anew (keepalive, events); DriverUnavailable when it cannot."""
+        if self._closed.is_set():
+            raise DriverUnavailable(f"{call}: the driver for {self.uri} is closed", call=call)
+        self._link = None
+        deadline = time.monotonic() + self.reconnect_seconds
+        delay = 0.1
+        while True:
+            try:
+                raw = self._opener.open(max(1.0, deadline - time.monotonic()), call)
+                break
+            except libvirt.libvirtError as exc:
+                if time.monotonic() + delay > deadline:
+                    message = f"{call}: cannot connect to {self.uri}: {_message(exc)}"
+                    raise DriverUnavailable(message, call=call) from exc
+                self._closed.wait(delay)
+                delay = min(delay * 2, 1.0)
+        link = self._adopt_link(raw)
+        self._link = link
+        if self._listener is not None:
+            self._subscribe(Guarded(raw, link))
+        return link
+
+    def _adopt_link(self, raw: Any) -> Link:
+        """Keep a new raw connection as a link: referenced until close, its close callback and keepalive set."""
+        link = Link(raw, self.uri, self.call_seconds)
+        self._links[id(raw)] = link  # referenced until close: never freed under a libvirt callback
+        conn = Guarded(raw, link)
+        conn.registerCloseCallback(self._on_close, None)
+        with suppress(libvirt.libvirtError):  # drivers without keepalive (test:///) refuse it: harmless
+            # A peer silent for 5 s x 3 probes closes the connection: a dead host is noticed in seconds.
+            conn.setKeepAlive(5, 3)
+        return link
+
+    def _grow(self) -> None:
+        """Open one more connection (on its own thread: an open has no time limit) and add it to the spares."""
+        try:
+            raw = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            log.debug("libvirt_connection_not_added", uri=self.uri, error=_message(exc))
+            with self._lock:
+                self._growing = False
+            return
+        with self._lock:
+            self._growing = False
             if self._closed.is_set():
-                raise DriverUnavailable(f"{call}: the driver for {self.uri} is closed", call=call)
-            self._link = None
-            deadline = time.monotonic() + self.reconnect_seconds
-            delay = 0.1
-            while True:
-                try:
-                    raw = self._opener.open(max(1.0, deadline - time.monotonic()), call)
-                    break
-                except libvirt.libvirtError as exc:
-                    if time.monotonic() + delay > deadline:
-                        raise DriverUnavailable(
-                            f"{call}: cannot connect to {self.uri}: {_message(exc)}", call=call
-                        ) from exc
-                    self._closed.wait(delay)
-                    delay = min(delay * 2, 1.0)
-            link = Link(raw, self.uri, self.call_seconds)
-            self._links[id(raw)] = link  # referenced until close: never freed under a libvirt callback
-            conn = Guarded(raw, link)
-            conn.registerCloseCallback(self._on_close, None)
-            with suppress(libvirt.libvirtError):  # drivers without keepalive (test:///) refuse it: harmless
-                # A peer silent for 5 s x 3 probes closes the connection: a dead host is noticed in seconds.
-                conn.setKeepAlive(5, 3)
-            self._link = link
-            if self._listener is not None:
-                self._subscribe(conn)
-            return conn
+                with suppress(libvirt.libvirtError):
+                    raw.close()  # nobody else has it: no call can be in flight on it
+                return
+            try:
+                self._spare.append(self._adopt_link(raw))
+            except (libvirt.libvirtError, DriverUnavailable) as exc:
+                log.debug("libvirt_connection_not_added", uri=self.uri, error=str(exc))
 
     def ping(self) -> None:
         """One round trip to libvirtd (its version); DriverUnavailable when it does not answer."""
@@ -301,7 +359,7 @@ class LibvirtDriver(Driver):
     def close(self) -> None:
         with self._lock:
             self._closed.set()
-            current, self._link = self._link, None
+            current, self._link, self._spare = self._link, None, []
             links, self._links = list(self._links.values()), {}
         for link in links:
             callback = self._callback_id if link is current else None
@@ -338,6 +396,10 @@ class LibvirtDriver(Driver):
         if code == _ERR_NO_DOMAIN and uuid is not None:
             return _not_found(uuid, call, text)
         where = f"code {code}, error domain {exc.get_error_domain()}"
+        if exc.get_error_domain() == _FROM_STORAGE:  # about a pool or a volume: never a sign of a missing domain
+            if busy(exc):
+                where += f"; still busy after {BUSY_SECONDS:.0f} s of retries"
+            return DriverError(f"{call} failed in libvirt ({where}): {text}", uuid=uuid, call=call)
         if uuid is not None and code in (_ERR_OPERATION_INVALID, _ERR_INTERNAL):
             try:
                 where += f"; domain is {self._state(conn.lookupByUUIDString(uuid)).name.lower()}"
@@ -349,7 +411,7 @@ class LibvirtDriver(Driver):
     def _lost(self, exc: Any, conn: Any) -> bool:
         """Return whether ``exc`` means ``conn`` is gone; if so, mark it dead so the next call reconnects."""
         link = conn._link
-        lost = link.dead or self._link is not link or _link_error(exc) or not _alive(conn)
+        lost = link.dead or (self._link is not link and link not in self._spare) or _link_error(exc) or not _alive(conn)
         if lost:
             link.dead = True
         return lost
@@ -511,26 +573,14 @@ class LibvirtDriver(Driver):
         return [v for v in self.storage.disks(conn) if v.name() == name or v.name().startswith(name + ".")]
 
     def _delete_volume(self, conn: Any, name: str) -> None:
-        """Delete a volume of the disks pool; one still being made or used by a racing call is retried, not a failure.
-
-        libvirt answers "still in use"/"being allocated" with code 55 for a
-        volume another call holds for a moment (a racing destroy, a copy
-        ending): that is no missing domain, so it is retried for a few seconds
-        and then raised as itself.
-        """
-        delay, deadline = 0.1, time.monotonic() + 10.0
-        while True:
-            try:
-                self.storage.delete(conn, self.storage.disks_pool, name)
-                return
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_OPERATION_INVALID or time.monotonic() + delay > deadline:
-                    raise DriverError(
-                        f"cannot delete volume {name} on {self.uri} (code {exc.get_error_code()}): {_message(exc)}",
-                        call="destroy",
-                    ) from exc
-                self._closed.wait(delay)
-                delay = min(delay * 2, 1.0)
+        """Delete a volume of the disks pool (one a racing call still builds or streams is waited out by storage)."""
+        try:
+            self.storage.delete(conn, self.storage.disks_pool, name)
+        except libvirt.libvirtError as exc:
+            raise DriverError(
+                f"cannot delete volume {name} on {self.uri} (code {exc.get_error_code()}): {_message(exc)}",
+                call="destroy",
+            ) from exc
 
     def objects(self, uuid: str) -> list[HostObject]:
         with self._calling("objects", uuid) as conn:

@@ -21,7 +21,28 @@ source download piped into destination upload, with a digest of the logical
 content (holes count as zeros) computed on both sides.
 
 libvirt errors are left to the caller (the driver maps them, keeping
-libvirt's message).
+libvirt's message), except the busy answers below, which are waited out.
+
+Many workers of many processes build, move and delete on one host at once,
+and libvirt's storage driver (``src/storage/storage_driver.c``, libvirt 9.0)
+refuses some calls for as long as another call works on the same pool or
+volume. These answers are **transient**: each ends by itself when the other
+call does, so they are retried with a bounded backoff (:func:`patiently`),
+never taken for a missing disk or another permanent failure:
+
+- ``pool '<p>' has asynchronous jobs running.`` (``VIR_ERR_INTERNAL_ERROR``):
+  a refresh, destroy, delete or undefine of a pool while a volume of it is
+  being built (``createXML`` runs ``qemu-img``), by any client of libvirtd;
+- ``volume '<v>' is still being allocated.`` (``VIR_ERR_OPERATION_INVALID``):
+  a delete, resize, upload or download of a volume whose build has not ended;
+- ``volume '<v>' is still in use.`` (``VIR_ERR_OPERATION_INVALID``): a delete
+  of a volume a stream (an upload, a download) is open on.
+
+Codes 1 and 55 also carry permanent errors, so libvirt's text decides. A
+pool is refreshed only to list it (what libvirt did not make, such as a file
+a crashed libvirtd left, shows after a refresh), and a listing whose refresh
+is refused as busy lists what libvirtd knows, which is every volume made
+through libvirt by any process: a lookup never needs one.
 """
 
 from __future__ import annotations
@@ -38,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.base import DiskSegments, Progress
+from drivers.base import DiskSegments, Progress, wait_out
 from drivers.images import ImageInfo, valid_uuid
 
 try:
@@ -47,10 +68,13 @@ except ImportError:  # pragma: no cover - the driver refuses to start without it
     libvirt = None
 
 __all__ = [
+    "BUSY_SECONDS",
     "Content",
     "HostStorage",
+    "busy",
     "file_segments",
     "image_key",
+    "patiently",
     "read_volume",
     "volume_digest",
     "write_file",
@@ -60,11 +84,36 @@ __all__ = [
 CHUNK = 256 * 1024  # libvirt's stream packets carry at most 256 KiB
 _ERR_NO_POOL = 49  # VIR_ERR_NO_STORAGE_POOL
 _ERR_NO_VOL = 50  # VIR_ERR_NO_STORAGE_VOL
+_ERR_VOL_EXISTS = 90  # VIR_ERR_STORAGE_VOL_EXIST: a racing process created it first
+_BUSY_CODES = (1, 55)  # VIR_ERR_INTERNAL_ERROR, VIR_ERR_OPERATION_INVALID
+_BUSY_TEXTS = ("has asynchronous jobs running", "is still being allocated", "is still in use")
+BUSY_SECONDS = 60.0
+"""How long a busy answer is waited out before it is raised as itself (a build's qemu-img is seconds)."""
 _ZEROS = bytes(CHUNK)
 _STALL_SECONDS = 3.0  # a partial base that does not grow for this long was abandoned
 _upload_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _upload_locks_guard = threading.Lock()
 _keys: dict[tuple[str, int, int, int], str] = {}
+
+
+def busy(exc: Any) -> bool:
+    """Return whether a libvirt error is one of the storage driver's transient busy answers (module docstring)."""
+    if exc.get_error_code() not in _BUSY_CODES:
+        return False
+    text = str(exc.get_error_message() or exc)
+    return any(busy_text in text for busy_text in _BUSY_TEXTS)
+
+
+def patiently(call: Callable[..., Any], *args: Any, seconds: float = BUSY_SECONDS) -> Any:
+    """Run a libvirt storage call, waiting out busy answers with a backoff (0.05 s doubling to 1 s) for ``seconds``.
+
+    Any other error, or a busy answer past ``seconds``, is raised as libvirt's own.
+    """
+    return wait_out(lambda: call(*args), _busy_error, seconds=seconds)
+
+
+def _busy_error(exc: BaseException) -> bool:
+    return isinstance(exc, libvirt.libvirtError) and busy(exc)
 
 
 def image_key(path: Path) -> str:
@@ -166,14 +215,11 @@ class HostStorage:
         return pool
 
     def volume(self, conn: Any, pool_name: str, name: str) -> Any | None:
-        """Return the volume ``name`` of a pool, or None when it does not exist."""
+        """Return the volume ``name`` of a pool, or None when it does not exist.
+
+        No refresh: a volume any client made through libvirtd is in its pool at once.
+        """
         pool = self.pool(conn, pool_name)
-        try:
-            return pool.storageVolLookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != _ERR_NO_VOL:
-                raise
-        pool.refresh(0)  # a volume made outside this connection (another process) shows after a refresh
         try:
             return pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
@@ -182,16 +228,25 @@ class HostStorage:
         return None
 
     def delete(self, conn: Any, pool_name: str, name: str) -> bool:
-        """Delete a volume; True if there was one (gone already counts as done)."""
+        """Delete a volume, waiting out a build or stream still on it; True if there was one (gone counts as done)."""
         vol = self.volume(conn, pool_name, name)
         if vol is None:
             return False
         try:
-            vol.delete(0)
+            patiently(vol.delete, 0)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != _ERR_NO_VOL:
                 raise
         return True
+
+    def _listed(self, pool: Any) -> list[Any]:
+        """Return a pool's volumes after a refresh; one refused as busy is skipped (libvirtd lists what it made)."""
+        try:
+            pool.refresh(0)
+        except libvirt.libvirtError as exc:
+            if not busy(exc):
+                raise
+        return list(pool.listAllVolumes(0))
 
     # -- the image cache -----------------------------------------------------
 
@@ -207,26 +262,31 @@ class HostStorage:
                 if vol is not None and _growing(vol):
                     continue  # another process is uploading it: wait for it
                 if vol is not None:
-                    vol.delete(0)  # abandoned by a process that died mid-upload
-                self._upload(conn, key, image)
-                return key
+                    patiently(vol.delete, 0)  # abandoned by a process that died mid-upload
+                if self._upload(conn, key, image):
+                    return key
 
-    def _upload(self, conn: Any, key: str, image: Path) -> None:
+    def _upload(self, conn: Any, key: str, image: Path) -> bool:
+        """Upload ``image`` as the base ``key``; False when another process created that volume first."""
         pool = self.pool(conn, self.cache_pool)
         xml = _volume_xml(key, 0, "raw")  # an empty file: it ends up holding the image's bytes and nothing else
-        vol = pool.createXML(xml, 0)
+        try:
+            vol = pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_VOL_EXISTS:
+                raise
+            return False  # another process's upload: the caller waits for it
         try:
             with image.open("rb") as handle:
                 write_volume(conn, vol, file_segments(handle.fileno()), None)
         except BaseException:
-            _quietly(vol.delete, 0)
+            _quietly(patiently, vol.delete, 0)
             raise
+        return True
 
     def bases(self, conn: Any) -> list[Any]:
         """Return the cache pool's volumes."""
-        pool = self.pool(conn, self.cache_pool)
-        pool.refresh(0)
-        return list(pool.listAllVolumes(0))
+        return self._listed(self.pool(conn, self.cache_pool))
 
     # -- instance disks ------------------------------------------------------
 
@@ -237,12 +297,18 @@ class HostStorage:
             return vol
         capacity = max(info.virtual_size, size_gb * 1024**3)
         xml = _volume_xml(name, capacity, "qcow2", backing=(f"../_base/{key}", info.format))
-        return self.pool(conn, self.disks_pool).createXML(xml, 0)
+        pool = self.pool(conn, self.disks_pool)
+        try:
+            return pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _ERR_VOL_EXISTS:
+                raise
+        return pool.storageVolLookupByName(name)  # made meanwhile by a racing call of the same attempt
 
     def grow(self, vol: Any, size_gb: int) -> None:
         """Grow a volume (not in use) to ``size_gb`` GiB; never shrink."""
         if size_gb * 1024**3 > vol.info()[1]:
-            vol.resize(size_gb * 1024**3, 0)
+            patiently(vol.resize, size_gb * 1024**3, 0)
 
     def disk_names(self, uuid: str) -> tuple[str, str]:
         """Return the volume names of an instance's root and rescue disks."""
@@ -259,19 +325,17 @@ class HostStorage:
                     raise
                 continue
             if pool.isActive():
-                pool.refresh(0)
+                patiently(pool.refresh, 0)
                 for vol in pool.listAllVolumes(0):
-                    vol.delete(0)
-                pool.destroy()
+                    patiently(vol.delete, 0)
+                patiently(pool.destroy)
             with suppress(libvirt.libvirtError):  # the folder may be gone already
-                pool.delete(0)
-            pool.undefine()
+                patiently(pool.delete, 0)
+            patiently(pool.undefine)
 
     def disks(self, conn: Any) -> list[Any]:
         """Return the disks pool's volumes."""
-        pool = self.pool(conn, self.disks_pool)
-        pool.refresh(0)
-        return list(pool.listAllVolumes(0))
+        return self._listed(self.pool(conn, self.disks_pool))
 
 
 # -- streams -------------------------------------------------------------------
@@ -286,7 +350,7 @@ def write_volume(conn: Any, vol: Any, segments: DiskSegments, progress: Progress
     over) aborts the stream.
     """
     stream = conn.newStream(0)
-    vol.upload(stream, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+    patiently(vol.upload, stream, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
     content = Content()
     try:
         for segment in segments:
@@ -313,7 +377,7 @@ def write_volume(conn: Any, vol: Any, segments: DiskSegments, progress: Progress
 def read_volume(conn: Any, vol: Any) -> Iterator[Iterator[bytes | int]]:
     """Yield the volume's content as sparse segments, read ahead on a thread while the caller writes."""
     stream = conn.newStream(0)
-    vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+    patiently(vol.download, stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
     ahead: queue.Queue[bytes | int | BaseException | None] = queue.Queue(maxsize=16)
     stop = threading.Event()
 

@@ -29,6 +29,7 @@ from lifecycle.duties import refuse_if_locked
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
 from lifecycle.operations import GUARDS, PREPARE, STEPS, revertible
 from lifecycle.records import Cause, Image, Instance, Migration, Outcome, Task
+from lifecycle.slots import BuildSlots
 from lifecycle.states import VmState
 from lifecycle.store import Store
 from lifecycle.store.claims import Hold
@@ -58,6 +59,8 @@ class Runner:
         self.store = store
         self.settings = settings
         self.driver_for = driver_for
+        self.build_slots = BuildSlots(settings.max_concurrent_builds)
+        """At most ``max_concurrent_builds`` spawns per host at once in this engine."""
         self.owner = owner
         self.active: set[str] = set()
         """Ids of the tasks a worker of this runner is running now: only their leases are renewed."""
@@ -284,6 +287,7 @@ class Runner:
     def launch(self, run: TaskRun, wait: bool) -> Task:
         """Run ``run`` here (``wait``) and return it finished, or on the pool and return it running."""
         self.ensure_heartbeat()
+        run.build_slots = self.build_slots
         if wait:
             return self.work(run)
         with self._lock:
@@ -317,6 +321,7 @@ class Runner:
         image = self.image(task.params.get("image") or instance.image)
         source = None if graph.operation(task.operation).creates else instance.vm_state
         run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, source)
+        run.build_slots = self.build_slots
         run.resume_from(self.store.steps(task.id))
         self.prepare(run)
         return run

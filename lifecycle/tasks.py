@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 import traceback
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.errors import DomainNotFound, DriverError, Fenced, Preempted, TaskFailed
 from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Outcome, Task, TaskStep
+from lifecycle.slots import BuildSlots
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store import Store
 from lifecycle.store.db import now
@@ -87,6 +89,8 @@ class TaskRun:
         self.after_success: list[Callable[[], object]] = []
         """Clean-ups that may run only once the task's success is written (an unshelve deletes its snapshot):
         a worker taken over or crashed before that write never runs them; each runs at most once, best effort."""
+        self.build_slots: BuildSlots | None = None
+        """The engine's build slots per host (set by the engine for a create): see :meth:`build_slot`."""
         self._seq = 1
         self._progress_at = 0.0
         self._verified = True
@@ -111,6 +115,34 @@ class TaskRun:
         self._fence()
         self.touched.add(host)
         return self.driver_for(host)
+
+    @contextmanager
+    def build_slot(self, host: str) -> Iterator[None]:
+        """Hold one of ``host``'s build slots for the block; while all are taken, wait in turn as a queued step."""
+        slots = self.build_slots
+        if slots is None:
+            yield
+            return
+        seq = [0]
+
+        def queued(running: int) -> None:
+            self._seq += 1
+            seq[0] = self._seq
+            detail = f"waiting for a build slot on {host}: {running} builds running there (max_concurrent_builds)"
+            self.store.open_step(self.task.id, self._seq, "queued_for_build_slot", detail)
+            log.info("build_queued", host=host, running=running, limit=slots.limit)
+
+        def granted() -> None:
+            self.store.end_step(self.task.id, seq[0])
+            self._verified = False  # a takeover may have come while it waited: the next driver call checks
+            log.debug("build_slot_granted", host=host)
+
+        with slots.slot(host, queued=queued, granted=granted, check=self.store_fence):
+            yield
+
+    def store_fence(self) -> None:
+        """Raise as :meth:`Store.fence` when this task is no longer ours (taken over, deleted, recovered)."""
+        self.store.fence(self.task)
 
     def _fence(self) -> None:
         # Right after this task's own write (its start, a step, a takeover) the write itself proved the

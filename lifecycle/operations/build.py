@@ -56,7 +56,8 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         run.advance(TaskState.BLOCK_DEVICE_MAPPING)  # the root disk is made by spawn
         run.advance(TaskState.SPAWNING)
         try:
-            run.fields["disk"] = run.driver.spawn(run.spec, power_on=True)
+            with run.build_slot(host):  # a burst onto one host queues here (max_concurrent_builds)
+                run.fields["disk"] = run.driver.spawn(run.spec, power_on=True)
         except Preempted:
             raise  # taken over (a newer epoch, a delete): what is on the host is the new owner's, never cleaned here
         except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's

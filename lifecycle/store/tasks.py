@@ -141,6 +141,18 @@ class Tasks(StoreBase):
             lease = conn.execute(query).scalar_one()
         return stamp(lease) > now()
 
+    def open_step(self, task_id: str, seq: int, name: str, detail: str) -> None:
+        """Record a step of a task that is under way beside its task_state step (a build waiting for its slot)."""
+        values = {"task_id": task_id, "seq": seq, "name": name, "started_at": now(), "detail": detail}
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(_S), values)
+
+    def end_step(self, task_id: str, seq: int) -> None:
+        """Close the step ``seq`` of a task opened by :meth:`open_step` (if nothing closed it meanwhile)."""
+        query = sa.update(_S).where(_S.c.task_id == task_id, _S.c.seq == seq, _S.c.finished_at.is_(None))
+        with self.engine.begin() as conn:
+            conn.execute(query.values(finished_at=now(), result="ok"))
+
     def mark_done(self, task_id: str, seq: int, name: str) -> None:
         """Record that a non-repeatable step of a task completed (recovery will not run it again)."""
         at = now()
