@@ -670,6 +670,16 @@ class Lifecycle(RuleBasedStateMachine):
             stale = now() - timedelta(seconds=SETTINGS.host_down_after + 5)
             self.engine.store.update_host(host, last_heartbeat=stale)
 
+    @rule(host=st.sampled_from(HOSTS), answers=st.integers(min_value=1, max_value=4))
+    def pool_busy(self, host: str, answers: int) -> None:
+        """A host's storage pool answers busy (another call builds a volume there): the next pool calls wait it out.
+
+        The answers stay pending for whichever operations, workers or checks
+        come next on the host; nothing may fail for them (every invariant
+        holds as if the pool had answered at once).
+        """
+        self.fakes[host].busy_pool(answers)
+
     @precondition(lambda self: bool(self._present()))
     @rule(data=st.data(), back=st.booleans())
     def host_dies_and_is_evacuated(self, data: st.DataObject, back: bool) -> None:
