@@ -8,6 +8,7 @@ own database only). ``tests/test_feed_restart.py`` restarts a whole server.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,18 @@ from tests.conftest import FLAVOR, Fakes, make_engine
 from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT, wait_until
 
 LOST = "consuming input failed: server closed the connection unexpectedly"
+
+
+@contextmanager
+def all_logs() -> Iterator[list[dict[str, Any]]]:
+    """Capture every log event of the block, at every level, whatever level an earlier test configured."""
+    old = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as captured:
+            yield captured
+    finally:
+        structlog.configure(**old)
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +116,7 @@ def test_a_follower_rides_out_a_lost_database_and_loses_nothing(engine: Engine, 
     """A read failing twice mid-stream, each followed by two failed reconnects: every change arrives once, in order, with warnings carrying the database's message and a doubling wait."""
     changes = _busy(engine)
     outage = Outage(engine, fail_reads={2, 4}, down_for=2)
-    with structlog.testing.capture_logs() as logs:
+    with all_logs() as logs:
         got = _follow_all(engine, consumer, changes[-1])
     assert got == changes, "a change lost, repeated or out of order across the outages"
     assert (outage.refused, outage.entries) == (4, 7)
@@ -126,7 +139,7 @@ def test_told_to_stop_while_the_database_is_away_is_a_typed_error_saying_where_t
     Outage(engine, fail_reads={2}, down_for=10**6)
     stop = threading.Event()
     got: list[Change] = []
-    with structlog.testing.capture_logs() as logs:
+    with all_logs() as logs:
         threading.Timer(0.3, stop.set).start()
         with pytest.raises(DatabaseUnavailable) as caught:
             engine.follow(consumer, got.append, stop=stop, batch=3)
@@ -226,7 +239,7 @@ def test_a_killed_session_is_reconnected_and_listened_on_again(db_url: str, fake
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     got: list[Change] = []
     errors: list[BaseException] = []
-    with structlog.testing.capture_logs() as logs, _following(engine, got, errors):
+    with all_logs() as logs, _following(engine, got, errors):
         wait_until("the follower registered", lambda: bool(engine.consumers()))
         engine.stop(uuid)
         wait_until("the stop followed", lambda: any(c.new_vm_state == "stopped" for c in got))
