@@ -4,9 +4,11 @@ Every command accepts ``--json`` and then prints machine-readable output with
 the library's field names (strict JSON: never NaN). Errors print one line
 naming what was wrong and what is allowed, and exit non-zero: 2 for input
 refused before anything changed (the parser's refusals and unusable databases
-included), 1 for an operation that ran and failed or a sync pass that failed
-on a host, 141 when the reader of stdout went away. Text output escapes
-control and format characters in names, as older databases may hold them.
+included, and a second webhook sender to one URL), 1 for an operation that
+ran and failed, a sync pass that failed on a host, or a feed follower told
+to stop while its database was unreachable, 141 when the reader of stdout
+went away. Text output escapes control and format characters in names, as
+older databases may hold them.
 """
 
 from __future__ import annotations
@@ -684,11 +686,16 @@ def _feed_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     changes.add_argument(
         "--after", type=_position, help="a position TX:ID as printed (default: the start; end: only changes to come)"
     )
-    changes.add_argument("--follow", action="store_true", help="keep printing changes as they commit (until SIGINT)")
+    changes.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep printing changes as they commit, until SIGINT or SIGTERM (a database restart is waited for)",
+    )
     changes.add_argument(
         "--consumer",
         type=_text("--consumer"),
-        help="as this named consumer: resume at its stored position, store it after printing (first run: --after)",
+        help="as this named consumer: resume at its stored position, store it after printing (first run: --after);"
+        " names starting with webhook: are the webhook senders'",
     )
     changes.add_argument("--limit", type=_limit("--limit", 10_000), help="changes per read, 1 to 10000 (default 100)")
     changes.add_argument(
@@ -703,15 +710,19 @@ def _feed_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         type=_number("--older-than", validation.seconds),
         help="seconds (default: the change_retention setting; 0 keeps every change)",
     )
-    admin.add_parser("consumers", help="the registered consumers and their positions", parents=[common])
+    admin.add_parser(
+        "consumers", help="the registered consumers, their positions, and each webhook's URL", parents=[common]
+    )
     forget = admin.add_parser("forget", help="unregister a consumer: retention stops waiting for it", parents=[common])
     forget.add_argument("name", type=_text("consumer"))
     hook = admin.add_parser(
         "webhook",
-        help="post each change to URL until SIGINT or SIGTERM, signed with $LIFECYCLE_WEBHOOK_SECRET",
+        help="post each change to URL until SIGINT or SIGTERM, signed with $LIFECYCLE_WEBHOOK_SECRET and, while"
+        " receivers move to a new secret, also with the old one in $LIFECYCLE_WEBHOOK_SECRET_PREVIOUS"
+        " (one sha256= signature per secret); one sender per URL",
         parents=[common],
     )
-    hook.add_argument("url", type=_text("webhook URL", 1024))
+    hook.add_argument("url", help="http:// or https://, without user or password (checked before anything is stored)")
     hook.add_argument("--nova", action="store_true", help="post Nova's instance.update notifications")
 
     audit = sub.add_parser(
@@ -775,8 +786,6 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 
 
 def _feed_admin(engine: Engine, args: argparse.Namespace) -> None:
-    from lifecycle.records import to_plain
-
     given = [flag for flag in ("after", "consumer", "limit", "format") if getattr(args, flag) is not None]
     if given or args.follow:
         flags = ", ".join(f"--{flag}" for flag in [*given, *(["follow"] if args.follow else [])])
@@ -792,22 +801,51 @@ def _feed_admin(engine: Engine, args: argparse.Namespace) -> None:
     elif args.changes_command == "webhook":
         _webhook(engine, args)
     else:
-        rows = engine.consumers()
-        data = [{**to_plain(c), "position": str(c.position)} for c in rows]
-        lines = [_safe(f"{c.name}  {c.position}  updated {c.updated_at.isoformat(timespec='seconds')}") for c in rows]
-        _emit(args, data, "\n".join(lines) or "no consumers")
+        _consumers(engine, args)
+
+
+def _consumers(engine: Engine, args: argparse.Namespace) -> None:
+    from lifecycle.records import to_plain
+
+    rows, urls = engine.consumers(), engine.webhook_urls()
+    data = [{**to_plain(c), "position": str(c.position), "url": urls.get(c.name)} for c in rows]
+    lines = [
+        _safe(f"{c.name}  {c.position}  updated {c.updated_at.isoformat(timespec='seconds')}")
+        + (f"  {_safe(urls[c.name])}" if c.name in urls else "")
+        for c in rows
+    ]
+    _emit(args, data, "\n".join(lines) or "no consumers")
+
+
+_SECRET = "LIFECYCLE_WEBHOOK_SECRET"
+_PREVIOUS_SECRET = "LIFECYCLE_WEBHOOK_SECRET_PREVIOUS"
+
+
+def _secret(variable: str) -> bytes:
+    """Return the secret in ``variable`` as UTF-8 bytes (empty when unset); a value that is not UTF-8 is refused."""
+    raw = os.fsencode(os.environ.get(variable, ""))  # the bytes as the environment holds them
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # receivers would each read such a key in their own way
+        raise InvalidInput(f"{variable} must be UTF-8 text: its byte {exc.start} is not UTF-8") from None
+    return raw
 
 
 def _webhook(engine: Engine, args: argparse.Namespace) -> None:
     import threading
 
-    secret = os.environ.get("LIFECYCLE_WEBHOOK_SECRET", "")
+    from lifecycle.webhooks import check_url
+
+    check_url(args.url)  # the argument first, before what the environment holds
+    secret, previous = _secret(_SECRET), _secret(_PREVIOUS_SECRET)
     if not secret:
-        raise InvalidInput("changes webhook signs every request: set LIFECYCLE_WEBHOOK_SECRET (16 bytes or more)")
+        raise InvalidInput(f"changes webhook signs every request: set {_SECRET} (16 bytes or more)")
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     try:
-        delivered = engine.deliver_webhook(args.url, secret.encode(), stop=stop, nova=args.nova)
+        delivered = engine.deliver_webhook(
+            args.url, secret, stop=stop, nova=args.nova, previous_secrets=(previous,) if previous else ()
+        )
     finally:
         restore()
     _emit(args, {"delivered": delivered}, f"delivered {delivered} changes to {_safe(args.url)}")
@@ -1106,8 +1144,11 @@ def _graph(args: argparse.Namespace) -> None:
 
 
 def _error(as_json: bool, exc: LifecycleError) -> int:
-    # 1: the operation ran (or the hypervisor failed or did not answer): not input refused before anything changed.
-    code = 1 if isinstance(exc, TaskFailed | Preempted | DriverError) else 2
+    # 1: the operation ran (or the hypervisor failed or did not answer, or a follower's database went away while
+    # it ran): not input refused before anything changed.
+    feed = sys.modules.get("lifecycle.feed")  # loaded whenever one of its errors was raised
+    lost = feed is not None and isinstance(exc, feed.DatabaseUnavailable)
+    code = 1 if lost or isinstance(exc, TaskFailed | Preempted | DriverError) else 2
     message = _safe(exc)  # escapes newlines too: one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr)  # first: it still reaches the user if stdout is gone
     if as_json:

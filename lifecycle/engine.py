@@ -722,9 +722,11 @@ class Engine:
         it at ``after`` (default: the start), later runs ignore ``after``. ``consumer`` None follows
         from ``after`` and stores nothing. A ``stop`` already set delivers one batch (up to
         ``batch``, 1 to 10000) and returns. An exception from the handler stops the follow; the
-        position of the changes before it is stored first.
+        position of the changes before it is stored first. A database that goes away is waited for
+        (:class:`feed.DatabaseUnavailable` if ``stop`` is set meanwhile). Names starting with
+        ``webhook:`` are the webhook senders' (:class:`InvalidInput`).
         """
-        name = None if consumer is None else validation.name("consumer", consumer)
+        name = None if consumer is None else webhooks.check_consumer(validation.name("consumer", consumer))
         return feed.follow(
             self.store,
             name,
@@ -738,6 +740,10 @@ class Engine:
     def consumers(self) -> builtins.list[feed.Consumer]:
         """Return the registered feed consumers and their positions, by name."""
         return self.store.consumers()
+
+    def webhook_urls(self) -> dict[str, str]:
+        """Return the URL each webhook sender's consumer posts to, by consumer name (never a secret)."""
+        return self.store.consumer_urls()
 
     def forget_consumer(self, name: str) -> None:
         """Unregister a feed consumer: retention no longer waits for it (:class:`InvalidInput` if unknown)."""
@@ -754,14 +760,25 @@ class Engine:
         retention = self.settings.change_retention if older_than is None else older_than
         return feed.prune(self.store, validation.seconds("change retention", retention), now())
 
-    def deliver_webhook(self, url: str, secret: bytes, *, stop: threading.Event, nova: bool = False) -> int:
+    def deliver_webhook(
+        self,
+        url: str,
+        secret: bytes,
+        *,
+        stop: threading.Event,
+        nova: bool = False,
+        previous_secrets: tuple[bytes, ...] = (),
+    ) -> int:
         """Post each change to ``url`` until ``stop`` is set; return how many were delivered.
 
-        Signed with ``secret``, retried with backoff, at the URL's own feed consumer position (see
-        :mod:`lifecycle.webhooks`); a first run starts at the newest change. ``nova`` posts Nova's
-        ``instance.update`` notifications.
+        Signed with ``secret`` (and each of ``previous_secrets``, while receivers move to it), retried
+        with backoff, at the URL's own feed consumer position (see :mod:`lifecycle.webhooks`); a first
+        run starts at the newest change. ``nova`` posts Nova's ``instance.update`` notifications. The
+        URL and secrets are checked before anything is registered (:class:`InvalidInput`); a second
+        sender to one URL is refused (:class:`feed.ConsumerInUse`).
         """
-        return webhooks.deliver(self, webhooks.Webhook(url, secret, nova=nova), stop=stop)
+        hook = webhooks.Webhook(url, secret, nova=nova, previous_secrets=previous_secrets)
+        return webhooks.deliver(self, hook, stop=stop)
 
     def audit(
         self,

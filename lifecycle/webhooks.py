@@ -1,121 +1,346 @@
 """Webhooks: the change feed POSTed to a URL, one change per request, signed, retried, never blocking a write.
 
 Each URL is a feed consumer of its own (``webhook:`` and a digest of the
-URL), so a webhook gets every change at least once and in order, resumes
-after a restart where it stopped, and holds back retention until it has
-passed a change. A request is one change as JSON (:func:`lifecycle.feed.change_data`,
-or Nova's ``instance.update`` with ``nova=True``) with headers:
+URL, a prefix no other follower may use), so a webhook gets every change at
+least once and in order, resumes after a restart where it stopped, and holds
+back retention until it has passed a change. One sender per URL runs at a
+time: it holds its consumer's lock while it lives (a second one gets
+:class:`~lifecycle.feed.ConsumerInUse`, exit 2 in the CLI, and delivers
+nothing), and a sender that dies loses it at once. The URL is stored with
+the consumer (``lifecycle changes consumers`` shows it). A database that
+goes away is waited for (:func:`lifecycle.feed.follow`).
 
-- ``X-Lifecycle-Position``: the change's position (a redelivery has the same);
+A request is one change as JSON (:func:`lifecycle.feed.change_data`, or
+Nova's ``instance.update`` with ``nova=True``) with headers:
+
+- ``X-Lifecycle-Position``: the change's position (a redelivery has the same:
+  receivers drop a position they have already taken);
 - ``X-Lifecycle-Timestamp``: seconds since the epoch when it was sent;
-- ``X-Lifecycle-Signature``: ``sha256=`` and the hex HMAC-SHA256, keyed by the
-  shared secret, of ``TIMESTAMP.BODY``: a receiver recomputes it, compares in
-  constant time, and refuses old timestamps (replays).
+- ``X-Lifecycle-Signature``: ``sha256=`` and the hex HMAC-SHA256 of
+  ``TIMESTAMP.BODY`` keyed by the secret, then ``, sha256=...`` keyed by each
+  previous secret (:func:`signature`). A receiver recomputes it with the
+  secret it holds, compares it with each listed one in constant time, and
+  refuses old timestamps (replays): :func:`verify`.
 
-Any answer but 2xx, a timeout or a connection error is retried after a
-backoff that doubles from ``first_backoff`` up to ``max_backoff`` seconds;
-the next change waits (order is kept). A slow or dead endpoint stalls only
-its own consumer: it reads committed changes, so no writer ever waits for it.
-An endpoint gone for good must be forgotten (``lifecycle changes forget``)
-for retention to go on.
+**Rotating the secret**, as Stripe does: run the sender with the new secret
+and the old one as a previous secret (``LIFECYCLE_WEBHOOK_SECRET`` and
+``LIFECYCLE_WEBHOOK_SECRET_PREVIOUS`` in the CLI), so every request carries
+both signatures and receivers holding either key verify; move the receivers
+to the new secret, then run the sender without the previous one. With one
+secret the header is a single ``sha256=`` value, as it always was.
+
+**URLs** are ``http`` or ``https`` with a host and, if given, a port from 1
+to 65535, in printable ASCII (hosts in punycode, the rest percent-encoded).
+A user or password in the URL (``user:pass@``) is refused, and never
+printed: it would travel and be logged in the clear, and the signature is
+what authenticates. A URL is checked before anything is registered.
+
+**An attempt** succeeds only on a 2xx answer read in full (up to
+:data:`ANSWER_BYTES` of its body). Anything else fails and is retried after
+a backoff that doubles from ``first_backoff`` up to ``max_backoff``
+seconds, the next change waiting (order is kept): another status, a
+redirect above all (never followed: its ``Location`` is only logged), a
+malformed answer (bad status line, over 100 headers, a body shorter than
+announced), a connection refused or reset, and a timeout. Each attempt has
+one deadline, ``timeout`` seconds for all of it (connect, TLS handshake,
+request, answer): every read waits only for what is left of it, so an
+endpoint that trickles its answer cannot hold an attempt longer, and a
+sender told to stop ends within about that deadline. At most
+:data:`ANSWER_LIMIT` bytes of an answer are read. A slow or dead endpoint
+stalls only its own consumer: it reads committed changes, so no writer ever
+waits for it. An endpoint gone for good must be forgotten
+(``lifecycle changes forget``) for retention to go on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
+import io
 import json
+import re
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import SplitResult, urlsplit
 
 import structlog
 
-from lifecycle import validation
+from lifecycle import feed, validation
 from lifecycle.audit import Change
 from lifecycle.errors import InvalidInput
-from lifecycle.feed import change_data, nova_notification
+from lifecycle.feed import ConsumerInUse, change_data, nova_notification
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
 
-__all__ = ["Webhook", "consumer_name", "deliver", "signature"]
+__all__ = [
+    "ANSWER_BYTES",
+    "ANSWER_LIMIT",
+    "PREFIX",
+    "Webhook",
+    "check_consumer",
+    "check_url",
+    "consumer_name",
+    "deliver",
+    "signature",
+    "verify",
+]
 
 log = structlog.get_logger(__name__)
+
+PREFIX = "webhook:"
+"""Consumer names starting with this (in any case) are the senders': no other follower may take one."""
+ANSWER_BYTES = 4096
+"""Most of an answer's body an attempt reads (to see a 2xx's body complete, or to log a refusal's)."""
+ANSWER_LIMIT = 16384
+"""Most bytes of an answer read in all, status line and headers included: a longer answer fails the attempt."""
+_URL_LIMIT = 1024
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")
+_USERINFO = re.compile(r"//[^/?#]*@")
 
 
 def consumer_name(url: str) -> str:
     """Return the feed consumer a webhook to ``url`` follows as."""
-    return f"webhook:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    return f"{PREFIX}{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
-def signature(secret: bytes, timestamp: str, body: bytes) -> str:
-    """Return the ``X-Lifecycle-Signature`` value of a request: ``sha256=`` and the HMAC of ``TIMESTAMP.BODY``."""
-    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+def check_consumer(name: str) -> str:
+    """Return ``name`` unless it is a webhook sender's (``webhook:``...): :class:`InvalidInput` then."""
+    if name[: len(PREFIX)].lower() == PREFIX:
+        raise InvalidInput(
+            f"consumer name {name[:60]!r} is reserved: names starting with {PREFIX!r} belong to webhook senders"
+            " (lifecycle changes webhook URL); choose another name"
+        )
+    return name
+
+
+def signature(secret: bytes | Sequence[bytes], timestamp: str, body: bytes) -> str:
+    """Return the ``X-Lifecycle-Signature`` value of a request: ``sha256=`` and the HMAC of ``TIMESTAMP.BODY``.
+
+    Given several secrets, one such value per secret, in their order, joined by ``", "``.
+    """
+    secrets = [secret] if isinstance(secret, bytes) else list(secret)
+    signed = timestamp.encode() + b"." + body
+    return ", ".join("sha256=" + hmac.new(key, signed, hashlib.sha256).hexdigest() for key in secrets)
+
+
+def verify(secret: bytes, timestamp: str, body: bytes, header: str, *, tolerance: float = 300.0) -> bool:
+    """Return whether ``header`` holds a signature of the request by ``secret``, sent at most ``tolerance`` s ago.
+
+    What a receiver does (in any language): recompute the HMAC, compare it in
+    constant time with each value the header lists, and refuse a timestamp
+    too far from now (a replay).
+    """
+    if not timestamp.isascii() or not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance:
+        return False
+    expected = signature(secret, timestamp, body).encode()
+    given = [value.strip().encode("utf-8", "replace") for value in header.split(",")]
+    return any([hmac.compare_digest(expected, value) for value in given])
+
+
+def _shown(url: str) -> str:
+    """Return ``url`` as it may be printed: without a user or password, clipped."""
+    return repr(_USERINFO.sub("//***@", url)[:200])
+
+
+def check_url(url: object) -> SplitResult:
+    """Return ``url`` split, if a webhook may post to it (see the module docstring); :class:`InvalidInput` if not."""
+    if not isinstance(url, str) or not 1 <= len(url) <= _URL_LIMIT:
+        raise InvalidInput(f"webhook URL must be a string of 1 to {_URL_LIMIT} characters")
+    if not _PRINTABLE_ASCII.fullmatch(url):
+        raise InvalidInput(
+            f"webhook URL {_shown(url)} must be printable ASCII without spaces (a host in punycode,"
+            " the rest percent-encoded)"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", a port not in digits
+        raise InvalidInput(f"webhook URL {_shown(url)} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"webhook URL {_shown(url)} must be http:// or https:// with a host")
+    if "@" in parts.netloc:
+        raise InvalidInput(
+            "webhook URL must not carry a user or password (user:pass@): it would travel and be logged in the"
+            " clear; receivers authenticate requests by their signature"
+        )
+    if port == 0:
+        raise InvalidInput(f"webhook URL {_shown(url)} has port 0: a port is 1 to 65535")
+    return parts
+
+
+def _check_secret(label: str, secret: object) -> bytes:
+    if not isinstance(secret, bytes) or len(secret) < 16:
+        raise InvalidInput(f"{label} must be at least 16 bytes: it signs every request")
+    return secret
 
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
-    """Where and how to post the feed: a URL, the shared secret, and the timings of each attempt."""
+    """Where and how to post the feed: a URL, the secrets that sign, and the timings of each attempt."""
 
     url: str
-    secret: bytes
+    secret: bytes = field(repr=False)
+    """Signs every request; its signature comes first."""
     nova: bool = False
     """Post Nova's ``instance.update`` notification instead of the change's own fields."""
     timeout: float = 10.0
-    """Seconds one request may take."""
+    """Seconds one attempt may take in all: connect, handshake, request and answer."""
     first_backoff: float = 1.0
     """Seconds before the first retry; each retry waits twice as long as the one before, up to ``max_backoff``."""
     max_backoff: float = 60.0
+    previous_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    """Secrets being rotated out: each request is signed by these too, so receivers still holding one verify."""
 
     def __post_init__(self) -> None:
-        validation.name("webhook URL", self.url)
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput(f"webhook URL {self.url!r} must be http:// or https:// with a host")
-        if not isinstance(self.secret, bytes) or len(self.secret) < 16:
-            raise InvalidInput("webhook secret must be at least 16 bytes: it signs every request")
+        check_url(self.url)
+        _check_secret("webhook secret", self.secret)
+        if not isinstance(self.previous_secrets, tuple):
+            raise InvalidInput("webhook previous secrets must be a tuple of bytes")
+        for old in self.previous_secrets:
+            _check_secret("a previous webhook secret", old)
         validation.seconds("webhook timeout", self.timeout, low=0.001)
         validation.seconds("webhook first backoff", self.first_backoff, low=0.001)
         validation.seconds("webhook max backoff", self.max_backoff, low=self.first_backoff)
+
+    @property
+    def secrets(self) -> tuple[bytes, ...]:
+        """The secrets each request is signed by, current first, each once."""
+        return tuple(dict.fromkeys((self.secret, *self.previous_secrets)))
 
 
 class _Stopped(Exception):
     """Raised out of the handler when the webhook is told to stop mid-retry: the change stays undelivered."""
 
 
-def _post(hook: Webhook, change: Change) -> None:
-    """Send one change; raise unless the endpoint answered 2xx."""
+class _Refused(Exception):
+    """The endpoint answered, but not 2xx: the attempt failed (a redirect is never followed)."""
+
+    def __init__(self, status: int, reason: str, location: str | None, excerpt: bytes) -> None:
+        self.status, self.location = status, location
+        self.excerpt = excerpt[:200].decode("utf-8", "replace")
+        super().__init__(f"answered {status} {reason[:80]}")
+
+
+def _left(deadline: float) -> float:
+    """Return the seconds left until ``deadline``; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the attempt's deadline passed")
+    return left
+
+
+class _Answer(io.RawIOBase):
+    """An answer off a socket: each read waits only for what is left of the deadline; ANSWER_LIMIT bytes in all."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock, self._deadline, self._budget = sock, deadline, ANSWER_LIMIT
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._budget <= 0:
+            raise http.client.HTTPException(f"the answer is longer than {ANSWER_LIMIT} bytes: read no further")
+        self._sock.settimeout(_left(self._deadline))
+        got = self._sock.recv_into(buffer, min(len(buffer), self._budget))
+        self._budget -= got
+        return got
+
+    def makefile(self, _mode: str) -> io.BufferedReader:
+        """Stand in for the socket's file, which is all :class:`http.client.HTTPResponse` reads."""
+        return io.BufferedReader(self)
+
+
+def _request(parts: SplitResult, headers: dict[str, str], body: bytes) -> bytes:
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    head = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+def _read_body(answer: http.client.HTTPResponse) -> None:
+    """Read up to ANSWER_BYTES of a 2xx's body: one that ends before its length (or last chunk) fails the attempt.
+
+    A body without a length and not chunked runs to the end of the connection: it is not waited for.
+    """
+    if answer.chunked:
+        answer.read(ANSWER_BYTES)  # a chunk cut short raises IncompleteRead
+    elif answer.length is not None:
+        want = min(answer.length, ANSWER_BYTES)
+        got = len(answer.read(want))  # read(n) returns what came before the end, without complaint
+        if got < want:
+            raise http.client.IncompleteRead(b"", want - got)
+
+
+def _exchange(parts: SplitResult, tls: ssl.SSLContext | None, request: bytes, deadline: float) -> None:
+    """Send ``request`` and read the answer by ``deadline``; raise unless it is a 2xx read in full."""
+    port = parts.port or (80 if tls is None else 443)
+    with socket.create_connection((parts.hostname, port), timeout=_left(deadline)) as plain:
+        plain.settimeout(_left(deadline))  # a TLS handshake's timeout, as sendall's, bounds all of it
+        sock = plain if tls is None else tls.wrap_socket(plain, server_hostname=parts.hostname)
+        with sock:
+            sock.settimeout(_left(deadline))
+            sock.sendall(request)
+            answer = http.client.HTTPResponse(_Answer(sock, deadline), method="POST")  # type: ignore[arg-type]
+            with answer:
+                answer.begin()
+                if 200 <= answer.status < 300:
+                    _read_body(answer)
+                    return
+                excerpt = b""
+                with suppress(OSError, http.client.HTTPException):  # the refusal stands, whatever its body
+                    excerpt = answer.read(ANSWER_BYTES)
+                raise _Refused(answer.status, answer.reason, answer.getheader("Location"), excerpt)
+
+
+def _post(hook: Webhook, parts: SplitResult, tls: ssl.SSLContext | None, change: Change) -> None:
+    """Send one change; raise unless the endpoint answered 2xx within the hook's timeout."""
     body = json.dumps(nova_notification(change) if hook.nova else change_data(change), sort_keys=True).encode()
     stamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+        "User-Agent": "lifecycle-webhooks",
         "X-Lifecycle-Position": str(change.position),
         "X-Lifecycle-Timestamp": stamp,
-        "X-Lifecycle-Signature": signature(hook.secret, stamp, body),
+        "X-Lifecycle-Signature": signature(hook.secrets, stamp, body),
     }
-    request = urllib.request.Request(hook.url, data=body, headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=hook.timeout) as answer:  # http(s) only: checked by Webhook
-        answer.read()
+    _exchange(parts, tls, _request(parts, headers, body), time.monotonic() + hook.timeout)
 
 
 def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
     """Return the feed handler of a webhook: post a change until the endpoint takes it, or raise on stop."""
+    parts = check_url(hook.url)
+    tls = ssl.create_default_context() if parts.scheme == "https" else None  # certificates and host checked
 
     def send(change: Change) -> None:
         backoff = hook.first_backoff
         while True:
             try:
-                _post(hook, change)
+                _post(hook, parts, tls, change)
                 return
-            except (urllib.error.URLError, OSError, ValueError) as exc:  # HTTPError is a URLError
-                log.warning("webhook_failed", url=hook.url, position=str(change.position), error=str(exc))
+            except _Refused as exc:
+                log.warning(
+                    "webhook_failed",
+                    url=hook.url,
+                    position=str(change.position),
+                    error=str(exc),
+                    status=exc.status,
+                    location=exc.location and exc.location[:300],
+                    answer=exc.excerpt,
+                )
+            except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, resets, TLS, garbage
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("webhook_failed", url=hook.url, position=str(change.position), error=error)
             if stop.wait(backoff):
                 raise _Stopped
             backoff = min(backoff * 2, hook.max_backoff)
@@ -128,16 +353,32 @@ def deliver(engine: Engine, hook: Webhook, *, stop: threading.Event, batch: int 
 
     The webhook's consumer is registered at the newest change on its first
     run (a new endpoint gets what happens from then on), and resumes at its
-    position afterwards.
+    position afterwards. :class:`ConsumerInUse` when another sender delivers
+    to the URL; :class:`~lifecycle.feed.DatabaseUnavailable` when told to
+    stop while the database is away.
     """
-    send, delivered = _sender(hook, stop), [0]
+    name, send, delivered = consumer_name(hook.url), _sender(hook, stop), [0]
 
     def counted(change: Change) -> None:
         send(change)
         delivered[0] += 1
 
-    log.info("webhook_started", url=hook.url, consumer=consumer_name(hook.url))
-    with suppress(_Stopped):  # told to stop mid-retry: that change stays undelivered, its position unstored
-        engine.follow(consumer_name(hook.url), counted, stop=stop, batch=batch, after="end")
+    log.info("webhook_started", url=hook.url, consumer=name, secrets=len(hook.secrets))
+    store = engine.store
+    try:
+        with suppress(_Stopped):  # told to stop mid-retry: that change stays undelivered, its position unstored
+            feed.follow(
+                store,
+                name,
+                counted,
+                stop=stop,
+                batch=feed.check_batch(batch),
+                poll=engine.settings.feed_poll_interval,
+                after=feed.resolve(store, "end"),
+                exclusive=True,
+                url=hook.url,
+            )
+    except ConsumerInUse:
+        raise ConsumerInUse(name, f"another sender delivers to {hook.url}") from None
     log.info("webhook_stopped", url=hook.url, delivered=delivered[0])
     return delivered[0]

@@ -1,31 +1,46 @@
-"""Webhooks: every change posted, signed and in order, through a receiver that fails half its requests."""
+"""Webhooks: every change posted, signed and in order; URLs, names, senders and secrets checked before anything runs."""
 
 from __future__ import annotations
 
-import hmac
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+import structlog
 
+import lifecycle.feed as feed
 from lifecycle import Engine, InvalidInput
-from lifecycle.webhooks import Webhook, consumer_name, deliver, signature
-from tests.test_feed import STOPPED, WAIT, wait_until
+from lifecycle.cli import main
+from lifecycle.feed import ConsumerInUse
+from lifecycle.webhooks import Webhook, consumer_name, deliver, signature, verify
+from tests.conftest import FLAVOR
+from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT, wait_until
+from tests.test_feed_outage import all_logs, kill_other_sessions
 
 SECRET = b"a shared secret of some length"
+OLD_SECRET = b"the secret being rotated out"
 
 
 class Receiver(ThreadingHTTPServer):
-    """An endpoint on 127.0.0.1 that answers 500 to every other request and keeps the bodies it accepted."""
+    """An endpoint on 127.0.0.1 that keeps what it accepted; ``fail_odd`` answers 500 to every other request."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fail_odd: bool = True, keys: tuple[bytes, ...] = (SECRET,)) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.fail_odd, self.keys = fail_odd, keys
         self.requests = 0
         self.accepted: list[dict[str, Any]] = []
+        self.headers_seen: list[dict[str, str]] = []
         self.bad_signatures = 0
         self.lock = threading.Lock()
 
@@ -39,11 +54,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        expected = signature(SECRET, self.headers["X-Lifecycle-Timestamp"], body)
+        stamp, signed = self.headers["X-Lifecycle-Timestamp"], self.headers["X-Lifecycle-Signature"]
         with self.server.lock:
             self.server.requests += 1
-            fail = self.server.requests % 2 == 1
-            if not hmac.compare_digest(expected, self.headers["X-Lifecycle-Signature"]):
+            self.server.headers_seen.append(dict(self.headers))
+            fail = self.server.fail_odd and self.server.requests % 2 == 1
+            if not all(verify(key, stamp, body, signed) for key in self.server.keys):
                 self.server.bad_signatures += 1
             elif not fail:
                 self.server.accepted.append({**json.loads(body), "header": self.headers["X-Lifecycle-Position"]})
@@ -123,14 +139,311 @@ def test_a_dead_endpoint_blocks_no_write_and_loses_nothing(engine: Engine, new_i
         ({"url": "ftp://host/x"}, "http:// or https://"),
         ({"url": "http:///nohost"}, "with a host"),
         ({"url": "http://h/\x1b"}, "webhook URL"),
+        ({"url": "http://[::1"}, "malformed: Invalid IPv6 URL"),
+        ({"url": "http://[::1/hook"}, "malformed"),
+        ({"url": "http://127.0.0.1:99999/hook"}, "malformed: Port out of range"),
+        ({"url": "http://127.0.0.1:http/hook"}, "malformed"),
+        ({"url": "http://127.0.0.1:0/hook"}, "port 0"),
+        ({"url": "http://h/a b"}, "printable ASCII without spaces"),
+        ({"url": "http://hôte/x"}, "punycode"),
+        ({"url": "h" * 1025}, "1 to 1024"),
         ({"secret": b"short"}, "at least 16 bytes"),
         ({"secret": "a str, not bytes, long"}, "at least 16 bytes"),
+        ({"previous_secrets": (b"short",)}, "previous webhook secret must be at least 16 bytes"),
+        ({"previous_secrets": [OLD_SECRET]}, "tuple of bytes"),
         ({"timeout": 0}, "webhook timeout"),
         ({"first_backoff": 2.0, "max_backoff": 1.0}, "webhook max backoff"),
     ],
 )
 def test_a_bad_webhook_is_refused(kw: dict[str, Any], needle: str) -> None:
-    """A URL that is not http(s) with a host, a short or non-bytes secret, or bad timings is InvalidInput."""
+    """A URL that is not http(s) with a host and a port in range, a short or non-bytes secret, or bad timings is InvalidInput."""
     values: dict[str, Any] = {"url": "http://127.0.0.1:9/hook", "secret": SECRET, **kw}
     with pytest.raises(InvalidInput, match=needle):
         Webhook(**values)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://user:hunter2-pw@127.0.0.1:9/hook", "https://hunter2-pw@example.com/", "http://u:hunter2-pw@[::1/x"],
+)
+def test_a_url_with_a_password_is_refused_never_printed_and_registers_nothing(engine: Engine, url: str) -> None:
+    """A user or password in the URL is InvalidInput, the error and the Webhook's repr never show it, and no consumer row is left."""
+    with pytest.raises(InvalidInput) as caught:
+        engine.deliver_webhook(url, SECRET, stop=STOPPED)
+    assert "hunter2" not in str(caught.value)
+    assert engine.consumers() == []
+    assert "a shared secret" not in repr(Webhook("http://127.0.0.1:9/hook", SECRET, previous_secrets=(OLD_SECRET,)))
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999/x", "http://127.0.0.1:x/", "gopher://h/"])
+def test_a_malformed_url_registers_no_consumer(engine: Engine, url: str) -> None:
+    """A URL refused by the sender's checks leaves no feed consumer row behind."""
+    with pytest.raises(InvalidInput):
+        engine.deliver_webhook(url, SECRET, stop=STOPPED)
+    assert engine.consumers() == []
+
+
+@pytest.mark.parametrize("name", ["webhook:abc", "WebHook:0123456789abcdef", consumer_name("http://127.0.0.1:9/")])
+def test_webhook_consumer_names_are_reserved_for_senders(engine: Engine, name: str) -> None:
+    """engine.follow with a webhook: name (any case) is InvalidInput and registers nothing; forget still takes such a name."""
+    with pytest.raises(InvalidInput, match="reserved"):
+        engine.follow(name, lambda c: None, stop=STOPPED)
+    assert engine.consumers() == []
+    engine.deliver_webhook("http://127.0.0.1:9/", SECRET, stop=STOPPED)
+    engine.forget_consumer(consumer_name("http://127.0.0.1:9/"))
+    assert engine.consumers() == []
+
+
+def test_rotation_signs_with_both_secrets_so_either_key_verifies(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
+    """With a previous secret each request carries two sha256= signatures, current first; a receiver holding either key verifies, another key does not."""
+    with running(Receiver(fail_odd=False, keys=(SECRET, OLD_SECRET))) as receiver:
+        hook = Webhook(receiver.url, SECRET, previous_secrets=(OLD_SECRET,), first_backoff=0.01)
+        with delivering(engine, hook):
+            new_instance()
+            wait_until("a change accepted", lambda: len(receiver.accepted) >= 1)
+    assert receiver.bad_signatures == 0
+    headers = receiver.headers_seen[0]
+    stamp, signed = headers["X-Lifecycle-Timestamp"], headers["X-Lifecycle-Signature"]
+    current, previous = signed.split(", ")
+    assert current.startswith("sha256=") and previous.startswith("sha256=")
+    body = json.dumps({k: v for k, v in receiver.accepted[0].items() if k != "header"}, sort_keys=True).encode()
+    assert current == signature(SECRET, stamp, body) and previous == signature(OLD_SECRET, stamp, body)
+    assert not verify(b"some other receiver's secret", stamp, body, signed)
+
+
+def test_one_secret_signs_as_it_always_did(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """With one secret the signature header is exactly one sha256= HMAC of TIMESTAMP.BODY (receivers of old keep working)."""
+    receiver = Receiver(fail_odd=False)
+    with running(receiver), delivering(engine, Webhook(receiver.url, SECRET, first_backoff=0.01)):
+        new_instance()
+        wait_until("a change accepted", lambda: len(receiver.accepted) >= 1)
+    headers = receiver.headers_seen[0]
+    body = json.dumps({k: v for k, v in receiver.accepted[0].items() if k != "header"}, sort_keys=True).encode()
+    assert headers["X-Lifecycle-Signature"] == signature(SECRET, headers["X-Lifecycle-Timestamp"], body)
+    assert "," not in headers["X-Lifecycle-Signature"]
+
+
+def test_verify_refuses_an_old_timestamp_and_a_forged_body() -> None:
+    """A signature older than the tolerance, over another body, or with a timestamp that is not digits does not verify."""
+    now, body = str(int(time.time())), b'{"position": "0:1"}'
+    old = str(int(time.time()) - 301)
+    assert verify(SECRET, now, body, signature(SECRET, now, body))
+    assert not verify(SECRET, old, body, signature(SECRET, old, body))
+    assert not verify(SECRET, now, body + b" ", signature(SECRET, now, body))
+    assert not verify(SECRET, "1e9", body, signature(SECRET, "1e9", body))
+
+
+def test_a_second_sender_to_one_url_is_refused_and_delivers_nothing(
+    engine: Engine, new_instance: Callable[..., str]
+) -> None:
+    """While a sender runs, another for the same URL raises ConsumerInUse at once; once the first stopped, one may start."""
+    with running(Receiver(fail_odd=False)) as receiver:
+        hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
+        with delivering(engine, hook):
+            uuid = new_instance()
+            made = len([c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid])
+            wait_until("the first sender delivers", lambda: len(receiver.accepted) == made)
+            give_up = threading.Timer(5.0, lambda: second_stop.set())  # a second sender let through must end
+            second_stop = threading.Event()
+            give_up.start()
+            try:
+                with pytest.raises(ConsumerInUse, match=r"another sender delivers to http://127\.0\.0\.1"):
+                    deliver(engine, hook, stop=second_stop)
+            finally:
+                give_up.cancel()
+            assert not second_stop.is_set(), "the second sender was refused at once"
+        assert deliver(engine, hook, stop=STOPPED) == 0, "the lock went with the first sender; nothing was left to send"
+    assert receiver.requests == made
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A migrated SQLite database with host h1 and image cirros, made the CLI's through LIFECYCLE_DB_URL."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("LIFECYCLE_DB_URL", url)
+    monkeypatch.delenv("LIFECYCLE_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("LIFECYCLE_WEBHOOK_SECRET_PREVIOUS", raising=False)
+    old = structlog.get_config()
+    request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
+    assert main(["db", "upgrade"]) == 0
+    with Engine(url) as engine:
+        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
+        image = tmp_path / "cirros.qcow2"
+        image.write_bytes(b"QFI\xfb")
+        engine.add_image("cirros", str(image))
+    return url
+
+
+def test_cli_refuses_a_url_with_a_password_without_printing_it(
+    cli_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """changes webhook http://user:pass@... exits 2 with one error line that never shows the password, and registers nothing."""
+    monkeypatch.setenv("LIFECYCLE_WEBHOOK_SECRET", SECRET.decode())
+    code = main(["changes", "webhook", "http://alice:hunter2-pw@127.0.0.1:9/hook", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "hunter2" not in out + err and json.loads(out)["error"] == "InvalidInput"
+    with Engine(cli_db) as engine:
+        assert engine.consumers() == []
+
+
+def test_cli_refuses_a_secret_that_is_not_utf8(
+    cli_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LIFECYCLE_WEBHOOK_SECRET (or _PREVIOUS) holding bytes that are not UTF-8 is a typed error, exit 2, no traceback."""
+    for variable in ("LIFECYCLE_WEBHOOK_SECRET", "LIFECYCLE_WEBHOOK_SECRET_PREVIOUS"):
+        monkeypatch.setenv("LIFECYCLE_WEBHOOK_SECRET", SECRET.decode())
+        monkeypatch.setenv(variable, os.fsdecode(b"sixteen bytes or more \xff\xfe"))
+        code = main(["changes", "webhook", "http://127.0.0.1:9/hook"])
+        _, err = capsys.readouterr()
+        assert code == 2 and err == f"error: {variable} must be UTF-8 text: its byte 22 is not UTF-8\n", err
+    with Engine(cli_db) as engine:
+        assert engine.consumers() == []
+
+
+def test_cli_refuses_a_reserved_consumer_name(cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """changes --consumer webhook:... (read or --follow) exits 2 and registers nothing."""
+    for argv in (["changes", "--consumer", "webhook:x"], ["changes", "--follow", "--consumer", "WEBHOOK:y"]):
+        assert main(argv) == 2
+        assert "reserved" in capsys.readouterr().err
+    with Engine(cli_db) as engine:
+        assert engine.consumers() == []
+
+
+def _lifecycle(*argv: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``lifecycle ARGV`` as a process of its own (stderr: JSON log lines)."""
+    exe = Path(sys.executable).with_name("lifecycle")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "lifecycle.cli"]
+    return subprocess.Popen(
+        [*command, *argv],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@contextmanager
+def sender_process(url: str, hook_url: str, secret: bytes = SECRET) -> Iterator[subprocess.Popen[str]]:
+    """Run ``lifecycle changes webhook HOOK_URL`` on ``url`` for the block; killed afterwards if still running."""
+    process = _lifecycle(
+        "changes", "webhook", hook_url, env={"LIFECYCLE_DB_URL": url, "LIFECYCLE_WEBHOOK_SECRET": secret.decode()}
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=WAIT)
+
+
+def test_cli_second_sender_exits_2_and_a_killed_sender_frees_its_url(
+    db_url: str, engine: Engine, new_instance: Callable[..., str]
+) -> None:
+    """A second `changes webhook` process for a running sender's URL exits 2 naming it; after the first is SIGKILLed a new sender runs; consumers shows the URL."""
+    with running(Receiver(fail_odd=False)) as receiver:
+        with sender_process(db_url, receiver.url) as first:
+            wait_until("the first sender registers", lambda: bool(engine.consumers()), 60)
+            new_instance()
+            wait_until("the first sender delivers", lambda: len(receiver.accepted) >= 1, 60)
+            second = _lifecycle(
+                "changes",
+                "webhook",
+                receiver.url,
+                env={"LIFECYCLE_DB_URL": db_url, "LIFECYCLE_WEBHOOK_SECRET": SECRET.decode()},
+            )
+            _, err = second.communicate(timeout=60)
+            assert second.returncode == 2, err
+            assert err.splitlines()[-1].startswith("error: feed consumer 'webhook:") and "in use" in err
+            first.send_signal(signal.SIGKILL)
+            first.wait(WAIT)
+        wait_until("the killed sender's lock to go", lambda: _can_send(engine, receiver.url), 30)
+    shown = subprocess.run(
+        [sys.executable, "-m", "lifecycle.cli", "changes", "consumers", "--json"],
+        env={**os.environ, "LIFECYCLE_DB_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (row,) = json.loads(shown.stdout)
+    assert (row["name"], row["url"]) == (consumer_name(receiver.url), receiver.url)
+    assert engine.webhook_urls() == {consumer_name(receiver.url): receiver.url}
+
+
+def _can_send(engine: Engine, url: str) -> bool:
+    try:
+        deliver(engine, Webhook(url, SECRET, timeout=0.2, first_backoff=0.01), stop=STOPPED)
+    except ConsumerInUse:
+        return False
+    return True
+
+
+def test_cli_consumers_shows_each_webhook_url_and_never_a_secret(
+    cli_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """changes consumers (text and --json) prints the webhook's URL beside its consumer, null for others, and no secret."""
+    with Engine(cli_db) as engine:
+        engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
+        engine.deliver_webhook("http://127.0.0.1:9/hook", SECRET, stop=STOPPED, previous_secrets=(OLD_SECRET,))
+        engine.follow("billing", lambda c: None, stop=STOPPED)
+    assert main(["changes", "consumers", "--json"]) == 0
+    rows = {r["name"]: r["url"] for r in json.loads(capsys.readouterr().out)}
+    assert rows == {"billing": None, consumer_name("http://127.0.0.1:9/hook"): "http://127.0.0.1:9/hook"}
+    assert main(["changes", "consumers"]) == 0
+    text = capsys.readouterr().out
+    assert "http://127.0.0.1:9/hook" in text and "secret" not in text
+
+
+# -- PostgreSQL: a sender's lock across a lost session ----------------------------------------------------
+
+
+@POSTGRES_ONLY
+def test_a_sender_that_lost_its_lock_to_another_stops_with_consumer_in_use(
+    db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a killed session drops a sender's lock and a second sender takes it first, the first stops (ConsumerInUse) and only the second delivers."""
+    monkeypatch.setattr(feed, "RECONNECT_FIRST", 1.0)
+    first_errors: list[BaseException] = []
+    with running(Receiver(fail_odd=False)) as receiver:
+        hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
+        deliver(engine, hook, stop=STOPPED)
+        stops = [threading.Event(), threading.Event()]
+
+        def first() -> None:
+            try:
+                deliver(engine, hook, stop=stops[0])
+            except BaseException as exc:
+                first_errors.append(exc)
+
+        threads = [threading.Thread(target=first, daemon=True)]
+        threads[0].start()
+        with all_logs() as logs:
+            wait_until("the first sender holds its lock", lambda: _locks(engine) == 1)
+            kill_other_sessions(engine)
+            wait_until("the first sender lost", lambda: any(e["event"] == "feed_database_lost" for e in logs))
+            threads.append(threading.Thread(target=deliver, args=(engine, hook), kwargs={"stop": stops[1]}))
+            threads[1].start()
+            threads[0].join(WAIT)
+            assert not threads[0].is_alive(), "the first sender went on without its lock"
+            engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
+            wait_until("the second sender delivers", lambda: len(receiver.accepted) >= 1)
+        for stop, thread in zip(stops, threads, strict=True):
+            stop.set()
+            thread.join(WAIT)
+    assert len(first_errors) == 1 and isinstance(first_errors[0], ConsumerInUse), first_errors
+
+
+def _locks(engine: Engine) -> int:
+    """Advisory locks held on this test's database (the senders')."""
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    with engine.store.engine.connect() as conn:
+        return int(conn.execute(sa.text(query)).scalar_one())
