@@ -230,6 +230,7 @@ def follow(
         raise InvalidInput(f"handler must be callable with a Change, got {type(handler).__name__}")
     cursor, backoff = _Cursor(store, consumer, after, url), _Backoff()
     claim = consumer if exclusive else None
+    log.info("feed_follow_started", consumer=consumer, after=str(after), exclusive=exclusive)
     while True:
         try:
             _session(store, cursor, handler, backoff, stop=stop, batch=batch, poll=poll, claim=claim)
