@@ -43,9 +43,11 @@ redirect above all (never followed: its ``Location`` is only logged), a
 malformed answer (bad status line, over 100 headers, a body shorter than
 announced), a connection refused or reset, and a timeout. Each attempt has
 one deadline, ``timeout`` seconds for all of it (connect, TLS handshake,
-request, answer): every read waits only for what is left of it, so an
-endpoint that trickles its answer cannot hold an attempt longer, and a
-sender told to stop ends within about that deadline. At most
+request, answer; looking the host name up is left to the resolver's own
+timeouts): every read waits only for what is left of it, so an endpoint that
+trickles its answer cannot hold an attempt longer, and a sender told to stop
+ends within about that deadline. ``https`` checks the endpoint's certificate
+and host name against the system's trusted authorities (``SSL_CERT_FILE``). At most
 :data:`ANSWER_LIMIT` bytes of an answer are read. A slow or dead endpoint
 stalls only its own consumer: it reads committed changes, so no writer ever
 waits for it. An endpoint gone for good must be forgotten

@@ -8,22 +8,27 @@ wait on the endpoint's stop event, never on a sleep, so a test ends at once.
 from __future__ import annotations
 
 import select
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lifecycle import Engine
 from lifecycle.webhooks import ANSWER_LIMIT, Webhook, consumer_name, deliver
-from tests.conftest import FLAVOR
+from tests.conftest import FLAVOR, require
 from tests.test_feed import STOPPED, WAIT, wait_until
 from tests.test_feed_outage import all_logs
-from tests.test_webhooks import SECRET
+from tests.test_webhooks import SECRET, Receiver, running
 
 OK = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
@@ -320,3 +325,59 @@ def test_the_request_is_one_post_with_its_headers(engine: Engine) -> None:
     assert headers["host"] == url.split("/")[2] and headers["connection"] == "close"
     assert int(headers["content-length"]) == len(endpoint.requests[0].partition(b"\r\n\r\n")[2])
     assert {"x-lifecycle-position", "x-lifecycle-timestamp", "x-lifecycle-signature"} <= headers.keys()
+
+
+def test_a_tls_handshake_never_answered_ends_at_the_deadline(engine: Engine) -> None:
+    """An https endpoint that accepts but never answers the TLS handshake fails each attempt at the 0.5 s deadline."""
+    silent = [lambda conn, stop: None] * 5
+    with serving(Endpoint(silent)) as endpoint:
+        url = endpoint.url.replace("http://", "https://")
+        with sending(engine, Webhook(url, SECRET, timeout=0.5, first_backoff=0.01, max_backoff=0.02)):
+            before = _position(engine, url)
+            _changes(engine)
+            wait_until("two handshakes given up", lambda: len(endpoint.seconds) >= 2)
+            assert _position(engine, url) == before
+    assert all(0.4 <= s < 0.9 for s in endpoint.seconds[:2]), endpoint.seconds
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
+    openssl = shutil.which("openssl")
+    require("openssl", openssl is not None, "apt-get install openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    names = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [str(openssl), *request, *names, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_https_is_delivered_to_a_trusted_certificate_and_refused_an_unknown_one(
+    engine: Engine, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over https the sender checks the endpoint's certificate: trusted (SSL_CERT_FILE) it delivers, unknown it retries and never sends the change."""
+    cert, key = certificate
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    receiver = Receiver(fail_odd=False)
+    receiver.socket = tls.wrap_socket(receiver.socket, server_side=True)
+    url = receiver.url.replace("http://", "https://")
+    with running(receiver), all_logs() as logs:
+
+        def failed() -> list[dict[str, Any]]:
+            return [e for e in logs if e["event"] == "webhook_failed"]
+
+        untrusted = Webhook(url, SECRET, timeout=2.0, first_backoff=0.01, max_backoff=0.02)
+        with sending(engine, untrusted):
+            first, _ = _changes(engine)
+            wait_until("two refused handshakes", lambda: len(failed()) >= 2)
+        assert receiver.accepted == [] and all("CERTIFICATE_VERIFY_FAILED" in e["error"] for e in failed())
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        with sending(engine, Webhook(url, SECRET, timeout=2.0, first_backoff=0.01)):
+            wait_until("delivered over https", lambda: len(receiver.accepted) >= 1)
+    assert receiver.accepted[0]["position"] == first
