@@ -85,7 +85,8 @@ def advisory_lock(conn: sa.Connection, consumer: str) -> None:
 def file_lock(database: str | None, consumer: str) -> Iterator[None]:
     """Hold ``consumer``'s lock file next to the SQLite ``database`` for the block, or raise :class:`ConsumerInUse`."""
     name = hashlib.sha1(consumer.encode()).hexdigest()[:16]
-    path = f"{database or tempfile.gettempdir() + '/lifecycle-memory'}.consumer-{name}.lock"
+    beside = database if database and database != ":memory:" else f"{tempfile.gettempdir()}/lifecycle-memory"
+    path = f"{beside}.consumer-{name}.lock"
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
