@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from drivers.base import Driver
 from drivers.fake import FakeDriver, SimulatedCrash
@@ -191,7 +192,16 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
 def _resize_to_remote(engine: Engine, uuid: str, hosts: DemoHosts, say: Callable[..., None]) -> None:
     """Resize the guest onto compute-3, a libvirtd the engine reaches only over TCP, and confirm."""
     assert hosts.remote_uri is not None
-    engine.add_host("compute-3", hosts.remote_uri, hosts.remote_instances, vcpus=4, memory_mb=4096, disk_gb=40)
+    address = urlsplit(hosts.remote_uri).hostname  # its guests' VNC servers listen on that machine
+    engine.add_host(
+        "compute-3",
+        hosts.remote_uri,
+        hosts.remote_instances,
+        vcpus=4,
+        memory_mb=4096,
+        disk_gb=40,
+        console_address=address,
+    )
     engine.heartbeat("compute-3")
     engine.start(uuid)
     engine.set_host_enabled("compute-2", False)  # a resize is scheduled: leave compute-3 the only choice

@@ -156,12 +156,19 @@ class Engine:
         host may be registered before its hypervisor answers. A ``qemu`` URI
         another host already uses is refused: one libvirtd is one host. ``console_address``
         is the host's management address, where its guests' VNC servers listen
-        and console tokens lead (default: the engine's ``vnc_listen``).
+        and console tokens lead (default: the engine's ``vnc_listen``); a remote
+        host (:func:`lifecycle.console.requires_console_address`) must have one.
         """
         validation.name("host", name)
         if not isinstance(driver_uri, str):
             raise InvalidInput(f"driver URI must be a string, got {type(driver_uri).__name__}")
         uri = drivers.validate_uri(driver_uri)
+        if console_address is None and console.requires_console_address(uri):
+            raise InvalidInput(
+                f"host {name} ({uri}) is on another machine: give its management address with console_address"
+                " (lifecycle host add --console-address ADDR), where its guests' VNC servers listen; without it"
+                " console tokens would lead to a port on the console proxy's own machine"
+            )
         identity = drivers.hypervisor_identity(uri)
         if identity is not None:
             for other in self.store.list_hosts():

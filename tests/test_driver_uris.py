@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -138,11 +140,12 @@ def test_one_libvirtd_is_one_host(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'uris.db'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_host("a", "qemu+tcp://10.0.0.5/system", "/srv/a")
+        engine.add_host("a", "qemu+tcp://10.0.0.5/system", "/srv/a", console_address="10.0.0.5")
         with pytest.raises(InvalidInput, match="names the libvirtd of host a"):
-            engine.add_host("b", "qemu+tcp://10.0.0.5/system", "/srv/b")
+            engine.add_host("b", "qemu+tcp://10.0.0.5/system", "/srv/b", console_address="10.0.0.5")
         assert [h.name for h in engine.hosts()] == ["a"]
-        engine.add_host("c", "qemu+tcp://10.0.0.6/system", "/srv/a")  # another machine may use the same path
+        # another machine may use the same path
+        engine.add_host("c", "qemu+tcp://10.0.0.6/system", "/srv/a", console_address="10.0.0.6")
         engine.add_host("d", "fake://", "/srv/d")
         engine.add_host("e", "fake://", "/srv/e")  # fake hosts are each their own hypervisor
 
@@ -166,9 +169,9 @@ def test_two_spellings_of_one_libvirtd_are_one_host(tmp_path: Path, first: str, 
     url = f"sqlite:///{tmp_path / 'uris.db'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_host("a", first, "/srv/a")
+        engine.add_host("a", first, "/srv/a", console_address="10.0.0.9")
         with pytest.raises(InvalidInput, match="names the libvirtd of host a"):
-            engine.add_host("b", second, "/srv/b")
+            engine.add_host("b", second, "/srv/b", console_address="10.0.0.9")
 
 
 def test_other_libvirtds_are_other_hosts() -> None:
@@ -187,3 +190,45 @@ def test_other_libvirtds_are_other_hosts() -> None:
         )
     }
     assert len(ids) == 6 and hypervisor_identity("fake://") is None
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "qemu+tcp://10.0.0.5/system",
+        "qemu+tls://compute-1/system",
+        "qemu+ssh://root@compute-1/system",
+        "qemu+libssh2://root@compute-1/system",
+        "qemu://compute-1.example/system",
+    ],
+)
+def test_a_remote_host_without_a_console_address_is_refused_and_not_added(tmp_path: Path, uri: str) -> None:
+    """A remote qemu URI without console_address is InvalidInput naming the flag, and no host row is written."""
+    from lifecycle import Engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'uris.db'}"
+    upgrade(url)
+    with Engine(url) as engine:
+        with pytest.raises(InvalidInput, match="--console-address"):
+            engine.add_host("r", uri, "/srv/r")
+        assert engine.hosts() == []
+        engine.add_host("local", "qemu:///system", "/srv/l")  # this machine's libvirtd needs none
+        assert [h.name for h in engine.hosts()] == ["local"]
+
+
+def test_host_add_of_a_remote_uri_without_console_address_exits_2(tmp_path: Path) -> None:
+    """`lifecycle host add` of a qemu+tcp URI without --console-address exits 2 with the advice and adds nothing."""
+    import subprocess
+    import sys
+
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIFECYCLE_")}
+    base = [sys.executable, "-m", "lifecycle.cli", "--db", db]
+    assert subprocess.run([*base, "db", "upgrade"], env=env, capture_output=True, check=False).returncode == 0
+    done = subprocess.run(
+        [*base, "host", "add", "r", "--uri", "qemu+tcp://10.0.0.5/system"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--console-address" in done.stderr and "Traceback" not in done.stderr
+    listed = subprocess.run([*base, "host", "list", "--json"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(listed.stdout) == []

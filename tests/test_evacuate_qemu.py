@@ -164,7 +164,8 @@ def test_evacuate_a_killed_host_and_destroy_its_copies_when_it_returns(
     c = HostView(URI, PurePosixPath("/var/lib/libvirt/lifecycle/evacuate"))
     cli.ok("db", "upgrade")
     for name, view in (("a", a), ("c", c)):
-        cli.ok("host", "add", name, "--uri", view.uri, "--instances-path", str(view.instances))
+        address = [] if view.uri == QEMU_URI else ["--console-address", ADDR]
+        cli.ok("host", "add", name, "--uri", view.uri, "--instances-path", str(view.instances), *address)
         cli.ok("host", "heartbeat", name)
     cli.ok("image", "add", "base", "--path", str(base_image))
     uuids = [

@@ -452,7 +452,7 @@ def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_
     try:
         with Engine(url, settings=Settings(libvirt_domain_type="qemu", shutdown_timeout=0)) as engine:
             engine.add_host("src", QEMU_URI, str(tmp_path / "src"))
-            engine.add_host("dst", remote_uri, str(remote_instances))
+            engine.add_host("dst", remote_uri, str(remote_instances), console_address="127.0.0.2")
             for name in ("src", "dst"):
                 engine.heartbeat(name)
             engine.add_image("base", str(base_image))

@@ -112,7 +112,8 @@ def cli(tmp_path: Path, remote_instances: PurePosixPath, base_image: Path) -> It
     run = Cli(tmp_path, config)
     run("db", "upgrade")
     run("host", "add", "a", "--uri", QEMU_URI, "--instances-path", str(tmp_path / "a"))
-    run("host", "add", "b", "--uri", os.environ["LIFECYCLE_TEST_REMOTE_URI"], "--instances-path", str(remote_instances))
+    remote = ["--uri", os.environ["LIFECYCLE_TEST_REMOTE_URI"], "--console-address", "127.0.0.2"]
+    run("host", "add", "b", *remote, "--instances-path", str(remote_instances))
     for host in ("a", "b"):
         run("host", "heartbeat", host)
     run("image", "add", "base", "--path", str(base_image))

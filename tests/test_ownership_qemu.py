@@ -72,7 +72,9 @@ def pair(tmp_path: Path, base_image: Path, remote_host: RemoteHost, remote_insta
     pair = Pair(url, tmp_path / "a", remote_instances, remote_host)
     setup = pair.engine()
     setup.add_host("a", QEMU_URI, str(pair.a_path), vcpus=8, memory_mb=4096, disk_gb=50)
-    setup.add_host("b", remote_host.uri, str(remote_instances), vcpus=8, memory_mb=4096, disk_gb=50)
+    setup.add_host(
+        "b", remote_host.uri, str(remote_instances), vcpus=8, memory_mb=4096, disk_gb=50, console_address="127.0.0.2"
+    )
     for name in ("a", "b"):
         setup.heartbeat(name)
     setup.add_image("base", str(base_image))
