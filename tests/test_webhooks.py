@@ -83,6 +83,11 @@ def running(server: Receiver) -> Iterator[Receiver]:
         thread.join(WAIT)
 
 
+def readable(engine: Engine) -> None:
+    """Wait until the changes committed so far are readable (on PostgreSQL a transaction open elsewhere in a shared cluster holds them back a moment)."""
+    wait_until("the changes committed so far readable", lambda: not engine.store.changes_held_back())
+
+
 @contextmanager
 def delivering(engine: Engine, hook: Webhook) -> Iterator[list[int]]:
     """Run the webhook in a thread for the block; yield where its count lands once it stopped."""
@@ -108,6 +113,7 @@ def test_a_receiver_failing_half_its_requests_still_gets_every_change_in_order(
             uuid = new_instance()
             engine.stop(uuid)
             engine.start(uuid)
+            readable(engine)
             feed = [c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid]
             wait_until("every change accepted", lambda: len(receiver.accepted) >= len(feed))
         assert result == [len(feed)]
@@ -127,6 +133,7 @@ def test_a_dead_endpoint_blocks_no_write_and_loses_nothing(engine: Engine, new_i
         uuid = new_instance()
         engine.stop(uuid)
         engine.start(uuid)
+        readable(engine)
         (consumer,) = engine.consumers()
     assert result == [0]
     assert engine.consumers() == [consumer], "nothing was delivered, so the position did not move"
@@ -243,6 +250,7 @@ def test_a_second_sender_to_one_url_is_refused_and_delivers_nothing(
         hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
         with delivering(engine, hook):
             uuid = new_instance()
+            readable(engine)
             made = len([c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid])
             wait_until("the first sender delivers", lambda: len(receiver.accepted) == made)
             give_up = threading.Timer(5.0, lambda: second_stop.set())  # a second sender let through must end
