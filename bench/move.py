@@ -357,7 +357,8 @@ class _Probe:
         ]
         with ExitStack() as stack:
             for owner, name, wrap in patches:
-                stack.enter_context(mock.patch.object(owner, name, wrap(getattr(owner, name))))
+                if hasattr(owner, name):  # a step the driver no longer takes (a digest read back) counts as 0 s
+                    stack.enter_context(mock.patch.object(owner, name, wrap(getattr(owner, name))))
             yield
 
     def _call(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
