@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 from unittest import mock
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -162,7 +163,15 @@ def _round(args: argparse.Namespace) -> Round:
         with Engine(url, settings=settings) as engine:
             remote_path = f"{args.remote_instances}/bench-{uuidlib.uuid4().hex[:8]}"
             engine.add_host("local", args.local_uri, str(work / "instances"), vcpus=4, memory_mb=4096, disk_gb=50)
-            engine.add_host("remote", args.remote_uri, remote_path, vcpus=4, memory_mb=4096, disk_gb=50)
+            engine.add_host(
+                "remote",
+                args.remote_uri,
+                remote_path,
+                vcpus=4,
+                memory_mb=4096,
+                disk_gb=50,
+                console_address=urlsplit(args.remote_uri).hostname,  # its guests' VNC servers listen there
+            )
             for host in ("local", "remote"):
                 engine.heartbeat(host)
             engine.add_image("base", str(base))
