@@ -62,7 +62,6 @@ from drivers.base import (
 )
 from drivers.images import ImageInfo, inspect_image, qemu_img, valid_uuid
 from drivers.storage import (
-    BUSY_SECONDS,
     HostStorage,
     busy,
     file_segments,
@@ -112,6 +111,8 @@ _CONNECTION_CODES = {4, 39, 45}  # VIR_ERR_NO_CONNECT, VIR_ERR_RPC, VIR_ERR_AUTH
 # domains make it a lost connection.
 _ERR_SYSTEM = 38  # VIR_ERR_SYSTEM_ERROR
 _FROM_STORAGE = 18  # VIR_FROM_STORAGE: the storage driver's errors (busy answers: drivers.storage)
+_STUCK_SECONDS = 5.0  # a call in flight this long is stuck, for choosing a connection (a hung guest's monitor)
+_MOST_LINKS = 16  # connections per host at most, stuck ones included
 _LINK_DOMAINS = {7, 13}  # VIR_FROM_RPC, VIR_FROM_REMOTE
 
 
@@ -251,6 +252,8 @@ class LibvirtDriver(Driver):
         self._spare: list[Link] = []
         """More connections, opened in the background while every connection is busy."""
         self._growing = False
+        self._grown = threading.Condition(self._lock)
+        """Told when a background open ended (a connection added, or not)."""
         self._links: dict[int, Link] = {}
         """Every connection this driver opened, by the identity of its raw object, kept until :meth:`close`."""
         self._opener = Opener(uri)
@@ -270,25 +273,42 @@ class LibvirtDriver(Driver):
     # -- connection --------------------------------------------------------
 
     def _connection(self, call: str) -> Any:
-        """Return the least busy live connection (guarded: each call on it holds its lock), opening one when needed.
+        """Return a live connection (guarded: each call on it holds its lock), opening one when needed.
 
         The first connection is opened here, and again when it is lost
-        (bounded by ``reconnect_seconds``). While every live connection has a
-        call in flight, one more is opened on a thread of its own (up to
-        ``connections``), and meanwhile the caller queues on the least busy.
-        Everything made through a connection (a domain, a volume, a stream)
-        keeps using that connection.
+        (bounded by ``reconnect_seconds``). The caller gets the least busy
+        connection whose call in flight (if any) is not stuck, one that has
+        not returned for ``_STUCK_SECONDS`` (a call waiting on one hung guest's
+        monitor, while libvirtd answers everything else). While no connection
+        is free of a call, one more is opened on a thread of its own (up to
+        ``connections`` that are not stuck, and ``_MOST_LINKS`` in all); when
+        every one is stuck, the caller waits up to ``_STUCK_SECONDS`` for it
+        rather than queueing behind a stuck call. Everything made through a
+        connection (a domain, a volume, a stream) keeps using that connection.
         """
         with self._lock:
-            link = self._link
-            if link is None or link.dead:
-                link = self._reopen(call)
-            self._spare = [spare for spare in self._spare if not spare.dead and not spare.closed]
-            best = min([link, *self._spare], key=lambda candidate: candidate.load)
-            if best.load and not self._growing and 1 + len(self._spare) < self.connections:
-                self._growing = True
-                threading.Thread(target=self._grow, name=f"libvirt-grow-{self.uri}", daemon=True).start()
-            return Guarded(best.raw, best)
+            waited_until: float | None = None
+            while True:
+                link = self._link
+                if link is None or link.dead:
+                    link = self._reopen(call)
+                self._spare = [spare for spare in self._spare if not spare.dead and not spare.closed]
+                links = [link, *self._spare]
+                flowing = [one for one in links if one.stuck_for() < _STUCK_SECONDS]
+                best = min(flowing, key=lambda one: one.load) if flowing else min(links, key=Link.stuck_for)
+                if (best.load or not flowing) and len(flowing) < self.connections and len(links) < _MOST_LINKS:
+                    self._start_growing()
+                if flowing or not self._growing or self._closed.is_set():
+                    return Guarded(best.raw, best)
+                waited_until = waited_until or time.monotonic() + _STUCK_SECONDS
+                if waited_until <= time.monotonic():
+                    return Guarded(best.raw, best)
+                self._grown.wait(waited_until - time.monotonic())
+
+    def _start_growing(self) -> None:
+        if not self._growing and not self._closed.is_set():
+            self._growing = True
+            threading.Thread(target=self._grow, name=f"libvirt-grow-{self.uri}", daemon=True).start()
 
     def _reopen(self, call: str) -> Link:
         """Open the first connection anew (keepalive, events); DriverUnavailable when it cannot."""
@@ -332,17 +352,20 @@ class LibvirtDriver(Driver):
             log.debug("libvirt_connection_not_added", uri=self.uri, error=_message(exc))
             with self._lock:
                 self._growing = False
+                self._grown.notify_all()
             return
         with self._lock:
             self._growing = False
-            if self._closed.is_set():
-                with suppress(libvirt.libvirtError):
-                    raw.close()  # nobody else has it: no call can be in flight on it
-                return
             try:
+                if self._closed.is_set():
+                    with suppress(libvirt.libvirtError):
+                        raw.close()  # nobody else has it: no call can be in flight on it
+                    return
                 self._spare.append(self._adopt_link(raw))
             except (libvirt.libvirtError, DriverUnavailable) as exc:
                 log.debug("libvirt_connection_not_added", uri=self.uri, error=str(exc))
+            finally:
+                self._grown.notify_all()
 
     def ping(self) -> None:
         """One round trip to libvirtd (its version); DriverUnavailable when it does not answer."""
@@ -398,7 +421,7 @@ class LibvirtDriver(Driver):
         where = f"code {code}, error domain {exc.get_error_domain()}"
         if exc.get_error_domain() == _FROM_STORAGE:  # about a pool or a volume: never a sign of a missing domain
             if busy(exc):
-                where += f"; still busy after {BUSY_SECONDS:.0f} s of retries"
+                where += "; a busy answer of the storage driver (transient, see drivers.storage), still busy here"
             return DriverError(f"{call} failed in libvirt ({where}): {text}", uuid=uuid, call=call)
         if uuid is not None and code in (_ERR_OPERATION_INVALID, _ERR_INTERNAL):
             try:

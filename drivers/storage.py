@@ -90,7 +90,7 @@ _BUSY_TEXTS = ("has asynchronous jobs running", "is still being allocated", "is 
 BUSY_SECONDS = 60.0
 """How long a busy answer is waited out before it is raised as itself (a build's qemu-img is seconds)."""
 _ZEROS = bytes(CHUNK)
-_STALL_SECONDS = 3.0  # a partial base that does not grow for this long was abandoned
+_STALL_SECONDS = 10.0  # a partial base that does not grow for this long was abandoned (or its uploader stalled)
 _upload_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _upload_locks_guard = threading.Lock()
 _keys: dict[tuple[str, int, int, int], str] = {}
@@ -251,7 +251,15 @@ class HostStorage:
     # -- the image cache -----------------------------------------------------
 
     def ensure_base(self, conn: Any, uri: str, image: Path, info: ImageInfo) -> str:
-        """Make the inspected ``image`` present in the host's cache (uploading it once); return its key."""
+        """Make the inspected ``image`` present in the host's cache (uploading it once); return its key.
+
+        The key is returned only once the volume of that name holds every
+        byte, checked after an upload too: libvirt deletes a volume while a
+        stream still writes into it, so a process stalled mid-upload whose
+        partial another process took for abandoned (no growth for a while)
+        and replaced finishes into a deleted file, and must not build on the
+        other's partial. It waits for that upload instead (or takes it over).
+        """
         key = image_key(image)
         size = int(key.rsplit("-", 1)[1])
         with _lock_for(uri, self.cache_pool, key):
@@ -261,10 +269,13 @@ class HostStorage:
                     return key
                 if vol is not None and _growing(vol):
                     continue  # another process is uploading it: wait for it
-                if vol is not None:
-                    patiently(vol.delete, 0)  # abandoned by a process that died mid-upload
-                if self._upload(conn, key, image):
-                    return key
+                if vol is not None and _physical(vol) < size:
+                    try:  # abandoned by a process that died or stalled mid-upload
+                        patiently(vol.delete, 0)
+                    except libvirt.libvirtError as exc:
+                        if exc.get_error_code() != _ERR_NO_VOL:
+                            raise
+                self._upload(conn, key, image)  # the next turn checks what the name holds
 
     def _upload(self, conn: Any, key: str, image: Path) -> bool:
         """Upload ``image`` as the base ``key``; False when another process created that volume first."""

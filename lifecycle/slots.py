@@ -47,7 +47,8 @@ class BuildSlots:
 
         ``queued(running)`` is called once when the build must wait, then
         ``granted()`` when it gets its slot; ``check()`` runs between waits and
-        may raise (the task was taken over), which gives up the place in line.
+        may raise (the task was taken over). Whatever any of them raises (a
+        database that went away), the place in line or the slot is given back.
         """
         with self._mutex:
             queue = self._queues[host]
@@ -59,15 +60,16 @@ class BuildSlots:
                 queue.append(turn)
                 running = self._running[host]
         if not free:
-            queued(running)
             try:
+                queued(running)
                 while not turn.wait(_POLL_SECONDS):
                     check()
-            except BaseException:
+            except BaseException:  # the place in line (or a slot granted meanwhile) is given back
                 self._leave(host, turn)
                 raise
-            granted()
         try:
+            if not free:
+                granted()
             yield
         finally:
             self._release(host)

@@ -157,3 +157,41 @@ def test_a_pool_busy_past_the_bound_fails_the_build_with_its_cause_not_as_a_miss
     assert "has asynchronous jobs running" in error and "still busy" in error
     assert DomainNotFound.__name__ not in error
     assert engine.get(failed.value.task.instance_uuid).vm_state.value == "error"
+
+
+@pytest.mark.parametrize("failing", ["queued", "granted", "check"])
+def test_a_callback_that_raises_gives_the_slot_or_the_place_in_line_back(failing: str) -> None:
+    """Whatever queued, granted or check raises (a database gone), the next build still gets a slot."""
+    slots, release = BuildSlots(1), threading.Event()
+
+    def holder() -> None:
+        with slots.slot("h", queued=lambda _n: None, granted=lambda: None, check=lambda: None):
+            release.wait(5)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    wait_for(lambda: slots.running("h") == 1, "the first build holding the slot")
+
+    def boom(*_args: object) -> None:
+        raise RuntimeError(f"{failing} failed")
+
+    calls = {name: (boom if name == failing else (lambda *_a: None)) for name in ("queued", "granted", "check")}
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            with slots.slot("h", queued=calls["queued"], granted=calls["granted"], check=calls["check"]):
+                pass
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    second = threading.Thread(target=waiter)
+    second.start()
+    time.sleep(0.7)  # a check runs once the first wait ends
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert [str(e) for e in errors] == [f"{failing} failed"]
+    assert (slots.running("h"), slots.queued("h")) == (0, 0)
+    with slots.slot("h", queued=boom, granted=boom, check=boom):  # free at once: no callback runs
+        assert slots.running("h") == 1

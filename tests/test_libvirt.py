@@ -473,3 +473,27 @@ def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_
             assert _disk_volumes(dst) == set()
     finally:
         remove_pools(HostStorage(str(tmp_path / "src")))
+
+
+@pytest.mark.libvirt
+def test_a_call_stuck_on_one_connection_does_not_hold_the_next_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every connection's call stuck (a hung guest's monitor) a ping gets a new connection, not a hung-host error."""
+    import drivers.libvirt as lv
+
+    libvirt_ready()
+    monkeypatch.setattr(lv, "_STUCK_SECONDS", 0.5)
+    driver = LibvirtDriver("test:///default", "/tmp/unused", connections=1)
+    release = threading.Event()
+    try:
+        first = driver._link
+        assert first is not None
+        stuck = threading.Thread(target=first.call, args=("stuck", release.wait, 30))
+        stuck.start()
+        time.sleep(0.7)  # the call in flight is now stuck
+        started = time.monotonic()
+        driver.ping()
+        assert time.monotonic() - started < 3.0
+        assert len([driver._link, *driver._spare]) == 2, "a stuck connection does not count toward the limit"
+    finally:
+        release.set()
+        driver.close()

@@ -203,3 +203,26 @@ def test_every_task_state_has_a_recovery_plan(op: str) -> None:
     """Unlike Nova's fifteen unhandled states, every task_state of every operation has a verdict."""
     for state in graph.operation(op).walk:
         assert plan(op, state).plan in (Plan.RESUME, Plan.ROLL_BACK)
+
+
+def test_a_build_resumed_after_its_worker_died_between_volume_and_domain_keeps_one_volume(
+    one_owner: Callable[..., Engine], fakes: Fakes
+) -> None:
+    """A lost build that made its volume but no domain: the resumed build removes that volume and keeps only its own."""
+    first = one_owner()
+    fakes.factory(first.host("h1")).crash_after("spawn")
+    uuid = "00000000-0000-0000-0000-0000000000ab"
+    with pytest.raises(SimulatedCrash):
+        first.create("vm", host="h1", flavor=SMALL, image="cirros", uuid=uuid)
+    fakes["h1"].undefine(uuid)  # as if the worker died after the volume was made, before the define
+    lost = sorted(n for n in fakes["h1"].volumes() if n.startswith(uuid))
+    assert len(lost) == 1
+    first.close()
+    second = one_owner()
+    second.recover(force=True)
+    instance = second.get(uuid)
+    assert instance.vm_state is V.ACTIVE
+    assert sorted(n for n in fakes["h1"].volumes() if n.startswith(uuid)) == [instance.disk]
+    assert instance.disk not in lost
+    assert any("resuming the build" in (e.message or "") for e in second.history(uuid))
+    second.close()

@@ -25,6 +25,7 @@ import pytest
 import drivers.libvirt
 import drivers.storage
 from drivers.base import DomainSpec
+from drivers.images import inspect_image
 from drivers.libvirt import LibvirtDriver
 from drivers.storage import Content, HostStorage, image_key
 from lifecycle.errors import CopyFailed, DomainNotFound
@@ -245,6 +246,46 @@ def test_a_partial_base_left_by_a_dead_uploader_is_replaced(
     assert uploads == [key]
     assert _sha256(Path(_volume(host, host.storage.cache_pool, key).path())) == key.split("-")[0]
     assert host.get_info(spec.uuid) is PowerState.RUNNING
+
+
+def test_an_upload_whose_partial_was_replaced_meanwhile_waits_for_the_base_to_be_whole(
+    host: LibvirtDriver, hosts: Hosts, base_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled uploader whose partial another process replaced returns the key only once the name holds every byte."""
+    key = image_key(base_image)
+    size = base_image.stat().st_size
+    real, calls = drivers.storage.write_volume, []
+
+    def replaced_meanwhile(conn: Any, vol: Any, *args: Any, **kwargs: Any) -> Content:
+        content = real(conn, vol, *args, **kwargs)
+        if calls:
+            return content
+        calls.append(vol.name())
+        # Meanwhile another process took this upload for abandoned: it deleted it and is uploading its own.
+        vol.delete(0)
+        pool = host.storage.pool(conn, host.storage.cache_pool)
+        other = pool.createXML(
+            f"<volume><name>{key}</name><capacity>0</capacity><target><format type='raw'/></target></volume>", 0
+        )
+        half = base_image.read_bytes()[: size // 2]
+
+        def other_upload() -> None:
+            stream = conn.newStream(0)
+            other.upload(stream, 0, 0, 0)
+            stream.send(half)
+            time.sleep(1.5)  # it goes on a little later
+            stream.send(base_image.read_bytes()[size // 2 :])
+            stream.finish()
+
+        threading.Thread(target=other_upload, daemon=True).start()
+        return content
+
+    monkeypatch.setattr(drivers.storage, "write_volume", replaced_meanwhile)
+    got = host.storage.ensure_base(_conn(host), host.uri, base_image, inspect_image(base_image, "qcow2"))
+    assert got == key
+    vol = _volume(host, host.storage.cache_pool, key)
+    assert int(vol.infoFlags(1)[2]) >= size, "the key was returned while its volume held a partial upload"
+    assert _sha256(Path(vol.path())) == key.split("-")[0]
 
 
 def test_a_cached_base_is_the_image_byte_for_byte(host: LibvirtDriver, hosts: Hosts, tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
             host = run.instance.host
             assert host is not None
             _hold_claim(run, host)
+            # A worker lost mid-spawn may have made a volume and no domain: nothing will use it, so it goes now.
+            run.clear_leftovers(host, why="resuming the build")
         else:
             assert run.schedule is not None, "create needs a scheduler"
             host = run.schedule(tried)
