@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from lifecycle.errors import (
         AlreadyExists,
         Conflict,
+        ConsumerInUse,
+        DatabaseUnavailable,
         DomainNotFound,
         DriverError,
         DriverUnavailable,
@@ -48,6 +50,8 @@ __all__ = [
     "ConsoleAccess",
     "ConsoleConnection",
     "Consumer",
+    "ConsumerInUse",
+    "DatabaseUnavailable",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
@@ -90,7 +94,8 @@ _HOME = {
     "lifecycle.console": ("ConsoleAccess", "ConsoleConnection"),
     "lifecycle.engine": ("Engine",),
     "lifecycle.errors": (
-        "AlreadyExists", "Conflict", "DomainNotFound", "DriverError", "DriverUnavailable", "HostInUse",
+        "AlreadyExists", "Conflict", "ConsumerInUse", "DatabaseUnavailable", "DomainNotFound", "DriverError",
+        "DriverUnavailable", "HostInUse",
         "HostNotEvacuable", "HostNotFound", "IdempotencyMismatch", "ImageNotFound", "InstanceNotFound",
         "InvalidFlavor", "InvalidInput",
         "InvalidState", "LifecycleError", "NoValidHost", "Preempted", "SchemaOutOfDate", "TaskFailed", "TaskNotFound",

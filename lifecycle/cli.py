@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lifecycle import graph, validation
-from lifecycle.errors import DriverError, InvalidInput, InvalidState, LifecycleError, Preempted, TaskFailed
+from lifecycle.errors import (
+    DatabaseUnavailable,
+    DriverError,
+    InvalidInput,
+    InvalidState,
+    LifecycleError,
+    Preempted,
+    TaskFailed,
+)
 from lifecycle.states import VmState
 
 if TYPE_CHECKING:
@@ -1146,9 +1154,7 @@ def _graph(args: argparse.Namespace) -> None:
 def _error(as_json: bool, exc: LifecycleError) -> int:
     # 1: the operation ran (or the hypervisor failed or did not answer, or a follower's database went away while
     # it ran): not input refused before anything changed.
-    feed = sys.modules.get("lifecycle.feed")  # loaded whenever one of its errors was raised
-    lost = feed is not None and isinstance(exc, feed.DatabaseUnavailable)
-    code = 1 if lost or isinstance(exc, TaskFailed | Preempted | DriverError) else 2
+    code = 1 if isinstance(exc, TaskFailed | Preempted | DriverError | DatabaseUnavailable) else 2
     message = _safe(exc)  # escapes newlines too: one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr)  # first: it still reaches the user if stdout is gone
     if as_json:

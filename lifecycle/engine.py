@@ -730,7 +730,7 @@ class Engine:
         from ``after`` and stores nothing. A ``stop`` already set delivers one batch (up to
         ``batch``, 1 to 10000) and returns. An exception from the handler stops the follow; the
         position of the changes before it is stored first. A database that goes away is waited for
-        (:class:`feed.DatabaseUnavailable` if ``stop`` is set meanwhile). Names starting with
+        (:class:`~lifecycle.errors.DatabaseUnavailable` if ``stop`` is set meanwhile). Names starting with
         ``webhook:`` are the webhook senders' (:class:`InvalidInput`).
         """
         name = None if consumer is None else webhooks.check_consumer(validation.name("consumer", consumer))
@@ -782,7 +782,7 @@ class Engine:
         with backoff, at the URL's own feed consumer position (see :mod:`lifecycle.webhooks`); a first
         run starts at the newest change. ``nova`` posts Nova's ``instance.update`` notifications. The
         URL and secrets are checked before anything is registered (:class:`InvalidInput`); a second
-        sender to one URL is refused (:class:`feed.ConsumerInUse`).
+        sender to one URL is refused (:class:`~lifecycle.errors.ConsumerInUse`).
         """
         hook = webhooks.Webhook(url, secret, nova=nova, previous_secrets=previous_secrets)
         return webhooks.deliver(self, hook, stop=stop)

@@ -42,7 +42,9 @@ from typing import Any
 __all__ = [
     "AlreadyExists",
     "Conflict",
+    "ConsumerInUse",
     "CopyFailed",
+    "DatabaseUnavailable",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
@@ -359,3 +361,31 @@ class EvacuatedCopiesPending(DriverError):
 
 class DriverUnavailable(DriverError):
     """Transient: the hypervisor cannot be reached now; retrying later may work."""
+
+
+class DatabaseUnavailable(LifecycleError):
+    """The database could not be reached or read; ``reason`` is its own message.
+
+    ``transient`` when a reconnect may cure it (the server went away, is
+    starting, or the file is locked); :func:`lifecycle.feed.follow` then waits and retries,
+    and raises this only when told to stop meanwhile (``stopped``).
+    """
+
+    def __init__(self, reason: str, *, transient: bool, stopped: str | None = None) -> None:
+        self.reason = reason
+        self.transient = transient
+        self.stopped = stopped
+        """Where delivery got to, when the follower was told to stop while the database was away."""
+        if stopped is None:
+            super().__init__(f"the database cannot be used: {reason}")
+        else:
+            super().__init__(f"stopped while the database was unreachable ({reason}); {stopped}")
+
+
+class ConsumerInUse(InvalidInput):
+    """Another exclusive follower holds the consumer (one webhook sender per URL); nothing was delivered."""
+
+    def __init__(self, consumer: str, detail: str | None = None) -> None:
+        self.consumer = consumer
+        holder = detail or "another process follows it"
+        super().__init__(f"feed consumer {consumer!r} is in use: {holder}; one exclusive follower at a time")

@@ -57,7 +57,7 @@ import structlog
 
 from lifecycle import validation
 from lifecycle.audit import START, AuditEntry, Change, Consumer, Position, audit_query
-from lifecycle.errors import InvalidInput, LifecycleError
+from lifecycle.errors import ConsumerInUse, DatabaseUnavailable, InvalidInput
 
 if TYPE_CHECKING:
     from lifecycle.store import Store
@@ -99,34 +99,6 @@ RECONNECT_MAX = 10.0
 """Longest wait between two reconnects: the wait doubles from :data:`RECONNECT_FIRST` up to this."""
 
 Handler = Callable[[Change], object]
-
-
-class DatabaseUnavailable(LifecycleError):
-    """The database could not be reached or read; ``reason`` is its own message.
-
-    ``transient`` when a reconnect may cure it (the server went away, is
-    starting, or the file is locked); :func:`follow` then waits and retries,
-    and raises this only when told to stop meanwhile (``stopped``).
-    """
-
-    def __init__(self, reason: str, *, transient: bool, stopped: str | None = None) -> None:
-        self.reason = reason
-        self.transient = transient
-        self.stopped = stopped
-        """Where delivery got to, when the follower was told to stop while the database was away."""
-        if stopped is None:
-            super().__init__(f"the database cannot be used: {reason}")
-        else:
-            super().__init__(f"stopped while the database was unreachable ({reason}); {stopped}")
-
-
-class ConsumerInUse(InvalidInput):
-    """Another exclusive follower holds the consumer (one webhook sender per URL); nothing was delivered."""
-
-    def __init__(self, consumer: str, detail: str | None = None) -> None:
-        self.consumer = consumer
-        holder = detail or "another process follows it"
-        super().__init__(f"feed consumer {consumer!r} is in use: {holder}; one exclusive follower at a time")
 
 
 def resolve(store: Store, after: Position | str | None) -> Position:

@@ -5,7 +5,7 @@ URL, a prefix no other follower may use), so a webhook gets every change at
 least once and in order, resumes after a restart where it stopped, and holds
 back retention until it has passed a change. One sender per URL runs at a
 time: it holds its consumer's lock while it lives (a second one gets
-:class:`~lifecycle.feed.ConsumerInUse`, exit 2 in the CLI, and delivers
+:class:`~lifecycle.errors.ConsumerInUse`, exit 2 in the CLI, and delivers
 nothing), and a sender that dies loses it at once. The URL is stored with
 the consumer (``lifecycle changes consumers`` shows it). A database that
 goes away is waited for (:func:`lifecycle.feed.follow`).
@@ -76,8 +76,8 @@ import structlog
 
 from lifecycle import feed, validation
 from lifecycle.audit import Change
-from lifecycle.errors import InvalidInput
-from lifecycle.feed import ConsumerInUse, change_data, nova_notification
+from lifecycle.errors import ConsumerInUse, InvalidInput
+from lifecycle.feed import change_data, nova_notification
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
@@ -356,7 +356,7 @@ def deliver(engine: Engine, hook: Webhook, *, stop: threading.Event, batch: int 
     The webhook's consumer is registered at the newest change on its first
     run (a new endpoint gets what happens from then on), and resumes at its
     position afterwards. :class:`ConsumerInUse` when another sender delivers
-    to the URL; :class:`~lifecycle.feed.DatabaseUnavailable` when told to
+    to the URL; :class:`~lifecycle.errors.DatabaseUnavailable` when told to
     stop while the database is away.
     """
     name, send, delivered = consumer_name(hook.url), _sender(hook, stop), [0]

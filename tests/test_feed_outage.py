@@ -21,7 +21,7 @@ import structlog
 
 import lifecycle.feed as feed
 from lifecycle import Change, Engine
-from lifecycle.feed import DatabaseUnavailable
+from lifecycle.errors import DatabaseUnavailable
 from lifecycle.store._follower import unavailable
 from tests.conftest import FLAVOR, Fakes, make_engine
 from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT, wait_until

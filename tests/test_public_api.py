@@ -15,6 +15,8 @@ EXPECTED = {
     "ConsoleAccess",
     "ConsoleConnection",
     "Consumer",
+    "ConsumerInUse",
+    "DatabaseUnavailable",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
@@ -74,6 +76,8 @@ def test_every_error_derives_from_the_root() -> None:
         or n
         in {
             "Conflict",
+            "ConsumerInUse",
+            "DatabaseUnavailable",
             "HostInUse",
             "IdempotencyMismatch",
             "InvalidState",

@@ -22,7 +22,7 @@ import structlog
 import lifecycle.feed as feed
 from lifecycle import Engine, InvalidInput
 from lifecycle.cli import main
-from lifecycle.feed import ConsumerInUse
+from lifecycle.errors import ConsumerInUse
 from lifecycle.webhooks import Webhook, consumer_name, deliver, signature, verify
 from tests.conftest import FLAVOR
 from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT, wait_until

@@ -2,7 +2,7 @@
 
 **Errors.** :func:`unavailable` turns what the driver raises (through
 SQLAlchemy or straight off a DBAPI cursor, as the feed's hot loop reads) into
-:class:`~lifecycle.feed.DatabaseUnavailable` with the database's own message.
+:class:`~lifecycle.errors.DatabaseUnavailable` with the database's own message.
 It is ``transient`` when a reconnect may cure it: on PostgreSQL any
 ``OperationalError`` (the server went away, restarts, refuses connections,
 ran out of them) and any connection SQLAlchemy found dead; on SQLite only a
@@ -14,7 +14,7 @@ consumer's lock while it follows, and a holder that dies loses it at once:
 - PostgreSQL: a session advisory lock on the follower's own LISTEN
   connection. A server restart or a dropped link releases it with the
   session; the follower takes it again when it reconnects, or stops with
-  :class:`~lifecycle.feed.ConsumerInUse` if another took it meanwhile;
+  :class:`~lifecycle.errors.ConsumerInUse` if another took it meanwhile;
 - SQLite: an ``flock`` on a file next to the database (``<db>.consumer-<digest>.lock``),
   which the kernel releases when the holding process dies, however it dies.
 """
@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 
 import sqlalchemy as sa
 
-from lifecycle.feed import ConsumerInUse, DatabaseUnavailable
+from lifecycle.errors import ConsumerInUse, DatabaseUnavailable
 
 __all__ = ["advisory_lock", "file_lock", "unavailable"]
 

@@ -48,7 +48,7 @@ A follower reads on a connection of its own (on PostgreSQL in autocommit,
 LISTENing, with sorts off so a page always comes off ``ix_audit_log_feed``
 in order), with a statement compiled once, on the DBAPI cursor: each row is
 a :class:`Change` as it comes. What it reads, waits for and writes raises
-:class:`~lifecycle.feed.DatabaseUnavailable` when the database is away, and
+:class:`~lifecycle.errors.DatabaseUnavailable` when the database is away, and
 an exclusive follower holds its consumer's lock on that connection
 (:mod:`lifecycle.store._follower`).
 
@@ -314,8 +314,8 @@ class Feed(StoreBase):
         """Yield a follower's reader: on PostgreSQL LISTENing from before its first read, on SQLite polling.
 
         ``claim`` names a consumer whose lock the reader holds while it lives
-        (:class:`~lifecycle.feed.ConsumerInUse` if another holder has it).
-        :class:`~lifecycle.feed.DatabaseUnavailable` when the database cannot be reached.
+        (:class:`~lifecycle.errors.ConsumerInUse` if another holder has it).
+        :class:`~lifecycle.errors.DatabaseUnavailable` when the database cannot be reached.
         """
         if not self._postgres:
             if claim is None:
