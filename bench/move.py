@@ -79,11 +79,11 @@ BREAKDOWN = [
     ("source_off", "source: stop and undefine the domain"),
     ("copy", "copy: source download piped into destination upload"),
     ("copy.source_wait", "  of which waiting for the source's download"),
-    ("copy.sha256", "  of which sha256 of what is sent"),
+    ("copy.sha256", "  of which the checksum of what is sent"),
     ("copy.progress", "  of which progress records (database)"),
     ("copy.upload", "  of which sending to the destination (the rest)"),
     ("digest", "digest: the copy read back from the destination"),
-    ("digest.sha256", "  of which sha256 of what is read back"),
+    ("digest.sha256", "  of which the checksum of what is read back"),
     ("prepare", "destination: base, empty volume, grow"),
     ("define", "destination: adopt check and define"),
 ]

@@ -902,7 +902,7 @@ class LibvirtDriver(Driver):
             if received.hexdigest() != sent.hexdigest() or received.length != sent.length:
                 raise DriverError(
                     f"disk of {spec.uuid} arrived different from what was sent "
-                    f"(sha256 sent {sent.hexdigest()}, {sent.length} bytes; "
+                    f"(sent {sent.hexdigest()}, {sent.length} bytes; "
                     f"received {received.hexdigest()}, {received.length} bytes)",
                     uuid=spec.uuid,
                     call=call,
