@@ -594,7 +594,10 @@ def _read(engine: Engine, args: argparse.Namespace) -> None:
         for t in tasks:
             lines.append(_safe(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})"))
             lines += [
-                _safe(f"    {s.seq}. {s.name} {s.result or 'running'}{_progress(s.bytes_done, s.bytes_total)}")
+                _safe(
+                    f"    {s.seq}. {s.name} {s.result or 'running'}{_progress(s.bytes_done, s.bytes_total)}"
+                    + (f": {s.detail}" if s.result is None and s.detail else "")  # a queued build: where, behind what
+                )
                 for s in engine.steps(t.id)
             ]
         _emit(args, data, "\n".join(lines))

@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import structlog
 
 from drivers.fake import FakeDriver
 from lifecycle import Engine
+from lifecycle.cli import main
 from lifecycle.errors import DomainNotFound, TaskFailed
 from lifecycle.slots import BuildSlots
 from tests.conftest import FLAVOR, Fakes, make_engine
@@ -44,8 +46,10 @@ def _queued(engine: Engine, task_id: str) -> list[str]:
     return [s.result or "running" for s in engine.steps(task_id) if s.name == "queued_for_build_slot"]
 
 
-def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(slots_engine: Engine, fakes: Fakes) -> None:
-    """Five creates onto h1 with two slots: two spawn at once, three wait as a running queued step, all end active."""
+def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(
+    slots_engine: Engine, fakes: Fakes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five creates onto h1 with two slots: two spawn at once, three wait as a queued step (`lifecycle tasks` shows it)."""
     engine = slots_engine
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
     gates = [h1.hold("spawn") for _ in range(5)]
@@ -54,6 +58,24 @@ def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(slots_
     wait_for(lambda: sum(_queued(engine, t.id) == ["running"] for t in tasks) == 3, "three queued builds")
     time.sleep(0.3)
     assert sum(g.wait_entered(0) for g in gates) == 2, "a third spawn started while both slots were taken"
+    waiting = next(t for t in tasks if _queued(engine, t.id) == ["running"])
+    old_config = structlog.get_config()
+    try:
+        assert (
+            main(
+                [
+                    "--db",
+                    str(engine.store.engine.url.render_as_string(hide_password=False)),
+                    "tasks",
+                    waiting.instance_uuid,
+                ]
+            )
+            == 0
+        )
+    finally:
+        structlog.configure(**old_config)  # the CLI configures logging globally
+    shown = capsys.readouterr().out
+    assert "queued_for_build_slot running: waiting for a build slot on h1: 2 builds running there" in shown, shown
     for gate in gates:
         gate.release()
     engine.wait_idle()
