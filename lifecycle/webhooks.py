@@ -59,22 +59,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
-import io
 import json
 import re
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 import structlog
 
 from lifecycle import feed, validation
+from lifecycle._http_post import ANSWER_BYTES, ANSWER_LIMIT, Refused, post
 from lifecycle.audit import Change
 from lifecycle.errors import ConsumerInUse, InvalidInput
 from lifecycle.feed import change_data, nova_notification
@@ -99,10 +98,6 @@ log = structlog.get_logger(__name__)
 
 PREFIX = "webhook:"
 """Consumer names starting with this (in any case) are the senders': no other follower may take one."""
-ANSWER_BYTES = 4096
-"""Most of an answer's body an attempt reads (to see a 2xx's body complete, or to log a refusal's)."""
-ANSWER_LIMIT = 16384
-"""Most bytes of an answer read in all, status line and headers included: a longer answer fails the attempt."""
 _URL_LIMIT = 1024
 _PRINTABLE_ASCII = re.compile(r"[!-~]+")
 _USERINFO = re.compile(r"//[^/?#]*@")
@@ -222,87 +217,6 @@ class _Stopped(Exception):
     """Raised out of the handler when the webhook is told to stop mid-retry: the change stays undelivered."""
 
 
-class _Refused(Exception):
-    """The endpoint answered, but not 2xx: the attempt failed (a redirect is never followed)."""
-
-    def __init__(self, status: int, reason: str, location: str | None, excerpt: bytes) -> None:
-        self.status, self.location = status, location
-        self.excerpt = excerpt[:200].decode("utf-8", "replace")
-        super().__init__(f"answered {status} {reason[:80]}")
-
-
-def _left(deadline: float) -> float:
-    """Return the seconds left until ``deadline``; TimeoutError once it has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the attempt's deadline passed")
-    return left
-
-
-class _Answer(io.RawIOBase):
-    """An answer off a socket: each read waits only for what is left of the deadline; ANSWER_LIMIT bytes in all."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self._sock, self._deadline, self._budget = sock, deadline, ANSWER_LIMIT
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._budget <= 0:
-            raise http.client.HTTPException(f"the answer is longer than {ANSWER_LIMIT} bytes: read no further")
-        self._sock.settimeout(_left(self._deadline))
-        got = self._sock.recv_into(buffer, min(len(buffer), self._budget))
-        self._budget -= got
-        return got
-
-    def makefile(self, _mode: str) -> io.BufferedReader:
-        """Stand in for the socket's file, which is all :class:`http.client.HTTPResponse` reads."""
-        return io.BufferedReader(self)
-
-
-def _request(parts: SplitResult, headers: dict[str, str], body: bytes) -> bytes:
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    head = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
-
-
-def _read_body(answer: http.client.HTTPResponse) -> None:
-    """Read up to ANSWER_BYTES of a 2xx's body: one that ends before its length (or last chunk) fails the attempt.
-
-    A body without a length and not chunked runs to the end of the connection: it is not waited for.
-    """
-    if answer.chunked:
-        answer.read(ANSWER_BYTES)  # a chunk cut short raises IncompleteRead
-    elif answer.length is not None:
-        want = min(answer.length, ANSWER_BYTES)
-        got = len(answer.read(want))  # read(n) returns what came before the end, without complaint
-        if got < want:
-            raise http.client.IncompleteRead(b"", want - got)
-
-
-def _exchange(parts: SplitResult, tls: ssl.SSLContext | None, request: bytes, deadline: float) -> None:
-    """Send ``request`` and read the answer by ``deadline``; raise unless it is a 2xx read in full."""
-    port = parts.port or (80 if tls is None else 443)
-    with socket.create_connection((parts.hostname, port), timeout=_left(deadline)) as plain:
-        plain.settimeout(_left(deadline))  # a TLS handshake's timeout, as sendall's, bounds all of it
-        sock = plain if tls is None else tls.wrap_socket(plain, server_hostname=parts.hostname)
-        with sock:
-            sock.settimeout(_left(deadline))
-            sock.sendall(request)
-            answer = http.client.HTTPResponse(_Answer(sock, deadline), method="POST")  # type: ignore[arg-type]
-            with answer:
-                answer.begin()
-                if 200 <= answer.status < 300:
-                    _read_body(answer)
-                    return
-                excerpt = b""
-                with suppress(OSError, http.client.HTTPException):  # the refusal stands, whatever its body
-                    excerpt = answer.read(ANSWER_BYTES)
-                raise _Refused(answer.status, answer.reason, answer.getheader("Location"), excerpt)
-
-
 def _post(hook: Webhook, parts: SplitResult, tls: ssl.SSLContext | None, change: Change) -> None:
     """Send one change; raise unless the endpoint answered 2xx within the hook's timeout."""
     body = json.dumps(nova_notification(change) if hook.nova else change_data(change), sort_keys=True).encode()
@@ -316,7 +230,7 @@ def _post(hook: Webhook, parts: SplitResult, tls: ssl.SSLContext | None, change:
         "X-Lifecycle-Timestamp": stamp,
         "X-Lifecycle-Signature": signature(hook.secrets, stamp, body),
     }
-    _exchange(parts, tls, _request(parts, headers, body), time.monotonic() + hook.timeout)
+    post(parts, tls, headers, body, deadline=time.monotonic() + hook.timeout)
 
 
 def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
@@ -330,7 +244,7 @@ def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
             try:
                 _post(hook, parts, tls, change)
                 return
-            except _Refused as exc:
+            except Refused as exc:
                 log.warning(
                     "webhook_failed",
                     url=hook.url,
