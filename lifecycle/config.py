@@ -55,7 +55,7 @@ class Settings:
     workers: int = 4
     """Threads running tasks started with ``wait=False``."""
     max_concurrent_builds: int = 10
-    """Builds one engine runs at once; a build beyond that waits its turn (Nova: max_concurrent_builds, 10)."""
+    """Spawns one engine runs at once on one host; a build beyond waits its turn (Nova: max_concurrent_builds, 10)."""
     preempt_wait_seconds: float = 30.0
     """How long a hard reboot waits for a preempted pause or suspend still inside the driver to end."""
     preempt_retries: int = 5
