@@ -27,7 +27,10 @@ on it resumes where it stopped and ``after`` is ignored (as Kafka's
 has not passed, so a consumer that is gone for good must be forgotten. Two
 followers under one name each get every change: run one per name. An
 ``exclusive`` follower (a webhook sender) holds its consumer's lock while it
-follows, so a second one is refused with :class:`ConsumerInUse`.
+follows, so a second one is refused with :class:`ConsumerInUse`; it checks it
+still holds it before it hands each change to its handler (a handler that
+retries calls :func:`confirm_claim` before each retry), and a lock lost (its
+PostgreSQL session gone) ends the batch at once, as a lost database does.
 
 **A database that goes away** (a restart, a dropped link: the store raises
 :class:`DatabaseUnavailable` with ``transient`` set) does not end a follow:
@@ -49,7 +52,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +82,7 @@ __all__ = [
     "change_data",
     "change_line",
     "check_batch",
+    "confirm_claim",
     "follow",
     "nova_notification",
     "prune",
@@ -99,6 +105,30 @@ RECONNECT_MAX = 10.0
 """Longest wait between two reconnects: the wait doubles from :data:`RECONNECT_FIRST` up to this."""
 
 Handler = Callable[[Change], object]
+
+_CLAIMED: ContextVar[Reader | None] = ContextVar("lifecycle_feed_claimed", default=None)
+"""The reader of the exclusive follow whose handler runs in this context, if any."""
+
+
+def confirm_claim() -> None:
+    """Return if the exclusive follow running this handler still holds its consumer's lock (or none runs).
+
+    Raises :class:`DatabaseUnavailable` (transient) when the lock is lost or
+    cannot be checked: the handler must then deliver nothing more, and the
+    follow reconnects and takes the lock again, or stops with :class:`ConsumerInUse`.
+    """
+    reader = _CLAIMED.get()
+    if reader is not None:
+        reader.confirm()
+
+
+@contextmanager
+def _claimed(reader: Reader | None) -> Iterator[None]:
+    token = _CLAIMED.set(reader)
+    try:
+        yield
+    finally:
+        _CLAIMED.reset(token)
 
 
 def resolve(store: Store, after: Position | str | None) -> Position:
@@ -140,11 +170,12 @@ class _Cursor:
     def due(self) -> bool:
         return time.monotonic() - self.saved >= SAVE_EVERY
 
-    def deliver(self, handler: Handler, changes: Sequence[Change]) -> None:
-        """Hand each change to ``handler``; move past those it returned from, even when one raised."""
+    def deliver(self, handler: Handler, changes: Sequence[Change], confirm: Callable[[], None]) -> None:
+        """Hand each change to ``handler`` once ``confirm`` passed; move past those it returned from, even on raise."""
         done = 0
         try:
             for change in changes:
+                confirm()
                 handler(change)
                 done += 1
         finally:
@@ -237,7 +268,8 @@ def _session(
         cursor.register()
         backoff.connected(cursor)
         try:
-            _pages(reader, cursor, handler, stop=stop, batch=batch, poll=poll)
+            with _claimed(reader if claim else None):
+                _pages(reader, cursor, handler, stop=stop, batch=batch, poll=poll)
         except DatabaseUnavailable:
             raise  # nothing to store it in: stored once the database is back
         except BaseException:
@@ -251,7 +283,7 @@ def _pages(
 ) -> None:
     while True:
         changes = reader.read(cursor.at, batch)
-        cursor.deliver(handler, changes)
+        cursor.deliver(handler, changes, confirm_claim)
         caught_up = len(changes) < batch
         if caught_up or stop.is_set() or cursor.due():
             cursor.save()

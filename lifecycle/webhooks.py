@@ -242,7 +242,7 @@ def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
         backoff = hook.first_backoff
         while True:
             try:
-                _post(hook, parts, tls, change)
+                _post(hook, parts, tls, change)  # the follow confirmed its lock before this change
                 return
             except Refused as exc:
                 log.warning(
@@ -259,6 +259,7 @@ def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
                 log.warning("webhook_failed", url=hook.url, position=str(change.position), error=error)
             if stop.wait(backoff):
                 raise _Stopped
+            feed.confirm_claim()  # another sender may have taken the URL meanwhile: never two posting
             backoff = min(backoff * 2, hook.max_backoff)
 
     return send

@@ -455,3 +455,39 @@ def _locks(engine: Engine) -> int:
     )
     with engine.store.engine.connect() as conn:
         return int(conn.execute(sa.text(query)).scalar_one())
+
+
+class _KillingHandler(_Handler):
+    """Kills the sender's sessions while it answers the first request, and notes whether a lock was held at each."""
+
+    def do_POST(self) -> None:
+        server: Any = self.server
+        server.held.append(_locks(server.engine))
+        if len(server.held) == 1:
+            kill_other_sessions(server.engine)
+        super().do_POST()
+
+
+@POSTGRES_ONLY
+@pytest.mark.parametrize("fail_odd", [False, True], ids=["taken", "retried"])
+def test_a_sender_posts_only_while_it_holds_its_lock(engine: Engine, fail_odd: bool) -> None:
+    """A sender whose session (and lock) is lost mid-batch posts nothing more, retries included, until it holds the lock again, and keeps order."""
+    receiver = Receiver(fail_odd=fail_odd)
+    receiver.RequestHandlerClass = _KillingHandler
+    server: Any = receiver
+    server.engine, server.held = engine, []
+    with running(receiver):
+        hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
+        deliver(engine, hook, stop=STOPPED)
+        before = len(engine.changes(limit=10_000))
+        for name in ("a", "b"):
+            engine.create(name, host="h1", flavor=FLAVOR, image="cirros")
+        want = [str(c.position) for c in engine.changes(limit=10_000)][before:]
+        stop = threading.Event()
+        thread = threading.Thread(target=deliver, args=(engine, hook), kwargs={"stop": stop}, daemon=True)
+        thread.start()
+        wait_until("every change taken", lambda: len(receiver.accepted) >= len(want))
+        stop.set()
+        thread.join(WAIT)
+    assert server.held[1:] and all(held == 1 for held in server.held[1:]), server.held
+    assert [a["position"] for a in receiver.accepted] == want

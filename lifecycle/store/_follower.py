@@ -13,7 +13,9 @@ consumer's lock while it follows, and a holder that dies loses it at once:
 
 - PostgreSQL: a session advisory lock on the follower's own LISTEN
   connection. A server restart or a dropped link releases it with the
-  session; the follower takes it again when it reconnects, or stops with
+  session; the follower checks it still holds it before each delivery
+  (:func:`holds_advisory_lock`, one round trip on that session), takes it
+  again when it reconnects, or stops with
   :class:`~lifecycle.errors.ConsumerInUse` if another took it meanwhile;
 - SQLite: an ``flock`` on a file next to the database (``<db>.consumer-<digest>.lock``),
   which the kernel releases when the holding process dies, however it dies.
@@ -31,7 +33,7 @@ import sqlalchemy as sa
 
 from lifecycle.errors import ConsumerInUse, DatabaseUnavailable
 
-__all__ = ["advisory_lock", "file_lock", "unavailable"]
+__all__ = ["advisory_lock", "file_lock", "holds_advisory_lock", "unavailable"]
 
 
 def _one_line(text: str) -> str:
@@ -79,6 +81,19 @@ def advisory_lock(conn: sa.Connection, consumer: str) -> None:
     """
     if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _key(consumer)}).scalar_one():
         raise ConsumerInUse(consumer)
+
+
+_HELD = sa.text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
+    " AND classid = :high AND objid = :low AND objsubid = 1)"
+)
+
+
+def holds_advisory_lock(conn: sa.Connection, consumer: str) -> bool:
+    """Return whether ``conn``'s session holds ``consumer``'s lock; the database's error if the session is gone."""
+    unsigned = _key(consumer) & 0xFFFF_FFFF_FFFF_FFFF  # a bigint key shows in pg_locks as two oids
+    params = {"high": unsigned >> 32, "low": unsigned & 0xFFFF_FFFF}
+    return bool(conn.execute(_HELD, params).scalar_one())
 
 
 @contextmanager

@@ -74,10 +74,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from lifecycle.audit import AuditEntry, AuditQuery, Change, Consumer, Position
-from lifecycle.errors import InvalidInput
+from lifecycle.errors import DatabaseUnavailable, InvalidInput
 from lifecycle.records import Cause
 from lifecycle.store._base import StoreBase
-from lifecycle.store._follower import advisory_lock, file_lock, unavailable
+from lifecycle.store._follower import advisory_lock, file_lock, holds_advisory_lock, unavailable
 from lifecycle.store._rows import AUDITS, stamp
 from lifecycle.store.db import aware, now
 from lifecycle.store.tables import FeedConsumerRow
@@ -226,6 +226,9 @@ class Reader(Protocol):
     def wait(self, stop: threading.Event, timeout: float) -> None:
         """Return after a commit of a change, ``timeout`` seconds, or ``stop``, whichever comes first."""
 
+    def confirm(self) -> None:
+        """Return if the reader still holds its consumer's lock (or has none); raise DatabaseUnavailable if not."""
+
 
 class _PollReader:
     """SQLite: reads like any other, and a clock."""
@@ -245,6 +248,9 @@ class _PollReader:
     def wait(self, stop: threading.Event, timeout: float) -> None:
         stop.wait(timeout)
 
+    def confirm(self) -> None:
+        """Return: an flock is held until the process closes it or dies, nothing to check."""
+
 
 class _ListenReader:
     """PostgreSQL: one connection of the follower's own, in autocommit, that LISTENs and reads.
@@ -255,8 +261,8 @@ class _ListenReader:
 
     notified = True
 
-    def __init__(self, conn: sa.Connection) -> None:
-        self._conn = conn
+    def __init__(self, conn: sa.Connection, claim: str | None) -> None:
+        self._conn, self._claim = conn, claim
         self._dbapi: Any = conn.connection.dbapi_connection  # psycopg's own (detached: no driver_connection)
 
     def read(self, after: Position, limit: int) -> list[Change]:
@@ -275,6 +281,15 @@ class _ListenReader:
                     for _ in self._dbapi.notifies(timeout=0):  # the others queued meanwhile: one read serves all
                         pass
                     return
+
+    def confirm(self) -> None:
+        """One round trip on the locking session: a session gone or a lock gone is a lost lock."""
+        if self._claim is None:
+            return
+        with unavailable(self._conn.dialect):
+            held = holds_advisory_lock(self._conn, self._claim)
+        if not held:
+            raise DatabaseUnavailable(f"the lock of consumer {self._claim!r} was lost", transient=True)
 
 
 class Feed(StoreBase):
@@ -333,7 +348,7 @@ class Feed(StoreBase):
                     advisory_lock(conn, claim)  # released with the session, however it ends
                 conn.exec_driver_sql(_NO_SORT.format("SESSION"))
                 conn.exec_driver_sql(f"LISTEN {CHANNEL}")
-            yield _ListenReader(conn)
+            yield _ListenReader(conn, claim)
         finally:
             with suppress(sa.exc.DBAPIError):  # a connection the server dropped has nothing left to close
                 conn.close()
