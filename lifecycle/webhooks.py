@@ -59,6 +59,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import re
 import ssl
@@ -90,6 +91,7 @@ __all__ = [
     "check_url",
     "consumer_name",
     "deliver",
+    "normal_url",
     "signature",
     "verify",
 ]
@@ -101,11 +103,16 @@ PREFIX = "webhook:"
 _URL_LIMIT = 1024
 _PRINTABLE_ASCII = re.compile(r"[!-~]+")
 _USERINFO = re.compile(r"//[^/?#]*@")
+_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]*))?")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ERROR_SHOWN = 300
+"""Most characters of a failed attempt's error logged."""
 
 
 def consumer_name(url: str) -> str:
-    """Return the feed consumer a webhook to ``url`` follows as."""
-    return f"{PREFIX}{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    """Return the feed consumer a webhook to ``url`` follows as: one per endpoint, however its URL is spelled."""
+    return f"{PREFIX}{hashlib.sha256(normal_url(url).encode()).hexdigest()[:16]}"
 
 
 def check_consumer(name: str) -> str:
@@ -170,7 +177,44 @@ def check_url(url: object) -> SplitResult:
         )
     if port == 0:
         raise InvalidInput(f"webhook URL {_shown(url)} has port 0: a port is 1 to 65535")
+    _check_host(url, parts.netloc)
     return parts
+
+
+def _check_host(url: str, netloc: str) -> None:
+    """Refuse a host no request can reach: a bracketed one that is not a plain IPv6 address, a bad DNS name."""
+    if netloc.startswith("["):
+        bracketed = _BRACKETED.fullmatch(netloc)
+        try:
+            ipaddress.IPv6Address(bracketed[1] if bracketed else "")
+        except ValueError:
+            raise InvalidInput(
+                f"webhook URL {_shown(url)} has a bracketed host that is not a plain IPv6 address (no zone)"
+            ) from None
+        return
+    host = netloc.rpartition(":")[0] if ":" in netloc else netloc
+    with suppress(ValueError):
+        ipaddress.IPv4Address(host)
+        return
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise InvalidInput(
+            f"webhook URL {_shown(url)} has host {host[:80]!r}: a host is an IPv4 address, [an IPv6 address] or a"
+            " DNS name of labels of 1 to 63 letters, digits and hyphens (not first or last), 253 characters at most"
+        )
+
+
+def normal_url(url: str) -> str:
+    """Return ``url`` checked and spelled one way: scheme and host lowercase, no default port, no empty ? or #.
+
+    A URL already spelled so comes back unchanged (its consumer name with it).
+    """
+    parts = check_url(url)
+    host = parts.netloc.rpartition("]")[0] + "]" if parts.netloc.startswith("[") else parts.hostname or ""
+    port = "" if parts.port in (None, _DEFAULT_PORTS[parts.scheme]) else f":{parts.port}"
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{host.lower()}{port}{parts.path}{query}{fragment}"
 
 
 def _check_secret(label: str, secret: object) -> bytes:
@@ -197,7 +241,7 @@ class Webhook:
     """Secrets being rotated out: each request is signed by these too, so receivers still holding one verify."""
 
     def __post_init__(self) -> None:
-        check_url(self.url)
+        object.__setattr__(self, "url", normal_url(self.url))  # one consumer per endpoint, however spelled
         _check_secret("webhook secret", self.secret)
         if not isinstance(self.previous_secrets, tuple):
             raise InvalidInput("webhook previous secrets must be a tuple of bytes")
@@ -255,7 +299,7 @@ def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
                     answer=exc.excerpt,
                 )
             except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, resets, TLS, garbage
-                error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"[:_ERROR_SHOWN]  # a BadStatusLine carries the whole line
                 log.warning("webhook_failed", url=hook.url, position=str(change.position), error=error)
             if stop.wait(backoff):
                 raise _Stopped

@@ -244,6 +244,7 @@ def test_a_trickling_answer_cannot_hold_an_attempt_past_its_deadline(engine: Eng
 
 GARBAGE = {
     "bad-status-line": answer(b"SMTP ready\r\n\r\n"),
+    "long-bad-status-line": answer(b"X" * 15000 + b"\r\n\r\n"),
     "over-100-headers": answer(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n"),
     "head-over-the-limit": answer(b"HTTP/1.1 200 OK\r\nX-Big: " + b"y" * ANSWER_LIMIT + b"\r\n\r\n"),
     "short-body": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"),
@@ -256,7 +257,7 @@ GARBAGE = {
 
 @pytest.mark.parametrize("name", list(GARBAGE))
 def test_a_garbage_answer_is_retried_and_the_sender_lives(engine: Engine, name: str) -> None:
-    """Malformed answers (bad status line, >100 headers, an over-long head, a short body, none at all) fail the attempt; the retry delivers."""
+    """Malformed answers (bad status line, >100 headers, an over-long head, a short body, none at all) fail the attempt, logged clipped; the retry delivers."""
     with all_logs() as logs, serving(Endpoint([GARBAGE[name]] * 3)) as endpoint:
         hook = Webhook(endpoint.url, SECRET, timeout=2.0, first_backoff=0.01, max_backoff=0.02)
         with sending(engine, hook):
@@ -265,6 +266,7 @@ def test_a_garbage_answer_is_retried_and_the_sender_lives(engine: Engine, name: 
     assert endpoint.positions()[:4] == [first] * 4 and endpoint.positions().count(first) == 4
     failed = [e for e in logs if e["event"] == "webhook_failed"]
     assert len(failed) == 3 and all(e["error"] and e["position"] == first for e in failed), failed
+    assert all(len(e["error"]) <= 300 for e in failed), "a failed attempt's error logged unclipped"
     assert max(endpoint.seconds) < 1.0, "a malformed answer was waited on until the deadline"
 
 

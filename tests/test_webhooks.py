@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -180,6 +181,69 @@ def test_a_url_with_a_password_is_refused_never_printed_and_registers_nothing(en
     assert "hunter2" not in str(caught.value)
     assert engine.consumers() == []
     assert "a shared secret" not in repr(Webhook("http://127.0.0.1:9/hook", SECRET, previous_secrets=(OLD_SECRET,)))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1]]/",
+        "http://[v1.x]/",
+        "http://[fe80::1%25lo]/",
+        "http://a..b/",
+        "http://-a.example/",
+        "http://a_b.example/",
+        f"http://{'a' * 64}.example/",
+        f"http://{'a.' * 127}a/",
+    ],
+)
+def test_a_host_no_request_can_reach_is_refused(engine: Engine, url: str) -> None:
+    """A bracketed host that is not a plain IPv6 address, or a DNS name with a bad label or over 253 characters, is refused and registers nothing."""
+    with pytest.raises(InvalidInput, match="host"):
+        engine.deliver_webhook(url, SECRET, stop=STOPPED)
+    assert engine.consumers() == []
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1]:8080/x", "http://10.0.0.1/", f"http://{'a' * 63}.example.com./", "https://x-1.example/"]
+)
+def test_a_reachable_host_is_taken(url: str) -> None:
+    """An IPv6 or IPv4 address, or a DNS name of 63-character labels (a trailing dot allowed), is a valid webhook host."""
+    assert Webhook(url, SECRET).url == url
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "HTTP://127.0.0.1:18082/s",
+        "http://127.0.0.1:0018082/s",
+        "http://127.0.0.1:18082/s?",
+        "http://127.0.0.1:18082/s#",
+        "hTTp://127.0.0.1:18082/s?#",
+    ],
+)
+def test_spellings_of_one_url_are_one_consumer(engine: Engine, spelling: str) -> None:
+    """Scheme case, a port's leading zeros and an empty ? or # name the endpoint the normal spelling does: one consumer, one lock, that URL stored."""
+    normal = "http://127.0.0.1:18082/s"
+    assert consumer_name(spelling) == consumer_name(normal)
+    engine.deliver_webhook(spelling, SECRET, stop=STOPPED)
+    assert engine.webhook_urls() == {consumer_name(normal): normal}
+
+
+@pytest.mark.parametrize(
+    ("spelling", "normal"),
+    [("http://EXAMPLE.com:80/A?b=C#d", "http://example.com/A?b=C#d"), ("https://[::1]:443/", "https://[::1]/")],
+)
+def test_a_url_is_stored_in_its_normal_spelling(spelling: str, normal: str) -> None:
+    """The host is lowercased and a default port dropped, the path, query and fragment kept as written."""
+    assert Webhook(spelling, SECRET).url == normal
+
+
+def test_a_normally_spelled_url_keeps_its_consumer_name() -> None:
+    """A URL already in its normal spelling keeps the name it always had (sha256 of the URL), so deployments keep their position."""
+    assert (
+        consumer_name("http://127.0.0.1:18082/s")
+        == "webhook:" + hashlib.sha256(b"http://127.0.0.1:18082/s").hexdigest()[:16]
+    )
 
 
 @pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999/x", "http://127.0.0.1:x/", "gopher://h/"])
