@@ -61,6 +61,7 @@ import hmac
 import http.client
 import ipaddress
 import json
+import math
 import re
 import ssl
 import threading
@@ -106,6 +107,9 @@ _USERINFO = re.compile(r"//[^/?#]*@")
 _BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]*))?")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_TIMESTAMP = re.compile(r"[0-9]{1,20}")
+_SIGNATURES = 16
+"""Most values of a signature header :func:`verify` compares: a sender lists one per secret."""
 _ERROR_SHOWN = 300
 """Most characters of a failed attempt's error logged."""
 
@@ -140,12 +144,19 @@ def verify(secret: bytes, timestamp: str, body: bytes, header: str, *, tolerance
 
     What a receiver does (in any language): recompute the HMAC, compare it in
     constant time with each value the header lists, and refuse a timestamp
-    too far from now (a replay).
+    too far from now (a replay). A timestamp that is not 1 to 20 ASCII digits
+    is False; only the header's first :data:`_SIGNATURES` values are looked at
+    (a sender lists one per secret). :class:`InvalidInput` for a ``tolerance``
+    that is not a finite number >= 0.
     """
-    if not timestamp.isascii() or not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise InvalidInput(f"tolerance must be a finite number of seconds >= 0, got {tolerance!r}")
+    if not isinstance(timestamp, str) or not _TIMESTAMP.fullmatch(timestamp):
+        return False  # checked before int(): thousands of digits would exceed its conversion limit
+    if abs(time.time() - int(timestamp)) > tolerance:
         return False
     expected = signature(secret, timestamp, body).encode()
-    given = [value.strip().encode("utf-8", "replace") for value in header.split(",")]
+    given = [value.strip().encode("utf-8", "replace") for value in header.split(",", _SIGNATURES)[:_SIGNATURES]]
     return any([hmac.compare_digest(expected, value) for value in given])
 
 

@@ -555,3 +555,27 @@ def test_a_sender_posts_only_while_it_holds_its_lock(engine: Engine, fail_odd: b
         thread.join(WAIT)
     assert server.held[1:] and all(held == 1 for held in server.held[1:]), server.held
     assert [a["position"] for a in receiver.accepted] == want
+
+
+@pytest.mark.parametrize("stamp", ["1" * 5000, "1" * 21, "", " 1", "+1", "1.0", "١٢٣"])
+def test_verify_is_false_for_a_timestamp_not_of_1_to_20_ascii_digits(stamp: str) -> None:
+    """A timestamp of thousands of digits, signs, spaces or non-ASCII digits is False, never a ValueError."""
+    assert verify(SECRET, stamp, b"{}", signature(SECRET, stamp, b"{}"), tolerance=1e30) is False
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -1, -0.5, "300", True])
+def test_verify_refuses_a_tolerance_that_is_not_a_finite_number_of_seconds(tolerance: Any) -> None:
+    """A tolerance of nan, inf, below 0 or not a number is InvalidInput (inf would accept any replay)."""
+    stamp = str(int(time.time()))
+    with pytest.raises(InvalidInput, match="tolerance"):
+        verify(SECRET, stamp, b"{}", signature(SECRET, stamp, b"{}"), tolerance=tolerance)
+
+
+def test_verify_takes_spaces_and_bounds_a_header_of_many_values() -> None:
+    """Spaces around values are ignored, and a header of 100,000 values is answered (False) quickly without a crash."""
+    stamp = str(int(time.time()))
+    good = signature(SECRET, stamp, b"{}")
+    assert verify(SECRET, stamp, b"{}", f"  {good}  ,  sha256=00 ")
+    started = time.monotonic()
+    assert verify(SECRET, stamp, b"{}", ", ".join(["sha256=00"] * 100_000 + [good])) is False
+    assert time.monotonic() - started < 0.5
