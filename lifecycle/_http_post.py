@@ -5,7 +5,9 @@ so that nothing is followed (a redirect is a refusal), every read waits only
 for what is left of the attempt's deadline (connect, TLS, request and answer
 share it: a peer that trickles cannot hold an attempt longer), and at most
 :data:`ANSWER_LIMIT` bytes of an answer are read (a huge one cannot fill the
-sender's memory). Name lookups keep the resolver's own timeouts.
+sender's memory). Interim 1xx answers are skipped (a few at most, within the
+same deadline and byte limit); a head cut short by the peer closing, or one
+with two different ``Content-Length`` values, fails the attempt. Name lookups keep the resolver's own timeouts.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from contextlib import suppress
 from typing import Any
 from urllib.parse import SplitResult
 
-__all__ = ["ANSWER_BYTES", "ANSWER_LIMIT", "Refused", "post"]
+__all__ = ["ANSWER_BYTES", "ANSWER_LIMIT", "INTERIM_LIMIT", "Refused", "post"]
 
 ANSWER_BYTES = 4096
 """Most of an answer's body an attempt reads (to see a 2xx's body complete, or to log a refusal's)."""
 ANSWER_LIMIT = 16384
 """Most bytes of an answer read in all, status line and headers included: a longer answer fails the attempt."""
+INTERIM_LIMIT = 6
+"""Most answers read to find the final one: interim 1xx answers (103 Early Hints) are skipped, up to 5."""
 
 
 class Refused(Exception):
@@ -50,6 +54,9 @@ class _Answer(io.RawIOBase):
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         super().__init__()
         self._sock, self._deadline, self._budget = sock, deadline, ANSWER_LIMIT
+        self._file = io.BufferedReader(self)
+        self.ended = False
+        """Whether the peer closed its side: seen while a head is read, the head was cut short."""
 
     def readable(self) -> bool:
         return True
@@ -60,11 +67,16 @@ class _Answer(io.RawIOBase):
         self._sock.settimeout(_left(self._deadline))
         got = self._sock.recv_into(buffer, min(len(buffer), self._budget))
         self._budget -= got
+        self.ended = self.ended or got == 0
         return got
 
-    def makefile(self, _mode: str) -> io.BufferedReader:
-        """Stand in for the socket's file, which is all :class:`http.client.HTTPResponse` reads."""
-        return io.BufferedReader(self)
+    def makefile(self, _mode: str) -> io.BufferedReader[_Answer]:
+        """Stand in for the socket's file, which is all :class:`http.client.HTTPResponse` reads.
+
+        One reader for every answer on the connection (interim ones, then the final): what it buffered
+        past one answer's head is the next one's.
+        """
+        return self._file
 
 
 def _request(parts: SplitResult, headers: dict[str, str], body: bytes) -> bytes:
@@ -88,6 +100,32 @@ def _read_body(answer: http.client.HTTPResponse) -> None:
             raise http.client.IncompleteRead(b"", want - got)
 
 
+def _head(raw: _Answer) -> http.client.HTTPResponse:
+    """Read one answer's status line and headers; HTTPException for a head cut short or two different lengths.
+
+    :mod:`http.client` takes the end of the connection for the blank line that ends a head: a head the
+    peer closed in the middle of must fail the attempt, not count as an answer.
+    """
+    answer = http.client.HTTPResponse(raw, method="POST")  # type: ignore[arg-type]
+    answer.begin()
+    if raw.ended:
+        raise http.client.HTTPException("the answer's head was cut short: the connection closed before its blank line")
+    lengths = {value.strip() for value in answer.msg.get_all("Content-Length") or ()}
+    if len(lengths) > 1:
+        raise http.client.HTTPException(f"the answer has {len(lengths)} different Content-Length values")
+    return answer
+
+
+def _final(raw: _Answer) -> http.client.HTTPResponse:
+    """Return the final answer, past interim 1xx ones (103 Early Hints...; 101 is final, and refused)."""
+    for _ in range(INTERIM_LIMIT):
+        answer = _head(raw)
+        if not (100 <= answer.status < 200 and answer.status != 101):
+            return answer
+        answer.fp = None  # type: ignore[assignment]  # the shared reader must outlive this answer's close
+    raise http.client.HTTPException(f"more than {INTERIM_LIMIT - 1} interim 1xx answers: no final one read")
+
+
 def post(
     parts: SplitResult, tls: ssl.SSLContext | None, headers: dict[str, str], body: bytes, *, deadline: float
 ) -> None:
@@ -104,9 +142,8 @@ def post(
         with sock:
             sock.settimeout(_left(deadline))
             sock.sendall(request)
-            answer = http.client.HTTPResponse(_Answer(sock, deadline), method="POST")  # type: ignore[arg-type]
+            answer = _final(_Answer(sock, deadline))
             with answer:
-                answer.begin()
                 if 200 <= answer.status < 300:
                     _read_body(answer)
                     return

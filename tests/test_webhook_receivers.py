@@ -252,12 +252,16 @@ GARBAGE = {
     "nothing": answer(b""),
     "http-0.9": answer(b"<html>hello</html>"),
     "binary": answer(bytes(range(256)) * 4),
+    "head-cut-short": answer(b"HTTP/1.1 200 OK\r\nContent-Len"),
+    "head-without-blank-line": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"),
+    "two-content-lengths": answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nhello"),
+    "endless-interim-answers": answer(b"HTTP/1.1 103 Early Hints\r\n\r\n" * 10 + b"HTTP/1.1 200 OK\r\n\r\n"),
 }
 
 
 @pytest.mark.parametrize("name", list(GARBAGE))
 def test_a_garbage_answer_is_retried_and_the_sender_lives(engine: Engine, name: str) -> None:
-    """Malformed answers (bad status line, >100 headers, an over-long head, a short body, none at all) fail the attempt, logged clipped; the retry delivers."""
+    """Malformed answers (bad status line, >100 headers, a head over-long or cut short, a short body, two lengths, none at all) fail the attempt, logged clipped; the retry delivers."""
     with all_logs() as logs, serving(Endpoint([GARBAGE[name]] * 3)) as endpoint:
         hook = Webhook(endpoint.url, SECRET, timeout=2.0, first_backoff=0.01, max_backoff=0.02)
         with sending(engine, hook):
@@ -385,3 +389,23 @@ def test_https_is_delivered_to_a_trusted_certificate_and_refused_an_unknown_one(
         with sending(engine, Webhook(url, SECRET, timeout=2.0, first_backoff=0.01)):
             wait_until("delivered over https", lambda: len(receiver.accepted) >= 1)
     assert receiver.accepted[0]["position"] == first
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 199 Whatever\r\n\r\n",
+    ],
+)
+def test_interim_answers_are_skipped_and_the_final_one_counts(engine: Engine, interim: bytes) -> None:
+    """1xx answers (but 101) before a 200 in the same packet are skipped: the change is delivered in one attempt, none lost."""
+    final = answer(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    with all_logs() as logs, serving(Endpoint([final] * 50)) as endpoint:
+        hook = Webhook(endpoint.url, SECRET, timeout=2.0, first_backoff=0.01, max_backoff=0.02)
+        with sending(engine, hook):
+            first, newest = _changes(engine)
+            wait_until("delivered", lambda: _position(engine, endpoint.url) == newest)
+    assert endpoint.positions()[0] == first and len(endpoint.positions()) == len(set(endpoint.positions()))
+    assert [e for e in logs if e["event"] == "webhook_failed"] == []
