@@ -1279,6 +1279,8 @@ def _run(argv: list[str]) -> int:
         configure_logging(args.log_format, args.log_level)
     try:
         args.db_from_flag = args.db is not None
+        if args.db_from_flag:  # the checks the environment's and the config file's URL get
+            args.db = validation.database_url("--db", args.db)
         if args.command not in _NO_CONFIG:
             _configure(args)
         if args.command in _STANDALONE:

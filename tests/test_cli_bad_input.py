@@ -279,6 +279,9 @@ CASES: list[Any] = [
     ("db-corrupt", ["--db", "{corrupt}", "list"]),
     ("db-corrupt-upgrade", ["--db", "{corrupt}", "db", "upgrade"]),
     ("db-unreachable-postgres", ["--db", "postgresql+psycopg://u@127.0.0.1:1/x", "show", "{uuid}"]),
+    ("db-ipv6-unclosed", ["--db", "postgresql+psycopg://u:hunter2@[::1/db", "list"]),
+    ("db-at-in-password", ["--db", "postgresql+psycopg://u:abc@SECRETTAIL@127.0.0.1:5/db", "list"]),
+    ("db-at-in-password-upgrade", ["--db", "postgresql+psycopg://u:abc@SECRETTAIL@127.0.0.1:5/db", "db", "upgrade"]),
     ("revision-unknown", ["db", "downgrade", "zzz"]),
     ("revision-future", ["db", "upgrade", "0099"]),
     ("revision-backwards", ["db", "upgrade", "0001"]),
@@ -407,3 +410,14 @@ def test_bad_input_through_the_real_executable(world: World, argv: list[str]) ->
     )
     _assert_typed_error(done.returncode, done.stdout, done.stderr)
     assert dump(world.folder) == before
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg://u:hunter2@[::1/db", "postgresql+psycopg://u:hunter2@SECRETTAIL@127.0.0.1:5/db"]
+)
+def test_db_flag_gets_the_database_url_checks(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    """--db is refused as the environment's URL is (an unclosed bracket, an unencoded @), naming --db and showing no part of the password."""
+    assert main(["--db", url, "host", "list"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --db: ") and len(err.splitlines()) == 1, err
+    assert "hunter2" not in out + err and "SECRETTAIL" not in out + err
