@@ -785,6 +785,38 @@ def _changes(engine: Engine, args: argparse.Namespace) -> None:
         restore()
 
 
+def _relays(args: argparse.Namespace) -> bool:
+    """Whether the command follows the feed until told to stop: ``changes --follow`` or ``changes webhook``."""
+    if args.command != "changes":
+        return False
+    return args.changes_command == "webhook" or (args.changes_command is None and args.follow)
+
+
+def _await_database(args: argparse.Namespace) -> None:
+    """Wait for a database that is down when a relay starts, as the relay would once running; stop on a signal.
+
+    Its input is checked first: bad input exits 2 at once, whatever the database's state.
+    """
+    import threading
+
+    from lifecycle.feed import wait_for_database
+
+    consumer = args.consumer if args.changes_command is None else None
+    if args.changes_command == "webhook":
+        from lifecycle.webhooks import check_url, consumer_name
+
+        check_url(args.url)
+        if not _secret(_SECRET):
+            raise InvalidInput(f"changes webhook signs every request: set {_SECRET} (16 bytes or more)")
+        consumer = consumer_name(args.url)
+    stop = threading.Event()
+    restore = _stop_on_signals(stop)
+    try:
+        wait_for_database(args.db, consumer, stop=stop)
+    finally:
+        restore()
+
+
 def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
     """Make SIGTERM and SIGINT set ``stop``; return what puts the previous handlers back."""
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -1289,6 +1321,8 @@ def _run(argv: list[str]) -> int:
             return 0
         from lifecycle.engine import Engine  # here: --help, graph and config show never import the engine
 
+        if _relays(args):
+            _await_database(args)
         with Engine(args.db, settings=args.settings) as engine:
             _resume_gc()
             return _HANDLERS.get(args.command, _run_op)(engine, args) or 0

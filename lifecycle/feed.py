@@ -32,6 +32,10 @@ still holds it before it hands each change to its handler (a handler that
 retries calls :func:`confirm_claim` before each retry), and a lock lost (its
 PostgreSQL session gone) ends the batch at once, as a lost database does.
 
+**A database that is away when a follower starts** is waited for the same
+way, before anything is read (:func:`wait_for_database`, what the CLI's
+relays call first).
+
 **A database that goes away** (a restart, a dropped link: the store raises
 :class:`DatabaseUnavailable` with ``transient`` set) does not end a follow:
 it logs ``feed_database_lost`` with the database's own message, reconnects
@@ -88,6 +92,7 @@ __all__ = [
     "prune",
     "query_audit",
     "resolve",
+    "wait_for_database",
 ]
 
 log = structlog.get_logger(__name__)
@@ -205,6 +210,31 @@ class _Backoff:
         if self.lost is not None:
             log.info("feed_database_back", consumer=cursor.consumer, position=str(cursor.at))
         self.next, self.lost = RECONNECT_FIRST, None
+
+
+def wait_for_database(url: str, consumer: str | None, *, stop: threading.Event) -> None:
+    """Return once the database at ``url`` accepts a connection, waiting as a follow does while it is away.
+
+    For a follower started while its database is down: each failed try logs
+    ``feed_database_lost`` and waits, the wait doubling from
+    :data:`RECONNECT_FIRST` to :data:`RECONNECT_MAX` seconds.
+    :class:`DatabaseUnavailable` when told to stop meanwhile; an error waiting
+    cannot cure returns at once, for opening the database to report it.
+    """
+    from lifecycle.store._follower import probe
+
+    backoff = _Backoff()
+    while True:
+        try:
+            probe(url)
+            return
+        except DatabaseUnavailable as exc:
+            if not exc.transient:
+                return
+            wait = backoff.failed(exc)
+            log.warning("feed_database_lost", consumer=consumer, position=None, error=exc.reason, retry_in=wait)
+            if stop.wait(wait):
+                raise DatabaseUnavailable(exc.reason, transient=True, stopped="nothing delivered") from exc
 
 
 def follow(

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 
 from lifecycle.errors import ConsumerInUse, DatabaseUnavailable
 
-__all__ = ["advisory_lock", "file_lock", "holds_advisory_lock", "unavailable"]
+__all__ = ["advisory_lock", "file_lock", "holds_advisory_lock", "probe", "unavailable"]
 
 
 def _one_line(text: str) -> str:
@@ -67,6 +67,31 @@ def unavailable(dialect: sa.Dialect) -> Iterator[None]:
         raise _mapped(dialect, exc) from exc
     except driver_error as exc:  # off a DBAPI cursor or connection, which SQLAlchemy does not wrap
         raise _mapped(dialect, exc) from exc
+
+
+_WAITABLE = ("08", "53", "57P")
+"""SQLSTATE classes a server answers a connection with that waiting may cure: connection exceptions,
+insufficient resources (too many connections), operator intervention (shutting down, starting up)."""
+
+
+def probe(url: str) -> None:
+    """Open one connection to ``url`` and close it; :class:`DatabaseUnavailable` if it cannot be opened.
+
+    ``transient`` when waiting may cure it: as :func:`unavailable` says, except that a PostgreSQL server
+    that answered with a refusal waiting cannot cure (a wrong password, a missing database) is not.
+    """
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with unavailable(engine.dialect):
+            try:
+                engine.connect().close()
+            except sa.exc.DBAPIError as exc:
+                state = getattr(exc.orig, "sqlstate", None)
+                if engine.dialect.name == "postgresql" and state and not state.startswith(_WAITABLE):
+                    raise DatabaseUnavailable(_one_line(str(exc.orig)), transient=False) from exc
+                raise
+    finally:
+        engine.dispose()
 
 
 def _key(consumer: str) -> int:
