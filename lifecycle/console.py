@@ -12,18 +12,24 @@ A remote host (a qemu URI with a transport, or naming another machine: see
 VNC servers listen on that machine, so the address libvirt reports for them
 (``vnc_listen``, 127.0.0.1 by default) would lead the proxy to a port of its
 own machine, perhaps another guest's screen. No token is issued for such a
-host without one, and a token issued before is never honoured.
+host without one, and a token issued before is never honoured. Nor may that address
+lead back to the proxy's machine (:func:`check_console_address`): loopback,
+``localhost`` and the unspecified address are refused for such a host.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import os
+import re
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 import sqlalchemy as sa
 import structlog
@@ -44,6 +50,7 @@ __all__ = [
     "ConsoleConnection",
     "TokenClaim",
     "check",
+    "check_console_address",
     "issue",
     "lookup",
     "purge",
@@ -61,6 +68,9 @@ _REFUSED_VM = frozenset({VmState.DELETED, VmState.SOFT_DELETED, VmState.BUILDING
 _CONSOLE_VM = frozenset(VmState) - _REFUSED_VM
 _CONSOLE_TASKS = frozenset({None, *(set(TaskState) - _REFUSED_TASKS)})
 _LOCAL_NAMES = frozenset({"", "localhost", "127.0.0.1", "::1"})
+_TLS_PORT = 16514  # libvirt's transport (and so its port) for a qemu URI naming a host without one
+_SYSTEM_SOCKETS = frozenset({"/run/libvirt/libvirt-sock", "/var/run/libvirt/libvirt-sock"})
+_SESSION_SOCKET = re.compile(r"/run/user/[0-9]+/libvirt/libvirt-sock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +153,9 @@ def requires_console_address(uri: str) -> bool:
     """Say whether a host reached through ``uri`` must be registered with a console address.
 
     True for a qemu URI with a network transport (``qemu+tcp``, ``+tls``, ``+ssh``, ``+libssh``,
-    ``+libssh2``, any but ``+unix``) or naming a machine other than this one (``qemu://host/system``:
-    libvirt's default transport is TLS); its guests' VNC servers listen on that machine. False for
+    ``+libssh2``, any but ``+unix``), naming a machine other than this one (``qemu://host/system``:
+    libvirt's default transport is TLS), or tunnelled (a local name with a port other than 16514, a
+    ``socket=`` other than libvirt's own); its guests' VNC servers listen on that machine. False for
     the machine's own libvirtd and for the test and fake drivers. Raises :class:`InvalidInput` for a
     URI that does not parse.
     """
@@ -159,7 +170,68 @@ def requires_console_address(uri: str) -> bool:
     driver, _, transport = parts.scheme.lower().partition("+")
     if driver != "qemu":
         return False
-    return (transport != "" and transport != "unix") or host not in _LOCAL_NAMES
+    return (transport != "" and transport != "unix") or host not in _LOCAL_NAMES or _tunnelled(parts)
+
+
+def _tunnelled(parts: SplitResult) -> bool:
+    """Say whether a URI naming this machine may still reach another one's libvirtd through a tunnel.
+
+    A local name with a port other than libvirt's (``qemu://localhost:16515/system``) is a
+    forwarded port, and a ``socket=`` other than libvirt's own for the path is a forwarded
+    socket (``ssh -L``): either may end on any machine.
+    """
+    if parts.port is not None and parts.port != _TLS_PORT:
+        return True
+    own = _SYSTEM_SOCKETS if parts.path == "/system" else frozenset()
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        path = os.path.normpath(value) if value else value
+        if key == "socket" and path not in own and not (parts.path == "/session" and _SESSION_SOCKET.fullmatch(path)):
+            return True
+    return False
+
+
+def check_console_address(uri: str, address: str) -> None:
+    """Refuse (:class:`InvalidInput`) a console address that leads a remote host's consoles to the proxy's machine.
+
+    For a host that needs a console address (:func:`requires_console_address`), a loopback
+    address, ``localhost`` (or a name under it) and the unspecified address (``0.0.0.0``,
+    ``::``) all reach the proxy's own machine, perhaps another guest's screen. One exception:
+    the loopback address the URI itself names (``qemu+tcp://127.0.0.2/system`` with
+    ``127.0.0.2``), a libvirtd listening there, whose guests are on this machine too.
+    """
+    if not requires_console_address(uri) or not _leads_here(address):
+        return
+    here = _ip(address)
+    if here is not None and not here.is_unspecified and here == _ip(urlsplit(uri.strip()).hostname or ""):
+        return
+    raise InvalidInput(
+        f"console address {address!r} is this machine (loopback, localhost or unspecified), but the host's URI {uri}"
+        " may reach another machine: console tokens would lead to a port of the console proxy's own machine, perhaps"
+        " another guest's screen; give the host's management address, where its guests' VNC servers listen"
+    )
+
+
+def _leads_here(address: str) -> bool:
+    """Say whether connecting to ``address`` reaches this machine whatever machine it is said on."""
+    name = address.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    ip = _ip(address)
+    return ip is not None and (ip.is_loopback or ip.is_unspecified)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the address ``text`` spells, legacy IPv4 forms (``127.1``, ``0``) and IPv4-mapped IPv6 included."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        try:  # what connect() would make of it: inet_aton reads 127.1, 0x7f.1 and 0 too
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _no_console_address(host: Host) -> str:

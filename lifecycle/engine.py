@@ -157,13 +157,17 @@ class Engine:
         another host already uses is refused: one libvirtd is one host. ``console_address``
         is the host's management address, where its guests' VNC servers listen
         and console tokens lead (default: the engine's ``vnc_listen``); a remote
-        host (:func:`lifecycle.console.requires_console_address`) must have one.
+        host (:func:`lifecycle.console.requires_console_address`) must have one, and not one
+        leading back to this machine (:func:`lifecycle.console.check_console_address`).
         """
         validation.name("host", name)
         if not isinstance(driver_uri, str):
             raise InvalidInput(f"driver URI must be a string, got {type(driver_uri).__name__}")
         uri = drivers.validate_uri(driver_uri)
-        if console_address is None and console.requires_console_address(uri):
+        address = _console_address(console_address)
+        if address is not None:
+            console.check_console_address(uri, address)
+        elif console.requires_console_address(uri):
             raise InvalidInput(
                 f"host {name} ({uri}) is on another machine: give its management address with console_address"
                 " (lifecycle host add --console-address ADDR), where its guests' VNC servers listen; without it"
@@ -194,7 +198,7 @@ class Engine:
             capabilities=_labels("capabilities", capabilities),
             hypervisor_type=_short("hypervisor type", hypervisor_type, 64),
             architecture=_short("architecture", architecture, 32),
-            console_address=_console_address(console_address),
+            console_address=address,
         )
 
     def host(self, name: str) -> Host:

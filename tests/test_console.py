@@ -138,6 +138,14 @@ def _hash(token: str) -> str:
         ("qemu:///session", False),
         ("qemu+unix:///system", False),
         ("qemu://localhost/system", False),
+        ("qemu://localhost:16514/system", False),  # libvirt's own TLS port, spelled out
+        ("qemu://localhost:16515/system", True),  # a forwarded port: a tunnel to any machine
+        ("qemu:///system?socket=/run/ssh-forward/x", True),  # a forwarded socket
+        ("qemu+unix:///system?socket=/srv/fwd/sock", True),
+        ("qemu:///system?socket=/run/libvirt/libvirt-sock", False),  # libvirtd's own socket
+        ("qemu:///system?socket=/var/run/libvirt/libvirt-sock", False),
+        ("qemu:///session?socket=/run/user/1000/libvirt/libvirt-sock", False),
+        ("qemu:///session?socket=/run/libvirt/libvirt-sock", True),  # the system socket is not the session's
         ("test:///default", False),
         ("fake://", False),
     ],
@@ -145,6 +153,48 @@ def _hash(token: str) -> str:
 def test_which_hosts_need_a_console_address(uri: str, remote: bool) -> None:
     """A qemu URI with a network transport or another machine's name needs a console address; local ones do not."""
     assert console.requires_console_address(uri) is remote
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.9.9.9",
+        "127.1",
+        "0",
+        "::1",
+        "::ffff:127.0.0.1",
+        "localhost",
+        "LocalHost",
+        "a.localhost",
+        "0.0.0.0",
+        "::",
+    ],
+)
+@pytest.mark.parametrize(
+    "uri", ["qemu+tcp://10.0.0.5/system", "qemu://localhost:16515/system", "qemu:///system?socket=/f/s"]
+)
+def test_a_remote_host_with_a_console_address_of_this_machine_is_refused(
+    engine: Engine, uri: str, address: str
+) -> None:
+    """A host needing a console address is refused one that is loopback, localhost or unspecified, and not added."""
+    with pytest.raises(InvalidInput, match="this machine"):
+        engine.add_host("far", uri, "/srv/far", console_address=address)
+    assert "far" not in [h.name for h in engine.hosts()]
+
+
+@pytest.mark.parametrize(
+    ("uri", "address"),
+    [
+        ("qemu+tcp://10.0.0.5/system", "10.0.0.5"),
+        ("qemu+tcp://127.0.0.2/system", "127.0.0.2"),  # a libvirtd listening on that loopback address
+        ("qemu:///system", "127.0.0.1"),  # this machine's own libvirtd
+        ("fake://", "::1"),
+    ],
+)
+def test_a_console_address_that_is_where_the_guests_are_is_accepted(engine: Engine, uri: str, address: str) -> None:
+    """A routable address, the loopback address the URI itself names, or loopback for a local host is accepted."""
+    assert engine.add_host("h", uri, "/srv/h", console_address=address).console_address == address
 
 
 def test_a_uri_that_does_not_parse_is_invalid_input() -> None:
