@@ -32,6 +32,7 @@ __all__ = [
     "database_url",
     "image_path",
     "metrics",
+    "masked_query",
     "name",
     "period",
     "seconds",
@@ -194,12 +195,25 @@ def database_url(label: str, value: object) -> str:
     return text
 
 
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+
+
 def shown_url(url: str) -> str:
     """Return a URL as it may be printed: whatever stands between ``user:`` and the last ``@`` is masked.
 
     Unlike SQLAlchemy's own masking this needs no parse, so it also masks URLs that do not parse,
-    and the whole of a password holding an unencoded ``@``.
+    and the whole of a password holding an unencoded ``@``. A ``password`` or ``sslpassword`` in
+    the query (libpq takes both there) is masked too.
     """
+    return masked_query(_shown_authority(url))
+
+
+def masked_query(url: str) -> str:
+    """Return ``url`` with the value of a ``password`` or ``sslpassword`` query parameter masked."""
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def _shown_authority(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if sep and at and not userinfo.startswith("/"):  # sqlite:///a@b.db has no user part

@@ -298,3 +298,20 @@ def test_unsafe_character_finds_the_first_one() -> None:
     assert validation.unsafe_character("plain text") is None
     assert validation.unsafe_character("a\u00a0b") is None  # a no-break space is printable enough for a name
     assert validation.unsafe_character("ok\x1b[31mred\u202e") == "\x1b"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://u@127.0.0.1:5/db?password=hunter3",
+        "postgresql+psycopg://u@h/db?sslmode=require&sslpassword=hunter3",
+        "postgresql+psycopg://u@h/db?PASSWORD=hunter3#x",
+        "postgresql+psycopg://u@[::1/db?password=hunter3",
+    ],
+)
+def test_a_password_in_a_database_urls_query_is_never_shown(url: str) -> None:
+    """Both ways a URL is printed mask a password or sslpassword given in the query, parsed or not."""
+    from lifecycle.store.db import shown_url
+
+    for shown in (validation.shown_url(url), shown_url(url)):
+        assert "hunter3" not in shown and "***" in shown, shown

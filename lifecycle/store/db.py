@@ -26,6 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from lifecycle import validation
 from lifecycle.errors import InvalidInput, SchemaOutOfDate
 
 __all__ = [
@@ -139,11 +140,11 @@ def _readable(dbapi_conn: Any) -> bool:
 
 
 def shown_url(url: str | sa.URL) -> str:
-    """Return the URL as it may be printed: the password hidden, quoted when it does not parse."""
+    """Return the URL as it may be printed: the password hidden (in the query too), quoted when it does not parse."""
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return repr(url)
+        return validation.masked_query(sa.make_url(url).render_as_string(hide_password=True))
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port or an IPv6 host that does not parse
+        return repr(validation.shown_url(str(url)))
 
 
 def _one_line(text: str) -> str:
