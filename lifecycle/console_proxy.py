@@ -175,6 +175,12 @@ class ConsoleProxy:
         metrics = self.settings.console_metrics_listen
         if metrics not in ("", "off"):
             address = listen_address("setting console_metrics_listen", metrics)
+            if address == (host, port) and port != 0:
+                raise InvalidInput(
+                    f"setting console_metrics_listen ({metrics}) is the console proxy's own listen address"
+                    f" ({host}:{port}): give /metrics an address of its own, or leave the setting empty to serve"
+                    " it on the console port"
+                )
             self._metrics_server = await _listen(
                 _no_session, *address, process_request=self._metrics_only, label=" (console_metrics_listen)"
             )

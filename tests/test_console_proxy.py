@@ -722,6 +722,21 @@ def test_a_metrics_address_in_use_leaves_nothing_listening(engine: Engine) -> No
         assert probe.connect_ex(("127.0.0.1", console_port)) != 0
 
 
+def test_a_metrics_address_equal_to_the_console_address_is_refused_naming_both(engine: Engine) -> None:
+    """console_metrics_listen set to the proxy's own listen address is refused up front, naming both, nothing listening."""
+    console_port = _free_port()
+    settings = Settings(console_metrics_listen=f"127.0.0.1:{console_port}")
+    proxy = ConsoleProxy(
+        functools.partial(console.lookup, engine.store),
+        functools.partial(console.serving, driver_for=engine.driver),
+        settings,
+    )
+    with pytest.raises(InvalidInput, match=r"console_metrics_listen .* own listen address"):
+        asyncio.run(proxy.start("127.0.0.1", console_port))
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", console_port)) != 0
+
+
 def test_the_console_proxy_command_reads_the_metrics_address_from_the_environment(
     sqlite_url: str, tmp_path: Path
 ) -> None:
