@@ -24,6 +24,7 @@ libvirt (and a test that passed yet left a domain fails).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
+import structlog.testing
 
 from drivers.base import Driver
 from drivers.fake import FakeDriver
@@ -548,3 +551,15 @@ def new_instance(engine: Engine) -> Callable[..., str]:
         return engine.create(name, host=host, flavor=FLAVOR, image="cirros").instance_uuid
 
     return make
+
+
+@contextmanager
+def all_logs() -> Iterator[list[dict[str, Any]]]:
+    """Capture every log event of the block, at every level, whatever level an earlier test (or a CLI run) set."""
+    old = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as captured:
+            yield captured
+    finally:
+        structlog.configure(**old)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, MutableMapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,14 +9,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from drivers.fake import FakeDriver
 from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
 from lifecycle.errors import InvalidInput
 from lifecycle.store.db import now
 from lifecycle.store.tables import ConsoleTokenRow, InstanceRow
-from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
 from tests.images import fake_image
 
 
@@ -270,13 +268,8 @@ def test_the_console_refusal_of_a_hostless_instance_never_lists_its_own_state_as
 @pytest.fixture
 def logged() -> Iterator[list[MutableMapping[str, Any]]]:
     """Capture structlog events of every level (a CLI run earlier in the session may have set a level filter)."""
-    config = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as events:
-            yield events
-    finally:
-        structlog.configure(**config)
+    with all_logs() as events:
+        yield events
 
 
 def _age(engine: Engine, token: str, **moments: datetime) -> None:

@@ -8,7 +8,6 @@ own database only). ``tests/test_feed_restart.py`` restarts a whole server.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,28 +16,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 import lifecycle.feed as feed
 from lifecycle import Change, Engine
 from lifecycle.errors import DatabaseUnavailable
 from lifecycle.store._follower import unavailable
-from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
 from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT, wait_until
 
 LOST = "consuming input failed: server closed the connection unexpectedly"
-
-
-@contextmanager
-def all_logs() -> Iterator[list[dict[str, Any]]]:
-    """Capture every log event of the block, at every level, whatever level an earlier test configured."""
-    old = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as captured:
-            yield captured
-    finally:
-        structlog.configure(**old)
 
 
 @pytest.fixture(autouse=True)
