@@ -209,7 +209,10 @@ def test_a_callback_that_raises_gives_the_slot_or_the_place_in_line_back(failing
 
     second = threading.Thread(target=waiter)
     second.start()
-    time.sleep(0.7)  # a check runs once the first wait ends
+    if failing == "granted":  # it fails only once the slot is handed over: it must be in line first
+        wait_for(lambda: slots.queued("h") == 1, "the second build in line")
+    else:  # queued fails at once; check once the first wait ends
+        wait_for(lambda: bool(errors), f"{failing} raising")
     release.set()
     first.join(5)
     second.join(5)
