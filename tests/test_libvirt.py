@@ -489,7 +489,9 @@ def test_a_call_stuck_on_one_connection_does_not_hold_the_next_caller(monkeypatc
         assert first is not None
         stuck = threading.Thread(target=first.call, args=("stuck", release.wait, 30))
         stuck.start()
-        time.sleep(0.7)  # the call in flight is now stuck
+        deadline = time.monotonic() + 5
+        while first.stuck_for() < 0.6 and time.monotonic() < deadline:  # until the call in flight counts as stuck
+            release.wait(0.05)
         started = time.monotonic()
         driver.ping()
         assert time.monotonic() - started < 3.0
