@@ -144,7 +144,7 @@ def shown_url(url: str | sa.URL) -> str:
     try:
         return validation.masked_query(sa.make_url(url).render_as_string(hide_password=True))
     except (sa.exc.ArgumentError, ValueError):  # ValueError: a port or an IPv6 host that does not parse
-        return repr(validation.shown_url(str(url)))
+        return validation.shown_url(str(url))  # already quoted
 
 
 def _one_line(text: str) -> str:
