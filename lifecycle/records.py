@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -82,6 +83,28 @@ class Flavor:
 
     def __str__(self) -> str:
         return f"vcpus={self.vcpus},ram={self.memory_mb},disk={self.root_gb}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the flavor as JSON-ready data, extra specs included: the one encoding (task params, rows)."""
+        return {
+            "name": self.name,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "root_gb": self.root_gb,
+            "extra_specs": dict(self.extra_specs),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Flavor:
+        """Return the flavor :meth:`as_dict` encoded (data written before extra specs were kept has none)."""
+        specs = data.get("extra_specs") or {}
+        return cls(
+            vcpus=data["vcpus"],
+            memory_mb=data["memory_mb"],
+            root_gb=data["root_gb"],
+            name=data.get("name", "custom"),
+            extra_specs=tuple(specs.items()),
+        )
 
     @classmethod
     def parse(cls, text: str, name: str = "custom") -> Flavor:
