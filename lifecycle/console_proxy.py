@@ -19,15 +19,8 @@ SHA-256 (as stored by the engine), never the token. A session passing ``console_
 seconds with no byte either way is closed (1000, ``idle``). Stopping (SIGTERM, SIGINT, or
 :meth:`ConsoleProxy.stop`) closes every websocket with a close frame (1001, going away).
 
-A token check is two synchronous halves, each on a thread pool of the proxy's own (never
-asyncio's default, which the websockets library shares) and each with a deadline of
-``_CHECK_DEADLINE`` seconds, past which the handshake gets HTTP 503: the database's (the token
-is valid, its instance where it was issued), then the hypervisor's (the guest still serves the
-port). A host holds at most ``_CHECKS_PER_HOST`` threads in a check (counted until the thread
-really returns: a libvirt call stuck on a hung host keeps its thread), further handshakes to its
-guests get 503 at once, and so do they for ``_SILENT_FOR`` seconds after one of its checks missed
-the deadline: one hung hypervisor never takes the threads other hosts' handshakes need. A check
-not yet started when its handshake is given up (deadline, or the client gone) never runs.
+Token checks (database, then hypervisor, each on a pool and a deadline of its own) are
+:class:`lifecycle.console_checks.TokenChecker`'s; the page's files are served by :mod:`lifecycle.console_page`.
 """
 
 from __future__ import annotations
@@ -41,9 +34,8 @@ import signal
 import weakref
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -51,14 +43,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers, MultipleValuesError
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from lifecycle.config import Settings, listen_address
 from lifecycle.console import ConsoleConnection, TokenClaim, token_hash
-from lifecycle.errors import DriverUnavailable, InvalidInput
+from lifecycle.console_checks import TokenChecker, Unavailable
+from lifecycle.console_page import PAGE_DIR, page_file, response, text
+from lifecycle.console_pump import pump
+from lifecycle.errors import InvalidInput
 
 __all__ = ["REFUSAL_REASONS", "ConsoleProxy", "serve"]
 
@@ -67,37 +61,8 @@ log = structlog.get_logger(__name__)
 REFUSAL_REASONS: Final = ("origin", "no_token", "bad_token", "invalid_token", "unavailable", "token_limit", "limit")
 """Why a websocket was refused (the ``reason`` label of ``lifecycle_console_refusals_total``)."""
 
-PAGE_DIR = Path(__file__).resolve().parents[1] / "console" / "dist"
-"""Where ``scripts/console-assets.sh`` builds the page in a checkout (used when console_page_dir is empty)."""
-
 _WEBSOCKET_PATHS = ("/websockify", "/")
-_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".png": "image/png",
-    ".svg": "image/svg+xml",
-    ".ico": "image/x-icon",
-}
-_PAGE_HEADERS = {
-    "Cache-Control": "no-store",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",  # the page's URL holds the token
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"
-    ),
-}
 _CONNECT_TIMEOUT = 10.0
-_CHECK_DEADLINE = 5.0
-"""Seconds each half of a token check (database, hypervisor) may take before the handshake gets 503."""
-_CHECKS_PER_HOST = 2
-"""Threads one host may hold in hypervisor checks; a handshake beyond that gets 503 at once."""
-_SILENT_FOR = 10.0
-"""Seconds a host whose check missed the deadline is answered 503 at once, without asking it."""
-_DB_THREADS = 4
-_HYPERVISOR_THREADS = 16
-R = TypeVar("R")
-_CHUNK = 65536
 _TOKEN_IN_TEXT = re.compile(r"token=[^&\s\"']*")
 
 
@@ -115,10 +80,6 @@ _wire_log = logging.getLogger(f"{__name__}.websockets")
 _wire_log.addFilter(_NoTokens())
 
 
-class _Unavailable(Exception):
-    """A token check could not be answered in time (the database or the hypervisor): the handshake gets 503."""
-
-
 class ConsoleProxy:
     """One proxy: its server, its sessions and its metrics.
 
@@ -134,13 +95,7 @@ class ConsoleProxy:
         *,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self._lookup = lookup
-        self._serving = serving
-        self._db = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="console-db")
-        self._hypervisor = ThreadPoolExecutor(_HYPERVISOR_THREADS, thread_name_prefix="console-hypervisor")
-        self._checking: Tally[str] = Tally()
-        """Threads in a hypervisor check, per host, until each really returns."""
-        self._silent_until: dict[str, float] = {}
+        self._checker = TokenChecker(lookup, serving)
         self.settings = settings
         self.page_dir = Path(settings.console_page_dir) if settings.console_page_dir else PAGE_DIR
         self._origins = set(settings.console_allowed_origins) or {_origin_of(settings.console_base_url)}
@@ -210,8 +165,7 @@ class ConsoleProxy:
             return
         self._server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="console proxy stopping")
         await self._server.wait_closed()
-        for pool in (self._db, self._hypervisor):  # a thread stuck in a hung hypervisor is not waited for
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._checker.shutdown()
         log.info("console_proxy_stopped")
 
     async def _stop_metrics(self) -> None:
@@ -222,11 +176,11 @@ class ConsoleProxy:
 
     def _metrics(self) -> Response:
         headers = Headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-store"})
-        return _response(200, "OK", headers, generate_latest(self.registry))
+        return response(200, "OK", headers, generate_latest(self.registry))
 
     async def _metrics_only(self, _connection: ServerConnection, request: Request) -> Response:
         """Answer a request to the metrics address: ``GET /metrics``, and 404 for anything else."""
-        return self._metrics() if urlsplit(request.path).path == "/metrics" else _text(404, "Not Found", "not found\n")
+        return self._metrics() if urlsplit(request.path).path == "/metrics" else text(404, "Not Found", "not found\n")
 
     # -- handshake --------------------------------------------------------
 
@@ -240,7 +194,7 @@ class ConsoleProxy:
         if upgrade.lower() != "websocket":
             return self._http(url.path)
         if url.path not in _WEBSOCKET_PATHS:
-            return _text(404, "Not Found", "no websocket here\n")
+            return text(404, "Not Found", "no websocket here\n")
         try:
             token = parse_qs(url.query, max_num_fields=4).get("token", [""])[0]
         except ValueError:
@@ -251,10 +205,10 @@ class ConsoleProxy:
         if not token:
             return self._refuse(connection, "no_token", hashed)
         try:
-            target = await self._check(token)
+            target = await self._checker.check(token)
         except InvalidInput:
             return self._refuse(connection, "bad_token", hashed)
-        except _Unavailable as exc:
+        except Unavailable as exc:
             log.warning("console_check_unavailable", token_hash=hashed, error=str(exc))
             return self._refuse(connection, "unavailable", hashed, status=503)
         except Exception:  # the database is away: this handshake fails, the proxy goes on
@@ -265,43 +219,9 @@ class ConsoleProxy:
         self._resolved[connection] = (token_hash(token), target)
         return None
 
-    async def _check(self, token: str) -> ConsoleConnection | None:
-        """Check a token: the database's half, then the hypervisor's, each on its own pool and deadline."""
-        loop = asyncio.get_running_loop()
-        claim = await self._within(self._db.submit(self._lookup, token), "the database")
-        if claim is None:
-            return None
-        host = claim.host
-        if loop.time() < self._silent_until.get(host, 0.0):
-            raise _Unavailable(f"host {host} missed a check's deadline lately: not asked again yet")
-        if self._checking[host] >= _CHECKS_PER_HOST:
-            raise _Unavailable(f"host {host} has {self._checking[host]} checks in flight already")
-        self._checking[host] += 1
-        future = self._hypervisor.submit(self._serving, claim)
-        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._checked, host))
-        try:
-            return await self._within(future, f"host {host}")
-        except _Unavailable:
-            self._silent_until[host] = loop.time() + _SILENT_FOR
-            raise
-        except DriverUnavailable as exc:
-            raise _Unavailable(f"host {host} does not answer: {exc}") from exc
-
-    def _checked(self, host: str) -> None:
-        self._checking[host] -= 1
-        if self._checking[host] <= 0:
-            del self._checking[host]
-
-    async def _within(self, future: Future[R], who: str) -> R:
-        """Wait for a check's thread up to the deadline (a check not started by then never runs)."""
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), _CHECK_DEADLINE)
-        except TimeoutError:
-            raise _Unavailable(f"{who} did not answer within {_CHECK_DEADLINE:.0f} s") from None
-
     def _refuse(self, connection: ServerConnection, reason: str, hashed: str | None, status: int = 403) -> Response:
         self._count_refusal(connection, reason, hashed)
-        return _text(status, "Forbidden" if status == 403 else "Service Unavailable", f"console refused: {reason}\n")
+        return text(status, "Forbidden" if status == 403 else "Service Unavailable", f"console refused: {reason}\n")
 
     def _count_refusal(self, connection: ServerConnection, reason: str, hashed: str | None) -> None:
         self.refusals.labels(reason=reason).inc()
@@ -311,22 +231,7 @@ class ConsoleProxy:
         """Answer a plain GET: the page and noVNC's files, or the metrics."""
         if path == "/metrics" and self.settings.console_metrics_listen == "":  # else moved or off: a 404 below
             return self._metrics()
-        if path == "/":
-            return _response(302, "Found", Headers({"Location": "/vnc_lite.html"}), b"")
-        if not (self.page_dir / "vnc_lite.html").is_file():
-            return _text(
-                404, "Not Found", f"console page not built in {self.page_dir}: run scripts/console-assets.sh\n"
-            )
-        root = self.page_dir.resolve()
-        try:
-            file = (root / path.lstrip("/")).resolve()
-            found = file.is_relative_to(root) and file.is_file()
-        except (OSError, ValueError):  # a name too long, a NUL: no such file
-            found = False
-        content_type = _TYPES.get(file.suffix) if found else None
-        if not found or content_type is None:
-            return _text(404, "Not Found", "not found\n")
-        return _response(200, "OK", Headers({"Content-Type": content_type, **_PAGE_HEADERS}), file.read_bytes())
+        return page_file(self.page_dir, path)
 
     # -- sessions ---------------------------------------------------------
 
@@ -366,64 +271,12 @@ class ConsoleProxy:
             await ws.close(CloseCode.INTERNAL_ERROR, "console unreachable")
             return
         bound.info("console_opened", host=target.host, port=target.port)
-        loop = asyncio.get_running_loop()
-        last = [loop.time()]
-        tasks = [asyncio.create_task(_upstream(ws, writer, last)), asyncio.create_task(_downstream(reader, ws, last))]
-        if self.settings.console_idle_timeout > 0:
-            tasks.append(asyncio.create_task(_idle(last, self.settings.console_idle_timeout)))
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            ended = next(iter(done)).result()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        ended = await pump(ws, reader, writer, self.settings.console_idle_timeout)
         if ended == "idle":
             await ws.close(CloseCode.NORMAL_CLOSURE, "idle")
         elif ended == "console_closed":
             await ws.close(CloseCode.NORMAL_CLOSURE, "console closed")
         bound.info("console_closed", ended=ended, code=ws.close_code)
-
-
-async def _upstream(ws: ServerConnection, writer: asyncio.StreamWriter, last: list[float]) -> str:
-    """Browser to VNC: binary messages only."""
-    try:
-        async for message in ws:
-            if isinstance(message, str):
-                await ws.close(CloseCode.UNSUPPORTED_DATA, "binary messages only")
-                return "browser_closed"
-            writer.write(message)
-            await writer.drain()
-            last[0] = asyncio.get_running_loop().time()
-    except ConnectionClosed:
-        pass
-    except OSError:
-        return "console_closed"
-    return "browser_closed"
-
-
-async def _downstream(reader: asyncio.StreamReader, ws: ServerConnection, last: list[float]) -> str:
-    """VNC to browser."""
-    try:
-        while data := await reader.read(_CHUNK):
-            await ws.send(data)
-            last[0] = asyncio.get_running_loop().time()
-    except ConnectionClosed:
-        return "browser_closed"
-    except OSError:
-        pass
-    return "console_closed"
-
-
-async def _idle(last: list[float], timeout: float) -> str:
-    """Return once ``timeout`` seconds have passed since the last byte either way."""
-    loop = asyncio.get_running_loop()
-    while (left := last[0] + timeout - loop.time()) > 0:
-        await asyncio.sleep(left)
-    return "idle"
 
 
 async def _listen(
@@ -471,16 +324,6 @@ def _peer(connection: ServerConnection) -> str:
         host, port = connection.remote_address[:2]
         return f"{host}:{port}"
     return "?"
-
-
-def _response(status: int, reason: str, headers: Headers, body: bytes) -> Response:
-    headers["Content-Length"] = str(len(body))
-    return Response(status, reason, headers, body)
-
-
-def _text(status: int, reason: str, text: str) -> Response:
-    headers = Headers({"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"})
-    return _response(status, reason, headers, text.encode())
 
 
 def serve(db_url: str, settings: Settings, listen: tuple[str, int] | None = None) -> None:

@@ -558,10 +558,10 @@ def test_two_origin_headers_are_refused_not_a_crash(
 @pytest.fixture
 def quick_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
     """Token checks get a half-second deadline (the proxy's is 5 s), and a silent host 2 s of quiet."""
-    from lifecycle import console_proxy
+    from lifecycle import console_checks
 
-    monkeypatch.setattr(console_proxy, "_CHECK_DEADLINE", 0.5)
-    monkeypatch.setattr(console_proxy, "_SILENT_FOR", 2.0)
+    monkeypatch.setattr(console_checks, "_CHECK_DEADLINE", 0.5)
+    monkeypatch.setattr(console_checks, "_SILENT_FOR", 2.0)
     return 0.5
 
 
