@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from lifecycle import Engine, InvalidInput, SchemaOutOfDate
+from lifecycle import Engine, Flavor, InvalidInput, SchemaOutOfDate
 from lifecycle.store import downgrade, head_revision, upgrade
 from lifecycle.store.db import connect, current_revision, known_revisions
 from lifecycle.store.tables import metadata
@@ -118,6 +118,22 @@ def _round_trip_with_data(url: str) -> None:
 def test_every_revision_goes_down_and_back_up_with_data(db_url: str) -> None:
     """From head holding a row in every table, each downgrade (one revision further each time) and the upgrade back keep every surviving row, on SQLite (foreign keys enforced) and PostgreSQL, with no drift."""
     _round_trip_with_data(db_url)
+
+
+def test_instances_stored_before_0016_read_back_without_extra_specs(db_url: str) -> None:
+    """Down to 0015 the instances' extra specs go with their column; back at head the instance reads back with none."""
+    specced = Flavor(1, 64, 1, name="ssd", extra_specs=(("capabilities:ssd", "true"),))
+    fakes = Fakes()
+    with Engine(db_url, driver_factory=fakes.factory) as engine:
+        engine.add_host("h1", "fake://", capabilities={"ssd": "true"})
+        engine.heartbeat("h1")
+        engine.add_image("cirros", fake_image("cirros"))
+        uuid = engine.create("vm", flavor=specced, image="cirros").instance_uuid
+        assert engine.get(uuid).flavor == specced
+    downgrade(db_url, "0015")
+    upgrade(db_url)
+    with Engine(db_url, driver_factory=fakes.factory) as engine:
+        assert engine.get(uuid).flavor == Flavor(1, 64, 1, name="ssd")
 
 
 def test_sqlite_enforces_foreign_keys_again_after_migrations(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from lifecycle.audit import Why
 from lifecycle.errors import Conflict, Fenced, Preempted
 from lifecycle.records import Instance, Outcome, Task
-from lifecycle.store._rows import AUDITS, INSTANCES, STEPS, TASKS, instance_values, state_value
+from lifecycle.store._rows import AUDITS, FLAVOR_COLUMNS, INSTANCES, STEPS, TASKS, instance_values, state_value
 from lifecycle.store.db import now
 
 __all__ = [
@@ -124,7 +124,7 @@ def changed(before: Instance, after: Instance) -> dict[str, Any]:
     values = instance_values(after)
     changed = {k: values[k] for k in _WRITABLE if getattr(before, k) != getattr(after, k) or k == "version"}
     if before.flavor != after.flavor:  # a resize finishing or reverting
-        changed |= {k: values[k] for k in ("flavor_name", "vcpus", "memory_mb", "root_gb")}
+        changed |= {k: values[k] for k in FLAVOR_COLUMNS}
     return changed
 
 

@@ -17,12 +17,14 @@ __all__ = [
     "AUDITS",
     "CLAIMS",
     "CONSOLE_TOKENS",
+    "FLAVOR_COLUMNS",
     "HOSTS",
     "IMAGES",
     "INSTANCES",
     "MIGRATIONS",
     "STEPS",
     "TASKS",
+    "flavor_values",
     "host_from",
     "hosts_from",
     "image_from",
@@ -49,16 +51,36 @@ def stamp(value: datetime) -> datetime:
     return result
 
 
+FLAVOR_COLUMNS = ("flavor_name", "vcpus", "memory_mb", "root_gb", "flavor_extra_specs")
+"""The instance columns that hold its flavor (a resize rewrites them together)."""
+
+
+def flavor_values(f: Flavor) -> dict[str, Any]:
+    """Return the instance columns holding a flavor: :meth:`Flavor.as_dict`, the extra specs as a JSON object."""
+    data = f.as_dict()
+    return {
+        "flavor_name": data["name"],
+        "vcpus": data["vcpus"],
+        "memory_mb": data["memory_mb"],
+        "root_gb": data["root_gb"],
+        "flavor_extra_specs": json.dumps(data["extra_specs"]),
+    }
+
+
+def _flavor_from(r: sa.RowMapping) -> Flavor:
+    """Return the flavor an instance row holds, through :meth:`Flavor.from_dict`."""
+    specs = r["flavor_extra_specs"]
+    data = {"name": r["flavor_name"], "vcpus": r["vcpus"], "memory_mb": r["memory_mb"], "root_gb": r["root_gb"]}
+    return Flavor.from_dict({**data, "extra_specs": {} if specs == "{}" else json.loads(specs)})
+
+
 def instance_values(i: Instance) -> dict[str, Any]:
     """Return the column values of an instance row."""
     return {
         "uuid": i.uuid,
         "name": i.name,
         "host": i.host,
-        "flavor_name": i.flavor.name,
-        "vcpus": i.flavor.vcpus,
-        "memory_mb": i.flavor.memory_mb,
-        "root_gb": i.flavor.root_gb,
+        **flavor_values(i.flavor),
         "image": i.image,
         "vm_state": i.vm_state.value,
         "task_state": state_value(i.task_state),
@@ -109,7 +131,7 @@ def instance_from(r: sa.RowMapping) -> Instance:
         uuid=r["uuid"],
         name=r["name"],
         host=r["host"],
-        flavor=Flavor(vcpus=r["vcpus"], memory_mb=r["memory_mb"], root_gb=r["root_gb"], name=r["flavor_name"]),
+        flavor=_flavor_from(r),
         image=r["image"],
         vm_state=VmState(r["vm_state"]),
         task_state=None if task_state is None else TaskState(task_state),
@@ -130,7 +152,7 @@ def instance_from(r: sa.RowMapping) -> Instance:
 
 
 def _flavor_json(f: Flavor) -> str:
-    return json.dumps({"name": f.name, "vcpus": f.vcpus, "memory_mb": f.memory_mb, "root_gb": f.root_gb})
+    return json.dumps(f.as_dict())
 
 
 def migration_values(m: Migration) -> dict[str, Any]:
@@ -162,8 +184,8 @@ def migration_from(r: sa.RowMapping) -> Migration:
         kind=r["kind"],
         source_host=r["source_host"],
         dest_host=r["dest_host"],
-        old_flavor=Flavor(**json.loads(r["old_flavor"])),
-        new_flavor=Flavor(**json.loads(r["new_flavor"])),
+        old_flavor=Flavor.from_dict(json.loads(r["old_flavor"])),
+        new_flavor=Flavor.from_dict(json.loads(r["new_flavor"])),
         status=MigrationStatus(r["status"]),
         previous_vm_state=VmState(r["previous_vm_state"]),
         source_disk=r["source_disk"],

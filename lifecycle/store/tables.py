@@ -114,6 +114,9 @@ INSTANCES = sa.Table(
     sa.Column("vcpus", sa.Integer, nullable=False),
     sa.Column("memory_mb", sa.Integer, nullable=False),
     sa.Column("root_gb", sa.Integer, nullable=False),
+    # JSON object of the flavor's extra specs (``Flavor.as_dict()["extra_specs"]``); '{}' on rows written
+    # before migration 0016.
+    sa.Column("flavor_extra_specs", _text(), nullable=False, default="{}", server_default="{}"),
     sa.Column("image", _text(255), sa.ForeignKey("images.name"), nullable=False),
     sa.Column("vm_state", _text(32), nullable=False),
     sa.Column("task_state", _text(64), nullable=True),
