@@ -29,13 +29,14 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -55,6 +56,48 @@ CI = os.environ.get("LIFECYCLE_CI") == "1"
 REMOTE_URI_ENV = "LIFECYCLE_TEST_REMOTE_URI"
 REMOTE_INSTANCES_ENV = "LIFECYCLE_TEST_REMOTE_INSTANCES"
 REMOTE_PIDFILE_ENV = "LIFECYCLE_TEST_REMOTE_PIDFILE"
+WAIT = 10.0
+"""How long :func:`wait_until` waits unless told: ample for what another thread or a local process does."""
+
+T = TypeVar("T")
+
+
+def wait_until(what: str, predicate: Callable[[], T], timeout: float = WAIT, *, interval: float = 0.05) -> T:
+    """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
+
+    The one place a test lets wall time pass: it waits for what another
+    thread or process makes observable, never for a fixed time. After
+    ``timeout`` s it fails naming ``what`` and the last value seen; an
+    exception from ``predicate`` (an assertion that the process still runs)
+    ends the wait at once.
+    """
+    __tracebackhide__ = True
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what} (last seen: {value!r})")
+        time.sleep(interval)
+    return value
+
+
+def holds_for(what: str, predicate: Callable[[], object], seconds: float, *, interval: float = 0.05) -> None:
+    """Check ``predicate`` every ``interval`` s for ``seconds`` s: fail naming ``what`` the first time it is falsy.
+
+    For what must *not* happen meanwhile (a third build starting while two
+    hold the slots), and for a stall the test keeps up on purpose (a
+    hypervisor SIGSTOPped for 30 s) while it samples what the others do.
+    """
+    __tracebackhide__ = True
+    ends = time.monotonic() + seconds
+
+    def broken_or_over() -> tuple[bool, object] | None:
+        value = predicate()
+        if not value:
+            return False, value
+        return (True, value) if time.monotonic() >= ends else None
+
+    held, value = wait_until(f"{what} (for {seconds:g} s)", broken_or_over, seconds + WAIT, interval=interval)
+    assert held, f"{what} stopped holding within {seconds:g} s (last seen: {value!r})"
 
 
 def require(part: str, available: bool, how: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -19,16 +19,7 @@ from lifecycle import Engine
 from lifecycle.cli import main
 from lifecycle.errors import DomainNotFound, TaskFailed
 from lifecycle.slots import BuildSlots
-from tests.conftest import FLAVOR, Fakes, make_engine
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
+from tests.conftest import FLAVOR, Fakes, holds_for, make_engine, wait_until
 
 
 @pytest.fixture
@@ -54,10 +45,9 @@ def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
     gates = [h1.hold("spawn") for _ in range(5)]
     tasks = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros", wait=False) for i in range(5)]
-    wait_for(lambda: sum(g.wait_entered(0) for g in gates) == 2, "two spawns in flight")
-    wait_for(lambda: sum(_queued(engine, t.id) == ["running"] for t in tasks) == 3, "three queued builds")
-    time.sleep(0.3)
-    assert sum(g.wait_entered(0) for g in gates) == 2, "a third spawn started while both slots were taken"
+    wait_until("two spawns in flight", lambda: sum(g.wait_entered(0) for g in gates) == 2)
+    wait_until("three queued builds", lambda: sum(_queued(engine, t.id) == ["running"] for t in tasks) == 3)
+    holds_for("no third spawn while both slots are taken", lambda: sum(g.wait_entered(0) for g in gates) == 2, 0.3)
     waiting = next(t for t in tasks if _queued(engine, t.id) == ["running"])
     old_config = structlog.get_config()
     try:
@@ -90,7 +80,7 @@ def test_slots_are_per_host(slots_engine: Engine, fakes: Fakes) -> None:
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
     gates = [h1.hold("spawn") for _ in range(2)]
     held = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros", wait=False) for i in range(2)]
-    wait_for(lambda: all(g.wait_entered(0) for g in gates), "both h1 slots taken")
+    wait_until("both h1 slots taken", lambda: all(g.wait_entered(0) for g in gates))
     other = engine.create("vm-h2", host="h2", flavor=FLAVOR, image="cirros")
     assert engine.get(other.instance_uuid).vm_state.value == "active"
     assert _queued(engine, other.id) == []
@@ -108,13 +98,13 @@ def test_deleting_a_queued_build_ends_its_wait_and_frees_nothing_it_did_not_take
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
     gates = [h1.hold("spawn") for _ in range(2)]
     held = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros", wait=False) for i in range(2)]
-    wait_for(lambda: all(g.wait_entered(0) for g in gates), "both h1 slots taken")
+    wait_until("both h1 slots taken", lambda: all(g.wait_entered(0) for g in gates))
     queued = engine.create("vm-queued", host="h1", flavor=FLAVOR, image="cirros", wait=False)
-    wait_for(lambda: _queued(engine, queued.id) == ["running"], "the third build queued")
+    wait_until("the third build queued", lambda: _queued(engine, queued.id) == ["running"])
     started = time.monotonic()
     engine.delete(queued.instance_uuid)
     assert time.monotonic() - started < 5.0
-    wait_for(lambda: engine.runner.build_slots.queued("h1") == 0, "the queued build's worker leaving the line")
+    wait_until("the queued build's worker leaving the line", lambda: engine.runner.build_slots.queued("h1") == 0)
     assert engine.runner.build_slots.running("h1") == 2
     for gate in gates:
         gate.release()
@@ -134,7 +124,7 @@ def test_build_slots_are_granted_in_the_order_asked() -> None:
 
     first = threading.Thread(target=build, args=("first", threading.Event()))
     first.start()
-    wait_for(lambda: slots.running("h") == 1, "the first build holding the slot")
+    wait_until("the first build holding the slot", lambda: slots.running("h") == 1)
     waiters = []
     for name in ("second", "third", "fourth"):
         ready = threading.Event()
@@ -192,7 +182,7 @@ def test_a_callback_that_raises_gives_the_slot_or_the_place_in_line_back(failing
 
     first = threading.Thread(target=holder)
     first.start()
-    wait_for(lambda: slots.running("h") == 1, "the first build holding the slot")
+    wait_until("the first build holding the slot", lambda: slots.running("h") == 1)
 
     def boom(*_args: object) -> None:
         raise RuntimeError(f"{failing} failed")
@@ -210,9 +200,9 @@ def test_a_callback_that_raises_gives_the_slot_or_the_place_in_line_back(failing
     second = threading.Thread(target=waiter)
     second.start()
     if failing == "granted":  # it fails only once the slot is handed over: it must be in line first
-        wait_for(lambda: slots.queued("h") == 1, "the second build in line")
+        wait_until("the second build in line", lambda: slots.queued("h") == 1)
     else:  # queued fails at once; check once the first wait ends
-        wait_for(lambda: bool(errors), f"{failing} raising")
+        wait_until(f"{failing} raising", lambda: bool(errors))
     release.set()
     first.join(5)
     second.join(5)

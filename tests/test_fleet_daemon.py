@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 from lifecycle.daemon import Daemon
-from tests.conftest import Fakes, make_engine
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``check`` until it holds or ``timeout`` passes (the daemon works on its own threads)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
+from tests.conftest import Fakes, make_engine, wait_until
 
 
 def _beat(engine, host: str):  # type: ignore[no-untyped-def]
@@ -36,9 +24,9 @@ def test_a_hung_host_does_not_stall_the_others(sqlite_url: str, fakes: Fakes) ->
     try:
         assert gate.wait_entered()
         passes = fakes["h2"].calls.count("list_instances")
-        assert wait_for(lambda: fakes["h2"].calls.count("list_instances") >= passes + 3)
+        wait_until("three more sync passes of h2", lambda: fakes["h2"].calls.count("list_instances") >= passes + 3)
         first = _beat(engine, "h2")
-        assert wait_for(lambda: _beat(engine, "h2") != first, timeout=5)
+        wait_until("a newer heartbeat of h2", lambda: _beat(engine, "h2") != first, 5)
     finally:
         gate.release()
         daemon.stop.set()
@@ -57,10 +45,10 @@ def test_a_silent_host_stops_heartbeating_and_comes_back(sqlite_url: str, fakes:
     thread = threading.Thread(target=daemon.run)
     thread.start()
     try:
-        assert wait_for(lambda: _beat(engine, "h2") is not None)
+        wait_until("a heartbeat of h2", lambda: _beat(engine, "h2") is not None)
         assert _beat(engine, "h1") is None
         fakes["h1"].unreachable = False
-        assert wait_for(lambda: _beat(engine, "h1") is not None, timeout=5)
+        wait_until("a heartbeat of h1 once it answers", lambda: _beat(engine, "h1") is not None, 5)
     finally:
         daemon.stop.set()
         thread.join(10)

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import suppress
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lifecycle import Engine, Flavor, PowerState, Settings, upgrade
 from lifecycle.metrics import Metrics
-from tests.conftest import Fakes
+from tests.conftest import Fakes, wait_until
 from tests.images import fake_image
 
 
@@ -82,13 +81,17 @@ def test_a_stuck_task_shows_as_a_growing_age(cloud: Engine, fakes: Fakes) -> Non
     try:
         assert gate.wait_entered()
         first = _samples(generate_latest(cloud.metrics.registry).decode())
-        time.sleep(0.2)
-        second = _samples(generate_latest(cloud.metrics.registry).decode())
         assert _value(first, "lifecycle_running_tasks", operation="stop") == 1
-        age1 = _value(first, "lifecycle_oldest_running_task_seconds", operation="stop")
-        age2 = _value(second, "lifecycle_oldest_running_task_seconds", operation="stop")
-        assert age1 is not None and age2 is not None and age2 >= age1 + 0.15
         assert _value(first, "lifecycle_instances", vm_state="active", task_state="powering-off") == 1
+        age1 = _value(first, "lifecycle_oldest_running_task_seconds", operation="stop")
+        assert age1 is not None
+
+        def grown() -> float | None:
+            s = _samples(generate_latest(cloud.metrics.registry).decode())
+            age = _value(s, "lifecycle_oldest_running_task_seconds", operation="stop")
+            return age if age is not None and age >= age1 + 0.15 else None
+
+        wait_until("the stop's age grown by 0.15 s in a later scrape", grown)
     finally:
         gate.release()
         worker.join(10)
@@ -115,15 +118,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _scrape(port: int, deadline: float) -> str:
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                return str(response.read().decode())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def _served(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    """The samples served on ``port``; None while nothing serves there yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return _samples(response.read().decode())
+    except OSError:
+        return None
 
 
 def test_the_daemon_serves_metrics_over_http(tmp_path: Path) -> None:
@@ -135,17 +136,15 @@ def test_the_daemon_serves_metrics_over_http(tmp_path: Path) -> None:
         engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
         engine.create("vm", host="h1", flavor=Flavor(1, 64, 1), image="cirros")
     port = _free_port()
+
+    def two_passes() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        s = _served(port)
+        return s if s and (_value(s, "lifecycle_sync_passes_total", host="h1", result="ok") or 0) >= 2 else None
+
     cmd = [sys.executable, "-m", "lifecycle.cli", "--db", url, "daemon", "--interval", "0.2"]
     proc = subprocess.Popen([*cmd, "--metrics-listen", f"127.0.0.1:{port}"], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            s = _samples(_scrape(port, deadline))
-            passes = _value(s, "lifecycle_sync_passes_total", host="h1", result="ok") or 0
-            if passes >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert passes >= 2
+        s = wait_until("two ok sync passes of h1 served", two_passes, 30, interval=0.1)
         assert _value(s, "lifecycle_instances", vm_state="active", task_state="none") == 1
         assert _value(s, "lifecycle_host_up", host="h1") == 1
     finally:
@@ -190,13 +189,16 @@ def test_the_metrics_are_made_once_whichever_threads_observe_first(
     from lifecycle import metrics
 
     made = metrics._Made.__init__
+    lock = _CountedLock()
 
     def slow(self: metrics._Made, *args: object) -> None:
-        time.sleep(0.05)  # widen the window in which a second thread could make a second registry
+        # Make the registry only once every thread got past the check for one and asks for the lock.
+        wait_until("every thread asking for the metrics' lock", lambda: len(lock.asked) == len(threads), interval=0.01)
         made(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(metrics._Made, "__init__", slow)
     with Engine(db_url, driver_factory=fakes.factory) as engine:
+        engine.metrics._lock = lock  # type: ignore[assignment]
         threads = [threading.Thread(target=engine.metrics.host_error, args=("a", "event")) for _ in range(8)]
         for t in threads:
             t.start()
@@ -205,6 +207,21 @@ def test_the_metrics_are_made_once_whichever_threads_observe_first(
         assert (
             engine.metrics.registry.get_sample_value("lifecycle_host_errors_total", {"host": "a", "kind": "event"}) == 8
         )
+
+
+class _CountedLock:
+    """A lock that notes every call that asks for it, so a test sees who is queued on it."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self.asked.append(threading.get_ident())
+        self._lock.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._lock.release()
 
 
 def _closed_port() -> int:
@@ -295,7 +312,7 @@ def test_the_daemons_metrics_answer_while_its_database_is_down(pg_url: str, tmp_
     cmd = [sys.executable, "-m", "lifecycle.cli", "--db", relayed, "daemon", "--metrics-listen", f"127.0.0.1:{port}"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
-        s = _samples(_scrape(port, time.monotonic() + 30))
+        s = wait_until("the daemon's metrics served", lambda: _served(port), 30, interval=0.1)
         assert _value(s, "lifecycle_database_up") == 1 and _value(s, "lifecycle_host_up", host="h1") is not None
         relay.cut()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -13,6 +12,7 @@ from lifecycle import Conflict, Engine, Flavor, PowerState, TaskState, upgrade
 from lifecycle.audit import Why
 from lifecycle.records import Cause
 from lifecycle.store import db
+from tests.conftest import wait_until
 from tests.images import fake_image
 
 
@@ -89,10 +89,9 @@ def _terminate_backends(url: str) -> int:
     try:
         with admin.connect() as conn:
             ended = len(conn.exec_driver_sql(f"SELECT pg_terminate_backend(pid) {others}").all())
-            deadline = time.monotonic() + 10
             # A backend sends its goodbye to the client before it exits: once none is left, every socket has it.
-            while conn.exec_driver_sql(f"SELECT count(*) {others}").scalar_one() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            left = f"SELECT count(*) {others}"
+            wait_until("the ended backends gone", lambda: not conn.exec_driver_sql(left).scalar_one(), interval=0.01)
             return ended
     finally:
         admin.dispose()
