@@ -21,46 +21,28 @@ source download piped into destination upload, with a checksum of the logical
 content (holes count as zeros) computed on both sides.
 
 libvirt errors are left to the caller (the driver maps them, keeping
-libvirt's message), except the busy answers below, which are waited out.
-
-Many workers of many processes build, move and delete on one host at once,
-and libvirt's storage driver (``src/storage/storage_driver.c``, libvirt 9.0)
-refuses some calls for as long as another call works on the same pool or
-volume. These answers are **transient**: each ends by itself when the other
-call does, so they are retried with a bounded backoff (:func:`patiently`),
-never taken for a missing disk or another permanent failure:
-
-- ``pool '<p>' has asynchronous jobs running.`` (``VIR_ERR_INTERNAL_ERROR``):
-  a refresh, destroy, delete or undefine of a pool while a volume of it is
-  being built (``createXML`` runs ``qemu-img``), by any client of libvirtd;
-- ``volume '<v>' is still being allocated.`` (``VIR_ERR_OPERATION_INVALID``):
-  a delete, resize, upload or download of a volume whose build has not ended;
-- ``volume '<v>' is still in use.`` (``VIR_ERR_OPERATION_INVALID``): a delete
-  of a volume a stream (an upload, a download) is open on.
-
-Codes 1 and 55 also carry permanent errors, so libvirt's text decides. A
-pool is refreshed only to list it (what libvirt did not make, such as a file
-a crashed libvirtd left, shows after a refresh), and a listing whose refresh
-is refused as busy lists what libvirtd knows, which is every volume made
-through libvirt by any process: a lookup never needs one.
+libvirt's message), except the storage driver's busy answers, which are
+waited out (:mod:`drivers._busy`). A pool is refreshed only to list it (what
+libvirt did not make, such as a file a crashed libvirtd left, shows after a
+refresh), and a listing whose refresh is refused as busy lists what libvirtd
+knows, which is every volume made through libvirt by any process: a lookup
+never needs one. The streams are in :mod:`drivers._streams`; this module
+re-exports them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import queue
 import threading
 import time
 import xml.etree.ElementTree as ET
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.base import DiskSegments, Progress, wait_out
+from drivers._busy import BUSY_SECONDS, busy, patiently
+from drivers._streams import Content, file_segments, quietly, read_volume, volume_digest, write_file, write_volume
 from drivers.images import ImageInfo, valid_uuid
 
 try:
@@ -82,39 +64,14 @@ __all__ = [
     "write_volume",
 ]
 
-CHUNK = 256 * 1024  # libvirt's stream packets carry at most 256 KiB
+
 _ERR_NO_POOL = 49  # VIR_ERR_NO_STORAGE_POOL
 _ERR_NO_VOL = 50  # VIR_ERR_NO_STORAGE_VOL
 _ERR_VOL_EXISTS = 90  # VIR_ERR_STORAGE_VOL_EXIST: a racing process created it first
-_BUSY_CODES = (1, 55)  # VIR_ERR_INTERNAL_ERROR, VIR_ERR_OPERATION_INVALID
-_BUSY_TEXTS = ("has asynchronous jobs running", "is still being allocated", "is still in use")
-BUSY_SECONDS = 60.0
-"""How long a busy answer is waited out before it is raised as itself (a build's qemu-img is seconds)."""
-_ZEROS = bytes(CHUNK)
 _STALL_SECONDS = 10.0  # a partial base that does not grow for this long was abandoned (or its uploader stalled)
 _upload_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _upload_locks_guard = threading.Lock()
 _keys: dict[tuple[str, int, int, int], str] = {}
-
-
-def busy(exc: Any) -> bool:
-    """Return whether a libvirt error is one of the storage driver's transient busy answers (module docstring)."""
-    if exc.get_error_code() not in _BUSY_CODES:
-        return False
-    text = str(exc.get_error_message() or exc)
-    return any(busy_text in text for busy_text in _BUSY_TEXTS)
-
-
-def patiently(call: Callable[..., Any], *args: Any, seconds: float = BUSY_SECONDS) -> Any:
-    """Run a libvirt storage call, waiting out busy answers with a backoff (0.05 s doubling to 1 s) for ``seconds``.
-
-    Any other error, or a busy answer past ``seconds``, is raised as libvirt's own.
-    """
-    return wait_out(lambda: call(*args), _busy_error, seconds=seconds)
-
-
-def _busy_error(exc: BaseException) -> bool:
-    return isinstance(exc, libvirt.libvirtError) and busy(exc)
 
 
 def image_key(path: Path) -> str:
@@ -129,39 +86,6 @@ def image_key(path: Path) -> str:
                 digest.update(block)
         key = _keys[version] = f"{digest.hexdigest()}-{st.st_size}"
     return key
-
-
-class Content:
-    """A checksum of a disk's logical content, holes counted as zeros, and its data bytes.
-
-    CRC-32 (zlib), not a cryptographic digest: it checks that a copy arrived
-    as it was sent (a sparse-handling bug, a short or misplaced write), where
-    nobody forges bytes on purpose, at twice sha256's speed, and a move hashes
-    every byte twice (sent, read back). With the length it is compared whole.
-    """
-
-    def __init__(self) -> None:
-        self._crc = 0
-        self.data_bytes = 0
-        self.length = 0
-
-    def add(self, segment: bytes | int) -> None:
-        """Account one segment: bytes of data, or the length of a hole."""
-        if isinstance(segment, int):
-            self.length += segment
-            left = segment
-            while left > 0:
-                step = min(left, CHUNK)
-                self._crc = zlib.crc32(_ZEROS[:step], self._crc)
-                left -= step
-            return
-        self._crc = zlib.crc32(segment, self._crc)
-        self.data_bytes += len(segment)
-        self.length += len(segment)
-
-    def hexdigest(self) -> str:
-        """Return the checksum so far, named: ``crc32:<8 hex digits>``."""
-        return f"crc32:{self._crc:08x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +222,7 @@ class HostStorage:
             with image.open("rb") as handle:
                 write_volume(conn, vol, file_segments(handle.fileno()), None)
         except BaseException:
-            _quietly(patiently, vol.delete, 0)
+            quietly(patiently, vol.delete, 0)
             raise
         return True
 
@@ -356,142 +280,6 @@ class HostStorage:
         return self._listed(self.pool(conn, self.disks_pool))
 
 
-# -- streams -------------------------------------------------------------------
-
-
-def write_volume(conn: Any, vol: Any, segments: DiskSegments, progress: Progress | None, total: int = 0) -> Content:
-    """Upload ``segments`` into ``vol`` as a sparse stream; return the content sent.
-
-    ``progress(done, total)`` is called after each chunk with the data bytes
-    so far (``total`` is the caller's estimate), and once at the end with
-    the exact bytes moved as both; an exception it raises (a task taken
-    over) aborts the stream.
-    """
-    stream = conn.newStream(0)
-    patiently(vol.upload, stream, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
-    content = Content()
-    try:
-        for segment in segments:
-            content.add(segment)
-            if isinstance(segment, int):
-                stream.sendHole(segment, 0)
-                continue
-            view = memoryview(segment)
-            while view:
-                sent = stream.send(bytes(view) if len(view) != len(segment) else segment)
-                view = view[sent:]
-            if progress is not None:
-                progress(content.data_bytes, total)
-        stream.finish()
-        if progress is not None:  # the total was the source's estimate; at the end, the exact bytes moved
-            progress(content.data_bytes, content.data_bytes)
-    except BaseException:
-        _quietly(stream.abort)
-        raise
-    return content
-
-
-@contextmanager
-def read_volume(conn: Any, vol: Any) -> Iterator[Iterator[bytes | int]]:
-    """Yield the volume's content as sparse segments, read ahead on a thread while the caller writes."""
-    stream = conn.newStream(0)
-    patiently(vol.download, stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
-    ahead: queue.Queue[bytes | int | BaseException | None] = queue.Queue(maxsize=16)
-    stop = threading.Event()
-
-    def pump() -> None:
-        try:
-            while not stop.is_set():
-                got = stream.recvFlags(CHUNK, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
-                if got == -3:
-                    _put(ahead, stream.recvHole(0), stop)
-                    continue
-                if not got:
-                    stream.finish()
-                    _put(ahead, None, stop)
-                    return
-                _put(ahead, got, stop)
-        except BaseException as exc:  # handed to the reader, which raises it on its thread
-            _quietly(stream.abort)
-            _put(ahead, exc, stop)
-
-    worker = threading.Thread(target=pump, name="volume-download", daemon=True)
-    worker.start()
-
-    def segments() -> Iterator[bytes | int]:
-        while True:
-            item = ahead.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    try:
-        yield segments()
-    finally:
-        stop.set()
-        if worker.is_alive():
-            _quietly(stream.abort)  # wakes a blocked receive
-        worker.join(timeout=5)
-
-
-def volume_digest(conn: Any, vol: Any) -> Content:
-    """Read a volume back and return its content's digest."""
-    content = Content()
-    with read_volume(conn, vol) as segments:
-        for segment in segments:
-            content.add(segment)
-    return content
-
-
-def _put(ahead: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            ahead.put(item, timeout=0.2)
-            return
-        except queue.Full:
-            continue
-
-
-def file_segments(fd: int) -> Iterator[bytes | int]:
-    """Yield a local file's content as sparse segments (data, and hole lengths)."""
-    size = os.fstat(fd).st_size
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains
-            data = size
-        if data > pos:
-            yield data - pos
-            pos = data
-            continue
-        end = os.lseek(fd, pos, os.SEEK_HOLE)
-        while pos < end:
-            block = os.pread(fd, min(CHUNK, end - pos), pos)
-            if not block:
-                return
-            yield block
-            pos += len(block)
-
-
-def write_file(path: Path, segments: Iterator[bytes | int]) -> None:
-    """Write sparse segments to a new local file ``path``: holes stay holes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for segment in segments:
-            if isinstance(segment, int):
-                os.lseek(fd, segment, os.SEEK_CUR)
-                continue
-            view = memoryview(segment)
-            while view:
-                view = view[os.write(fd, view) :]
-        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))  # a trailing hole still counts in the size
-    finally:
-        os.close(fd)
-
-
 def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
@@ -525,9 +313,3 @@ def _growing(vol: Any) -> bool:
 def _lock_for(uri: str, pool: str, name: str) -> threading.Lock:
     with _upload_locks_guard:
         return _upload_locks.setdefault((uri, pool, name), threading.Lock())
-
-
-def _quietly(call: Callable[..., Any], *args: Any) -> None:
-    """Run a clean-up step after a failure that is already being raised; its own failure adds nothing."""
-    with suppress(Exception):
-        call(*args)
