@@ -144,7 +144,7 @@ def test_errors_are_classified_by_code_and_error_domain(
     test_driver: LibvirtDriver, code: int, domain: int, message: str, expected: type[DriverError]
 ) -> None:
     """Each (code, error domain) maps to its class, keeps libvirt's message and the call, and only a lost link drops the connection."""
-    conn = test_driver._connection("spawn")
+    conn = test_driver._conns.get("spawn")
     uuid = str(uuidlib.uuid4())
     error = test_driver._map_error(_libvirt_error(code, domain, message), "spawn", uuid, conn)
     assert type(error) is expected
@@ -156,12 +156,12 @@ def test_errors_are_classified_by_code_and_error_domain(
 @pytest.mark.libvirt
 def test_any_error_after_the_close_callback_is_a_lost_connection(test_driver: LibvirtDriver) -> None:
     """Once the close callback dropped the connection, even a non-link error on it is DriverUnavailable."""
-    conn = test_driver._connection("get_info")
-    test_driver._on_close(conn._link.raw, 0, None)  # libvirt hands the callback its own connection object
+    conn = test_driver._conns.get("get_info")
+    test_driver._conns.on_close(conn._link.raw, 0, None)  # libvirt hands the callback its own connection object
     error = test_driver._map_error(_libvirt_error(1, 12, "internal error: x"), "get_info", str(uuidlib.uuid4()), conn)
     assert type(error) is DriverUnavailable
     assert str(error).endswith("lost: internal error: x")
-    assert test_driver._connection("get_info")._link is not conn._link  # the next call opened a new connection
+    assert test_driver._conns.get("get_info")._link is not conn._link  # the next call opened a new connection
 
 
 @pytest.mark.libvirt
@@ -169,14 +169,14 @@ def test_os_error_on_a_live_connection_is_permanent(test_driver: LibvirtDriver, 
     """A real OS error from the test driver (code 38, not from RPC) is a DriverError with libvirt's text; the connection is kept."""
     spec = _spec("/images/base.qcow2")
     _define(test_driver, spec, start=True)
-    before = test_driver._connection("save")
+    before = test_driver._conns.get("save")
     with pytest.raises(DriverError) as info, test_driver._calling("save", spec.uuid) as conn:
         conn.lookupByUUIDString(spec.uuid).save(str(tmp_path / "missing" / "save.img"))
     assert type(info.value) is DriverError
     assert str(info.value).startswith("save failed in libvirt (code 38, error domain 12")
     assert "No such file or directory" in str(info.value)
     assert info.value.__cause__ is not None and info.value.__cause__.get_error_code() == 38  # type: ignore[attr-defined]
-    assert test_driver._link is before._link
+    assert test_driver._conns.first is before._link
     assert test_driver.get_info(spec.uuid) is PowerState.RUNNING
 
 
@@ -478,14 +478,14 @@ def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_
 @pytest.mark.libvirt
 def test_a_call_stuck_on_one_connection_does_not_hold_the_next_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     """With every connection's call stuck (a hung guest's monitor) a ping gets a new connection, not a hung-host error."""
-    import drivers.libvirt as lv
+    import drivers.libvirt._connections as connections
 
     libvirt_ready()
-    monkeypatch.setattr(lv, "_STUCK_SECONDS", 0.5)
+    monkeypatch.setattr(connections, "STUCK_SECONDS", 0.5)
     driver = LibvirtDriver("test:///default", "/tmp/unused", connections=1)
     release = threading.Event()
     try:
-        first = driver._link
+        first = driver._conns.first
         assert first is not None
         stuck = threading.Thread(target=first.call, args=("stuck", release.wait, 30))
         stuck.start()
@@ -495,7 +495,8 @@ def test_a_call_stuck_on_one_connection_does_not_hold_the_next_caller(monkeypatc
         started = time.monotonic()
         driver.ping()
         assert time.monotonic() - started < 3.0
-        assert len([driver._link, *driver._spare]) == 2, "a stuck connection does not count toward the limit"
+        links = [driver._conns.first, *driver._conns.spare]
+        assert len(links) == 2, "a stuck connection does not count toward the limit"
     finally:
         release.set()
         driver.close()

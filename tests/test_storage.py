@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-import drivers.libvirt
+import drivers.libvirt._disks
 import drivers.storage
 from drivers.base import DomainSpec
 from drivers.images import inspect_image
@@ -108,7 +108,7 @@ def uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _conn(drv: LibvirtDriver) -> Any:
-    return drv._connection("test")
+    return drv._conns.get("test")
 
 
 def _volumes(drv: LibvirtDriver, pool: str) -> set[str]:
@@ -255,6 +255,11 @@ def test_an_upload_whose_partial_was_replaced_meanwhile_waits_for_the_base_to_be
     key = image_key(base_image)
     size = base_image.stat().st_size
     real, calls = drivers.storage.write_volume, []
+    real_growing, watching = drivers.storage._growing, threading.Event()
+
+    def growing(vol: Any) -> bool:
+        watching.set()  # the stalled uploader found the other's partial and watches it
+        return real_growing(vol)
 
     def replaced_meanwhile(conn: Any, vol: Any, *args: Any, **kwargs: Any) -> Content:
         content = real(conn, vol, *args, **kwargs)
@@ -273,7 +278,7 @@ def test_an_upload_whose_partial_was_replaced_meanwhile_waits_for_the_base_to_be
             stream = conn.newStream(0)
             other.upload(stream, 0, 0, 0)
             stream.send(half)
-            time.sleep(1.5)  # it goes on a little later
+            watching.wait(30)  # it goes on once the stalled uploader watches its partial grow
             stream.send(base_image.read_bytes()[size // 2 :])
             stream.finish()
 
@@ -281,6 +286,7 @@ def test_an_upload_whose_partial_was_replaced_meanwhile_waits_for_the_base_to_be
         return content
 
     monkeypatch.setattr(drivers.storage, "write_volume", replaced_meanwhile)
+    monkeypatch.setattr(drivers.storage, "_growing", growing)
     got = host.storage.ensure_base(_conn(host), host.uri, base_image, inspect_image(base_image, "qcow2"))
     assert got == key
     vol = _volume(host, host.storage.cache_pool, key)
@@ -404,7 +410,7 @@ def test_a_disk_that_arrives_different_is_refused_and_deleted(
         return content
 
     monkeypatch.setattr(drivers.storage, "volume_digest", wrong)
-    monkeypatch.setattr(drivers.libvirt, "volume_digest", wrong)  # the name the driver calls
+    monkeypatch.setattr(drivers.libvirt._disks, "volume_digest", wrong)  # the name the driver calls
     read = functools.partial(source.read_disk, spec.uuid)
     with pytest.raises(CopyFailed, match="arrived different from what was sent"):
         dest.finish_migration(spec, read, power_on=False)
