@@ -1,7 +1,8 @@
 """The libvirt driver: any libvirt URI (test:///..., qemu:///system, qemu+ssh://...).
 
 ``libvirt`` is imported behind a guard, only in this package and the storage
-and connection machinery it uses (:mod:`drivers.storage`, :mod:`drivers._link`).
+and connection machinery it uses (:mod:`drivers.storage` with
+``drivers._busy`` and ``drivers._streams``, and :mod:`drivers._link`).
 The driver is one class made of:
 
 - ``_connections``: the connections to the host, apart from per-domain calls:
