@@ -19,7 +19,7 @@ from lifecycle import AuditEntry, Engine, InvalidInput, PowerState, TaskFailed
 from lifecycle.audit import audit_query
 from lifecycle.cli import main
 from lifecycle.store.feed import audit_select
-from lifecycle.store.tables import AuditRow, HostRow, ImageRow, InstanceRow
+from lifecycle.store.tables import AUDITS, HOSTS, IMAGES, INSTANCES
 from tests.conftest import FLAVOR, Fakes, make_engine
 
 NOW = datetime.now(UTC)
@@ -209,16 +209,16 @@ def _synthetic_log(url: str, count: int) -> None:
             }
         )
     with db.begin() as conn:
-        conn.execute(sa.insert(HostRow.__table__), hosts)  # type: ignore[attr-defined]
+        conn.execute(sa.insert(HOSTS), hosts)
         conn.execute(
-            sa.insert(ImageRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(IMAGES),
             {"name": "cirros", "path": "/i", "disk_format": "qcow2", "min_disk_gb": 0, "created_at": past},
         )
         conn.execute(
-            sa.insert(InstanceRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(INSTANCES),
             [{**instance, "uuid": u, "name": f"vm{i}", "host": f"s{i % 20}"} for i, u in enumerate(uuids)],
         )
-        conn.execute(sa.insert(AuditRow.__table__), rows)  # type: ignore[attr-defined]
+        conn.execute(sa.insert(AUDITS), rows)
     with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("ANALYZE")
     db.dispose()

@@ -32,7 +32,8 @@ _DATABASE = ("sqlalchemy", "sqlmodel", "alembic", "lifecycle.store", "lifecycle.
 """Modules of the database layer: ``--help`` and ``graph`` need none of them."""
 _NEVER_FOR_READS = (
     "alembic",  # schema migrations: only ``db``
-    "sqlmodel",  # the tables are SQLAlchemy Core; sqlmodel is for the migration scripts only
+    "sqlmodel",  # the tables are SQLAlchemy Core; sqlmodel is for lifecycle.models (embedders) and migrations
+    "lifecycle.models",
     "pydantic_settings",  # no config file, no setting in the environment: the defaults need no parsing
     "drivers.libvirt",  # a read opens no driver
     "drivers.fake",
@@ -89,6 +90,13 @@ def test_reads_import_no_migrations_drivers_metrics_or_settings_parser(database:
     assert _loaded(_modules(*argv), _NEVER_FOR_READS) == []
 
 
+def test_operations_import_no_sqlmodel(database: tuple[str, str]) -> None:
+    """Commands running operations through the engine (the hot path: stop, then start) load no sqlmodel, no lifecycle.models."""
+    url, uuid = database
+    for verb in ("stop", "start"):
+        assert _loaded(_modules("--db", url, verb, uuid), ("sqlmodel", "lifecycle.models")) == [], verb
+
+
 def test_a_setting_in_the_environment_is_still_read(database: tuple[str, str]) -> None:
     """With a setting in the environment the CLI parses it (pydantic-settings loaded): the shortcut is not blind."""
     url, _ = database
@@ -118,9 +126,10 @@ def test_the_script_pauses_the_collector_only_while_the_command_starts(database:
     script = f"""
 import gc, sys
 import lifecycle.cli as cli
+from lifecycle.cli import demo, instances
 seen = []
-cli._HANDLERS["list"] = lambda engine, args: seen.append(("list", gc.isenabled()))
-cli._STANDALONE["graph"] = lambda args: seen.append(("graph", gc.isenabled()))
+instances._list = lambda engine, args: seen.append(("list", gc.isenabled()))
+demo._graph = lambda args: seen.append(("graph", gc.isenabled()))
 for argv in (["--db", {url!r}, "list"], ["graph"]):
     sys.argv = ["lifecycle", *argv]
     assert cli.main() == 0

@@ -14,7 +14,7 @@ from drivers.fake import FakeDriver
 from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
 from lifecycle.errors import InvalidInput
 from lifecycle.store.db import now
-from lifecycle.store.tables import ConsoleTokenRow, InstanceRow
+from lifecycle.store.tables import CONSOLE_TOKENS, INSTANCES
 from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
 from tests.images import fake_image
 
@@ -35,7 +35,7 @@ def test_token_gives_the_console_address_and_is_stored_only_hashed(
     conn = engine.check_console_token(access.token)
     assert conn is not None and (conn.instance_uuid, conn.host) == (uuid, "127.0.0.1") and conn.port >= 5900
     with engine.store.engine.connect() as db:
-        stored = db.execute(sa.select(ConsoleTokenRow.__table__)).mappings().one()  # type: ignore[attr-defined]
+        stored = db.execute(sa.select(CONSOLE_TOKENS)).mappings().one()
     assert access.token not in str(dict(stored)) and len(stored["token_hash"]) == 64
 
 
@@ -73,7 +73,7 @@ def test_a_moved_instance_invalidates_its_tokens(engine: Engine, new_instance: C
     uuid = new_instance()
     token = engine.get_vnc_console(uuid).token
     with engine.store.engine.begin() as db:
-        table = InstanceRow.__table__  # type: ignore[attr-defined]
+        table = INSTANCES
         db.execute(sa.update(table).where(table.c.uuid == uuid).values(host="h2"))
     assert engine.check_console_token(token) is None
 
@@ -217,7 +217,7 @@ def far_engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
 
 def _token_rows(engine: Engine) -> list[dict[str, Any]]:
     with engine.store.engine.connect() as db:
-        return [dict(r) for r in db.execute(sa.select(ConsoleTokenRow.__table__)).mappings()]  # type: ignore[attr-defined]
+        return [dict(r) for r in db.execute(sa.select(CONSOLE_TOKENS)).mappings()]
 
 
 def test_a_remote_host_without_console_address_gets_no_token(far_engine: Engine, fakes: Fakes) -> None:
@@ -274,7 +274,7 @@ def logged() -> Iterator[list[MutableMapping[str, Any]]]:
 
 def _age(engine: Engine, token: str, **moments: datetime) -> None:
     with engine.store.engine.begin() as db:
-        table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+        table = CONSOLE_TOKENS
         db.execute(sa.update(table).where(table.c.token_hash == _hash(token)).values(**moments))
 
 

@@ -20,7 +20,7 @@ from lifecycle.console import token_hash
 from lifecycle.daemon import Daemon
 from lifecycle.store import Store
 from lifecycle.store.db import now
-from lifecycle.store.tables import ConsoleTokenRow
+from lifecycle.store.tables import CONSOLE_TOKENS
 from tests.conftest import Fakes, make_engine
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -207,7 +207,7 @@ def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) ->
     engine = make_engine(sqlite_url, fakes)
     uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
     live, dead = engine.get_vnc_console(uuid).token, engine.get_vnc_console(uuid).token
-    table = ConsoleTokenRow.__table__  # type: ignore[attr-defined]
+    table = CONSOLE_TOKENS
     with engine.store.engine.begin() as db:
         db.execute(
             sa.update(table).where(table.c.token_hash == token_hash(dead)).values(expires_at=now() - timedelta(days=1))
@@ -226,4 +226,4 @@ def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) ->
 
 def _tokens(engine: Engine) -> int:
     with engine.store.engine.connect() as db:
-        return int(db.execute(sa.select(sa.func.count()).select_from(ConsoleTokenRow.__table__)).scalar_one())  # type: ignore[attr-defined]
+        return int(db.execute(sa.select(sa.func.count()).select_from(CONSOLE_TOKENS)).scalar_one())

@@ -1,4 +1,4 @@
-"""Schema only through alembic: round trips, and no drift between models and migrations."""
+"""Schema only through alembic: round trips, and no drift between the tables (the store's and lifecycle.models') and migrations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from lifecycle import Engine, Flavor, InvalidInput, SchemaOutOfDate
+from lifecycle import Engine, Flavor, InvalidInput, SchemaOutOfDate, models
 from lifecycle.store import downgrade, head_revision, upgrade
 from lifecycle.store.db import connect, current_revision, known_revisions
 from lifecycle.store.tables import metadata
@@ -27,12 +27,36 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
+def _models_metadata() -> sa.MetaData:
+    """Return the tables lifecycle.models' classes map, copied into a metadata of their own."""
+    mapped = sa.MetaData()
+    for model in (
+        models.Host,
+        models.Claim,
+        models.Image,
+        models.Instance,
+        models.Task,
+        models.TaskStep,
+        models.AuditEntry,
+        models.Migration,
+    ):
+        table = sa.inspect(model).local_table
+        assert isinstance(table, sa.Table)
+        table.to_metadata(mapped)
+    return mapped
+
+
 def _drift(url: str) -> list[object]:
+    """Return what autogenerate would change: for the store's tables, and for the tables lifecycle.models maps."""
+    mapped = _models_metadata()
+    only_mapped = {"include_name": lambda name, kind, parent: kind != "table" or name in mapped.tables}
     engine = connect(url)
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            return list(compare_metadata(ctx, metadata))
+            store = list(compare_metadata(ctx, metadata))
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True, **only_mapped})
+            return [*store, *compare_metadata(ctx, mapped)]
     finally:
         engine.dispose()
 
