@@ -27,12 +27,16 @@ function and refuses to record the host up while one remains. Timers sleep
 by waiting on events, so SIGTERM and SIGINT stop the daemon at once: a pass
 stops between chunks, never inside a write; a thread stuck inside a
 hypervisor call is left behind (it is a daemon thread) rather than waited for.
+
+:func:`serve` is the process around it, what ``lifecycle daemon`` runs: the
+engine, the Prometheus endpoint, the signal handlers.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -43,15 +47,18 @@ from typing import TYPE_CHECKING
 import structlog
 
 from lifecycle import duties
-from lifecycle.errors import EvacuatedCopiesPending
+from lifecycle.errors import EvacuatedCopiesPending, InvalidInput
 from lifecycle.events import EventProcessor
 from lifecycle.store.store import HostClaim
 from lifecycle.sweep import PassSummary, sweep_host
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from lifecycle.config import Settings
     from lifecycle.engine import Engine
 
-__all__ = ["Daemon", "HostWorker", "Job"]
+__all__ = ["Daemon", "HostWorker", "Job", "serve"]
 
 log = structlog.get_logger(__name__)
 
@@ -276,3 +283,47 @@ class Daemon:
         self.stop.set()
         for host in list(self.workers):
             self._release(host, reason="stopping")
+
+
+def serve(
+    db_url: str,
+    settings: Settings,
+    *,
+    hosts: list[str] | None = None,
+    claim_interval: float = 10.0,
+    metrics_listen: tuple[str, int] | None = None,
+) -> None:
+    """Run a daemon over the engine at ``db_url`` until SIGTERM or SIGINT, then release its hosts and stop.
+
+    A name in ``hosts`` that is no host is refused before anything is
+    claimed; with ``metrics_listen`` (address, port) the engine's metrics are
+    served over HTTP for as long as the daemon runs, and an address that
+    cannot be bound is refused (:class:`InvalidInput`) before it starts.
+    Signal handlers are installed, so call it on the main thread.
+    """
+    from lifecycle.engine import Engine  # the engine pulls in the whole package; the CLI imports this module late
+
+    with Engine(db_url, settings=settings) as engine:
+        for name in hosts or ():
+            engine.host(name)  # refuse a typo before claiming anything
+        server = None if metrics_listen is None else _serve_metrics(engine, *metrics_listen)
+        daemon = Daemon(engine, hosts=hosts, claim_interval=claim_interval)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: daemon.stop.set())
+        try:
+            daemon.run()
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+
+def _serve_metrics(engine: Engine, addr: str, port: int) -> WSGIServer:
+    """Serve the engine's metrics at ``addr:port`` on a thread of their own; return the server."""
+    from prometheus_client import start_wsgi_server
+
+    try:
+        server, _ = start_wsgi_server(port, addr=addr, registry=engine.metrics.registry)
+    except OSError as exc:
+        raise InvalidInput(f"--metrics-listen {addr}:{port}: {exc.strerror or exc}") from None
+    return server
