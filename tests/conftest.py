@@ -24,6 +24,7 @@ libvirt (and a test that passed yet left a domain fails).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -468,7 +469,8 @@ def pg_server_url() -> str:
     return url
 
 
-_PG_TEMPLATE = "lifecycle_migrated_template"
+_PG_TEMPLATE = f"lifecycle_template_{os.getpid()}"
+"""This test session's own template: sessions running side by side on one server never copy a half-made one."""
 _template_ready: list[bool] = []
 
 
@@ -506,7 +508,19 @@ def _migrated_template(server_url: str) -> str:
         upgrade(url)
         sa.create_engine(url).dispose()
         _template_ready.append(True)
+        atexit.register(_drop_template, server_url)
     return _PG_TEMPLATE
+
+
+def _drop_template(server_url: str) -> None:
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_PG_TEMPLATE} WITH (FORCE)")
+    except sa.exc.OperationalError:  # the server stopped before this session ended: nothing left to drop
+        pass
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
