@@ -86,6 +86,11 @@ def _optional_name(kind: str, value: object) -> str | None:
     return None if value is None else validation.name(kind, value)
 
 
+def _to(host: str | None) -> dict[str, Any]:
+    """Return the parameters of an operation sent to ``host``, or where the scheduler puts it (None)."""
+    return {} if host is None else {"host": host}
+
+
 class Engine:
     """The lifecycle engine over one database.
 
@@ -507,8 +512,7 @@ class Engine:
 
     def stop(self, uuid: str, *, timeout: float | None = None, **kw: Any) -> Task:
         """Power an instance off: clean shutdown within ``timeout`` seconds, then hard."""
-        params = {} if timeout is None else {"timeout": validation.seconds("stop timeout", timeout)}
-        return self.run("stop", uuid, params=params, **kw)
+        return self.run("stop", uuid, params={} if timeout is None else {"timeout": timeout}, **kw)
 
     def reboot(self, uuid: str, *, hard: bool = False, **kw: Any) -> Task:
         """Reboot through the guest (soft) or by reset (hard, which may preempt some tasks)."""
@@ -540,37 +544,21 @@ class Engine:
 
     def rebuild(self, uuid: str, *, image: str | None = None, **kw: Any) -> Task:
         """Replace the disk with a fresh one on ``image`` (default: the current image)."""
-        params = {} if image is None else {"image": validation.name("image", image)}
-        return self.run("rebuild", uuid, params=params, **kw)
+        return self.run("rebuild", uuid, params={} if image is None else {"image": image}, **kw)
 
     def resize(self, uuid: str, flavor: Flavor, **kw: Any) -> Task:
         """Move the instance to a host with room for ``flavor``; it ends resized, awaiting confirm or revert.
 
-        Shrinking the root disk, or resizing to the same size, is refused before anything changes.
+        The scheduler places it by ``flavor``, its extra specs included. Shrinking the root disk, or
+        resizing to the same size, is refused before anything changes.
         """
-        current = self.get(uuid).flavor
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        if flavor.root_gb < current.root_gb:
-            raise InvalidInput(f"cannot shrink the root disk from {current.root_gb} GiB to {flavor.root_gb} GiB")
-        if (flavor.vcpus, flavor.memory_mb, flavor.root_gb) == (current.vcpus, current.memory_mb, current.root_gb):
-            raise InvalidInput("the new flavor is the same size as the current one: use migrate")
-        params = {
-            "flavor": {
-                "name": flavor.name,
-                "vcpus": flavor.vcpus,
-                "memory_mb": flavor.memory_mb,
-                "root_gb": flavor.root_gb,
-            }
-        }
-        return self.run("resize", uuid, params=params, **kw)
+        return self.run("resize", uuid, params={"flavor": flavor.as_dict()}, **kw)
 
     def migrate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
         """Cold-migrate to ``host`` or where the scheduler puts it; ends resized, awaiting confirm or revert."""
-        params = {} if host is None else {"host": self.store.get_host(validation.name("host", host)).name}
-        if host is not None and params["host"] == self.get(uuid).host:
-            raise InvalidInput(f"cannot migrate instance {uuid} to {params['host']}: that is the host it is on")
-        return self.run("migrate", uuid, params=params, **kw)
+        return self.run("migrate", uuid, params=_to(host), **kw)
 
     def confirm_resize(self, uuid: str, **kw: Any) -> Task:
         """Make a finished move final: the source's kept disk and claim go."""
@@ -587,7 +575,7 @@ class Engine:
         (stopped if it was stopped); data on the dead host's disk is lost.
         Refused with :class:`HostNotEvacuable` unless its host is down and fenced.
         """
-        return evacuation.evacuate(self, uuid, host=host, **kw)
+        return self.run("evacuate", uuid, params=_to(host), **kw)
 
     def shelve(self, uuid: str, **kw: Any) -> Task:
         """Power off and snapshot an instance into an image the engine keeps; ends shelved.
@@ -608,16 +596,7 @@ class Engine:
         A shelved instance is powered on where it is; an offloaded one is
         spawned from its snapshot on ``host`` or where the scheduler puts it.
         """
-        params = {}
-        if host is not None:
-            instance = self.get(uuid)
-            if instance.vm_state is not VmState.SHELVED_OFFLOADED:
-                raise InvalidInput(
-                    f"unshelve --host is only for an offloaded instance; {uuid} is {instance.vm_state.value}"
-                    + (f" on {instance.host}" if instance.host else "")
-                )
-            params["host"] = self.store.get_host(validation.name("host", host)).name
-        return self.run("unshelve", uuid, params=params, **kw)
+        return self.run("unshelve", uuid, params=_to(host), **kw)
 
     def delete(self, uuid: str, **kw: Any) -> Task:
         """Delete an instance from any state, taking over any running task.

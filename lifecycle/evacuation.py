@@ -20,42 +20,33 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from drivers.base import Attempt
 from lifecycle import validation
 from lifecycle.audit import Why
-from lifecycle.errors import (
-    DriverError,
-    EvacuatedCopiesPending,
-    HostNotEvacuable,
-    InvalidInput,
-    LifecycleError,
-    TaskFailed,
-)
-from lifecycle.placement import evacuated_copies, host_is_up
-from lifecycle.records import Cause, Host, Task
+from lifecycle.errors import DriverError, EvacuatedCopiesPending, InvalidInput, LifecycleError, TaskFailed
+from lifecycle.operations.evacuate import DATA_LOSS, check_evacuable
+from lifecycle.placement import evacuated_copies
+from lifecycle.records import Cause, Host
 from lifecycle.states import MigrationStatus, VmState
 
 if TYPE_CHECKING:
     from lifecycle.engine import Engine
 
 __all__ = [
+    "DATA_LOSS",
     "EvacuationResult",
     "clear_for_heartbeat",
     "destroy_evacuated",
-    "evacuate",
     "evacuate_host",
     "fence",
     "unfence",
 ]
 
 log = structlog.get_logger(__name__)
-
-DATA_LOSS = "rebuilt from its image on the new host: data on the dead host's disk is lost"
-"""What every evacuation means for the guest's disk (said by the CLI and the docs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,25 +95,6 @@ def unfence(engine: Engine, name: str, *, actor: str) -> Host:
     return engine.store.set_fence(host.name, None, None)
 
 
-def check_evacuable(engine: Engine, host: Host) -> None:
-    """Raise :class:`HostNotEvacuable` naming what fails unless ``host`` is down and fenced."""
-    down = not host_is_up(host, engine.settings.host_down_after)
-    if not (down and host.fenced):
-        raise HostNotEvacuable(host.name, down=down, fenced=host.fenced)
-
-
-def evacuate(engine: Engine, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
-    """Run an evacuate task for one instance (to ``host``, or where the scheduler puts it)."""
-    instance = engine.get(uuid)
-    params: dict[str, Any] = {}
-    if host is not None:
-        dest = engine.host(host).name
-        if dest == instance.host:
-            raise InvalidInput(f"cannot evacuate instance {instance.uuid} to {dest}: that is the host it is on")
-        params["host"] = dest
-    return engine.run("evacuate", instance.uuid, params=params, **kw)
-
-
 def evacuate_host(engine: Engine, name: str, *, actor: str = "api") -> builtins.list[EvacuationResult]:
     """Evacuate every live instance of a down, fenced host, one task each; return what became of each.
 
@@ -130,7 +102,7 @@ def evacuate_host(engine: Engine, name: str, *, actor: str = "api") -> builtins.
     down and fenced). One instance that fails or is refused never stops the others.
     """
     host = engine.host(name)
-    check_evacuable(engine, host)
+    check_evacuable(host, engine.settings.host_down_after)
     results = []
     for instance in engine.list(host.name):
         if instance.vm_state is VmState.DELETED:

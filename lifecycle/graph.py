@@ -39,14 +39,18 @@ __all__ = [
     "Failure",
     "Operation",
     "Result",
+    "Takeover",
     "begin",
     "check_table",
     "end_vm_state",
     "next_task_state",
     "operation",
+    "register",
     "retry_task_state",
+    "rows",
     "to_json",
     "to_mermaid",
+    "unregister",
 ]
 
 V, T = VmState, TaskState
@@ -74,6 +78,16 @@ class Failure(enum.StrEnum):
     """Always error: the guest cannot be known to be intact (create, delete)."""
     ACTIVE_IF_RUNNING = "active_if_running"
     """active when the guest runs afterwards, else error (hard reboot, as Nova)."""
+
+
+class Takeover(enum.StrEnum):
+    """What an operation that preempts running tasks does about the preempted worker's driver call still in flight."""
+
+    DESTROY_LATE = "destroy_late"
+    """It ends the instance: whatever the late call made is destroyed again (delete, force_delete)."""
+    BY_POWER = "by_power"
+    """It acts on the guest itself: it goes on at once over a late call leaving the guest in its own end power,
+    and waits for any other to end so that it comes last (hard reboot)."""
 
 
 IDLE: frozenset[TaskState | None] = frozenset({None})
@@ -132,6 +146,19 @@ class Operation(NamedTuple):
     """Where and why this row differs from Nova."""
     may_end_after: TaskState | None = None
     """A success may also end after this step of the walk, short of its last (shelve when it keeps the host)."""
+    needs_host: bool = True
+    """False: it runs on an instance without a host, or whose failed move is still open, as what is always left
+    (delete); no room is claimed for it."""
+    holds_room: bool = True
+    """The instance still uses its room on its host afterwards, so from error or soft_deleted (which may hold no
+    claim) it takes its claim there first. False for what ends the instance, keeps it off or takes it elsewhere."""
+    reverts_move: bool = False
+    """It may also run from error on the open move a failure left, putting the instance back on the move's source
+    (revert_resize); never started by a timer then."""
+    takeover: Takeover | None = None
+    """Its preemption class: what it does about a late driver call of a task it takes over (None: takes none over)."""
+    lock_applies: bool = True
+    """A locked instance refuses it when the API starts it (create has no instance to lock yet)."""
 
     @property
     def preempts(self) -> frozenset[TaskState]:
@@ -174,6 +201,7 @@ OPERATIONS: tuple[Operation, ...] = (
         failure=Failure.ERROR,
         creates=True,
         reschedules=True,
+        lock_applies=False,
         note="Nova passes through task NULL between scheduling and networking; "
         "the task owns the instance throughout here, so there is no idle gap.",
     ),
@@ -203,6 +231,7 @@ OPERATIONS: tuple[Operation, ...] = (
         PowerState.RUNNING,
         allowed_task_states=_ALLOW_HARD_REBOOT_TASKS,
         failure=Failure.ACTIVE_IF_RUNNING,
+        takeover=Takeover.BY_POWER,
     ),
     Operation("pause", frozenset({V.ACTIVE}), (T.PAUSING,), V.PAUSED, PowerState.PAUSED),
     Operation("unpause", frozenset({V.PAUSED}), (T.UNPAUSING,), V.ACTIVE, PowerState.RUNNING),
@@ -227,6 +256,7 @@ OPERATIONS: tuple[Operation, ...] = (
         (T.RESIZE_REVERTING,),
         Result.PREVIOUS,
         move_family=True,
+        reverts_move=True,
         note="Nova reverts only a resized instance; here also an error one whose move failed after its disk left "
         "the source and is still open (the runner refuses it otherwise): the source's kept disk is put back, with the "
         "old flavor and the vm_state from before the move, and the destination's copy and claim go.",
@@ -243,6 +273,7 @@ OPERATIONS: tuple[Operation, ...] = (
         (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
         Result.REBUILT,
         failure=Failure.ERROR,
+        holds_room=False,
         note="Nova's evacuate skips the task check; here it needs an idle instance (a task stuck on the dead "
         "host ends by itself once its connection fails, or by reset-state), so only delete and force_delete "
         "ever take it over. Its host must be down and fenced (lifecycle.evacuation), not only down.",
@@ -255,6 +286,9 @@ OPERATIONS: tuple[Operation, ...] = (
         PowerState.NOSTATE,
         allowed_task_states=ANY_TASK,
         failure=Failure.ERROR,
+        needs_host=False,
+        holds_room=False,
+        takeover=Takeover.DESTROY_LATE,
         note=_DELETE_NOTE,
     ),
     Operation(
@@ -265,6 +299,9 @@ OPERATIONS: tuple[Operation, ...] = (
         PowerState.NOSTATE,
         allowed_task_states=ANY_TASK,
         failure=Failure.ERROR,
+        needs_host=False,
+        holds_room=False,
+        takeover=Takeover.DESTROY_LATE,
         note="Same path as delete, but the guest is destroyed at once with no clean shutdown. " + _DELETE_NOTE,
     ),
     Operation(
@@ -273,6 +310,7 @@ OPERATIONS: tuple[Operation, ...] = (
         (T.SOFT_DELETING,),
         V.SOFT_DELETED,
         PowerState.SHUTDOWN,
+        holds_room=False,
         note="Nova lets soft delete overwrite any running task; here only delete and force_delete take "
         "over a running task (a soft delete is restorable, so it must not cut a task short): it needs an "
         "idle instance. An offloaded instance has no guest to keep: its delete is a delete, as Nova's local delete.",
@@ -307,6 +345,7 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 _BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
+"""The table in force: the rows above, and any registered since (:func:`register`)."""
 
 MOVE_OPERATIONS = tuple(op.name for op in OPERATIONS if op.move_family)
 MOVE_TASK_STATES: frozenset[TaskState] = frozenset(t for name in MOVE_OPERATIONS for t in _BY_NAME[name].walk)
@@ -332,6 +371,32 @@ def operation(name: str) -> Operation:
         raise KeyError(f"unknown operation {name!r}; known: {', '.join(sorted(_BY_NAME))}") from None
 
 
+def rows() -> tuple[Operation, ...]:
+    """Return the table in force: :data:`OPERATIONS` and the rows registered since, in that order."""
+    return tuple(_BY_NAME.values())
+
+
+def register(row: Operation) -> None:
+    """Add the row of an operation defined outside :data:`OPERATIONS` (a test's, an embedder's).
+
+    The table with it is checked as the table is (:func:`check_table`), and the
+    machines are built anew at their next use. Meant for start-up, before tasks run.
+    """
+    if row.name in _BY_NAME:
+        raise ValueError(f"operation {row.name!r} is in the table already")
+    check_table((*rows(), row))
+    _BY_NAME[row.name] = row
+    _machines.cache_clear()
+
+
+def unregister(name: str) -> None:
+    """Remove a row :func:`register` added (the rows of :data:`OPERATIONS` stay)."""
+    if any(op.name == name for op in OPERATIONS):
+        raise ValueError(f"operation {name!r} is part of the table itself")
+    if _BY_NAME.pop(name, None) is not None:
+        _machines.cache_clear()
+
+
 def _dest_is(dest: str) -> Any:
     def condition(*_args: Any, **kwargs: Any) -> bool:
         return bool(kwargs.get("dest") == dest)
@@ -349,7 +414,7 @@ def _vm_machine() -> Machine:
         auto_transitions=False,
         model_attribute="vm_state",
     )
-    for op in OPERATIONS:
+    for op in rows():
         sources = [_NEW_NAME] if op.creates else sorted(s.value for s in op.allowed_vm_states)
         for source in sources:
             ends = op.result_states() if op.creates else op.result_states(VmState(source))
@@ -371,7 +436,7 @@ def _task_machine() -> Machine:
         auto_transitions=False,
         model_attribute="task_state",
     )
-    for op in OPERATIONS:
+    for op in rows():
         first = op.walk[0].value
         task_sources: list[Any] = sorted(_task_name(t) for t in op.allowed_task_states)
         machine.add_transition(f"{op.name}.begin", task_sources, first)
@@ -390,7 +455,7 @@ def _task_machine() -> Machine:
 @functools.cache
 def _machines() -> tuple[Machine, Machine]:
     """Check the table, then build the vm_state and task_state machines (once, at the first guard or step)."""
-    check_table()
+    check_table(rows())
     return _vm_machine(), _task_machine()
 
 
@@ -498,7 +563,8 @@ def check_table(operations: Iterable[Operation] = OPERATIONS) -> None:
     Checked: unique names; every vm_state reachable from creation unless
     reserved; every task_state walked by some operation; every task_state has a
     success exit, a failure exit and a preemption exit (an operation allowed
-    from it); nothing leaves ``deleted``.
+    from it); an operation preempts tasks exactly when it has a preemption
+    class; nothing leaves ``deleted``.
     """
     ops = list(operations)
     problems: list[str] = []
@@ -511,6 +577,16 @@ def check_table(operations: Iterable[Operation] = OPERATIONS) -> None:
         preemptors = [op.name for op in ops if t in op.preempts]
         if not preemptors:
             problems.append(f"task_state {t.value} has no preemption exit")
+    problems += [
+        f"operation {op.name} preempts tasks but has no preemption class (takeover)"
+        for op in ops
+        if op.preempts and op.takeover is None
+    ]
+    problems += [
+        f"operation {op.name} has a preemption class but preempts no task"
+        for op in ops
+        if op.takeover is not None and not op.preempts
+    ]
     problems += [
         f"operation {op.name} is allowed from deleted, which must be terminal"
         for op in ops
@@ -546,7 +622,7 @@ def _states_json(states: Iterable[object]) -> list[str | None]:
 
 def to_json() -> str:
     """Return the operations table as JSON (the graph, as data)."""
-    rows = [
+    table = [
         {
             "operation": op.name,
             "allowed_vm_states": _states_json(op.allowed_vm_states),
@@ -560,16 +636,16 @@ def to_json() -> str:
             "reschedules": op.reschedules,
             "note": op.note,
         }
-        for op in OPERATIONS
+        for op in rows()
     ]
-    return json.dumps(rows, indent=2)
+    return json.dumps(table, indent=2)
 
 
 def to_mermaid() -> str:
     """Return the vm_state graph as a mermaid state diagram, one edge per operation."""
     lines = ["stateDiagram-v2"]
     edges: dict[tuple[str, str], list[str]] = {}
-    for op in OPERATIONS:
+    for op in rows():
         sources = ["[*]"] if op.creates else sorted(s.value for s in op.allowed_vm_states)
         for source in sources:
             start = V.BUILDING if op.creates else VmState(source)

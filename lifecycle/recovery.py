@@ -15,7 +15,9 @@ Resuming is safe because every driver call is repeat-safe by contract, the
 walk skips the task_states already written, and the one destructive call
 that must not run twice (rebuild's new disk) leaves a durable "done" step
 that a resumed run honours. Rolling back ends the task failed through the
-operation's failure rule (create: error, claims released).
+operation's failure rule (create: error, claims released). Which
+task_states roll back, and how, is the operation's own definition's
+(:attr:`lifecycle.registry.Definition.roll_back_in`): recovery names no operation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import structlog
 
 from lifecycle import graph
 from lifecycle.errors import LifecycleError, Preempted, TaskFailed
-from lifecycle.operations import ROLL_BACK
+from lifecycle.operations import definition
 from lifecycle.records import Task
 from lifecycle.states import PowerState, TaskState
 
@@ -39,8 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["Plan", "Recovered", "RecoveryRollBack", "Verdict", "plan", "recover_tasks"]
 
 log = structlog.get_logger(__name__)
-
-T = TaskState
 
 
 class Plan(enum.StrEnum):
@@ -60,24 +60,13 @@ class Verdict:
     reason: str
 
 
-_ROLL_BACK = {
-    # Before a create has a host and a disk there is nothing to resume onto: as Nova, error it.
-    T.SCHEDULING: "crashed while scheduling: nothing was built",
-    T.NETWORKING: "crashed before the disk and domain were made",
-    T.BLOCK_DEVICE_MAPPING: "crashed before the domain was made",
-    # A move that had not finished leaving the source goes back to it (Nova's init_host does
-    # finish_revert_migration for resize_migrating); the destination claim is released.
-    T.RESIZE_PREP: "crashed while preparing the move: the source is untouched",
-    T.RESIZE_MIGRATING: "crashed while the disk was leaving the source: put back on the source",
-}
-
-
 def plan(operation: str, task_state: TaskState) -> Verdict:
     """Return the recovery verdict for a task of ``operation`` found in ``task_state``."""
     if task_state not in graph.operation(operation).walk:
         raise ValueError(f"{task_state.value} is not in the {operation} walk")
-    if task_state in _ROLL_BACK:
-        return Verdict(Plan.ROLL_BACK, _ROLL_BACK[task_state])
+    why = definition(operation).roll_back_in.get(task_state)
+    if why is not None:
+        return Verdict(Plan.ROLL_BACK, why)
     return Verdict(Plan.RESUME, f"resumed from {task_state.value}: the remaining steps are repeat-safe")
 
 
@@ -159,7 +148,7 @@ def _recover(runner: Runner, task: Task) -> Recovered:
 
 
 def _roll_back(run: TaskRun, reason: str) -> None:
-    hook = ROLL_BACK.get(run.task.operation)
+    hook = definition(run.task.operation).roll_back
     if hook is not None:
         hook(run)
     try:

@@ -27,8 +27,9 @@ from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.duties import refuse_if_locked
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
-from lifecycle.operations import GUARDS, PREPARE, STEPS, revertible
+from lifecycle.operations import definition, revertible
 from lifecycle.records import Cause, Image, Instance, Migration, Outcome, Task
+from lifecycle.registry import Call
 from lifecycle.slots import BuildSlots
 from lifecycle.states import VmState
 from lifecycle.store import Store
@@ -40,13 +41,6 @@ __all__ = ["Runner", "check_call"]
 
 log = structlog.get_logger(__name__)
 
-# What is left for an instance without a host (a database-only delete) or with a failed move half-way.
-_ONLY_DELETE_LEFT = frozenset({"delete", "force_delete"})
-_NO_HOST = (
-    "the instance has no host (it was never built, or its host was removed): only delete and force_delete are possible"
-)
-_OFF_ITS_HOST = frozenset({"delete", "force_delete", "soft_delete", "evacuate"})
-"""Operations that end an instance, keep it off, or take it elsewhere: they never need its room on its host."""
 _CLAIM_FROM = frozenset({VmState.ERROR, VmState.SOFT_DELETED})
 """vm_states whose instance may hold no claim on its host (a failed delete released it): any other operation from
 them makes sure it holds one first, so that bringing it back never overcommits the host."""
@@ -104,9 +98,8 @@ class Runner:
         idle in that vm_state, never preempting a task (a restore racing the
         reclaim): otherwise :class:`InvalidState`, and nothing is written.
         """
-        if not isinstance(operation, str) or operation not in STEPS:
-            known = ", ".join(sorted(STEPS))
-            raise InvalidInput(f"unknown operation {operation!r}; available: {known}")
+        defined = definition(operation)
+        operation = defined.name
         if not isinstance(cause, Cause) or not isinstance(wait, bool) or not isinstance(override_lock, bool):
             raise InvalidInput(
                 f"cause must be a Cause, wait and override_lock bools, got {cause!r}, {wait!r}, {override_lock!r}"
@@ -115,18 +108,19 @@ class Runner:
             raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
         check_call(request_id, idempotency_key, actor)
         uuid = validation.uuid(uuid)
-        params = dict(params or {})
+        params = defined.params(params or {})
         image_name = params.get("image")
         if image_name is not None:
             self.image(image_name)
-        op = graph.operation(operation)
+        op = defined.row
         for attempt in range(self.settings.preempt_retries + 1):
             instance = self.store.get_instance(uuid)
             if idempotency_key is not None:
                 replayed = self.replay(idempotency_key, operation, uuid, params)
                 if replayed is not None:
                     return replayed
-            refuse_if_locked(operation, instance, cause, override_lock)
+            if op.lock_applies:
+                refuse_if_locked(operation, instance, cause, override_lock)
             if only_idle_in is not None and (instance.vm_state is not only_idle_in or instance.task_id is not None):
                 raise InvalidState(
                     operation,
@@ -138,10 +132,9 @@ class Runner:
                     reason=f"this duty runs only on an idle {only_idle_in.value} instance",
                 )
             first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
-            extra_guard = GUARDS.get(operation)
-            if extra_guard is not None:
-                extra_guard(self.store, self.settings, instance)
-            claim = self._admit(operation, instance, cause)
+            if defined.guard is not None:
+                defined.guard(Call(self.store, self.settings, instance, params, cause))
+            claim = self._admit(op, instance, cause)
             preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
             task = self.new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
             why = Why(
@@ -188,28 +181,29 @@ class Runner:
             return self.launch(run, wait)
         raise AssertionError("unreachable")
 
-    def _admit(self, operation: str, instance: Instance, cause: Cause) -> Hold | None:
+    def _admit(self, op: graph.Operation, instance: Instance, cause: Cause) -> Hold | None:
         """Refuse what the instance's host and open move leave impossible; return the claim it must hold first.
 
         An instance without a host, or in error with a move still open, allows
-        only delete (and, for a move whose source kept its disk, revert_resize:
-        back onto the source). An operation from error or soft_deleted that
-        keeps the instance on its host must hold its claim there (taken in
-        the task's first write, or :class:`NoValidHost` and nothing written).
+        only what needs no host (delete; and, for a move whose source kept its
+        disk, what reverts a move: back onto the source). An operation from
+        error or soft_deleted that leaves the instance using its room on its
+        host must hold its claim there (taken in the task's first write, or
+        :class:`NoValidHost` and nothing written).
         """
-        if operation in _ONLY_DELETE_LEFT:
+        if not op.needs_host:
             return None
         if instance.host is None and instance.vm_state is not VmState.SHELVED_OFFLOADED:
-            self._refuse(operation, instance, _NO_HOST)
+            self._refuse(op, instance, f"{_NO_HOST}: only {_hostless()} are possible")
         migration = self.store.open_migration(instance.uuid) if instance.vm_state is VmState.ERROR else None
-        reverting = operation == "revert_resize" and instance.vm_state is VmState.ERROR
+        reverting = op.reverts_move and instance.vm_state is VmState.ERROR
         if migration is not None and not (reverting and revertible(migration)):
-            self._refuse(operation, instance, _failed_move(migration))
+            self._refuse(op, instance, _failed_move(migration))
         if reverting and migration is None:
-            self._refuse(operation, instance, "no move of this instance is open: there is nothing to revert")
+            self._refuse(op, instance, "no move of this instance is open: there is nothing to revert")
         if reverting and cause is Cause.TIMER:
-            self._refuse(operation, instance, "a move that failed is reverted by an operator, never by a timer")
-        if instance.vm_state not in _CLAIM_FROM or operation in _OFF_ITS_HOST or instance.host is None:
+            self._refuse(op, instance, "a move that failed is reverted by an operator, never by a timer")
+        if instance.vm_state not in _CLAIM_FROM or not op.holds_room or instance.host is None:
             return None
         # The host it lives on afterwards, with the flavor it has there: a revert's is the move's source.
         host, flavor = (
@@ -220,10 +214,9 @@ class Runner:
         return Hold(host, (flavor.vcpus, flavor.memory_mb, flavor.root_gb), ratios)
 
     @staticmethod
-    def _refuse(operation: str, instance: Instance, reason: str) -> NoReturn:
-        op = graph.operation(operation)
+    def _refuse(op: graph.Operation, instance: Instance, reason: str) -> NoReturn:
         raise InvalidState(
-            operation,
+            op.name,
             instance.uuid,
             instance.vm_state,
             instance.task_state,
@@ -305,14 +298,14 @@ class Runner:
         with self._lock:
             self.active.add(run.task.id)
         try:
-            return execute(run, STEPS[run.task.operation])
+            return execute(run, definition(run.task.operation).steps)
         finally:
             with self._lock:
                 self.active.discard(run.task.id)
 
     def prepare(self, run: TaskRun) -> None:
-        """Run the operation's preparation hook, if it registered one (a move gets its scheduler)."""
-        hook = PREPARE.get(run.task.operation)
+        """Run the operation's preparation hook, if it has one (a move gets its scheduler)."""
+        hook = definition(run.task.operation).prepare
         if hook is not None:
             hook(run)
 
@@ -362,15 +355,22 @@ class Runner:
                 log.exception("lease_renewal_failed")
 
 
+_NO_HOST = "the instance has no host (it was never built, or its host was removed)"
+
+
+def _hostless() -> str:
+    """Name what is always left (the operations that need no host): "delete and force_delete"."""
+    return " and ".join(op.name for op in graph.rows() if not op.needs_host)
+
+
 def _failed_move(migration: Migration) -> str:
     """Say what is left for an error instance whose move ``migration`` is still open."""
     where = f"{migration.source_host} -> {migration.dest_host}"
-    left = "delete and force_delete are possible"
+    left = f"{_hostless()} are possible"
     if revertible(migration):
-        left = (
-            f"revert_resize (back onto {migration.source_host}, on the disk it kept, as before the move),"
-            " delete and force_delete are possible"
-        )
+        back = f"back onto {migration.source_host}, on the disk it kept, as before the move"
+        reverts = ", ".join(op.name for op in graph.rows() if op.reverts_move)
+        left = f"{reverts} ({back}), {_hostless()} are possible"
     return f"a move of this instance failed half-way and is still open ({migration.status.value}, {where}): only {left}"
 
 

@@ -11,6 +11,7 @@ import pytest
 from lifecycle import Engine, Flavor, HostNotEvacuable, InvalidInput, PowerState, TaskFailed, TaskState, VmState
 from lifecycle.cli import main
 from lifecycle.daemon import HostWorker
+from lifecycle.evacuation import DATA_LOSS
 from lifecycle.states import MigrationStatus
 from lifecycle.store.db import now
 from tests.conftest import Fakes, make_engine
@@ -105,13 +106,14 @@ def test_evacuate_needs_the_host_down_and_fenced(
 def test_evacuate_refuses_a_deleted_or_busy_instance_and_a_bad_destination(cloud: Engine) -> None:
     """The table's guard still applies (paused is not evacuable), and the destination must be another known host."""
     uuid = _on(cloud, "h1")
+    idle = _on(cloud, "h1")
     cloud.pause(uuid)
     _dead(cloud, "h1")
     with pytest.raises(Exception, match="cannot evacuate"):
         cloud.evacuate(uuid)
     other = _on(cloud, "h2")
     with pytest.raises(InvalidInput, match="the host it is on"):
-        cloud.evacuate(uuid, host="h1")
+        cloud.evacuate(idle, host="h1")
     with pytest.raises(InvalidInput):
         cloud.evacuate(other, host="nowhere")
 
@@ -139,7 +141,8 @@ def test_evacuate_rebuilds_elsewhere_keeping_identity(cloud: Engine, fakes: Fake
     assert fakes["h3"].get_info(uuid) is after.power_state
     walked = [e.to_task_state for e in cloud.history(uuid) if e.task_id == task.id]
     assert walked == [TaskState.REBUILDING, TaskState.REBUILD_BLOCK_DEVICE_MAPPING, TaskState.REBUILD_SPAWNING, None]
-    assert any("data on h1's disk is lost" in (e.message or "") for e in cloud.history(uuid))
+    said = [e.message for e in cloud.history(uuid) if DATA_LOSS in (e.message or "")]
+    assert len(said) == 1 and "evacuated from h1 (down and fenced) to h3" in said[0]  # the one data-loss sentence
     (migration,) = cloud.migrations()
     assert (migration.kind, migration.source_host, migration.dest_host) == ("evacuation", "h1", "h3")
     assert migration.status is MigrationStatus.DONE and migration.task_id == task.id

@@ -6,12 +6,14 @@ import contextlib
 
 import structlog
 
+from lifecycle import graph
 from lifecycle.errors import DriverError, NoValidHost, Preempted
+from lifecycle.registry import Definition, register
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
-from lifecycle.tasks import Hook, Steps, TaskRun
+from lifecycle.tasks import TaskRun
 
-__all__ = ["ROLL_BACK", "STEPS"]
+__all__ = ["CREATE"]
 
 log = structlog.get_logger(__name__)
 
@@ -110,5 +112,16 @@ def roll_back(run: TaskRun) -> None:
     run.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
 
 
-STEPS: dict[str, Steps] = {"create": create}
-ROLL_BACK: dict[str, Hook] = {"create": roll_back}
+CREATE = register(
+    Definition(
+        graph.operation("create"),
+        create,
+        roll_back=roll_back,
+        roll_back_in={
+            # Before a build has a host and a disk there is nothing to resume onto: as Nova, error it.
+            TaskState.SCHEDULING: "crashed while scheduling: nothing was built",
+            TaskState.NETWORKING: "crashed before the disk and domain were made",
+            TaskState.BLOCK_DEVICE_MAPPING: "crashed before the domain was made",
+        },
+    )
+)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 from datetime import timedelta
 
-from lifecycle import snapshots
+from lifecycle import graph, snapshots
 from lifecycle.errors import Conflict, DomainNotFound, DriverUnavailable
 from lifecycle.operations import move
 from lifecycle.records import Migration
+from lifecycle.registry import Definition, register
 from lifecycle.states import MigrationStatus, PowerState
 from lifecycle.store.db import now
-from lifecycle.tasks import Steps, TaskRun
+from lifecycle.tasks import TaskRun
 
-__all__ = ["STEPS"]
+__all__ = ["DELETE", "FORCE_DELETE", "RESTORE", "SOFT_DELETE"]
 
 
 def delete(run: TaskRun) -> None:
@@ -131,9 +132,7 @@ def restore(run: TaskRun) -> None:
     run.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings))
 
 
-STEPS: dict[str, Steps] = {
-    "delete": delete,
-    "force_delete": force_delete,
-    "soft_delete": soft_delete,
-    "restore": restore,
-}
+DELETE = register(Definition(graph.operation("delete"), delete))
+FORCE_DELETE = register(Definition(graph.operation("force_delete"), force_delete))
+SOFT_DELETE = register(Definition(graph.operation("soft_delete"), soft_delete))
+RESTORE = register(Definition(graph.operation("restore"), restore))

@@ -9,8 +9,8 @@ again when the instance was stopped). The instance keeps its uuid, name,
 flavor and image; whatever its disk on the dead host held is lost.
 
 Only an instance whose host is down (no heartbeat for ``host_down_after``)
-*and* fenced by an operator may be evacuated (:func:`guard`, checked before
-the task starts): a host that is merely silent may still run the guest, and
+*and* fenced by an operator may be evacuated (:func:`check_evacuable`, the
+one such check, run by :func:`guard` before the task starts): a host that is merely silent may still run the guest, and
 two copies writing the same volumes is the disaster evacuate must not cause.
 The dead host's old copy is destroyed when it answers again
 (:mod:`lifecycle.evacuation`), and the record then goes ``completed``.
@@ -22,30 +22,40 @@ import contextlib
 from dataclasses import replace
 
 from drivers.base import volume_name
-from lifecycle.config import Settings
-from lifecycle.errors import HostNotEvacuable, Preempted
+from lifecycle import graph
+from lifecycle.errors import HostNotEvacuable, InvalidInput, Preempted
 from lifecycle.placement import host_is_up, scheduler_for
-from lifecycle.records import Instance, Migration
+from lifecycle.records import Host, Migration
+from lifecycle.registry import Call, Definition, register, target_host
 from lifecycle.states import MigrationStatus, TaskState, VmState
-from lifecycle.store import Store
 from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
-from lifecycle.tasks import Hook, Steps, TaskRun
+from lifecycle.tasks import TaskRun
 
-__all__ = ["GUARDS", "PREPARE", "STEPS", "guard"]
+__all__ = ["DATA_LOSS", "EVACUATE", "check_evacuable", "guard"]
 
 T = TaskState
 MS = MigrationStatus
 
+DATA_LOSS = "rebuilt from its image on the new host: data on the dead host's disk is lost"
+"""What every evacuation means for the guest's disk: the one sentence the engine, the CLI and the docs say."""
 
-def guard(store: Store, settings: Settings, instance: Instance) -> None:
-    """Refuse (:class:`HostNotEvacuable`, naming each failing condition) unless the host is down and fenced."""
+
+def check_evacuable(host: Host, down_after: float, uuid: str | None = None) -> None:
+    """Raise :class:`HostNotEvacuable`, naming each failing condition, unless ``host`` is down and fenced."""
+    down = not host_is_up(host, down_after)
+    if not (down and host.fenced):
+        raise HostNotEvacuable(host.name, down=down, fenced=host.fenced, uuid=uuid)
+
+
+def guard(call: Call) -> None:
+    """Refuse a target host that does not exist or is the instance's own, then unless its host is down and fenced."""
+    instance, dest = call.instance, call.params.get("host")
+    if dest is not None and call.store.get_host(dest).name == instance.host:
+        raise InvalidInput(f"cannot evacuate instance {instance.uuid} to {dest}: that is the host it is on")
     if instance.host is None:
         return  # the runner refuses a host-less instance itself: only a delete is left for it
-    host = store.get_host(instance.host)
-    down = not host_is_up(host, settings.host_down_after)
-    if not (down and host.fenced):
-        raise HostNotEvacuable(host.name, down=down, fenced=host.fenced, uuid=instance.uuid)
+    check_evacuable(call.store.get_host(instance.host), call.settings.host_down_after, instance.uuid)
 
 
 def prepare(run: TaskRun) -> None:
@@ -99,10 +109,7 @@ def _record(run: TaskRun) -> Migration:
 
 def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
     source, uuid = migration.source_host, run.instance.uuid
-    message = (
-        f"evacuated from {source} (down and fenced) to {dest}: rebuilt from image {run.image.name};"
-        f" data on {source}'s disk is lost"
-    )
+    message = f"evacuated from {source} (down and fenced) to {dest}, image {run.image.name}: {DATA_LOSS}"
     # The disk this attempt makes there: what a hard reboot finds should the spawn fail half-way.
     run.advance(T.REBUILD_BLOCK_DEVICE_MAPPING, message, host=dest, disk=volume_name(uuid, run.attempt()))
     run.changed = True  # the instance left its host: a failure from here on ends in error
@@ -116,7 +123,4 @@ def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
         run.power_off(timeout=0)
 
 
-GUARDS = {"evacuate": guard}
-"""Checks an operation needs beyond the table's guard, run before its task starts (nothing changed on refusal)."""
-STEPS: dict[str, Steps] = {"evacuate": evacuate}
-PREPARE: dict[str, Hook] = {"evacuate": prepare}
+EVACUATE = register(Definition(graph.operation("evacuate"), evacuate, prepare=prepare, guard=guard, params=target_host))

@@ -17,26 +17,32 @@ error. The copy records its progress on the step and stops when the task is
 taken over (a force delete); recovery restarts an interrupted copy.
 
 Besides the steps, the module registers the move's preparation (its
-scheduler) and its roll-back for recovery: ``PREPARE`` and ``ROLL_BACK``.
+scheduler), its roll-back for recovery, and its guards: a resize never
+shrinks the disk nor keeps the size, a migrate never targets the host the
+instance is on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
 from drivers.base import DomainSpec, volume_name
-from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, LifecycleError, Preempted
+from lifecycle import graph
+from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, InvalidInput, LifecycleError, Preempted
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
+from lifecycle.registry import Call, Definition, register, target_host
 from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store.db import now
-from lifecycle.tasks import Hook, Steps, TaskRun
+from lifecycle.tasks import TaskRun
 
-__all__ = ["PREPARE", "ROLL_BACK", "STEPS", "revert_on_source"]
+__all__ = ["CONFIRM_RESIZE", "MIGRATE", "RESIZE", "REVERT_RESIZE", "revert_on_source"]
 
 log = structlog.get_logger(__name__)
 
@@ -134,25 +140,56 @@ def _prepare(run: TaskRun) -> Migration:
     # must not claim a destination nor open a move: it stops here.
     run.store.fence(run.task)
     source = run.instance.host
-    new_flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
     dest = run.schedule([source])  # claims the new flavor on the destination
     return run.record_migration(
-        "resize" if "flavor" in run.params else "migration", source, dest, new_flavor=new_flavor
+        "resize" if "flavor" in run.params else "migration", source, dest, new_flavor=_new_flavor(run)
     )
+
+
+def _new_flavor(run: TaskRun) -> Flavor:
+    """Return the flavor the move ends with: a resize's, extra specs included, or the instance's own (a migrate)."""
+    return Flavor.from_dict(run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
 
 
 def prepare(run: TaskRun) -> None:
     """Give a move its scheduler (the destination is picked and claimed in its first step)."""
-    flavor = Flavor(**run.params["flavor"]) if "flavor" in run.params else run.instance.flavor
     run.schedule = scheduler_for(
         run.store,
         run.settings,
         run.instance.uuid,
-        flavor,
+        _new_flavor(run),
         run.image,
         requested_host=run.params.get("host"),
         availability_zone=None,
     )
+
+
+def resize_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a resize's ``flavor`` (required); return it as :meth:`Flavor.as_dict` encodes it (extra specs too)."""
+    checked = dict(params)
+    if not isinstance(checked.get("flavor"), Mapping):
+        raise InvalidInput("a resize needs a flavor")
+    try:
+        checked["flavor"] = Flavor.from_dict(checked["flavor"]).as_dict()
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise InvalidInput(f"a resize's flavor must be Flavor.as_dict() data, got {checked['flavor']!r}") from exc
+    return checked
+
+
+def resize_guard(call: Call) -> None:
+    """Refuse a resize that shrinks the root disk, or keeps the size (that is a migrate)."""
+    current, flavor = call.instance.flavor, Flavor.from_dict(call.params["flavor"])
+    if flavor.root_gb < current.root_gb:
+        raise InvalidInput(f"cannot shrink the root disk from {current.root_gb} GiB to {flavor.root_gb} GiB")
+    if (flavor.vcpus, flavor.memory_mb, flavor.root_gb) == (current.vcpus, current.memory_mb, current.root_gb):
+        raise InvalidInput("the new flavor is the same size as the current one: use migrate")
+
+
+def migrate_guard(call: Call) -> None:
+    """Refuse a target host that does not exist (:class:`HostNotFound`) or is the one the instance is on."""
+    host = call.params.get("host")
+    if host is not None and call.store.get_host(host).name == call.instance.host:
+        raise InvalidInput(f"cannot migrate instance {call.instance.uuid} to {host}: that is the host it is on")
 
 
 def roll_back(run: TaskRun) -> None:
@@ -273,6 +310,34 @@ def revert(run: TaskRun) -> None:
     run.migration_status(migration.id, MS.REVERTED if finished else MS.ERROR)
 
 
-STEPS: dict[str, Steps] = {"resize": move, "migrate": move, "confirm_resize": confirm, "revert_resize": revert}
-PREPARE: dict[str, Hook] = {"resize": prepare, "migrate": prepare}
-ROLL_BACK: dict[str, Hook] = {"resize": roll_back, "migrate": roll_back}
+_ROLL_BACK_IN = {
+    # A move that had not finished leaving the source goes back to it (Nova's init_host does
+    # finish_revert_migration for resize_migrating); the destination claim is released.
+    TaskState.RESIZE_PREP: "crashed while preparing the move: the source is untouched",
+    TaskState.RESIZE_MIGRATING: "crashed while the disk was leaving the source: put back on the source",
+}
+
+RESIZE = register(
+    Definition(
+        graph.operation("resize"),
+        move,
+        prepare=prepare,
+        roll_back=roll_back,
+        roll_back_in=_ROLL_BACK_IN,
+        guard=resize_guard,
+        params=resize_params,
+    )
+)
+MIGRATE = register(
+    Definition(
+        graph.operation("migrate"),
+        move,
+        prepare=prepare,
+        roll_back=roll_back,
+        roll_back_in=_ROLL_BACK_IN,
+        guard=migrate_guard,
+        params=target_host,
+    )
+)
+CONFIRM_RESIZE = register(Definition(graph.operation("confirm_resize"), confirm))
+REVERT_RESIZE = register(Definition(graph.operation("revert_resize"), revert))

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from drivers.base import RebootType
-from lifecycle.states import TaskState
-from lifecycle.tasks import Steps, TaskRun
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["STEPS"]
+from drivers.base import RebootType
+from lifecycle import graph, validation
+from lifecycle.registry import Definition, register
+from lifecycle.states import TaskState
+from lifecycle.tasks import TaskRun
+
+__all__ = [
+    "FORCE_STOP",
+    "PAUSE",
+    "REBOOT",
+    "REBOOT_HARD",
+    "RESCUE",
+    "RESUME",
+    "START",
+    "STOP",
+    "SUSPEND",
+    "UNPAUSE",
+    "UNRESCUE",
+]
 
 
 def start(run: TaskRun) -> None:
@@ -17,6 +34,14 @@ def start(run: TaskRun) -> None:
 def stop(run: TaskRun) -> None:
     """Shut the guest down cleanly within the timeout, else destroy it (disk kept)."""
     run.power_off(run.params.get("timeout"))
+
+
+def stop_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a stop's ``timeout``, if given: seconds for the clean shutdown before the hard one."""
+    checked = dict(params)
+    if checked.get("timeout") is not None:
+        checked["timeout"] = validation.seconds("stop timeout", checked["timeout"])
+    return checked
 
 
 def reboot(run: TaskRun) -> None:
@@ -70,16 +95,14 @@ def unrescue(run: TaskRun) -> None:
     run.driver.unrescue(run.spec)
 
 
-STEPS: dict[str, Steps] = {
-    "start": start,
-    "stop": stop,
-    "force_stop": stop,
-    "reboot": reboot,
-    "reboot_hard": reboot_hard,
-    "pause": pause,
-    "unpause": unpause,
-    "suspend": suspend,
-    "resume": resume,
-    "rescue": rescue,
-    "unrescue": unrescue,
-}
+START = register(Definition(graph.operation("start"), start))
+STOP = register(Definition(graph.operation("stop"), stop, params=stop_params))
+FORCE_STOP = register(Definition(graph.operation("force_stop"), stop, params=stop_params))
+REBOOT = register(Definition(graph.operation("reboot"), reboot))
+REBOOT_HARD = register(Definition(graph.operation("reboot_hard"), reboot_hard))
+PAUSE = register(Definition(graph.operation("pause"), pause))
+UNPAUSE = register(Definition(graph.operation("unpause"), unpause))
+SUSPEND = register(Definition(graph.operation("suspend"), suspend))
+RESUME = register(Definition(graph.operation("resume"), resume))
+RESCUE = register(Definition(graph.operation("rescue"), rescue))
+UNRESCUE = register(Definition(graph.operation("unrescue"), unrescue))

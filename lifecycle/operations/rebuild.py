@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
+from lifecycle import graph, validation
+from lifecycle.registry import Definition, register
 from lifecycle.states import TaskState, VmState
-from lifecycle.tasks import Steps, TaskRun
+from lifecycle.tasks import TaskRun
 
-__all__ = ["STEPS"]
+__all__ = ["REBUILD"]
 
 
 def rebuild(run: TaskRun) -> None:
@@ -32,4 +36,12 @@ def rebuild(run: TaskRun) -> None:
         run.power_off(timeout=0)
 
 
-STEPS: dict[str, Steps] = {"rebuild": rebuild}
+def params(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a rebuild's ``image``, if given: the image to rebuild on (default: the instance's own)."""
+    checked = dict(given)
+    if checked.get("image") is not None:
+        checked["image"] = validation.name("image", checked["image"])
+    return checked
+
+
+REBUILD = register(Definition(graph.operation("rebuild"), rebuild, params=params))

@@ -32,18 +32,18 @@ import contextlib
 from dataclasses import replace
 from pathlib import Path
 
-from lifecycle.config import Settings
+from lifecycle import graph
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, ImageNotFound, InvalidInput, Preempted
 from lifecycle.placement import host_is_up, scheduler_for
-from lifecycle.records import Image, Instance
+from lifecycle.records import Image
+from lifecycle.registry import Call, Definition, register, target_host
 from lifecycle.snapshots import OWNER, SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
-from lifecycle.store import Store
 from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
-from lifecycle.tasks import Hook, Steps, TaskRun
+from lifecycle.tasks import TaskRun
 
-__all__ = ["GUARDS", "PREPARE", "STEPS"]
+__all__ = ["SHELVE", "SHELVE_OFFLOAD", "UNSHELVE"]
 
 
 T = TaskState
@@ -202,9 +202,17 @@ def _offload_from_dead_host(run: TaskRun, why: str) -> None:
 # -- unshelve -------------------------------------------------------------------------------
 
 
-def guard(store: Store, _settings: Settings, instance: Instance) -> None:
-    """Refuse an unshelve with nothing to bring back, and ``host`` for an instance that still has one."""
-    if instance.vm_state is VmState.SHELVED_OFFLOADED and snapshot_of(store, instance.uuid) is None:
+def guard(call: Call) -> None:
+    """Refuse ``host`` for an instance that still has one (or a host that does not exist), and nothing to bring back."""
+    instance, host = call.instance, call.params.get("host")
+    if host is not None and instance.vm_state is not VmState.SHELVED_OFFLOADED:
+        raise InvalidInput(
+            f"unshelve --host is only for an offloaded instance; {instance.uuid} is {instance.vm_state.value}"
+            + (f" on {instance.host}" if instance.host else "")
+        )
+    if host is not None:
+        call.store.get_host(host)  # HostNotFound names the known ones
+    if instance.vm_state is VmState.SHELVED_OFFLOADED and snapshot_of(call.store, instance.uuid) is None:
         raise InvalidInput(
             f"instance {instance.uuid} is offloaded but its snapshot {snapshot_name(instance.uuid)} is gone"
         )
@@ -276,6 +284,6 @@ def _spawn_offloaded(run: TaskRun) -> None:
         raise
 
 
-GUARDS = {"unshelve": guard}
-STEPS: dict[str, Steps] = {"shelve": shelve, "shelve_offload": shelve_offload, "unshelve": unshelve}
-PREPARE: dict[str, Hook] = {"unshelve": prepare}
+SHELVE = register(Definition(graph.operation("shelve"), shelve))
+SHELVE_OFFLOAD = register(Definition(graph.operation("shelve_offload"), shelve_offload))
+UNSHELVE = register(Definition(graph.operation("unshelve"), unshelve, prepare=prepare, guard=guard, params=target_host))
