@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from lifecycle.errors import Fenced
 from lifecycle.records import Task
 from lifecycle.store import Store
 from lifecycle.store.tables import HOSTS, INSTANCES
+from tests.conftest import wait_until
 from tests.images import fake_image
 
 RATIOS = (16.0, 1.0, 1.0)
@@ -226,9 +226,8 @@ def test_when_every_candidate_is_held_the_claim_waits_then_passes_over_the_one_t
     holder = _hold(pg_store, {"h1": 4 * SLOT_MB, "h2": 0})
     try:
         thread, out = _claim_in_thread(pg_store, "00000000-0000-0000-0000-000000000000", ["h1", "h2"])
-        deadline = time.monotonic() + 30
-        while not _waiting_on_a_lock(pg_store) and thread.is_alive() and time.monotonic() < deadline:
-            threading.Event().wait(0.01)  # until the claim's second pass queues on h1's lock
+        what = "the claim's second pass queued on h1's lock (or the claim ended)"
+        wait_until(what, lambda: _waiting_on_a_lock(pg_store) or not thread.is_alive(), 30, interval=0.01)
         assert thread.is_alive() and out == [], "the claim should be waiting for the held rows"
         holder.commit()
         thread.join(timeout=30)

@@ -37,7 +37,7 @@ from lifecycle import Engine, Settings, console
 from lifecycle.cli import main
 from lifecycle.console_proxy import ConsoleProxy
 from lifecycle.errors import InvalidInput
-from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.conftest import FLAVOR, Fakes, make_engine, wait_until
 
 ORIGIN = "http://console.test"
 BANNER = b"RFB 003.008\n"
@@ -192,11 +192,8 @@ def test_a_valid_token_is_bridged_both_ways(
         assert ws.recv(timeout=10) == BANNER
         ws.send(BANNER)
         assert proxy.metric("lifecycle_console_connections_open") == 1
-        for _ in range(100):
-            if bytes(vnc.received) == BANNER:
-                break
-            vnc.closed.wait(0.05)
-        assert bytes(vnc.received) == BANNER and vnc.connections == 1
+        wait_until("the browser's bytes at the VNC server", lambda: bytes(vnc.received) == BANNER, 5)
+        assert vnc.connections == 1
     assert vnc.closed.wait(10), "closing the websocket closes the VNC connection"
 
 
@@ -410,13 +407,14 @@ def test_sigterm_stops_the_console_proxy_command_cleanly(
 
 
 def _connect_when_up(url: str, proc: subprocess.Popen[str]) -> ClientConnection:
-    for _ in range(300):
+    def connected() -> ClientConnection | None:
         assert proc.poll() is None, proc.communicate()[1]
         try:
             return connect(url, subprotocols=["binary"], additional_headers={"Origin": ORIGIN}, open_timeout=10)
         except ConnectionRefusedError:
-            threading.Event().wait(0.05)
-    raise AssertionError("the console proxy did not start listening")
+            return None
+
+    return wait_until("the console proxy listening", connected, 15)
 
 
 def test_the_page_noVNC_and_metrics_are_served_and_nothing_else(tmp_path: Path, engine: Engine) -> None:
@@ -744,16 +742,17 @@ def test_the_console_proxy_command_reads_the_metrics_address_from_the_environmen
     port, metrics_port = _free_port(), _free_port()
     env = {**os.environ, "LIFECYCLE_CONSOLE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
     cmd = [LIFECYCLE, "--db", sqlite_url, "console-proxy", "--listen", f"127.0.0.1:{port}"]
+
+    def status() -> int | None:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            return _status(f"http://127.0.0.1:{port}/metrics")
+        except urllib.error.URLError:
+            return None
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(300):
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                status = _status(f"http://127.0.0.1:{port}/metrics")
-                break
-            except urllib.error.URLError:
-                threading.Event().wait(0.05)
-        assert status == 404
+        assert wait_until("the console proxy listening", status, 15) == 404
         assert ("lifecycle_console_connections_open", "") in _samples(f"http://127.0.0.1:{metrics_port}/metrics")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

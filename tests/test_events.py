@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -12,7 +11,7 @@ from lifecycle import Engine, PowerState, VmState
 from lifecycle.events import EventProcessor
 from lifecycle.store.db import now
 from lifecycle.sync import Policy
-from tests.conftest import Fakes
+from tests.conftest import Fakes, wait_until
 
 P, V = PowerState, VmState
 
@@ -107,9 +106,7 @@ def test_events_flow_from_the_driver_thread(engine: Engine, fakes: Fakes, new_in
     worker.start()
     fakes["h1"].register_event_listener(proc.on_event)
     fakes["h1"].set_power(uuid, P.SHUTDOWN)
-    deadline = time.monotonic() + 10
-    while engine.get(uuid).vm_state is not V.STOPPED and time.monotonic() < deadline:
-        stop.wait(0.02)
+    wait_until("the out-of-band stop recorded", lambda: engine.get(uuid).vm_state is V.STOPPED, interval=0.02)
     stop.set()
     proc.wake()
     worker.join(5)

@@ -17,7 +17,7 @@ from lifecycle.audit import START, Why
 from lifecycle.feed import as_change, change_data, nova_notification
 from lifecycle.records import Cause
 from lifecycle.store._cas import audit
-from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.conftest import FLAVOR, Fakes, make_engine, wait_until
 from tests.images import fake_image
 from tests.invariants import check_invariants
 
@@ -211,16 +211,6 @@ def following(engine: Engine, consumer: str | None, handler: Callable[[Change], 
         thread.join(WAIT)
     assert not thread.is_alive(), "the follower did not stop when told"
     assert errors == []
-
-
-def wait_until(what: str, done: Callable[[], bool], seconds: float = WAIT) -> None:
-    """Wait for another thread or process to make ``done`` true, looking every 50 ms; fail after ``seconds``."""
-    clock = threading.Event()
-    for _ in range(int(seconds / 0.05)):
-        if done():
-            return
-        clock.wait(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_follower_gets_later_commits_and_stops_when_told(db_url: str, fakes: Fakes) -> None:

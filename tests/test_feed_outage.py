@@ -21,8 +21,8 @@ import lifecycle.feed as feed
 from lifecycle import Change, Engine
 from lifecycle.errors import DatabaseUnavailable
 from lifecycle.store._follower import unavailable
-from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
-from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT, wait_until
+from tests.conftest import FLAVOR, Fakes, all_logs, make_engine, wait_until
+from tests.test_feed import POSTGRES_ONLY, STOPPED, WAIT
 
 LOST = "consuming input failed: server closed the connection unexpectedly"
 
@@ -126,7 +126,16 @@ def test_told_to_stop_while_the_database_is_away_is_a_typed_error_saying_where_t
     stop = threading.Event()
     got: list[Change] = []
     with all_logs() as logs:
-        threading.Timer(0.3, stop.set).start()
+
+        def stop_once_three_reconnects_failed() -> None:
+            try:
+                wait_until(
+                    "three failed reconnects", lambda: sum(e["event"] == "feed_database_lost" for e in logs) >= 3
+                )
+            finally:
+                stop.set()
+
+        threading.Thread(target=stop_once_three_reconnects_failed, daemon=True).start()
         with pytest.raises(DatabaseUnavailable) as caught:
             engine.follow(consumer, got.append, stop=stop, batch=3)
     assert got == changes[:3]

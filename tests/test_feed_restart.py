@@ -27,8 +27,8 @@ import pytest
 import sqlalchemy as sa
 
 from lifecycle import Engine, upgrade
-from tests.conftest import FLAVOR, Fakes, make_engine, require
-from tests.test_feed import WAIT, wait_until
+from tests.conftest import FLAVOR, Fakes, make_engine, require, wait_until
+from tests.test_feed import WAIT
 from tests.test_webhooks import SECRET, Receiver, running
 
 SLOW = 60.0

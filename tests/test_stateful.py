@@ -33,7 +33,6 @@ import json
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -66,6 +65,7 @@ from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, Eva
 from lifecycle.records import Host, Instance, Task
 from lifecycle.snapshots import snapshot_of
 from lifecycle.store.db import now
+from tests.conftest import wait_until
 from tests.images import fake_image
 from tests.invariants import check_claims, check_invariants, check_no_deleted_guests, check_tasks_ended
 
@@ -635,14 +635,13 @@ class Lifecycle(RuleBasedStateMachine):
     @staticmethod
     def _held(gates: list[Gate | AfterGate], worker: threading.Thread) -> bool:
         """Wait until a gate holds the worker (True) or the worker ended without reaching one (False)."""
-        deadline = time.monotonic() + STALL_SECONDS
-        while time.monotonic() < deadline:
-            if any(gate.entered.is_set() for gate in gates):
-                return True
-            if not worker.is_alive():
-                return any(gate.entered.is_set() for gate in gates)
-            time.sleep(0.002)
-        raise AssertionError("a worker neither reached its held call nor ended")
+
+        def held() -> bool:
+            return any(gate.entered.is_set() for gate in gates)
+
+        what = "the worker to reach its held call or end"
+        wait_until(what, lambda: held() or not worker.is_alive(), STALL_SECONDS, interval=0.002)
+        return held()
 
     # -- hosts -----------------------------------------------------------------
 
