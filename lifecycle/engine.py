@@ -25,20 +25,18 @@ import lifecycle.feed as feed
 import lifecycle.webhooks as webhooks
 from drivers.base import Driver
 from lifecycle import console, duties, evacuation, graph, snapshots, validation
-from lifecycle.audit import AuditEntry, Why
+from lifecycle.audit import AuditEntry
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
 from lifecycle.metrics import Metrics
-from lifecycle.placement import scheduler_for
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.resize_window import WindowResult, poll_unconfirmed_resizes
-from lifecycle.runner import Runner, check_call
-from lifecycle.states import PowerState, VmState
+from lifecycle.runner import Runner
+from lifecycle.states import VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
 from lifecycle.store.db import now
 from lifecycle.sweep import PassSummary, sweep_host
-from lifecycle.tasks import TaskRun
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -459,52 +457,15 @@ class Engine:
         ``scheduler.max_attempts`` times (not when a host was named); the
         instance then goes to error with every attempt in its audit log.
         """
-        validation.name("instance", name)
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        check_call(request_id, None, actor)
-        requested = None if host is None else self.store.get_host(validation.name("host", host)).name
-        availability_zone = _optional_name("availability zone", availability_zone)
-        image_row = self.runner.image(image)
-        if flavor.root_gb < image_row.min_disk_gb:
-            raise InvalidInput(
-                f"flavor disk {flavor.root_gb} GiB is smaller than image {image}'s minimum {image_row.min_disk_gb} GiB"
-            )
-        instance_uuid = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
-        first = graph.begin("create", instance_uuid, None, None)
-        task = self.runner.new_task(instance_uuid, "create", {}, request_id, None, actor, Cause.API)
-        at = task.started_at
-        instance = Instance(
-            uuid=instance_uuid,
-            name=name,
-            host=None,
-            flavor=flavor,
-            image=image_row.name,
-            vm_state=VmState.BUILDING,
-            task_state=first,
-            power_state=PowerState.NOSTATE,
-            task_id=task.id,
-            previous_vm_state=None,
-            version=1,
-            launched_at=None,
-            created_at=at,
-            updated_at=at,
-            deleted_at=None,
-        )
-        why = Why(actor=actor, cause=Cause.API, operation="create", task_id=task.id, request_id=task.request_id)
-        self.store.create(instance, task, first.value, why)
-        run = TaskRun(self.store, self.driver, self.settings, instance, task, image_row, None)
-        run.schedule = scheduler_for(
-            self.store,
-            self.settings,
-            instance_uuid,
-            flavor,
-            image_row,
-            requested_host=requested,
-            availability_zone=availability_zone,
-        )
-        run.attempts = 1 if requested is not None else self.settings.scheduler.max_attempts
-        return self.runner.launch(run, wait)
+        params: dict[str, Any] = {"name": name, "flavor": flavor.as_dict(), "image": image}
+        if host is not None:
+            params["host"] = host
+        if availability_zone is not None:
+            params["availability_zone"] = availability_zone
+        new = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
+        return self.runner.start("create", new, params=params, request_id=request_id, actor=actor, wait=wait)
 
     def start(self, uuid: str, **kw: Any) -> Task:
         """Power a stopped instance on."""

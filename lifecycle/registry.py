@@ -23,7 +23,7 @@ from typing import Any
 
 from lifecycle import graph, validation
 from lifecycle.config import Settings
-from lifecycle.records import Cause, Instance
+from lifecycle.records import Cause, Image, Instance
 from lifecycle.states import TaskState
 from lifecycle.store import Store
 from lifecycle.tasks import Hook, Steps
@@ -52,6 +52,8 @@ class Call:
     """The instance as read (for an operation that creates one, the record about to be written)."""
     params: Mapping[str, Any]
     """The arguments, as the parameter schema returned them."""
+    image: Image
+    """The image the task runs with (its argument, or the instance's)."""
     cause: Cause
 
 

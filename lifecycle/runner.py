@@ -16,7 +16,7 @@ import threading
 import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import structlog
@@ -28,10 +28,10 @@ from lifecycle.config import Settings
 from lifecycle.duties import refuse_if_locked
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
 from lifecycle.operations import definition, revertible
-from lifecycle.records import Cause, Image, Instance, Migration, Outcome, Task
-from lifecycle.registry import Call
+from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Outcome, Task
+from lifecycle.registry import Call, Definition
 from lifecycle.slots import BuildSlots
-from lifecycle.states import VmState
+from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import Store
 from lifecycle.store.claims import Hold
 from lifecycle.store.db import now
@@ -92,14 +92,15 @@ class Runner:
         override_lock: bool = False,
         only_idle_in: VmState | None = None,
     ) -> Task:
-        """Start ``operation`` on an existing instance and run it (see :meth:`lifecycle.Engine.run`).
+        """Start ``operation`` on instance ``uuid`` and run it (see :meth:`lifecycle.Engine.run`).
 
+        Every operation starts here, one that creates its instance too (its
+        arguments then carry the new instance's name, flavor and image).
         With ``only_idle_in`` (a timer's duty), start only while the instance is
         idle in that vm_state, never preempting a task (a restore racing the
         reclaim): otherwise :class:`InvalidState`, and nothing is written.
         """
         defined = definition(operation)
-        operation = defined.name
         if not isinstance(cause, Cause) or not isinstance(wait, bool) or not isinstance(override_lock, bool):
             raise InvalidInput(
                 f"cause must be a Cause, wait and override_lock bools, got {cause!r}, {wait!r}, {override_lock!r}"
@@ -108,78 +109,97 @@ class Runner:
             raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
         check_call(request_id, idempotency_key, actor)
         uuid = validation.uuid(uuid)
-        params = defined.params(params or {})
-        image_name = params.get("image")
-        if image_name is not None:
-            self.image(image_name)
-        op = defined.row
+        checked = defined.params(params or {})
+        if checked.get("image") is not None:
+            self.image(checked["image"])
+        ask = _Ask(defined, uuid, checked, request_id, idempotency_key, actor, cause, override_lock, only_idle_in)
+        if defined.row.creates:
+            return self._create(ask, wait)
         for attempt in range(self.settings.preempt_retries + 1):
-            instance = self.store.get_instance(uuid)
-            if idempotency_key is not None:
-                replayed = self.replay(idempotency_key, operation, uuid, params)
+            try:
+                run = self._take(ask)
+            except Conflict:
+                replayed = self._replayed(ask)
                 if replayed is not None:
                     return replayed
-            if op.lock_applies:
-                refuse_if_locked(operation, instance, cause, override_lock)
-            if only_idle_in is not None and (instance.vm_state is not only_idle_in or instance.task_id is not None):
-                raise InvalidState(
-                    operation,
-                    uuid,
-                    instance.vm_state,
-                    instance.task_state,
-                    [only_idle_in],
-                    [None],
-                    reason=f"this duty runs only on an idle {only_idle_in.value} instance",
-                )
-            first = graph.begin(operation, uuid, instance.vm_state, instance.task_state)
-            if defined.guard is not None:
-                defined.guard(Call(self.store, self.settings, instance, params, cause))
-            claim = self._admit(op, instance, cause)
-            preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
-            task = self.new_task(uuid, operation, params, request_id, idempotency_key, actor, cause)
-            why = Why(
-                actor=actor,
-                cause=cause,
-                operation=operation,
-                task_id=task.id,
-                request_id=task.request_id,
-                rule=params.get("rule"),
-                message=_start_note(preempt, instance if override_lock else None),
-            )
-            try:
-                after = self.store.begin(instance, task, first, why, preempt, claim=claim)
-            except NoValidHost as exc:
-                assert claim is not None
-                held = f"{instance.vm_state.value} instance {uuid} holds no claim on {claim.host}"
-                raise NoValidHost(
-                    {
-                        h: f"{held} and cannot get one ({reason}): {operation} would run it uncounted there"
-                        for h, reason in exc.reasons.items()
-                    }
-                ) from None
-            except Conflict:
-                if idempotency_key is not None:
-                    replayed = self.replay(idempotency_key, operation, uuid, params)
-                    if replayed is not None:
-                        return replayed
-                if not op.preempts or attempt == self.settings.preempt_retries:
+                if not defined.row.preempts or attempt == self.settings.preempt_retries:
                     raise
                 continue
-            if preempt is not None:
-                log.info(
-                    "task_preempted_by",
-                    instance_uuid=uuid,
-                    task_id=task.id,
-                    request_id=task.request_id,
-                    preempted_task_id=preempt.id,
-                    operation=operation,
-                )
-            image = self.image(image_name or instance.image)
-            run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
-            run.preempted = preempt
+            if isinstance(run, Task):
+                return run  # an idempotent repeat
             self.prepare(run)
             return self.launch(run, wait)
         raise AssertionError("unreachable")
+
+    def _replayed(self, ask: _Ask) -> Task | None:
+        if ask.key is None:
+            return None
+        return self.replay(ask.key, ask.defined.name, ask.uuid, ask.params)
+
+    def _create(self, ask: _Ask, wait: bool) -> Task:
+        """Write a new instance with its operation's first task_state (a create), then run it."""
+        replayed = self._replayed(ask)
+        if replayed is not None:
+            return replayed
+        name = ask.defined.name
+        first = graph.begin(name, ask.uuid, None, None)
+        image = self.image(ask.params["image"])
+        task = self.new_task(ask.uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
+        instance = _new_instance(ask, image, first, task)
+        if ask.defined.guard is not None:
+            ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
+        self.store.create(instance, task, first.value, ask.why(task, None, None))
+        run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, None)
+        self.prepare(run)
+        return self.launch(run, wait)
+
+    def _take(self, ask: _Ask) -> TaskRun | Task:
+        """Begin the task on the instance as read now (taking over a task it may preempt): its worker, or a replay.
+
+        Raises :class:`Conflict` when the instance changed between the read and the write.
+        """
+        name, uuid = ask.defined.name, ask.uuid
+        instance = self.store.get_instance(uuid)
+        replayed = self._replayed(ask)
+        if replayed is not None:
+            return replayed
+        if ask.defined.row.lock_applies:
+            refuse_if_locked(name, instance, ask.cause, ask.override_lock)
+        idle_in = ask.only_idle_in
+        if idle_in is not None and (instance.vm_state is not idle_in or instance.task_id is not None):
+            reason = f"this duty runs only on an idle {idle_in.value} instance"
+            raise InvalidState(name, uuid, instance.vm_state, instance.task_state, [idle_in], [None], reason=reason)
+        first = graph.begin(name, uuid, instance.vm_state, instance.task_state)
+        image = self.image(ask.params.get("image") or instance.image)
+        if ask.defined.guard is not None:
+            ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
+        claim = self._admit(ask.defined.row, instance, ask.cause)
+        preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
+        task = self.new_task(uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
+        why = ask.why(task, preempt, instance if ask.override_lock else None)
+        try:
+            after = self.store.begin(instance, task, first, why, preempt, claim=claim)
+        except NoValidHost as exc:
+            assert claim is not None
+            held = f"{instance.vm_state.value} instance {uuid} holds no claim on {claim.host}"
+            raise NoValidHost(
+                {
+                    h: f"{held} and cannot get one ({reason}): {name} would run it uncounted there"
+                    for h, reason in exc.reasons.items()
+                }
+            ) from None
+        if preempt is not None:
+            log.info(
+                "task_preempted_by",
+                instance_uuid=uuid,
+                task_id=task.id,
+                request_id=task.request_id,
+                preempted_task_id=preempt.id,
+                operation=name,
+            )
+        run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
+        run.preempted = preempt
+        return run
 
     def _admit(self, op: graph.Operation, instance: Instance, cause: Cause) -> Hold | None:
         """Refuse what the instance's host and open move leave impossible; return the claim it must hold first.
@@ -353,6 +373,55 @@ class Runner:
                 self.store.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One call of :meth:`Runner.start`, its arguments checked."""
+
+    defined: Definition
+    uuid: str
+    params: dict[str, Any]
+    request_id: str | None
+    key: str | None
+    actor: str
+    cause: Cause
+    override_lock: bool
+    only_idle_in: VmState | None
+
+    def why(self, task: Task, preempt: Task | None, overriding: Instance | None) -> Why:
+        """Return the reason of the task's first write: the task it preempts, the lock it overrides."""
+        return Why(
+            actor=self.actor,
+            cause=self.cause,
+            operation=self.defined.name,
+            task_id=task.id,
+            request_id=task.request_id,
+            rule=self.params.get("rule"),
+            message=_start_note(preempt, overriding),
+        )
+
+
+def _new_instance(ask: _Ask, image: Image, first: TaskState, task: Task) -> Instance:
+    """Return the record of the instance an operation creates, from its arguments: building, in its first step."""
+    at = task.started_at
+    return Instance(
+        uuid=ask.uuid,
+        name=ask.params["name"],
+        host=None,
+        flavor=Flavor.from_dict(ask.params["flavor"]),
+        image=image.name,
+        vm_state=VmState.BUILDING,
+        task_state=first,
+        power_state=PowerState.NOSTATE,
+        task_id=task.id,
+        previous_vm_state=None,
+        version=1,
+        launched_at=None,
+        created_at=at,
+        updated_at=at,
+        deleted_at=None,
+    )
 
 
 _NO_HOST = "the instance has no host (it was never built, or its host was removed)"

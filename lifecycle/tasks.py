@@ -68,7 +68,7 @@ class TaskRun:
         self.power_read = False
         """Whether ``before_power`` came from the hypervisor (execute's read before the steps), not the database."""
         self.schedule: Callable[[list[str]], str] | None = None
-        """For create: pick and claim a host, avoiding the ones tried (set by the engine)."""
+        """Pick and claim a host, avoiding the ones tried (set by the operation's preparation: create, moves)."""
         self.attempts = 1
         """For create: how many hosts a failing spawn may be tried on."""
         self.recovering = False
@@ -90,7 +90,7 @@ class TaskRun:
         """Clean-ups that may run only once the task's success is written (an unshelve deletes its snapshot):
         a worker taken over or crashed before that write never runs them; each runs at most once, best effort."""
         self.build_slots: BuildSlots | None = None
-        """The engine's build slots per host (set by the engine for a create): see :meth:`build_slot`."""
+        """The runner's build slots per host (set when it launches the task): see :meth:`build_slot`."""
         self._seq = 1
         self._progress_at = 0.0
         self._verified = True

@@ -1,14 +1,25 @@
-"""Create: schedule (and claim), network, disk mapping, spawn; reschedule a failed spawn."""
+"""Create: schedule (and claim), network, disk mapping, spawn; reschedule a failed spawn.
+
+A create starts as every operation does (:meth:`lifecycle.runner.Runner.start`):
+its arguments carry the new instance's ``name``, ``flavor`` (as
+:meth:`Flavor.as_dict` encodes it) and ``image``, and optionally the
+``host`` it must go to and its ``availability_zone``; its preparation gives
+it the scheduler.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
 
-from lifecycle import graph
-from lifecycle.errors import DriverError, NoValidHost, Preempted
-from lifecycle.registry import Definition, register
+from lifecycle import graph, validation
+from lifecycle.errors import DriverError, InvalidInput, NoValidHost, Preempted
+from lifecycle.placement import scheduler_for
+from lifecycle.records import Flavor
+from lifecycle.registry import Call, Definition, register
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
@@ -103,6 +114,52 @@ def _destroy_quietly(run: TaskRun, host: str) -> None:
         log.warning("failed_build_not_cleaned", host=host, error=f"{type(exc).__name__}: {exc}")
 
 
+def params(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a create's arguments: ``name``, ``flavor`` and ``image`` required, ``host`` and ``availability_zone``."""
+    checked = dict(given)
+    validation.name("instance", checked.get("name"))
+    if not isinstance(checked.get("flavor"), Mapping):
+        raise InvalidInput("a create needs a flavor")
+    checked["flavor"] = Flavor.from_dict(checked["flavor"]).as_dict()
+    validation.name("image", checked.get("image"))
+    for key, kind in (("host", "host"), ("availability_zone", "availability zone")):
+        if checked.get(key) is not None:
+            validation.name(kind, checked[key])
+    return checked
+
+
+def guard(call: Call) -> None:
+    """Refuse a host that does not exist (:class:`HostNotFound`), and a disk smaller than the image's minimum."""
+    if call.params.get("host") is not None:
+        call.store.get_host(call.params["host"])
+    flavor, image = call.instance.flavor, call.image
+    if flavor.root_gb < image.min_disk_gb:
+        raise InvalidInput(
+            f"flavor disk {flavor.root_gb} GiB is smaller than image {image.name}'s minimum {image.min_disk_gb} GiB"
+        )
+
+
+def prepare(run: TaskRun) -> None:
+    """Give a build its scheduler, and its attempts: one on a named host, else ``scheduler.max_attempts``.
+
+    A build resumed by recovery (past scheduling: one crashed before is rolled
+    back) spawns where it was, once, as it always did.
+    """
+    if run.recovering:
+        return
+    requested = run.params.get("host")
+    run.schedule = scheduler_for(
+        run.store,
+        run.settings,
+        run.instance.uuid,
+        run.instance.flavor,
+        run.image,
+        requested_host=requested,
+        availability_zone=run.params.get("availability_zone"),
+    )
+    run.attempts = 1 if requested is not None else run.settings.scheduler.max_attempts
+
+
 def roll_back(run: TaskRun) -> None:
     """Recovery's roll-back of a build: nothing kept (no claim, no half-made domain, no host)."""
     run.store.release_claims(run.instance.uuid)
@@ -116,6 +173,7 @@ CREATE = register(
     Definition(
         graph.operation("create"),
         create,
+        prepare=prepare,
         roll_back=roll_back,
         roll_back_in={
             # Before a build has a host and a disk there is nothing to resume onto: as Nova, error it.
@@ -123,5 +181,7 @@ CREATE = register(
             TaskState.NETWORKING: "crashed before the disk and domain were made",
             TaskState.BLOCK_DEVICE_MAPPING: "crashed before the domain was made",
         },
+        guard=guard,
+        params=params,
     )
 )
