@@ -479,3 +479,26 @@ def test_building_the_parser_leaves_argparse_translating_through_gettext(capsys:
     assert main(["graph", "--format", "json"]) == 0
     capsys.readouterr()
     assert argparse._ is gettext.gettext  # type: ignore[attr-defined]
+
+
+def test_every_command_names_its_handler_and_every_operation_is_a_command() -> None:
+    """Each leaf parser sets the handler the one dispatch calls, and each operation but reboot_hard is a command."""
+    import argparse
+
+    from lifecycle import graph
+    from lifecycle.cli.app import _build_parser
+
+    leaves: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not groups or not groups[0].required:  # `changes` runs on its own as well as with a subcommand
+            leaves[path] = parser
+        for group in groups:
+            for name, sub in group.choices.items():
+                walk(sub, f"{path} {name}".strip())
+
+    walk(_build_parser(), "")
+    assert [path for path, parser in leaves.items() if not callable(parser.get_default("handler"))] == []
+    commands = {path for path in leaves if " " not in path}
+    assert {op.name.replace("_", "-") for op in graph.OPERATIONS} - commands == {"reboot-hard"}
