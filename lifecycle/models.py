@@ -44,7 +44,8 @@ The classes are read-only: every change of an instance is a compare-and-swap
 with its audit row in the same transaction, which only :class:`lifecycle.Engine`
 writes. Flushing a new, changed or deleted object of these classes raises
 :class:`sqlalchemy.exc.InvalidRequestError` and writes nothing; the
-relationships are view-only. Values are the stored ones: states as their
+relationships are view-only (a bulk ``update()`` or ``delete()`` statement
+is plain SQL and is not checked: do not write one). Values are the stored ones: states as their
 enums' values (``VmState.ACTIVE`` compares equal to ``"active"``; Nova's
 integer for ``power_state``), JSON columns as text, timestamps in UTC
 (SQLite hands them back naive).
