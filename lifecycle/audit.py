@@ -10,6 +10,7 @@ change feed (:mod:`lifecycle.feed`) delivers each as a :class:`Change` at its
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from lifecycle.states import VmState
 
 __all__ = [
     "START",
+    "Activity",
     "AuditEntry",
     "AuditQuery",
     "Change",
@@ -34,6 +36,29 @@ __all__ = [
 ]
 
 
+class Activity(enum.StrEnum):
+    """The audit log's ``operation`` values that name no operation of the table (those are :class:`lifecycle.graph.Op`).
+
+    What else changes a state or notes something done to an instance. Stored
+    values are frozen: add members, never rename.
+    """
+
+    SYNC = "sync"
+    """A sync pass or a hypervisor event recorded the power state (or a missing domain)."""
+    REAP = "reap"
+    """A sync pass acted on a domain still on a host for a deleted instance."""
+    DESTROY_EVACUATED = "destroy_evacuated"
+    """A returning host's copy of an instance evacuated away from it was destroyed."""
+    BUILD_TIMEOUT = "build_timeout"
+    """A build running past ``instance_build_timeout`` was ended."""
+    RESET_STATE = "reset_state"
+    """An operator reset a stuck instance."""
+    LOCK = "lock"
+    UNLOCK = "unlock"
+    REMOVE_HOST = "remove_host"
+    """A host was removed by force under the instance."""
+
+
 @dataclass(frozen=True, slots=True)
 class Why:
     """The reason attached to a state write: who, what for, and under which task."""
@@ -41,10 +66,15 @@ class Why:
     actor: str
     cause: Cause
     operation: str | None = None
+    """An operation's name (:class:`lifecycle.graph.Op`, or one registered at run time) or an :class:`Activity`."""
     task_id: str | None = None
     request_id: str | None = None
     rule: str | None = None
     message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.operation is not None and type(self.operation) is not str:  # stored, logged and compared as text
+            object.__setattr__(self, "operation", str(self.operation))
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from lifecycle import console, validation
-from lifecycle.audit import Why
+from lifecycle.audit import Activity, Why
 from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, InvalidState, LifecycleError
+from lifecycle.graph import Op
 from lifecycle.operations import revertible
 from lifecycle.records import Cause, Image, Instance, Migration
 from lifecycle.snapshots import snapshot_of
@@ -99,7 +100,7 @@ def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
     seconds = (
         engine.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
     )
-    return _start_on_idle(engine, "delete", VmState.SOFT_DELETED, seconds, "reclaim", "deleted")
+    return _start_on_idle(engine, Op.DELETE, VmState.SOFT_DELETED, seconds, "reclaim", "deleted")
 
 
 def offload_shelved(engine: Engine, older_than: float | None = None) -> list[DutyResult]:
@@ -116,11 +117,11 @@ def offload_shelved(engine: Engine, older_than: float | None = None) -> list[Dut
     seconds = (
         engine.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
     )
-    return _start_on_idle(engine, "shelve_offload", VmState.SHELVED, seconds, "shelved_offload", "offloaded")
+    return _start_on_idle(engine, Op.SHELVE_OFFLOAD, VmState.SHELVED, seconds, "shelved_offload", "offloaded")
 
 
 def _start_on_idle(
-    engine: Engine, operation: str, vm_state: VmState, seconds: float, duty: str, done: str
+    engine: Engine, operation: Op, vm_state: VmState, seconds: float, duty: str, done: str
 ) -> list[DutyResult]:
     """Start ``operation`` (cause timer) on each instance idle in ``vm_state`` since ``seconds`` ago, one by one.
 
@@ -165,7 +166,7 @@ def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[D
         why = Why(
             actor="timer:build_timeout",
             cause=Cause.TIMER,
-            operation="build_timeout",
+            operation=Activity.BUILD_TIMEOUT,
             task_id=instance.task_id,
             message=f"build still running after {seconds:g} s (instance_build_timeout)",
         )
@@ -198,10 +199,10 @@ def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor
     move = engine.store.open_migration(uuid)
     if move is not None:  # its disk may be on either host, its claims on both: only the move's own ends place it
         raise InvalidInput(_open_move(instance, move))
-    why = Why(actor=actor, cause=Cause.ADMIN, operation="reset_state", task_id=instance.task_id, message=reason)
+    why = Why(actor=actor, cause=Cause.ADMIN, operation=Activity.RESET_STATE, task_id=instance.task_id, message=reason)
     if instance.vm_state is VmState.SHELVED_OFFLOADED and instance.task_id is not None:
         snapshot = snapshot_of(engine.store, uuid)
-        if snapshot is not None and engine.store.get_task(instance.task_id).operation == "unshelve":
+        if snapshot is not None and engine.store.get_task(instance.task_id).operation == Op.UNSHELVE:
             return _back_to_offloaded(engine, instance, snapshot, state, why)
     claim = None
     if state is VmState.ACTIVE and instance.host is not None:
@@ -293,7 +294,7 @@ def lock(engine: Engine, uuid: str, *, reason: str, actor: str) -> Instance:
     instance = engine.store.get_instance(uuid)
     if instance.locked_by is not None:
         raise _locked("lock", instance)
-    why = Why(actor=actor, cause=Cause.API, operation="lock", message=f"locked: {reason}")
+    why = Why(actor=actor, cause=Cause.API, operation=Activity.LOCK, message=f"locked: {reason}")
     return engine.store.set_lock(instance, actor, reason, why)
 
 
@@ -307,7 +308,9 @@ def unlock(engine: Engine, uuid: str, *, actor: str, override_lock: bool = False
     if instance.locked_by != actor and not override_lock:
         raise _locked("unlock", instance)
     message = f"unlocked (was locked by {instance.locked_by}: {instance.locked_reason})"
-    why = Why(actor=actor, cause=Cause.ADMIN if override_lock else Cause.API, operation="unlock", message=message)
+    why = Why(
+        actor=actor, cause=Cause.ADMIN if override_lock else Cause.API, operation=Activity.UNLOCK, message=message
+    )
     return engine.store.set_lock(instance, None, None, why)
 
 

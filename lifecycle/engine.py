@@ -28,6 +28,7 @@ from lifecycle import console, duties, evacuation, graph, snapshots, validation
 from lifecycle.audit import AuditEntry
 from lifecycle.config import Settings
 from lifecycle.errors import InvalidInput
+from lifecycle.graph import Op
 from lifecycle.metrics import Metrics
 from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
@@ -465,47 +466,47 @@ class Engine:
         if availability_zone is not None:
             params["availability_zone"] = availability_zone
         new = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
-        return self.runner.start("create", new, params=params, request_id=request_id, actor=actor, wait=wait)
+        return self.runner.start(Op.CREATE, new, params=params, request_id=request_id, actor=actor, wait=wait)
 
     def start(self, uuid: str, **kw: Any) -> Task:
         """Power a stopped instance on."""
-        return self.run("start", uuid, **kw)
+        return self.run(Op.START, uuid, **kw)
 
     def stop(self, uuid: str, *, timeout: float | None = None, **kw: Any) -> Task:
         """Power an instance off: clean shutdown within ``timeout`` seconds, then hard."""
-        return self.run("stop", uuid, params={} if timeout is None else {"timeout": timeout}, **kw)
+        return self.run(Op.STOP, uuid, params={} if timeout is None else {"timeout": timeout}, **kw)
 
     def reboot(self, uuid: str, *, hard: bool = False, **kw: Any) -> Task:
         """Reboot through the guest (soft) or by reset (hard, which may preempt some tasks)."""
-        return self.run("reboot_hard" if hard else "reboot", uuid, **kw)
+        return self.run(Op.REBOOT_HARD if hard else Op.REBOOT, uuid, **kw)
 
     def pause(self, uuid: str, **kw: Any) -> Task:
         """Freeze a running instance's vCPUs."""
-        return self.run("pause", uuid, **kw)
+        return self.run(Op.PAUSE, uuid, **kw)
 
     def unpause(self, uuid: str, **kw: Any) -> Task:
         """Thaw a paused instance."""
-        return self.run("unpause", uuid, **kw)
+        return self.run(Op.UNPAUSE, uuid, **kw)
 
     def suspend(self, uuid: str, **kw: Any) -> Task:
         """Save a running instance's memory to disk and stop it."""
-        return self.run("suspend", uuid, **kw)
+        return self.run(Op.SUSPEND, uuid, **kw)
 
     def resume(self, uuid: str, **kw: Any) -> Task:
         """Restore a suspended instance."""
-        return self.run("resume", uuid, **kw)
+        return self.run(Op.RESUME, uuid, **kw)
 
     def rescue(self, uuid: str, **kw: Any) -> Task:
         """Boot an instance from its rescue image."""
-        return self.run("rescue", uuid, **kw)
+        return self.run(Op.RESCUE, uuid, **kw)
 
     def unrescue(self, uuid: str, **kw: Any) -> Task:
         """Boot a rescued instance from its own disk again."""
-        return self.run("unrescue", uuid, **kw)
+        return self.run(Op.UNRESCUE, uuid, **kw)
 
     def rebuild(self, uuid: str, *, image: str | None = None, **kw: Any) -> Task:
         """Replace the disk with a fresh one on ``image`` (default: the current image)."""
-        return self.run("rebuild", uuid, params={} if image is None else {"image": image}, **kw)
+        return self.run(Op.REBUILD, uuid, params={} if image is None else {"image": image}, **kw)
 
     def resize(self, uuid: str, flavor: Flavor, **kw: Any) -> Task:
         """Move the instance to a host with room for ``flavor``; it ends resized, awaiting confirm or revert.
@@ -515,19 +516,19 @@ class Engine:
         """
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        return self.run("resize", uuid, params={"flavor": flavor.as_dict()}, **kw)
+        return self.run(Op.RESIZE, uuid, params={"flavor": flavor.as_dict()}, **kw)
 
     def migrate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
         """Cold-migrate to ``host`` or where the scheduler puts it; ends resized, awaiting confirm or revert."""
-        return self.run("migrate", uuid, params=_to(host), **kw)
+        return self.run(Op.MIGRATE, uuid, params=_to(host), **kw)
 
     def confirm_resize(self, uuid: str, **kw: Any) -> Task:
         """Make a finished move final: the source's kept disk and claim go."""
-        return self.run("confirm_resize", uuid, **kw)
+        return self.run(Op.CONFIRM_RESIZE, uuid, **kw)
 
     def revert_resize(self, uuid: str, **kw: Any) -> Task:
         """Undo a finished move: back on the source, old flavor, previous vm_state."""
-        return self.run("revert_resize", uuid, **kw)
+        return self.run(Op.REVERT_RESIZE, uuid, **kw)
 
     def evacuate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
         """Rebuild an instance of a down, fenced host on ``host`` (or where the scheduler puts it), from its image.
@@ -536,7 +537,7 @@ class Engine:
         (stopped if it was stopped); data on the dead host's disk is lost.
         Refused with :class:`HostNotEvacuable` unless its host is down and fenced.
         """
-        return self.run("evacuate", uuid, params=_to(host), **kw)
+        return self.run(Op.EVACUATE, uuid, params=_to(host), **kw)
 
     def shelve(self, uuid: str, **kw: Any) -> Task:
         """Power off and snapshot an instance into an image the engine keeps; ends shelved.
@@ -545,11 +546,11 @@ class Engine:
         at once (domain and disk destroyed, claims released, no host) and ends
         shelved_offloaded; otherwise the daemon offloads it after that time.
         """
-        return self.run("shelve", uuid, **kw)
+        return self.run(Op.SHELVE, uuid, **kw)
 
     def shelve_offload(self, uuid: str, **kw: Any) -> Task:
         """Destroy a shelved instance's domain and disk and release its host; ends shelved_offloaded."""
-        return self.run("shelve_offload", uuid, **kw)
+        return self.run(Op.SHELVE_OFFLOAD, uuid, **kw)
 
     def unshelve(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
         """Bring a shelved instance back, active; its snapshot image is deleted once it runs.
@@ -557,7 +558,7 @@ class Engine:
         A shelved instance is powered on where it is; an offloaded one is
         spawned from its snapshot on ``host`` or where the scheduler puts it.
         """
-        return self.run("unshelve", uuid, params=_to(host), **kw)
+        return self.run(Op.UNSHELVE, uuid, params=_to(host), **kw)
 
     def delete(self, uuid: str, **kw: Any) -> Task:
         """Delete an instance from any state, taking over any running task.
@@ -568,21 +569,21 @@ class Engine:
         """
         if self.settings.reclaim_instance_interval > 0:
             instance = self.get(uuid)
-            if instance.task_state is None and instance.vm_state in graph.operation("soft_delete").allowed_vm_states:
-                return self.run("soft_delete", uuid, **kw)
-        return self.run("delete", uuid, **kw)
+            if instance.task_state is None and instance.vm_state in graph.operation(Op.SOFT_DELETE).allowed_vm_states:
+                return self.run(Op.SOFT_DELETE, uuid, **kw)
+        return self.run(Op.DELETE, uuid, **kw)
 
     def force_delete(self, uuid: str, **kw: Any) -> Task:
         """Delete at once (no clean shutdown) from any state, taking over any running task."""
-        return self.run("force_delete", uuid, **kw)
+        return self.run(Op.FORCE_DELETE, uuid, **kw)
 
     def soft_delete(self, uuid: str, **kw: Any) -> Task:
         """Power an instance off and mark it soft-deleted, restorable."""
-        return self.run("soft_delete", uuid, **kw)
+        return self.run(Op.SOFT_DELETE, uuid, **kw)
 
     def restore(self, uuid: str, **kw: Any) -> Task:
         """Bring a soft-deleted instance back."""
-        return self.run("restore", uuid, **kw)
+        return self.run(Op.RESTORE, uuid, **kw)
 
     def run(
         self,

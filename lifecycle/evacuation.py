@@ -26,7 +26,7 @@ import structlog
 
 from drivers.base import Attempt
 from lifecycle import validation
-from lifecycle.audit import Why
+from lifecycle.audit import Activity, Why
 from lifecycle.errors import DriverError, EvacuatedCopiesPending, InvalidInput, LifecycleError, TaskFailed
 from lifecycle.operations.evacuate import DATA_LOSS, check_evacuable
 from lifecycle.placement import evacuated_copies
@@ -162,7 +162,9 @@ def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
         message = (
             f"destroyed the evacuated copy on {host} (domain and disk; never started): the instance lives on {where}"
         )
-        engine.store.note(instance, Why(actor="sync", cause=Cause.SYNC, operation="destroy_evacuated", message=message))
+        engine.store.note(
+            instance, Why(actor="sync", cause=Cause.SYNC, operation=Activity.DESTROY_EVACUATED, message=message)
+        )
         if migration.status is MigrationStatus.DONE:
             engine.store.update_migration(migration.id, status=MigrationStatus.COMPLETED)
         destroyed.append(migration.instance_uuid)

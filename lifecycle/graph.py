@@ -37,6 +37,7 @@ __all__ = [
     "MOVE_TASK_STATES",
     "OPERATIONS",
     "Failure",
+    "Op",
     "Operation",
     "Result",
     "Takeover",
@@ -54,6 +55,40 @@ __all__ = [
 ]
 
 V, T = VmState, TaskState
+
+
+class Op(enum.StrEnum):
+    """The name of each operation of the table, as tasks, audit rows and the change feed store it.
+
+    Stored values are frozen: add members, never rename. An operation added
+    at run time (:func:`register`) has a plain string name instead.
+    """
+
+    CREATE = "create"
+    START = "start"
+    FORCE_STOP = "force_stop"
+    STOP = "stop"
+    REBOOT = "reboot"
+    REBOOT_HARD = "reboot_hard"
+    PAUSE = "pause"
+    UNPAUSE = "unpause"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    RESCUE = "rescue"
+    UNRESCUE = "unrescue"
+    RESIZE = "resize"
+    MIGRATE = "migrate"
+    CONFIRM_RESIZE = "confirm_resize"
+    REVERT_RESIZE = "revert_resize"
+    REBUILD = "rebuild"
+    EVACUATE = "evacuate"
+    DELETE = "delete"
+    FORCE_DELETE = "force_delete"
+    SOFT_DELETE = "soft_delete"
+    RESTORE = "restore"
+    SHELVE = "shelve"
+    SHELVE_OFFLOAD = "shelve_offload"
+    UNSHELVE = "unshelve"
 
 
 class Result(enum.StrEnum):
@@ -343,6 +378,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "kinds walk unshelving -> spawning, the offloaded one scheduled and spawned from its snapshot.",
     ),
 )
+
+if {op.name for op in OPERATIONS} != set(Op):
+    raise AssertionError("Op must name exactly the operations of the table")  # a definition error, found at import
 
 _BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 """The table in force: the rows above, and any registered since (:func:`register`)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from lifecycle.errors import InvalidState, LifecycleError
+from lifecycle.graph import Op
 from lifecycle.records import Cause
 from lifecycle.store.db import now
 
@@ -43,7 +44,7 @@ def poll_unconfirmed_resizes(engine: Engine) -> list[WindowResult]:
     window = engine.settings.resize_confirm_window
     if window <= 0:
         return []
-    action = "revert_resize" if engine.settings.resize_window_action == "revert" else "confirm_resize"
+    action = Op.REVERT_RESIZE if engine.settings.resize_window_action == "revert" else Op.CONFIRM_RESIZE
     results = []
     for migration in engine.store.migrations_finished_before(now() - timedelta(seconds=window)):
         uuid = migration.instance_uuid

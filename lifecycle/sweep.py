@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lifecycle.audit import Why
+from lifecycle.audit import Activity, Why
 from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
 from lifecycle.records import Cause, Instance
 from lifecycle.states import PowerState, VmState
@@ -77,7 +77,7 @@ class PassSummary:
 
 
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:
-    return Why(actor=actor, cause=cause, operation="sync", rule=decision.rule)
+    return Why(actor=actor, cause=cause, operation=Activity.SYNC, rule=decision.rule)
 
 
 def sweep_host(
@@ -281,7 +281,7 @@ def _running_deleted(
                 Why(
                     actor="sync",
                     cause=Cause.SYNC,
-                    operation="reap",
+                    operation=Activity.REAP,
                     rule=f"running_deleted_{action}",
                     message=f"{action}: a domain of this deleted instance was still on {host}",
                 ),

@@ -22,6 +22,7 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from lifecycle.graph import Op
 from lifecycle.records import Recorded  # defined with the other records; re-exported here
 from lifecycle.states import PowerState, TaskState, VmState
 
@@ -159,17 +160,17 @@ def _present(recorded: Recorded, power: PowerState, policy: Policy) -> Decision:
     if vm is V.ACTIVE:
         return _active(recorded, power, policy)
     if vm is V.STOPPED and power in _ON:
-        return _stance(recorded, power, policy.stopped_but_running, "stopped_but_running", "force_stop", "start")
+        return _stance(recorded, power, policy.stopped_but_running, "stopped_but_running", Op.FORCE_STOP, Op.START)
     if vm is V.PAUSED and power in (P.SHUTDOWN, P.CRASHED):
-        return _stance(recorded, power, policy.paused_but_off, "paused_but_off", None, "force_stop")
+        return _stance(recorded, power, policy.paused_but_off, "paused_but_off", None, Op.FORCE_STOP)
     return _copy(recorded, power, "power_state_copied")
 
 
 def _active(recorded: Recorded, power: PowerState, policy: Policy) -> Decision:
     if power in _OFF:
-        return _stance(recorded, power, policy.active_but_off, "active_but_off", "reboot_hard", "stop")
+        return _stance(recorded, power, policy.active_but_off, "active_but_off", Op.REBOOT_HARD, Op.STOP)
     if power is P.PAUSED:
-        return _stance(recorded, power, policy.active_but_paused, "active_but_paused", None, "pause")
+        return _stance(recorded, power, policy.active_but_paused, "active_but_paused", None, Op.PAUSE)
     if power is P.NOSTATE:
         # Nova's docstring says stop, its code only warns: so do we.
         return _copy(recorded, power, "active_but_nostate", warn=True)
@@ -177,7 +178,7 @@ def _active(recorded: Recorded, power: PowerState, policy: Policy) -> Decision:
 
 
 def _stance(
-    recorded: Recorded, power: PowerState, stance: Stance, rule: str, enforce_op: str | None, adopt_op: str
+    recorded: Recorded, power: PowerState, stance: Stance, rule: str, enforce_op: Op | None, adopt_op: Op
 ) -> Decision:
     if stance is Stance.RECORD or (stance is Stance.ENFORCE and enforce_op is None):
         return (

@@ -17,6 +17,7 @@ import structlog
 
 from lifecycle import graph, validation
 from lifecycle.errors import DriverError, InvalidInput, NoValidHost, Preempted
+from lifecycle.graph import Op
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor
 from lifecycle.registry import Call, Definition, register
@@ -171,7 +172,7 @@ def roll_back(run: TaskRun) -> None:
 
 CREATE = register(
     Definition(
-        graph.operation("create"),
+        graph.operation(Op.CREATE),
         create,
         prepare=prepare,
         roll_back=roll_back,

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from lifecycle import graph, snapshots
 from lifecycle.errors import Conflict, DomainNotFound, DriverUnavailable
+from lifecycle.graph import Op
 from lifecycle.operations import move
 from lifecycle.records import Migration
 from lifecycle.registry import Definition, register
@@ -132,7 +133,7 @@ def restore(run: TaskRun) -> None:
     run.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings))
 
 
-DELETE = register(Definition(graph.operation("delete"), delete))
-FORCE_DELETE = register(Definition(graph.operation("force_delete"), force_delete))
-SOFT_DELETE = register(Definition(graph.operation("soft_delete"), soft_delete))
-RESTORE = register(Definition(graph.operation("restore"), restore))
+DELETE = register(Definition(graph.operation(Op.DELETE), delete))
+FORCE_DELETE = register(Definition(graph.operation(Op.FORCE_DELETE), force_delete))
+SOFT_DELETE = register(Definition(graph.operation(Op.SOFT_DELETE), soft_delete))
+RESTORE = register(Definition(graph.operation(Op.RESTORE), restore))

@@ -24,6 +24,7 @@ from dataclasses import replace
 from drivers.base import volume_name
 from lifecycle import graph
 from lifecycle.errors import HostNotEvacuable, InvalidInput, Preempted
+from lifecycle.graph import Op
 from lifecycle.placement import host_is_up, scheduler_for
 from lifecycle.records import Host, Migration
 from lifecycle.registry import Call, Definition, register, target_host
@@ -123,4 +124,6 @@ def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
         run.power_off(timeout=0)
 
 
-EVACUATE = register(Definition(graph.operation("evacuate"), evacuate, prepare=prepare, guard=guard, params=target_host))
+EVACUATE = register(
+    Definition(graph.operation(Op.EVACUATE), evacuate, prepare=prepare, guard=guard, params=target_host)
+)

@@ -35,6 +35,7 @@ import structlog
 from drivers.base import DomainSpec, volume_name
 from lifecycle import graph
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, InvalidInput, LifecycleError, Preempted
+from lifecycle.graph import Op
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
 from lifecycle.registry import Call, Definition, register, target_host
@@ -319,7 +320,7 @@ _ROLL_BACK_IN = {
 
 RESIZE = register(
     Definition(
-        graph.operation("resize"),
+        graph.operation(Op.RESIZE),
         move,
         prepare=prepare,
         roll_back=roll_back,
@@ -330,7 +331,7 @@ RESIZE = register(
 )
 MIGRATE = register(
     Definition(
-        graph.operation("migrate"),
+        graph.operation(Op.MIGRATE),
         move,
         prepare=prepare,
         roll_back=roll_back,
@@ -339,5 +340,5 @@ MIGRATE = register(
         params=target_host,
     )
 )
-CONFIRM_RESIZE = register(Definition(graph.operation("confirm_resize"), confirm))
-REVERT_RESIZE = register(Definition(graph.operation("revert_resize"), revert))
+CONFIRM_RESIZE = register(Definition(graph.operation(Op.CONFIRM_RESIZE), confirm))
+REVERT_RESIZE = register(Definition(graph.operation(Op.REVERT_RESIZE), revert))

@@ -7,6 +7,7 @@ from typing import Any
 
 from drivers.base import RebootType
 from lifecycle import graph, validation
+from lifecycle.graph import Op
 from lifecycle.registry import Definition, register
 from lifecycle.states import TaskState
 from lifecycle.tasks import TaskRun
@@ -95,14 +96,14 @@ def unrescue(run: TaskRun) -> None:
     run.driver.unrescue(run.spec)
 
 
-START = register(Definition(graph.operation("start"), start))
-STOP = register(Definition(graph.operation("stop"), stop, params=stop_params))
-FORCE_STOP = register(Definition(graph.operation("force_stop"), stop, params=stop_params))
-REBOOT = register(Definition(graph.operation("reboot"), reboot))
-REBOOT_HARD = register(Definition(graph.operation("reboot_hard"), reboot_hard))
-PAUSE = register(Definition(graph.operation("pause"), pause))
-UNPAUSE = register(Definition(graph.operation("unpause"), unpause))
-SUSPEND = register(Definition(graph.operation("suspend"), suspend))
-RESUME = register(Definition(graph.operation("resume"), resume))
-RESCUE = register(Definition(graph.operation("rescue"), rescue))
-UNRESCUE = register(Definition(graph.operation("unrescue"), unrescue))
+START = register(Definition(graph.operation(Op.START), start))
+STOP = register(Definition(graph.operation(Op.STOP), stop, params=stop_params))
+FORCE_STOP = register(Definition(graph.operation(Op.FORCE_STOP), stop, params=stop_params))
+REBOOT = register(Definition(graph.operation(Op.REBOOT), reboot))
+REBOOT_HARD = register(Definition(graph.operation(Op.REBOOT_HARD), reboot_hard))
+PAUSE = register(Definition(graph.operation(Op.PAUSE), pause))
+UNPAUSE = register(Definition(graph.operation(Op.UNPAUSE), unpause))
+SUSPEND = register(Definition(graph.operation(Op.SUSPEND), suspend))
+RESUME = register(Definition(graph.operation(Op.RESUME), resume))
+RESCUE = register(Definition(graph.operation(Op.RESCUE), rescue))
+UNRESCUE = register(Definition(graph.operation(Op.UNRESCUE), unrescue))

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from lifecycle import graph, validation
+from lifecycle.graph import Op
 from lifecycle.registry import Definition, register
 from lifecycle.states import TaskState, VmState
 from lifecycle.tasks import TaskRun
@@ -44,4 +45,4 @@ def params(given: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-REBUILD = register(Definition(graph.operation("rebuild"), rebuild, params=params))
+REBUILD = register(Definition(graph.operation(Op.REBUILD), rebuild, params=params))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from lifecycle import graph
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, ImageNotFound, InvalidInput, Preempted
+from lifecycle.graph import Op
 from lifecycle.placement import host_is_up, scheduler_for
 from lifecycle.records import Image
 from lifecycle.registry import Call, Definition, register, target_host
@@ -284,6 +285,8 @@ def _spawn_offloaded(run: TaskRun) -> None:
         raise
 
 
-SHELVE = register(Definition(graph.operation("shelve"), shelve))
-SHELVE_OFFLOAD = register(Definition(graph.operation("shelve_offload"), shelve_offload))
-UNSHELVE = register(Definition(graph.operation("unshelve"), unshelve, prepare=prepare, guard=guard, params=target_host))
+SHELVE = register(Definition(graph.operation(Op.SHELVE), shelve))
+SHELVE_OFFLOAD = register(Definition(graph.operation(Op.SHELVE_OFFLOAD), shelve_offload))
+UNSHELVE = register(
+    Definition(graph.operation(Op.UNSHELVE), unshelve, prepare=prepare, guard=guard, params=target_host)
+)

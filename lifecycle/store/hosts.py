@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from lifecycle.audit import Why
+from lifecycle.audit import Activity, Why
 from lifecycle.errors import HostInUse, HostNotFound
 from lifecycle.records import Cause, Host, Instance
 from lifecycle.scheduler import Prefilter
@@ -135,7 +135,7 @@ def _orphan(conn: sa.Connection, name: str, live: list[Instance]) -> None:
     why = Why(
         actor="operator",
         cause=Cause.API,
-        operation="remove_host",
+        operation=Activity.REMOVE_HOST,
         message=f"host {name} removed by force: the guest may still exist there",
     )
     for i in live:
