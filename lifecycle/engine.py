@@ -421,13 +421,7 @@ class Engine:
         age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
         age = validation.seconds("image cache max age", age)
         self.host(host)
-        moving = frozenset(
-            i.uuid
-            for i in self.store.list_instances(include_deleted=False)
-            if i.vm_state is VmState.RESIZED
-            or i.task_state in graph.MOVE_TASK_STATES
-            or self.store.open_migration(i.uuid) is not None
-        )
+        moving = self.store.moving_instances(graph.MOVE_TASK_STATES)
         keep = frozenset(i.uuid for i in self.store.list_instances(host)) | frozenset(
             m.instance_uuid for m in self.store.migrations_touching(host)
         )

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from lifecycle.placement import host_is_up
 from lifecycle.store.db import now
 
 if TYPE_CHECKING:
@@ -221,7 +222,5 @@ def _read_state(store: Store, settings: Settings) -> list[GaugeMetricFamily]:
         oldest.add_metric([operation], max(0.0, (moment - started).total_seconds()))
     up = GaugeMetricFamily("lifecycle_host_up", "1 while the host heartbeats within host_down_after", labels=["host"])
     for host in store.list_hosts():
-        beat = host.last_heartbeat
-        alive = beat is not None and (moment - beat).total_seconds() <= settings.host_down_after
-        up.add_metric([host.name], 1.0 if alive else 0.0)
+        up.add_metric([host.name], 1.0 if host_is_up(host, settings.host_down_after) else 0.0)
     return [instances, running, oldest, up]

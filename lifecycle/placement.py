@@ -33,7 +33,7 @@ claim back and is refused for the rest of the decision.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -53,7 +53,15 @@ from lifecycle.states import MigrationStatus
 from lifecycle.store import Store
 from lifecycle.store.db import now
 
-__all__ = ["candidate_hosts", "evacuated_copies", "host_is_up", "host_states", "pick_host", "scheduler_for"]
+__all__ = [
+    "candidate_hosts",
+    "evacuated_copies",
+    "host_is_up",
+    "host_states",
+    "pick_host",
+    "scheduler_for",
+    "up_since",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -65,9 +73,14 @@ _FIRST_PAGE = 16
 """Hosts read by the first page of a decision; each next page is four times larger (a rare fit costs log N reads)."""
 
 
+def up_since(down_after: float) -> datetime:
+    """Return the oldest heartbeat that still counts as up now: the one definition of a host being up."""
+    return now() - timedelta(seconds=down_after)
+
+
 def host_is_up(host: Host, down_after: float) -> bool:
-    """Whether a daemon owning the host heartbeated within the last ``down_after`` seconds."""
-    return host.last_heartbeat is not None and host.last_heartbeat >= now() - timedelta(seconds=down_after)
+    """Whether a daemon owning the host heartbeated within the last ``down_after`` seconds (:func:`up_since`)."""
+    return host.last_heartbeat is not None and host.last_heartbeat >= up_since(down_after)
 
 
 def evacuated_copies(store: Store, host: str) -> list[str]:
@@ -126,11 +139,11 @@ def candidate_hosts(
     """
     pre = prefilter(request, s)
     if pre is not None:
-        up_since = now() - timedelta(seconds=down_after)
+        since = up_since(down_after)
 
         def pages() -> Iterator[list[HostState]]:
             offset, size = 0, _FIRST_PAGE
-            while page := store.ranked_hosts(pre, up_since, offset, size):
+            while page := store.ranked_hosts(pre, since, offset, size):
                 yield host_states(page, down_after, evacuated)
                 offset, size = offset + size, size * 4
 

@@ -25,7 +25,7 @@ def test_stale_version_raises_conflict_with_expected_and_actual(
     engine.stop(uuid)
     history = engine.history(uuid)
     with pytest.raises(Conflict) as info:
-        engine.store.set_power(stale, PowerState.PAUSED, Why(actor="test", cause=Cause.SYNC))
+        engine.store.mark_error(stale, PowerState.PAUSED, Why(actor="test", cause=Cause.SYNC))
     assert info.value.expected["vm_state"] == "active"
     assert info.value.actual is not None and info.value.actual["vm_state"] == "stopped"
     assert "vm_state stopped (expected active)" in str(info.value)
@@ -38,7 +38,7 @@ def test_cas_checks_the_task_id_not_only_the_states(engine: Engine, new_instance
     uuid = new_instance()
     current = engine.get(uuid)
     with pytest.raises(Conflict):
-        engine.store.set_power(
+        engine.store.mark_error(
             replace(current, version=current.version - 1), PowerState.PAUSED, Why(actor="t", cause=Cause.SYNC)
         )
 
@@ -47,7 +47,8 @@ def test_power_write_has_exactly_one_audit_row(engine: Engine, new_instance: Cal
     """A sync-style power write records one audit row with its rule, cause and actor."""
     uuid = new_instance()
     before = len(engine.history(uuid))
-    engine.store.set_power(engine.get(uuid), PowerState.CRASHED, Why(actor="sync", cause=Cause.SYNC, rule="copy_power"))
+    why = Why(actor="sync", cause=Cause.SYNC, rule="copy_power")
+    engine.store.set_power_many([(engine.get(uuid), PowerState.CRASHED, why)])
     rows = engine.history(uuid)
     assert len(rows) == before + 1
     assert (rows[-1].cause, rows[-1].rule, rows[-1].from_power_state, rows[-1].to_power_state) == (
@@ -148,7 +149,7 @@ def test_a_write_whose_connection_died_under_a_statement_is_run_again_once(
         engine.get(uuid)  # a read is not retried: it fails once with the database's own error
     before = engine.get(uuid)  # the pool's dead connections are gone: this one is fresh
     assert _terminate_backends(engine.store.url) >= 1
-    after = engine.store.set_power(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))
+    (after,) = engine.store.set_power_many([(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))])
     assert engine.get(uuid) == after and after.power_state is PowerState.SHUTDOWN
     assert [e.to_power_state for e in engine.history(uuid)][-2:] == [PowerState.RUNNING, PowerState.SHUTDOWN]
 

@@ -9,12 +9,12 @@ and the host's daemon reaps such leftovers when the host answers again.
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
 
 from lifecycle import graph, snapshots
 from lifecycle.errors import Conflict, DomainNotFound, DriverUnavailable
 from lifecycle.graph import Op
 from lifecycle.operations import move
+from lifecycle.placement import host_is_up
 from lifecycle.records import Migration
 from lifecycle.registry import Definition, register
 from lifecycle.states import MigrationStatus, PowerState
@@ -66,8 +66,7 @@ def _power_off(run: TaskRun) -> None:
 
 
 def _host_down(run: TaskRun, host: str) -> bool:
-    beat = run.store.get_host(host).last_heartbeat
-    return beat is None or beat < now() - timedelta(seconds=run.settings.host_down_after)
+    return not host_is_up(run.store.get_host(host), run.settings.host_down_after)
 
 
 def _confirm_open_move(run: TaskRun) -> None:

@@ -1,21 +1,33 @@
-"""Images: the base disks instances are built from."""
+"""Images: the base disks instances are built from, and what a host's image cache cleanup must keep."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
 import sqlalchemy as sa
 
 from lifecycle.errors import ImageNotFound
 from lifecycle.records import Image
+from lifecycle.states import MigrationStatus, TaskState, VmState
 from lifecycle.store._base import StoreBase
-from lifecycle.store._rows import IMAGES, image_from
+from lifecycle.store._rows import IMAGES, INSTANCES, MIGRATIONS, image_from
 from lifecycle.store.db import now
+from lifecycle.store.moves import EVACUATION
 
 __all__ = ["Images"]
 
-_IM = IMAGES
+_IM, _I, _M = IMAGES, INSTANCES, MIGRATIONS
 _BY_NAME = sa.select(_IM).where(_IM.c.name == sa.bindparam("x_name"))
+_OPEN_MOVE = (
+    sa.select(_M.c.id)
+    .where(
+        _M.c.instance_uuid == _I.c.uuid,
+        _M.c.status.not_in([s.value for s in MigrationStatus if not s.open]),
+        _M.c.kind != EVACUATION,
+    )
+    .exists()
+)
 
 
 class Images(StoreBase):
@@ -55,6 +67,24 @@ class Images(StoreBase):
         with self._read() as conn:
             rows = conn.execute(sa.select(_IM).order_by(_IM.c.name)).mappings().all()
         return [image_from(r) for r in rows]
+
+    def moving_instances(self, move_task_states: Collection[TaskState]) -> frozenset[str]:
+        """Return the live instances a move may still need a disk of anywhere, in one query.
+
+        Those resized, those with a task in one of ``move_task_states`` (a
+        move under way) and those with an open move (a failed one included):
+        an image cache cleanup keeps their disks on every host.
+        """
+        query = sa.select(_I.c.uuid).where(
+            _I.c.vm_state != VmState.DELETED.value,
+            sa.or_(
+                _I.c.vm_state == VmState.RESIZED.value,
+                _I.c.task_state.in_(sorted(t.value for t in move_task_states)),
+                _OPEN_MOVE,
+            ),
+        )
+        with self._read() as conn:
+            return frozenset(conn.execute(query).scalars())
 
     def remove_image(self, name: str) -> bool:
         """Delete the image row named ``name``; return whether there was one (an image the engine made)."""

@@ -199,15 +199,6 @@ class Writes(StoreBase):
             audit(conn, expected, after, why)
         return after
 
-    @retry_on_deadlock
-    def set_power(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
-        """Record a new power_state on an idle instance (a sync write)."""
-        after = replace(expected, power_state=power_state, version=expected.version + 1, updated_at=now())
-        with self.engine.begin() as conn:
-            cas(conn, expected, after, None)
-            audit(conn, expected, after, why)
-        return after
-
     def note(self, instance: Instance, why: Why) -> None:
         """Write an audit row that changes no state (something done on the hypervisor for this instance)."""
         with self.engine.begin() as conn:  # stamped now, when the thing it records was done
@@ -305,11 +296,6 @@ class Writes(StoreBase):
                 )
             audit(conn, expected, after, why, always=True)
         return after
-
-    def close_step(self, task_id: str, result: str, detail: str | None) -> None:
-        """Close a task's open step without touching the instance (a preempted worker)."""
-        with self.engine.begin() as conn:
-            close_steps(conn, task_id, now(), result, detail)
 
 
 def _hold(conn: sa.Connection, uuid: str, claim: Hold | None) -> None:
