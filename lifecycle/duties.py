@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from lifecycle import console, validation
+from lifecycle.admission import locked
 from lifecycle.audit import Activity, Why
-from lifecycle.errors import Conflict, InstanceLocked, InvalidInput, InvalidState, LifecycleError
+from lifecycle.errors import Conflict, InvalidInput, InvalidState, LifecycleError
 from lifecycle.graph import Op
 from lifecycle.operations import revertible
 from lifecycle.records import Cause, Image, Instance, Migration
@@ -58,7 +59,7 @@ from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.context import Context
 
 __all__ = [
     "RESET_STATES",
@@ -88,22 +89,20 @@ class DutyResult:
     detail: str | None = None
 
 
-def reclaim(engine: Engine, interval: float | None = None) -> list[DutyResult]:
+def reclaim(ctx: Context, interval: float | None = None) -> list[DutyResult]:
     """Delete for good the instances soft-deleted longer ago than ``interval`` seconds (0: all of them).
 
     Without ``interval``, the setting ``reclaim_instance_interval`` (0 there
     means the duty is off). An instance restored (or being restored) meanwhile
     is skipped: the delete starts only on an idle soft-deleted instance.
     """
-    if interval is None and engine.settings.reclaim_instance_interval <= 0:
+    if interval is None and ctx.settings.reclaim_instance_interval <= 0:
         return []
-    seconds = (
-        engine.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
-    )
-    return _start_on_idle(engine, Op.DELETE, VmState.SOFT_DELETED, seconds, "reclaim", "deleted")
+    seconds = ctx.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
+    return _start_on_idle(ctx, Op.DELETE, VmState.SOFT_DELETED, seconds, "reclaim", "deleted")
 
 
-def offload_shelved(engine: Engine, older_than: float | None = None) -> list[DutyResult]:
+def offload_shelved(ctx: Context, older_than: float | None = None) -> list[DutyResult]:
     """Offload the instances shelved (on their host) longer ago than ``older_than`` seconds.
 
     Nova's ``_poll_shelved_instances``. Without ``older_than``, the setting
@@ -112,16 +111,14 @@ def offload_shelved(engine: Engine, older_than: float | None = None) -> list[Dut
     instance being unshelved meanwhile is skipped (the offload starts only on
     an idle shelved instance).
     """
-    if older_than is None and engine.settings.shelved_offload_time < 0:
+    if older_than is None and ctx.settings.shelved_offload_time < 0:
         return []  # -1: never (Nova)
-    seconds = (
-        engine.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
-    )
-    return _start_on_idle(engine, Op.SHELVE_OFFLOAD, VmState.SHELVED, seconds, "shelved_offload", "offloaded")
+    seconds = ctx.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
+    return _start_on_idle(ctx, Op.SHELVE_OFFLOAD, VmState.SHELVED, seconds, "shelved_offload", "offloaded")
 
 
 def _start_on_idle(
-    engine: Engine, operation: Op, vm_state: VmState, seconds: float, duty: str, done: str
+    ctx: Context, operation: Op, vm_state: VmState, seconds: float, duty: str, done: str
 ) -> list[DutyResult]:
     """Start ``operation`` (cause timer) on each instance idle in ``vm_state`` since ``seconds`` ago, one by one.
 
@@ -130,11 +127,9 @@ def _start_on_idle(
     failed, and the next run of the duty tries it again.
     """
     results = []
-    for instance in engine.store.in_state_since(vm_state, now() - timedelta(seconds=seconds)):
+    for instance in ctx.store.in_state_since(vm_state, now() - timedelta(seconds=seconds)):
         try:
-            engine.runner.start(
-                operation, instance.uuid, actor=f"timer:{duty}", cause=Cause.TIMER, only_idle_in=vm_state
-            )
+            ctx.runner.start(operation, instance.uuid, actor=f"timer:{duty}", cause=Cause.TIMER, only_idle_in=vm_state)
             results.append(DutyResult(instance.uuid, done))
         except (Conflict, InvalidInput, InvalidState) as exc:
             results.append(DutyResult(instance.uuid, "skipped", str(exc)))
@@ -144,25 +139,25 @@ def _start_on_idle(
     return results
 
 
-def purge_console_tokens(engine: Engine, grace: float | None = None) -> int:
+def purge_console_tokens(ctx: Context, grace: float | None = None) -> int:
     """Delete the revoked console tokens and those expired more than ``grace`` seconds ago; return how many.
 
     Without ``grace``, :data:`lifecycle.console.EXPIRED_GRACE` (an hour).
     """
     seconds = console.EXPIRED_GRACE if grace is None else validation.seconds("grace", grace)
-    return console.purge(engine.store, grace=seconds)
+    return console.purge(ctx.store, grace=seconds)
 
 
-def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[DutyResult]:
+def check_build_timeouts(ctx: Context, timeout: float | None = None) -> list[DutyResult]:
     """End failed the builds running longer than ``timeout`` seconds (0: every running build); instances to error.
 
     Without ``timeout``, the setting ``instance_build_timeout`` (0 there means off).
     """
-    if timeout is None and engine.settings.instance_build_timeout <= 0:
+    if timeout is None and ctx.settings.instance_build_timeout <= 0:
         return []
-    seconds = engine.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
+    seconds = ctx.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
     results = []
-    for instance in engine.store.building_since(now() - timedelta(seconds=seconds)):
+    for instance in ctx.store.building_since(now() - timedelta(seconds=seconds)):
         why = Why(
             actor="timer:build_timeout",
             cause=Cause.TIMER,
@@ -171,14 +166,14 @@ def check_build_timeouts(engine: Engine, timeout: float | None = None) -> list[D
             message=f"build still running after {seconds:g} s (instance_build_timeout)",
         )
         try:
-            engine.store.reset_state(instance, VmState.ERROR, why)
+            ctx.store.reset_state(instance, VmState.ERROR, why)
             results.append(DutyResult(instance.uuid, "timed_out"))
         except Conflict as exc:  # it finished (or moved on) meanwhile
             results.append(DutyResult(instance.uuid, "skipped", str(exc)))
     return results
 
 
-def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor: str) -> Instance:
+def reset_state(ctx: Context, uuid: str, *, state: VmState, reason: str, actor: str) -> Instance:
     """End the instance's running task failed (cause admin), clear its task_state, set ``state``.
 
     An instance being unshelved from ``shelved_offloaded`` goes back there
@@ -193,23 +188,23 @@ def reset_state(engine: Engine, uuid: str, *, state: VmState, reason: str, actor
         raise InvalidInput(f"reset-state sets vm_state {allowed}, not {getattr(state, 'value', state)!r}")
     reason = _reason(reason)
     validation.name("actor", actor)
-    instance = engine.store.get_instance(uuid)
+    instance = ctx.store.get_instance(uuid)
     if instance.vm_state is VmState.DELETED:
         raise InvalidInput(f"instance {uuid} is deleted: there is nothing to reset")
-    move = engine.store.open_migration(uuid)
+    move = ctx.store.open_migration(uuid)
     if move is not None:  # its disk may be on either host, its claims on both: only the move's own ends place it
         raise InvalidInput(_open_move(instance, move))
     why = Why(actor=actor, cause=Cause.ADMIN, operation=Activity.RESET_STATE, task_id=instance.task_id, message=reason)
     if instance.vm_state is VmState.SHELVED_OFFLOADED and instance.task_id is not None:
-        snapshot = snapshot_of(engine.store, uuid)
-        if snapshot is not None and engine.store.get_task(instance.task_id).operation == Op.UNSHELVE:
-            return _back_to_offloaded(engine, instance, snapshot, state, why)
+        snapshot = snapshot_of(ctx.store, uuid)
+        if snapshot is not None and ctx.store.get_task(instance.task_id).operation == Op.UNSHELVE:
+            return _back_to_offloaded(ctx, instance, snapshot, state, why)
     claim = None
     if state is VmState.ACTIVE and instance.host is not None:
-        s, flavor = engine.settings.scheduler, instance.flavor
+        s, flavor = ctx.settings.scheduler, instance.flavor
         ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
         claim = Hold(instance.host, (flavor.vcpus, flavor.memory_mb, flavor.root_gb), ratios)
-    return engine.store.reset_state(instance, state, why, claim=claim)
+    return ctx.store.reset_state(instance, state, why, claim=claim)
 
 
 def _open_move(instance: Instance, move: Migration) -> str:
@@ -233,7 +228,7 @@ def _open_move(instance: Instance, move: Migration) -> str:
     return head + "delete it (the delete confirms the move first): nothing else can end this move"
 
 
-def _back_to_offloaded(engine: Engine, instance: Instance, snapshot: Image, state: VmState, why: Why) -> Instance:
+def _back_to_offloaded(ctx: Context, instance: Instance, snapshot: Image, state: VmState, why: Why) -> Instance:
     """End an unshelve of an offloaded instance back in ``shelved_offloaded``: snapshot kept, no host, no claim.
 
     Its disk lives on only in the snapshot, which only an unshelve can use:
@@ -275,7 +270,7 @@ def _back_to_offloaded(engine: Engine, instance: Instance, snapshot: Image, stat
             finished_at=at,
         )
     why = replace(why, message=f"{why.message} ({note})")
-    return engine.store.reset_state(
+    return ctx.store.reset_state(
         instance,
         VmState.SHELVED_OFFLOADED,
         why,
@@ -286,44 +281,32 @@ def _back_to_offloaded(engine: Engine, instance: Instance, snapshot: Image, stat
     )
 
 
-def lock(engine: Engine, uuid: str, *, reason: str, actor: str) -> Instance:
+def lock(ctx: Context, uuid: str, *, reason: str, actor: str) -> Instance:
     """Lock an instance for ``actor`` with ``reason``; locking a locked one is refused (it names the lock)."""
     uuid = validation.uuid(uuid)
     reason = _reason(reason)
     validation.name("actor", actor)
-    instance = engine.store.get_instance(uuid)
+    instance = ctx.store.get_instance(uuid)
     if instance.locked_by is not None:
-        raise _locked("lock", instance)
+        raise locked("lock", instance)
     why = Why(actor=actor, cause=Cause.API, operation=Activity.LOCK, message=f"locked: {reason}")
-    return engine.store.set_lock(instance, actor, reason, why)
+    return ctx.store.set_lock(instance, actor, reason, why)
 
 
-def unlock(engine: Engine, uuid: str, *, actor: str, override_lock: bool = False) -> Instance:
+def unlock(ctx: Context, uuid: str, *, actor: str, override_lock: bool = False) -> Instance:
     """Unlock an instance: its locker may, anyone with ``override_lock`` (an admin) may; unlocked is a no-op."""
     uuid = validation.uuid(uuid)
     validation.name("actor", actor)
-    instance = engine.store.get_instance(uuid)
+    instance = ctx.store.get_instance(uuid)
     if instance.locked_by is None:
         return instance
     if instance.locked_by != actor and not override_lock:
-        raise _locked("unlock", instance)
+        raise locked("unlock", instance)
     message = f"unlocked (was locked by {instance.locked_by}: {instance.locked_reason})"
     why = Why(
         actor=actor, cause=Cause.ADMIN if override_lock else Cause.API, operation=Activity.UNLOCK, message=message
     )
-    return engine.store.set_lock(instance, None, None, why)
-
-
-def refuse_if_locked(operation: str, instance: Instance, cause: Cause, override_lock: bool) -> None:
-    """Raise :class:`InstanceLocked` when an API call without an override meets a locked instance."""
-    if instance.locked_by is not None and cause is Cause.API and not override_lock:
-        raise _locked(operation, instance)
-
-
-def _locked(operation: str, instance: Instance) -> InstanceLocked:
-    assert instance.locked_by is not None
-    at = instance.locked_at.isoformat(timespec="seconds") if instance.locked_at else "an unknown time"
-    return InstanceLocked(operation, instance.uuid, instance.locked_by, instance.locked_reason, at)
+    return ctx.store.set_lock(instance, None, None, why)
 
 
 def _reason(reason: object) -> str:

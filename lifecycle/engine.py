@@ -27,6 +27,7 @@ from drivers.base import Driver
 from lifecycle import console, duties, evacuation, graph, snapshots, validation
 from lifecycle.audit import AuditEntry
 from lifecycle.config import Settings
+from lifecycle.context import Services
 from lifecycle.errors import InvalidInput
 from lifecycle.graph import Op
 from lifecycle.metrics import Metrics
@@ -123,6 +124,8 @@ class Engine:
         """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases)."""
         self.metrics = Metrics(self.store, self.settings, metrics_registry)
         """Prometheus metrics; ``metrics.registry`` is what to serve (a new registry unless one is given)."""
+        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.driver)
+        """What the engine gives its services (sync, duties, evacuation, the resize window, webhooks): not itself."""
 
     def close(self) -> None:
         """Wait for background tasks, stop the heartbeat, close drivers and the database."""
@@ -235,19 +238,19 @@ class Engine:
 
     def fence_host(self, name: str, *, reason: str, actor: str = "api") -> Host:
         """Declare a host dead: the scheduler never places there, and once it is down its instances may be evacuated."""
-        return evacuation.fence(self, name, reason=reason, actor=actor)
+        return evacuation.fence(self.services, name, reason=reason, actor=actor)
 
     def unfence_host(self, name: str, *, actor: str = "api") -> Host:
         """Lift a host's fence (after its evacuated copies were destroyed, say)."""
-        return evacuation.unfence(self, name, actor=actor)
+        return evacuation.unfence(self.services, name, actor=actor)
 
     def evacuate_host(self, name: str, *, actor: str = "api") -> builtins.list[evacuation.EvacuationResult]:
         """Evacuate every instance of a down, fenced host (see :meth:`evacuate`); one result per instance."""
-        return evacuation.evacuate_host(self, name, actor=actor)
+        return evacuation.evacuate_host(self.services, name, actor=actor)
 
     def destroy_evacuated(self, name: str) -> builtins.list[str]:
         """Destroy (never start) the copies a returning host still holds of instances evacuated away from it."""
-        return evacuation.destroy_evacuated(self, name)
+        return evacuation.destroy_evacuated(self.services, name)
 
     def heartbeat(self, name: str, metrics: dict[str, float] | None = None) -> Host:
         """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it.
@@ -261,7 +264,7 @@ class Engine:
         values: dict[str, object] = {}
         if metrics is not None:
             values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
-        evacuation.clear_for_heartbeat(self, name)
+        evacuation.clear_for_heartbeat(self.services, name)
         return self.store.update_host(name, last_heartbeat=now(), **values)
 
     def hosts(self) -> builtins.list[Host]:
@@ -357,7 +360,7 @@ class Engine:
 
     def poll_unconfirmed_resizes(self) -> builtins.list[WindowResult]:
         """Confirm (or revert) moves finished longer ago than ``resize_confirm_window``."""
-        results = poll_unconfirmed_resizes(self)
+        results = poll_unconfirmed_resizes(self.services)
         self.metrics.observe_window(results)
         return results
 
@@ -404,7 +407,7 @@ class Engine:
     def _sync_one(self, name: str) -> PassSummary:
         s = self.settings
         try:
-            summary = sweep_host(self, name, s.sync_policy, chunk=s.sync_chunk_size)
+            summary = sweep_host(self.services, name, s.sync_policy, chunk=s.sync_chunk_size)
         except Exception as exc:  # per host: one unreachable hypervisor must not hide the others
             log.warning("sync_pass_failed", host=name, error=f"{type(exc).__name__}: {exc}")
             summary = PassSummary(name, error=f"{type(exc).__name__}: {exc}")
@@ -618,27 +621,27 @@ class Engine:
 
     def lock(self, uuid: str, *, reason: str, actor: str = "api") -> Instance:
         """Lock an instance: operations but reads are refused until unlocked (or overridden by an admin)."""
-        return duties.lock(self, uuid, reason=reason, actor=actor)
+        return duties.lock(self.services, uuid, reason=reason, actor=actor)
 
     def unlock(self, uuid: str, *, actor: str = "api", override_lock: bool = False) -> Instance:
         """Unlock an instance: its locker may, anyone with ``override_lock`` (an admin) may."""
-        return duties.unlock(self, uuid, actor=actor, override_lock=override_lock)
+        return duties.unlock(self.services, uuid, actor=actor, override_lock=override_lock)
 
     def reset_state(self, uuid: str, *, reason: str, state: VmState = VmState.ERROR, actor: str = "admin") -> Instance:
         """End a stuck task failed (cause admin), clear the task_state and set ``state`` (error or active)."""
-        return duties.reset_state(self, uuid, state=state, reason=reason, actor=actor)
+        return duties.reset_state(self.services, uuid, state=state, reason=reason, actor=actor)
 
     def reclaim_queued_deletes(self, interval: float | None = None) -> builtins.list[duties.DutyResult]:
         """Delete for good what was soft-deleted longer ago than ``reclaim_instance_interval`` (or ``interval``)."""
-        return duties.reclaim(self, interval)
+        return duties.reclaim(self.services, interval)
 
     def offload_shelved_instances(self, older_than: float | None = None) -> builtins.list[duties.DutyResult]:
         """Offload what was shelved on its host longer ago than ``shelved_offload_time`` (or ``older_than``)."""
-        return duties.offload_shelved(self, older_than)
+        return duties.offload_shelved(self.services, older_than)
 
     def check_build_timeouts(self, timeout: float | None = None) -> builtins.list[duties.DutyResult]:
         """Put builds running longer than ``instance_build_timeout`` (or ``timeout``) in error, their tasks failed."""
-        return duties.check_build_timeouts(self, timeout)
+        return duties.check_build_timeouts(self.services, timeout)
 
     # -- change feed and audit queries -------------------------------------------------
 
@@ -724,7 +727,7 @@ class Engine:
         sender to one URL is refused (:class:`~lifecycle.errors.ConsumerInUse`).
         """
         hook = webhooks.Webhook(url, secret, nova=nova, previous_secrets=previous_secrets)
-        return webhooks.deliver(self, hook, stop=stop)
+        return webhooks.deliver(self.services, hook, stop=stop)
 
     def audit(
         self,

@@ -28,13 +28,14 @@ from drivers.base import Attempt
 from lifecycle import validation
 from lifecycle.audit import Activity, Why
 from lifecycle.errors import DriverError, EvacuatedCopiesPending, InvalidInput, LifecycleError, TaskFailed
+from lifecycle.graph import Op
 from lifecycle.operations.evacuate import DATA_LOSS, check_evacuable
 from lifecycle.placement import evacuated_copies
 from lifecycle.records import Cause, Host
 from lifecycle.states import MigrationStatus, VmState
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.context import Context
 
 __all__ = [
     "DATA_LOSS",
@@ -62,6 +63,10 @@ class EvacuationResult:
     detail: str | None = None
 
 
+def _host(ctx: Context, name: str) -> Host:
+    return ctx.store.get_host(validation.name("host", name))
+
+
 def _reason(reason: object) -> str:
     """Return the operator's reason, stripped: required, one line of at most 1000 characters."""
     if not isinstance(reason, str) or not reason.strip():
@@ -72,9 +77,9 @@ def _reason(reason: object) -> str:
     return text
 
 
-def fence(engine: Engine, name: str, *, reason: str, actor: str) -> Host:
+def fence(ctx: Context, name: str, *, reason: str, actor: str) -> Host:
     """Fence a host: recorded with who, why and when; refused if it is fenced already (the record stays)."""
-    host = engine.host(name)
+    host = _host(ctx, name)
     text = _reason(reason)
     validation.name("actor", actor)
     if host.fenced:
@@ -82,40 +87,44 @@ def fence(engine: Engine, name: str, *, reason: str, actor: str) -> Host:
             f"host {host.name} is already fenced (by {host.fenced_by} at {host.fenced_at}: {host.fenced_reason})"
         )
     log.warning("host_fenced", host=host.name, actor=actor, reason=text)
-    return engine.store.set_fence(host.name, actor, text)
+    return ctx.store.set_fence(host.name, actor, text)
 
 
-def unfence(engine: Engine, name: str, *, actor: str) -> Host:
+def unfence(ctx: Context, name: str, *, actor: str) -> Host:
     """Lift a host's fence (a no-op on a host that is not fenced); the scheduler may place there again."""
-    host = engine.host(name)
+    host = _host(ctx, name)
     validation.name("actor", actor)
     if not host.fenced:
         return host
     log.warning("host_unfenced", host=host.name, actor=actor, was=host.fenced_reason)
-    return engine.store.set_fence(host.name, None, None)
+    return ctx.store.set_fence(host.name, None, None)
 
 
-def evacuate_host(engine: Engine, name: str, *, actor: str = "api") -> builtins.list[EvacuationResult]:
+def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.list[EvacuationResult]:
     """Evacuate every live instance of a down, fenced host, one task each; return what became of each.
 
     The host's state is checked first (nothing is started when it is not
     down and fenced). One instance that fails or is refused never stops the others.
     """
-    host = engine.host(name)
-    check_evacuable(host, engine.settings.host_down_after)
+    host = _host(ctx, name)
+    check_evacuable(host, ctx.settings.host_down_after)
     results = []
-    for instance in engine.list(host.name):
+    for instance in ctx.store.list_instances(host.name):
         if instance.vm_state is VmState.DELETED:
             continue
         try:
             if instance.vm_state is VmState.SHELVED:  # its disk is in its snapshot: offloaded, not rebuilt
-                engine.shelve_offload(instance.uuid, actor=actor)
+                ctx.runner.start(Op.SHELVE_OFFLOAD, instance.uuid, actor=actor)
                 results.append(EvacuationResult(instance.uuid, "offloaded", None))
                 continue
-            task = engine.evacuate(instance.uuid, actor=actor)
-            results.append(EvacuationResult(instance.uuid, "evacuated", engine.get(task.instance_uuid).host))
+            task = ctx.runner.start(Op.EVACUATE, instance.uuid, actor=actor)
+            results.append(
+                EvacuationResult(instance.uuid, "evacuated", ctx.store.get_instance(task.instance_uuid).host)
+            )
         except TaskFailed as exc:
-            results.append(EvacuationResult(instance.uuid, "failed", engine.get(instance.uuid).host, exc.error))
+            results.append(
+                EvacuationResult(instance.uuid, "failed", ctx.store.get_instance(instance.uuid).host, exc.error)
+            )
         except LifecycleError as exc:
             results.append(EvacuationResult(instance.uuid, "refused", instance.host, str(exc)))
     log.info("host_evacuated", host=host.name, **_counts(results))
@@ -129,7 +138,7 @@ def _counts(results: builtins.list[EvacuationResult]) -> dict[str, int]:
     return counts
 
 
-def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
+def destroy_evacuated(ctx: Context, name: str) -> builtins.list[str]:
     """Destroy, on ``name``, the domain and disk of each instance evacuated away from it; return their uuids.
 
     An instance still recorded on ``name`` (its evacuation failed before it
@@ -138,19 +147,17 @@ def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
     destroyed, never started. Raises the driver's error when the host does
     not answer (the caller retries; nothing is marked done).
     """
-    host = engine.host(name).name
-    driver = engine.driver(host)
+    host = _host(ctx, name).name
+    driver = ctx.driver(host)
     destroyed = []
-    for migration in engine.store.evacuations_from(host):
-        instance = engine.store.get_instance(migration.instance_uuid)
+    for migration in ctx.store.evacuations_from(host):
+        instance = ctx.store.get_instance(migration.instance_uuid)
         if instance.host == host:
             continue  # the evacuation never left this host: the instance still lives here
         # Only what tasks before the evacuation made: a later task's copy here (a move or an unshelve on
         # its way back to this host) is the instance's current life, never the evacuated one.
         later = {
-            Attempt(t.id, 0).task_tag
-            for t in engine.store.tasks_of(instance.uuid)
-            if t.started_at >= migration.created_at
+            Attempt(t.id, 0).task_tag for t in ctx.store.tasks_of(instance.uuid) if t.started_at >= migration.created_at
         }
         stale = [o for o in driver.objects(instance.uuid) if o.task_tag not in later]
         had_domain = any(o.kind == "domain" for o in stale)
@@ -162,17 +169,17 @@ def destroy_evacuated(engine: Engine, name: str) -> builtins.list[str]:
         message = (
             f"destroyed the evacuated copy on {host} (domain and disk; never started): the instance lives on {where}"
         )
-        engine.store.note(
+        ctx.store.note(
             instance, Why(actor="sync", cause=Cause.SYNC, operation=Activity.DESTROY_EVACUATED, message=message)
         )
         if migration.status is MigrationStatus.DONE:
-            engine.store.update_migration(migration.id, status=MigrationStatus.COMPLETED)
+            ctx.store.update_migration(migration.id, status=MigrationStatus.COMPLETED)
         destroyed.append(migration.instance_uuid)
         log.warning("evacuated_copy_destroyed", host=host, instance_uuid=migration.instance_uuid, now_on=where)
     return destroyed
 
 
-def clear_for_heartbeat(engine: Engine, name: str) -> builtins.list[str]:
+def clear_for_heartbeat(ctx: Context, name: str) -> builtins.list[str]:
     """Destroy the copies ``name`` still holds of instances evacuated away from it, before it may heartbeat.
 
     Nothing is asked of the hypervisor when none are pending
@@ -182,13 +189,13 @@ def clear_for_heartbeat(engine: Engine, name: str) -> builtins.list[str]:
     :class:`EvacuatedCopiesPending` naming the copies still pending (those
     destroyed before the failure are audited and done): the caller writes no heartbeat.
     """
-    pending = evacuated_copies(engine.store, name)
+    pending = evacuated_copies(ctx.store, name)
     if not pending:
         return []
     try:
-        return destroy_evacuated(engine, name)
+        return destroy_evacuated(ctx, name)
     except DriverError as exc:
-        left = evacuated_copies(engine.store, name)
+        left = evacuated_copies(ctx.store, name)
         if not left:  # those were destroyed; what failed was a leftover of a failed evacuation (the daemon retries)
             log.warning("evacuated_cleanup_incomplete", host=name, error=f"{type(exc).__name__}: {exc}")
             return pending

@@ -27,7 +27,7 @@ from lifecycle.sweep import apply_decision
 from lifecycle.sync import Action, Observation, Policy, Recorded, decide
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.context import Context
 
 __all__ = ["EventProcessor"]
 
@@ -47,14 +47,14 @@ class EventProcessor:
 
     def __init__(
         self,
-        engine: Engine,
+        ctx: Context,
         host: str,
         policy: Policy,
         *,
         delay: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.engine = engine
+        self.ctx = ctx
         self.host = host
         self.policy = policy
         self.delay = delay
@@ -121,20 +121,20 @@ class EventProcessor:
             except LifecycleError as exc:  # contained per event, like the sweep per instance
                 log.warning("event_not_applied", error=str(exc), error_type=type(exc).__name__)
                 outcome = "error"
-        self.engine.metrics.observe_event(self.host, event.at, outcome)
+        self.ctx.metrics.observe_event(self.host, event.at, outcome)
         return outcome
 
     def _decide_and_apply(self, event: LifecycleEvent) -> str:
         expected = _POWER[event.transition]
         try:
-            live = self.engine.driver(self.host).get_info(event.uuid)
+            live = self.ctx.driver(self.host).get_info(event.uuid)
         except DomainNotFound:
             return "gone"
         if live is not expected:
             log.info("stale_event_dropped", expected=int(expected), live=int(live))
             return "stale"
         try:
-            instance = self.engine.store.get_instance(event.uuid)
+            instance = self.ctx.store.get_instance(event.uuid)
         except InstanceNotFound:
             return "unknown"
         if instance.host != self.host:
@@ -144,7 +144,7 @@ class EventProcessor:
         )
         decision = decide(recorded, Observation(live, event.at, source="event"), self.policy)
         if decision.action in (Action.RUN, Action.MARK_ERROR, Action.UPDATE_POWER, Action.RECORD):
-            apply_decision(self.engine, instance, decision, Cause.EVENT, "sync")
+            apply_decision(self.ctx, instance, decision, Cause.EVENT, "sync")
             log.info("event_applied", rule=decision.rule, action=decision.action.value)
             return decision.rule
         return decision.action.value

@@ -53,9 +53,8 @@ if TYPE_CHECKING:
 
     from lifecycle.config import Settings
     from lifecycle.recovery import Recovered
-    from lifecycle.resize_window import WindowResult
+    from lifecycle.results import PassSummary, WindowResult
     from lifecycle.store import Store
-    from lifecycle.sweep import PassSummary
 
 __all__ = ["Metrics"]
 

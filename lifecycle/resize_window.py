@@ -10,7 +10,6 @@ the default action: a revert discards what the guest wrote since the move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -19,37 +18,28 @@ import structlog
 from lifecycle.errors import InvalidState, LifecycleError
 from lifecycle.graph import Op
 from lifecycle.records import Cause
+from lifecycle.results import WindowResult
 from lifecycle.store.db import now
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.context import Context
 
 __all__ = ["WindowResult", "poll_unconfirmed_resizes"]
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class WindowResult:
-    """What the window did with one finished migration."""
-
-    instance_uuid: str
-    migration_id: str
-    action: str
-    outcome: str
-
-
-def poll_unconfirmed_resizes(engine: Engine) -> list[WindowResult]:
+def poll_unconfirmed_resizes(ctx: Context) -> list[WindowResult]:
     """Confirm (or revert, per ``resize_window_action``) every move finished longer ago than the window."""
-    window = engine.settings.resize_confirm_window
+    window = ctx.settings.resize_confirm_window
     if window <= 0:
         return []
-    action = Op.REVERT_RESIZE if engine.settings.resize_window_action == "revert" else Op.CONFIRM_RESIZE
+    action = Op.REVERT_RESIZE if ctx.settings.resize_window_action == "revert" else Op.CONFIRM_RESIZE
     results = []
-    for migration in engine.store.migrations_finished_before(now() - timedelta(seconds=window)):
+    for migration in ctx.store.migrations_finished_before(now() - timedelta(seconds=window)):
         uuid = migration.instance_uuid
         try:
-            engine.run(action, uuid, actor="resize_window", cause=Cause.TIMER)
+            ctx.runner.start(action, uuid, actor="resize_window", cause=Cause.TIMER)
             outcome = "done"
         except InvalidState:
             outcome = "skipped"  # being deleted, still finishing, or moving on: the table's guard says not now

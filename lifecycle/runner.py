@@ -17,33 +17,28 @@ import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import Any
 
 import structlog
 
 from drivers.base import Driver
 from lifecycle import graph, snapshots, validation
+from lifecycle.admission import admit, refuse_if_locked
 from lifecycle.audit import Why
 from lifecycle.config import Settings
-from lifecycle.duties import refuse_if_locked
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
-from lifecycle.operations import definition, revertible
-from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Outcome, Task
+from lifecycle.operations import definition
+from lifecycle.records import Cause, Flavor, Image, Instance, Outcome, Task
 from lifecycle.registry import Call, Definition
 from lifecycle.slots import BuildSlots
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import Store
-from lifecycle.store.claims import Hold
 from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun, execute
 
 __all__ = ["Runner", "check_call"]
 
 log = structlog.get_logger(__name__)
-
-_CLAIM_FROM = frozenset({VmState.ERROR, VmState.SOFT_DELETED})
-"""vm_states whose instance may hold no claim on its host (a failed delete released it): any other operation from
-them makes sure it holds one first, so that bringing it back never overcommits the host."""
 
 
 class Runner:
@@ -173,7 +168,7 @@ class Runner:
         image = self.image(ask.params.get("image") or instance.image)
         if ask.defined.guard is not None:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
-        claim = self._admit(ask.defined.row, instance, ask.cause)
+        claim = admit(self.store, self.settings, ask.defined.row, instance, ask.cause)
         preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
         task = self.new_task(uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
         why = ask.why(task, preempt, instance if ask.override_lock else None)
@@ -200,50 +195,6 @@ class Runner:
         run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
         run.preempted = preempt
         return run
-
-    def _admit(self, op: graph.Operation, instance: Instance, cause: Cause) -> Hold | None:
-        """Refuse what the instance's host and open move leave impossible; return the claim it must hold first.
-
-        An instance without a host, or in error with a move still open, allows
-        only what needs no host (delete; and, for a move whose source kept its
-        disk, what reverts a move: back onto the source). An operation from
-        error or soft_deleted that leaves the instance using its room on its
-        host must hold its claim there (taken in the task's first write, or
-        :class:`NoValidHost` and nothing written).
-        """
-        if not op.needs_host:
-            return None
-        if instance.host is None and instance.vm_state is not VmState.SHELVED_OFFLOADED:
-            self._refuse(op, instance, f"{_NO_HOST}: only {_hostless()} are possible")
-        migration = self.store.open_migration(instance.uuid) if instance.vm_state is VmState.ERROR else None
-        reverting = op.reverts_move and instance.vm_state is VmState.ERROR
-        if migration is not None and not (reverting and revertible(migration)):
-            self._refuse(op, instance, _failed_move(migration))
-        if reverting and migration is None:
-            self._refuse(op, instance, "no move of this instance is open: there is nothing to revert")
-        if reverting and cause is Cause.TIMER:
-            self._refuse(op, instance, "a move that failed is reverted by an operator, never by a timer")
-        if instance.vm_state not in _CLAIM_FROM or not op.holds_room or instance.host is None:
-            return None
-        # The host it lives on afterwards, with the flavor it has there: a revert's is the move's source.
-        host, flavor = (
-            (migration.source_host, migration.old_flavor) if migration is not None else (instance.host, instance.flavor)
-        )
-        s = self.settings.scheduler
-        ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
-        return Hold(host, (flavor.vcpus, flavor.memory_mb, flavor.root_gb), ratios)
-
-    @staticmethod
-    def _refuse(op: graph.Operation, instance: Instance, reason: str) -> NoReturn:
-        raise InvalidState(
-            op.name,
-            instance.uuid,
-            instance.vm_state,
-            instance.task_state,
-            op.allowed_vm_states,
-            op.allowed_task_states,
-            reason=reason,
-        )
 
     def replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
         """Return the task an earlier call with ``key`` started, as that call ended.
@@ -422,25 +373,6 @@ def _new_instance(ask: _Ask, image: Image, first: TaskState, task: Task) -> Inst
         updated_at=at,
         deleted_at=None,
     )
-
-
-_NO_HOST = "the instance has no host (it was never built, or its host was removed)"
-
-
-def _hostless() -> str:
-    """Name what is always left (the operations that need no host): "delete and force_delete"."""
-    return " and ".join(op.name for op in graph.rows() if not op.needs_host)
-
-
-def _failed_move(migration: Migration) -> str:
-    """Say what is left for an error instance whose move ``migration`` is still open."""
-    where = f"{migration.source_host} -> {migration.dest_host}"
-    left = f"{_hostless()} are possible"
-    if revertible(migration):
-        back = f"back onto {migration.source_host}, on the disk it kept, as before the move"
-        reverts = ", ".join(op.name for op in graph.rows() if op.reverts_move)
-        left = f"{reverts} ({back}), {_hostless()} are possible"
-    return f"a move of this instance failed half-way and is still open ({migration.status.value}, {where}): only {left}"
 
 
 def _start_note(preempt: Task | None, overriding: Instance | None) -> str | None:

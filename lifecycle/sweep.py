@@ -33,13 +33,14 @@ import structlog
 from lifecycle.audit import Activity, Why
 from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
 from lifecycle.records import Cause, Instance
+from lifecycle.results import PassSummary
 from lifecycle.states import PowerState, VmState
 from lifecycle.store.db import now
 from lifecycle.store.syncrows import PowerWrite, SyncRow
 from lifecycle.sync import Action, Decider, Decision, Policy
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.context import Context
 
 __all__ = ["PassSummary", "apply_decision", "sweep_host"]
 
@@ -48,40 +49,12 @@ log = structlog.get_logger(__name__)
 _UUID = operator.itemgetter(0)
 
 
-@dataclass(slots=True)
-class PassSummary:
-    """What one pass saw and did."""
-
-    host: str
-    instances: int = 0
-    in_sync: int = 0
-    drifted: int = 0
-    acted: int = 0
-    skipped: int = 0
-    missing_unconfirmed: int = 0
-    """Domains missing fewer than the threshold's consecutive times: counted, not acted on."""
-    lost_races: int = 0
-    errors: int = 0
-    unknown_domains: list[str] = field(default_factory=list)
-    rules: dict[str, int] = field(default_factory=dict)
-    duration_ms: float = 0.0
-    interrupted: bool = False
-    """The pass was stopped between two chunks (daemon shutdown)."""
-    error: str | None = None
-    """Why the pass could not run at all (the hypervisor unreachable...); None when it ran."""
-    reaped: list[str] = field(default_factory=list)
-    """Our domains whose instance is deleted (or unknown here) that this pass acted on
-    (``running_deleted_instance_action``: destroyed, powered off, or logged)."""
-    elsewhere: list[str] = field(default_factory=list)
-    """Our domains whose live instance is recorded on another host (evacuated away, or moving): left alone."""
-
-
 def _why(decision: Decision, cause: Cause, actor: str) -> Why:
     return Why(actor=actor, cause=cause, operation=Activity.SYNC, rule=decision.rule)
 
 
 def sweep_host(
-    engine: Engine,
+    ctx: Context,
     host: str,
     policy: Policy,
     *,
@@ -93,24 +66,24 @@ def sweep_host(
     started = time.perf_counter()
     summary = PassSummary(host)
     observed_at = now()
-    listing = engine.driver(host).list_instances()
+    listing = ctx.driver(host).list_instances()
     decider = Decider(policy, observed_at)
     pending = _Pending(host, actor)
     seen: set[str] = set()
-    for rows in engine.store.host_sync_rows(host, observed_at, chunk):
+    for rows in ctx.store.host_sync_rows(host, observed_at, chunk):
         if stop is not None and stop.is_set():
             summary.interrupted = True
             break
         seen.update(map(_UUID, rows))
         _decide_chunk(summary, pending, rows, listing.owned, decider)
         if pending.size() >= chunk:
-            _flush(engine, summary, pending, stop)
-    _flush(engine, summary, pending, stop)
+            _flush(ctx, summary, pending, stop)
+    _flush(ctx, summary, pending, stop)
     if not summary.interrupted:
         leftovers = sorted(u for u in listing.owned if u not in seen)
-        summary.elsewhere = _living_elsewhere(engine, host, leftovers)
+        summary.elsewhere = _living_elsewhere(ctx, host, leftovers)
         leftovers = [u for u in leftovers if u not in summary.elsewhere]
-        handled = _running_deleted(engine, host, leftovers, listing.owned, summary)
+        handled = _running_deleted(ctx, host, leftovers, listing.owned, summary)
         summary.unknown_domains = [u for u in leftovers if u not in handled] + list(listing.foreign)
     summary.duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info(
@@ -196,26 +169,26 @@ def _decide_chunk(
             pending.acting.extend((r, decision) for r in group)
 
 
-def _flush(engine: Engine, summary: PassSummary, pending: _Pending, stop: threading.Event | None) -> None:
+def _flush(ctx: Context, summary: PassSummary, pending: _Pending, stop: threading.Event | None) -> None:
     """Write what the pass decided: missing counts, power changes in one batch, then the operations."""
     counts, powers, acting = pending.counts, pending.powers, pending.acting
     pending.counts, pending.powers, pending.acting = [], [], []
-    engine.store.set_missing_counts(counts)
+    ctx.store.set_missing_counts(counts)
     if powers:
-        _apply_powers(engine, summary, powers)
+        _apply_powers(ctx, summary, powers)
     if acting:
-        _run_decisions(engine, summary, acting, pending.actor, stop)
+        _run_decisions(ctx, summary, acting, pending.actor, stop)
 
 
 def _run_decisions(
-    engine: Engine,
+    ctx: Context,
     summary: PassSummary,
     acting: list[tuple[SyncRow, Decision]],
     actor: str,
     stop: threading.Event | None,
 ) -> None:
     """Run the RUN and MARK_ERROR decisions on full rows, each only if the row is still as the pass read it."""
-    full = engine.store.instances_by_uuid([row.uuid for row, _ in acting])
+    full = ctx.store.instances_by_uuid([row.uuid for row, _ in acting])
     for row, decision in acting:
         if stop is not None and stop.is_set():  # each task runs to its end; the rest wait for the next pass
             summary.interrupted = True
@@ -224,14 +197,14 @@ def _run_decisions(
         if instance is None or instance.version != row.version:
             summary.lost_races += 1  # changed since the light read: whoever changed it wins
             continue
-        _guarded(summary, row.uuid, partial(apply_decision, engine, instance, decision, Cause.SYNC, actor))
+        _guarded(summary, row.uuid, partial(apply_decision, ctx, instance, decision, Cause.SYNC, actor))
 
 
-def _living_elsewhere(engine: Engine, host: str, uuids: list[str]) -> list[str]:
+def _living_elsewhere(ctx: Context, host: str, uuids: list[str]) -> list[str]:
     """Return the domains here whose instance is live and recorded on another host: never to be started here."""
     if not uuids:
         return []
-    rows = engine.store.instances_by_uuid(uuids)
+    rows = ctx.store.instances_by_uuid(uuids)
     found = [
         u for u in uuids if (r := rows.get(u)) is not None and r.vm_state is not VmState.DELETED and r.host != host
     ]
@@ -241,7 +214,7 @@ def _living_elsewhere(engine: Engine, host: str, uuids: list[str]) -> list[str]:
 
 
 def _running_deleted(
-    engine: Engine, host: str, uuids: list[str], powers: Mapping[str, PowerState], summary: PassSummary
+    ctx: Context, host: str, uuids: list[str], powers: Mapping[str, PowerState], summary: PassSummary
 ) -> set[str]:
     """Apply ``running_deleted_instance_action`` to our domains whose instance is deleted or unknown here.
 
@@ -252,15 +225,15 @@ def _running_deleted(
     unless ``reap_unknown_domains`` (there is no row to audit then: the log
     line is its record). Returns the uuids handled (not listed as unknown).
     """
-    action = engine.settings.running_deleted_instance_action
+    action = ctx.settings.running_deleted_instance_action
     if not uuids or action == "noop":
         return set()
-    rows = engine.store.instances_by_uuid(uuids)
-    cutoff = now() - timedelta(seconds=engine.settings.running_deleted_instance_timeout)
+    rows = ctx.store.instances_by_uuid(uuids)
+    cutoff = now() - timedelta(seconds=ctx.settings.running_deleted_instance_timeout)
     handled: set[str] = set()
     for uuid in uuids:
         row = rows.get(uuid)
-        if row is None and not engine.settings.reap_unknown_domains:
+        if row is None and not ctx.settings.reap_unknown_domains:
             continue
         if row is not None and (row.vm_state is not VmState.DELETED or (row.deleted_at or cutoff) > cutoff):
             continue  # a live instance's domain elsewhere (a move in flight), or a delete too recent
@@ -268,7 +241,7 @@ def _running_deleted(
             handled.add(uuid)
             continue
         try:
-            _act_on_leftover(engine, host, uuid, action)
+            _act_on_leftover(ctx, host, uuid, action)
         except Exception as exc:  # per domain: the next pass tries again
             summary.errors += 1
             log.warning("running_deleted_failed", host=host, instance_uuid=uuid, error=f"{type(exc).__name__}: {exc}")
@@ -276,7 +249,7 @@ def _running_deleted(
         handled.add(uuid)
         summary.reaped.append(uuid)
         if row is not None and action != "log":
-            engine.store.note(
+            ctx.store.note(
                 row,
                 Why(
                     actor="sync",
@@ -290,8 +263,8 @@ def _running_deleted(
     return handled
 
 
-def _act_on_leftover(engine: Engine, host: str, uuid: str, action: str) -> None:
-    driver = engine.driver(host)
+def _act_on_leftover(ctx: Context, host: str, uuid: str, action: str) -> None:
+    driver = ctx.driver(host)
     if action == "reap":
         driver.destroy(uuid, destroy_disks=True)
     elif action == "shutdown":
@@ -310,21 +283,21 @@ def _count(summary: PassSummary, decision: Decision, times: int) -> None:
         summary.in_sync += times
 
 
-def _apply_powers(engine: Engine, summary: PassSummary, powers: list[PowerWrite]) -> None:
+def _apply_powers(ctx: Context, summary: PassSummary, powers: list[PowerWrite]) -> None:
     try:
-        won = engine.store.record_powers(powers)
+        won = ctx.store.record_powers(powers)
     except Exception:  # the batch failed as a whole: retry one by one so one bad row costs one
         log.exception("sync_batch_failed", count=len(powers))
         for write in powers:
-            _guarded(summary, write.uuid, partial(_one_power, engine, write))
+            _guarded(summary, write.uuid, partial(_one_power, ctx, write))
         return
     lost = won.count(False)
     summary.lost_races += lost
     summary.acted += len(won) - lost
 
 
-def _one_power(engine: Engine, write: PowerWrite) -> None:
-    if not engine.store.record_powers([write])[0]:
+def _one_power(ctx: Context, write: PowerWrite) -> None:
+    if not ctx.store.record_powers([write])[0]:
         raise Conflict(write.uuid, {"version": write.version}, None)
 
 
@@ -346,13 +319,13 @@ def _guarded(summary: PassSummary, uuid: str, action: Callable[[], object]) -> o
     return result
 
 
-def apply_decision(engine: Engine, instance: Instance, decision: Decision, cause: Cause, actor: str) -> object:
+def apply_decision(ctx: Context, instance: Instance, decision: Decision, cause: Cause, actor: str) -> object:
     """Carry out a RUN or MARK_ERROR decision (also used by the event path)."""
     if decision.action is Action.MARK_ERROR:
         assert decision.power is not None
-        return engine.store.mark_error(instance, decision.power, _why(decision, cause, actor))
+        return ctx.store.mark_error(instance, decision.power, _why(decision, cause, actor))
     if decision.action in (Action.UPDATE_POWER, Action.RECORD):
         assert decision.power is not None
-        return engine.store.set_power_many([(instance, decision.power, _why(decision, cause, actor))])[0]
+        return ctx.store.set_power_many([(instance, decision.power, _why(decision, cause, actor))])[0]
     assert decision.operation is not None
-    return engine.run(decision.operation, instance.uuid, params={"rule": decision.rule}, actor=actor, cause=cause)
+    return ctx.runner.start(decision.operation, instance.uuid, params={"rule": decision.rule}, actor=actor, cause=cause)

@@ -81,7 +81,7 @@ from lifecycle.errors import ConsumerInUse, InvalidInput
 from lifecycle.feed import change_data, nova_notification
 
 if TYPE_CHECKING:
-    from lifecycle.engine import Engine
+    from lifecycle.context import Context
 
 __all__ = [
     "ANSWER_BYTES",
@@ -320,7 +320,7 @@ def _sender(hook: Webhook, stop: threading.Event) -> Callable[[Change], None]:
     return send
 
 
-def deliver(engine: Engine, hook: Webhook, *, stop: threading.Event, batch: int = 100) -> int:
+def deliver(ctx: Context, hook: Webhook, *, stop: threading.Event, batch: int = 100) -> int:
     """Post the feed to ``hook`` until ``stop`` is set; return how many changes were delivered.
 
     The webhook's consumer is registered at the newest change on its first
@@ -336,7 +336,7 @@ def deliver(engine: Engine, hook: Webhook, *, stop: threading.Event, batch: int 
         delivered[0] += 1
 
     log.info("webhook_started", url=hook.url, consumer=name, secrets=len(hook.secrets))
-    store = engine.store
+    store = ctx.store
     try:
         with suppress(_Stopped):  # told to stop mid-retry: that change stays undelivered, its position unstored
             feed.follow(
@@ -345,7 +345,7 @@ def deliver(engine: Engine, hook: Webhook, *, stop: threading.Event, batch: int 
                 counted,
                 stop=stop,
                 batch=feed.check_batch(batch),
-                poll=engine.settings.feed_poll_interval,
+                poll=ctx.settings.feed_poll_interval,
                 after=feed.resolve(store, "end"),
                 exclusive=True,
                 url=hook.url,

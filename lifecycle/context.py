@@ -1,0 +1,58 @@
+"""What the engine's services are given instead of the engine: its store, drivers, settings, runner and metrics.
+
+Sync (:mod:`lifecycle.sweep`, :mod:`lifecycle.events`), the operator duties,
+evacuation, the resize window and the webhooks take a :class:`Context` and
+never the engine (:class:`lifecycle.Engine`): a worker or a request handler
+can run them with the parts alone, and none of them imports the facade.
+The engine builds one :class:`Services` when it opens and passes it down.
+No clock is part of it: the services read :func:`lifecycle.store.db.now`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from drivers.base import Driver
+    from lifecycle.config import Settings
+    from lifecycle.metrics import Metrics
+    from lifecycle.runner import Runner
+    from lifecycle.store import Store
+
+__all__ = ["Context", "Services"]
+
+
+class Context(Protocol):
+    """What a service needs: the database, a host's driver, the settings, the task runner and the metrics."""
+
+    @property
+    def store(self) -> Store:
+        """The database every state write goes through."""
+
+    @property
+    def settings(self) -> Settings:
+        """The engine's settings."""
+
+    @property
+    def runner(self) -> Runner:
+        """Starts an operation's task as the engine's own calls do (guards, lock, preemption, leases)."""
+
+    @property
+    def metrics(self) -> Metrics:
+        """Where passes, events and errors are counted."""
+
+    def driver(self, host: str, /) -> Driver:
+        """Return the driver of ``host`` (opened once and kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """The :class:`Context` an engine builds once, of its own parts."""
+
+    store: Store
+    settings: Settings
+    runner: Runner
+    metrics: Metrics
+    driver: Callable[[str], Driver]
