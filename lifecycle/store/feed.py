@@ -70,17 +70,16 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from lifecycle.audit import AuditEntry, AuditQuery, Change, Consumer, Position
-from lifecycle.errors import DatabaseUnavailable, InvalidInput
+from lifecycle.audit import AuditEntry, AuditQuery, Change, Position
+from lifecycle.errors import DatabaseUnavailable
 from lifecycle.records import Cause
 from lifecycle.store._base import StoreBase
 from lifecycle.store._follower import advisory_lock, file_lock, holds_advisory_lock, unavailable
-from lifecycle.store._rows import AUDITS, stamp
-from lifecycle.store.db import aware, now
-from lifecycle.store.tables import FeedConsumerRow
+from lifecycle.store._rows import AUDITS
+from lifecycle.store.db import aware
+from lifecycle.store.tables import FEED_CONSUMERS
 
 __all__ = ["CHANNEL", "Feed", "Reader", "audit_select"]
 
@@ -88,7 +87,7 @@ CHANNEL = "lifecycle_changes"
 """The PostgreSQL notification channel the audit trigger notifies at each commit of a change."""
 
 _A = AUDITS
-_C: sa.Table = FeedConsumerRow.__table__  # type: ignore[attr-defined]
+_C = FEED_CONSUMERS
 _PRUNE_BATCH = 10_000
 """Rows deleted per transaction by retention, so no transaction holds the log for long."""
 _SLICE = 0.1
@@ -122,10 +121,6 @@ _CHANGE_COLUMNS = (
     _A.c.created_at,
 )
 """The columns of a change in the order of :class:`Change`'s fields: a row is a change as it comes."""
-
-
-def _consumer(r: sa.Row[Any]) -> Consumer:
-    return Consumer(r.name, Position(r.tx, r.seq), stamp(r.created_at), stamp(r.updated_at))
 
 
 def _utc(value: datetime) -> datetime:
@@ -293,7 +288,7 @@ class _ListenReader:
 
 
 class Feed(StoreBase):
-    """Changes read in commit order, followers' positions, retention, and audit queries across instances."""
+    """Changes read in commit order, retention, and audit queries across instances (positions: :class:`Consumers`)."""
 
     @property
     def _postgres(self) -> bool:
@@ -352,64 +347,6 @@ class Feed(StoreBase):
         finally:
             with suppress(sa.exc.DBAPIError):  # a connection the server dropped has nothing left to close
                 conn.close()
-
-    def register_consumer(self, name: str, at: Position, *, url: str | None = None) -> tuple[Consumer, bool]:
-        """Return the consumer ``name``, registered at ``at`` if new, and whether it was new.
-
-        ``url`` (a webhook's) is stored with it, also when it was registered without one.
-        """
-        stamp = now()
-        values = {"name": name, "tx": at.tx, "seq": at.id, "created_at": stamp, "updated_at": stamp, "url": url}
-        with unavailable(self.engine.dialect):
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(sa.insert(_C), values)
-                return Consumer(name, at, stamp, stamp), True
-            except IntegrityError:
-                pass  # registered before
-            if url is not None:
-                with self.engine.begin() as conn:
-                    where = (_C.c.name == name, _C.c.url.is_distinct_from(url))
-                    conn.execute(sa.update(_C).where(*where).values(url=url))
-            found = self.consumer(name)
-        if found is None:  # forgotten between the insert and the read: try once more
-            return self.register_consumer(name, at, url=url)
-        return found, False
-
-    def consumer_urls(self) -> dict[str, str]:
-        """Return the URL each webhook consumer delivers to, by consumer name (those that stored one)."""
-        query = sa.select(_C.c.name, _C.c.url).where(_C.c.url.is_not(None))
-        with self._read() as conn:
-            return {name: url for name, url in conn.execute(query)}
-
-    def consumer(self, name: str) -> Consumer | None:
-        """Return the consumer ``name``, or None."""
-        with self._read() as conn:
-            row = conn.execute(sa.select(_C).where(_C.c.name == name)).first()
-        return None if row is None else _consumer(row)
-
-    def consumers(self) -> list[Consumer]:
-        """Return every consumer, by name."""
-        with self._read() as conn:
-            return [_consumer(r) for r in conn.execute(sa.select(_C).order_by(_C.c.name))]
-
-    def save_position(self, name: str, position: Position) -> None:
-        """Record that ``name`` has been delivered everything up to ``position`` (a position never goes back).
-
-        Raises :class:`InvalidInput` when the consumer was forgotten meanwhile.
-        """
-        ahead = sa.tuple_(_C.c.tx, _C.c.seq) < sa.tuple_(sa.literal(position.tx), sa.literal(position.id))
-        update = sa.update(_C).where(_C.c.name == name, ahead)
-        with unavailable(self.engine.dialect), self.engine.begin() as conn:
-            if conn.execute(update.values(tx=position.tx, seq=position.id, updated_at=now())).rowcount:
-                return
-            if conn.execute(sa.select(_C.c.name).where(_C.c.name == name)).first() is None:
-                raise InvalidInput(f"consumer {name!r} was forgotten while it followed the feed")
-
-    def forget_consumer(self, name: str) -> bool:
-        """Remove consumer ``name`` (retention no longer waits for it); return whether it existed."""
-        with self.engine.begin() as conn:
-            return bool(conn.execute(sa.delete(_C).where(_C.c.name == name)).rowcount)
 
     def prune_changes(self, before: datetime) -> int:
         """Delete the changes written before ``before`` that every consumer has passed; return how many.

@@ -18,7 +18,8 @@ the writer's own task was taken over, :class:`Conflict` otherwise.
 - :mod:`~lifecycle.store.writes`: the compare-and-swap writes of a task's life;
 - :mod:`~lifecycle.store.syncrows`: the sync pass's reads and batch writes;
 - :mod:`~lifecycle.store.stats`: counts for metrics;
-- :mod:`~lifecycle.store.feed`: the change feed, its consumers and retention, and audit queries.
+- :mod:`~lifecycle.store.feed`: the change feed, its retention, and audit queries;
+- :mod:`~lifecycle.store.consumers`: the feed's consumers and their positions.
 
 Underneath: ``_base`` (engine, read connections, deadlock retries), ``_rows``
 (table handles and row <-> record mapping) and ``_cas`` (the statements a
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from lifecycle.store.claims import Claims
 from lifecycle.store.consoles import Consoles
+from lifecycle.store.consumers import Consumers
 from lifecycle.store.feed import Feed
 from lifecycle.store.hosts import Hosts
 from lifecycle.store.images import Images
@@ -43,5 +45,7 @@ from lifecycle.store.writes import Writes
 __all__ = ["HostClaim", "Store"]
 
 
-class Store(Hosts, Images, Claims, Instances, Tasks, Ownership, Moves, Consoles, Writes, SyncRows, Stats, Feed):
+class Store(
+    Hosts, Images, Claims, Instances, Tasks, Ownership, Moves, Consoles, Writes, SyncRows, Stats, Feed, Consumers
+):
     """Reads and compare-and-swap writes over one database."""
