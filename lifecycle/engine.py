@@ -16,7 +16,7 @@ import threading
 import uuid as uuidlib
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import structlog
 
@@ -43,7 +43,7 @@ from lifecycle.sweep import PassSummary, sweep_host
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["Engine"]
+__all__ = ["CallOptions", "Engine"]
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +89,17 @@ def _optional_name(kind: str, value: object) -> str | None:
 def _to(host: str | None) -> dict[str, Any]:
     """Return the parameters of an operation sent to ``host``, or where the scheduler puts it (None)."""
     return {} if host is None else {"host": host}
+
+
+class CallOptions(TypedDict, total=False):
+    """The keyword arguments every instance operation takes beside its own, typed (see :meth:`Engine.run`)."""
+
+    request_id: str | None
+    idempotency_key: str | None
+    actor: str
+    cause: Cause
+    wait: bool
+    override_lock: bool
 
 
 class Engine:
@@ -465,47 +476,47 @@ class Engine:
         new = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
         return self.runner.start(Op.CREATE, new, params=params, request_id=request_id, actor=actor, wait=wait)
 
-    def start(self, uuid: str, **kw: Any) -> Task:
+    def start(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Power a stopped instance on."""
-        return self.run(Op.START, uuid, **kw)
+        return self.run(Op.START, uuid, **options)
 
-    def stop(self, uuid: str, *, timeout: float | None = None, **kw: Any) -> Task:
+    def stop(self, uuid: str, *, timeout: float | None = None, **options: Unpack[CallOptions]) -> Task:
         """Power an instance off: clean shutdown within ``timeout`` seconds, then hard."""
-        return self.run(Op.STOP, uuid, params={} if timeout is None else {"timeout": timeout}, **kw)
+        return self.run(Op.STOP, uuid, params={} if timeout is None else {"timeout": timeout}, **options)
 
-    def reboot(self, uuid: str, *, hard: bool = False, **kw: Any) -> Task:
+    def reboot(self, uuid: str, *, hard: bool = False, **options: Unpack[CallOptions]) -> Task:
         """Reboot through the guest (soft) or by reset (hard, which may preempt some tasks)."""
-        return self.run(Op.REBOOT_HARD if hard else Op.REBOOT, uuid, **kw)
+        return self.run(Op.REBOOT_HARD if hard else Op.REBOOT, uuid, **options)
 
-    def pause(self, uuid: str, **kw: Any) -> Task:
+    def pause(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Freeze a running instance's vCPUs."""
-        return self.run(Op.PAUSE, uuid, **kw)
+        return self.run(Op.PAUSE, uuid, **options)
 
-    def unpause(self, uuid: str, **kw: Any) -> Task:
+    def unpause(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Thaw a paused instance."""
-        return self.run(Op.UNPAUSE, uuid, **kw)
+        return self.run(Op.UNPAUSE, uuid, **options)
 
-    def suspend(self, uuid: str, **kw: Any) -> Task:
+    def suspend(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Save a running instance's memory to disk and stop it."""
-        return self.run(Op.SUSPEND, uuid, **kw)
+        return self.run(Op.SUSPEND, uuid, **options)
 
-    def resume(self, uuid: str, **kw: Any) -> Task:
+    def resume(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Restore a suspended instance."""
-        return self.run(Op.RESUME, uuid, **kw)
+        return self.run(Op.RESUME, uuid, **options)
 
-    def rescue(self, uuid: str, **kw: Any) -> Task:
+    def rescue(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Boot an instance from its rescue image."""
-        return self.run(Op.RESCUE, uuid, **kw)
+        return self.run(Op.RESCUE, uuid, **options)
 
-    def unrescue(self, uuid: str, **kw: Any) -> Task:
+    def unrescue(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Boot a rescued instance from its own disk again."""
-        return self.run(Op.UNRESCUE, uuid, **kw)
+        return self.run(Op.UNRESCUE, uuid, **options)
 
-    def rebuild(self, uuid: str, *, image: str | None = None, **kw: Any) -> Task:
+    def rebuild(self, uuid: str, *, image: str | None = None, **options: Unpack[CallOptions]) -> Task:
         """Replace the disk with a fresh one on ``image`` (default: the current image)."""
-        return self.run(Op.REBUILD, uuid, params={} if image is None else {"image": image}, **kw)
+        return self.run(Op.REBUILD, uuid, params={} if image is None else {"image": image}, **options)
 
-    def resize(self, uuid: str, flavor: Flavor, **kw: Any) -> Task:
+    def resize(self, uuid: str, flavor: Flavor, **options: Unpack[CallOptions]) -> Task:
         """Move the instance to a host with room for ``flavor``; it ends resized, awaiting confirm or revert.
 
         The scheduler places it by ``flavor``, its extra specs included. Shrinking the root disk, or
@@ -513,51 +524,51 @@ class Engine:
         """
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
-        return self.run(Op.RESIZE, uuid, params={"flavor": flavor.as_dict()}, **kw)
+        return self.run(Op.RESIZE, uuid, params={"flavor": flavor.as_dict()}, **options)
 
-    def migrate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+    def migrate(self, uuid: str, *, host: str | None = None, **options: Unpack[CallOptions]) -> Task:
         """Cold-migrate to ``host`` or where the scheduler puts it; ends resized, awaiting confirm or revert."""
-        return self.run(Op.MIGRATE, uuid, params=_to(host), **kw)
+        return self.run(Op.MIGRATE, uuid, params=_to(host), **options)
 
-    def confirm_resize(self, uuid: str, **kw: Any) -> Task:
+    def confirm_resize(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Make a finished move final: the source's kept disk and claim go."""
-        return self.run(Op.CONFIRM_RESIZE, uuid, **kw)
+        return self.run(Op.CONFIRM_RESIZE, uuid, **options)
 
-    def revert_resize(self, uuid: str, **kw: Any) -> Task:
+    def revert_resize(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Undo a finished move: back on the source, old flavor, previous vm_state."""
-        return self.run(Op.REVERT_RESIZE, uuid, **kw)
+        return self.run(Op.REVERT_RESIZE, uuid, **options)
 
-    def evacuate(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+    def evacuate(self, uuid: str, *, host: str | None = None, **options: Unpack[CallOptions]) -> Task:
         """Rebuild an instance of a down, fenced host on ``host`` (or where the scheduler puts it), from its image.
 
         The instance keeps its uuid, name, flavor and image and ends active
         (stopped if it was stopped); data on the dead host's disk is lost.
         Refused with :class:`HostNotEvacuable` unless its host is down and fenced.
         """
-        return self.run(Op.EVACUATE, uuid, params=_to(host), **kw)
+        return self.run(Op.EVACUATE, uuid, params=_to(host), **options)
 
-    def shelve(self, uuid: str, **kw: Any) -> Task:
+    def shelve(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Power off and snapshot an instance into an image the engine keeps; ends shelved.
 
         With ``shelved_offload_time`` 0 (the default, as Nova) it is offloaded
         at once (domain and disk destroyed, claims released, no host) and ends
         shelved_offloaded; otherwise the daemon offloads it after that time.
         """
-        return self.run(Op.SHELVE, uuid, **kw)
+        return self.run(Op.SHELVE, uuid, **options)
 
-    def shelve_offload(self, uuid: str, **kw: Any) -> Task:
+    def shelve_offload(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Destroy a shelved instance's domain and disk and release its host; ends shelved_offloaded."""
-        return self.run(Op.SHELVE_OFFLOAD, uuid, **kw)
+        return self.run(Op.SHELVE_OFFLOAD, uuid, **options)
 
-    def unshelve(self, uuid: str, *, host: str | None = None, **kw: Any) -> Task:
+    def unshelve(self, uuid: str, *, host: str | None = None, **options: Unpack[CallOptions]) -> Task:
         """Bring a shelved instance back, active; its snapshot image is deleted once it runs.
 
         A shelved instance is powered on where it is; an offloaded one is
         spawned from its snapshot on ``host`` or where the scheduler puts it.
         """
-        return self.run(Op.UNSHELVE, uuid, params=_to(host), **kw)
+        return self.run(Op.UNSHELVE, uuid, params=_to(host), **options)
 
-    def delete(self, uuid: str, **kw: Any) -> Task:
+    def delete(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Delete an instance from any state, taking over any running task.
 
         With ``reclaim_instance_interval`` > 0 this is a soft delete of an idle
@@ -567,20 +578,20 @@ class Engine:
         if self.settings.reclaim_instance_interval > 0:
             instance = self.get(uuid)
             if instance.task_state is None and instance.vm_state in graph.operation(Op.SOFT_DELETE).allowed_vm_states:
-                return self.run(Op.SOFT_DELETE, uuid, **kw)
-        return self.run(Op.DELETE, uuid, **kw)
+                return self.run(Op.SOFT_DELETE, uuid, **options)
+        return self.run(Op.DELETE, uuid, **options)
 
-    def force_delete(self, uuid: str, **kw: Any) -> Task:
+    def force_delete(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Delete at once (no clean shutdown) from any state, taking over any running task."""
-        return self.run(Op.FORCE_DELETE, uuid, **kw)
+        return self.run(Op.FORCE_DELETE, uuid, **options)
 
-    def soft_delete(self, uuid: str, **kw: Any) -> Task:
+    def soft_delete(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Power an instance off and mark it soft-deleted, restorable."""
-        return self.run(Op.SOFT_DELETE, uuid, **kw)
+        return self.run(Op.SOFT_DELETE, uuid, **options)
 
-    def restore(self, uuid: str, **kw: Any) -> Task:
+    def restore(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Bring a soft-deleted instance back."""
-        return self.run(Op.RESTORE, uuid, **kw)
+        return self.run(Op.RESTORE, uuid, **options)
 
     def run(
         self,
