@@ -28,8 +28,8 @@ from drivers.base import Attempt
 from lifecycle import validation
 from lifecycle.audit import Activity, Why
 from lifecycle.errors import DriverError, EvacuatedCopiesPending, InvalidInput, LifecycleError, TaskFailed
-from lifecycle.graph import Op
-from lifecycle.operations.evacuate import DATA_LOSS, check_evacuable
+from lifecycle.graph import DATA_LOSS, Op
+from lifecycle.operations.evacuate import check_evacuable
 from lifecycle.placement import evacuated_copies
 from lifecycle.records import Cause, Host
 from lifecycle.states import MigrationStatus, VmState

@@ -2,8 +2,14 @@
 
 ``OPERATIONS`` is the single source of truth for guards: which vm_states and
 task_states each operation is allowed from, the task_states it walks through,
-where it ends and what a failure does. The engine, the CLI's ``graph``
-command, the README diagram and the tests all read it.
+where it ends and what a failure does, and the data the runner, recovery and
+preemption read instead of naming operations (its preemption class, whether
+it needs a host, keeps its room, reverts a move, whether the lock applies).
+The engine, the CLI's ``graph`` command, the README diagram and the tests
+all read it. A row is half of an operation's one record; the other half is
+its definition in :mod:`lifecycle.operations` (:mod:`lifecycle.registry`).
+:class:`Op` names the rows; an operation defined elsewhere (a test's) adds
+its row with :func:`register`, checked as the table is.
 
 Two model-less ``transitions`` machines are built from the table, one per state
 dimension that operations drive (vm_state and task_state). They are fired on
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANY_TASK",
     "ANY_VM",
+    "DATA_LOSS",
     "IDLE",
     "MOVE_TASK_STATES",
     "OPERATIONS",
@@ -221,6 +228,8 @@ class Operation(NamedTuple):
 
 _MOVE_FROM = frozenset({V.ACTIVE, V.STOPPED})
 _RESIZE_WALK = (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)
+DATA_LOSS = "rebuilt from its image on the new host: data on the dead host's disk is lost"
+"""What every evacuation means for the guest's disk: the one sentence the engine, the CLI and the docs say."""
 _DELETE_NOTE = (
     "Nova ignores a second delete while one is running (pain point 3: a lost RPC left it "
     "stuck); here a delete takes over any task, a running delete included."
@@ -311,7 +320,9 @@ OPERATIONS: tuple[Operation, ...] = (
         holds_room=False,
         note="Nova's evacuate skips the task check; here it needs an idle instance (a task stuck on the dead "
         "host ends by itself once its connection fails, or by reset-state), so only delete and force_delete "
-        "ever take it over. Its host must be down and fenced (lifecycle.evacuation), not only down.",
+        "ever take it over. Its host must be down and fenced (lifecycle.evacuation), not only down, and it is "
+        + DATA_LOSS
+        + ".",
     ),
     Operation(
         "delete",

@@ -24,7 +24,7 @@ from dataclasses import replace
 from drivers.base import volume_name
 from lifecycle import graph
 from lifecycle.errors import HostNotEvacuable, InvalidInput, Preempted
-from lifecycle.graph import Op
+from lifecycle.graph import DATA_LOSS, Op
 from lifecycle.placement import host_is_up, scheduler_for
 from lifecycle.records import Host, Migration
 from lifecycle.registry import Call, Definition, register, target_host
@@ -33,13 +33,10 @@ from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
 from lifecycle.tasks import TaskRun
 
-__all__ = ["DATA_LOSS", "EVACUATE", "check_evacuable", "guard"]
+__all__ = ["EVACUATE", "check_evacuable", "guard"]
 
 T = TaskState
 MS = MigrationStatus
-
-DATA_LOSS = "rebuilt from its image on the new host: data on the dead host's disk is lost"
-"""What every evacuation means for the guest's disk: the one sentence the engine, the CLI and the docs say."""
 
 
 def check_evacuable(host: Host, down_after: float, uuid: str | None = None) -> None:
