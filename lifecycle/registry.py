@@ -23,7 +23,8 @@ from typing import Any
 
 from lifecycle import graph, validation
 from lifecycle.config import Settings
-from lifecycle.records import Cause, Image, Instance
+from lifecycle.errors import InvalidInput
+from lifecycle.records import Cause, Flavor, Image, Instance
 from lifecycle.states import TaskState
 from lifecycle.store import Store
 from lifecycle.tasks import Hook, Steps
@@ -35,6 +36,7 @@ __all__ = [
     "Schema",
     "definitions",
     "find",
+    "flavor_param",
     "register",
     "registered",
     "target_host",
@@ -65,6 +67,16 @@ Schema = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 def _any_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params)
+
+
+def flavor_param(value: object, operation: str) -> dict[str, Any]:
+    """Check an operation's ``flavor`` argument and return it as :meth:`Flavor.as_dict` encodes it (extra specs too)."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{operation} needs a flavor, as Flavor.as_dict() gives it")
+    try:
+        return Flavor.from_dict(value).as_dict()
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise InvalidInput(f"{operation}'s flavor must be Flavor.as_dict() data, got {value!r}") from exc
 
 
 def target_host(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -206,12 +206,8 @@ class Runner:
         existing = self.store.task_by_key(key)
         if existing is None:
             return None
-        same = (existing.operation, existing.instance_uuid, _canonical(existing.params)) == (
-            operation,
-            uuid,
-            _canonical(params),
-        )
-        if not same:
+        asked = (operation, uuid, _canonical(params))
+        if (existing.operation, existing.instance_uuid, _canonical(existing.params)) != asked:
             raise IdempotencyMismatch(key, existing, operation, uuid)
         if existing.outcome is Outcome.FAILED:
             raise TaskFailed(existing, existing.error or "failed")

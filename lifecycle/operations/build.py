@@ -19,8 +19,7 @@ from lifecycle import graph, validation
 from lifecycle.errors import DriverError, InvalidInput, NoValidHost, Preempted
 from lifecycle.graph import Op
 from lifecycle.placement import scheduler_for
-from lifecycle.records import Flavor
-from lifecycle.registry import Call, Definition, register
+from lifecycle.registry import Call, Definition, flavor_param, register
 from lifecycle.states import TaskState
 from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
@@ -119,9 +118,7 @@ def params(given: Mapping[str, Any]) -> dict[str, Any]:
     """Check a create's arguments: ``name``, ``flavor`` and ``image`` required, ``host`` and ``availability_zone``."""
     checked = dict(given)
     validation.name("instance", checked.get("name"))
-    if not isinstance(checked.get("flavor"), Mapping):
-        raise InvalidInput("a create needs a flavor")
-    checked["flavor"] = Flavor.from_dict(checked["flavor"]).as_dict()
+    checked["flavor"] = flavor_param(checked.get("flavor"), "a create")
     validation.name("image", checked.get("image"))
     for key, kind in (("host", "host"), ("availability_zone", "availability zone")):
         if checked.get(key) is not None:

@@ -38,7 +38,7 @@ from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, Inva
 from lifecycle.graph import Op
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
-from lifecycle.registry import Call, Definition, register, target_host
+from lifecycle.registry import Call, Definition, flavor_param, register, target_host
 from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
@@ -167,14 +167,7 @@ def prepare(run: TaskRun) -> None:
 
 def resize_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Check a resize's ``flavor`` (required); return it as :meth:`Flavor.as_dict` encodes it (extra specs too)."""
-    checked = dict(params)
-    if not isinstance(checked.get("flavor"), Mapping):
-        raise InvalidInput("a resize needs a flavor")
-    try:
-        checked["flavor"] = Flavor.from_dict(checked["flavor"]).as_dict()
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise InvalidInput(f"a resize's flavor must be Flavor.as_dict() data, got {checked['flavor']!r}") from exc
-    return checked
+    return {**params, "flavor": flavor_param(params.get("flavor"), "a resize")}
 
 
 def resize_guard(call: Call) -> None:
