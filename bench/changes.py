@@ -52,12 +52,12 @@ import structlog
 from lifecycle import Engine, Flavor, Settings, upgrade
 from lifecycle.audit import AuditQuery, Change, Why, audit_query
 from lifecycle.records import Cause
+from lifecycle.store import tables
 from lifecycle.store._cas import audit
 from lifecycle.store.db import connect
 from lifecycle.store.feed import audit_select
-from lifecycle.store.tables import AuditRow, HostRow, ImageRow, InstanceRow
 
-AUDIT: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
+AUDIT = tables.AUDITS
 FLAVOR = Flavor(vcpus=1, memory_mb=64, root_gb=1, name="tiny")
 
 
@@ -307,14 +307,14 @@ def build_log(url: str, count: int, end: datetime) -> None:
     past = end - timedelta(days=DAYS + 1)
     with db.begin() as conn:
         conn.execute(
-            sa.insert(HostRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(tables.HOSTS),
             [
                 {"name": f"h{h}", "driver_uri": "fake://", "instances_path": "/x", "enabled": True, "created_at": past}
                 for h in range(HOSTS)
             ],
         )
         conn.execute(
-            sa.insert(ImageRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(tables.IMAGES),
             {"name": "cirros", "path": "/i", "disk_format": "qcow2", "min_disk_gb": 0, "created_at": past},
         )
         instance = {
@@ -330,7 +330,7 @@ def build_log(url: str, count: int, end: datetime) -> None:
             "updated_at": past,
         }
         conn.execute(
-            sa.insert(InstanceRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(tables.INSTANCES),
             [
                 {**instance, "uuid": str(uuidlib.UUID(int=i + 1)), "name": f"vm{i}", "host": f"h{i % HOSTS}"}
                 for i in range(INSTANCES)

@@ -45,11 +45,8 @@ from lifecycle.placement import host_states, scheduler_for
 from lifecycle.records import Image
 from lifecycle.store import Store
 from lifecycle.store.db import connect
-from lifecycle.store.tables import HostRow, ImageRow, InstanceRow
+from lifecycle.store.tables import HOSTS, IMAGES, INSTANCES
 
-HOSTS: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
-INSTANCES: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
-IMAGES: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
 TARGET = 0.2
 FLAVOR = Flavor(vcpus=4, memory_mb=8192, root_gb=40, extra_specs=(("capabilities:ssd", "true"),))
 

@@ -95,12 +95,12 @@ import structlog
 
 from lifecycle import Engine, Flavor, NoValidHost, Settings, TaskFailed, upgrade
 from lifecycle.scheduler import SchedulerSettings
-from lifecycle.store.tables import AuditRow, HostRow, ImageRow, InstanceRow
+from lifecycle.store.tables import AUDITS, HOSTS, IMAGES, INSTANCES
 
-I: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
-A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
-H: sa.Table = HostRow.__table__  # type: ignore[attr-defined]
-IMG: sa.Table = ImageRow.__table__  # type: ignore[attr-defined]
+I = INSTANCES
+A = AUDITS
+H = HOSTS
+IMG = IMAGES
 
 FLAVORS = (
     (Flavor(vcpus=1, memory_mb=1024, root_gb=10, name="small"), 0.6),

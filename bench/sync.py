@@ -56,12 +56,11 @@ from lifecycle.audit import Why
 from lifecycle.errors import DomainNotFound
 from lifecycle.records import Cause
 from lifecycle.store.db import connect
-from lifecycle.store.tables import AuditRow, HostRow, ImageRow, InstanceRow
+from lifecycle.store.tables import AUDITS, HOSTS, IMAGES, INSTANCES
 from lifecycle.sweep import apply_decision, sweep_host
 from lifecycle.sync import Action, Observation, Policy, Recorded, decide
 
-TABLE: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
-AUDITS: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
+TABLE = INSTANCES
 FLOOR_TARGET = 3.0
 
 
@@ -73,11 +72,11 @@ def build_template(path: Path, count: int) -> list[str]:
     db = connect(url)
     with db.begin() as conn:
         conn.execute(
-            sa.insert(HostRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(HOSTS),
             {"name": "h1", "driver_uri": "fake://", "instances_path": "/x", "enabled": True, "created_at": past},
         )
         conn.execute(
-            sa.insert(ImageRow.__table__),  # type: ignore[attr-defined]
+            sa.insert(IMAGES),
             {"name": "cirros", "path": "/i", "disk_format": "qcow2", "min_disk_gb": 0, "created_at": past},
         )
         rows = [

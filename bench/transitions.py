@@ -36,12 +36,12 @@ import structlog
 from drivers.fake import FakeDriver
 from lifecycle import Engine, Flavor, Settings, upgrade
 from lifecycle.store.db import connect
-from lifecycle.store.tables import AuditRow, InstanceRow, TaskRow, TaskStepRow
+from lifecycle.store.tables import AUDITS, INSTANCES, STEPS, TASKS
 
-I: sa.Table = InstanceRow.__table__  # type: ignore[attr-defined]
-T: sa.Table = TaskRow.__table__  # type: ignore[attr-defined]
-S: sa.Table = TaskStepRow.__table__  # type: ignore[attr-defined]
-A: sa.Table = AuditRow.__table__  # type: ignore[attr-defined]
+I = INSTANCES
+T = TASKS
+S = STEPS
+A = AUDITS
 
 
 def engine_side(url: str, cycles: int) -> float:

@@ -6,8 +6,8 @@ stored values (strings, and Nova's integer for power_state).
 The tables were declared as sqlmodel classes; they are plain :class:`sa.Table`
 objects now, with the same columns, types, defaults and indexes (the alembic
 drift test compares them with the migrations), because building ten pydantic
-models on import cost every command a tenth of a second. Each ``XRow`` name
-still holds its table as ``XRow.__table__`` for the code that spells it so.
+models on import cost every command a tenth of a second. Embedders who want
+SQLModel classes import :mod:`lifecycle.models`, mapped onto these tables.
 """
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ __all__ = [
     "MIGRATIONS",
     "STEPS",
     "TASKS",
-    "AuditRow",
-    "ClaimRow",
-    "ConsoleTokenRow",
-    "FeedConsumerRow",
-    "HostRow",
-    "ImageRow",
-    "InstanceRow",
-    "MigrationRow",
-    "TaskRow",
-    "TaskStepRow",
     "metadata",
 ]
 
@@ -327,20 +317,3 @@ FEED_CONSUMERS = sa.Table(
     # consumers, and for senders registered before revision 0015 until they run again.
     sa.Column("url", _text(1024), nullable=True),
 )
-
-
-def _row(name: str, table: sa.Table) -> type:
-    """Return a stand-in for the sqlmodel class the table was: it holds the table as ``__table__``."""
-    return type(name, (), {"__table__": table, "__doc__": f"The {table.name} table, as ``{name}.__table__``."})
-
-
-HostRow = _row("HostRow", HOSTS)
-ClaimRow = _row("ClaimRow", CLAIMS)
-ImageRow = _row("ImageRow", IMAGES)
-InstanceRow = _row("InstanceRow", INSTANCES)
-TaskRow = _row("TaskRow", TASKS)
-TaskStepRow = _row("TaskStepRow", STEPS)
-AuditRow = _row("AuditRow", AUDITS)
-ConsoleTokenRow = _row("ConsoleTokenRow", CONSOLE_TOKENS)
-MigrationRow = _row("MigrationRow", MIGRATIONS)
-FeedConsumerRow = _row("FeedConsumerRow", FEED_CONSUMERS)
