@@ -36,7 +36,15 @@ from lifecycle.store._cas import (
     open_step,
 )
 from lifecycle.store._cas import preempt as mark_preempted
-from lifecycle.store._rows import INSTANCES, MIGRATIONS, TASKS, instance_values, migration_values, task_values
+from lifecycle.store._rows import (
+    INSTANCES,
+    MIGRATIONS,
+    TASKS,
+    instance_from,
+    instance_values,
+    migration_values,
+    task_values,
+)
 from lifecycle.store.claims import Hold, hold, release_all
 from lifecycle.store.db import now
 
@@ -44,6 +52,8 @@ __all__ = ["Writes"]
 
 _I, _T = INSTANCES, TASKS
 _INSERT_TASK = sa.insert(_T)
+_LOCK_INSTANCE = sa.select(_I).where(_I.c.uuid == sa.bindparam("x_uuid")).with_for_update()
+"""The instance's row, locked until the transaction ends (PostgreSQL; SQLite's writes are serialized anyway)."""
 
 
 class Writes(StoreBase):
@@ -200,9 +210,16 @@ class Writes(StoreBase):
         return after
 
     def note(self, instance: Instance, why: Why) -> None:
-        """Write an audit row that changes no state (something done on the hypervisor for this instance)."""
+        """Write an audit row that changes no state (something done on the hypervisor for this instance).
+
+        The row chains from the instance as it is when the note is written (read and locked in the same
+        transaction), not as the caller last read it: a worker taken over meanwhile may still note what its
+        late call destroyed, and its note must not claim the states from before the takeover.
+        """
         with self.engine.begin() as conn:  # stamped now, when the thing it records was done
-            audit(conn, instance, replace(instance, updated_at=now()), why, always=True)
+            row = conn.execute(_LOCK_INSTANCE, {"x_uuid": instance.uuid}).mappings().first()
+            current = instance if row is None else instance_from(row)
+            audit(conn, current, replace(current, updated_at=now()), why, always=True)
 
     @retry_on_deadlock
     def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
