@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from lifecycle.console_proxy import PAGE_DIR
-from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, require
+from tests.conftest import QEMU_URI, RemoteHost, holds_for, qemu_ready, require, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -54,6 +54,16 @@ _COLOURS_JS = """() => {
   for (let i = 0; i < data.length && seen.size < 8; i += 4) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
   return seen.size;
 }"""
+
+
+_LIT_JS = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  let lit = 0;
+  for (let i = 0; i < data.length; i += 4) if (data[i] !== data[0] || data[i + 1] !== data[1] || data[i + 2] !== data[2]) lit++;
+  return lit;
+}"""
+"""How many pixels of the canvas differ from its top left corner's (the screen's background)."""
 
 
 def chromium_ready() -> None:
@@ -106,15 +116,16 @@ class Setup:
                 stderr=log,
                 text=True,
             )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proxy.poll() is None, self.log()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/vnc_lite.html", timeout=5).close()
-                return
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "the console proxy did not start"
-                time.sleep(0.1)
+        wait_until("the console proxy to serve its page", self._serving, 60, interval=0.1)
+
+    def _serving(self) -> bool:
+        """Whether the proxy answers for its page (it must still run)."""
+        assert self.proxy is not None and self.proxy.poll() is None, self.log()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/vnc_lite.html", timeout=5).close()
+        except (urllib.error.URLError, ConnectionError):
+            return False
+        return True
 
     def stop_proxy(self) -> str:
         """Stop the proxy by its pid (SIGTERM) and return its log; it must exit 0."""
@@ -213,11 +224,15 @@ def _see_the_screen(browser: Any, url: str, name: str, tmp_path: Path) -> Any:
     page.wait_for_selector("#status[data-state=connected]", timeout=60_000)
     # Polled from here: wait_for_function compiles its predicate inside the page, which the page's CSP
     # (no 'unsafe-eval') refuses; evaluate runs through the DevTools protocol, which the CSP does not cover.
-    deadline = time.monotonic() + 60
-    while page.evaluate(_COLOURS_JS) <= 1:
-        assert time.monotonic() < deadline, "the guest's screen was not drawn within 60 s"
-        page.wait_for_timeout(250)
-    page.wait_for_timeout(1500)  # let the firmware finish its lines, for a screenshot worth keeping
+    wait_until("the guest's screen drawn", lambda: page.evaluate(_COLOURS_JS) > 1, 60, interval=0.25)
+    lit = [0]
+
+    def settled() -> bool:
+        """Whether no new line of text appeared since the last look (a blinking cursor is a few pixels)."""
+        before, lit[0] = lit[0], page.evaluate(_LIT_JS)
+        return lit[0] - before < 32
+
+    wait_until("the firmware's lines written out (a screenshot worth keeping)", settled, 30, interval=0.5)
     canvas = page.locator("#screen canvas")
     shot = canvas.screenshot()
     kept = {name: shot, name.replace(".png", "-page.png"): page.screenshot()}  # the canvas, and the whole page
@@ -320,6 +335,17 @@ def test_the_proxy_survives_handshakes_to_a_stalled_host_and_its_resume(
     setup.env["PYTHONFAULTHANDLER"] = "1"
     setup.start_proxy()
     origin = {"Origin": f"http://127.0.0.1:{setup.port}"}
+
+    def a_answers() -> bool:
+        code, took = _handshake(setup, near)
+        assert (code, took < 1.0) == (101, True), (code, took)
+        session.ping().wait(1.0)  # the open session to a's guest stays open
+        return True
+
+    def b_answers() -> bool:
+        assert setup.proxy is not None and setup.proxy.poll() is None, setup.log()
+        return _handshake(setup, far)[0] == 101
+
     with connect(f"ws://127.0.0.1:{setup.port}/websockify?token={near}", additional_headers=origin) as session:
         session.recv(timeout=10)
         for _ in range(3):
@@ -328,20 +354,11 @@ def test_the_proxy_survives_handshakes_to_a_stalled_host_and_its_resume(
                 stuck = [threading.Thread(target=_into, args=(codes, setup, far)) for _ in range(8)]
                 for thread in stuck:
                     thread.start()
-                ends = time.monotonic() + 30
-                while time.monotonic() < ends:
-                    code, took = _handshake(setup, near)
-                    assert (code, took < 1.0) == (101, True), (code, took)
-                    session.ping().wait(1.0)  # the open session to a's guest stays open
-                    time.sleep(1.0)
+                holds_for("a's console answering within 1 s, its open session open", a_answers, 30, interval=1.0)
                 for thread in stuck:
                     thread.join(30)
                 assert codes == [503] * 8, codes
-            deadline = time.monotonic() + 90
-            while _handshake(setup, far)[0] != 101:  # b answers again: its guest's console is reachable
-                assert time.monotonic() < deadline, "b's console never came back"
-                assert setup.proxy is not None and setup.proxy.poll() is None
-                time.sleep(1.0)
+            wait_until("b's console back (b answers again)", b_answers, 90, interval=1.0)
     assert setup.proxy is not None and setup.proxy.poll() is None
     setup.stop_proxy()
     for uuid in (here, there):

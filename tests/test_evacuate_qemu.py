@@ -15,15 +15,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 
-from tests.conftest import QEMU_URI, qemu_ready, require
-from tests.test_fleet_qemu import CONFIG, EXECUTABLE, RUNNING, HostView, wait_for
+from tests.conftest import QEMU_URI, qemu_ready, require, wait_until
+from tests.test_fleet_qemu import CONFIG, EXECUTABLE, RUNNING, HostView
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -75,9 +74,10 @@ def _restart_libvirtd(folder: Path) -> None:
         ],
         check=True,
     )
-    wait_for(
-        lambda: subprocess.run(["virsh", "-q", "-c", URI, "version"], capture_output=True, check=False).returncode == 0,
+    wait_until(
         "the restarted libvirtd answers",
+        lambda: subprocess.run(["virsh", "-q", "-c", URI, "version"], capture_output=True, check=False).returncode == 0,
+        30,
     )
 
 
@@ -184,8 +184,8 @@ def test_evacuate_a_killed_host_and_destroy_its_copies_when_it_returns(
     assert all(c.state(u) == RUNNING for u in uuids), "the restarted libvirtd found its old guests running"
     daemon = cli.daemon("c", tmp_path / "daemon-c.log")
     try:
-        wait_for(lambda: all(_no_domain(c, u) for u in uuids), "the old copies destroyed", timeout=120)
-        wait_for(lambda: cli.ok("host", "show", "c")["last_heartbeat"] is not None, "c heartbeats again")
+        wait_until("the old copies destroyed", lambda: all(_no_domain(c, u) for u in uuids), 120)
+        wait_until("c heartbeats again", lambda: cli.ok("host", "show", "c")["last_heartbeat"] is not None, 30)
     finally:
         cli.stop(daemon)
     for uuid in uuids:
@@ -202,9 +202,14 @@ def test_evacuate_a_killed_host_and_destroy_its_copies_when_it_returns(
 def _kill_and_evacuate(cli: Cli, third_host: Path, a: HostView, uuids: list[str]) -> None:
     """SIGKILL c's libvirtd, wait until c is down, refuse while unfenced, fence, evacuate every instance to a."""
     os.kill(_pid(third_host / "libvirtd.pid"), signal.SIGKILL)  # its QEMU guests keep running
-    wait_for(lambda: all(_qemu_copies(u) == 1 for u in uuids), "the guests run on after libvirtd died")
-    time.sleep(2.5)  # c's last heartbeat was at set-up: down after host_down_after (2 s)
-    refused = cli.run("host", "evacuate", "c", host_down_after=2)
+    wait_until("the guests run on after libvirtd died", lambda: all(_qemu_copies(u) == 1 for u in uuids), 30)
+
+    def down() -> subprocess.CompletedProcess[str] | None:
+        """The refusal once it no longer says c is up (its last heartbeat, at set-up, older than 2 s)."""
+        refused = cli.run("host", "evacuate", "c", host_down_after=2)
+        return None if "not down" in refused.stderr else refused
+
+    refused = wait_until("c down: evacuate refused for want of a fence alone", down, 30, interval=0.5)
     assert refused.returncode == 2 and "not fenced" in refused.stderr, refused.stderr
     assert json.loads(refused.stdout)["error"] == "HostNotEvacuable"
     cli.ok("host", "fence", "c", "--reason", "libvirtd killed by the test", "--actor", "ops")

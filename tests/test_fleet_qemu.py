@@ -29,21 +29,19 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import structlog
 
 from lifecycle.cli import main
-from tests.conftest import QEMU_URI, RemoteHost, qemu_ready
+from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
-
-T = TypeVar("T")
 
 EXECUTABLE = [str(Path(sys.executable).with_name("lifecycle"))]
 if not Path(EXECUTABLE[0]).exists():
@@ -54,18 +52,6 @@ BIG = "1G"
 """Data written into a disk whose copy a test interrupts (about 2-3 s of copy here)."""
 GATED = "import sys, libvirt, lifecycle.cli; sys.stdin.readline(); sys.exit(lifecycle.cli.main(sys.argv[1:]))"
 """A CLI process that loads everything, then waits for a line on stdin before it runs its command."""
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0, every: float = 0.05) -> T:
-    """Poll ``check`` until it returns something true, and return that; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(every)
 
 
 # -- what a libvirt host holds ---------------------------------------------------------------
@@ -474,10 +460,11 @@ def test_the_daemon_confirms_a_finished_move_once_the_window_has_passed(fleet: F
     assert fleet.a.volumes() == {uuid}
     (move,) = fleet.ok("migration", "list")
     finished = stamp(move["finished_at"])
-    wait_for(lambda: datetime.now(UTC) > finished + timedelta(seconds=3), "the window to pass", timeout=10, every=0.2)
+    # The daemon applies the window at its start, then once a minute: it starts once the window has passed.
+    wait_until("the window to pass", lambda: datetime.now(UTC) > finished + timedelta(seconds=3), interval=0.2)
     daemon = fleet.start("daemon", "--claim-interval", "0.5", settings=window, log=tmp_path / "daemon.log")
     try:
-        wait_for(lambda: fleet.show(uuid)["status"] == "ACTIVE", "the window's confirm", every=0.2)
+        wait_until("the window's confirm", lambda: fleet.show(uuid)["status"] == "ACTIVE", 30, interval=0.2)
     finally:
         stop_daemon(daemon)
     assert daemon.returncode == 0
@@ -496,7 +483,7 @@ def test_force_delete_in_the_middle_of_the_copy_leaves_nothing_anywhere(fleet: F
     uuid = fleet.big_stopped("doomed")
     deleter = fleet.start("force-delete", uuid, "--json", gate=True)  # loaded now, run on the gate
     mover = fleet.start("migrate", uuid, "--host", "b", "--json")
-    step = wait_for(lambda: fleet.copy_step(uuid), "the copy to start", timeout=60, every=0.02)
+    step = wait_until("the copy to start", lambda: fleet.copy_step(uuid), 60, interval=0.02)
     assert step["bytes_done"] < step["bytes_total"]
     assert deleter.stdin is not None
     deleter.stdin.write("go\n")
@@ -523,7 +510,7 @@ def test_a_copy_cut_by_sigkill_is_finished_by_recover(fleet: Fleet) -> None:
     uuid = fleet.big_stopped("survivor")
     before = a.digest(uuid)
     mover = fleet.start("migrate", uuid, "--host", "b", "--json")
-    step = wait_for(lambda: fleet.copy_step(uuid), "the copy to start", timeout=60, every=0.02)
+    step = wait_until("the copy to start", lambda: fleet.copy_step(uuid), 60, interval=0.02)
     mover.kill()
     mover.communicate(timeout=30)
     assert step["bytes_done"] < step["bytes_total"]
@@ -550,7 +537,7 @@ def test_a_copy_to_a_frozen_host_rolls_back_onto_the_source(fleet: Fleet) -> Non
     a, b = fleet.a, fleet.b
     uuid = fleet.big_stopped("stranded")
     mover = fleet.start("migrate", uuid, "--host", "b", "--json")
-    wait_for(lambda: fleet.copy_step(uuid), "the copy to start", timeout=60, every=0.02)
+    wait_until("the copy to start", lambda: fleet.copy_step(uuid), 60, interval=0.02)
     with frozen(fleet.remote):
         frozen_at = time.monotonic()
         out, _ = mover.communicate(timeout=90)
@@ -584,9 +571,10 @@ def test_a_frozen_host_goes_down_for_the_scheduler_alone_and_comes_back(fleet: F
     created = []
     try:
         start = datetime.now(UTC)
-        wait_for(
-            lambda: all(h["last_heartbeat"] and stamp(h["last_heartbeat"]) > start for h in fleet.hosts().values()),
+        wait_until(
             "both hosts to heartbeat",
+            lambda: all(h["last_heartbeat"] and stamp(h["last_heartbeat"]) > start for h in fleet.hosts().values()),
+            30,
         )
         created.append(fleet.create("preferred", None, **fast))
         assert fleet.show(created[0])["host"] == "b"  # up, b has more free RAM: the scheduler picks it
@@ -600,18 +588,20 @@ def test_a_frozen_host_goes_down_for_the_scheduler_alone_and_comes_back(fleet: F
 
         with frozen(fleet.remote):
             frozen_at = datetime.now(UTC)
-            down = wait_for(silent, "b to miss its heartbeats", every=0.2)
+            down = wait_until("b to miss its heartbeats", silent, 30, interval=0.2)
             assert stamp(down["last_heartbeat"]) < frozen_at + timedelta(seconds=2)
             beat, count = fleet.hosts()["a"]["last_heartbeat"], passes("a")
-            wait_for(lambda: stamp(fleet.hosts()["a"]["last_heartbeat"]) > stamp(beat), "a to heartbeat meanwhile")
-            wait_for(lambda: passes("a") >= count + 2, "a's sync passes while b is silent", every=0.2)
+            wait_until(
+                "a to heartbeat meanwhile", lambda: stamp(fleet.hosts()["a"]["last_heartbeat"]) > stamp(beat), 30
+            )
+            wait_until("a's sync passes while b is silent", lambda: passes("a") >= count + 2, 30, interval=0.2)
             created.append(fleet.create("placed", None, **fast))
             assert fleet.show(created[1])["host"] == "a"
             scheduling = [h["message"] for h in fleet.ok("history", created[1]) if "scheduled" in (h["message"] or "")]
             assert scheduling == ["scheduled to a (attempt 1 of 3)"]  # b was not even tried
             assert fleet.hosts()["b"]["last_heartbeat"] == down["last_heartbeat"]
             thawed_at = datetime.now(UTC)
-        wait_for(lambda: stamp(fleet.hosts()["b"]["last_heartbeat"]) > thawed_at, "b to heartbeat again", timeout=60)
+        wait_until("b to heartbeat again", lambda: stamp(fleet.hosts()["b"]["last_heartbeat"]) > thawed_at, 60)
         assert daemon.poll() is None
     finally:
         stop_daemon(daemon)
@@ -641,7 +631,7 @@ def test_delete_on_a_silent_host_that_is_down_ends_as_a_local_delete(fleet: Flee
     uuid = fleet.create("cut-off", "b")
     beat = stamp(fleet.hosts()["b"]["last_heartbeat"])  # the fixture's: no daemon renews it
     with frozen(fleet.remote):
-        wait_for(lambda: datetime.now(UTC) > beat + timedelta(seconds=4), "b to be down", every=0.2)
+        wait_until("b to be down", lambda: datetime.now(UTC) > beat + timedelta(seconds=4), interval=0.2)
         try:
             done: subprocess.CompletedProcess[str] | None = fleet.run(
                 "delete", uuid, "--json", settings=down, timeout=60

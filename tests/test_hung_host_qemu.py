@@ -11,13 +11,13 @@ crash leaves every thread's stack in its log.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tests.test_fleet_qemu import Fleet, fleet, frozen, log_events, stamp, stop_daemon, wait_for  # noqa: F401
+from tests.conftest import holds_for, wait_until
+from tests.test_fleet_qemu import Fleet, fleet, frozen, log_events, stamp, stop_daemon  # noqa: F401
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -59,22 +59,25 @@ def test_the_daemon_survives_a_host_stalled_and_resumed_five_times(
     ages: list[float] = []
     try:
         start = datetime.now(UTC)
-        wait_for(
-            lambda: all(h["last_heartbeat"] and stamp(h["last_heartbeat"]) > start for h in fleet.hosts().values()),
+        wait_until(
             "both hosts to heartbeat",
+            lambda: all(h["last_heartbeat"] and stamp(h["last_heartbeat"]) > start for h in fleet.hosts().values()),
+            30,
         )
+
+        def alive() -> bool:
+            ages.append(_age(fleet, "a"))
+            assert daemon.poll() is None, _tail(log)
+            return True
+
         for round_ in range(STALLS):
             with frozen(fleet.remote):
-                ends = time.monotonic() + STALL_SECONDS
-                while time.monotonic() < ends:
-                    ages.append(_age(fleet, "a"))
-                    assert daemon.poll() is None, _tail(log)
-                    time.sleep(0.5)
+                holds_for(f"the daemon alive through stall {round_ + 1}", alive, STALL_SECONDS, interval=0.5)
             thawed = datetime.now(UTC)
-            wait_for(
-                lambda thawed=thawed: stamp(fleet.hosts()["b"]["last_heartbeat"]) > thawed,  # type: ignore[misc]
+            wait_until(
                 f"b to heartbeat again after stall {round_ + 1}",
-                timeout=90,
+                lambda thawed=thawed: stamp(fleet.hosts()["b"]["last_heartbeat"]) > thawed,  # type: ignore[misc]
+                90,
             )
             assert daemon.poll() is None, _tail(log)
         assert max(ages) < BEAT_EVERY + MARGIN, max(ages)

@@ -14,16 +14,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import QEMU_URI, qemu_ready
+from tests.conftest import QEMU_URI, qemu_ready, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -69,18 +68,6 @@ def _stop(proc: subprocess.Popen[str]) -> str:
         proc.kill()
         _, err = proc.communicate(timeout=10)
     return err
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _libvirt_domains(uri: str) -> dict[str, int]:
@@ -144,7 +131,7 @@ def test_delete_is_a_soft_delete_restorable_then_reclaimed_by_the_daemon(cli: Cl
     cli("delete", uuid)
     daemon = cli.daemon("--host", "a")
     try:
-        wait_for(lambda: cli.json("show", uuid)["vm_state"] == "deleted", "the reclaim", timeout=60)
+        wait_until("the reclaim", lambda: cli.json("show", uuid)["vm_state"] == "deleted", 60, interval=0.2)
     finally:
         _stop(daemon)
     assert uuid not in _libvirt_domains(QEMU_URI)
@@ -173,7 +160,7 @@ def test_reset_state_frees_an_instance_whose_task_is_stuck(cli: Cli) -> None:
     proc = subprocess.Popen(
         [LIFECYCLE, "stop", uuid, "--timeout", "60"], env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_for(lambda: cli.json("show", uuid)["task_state"] == "powering-off", "the stop to start")
+    wait_until("the stop to start", lambda: cli.json("show", uuid)["task_state"] == "powering-off", 60, interval=0.2)
     proc.kill()  # the engine dies inside the clean-shutdown wait: the guest ignores ACPI, the task is stuck
     proc.wait(10)
     assert cli.json("show", uuid)["task_state"] == "powering-off"
@@ -212,7 +199,7 @@ def test_the_daemon_obeys_the_window_and_its_metrics_show_a_drifting_guest(cli: 
     port = _free_port()
     daemon = cli.daemon("--metrics-listen", f"127.0.0.1:{port}")
     try:
-        wait_for(lambda: cli.json("show", uuid)["status"] == "ACTIVE", "the confirm window", timeout=120)
+        wait_until("the confirm window", lambda: cli.json("show", uuid)["status"] == "ACTIVE", 120, interval=0.2)
         migration = cli.json("migration", "list")[0]
         assert migration["status"] == "confirmed"
         subprocess.run(
@@ -226,7 +213,7 @@ def test_the_daemon_obeys_the_window_and_its_metrics_show_a_drifting_guest(cli: 
             except OSError:
                 return False
 
-        wait_for(counted, "the drift in the metrics", timeout=60)
+        wait_until("the drift in the metrics", counted, 60, interval=0.2)
         samples = _metrics(port)
         assert samples[("lifecycle_resize_window_total", (("action", "confirm_resize"), ("outcome", "done")))] >= 1
         assert samples[("lifecycle_host_up", (("host", "a"),))] == 1

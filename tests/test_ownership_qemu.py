@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import threading
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -29,7 +28,7 @@ from drivers.storage import volume_digest
 from lifecycle import Engine, Flavor, Outcome, PowerState, Settings, VmState, upgrade
 from lifecycle.errors import DriverError, Fenced
 from lifecycle.states import MigrationStatus
-from tests.conftest import QEMU_URI, RemoteHost, qemu_ready
+from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, wait_until
 from tests.test_fleet_qemu import frozen
 from tests.test_preemption_qemu import Hold
 
@@ -252,13 +251,12 @@ def test_a_source_lost_mid_copy_leaves_the_move_open_until_it_answers(pair: Pair
     assert disk is not None and engine.get(uuid).host == "b"
     before = _digest(b, disk)
     task = engine.migrate(uuid, host="a", wait=False)
-    step = None
-    for _ in range(600):  # until the copy has started
-        step = next((s for s in engine.steps(task.id) if s.name == "resize_finish" and s.bytes_done), None)
-        if step is not None:
-            break
-        threading.Event().wait(0.02)
-    assert step is not None
+    wait_until(
+        "the copy to start",
+        lambda: any(s.name == "resize_finish" and s.bytes_done for s in engine.steps(task.id)),
+        12,
+        interval=0.02,
+    )
     with frozen(pair.remote):
         engine.wait_idle()  # keepalive ends the copy; the roll-back cannot reach b
     i = engine.get(uuid)

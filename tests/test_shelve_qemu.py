@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_fleet_qemu import RUNNING, SHUTOFF, Fleet, HostView, fleet, wait_for  # noqa: F401
+from tests.conftest import wait_until
+from tests.test_fleet_qemu import RUNNING, SHUTOFF, Fleet, HostView, fleet  # noqa: F401
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -120,7 +121,7 @@ def test_the_daemon_offloads_after_shelved_offload_time_and_unshelve_brings_it_b
 
     daemon = fleet.start("daemon", "--host", "a", "--interval", "3600", settings=keep)
     try:
-        wait_for(lambda: fleet.show(uuid)["vm_state"] == "shelved_offloaded", "the daemon offloads it", timeout=60)
+        wait_until("the daemon offloads it", lambda: fleet.show(uuid)["vm_state"] == "shelved_offloaded", 60)
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
