@@ -13,13 +13,13 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lifecycle import validation
 from lifecycle.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from datetime import datetime
     from typing import TypeAlias
 
     from lifecycle.feed import Position
@@ -142,6 +142,8 @@ def when(label: str) -> Callable[[str], datetime]:
     """Return an argparse type for a time: ISO 8601 (UTC unless it names a zone), or an age (90m, 12h, 7d)."""
 
     def convert(given: str) -> datetime:
+        from datetime import UTC, datetime, timedelta  # here: a command without a time option never loads it
+
         try:
             if age := _AGE.fullmatch(given):
                 return datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])

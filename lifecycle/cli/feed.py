@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -177,6 +176,8 @@ def _await_database(args: argparse.Namespace, consumer: str | None) -> None:
 
 def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
     """Make SIGTERM and SIGINT set ``stop``; return what puts the previous handlers back."""
+    import signal  # here: only the relays and followers wait for a signal
+
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore() -> None:
