@@ -165,6 +165,8 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             stop_task = engine.tasks(db)[1]
             say(f"  the stop task ended {stop_task.outcome.value} by {stop_task.preempted_by}; the row was left alone")
 
+            for host in ("compute-1", "compute-2"):  # real guests take a while: beat again, as a daemon would
+                engine.heartbeat(host)
             gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
             app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
             say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
