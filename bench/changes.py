@@ -2,7 +2,7 @@
 
 1. Feed throughput while writers run: a backlog of N committed changes, W
    writer processes running stop/start cycles all along; a follower
-   (``engine.follow`` as a named consumer, batches of B, its position stored
+   (``engine.feed.follow`` as a named consumer, batches of B, its position stored
    after each) delivers the backlog, then a plain select reads the same rows
    (``SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT B``, rows as
    tuples). Target: the feed at least 0.5x the select's changes per second.
@@ -101,10 +101,10 @@ class Databases:
 
 
 def _instances(engine: Engine, folder: Path, count: int) -> list[str]:
-    engine.add_host("h1", f"fake://{folder / f'h1-{uuidlib.uuid4().hex[:6]}.json'}")
+    engine.hosts.add("h1", f"fake://{folder / f'h1-{uuidlib.uuid4().hex[:6]}.json'}")
     image = folder / "cirros.qcow2"
     image.write_bytes(b"QFI\xfb")
-    engine.add_image("cirros", str(image))
+    engine.images.add("cirros", str(image))
     return [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros").instance_uuid for i in range(count)]
 
 
@@ -148,7 +148,7 @@ def _follow_rate(engine: Engine, name: str, backlog: int, batch: int) -> tuple[f
                 stop.set()
 
     started, cpu = time.perf_counter(), time.process_time()
-    engine.follow(name, handler, stop=stop, batch=batch)
+    engine.feed.follow(name, handler, stop=stop, batch=batch)
     return backlog / (time.perf_counter() - started), backlog / (time.process_time() - cpu)
 
 
@@ -424,7 +424,7 @@ def audit_queries(dbs: Databases, rows: int) -> None:
     with Engine(url) as engine:
         for label, filters in queries:
             t0 = time.perf_counter()
-            returned = len(engine.audit(**filters, limit=100_000))
+            returned = len(engine.feed.audit(**filters, limit=100_000))
             ms = (time.perf_counter() - t0) * 1000
             q = audit_query(**filters, limit=100_000)
             with engine.store.engine.connect() as conn:

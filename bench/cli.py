@@ -108,8 +108,8 @@ def _populate(url: str, scratch: Path, count: int) -> str:
     image = scratch / "base.img"
     image.write_bytes(b"\0" * 512)
     with Engine(url) as engine:
-        engine.add_host("h1", f"fake://{scratch / 'h1.json'}")
-        engine.add_image("base", str(image))
+        engine.hosts.add("h1", f"fake://{scratch / 'h1.json'}")
+        engine.images.add("base", str(image))
         uuid = ""
         for i in range(count):
             uuid = engine.create(f"vm{i}", host="h1", flavor=Flavor(1, 64, 1), image="base").instance_uuid

@@ -162,8 +162,8 @@ def _round(args: argparse.Namespace) -> Round:
         settings = Settings(libvirt_domain_type="qemu", shutdown_timeout=0)
         with Engine(url, settings=settings) as engine:
             remote_path = f"{args.remote_instances}/bench-{uuidlib.uuid4().hex[:8]}"
-            engine.add_host("local", args.local_uri, str(work / "instances"), vcpus=4, memory_mb=4096, disk_gb=50)
-            engine.add_host(
+            engine.hosts.add("local", args.local_uri, str(work / "instances"), vcpus=4, memory_mb=4096, disk_gb=50)
+            engine.hosts.add(
                 "remote",
                 args.remote_uri,
                 remote_path,
@@ -173,8 +173,8 @@ def _round(args: argparse.Namespace) -> Round:
                 console_address=urlsplit(args.remote_uri).hostname,  # its guests' VNC servers listen there
             )
             for host in ("local", "remote"):
-                engine.heartbeat(host)
-            engine.add_image("base", str(base))
+                engine.hosts.heartbeat(host)
+            engine.images.add("base", str(base))
             uuid = engine.create("bench", host="local", flavor=Flavor(1, 64, 4), image="base").instance_uuid
             try:
                 engine.stop(uuid)
@@ -217,7 +217,7 @@ def _clean_up(engine: Engine, uuid: str, remote_uri: str, remote_path: str) -> N
 
 def _drop_pools(engine: Engine, host: str) -> None:
     """Remove the pools this round's host made (their volumes first), so rounds leave nothing behind."""
-    driver = engine.driver(host)
+    driver = engine.hosts.driver(host)
     assert isinstance(driver, LibvirtDriver)
     driver.drop_storage()
 

@@ -481,9 +481,9 @@ def prepare(url: str, hosts: int, memory_mb: int) -> str:
     image_file.touch()  # the fake hosts never read it; the engine wants a real file
     with Engine(url) as engine:
         for i in range(hosts):
-            engine.add_host(f"storm-h{i:03d}", "fake://", vcpus=16, memory_mb=memory_mb, disk_gb=10_000)
-            engine.heartbeat(f"storm-h{i:03d}")
-        engine.add_image("cirros", str(image_file))
+            engine.hosts.add(f"storm-h{i:03d}", "fake://", vcpus=16, memory_mb=memory_mb, disk_gb=10_000)
+            engine.hosts.heartbeat(f"storm-h{i:03d}")
+        engine.images.add("cirros", str(image_file))
     return "cirros"
 
 

@@ -132,11 +132,11 @@ def open_engine(template: Path, workdir: Path, fake: FakeDriver) -> Engine:
 
 
 def run_sweep(engine: Engine) -> None:
-    sweep_host(engine, "h1", Policy(), chunk=1000)
+    sweep_host(engine.services, "h1", Policy(), chunk=1000)
 
 
 def run_nova_loop(engine: Engine) -> None:
-    driver = engine.driver("h1")
+    driver = engine.hosts.driver("h1")
     why = Why(actor="sync", cause=Cause.SYNC, operation="sync")
     listed = [i.uuid for i in engine.store.list_instances("h1")]
     for uuid in listed:
@@ -150,13 +150,13 @@ def run_nova_loop(engine: Engine) -> None:
         if decision.action in (Action.UPDATE_POWER, Action.RECORD):
             engine.store.set_power_many([(instance, decision.power, why)])  # type: ignore[list-item]
         elif decision.action in (Action.RUN, Action.MARK_ERROR):
-            apply_decision(engine, instance, decision, Cause.SYNC, "sync")
+            apply_decision(engine.services, instance, decision, Cause.SYNC, "sync")
 
 
 def run_floor(engine: Engine) -> None:
     """One listing, one select of the decision's columns, one batched write of the drifted rows (raw Core)."""
     observed_at = datetime.now(UTC)
-    owned = engine.driver("h1").list_instances().owned
+    owned = engine.hosts.driver("h1").list_instances().owned
     db, t = engine.store.engine, TABLE
     query = sa.select(t.c.uuid, t.c.version, t.c.task_state, t.c.power_state, t.c.updated_at > observed_at).where(
         t.c.host == "h1", t.c.vm_state != "deleted"

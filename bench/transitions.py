@@ -47,10 +47,10 @@ A = AUDITS
 def engine_side(url: str, cycles: int) -> float:
     fake = FakeDriver("h1")
     with Engine(url, driver_factory=lambda _h: fake, settings=Settings(shutdown_timeout=0)) as engine:
-        engine.add_host("h1", "fake://")
+        engine.hosts.add("h1", "fake://")
         image = Path(tempfile.gettempdir()) / "lifecycle-bench-cirros.qcow2"
         image.touch()  # the fake host never reads it; the engine wants a real file
-        engine.add_image("cirros", str(image))
+        engine.images.add("cirros", str(image))
         uuid = engine.create("bench", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
         started = time.perf_counter()
         for _ in range(cycles):

@@ -197,7 +197,7 @@ class Consumer:
 
 @dataclass(frozen=True, slots=True)
 class AuditQuery:
-    """Which audit rows ``Engine.audit`` returns: those every given filter admits, oldest first.
+    """Which audit rows ``Engine.feed.audit`` returns: those every given filter admits, oldest first.
 
     Values are checked by the engine before a query is made of them.
     """

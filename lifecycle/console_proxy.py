@@ -338,7 +338,7 @@ def serve(db_url: str, settings: Settings, listen: tuple[str, int] | None = None
     try:
         proxy = ConsoleProxy(
             functools.partial(console.lookup, engine.store),
-            functools.partial(console.serving, driver_for=engine.driver),
+            functools.partial(console.serving, driver_for=engine.hosts.driver),
             settings,
         )
         asyncio.run(_run(proxy, address))

@@ -22,7 +22,7 @@ of that, and again each time the hypervisor answers after it stopped, the
 worker destroys the host's copies of instances evacuated away from it
 (:func:`lifecycle.evacuation.destroy_evacuated`): no heartbeat, sync pass or
 event handling for the host until they are gone. Each heartbeat goes through
-:meth:`Engine.heartbeat`, which destroys any copy still pending with the same
+:meth:`Engine.hosts.heartbeat`, which destroys any copy still pending with the same
 function and refuses to record the host up while one remains. Timers sleep
 by waiting on events, so SIGTERM and SIGINT stop the daemon at once: a pass
 stops between chunks, never inside a write; a thread stuck inside a
@@ -34,7 +34,6 @@ engine, the Prometheus endpoint, the signal handlers.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
@@ -46,7 +45,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lifecycle import duties
 from lifecycle.errors import EvacuatedCopiesPending, InvalidInput
 from lifecycle.events import EventProcessor
 from lifecycle.store.store import HostClaim
@@ -112,7 +110,7 @@ class HostWorker:
         """Set once the copies of instances evacuated away were destroyed since the hypervisor last answered."""
         self._clearing = threading.Lock()
         s = engine.settings
-        self.processor = EventProcessor(engine, host, s.sync_policy, delay=s.stopped_event_delay)
+        self.processor = EventProcessor(engine.services, host, s.sync_policy, delay=s.stopped_event_delay)
         self.beats = [Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), self.heartbeat)]
         self.jobs = [
             Job(f"sync:{host}", s.sync_interval, self.sync),
@@ -132,7 +130,7 @@ class HostWorker:
     def heartbeat(self) -> None:
         """Record the host as up, only if its hypervisor answers now (a silent one goes down by itself)."""
         try:
-            self.engine.driver(self.host).ping()
+            self.engine.hosts.driver(self.host).ping()
         except Exception as exc:
             log.warning("host_not_answering", host=self.host, error=f"{type(exc).__name__}: {exc}")
             self.engine.metrics.host_error(self.host, "heartbeat")
@@ -141,7 +139,7 @@ class HostWorker:
         if not self.clear_evacuated():
             return
         try:
-            self.engine.heartbeat(self.host)  # destroys a copy evacuated since the clear, or refuses
+            self.engine.hosts.heartbeat(self.host)  # destroys a copy evacuated since the clear, or refuses
         except EvacuatedCopiesPending as exc:
             log.warning("evacuated_cleanup_failed", host=self.host, error=str(exc))
             self.engine.metrics.host_error(self.host, "evacuated_cleanup")
@@ -153,7 +151,7 @@ class HostWorker:
             if self.cleared.is_set():
                 return True
             try:
-                destroyed = self.engine.destroy_evacuated(self.host)
+                destroyed = self.engine.hosts.destroy_evacuated(self.host)
             except Exception as exc:  # retried before the next heartbeat; nothing else runs for the host meanwhile
                 log.warning("evacuated_cleanup_failed", host=self.host, error=f"{type(exc).__name__}: {exc}")
                 self.engine.metrics.host_error(self.host, "evacuated_cleanup")
@@ -167,7 +165,9 @@ class HostWorker:
         """One sync pass over the host, stopped between chunks when the host is released; counted in metrics."""
         s = self.engine.settings
         try:
-            summary = sweep_host(self.engine, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done)
+            summary = sweep_host(
+                self.engine.services, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done
+            )
         except Exception as exc:
             self.engine.metrics.observe_pass(PassSummary(self.host, error=f"{type(exc).__name__}: {exc}"))
             raise
@@ -176,7 +176,7 @@ class HostWorker:
     def clean_image_cache(self) -> None:
         """Clean the host's image cache; a failure is counted in metrics (and logged by the job loop)."""
         try:
-            self.engine.clean_image_cache(self.host)
+            self.engine.images.clean_cache(self.host)
         except Exception:
             self.engine.metrics.host_error(self.host, "image_cache")
             raise
@@ -187,7 +187,7 @@ class HostWorker:
             if self.done.wait(retry):
                 return
         try:
-            self.engine.driver(self.host).register_event_listener(self.processor.on_event)
+            self.engine.hosts.driver(self.host).register_event_listener(self.processor.on_event)
         except Exception:  # the periodic pass still covers a host whose events cannot be had
             log.exception("event_listener_failed", host=self.host)
         _loop(self.jobs, self.done, self.clock)
@@ -206,7 +206,7 @@ class HostWorker:
 
     def _unlisten(self) -> None:
         with suppress(Exception):  # the driver may be gone with the host, or the hypervisor silent
-            self.engine.driver(self.host).register_event_listener(None)
+            self.engine.hosts.driver(self.host).register_event_listener(None)
 
 
 class Daemon:
@@ -232,16 +232,24 @@ class Daemon:
         self.jobs: list[Job] = [
             Job("recover_tasks", engine.settings.lease_seconds, engine.recover),
             Job("claim_hosts", claim_interval, self._claim_hosts),
-            Job("resize_window", 60.0, engine.poll_unconfirmed_resizes),
-            Job("reclaim", _duty_interval(engine.settings.reclaim_instance_interval), engine.reclaim_queued_deletes),
-            Job("build_timeout", _duty_interval(engine.settings.instance_build_timeout), engine.check_build_timeouts),
+            Job("resize_window", 60.0, engine.duties.poll_unconfirmed_resizes),
+            Job(
+                "reclaim",
+                _duty_interval(engine.settings.reclaim_instance_interval),
+                engine.duties.reclaim_queued_deletes,
+            ),
+            Job(
+                "build_timeout",
+                _duty_interval(engine.settings.instance_build_timeout),
+                engine.duties.check_build_timeouts,
+            ),
             Job(
                 "shelved_offload",
                 _duty_interval(engine.settings.shelved_offload_time),
-                engine.offload_shelved_instances,
+                engine.duties.offload_shelved_instances,
             ),
-            Job("prune_changes", _duty_interval(engine.settings.change_retention), engine.prune_changes),
-            Job("purge_console_tokens", 60.0, functools.partial(duties.purge_console_tokens, engine)),
+            Job("prune_changes", _duty_interval(engine.settings.change_retention), engine.feed.prune),
+            Job("purge_console_tokens", 60.0, engine.duties.purge_console_tokens),
         ]
 
     def run(self) -> None:
@@ -255,7 +263,7 @@ class Daemon:
 
     def _claim_hosts(self) -> None:
         # Disabled hosts too: disabling only keeps the scheduler away; their guests still need sync.
-        names = {h.name for h in self.engine.hosts()}
+        names = {h.name for h in self.engine.hosts.list()}
         for gone in [h for h in self.claims if h not in names]:
             self._release(gone, reason="removed")
         for name in sorted(names):
@@ -305,7 +313,7 @@ def serve(
 
     with Engine(db_url, settings=settings) as engine:
         for name in hosts or ():
-            engine.host(name)  # refuse a typo before claiming anything
+            engine.hosts.get(name)  # refuse a typo before claiming anything
         server = None if metrics_listen is None else _serve_metrics(engine, *metrics_listen)
         daemon = Daemon(engine, hosts=hosts, claim_interval=claim_interval)
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -90,8 +90,8 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
     try:
         with Engine(url, driver_factory=driver_for, settings=settings) as engine:
             uri = hosts.uri if missing is None and hosts.uri is not None else "fake://"
-            engine.add_host("compute-1", uri, str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
-            engine.add_host(
+            engine.hosts.add("compute-1", uri, str(workdir / "instances"), vcpus=4, memory_mb=4096, disk_gb=40)
+            engine.hosts.add(
                 "compute-2",
                 "fake://",
                 str(workdir / "instances-2"),
@@ -101,13 +101,13 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
                 capabilities={"tier": "gold"},
             )
             for host in ("compute-1", "compute-2"):
-                engine.heartbeat(host)  # a daemon owning the host does this; the scheduler needs it
+                engine.hosts.heartbeat(host)  # a daemon owning the host does this; the scheduler needs it
             base = workdir / "cirros.qcow2"
             if shutil.which("qemu-img") is not None:
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
             else:  # the fake hosts never read it
                 base.write_bytes(b"")
-            engine.add_image("cirros", str(base))
+            engine.images.add("cirros", str(base))
             kind = f"the fake driver ({missing})" if missing else f"libvirt at {hosts.uri}, real QEMU guests"
             say(f"database: {url}\ncompute-1: {kind}; compute-2: a fake host with scripted faults\n")
 
@@ -134,7 +134,7 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             engine.unshelve(web, host="compute-1")
             say(f"  unshelve  -> {engine.get(web).status} on {engine.get(web).host}, spawned from the snapshot")
 
-            engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
+            engine.hosts.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
             say("\nweb-1's domain destroyed behind the engine's back")
             try:
                 engine.pause(web)
@@ -144,8 +144,8 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             engine.stop(web)
             say(f"  stop -> {engine.get(web).status}")
             engine.start(web)
-            engine.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
-            summary_line = engine.sync("compute-1")[0]
+            engine.hosts.driver("compute-1").power_off(web, timeout=0, retry_interval=0)
+            summary_line = engine.hosts.sync("compute-1")[0]
             say(f"  started, then shut down behind our back; a sync pass: rules {summary_line.rules}")
             say(f"  -> {engine.get(web).status} (the stop ran as a task with actor sync)")
             if missing is None and hosts.remote_uri is not None:
@@ -166,7 +166,7 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             say(f"  the stop task ended {stop_task.outcome.value} by {stop_task.preempted_by}; the row was left alone")
 
             for host in ("compute-1", "compute-2"):  # real guests take a while: beat again, as a daemon would
-                engine.heartbeat(host)
+                engine.hosts.heartbeat(host)
             gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
             app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
             say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
@@ -195,7 +195,7 @@ def _resize_to_remote(engine: Engine, uuid: str, hosts: DemoHosts, say: Callable
     """Resize the guest onto compute-3, a libvirtd the engine reaches only over TCP, and confirm."""
     assert hosts.remote_uri is not None
     address = urlsplit(hosts.remote_uri).hostname  # its guests' VNC servers listen on that machine
-    engine.add_host(
+    engine.hosts.add(
         "compute-3",
         hosts.remote_uri,
         hosts.remote_instances,
@@ -204,11 +204,11 @@ def _resize_to_remote(engine: Engine, uuid: str, hosts: DemoHosts, say: Callable
         disk_gb=40,
         console_address=address,
     )
-    engine.heartbeat("compute-3")
+    engine.hosts.heartbeat("compute-3")
     engine.start(uuid)
-    engine.set_host_enabled("compute-2", False)  # a resize is scheduled: leave compute-3 the only choice
+    engine.hosts.set_enabled("compute-2", False)  # a resize is scheduled: leave compute-3 the only choice
     engine.resize(uuid, Flavor(1, 96, 2))
-    engine.set_host_enabled("compute-2", True)
+    engine.hosts.set_enabled("compute-2", True)
     copy = engine.migrations()[0]
     say(f"\nresized web-1 onto compute-3 ({hosts.remote_uri}): {engine.get(uuid).status} on {engine.get(uuid).host}")
     say(f"  the disk was streamed between the two libvirt connections: {copy.bytes_done} bytes of data")
@@ -220,8 +220,8 @@ def _drop_storage(engine: Engine, uuids: set[str]) -> None:
     """Delete the demo's guests and pools on its libvirt hosts: it leaves nothing on a shared libvirtd."""
     from drivers.libvirt import LibvirtDriver
 
-    for host in engine.hosts():
-        driver = engine.driver(host.name)
+    for host in engine.hosts.list():
+        driver = engine.hosts.driver(host.name)
         if isinstance(driver, LibvirtDriver):
             for uuid in set(driver.list_instances().owned) & uuids:
                 driver.destroy(uuid)

@@ -1,4 +1,8 @@
-"""The facade embedders call: register hosts and images, run operations, read state.
+"""The facade embedders call: run operations on instances and read their state.
+
+The rest is grouped by noun on the engine: ``engine.hosts``, ``engine.images``,
+``engine.feed`` (changes, consumers, webhooks, audit queries), ``engine.duties``
+and ``engine.consoles`` (see :mod:`lifecycle.facade`).
 
 Every operation goes the same way: validate the arguments, check the
 guard from the operations table, start a task with a compare-and-swap, run its
@@ -10,35 +14,26 @@ on the engine's executor.
 from __future__ import annotations
 
 import builtins
-import ipaddress
-import re
-import threading
 import uuid as uuidlib
-from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import structlog
 
 import drivers
-import lifecycle.feed as feed
-import lifecycle.webhooks as webhooks
 from drivers.base import Driver
-from lifecycle import console, duties, evacuation, graph, snapshots, validation
+from lifecycle import duties, graph, validation
 from lifecycle.audit import AuditEntry
 from lifecycle.config import Settings
 from lifecycle.context import Services
 from lifecycle.errors import InvalidInput
+from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images
 from lifecycle.graph import Op
 from lifecycle.metrics import Metrics
-from lifecycle.records import Cause, Flavor, Host, Image, Instance, Migration, Task, TaskStep
+from lifecycle.records import Cause, Flavor, Host, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
-from lifecycle.resize_window import WindowResult, poll_unconfirmed_resizes
 from lifecycle.runner import Runner
 from lifecycle.states import VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
-from lifecycle.store.db import now
-from lifecycle.sweep import PassSummary, sweep_host
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -46,40 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["CallOptions", "Engine"]
 
 log = structlog.get_logger(__name__)
-
-DriverFactory = Callable[[Host], Driver]
-
-
-def _labels(kind: str, value: object) -> dict[str, str]:
-    """Validate a mapping of names to short strings (capabilities, image properties)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{kind} must be a mapping of strings, got {type(value).__name__}")
-    for key, text in value.items():
-        validation.name(f"{kind} key", key)
-        if not isinstance(text, str) or len(text) > 255 or validation.unsafe_character(text):
-            raise InvalidInput(f"{kind} {key!r} must be a printable string of at most 255 characters, got {text!r}")
-    return dict(value)
-
-
-def _short(kind: str, value: object, limit: int) -> str:
-    text = validation.name(kind, value)
-    if len(text) > limit:
-        raise InvalidInput(f"{kind} {text[:40]!r}... is {len(text)} characters: at most {limit}")
-    return text
-
-
-def _console_address(value: object) -> str | None:
-    if value is None:
-        return None
-    text = _short("console address", value, 255)
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", text):
-            raise InvalidInput(f"console address {text!r} is neither an IP address nor a host name") from None
-    return text
 
 
 def _optional_name(kind: str, value: object) -> str | None:
@@ -127,22 +88,32 @@ class Engine:
         self.store = Store(db_url, lease_seconds=self.settings.lease_seconds)
         check_schema(self.store.engine)
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
-        self._factory = driver_factory or self._connect
-        self._drivers: dict[str, Driver] = {}
-        self._opening: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
-        self.runner = Runner(self.store, self.settings, self.driver, self.owner)
-        """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases)."""
+        self.drivers = DriverCache(self.store, driver_factory or self._connect)
+        """The hosts' drivers, each opened once (``engine.hosts.driver(name)`` returns one)."""
+        self.runner = Runner(self.store, self.settings, self.drivers.get, self.owner)
+        """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases).
+
+        ``runner.wait_idle()`` waits for the tasks started with ``wait=False``; ``runner.active`` names those running.
+        """
         self.metrics = Metrics(self.store, self.settings, metrics_registry)
         """Prometheus metrics; ``metrics.registry`` is what to serve (a new registry unless one is given)."""
-        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.driver)
+        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.drivers.get)
         """What the engine gives its services (sync, duties, evacuation, the resize window, webhooks): not itself."""
+        self.hosts = Hosts(self.services, self.drivers)
+        """Hosts: register, fence, evacuate, heartbeat, sync (:class:`lifecycle.facade.Hosts`)."""
+        self.images = Images(self.services)
+        """Images: register, list, clean a host's cache (:class:`lifecycle.facade.Images`)."""
+        self.feed = Feed(self.services)
+        """Change feed, consumers, webhooks, audit queries (:class:`lifecycle.facade.Feed`)."""
+        self.duties = Duties(self.services)
+        """Operator duties: resize window, reclaim, offload, build timeouts (:class:`lifecycle.facade.Duties`)."""
+        self.consoles = Consoles(self.services)
+        """Console tokens (:class:`lifecycle.facade.Consoles`)."""
 
     def close(self) -> None:
         """Wait for background tasks, stop the heartbeat, close drivers and the database."""
         self.runner.close()
-        for driver in self._drivers.values():
-            driver.close()
+        self.drivers.close()
         self.store.close()
 
     def __enter__(self) -> Engine:
@@ -151,163 +122,7 @@ class Engine:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    # -- hosts, images, reads -------------------------------------------------
-
-    def add_host(
-        self,
-        name: str,
-        driver_uri: str,
-        instances_path: str = "/var/lib/lifecycle/instances",
-        *,
-        availability_zone: str = "nova",
-        vcpus: int | None = None,
-        memory_mb: int | None = None,
-        disk_gb: int | None = None,
-        capabilities: dict[str, str] | None = None,
-        hypervisor_type: str = "qemu",
-        architecture: str = "x86_64",
-        console_address: str | None = None,
-    ) -> Host:
-        """Register a host reached through ``driver_uri``; resources None are not tracked.
-
-        The URI is checked, not opened (see :func:`drivers.validate_uri`): a
-        host may be registered before its hypervisor answers. A ``qemu`` URI
-        another host already uses is refused: one libvirtd is one host. ``console_address``
-        is the host's management address, where its guests' VNC servers listen
-        and console tokens lead (default: the engine's ``vnc_listen``); a remote
-        host (:func:`lifecycle.console.requires_console_address`) must have one, and not one
-        leading back to this machine (:func:`lifecycle.console.check_console_address`).
-        """
-        validation.name("host", name)
-        if not isinstance(driver_uri, str):
-            raise InvalidInput(f"driver URI must be a string, got {type(driver_uri).__name__}")
-        uri = drivers.validate_uri(driver_uri)
-        address = _console_address(console_address)
-        if address is not None:
-            console.check_console_address(uri, address)
-        elif console.requires_console_address(uri):
-            raise InvalidInput(
-                f"host {name} ({uri}) is on another machine: give its management address with console_address"
-                " (lifecycle host add --console-address ADDR), where its guests' VNC servers listen; without it"
-                " console tokens would lead to a port on the console proxy's own machine"
-            )
-        identity = drivers.hypervisor_identity(uri)
-        if identity is not None:
-            for other in self.store.list_hosts():
-                if drivers.hypervisor_identity(other.driver_uri) == identity and other.name != name:
-                    raise InvalidInput(
-                        f"{uri} names the libvirtd of host {other.name} ({other.driver_uri}): one libvirtd is one host "
-                        "(domain names and storage pools belong to the libvirtd, not to an instances path)"
-                    )
-        if not isinstance(instances_path, str) or not instances_path.startswith("/"):
-            raise InvalidInput(f"instances path must be an absolute path on the host, got {instances_path!r}")
-        validation.name("instances path", instances_path)
-        for label, value in (("vcpus", vcpus), ("memory_mb", memory_mb), ("disk_gb", disk_gb)):
-            if value is not None:
-                validation.count(f"host {label}", value)
-        return self.store.add_host(
-            name,
-            uri,
-            instances_path,
-            availability_zone=validation.name("availability zone", availability_zone),
-            vcpus=vcpus,
-            memory_mb=memory_mb,
-            disk_gb=disk_gb,
-            capabilities=_labels("capabilities", capabilities),
-            hypervisor_type=_short("hypervisor type", hypervisor_type, 64),
-            architecture=_short("architecture", architecture, 32),
-            console_address=address,
-        )
-
-    def host(self, name: str) -> Host:
-        """Return one host."""
-        return self.store.get_host(validation.name("host", name))
-
-    def remove_host(self, name: str, *, force: bool = False) -> builtins.list[str]:
-        """Forget a host; refused (:class:`HostInUse`) while instances live there, unless ``force``.
-
-        Forced, each idle instance still there goes to error with no host (a
-        delete of it is then a database-only delete) and the list of those
-        uuids is returned; the guests are not touched. Instances with a
-        running task or an open move are never orphaned.
-        """
-        if not isinstance(force, bool):
-            raise InvalidInput(f"force must be True or False, got {force!r}")
-        orphaned = self.store.remove_host(validation.name("host", name), force=force)
-        with self._lock:
-            driver = self._drivers.pop(name, None)
-        if driver is not None:
-            driver.close()
-        log.info("host_removed", host=name, force=force, orphaned=len(orphaned))
-        return orphaned
-
-    def set_host_enabled(self, name: str, enabled: bool) -> Host:
-        """Enable or disable a host for scheduling (its instances keep running and are still synced)."""
-        if not isinstance(enabled, bool):
-            raise InvalidInput(f"enabled must be True or False, got {enabled!r}")
-        return self.store.update_host(validation.name("host", name), enabled=enabled)
-
-    def fence_host(self, name: str, *, reason: str, actor: str = "api") -> Host:
-        """Declare a host dead: the scheduler never places there, and once it is down its instances may be evacuated."""
-        return evacuation.fence(self.services, name, reason=reason, actor=actor)
-
-    def unfence_host(self, name: str, *, actor: str = "api") -> Host:
-        """Lift a host's fence (after its evacuated copies were destroyed, say)."""
-        return evacuation.unfence(self.services, name, actor=actor)
-
-    def evacuate_host(self, name: str, *, actor: str = "api") -> builtins.list[evacuation.EvacuationResult]:
-        """Evacuate every instance of a down, fenced host (see :meth:`evacuate`); one result per instance."""
-        return evacuation.evacuate_host(self.services, name, actor=actor)
-
-    def destroy_evacuated(self, name: str) -> builtins.list[str]:
-        """Destroy (never start) the copies a returning host still holds of instances evacuated away from it."""
-        return evacuation.destroy_evacuated(self.services, name)
-
-    def heartbeat(self, name: str, metrics: dict[str, float] | None = None) -> Host:
-        """Record that a daemon owning the host is alive (and its metrics); the scheduler needs it.
-
-        A host still holding old copies of instances evacuated away from it
-        has them destroyed first (:func:`evacuation.clear_for_heartbeat`); when
-        its hypervisor cannot do that, :class:`EvacuatedCopiesPending` names them
-        and nothing is written.
-        """
-        name = self.host(validation.name("host", name)).name  # an unknown one is named with the known ones
-        values: dict[str, object] = {}
-        if metrics is not None:
-            values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
-        evacuation.clear_for_heartbeat(self.services, name)
-        return self.store.update_host(name, last_heartbeat=now(), **values)
-
-    def hosts(self) -> builtins.list[Host]:
-        """Return every registered host."""
-        return self.store.list_hosts()
-
-    def add_image(
-        self,
-        name: str,
-        path: str,
-        disk_format: str = "qcow2",
-        min_disk_gb: int = 0,
-        properties: dict[str, str] | None = None,
-    ) -> Image:
-        """Register an image file instances can boot from (properties: architecture, hypervisor_type).
-
-        ``path`` must be an absolute path to an existing regular file here.
-        """
-        if disk_format not in ("qcow2", "raw"):
-            raise InvalidInput(f"invalid disk format {disk_format!r}: expected qcow2 or raw")
-        validation.name("image", name)
-        if name.startswith(snapshots.PREFIX):
-            raise InvalidInput(
-                f"image names starting with {snapshots.PREFIX!r} are kept for shelve snapshots: {name!r}"
-            )
-        path = validation.image_path(path)
-        validation.count("image min_disk_gb", min_disk_gb)
-        return self.store.add_image(name, path, disk_format, min_disk_gb, _labels("image properties", properties))
-
-    def images(self) -> builtins.list[Image]:
-        """Return every registered image."""
-        return self.store.list_images()
+    # -- reads ------------------------------------------------------------------------
 
     def get(self, uuid: str) -> Instance:
         """Return the instance (deleted ones too); :class:`InstanceNotFound` otherwise."""
@@ -328,7 +143,7 @@ class Engine:
     def migrations(self, host: str | None = None) -> builtins.list[Migration]:
         """Return cold migrations and resizes, newest first, optionally those from or to ``host``."""
         if host is not None:
-            self.host(validation.name("host", host))
+            self.hosts.get(host)
         return self.store.list_migrations(host)
 
     def migration(self, migration_id: str) -> Migration:
@@ -342,38 +157,6 @@ class Engine:
     def history(self, uuid: str) -> builtins.list[AuditEntry]:
         """Return an instance's audit log, oldest first."""
         return self.store.history(self.get(uuid).uuid)
-
-    def driver(self, host_name: str) -> Driver:
-        """Return the (cached) driver of a host.
-
-        Opened under a lock of that host alone: connecting to a hypervisor that
-        does not answer blocks callers for that host, never for the others.
-        """
-        validation.name("host", host_name)
-        with self._lock:
-            driver = self._drivers.get(host_name)
-            if driver is not None:
-                return driver
-            opening = self._opening.setdefault(host_name, threading.Lock())
-        with opening:
-            with self._lock:
-                driver = self._drivers.get(host_name)
-            if driver is None:
-                driver = self._factory(self.store.get_host(host_name))
-                with self._lock:
-                    self._drivers[host_name] = driver
-            return driver
-
-    def get_vnc_console(self, uuid: str) -> console.ConsoleAccess:
-        """Issue a console token for an instance and return its access URL."""
-        s = self.settings
-        return console.issue(self.store, self.driver, self.get(uuid), s.console_base_url, s.console_token_ttl)
-
-    def poll_unconfirmed_resizes(self) -> builtins.list[WindowResult]:
-        """Confirm (or revert) moves finished longer ago than ``resize_confirm_window``."""
-        results = poll_unconfirmed_resizes(self.services)
-        self.metrics.observe_window(results)
-        return results
 
     def recover(self, *, force: bool = False, owner: str | None = None) -> builtins.list[Recovered]:
         """Take over and finish every task whose owner's lease has run out.
@@ -396,54 +179,6 @@ class Engine:
     def waiting_for_lease(self) -> builtins.list[Task]:
         """Return the running tasks ``recover`` leaves alone because their lease is still live."""
         return self.store.live_tasks()
-
-    @property
-    def active_tasks(self) -> set[str]:
-        """Ids of the tasks this engine's workers are running now."""
-        return self.runner.active
-
-    def wait_idle(self) -> None:
-        """Block until every task this engine started with ``wait=False`` has ended."""
-        self.runner.wait_idle()
-
-    def sync(self, host: str | None = None) -> builtins.list[PassSummary]:
-        """Run one power-sync pass over ``host`` (default: every host, disabled ones too).
-
-        A host whose pass cannot run (its hypervisor unreachable, say) gets a
-        summary with ``error`` set; the other hosts are synced all the same.
-        """
-        names = [self.host(host).name] if host is not None else [h.name for h in self.hosts()]
-        return [self._sync_one(name) for name in names]
-
-    def _sync_one(self, name: str) -> PassSummary:
-        s = self.settings
-        try:
-            summary = sweep_host(self.services, name, s.sync_policy, chunk=s.sync_chunk_size)
-        except Exception as exc:  # per host: one unreachable hypervisor must not hide the others
-            log.warning("sync_pass_failed", host=name, error=f"{type(exc).__name__}: {exc}")
-            summary = PassSummary(name, error=f"{type(exc).__name__}: {exc}")
-        self.metrics.observe_pass(summary)
-        return summary
-
-    def clean_image_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
-        """Remove a host's unused cached base images older than the age, and its orphaned disks; return them.
-
-        An orphaned disk is one of an instance the database places neither on
-        this host nor in a move touching it, used by no domain: what a copy
-        or a delete left while the host did not answer.
-        """
-        age = self.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
-        age = validation.seconds("image cache max age", age)
-        self.host(host)
-        moving = self.store.moving_instances(graph.MOVE_TASK_STATES)
-        keep = frozenset(i.uuid for i in self.store.list_instances(host)) | frozenset(
-            m.instance_uuid for m in self.store.migrations_touching(host)
-        )
-        return self.driver(host).cleanup_images(age, moving, keep)
-
-    def check_console_token(self, token: str) -> console.ConsoleConnection | None:
-        """Return where to connect for a console token while valid and its guest still serves it, else None."""
-        return console.check(self.store, token, self.driver)
 
     # -- operations -------------------------------------------------------------
 
@@ -641,134 +376,6 @@ class Engine:
     def reset_state(self, uuid: str, *, reason: str, state: VmState = VmState.ERROR, actor: str = "admin") -> Instance:
         """End a stuck task failed (cause admin), clear the task_state and set ``state`` (error or active)."""
         return duties.reset_state(self.services, uuid, state=state, reason=reason, actor=actor)
-
-    def reclaim_queued_deletes(self, interval: float | None = None) -> builtins.list[duties.DutyResult]:
-        """Delete for good what was soft-deleted longer ago than ``reclaim_instance_interval`` (or ``interval``)."""
-        return duties.reclaim(self.services, interval)
-
-    def offload_shelved_instances(self, older_than: float | None = None) -> builtins.list[duties.DutyResult]:
-        """Offload what was shelved on its host longer ago than ``shelved_offload_time`` (or ``older_than``)."""
-        return duties.offload_shelved(self.services, older_than)
-
-    def check_build_timeouts(self, timeout: float | None = None) -> builtins.list[duties.DutyResult]:
-        """Put builds running longer than ``instance_build_timeout`` (or ``timeout``) in error, their tasks failed."""
-        return duties.check_build_timeouts(self.services, timeout)
-
-    # -- change feed and audit queries -------------------------------------------------
-
-    def changes(self, after: feed.Position | str | None = None, limit: int = 100) -> builtins.list[feed.Change]:
-        """Return up to ``limit`` (1 to 10000) committed changes after ``after``, in feed order.
-
-        ``after`` is a position or its ``tx:id`` text (None: the start; ``"end"``: the newest change
-        readable now). Positions grow in commit order: paging with the last change's position never
-        passes over a change, not even one that a transaction begun earlier commits later.
-        """
-        return self.store.read_changes(feed.resolve(self.store, after), feed.check_batch(limit, "limit"))
-
-    def follow(
-        self,
-        consumer: str | None,
-        handler: Callable[[feed.Change], object],
-        *,
-        stop: threading.Event | None = None,
-        batch: int = 100,
-        after: feed.Position | str | None = None,
-    ) -> int:
-        """Deliver the change feed to ``handler``, change by change, until ``stop`` is set; return how many.
-
-        At least once and in order (see :mod:`lifecycle.feed`): a named ``consumer``'s position is
-        stored only once the handler returned from the changes up to it, so a consumer killed
-        mid-stream resumes where it stopped (a few changes may come twice); its first run registers
-        it at ``after`` (default: the start), later runs ignore ``after``. ``consumer`` None follows
-        from ``after`` and stores nothing. A ``stop`` already set delivers one batch (up to
-        ``batch``, 1 to 10000) and returns. An exception from the handler stops the follow; the
-        position of the changes before it is stored first. A database that goes away is waited for
-        (:class:`~lifecycle.errors.DatabaseUnavailable` if ``stop`` is set meanwhile). Names starting with
-        ``webhook:`` are the webhook senders' (:class:`InvalidInput`).
-        """
-        name = None if consumer is None else webhooks.check_consumer(validation.name("consumer", consumer))
-        return feed.follow(
-            self.store,
-            name,
-            handler,
-            stop=stop if stop is not None else threading.Event(),
-            batch=feed.check_batch(batch),
-            poll=self.settings.feed_poll_interval,
-            after=feed.resolve(self.store, after),
-        )
-
-    def consumers(self) -> builtins.list[feed.Consumer]:
-        """Return the registered feed consumers and their positions, by name."""
-        return self.store.consumers()
-
-    def webhook_urls(self) -> dict[str, str]:
-        """Return the URL each webhook sender's consumer posts to, by consumer name (never a secret)."""
-        return self.store.consumer_urls()
-
-    def forget_consumer(self, name: str) -> None:
-        """Unregister a feed consumer: retention no longer waits for it (:class:`InvalidInput` if unknown)."""
-        if not self.store.forget_consumer(validation.name("consumer", name)):
-            known = ", ".join(c.name for c in self.store.consumers()) or "none"
-            raise InvalidInput(f"no feed consumer named {name!r} (consumers: {known})")
-
-    def prune_changes(self, older_than: float | None = None) -> int:
-        """Delete the changes every consumer has passed that are older than the retention; return how many.
-
-        The retention is ``older_than`` seconds, by default the ``change_retention`` setting; 0 keeps
-        every change. The changes are the audit log: a pruned change is gone from ``history`` too.
-        """
-        retention = self.settings.change_retention if older_than is None else older_than
-        return feed.prune(self.store, validation.seconds("change retention", retention), now())
-
-    def deliver_webhook(
-        self,
-        url: str,
-        secret: bytes,
-        *,
-        stop: threading.Event,
-        nova: bool = False,
-        previous_secrets: tuple[bytes, ...] = (),
-    ) -> int:
-        """Post each change to ``url`` until ``stop`` is set; return how many were delivered.
-
-        Signed with ``secret`` (and each of ``previous_secrets``, while receivers move to it), retried
-        with backoff, at the URL's own feed consumer position (see :mod:`lifecycle.webhooks`); a first
-        run starts at the newest change. ``nova`` posts Nova's ``instance.update`` notifications. The
-        URL and secrets are checked before anything is registered (:class:`InvalidInput`); a second
-        sender to one URL is refused (:class:`~lifecycle.errors.ConsumerInUse`).
-        """
-        hook = webhooks.Webhook(url, secret, nova=nova, previous_secrets=previous_secrets)
-        return webhooks.deliver(self.services, hook, stop=stop)
-
-    def audit(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        request_id: str | None = None,
-        host: str | None = None,
-        operation: str | None = None,
-        cause: Cause | str | None = None,
-        vm_state: VmState | str | None = None,
-        limit: int = 1000,
-    ) -> builtins.list[AuditEntry]:
-        """Return the audit rows of every instance that all given filters admit, oldest first, at most ``limit``.
-
-        ``since`` (inclusive) and ``until`` (exclusive) are timezone-aware; ``host`` is where the change
-        happened; ``vm_state`` selects changes *into* that state ("which instances went to error").
-        Each filter alone reads one index range: only the rows it returns.
-        """
-        return feed.query_audit(
-            self.store,
-            since=since,
-            until=until,
-            request_id=request_id,
-            host=host,
-            operation=operation,
-            cause=cause,
-            vm_state=vm_state,
-            limit=limit,
-        )
 
     # -- machinery -------------------------------------------------------------------
 

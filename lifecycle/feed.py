@@ -23,7 +23,7 @@ feed to a handler:
 A consumer is registered by its first :func:`follow`, at ``after``; from then
 on it resumes where it stopped and ``after`` is ignored (as Kafka's
 ``auto.offset.reset`` applies only to a group without an offset). Retention
-(:meth:`Engine.prune_changes`) never removes a change a registered consumer
+(:meth:`Engine.feed.prune`) never removes a change a registered consumer
 has not passed, so a consumer that is gone for good must be forgotten. Two
 followers under one name each get every change: run one per name. An
 ``exclusive`` follower (a webhook sender) holds its consumer's lock while it

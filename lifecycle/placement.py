@@ -23,7 +23,7 @@ host is claimed alone.
 A host that still holds old copies of instances evacuated away from it
 (:func:`evacuated_copies`) is never a destination, named or not, whichever
 filters are enabled: a move or unshelve there would find the stale domain and
-disk. Its heartbeat destroys them first (:meth:`Engine.heartbeat`), so such a
+disk. Its heartbeat destroys them first (:meth:`Engine.hosts.heartbeat`), so such a
 host is normally down too; the claimed host is checked anyway (one query: the
 filters that see "down" may be disabled, a heartbeat may predate the
 evacuation, a named host skips the filters): one holding such copies gets its

@@ -189,7 +189,7 @@ class Host:
     console_address: str | None = None
     """Where the host's guests' VNC servers listen (a remote host's management address); None: ``vnc_listen``."""
     fenced_at: datetime | None = None
-    """When an operator fenced the host (see :meth:`lifecycle.Engine.fence_host`); None: not fenced."""
+    """When an operator fenced the host (see :meth:`lifecycle.Engine.hosts.fence`); None: not fenced."""
     fenced_by: str | None = None
     fenced_reason: str | None = None
 

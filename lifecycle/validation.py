@@ -15,6 +15,7 @@ that cannot be encoded (lone surrogates from undecodable command-line bytes).
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -30,12 +31,15 @@ __all__ = [
     "MAX_SECONDS",
     "count",
     "database_url",
+    "host_address",
     "image_path",
+    "labels",
     "masked_query",
     "metrics",
     "name",
     "period",
     "seconds",
+    "short_name",
     "shown_url",
     "unsafe_character",
     "uuid",
@@ -224,6 +228,40 @@ def _shown_authority(url: str) -> str:
     if sep and colon and not port.isdigit() and "]" not in port:  # user:password with no @host: not a port
         return _clip(f"{scheme}://{name}:***{slash}{path}", 200)
     return _clip(url, 200)
+
+
+def labels(kind: str, value: object) -> dict[str, str]:
+    """Validate a mapping of names to short strings (capabilities, image properties); None is empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{kind} must be a mapping of strings, got {type(value).__name__}")
+    for key, text in value.items():
+        name(f"{kind} key", key)
+        if not isinstance(text, str) or len(text) > 255 or unsafe_character(text):
+            raise InvalidInput(f"{kind} {key!r} must be a printable string of at most 255 characters, got {text!r}")
+    return dict(value)
+
+
+def short_name(kind: str, value: object, limit: int) -> str:
+    """Validate a name of at most ``limit`` characters."""
+    text = name(kind, value)
+    if len(text) > limit:
+        raise InvalidInput(f"{kind} {text[:40]!r}... is {len(text)} characters: at most {limit}")
+    return text
+
+
+def host_address(kind: str, value: object) -> str | None:
+    """Validate an IP address or a DNS host name (None stays None)."""
+    if value is None:
+        return None
+    text = short_name(kind, value, 255)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", text):
+            raise InvalidInput(f"{kind} {text!r} is neither an IP address nor a host name") from None
+    return text
 
 
 def metrics(value: object) -> dict[str, float]:

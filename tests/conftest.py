@@ -567,12 +567,12 @@ def one_owner(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
             owner="engine-a",
             settings=Settings(**{"shutdown_timeout": 0.0, **settings}),  # type: ignore[arg-type]
         )
-        if not engine.hosts():
+        if not engine.hosts.list():
             for host in ("h1", "h2"):
-                engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.add_image("cirros", fake_image("cirros"))
+                engine.hosts.add(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+            engine.images.add("cirros", fake_image("cirros"))
         for host in ("h1", "h2"):
-            engine.heartbeat(host)
+            engine.hosts.heartbeat(host)
         return engine
 
     return open_engine
@@ -581,10 +581,10 @@ def one_owner(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
 def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
     """An engine over ``url`` with hosts h1 and h2 (fake) and image cirros."""
     engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]
-    if not engine.hosts():
-        engine.add_host("h1", "fake://")
-        engine.add_host("h2", "fake://")
-        engine.add_image("cirros", fake_image("cirros"))
+    if not engine.hosts.list():
+        engine.hosts.add("h1", "fake://")
+        engine.hosts.add("h2", "fake://")
+        engine.images.add("cirros", fake_image("cirros"))
     return engine
 
 

@@ -42,7 +42,7 @@ def story(engine: Engine, fakes: Fakes) -> Story:
     engine.stop(stopped, request_id="req-stop")
     synced = engine.create("synced", host="h2", flavor=FLAVOR, image="cirros").instance_uuid
     fakes["h2"].set_power(synced, PowerState.SHUTDOWN, event=False)
-    engine.sync("h2")
+    engine.hosts.sync("h2")
     fakes["h1"].fail_next("spawn")
     with pytest.raises(TaskFailed):
         engine.create("broken", host="h1", flavor=FLAVOR, image="cirros", request_id="req-broken")
@@ -76,22 +76,22 @@ FILTERS: list[tuple[str, dict[str, Any], Callable[[AuditEntry], bool]]] = [
 def test_each_filter_returns_exactly_its_rows(
     engine: Engine, story: Story, kw: dict[str, Any], admits: Callable[[AuditEntry], bool]
 ) -> None:
-    """engine.audit returns the rows the filter admits, across instances, oldest first, and no other."""
+    """engine.feed.audit returns the rows the filter admits, across instances, oldest first, and no other."""
     expected = [e for e in _everything(engine) if admits(e)]
-    assert engine.audit(**kw) == expected
+    assert engine.feed.audit(**kw) == expected
     assert expected or kw.keys() == {"until"}, "the story must give every filter something to find"
 
 
 def test_which_instances_went_to_error(engine: Engine, story: Story) -> None:
     """vm_state=error finds the failed build's change into error, not its later delete that stays in error."""
-    (entered,) = engine.audit(vm_state="error", since=NOW - timedelta(hours=1))
+    (entered,) = engine.feed.audit(vm_state="error", since=NOW - timedelta(hours=1))
     assert (entered.instance_uuid, entered.from_vm_state, entered.to_vm_state) == (story.broken, "building", "error")
     assert any(e.from_vm_state == e.to_vm_state == "error" for e in engine.history(story.broken))
 
 
 def test_what_sync_changed_on_a_host(engine: Engine, story: Story) -> None:
     """host + cause=sync over a window finds the stop the sync pass ran on that host, and nothing else."""
-    found = engine.audit(host="h2", cause="sync", since=NOW - timedelta(hours=1), until=datetime.now(UTC))
+    found = engine.feed.audit(host="h2", cause="sync", since=NOW - timedelta(hours=1), until=datetime.now(UTC))
     assert [(e.instance_uuid, e.operation, e.to_vm_state) for e in found] == [
         (story.synced, "stop", "active"),
         (story.synced, "stop", "stopped"),
@@ -103,19 +103,19 @@ def test_a_window_and_a_limit(engine: Engine, story: Story) -> None:
     """since is inclusive and until exclusive; limit keeps the oldest rows of the window."""
     rows = _everything(engine)
     middle = rows[len(rows) // 2]
-    assert engine.audit(since=middle.created_at) == [e for e in rows if e.created_at >= middle.created_at]
-    assert engine.audit(until=middle.created_at) == [e for e in rows if e.created_at < middle.created_at]
-    assert engine.audit(limit=3) == rows[:3]
+    assert engine.feed.audit(since=middle.created_at) == [e for e in rows if e.created_at >= middle.created_at]
+    assert engine.feed.audit(until=middle.created_at) == [e for e in rows if e.created_at < middle.created_at]
+    assert engine.feed.audit(limit=3) == rows[:3]
 
 
 def test_rows_name_the_host_a_forced_removal_took_them_off(engine: Engine) -> None:
     """The audit row of an instance orphaned by a forced host removal names the host it was on."""
-    engine.add_host("h3", "fake://")
+    engine.hosts.add("h3", "fake://")
     uuid = engine.create("vm", host="h3", flavor=FLAVOR, image="cirros").instance_uuid
-    engine.remove_host("h3", force=True)
+    engine.hosts.remove("h3", force=True)
     last = engine.history(uuid)[-1]
     assert (last.host, engine.get(uuid).host) == ("h3", None)
-    assert engine.audit(host="h3")[-1] == last
+    assert engine.feed.audit(host="h3")[-1] == last
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_rows_name_the_host_a_forced_removal_took_them_off(engine: Engine) -> No
 def test_bad_filters_are_refused(engine: Engine, kw: dict[str, Any], needle: str) -> None:
     """Each bad filter is InvalidInput naming what was wrong."""
     with pytest.raises(InvalidInput, match=needle.replace("(", r"\(")):
-        engine.audit(**kw)
+        engine.feed.audit(**kw)
 
 
 INDEX_OF: list[tuple[str, dict[str, Any], str]] = [
@@ -303,7 +303,7 @@ def test_the_audit_command_prints_rows_and_json(engine: Engine, story: Story, cl
 
 def test_the_changes_command(engine: Engine, story: Story, cli: Any) -> None:
     """`lifecycle changes` prints the feed as lines, JSON lines or Nova notifications; --consumer goes on where it stopped."""
-    feed = engine.changes(limit=10_000)
+    feed = engine.feed.changes(limit=10_000)
     code, out, _ = cli("changes", "--json", "--limit", "10000")
     assert code == 0 and [json.loads(line)["position"] for line in out.splitlines()] == [str(c.position) for c in feed]
     code, out, _ = cli("changes", "--after", str(feed[-2].position))
@@ -320,7 +320,7 @@ def test_the_changes_command(engine: Engine, story: Story, cli: Any) -> None:
     code, out, _ = cli("changes", "prune", "--json")
     assert (code, json.loads(out)) == (0, {"pruned": 0})
     code, out, _ = cli("changes", "forget", "cron")
-    assert code == 0 and engine.consumers() == []
+    assert code == 0 and engine.feed.consumers() == []
 
 
 def test_changes_follow_prints_as_changes_commit_and_stops_on_sigterm(tmp_path: Path, fakes: Fakes) -> None:
@@ -350,5 +350,7 @@ def test_changes_follow_prints_as_changes_commit_and_stops_on_sigterm(tmp_path: 
     assert follower.returncode == 0, err
     assert first["instance_uuid"] == uuid and first["new_task_state"] == "scheduling"
     printed = [first, *(json.loads(line) for line in rest.splitlines())]
-    assert [p["position"] for p in printed] == [str(c.position) for c in engine.changes(limit=10_000)][: len(printed)]
+    assert [p["position"] for p in printed] == [str(c.position) for c in engine.feed.changes(limit=10_000)][
+        : len(printed)
+    ]
     engine.close()

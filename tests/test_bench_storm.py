@@ -62,8 +62,8 @@ def test_storm_checks_catch_an_overfull_host_and_an_unaudited_write(pg_url: str)
     storm = _storm()
     upgrade(pg_url)
     with Engine(pg_url, settings=Settings(shutdown_timeout=0)) as engine:
-        engine.add_host("storm-h000", "fake://", vcpus=4, memory_mb=1024, disk_gb=100)
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add("storm-h000", "fake://", vcpus=4, memory_mb=1024, disk_gb=100)
+        engine.images.add("cirros", fake_image("cirros"))
         uuid = engine.create("storm-0", host="storm-h000", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     db = sa.create_engine(pg_url)
     try:

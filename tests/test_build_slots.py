@@ -27,7 +27,7 @@ def slots_engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """An engine with two build slots per host and eight workers, over fake hosts h1 and h2."""
     engine = make_engine(db_url, fakes, shutdown_timeout=0.0, max_concurrent_builds=2, workers=8)
     for host in ("h1", "h2"):
-        engine.heartbeat(host)
+        engine.hosts.heartbeat(host)
     yield engine
     engine.close()
 
@@ -68,7 +68,7 @@ def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(
     assert "queued_for_build_slot running: waiting for a build slot on h1: 2 builds running there" in shown, shown
     for gate in gates:
         gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert [engine.get(t.instance_uuid).vm_state.value for t in tasks] == ["active"] * 5
     assert sorted(r for t in tasks for r in _queued(engine, t.id)) == ["ok"] * 3
     assert engine.runner.build_slots.running("h1") == 0
@@ -86,7 +86,7 @@ def test_slots_are_per_host(slots_engine: Engine, fakes: Fakes) -> None:
     assert _queued(engine, other.id) == []
     for gate in gates:
         gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert all(engine.get(t.instance_uuid).vm_state.value == "active" for t in held)
 
 
@@ -108,7 +108,7 @@ def test_deleting_a_queued_build_ends_its_wait_and_frees_nothing_it_did_not_take
     assert engine.runner.build_slots.running("h1") == 2
     for gate in gates:
         gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert all(engine.get(t.instance_uuid).vm_state.value == "active" for t in held)
     assert not h1.domain_exists(queued.instance_uuid)
 
@@ -142,7 +142,7 @@ def test_build_slots_are_granted_in_the_order_asked() -> None:
 def test_a_busy_pool_is_waited_out_by_a_build_and_a_delete(engine: Engine, fakes: Fakes) -> None:
     """Busy answers of the host's pool (another call building a volume) delay a create and a delete, never fail them."""
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
-    engine.heartbeat("h1")
+    engine.hosts.heartbeat("h1")
     h1.busy_pool(3)
     task = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     assert engine.get(task.instance_uuid).vm_state.value == "active"
@@ -159,7 +159,7 @@ def test_a_pool_busy_past_the_bound_fails_the_build_with_its_cause_not_as_a_miss
 ) -> None:
     """A pool still busy after the retries fails the spawn as a DriverError carrying the busy answer."""
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
-    engine.heartbeat("h1")
+    engine.hosts.heartbeat("h1")
     h1.busy_seconds = 0.2
     h1.busy_pool(10_000)
     with pytest.raises(TaskFailed) as failed:

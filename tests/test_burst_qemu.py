@@ -46,7 +46,7 @@ def burst(
     url = f"sqlite:///{tmp_path / 'burst.sqlite'}"
     upgrade(url)
     engine = Engine(url, settings=_settings())
-    engine.add_host(
+    engine.hosts.add(
         "b",
         remote_host.uri,
         str(remote_instances),
@@ -55,10 +55,10 @@ def burst(
         disk_gb=4096,
         console_address="127.0.0.2",
     )
-    engine.add_host("a", QEMU_URI, str(tmp_path / "a"), vcpus=512, memory_mb=65536, disk_gb=4096)
-    engine.add_image("tiny", str(base_image))
+    engine.hosts.add("a", QEMU_URI, str(tmp_path / "a"), vcpus=512, memory_mb=65536, disk_gb=4096)
+    engine.images.add("tiny", str(base_image))
     for host in ("a", "b"):
-        engine.heartbeat(host)
+        engine.hosts.heartbeat(host)
     yield engine
     engine.close()
 
@@ -100,14 +100,14 @@ def test_32_creates_at_once_onto_one_fresh_host_all_active_then_all_deleted_at_o
     """32 creates onto one fresh host from one engine all end ACTIVE (beyond 10 they queue), and 32 deletes leave nothing."""
     engine = burst
     tasks = [engine.create(f"vm{i}", host="b", flavor=FLAVOR, image="tiny", wait=False) for i in range(32)]
-    engine.wait_idle()
+    engine.runner.wait_idle()
     uuids = [t.instance_uuid for t in tasks]
     assert _states(engine, uuids).keys() == {"active"}, _states(engine, uuids)
     queued = [t.id for t in tasks if any(s.name == "queued_for_build_slot" for s in engine.steps(t.id))]
     assert queued, "16 workers and 10 build slots: some builds must have queued"
     for uuid in uuids:
         engine.delete(uuid, wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert {engine.get(u).vm_state.value for u in uuids} == {"deleted"}
     assert _left_on(remote_host.uri, remote_instances) == []
 
@@ -121,7 +121,7 @@ _WORKER = textwrap.dedent(
     with Engine(url, settings=settings) as engine:
         flavor = Flavor(vcpus=1, memory_mb=32, root_gb=1, name="burst")
         tasks = [engine.create(f"{prefix}-{i}", host="b", flavor=flavor, image="tiny", wait=False) for i in range(4)]
-        engine.wait_idle()
+        engine.runner.wait_idle()
         print(json.dumps([t.instance_uuid for t in tasks]))
     """
 )
@@ -154,7 +154,7 @@ def test_16_creates_from_4_processes_onto_one_fresh_host_all_active(
     assert _states(burst, uuids).keys() == {"active"}, _states(burst, uuids)
     for uuid in uuids:
         burst.delete(uuid, wait=False)
-    burst.wait_idle()
+    burst.runner.wait_idle()
     assert _left_on(remote_host.uri, remote_instances) == []
 
 
@@ -164,32 +164,32 @@ def test_8_moves_into_one_host_then_8_unshelves_onto_one_host_at_once(
     """Eight guests moved at once from a into b all arrive; shelved and offloaded, all eight unshelved at once onto a."""
     engine = burst
     uuids = [engine.create(f"vm{i}", host="a", flavor=FLAVOR, image="tiny", wait=False).instance_uuid for i in range(8)]
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert _states(engine, uuids).keys() == {"active"}, _states(engine, uuids)
     for uuid in uuids:
         engine.migrate(uuid, host="b", wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert _states_named(engine, uuids) == {"resized"}, _states(engine, uuids)
     for uuid in uuids:
         engine.confirm_resize(uuid, wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert {engine.get(u).host for u in uuids} == {"b"}
     for uuid in uuids:
         engine.shelve(uuid, wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     for uuid in uuids:
         if engine.get(uuid).vm_state.value == "shelved":
             engine.shelve_offload(uuid, wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert _states_named(engine, uuids) == {"shelved_offloaded"}, _states(engine, uuids)
     for uuid in uuids:
         engine.unshelve(uuid, host="a", wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert _states(engine, uuids).keys() == {"active"}, _states(engine, uuids)
     assert {engine.get(u).host for u in uuids} == {"a"}
     for uuid in uuids:
         engine.delete(uuid, wait=False)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert _left_on(remote_host.uri, remote_instances) == []
     assert _left_on(QEMU_URI, PurePosixPath(tmp_path / "a")) == []
 

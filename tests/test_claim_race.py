@@ -54,8 +54,8 @@ def _hosts(url: str, slots: dict[str, int]) -> None:
     """Add hosts holding ``slots[name]`` instances of SLOT_MB each (RAM ratio 1.0), and the image."""
     with Engine(url) as engine:
         for name, count in slots.items():
-            engine.add_host(name, "fake://", vcpus=64, memory_mb=count * SLOT_MB, disk_gb=1000)
-        engine.add_image("cirros", fake_image("cirros"))
+            engine.hosts.add(name, "fake://", vcpus=64, memory_mb=count * SLOT_MB, disk_gb=1000)
+        engine.images.add("cirros", fake_image("cirros"))
 
 
 def _used(store: Store) -> dict[str, int]:
@@ -127,14 +127,14 @@ def test_release_claims_of_a_fenced_task_releases_nothing(placed: tuple[Engine, 
         engine.store.release_claims(task.instance_uuid, task=stale)
     with pytest.raises(Fenced):
         engine.store.release_claims(task.instance_uuid, "b", task=stale)  # no claim there: fenced all the same
-    assert engine.store.claims_of(task.instance_uuid) == ["a"] and engine.host("a").memory_mb_used == SLOT_MB
+    assert engine.store.claims_of(task.instance_uuid) == ["a"] and engine.hosts.get("a").memory_mb_used == SLOT_MB
 
 
 def test_release_claims_at_the_task_epoch_gives_the_room_back(placed: tuple[Engine, Task]) -> None:
     """A worker at its task's epoch gives back the claim and the host's usage and says how many; again, 0."""
     engine, task = placed
     assert engine.store.release_claims(task.instance_uuid, task=task) == 1
-    assert engine.store.claims_of(task.instance_uuid) == [] and engine.host("a").memory_mb_used == 0
+    assert engine.store.claims_of(task.instance_uuid) == [] and engine.hosts.get("a").memory_mb_used == 0
     assert engine.store.release_claims(task.instance_uuid, task=task) == 0
 
 

@@ -54,9 +54,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> World:
     upgrade(url)
     with Engine(url) as engine:
         for name in ("h1", "h2"):
-            engine.add_host(name, "fake://", str(folder / name), vcpus=8, memory_mb=4096, disk_gb=40)
-            engine.heartbeat(name)
-        engine.add_image("cirros", str(image))
+            engine.hosts.add(name, "fake://", str(folder / name), vcpus=8, memory_mb=4096, disk_gb=40)
+            engine.hosts.heartbeat(name)
+        engine.images.add("cirros", str(image))
         uuid = engine.create("vm1", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
     return World(folder, uuid, str(image))
 

@@ -46,8 +46,8 @@ def test_conflicting_processes_lose_no_update(pg_url: str, tmp_path: Path) -> No
     """4 processes x 150 calls on 50 instances: each call wins, loses cleanly or is preempted; nothing is lost."""
     upgrade(pg_url)
     with Engine(pg_url) as engine:
-        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add("h1", f"fake://{tmp_path / 'h1.json'}")
+        engine.images.add("cirros", fake_image("cirros"))
         uuids = [
             engine.create(f"vm{i}", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
             for i in range(INSTANCES)
@@ -72,6 +72,6 @@ def test_conflicting_processes_lose_no_update(pg_url: str, tmp_path: Path) -> No
             assert instance.version == len(history), (uuid, instance.version, len(history))
             assert instance.task_id is None
             succeeded += sum(t.outcome.value == "succeeded" for t in tasks) - 1  # minus create
-            driver_power = engine.driver("h1").get_info(uuid)
+            driver_power = engine.hosts.driver("h1").get_info(uuid)
             assert driver_power == instance.power_state, (uuid, driver_power, instance.power_state)
         assert succeeded == total["won"], "a call reported as won has no succeeded task, or vice versa"

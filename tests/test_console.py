@@ -29,10 +29,10 @@ def test_token_gives_the_console_address_and_is_stored_only_hashed(
 ) -> None:
     """The access URL carries a 256-bit token; checking it returns host and port; the database holds only a hash."""
     uuid = new_instance()
-    access = engine.get_vnc_console(uuid)
+    access = engine.consoles.get_vnc_console(uuid)
     assert access.url.startswith(engine.settings.console_base_url + "?path=")
     assert _token(access.url) == access.token and len(access.token) >= 43
-    conn = engine.check_console_token(access.token)
+    conn = engine.consoles.check_token(access.token)
     assert conn is not None and (conn.instance_uuid, conn.host) == (uuid, "127.0.0.1") and conn.port >= 5900
     with engine.store.engine.connect() as db:
         stored = db.execute(sa.select(CONSOLE_TOKENS)).mappings().one()
@@ -42,47 +42,47 @@ def test_token_gives_the_console_address_and_is_stored_only_hashed(
 def test_tokens_are_unique_and_wrong_ones_fail(engine: Engine, new_instance: Callable[..., str]) -> None:
     """Two tokens for one instance differ; a made-up or altered token gives nothing; junk input is refused."""
     uuid = new_instance()
-    a, b = engine.get_vnc_console(uuid).token, engine.get_vnc_console(uuid).token
+    a, b = engine.consoles.get_vnc_console(uuid).token, engine.consoles.get_vnc_console(uuid).token
     assert a != b
-    assert engine.check_console_token(a[:-1] + ("A" if a[-1] != "A" else "B")) is None
-    assert engine.check_console_token("guess") is None
+    assert engine.consoles.check_token(a[:-1] + ("A" if a[-1] != "A" else "B")) is None
+    assert engine.consoles.check_token("guess") is None
     with pytest.raises(InvalidInput):
-        engine.check_console_token("")
+        engine.consoles.check_token("")
 
 
 def test_tokens_expire(sqlite_url: str, fakes: Fakes) -> None:
     """A token past its time-to-live is no longer valid."""
     eng = make_engine(sqlite_url, fakes, console_token_ttl=0.0)
     uuid = eng.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    assert eng.check_console_token(eng.get_vnc_console(uuid).token) is None
+    assert eng.consoles.check_token(eng.consoles.get_vnc_console(uuid).token) is None
     eng.close()
 
 
 def test_delete_revokes_tokens(engine: Engine, new_instance: Callable[..., str]) -> None:
     """After delete the instance's tokens stop working, and no new one can be issued."""
     uuid = new_instance()
-    token = engine.get_vnc_console(uuid).token
+    token = engine.consoles.get_vnc_console(uuid).token
     engine.delete(uuid)
-    assert engine.check_console_token(token) is None
+    assert engine.consoles.check_token(token) is None
     with pytest.raises(InvalidState):
-        engine.get_vnc_console(uuid)
+        engine.consoles.get_vnc_console(uuid)
 
 
 def test_a_moved_instance_invalidates_its_tokens(engine: Engine, new_instance: Callable[..., str]) -> None:
     """A token is bound to the host it was issued for: once the instance lives elsewhere it is refused."""
     uuid = new_instance()
-    token = engine.get_vnc_console(uuid).token
+    token = engine.consoles.get_vnc_console(uuid).token
     with engine.store.engine.begin() as db:
         table = INSTANCES
         db.execute(sa.update(table).where(table.c.uuid == uuid).values(host="h2"))
-    assert engine.check_console_token(token) is None
+    assert engine.consoles.check_token(token) is None
 
 
 def test_a_remote_hosts_console_resolves_to_its_own_address(engine: Engine) -> None:
     """A host registered with a console address has its console tokens lead there, not to the engine's vnc_listen."""
-    engine.add_host("far", "fake://", console_address="192.0.2.10")
+    engine.hosts.add("far", "fake://", console_address="192.0.2.10")
     uuid = engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
-    connection = engine.check_console_token(engine.get_vnc_console(uuid).token)
+    connection = engine.consoles.check_token(engine.consoles.get_vnc_console(uuid).token)
     assert connection is not None and connection.host == "192.0.2.10"
 
 
@@ -90,8 +90,8 @@ def test_a_remote_hosts_console_resolves_to_its_own_address(engine: Engine) -> N
 def test_a_bad_console_address_is_refused(engine: Engine, address: str) -> None:
     """A console address must be an IP address or a host name; anything else is refused before the host is added."""
     with pytest.raises(InvalidInput):
-        engine.add_host("far", "fake://", console_address=address)
-    assert "far" not in [h.name for h in engine.hosts()]
+        engine.hosts.add("far", "fake://", console_address=address)
+    assert "far" not in [h.name for h in engine.hosts.list()]
 
 
 def test_a_token_only_reaches_the_console_its_guest_still_serves(
@@ -99,19 +99,19 @@ def test_a_token_only_reaches_the_console_its_guest_still_serves(
 ) -> None:
     """A stopped guest serves no console, and a rebuilt one another port: the old token leads nowhere (Nova's port check)."""
     uuid = new_instance()
-    token = engine.get_vnc_console(uuid).token
+    token = engine.consoles.get_vnc_console(uuid).token
     engine.stop(uuid)
-    assert engine.check_console_token(token) is None  # its port may be the next guest's now
+    assert engine.consoles.check_token(token) is None  # its port may be the next guest's now
     engine.start(uuid)
-    assert engine.check_console_token(token) is not None  # the same domain serves the same port again
+    assert engine.consoles.check_token(token) is not None  # the same domain serves the same port again
     engine.rebuild(uuid)  # a new domain: a new port
     assert fakes["h1"].get_vnc_console(uuid).port != engine.store.console_token(_hash(token))["console_port"]
-    assert engine.check_console_token(token) is None
-    fresh = engine.get_vnc_console(uuid).token
+    assert engine.consoles.check_token(token) is None
+    fresh = engine.consoles.get_vnc_console(uuid).token
     fakes["h1"].unreachable = True  # the hypervisor cannot confirm the port: nothing is bridged
-    assert engine.check_console_token(fresh) is None
+    assert engine.consoles.check_token(fresh) is None
     fakes["h1"].unreachable = False
-    assert engine.check_console_token(fresh) is not None
+    assert engine.consoles.check_token(fresh) is not None
 
 
 def _hash(token: str) -> str:
@@ -177,8 +177,8 @@ def test_a_remote_host_with_a_console_address_of_this_machine_is_refused(
 ) -> None:
     """A host needing a console address is refused one that is loopback, localhost or unspecified, and not added."""
     with pytest.raises(InvalidInput, match="this machine"):
-        engine.add_host("far", uri, "/srv/far", console_address=address)
-    assert "far" not in [h.name for h in engine.hosts()]
+        engine.hosts.add("far", uri, "/srv/far", console_address=address)
+    assert "far" not in [h.name for h in engine.hosts.list()]
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_a_remote_host_with_a_console_address_of_this_machine_is_refused(
 )
 def test_a_console_address_that_is_where_the_guests_are_is_accepted(engine: Engine, uri: str, address: str) -> None:
     """A routable address, the loopback address the URI itself names, or loopback for a local host is accepted."""
-    assert engine.add_host("h", uri, "/srv/h", console_address=address).console_address == address
+    assert engine.hosts.add("h", uri, "/srv/h", console_address=address).console_address == address
 
 
 def test_a_uri_that_does_not_parse_is_invalid_input() -> None:
@@ -209,7 +209,7 @@ def far_engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     ``far`` is registered through the store, as hosts registered before the rule were.
     """
     eng = Engine(db_url, driver_factory=lambda host: fakes.setdefault(host.name, FakeDriver(host.name)))
-    eng.add_image("cirros", fake_image("cirros"))
+    eng.images.add("cirros", fake_image("cirros"))
     eng.store.add_host("far", "qemu+tcp://far.example/system", "/var/lib/lifecycle/instances")
     yield eng
     eng.close()
@@ -224,12 +224,12 @@ def test_a_remote_host_without_console_address_gets_no_token(far_engine: Engine,
     """No token is issued for a guest of a remote host with no console address: InvalidInput naming host and fix."""
     uuid = far_engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
     with pytest.raises(InvalidInput) as refused:
-        far_engine.get_vnc_console(uuid)
+        far_engine.consoles.get_vnc_console(uuid)
     message = str(refused.value)
     assert "host far (qemu+tcp://far.example/system)" in message and "--console-address" in message
     assert _token_rows(far_engine) == []
     far_engine.store.update_host("far", console_address="192.0.2.7")
-    connection = far_engine.check_console_token(far_engine.get_vnc_console(uuid).token)
+    connection = far_engine.consoles.check_token(far_engine.consoles.get_vnc_console(uuid).token)
     assert connection is not None and connection.host == "192.0.2.7"
 
 
@@ -242,7 +242,7 @@ def test_a_token_issued_before_the_rule_never_leads_to_loopback(
     far_engine.store.add_console_token(
         _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, now() + timedelta(hours=1)
     )
-    assert far_engine.check_console_token("old-token") is None
+    assert far_engine.consoles.check_token("old-token") is None
     assert console.lookup(far_engine.store, "old-token") is None
     assert any(e["event"] == "console_no_address" and e["host"] == "far" for e in logged), logged
 
@@ -252,15 +252,15 @@ def test_the_console_refusal_of_a_hostless_instance_never_lists_its_own_state_as
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     engine.shelve(uuid)  # shelved_offload_time 0: offloaded at once, no host
     with pytest.raises(InvalidState) as offloaded:
-        engine.get_vnc_console(uuid)
+        engine.consoles.get_vnc_console(uuid)
     assert engine.get(uuid).vm_state is VmState.SHELVED_OFFLOADED
     assert "shelved_offloaded" not in offloaded.value.allowed_vm_states
-    engine.set_host_enabled("h1", False)
-    engine.set_host_enabled("h2", False)
+    engine.hosts.set_enabled("h1", False)
+    engine.hosts.set_enabled("h2", False)
     with pytest.raises(TaskFailed) as failed:
         engine.create("nowhere", flavor=FLAVOR, image="cirros")
     with pytest.raises(InvalidState, match="no host, so no console") as hostless:
-        engine.get_vnc_console(failed.value.task.instance_uuid)
+        engine.consoles.get_vnc_console(failed.value.task.instance_uuid)
     assert hostless.value.vm_state is VmState.ERROR and "error" not in hostless.value.allowed_vm_states
     assert "allowed from vm_state active," in str(hostless.value)
 
@@ -283,14 +283,14 @@ def test_the_purge_deletes_revoked_and_long_expired_tokens_and_keeps_live_ones(
 ) -> None:
     """The purge duty deletes revoked tokens and those expired beyond the grace; live and recently expired ones stay."""
     uuid = new_instance()
-    live, recent, old, revoked = (engine.get_vnc_console(uuid).token for _ in range(4))
+    live, recent, old, revoked = (engine.consoles.get_vnc_console(uuid).token for _ in range(4))
     moment = now()
     _age(engine, recent, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE - 60))
     _age(engine, old, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE + 60))
     _age(engine, revoked, revoked_at=moment - timedelta(seconds=1))
     assert duties.purge_console_tokens(engine) == 2
     assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live), _hash(recent)}
-    assert engine.check_console_token(live) is not None
+    assert engine.consoles.check_token(live) is not None
     assert [(e["expired"], e["revoked"]) for e in logged if e["event"] == "console_tokens_purged"] == [(1, 1)]
     assert duties.purge_console_tokens(engine) == 0
     assert duties.purge_console_tokens(engine, grace=0) == 1  # the recently expired one, with no grace

@@ -75,7 +75,7 @@ class RunningProxy:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.proxy = ConsoleProxy(
             functools.partial(console.lookup, engine.store),
-            functools.partial(console.serving, driver_for=engine.driver),
+            functools.partial(console.serving, driver_for=engine.hosts.driver),
             settings,
         )
         self.loop = asyncio.new_event_loop()
@@ -130,7 +130,7 @@ def engine(sqlite_url: str, fakes: Fakes, tmp_path: Path) -> Iterator[Engine]:
     ``far`` keeps its domains in a state file, so a ``lifecycle console-proxy`` process sees them too.
     """
     eng = make_engine(sqlite_url, fakes)
-    eng.add_host("far", f"fake://{tmp_path / 'far.json'}", console_address=_loopback())
+    eng.hosts.add("far", f"fake://{tmp_path / 'far.json'}", console_address=_loopback())
     yield eng
     eng.close()
 
@@ -142,8 +142,8 @@ def new_console(engine: Engine) -> Iterator[Callable[[], tuple[str, str, FakeVnc
 
     def make() -> tuple[str, str, FakeVnc]:
         uuid = engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
-        token = engine.get_vnc_console(uuid).token
-        target = engine.check_console_token(token)
+        token = engine.consoles.get_vnc_console(uuid).token
+        target = engine.consoles.check_token(token)
         assert target is not None
         servers.append(FakeVnc((target.host, target.port)))
         return uuid, token, servers[-1]
@@ -257,7 +257,7 @@ def test_an_expired_token_reaches_no_vnc_server(
     """A token past its time-to-live is refused with 403 before any VNC connection, and logged by hash."""
     uuid, _, vnc = new_console()
     short = make_engine(sqlite_url, fakes, console_token_ttl=0.0)
-    expired = short.get_vnc_console(uuid).token
+    expired = short.consoles.get_vnc_console(uuid).token
     short.close()
     _refused_and_logged(proxy_for(), vnc, logged, expired, "invalid_token")
 
@@ -324,7 +324,7 @@ def test_sessions_are_bounded_per_token_and_in_total(
 ) -> None:
     """Past the per-token limit, then the total one, a websocket is closed with 1013 before reaching its VNC server."""
     uuid, token, vnc = new_console()
-    other, third_token = engine.get_vnc_console(uuid).token, engine.get_vnc_console(uuid).token
+    other, third_token = engine.consoles.get_vnc_console(uuid).token, engine.consoles.get_vnc_console(uuid).token
     proxy = proxy_for(console_max_connections_per_token=1, console_max_connections=2)
     with proxy.open(token) as first:
         assert first.recv(timeout=10) == BANNER
@@ -355,7 +355,7 @@ def test_an_unreachable_console_closes_the_websocket(engine: Engine, proxy_for: 
     """A valid token whose VNC server does not answer gets close code 1011, and the proxy goes on."""
     uuid = engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
     proxy = proxy_for()
-    with proxy.open(engine.get_vnc_console(uuid).token) as ws:
+    with proxy.open(engine.consoles.get_vnc_console(uuid).token) as ws:
         assert _close_of(ws) == (CloseCode.INTERNAL_ERROR, "console unreachable")
     assert proxy.metric("lifecycle_console_connections_open") == 0
 
@@ -565,10 +565,10 @@ def quick_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
 
 def _second_console(engine: Engine, tmp_path: Path) -> tuple[str, FakeVnc]:
     """An instance on a host ``near`` of its own, with a fake VNC server where its console leads."""
-    engine.add_host("near", f"fake://{tmp_path / 'near.json'}", console_address=_loopback())
+    engine.hosts.add("near", f"fake://{tmp_path / 'near.json'}", console_address=_loopback())
     uuid = engine.create("other", host="near", flavor=FLAVOR, image="cirros").instance_uuid
-    token = engine.get_vnc_console(uuid).token
-    target = engine.check_console_token(token)
+    token = engine.consoles.get_vnc_console(uuid).token
+    target = engine.consoles.check_token(token)
     assert target is not None
     return token, FakeVnc((target.host, target.port))
 
@@ -586,7 +586,7 @@ def test_a_hung_host_gets_503_in_time_and_never_starves_the_others(
 
     _, token, vnc = new_console()
     near_token, near_vnc = _second_console(engine, tmp_path)
-    far = fakes.factory(engine.host("far"))
+    far = fakes.factory(engine.hosts.get("far"))
     gates = [far.hold("get_vnc_console") for _ in range(8)]
     proxy = proxy_for()
     took: list[float] = []
@@ -630,10 +630,10 @@ def test_a_locked_token_table_gets_503_within_the_deadline(
 
     upgrade(pg_url)
     engine = make_engine(pg_url, fakes)
-    engine.add_host("far", f"fake://{tmp_path / 'far.json'}", console_address=_loopback())
+    engine.hosts.add("far", f"fake://{tmp_path / 'far.json'}", console_address=_loopback())
     uuid = engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
-    token = engine.get_vnc_console(uuid).token
-    target = engine.check_console_token(token)
+    token = engine.consoles.get_vnc_console(uuid).token
+    target = engine.consoles.check_token(token)
     assert target is not None
     vnc = FakeVnc((target.host, target.port))
     proxy = RunningProxy(engine, Settings(console_allowed_origins=(ORIGIN,)))
@@ -711,7 +711,7 @@ def test_a_metrics_address_in_use_leaves_nothing_listening(engine: Engine) -> No
         settings = Settings(console_metrics_listen=f"127.0.0.1:{taken.getsockname()[1]}")
         proxy = ConsoleProxy(
             functools.partial(console.lookup, engine.store),
-            functools.partial(console.serving, driver_for=engine.driver),
+            functools.partial(console.serving, driver_for=engine.hosts.driver),
             settings,
         )
         with pytest.raises(InvalidInput, match="console_metrics_listen"):
@@ -726,7 +726,7 @@ def test_a_metrics_address_equal_to_the_console_address_is_refused_naming_both(e
     settings = Settings(console_metrics_listen=f"127.0.0.1:{console_port}")
     proxy = ConsoleProxy(
         functools.partial(console.lookup, engine.store),
-        functools.partial(console.serving, driver_for=engine.driver),
+        functools.partial(console.serving, driver_for=engine.hosts.driver),
         settings,
     )
     with pytest.raises(InvalidInput, match=r"console_metrics_listen .* own listen address"):

@@ -113,9 +113,9 @@ def _setup(url: str, tmp_path: Path, hosts: int, per_host: int) -> list[str]:
     upgrade(url)
     uuids = []
     with Engine(url, settings=Settings(shutdown_timeout=0)) as engine:
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.images.add("cirros", fake_image("cirros"))
         for h in range(hosts):
-            engine.add_host(f"h{h}", f"fake://{tmp_path / f'h{h}.json'}")
+            engine.hosts.add(f"h{h}", f"fake://{tmp_path / f'h{h}.json'}")
             for i in range(per_host):
                 uuids.append(
                     engine.create(f"vm{h}-{i}", host=f"h{h}", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
@@ -206,7 +206,7 @@ def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) ->
     """A running daemon deletes a console token expired long ago and keeps a live one (its purge duty)."""
     engine = make_engine(sqlite_url, fakes)
     uuid = engine.create("vm", host="h1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-    live, dead = engine.get_vnc_console(uuid).token, engine.get_vnc_console(uuid).token
+    live, dead = engine.consoles.get_vnc_console(uuid).token, engine.consoles.get_vnc_console(uuid).token
     table = CONSOLE_TOKENS
     with engine.store.engine.begin() as db:
         db.execute(
@@ -220,7 +220,7 @@ def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) ->
     finally:
         daemon.stop.set()
         thread.join(10)
-    assert engine.check_console_token(live) is not None
+    assert engine.consoles.check_token(live) is not None
     engine.close()
 
 

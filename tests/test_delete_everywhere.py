@@ -91,13 +91,13 @@ def test_delete_ends_every_state(tmp_path: Path, vm: VmState, ts: TaskState | No
     upgrade(url)
     fakes = Fakes()
     engine = Engine(url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0))
-    engine.add_host("h1", "fake://")
-    engine.add_image("cirros", fake_image())
-    engine.driver("h1")
+    engine.hosts.add("h1", "fake://")
+    engine.images.add("cirros", fake_image())
+    engine.hosts.driver("h1")
     for host, task, op in itertools.product(HOSTS, TASKS, OPERATIONS):
         if (ts is None and task != "none") or (ts is not None and task == "none"):
             continue
-        engine.heartbeat("h1")
+        engine.hosts.heartbeat("h1")
         fakes["h1"].unreachable = False
         uuid = _place(engine, fakes, vm, ts, host, task)
         where = f"{op} from {vm.value}/{ts} host={host} task={task}"
@@ -109,9 +109,9 @@ def test_delete_ends_every_state(tmp_path: Path, vm: VmState, ts: TaskState | No
         assert engine.store.claims_of(uuid) == [], where
         if host == "down":
             fakes["h1"].unreachable = False
-            assert uuid in engine.sync("h1")[0].reaped, where
+            assert uuid in engine.hosts.sync("h1")[0].reaped, where
         assert not fakes["h1"].domain_exists(uuid), where
-    assert engine.host("h1").vcpus_used == 0
+    assert engine.hosts.get("h1").vcpus_used == 0
     check_invariants(engine.store)
     engine.close()
 

@@ -140,14 +140,14 @@ def test_one_libvirtd_is_one_host(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'uris.db'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_host("a", "qemu+tcp://10.0.0.5/system", "/srv/a", console_address="10.0.0.5")
+        engine.hosts.add("a", "qemu+tcp://10.0.0.5/system", "/srv/a", console_address="10.0.0.5")
         with pytest.raises(InvalidInput, match="names the libvirtd of host a"):
-            engine.add_host("b", "qemu+tcp://10.0.0.5/system", "/srv/b", console_address="10.0.0.5")
-        assert [h.name for h in engine.hosts()] == ["a"]
+            engine.hosts.add("b", "qemu+tcp://10.0.0.5/system", "/srv/b", console_address="10.0.0.5")
+        assert [h.name for h in engine.hosts.list()] == ["a"]
         # another machine may use the same path
-        engine.add_host("c", "qemu+tcp://10.0.0.6/system", "/srv/a", console_address="10.0.0.6")
-        engine.add_host("d", "fake://", "/srv/d")
-        engine.add_host("e", "fake://", "/srv/e")  # fake hosts are each their own hypervisor
+        engine.hosts.add("c", "qemu+tcp://10.0.0.6/system", "/srv/a", console_address="10.0.0.6")
+        engine.hosts.add("d", "fake://", "/srv/d")
+        engine.hosts.add("e", "fake://", "/srv/e")  # fake hosts are each their own hypervisor
 
 
 @pytest.mark.parametrize(
@@ -169,9 +169,9 @@ def test_two_spellings_of_one_libvirtd_are_one_host(tmp_path: Path, first: str, 
     url = f"sqlite:///{tmp_path / 'uris.db'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_host("a", first, "/srv/a", console_address="10.0.0.9")
+        engine.hosts.add("a", first, "/srv/a", console_address="10.0.0.9")
         with pytest.raises(InvalidInput, match="names the libvirtd of host a"):
-            engine.add_host("b", second, "/srv/b", console_address="10.0.0.9")
+            engine.hosts.add("b", second, "/srv/b", console_address="10.0.0.9")
 
 
 def test_other_libvirtds_are_other_hosts() -> None:
@@ -210,10 +210,10 @@ def test_a_remote_host_without_a_console_address_is_refused_and_not_added(tmp_pa
     upgrade(url)
     with Engine(url) as engine:
         with pytest.raises(InvalidInput, match="--console-address"):
-            engine.add_host("r", uri, "/srv/r")
-        assert engine.hosts() == []
-        engine.add_host("local", "qemu:///system", "/srv/l")  # this machine's libvirtd needs none
-        assert [h.name for h in engine.hosts()] == ["local"]
+            engine.hosts.add("r", uri, "/srv/r")
+        assert engine.hosts.list() == []
+        engine.hosts.add("local", "qemu:///system", "/srv/l")  # this machine's libvirtd needs none
+        assert [h.name for h in engine.hosts.list()] == ["local"]
 
 
 def test_host_add_of_a_remote_uri_without_console_address_exits_2(tmp_path: Path) -> None:

@@ -22,9 +22,9 @@ SMALL = Flavor(1, 256, 1)
 
 def _cloud(db_url: str, fakes: Fakes, **settings: float) -> Engine:
     engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0, **settings))
-    engine.add_host("a", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-    engine.heartbeat("a")
-    engine.add_image("cirros", fake_image("cirros"))
+    engine.hosts.add("a", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+    engine.hosts.heartbeat("a")
+    engine.images.add("cirros", fake_image("cirros"))
     return engine
 
 
@@ -55,17 +55,19 @@ def test_with_reclaim_on_delete_is_a_soft_delete_restorable_until_reclaimed(recl
     uuid = _vm(reclaiming)
     reclaiming.delete(uuid)
     assert reclaiming.get(uuid).vm_state is V.SOFT_DELETED and fakes["a"].domain_exists(uuid)
-    assert reclaiming.reclaim_queued_deletes() == []  # not yet 0.2 s old
+    assert reclaiming.duties.reclaim_queued_deletes() == []  # not yet 0.2 s old
     reclaiming.restore(uuid)
     assert reclaiming.get(uuid).vm_state is V.ACTIVE
-    assert reclaiming.reclaim_queued_deletes(interval=0) == []  # restored: nothing queued, however old
+    assert reclaiming.duties.reclaim_queued_deletes(interval=0) == []  # restored: nothing queued, however old
 
 
 def test_reclaim_deletes_for_good_after_the_interval(reclaiming: Engine, fakes: Fakes) -> None:
     """Past the interval the duty runs a delete (cause timer): instance deleted, domain and claim gone, audited."""
     uuid = _vm(reclaiming)
     reclaiming.delete(uuid)
-    [result] = wait_until("the soft delete older than the interval, reclaimed", reclaiming.reclaim_queued_deletes)
+    [result] = wait_until(
+        "the soft delete older than the interval, reclaimed", reclaiming.duties.reclaim_queued_deletes
+    )
     assert (result.uuid, result.outcome) == (uuid, "deleted")
     assert reclaiming.get(uuid).vm_state is V.DELETED and not fakes["a"].domain_exists(uuid)
     assert reclaiming.store.claims_of(uuid) == []
@@ -78,14 +80,14 @@ def test_without_reclaim_delete_deletes_at_once(cloud: Engine) -> None:
     uuid = _vm(cloud)
     cloud.delete(uuid)
     assert cloud.get(uuid).vm_state is V.DELETED
-    assert cloud.reclaim_queued_deletes() == []
+    assert cloud.duties.reclaim_queued_deletes() == []
 
 
 def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(db_url: str, fakes: Fakes) -> None:
     """A spawn held past instance_build_timeout: the instance goes to error, the task fails, the worker stops."""
     engine = _cloud(db_url, fakes, instance_build_timeout=0.2)
     try:
-        gate = fakes.factory(engine.host("a")).hold("spawn")
+        gate = fakes.factory(engine.hosts.get("a")).hold("spawn")
         errors: list[BaseException] = []
 
         def build() -> None:
@@ -100,8 +102,8 @@ def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(db_url: 
         worker.start()
         assert gate.wait_entered()
         uuid = "6f1c0f4e-8d0b-4f8e-9a55-1b5a2f6c9d01"
-        assert engine.check_build_timeouts() == []  # not yet 0.2 s
-        [result] = wait_until("the build past instance_build_timeout, ended", engine.check_build_timeouts)
+        assert engine.duties.check_build_timeouts() == []  # not yet 0.2 s
+        [result] = wait_until("the build past instance_build_timeout, ended", engine.duties.check_build_timeouts)
         assert (result.uuid, result.outcome) == (uuid, "timed_out")
         i = engine.get(uuid)
         assert (i.vm_state, i.task_state, i.task_id) == (V.ERROR, None, None)
@@ -261,7 +263,7 @@ def test_reclaim_never_takes_over_a_restore_in_flight(reclaiming: Engine, fakes:
     assert gate.wait_entered()
     # The duty read its queue just before the restore began: it acts on that read.
     reclaiming.store.in_state_since = lambda *_args: queue  # type: ignore[method-assign]
-    [result] = reclaiming.reclaim_queued_deletes()
+    [result] = reclaiming.duties.reclaim_queued_deletes()
     assert (result.uuid, result.outcome) == (uuid, "skipped")
     gate.release()
     worker.join(10)
@@ -272,8 +274,8 @@ def test_reset_state_refuses_an_instance_with_an_open_move(db_url: str, fakes: F
     """A resized instance (move open, disk on both hosts) is refused by reset-state naming the move; nothing changes."""
     engine = _cloud(db_url, fakes)
     try:
-        engine.add_host("b", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-        engine.heartbeat("b")
+        engine.hosts.add("b", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.hosts.heartbeat("b")
         uuid = _vm(engine)
         engine.resize(uuid, Flavor(2, 512, 2))
         before = engine.get(uuid)
@@ -306,4 +308,4 @@ def test_a_delete_worker_fenced_by_reset_state_releases_no_claim(cloud: Engine, 
     worker.join(10)
     assert len(errors) == 1 and isinstance(errors[0], Fenced)
     assert cloud.store.claims_of(uuid) == ["a"]
-    assert next(h for h in cloud.hosts() if h.name == "a").memory_mb_used == SMALL.memory_mb
+    assert next(h for h in cloud.hosts.list() if h.name == "a").memory_mb_used == SMALL.memory_mb

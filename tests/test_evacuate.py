@@ -28,10 +28,10 @@ SMALL = Flavor(1, 512, 1)
 def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """Three fake hosts with room (h1, h2, h3), all up, image cirros."""
     engine = make_engine(db_url, fakes, shutdown_timeout=0.0)
-    engine.add_host("h3", "fake://")
+    engine.hosts.add("h3", "fake://")
     for host in ("h1", "h2", "h3"):
         engine.store.update_host(host, vcpus=8, memory_mb=8192, disk_gb=80)
-        engine.heartbeat(host)
+        engine.hosts.heartbeat(host)
     yield engine
     check_invariants(engine.store)
     engine.close()
@@ -43,7 +43,7 @@ def _down(engine: Engine, host: str) -> None:
 
 def _dead(engine: Engine, host: str) -> None:
     _down(engine, host)
-    engine.fence_host(host, reason="power supply failed", actor="ops")
+    engine.hosts.fence(host, reason="power supply failed", actor="ops")
 
 
 def _on(engine: Engine, host: str, **kw: Any) -> str:
@@ -52,21 +52,21 @@ def _on(engine: Engine, host: str, **kw: Any) -> str:
 
 def test_fence_records_who_why_and_when_and_unfence_clears_it(cloud: Engine) -> None:
     """A fence is recorded with actor, reason and time; fencing twice is refused; unfence clears all three."""
-    h = cloud.fence_host("h1", reason="  disk controller dead ", actor="ops")
+    h = cloud.hosts.fence("h1", reason="  disk controller dead ", actor="ops")
     assert (h.fenced, h.fenced_by, h.fenced_reason) == (True, "ops", "disk controller dead")
     assert h.fenced_at is not None and abs((now() - h.fenced_at).total_seconds()) < 60
     with pytest.raises(InvalidInput, match="already fenced"):
-        cloud.fence_host("h1", reason="again", actor="ops")
+        cloud.hosts.fence("h1", reason="again", actor="ops")
     with pytest.raises(InvalidInput, match="reason"):
-        cloud.fence_host("h2", reason=" ", actor="ops")
-    h = cloud.unfence_host("h1", actor="ops")
+        cloud.hosts.fence("h2", reason=" ", actor="ops")
+    h = cloud.hosts.unfence("h1", actor="ops")
     assert (h.fenced, h.fenced_at, h.fenced_by, h.fenced_reason) == (False, None, None, None)
 
 
 def test_a_fenced_host_is_never_scheduled_even_when_up(cloud: Engine) -> None:
     """The scheduler refuses a fenced host whatever its heartbeat and whichever filters are on, named or not."""
-    cloud.fence_host("h1", reason="suspect", actor="ops")
-    cloud.set_host_enabled("h3", False)
+    cloud.hosts.fence("h1", reason="suspect", actor="ops")
+    cloud.hosts.set_enabled("h3", False)
     for _ in range(5):
         assert cloud.get(_on(cloud, None)).host == "h2"  # type: ignore[arg-type]
     with pytest.raises(TaskFailed, match=r"NoValidHost.*fenced"):
@@ -89,7 +89,7 @@ def test_evacuate_needs_the_host_down_and_fenced(
     if down:
         _down(cloud, "h1")
     if fenced:
-        cloud.fence_host("h1", reason="r", actor="ops")
+        cloud.hosts.fence("h1", reason="r", actor="ops")
     before = cloud.get(uuid)
     with pytest.raises(HostNotEvacuable) as one:
         cloud.evacuate(uuid)
@@ -97,7 +97,7 @@ def test_evacuate_needs_the_host_down_and_fenced(
     for word in failing:
         assert f"not {word}" in str(one.value)
     with pytest.raises(HostNotEvacuable) as host:
-        cloud.evacuate_host("h1")
+        cloud.hosts.evacuate("h1")
     assert host.value.failing == failing
     assert cloud.get(uuid) == before and [t.operation for t in cloud.tasks(uuid)] == ["create"]
     assert "h2" not in fakes or not fakes["h2"].domain_exists(uuid)
@@ -147,7 +147,7 @@ def test_evacuate_rebuilds_elsewhere_keeping_identity(cloud: Engine, fakes: Fake
     assert (migration.kind, migration.source_host, migration.dest_host) == ("evacuation", "h1", "h3")
     assert migration.status is MigrationStatus.DONE and migration.task_id == task.id
     assert cloud.store.claims_of(uuid) == ["h3"]
-    assert cloud.host("h1").vcpus_used == 0 and cloud.host("h3").vcpus_used == 1
+    assert cloud.hosts.get("h1").vcpus_used == 0 and cloud.hosts.get("h3").vcpus_used == 1
     assert cloud.store.open_migration(uuid) is None  # an evacuation is no move to confirm or revert
 
 
@@ -176,7 +176,7 @@ def test_host_evacuate_moves_every_instance_and_reports_each(cloud: Engine, fake
     deleted = _on(cloud, "h1")
     cloud.delete(deleted)
     _dead(cloud, "h1")
-    results = {r.uuid: r for r in cloud.evacuate_host("h1")}
+    results = {r.uuid: r for r in cloud.hosts.evacuate("h1")}
     assert set(results) == set(uuids)
     assert [results[u].outcome for u in uuids] == ["evacuated", "evacuated", "refused"]
     assert cloud.get(uuids[0]).vm_state is V.ACTIVE and cloud.get(uuids[1]).vm_state is V.STOPPED
@@ -190,7 +190,7 @@ def test_a_failed_evacuation_is_recorded_and_keeps_only_the_destination_claim(cl
     """A spawn that fails on the destination ends the instance in error there, the record in error."""
     uuid = _on(cloud, "h1")
     _dead(cloud, "h1")
-    cloud.driver("h2")
+    cloud.hosts.driver("h2")
     fakes["h2"].fail_next("spawn", OSError(5, "Input/output error"))
     with pytest.raises(Exception, match="Input/output error"):
         cloud.evacuate(uuid, host="h2")
@@ -208,7 +208,7 @@ def test_no_room_anywhere_leaves_the_instance_on_its_dead_host(cloud: Engine, fa
     uuid = _on(cloud, "h1")
     _dead(cloud, "h1")
     for host in ("h2", "h3"):
-        cloud.set_host_enabled(host, False)
+        cloud.hosts.set_enabled(host, False)
     with pytest.raises(Exception, match="no valid host"):
         cloud.evacuate(uuid)
     after = cloud.get(uuid)
@@ -223,17 +223,17 @@ def test_the_returning_host_destroys_its_evacuated_copies_never_starting_them(cl
     _dead(cloud, "h1")
     cloud.evacuate(moved, host="h2")
     fakes["h1"].power_off(moved, timeout=0, retry_interval=0)  # the dead host's copy, shut off
-    summary = cloud.sync("h1")[0]
+    summary = cloud.hosts.sync("h1")[0]
     assert summary.elsewhere == [moved] and moved not in summary.unknown_domains
     assert fakes["h1"].get_info(moved) is PowerState.SHUTDOWN, "the sync pass must never start it"
     assert not [c for c in fakes["h1"].calls if c.startswith("power_on")]
-    assert cloud.destroy_evacuated("h1") == [moved]
+    assert cloud.hosts.destroy_evacuated("h1") == [moved]
     assert not fakes["h1"].domain_exists(moved) and fakes["h1"].domain_exists(stays)
     assert fakes["h2"].get_info(moved) is PowerState.RUNNING
     note = [e for e in cloud.history(moved) if e.operation == "destroy_evacuated"]
     assert len(note) == 1 and note[0].cause == "sync" and "on h1" in (note[0].message or "")
     assert cloud.migrations()[0].status is MigrationStatus.COMPLETED
-    assert cloud.destroy_evacuated("h1") == []  # repeat-safe, nothing new to audit
+    assert cloud.hosts.destroy_evacuated("h1") == []  # repeat-safe, nothing new to audit
 
 
 def test_the_daemon_clears_evacuated_copies_before_its_first_heartbeat(cloud: Engine, fakes: Fakes) -> None:
@@ -245,11 +245,11 @@ def test_the_daemon_clears_evacuated_copies_before_its_first_heartbeat(cloud: En
     fakes["h1"].unreachable = True
     worker.heartbeat()
     assert fakes["h1"].unreachable and not worker.cleared.is_set()
-    beat = cloud.host("h1").last_heartbeat
+    beat = cloud.hosts.get("h1").last_heartbeat
     fakes["h1"].unreachable = False
     worker.heartbeat()
     assert worker.cleared.is_set() and not fakes["h1"].domain_exists(uuid)
-    assert cloud.host("h1").last_heartbeat != beat
+    assert cloud.hosts.get("h1").last_heartbeat != beat
     fakes["h1"].unreachable = True
     worker.heartbeat()
     assert not worker.cleared.is_set()  # the next answer clears again first
@@ -262,7 +262,7 @@ def test_delete_of_an_evacuated_instance_and_of_one_on_the_dead_host(cloud: Engi
     cloud.evacuate(uuid, host="h2")
     cloud.delete(uuid)
     assert not fakes["h2"].domain_exists(uuid) and cloud.store.claims_of(uuid) == []
-    assert cloud.destroy_evacuated("h1") == [uuid] and not fakes["h1"].domain_exists(uuid)
+    assert cloud.hosts.destroy_evacuated("h1") == [uuid] and not fakes["h1"].domain_exists(uuid)
 
 
 BAD_CLI: list[Any] = [

@@ -35,9 +35,9 @@ def _evacuated_then_unfenced(engine: Engine, host: str = "h1", to: str = "h2") -
     uuid = engine.create("vm", host=host, flavor=SMALL, image="cirros").instance_uuid
     stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
     engine.store.update_host(host, last_heartbeat=stale)
-    engine.fence_host(host, reason="power supply failed", actor="ops")
+    engine.hosts.fence(host, reason="power supply failed", actor="ops")
     engine.evacuate(uuid, host=to)
-    engine.unfence_host(host, actor="ops")
+    engine.hosts.unfence(host, actor="ops")
     return uuid
 
 
@@ -46,18 +46,18 @@ def _notes(engine: Engine, uuid: str) -> list[Any]:
 
 
 def test_heartbeat_destroys_the_pending_copy_first_and_audits_it(cloud: Engine, fakes: Fakes) -> None:
-    """Engine.heartbeat of a host holding an evacuated copy destroys domain and disk, audits it, completes the record."""
+    """Engine.hosts.heartbeat of a host holding an evacuated copy destroys domain and disk, audits it, completes the record."""
     uuid = _evacuated_then_unfenced(cloud)
     assert fakes["h1"].domain_exists(uuid)  # the stale copy a later move or unshelve to h1 would find
-    before = cloud.host("h1").last_heartbeat
-    host = cloud.heartbeat("h1")
+    before = cloud.hosts.get("h1").last_heartbeat
+    host = cloud.hosts.heartbeat("h1")
     assert not fakes["h1"].domain_exists(uuid) and fakes["h2"].domain_exists(uuid)
     assert not [c for c in fakes["h1"].calls if c.startswith("power_on")]
     (note,) = _notes(cloud, uuid)
     assert note.cause == "sync" and "on h1" in (note.message or "") and "lives on h2" in (note.message or "")
     assert [m.status for m in cloud.migrations()] == [MigrationStatus.COMPLETED]
     assert host.last_heartbeat is not None and before is not None and host.last_heartbeat > before
-    cloud.heartbeat("h1")
+    cloud.hosts.heartbeat("h1")
     assert len(_notes(cloud, uuid)) == 1  # nothing pending any more: nothing destroyed or audited again
 
 
@@ -66,22 +66,22 @@ def test_heartbeat_is_refused_and_writes_nothing_while_the_hypervisor_cannot_des
 ) -> None:
     """A silent hypervisor: EvacuatedCopiesPending names the copy and the cause; heartbeat, metrics and record unchanged."""
     uuid = _evacuated_then_unfenced(cloud)
-    before, history = cloud.host("h1"), cloud.history(uuid)
+    before, history = cloud.hosts.get("h1"), cloud.history(uuid)
     fakes["h1"].unreachable = True
     with pytest.raises(EvacuatedCopiesPending) as refused:
-        cloud.heartbeat("h1", metrics={"cpu.percent": 5.0})
+        cloud.hosts.heartbeat("h1", metrics={"cpu.percent": 5.0})
     error = refused.value
     assert isinstance(error, DriverError) and isinstance(error.__cause__, DriverUnavailable)
     assert (error.host, error.instances) == ("h1", [uuid])
     assert uuid in str(error) and "DriverUnavailable" in str(error) and "no heartbeat was recorded" in str(error)
-    assert cloud.host("h1") == before  # last_heartbeat and metrics as they were
+    assert cloud.hosts.get("h1") == before  # last_heartbeat and metrics as they were
     assert cloud.history(uuid) == history and [m.status for m in cloud.migrations()] == [MigrationStatus.DONE]
     fakes["h1"].unreachable = False
     assert fakes["h1"].domain_exists(uuid)
-    cloud.heartbeat("h1")  # it answers again: the copy goes, the heartbeat is written
-    assert not fakes["h1"].domain_exists(uuid) and cloud.host("h1").last_heartbeat != before.last_heartbeat
+    cloud.hosts.heartbeat("h1")  # it answers again: the copy goes, the heartbeat is written
+    assert not fakes["h1"].domain_exists(uuid) and cloud.hosts.get("h1").last_heartbeat != before.last_heartbeat
     fakes["h1"].unreachable = True
-    cloud.heartbeat("h1")  # nothing pending: a heartbeat asks nothing of the hypervisor
+    cloud.hosts.heartbeat("h1")  # nothing pending: a heartbeat asks nothing of the hypervisor
 
 
 def test_a_copy_destroyed_before_the_failure_is_done_and_only_the_rest_is_named(
@@ -90,9 +90,9 @@ def test_a_copy_destroyed_before_the_failure_is_done_and_only_the_rest_is_named(
     """The hypervisor failing midway: the copies destroyed are audited and completed; the error names only the others."""
     later = cloud.create("a", host="h1", flavor=SMALL, image="cirros").instance_uuid
     earlier = _evacuated_then_unfenced(cloud)  # h1 stays down: it can be fenced and evacuated again
-    cloud.fence_host("h1", reason="again", actor="ops")
+    cloud.hosts.fence("h1", reason="again", actor="ops")
     cloud.evacuate(later, host="h3")
-    cloud.unfence_host("h1", actor="ops")
+    cloud.hosts.unfence("h1", actor="ops")
     remove = fakes["h1"].remove
 
     def remove_all_but_later(uuid: str, objects: list[HostObject]) -> list[str]:
@@ -101,11 +101,11 @@ def test_a_copy_destroyed_before_the_failure_is_done_and_only_the_rest_is_named(
         return remove(uuid, objects)
 
     monkeypatch.setattr(fakes["h1"], "remove", remove_all_but_later)
-    beat = cloud.host("h1").last_heartbeat
+    beat = cloud.hosts.get("h1").last_heartbeat
     with pytest.raises(EvacuatedCopiesPending) as refused:
-        cloud.heartbeat("h1")
+        cloud.hosts.heartbeat("h1")
     assert refused.value.instances == [later] and earlier not in str(refused.value)
-    assert cloud.host("h1").last_heartbeat == beat
+    assert cloud.hosts.get("h1").last_heartbeat == beat
     assert not fakes["h1"].domain_exists(earlier) and len(_notes(cloud, earlier)) == 1
     status = {m.instance_uuid: m.status for m in cloud.migrations()}
     assert status == {earlier: MigrationStatus.COMPLETED, later: MigrationStatus.DONE}
@@ -117,13 +117,13 @@ def test_the_daemon_heartbeat_refuses_a_copy_evacuated_after_its_clear(cloud: En
     worker.heartbeat()
     assert worker.cleared.is_set()
     uuid = _evacuated_then_unfenced(cloud)
-    beat = cloud.host("h1").last_heartbeat
+    beat = cloud.hosts.get("h1").last_heartbeat
     fakes["h1"].fail_next("remove", DriverUnavailable("h1 went silent", call="remove"))
     worker.heartbeat()  # the ping answers; destroying the copy does not
-    assert cloud.host("h1").last_heartbeat == beat and not worker.cleared.is_set()
+    assert cloud.hosts.get("h1").last_heartbeat == beat and not worker.cleared.is_set()
     assert fakes["h1"].domain_exists(uuid)
     worker.heartbeat()
-    assert not fakes["h1"].domain_exists(uuid) and cloud.host("h1").last_heartbeat != beat
+    assert not fakes["h1"].domain_exists(uuid) and cloud.hosts.get("h1").last_heartbeat != beat
     assert worker.cleared.is_set() and len(_notes(cloud, uuid)) == 1
 
 
@@ -139,9 +139,9 @@ def test_the_scheduler_never_places_on_a_host_holding_an_evacuated_copy(
     engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(**settings))
     try:
         for host in ("h1", "h2"):
-            engine.add_host(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.heartbeat(host)
-        engine.add_image("cirros", fake_image("cirros"))
+            engine.hosts.add(host, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+            engine.hosts.heartbeat(host)
+        engine.images.add("cirros", fake_image("cirros"))
         uuid = _evacuated_then_unfenced(engine)
         if filters == "default":  # up: a heartbeat written before the evacuation finished, say
             engine.store.update_host("h1", last_heartbeat=now())
@@ -155,7 +155,7 @@ def test_the_scheduler_never_places_on_a_host_holding_an_evacuated_copy(
             engine.migrate(uuid)  # the only other host
         assert engine.get(uuid).host == "h2" and engine.get(uuid).vm_state is VmState.ACTIVE
         assert fakes["h1"].domain_exists(uuid)
-        engine.heartbeat("h1")  # destroys the copy: h1 is a destination again
+        engine.hosts.heartbeat("h1")  # destroys the copy: h1 is a destination again
         engine.migrate(uuid, host="h1")
         assert engine.get(uuid).host == "h1"
         check_invariants(engine.store)
@@ -180,9 +180,9 @@ def evacuated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.F
     upgrade(url)
     with Engine(url, settings=Settings(shutdown_timeout=0.0)) as engine:
         for host in ("h1", "h2"):
-            engine.add_host(host, f"fake://{tmp_path / host}.json", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.heartbeat(host)
-        engine.add_image("cirros", fake_image("cirros"))
+            engine.hosts.add(host, f"fake://{tmp_path / host}.json", vcpus=8, memory_mb=8192, disk_gb=80)
+            engine.hosts.heartbeat(host)
+        engine.images.add("cirros", fake_image("cirros"))
         uuid = _evacuated_then_unfenced(engine)
     monkeypatch.setenv("LIFECYCLE_DB_URL", url)
     old = structlog.get_config()
@@ -239,5 +239,5 @@ def test_destroying_the_evacuated_copy_spares_what_a_later_task_made_there(cloud
         h1._volumes[arriving] = "a copy on its way here"
     old = [o.name for o in h1.objects(uuid)]
     assert len(old) == 3  # the evacuated domain, its disk, and the arriving volume
-    cloud.heartbeat("h1")
+    cloud.hosts.heartbeat("h1")
     assert [o.name for o in h1.objects(uuid)] == [arriving] and len(_notes(cloud, uuid)) == 1

@@ -35,8 +35,8 @@ HOSTLESS_REFUSED = ["start", "stop", "reboot", "reboot_hard", "rebuild", "rescue
 
 
 def _no_valid_host(engine: Engine) -> str:
-    engine.set_host_enabled("h1", False)
-    engine.set_host_enabled("h2", False)
+    engine.hosts.set_enabled("h1", False)
+    engine.hosts.set_enabled("h2", False)
     with pytest.raises(TaskFailed) as failed:
         engine.create("nowhere", flavor=FLAVOR, image="cirros")
     assert "NoValidHost" in failed.value.error
@@ -80,12 +80,12 @@ def test_console_of_a_hostless_instance_says_it_has_no_host(engine: Engine) -> N
     """The console refusal of a host-less error instance names the missing host as its reason."""
     uuid = _no_valid_host(engine)
     with pytest.raises(InvalidState, match="no host, so no console"):
-        engine.get_vnc_console(uuid)
+        engine.consoles.get_vnc_console(uuid)
 
 
 def test_failed_build_on_a_named_host_keeps_no_host_claim_or_domain(engine: Engine, fakes: Fakes) -> None:
     """A spawn failing on a named host ends error with no host, no claim and no half-made domain left there."""
-    engine.driver("h1")
+    engine.hosts.driver("h1")
     fakes["h1"].fail_after("spawn")  # the domain is made, then the call reports failure
     with pytest.raises(TaskFailed) as failed:
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
@@ -101,18 +101,18 @@ def test_failed_build_on_a_named_host_keeps_no_host_claim_or_domain(engine: Engi
 def test_failed_build_leaves_room_for_the_next_create(db_url: str, fakes: Fakes) -> None:
     """On a host with room for one guest, a failed build gives its room back and a later build fits exactly once."""
     engine = Engine(db_url, driver_factory=fakes.factory)
-    engine.add_host("small", "fake://", vcpus=1, memory_mb=64, disk_gb=1)
+    engine.hosts.add("small", "fake://", vcpus=1, memory_mb=64, disk_gb=1)
     from tests.images import fake_image
 
-    engine.add_image("cirros", fake_image())
-    engine.heartbeat("small")
-    fakes.factory(engine.host("small")).fail_next("spawn")
+    engine.images.add("cirros", fake_image())
+    engine.hosts.heartbeat("small")
+    fakes.factory(engine.hosts.get("small")).fail_next("spawn")
     with pytest.raises(TaskFailed):
         engine.create("a", host="small", flavor=FLAVOR, image="cirros")
     engine.create("b", host="small", flavor=FLAVOR, image="cirros")
     with pytest.raises(TaskFailed, match="NoValidHost"):
         engine.create("c", flavor=FLAVOR, image="cirros")
-    assert engine.host("small").vcpus_used == 1
+    assert engine.hosts.get("small").vcpus_used == 1
     check_invariants(engine.store)
     engine.close()
 
@@ -144,10 +144,10 @@ def test_any_exception_from_the_driver_ends_the_task(
 
 def test_spawn_raising_oserror_reschedules(engine: Engine, fakes: Fakes) -> None:
     """A spawn raising OSError is a failed spawn like any other: the build is tried on the other host."""
-    engine.heartbeat("h1")
-    engine.heartbeat("h2")
+    engine.hosts.heartbeat("h1")
+    engine.hosts.heartbeat("h2")
     for name in ("h1", "h2"):
-        engine.driver(name)
+        engine.hosts.driver(name)
     first = iter(["h1", "h2"])
     fakes["h1"].fail_next("spawn", OSError(28, "No space left on device"))
     fakes["h2"].fail_next("spawn", OSError(28, "No space left on device"))
@@ -175,9 +175,9 @@ def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
     first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
     from tests.images import fake_image
 
-    first.add_host("h1", "fake://")
-    first.add_host("h2", "fake://")
-    first.add_image("cirros", fake_image())
+    first.hosts.add("h1", "fake://")
+    first.hosts.add("h2", "fake://")
+    first.images.add("cirros", fake_image())
     on_h1 = first.create("a", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     on_h2 = first.create("b", host="h2", flavor=FLAVOR, image="cirros").instance_uuid
     for uuid, host in ((on_h1, "h1"), (on_h2, "h2")):
@@ -204,8 +204,8 @@ def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
     from tests.images import fake_image
 
     first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
-    first.add_host("h1", "fake://")
-    first.add_image("cirros", fake_image())
+    first.hosts.add("h1", "fake://")
+    first.images.add("cirros", fake_image())
     uuids = [first.create(n, host="h1", flavor=FLAVOR, image="cirros").instance_uuid for n in ("a", "b")]
     for uuid in uuids:
         gate = fakes["h1"].hold("power_off")
@@ -235,7 +235,7 @@ def test_recover_does_not_take_over_a_task_its_own_engine_runs(engine: Engine, f
     assert gate.wait_entered()
     assert engine.recover() == []
     gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert engine.task(task.id).outcome is Outcome.SUCCEEDED and engine.get(uuid).vm_state is V.PAUSED
 
 
@@ -245,11 +245,11 @@ def test_only_live_workers_have_their_lease_renewed(engine: Engine, fakes: Fakes
     gate = fakes["h1"].hold("pause")
     live = engine.pause(uuid, wait=False)
     assert gate.wait_entered()
-    assert engine.store.renew_leases(engine.owner, sorted(engine.active_tasks)) == 1
+    assert engine.store.renew_leases(engine.owner, sorted(engine.runner.active)) == 1
     assert engine.store.renew_leases(engine.owner, []) == 0
     gate.release()
-    engine.wait_idle()
-    assert engine.active_tasks == set() and engine.task(live.id).outcome is Outcome.SUCCEEDED
+    engine.runner.wait_idle()
+    assert engine.runner.active == set() and engine.task(live.id).outcome is Outcome.SUCCEEDED
 
 
 def test_task_lookup_of_an_unknown_id_is_typed(engine: Engine) -> None:
@@ -267,8 +267,8 @@ def test_host_remove_is_refused_while_instances_live_there(engine: Engine, new_i
     """remove_host refuses a host holding an instance and changes nothing."""
     uuid = new_instance()
     with pytest.raises(HostInUse, match=uuid):
-        engine.remove_host("h1")
-    assert engine.host("h1").name == "h1" and engine.get(uuid).host == "h1"
+        engine.hosts.remove("h1")
+    assert engine.hosts.get("h1").name == "h1" and engine.get(uuid).host == "h1"
 
 
 def test_forced_host_remove_orphans_instances_that_delete_then_removes(
@@ -276,8 +276,8 @@ def test_forced_host_remove_orphans_instances_that_delete_then_removes(
 ) -> None:
     """A forced removal leaves the instance error without host or claim; a delete then ends it in the database."""
     uuid = new_instance()
-    assert engine.remove_host("h1", force=True) == [uuid]
-    assert "h1" not in [h.name for h in engine.hosts()]
+    assert engine.hosts.remove("h1", force=True) == [uuid]
+    assert "h1" not in [h.name for h in engine.hosts.list()]
     i = engine.get(uuid)
     assert (i.vm_state, i.host, engine.store.claims_of(uuid)) == (V.ERROR, None, [])
     assert "may still exist" in (engine.history(uuid)[-1].message or "")
@@ -289,13 +289,13 @@ def test_host_with_only_deleted_instances_can_be_removed(engine: Engine, new_ins
     """Deleted instances do not hold a host: it is removed without force, their history kept."""
     uuid = new_instance()
     engine.delete(uuid)
-    assert engine.remove_host("h1") == []
+    assert engine.hosts.remove("h1") == []
     assert engine.get(uuid).vm_state is V.DELETED and engine.history(uuid)
 
 
 def _down(engine: Engine, fakes: Fakes, host: str = "h1") -> None:
     """Make ``host`` unreachable and its last heartbeat older than host_down_after."""
-    engine.driver(host)
+    engine.hosts.driver(host)
     fakes[host].unreachable = True
     stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
     engine.store.update_host(host, last_heartbeat=stale)
@@ -314,7 +314,7 @@ def test_delete_on_a_down_host_is_local_and_the_guest_is_reaped_later(
     assert "the guest may still exist" in (engine.history(uuid)[-1].message or "")
     assert fakes["h1"].domain_exists(uuid)
     fakes["h1"].unreachable = False
-    (summary,) = engine.sync("h1")
+    (summary,) = engine.hosts.sync("h1")
     assert summary.reaped == [uuid] and summary.unknown_domains == []
     assert not fakes["h1"].domain_exists(uuid)
 
@@ -324,9 +324,9 @@ def test_delete_on_an_up_but_unanswering_host_fails_and_keeps_the_claim(
 ) -> None:
     """While the host still heartbeats, an unreachable hypervisor fails the delete (to retry), claims kept."""
     uuid = new_instance()
-    engine.driver("h1")
+    engine.hosts.driver("h1")
     fakes["h1"].unreachable = True
-    engine.heartbeat("h1")
+    engine.hosts.heartbeat("h1")
     with pytest.raises(TaskFailed, match="unreachable"):
         engine.delete(uuid)
     assert engine.get(uuid).vm_state is V.ERROR and engine.store.claims_of(uuid) == ["h1"]
@@ -342,13 +342,13 @@ def test_reaping_can_be_turned_off(db_url: str, fakes: Fakes) -> None:
 
     settings = Settings(shutdown_timeout=0, running_deleted_instance_action="noop")
     engine = Engine(db_url, driver_factory=fakes.factory, settings=settings)
-    engine.add_host("h1", "fake://")
-    engine.add_image("cirros", fake_image())
+    engine.hosts.add("h1", "fake://")
+    engine.images.add("cirros", fake_image())
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     _down(engine, fakes)
     engine.delete(uuid)
     fakes["h1"].unreachable = False
-    (summary,) = engine.sync("h1")
+    (summary,) = engine.hosts.sync("h1")
     assert summary.reaped == [] and summary.unknown_domains == [uuid] and fakes["h1"].domain_exists(uuid)
     engine.close()
 
@@ -356,13 +356,13 @@ def test_reaping_can_be_turned_off(db_url: str, fakes: Fakes) -> None:
 def test_sync_of_every_host_goes_on_past_an_unreachable_one(
     engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
 ) -> None:
-    """engine.sync() reports an unreachable host's error and still syncs the others, disabled ones included."""
+    """engine.hosts.sync() reports an unreachable host's error and still syncs the others, disabled ones included."""
     new_instance("a", "h1")
     b = new_instance("b", "h2")
-    engine.set_host_enabled("h2", False)
+    engine.hosts.set_enabled("h2", False)
     fakes["h1"].unreachable = True
     fakes["h2"].set_power(b, PowerState.SHUTDOWN)
-    summaries = {s.host: s for s in engine.sync()}
+    summaries = {s.host: s for s in engine.hosts.sync()}
     assert "unreachable" in (summaries["h1"].error or "")
     assert summaries["h2"].error is None and summaries["h2"].instances == 1
     assert engine.get(b).vm_state is V.STOPPED
@@ -370,12 +370,12 @@ def test_sync_of_every_host_goes_on_past_an_unreachable_one(
 
 def test_daemon_serves_disabled_hosts_and_releases_removed_ones(engine: Engine) -> None:
     """The daemon claims a disabled host (sync, events, heartbeat) and lets a removed host go."""
-    engine.set_host_enabled("h2", False)
+    engine.hosts.set_enabled("h2", False)
     daemon = Daemon(engine)
     try:
         daemon._claim_hosts()
         assert sorted(daemon.claims) == ["h1", "h2"]
-        engine.remove_host("h2")
+        engine.hosts.remove("h2")
         daemon._claim_hosts()
         assert sorted(daemon.claims) == ["h1"] and sorted(daemon.workers) == ["h1"]
     finally:
@@ -384,13 +384,13 @@ def test_daemon_serves_disabled_hosts_and_releases_removed_ones(engine: Engine) 
 
 def test_create_preempted_by_delete_keeps_no_claim_and_no_domain(engine: Engine, fakes: Fakes) -> None:
     """A delete taking over a build held inside spawn leaves no claim, and the late spawn's domain is destroyed."""
-    engine.driver("h1")
+    engine.hosts.driver("h1")
     gate = fakes["h1"].hold("spawn")
     task = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros", wait=False)
     assert gate.wait_entered()
     engine.delete(task.instance_uuid)
     gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     uuid = task.instance_uuid
     assert engine.get(uuid).vm_state is V.DELETED and engine.store.claims_of(uuid) == []
     assert not fakes["h1"].domain_exists(uuid)
@@ -399,7 +399,7 @@ def test_create_preempted_by_delete_keeps_no_claim_and_no_domain(engine: Engine,
 
 def test_unreachable_driver_error_is_transient(engine: Engine, fakes: Fakes) -> None:
     """The fake's unreachable mode raises DriverUnavailable on every call until cleared."""
-    engine.driver("h1")
+    engine.hosts.driver("h1")
     fakes["h1"].unreachable = True
     with pytest.raises(DriverUnavailable):
         fakes["h1"].list_instances()
@@ -421,7 +421,7 @@ def _leftover(engine: Engine, fakes: Fakes) -> str:
     _down(engine, fakes)
     engine.delete(uuid)
     fakes["h1"].unreachable = False
-    engine.heartbeat("h1")
+    engine.hosts.heartbeat("h1")
     return uuid
 
 
@@ -430,16 +430,16 @@ def _engine_with(db_url: str, fakes: Fakes, **settings: object) -> Engine:
     from tests.images import fake_image
 
     engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0, **settings))  # type: ignore[arg-type]
-    engine.add_host("h1", "fake://")
-    engine.add_image("cirros", fake_image())
-    engine.driver("h1")
+    engine.hosts.add("h1", "fake://")
+    engine.images.add("cirros", fake_image())
+    engine.hosts.driver("h1")
     return engine
 
 
 def test_reaping_is_audited_on_the_deleted_instance(engine: Engine, fakes: Fakes) -> None:
     """The reaper's destroy of a deleted instance's domain leaves an audit row naming the host and the action."""
     uuid = _leftover(engine, fakes)
-    engine.sync("h1")
+    engine.hosts.sync("h1")
     last = engine.history(uuid)[-1]
     assert (last.operation, last.rule, last.cause) == ("reap", "running_deleted_reap", "sync")
     assert "still on h1" in (last.message or "")
@@ -449,7 +449,7 @@ def test_shutdown_action_powers_the_leftover_off_and_keeps_it(db_url: str, fakes
     """running_deleted_instance_action=shutdown powers a deleted instance's guest off and leaves its domain."""
     engine = _engine_with(db_url, fakes, running_deleted_instance_action="shutdown")
     uuid = _leftover(engine, fakes)
-    assert engine.sync("h1")[0].reaped == [uuid]
+    assert engine.hosts.sync("h1")[0].reaped == [uuid]
     assert fakes["h1"].domain_exists(uuid) and fakes["h1"].get_info(uuid) is PowerState.SHUTDOWN
     engine.close()
 
@@ -458,7 +458,7 @@ def test_a_delete_younger_than_the_timeout_is_left_alone(db_url: str, fakes: Fak
     """Within running_deleted_instance_timeout of the delete the leftover is only listed as an unknown domain."""
     engine = _engine_with(db_url, fakes, running_deleted_instance_timeout=3600.0)
     uuid = _leftover(engine, fakes)
-    (summary,) = engine.sync("h1")
+    (summary,) = engine.hosts.sync("h1")
     assert summary.reaped == [] and summary.unknown_domains == [uuid] and fakes["h1"].domain_exists(uuid)
     engine.close()
 
@@ -471,7 +471,7 @@ def test_our_domain_unknown_to_the_database_is_reaped_only_when_asked(db_url: st
     stray = "0badc0de-0000-4000-8000-000000000001"
     fakes["h1"].spawn(DomainSpec(stray, "stray", 1, 64, 1, "/x", "qcow2"))
     fakes["h1"].add_foreign("someone-elses-vm")
-    (summary,) = engine.sync("h1")
+    (summary,) = engine.hosts.sync("h1")
     assert summary.reaped == [stray] and not fakes["h1"].domain_exists(stray)
     assert summary.unknown_domains == ["someone-elses-vm"]
     engine.close()
@@ -492,8 +492,8 @@ def test_a_fenced_worker_cannot_write_after_a_forced_takeover(db_url: str, fakes
     from tests.images import fake_image
 
     first = Engine(db_url, driver_factory=fakes.factory, owner="node-1")
-    first.add_host("h1", "fake://")
-    first.add_image("cirros", fake_image())
+    first.hosts.add("h1", "fake://")
+    first.images.add("cirros", fake_image())
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     old_gate = fakes["h1"].hold("pause")
     task = first.pause(uuid, wait=False)
@@ -504,7 +504,7 @@ def test_a_fenced_worker_cannot_write_after_a_forced_takeover(db_url: str, fakes
     recovering.start()
     assert new_gate.wait_entered()
     old_gate.release()
-    first.wait_idle()
+    first.runner.wait_idle()
     new_gate.release()
     recovering.join(10)
     finished = second.task(task.id)
@@ -526,7 +526,7 @@ def test_a_failed_delete_does_not_let_its_victim_destroy_the_guest(engine: Engin
     with pytest.raises(TaskFailed):
         engine.force_delete(uuid)
     gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     i = engine.get(uuid)
     assert i.vm_state is V.ERROR and fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == ["h1"]
 
@@ -537,8 +537,8 @@ def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: st
     from tests.images import fake_image
 
     first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
-    first.add_host("h1", "fake://")
-    first.add_image("cirros", fake_image())
+    first.hosts.add("h1", "fake://")
+    first.images.add("cirros", fake_image())
     original = first.store.advance
 
     def crash_at_bdm(*args: object, **kwargs: object) -> object:
@@ -547,7 +547,7 @@ def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: st
             raise SimulatedCrash("crash at block_device_mapping")
         return result
 
-    first.driver("h1")
+    first.hosts.driver("h1")
     first.store.advance = crash_at_bdm  # type: ignore[method-assign]
     with pytest.raises(SimulatedCrash):
         first.create("vm", host="h1", flavor=FLAVOR, image="cirros")
@@ -564,11 +564,11 @@ def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: st
 @pytest.mark.parametrize(
     "call",
     [
-        lambda e: e.host(["h1"]),
-        lambda e: e.remove_host({"h": 1}),
-        lambda e: e.sync(10**30),
-        lambda e: e.driver(object()),
-        lambda e: e.clean_image_cache(["h1"]),
+        lambda e: e.hosts.get(["h1"]),
+        lambda e: e.hosts.remove({"h": 1}),
+        lambda e: e.hosts.sync(10**30),
+        lambda e: e.hosts.driver(object()),
+        lambda e: e.images.clean_cache(["h1"]),
         lambda e: e.create("vm", flavor=FLAVOR, image=["cirros"]),
     ],
     ids=["host", "remove_host", "sync", "driver", "clean_image_cache", "create-image"],
@@ -617,7 +617,7 @@ def test_a_delete_whose_power_read_failed_still_shuts_a_running_guest_down_clean
 
 def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(engine: Engine, fakes: Fakes) -> None:
     """A claim whose instance has no host set (a build between its claim and its first step) keeps the host unless forced."""
-    engine.driver("h1")
+    engine.hosts.driver("h1")
     fakes["h1"].fail_next("spawn")
     with pytest.raises(TaskFailed):
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
@@ -625,9 +625,9 @@ def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(
     assert failed.host is None and engine.store.claims_of(failed.uuid) == []
     assert engine.store.claim(failed.uuid, "h1", 1, 64, 1, (16.0, 1.5, 1.0))
     with pytest.raises(HostInUse, match=failed.uuid):
-        engine.remove_host("h1")
-    assert engine.store.claims_of(failed.uuid) == ["h1"] and engine.host("h1").vcpus_used == 1
-    assert engine.remove_host("h1", force=True) == []
+        engine.hosts.remove("h1")
+    assert engine.store.claims_of(failed.uuid) == ["h1"] and engine.hosts.get("h1").vcpus_used == 1
+    assert engine.hosts.remove("h1", force=True) == []
     assert engine.store.claims_of(failed.uuid) == []
 
 

@@ -46,7 +46,7 @@ def _busy(engine: Engine, new_instance: Callable[..., str]) -> list[str]:
 def test_every_audit_row_is_a_change_in_commit_order(engine: Engine, new_instance: Callable[..., str]) -> None:
     """The feed from the start is exactly the audit log, each instance's changes in the order they were written."""
     uuids = _busy(engine, new_instance)
-    feed = engine.changes(limit=10_000)
+    feed = engine.feed.changes(limit=10_000)
     assert feed == _all_rows(engine)
     assert [c.position for c in feed] == sorted({c.position for c in feed})  # strictly increasing
     for uuid in uuids:
@@ -57,19 +57,19 @@ def test_paging_by_position_neither_skips_nor_repeats(engine: Engine, new_instan
     """Reading three at a time from each page's last position yields the whole feed once."""
     _busy(engine, new_instance)
     pages, after = [], START
-    while page := engine.changes(after=str(after), limit=3):
+    while page := engine.feed.changes(after=str(after), limit=3):
         assert len(page) <= 3
         pages += page
         after = page[-1].position
-    assert pages == engine.changes(limit=10_000)
-    assert engine.changes(after=after) == []
+    assert pages == engine.feed.changes(limit=10_000)
+    assert engine.feed.changes(after=after) == []
 
 
 def test_a_change_carries_the_audit_facts(engine: Engine, new_instance: Callable[..., str]) -> None:
     """A stop's changes name the instance, host, old and new states, task, operation, actor, cause and request."""
     uuid = new_instance()
     task = engine.stop(uuid, request_id="req-feed-1", actor="alice")
-    first, last = engine.changes(after=engine.changes(limit=10_000)[-3].position)
+    first, last = engine.feed.changes(after=engine.feed.changes(limit=10_000)[-3].position)
     assert (first.instance_uuid, first.host, first.task_id, first.operation) == (uuid, "h1", task.id, "stop")
     assert (first.actor, first.cause, first.request_id) == ("alice", "api", "req-feed-1")
     assert (first.old_vm_state, first.new_vm_state, first.old_task_state, first.new_task_state) == (
@@ -94,10 +94,10 @@ def test_a_change_carries_the_audit_facts(engine: Engine, new_instance: Callable
 def test_a_malformed_position_is_refused(engine: Engine, text: str) -> None:
     """A position that is not TX:ID in plain digits within 64 bits is InvalidInput, for reads and follows alike."""
     with pytest.raises(InvalidInput, match="position"):
-        engine.changes(after=text)
+        engine.feed.changes(after=text)
     with pytest.raises(InvalidInput, match="position"):
-        engine.follow("c", lambda c: None, stop=STOPPED, after=text)
-    assert engine.consumers() == []
+        engine.feed.follow("c", lambda c: None, stop=STOPPED, after=text)
+    assert engine.feed.consumers() == []
 
 
 @pytest.mark.parametrize(
@@ -106,17 +106,17 @@ def test_a_malformed_position_is_refused(engine: Engine, text: str) -> None:
 def test_a_bad_limit_is_refused(engine: Engine, kw: dict[str, Any], needle: str) -> None:
     """A limit outside 1 to 10000 (or a bool) is InvalidInput."""
     with pytest.raises(InvalidInput, match=needle):
-        engine.changes(**kw)
+        engine.feed.changes(**kw)
 
 
 def test_after_end_sees_only_changes_to_come(engine: Engine, new_instance: Callable[..., str]) -> None:
     """``after="end"`` returns nothing now, and a follow from there gets only later changes."""
     uuid = new_instance()
-    assert engine.changes(after="end") == []
+    assert engine.feed.changes(after="end") == []
     got: list[Change] = []
-    engine.follow("late", got.append, stop=STOPPED, after="end")
+    engine.feed.follow("late", got.append, stop=STOPPED, after="end")
     engine.stop(uuid)
-    engine.follow("late", got.append, stop=STOPPED)
+    engine.feed.follow("late", got.append, stop=STOPPED)
     assert [c.new_task_state for c in got] == ["powering-off", None] and {c.instance_uuid for c in got} == {uuid}
 
 
@@ -125,7 +125,7 @@ def test_the_position_is_stored_only_after_the_handler_returned(
 ) -> None:
     """A handler failing at the third change leaves the consumer at the second; the next follow starts at the third."""
     _busy(engine, new_instance)
-    feed = engine.changes(limit=10_000)
+    feed = engine.feed.changes(limit=10_000)
     seen: list[Change] = []
 
     def fail_third(change: Change) -> None:
@@ -134,10 +134,10 @@ def test_the_position_is_stored_only_after_the_handler_returned(
         seen.append(change)
 
     with pytest.raises(RuntimeError, match="handler down"):
-        engine.follow("billing", fail_third, batch=50)
-    assert [c.position for c in engine.consumers()] == [feed[1].position]
+        engine.feed.follow("billing", fail_third, batch=50)
+    assert [c.position for c in engine.feed.consumers()] == [feed[1].position]
     rest: list[Change] = []
-    engine.follow("billing", rest.append, stop=STOPPED, batch=10_000)
+    engine.feed.follow("billing", rest.append, stop=STOPPED, batch=10_000)
     assert seen + rest == feed
 
 
@@ -146,27 +146,27 @@ def test_a_consumer_registers_at_after_then_resumes_where_it_stopped(
 ) -> None:
     """The first follow registers at ``after``; later follows ignore ``after`` and go on from the stored position."""
     _busy(engine, new_instance)
-    feed = engine.changes(limit=10_000)
+    feed = engine.feed.changes(limit=10_000)
     got: list[Change] = []
-    engine.follow("ops", got.append, stop=STOPPED, batch=2, after=feed[3].position)
-    engine.follow("ops", got.append, stop=STOPPED, batch=2, after=START)
+    engine.feed.follow("ops", got.append, stop=STOPPED, batch=2, after=feed[3].position)
+    engine.feed.follow("ops", got.append, stop=STOPPED, batch=2, after=START)
     assert got == feed[4:8]
-    (consumer,) = engine.consumers()
+    (consumer,) = engine.feed.consumers()
     assert (consumer.name, consumer.position) == ("ops", feed[7].position)
     anonymous: list[Change] = []
-    engine.follow(None, anonymous.append, stop=STOPPED, batch=3, after=feed[0].position)
-    assert anonymous == feed[1:4] and engine.consumers() == [consumer]
+    engine.feed.follow(None, anonymous.append, stop=STOPPED, batch=3, after=feed[0].position)
+    assert anonymous == feed[1:4] and engine.feed.consumers() == [consumer]
 
 
 def test_forgetting_a_consumer(engine: Engine, new_instance: Callable[..., str]) -> None:
     """A forgotten consumer is gone from the list; forgetting an unknown one is InvalidInput naming the known."""
     new_instance()
-    engine.follow("a", lambda c: None, stop=STOPPED)
-    engine.follow("b", lambda c: None, stop=STOPPED)
-    engine.forget_consumer("a")
-    assert [c.name for c in engine.consumers()] == ["b"]
+    engine.feed.follow("a", lambda c: None, stop=STOPPED)
+    engine.feed.follow("b", lambda c: None, stop=STOPPED)
+    engine.feed.forget_consumer("a")
+    assert [c.name for c in engine.feed.consumers()] == ["b"]
     with pytest.raises(InvalidInput, match=r"no feed consumer named 'a' \(consumers: b\)"):
-        engine.forget_consumer("a")
+        engine.feed.forget_consumer("a")
 
 
 @pytest.mark.parametrize(
@@ -183,13 +183,13 @@ def test_a_bad_follow_is_refused_before_registering(
 ) -> None:
     """An empty or unprintable consumer name, a handler that is not callable or a bad batch registers nothing."""
     with pytest.raises(InvalidInput, match=needle):
-        engine.follow(consumer, handler, stop=STOPPED, batch=batch)
-    assert engine.consumers() == []
+        engine.feed.follow(consumer, handler, stop=STOPPED, batch=batch)
+    assert engine.feed.consumers() == []
 
 
 @contextmanager
 def following(engine: Engine, consumer: str | None, handler: Callable[[Change], object]) -> Iterator[None]:
-    """Run ``engine.follow`` from the end of the feed (as it is now) in a thread for the block; it must stop when told."""
+    """Run ``engine.feed.follow`` from the end of the feed (as it is now) in a thread for the block; it must stop when told."""
     # On PostgreSQL a transaction open anywhere in the cluster (another test run's) holds committed changes back
     # for a moment: "the end" is taken once this test's own are readable.
     wait_until("the changes committed so far readable", lambda: not engine.store.changes_held_back())
@@ -198,7 +198,7 @@ def following(engine: Engine, consumer: str | None, handler: Callable[[Change], 
 
     def run() -> None:
         try:
-            engine.follow(consumer, handler, stop=stop, after=end)
+            engine.feed.follow(consumer, handler, stop=stop, after=end)
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
@@ -245,16 +245,16 @@ def test_retention_keeps_what_a_consumer_has_not_passed(db_url: str, fakes: Fake
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     engine.stop(uuid)
     engine.start(uuid)
-    feed = engine.changes(limit=10_000)
-    engine.follow("slow", lambda c: None, stop=STOPPED, batch=3)
-    engine.follow("fast", lambda c: None, stop=STOPPED, batch=10_000)
-    assert engine.prune_changes() == 0  # change_retention 0: every change is kept
-    assert engine.prune_changes(older_than=0.0) == 0
-    assert engine.prune_changes(older_than=1e-9) == 3
-    assert engine.changes(limit=10_000) == feed[3:]
-    engine.forget_consumer("slow")
-    assert engine.prune_changes(older_than=1e-9) == len(feed) - 4  # all the fast one passed, but the newest
-    assert engine.changes(limit=10_000) == feed[-1:]
+    feed = engine.feed.changes(limit=10_000)
+    engine.feed.follow("slow", lambda c: None, stop=STOPPED, batch=3)
+    engine.feed.follow("fast", lambda c: None, stop=STOPPED, batch=10_000)
+    assert engine.feed.prune() == 0  # change_retention 0: every change is kept
+    assert engine.feed.prune(older_than=0.0) == 0
+    assert engine.feed.prune(older_than=1e-9) == 3
+    assert engine.feed.changes(limit=10_000) == feed[3:]
+    engine.feed.forget_consumer("slow")
+    assert engine.feed.prune(older_than=1e-9) == len(feed) - 4  # all the fast one passed, but the newest
+    assert engine.feed.changes(limit=10_000) == feed[-1:]
     engine.close()
 
 
@@ -262,11 +262,11 @@ def test_a_pruned_log_never_hands_a_position_out_again(db_url: str, fakes: Fakes
     """After pruning all it may, the next change's position is above every earlier one (SQLite reuses no rowid)."""
     engine = make_engine(db_url, fakes)
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    newest = engine.changes(limit=10_000)[-1].position
-    engine.prune_changes(older_than=1e-9)
+    newest = engine.feed.changes(limit=10_000)[-1].position
+    engine.feed.prune(older_than=1e-9)
     engine.stop(uuid)
-    assert all(c.position > newest for c in engine.changes(after=newest))
-    assert len(engine.changes(after=newest)) == 2
+    assert all(c.position > newest for c in engine.feed.changes(after=newest))
+    assert len(engine.feed.changes(after=newest)) == 2
     engine.close()
 
 
@@ -274,7 +274,7 @@ def test_the_nova_format_uses_nova_names(engine: Engine, new_instance: Callable[
     """--format nova renders instance.update with InstanceUpdatePayload and InstanceStateUpdatePayload field names."""
     uuid = new_instance()
     engine.stop(uuid, request_id="req-nova")
-    last = engine.changes(limit=10_000)[-1]
+    last = engine.feed.changes(limit=10_000)[-1]
     note = nova_notification(last)
     assert (note["event_type"], note["priority"], note["publisher_id"]) == ("instance.update", "INFO", "lifecycle:h1")
     payload = note["payload"]
@@ -308,7 +308,7 @@ def test_a_change_committed_late_with_a_smaller_id_is_never_passed_over(
 ) -> None:
     """A transaction holding an inserted audit row while later ones commit: readers wait for it, then get it first."""
     a, b = new_instance("a"), new_instance("b")
-    start = engine.changes(limit=10_000)[-1].position
+    start = engine.feed.changes(limit=10_000)[-1].position
     got: list[Change] = []
     with following(engine, "follower", got.append):
         held = engine.store.engine.connect()
@@ -316,10 +316,10 @@ def test_a_change_committed_late_with_a_smaller_id_is_never_passed_over(
         instance = engine.get(a)
         audit(held, instance, instance, Why(actor="test", cause=Cause.API, message="held open"), always=True)
         engine.stop(b)  # two changes, committed after the held row took its id
-        assert engine.changes(after=start) == [] and engine.store.changes_held_back()
+        assert engine.feed.changes(after=start) == [] and engine.store.changes_held_back()
         transaction.commit()
         held.close()
-        feed = engine.changes(after=start)
+        feed = engine.feed.changes(after=start)
         wait_until("the follower to get the three changes", lambda: len(got) >= 3)
     assert len(feed) == 3 and feed[0].message == "held open"
     assert feed[0].position.id < min(c.position.id for c in feed[1:]), "the held row has the smaller id"
@@ -340,7 +340,7 @@ def test_an_instance_keeps_its_order_when_its_writer_took_an_older_transaction_i
     audit(early, instance, instance, Why(actor="test", cause=Cause.API, message="after the stop"), always=True)
     transaction.commit()
     early.close()
-    mine = [c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid]
+    mine = [c for c in engine.feed.changes(limit=10_000) if c.instance_uuid == uuid]
     assert [c.message for c in mine][-1] == "after the stop"
     assert mine[-1].position.tx > early_id, "the row took the stop's tx, not its own older id"
     assert [c.position.id for c in mine] == [e.id for e in engine.history(uuid)]
@@ -414,7 +414,7 @@ def _follower(url: str, consumer: str, out: str, hang_after: int = 0) -> None:
             threading.Event().wait()
 
     with Engine(url, settings=Settings(feed_poll_interval=0.05)) as engine:
-        engine.follow(consumer, handler, stop=stop, batch=20)
+        engine.feed.follow(consumer, handler, stop=stop, batch=20)
 
 
 def _lines(path: Path) -> list[str]:
@@ -432,10 +432,10 @@ def test_followers_get_every_change_of_concurrent_writers_in_order_even_when_kil
 
     ctx = multiprocessing.get_context("spawn")
     with Engine(db_url) as engine:
-        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")  # one hypervisor for every process
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add("h1", f"fake://{tmp_path / 'h1.json'}")  # one hypervisor for every process
+        engine.images.add("cirros", fake_image("cirros"))
         uuids = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros").instance_uuid for i in range(12)]
-        backlog = len(engine.changes(limit=10_000))
+        backlog = len(engine.feed.changes(limit=10_000))
     logs = {name: tmp_path / f"{name}.log" for name in ("steady", "killed")}
     hang_after = backlog + 45  # while the writers run, inside a batch of 20
     followers = {
@@ -481,6 +481,6 @@ def test_a_change_names_the_host_it_happened_on(engine: Engine, new_instance: Ca
     uuid = new_instance()
     engine.migrate(uuid, host="h2")
     engine.confirm_resize(uuid)
-    hosts = [c.host for c in engine.changes(limit=10_000) if c.instance_uuid == uuid]
+    hosts = [c.host for c in engine.feed.changes(limit=10_000) if c.instance_uuid == uuid]
     assert hosts[0] is None and hosts[-1] == "h2" and "h1" in hosts
     assert hosts.index("h2") > max(i for i, h in enumerate(hosts) if h == "h1")

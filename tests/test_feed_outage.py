@@ -74,7 +74,7 @@ def _busy(engine: Engine) -> list[Change]:
         uuid = engine.create(name, host="h1", flavor=FLAVOR, image="cirros").instance_uuid
         engine.stop(uuid)
         engine.start(uuid)
-    return engine.changes(limit=10_000)
+    return engine.feed.changes(limit=10_000)
 
 
 def _follow_all(engine: Engine, consumer: str | None, last: Change, **kw: Any) -> list[Change]:
@@ -90,7 +90,7 @@ def _follow_all(engine: Engine, consumer: str | None, last: Change, **kw: Any) -
             stop.set()
 
     try:
-        engine.follow(consumer, handler, stop=stop, batch=3, **kw)
+        engine.feed.follow(consumer, handler, stop=stop, batch=3, **kw)
     finally:
         guard.cancel()
     assert got and got[-1] == last, "the follow was stopped before the last change arrived"
@@ -112,7 +112,7 @@ def test_a_follower_rides_out_a_lost_database_and_loses_nothing(engine: Engine, 
     assert [e["position"] for e in lost[:3]] == [str(changes[2].position)] * 3
     assert len([e for e in logs if e["event"] == "feed_database_back"]) == 2
     if consumer is not None:
-        (stored,) = engine.consumers()
+        (stored,) = engine.feed.consumers()
         assert stored.position == changes[-1].position
 
 
@@ -137,7 +137,7 @@ def test_told_to_stop_while_the_database_is_away_is_a_typed_error_saying_where_t
 
         threading.Thread(target=stop_once_three_reconnects_failed, daemon=True).start()
         with pytest.raises(DatabaseUnavailable) as caught:
-            engine.follow(consumer, got.append, stop=stop, batch=3)
+            engine.feed.follow(consumer, got.append, stop=stop, batch=3)
     assert got == changes[:3]
     error = caught.value
     assert error.transient and error.reason == LOST and LOST in str(error)
@@ -153,9 +153,9 @@ def test_an_error_a_reconnect_cannot_cure_ends_the_follow_at_once(engine: Engine
     changes = _busy(engine)
     outage = Outage(engine, fail_reads={2}, down_for=0, transient=False)
     with pytest.raises(DatabaseUnavailable, match="the database cannot be used: " + LOST):
-        engine.follow("billing", lambda c: None, stop=threading.Event(), batch=3)
+        engine.feed.follow("billing", lambda c: None, stop=threading.Event(), batch=3)
     assert outage.entries == 1
-    (stored,) = engine.consumers()
+    (stored,) = engine.feed.consumers()
     assert stored.position == changes[2].position
 
 
@@ -165,7 +165,7 @@ def test_a_missing_table_is_a_typed_error_in_sqlites_words(db_url: str, engine: 
     with engine.store.engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE feed_consumers"))
     with pytest.raises(DatabaseUnavailable) as caught:
-        engine.follow("billing", lambda c: None, stop=STOPPED)
+        engine.feed.follow("billing", lambda c: None, stop=STOPPED)
     assert not caught.value.transient and "feed_consumers" in caught.value.reason
 
 
@@ -213,7 +213,7 @@ def _following(engine: Engine, got: list[Change], errors: list[BaseException]) -
 
     def run() -> None:
         try:
-            engine.follow("watcher", got.append, stop=stop, after="end")
+            engine.feed.follow("watcher", got.append, stop=stop, after="end")
         except BaseException as exc:
             errors.append(exc)
 
@@ -235,7 +235,7 @@ def test_a_killed_session_is_reconnected_and_listened_on_again(db_url: str, fake
     got: list[Change] = []
     errors: list[BaseException] = []
     with all_logs() as logs, _following(engine, got, errors):
-        wait_until("the follower registered", lambda: bool(engine.consumers()))
+        wait_until("the follower registered", lambda: bool(engine.feed.consumers()))
         engine.stop(uuid)
         wait_until("the stop followed", lambda: any(c.new_vm_state == "stopped" for c in got))
         assert kill_other_sessions(engine) >= 1
@@ -243,7 +243,7 @@ def test_a_killed_session_is_reconnected_and_listened_on_again(db_url: str, fake
         engine.start(uuid)
         wait_until("the start followed, woken by its NOTIFY", lambda: any(c.new_vm_state == "active" for c in got[2:]))
     assert errors == []
-    mine = [c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid]
+    mine = [c for c in engine.feed.changes(limit=10_000) if c.instance_uuid == uuid]
     assert got == mine[-4:], "a change lost or repeated across the killed session"
     lost = next(e for e in logs if e["event"] == "feed_database_lost")
     assert "terminat" in lost["error"] or "closed" in lost["error"], lost

@@ -210,7 +210,7 @@ def test_follow_and_webhook_survive_a_database_restart(own_postgres: Cluster, tm
             lifecycle(tmp_path, "follow", "changes", "--follow", "--format", "json", env=env) as follower,
             lifecycle(tmp_path, "webhook", "changes", "webhook", receiver.url, env=env) as sender,
         ):
-            wait_until("the sender registered", lambda: bool(engine.consumers()), SLOW)
+            wait_until("the sender registered", lambda: bool(engine.feed.consumers()), SLOW)
             wait_until("the follower following", lambda: bool(follower.events("feed_follow_started")), SLOW)
             uuid = _write(engine)
             _arrived(engine, follower, receiver)
@@ -249,7 +249,7 @@ IDLE_WAKE = 15.0
 
 def _arrived(engine: Engine, follower: Process, receiver: Receiver, within: float = SLOW) -> None:
     """Wait for every change to reach both; then each got the whole feed once, in order."""
-    feed = [str(c.position) for c in engine.changes(limit=10_000)]
+    feed = [str(c.position) for c in engine.feed.changes(limit=10_000)]
     wait_until("the follower printed every change", lambda: len(follower.lines()) >= len(feed), within)
     wait_until("the receiver took every change", lambda: len(receiver.accepted) >= len(feed), within)
     assert _positions(follower.lines()) == feed, "the follower lost, repeated or reordered a change"

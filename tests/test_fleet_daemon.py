@@ -9,14 +9,14 @@ from tests.conftest import Fakes, make_engine, wait_until
 
 
 def _beat(engine, host: str):  # type: ignore[no-untyped-def]
-    return engine.host(host).last_heartbeat
+    return engine.hosts.get(host).last_heartbeat
 
 
 def test_a_hung_host_does_not_stall_the_others(sqlite_url: str, fakes: Fakes) -> None:
     """While h1's hypervisor hangs inside a call, h2 keeps heartbeating and getting sync passes."""
     engine = make_engine(sqlite_url, fakes, sync_interval=0.05, host_down_after=3.0)
     for host in ("h1", "h2"):
-        engine.driver(host)
+        engine.hosts.driver(host)
     gate = fakes["h1"].hold("list_instances")  # the first call that lists h1 hangs there
     daemon = Daemon(engine, claim_interval=0.05)
     thread = threading.Thread(target=daemon.run)
@@ -39,7 +39,7 @@ def test_a_silent_host_stops_heartbeating_and_comes_back(sqlite_url: str, fakes:
     """A host whose hypervisor does not answer gets no heartbeat (down for the scheduler) until it answers again."""
     engine = make_engine(sqlite_url, fakes, sync_interval=0.05, host_down_after=3.0)
     for host in ("h1", "h2"):
-        engine.driver(host)
+        engine.hosts.driver(host)
     fakes["h1"].unreachable = True
     daemon = Daemon(engine, claim_interval=0.05)
     thread = threading.Thread(target=daemon.run)
@@ -57,7 +57,7 @@ def test_a_silent_host_stops_heartbeating_and_comes_back(sqlite_url: str, fakes:
 
 
 def test_opening_one_hosts_driver_does_not_block_another(sqlite_url: str, fakes: Fakes) -> None:
-    """A driver factory stuck connecting to h1 leaves engine.driver('h2') free."""
+    """A driver factory stuck connecting to h1 leaves engine.hosts.driver('h2') free."""
     entered, release = threading.Event(), threading.Event()
     base = fakes.factory
 
@@ -68,13 +68,13 @@ def test_opening_one_hosts_driver_does_not_block_another(sqlite_url: str, fakes:
         return base(host)
 
     engine = make_engine(sqlite_url, fakes)
-    engine._factory = slow
-    opener = threading.Thread(target=engine.driver, args=("h1",))
+    engine.drivers.factory = slow
+    opener = threading.Thread(target=engine.hosts.driver, args=("h1",))
     opener.start()
     try:
         assert entered.wait(5)
         done = threading.Event()
-        threading.Thread(target=lambda: (engine.driver("h2"), done.set()), daemon=True).start()
+        threading.Thread(target=lambda: (engine.hosts.driver("h2"), done.set()), daemon=True).start()
         assert done.wait(2), "opening h2 waited for h1"
     finally:
         release.set()

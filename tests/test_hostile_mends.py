@@ -21,7 +21,7 @@ def test_migrate_to_the_host_it_is_on_is_refused_and_writes_nothing(engine: Engi
 def test_heartbeat_of_an_unknown_host_names_the_known_ones(engine: Engine) -> None:
     """A heartbeat of a host nobody added says which hosts exist, as host show does."""
     with pytest.raises(HostNotFound, match="h1, h2"):
-        engine.heartbeat("nosuch")
+        engine.hosts.heartbeat("nosuch")
 
 
 def test_an_audit_note_is_stamped_when_it_is_written(engine: Engine) -> None:

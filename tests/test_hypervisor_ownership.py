@@ -34,12 +34,12 @@ def twins(db_url: str, fakes: Fakes) -> Iterator[Callable[[], Engine]]:
 
     def open_engine() -> Engine:
         engine = Engine(db_url, driver_factory=fakes.factory, owner="engine-x", settings=Settings(shutdown_timeout=0))
-        if not engine.hosts():
+        if not engine.hosts.list():
             for name in ("a", "b", "c"):
-                engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-            engine.add_image("cirros", fake_image("cirros"))
+                engine.hosts.add(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+            engine.images.add("cirros", fake_image("cirros"))
         for name in ("a", "b", "c"):
-            engine.heartbeat(name)
+            engine.hosts.heartbeat(name)
         opened.append(engine)
         return engine
 
@@ -52,7 +52,7 @@ def twins(db_url: str, fakes: Fakes) -> Iterator[Callable[[], Engine]]:
 def _vm(engine: Engine, fakes: Fakes, marker: str = "customer-data") -> str:
     """Create an instance on a and write ``marker`` into its disk."""
     uuid = engine.create("vm", host="a", flavor=SMALL, image="cirros").instance_uuid
-    fakes.factory(engine.host("a")).write(uuid, marker)
+    fakes.factory(engine.hosts.get("a")).write(uuid, marker)
     return uuid
 
 
@@ -74,7 +74,7 @@ def test_a_stalled_copy_never_deletes_the_disk_its_recovery_made(twins: Callable
     """A migrate stalled mid-copy, finished by a forced recovery, then resumed, deletes only its own partial copy."""
     first = twins()
     uuid = _vm(first, fakes)
-    b = fakes.factory(first.host("b"))
+    b = fakes.factory(first.hosts.get("b"))
     gate = b.hold("copy")
     worker, errors = _in_thread(lambda: first.migrate(uuid, host="b"))
     assert gate.wait_entered()
@@ -89,14 +89,14 @@ def test_a_stalled_copy_never_deletes_the_disk_its_recovery_made(twins: Callable
     assert b.volumes() == {current: "image:" + first.store.get_image("cirros").path + "|customer-data"}
     second.confirm_resize(uuid)
     assert b.domain_disk(uuid) is not None and b.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
-    assert fakes.factory(second.host("a")).volumes() == {}
+    assert fakes.factory(second.hosts.get("a")).volumes() == {}
 
 
 def test_a_stale_copy_on_the_destination_is_destroyed_never_started(twins: Callable[[], Engine], fakes: Fakes) -> None:
     """A copy of an earlier life on the destination is destroyed (audited) before the move copies the current disk."""
     engine = twins()
     uuid = _vm(engine, fakes, "old")
-    a, b = fakes.factory(engine.host("a")), fakes.factory(engine.host("b"))
+    a, b = fakes.factory(engine.hosts.get("a")), fakes.factory(engine.hosts.get("b"))
     b.copy_domain_from(a, uuid)  # what an evacuation off b left there while b was fenced but alive
     a.write(uuid, "new")
     engine.migrate(uuid, host="b")
@@ -112,7 +112,7 @@ def test_unshelve_never_starts_a_stale_copy_on_its_host(twins: Callable[[], Engi
     """An offloaded instance unshelved to a host holding an old copy of it boots its snapshot, not the old copy."""
     engine = twins()
     uuid = _vm(engine, fakes, "old")
-    a, b = fakes.factory(engine.host("a")), fakes.factory(engine.host("b"))
+    a, b = fakes.factory(engine.hosts.get("a")), fakes.factory(engine.hosts.get("b"))
     b.copy_domain_from(a, uuid)
     b.set_power(uuid, P.SHUTDOWN, event=False)
     a.write(uuid, "shelved")
@@ -130,7 +130,7 @@ def test_a_stalled_resize_never_kills_the_guest_its_recovery_rolled_back(
     """A resize stalled before the source powered off, rolled back by a forced recovery, leaves the guest running."""
     first = twins()
     uuid = _vm(first, fakes)
-    a = fakes.factory(first.host("a"))
+    a = fakes.factory(first.hosts.get("a"))
     gate = a.hold("migrate_disk_and_power_off")
     worker, errors = _in_thread(lambda: first.resize(uuid, BIG))
     assert gate.wait_entered()
@@ -149,7 +149,7 @@ def test_a_hard_reboot_brings_back_a_lost_domain_on_its_disk(twins: Callable[[],
     """A domain undefined behind the engine's back (disk kept) is defined anew on that disk by reboot --hard."""
     engine = twins()
     uuid = _vm(engine, fakes)
-    a = fakes.factory(engine.host("a"))
+    a = fakes.factory(engine.hosts.get("a"))
     a.undefine(uuid)
     engine.reboot(uuid, hard=True)
     assert engine.get(uuid).vm_state is V.ACTIVE and a.get_info(uuid) is P.RUNNING
@@ -162,7 +162,7 @@ def test_a_roll_back_that_cannot_reach_the_source_leaves_the_move_open(
     """A copy failing while the source does not answer ends in error with the move open, disk kept; revert ends it."""
     engine = twins()
     uuid = _vm(engine, fakes)
-    a, b = fakes.factory(engine.host("a")), fakes.factory(engine.host("b"))
+    a, b = fakes.factory(engine.hosts.get("a")), fakes.factory(engine.hosts.get("b"))
     original = a.volumes()
     b.fail_after("copy", DriverUnavailable("source vanished mid-copy", call="copy"))
     before = b._before
@@ -194,7 +194,7 @@ def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Eng
     engine = twins()
     uuid = _vm(engine, fakes)
     engine.stop(uuid)
-    b = fakes.factory(engine.host("b"))
+    b = fakes.factory(engine.hosts.get("b"))
     b.crash_after("copy")
     with pytest.raises(SimulatedCrash):
         engine.migrate(uuid, host="b")
@@ -203,7 +203,7 @@ def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Eng
     assert (recovered.plan, recovered.outcome) == ("resume", "failed")
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.task_state) == (V.STOPPED, "a", None)
-    assert fakes.factory(engine.host("a")).domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
+    assert fakes.factory(engine.hosts.get("a")).domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
 
 
 def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[], Engine], fakes: Fakes) -> None:
@@ -212,7 +212,7 @@ def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[]
 
     engine = twins()
     uuid = _vm(engine, fakes)
-    b = fakes.factory(engine.host("b"))
+    b = fakes.factory(engine.hosts.get("b"))
     b.crash_after("copy")
     with pytest.raises(SimulatedCrash):
         engine.migrate(uuid, host="b")
@@ -227,12 +227,12 @@ def test_a_destination_silent_before_the_copy_rolls_the_move_back(twins: Callabl
     """A destination that does not answer when the move clears it puts the guest back on its source, running."""
     engine = twins()
     uuid = _vm(engine, fakes)
-    b = fakes.factory(engine.host("b"))
+    b = fakes.factory(engine.hosts.get("b"))
     b.unreachable = True
     with pytest.raises(TaskFailed, match="does not answer before the copy"):
         engine.migrate(uuid, host="b")
     i = engine.get(uuid)
-    a = fakes.factory(engine.host("a"))
+    a = fakes.factory(engine.hosts.get("a"))
     assert (i.vm_state, i.host, a.get_info(uuid)) == (V.ACTIVE, "a", P.RUNNING)
     assert engine.store.open_migration(uuid) is None and a.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
 
@@ -243,7 +243,7 @@ def test_a_second_forced_recovery_never_takes_the_first_ones_task(
     """A forced recovery runs a dead engine's task under a name of its own: a second one, forced too, takes nothing."""
     first = twins()
     uuid = _vm(first, fakes)
-    b = fakes.factory(first.host("b"))
+    b = fakes.factory(first.hosts.get("b"))
     gates = [b.hold("copy"), b.hold("copy")]  # the first worker's copy, then the recovery's
     worker, _ = _in_thread(lambda: first.migrate(uuid, host="b"))
     assert gates[0].wait_entered()

@@ -31,7 +31,7 @@ def test_same_key_while_running_returns_the_running_task(
     assert gate.wait_entered()
     assert engine.pause(uuid, idempotency_key="k-2").id == started.id
     gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert engine.task(started.id).outcome is Outcome.SUCCEEDED
 
 

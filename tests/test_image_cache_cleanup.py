@@ -45,9 +45,9 @@ def test_the_cleanup_costs_the_same_queries_for_more_instances(engine: Engine) -
     """Ten more instances on the host add no query to its cleanup (it used to ask one per instance)."""
     engine.create("first", host="h1", flavor=FLAVOR, image="cirros")
     with _statements(engine) as few:
-        engine.clean_image_cache("h1", 0)
+        engine.images.clean_cache("h1", 0)
     for n in range(10):
         engine.create(f"more-{n}", host="h1", flavor=FLAVOR, image="cirros")
     with _statements(engine) as many:
-        engine.clean_image_cache("h1", 0)
+        engine.images.clean_cache("h1", 0)
     assert len(many) == len(few) <= 4, many

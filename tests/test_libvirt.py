@@ -220,12 +220,12 @@ def test_engine_refuses_a_malicious_image_at_spawn(tmp_path: Path, monkeypatch: 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_host("lv1", private_node_uri(tmp_path), str(tmp_path / "instances"))
-        engine.add_image("evil", str(evil))
+        engine.hosts.add("lv1", private_node_uri(tmp_path), str(tmp_path / "instances"))
+        engine.images.add("evil", str(evil))
         with pytest.raises(TaskFailed, match="outside the image cache") as info:
             engine.create("victim", host="lv1", flavor=Flavor(1, 64, 1), image="evil")
         assert engine.get(info.value.task.instance_uuid).vm_state is VmState.ERROR
-        host = engine.driver("lv1")
+        host = engine.hosts.driver("lv1")
         assert host.list_instances().owned == {}
         assert isinstance(host, LibvirtDriver)
         with host._calling("volumes") as conn:
@@ -397,10 +397,10 @@ def test_engine_drives_a_libvirt_host(tmp_path: Path, base_image: Path) -> None:
     )
     try:
         with Engine(url, settings=settings) as engine:
-            engine.add_host("lv1", QEMU_URI, str(tmp_path / "instances"))
-            engine.add_image("base", str(base_image))
+            engine.hosts.add("lv1", QEMU_URI, str(tmp_path / "instances"))
+            engine.images.add("base", str(base_image))
             uuid = engine.create("web", host="lv1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
-            host = engine.driver("lv1")
+            host = engine.hosts.driver("lv1")
             assert _disk_volumes(host) == {uuid}
             ops = ("stop", "start", "reboot", "pause", "unpause", "suspend", "resume", "rescue", "unrescue", "rebuild")
             for op in ops:
@@ -425,18 +425,18 @@ def test_engine_on_real_qemu_with_a_console(tmp_path: Path, base_image: Path) ->
     settings = Settings(libvirt_domain_type="qemu", shutdown_timeout=1, shutdown_retry_interval=0.5)
     try:
         with Engine(url, settings=settings) as engine:
-            engine.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
-            engine.add_image("base", str(base_image))
+            engine.hosts.add("q1", QEMU_URI, str(tmp_path / "instances"))
+            engine.images.add("base", str(base_image))
             uuid = engine.create("real", host="q1", flavor=Flavor(1, 64, 1), image="base").instance_uuid
-            connection = engine.check_console_token(engine.get_vnc_console(uuid).token)
+            connection = engine.consoles.check_token(engine.consoles.get_vnc_console(uuid).token)
             assert connection is not None
             with socket.create_connection((connection.host, connection.port), timeout=5) as sock:
                 assert sock.recv(4) == b"RFB "
             engine.stop(uuid)
             assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (VmState.STOPPED, PowerState.SHUTDOWN)
             engine.delete(uuid)
-            assert _disk_volumes(engine.driver("q1")) == set()
-            assert uuid not in engine.driver("q1").list_instances().owned
+            assert _disk_volumes(engine.hosts.driver("q1")) == set()
+            assert uuid not in engine.hosts.driver("q1").list_instances().owned
     finally:
         remove_pools(HostStorage(str(tmp_path / "instances")))
 
@@ -451,15 +451,15 @@ def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_
     remote_uri = os.environ["LIFECYCLE_TEST_REMOTE_URI"]
     try:
         with Engine(url, settings=Settings(libvirt_domain_type="qemu", shutdown_timeout=0)) as engine:
-            engine.add_host("src", QEMU_URI, str(tmp_path / "src"))
-            engine.add_host("dst", remote_uri, str(remote_instances), console_address="127.0.0.2")
+            engine.hosts.add("src", QEMU_URI, str(tmp_path / "src"))
+            engine.hosts.add("dst", remote_uri, str(remote_instances), console_address="127.0.0.2")
             for name in ("src", "dst"):
-                engine.heartbeat(name)
-            engine.add_image("base", str(base_image))
+                engine.hosts.heartbeat(name)
+            engine.images.add("base", str(base_image))
             uuid = engine.create("mover", host="src", flavor=Flavor(1, 64, 1), image="base").instance_uuid
             engine.resize(uuid, Flavor(1, 128, 2))
             assert (engine.get(uuid).host, engine.get(uuid).status) == ("dst", "VERIFY_RESIZE")
-            src, dst = engine.driver("src"), engine.driver("dst")
+            src, dst = engine.hosts.driver("src"), engine.hosts.driver("dst")
             assert isinstance(dst, LibvirtDriver)
             with dst._calling("test") as conn:
                 copy = dst.storage.volume(conn, dst.storage.disks_pool, engine.get(uuid).disk)

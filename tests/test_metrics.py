@@ -41,9 +41,9 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """One fake host with two instances."""
     engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0))
-    engine.add_host("a", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-    engine.heartbeat("a")
-    engine.add_image("cirros", fake_image("cirros"))
+    engine.hosts.add("a", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+    engine.hosts.heartbeat("a")
+    engine.images.add("cirros", fake_image("cirros"))
     yield engine
     engine.close()
 
@@ -52,7 +52,7 @@ def test_a_pass_counts_its_result_drift_and_actions(cloud: Engine, fakes: Fakes)
     """A sync pass over a drifted guest counts one ok pass, one drifted instance and the rule's action."""
     uuid = cloud.create("vm", host="a", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
     fakes["a"].set_power(uuid, PowerState.SHUTDOWN, event=False)
-    cloud.sync("a")
+    cloud.hosts.sync("a")
     s = _samples(generate_latest(cloud.metrics.registry).decode())
     assert _value(s, "lifecycle_sync_passes_total", host="a", result="ok") == 1
     assert _value(s, "lifecycle_sync_drift_total", host="a") == 1
@@ -66,7 +66,7 @@ def test_a_pass_that_cannot_run_counts_as_failed_and_as_a_host_error(cloud: Engi
     """An unreachable hypervisor makes the pass failed and counts a sync_pass error for the host."""
     cloud.create("vm", host="a", flavor=Flavor(1, 64, 1), image="cirros")
     fakes["a"].unreachable = True
-    cloud.sync("a")
+    cloud.hosts.sync("a")
     s = _samples(generate_latest(cloud.metrics.registry).decode())
     assert _value(s, "lifecycle_sync_passes_total", host="a", result="failed") == 1
     assert _value(s, "lifecycle_host_errors_total", host="a", kind="sync_pass") == 1
@@ -105,9 +105,9 @@ def test_an_embedder_passes_its_own_registry(db_url: str, fakes: Fakes) -> None:
 
     registry = CollectorRegistry()
     with Engine(db_url, driver_factory=fakes.factory, metrics_registry=registry) as engine:
-        engine.add_host("a", "fake://")
-        engine.heartbeat("a")
-        engine.sync("a")
+        engine.hosts.add("a", "fake://")
+        engine.hosts.heartbeat("a")
+        engine.hosts.sync("a")
         assert engine.metrics.registry is registry
         assert registry.get_sample_value("lifecycle_sync_passes_total", {"host": "a", "result": "ok"}) == 1
 
@@ -132,8 +132,8 @@ def test_the_daemon_serves_metrics_over_http(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_image("cirros", fake_image("cirros"))
-        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
+        engine.images.add("cirros", fake_image("cirros"))
+        engine.hosts.add("h1", f"fake://{tmp_path / 'h1.json'}")
         engine.create("vm", host="h1", flavor=Flavor(1, 64, 1), image="cirros")
     port = _free_port()
 
@@ -304,7 +304,7 @@ def test_the_daemons_metrics_answer_while_its_database_is_down(pg_url: str, tmp_
 
     upgrade(pg_url)
     with Engine(pg_url) as engine:
-        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
+        engine.hosts.add("h1", f"fake://{tmp_path / 'h1.json'}")
     server = sa.make_url(pg_url)
     relay = Relay((server.host or "127.0.0.1", server.port or 5432))
     relayed = server.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)

@@ -112,14 +112,14 @@ def _populate(url: str) -> dict[str, int]:
     fakes = Fakes()
     with Engine(url, driver_factory=fakes.factory) as engine:
         for name in ("h1", "h2"):
-            engine.add_host(name, "fake://", vcpus=8, memory_mb=4096, disk_gb=40)
-            engine.heartbeat(name)
-        engine.add_image("cirros", fake_image("cirros"))
+            engine.hosts.add(name, "fake://", vcpus=8, memory_mb=4096, disk_gb=40)
+            engine.hosts.heartbeat(name)
+        engine.images.add("cirros", fake_image("cirros"))
         uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros", uuid=None).instance_uuid
         engine.migrate(uuid, host="h2")  # a migration row, claims on both hosts
-        engine.get_vnc_console(uuid)
+        engine.consoles.get_vnc_console(uuid)
         engine.create("other", host="h1", flavor=FLAVOR, image="cirros")
-        engine.follow("billing", lambda change: None, stop=_STOPPED)  # a feed consumer's position
+        engine.feed.follow("billing", lambda change: None, stop=_STOPPED)  # a feed consumer's position
     counts = _counts(url)
     assert all(counts.values()), f"a table has no row, the round trip would not test it: {counts}"
     return counts
@@ -149,9 +149,9 @@ def test_instances_stored_before_0016_read_back_without_extra_specs(db_url: str)
     specced = Flavor(1, 64, 1, name="ssd", extra_specs=(("capabilities:ssd", "true"),))
     fakes = Fakes()
     with Engine(db_url, driver_factory=fakes.factory) as engine:
-        engine.add_host("h1", "fake://", capabilities={"ssd": "true"})
-        engine.heartbeat("h1")
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add("h1", "fake://", capabilities={"ssd": "true"})
+        engine.hosts.heartbeat("h1")
+        engine.images.add("cirros", fake_image("cirros"))
         uuid = engine.create("vm", flavor=specced, image="cirros").instance_uuid
         assert engine.get(uuid).flavor == specced
     downgrade(db_url, "0015")

@@ -68,11 +68,11 @@ def world(db_url: str) -> Iterator[World]:
     """Hosts with resources, an image, an instance stopped, another migrated (claims on two hosts, a migration row)."""
     fakes = Fakes()
     with Engine(db_url, driver_factory=fakes.factory) as engine:
-        engine.add_host("h1", "fake://", vcpus=8, memory_mb=4096, disk_gb=40, capabilities={"ssd": "true"})
-        engine.add_host("h2", "fake://", vcpus=8, memory_mb=4096, disk_gb=40, capabilities={"ssd": "true"})
+        engine.hosts.add("h1", "fake://", vcpus=8, memory_mb=4096, disk_gb=40, capabilities={"ssd": "true"})
+        engine.hosts.add("h2", "fake://", vcpus=8, memory_mb=4096, disk_gb=40, capabilities={"ssd": "true"})
         for name in ("h1", "h2"):
-            engine.heartbeat(name, {"cpu.percent": 12.5})
-        engine.add_image("cirros", fake_image("cirros"), properties={"architecture": "x86_64"})
+            engine.hosts.heartbeat(name, {"cpu.percent": 12.5})
+        engine.images.add("cirros", fake_image("cirros"), properties={"architecture": "x86_64"})
         stopped = engine.create("stopped", host="h1", flavor=SSD, image="cirros").instance_uuid
         engine.stop(stopped)
         moved = engine.create("moved", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
@@ -150,11 +150,11 @@ def test_each_model_reads_the_values_the_engine_reports(world: World, session: S
         assert len(audit) == len(history) > 1
         for entry, record in zip(sorted(audit, key=lambda a: a.id), history, strict=True):
             _assert_same(entry, record)
-    for host in engine.hosts():
+    for host in engine.hosts.list():
         row = session.get(models.Host, host.name)
         assert row is not None
         _assert_same(row, host)
-    for image in engine.images():
+    for image in engine.images.list():
         row = session.get(models.Image, image.name)
         assert row is not None
         _assert_same(row, image)
@@ -196,7 +196,7 @@ def test_joins_give_instances_with_their_tasks_and_steps_and_hosts_with_their_cl
         host.name: sum(claim.vcpus for claim in host.claims)
         for host in session.exec(select(models.Host).join(models.Claim).distinct())
     }
-    assert used == {host.name: host.vcpus_used for host in engine.hosts()}
+    assert used == {host.name: host.vcpus_used for host in engine.hosts.list()}
     on_h1 = session.exec(select(models.Host).where(models.Host.name == "h1")).one()
     assert sorted(i.uuid for i in on_h1.instances) == sorted(i.uuid for i in engine.list(host="h1"))
 
@@ -234,8 +234,8 @@ def test_the_models_are_read_only(world: World, session: Session) -> None:
         session.commit()
     session.rollback()
     assert world.engine.get(world.stopped).vm_state.value == "stopped"
-    assert {h.name for h in world.engine.hosts()} == {"h1", "h2"}
-    assert [i.name for i in world.engine.images()] == ["cirros"]
+    assert {h.name for h in world.engine.hosts.list()} == {"h1", "h2"}
+    assert [i.name for i in world.engine.images.list()] == ["cirros"]
 
 
 def _annotation(model: type[SQLModel], name: str) -> tuple[type, bool]:

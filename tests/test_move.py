@@ -22,9 +22,9 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """Two fake hosts with resources and heartbeats; an instance starts on a."""
     engine = Engine(db_url, driver_factory=fakes.factory)
     for name in ("a", "b"):
-        engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-        engine.heartbeat(name)
-    engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.hosts.heartbeat(name)
+    engine.images.add("cirros", fake_image("cirros"))
     yield engine
     check_invariants(engine.store)
     engine.close()
@@ -35,7 +35,7 @@ def _vm(cloud: Engine) -> str:
 
 
 def _used(cloud: Engine) -> dict[str, int]:
-    return {h.name: h.memory_mb_used for h in cloud.hosts()}
+    return {h.name: h.memory_mb_used for h in cloud.hosts.list()}
 
 
 def test_resize_moves_grows_and_waits_for_confirm(cloud: Engine, fakes: Fakes) -> None:
@@ -145,18 +145,18 @@ def test_a_failure_before_the_disk_leaves_is_rolled_back_on_the_source(cloud: En
 def test_a_failure_on_the_destination_keeps_the_source_disk(cloud: Engine, fakes: Fakes) -> None:
     """finish_migration failing on b sends the instance to error but never loses the source's kept disk."""
     uuid = _vm(cloud)
-    fakes.factory(cloud.host("b")).fail_next("finish_migration")
+    fakes.factory(cloud.hosts.get("b")).fail_next("finish_migration")
     with pytest.raises(TaskFailed):
         cloud.resize(uuid, BIG)
     assert cloud.get(uuid).vm_state is V.ERROR
     assert fakes["a"].kept_disks() == [uuid]
-    assert cloud.clean_image_cache("a", 0) == []  # the fake keeps no cache; the open move is protected
+    assert cloud.images.clean_cache("a", 0) == []  # the fake keeps no cache; the open move is protected
 
 
 def test_no_destination_is_no_change(cloud: Engine) -> None:
     """With no other host able to take the flavor the resize fails in prep and changes nothing."""
     uuid = _vm(cloud)
-    cloud.set_host_enabled("b", False)
+    cloud.hosts.set_enabled("b", False)
     with pytest.raises(TaskFailed, match="NoValidHost"):
         cloud.resize(uuid, BIG)
     assert (cloud.get(uuid).vm_state, cloud.get(uuid).host) == (V.ACTIVE, "a")
@@ -165,9 +165,9 @@ def test_no_destination_is_no_change(cloud: Engine) -> None:
 def test_a_move_revokes_console_tokens(cloud: Engine) -> None:
     """A console token issued before the move no longer works after it."""
     uuid = _vm(cloud)
-    token = cloud.get_vnc_console(uuid).token
+    token = cloud.consoles.get_vnc_console(uuid).token
     cloud.migrate(uuid)
-    assert cloud.check_console_token(token) is None
+    assert cloud.consoles.check_token(token) is None
 
 
 def test_migration_status_chart_is_checked() -> None:
@@ -204,7 +204,7 @@ def test_migrations_are_listed_and_shown(cloud: Engine) -> None:
     (m,) = cloud.migrations()
     assert (m.instance_uuid, m.source_host, m.dest_host, m.status) == (uuid, "a", "b", MigrationStatus.FINISHED)
     assert cloud.migrations("b") == [m] and cloud.migration(m.id) == m
-    cloud.add_host("c", "fake://")
+    cloud.hosts.add("c", "fake://")
     assert cloud.migrations("c") == []
     with pytest.raises(MigrationNotFound):
         cloud.migration("00000000-0000-0000-0000-000000000000")
@@ -227,7 +227,7 @@ def test_the_copy_records_its_progress_on_the_step_and_the_migration(cloud: Engi
 def test_a_copy_that_fails_rolls_back_onto_the_source(cloud: Engine, fakes: Fakes) -> None:
     """A copy failing midway leaves nothing on b: the guest runs on a as before, old flavor, b's claim released."""
     uuid = _vm(cloud)
-    b = fakes.factory(cloud.host("b"))
+    b = fakes.factory(cloud.hosts.get("b"))
     b.fail_after("copy", DriverUnavailable("b stopped answering", call="copy"))  # after the first chunk
     with pytest.raises(TaskFailed, match="CopyFailed"):
         cloud.resize(uuid, BIG)
@@ -242,7 +242,7 @@ def test_a_stopped_guest_whose_copy_fails_stays_stopped_on_the_source(cloud: Eng
     """The roll back of a failed copy keeps a stopped guest stopped (vm_state and power)."""
     uuid = _vm(cloud)
     cloud.stop(uuid)
-    b = fakes.factory(cloud.host("b"))
+    b = fakes.factory(cloud.hosts.get("b"))
     b.fail_next("copy")
     with pytest.raises(TaskFailed):
         cloud.migrate(uuid)
@@ -257,7 +257,7 @@ def test_a_force_delete_stops_a_copy_in_flight(cloud: Engine, fakes: Fakes) -> N
     from lifecycle.errors import Preempted
 
     uuid = _vm(cloud)
-    b = fakes.factory(cloud.host("b"))
+    b = fakes.factory(cloud.hosts.get("b"))
     gate = b.hold("copy")
     errors: list[BaseException] = []
 
@@ -285,7 +285,7 @@ def test_a_copy_cut_by_a_crash_is_restarted_by_recovery(cloud: Engine, fakes: Fa
     from drivers.fake import SimulatedCrash
 
     uuid = _vm(cloud)
-    b = fakes.factory(cloud.host("b"))
+    b = fakes.factory(cloud.hosts.get("b"))
     b.crash_after("copy")
     with pytest.raises(SimulatedCrash):
         cloud.resize(uuid, BIG)
@@ -300,7 +300,7 @@ def test_a_copy_cut_by_a_crash_is_restarted_by_recovery(cloud: Engine, fakes: Fa
 def test_a_delete_that_cuts_a_move_short_leaves_its_record_in_error(cloud: Engine, fakes: Fakes) -> None:
     """A delete taking over a move mid-copy ends the migration in error (it never happened), a resized one confirmed."""
     uuid = _vm(cloud)
-    fakes.factory(cloud.host("b"))
+    fakes.factory(cloud.hosts.get("b"))
     gate = fakes["b"].hold("copy")
     cloud.migrate(uuid, host="b", wait=False)
     assert gate.wait_entered()
@@ -308,7 +308,7 @@ def test_a_delete_that_cuts_a_move_short_leaves_its_record_in_error(cloud: Engin
     assert migration is not None
     cloud.delete(uuid)
     gate.release()
-    cloud.wait_idle()
+    cloud.runner.wait_idle()
     assert cloud.get(uuid).vm_state is V.DELETED
     assert cloud.store.get_migration(migration.id).status is MigrationStatus.ERROR
     assert _used(cloud) == {"a": 0, "b": 0}

@@ -91,7 +91,7 @@ def test_rebuild_gives_a_new_disk_on_the_new_image(
 ) -> None:
     """Rebuild keeps uuid, name, host and flavor, replaces the disk and records the new image."""
     uuid = new_instance("keep-me")
-    engine.add_image("debian", fake_image("debian"))
+    engine.images.add("debian", fake_image("debian"))
     old_disk = fakes["h1"].disk_of(uuid)
     engine.rebuild(uuid, image="debian")
     i = engine.get(uuid)
@@ -227,7 +227,7 @@ def test_bad_create_input_is_refused_before_anything_changes(
 
 def test_flavor_smaller_than_image_minimum_is_refused(engine: Engine) -> None:
     """An image's minimum disk is enforced before anything is written."""
-    engine.add_image("big", fake_image("big"), min_disk_gb=20)
+    engine.images.add("big", fake_image("big"), min_disk_gb=20)
     with pytest.raises(InvalidInput, match="smaller than image big's minimum"):
         engine.create("vm", host="h1", flavor=FLAVOR, image="big")
     assert engine.list() == []
@@ -250,7 +250,7 @@ def test_background_task_runs_on_the_executor(engine: Engine, fakes: Fakes, new_
     assert gate.wait_entered()
     assert engine.get(uuid).task_state is TaskState.PAUSING
     gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert engine.task(task.id).outcome is Outcome.SUCCEEDED
     assert engine.get(uuid).vm_state is V.PAUSED
 

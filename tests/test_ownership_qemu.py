@@ -56,7 +56,7 @@ class Pair:
         return engine
 
     def driver(self, engine: Engine, host: str) -> LibvirtDriver:
-        driver = engine.driver(host)
+        driver = engine.hosts.driver(host)
         assert isinstance(driver, LibvirtDriver)
         return driver
 
@@ -70,16 +70,16 @@ def pair(tmp_path: Path, base_image: Path, remote_host: RemoteHost, remote_insta
     upgrade(url)
     pair = Pair(url, tmp_path / "a", remote_instances, remote_host)
     setup = pair.engine()
-    setup.add_host("a", QEMU_URI, str(pair.a_path), vcpus=8, memory_mb=4096, disk_gb=50)
-    setup.add_host(
+    setup.hosts.add("a", QEMU_URI, str(pair.a_path), vcpus=8, memory_mb=4096, disk_gb=50)
+    setup.hosts.add(
         "b", remote_host.uri, str(remote_instances), vcpus=8, memory_mb=4096, disk_gb=50, console_address="127.0.0.2"
     )
     for name in ("a", "b"):
-        setup.heartbeat(name)
-    setup.add_image("base", str(base_image))
+        setup.hosts.heartbeat(name)
+    setup.images.add("base", str(base_image))
     yield pair
     for engine in pair.engines:
-        engine.wait_idle()
+        engine.runner.wait_idle()
     for instance in setup.list(include_deleted=True):
         for host in ("a", "b"):
             pair.driver(setup, host).destroy(instance.uuid)
@@ -152,7 +152,7 @@ def test_a_stalled_copy_never_deletes_the_disk_its_recovery_made(pair: Pair) -> 
     current = second.get(uuid).disk
     assert current is not None and current.endswith("-1") and second.get(uuid).host == "b"
     hold.released.set()
-    first.wait_idle()
+    first.runner.wait_idle()
     assert first.task(task.id).epoch == 1 and second.task(task.id).outcome is Outcome.SUCCEEDED
     b = pair.driver(second, "b")
     assert list(_volumes(b, uuid)) == [current] and _domain_disk(b, uuid) == current  # the stale copy went alone
@@ -191,7 +191,7 @@ def test_a_stalled_resize_never_kills_the_guest_its_recovery_rolled_back(pair: P
     [recovered] = second.recover(force=True)
     assert (recovered.task_id, recovered.plan) == (task.id, "roll_back")
     hold.released.set()
-    first.wait_idle()
+    first.runner.wait_idle()
     i = second.get(uuid)
     a = pair.driver(second, "a")
     assert (i.host, i.vm_state) == ("a", VmState.ACTIVE) and a.get_info(uuid) is PowerState.RUNNING
@@ -207,7 +207,7 @@ def test_a_delete_racing_a_build_always_ends_deleted(pair: Pair) -> None:
     for n in range(5):
         build = engine.create(f"raced-{n}", host="a", flavor=Flavor(1, 64, 1), image="base", wait=False)
         engine.delete(build.instance_uuid)
-        engine.wait_idle()
+        engine.runner.wait_idle()
         i = engine.get(build.instance_uuid)
         assert i.vm_state is VmState.DELETED, (n, engine.task(build.id).error)
         assert a.objects(build.instance_uuid) == [], n
@@ -258,7 +258,7 @@ def test_a_source_lost_mid_copy_leaves_the_move_open_until_it_answers(pair: Pair
         interval=0.02,
     )
     with frozen(pair.remote):
-        engine.wait_idle()  # keepalive ends the copy; the roll-back cannot reach b
+        engine.runner.wait_idle()  # keepalive ends the copy; the roll-back cannot reach b
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.disk) == (VmState.ERROR, "b", disk), engine.task(task.id).error
     assert engine.store.open_migration(uuid) is not None

@@ -30,9 +30,9 @@ def cloud(sqlite_url: str, fakes: Fakes) -> Iterator[Engine]:
     """Three fake hosts with tracked resources and fresh heartbeats."""
     engine = Engine(sqlite_url, driver_factory=fakes.factory)
     for name, mem in (("a", 2048), ("b", 4096), ("c", 1024)):
-        engine.add_host(name, "fake://", vcpus=4, memory_mb=mem, disk_gb=50)
-        engine.heartbeat(name)
-    engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add(name, "fake://", vcpus=4, memory_mb=mem, disk_gb=50)
+        engine.hosts.heartbeat(name)
+    engine.images.add("cirros", fake_image("cirros"))
     yield engine
     check_invariants(engine.store)
     engine.close()
@@ -42,7 +42,7 @@ def test_create_without_a_host_is_scheduled_and_claims(cloud: Engine) -> None:
     """The scheduler picks the emptiest host (spreading) and the claim shows in its usage."""
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
     assert cloud.get(uuid).host == "b"
-    b = cloud.host("b")
+    b = cloud.hosts.get("b")
     assert (b.vcpus_used, b.memory_mb_used, b.disk_gb_used) == (1, 512, 1)
     assert cloud.store.claims_of(uuid) == ["b"]
     assert "scheduled to b (attempt 1 of 3)" in (cloud.history(uuid)[1].message or "")
@@ -52,17 +52,17 @@ def test_delete_releases_the_claim(cloud: Engine) -> None:
     """Deleting an instance gives its resources back to the host."""
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
     cloud.delete(uuid)
-    assert cloud.host("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == []
+    assert cloud.hosts.get("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == []
 
 
 def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -> None:
     """A spawn failure on the first host releases it and builds on the next, with both attempts audited."""
-    fakes.factory(cloud.host("b"))
+    fakes.factory(cloud.hosts.get("b"))
     fakes["b"].fail_next("spawn")
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
     i = cloud.get(uuid)
     assert (i.vm_state, i.host) == (VmState.ACTIVE, "a")
-    assert cloud.host("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == ["a"]
+    assert cloud.hosts.get("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == ["a"]
     messages = [r.message for r in cloud.history(uuid) if r.message]
     assert messages[0].startswith("scheduled to b")
     assert "spawn on b failed: DriverError: injected failure in spawn; rescheduling" in messages[1]
@@ -72,7 +72,7 @@ def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -
 def test_every_attempt_failing_ends_in_error_with_each_in_the_audit_log(cloud: Engine, fakes: Fakes) -> None:
     """After max_attempts failed spawns the instance is in error, holds no claim, and the log shows all three."""
     for name in ("a", "b", "c"):
-        fakes.factory(cloud.host(name))
+        fakes.factory(cloud.hosts.get(name))
         fakes[name].fail_next("spawn")
     with pytest.raises(TaskFailed) as info:
         cloud.create("vm", flavor=SMALL, image="cirros")
@@ -113,8 +113,8 @@ def test_racing_claims_never_overcommit(pg_url: str) -> None:
     """Six processes racing for a host that fits exactly 5 instances: exactly 5 claims win, usage is exact."""
     upgrade(pg_url)
     with Engine(pg_url) as engine:
-        engine.add_host("tight", "fake://", vcpus=64, memory_mb=5 * 1024, disk_gb=100)
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add("tight", "fake://", vcpus=64, memory_mb=5 * 1024, disk_gb=100)
+        engine.images.add("cirros", fake_image("cirros"))
         for w in range(6):
             for i in range(5):
                 engine.create(
@@ -133,7 +133,7 @@ def test_racing_claims_never_overcommit(pg_url: str) -> None:
         wins = pool.starmap(_race, [(pg_url, w, 5) for w in range(6)])
     assert sum(wins) == 5
     with Engine(pg_url) as engine:
-        tight = engine.host("tight")
+        tight = engine.hosts.get("tight")
         assert (tight.memory_mb_used, tight.vcpus_used) == (5 * 1024, 5)
 
 
@@ -142,11 +142,11 @@ def test_claim_is_refused_once_the_host_is_full(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'c.db'}"
     upgrade(url)
     with Engine(url) as engine:
-        engine.add_host("h", "fake://", vcpus=1, memory_mb=100, disk_gb=1)
-        engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add("h", "fake://", vcpus=1, memory_mb=100, disk_gb=1)
+        engine.images.add("cirros", fake_image("cirros"))
         uuid = engine.create("x", host="h", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
         assert engine.store.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
-        assert engine.host("h").memory_mb_used == 64
+        assert engine.hosts.get("h").memory_mb_used == 64
     assert NoValidHost({}).reasons == {}
 
 

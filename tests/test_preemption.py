@@ -100,7 +100,7 @@ def test_hard_reboot_preempts_pause_and_suspend(
     reboot = engine.reboot(uuid, hard=True, wait=False)
     gate.release()
     worker.join(10)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert isinstance(worker.error, Preempted)
     assert engine.task(reboot.id).outcome is Outcome.SUCCEEDED
     i = engine.get(uuid)

@@ -62,10 +62,10 @@ def _cloud(tmp_path: Path) -> tuple[Engine, Fakes]:
         settings=Settings(shutdown_timeout=0, preempt_wait_seconds=10, shelved_offload_time=3600),
     )
     for host in ("h1", "h2"):
-        engine.add_host(host, "fake://")
-        engine.heartbeat(host)
-        engine.driver(host)
-    engine.add_image("cirros", fake_image())
+        engine.hosts.add(host, "fake://")
+        engine.hosts.heartbeat(host)
+        engine.hosts.driver(host)
+    engine.images.add("cirros", fake_image())
     return engine, fakes
 
 
@@ -94,7 +94,7 @@ def _prepared(engine: Engine, op: str) -> str | None:
             engine.run(step, uuid)
     if op == "evacuate":  # its host must be down and fenced; the fake still answers, as a host coming back would
         engine.store.update_host("h1", last_heartbeat=None)
-        engine.fence_host("h1", reason="dead", actor="test")
+        engine.hosts.fence("h1", reason="dead", actor="test")
     return uuid
 
 
@@ -104,7 +104,7 @@ def _calls_of(tmp_path: Path, op: str) -> list[tuple[str, str]]:
     uuid = _prepared(engine, op)
     marks = {h: len(f.calls) for h, f in fakes.items()}
     _start(engine, op, uuid)
-    engine.wait_idle()
+    engine.runner.wait_idle()
     seen: list[tuple[str, str]] = []
     for host, fake in sorted(fakes.items()):
         for call in fake.calls[marks[host] :]:
@@ -156,7 +156,7 @@ def test_preemption_pair_leaves_hypervisor_and_database_agreeing(
         except InvalidState:
             took = None  # the guard refuses in this task_state: the victim simply finishes
         gate.release()
-        engine.wait_idle()
+        engine.runner.wait_idle()
         where = f"{preemptor} over {victim} held in {call} on {host}"
         if took is not None:
             assert engine.task(took.id).outcome is Outcome.SUCCEEDED, where
@@ -166,7 +166,7 @@ def test_preemption_pair_leaves_hypervisor_and_database_agreeing(
             if preemptor == "reboot_hard":
                 assert engine.get(uuid).power_state is PowerState.RUNNING, where
         if victim == "evacuate":
-            engine.destroy_evacuated("h1")  # what h1's daemon does first when the dead host answers again
+            engine.hosts.destroy_evacuated("h1")  # what h1's daemon does first when the dead host answers again
         _agree(engine, fakes, uuid)
         check_invariants(engine.store)
         engine.close()

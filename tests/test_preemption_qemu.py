@@ -43,16 +43,16 @@ def cloud(tmp_path: Path, base_image: Path) -> Iterator[tuple[str, Path]]:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     with Engine(url, settings=SETTINGS) as engine:
-        engine.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
-        engine.add_image("base", str(base_image))
+        engine.hosts.add("q1", QEMU_URI, str(tmp_path / "instances"))
+        engine.images.add("base", str(base_image))
     yield url, tmp_path / "instances"
     with Engine(url, settings=SETTINGS) as engine:
         for instance in engine.list(include_deleted=True):
-            engine.driver("q1").destroy(instance.uuid)
+            engine.hosts.driver("q1").destroy(instance.uuid)
 
 
 def _driver(engine: Engine) -> LibvirtDriver:
-    driver = engine.driver("q1")
+    driver = engine.hosts.driver("q1")
     assert isinstance(driver, LibvirtDriver)
     return driver
 
@@ -68,7 +68,7 @@ def test_delete_while_spawn_is_in_flight_leaves_no_domain(cloud: tuple[str, Path
         assert hold.entered.wait(60)
         engine.delete(build.instance_uuid)
         hold.released.set()
-        engine.wait_idle()
+        engine.runner.wait_idle()
         uuid = build.instance_uuid
         assert engine.task(build.id).outcome is Outcome.PREEMPTED
         assert engine.get(uuid).vm_state is VmState.DELETED and engine.store.claims_of(uuid) == []
@@ -97,7 +97,7 @@ def test_a_taken_over_worker_that_wakes_late_makes_no_more_calls(cloud: tuple[st
     disk = (instances / "disks" / current).stat().st_ino
 
     hold.released.set()
-    first.wait_idle()
+    first.runner.wait_idle()
     assert second.get(uuid).vm_state is VmState.STOPPED
     assert _driver(second).get_info(uuid) is PowerState.SHUTDOWN  # the old worker did not spawn it again
     assert (instances / "disks" / current).stat().st_ino == disk  # nor replace the disk the new owner made

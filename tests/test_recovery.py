@@ -94,14 +94,14 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
             first.run(step, uuid)
     if op == "evacuate":  # its host must be down and fenced
         first.store.update_host("h1", last_heartbeat=None)
-        first.fence_host("h1", reason="dead", actor="test")
+        first.hosts.fence("h1", reason="dead", actor="test")
     if point == "begin":
         _crash_after_nth(first.store, "create" if op == "create" else "begin", 1)
     elif point.startswith("step"):
         _crash_after_nth(first.store, "advance", int(point[4:]))
     else:
         host = "h2" if call == "finish_migration" or op in ("evacuate", "unshelve") else "h1"  # the destination
-        fakes.factory(first.host(host)).crash_after(call)
+        fakes.factory(first.hosts.get(host)).crash_after(call)
     with pytest.raises(SimulatedCrash):
         if op == "create":
             first.create("vm", flavor=SMALL, image="cirros", uuid="00000000-0000-0000-0000-0000000000aa")
@@ -127,16 +127,16 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
     before_vm = V.STOPPED if "stop" in before else V.ACTIVE
     assert instance.vm_state is (ROLLED_BACK_VM.get(op, before_vm) if rolled_back else success), results
     assert second.task(crashed.task_id).outcome is (Outcome.FAILED if rolled_back else Outcome.SUCCEEDED)
-    fake = fakes.factory(second.host("h1"))
+    fake = fakes.factory(second.hosts.get("h1"))
     if instance.vm_state in (V.DELETED, V.ERROR):
         assert not fake.domain_exists(uuid) and second.store.claims_of(uuid) == []
     elif instance.vm_state is V.SHELVED_OFFLOADED:  # on no host, its disk only in the snapshot image
         assert instance.host is None and second.store.claims_of(uuid) == []
-        assert not any(fakes.factory(second.host(h)).domain_exists(uuid) for h in ("h1", "h2"))
+        assert not any(fakes.factory(second.hosts.get(h)).domain_exists(uuid) for h in ("h1", "h2"))
         assert Path(second.store.get_image(f"shelved-{uuid}").path).read_text().startswith("image:")
     else:
         assert instance.host is not None
-        here = fakes.factory(second.host(instance.host))
+        here = fakes.factory(second.hosts.get(instance.host))
         assert here.domain_exists(uuid) and instance.host in second.store.claims_of(uuid)
         assert instance.power_state == here.get_info(uuid)
         held = sorted(second.store.claims_of(uuid))
@@ -192,7 +192,7 @@ def test_a_live_lease_is_left_alone(sqlite_url: str, fakes: Fakes) -> None:
     other = make_engine(sqlite_url, fakes)
     assert other.recover() == []
     gate.release()
-    first.wait_idle()
+    first.runner.wait_idle()
     assert first.get(uuid).vm_state is V.PAUSED
     first.close()
     other.close()
@@ -210,7 +210,7 @@ def test_a_build_resumed_after_its_worker_died_between_volume_and_domain_keeps_o
 ) -> None:
     """A lost build that made its volume but no domain: the resumed build removes that volume and keeps only its own."""
     first = one_owner()
-    fakes.factory(first.host("h1")).crash_after("spawn")
+    fakes.factory(first.hosts.get("h1")).crash_after("spawn")
     uuid = "00000000-0000-0000-0000-0000000000ab"
     with pytest.raises(SimulatedCrash):
         first.create("vm", host="h1", flavor=SMALL, image="cirros", uuid=uuid)

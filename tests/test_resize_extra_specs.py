@@ -19,9 +19,9 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """Three fake hosts: h1 with no capabilities, h2 with spinning disks, h3 with an SSD."""
     engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0))
     for name, capabilities in (("h1", {}), ("h2", {"ssd": "false"}), ("h3", {"ssd": "true"})):
-        engine.add_host(name, "fake://", capabilities=capabilities)
-        engine.heartbeat(name)
-    engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add(name, "fake://", capabilities=capabilities)
+        engine.hosts.heartbeat(name)
+    engine.images.add("cirros", fake_image("cirros"))
     yield engine
     check_invariants(engine.store)
     check_claims(engine.store)
@@ -44,7 +44,7 @@ def test_a_resize_goes_to_the_host_its_extra_specs_ask_for(cloud: Engine) -> Non
 def test_a_resize_no_host_can_satisfy_is_refused_by_the_scheduler(cloud: Engine) -> None:
     """With the only SSD host disabled, the resize fails scheduling (NoValidHost naming the capability) and stays put."""
     uuid = cloud.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    cloud.set_host_enabled("h3", False)
+    cloud.hosts.set_enabled("h3", False)
     with pytest.raises(
         TaskFailed, match="h2: ComputeCapabilitiesFilter: capability ssd is 'false', flavor wants 'true'"
     ):

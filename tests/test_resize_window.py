@@ -18,9 +18,9 @@ from tests.invariants import check_invariants
 def _cloud(url: str, fakes: Fakes, **settings: object) -> Engine:
     engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]
     for name in ("a", "b"):
-        engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-        engine.heartbeat(name)
-    engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.hosts.heartbeat(name)
+    engine.images.add("cirros", fake_image("cirros"))
     return engine
 
 
@@ -41,7 +41,7 @@ def moved(sqlite_url: str, fakes: Fakes) -> Iterator[tuple[Engine, str]]:
 def test_an_expired_window_confirms_with_the_timer_as_actor(moved: tuple[Engine, str]) -> None:
     """A move finished longer ago than the window is confirmed by a task with cause timer."""
     engine, uuid = moved
-    assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["done"]
+    assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["done"]
     assert engine.get(uuid).vm_state is VmState.ACTIVE
     assert engine.tasks(uuid)[-1].actor == "resize_window" and engine.history(uuid)[-1].cause == "timer"
 
@@ -51,10 +51,10 @@ def test_a_fresh_move_waits(sqlite_url: str, fakes: Fakes) -> None:
     engine = _cloud(sqlite_url, fakes, resize_confirm_window=3600.0)
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
-    assert engine.poll_unconfirmed_resizes() == []
+    assert engine.duties.poll_unconfirmed_resizes() == []
     engine.close()
     engine = Engine(sqlite_url, driver_factory=fakes.factory)
-    assert engine.settings.resize_confirm_window == 0 and engine.poll_unconfirmed_resizes() == []
+    assert engine.settings.resize_confirm_window == 0 and engine.duties.poll_unconfirmed_resizes() == []
     assert engine.get(uuid).vm_state is VmState.RESIZED
     engine.close()
 
@@ -65,7 +65,7 @@ def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes) -> None:
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
     engine.store.update_migration(engine.store.open_migration(uuid).id, finished_at=now() - timedelta(hours=1))  # type: ignore[union-attr]
-    engine.poll_unconfirmed_resizes()
+    engine.duties.poll_unconfirmed_resizes()
     assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (VmState.ACTIVE, "a")
     engine.close()
 
@@ -74,9 +74,9 @@ def test_an_unreachable_source_is_retried_next_pass(moved: tuple[Engine, str], f
     """When the source cannot be reached the move stays finished and the next pass confirms it."""
     engine, uuid = moved
     fakes["a"].fail_next("confirm_migration", DriverUnavailable("a is down"))
-    assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["retry"]
+    assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["retry"]
     assert engine.store.open_migration(uuid).status == "finished"  # type: ignore[union-attr]
-    assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["done"]
+    assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["done"]
 
 
 def test_an_instance_being_deleted_is_skipped(moved: tuple[Engine, str], fakes: Fakes) -> None:
@@ -86,8 +86,8 @@ def test_an_instance_being_deleted_is_skipped(moved: tuple[Engine, str], fakes: 
     engine.delete(uuid, wait=False)
     try:
         assert gate.wait_entered()
-        assert [r.outcome for r in engine.poll_unconfirmed_resizes()] == ["skipped"]
+        assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["skipped"]
     finally:
         gate.release()
-        engine.wait_idle()
+        engine.runner.wait_idle()
     assert engine.get(uuid).vm_state is VmState.DELETED and fakes["a"].kept_disks() == []

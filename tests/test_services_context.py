@@ -16,7 +16,7 @@ from tests.conftest import Fakes
 
 def _parts(engine: Engine) -> Services:
     """A context assembled from the engine's parts by hand, as a worker that holds no engine would."""
-    return Services(engine.store, engine.settings, engine.runner, engine.metrics, engine.driver)
+    return Services(engine.store, engine.settings, engine.runner, engine.metrics, engine.hosts.driver)
 
 
 def test_a_sync_pass_runs_its_operations_through_the_runner_of_the_context(

@@ -28,7 +28,7 @@ def keeping(db_url: str, fakes: Fakes) -> Iterator[Engine]:
 
 
 def _snapshot(engine: Engine, uuid: str) -> Path | None:
-    names = {i.name: i for i in engine.images()}
+    names = {i.name: i for i in engine.images.list()}
     image = names.get(snapshot_name(uuid))
     return None if image is None else Path(image.path)
 
@@ -131,7 +131,7 @@ def test_an_offload_that_cannot_reach_the_host_ends_shelved_and_the_duty_finishe
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.power_state) == (V.SHELVED, "h1", P.SHUTDOWN)
     assert "offload failed" in (engine.history(uuid)[-1].message or "")
-    results = engine.offload_shelved_instances()  # shelved_offload_time is 0: due at once
+    results = engine.duties.offload_shelved_instances()  # shelved_offload_time is 0: due at once
     assert [r.outcome for r in results] == ["offloaded"]
     i = engine.get(uuid)
     assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and engine.store.claims_of(uuid) == []
@@ -142,9 +142,9 @@ def test_the_duty_waits_for_shelved_offload_time(keeping: Engine) -> None:
     """An instance shelved for less than shelved_offload_time is left on its host; older_than=0 offloads it."""
     uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     keeping.shelve(uuid)
-    assert keeping.offload_shelved_instances() == []
+    assert keeping.duties.offload_shelved_instances() == []
     assert keeping.get(uuid).vm_state is V.SHELVED
-    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["offloaded"]
+    assert [r.outcome for r in keeping.duties.offload_shelved_instances(older_than=0)] == ["offloaded"]
     assert keeping.get(uuid).vm_state is V.SHELVED_OFFLOADED
 
 
@@ -154,7 +154,7 @@ def test_a_failed_unshelve_stays_offloaded_and_can_be_tried_again(
     """A spawn failing on the chosen host gives its claim back, leaves nothing there, keeps the snapshot."""
     uuid = new_instance()
     engine.shelve(uuid)
-    fakes.factory(engine.host("h2"))
+    fakes.factory(engine.hosts.get("h2"))
     fakes["h2"].fail_after("spawn_from_snapshot", DriverError("qemu died (injected)"))
     with pytest.raises(TaskFailed, match="qemu died"):
         engine.unshelve(uuid, host="h2")
@@ -235,7 +235,7 @@ def test_a_delete_racing_the_snapshot_leaves_no_snapshot_behind(
     assert list(image_store(engine.settings).glob(f"*{uuid}*"))  # the late file is there
     engine.delete(uuid)
     release.set()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert engine.get(uuid).vm_state is V.DELETED
     assert _snapshot(engine, uuid) is None
     assert list(image_store(engine.settings).glob(f"*{uuid}*")) == []  # the late worker removed its file
@@ -290,7 +290,7 @@ def test_the_snapshot_names_are_kept_for_the_engine(engine: Engine, new_instance
 
     uuid = new_instance()
     with pytest.raises(InvalidInput, match="kept for shelve snapshots"):
-        engine.add_image(snapshot_name(uuid), fake_image("decoy"))
+        engine.images.add(snapshot_name(uuid), fake_image("decoy"))
     decoy = Path(fake_image("decoy"))
     engine.store.add_image(snapshot_name(uuid), str(decoy), "qcow2")  # as if written behind the API's back
     with pytest.raises(TaskFailed, match="already exists"):
@@ -312,7 +312,7 @@ def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
     first.shelve(uuid)
     snapshot = _snapshot(first, uuid)
     assert snapshot is not None
-    first.driver("h2")
+    first.hosts.driver("h2")
     gate = fakes["h2"].hold("spawn_from_snapshot")
     ended: list[str] = []
 
@@ -370,7 +370,7 @@ def test_offload_refuses_when_the_snapshot_file_is_gone(keeping: Engine, fakes: 
     snapshot.unlink()
     with pytest.raises(TaskFailed, match="only copy"):
         keeping.shelve_offload(uuid)
-    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["failed"]
+    assert [r.outcome for r in keeping.duties.offload_shelved_instances(older_than=0)] == ["failed"]
     i = keeping.get(uuid)
     assert (i.vm_state, i.host) == (V.SHELVED, "h1") and fakes["h1"].domain_exists(uuid)
 
@@ -394,10 +394,10 @@ def test_an_unreachable_host_keeps_a_shelved_instance_shelved(keeping: Engine, f
     fakes["h1"].unreachable = True
     with pytest.raises(TaskFailed, match="unreachable"):
         keeping.run(op, uuid)
-    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["failed"]
+    assert [r.outcome for r in keeping.duties.offload_shelved_instances(older_than=0)] == ["failed"]
     assert (keeping.get(uuid).vm_state, keeping.get(uuid).host) == (V.SHELVED, "h1")
     fakes["h1"].unreachable = False
-    assert [r.outcome for r in keeping.offload_shelved_instances(older_than=0)] == ["offloaded"]
+    assert [r.outcome for r in keeping.duties.offload_shelved_instances(older_than=0)] == ["offloaded"]
     assert keeping.get(uuid).vm_state is V.SHELVED_OFFLOADED
 
 
@@ -450,17 +450,17 @@ def test_a_shelved_instance_of_a_dead_fenced_host_is_offloaded_and_its_leftover_
         keeping.shelve_offload(uuid)
     assert keeping.get(uuid).vm_state is V.SHELVED
     keeping.store.update_host("h1", last_heartbeat=now() - timedelta(seconds=keeping.settings.host_down_after + 5))
-    keeping.fence_host("h1", reason="dead", actor="test")
-    results = keeping.evacuate_host("h1")
+    keeping.hosts.fence("h1", reason="dead", actor="test")
+    results = keeping.hosts.evacuate("h1")
     assert [(r.uuid, r.outcome) for r in results] == [(uuid, "offloaded")]
     i = keeping.get(uuid)
     assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and keeping.store.claims_of(uuid) == []
     assert "destroyed when its hypervisor answers again" in (keeping.history(uuid)[-1].message or "")
     assert fakes["h1"].domain_exists(uuid)  # still there: nobody could reach it
     fakes["h1"].unreachable = False
-    assert keeping.destroy_evacuated("h1") == [uuid]
+    assert keeping.hosts.destroy_evacuated("h1") == [uuid]
     assert not fakes["h1"].domain_exists(uuid)
-    keeping.unfence_host("h1")
+    keeping.hosts.unfence("h1")
     keeping.unshelve(uuid, host="h2")
     assert keeping.get(uuid).vm_state is V.ACTIVE
 
@@ -489,7 +489,7 @@ def test_minus_one_never_offloads(db_url: str, fakes: Fakes) -> None:
     try:
         uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
         engine.shelve(uuid)
-        assert engine.offload_shelved_instances() == []
+        assert engine.duties.offload_shelved_instances() == []
         assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (V.SHELVED, "h1")
     finally:
         engine.close()

@@ -293,8 +293,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.engine = self._open()
         for name in HOSTS:
             self._add_host(name)
-            self.engine.heartbeat(name)
-        self.engine.add_image("cirros", fake_image("cirros"))
+            self.engine.hosts.heartbeat(name)
+        self.engine.images.add("cirros", fake_image("cirros"))
         self.uuids: list[str] = []
         self.keys: dict[str, KeyedCall] = {}
         self.writes = 0
@@ -311,7 +311,7 @@ class Lifecycle(RuleBasedStateMachine):
         """(host, uuid) -> the domain started there behind the engine's back: not the engine's copy."""
 
     def _add_host(self, name: str) -> None:
-        self.engine.add_host(name, "fake://", vcpus=VCPUS, memory_mb=MEMORY_MB, disk_gb=DISK_GB)
+        self.engine.hosts.add(name, "fake://", vcpus=VCPUS, memory_mb=MEMORY_MB, disk_gb=DISK_GB)
 
     def _factory(self, host: Host) -> FakeDriver:
         return self.fakes[host.name]
@@ -331,7 +331,7 @@ class Lifecycle(RuleBasedStateMachine):
     # -- helpers ---------------------------------------------------------------
 
     def _present(self) -> list[str]:
-        return [h.name for h in self.engine.hosts()]
+        return [h.name for h in self.engine.hosts.list()]
 
     def _new_uuid(self) -> str:
         return f"00000000-0000-4000-8000-{len(self.uuids):012d}"
@@ -660,11 +660,11 @@ class Lifecycle(RuleBasedStateMachine):
             return
         if up:
             try:
-                self.engine.heartbeat(host)
+                self.engine.hosts.heartbeat(host)
             except EvacuatedCopiesPending:  # refused, nothing written: the host's evacuated copies are not destroyed
                 assert self.engine.store.evacuations_from(host), f"{host} refused a heartbeat with nothing pending"
                 return
-            self.engine.unfence_host(host, actor="stateful")  # a no-op unless it was fenced
+            self.engine.hosts.unfence(host, actor="stateful")  # a no-op unless it was fenced
         else:
             stale = now() - timedelta(seconds=SETTINGS.host_down_after + 5)
             self.engine.store.update_host(host, last_heartbeat=stale)
@@ -695,9 +695,9 @@ class Lifecycle(RuleBasedStateMachine):
             if domain.power != PowerState.SHUTDOWN:
                 fake.set_power(uuid, PowerState.SHUTDOWN, event=False)
         self.host_health(host, up=False, answering=False)
-        if not self.engine.host(host).fenced:
-            self.engine.fence_host(host, reason="power lost", actor="stateful")
-        results = self.engine.evacuate_host(host)
+        if not self.engine.hosts.get(host).fenced:
+            self.engine.hosts.fence(host, reason="power lost", actor="stateful")
+        results = self.engine.hosts.evacuate(host)
         evacuated = [r.uuid for r in results if r.outcome == "evacuated"]
         for uuid in evacuated:
             assert self.engine.get(uuid).host not in (None, host), self.engine.get(uuid)
@@ -707,14 +707,14 @@ class Lifecycle(RuleBasedStateMachine):
         self.host_health(host, up=True, answering=True)
         for uuid in evacuated:
             assert not fake.domain_exists(uuid), f"the evacuated copy of {uuid} is still on {host}"
-        assert not self.engine.host(host).fenced
+        assert not self.engine.hosts.get(host).fenced
 
     @rule(data=st.data(), enabled=st.booleans())
     def set_host_enabled(self, data: st.DataObject, enabled: bool) -> None:
         """Disable a host for scheduling (its instances stay and are still served) or enable it again."""
         present = self._present()
         if present:
-            self.engine.set_host_enabled(data.draw(st.sampled_from(present), label="host"), enabled)
+            self.engine.hosts.set_enabled(data.draw(st.sampled_from(present), label="host"), enabled)
 
     @rule(data=st.data(), force=st.booleans())
     def remove_host(self, data: st.DataObject, force: bool) -> None:
@@ -725,7 +725,7 @@ class Lifecycle(RuleBasedStateMachine):
         host = data.draw(st.sampled_from(present), label="host")
         live = {i.uuid: i for i in self.engine.list(host)}
         try:
-            orphaned = self.engine.remove_host(host, force=force)
+            orphaned = self.engine.hosts.remove(host, force=force)
         except HostInUse:
             assert host in self._present() and {i.uuid: i for i in self.engine.list(host)} == live
             return
@@ -752,7 +752,7 @@ class Lifecycle(RuleBasedStateMachine):
         hosts = present if every else [data.draw(st.sampled_from(present), label="host")]
         for host in hosts:
             self.fakes[host].clear_faults()  # a pass under injected faults may leave work for the next one
-        summaries = self.engine.sync(None if every else hosts[0])
+        summaries = self.engine.hosts.sync(None if every else hosts[0])
         assert [s.host for s in summaries] == hosts
         for summary in summaries:
             fake = self.fakes[summary.host]
@@ -783,7 +783,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.host_health(host, up=True, answering=True)
         guest = self.fakes[host].domain_exists(uuid)
         self.fakes[host].clear_faults()
-        (summary,) = self.engine.sync(host)
+        (summary,) = self.engine.hosts.sync(host)
         assert summary.error is None and summary.errors == 0, summary
         deleted = self.engine.get(uuid).vm_state is VmState.DELETED
         assert (uuid in summary.reaped) == (guest and deleted), summary

@@ -54,10 +54,10 @@ class Cloud:
         """Open the first engine with ``hosts`` registered, up and tracked, and the cirros image."""
         engine = self.engine()
         for name in hosts:
-            engine.add_host(name, "fake://", vcpus=4, memory_mb=512, disk_gb=3)
-            engine.heartbeat(name)
-            engine.driver(name)
-        engine.add_image("cirros", fake_image("cirros"))
+            engine.hosts.add(name, "fake://", vcpus=4, memory_mb=512, disk_gb=3)
+            engine.hosts.heartbeat(name)
+            engine.hosts.driver(name)
+        engine.images.add("cirros", fake_image("cirros"))
         return engine
 
 
@@ -82,7 +82,7 @@ def test_create_resumed_after_a_crash_in_the_failed_spawn_cleanup_holds_its_clai
     instance = second.get(uuid)
     assert (instance.vm_state.value, instance.host) == ("active", "h1")
     assert second.store.claims_of(uuid) == ["h1"]
-    assert second.host("h1").vcpus_used == 1
+    assert second.hosts.get("h1").vcpus_used == 1
 
 
 def test_soft_delete_of_a_resized_instance_leaves_nothing_on_the_source(cloud: Cloud) -> None:
@@ -97,7 +97,7 @@ def test_soft_delete_of_a_resized_instance_leaves_nothing_on_the_source(cloud: C
         return
     assert engine.store.claims_of(uuid) == ["h2"] and cloud.fakes["h1"].kept_disks() == []
     engine.restore(uuid)
-    assert engine.store.claims_of(uuid) == ["h2"] and engine.host("h1").vcpus_used == 0
+    assert engine.store.claims_of(uuid) == ["h2"] and engine.hosts.get("h1").vcpus_used == 0
 
 
 def test_create_failing_at_its_final_power_read_keeps_no_host_claim_or_domain(cloud: Cloud) -> None:

@@ -78,8 +78,8 @@ def pg_vm(pg_url: str) -> Iterator[tuple[Engine, str]]:
     """An engine on a migrated PostgreSQL database with host h1, image cirros and one instance built there."""
     upgrade(pg_url)
     with Engine(pg_url) as engine:
-        engine.add_host("h1", "fake://")
-        engine.add_image("cirros", fake_image())
+        engine.hosts.add("h1", "fake://")
+        engine.images.add("cirros", fake_image())
         yield engine, engine.create("vm", host="h1", flavor=Flavor(1, 64, 1, name="tiny"), image="cirros").instance_uuid
 
 
@@ -108,7 +108,7 @@ def test_a_pooled_connection_idle_past_the_ping_time_is_checked_and_replaced(
     monkeypatch.setattr(db, "_readable", lambda _conn: False)  # only the idle time decides
     assert _terminate_backends(engine.store.url) >= 1
     assert [h.name for h in engine.store.list_hosts()] == ["h1"]
-    engine.add_host("h2", "fake://")
+    engine.hosts.add("h2", "fake://")
 
 
 @pytest.mark.postgres
@@ -120,7 +120,7 @@ def test_a_pooled_connection_idle_past_the_ping_time_and_alive_serves_reads_and_
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # every checkout pings
     for name in ("h2", "h3"):
         assert engine.store.list_hosts()[-1].name < name
-        engine.add_host(name, "fake://")
+        engine.hosts.add(name, "fake://")
     assert engine.stop(uuid).outcome.value == "succeeded" and engine.get(uuid).vm_state.value == "stopped"
 
 
@@ -133,7 +133,7 @@ def test_a_connection_the_server_ended_a_moment_after_its_use_is_replaced_withou
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
     assert _terminate_backends(engine.store.url) >= 1
     assert [h.name for h in engine.store.list_hosts()] == ["h1"]
-    engine.add_host("h2", "fake://")
+    engine.hosts.add("h2", "fake://")
 
 
 @pytest.mark.postgres

@@ -19,9 +19,9 @@ PLAIN = Flavor(4, 256, 2, name="plain")
 
 def _ssd_instance(engine: Engine) -> str:
     """Create an active instance of flavor SSD on the one host that has the capabilities it asks for (all up)."""
-    engine.add_host("fast", "fake://", capabilities={"ssd": "true", "tier": "gold"})
-    for host in engine.hosts():
-        engine.heartbeat(host.name)
+    engine.hosts.add("fast", "fake://", capabilities={"ssd": "true", "tier": "gold"})
+    for host in engine.hosts.list():
+        engine.hosts.heartbeat(host.name)
     return engine.create("vm", flavor=SSD, image="cirros").instance_uuid
 
 

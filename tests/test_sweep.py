@@ -125,7 +125,7 @@ def test_instance_with_a_task_is_skipped(engine: Engine, fakes: Fakes, new_insta
     fakes["h1"].set_power(uuid, P.CRASHED, event=False)  # drift while the task runs
     summary = _sync(engine)
     gate.release()
-    engine.wait_idle()
+    engine.runner.wait_idle()
     assert summary.skipped == 1 and engine.get(uuid).vm_state is V.STOPPED
 
 
@@ -174,12 +174,12 @@ def test_chunks_cover_every_instance(engine: Engine, fakes: Fakes, new_instance:
 
 
 def test_engine_sync_covers_every_enabled_host(sqlite_url: str, fakes: Fakes) -> None:
-    """engine.sync() passes over each host once with the configured policy."""
+    """engine.hosts.sync() passes over each host once with the configured policy."""
     from tests.conftest import FLAVOR, make_engine
 
     eng = make_engine(sqlite_url, fakes)
     eng.create("a", host="h1", flavor=FLAVOR, image="cirros")
     eng.create("b", host="h2", flavor=FLAVOR, image="cirros")
-    assert [(s.host, s.instances) for s in eng.sync()] == [("h1", 1), ("h2", 1)]
+    assert [(s.host, s.instances) for s in eng.hosts.sync()] == [("h1", 1), ("h2", 1)]
     eng.close()
     assert Settings().sync_policy == Policy()

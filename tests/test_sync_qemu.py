@@ -48,8 +48,8 @@ def engine(tmp_path: Path, base_image: Path) -> Iterator[Engine]:
         sync_interval=600,
     )
     eng = Engine(url, settings=settings)
-    eng.add_host("q1", QEMU_URI, str(tmp_path / "instances"))
-    eng.add_image("base", str(base_image))
+    eng.hosts.add("q1", QEMU_URI, str(tmp_path / "instances"))
+    eng.images.add("base", str(base_image))
     try:
         yield eng
         for instance in eng.list():
@@ -73,12 +73,12 @@ def test_virsh_destroy_becomes_stopped_through_the_event_path(engine: Engine) ->
     stop = threading.Event()
     worker = threading.Thread(target=processor.run, args=(stop,))
     worker.start()
-    engine.driver("q1").register_event_listener(processor.on_event)
+    engine.hosts.driver("q1").register_event_listener(processor.on_event)
     try:
         virsh("destroy", f"lifecycle-{uuid}")
         assert wait_for(lambda: engine.get(uuid).vm_state is V.STOPPED)
     finally:
-        engine.driver("q1").register_event_listener(None)
+        engine.hosts.driver("q1").register_event_listener(None)
         stop.set()
         processor.wake()
         worker.join(10)
@@ -98,7 +98,7 @@ def test_virsh_start_of_a_stopped_instance(
     engine.stop(uuid)
     virsh("start", f"lifecycle-{uuid}")
     _sync(engine, policy)
-    assert (engine.get(uuid).vm_state, engine.driver("q1").get_info(uuid)) == (vm_state, guest)
+    assert (engine.get(uuid).vm_state, engine.hosts.driver("q1").get_info(uuid)) == (vm_state, guest)
 
 
 def test_paused_then_destroyed_guest_is_force_stopped(engine: Engine) -> None:
@@ -153,8 +153,8 @@ def test_the_daemon_handles_virsh_changes_while_it_runs(engine: Engine) -> None:
         virsh("destroy", f"lifecycle-{active}")
         virsh("start", f"lifecycle-{stopped}")
         assert wait_for(lambda: engine.get(active).vm_state is V.STOPPED)  # the event path, delay 15 s by default
-        assert wait_for(lambda: engine.driver("q1").get_info(stopped) is P.SHUTDOWN)
+        assert wait_for(lambda: engine.hosts.driver("q1").get_info(stopped) is P.SHUTDOWN)
     finally:
         daemon.stop.set()
         thread.join(30)
-    assert engine.host("q1").last_heartbeat is not None
+    assert engine.hosts.get("q1").last_heartbeat is not None

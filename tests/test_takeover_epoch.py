@@ -62,7 +62,7 @@ def _held_pause(engine: Engine, fakes: Fakes) -> Iterator[tuple[str, Task]]:
         yield uuid, task
     finally:
         gate.release()
-        engine.wait_idle()
+        engine.runner.wait_idle()
 
 
 def test_one_of_two_takeovers_at_the_same_epoch_wins_even_forced_under_one_owner(engine: Engine, fakes: Fakes) -> None:

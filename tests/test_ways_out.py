@@ -23,9 +23,9 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """Two fake hosts a and b with resources and heartbeats; instances start on a."""
     engine = Engine(db_url, driver_factory=fakes.factory)
     for name in ("a", "b"):
-        engine.add_host(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
-        engine.heartbeat(name)
-    engine.add_image("cirros", fake_image("cirros"))
+        engine.hosts.add(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.hosts.heartbeat(name)
+    engine.images.add("cirros", fake_image("cirros"))
     yield engine
     check_invariants(engine.store)
     check_claims(engine.store)
@@ -37,12 +37,12 @@ def _vm(cloud: Engine, host: str = "a") -> str:
 
 
 def _used(cloud: Engine) -> dict[str, int]:
-    return {h.name: h.memory_mb_used for h in cloud.hosts()}
+    return {h.name: h.memory_mb_used for h in cloud.hosts.list()}
 
 
 def _failed_move(cloud: Engine, fakes: Fakes, uuid: str) -> None:
     """Resize onto b, where the disk arrives but the guest does not start: the instance ends in error, move open."""
-    b = fakes.factory(cloud.host("b"))
+    b = fakes.factory(cloud.hosts.get("b"))
     b.fail_after("finish_migration", DriverError("b could not start the guest", call="finish_migration"))
     with pytest.raises(TaskFailed):
         cloud.resize(uuid, BIG)
@@ -133,7 +133,7 @@ def test_revert_from_error_needs_an_open_move(cloud: Engine) -> None:
 
 def _stuck_unshelve(engine: Engine, fakes: Fakes, uuid: str) -> tuple[threading.Thread, list[BaseException]]:
     """Unshelve ``uuid`` onto h2 and hold it after its spawn there (the guest runs; its end is not written)."""
-    gate = fakes.factory(engine.host("h2")).hold("get_info")
+    gate = fakes.factory(engine.hosts.get("h2")).hold("get_info")
     errors: list[BaseException] = []
 
     def unshelve() -> None:
@@ -167,7 +167,7 @@ def test_reset_state_of_a_stuck_unshelve_returns_it_offloaded(
     assert (i.vm_state, i.task_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, None, P.NOSTATE)
     assert engine.store.claims_of(uuid) == [] and engine.store.find_image(snapshot.name) is not None
     assert "leftover" in (engine.history(uuid)[-1].message or "")
-    assert engine.destroy_evacuated("h2") == [uuid] and not fakes["h2"].domain_exists(uuid)  # the host's reaper
+    assert engine.hosts.destroy_evacuated("h2") == [uuid] and not fakes["h2"].domain_exists(uuid)  # the host's reaper
     engine.unshelve(uuid, host="h1")
     assert engine.get(uuid).vm_state is V.ACTIVE and engine.store.find_image(snapshot.name) is None
 

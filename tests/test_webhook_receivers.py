@@ -170,16 +170,16 @@ def sending(engine: Engine, hook: Webhook) -> Iterator[threading.Event]:
 
 def _position(engine: Engine, url: str) -> str:
     """The position the URL's consumer has stored."""
-    return next(str(c.position) for c in engine.consumers() if c.name == consumer_name(url))
+    return next(str(c.position) for c in engine.feed.consumers() if c.name == consumer_name(url))
 
 
 def _changes(engine: Engine) -> tuple[str, str]:
     """Commit a create's changes; return the first's position and the newest's."""
-    before = engine.changes(limit=10_000)
+    before = engine.feed.changes(limit=10_000)
     engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     # On PostgreSQL a transaction open elsewhere in the shared cluster may hold committed changes back a moment.
     wait_until("the create's changes readable", lambda: not engine.store.changes_held_back())
-    new = engine.changes(after=before[-1].position if before else None, limit=10_000)
+    new = engine.feed.changes(after=before[-1].position if before else None, limit=10_000)
     return str(new[0].position), str(new[-1].position)
 
 

@@ -115,13 +115,13 @@ def test_a_receiver_failing_half_its_requests_still_gets_every_change_in_order(
             engine.stop(uuid)
             engine.start(uuid)
             readable(engine)
-            feed = [c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid]
+            feed = [c for c in engine.feed.changes(limit=10_000) if c.instance_uuid == uuid]
             wait_until("every change accepted", lambda: len(receiver.accepted) >= len(feed))
         assert result == [len(feed)]
     assert [a["position"] for a in receiver.accepted] == [str(c.position) for c in feed]
     assert [a["header"] for a in receiver.accepted] == [a["position"] for a in receiver.accepted]
     assert receiver.bad_signatures == 0 and receiver.requests == 2 * len(feed)
-    (consumer,) = engine.consumers()
+    (consumer,) = engine.feed.consumers()
     assert (consumer.name, consumer.position) == (consumer_name(hook.url), feed[-1].position)
 
 
@@ -135,10 +135,10 @@ def test_a_dead_endpoint_blocks_no_write_and_loses_nothing(engine: Engine, new_i
         engine.stop(uuid)
         engine.start(uuid)
         readable(engine)
-        (consumer,) = engine.consumers()
+        (consumer,) = engine.feed.consumers()
     assert result == [0]
-    assert engine.consumers() == [consumer], "nothing was delivered, so the position did not move"
-    assert len([c for c in engine.changes(after=consumer.position, limit=10_000) if c.instance_uuid == uuid]) == 9
+    assert engine.feed.consumers() == [consumer], "nothing was delivered, so the position did not move"
+    assert len([c for c in engine.feed.changes(after=consumer.position, limit=10_000) if c.instance_uuid == uuid]) == 9
 
 
 @pytest.mark.parametrize(
@@ -177,9 +177,9 @@ def test_a_bad_webhook_is_refused(kw: dict[str, Any], needle: str) -> None:
 def test_a_url_with_a_password_is_refused_never_printed_and_registers_nothing(engine: Engine, url: str) -> None:
     """A user or password in the URL is InvalidInput, the error and the Webhook's repr never show it, and no consumer row is left."""
     with pytest.raises(InvalidInput) as caught:
-        engine.deliver_webhook(url, SECRET, stop=STOPPED)
+        engine.feed.deliver_webhook(url, SECRET, stop=STOPPED)
     assert "hunter2" not in str(caught.value)
-    assert engine.consumers() == []
+    assert engine.feed.consumers() == []
     assert "a shared secret" not in repr(Webhook("http://127.0.0.1:9/hook", SECRET, previous_secrets=(OLD_SECRET,)))
 
 
@@ -199,8 +199,8 @@ def test_a_url_with_a_password_is_refused_never_printed_and_registers_nothing(en
 def test_a_host_no_request_can_reach_is_refused(engine: Engine, url: str) -> None:
     """A bracketed host that is not a plain IPv6 address, or a DNS name with a bad label or over 253 characters, is refused and registers nothing."""
     with pytest.raises(InvalidInput, match="host"):
-        engine.deliver_webhook(url, SECRET, stop=STOPPED)
-    assert engine.consumers() == []
+        engine.feed.deliver_webhook(url, SECRET, stop=STOPPED)
+    assert engine.feed.consumers() == []
 
 
 @pytest.mark.parametrize(
@@ -225,8 +225,8 @@ def test_spellings_of_one_url_are_one_consumer(engine: Engine, spelling: str) ->
     """Scheme case, a port's leading zeros and an empty ? or # name the endpoint the normal spelling does: one consumer, one lock, that URL stored."""
     normal = "http://127.0.0.1:18082/s"
     assert consumer_name(spelling) == consumer_name(normal)
-    engine.deliver_webhook(spelling, SECRET, stop=STOPPED)
-    assert engine.webhook_urls() == {consumer_name(normal): normal}
+    engine.feed.deliver_webhook(spelling, SECRET, stop=STOPPED)
+    assert engine.feed.webhook_urls() == {consumer_name(normal): normal}
 
 
 @pytest.mark.parametrize(
@@ -250,19 +250,19 @@ def test_a_normally_spelled_url_keeps_its_consumer_name() -> None:
 def test_a_malformed_url_registers_no_consumer(engine: Engine, url: str) -> None:
     """A URL refused by the sender's checks leaves no feed consumer row behind."""
     with pytest.raises(InvalidInput):
-        engine.deliver_webhook(url, SECRET, stop=STOPPED)
-    assert engine.consumers() == []
+        engine.feed.deliver_webhook(url, SECRET, stop=STOPPED)
+    assert engine.feed.consumers() == []
 
 
 @pytest.mark.parametrize("name", ["webhook:abc", "WebHook:0123456789abcdef", consumer_name("http://127.0.0.1:9/")])
 def test_webhook_consumer_names_are_reserved_for_senders(engine: Engine, name: str) -> None:
-    """engine.follow with a webhook: name (any case) is InvalidInput and registers nothing; forget still takes such a name."""
+    """engine.feed.follow with a webhook: name (any case) is InvalidInput and registers nothing; forget still takes such a name."""
     with pytest.raises(InvalidInput, match="reserved"):
-        engine.follow(name, lambda c: None, stop=STOPPED)
-    assert engine.consumers() == []
-    engine.deliver_webhook("http://127.0.0.1:9/", SECRET, stop=STOPPED)
-    engine.forget_consumer(consumer_name("http://127.0.0.1:9/"))
-    assert engine.consumers() == []
+        engine.feed.follow(name, lambda c: None, stop=STOPPED)
+    assert engine.feed.consumers() == []
+    engine.feed.deliver_webhook("http://127.0.0.1:9/", SECRET, stop=STOPPED)
+    engine.feed.forget_consumer(consumer_name("http://127.0.0.1:9/"))
+    assert engine.feed.consumers() == []
 
 
 def test_rotation_signs_with_both_secrets_so_either_key_verifies(
@@ -315,7 +315,7 @@ def test_a_second_sender_to_one_url_is_refused_and_delivers_nothing(
         with delivering(engine, hook):
             uuid = new_instance()
             readable(engine)
-            made = len([c for c in engine.changes(limit=10_000) if c.instance_uuid == uuid])
+            made = len([c for c in engine.feed.changes(limit=10_000) if c.instance_uuid == uuid])
             wait_until("the first sender delivers", lambda: len(receiver.accepted) == made)
             give_up = threading.Timer(5.0, lambda: second_stop.set())  # a second sender let through must end
             second_stop = threading.Event()
@@ -344,10 +344,10 @@ def cli_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
     request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
     assert main(["db", "upgrade"]) == 0
     with Engine(url) as engine:
-        engine.add_host("h1", f"fake://{tmp_path / 'h1.json'}")
+        engine.hosts.add("h1", f"fake://{tmp_path / 'h1.json'}")
         image = tmp_path / "cirros.qcow2"
         image.write_bytes(b"QFI\xfb")
-        engine.add_image("cirros", str(image))
+        engine.images.add("cirros", str(image))
     return url
 
 
@@ -361,7 +361,7 @@ def test_cli_refuses_a_url_with_a_password_without_printing_it(
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "hunter2" not in out + err and json.loads(out)["error"] == "InvalidInput"
     with Engine(cli_db) as engine:
-        assert engine.consumers() == []
+        assert engine.feed.consumers() == []
 
 
 def test_cli_refuses_a_secret_that_is_not_utf8(
@@ -375,7 +375,7 @@ def test_cli_refuses_a_secret_that_is_not_utf8(
         _, err = capsys.readouterr()
         assert code == 2 and err == f"error: {variable} must be UTF-8 text: its byte 22 is not UTF-8\n", err
     with Engine(cli_db) as engine:
-        assert engine.consumers() == []
+        assert engine.feed.consumers() == []
 
 
 def test_cli_refuses_a_reserved_consumer_name(cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -384,7 +384,7 @@ def test_cli_refuses_a_reserved_consumer_name(cli_db: str, capsys: pytest.Captur
         assert main(argv) == 2
         assert "reserved" in capsys.readouterr().err
     with Engine(cli_db) as engine:
-        assert engine.consumers() == []
+        assert engine.feed.consumers() == []
 
 
 def _lifecycle(*argv: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -420,7 +420,7 @@ def test_cli_second_sender_exits_2_and_a_killed_sender_frees_its_url(
     """A second `changes webhook` process for a running sender's URL exits 2 naming it; after the first is SIGKILLed a new sender runs; consumers shows the URL."""
     with running(Receiver(fail_odd=False)) as receiver:
         with sender_process(db_url, receiver.url) as first:
-            wait_until("the first sender registers", lambda: bool(engine.consumers()), 60)
+            wait_until("the first sender registers", lambda: bool(engine.feed.consumers()), 60)
             new_instance()
             wait_until("the first sender delivers", lambda: len(receiver.accepted) >= 1, 60)
             second = _lifecycle(
@@ -445,7 +445,7 @@ def test_cli_second_sender_exits_2_and_a_killed_sender_frees_its_url(
     )
     (row,) = json.loads(shown.stdout)
     assert (row["name"], row["url"]) == (consumer_name(receiver.url), receiver.url)
-    assert engine.webhook_urls() == {consumer_name(receiver.url): receiver.url}
+    assert engine.feed.webhook_urls() == {consumer_name(receiver.url): receiver.url}
 
 
 def _can_send(engine: Engine, url: str) -> bool:
@@ -462,8 +462,8 @@ def test_cli_consumers_shows_each_webhook_url_and_never_a_secret(
     """changes consumers (text and --json) prints the webhook's URL beside its consumer, null for others, and no secret."""
     with Engine(cli_db) as engine:
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
-        engine.deliver_webhook("http://127.0.0.1:9/hook", SECRET, stop=STOPPED, previous_secrets=(OLD_SECRET,))
-        engine.follow("billing", lambda c: None, stop=STOPPED)
+        engine.feed.deliver_webhook("http://127.0.0.1:9/hook", SECRET, stop=STOPPED, previous_secrets=(OLD_SECRET,))
+        engine.feed.follow("billing", lambda c: None, stop=STOPPED)
     assert main(["changes", "consumers", "--json"]) == 0
     rows = {r["name"]: r["url"] for r in json.loads(capsys.readouterr().out)}
     assert rows == {"billing": None, consumer_name("http://127.0.0.1:9/hook"): "http://127.0.0.1:9/hook"}
@@ -544,11 +544,11 @@ def test_a_sender_posts_only_while_it_holds_its_lock(engine: Engine, fail_odd: b
         hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
         readable(engine)
         deliver(engine, hook, stop=STOPPED)
-        before = len(engine.changes(limit=10_000))
+        before = len(engine.feed.changes(limit=10_000))
         for name in ("a", "b"):
             engine.create(name, host="h1", flavor=FLAVOR, image="cirros")
         readable(engine)  # else a transaction open elsewhere in the cluster may leave nothing to deliver
-        want = [str(c.position) for c in engine.changes(limit=10_000)][before:]
+        want = [str(c.position) for c in engine.feed.changes(limit=10_000)][before:]
         stop = threading.Event()
         thread = threading.Thread(target=deliver, args=(engine, hook), kwargs={"stop": stop}, daemon=True)
         thread.start()

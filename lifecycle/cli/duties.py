@@ -32,19 +32,19 @@ _TIMED: tuple[tuple[str, str, str, Callable[[Engine, float], list[DutyResult]]],
         "reclaim",
         "delete for good what was soft-deleted longer ago than",
         "reclaim_instance_interval",
-        lambda engine, age: engine.reclaim_queued_deletes(age),
+        lambda engine, age: engine.duties.reclaim_queued_deletes(age),
     ),
     (
         "build-timeout",
         "put in error the builds running longer than",
         "instance_build_timeout",
-        lambda engine, age: engine.check_build_timeouts(age),
+        lambda engine, age: engine.duties.check_build_timeouts(age),
     ),
     (
         "offload-shelved",
         "offload what was shelved on its host longer ago than",
         "shelved_offload_time",
-        lambda engine, age: engine.offload_shelved_instances(age),
+        lambda engine, age: engine.duties.offload_shelved_instances(age),
     ),
 )
 """The one-shot duties: command, what it does, the setting the daemon uses instead, and the run."""

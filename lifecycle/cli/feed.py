@@ -123,7 +123,7 @@ def _changes(engine: Engine, args: argparse.Namespace) -> None:
     render = renders[fmt]
     limit = 100 if args.limit is None else args.limit
     if not args.follow and args.consumer is None:
-        batch = engine.changes(args.after, limit)
+        batch = engine.feed.changes(args.after, limit)
         if batch:
             print("\n".join(render(c) for c in batch))
         elif fmt == "plain":
@@ -136,7 +136,9 @@ def _changes(engine: Engine, args: argparse.Namespace) -> None:
         stop.set()  # one batch, its position stored
     restore = _stop_on_signals(stop)
     try:
-        engine.follow(args.consumer, lambda c: print(render(c), flush=True), stop=stop, batch=limit, after=args.after)
+        engine.feed.follow(
+            args.consumer, lambda c: print(render(c), flush=True), stop=stop, batch=limit, after=args.after
+        )
     finally:
         restore()
 
@@ -203,21 +205,21 @@ def _refusing_follower_flags(
 
 
 def _prune(engine: Engine, args: argparse.Namespace) -> None:
-    pruned = engine.prune_changes(args.older_than)
+    pruned = engine.feed.prune(args.older_than)
     off = args.older_than is None and engine.settings.change_retention == 0
     note = " (change_retention is 0: every change is kept)" if off else ""
     emit(args, {"pruned": pruned}, f"pruned {pruned} changes{note}")
 
 
 def _forget(engine: Engine, args: argparse.Namespace) -> None:
-    engine.forget_consumer(args.name)
+    engine.feed.forget_consumer(args.name)
     emit(args, {"forgotten": args.name}, f"consumer {safe(args.name)} forgotten")
 
 
 def _consumers(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.records import to_plain
 
-    rows, urls = engine.consumers(), engine.webhook_urls()
+    rows, urls = engine.feed.consumers(), engine.feed.webhook_urls()
     data = [{**to_plain(c), "position": str(c.position), "url": urls.get(c.name)} for c in rows]
     lines = [
         safe(f"{c.name}  {c.position}  updated {c.updated_at.isoformat(timespec='seconds')}")
@@ -249,7 +251,7 @@ def _webhook(engine: Engine, args: argparse.Namespace) -> None:
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     try:
-        delivered = engine.deliver_webhook(
+        delivered = engine.feed.deliver_webhook(
             args.url, secret, stop=stop, nova=args.nova, previous_secrets=(previous,) if previous else ()
         )
     finally:
@@ -261,7 +263,7 @@ def _audit(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.feed import as_change, change_line
     from lifecycle.records import to_plain
 
-    entries = engine.audit(
+    entries = engine.feed.audit(
         since=args.since,
         until=args.until,
         request_id=args.request_id,

@@ -84,7 +84,7 @@ def _print(args: argparse.Namespace, h: Host) -> None:
 
 
 def _add(engine: Engine, args: argparse.Namespace) -> None:
-    h = engine.add_host(
+    h = engine.hosts.add(
         args.name,
         args.uri,
         args.instances_path,
@@ -103,16 +103,16 @@ def _add(engine: Engine, args: argparse.Namespace) -> None:
 def _list(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.records import to_plain
 
-    hosts = engine.hosts()
+    hosts = engine.hosts.list()
     emit(args, to_plain(hosts), "\n".join(host_line(h) for h in hosts) or "no hosts")
 
 
 def _show(engine: Engine, args: argparse.Namespace) -> None:
-    _print(args, engine.host(args.name))
+    _print(args, engine.hosts.get(args.name))
 
 
 def _set_enabled(enabled: bool, engine: Engine, args: argparse.Namespace) -> None:
-    _print(args, engine.set_host_enabled(args.name, enabled))
+    _print(args, engine.hosts.set_enabled(args.name, enabled))
 
 
 _enable = functools.partial(_set_enabled, True)
@@ -120,27 +120,27 @@ _disable = functools.partial(_set_enabled, False)
 
 
 def _heartbeat(engine: Engine, args: argparse.Namespace) -> None:
-    _print(args, engine.heartbeat(args.name))
+    _print(args, engine.hosts.heartbeat(args.name))
 
 
 def _remove(engine: Engine, args: argparse.Namespace) -> None:
-    orphaned = engine.remove_host(args.name, force=args.force)
+    orphaned = engine.hosts.remove(args.name, force=args.force)
     shown = f"host {safe(args.name)} removed" + "".join(f"\n{u}: error, no host" for u in orphaned)
     emit(args, {"removed": args.name, "orphaned": orphaned}, shown)
 
 
 def _fence(engine: Engine, args: argparse.Namespace) -> None:
-    _print(args, engine.fence_host(args.name, reason=args.reason, actor=args.actor))
+    _print(args, engine.hosts.fence(args.name, reason=args.reason, actor=args.actor))
 
 
 def _unfence(engine: Engine, args: argparse.Namespace) -> None:
-    _print(args, engine.unfence_host(args.name, actor=args.actor))
+    _print(args, engine.hosts.unfence(args.name, actor=args.actor))
 
 
 def _evacuate(engine: Engine, args: argparse.Namespace) -> None:
     import dataclasses
 
-    results = engine.evacuate_host(args.name, actor=args.actor)
+    results = engine.hosts.evacuate(args.name, actor=args.actor)
     lines = [
         f"{r.uuid} {r.outcome} now on {safe(r.host or '-')}" + (f" ({safe(r.detail)})" if r.detail else "")
         for r in results

@@ -44,17 +44,17 @@ def add_parsers(commands: Commands, common: Parser) -> None:
 def _add(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.records import to_plain
 
-    im = engine.add_image(args.name, args.path, args.disk_format, args.min_disk, pairs(args.property, "--property"))
+    im = engine.images.add(args.name, args.path, args.disk_format, args.min_disk, pairs(args.property, "--property"))
     emit(args, to_plain(im), f"image {safe(im.name)} added ({safe(im.path)})")
 
 
 def _list(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.records import to_plain
 
-    images = engine.images()
+    images = engine.images.list()
     emit(args, to_plain(images), "\n".join(image_line(i) for i in images) or "no images")
 
 
 def _cleanup(engine: Engine, args: argparse.Namespace) -> None:
-    removed = engine.clean_image_cache(args.host, args.max_age)
+    removed = engine.images.clean_cache(args.host, args.max_age)
     emit(args, {"removed": removed}, "\n".join(f"removed {safe(p)}" for p in removed) or "nothing to remove")

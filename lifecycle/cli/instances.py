@@ -63,7 +63,7 @@ def _list(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.records import to_plain
 
     if args.host is not None:
-        engine.host(args.host)  # an unknown host is a typo to report, not an empty list
+        engine.hosts.get(args.host)  # an unknown host is a typo to report, not an empty list
     rows = engine.list(args.host, include_deleted=args.all)
     text = "\n".join(instance_line(i) for i in rows) if not args.json else ""
     emit(args, to_plain(rows) if args.json else None, text or "no instances")
@@ -72,7 +72,7 @@ def _list(engine: Engine, args: argparse.Namespace) -> None:
 def _console(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.records import to_plain
 
-    access = engine.get_vnc_console(args.uuid)
+    access = engine.consoles.get_vnc_console(args.uuid)
     emit(args, to_plain(access), f"{access.url}\n(valid until {access.expires_at.isoformat(timespec='seconds')})")
 
 

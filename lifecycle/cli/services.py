@@ -138,7 +138,7 @@ def _sync(engine: Engine, args: argparse.Namespace) -> int:
     """Print every host's pass, failed ones included; exit 1 when any host's pass failed."""
     import dataclasses
 
-    summaries = engine.sync(args.host)
+    summaries = engine.hosts.sync(args.host)
     lines = [pass_line(s) for s in summaries]
     emit(args, [dataclasses.asdict(s) for s in summaries], "\n".join(lines) or "no hosts")
     return 1 if any(s.error is not None for s in summaries) else 0

@@ -1,0 +1,20 @@
+"""The engine's calls that are not instance operations, grouped by noun.
+
+They are ``engine.hosts``, ``engine.images``, ``engine.feed``, ``engine.duties``
+and ``engine.consoles``.
+
+Instance operations and reads stay typed methods of :class:`lifecycle.Engine`;
+each group here is a small object the engine builds once from its
+:class:`~lifecycle.context.Services` and never from the engine itself.
+"""
+
+from __future__ import annotations
+
+from lifecycle.facade.consoles import Consoles
+from lifecycle.facade.drivers import DriverCache, DriverFactory
+from lifecycle.facade.duties import Duties
+from lifecycle.facade.feed import Feed
+from lifecycle.facade.hosts import Hosts
+from lifecycle.facade.images import Images
+
+__all__ = ["Consoles", "DriverCache", "DriverFactory", "Duties", "Feed", "Hosts", "Images"]
