@@ -138,9 +138,9 @@ def run_sweep(engine: Engine) -> None:
 def run_nova_loop(engine: Engine) -> None:
     driver = engine.hosts.driver("h1")
     why = Why(actor="sync", cause=Cause.SYNC, operation="sync")
-    listed = [i.uuid for i in engine.store.list_instances("h1")]
+    listed = [i.uuid for i in engine.store.instances.list("h1")]
     for uuid in listed:
-        instance = engine.store.get_instance(uuid)
+        instance = engine.store.instances.get(uuid)
         try:
             power: PowerState | None = driver.get_info(uuid)
         except DomainNotFound:
@@ -148,7 +148,7 @@ def run_nova_loop(engine: Engine) -> None:
         recorded = Recorded(instance.vm_state, instance.task_state, instance.power_state, instance.updated_at)
         decision = decide(recorded, Observation(power, datetime.now(UTC)), Policy())
         if decision.action in (Action.UPDATE_POWER, Action.RECORD):
-            engine.store.set_power_many([(instance, decision.power, why)])  # type: ignore[list-item]
+            engine.store.sync.set_power_many([(instance, decision.power, why)])  # type: ignore[list-item]
         elif decision.action in (Action.RUN, Action.MARK_ERROR):
             apply_decision(engine.services, instance, decision, Cause.SYNC, "sync")
 

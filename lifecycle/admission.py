@@ -62,7 +62,7 @@ def admit(store: Store, settings: Settings, op: graph.Operation, instance: Insta
         return None
     if instance.host is None and instance.vm_state is not VmState.SHELVED_OFFLOADED:
         _refuse(op, instance, f"{_NO_HOST}: only {_hostless()} are possible")
-    migration = store.open_migration(instance.uuid) if instance.vm_state is VmState.ERROR else None
+    migration = store.moves.open_of(instance.uuid) if instance.vm_state is VmState.ERROR else None
     reverting = op.reverts_move and instance.vm_state is VmState.ERROR
     if migration is not None and not (reverting and revertible(migration)):
         _refuse(op, instance, _failed_move(migration))

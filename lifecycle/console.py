@@ -116,14 +116,14 @@ def issue(
     no host; refused (:class:`InvalidInput`, nothing asked of the hypervisor) when its host is remote and has
     no console address.
     """
-    host = store.get_host(_console_host(instance))
+    host = store.hosts.get(_console_host(instance))
     if requires_console_address(host.driver_uri) and host.console_address is None:
         raise InvalidInput(_no_console_address(host))
     console = driver_for(host.name).get_vnc_console(instance.uuid)
     address = host.console_address or console.host
     token = secrets.token_urlsafe(32)
     expires_at = now() + timedelta(seconds=ttl_seconds)
-    store.add_console_token(token_hash(token), instance, address, console.port, expires_at)
+    store.consoles.add_token(token_hash(token), instance, address, console.port, expires_at)
     url = f"{base_url}?path={quote(f'?token={token}', safe='')}"
     return ConsoleAccess(instance.uuid, url, token, expires_at)
 
@@ -265,14 +265,14 @@ def lookup(store: Store, token: str) -> TokenClaim | None:
     """Check the database's half of :func:`check`: the token is valid, its instance still where it was issued."""
     if not isinstance(token, str) or not token or len(token) > 256:
         raise InvalidInput("a console token is a non-empty string of at most 256 characters")
-    row = store.console_token(token_hash(token))
+    row = store.consoles.token(token_hash(token))
     if row is None:
         return None
-    instance = store.get_instance(row["instance_uuid"])
+    instance = store.instances.get(row["instance_uuid"])
     moved = instance.host != row["host"]
     if moved or instance.host is None or instance.vm_state in _REFUSED_VM or instance.task_state in _REFUSED_TASKS:
         return None
-    host = store.get_host(instance.host)
+    host = store.hosts.get(instance.host)
     if requires_console_address(host.driver_uri) and host.console_address is None:  # a token issued before the rule
         log.warning("console_no_address", instance_uuid=instance.uuid, host=host.name, fix=_no_console_address(host))
         return None

@@ -1,6 +1,6 @@
 """The sync daemon: periodic jobs and event listeners for the hosts it owns.
 
-A daemon owns a host through :meth:`Store.try_claim_host` (a PostgreSQL
+A daemon owns a host through :meth:`Store.ownership.try_claim_host` (a PostgreSQL
 advisory lock, or a lock file beside a SQLite database), so several daemons
 split the hosts between them and no host is ever synced by two at once; the
 hosts of a daemon that dies are claimed by the others at their next claim
@@ -270,7 +270,7 @@ class Daemon:
             wanted = self.only_hosts is None or name in self.only_hosts
             if not wanted or name in self.claims:
                 continue
-            claim = self.engine.store.try_claim_host(name)
+            claim = self.engine.store.ownership.try_claim_host(name)
             if claim is not None:
                 self._own(name, claim)
 

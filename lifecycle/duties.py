@@ -127,7 +127,7 @@ def _start_on_idle(
     failed, and the next run of the duty tries it again.
     """
     results = []
-    for instance in ctx.store.in_state_since(vm_state, now() - timedelta(seconds=seconds)):
+    for instance in ctx.store.instances.in_state_since(vm_state, now() - timedelta(seconds=seconds)):
         try:
             ctx.runner.start(operation, instance.uuid, actor=f"timer:{duty}", cause=Cause.TIMER, only_idle_in=vm_state)
             results.append(DutyResult(instance.uuid, done))
@@ -157,7 +157,7 @@ def check_build_timeouts(ctx: Context, timeout: float | None = None) -> list[Dut
         return []
     seconds = ctx.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
     results = []
-    for instance in ctx.store.building_since(now() - timedelta(seconds=seconds)):
+    for instance in ctx.store.instances.building_since(now() - timedelta(seconds=seconds)):
         why = Why(
             actor="timer:build_timeout",
             cause=Cause.TIMER,
@@ -166,7 +166,7 @@ def check_build_timeouts(ctx: Context, timeout: float | None = None) -> list[Dut
             message=f"build still running after {seconds:g} s (instance_build_timeout)",
         )
         try:
-            ctx.store.reset_state(instance, VmState.ERROR, why)
+            ctx.store.writes.reset_state(instance, VmState.ERROR, why)
             results.append(DutyResult(instance.uuid, "timed_out"))
         except Conflict as exc:  # it finished (or moved on) meanwhile
             results.append(DutyResult(instance.uuid, "skipped", str(exc)))
@@ -188,23 +188,23 @@ def reset_state(ctx: Context, uuid: str, *, state: VmState, reason: str, actor: 
         raise InvalidInput(f"reset-state sets vm_state {allowed}, not {getattr(state, 'value', state)!r}")
     reason = _reason(reason)
     validation.name("actor", actor)
-    instance = ctx.store.get_instance(uuid)
+    instance = ctx.store.instances.get(uuid)
     if instance.vm_state is VmState.DELETED:
         raise InvalidInput(f"instance {uuid} is deleted: there is nothing to reset")
-    move = ctx.store.open_migration(uuid)
+    move = ctx.store.moves.open_of(uuid)
     if move is not None:  # its disk may be on either host, its claims on both: only the move's own ends place it
         raise InvalidInput(_open_move(instance, move))
     why = Why(actor=actor, cause=Cause.ADMIN, operation=Activity.RESET_STATE, task_id=instance.task_id, message=reason)
     if instance.vm_state is VmState.SHELVED_OFFLOADED and instance.task_id is not None:
         snapshot = snapshot_of(ctx.store, uuid)
-        if snapshot is not None and ctx.store.get_task(instance.task_id).operation == Op.UNSHELVE:
+        if snapshot is not None and ctx.store.tasks.get(instance.task_id).operation == Op.UNSHELVE:
             return _back_to_offloaded(ctx, instance, snapshot, state, why)
     claim = None
     if state is VmState.ACTIVE and instance.host is not None:
         s, flavor = ctx.settings.scheduler, instance.flavor
         ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
         claim = Hold(instance.host, (flavor.vcpus, flavor.memory_mb, flavor.root_gb), ratios)
-    return ctx.store.reset_state(instance, state, why, claim=claim)
+    return ctx.store.writes.reset_state(instance, state, why, claim=claim)
 
 
 def _open_move(instance: Instance, move: Migration) -> str:
@@ -270,7 +270,7 @@ def _back_to_offloaded(ctx: Context, instance: Instance, snapshot: Image, state:
             finished_at=at,
         )
     why = replace(why, message=f"{why.message} ({note})")
-    return ctx.store.reset_state(
+    return ctx.store.writes.reset_state(
         instance,
         VmState.SHELVED_OFFLOADED,
         why,
@@ -286,18 +286,18 @@ def lock(ctx: Context, uuid: str, *, reason: str, actor: str) -> Instance:
     uuid = validation.uuid(uuid)
     reason = _reason(reason)
     validation.name("actor", actor)
-    instance = ctx.store.get_instance(uuid)
+    instance = ctx.store.instances.get(uuid)
     if instance.locked_by is not None:
         raise locked("lock", instance)
     why = Why(actor=actor, cause=Cause.API, operation=Activity.LOCK, message=f"locked: {reason}")
-    return ctx.store.set_lock(instance, actor, reason, why)
+    return ctx.store.writes.set_lock(instance, actor, reason, why)
 
 
 def unlock(ctx: Context, uuid: str, *, actor: str, override_lock: bool = False) -> Instance:
     """Unlock an instance: its locker may, anyone with ``override_lock`` (an admin) may; unlocked is a no-op."""
     uuid = validation.uuid(uuid)
     validation.name("actor", actor)
-    instance = ctx.store.get_instance(uuid)
+    instance = ctx.store.instances.get(uuid)
     if instance.locked_by is None:
         return instance
     if instance.locked_by != actor and not override_lock:
@@ -306,7 +306,7 @@ def unlock(ctx: Context, uuid: str, *, actor: str, override_lock: bool = False) 
     why = Why(
         actor=actor, cause=Cause.ADMIN if override_lock else Cause.API, operation=Activity.UNLOCK, message=message
     )
-    return ctx.store.set_lock(instance, None, None, why)
+    return ctx.store.writes.set_lock(instance, None, None, why)
 
 
 def _reason(reason: object) -> str:

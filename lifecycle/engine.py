@@ -126,37 +126,37 @@ class Engine:
 
     def get(self, uuid: str) -> Instance:
         """Return the instance (deleted ones too); :class:`InstanceNotFound` otherwise."""
-        return self.store.get_instance(validation.uuid(uuid))
+        return self.store.instances.get(validation.uuid(uuid))
 
     def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
         """Return instances, optionally of one host."""
-        return self.store.list_instances(_optional_name("host", host), include_deleted=include_deleted)
+        return self.store.instances.list(_optional_name("host", host), include_deleted=include_deleted)
 
     def task(self, task_id: str) -> Task:
         """Return a task by id; :class:`TaskNotFound` otherwise."""
-        return self.store.get_task(validation.uuid(task_id, "task"))
+        return self.store.tasks.get(validation.uuid(task_id, "task"))
 
     def tasks(self, uuid: str) -> builtins.list[Task]:
         """Return every task of an instance, oldest first; :class:`InstanceNotFound` for an unknown one."""
-        return self.store.tasks_of(self.get(uuid).uuid)
+        return self.store.tasks.of(self.get(uuid).uuid)
 
     def migrations(self, host: str | None = None) -> builtins.list[Migration]:
         """Return cold migrations and resizes, newest first, optionally those from or to ``host``."""
         if host is not None:
             self.hosts.get(host)
-        return self.store.list_migrations(host)
+        return self.store.moves.list(host)
 
     def migration(self, migration_id: str) -> Migration:
         """Return one migration by id; :class:`MigrationNotFound` otherwise."""
-        return self.store.get_migration(validation.uuid(migration_id, "migration"))
+        return self.store.moves.get(validation.uuid(migration_id, "migration"))
 
     def steps(self, task_id: str) -> builtins.list[TaskStep]:
         """Return a task's step log."""
-        return self.store.steps(self.task(task_id).id)
+        return self.store.tasks.steps(self.task(task_id).id)
 
     def history(self, uuid: str) -> builtins.list[AuditEntry]:
         """Return an instance's audit log, oldest first."""
-        return self.store.history(self.get(uuid).uuid)
+        return self.store.instances.history(self.get(uuid).uuid)
 
     def recover(self, *, force: bool = False, owner: str | None = None) -> builtins.list[Recovered]:
         """Take over and finish every task whose owner's lease has run out.
@@ -178,7 +178,7 @@ class Engine:
 
     def waiting_for_lease(self) -> builtins.list[Task]:
         """Return the running tasks ``recover`` leaves alone because their lease is still live."""
-        return self.store.live_tasks()
+        return self.store.tasks.live()
 
     # -- operations -------------------------------------------------------------
 

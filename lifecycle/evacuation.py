@@ -64,7 +64,7 @@ class EvacuationResult:
 
 
 def _host(ctx: Context, name: str) -> Host:
-    return ctx.store.get_host(validation.name("host", name))
+    return ctx.store.hosts.get(validation.name("host", name))
 
 
 def _reason(reason: object) -> str:
@@ -87,7 +87,7 @@ def fence(ctx: Context, name: str, *, reason: str, actor: str) -> Host:
             f"host {host.name} is already fenced (by {host.fenced_by} at {host.fenced_at}: {host.fenced_reason})"
         )
     log.warning("host_fenced", host=host.name, actor=actor, reason=text)
-    return ctx.store.set_fence(host.name, actor, text)
+    return ctx.store.hosts.set_fence(host.name, actor, text)
 
 
 def unfence(ctx: Context, name: str, *, actor: str) -> Host:
@@ -97,7 +97,7 @@ def unfence(ctx: Context, name: str, *, actor: str) -> Host:
     if not host.fenced:
         return host
     log.warning("host_unfenced", host=host.name, actor=actor, was=host.fenced_reason)
-    return ctx.store.set_fence(host.name, None, None)
+    return ctx.store.hosts.set_fence(host.name, None, None)
 
 
 def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.list[EvacuationResult]:
@@ -109,7 +109,7 @@ def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.li
     host = _host(ctx, name)
     check_evacuable(host, ctx.settings.host_down_after)
     results = []
-    for instance in ctx.store.list_instances(host.name):
+    for instance in ctx.store.instances.list(host.name):
         if instance.vm_state is VmState.DELETED:
             continue
         try:
@@ -119,11 +119,11 @@ def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.li
                 continue
             task = ctx.runner.start(Op.EVACUATE, instance.uuid, actor=actor)
             results.append(
-                EvacuationResult(instance.uuid, "evacuated", ctx.store.get_instance(task.instance_uuid).host)
+                EvacuationResult(instance.uuid, "evacuated", ctx.store.instances.get(task.instance_uuid).host)
             )
         except TaskFailed as exc:
             results.append(
-                EvacuationResult(instance.uuid, "failed", ctx.store.get_instance(instance.uuid).host, exc.error)
+                EvacuationResult(instance.uuid, "failed", ctx.store.instances.get(instance.uuid).host, exc.error)
             )
         except LifecycleError as exc:
             results.append(EvacuationResult(instance.uuid, "refused", instance.host, str(exc)))
@@ -150,14 +150,14 @@ def destroy_evacuated(ctx: Context, name: str) -> builtins.list[str]:
     host = _host(ctx, name).name
     driver = ctx.driver(host)
     destroyed = []
-    for migration in ctx.store.evacuations_from(host):
-        instance = ctx.store.get_instance(migration.instance_uuid)
+    for migration in ctx.store.moves.evacuations_from(host):
+        instance = ctx.store.instances.get(migration.instance_uuid)
         if instance.host == host:
             continue  # the evacuation never left this host: the instance still lives here
         # Only what tasks before the evacuation made: a later task's copy here (a move or an unshelve on
         # its way back to this host) is the instance's current life, never the evacuated one.
         later = {
-            Attempt(t.id, 0).task_tag for t in ctx.store.tasks_of(instance.uuid) if t.started_at >= migration.created_at
+            Attempt(t.id, 0).task_tag for t in ctx.store.tasks.of(instance.uuid) if t.started_at >= migration.created_at
         }
         stale = [o for o in driver.objects(instance.uuid) if o.task_tag not in later]
         had_domain = any(o.kind == "domain" for o in stale)
@@ -169,11 +169,11 @@ def destroy_evacuated(ctx: Context, name: str) -> builtins.list[str]:
         message = (
             f"destroyed the evacuated copy on {host} (domain and disk; never started): the instance lives on {where}"
         )
-        ctx.store.note(
+        ctx.store.writes.note(
             instance, Why(actor="sync", cause=Cause.SYNC, operation=Activity.DESTROY_EVACUATED, message=message)
         )
         if migration.status is MigrationStatus.DONE:
-            ctx.store.update_migration(migration.id, status=MigrationStatus.COMPLETED)
+            ctx.store.moves.update(migration.id, status=MigrationStatus.COMPLETED)
         destroyed.append(migration.instance_uuid)
         log.warning("evacuated_copy_destroyed", host=host, instance_uuid=migration.instance_uuid, now_on=where)
     return destroyed

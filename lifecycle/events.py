@@ -134,7 +134,7 @@ class EventProcessor:
             log.info("stale_event_dropped", expected=int(expected), live=int(live))
             return "stale"
         try:
-            instance = self.ctx.store.get_instance(event.uuid)
+            instance = self.ctx.store.instances.get(event.uuid)
         except InstanceNotFound:
             return "unknown"
         if instance.host != self.host:

@@ -141,7 +141,7 @@ def resolve(store: Store, after: Position | str | None) -> Position:
     if after is None:
         return START
     if after == "end":
-        return store.newest_change() or START
+        return store.feed.newest() or START
     return Position.parse(after)
 
 
@@ -159,7 +159,7 @@ class _Cursor:
         """Register the consumer at ``at`` on its first run, or resume at its stored position (once per follow)."""
         if self.registered or self.consumer is None:
             return
-        found, new = self.store.register_consumer(self.consumer, self.at, url=self.url)
+        found, new = self.store.consumers.register(self.consumer, self.at, url=self.url)
         self.at = self.stored = found.position
         self.registered = True
         event = "feed_consumer_registered" if new else "feed_consumer_resumed"
@@ -168,7 +168,7 @@ class _Cursor:
     def save(self) -> None:
         """Store the position delivery got to, if it moved (an anonymous follower stores nothing)."""
         if self.consumer is not None and self.at != self.stored:
-            self.store.save_position(self.consumer, self.at)
+            self.store.consumers.save_position(self.consumer, self.at)
             self.stored = self.at  # only once written: a write lost with the database is made again
         self.saved = time.monotonic()
 
@@ -294,7 +294,7 @@ def _session(
     claim: str | None,
 ) -> None:
     """Follow on one connection until ``stop``; the database going away raises, the position left to store later."""
-    with store.reader(claim=claim) as reader:  # listening before the first read: a commit after it wakes the wait
+    with store.feed.reader(claim=claim) as reader:  # listening before the first read: a commit after it wakes the wait
         cursor.register()
         backoff.connected(cursor)
         try:
@@ -343,11 +343,11 @@ def prune(store: Store, retention: float, now: datetime) -> int:
     """Delete the changes older than ``retention`` seconds that every consumer has passed; 0 keeps all."""
     if retention == 0:
         return 0
-    pruned = store.prune_changes(now - timedelta(seconds=retention))
+    pruned = store.feed.prune(now - timedelta(seconds=retention))
     log.info("changes_pruned", pruned=pruned, retention=retention)
     return pruned
 
 
 def query_audit(store: Store, **filters: object) -> list[AuditEntry]:
     """Return the audit rows the filters of :func:`lifecycle.audit.audit_query` admit, oldest first."""
-    return store.audit_rows(audit_query(**filters))
+    return store.feed.audit_rows(audit_query(**filters))

@@ -209,17 +209,17 @@ def _read_state(store: Store, settings: Settings) -> list[GaugeMetricFamily]:
     instances = GaugeMetricFamily(
         "lifecycle_instances", "Live instances per vm_state and task_state", labels=["vm_state", "task_state"]
     )
-    for (vm, task), count in sorted(store.instance_counts().items(), key=str):
+    for (vm, task), count in sorted(store.stats.instance_counts().items(), key=str):
         instances.add_metric([vm, task or "none"], count)
     running = GaugeMetricFamily("lifecycle_running_tasks", "Running tasks per operation", labels=["operation"])
     oldest = GaugeMetricFamily(
         "lifecycle_oldest_running_task_seconds", "Age of the oldest running task", labels=["operation"]
     )
     moment = now()
-    for operation, (count, started) in sorted(store.running_task_stats().items()):
+    for operation, (count, started) in sorted(store.stats.running_task_stats().items()):
         running.add_metric([operation], count)
         oldest.add_metric([operation], max(0.0, (moment - started).total_seconds()))
     up = GaugeMetricFamily("lifecycle_host_up", "1 while the host heartbeats within host_down_after", labels=["host"])
-    for host in store.list_hosts():
+    for host in store.hosts.list():
         up.add_metric([host.name], 1.0 if host_is_up(host, settings.host_down_after) else 0.0)
     return [instances, running, oldest, up]

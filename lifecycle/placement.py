@@ -12,7 +12,7 @@ reason.
 The claim goes to the store with up to :data:`_CANDIDATES` of the hosts that
 passed, the pick first, then best first (:func:`scheduler.order_candidates`),
 and takes the first that still fits, in one statement
-(:meth:`Store.claim_first`): engines that chose the same host settle it inside
+(:meth:`Store.claims.claim_first`): engines that chose the same host settle it inside
 the database, the losers landing on the next candidates (logged as
 ``claim_took_later_candidate``). Only when no candidate fits any more (all of
 them filled up between the read and the claim) is the claim lost
@@ -91,8 +91,8 @@ def evacuated_copies(store: Store, host: str) -> list[str]:
     heartbeat and is never a destination.
     """
     pending = []
-    for migration in store.evacuations_from(host):
-        if migration.status is MigrationStatus.DONE and store.get_instance(migration.instance_uuid).host != host:
+    for migration in store.moves.evacuations_from(host):
+        if migration.status is MigrationStatus.DONE and store.instances.get(migration.instance_uuid).host != host:
             pending.append(migration.instance_uuid)
     return pending
 
@@ -143,7 +143,7 @@ def candidate_hosts(
 
         def pages() -> Iterator[list[HostState]]:
             offset, size = 0, _FIRST_PAGE
-            while page := store.ranked_hosts(pre, since, offset, size):
+            while page := store.hosts.ranked(pre, since, offset, size):
                 yield host_states(page, down_after, evacuated)
                 offset, size = offset + size, size * 4
 
@@ -151,7 +151,7 @@ def candidate_hosts(
         if found:
             return found
     # Nothing passed (or the metrics weigher needs every host): read them all, so NoValidHost gives every reason.
-    return select_candidates(host_states(store.list_hosts(), down_after, evacuated), request, s, limit)
+    return select_candidates(host_states(store.hosts.list(), down_after, evacuated), request, s, limit)
 
 
 def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: float) -> HostState:
@@ -178,11 +178,11 @@ def scheduler_for(
     def schedule(tried: list[str]) -> str:
         if requested_host is not None:
             # A named host bypasses the filters (Nova's forced host) but not the fence, evacuated copies or the claim.
-            if store.get_host(requested_host).fenced:
+            if store.hosts.get(requested_host).fenced:
                 raise NoValidHost({requested_host: "fenced by an operator"})
             if evacuated_copies(store, requested_host):
                 raise NoValidHost({requested_host: EVACUATED_COPIES})
-            if requested_host in tried or not store.claim(uuid, requested_host, *want, ratios):
+            if requested_host in tried or not store.claims.claim(uuid, requested_host, *want, ratios):
                 raise NoValidHost({requested_host: "the requested host has no room for this flavor, or failed"})
             return requested_host
         request = Request(
@@ -192,10 +192,10 @@ def scheduler_for(
         races = 0
         while races < _CLAIM_RACES:
             names = [h.name for h in candidate_hosts(store, request, s, settings.host_down_after, evacuated=evacuated)]
-            host = store.claim_first(uuid, names, *want, ratios)
+            host = store.claims.claim_first(uuid, names, *want, ratios)
             if host is not None and evacuated_copies(store, host):
                 # Checked once claimed (one query): its heartbeat destroys them first, so such a host is seldom up.
-                store.release_claims(uuid, host)  # (instance, host) is the claim's key: only this one goes
+                store.claims.release(uuid, host)  # (instance, host) is the claim's key: only this one goes
                 log.warning("host_holds_evacuated_copies", host=host)
                 evacuated.add(host)  # refused from now on; each such host is found once
                 continue

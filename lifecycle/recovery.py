@@ -98,10 +98,10 @@ def recover_tasks(runner: Runner, *, force: bool = False, of_owner: str | None =
     results = []
     store = runner.store
     victim = of_owner or runner.owner
-    for read in store.recoverable_tasks(victim, force=force):
+    for read in store.tasks.recoverable(victim, force=force):
         if read.id in runner.active:
             continue  # this engine's own worker is running it right now
-        task = store.take_over(read, runner.owner, force=force, of_owner=victim)  # a CAS on the epoch read
+        task = store.tasks.take_over(read, runner.owner, force=force, of_owner=victim)  # a CAS on the epoch read
         if task is None:
             continue  # another recovery took it first (or it ended) since it was read
         with structlog.contextvars.bound_contextvars(instance_uuid=task.instance_uuid, task_id=task.id):
@@ -123,11 +123,11 @@ def vars_of(recovered: Recovered) -> dict[str, str | None]:
 
 
 def _recover(runner: Runner, task: Task) -> Recovered:
-    instance = runner.store.get_instance(task.instance_uuid)
+    instance = runner.store.instances.get(task.instance_uuid)
     state = None if instance.task_state is None else instance.task_state.value
     if instance.task_id != task.id or instance.task_state is None:
         reason = "the instance no longer belongs to this task"
-        runner.store.end_orphan(task, reason)
+        runner.store.tasks.end_orphan(task, reason)
         return Recovered(task.id, task.instance_uuid, task.operation, state, "close", "failed", reason)
     verdict = plan(task.operation, instance.task_state)
     run = runner.resume(task, instance)
@@ -156,4 +156,4 @@ def _roll_back(run: TaskRun, reason: str) -> None:
     except Exception:  # an unreachable host must not keep a roll-back (which needs no driver) from ending
         run.before_power = PowerState.NOSTATE
     run.fail(RecoveryRollBack(reason))
-    raise TaskFailed(run.store.get_task(run.task.id), f"RecoveryRollBack: {reason}")
+    raise TaskFailed(run.store.tasks.get(run.task.id), f"RecoveryRollBack: {reason}")

@@ -36,7 +36,7 @@ def poll_unconfirmed_resizes(ctx: Context) -> list[WindowResult]:
         return []
     action = Op.REVERT_RESIZE if ctx.settings.resize_window_action == "revert" else Op.CONFIRM_RESIZE
     results = []
-    for migration in ctx.store.migrations_finished_before(now() - timedelta(seconds=window)):
+    for migration in ctx.store.moves.finished_before(now() - timedelta(seconds=window)):
         uuid = migration.instance_uuid
         try:
             ctx.runner.start(action, uuid, actor="resize_window", cause=Cause.TIMER)

@@ -143,7 +143,7 @@ class Runner:
         instance = _new_instance(ask, image, first, task)
         if ask.defined.guard is not None:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
-        self.store.create(instance, task, first.value, ask.why(task, None, None))
+        self.store.writes.create(instance, task, first.value, ask.why(task, None, None))
         run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, None)
         self.prepare(run)
         return self.launch(run, wait)
@@ -154,7 +154,7 @@ class Runner:
         Raises :class:`Conflict` when the instance changed between the read and the write.
         """
         name, uuid = ask.defined.name, ask.uuid
-        instance = self.store.get_instance(uuid)
+        instance = self.store.instances.get(uuid)
         replayed = self._replayed(ask)
         if replayed is not None:
             return replayed
@@ -169,11 +169,11 @@ class Runner:
         if ask.defined.guard is not None:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
         claim = admit(self.store, self.settings, ask.defined.row, instance, ask.cause)
-        preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
+        preempt = None if instance.task_id is None else self.store.tasks.get(instance.task_id)
         task = self.new_task(uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
         why = ask.why(task, preempt, instance if ask.override_lock else None)
         try:
-            after = self.store.begin(instance, task, first, why, preempt, claim=claim)
+            after = self.store.writes.begin(instance, task, first, why, preempt, claim=claim)
         except NoValidHost as exc:
             assert claim is not None
             held = f"{instance.vm_state.value} instance {uuid} holds no claim on {claim.host}"
@@ -203,7 +203,7 @@ class Runner:
         arguments is refused, never silently answered with the first call's
         task. A replayed failure raises :class:`TaskFailed` as the first call did.
         """
-        existing = self.store.task_by_key(key)
+        existing = self.store.tasks.by_key(key)
         if existing is None:
             return None
         asked = (operation, uuid, _canonical(params))
@@ -282,7 +282,7 @@ class Runner:
         source = None if graph.operation(task.operation).creates else instance.vm_state
         run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, source)
         run.build_slots = self.build_slots
-        run.resume_from(self.store.steps(task.id))
+        run.resume_from(self.store.tasks.steps(task.id))
         self.prepare(run)
         return run
 
@@ -295,7 +295,7 @@ class Runner:
             raise InvalidInput(f"image {name!r} is a shelve snapshot: only its own instance's unshelve uses it")
         image = self._images.get(name)
         if image is None:
-            image = self._images[name] = self.store.get_image(name)
+            image = self._images[name] = self.store.images.get(name)
         return image
 
     def pool(self) -> ThreadPoolExecutor:
@@ -317,7 +317,7 @@ class Runner:
             with self._lock:
                 active = list(self.active)
             try:
-                self.store.renew_leases(self.owner, active)
+                self.store.tasks.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
 

@@ -41,7 +41,7 @@ def image_store(settings: Settings) -> Path:
 
 def snapshot_of(store: Store, uuid: str) -> Image | None:
     """Return the snapshot image of a shelved instance, or None (also for an image not made by a shelve)."""
-    image = store.find_image(snapshot_name(uuid))
+    image = store.images.find(snapshot_name(uuid))
     return image if image is not None and image.properties.get(OWNER) == uuid else None
 
 
@@ -53,7 +53,7 @@ def drop_snapshot(store: Store, uuid: str, settings: Settings | None = None) -> 
     """
     image = snapshot_of(store, uuid)
     if image is not None:
-        store.remove_image(image.name)  # the row first: a failure here leaves both, never a row without its file
+        store.images.remove(image.name)  # the row first: a failure here leaves both, never a row without its file
         Path(image.path).unlink(missing_ok=True)
         log.info("shelve_snapshot_deleted", instance_uuid=uuid, image=image.name)
     if settings is not None:

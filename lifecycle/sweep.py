@@ -70,7 +70,7 @@ def sweep_host(
     decider = Decider(policy, observed_at)
     pending = _Pending(host, actor)
     seen: set[str] = set()
-    for rows in ctx.store.host_sync_rows(host, observed_at, chunk):
+    for rows in ctx.store.sync.rows(host, observed_at, chunk):
         if stop is not None and stop.is_set():
             summary.interrupted = True
             break
@@ -173,7 +173,7 @@ def _flush(ctx: Context, summary: PassSummary, pending: _Pending, stop: threadin
     """Write what the pass decided: missing counts, power changes in one batch, then the operations."""
     counts, powers, acting = pending.counts, pending.powers, pending.acting
     pending.counts, pending.powers, pending.acting = [], [], []
-    ctx.store.set_missing_counts(counts)
+    ctx.store.sync.set_missing_counts(counts)
     if powers:
         _apply_powers(ctx, summary, powers)
     if acting:
@@ -188,7 +188,7 @@ def _run_decisions(
     stop: threading.Event | None,
 ) -> None:
     """Run the RUN and MARK_ERROR decisions on full rows, each only if the row is still as the pass read it."""
-    full = ctx.store.instances_by_uuid([row.uuid for row, _ in acting])
+    full = ctx.store.sync.instances_by_uuid([row.uuid for row, _ in acting])
     for row, decision in acting:
         if stop is not None and stop.is_set():  # each task runs to its end; the rest wait for the next pass
             summary.interrupted = True
@@ -204,7 +204,7 @@ def _living_elsewhere(ctx: Context, host: str, uuids: list[str]) -> list[str]:
     """Return the domains here whose instance is live and recorded on another host: never to be started here."""
     if not uuids:
         return []
-    rows = ctx.store.instances_by_uuid(uuids)
+    rows = ctx.store.sync.instances_by_uuid(uuids)
     found = [
         u for u in uuids if (r := rows.get(u)) is not None and r.vm_state is not VmState.DELETED and r.host != host
     ]
@@ -228,7 +228,7 @@ def _running_deleted(
     action = ctx.settings.running_deleted_instance_action
     if not uuids or action == "noop":
         return set()
-    rows = ctx.store.instances_by_uuid(uuids)
+    rows = ctx.store.sync.instances_by_uuid(uuids)
     cutoff = now() - timedelta(seconds=ctx.settings.running_deleted_instance_timeout)
     handled: set[str] = set()
     for uuid in uuids:
@@ -249,7 +249,7 @@ def _running_deleted(
         handled.add(uuid)
         summary.reaped.append(uuid)
         if row is not None and action != "log":
-            ctx.store.note(
+            ctx.store.writes.note(
                 row,
                 Why(
                     actor="sync",
@@ -285,7 +285,7 @@ def _count(summary: PassSummary, decision: Decision, times: int) -> None:
 
 def _apply_powers(ctx: Context, summary: PassSummary, powers: list[PowerWrite]) -> None:
     try:
-        won = ctx.store.record_powers(powers)
+        won = ctx.store.sync.record_powers(powers)
     except Exception:  # the batch failed as a whole: retry one by one so one bad row costs one
         log.exception("sync_batch_failed", count=len(powers))
         for write in powers:
@@ -297,7 +297,7 @@ def _apply_powers(ctx: Context, summary: PassSummary, powers: list[PowerWrite]) 
 
 
 def _one_power(ctx: Context, write: PowerWrite) -> None:
-    if not ctx.store.record_powers([write])[0]:
+    if not ctx.store.sync.record_powers([write])[0]:
         raise Conflict(write.uuid, {"version": write.version}, None)
 
 
@@ -323,9 +323,9 @@ def apply_decision(ctx: Context, instance: Instance, decision: Decision, cause: 
     """Carry out a RUN or MARK_ERROR decision (also used by the event path)."""
     if decision.action is Action.MARK_ERROR:
         assert decision.power is not None
-        return ctx.store.mark_error(instance, decision.power, _why(decision, cause, actor))
+        return ctx.store.writes.mark_error(instance, decision.power, _why(decision, cause, actor))
     if decision.action in (Action.UPDATE_POWER, Action.RECORD):
         assert decision.power is not None
-        return ctx.store.set_power_many([(instance, decision.power, _why(decision, cause, actor))])[0]
+        return ctx.store.sync.set_power_many([(instance, decision.power, _why(decision, cause, actor))])[0]
     assert decision.operation is not None
     return ctx.runner.start(decision.operation, instance.uuid, params={"rule": decision.rule}, actor=actor, cause=cause)

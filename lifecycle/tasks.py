@@ -129,11 +129,11 @@ class TaskRun:
             self._seq += 1
             seq[0] = self._seq
             detail = f"waiting for a build slot on {host}: {running} builds running there (max_concurrent_builds)"
-            self.store.open_step(self.task.id, self._seq, "queued_for_build_slot", detail)
+            self.store.tasks.open_step(self.task.id, self._seq, "queued_for_build_slot", detail)
             log.info("build_queued", host=host, running=running, limit=slots.limit)
 
         def granted() -> None:
-            self.store.end_step(self.task.id, seq[0])
+            self.store.tasks.end_step(self.task.id, seq[0])
             self._verified = False  # a takeover may have come while it waited: the next driver call checks
             log.debug("build_slot_granted", host=host)
 
@@ -141,8 +141,8 @@ class TaskRun:
             yield
 
     def store_fence(self) -> None:
-        """Raise as :meth:`Store.fence` when this task is no longer ours (taken over, deleted, recovered)."""
-        self.store.fence(self.task)
+        """Raise as :meth:`Store.tasks.fence` when this task is no longer ours (taken over, deleted, recovered)."""
+        self.store.tasks.fence(self.task)
 
     def _fence(self) -> None:
         # Right after this task's own write (its start, a step, a takeover) the write itself proved the
@@ -150,7 +150,7 @@ class TaskRun:
         if self._verified:
             self._verified = False
             return
-        self.store.fence(self.task)
+        self.store.tasks.fence(self.task)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class TaskRun:
         return Attempt(self.task.id, self.task.epoch, migration_id, holds=self._holds)
 
     def _holds(self) -> None:
-        self.store.fence(self.task)
+        self.store.tasks.fence(self.task)
 
     def clear_leftovers(self, host: str, keep: frozenset[str] = frozenset(), why: str = "") -> list[str]:
         """Destroy, on ``host``, what another attempt left of this instance (never this task's, nor ``keep``).
@@ -204,7 +204,9 @@ class TaskRun:
             )
             # A note beside the task's own rows (no task id: it changes no state of the task's walk), on the row as
             # it is now (a delete may have taken the instance over meanwhile).
-            self.store.note(self.store.get_instance(self.instance.uuid), replace(self.why(message), task_id=None))
+            self.store.writes.note(
+                self.store.instances.get(self.instance.uuid), replace(self.why(message), task_id=None)
+            )
             log.warning("leftovers_destroyed", host=host, removed=removed)
         return removed
 
@@ -245,7 +247,7 @@ class TaskRun:
         if old is None or preemption.rule(self.task.operation, old.operation) is not preemption.Rule.WAIT:
             return
         deadline = time.monotonic() + self.settings.preempt_wait_seconds
-        while self.store.worker_alive(old.id):
+        while self.store.tasks.worker_alive(old.id):
             if time.monotonic() >= deadline:
                 log.warning("preempted_worker_still_busy", preempted_task_id=old.id)
                 return
@@ -311,13 +313,13 @@ class TaskRun:
             updated_at=at,
             finished_at=None if status is MigrationStatus.PRE_MIGRATING else at,
         )
-        self.store.add_migration(migration)
+        self.store.moves.add(migration)
         return migration
 
     def migration_status(self, migration_id: str, status: Any, **values: Any) -> None:
         """Write a move's status for this task, once the task is known to be still ours (as a driver call is)."""
         self._fence()
-        self.store.update_migration(migration_id, status=status, **values)
+        self.store.moves.update(migration_id, status=status, **values)
 
     def copy_progress(self, done: int, total: int) -> None:
         """Record how far this step's disk copy got (at most every quarter second, and at its end).
@@ -329,7 +331,7 @@ class TaskRun:
         if done < total and moment - self._progress_at < 0.25:
             return
         self._progress_at = moment
-        self.store.record_progress(self.task, done, total)
+        self.store.tasks.record_progress(self.task, done, total)
 
     def power_off(self, timeout: float | None = None) -> None:
         """Shut the guest down cleanly within ``timeout`` (default ``shutdown_timeout``), then hard."""
@@ -354,14 +356,14 @@ class TaskRun:
             return
         action()
         self._seq += 1
-        self.store.mark_done(self.task.id, self._seq, name)
+        self.store.tasks.mark_done(self.task.id, self._seq, name)
         self.done.add(name)
 
     def _step(
         self, task_state: TaskState, message: str | None, fields: dict[str, Any], *, retried: bool = False
     ) -> None:
         self._seq += 1
-        self.instance = self.store.advance(
+        self.instance = self.store.writes.advance(
             self.instance, self.task, self._seq, task_state, self.why(message), retried=retried, **fields
         )
         self._verified = True
@@ -377,7 +379,7 @@ class TaskRun:
             power=power,
             previous=self.instance.previous_vm_state,
         )
-        self.instance = self.store.finish(
+        self.instance = self.store.writes.finish(
             self.instance,
             self.task,
             vm_state=vm_state,
@@ -410,7 +412,7 @@ class TaskRun:
         # refused failure write would leave the task running until recovery.
         message = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
         trace = "".join(traceback.format_exception(exc)).replace("\x00", "\\x00")
-        self.instance = self.store.finish(
+        self.instance = self.store.writes.finish(
             self.instance,
             self.task,
             vm_state=vm_state,
@@ -488,7 +490,7 @@ def _lost(run: TaskRun, started: float, exc: Preempted) -> None:
     """End a worker whose task was taken over: reconcile its late call, then let a waiting preemptor go on."""
     if not isinstance(exc, Fenced):  # a fenced worker's lease now belongs to the recovering engine
         _after_preemption(run, exc.preempted_by)
-        run.store.release_lease(run.task.id)
+        run.store.tasks.release_lease(run.task.id)
     _finished(run, started, Outcome.PREEMPTED, preempted_by=exc.preempted_by, fenced=isinstance(exc, Fenced))
 
 
@@ -503,10 +505,10 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
     """
     if preempted_by is None:
         return
-    preemptor = run.store.get_task(preempted_by)
+    preemptor = run.store.tasks.get(preempted_by)
     if preemption.rule(preemptor.operation, run.task.operation) is not preemption.Rule.DESTROY_LATE:
         return  # WAIT: the preemptor waited for this call; CONVERGE: the late call agrees with it
-    now_row = run.store.get_instance(run.instance.uuid)
+    now_row = run.store.instances.get(run.instance.uuid)
     deleted = now_row.vm_state is VmState.DELETED
     if not deleted and now_row.task_id != preemptor.id:
         return  # the delete failed (the instance lives on, error): what the late call made is the instance's
@@ -518,7 +520,7 @@ def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
         except Exception as exc:  # an unreachable host: its daemon reaps the leftover later
             log.warning("preempted_leftover_not_destroyed", host=host, error=f"{type(exc).__name__}: {exc}")
     # Also while the delete still runs: it may have released the claims already, before this late one.
-    run.store.release_claims(run.instance.uuid)
+    run.store.claims.release(run.instance.uuid)
     log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
 
 
@@ -540,7 +542,7 @@ def _leftover(obj: HostObject, attempt: Attempt, keep: frozenset[str], used: set
 def _was_preempted(run: TaskRun, exc: Exception) -> Preempted | None:
     # A driver call can fail *because* a preemptor destroyed the domain under it:
     # the failure then belongs to nobody and must not touch the instance.
-    task = run.store.get_task(run.task.id)
+    task = run.store.tasks.get(run.task.id)
     if task.epoch != run.task.epoch:
         return Fenced(task.id, task.instance_uuid, run.task.epoch, task.epoch)
     if task.outcome is Outcome.PREEMPTED:

@@ -25,10 +25,10 @@ def check_invariants(store: Store) -> None:
        instance (a leftover domain reaped, a host removed by force under an
        instance already in error).
     """
-    for instance in store.list_instances(include_deleted=True):
+    for instance in store.instances.list(include_deleted=True):
         where = f"instance {instance.uuid} ({instance.vm_state}, {instance.task_state}, {instance.task_id})"
         assert (instance.task_state is None) == (instance.task_id is None), where
-        running = [t for t in store.tasks_of(instance.uuid) if t.outcome is Outcome.RUNNING]
+        running = [t for t in store.tasks.of(instance.uuid) if t.outcome is Outcome.RUNNING]
         assert [t.id for t in running] == ([instance.task_id] if instance.task_id else []), where
         if instance.vm_state is VmState.DELETED and instance.task_id is None:
             assert instance.power_state is PowerState.NOSTATE, where
@@ -36,7 +36,7 @@ def check_invariants(store: Store) -> None:
 
 
 def _check_audit_chain(store: Store, instance: Instance) -> None:
-    entries = store.history(instance.uuid)
+    entries = store.instances.history(instance.uuid)
     assert entries, f"instance {instance.uuid} has no audit rows"
     state: tuple[object, ...] = (None, None, None)
     task: str | None = None
@@ -70,7 +70,7 @@ def expected_claims(store: Store, instance: Instance) -> dict[str, Size]:
     """
     if instance.vm_state is VmState.DELETED or instance.host is None:
         return {}
-    migration = store.open_migration(instance.uuid)
+    migration = store.moves.open_of(instance.uuid)
     if instance.vm_state is VmState.RESIZED:
         assert migration is not None and migration.dest_host == instance.host, (instance, migration)
         return {instance.host: _size(instance.flavor), migration.source_host: _size(migration.old_flavor)}
@@ -96,11 +96,11 @@ def check_claims(store: Store) -> None:
         held: dict[str, dict[str, Size]] = {}
         for uuid, host, vcpus, memory_mb, disk_gb in conn.execute(query):
             held.setdefault(uuid, {})[host] = (vcpus, memory_mb, disk_gb)
-    for host in store.list_hosts():
+    for host in store.hosts.list():
         sums = [claims[host.name] for claims in held.values() if host.name in claims]
         used = tuple(sum(column) for column in zip(*sums, strict=True)) if sums else (0, 0, 0)
         assert (host.vcpus_used, host.memory_mb_used, host.disk_gb_used) == used, f"host {host.name} usage {used}"
-    for instance in store.list_instances(include_deleted=True):
+    for instance in store.instances.list(include_deleted=True):
         if instance.task_id is None:
             claims, expected = held.pop(instance.uuid, {}), expected_claims(store, instance)
             where = f"instance {instance.uuid} ({instance.vm_state}, host {instance.host})"
@@ -125,5 +125,5 @@ def check_tasks_ended(store: Store) -> None:
 def check_no_deleted_guests(store: Store, host: str, domains: Iterable[str]) -> None:
     """Assert that none of ``domains`` (a host's domains after a sync pass) belongs to a deleted instance."""
     uuids = sorted(domains)
-    deleted = [u for u, i in store.instances_by_uuid(uuids).items() if i.vm_state is VmState.DELETED]
+    deleted = [u for u, i in store.sync.instances_by_uuid(uuids).items() if i.vm_state is VmState.DELETED]
     assert not deleted, f"host {host} still runs domains of deleted instances after a sync pass: {deleted}"

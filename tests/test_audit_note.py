@@ -14,7 +14,9 @@ def test_a_note_from_a_stale_read_chains_from_the_current_row(engine: Engine, ne
     uuid = new_instance()
     stale = engine.get(uuid)
     engine.delete(uuid)  # the takeover ends the instance while the late worker still holds its old read
-    engine.store.note(stale, Why(actor="api", cause=Cause.API, operation="rebuild", message="destroyed a leftover"))
+    engine.store.writes.note(
+        stale, Why(actor="api", cause=Cause.API, operation="rebuild", message="destroyed a leftover")
+    )
     last = engine.history(uuid)[-1]
     assert (last.message, last.from_vm_state, last.to_vm_state) == ("destroyed a leftover", "deleted", "deleted")
     assert engine.get(uuid).vm_state is VmState.DELETED

@@ -75,37 +75,39 @@ def store(db_url: str) -> Iterator[Store]:
 def test_claim_first_takes_the_first_candidate_in_the_given_order(store: Store) -> None:
     """With room everywhere, the claim lands on the first candidate as given, not the best or the first by name."""
     uuid, *_ = _instances(store, 1)
-    assert store.claim_first(uuid, ["c", "a", "b"], 1, SLOT_MB, 1, RATIOS) == "c"
-    assert store.claims_of(uuid) == ["c"]
+    assert store.claims.claim_first(uuid, ["c", "a", "b"], 1, SLOT_MB, 1, RATIOS) == "c"
+    assert store.claims.of(uuid) == ["c"]
     assert _used(store) == {"a": 0, "b": 0, "c": SLOT_MB}
 
 
 def test_claim_first_passes_over_a_full_candidate(store: Store) -> None:
     """A candidate without room is passed over for the next one in order, and left as it was."""
     first, second = _instances(store, 2)
-    assert store.claim(first, "a", 1, SLOT_MB, 1, RATIOS)
-    assert store.claim_first(second, ["a", "b", "c"], 1, SLOT_MB, 1, RATIOS) == "b"
+    assert store.claims.claim(first, "a", 1, SLOT_MB, 1, RATIOS)
+    assert store.claims.claim_first(second, ["a", "b", "c"], 1, SLOT_MB, 1, RATIOS) == "b"
     assert _used(store) == {"a": SLOT_MB, "b": SLOT_MB, "c": 0}
-    assert store.claims_of(second) == ["b"]
+    assert store.claims.of(second) == ["b"]
 
 
 def test_claim_first_returns_none_and_writes_nothing_when_no_candidate_fits(store: Store) -> None:
     """No candidate with room gives None with no usage or claim row written, even while a host not named has room."""
     uuid, *_ = _instances(store, 1)
-    assert store.claim_first(uuid, ["a", "b"], 1, 3 * SLOT_MB, 1, RATIOS) is None
-    assert store.claim_first(uuid, [], 1, SLOT_MB, 1, RATIOS) is None
-    assert store.claim_first(uuid, ["a"], 1, 2 * SLOT_MB, 1, RATIOS) is None  # c would fit, but is not a candidate
-    assert _used(store) == {"a": 0, "b": 0, "c": 0} and store.claims_of(uuid) == []
+    assert store.claims.claim_first(uuid, ["a", "b"], 1, 3 * SLOT_MB, 1, RATIOS) is None
+    assert store.claims.claim_first(uuid, [], 1, SLOT_MB, 1, RATIOS) is None
+    assert (
+        store.claims.claim_first(uuid, ["a"], 1, 2 * SLOT_MB, 1, RATIOS) is None
+    )  # c would fit, but is not a candidate
+    assert _used(store) == {"a": 0, "b": 0, "c": 0} and store.claims.of(uuid) == []
 
 
 def test_a_fenced_candidate_is_never_claimed(store: Store) -> None:
     """A host fenced after the decision's read is passed over by claim_first and refused by claim, nothing written."""
     first, second = _instances(store, 2)
-    store.set_fence("c", "operator", "PSU failed")
-    assert store.claim_first(first, ["c", "b"], 1, SLOT_MB, 1, RATIOS) == "b"
-    assert store.claim_first(second, ["c"], 1, SLOT_MB, 1, RATIOS) is None
-    assert not store.claim(second, "c", 1, SLOT_MB, 1, RATIOS)
-    assert _used(store) == {"a": 0, "b": SLOT_MB, "c": 0} and store.claims_of(second) == []
+    store.hosts.set_fence("c", "operator", "PSU failed")
+    assert store.claims.claim_first(first, ["c", "b"], 1, SLOT_MB, 1, RATIOS) == "b"
+    assert store.claims.claim_first(second, ["c"], 1, SLOT_MB, 1, RATIOS) is None
+    assert not store.claims.claim(second, "c", 1, SLOT_MB, 1, RATIOS)
+    assert _used(store) == {"a": 0, "b": SLOT_MB, "c": 0} and store.claims.of(second) == []
 
 
 # -- releases and the task's epoch --------------------------------------------------------------------
@@ -124,18 +126,18 @@ def test_release_claims_of_a_fenced_task_releases_nothing(placed: tuple[Engine, 
     engine, task = placed
     stale = dataclasses.replace(task, epoch=task.epoch + 1)
     with pytest.raises(Fenced):
-        engine.store.release_claims(task.instance_uuid, task=stale)
+        engine.store.claims.release(task.instance_uuid, task=stale)
     with pytest.raises(Fenced):
-        engine.store.release_claims(task.instance_uuid, "b", task=stale)  # no claim there: fenced all the same
-    assert engine.store.claims_of(task.instance_uuid) == ["a"] and engine.hosts.get("a").memory_mb_used == SLOT_MB
+        engine.store.claims.release(task.instance_uuid, "b", task=stale)  # no claim there: fenced all the same
+    assert engine.store.claims.of(task.instance_uuid) == ["a"] and engine.hosts.get("a").memory_mb_used == SLOT_MB
 
 
 def test_release_claims_at_the_task_epoch_gives_the_room_back(placed: tuple[Engine, Task]) -> None:
     """A worker at its task's epoch gives back the claim and the host's usage and says how many; again, 0."""
     engine, task = placed
-    assert engine.store.release_claims(task.instance_uuid, task=task) == 1
-    assert engine.store.claims_of(task.instance_uuid) == [] and engine.hosts.get("a").memory_mb_used == 0
-    assert engine.store.release_claims(task.instance_uuid, task=task) == 0
+    assert engine.store.claims.release(task.instance_uuid, task=task) == 1
+    assert engine.store.claims.of(task.instance_uuid) == [] and engine.hosts.get("a").memory_mb_used == 0
+    assert engine.store.claims.release(task.instance_uuid, task=task) == 0
 
 
 # -- racing on PostgreSQL ------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def _claimer(url: str, uuids: list[str], order: list[str], start: threading.Barr
     store = Store(url)
     try:
         start.wait()
-        out.extend(store.claim_first(u, order, 1, SLOT_MB, 1, RATIOS) for u in uuids)
+        out.extend(store.claims.claim_first(u, order, 1, SLOT_MB, 1, RATIOS) for u in uuids)
     finally:
         store.close()
 
@@ -196,7 +198,7 @@ def _hold(store: Store, fill: dict[str, int]) -> sa.Connection:
 
 def _claim_in_thread(store: Store, uuid: str, order: list[str]) -> tuple[threading.Thread, list[str | None]]:
     out: list[str | None] = []
-    thread = threading.Thread(target=lambda: out.append(store.claim_first(uuid, order, 1, SLOT_MB, 1, RATIOS)))
+    thread = threading.Thread(target=lambda: out.append(store.claims.claim_first(uuid, order, 1, SLOT_MB, 1, RATIOS)))
     thread.start()
     return thread, out
 

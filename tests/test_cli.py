@@ -364,13 +364,13 @@ def test_recover_explains_the_lease(cli, tmp_path: Path) -> None:  # type: ignor
     """After a crash, recover says the task is within its lease and until when; --owner alone refuses, --force takes it."""
     uuid = _create(cli)
     crashed = Engine(os.environ["LIFECYCLE_DB_URL"], owner="crashed-engine")
-    original = crashed.store.begin
+    original = crashed.store.writes.begin
 
     def begin_then_crash(*args: Any, **kwargs: Any) -> Any:
         original(*args, **kwargs)
         raise SimulatedCrash("crash after begin")
 
-    crashed.store.begin = begin_then_crash  # type: ignore[method-assign]
+    crashed.store.writes.begin = begin_then_crash  # type: ignore[method-assign]
     with pytest.raises(SimulatedCrash):
         crashed.stop(uuid)
     crashed.close()

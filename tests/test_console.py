@@ -105,7 +105,7 @@ def test_a_token_only_reaches_the_console_its_guest_still_serves(
     engine.start(uuid)
     assert engine.consoles.check_token(token) is not None  # the same domain serves the same port again
     engine.rebuild(uuid)  # a new domain: a new port
-    assert fakes["h1"].get_vnc_console(uuid).port != engine.store.console_token(_hash(token))["console_port"]
+    assert fakes["h1"].get_vnc_console(uuid).port != engine.store.consoles.token(_hash(token))["console_port"]
     assert engine.consoles.check_token(token) is None
     fresh = engine.consoles.get_vnc_console(uuid).token
     fakes["h1"].unreachable = True  # the hypervisor cannot confirm the port: nothing is bridged
@@ -210,7 +210,7 @@ def far_engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     """
     eng = Engine(db_url, driver_factory=lambda host: fakes.setdefault(host.name, FakeDriver(host.name)))
     eng.images.add("cirros", fake_image("cirros"))
-    eng.store.add_host("far", "qemu+tcp://far.example/system", "/var/lib/lifecycle/instances")
+    eng.store.hosts.add("far", "qemu+tcp://far.example/system", "/var/lib/lifecycle/instances")
     yield eng
     eng.close()
 
@@ -228,7 +228,7 @@ def test_a_remote_host_without_console_address_gets_no_token(far_engine: Engine,
     message = str(refused.value)
     assert "host far (qemu+tcp://far.example/system)" in message and "--console-address" in message
     assert _token_rows(far_engine) == []
-    far_engine.store.update_host("far", console_address="192.0.2.7")
+    far_engine.store.hosts.update("far", console_address="192.0.2.7")
     connection = far_engine.consoles.check_token(far_engine.consoles.get_vnc_console(uuid).token)
     assert connection is not None and connection.host == "192.0.2.7"
 
@@ -239,7 +239,7 @@ def test_a_token_issued_before_the_rule_never_leads_to_loopback(
     """A token a remote host without console address got earlier (leading to 127.0.0.1) is refused by check and lookup."""
     uuid = far_engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
     port = fakes["far"].get_vnc_console(uuid).port
-    far_engine.store.add_console_token(
+    far_engine.store.consoles.add_token(
         _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, now() + timedelta(hours=1)
     )
     assert far_engine.consoles.check_token("old-token") is None
@@ -288,10 +288,10 @@ def test_the_purge_deletes_revoked_and_long_expired_tokens_and_keeps_live_ones(
     _age(engine, recent, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE - 60))
     _age(engine, old, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE + 60))
     _age(engine, revoked, revoked_at=moment - timedelta(seconds=1))
-    assert duties.purge_console_tokens(engine) == 2
+    assert duties.purge_console_tokens(engine.services) == 2
     assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live), _hash(recent)}
     assert engine.consoles.check_token(live) is not None
     assert [(e["expired"], e["revoked"]) for e in logged if e["event"] == "console_tokens_purged"] == [(1, 1)]
-    assert duties.purge_console_tokens(engine) == 0
-    assert duties.purge_console_tokens(engine, grace=0) == 1  # the recently expired one, with no grace
+    assert duties.purge_console_tokens(engine.services) == 0
+    assert duties.purge_console_tokens(engine.services, grace=0) == 1  # the recently expired one, with no grace
     assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live)}

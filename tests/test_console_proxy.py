@@ -202,7 +202,7 @@ def _forge(engine: Engine, uuid: str, token: str) -> str:
 
 
 def _revoke(engine: Engine, uuid: str, token: str) -> str:
-    assert engine.store.revoke_console_tokens(uuid) >= 1
+    assert engine.store.consoles.revoke_tokens(uuid) >= 1
     return token
 
 

@@ -39,13 +39,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
 
 def _claims_are_exclusive(url: str) -> None:
     a, b = Store(url), Store(url)
-    claim = a.try_claim_host("h1")
+    claim = a.ownership.try_claim_host("h1")
     assert claim is not None
-    assert b.try_claim_host("h1") is None
-    other = b.try_claim_host("h2")
+    assert b.ownership.try_claim_host("h1") is None
+    other = b.ownership.try_claim_host("h2")
     assert other is not None
     claim.release()
-    again = b.try_claim_host("h1")
+    again = b.ownership.try_claim_host("h1")
     assert again is not None
     for c in (other, again):
         c.release()
@@ -78,7 +78,7 @@ def test_daemon_syncs_its_hosts_and_lets_go_on_stop(sqlite_url: str, fakes: Fake
     daemon.stop.set()
     thread.join(10)
     assert not thread.is_alive() and daemon.claims == {}
-    claim = engine.store.try_claim_host("h1")
+    claim = engine.store.ownership.try_claim_host("h1")
     assert claim is not None
     claim.release()
     engine.close()

@@ -48,15 +48,15 @@ def _place(engine: Engine, fakes: Fakes, vm: VmState, ts: TaskState | None, host
     """Create an instance on h1 and write it into (vm, ts) with a task of the given kind, audited."""
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     store = engine.store
-    current = store.get_instance(uuid)
+    current = store.instances.get(uuid)
     setup = engine.runner.new_task(uuid, "stop", {}, None, None, "test-setup", Cause.API)
     why = Why(actor="test-setup", cause=Cause.API, operation="setup", task_id=setup.id)
-    current = store.begin(current, setup, TaskState.POWERING_OFF, why, None)
+    current = store.writes.begin(current, setup, TaskState.POWERING_OFF, why, None)
     fields = {"host": None} if host == "none" else {}
     if host == "none":  # as a host-less instance (a failed build, a removed host) holds no claim and no domain here
-        store.release_claims(uuid)
+        store.claims.release(uuid)
         fakes["h1"].destroy(uuid, destroy_disks=True)
-    current = store.finish(
+    current = store.writes.finish(
         current, setup, vm_state=vm, power_state=current.power_state, outcome=Outcome.SUCCEEDED, why=why, **fields
     )
     if ts is not None:
@@ -64,10 +64,10 @@ def _place(engine: Engine, fakes: Fakes, vm: VmState, ts: TaskState | None, host
         t = replace(engine.runner.new_task(uuid, "stop", {}, None, None, "test-setup", Cause.API), owner=owner)
         if task == "stuck":
             t = replace(t, lease_expires_at=now() - timedelta(seconds=1))
-        current = store.begin(current, t, ts, replace(why, task_id=t.id), None)
+        current = store.writes.begin(current, t, ts, replace(why, task_id=t.id), None)
     if host == "down":
         fakes["h1"].unreachable = True
-        store.update_host("h1", last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
+        store.hosts.update("h1", last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
     elif host == "failing":
         fakes["h1"].fail_next("destroy", OSError(5, "Input/output error"))
     return uuid
@@ -106,7 +106,7 @@ def test_delete_ends_every_state(tmp_path: Path, vm: VmState, ts: TaskState | No
             where
         )
         assert not [t for t in engine.tasks(uuid) if t.outcome is Outcome.RUNNING], where
-        assert engine.store.claims_of(uuid) == [], where
+        assert engine.store.claims.of(uuid) == [], where
         if host == "down":
             fakes["h1"].unreachable = False
             assert uuid in engine.hosts.sync("h1")[0].reaped, where

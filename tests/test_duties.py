@@ -70,7 +70,7 @@ def test_reclaim_deletes_for_good_after_the_interval(reclaiming: Engine, fakes: 
     )
     assert (result.uuid, result.outcome) == (uuid, "deleted")
     assert reclaiming.get(uuid).vm_state is V.DELETED and not fakes["a"].domain_exists(uuid)
-    assert reclaiming.store.claims_of(uuid) == []
+    assert reclaiming.store.claims.of(uuid) == []
     last = reclaiming.history(uuid)[-1]
     assert (last.cause, last.actor, last.operation) == (Cause.TIMER, "timer:reclaim", "delete")
 
@@ -235,7 +235,7 @@ def test_two_lockers_cannot_both_win(cloud: Engine) -> None:
     stale = cloud.get(uuid)
     cloud.lock(uuid, reason="first", actor="bob")
     with pytest.raises(Conflict):
-        cloud.store.set_lock(stale, "eve", "second", Why(actor="eve", cause=Cause.API, operation="lock"))
+        cloud.store.writes.set_lock(stale, "eve", "second", Why(actor="eve", cause=Cause.API, operation="lock"))
     assert cloud.get(uuid).locked_by == "bob"
 
 
@@ -255,14 +255,16 @@ def test_reclaim_never_takes_over_a_restore_in_flight(reclaiming: Engine, fakes:
     """A restore held in the driver when the reclaim runs is skipped, not preempted: the guest comes back."""
     uuid = _vm(reclaiming)
     reclaiming.delete(uuid)
-    queue = reclaiming.store.in_state_since(V.SOFT_DELETED, reclaiming.get(uuid).updated_at + timedelta(seconds=1))
+    queue = reclaiming.store.instances.in_state_since(
+        V.SOFT_DELETED, reclaiming.get(uuid).updated_at + timedelta(seconds=1)
+    )
     assert [i.uuid for i in queue] == [uuid]
     gate = fakes["a"].hold("power_on")
     worker = threading.Thread(target=reclaiming.restore, args=(uuid,))
     worker.start()
     assert gate.wait_entered()
     # The duty read its queue just before the restore began: it acts on that read.
-    reclaiming.store.in_state_since = lambda *_args: queue  # type: ignore[method-assign]
+    reclaiming.store.instances.in_state_since = lambda *_args: queue  # type: ignore[method-assign]
     [result] = reclaiming.duties.reclaim_queued_deletes()
     assert (result.uuid, result.outcome) == (uuid, "skipped")
     gate.release()
@@ -307,5 +309,5 @@ def test_a_delete_worker_fenced_by_reset_state_releases_no_claim(cloud: Engine, 
     gate.release()
     worker.join(10)
     assert len(errors) == 1 and isinstance(errors[0], Fenced)
-    assert cloud.store.claims_of(uuid) == ["a"]
+    assert cloud.store.claims.of(uuid) == ["a"]
     assert next(h for h in cloud.hosts.list() if h.name == "a").memory_mb_used == SMALL.memory_mb

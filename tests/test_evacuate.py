@@ -30,7 +30,7 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
     engine = make_engine(db_url, fakes, shutdown_timeout=0.0)
     engine.hosts.add("h3", "fake://")
     for host in ("h1", "h2", "h3"):
-        engine.store.update_host(host, vcpus=8, memory_mb=8192, disk_gb=80)
+        engine.store.hosts.update(host, vcpus=8, memory_mb=8192, disk_gb=80)
         engine.hosts.heartbeat(host)
     yield engine
     check_invariants(engine.store)
@@ -38,7 +38,7 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
 
 
 def _down(engine: Engine, host: str) -> None:
-    engine.store.update_host(host, last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
+    engine.store.hosts.update(host, last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
 
 
 def _dead(engine: Engine, host: str) -> None:
@@ -146,15 +146,15 @@ def test_evacuate_rebuilds_elsewhere_keeping_identity(cloud: Engine, fakes: Fake
     (migration,) = cloud.migrations()
     assert (migration.kind, migration.source_host, migration.dest_host) == ("evacuation", "h1", "h3")
     assert migration.status is MigrationStatus.DONE and migration.task_id == task.id
-    assert cloud.store.claims_of(uuid) == ["h3"]
+    assert cloud.store.claims.of(uuid) == ["h3"]
     assert cloud.hosts.get("h1").vcpus_used == 0 and cloud.hosts.get("h3").vcpus_used == 1
-    assert cloud.store.open_migration(uuid) is None  # an evacuation is no move to confirm or revert
+    assert cloud.store.moves.open_of(uuid) is None  # an evacuation is no move to confirm or revert
 
 
 def test_evacuate_from_error_ends_active_and_the_scheduler_avoids_the_dead_host(cloud: Engine, fakes: Fakes) -> None:
     """An instance in error is evacuable and ends active on a host the scheduler picked (never the dead one)."""
     uuid = _on(cloud, "h1")
-    cloud.store.mark_error(cloud.get(uuid), PowerState.NOSTATE, _why())
+    cloud.store.writes.mark_error(cloud.get(uuid), PowerState.NOSTATE, _why())
     _dead(cloud, "h1")
     cloud.evacuate(uuid)
     after = cloud.get(uuid)
@@ -198,7 +198,7 @@ def test_a_failed_evacuation_is_recorded_and_keeps_only_the_destination_claim(cl
     assert (after.vm_state, after.task_state, after.host) == (V.ERROR, None, "h2")
     (migration,) = cloud.migrations()
     assert migration.status is MigrationStatus.ERROR
-    assert cloud.store.claims_of(uuid) == ["h2"]
+    assert cloud.store.claims.of(uuid) == ["h2"]
     cloud.rebuild(uuid)  # it lives on h2 now, a host that is up: a rebuild there brings it back
     assert cloud.get(uuid).vm_state is V.ACTIVE
 
@@ -212,7 +212,7 @@ def test_no_room_anywhere_leaves_the_instance_on_its_dead_host(cloud: Engine, fa
     with pytest.raises(Exception, match="no valid host"):
         cloud.evacuate(uuid)
     after = cloud.get(uuid)
-    assert after.host == "h1" and after.vm_state is V.ERROR and cloud.store.claims_of(uuid) == ["h1"]
+    assert after.host == "h1" and after.vm_state is V.ERROR and cloud.store.claims.of(uuid) == ["h1"]
     assert cloud.migrations() == []
 
 
@@ -261,7 +261,7 @@ def test_delete_of_an_evacuated_instance_and_of_one_on_the_dead_host(cloud: Engi
     _dead(cloud, "h1")
     cloud.evacuate(uuid, host="h2")
     cloud.delete(uuid)
-    assert not fakes["h2"].domain_exists(uuid) and cloud.store.claims_of(uuid) == []
+    assert not fakes["h2"].domain_exists(uuid) and cloud.store.claims.of(uuid) == []
     assert cloud.hosts.destroy_evacuated("h1") == [uuid] and not fakes["h1"].domain_exists(uuid)
 
 

@@ -34,7 +34,7 @@ def _evacuated_then_unfenced(engine: Engine, host: str = "h1", to: str = "h2") -
     """Create an instance on ``host``, let the host die, evacuate the instance to ``to``, and lift the fence."""
     uuid = engine.create("vm", host=host, flavor=SMALL, image="cirros").instance_uuid
     stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
-    engine.store.update_host(host, last_heartbeat=stale)
+    engine.store.hosts.update(host, last_heartbeat=stale)
     engine.hosts.fence(host, reason="power supply failed", actor="ops")
     engine.evacuate(uuid, host=to)
     engine.hosts.unfence(host, actor="ops")
@@ -144,7 +144,7 @@ def test_the_scheduler_never_places_on_a_host_holding_an_evacuated_copy(
         engine.images.add("cirros", fake_image("cirros"))
         uuid = _evacuated_then_unfenced(engine)
         if filters == "default":  # up: a heartbeat written before the evacuation finished, say
-            engine.store.update_host("h1", last_heartbeat=now())
+            engine.store.hosts.update("h1", last_heartbeat=now())
         for _ in range(3):  # h1 has the most free memory: the RAM weigher would pick it
             assert engine.get(engine.create("web", flavor=SMALL, image="cirros").instance_uuid).host == "h2"
         with pytest.raises(TaskFailed, match=r"NoValidHost.*h1: holds old copies of instances evacuated"):

@@ -27,7 +27,7 @@ class Clock:
 
 
 def _processor(engine: Engine, clock: Clock, delay: float = 15.0) -> EventProcessor:
-    return EventProcessor(engine, "h1", Policy(), delay=delay, clock=clock)
+    return EventProcessor(engine.services, "h1", Policy(), delay=delay, clock=clock)
 
 
 def _event(uuid: str, transition: Transition) -> LifecycleEvent:
@@ -90,7 +90,7 @@ def test_events_for_unknown_or_moved_instances_are_ignored(
 ) -> None:
     """Events for a domain with no row, or whose instance lives on another host, change nothing."""
     uuid = new_instance(host="h2")
-    fakes.factory(engine.store.get_host("h1"))
+    fakes.factory(engine.store.hosts.get("h1"))
     fakes["h1"].copy_domain_from(fakes["h2"], uuid)
     proc = _processor(engine, Clock(), delay=0)
     proc.on_event(_event(uuid, Transition.STARTED))

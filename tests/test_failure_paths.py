@@ -56,7 +56,7 @@ def test_hostless_error_instance_is_deleted_in_the_database(engine: Engine, op: 
     i = engine.get(uuid)
     assert (task.outcome, i.vm_state, i.task_id, i.power_state) == (Outcome.SUCCEEDED, V.DELETED, None, 0)
     assert "no host: deleted in the database only" in (engine.history(uuid)[-1].message or "")
-    assert engine.store.claims_of(uuid) == []
+    assert engine.store.claims.of(uuid) == []
 
 
 @pytest.mark.parametrize("op", HOSTLESS_REFUSED)
@@ -92,7 +92,7 @@ def test_failed_build_on_a_named_host_keeps_no_host_claim_or_domain(engine: Engi
     uuid = failed.value.task.instance_uuid
     i = engine.get(uuid)
     assert (i.vm_state, i.host) == (V.ERROR, None)
-    assert engine.store.claims_of(uuid) == [] and not fakes["h1"].domain_exists(uuid)
+    assert engine.store.claims.of(uuid) == [] and not fakes["h1"].domain_exists(uuid)
     for op in ("rebuild", "reboot_hard", "rescue"):
         with pytest.raises(InvalidState):
             engine.run(op, uuid)
@@ -155,7 +155,7 @@ def test_spawn_raising_oserror_reschedules(engine: Engine, fakes: Fakes) -> None
         engine.create("vm", flavor=FLAVOR, image="cirros")
     assert next(first) == "h1"
     uuid = engine.list()[0].uuid
-    assert engine.get(uuid).host is None and engine.store.claims_of(uuid) == []
+    assert engine.get(uuid).host is None and engine.store.claims.of(uuid) == []
     failures = [m for r in engine.history(uuid) if "OSError" in (m := r.message or "")]
     assert len(failures) == 2 and all("No space left on device; rescheduling" in m for m in failures)
 
@@ -245,8 +245,8 @@ def test_only_live_workers_have_their_lease_renewed(engine: Engine, fakes: Fakes
     gate = fakes["h1"].hold("pause")
     live = engine.pause(uuid, wait=False)
     assert gate.wait_entered()
-    assert engine.store.renew_leases(engine.owner, sorted(engine.runner.active)) == 1
-    assert engine.store.renew_leases(engine.owner, []) == 0
+    assert engine.store.tasks.renew_leases(engine.owner, sorted(engine.runner.active)) == 1
+    assert engine.store.tasks.renew_leases(engine.owner, []) == 0
     gate.release()
     engine.runner.wait_idle()
     assert engine.runner.active == set() and engine.task(live.id).outcome is Outcome.SUCCEEDED
@@ -279,7 +279,7 @@ def test_forced_host_remove_orphans_instances_that_delete_then_removes(
     assert engine.hosts.remove("h1", force=True) == [uuid]
     assert "h1" not in [h.name for h in engine.hosts.list()]
     i = engine.get(uuid)
-    assert (i.vm_state, i.host, engine.store.claims_of(uuid)) == (V.ERROR, None, [])
+    assert (i.vm_state, i.host, engine.store.claims.of(uuid)) == (V.ERROR, None, [])
     assert "may still exist" in (engine.history(uuid)[-1].message or "")
     engine.delete(uuid)
     assert engine.get(uuid).vm_state is V.DELETED
@@ -298,7 +298,7 @@ def _down(engine: Engine, fakes: Fakes, host: str = "h1") -> None:
     engine.hosts.driver(host)
     fakes[host].unreachable = True
     stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
-    engine.store.update_host(host, last_heartbeat=stale)
+    engine.store.hosts.update(host, last_heartbeat=stale)
 
 
 @pytest.mark.parametrize("op", ["delete", "force_delete"])
@@ -310,7 +310,7 @@ def test_delete_on_a_down_host_is_local_and_the_guest_is_reaped_later(
     _down(engine, fakes)
     engine.run(op, uuid)
     i = engine.get(uuid)
-    assert (i.vm_state, i.task_id, engine.store.claims_of(uuid)) == (V.DELETED, None, [])
+    assert (i.vm_state, i.task_id, engine.store.claims.of(uuid)) == (V.DELETED, None, [])
     assert "the guest may still exist" in (engine.history(uuid)[-1].message or "")
     assert fakes["h1"].domain_exists(uuid)
     fakes["h1"].unreachable = False
@@ -329,7 +329,7 @@ def test_delete_on_an_up_but_unanswering_host_fails_and_keeps_the_claim(
     engine.hosts.heartbeat("h1")
     with pytest.raises(TaskFailed, match="unreachable"):
         engine.delete(uuid)
-    assert engine.get(uuid).vm_state is V.ERROR and engine.store.claims_of(uuid) == ["h1"]
+    assert engine.get(uuid).vm_state is V.ERROR and engine.store.claims.of(uuid) == ["h1"]
     fakes["h1"].unreachable = False
     engine.delete(uuid)
     assert engine.get(uuid).vm_state is V.DELETED and not fakes["h1"].domain_exists(uuid)
@@ -392,7 +392,7 @@ def test_create_preempted_by_delete_keeps_no_claim_and_no_domain(engine: Engine,
     gate.release()
     engine.runner.wait_idle()
     uuid = task.instance_uuid
-    assert engine.get(uuid).vm_state is V.DELETED and engine.store.claims_of(uuid) == []
+    assert engine.get(uuid).vm_state is V.DELETED and engine.store.claims.of(uuid) == []
     assert not fakes["h1"].domain_exists(uuid)
     assert engine.task(task.id).outcome is Outcome.PREEMPTED
 
@@ -528,7 +528,7 @@ def test_a_failed_delete_does_not_let_its_victim_destroy_the_guest(engine: Engin
     gate.release()
     engine.runner.wait_idle()
     i = engine.get(uuid)
-    assert i.vm_state is V.ERROR and fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == ["h1"]
+    assert i.vm_state is V.ERROR and fakes["h1"].domain_exists(uuid) and engine.store.claims.of(uuid) == ["h1"]
 
 
 def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: str, fakes: Fakes) -> None:
@@ -539,7 +539,7 @@ def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: st
     first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
     first.hosts.add("h1", "fake://")
     first.images.add("cirros", fake_image())
-    original = first.store.advance
+    original = first.store.writes.advance
 
     def crash_at_bdm(*args: object, **kwargs: object) -> object:
         result = original(*args, **kwargs)  # type: ignore[arg-type]
@@ -548,7 +548,7 @@ def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: st
         return result
 
     first.hosts.driver("h1")
-    first.store.advance = crash_at_bdm  # type: ignore[method-assign]
+    first.store.writes.advance = crash_at_bdm  # type: ignore[method-assign]
     with pytest.raises(SimulatedCrash):
         first.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     uuid = first.list()[0].uuid
@@ -557,7 +557,7 @@ def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: st
     (result,) = second.recover(force=True)
     i = second.get(uuid)
     assert (result.outcome, i.vm_state, i.host, i.task_id) == ("rolled_back", V.ERROR, None, None)
-    assert second.store.claims_of(uuid) == []
+    assert second.store.claims.of(uuid) == []
     second.close()
 
 
@@ -622,13 +622,13 @@ def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(
     with pytest.raises(TaskFailed):
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     (failed,) = [i for i in engine.list() if i.vm_state is V.ERROR]
-    assert failed.host is None and engine.store.claims_of(failed.uuid) == []
-    assert engine.store.claim(failed.uuid, "h1", 1, 64, 1, (16.0, 1.5, 1.0))
+    assert failed.host is None and engine.store.claims.of(failed.uuid) == []
+    assert engine.store.claims.claim(failed.uuid, "h1", 1, 64, 1, (16.0, 1.5, 1.0))
     with pytest.raises(HostInUse, match=failed.uuid):
         engine.hosts.remove("h1")
-    assert engine.store.claims_of(failed.uuid) == ["h1"] and engine.hosts.get("h1").vcpus_used == 1
+    assert engine.store.claims.of(failed.uuid) == ["h1"] and engine.hosts.get("h1").vcpus_used == 1
     assert engine.hosts.remove("h1", force=True) == []
-    assert engine.store.claims_of(failed.uuid) == []
+    assert engine.store.claims.of(failed.uuid) == []
 
 
 def test_a_driver_error_holding_a_nul_byte_still_ends_the_task(engine: Engine, fakes: Fakes) -> None:
@@ -639,6 +639,6 @@ def test_a_driver_error_holding_a_nul_byte_still_ends_the_task(engine: Engine, f
     fakes["h1"].fail_next("power_off", DriverError("bad\x00byte", call="power_off"))
     with pytest.raises(TaskFailed, match=r"bad\\x00byte"):
         engine.stop(uuid)
-    task = engine.store.tasks_of(uuid)[-1]
+    task = engine.store.tasks.of(uuid)[-1]
     assert task.outcome is Outcome.FAILED and task.error is not None and "bad\\x00byte" in task.error
     assert engine.get(uuid).vm_state is V.ACTIVE and engine.get(uuid).task_id is None

@@ -192,8 +192,8 @@ def following(engine: Engine, consumer: str | None, handler: Callable[[Change], 
     """Run ``engine.feed.follow`` from the end of the feed (as it is now) in a thread for the block; it must stop when told."""
     # On PostgreSQL a transaction open anywhere in the cluster (another test run's) holds committed changes back
     # for a moment: "the end" is taken once this test's own are readable.
-    wait_until("the changes committed so far readable", lambda: not engine.store.changes_held_back())
-    stop, end = threading.Event(), engine.store.newest_change() or START
+    wait_until("the changes committed so far readable", lambda: not engine.store.feed.held_back())
+    stop, end = threading.Event(), engine.store.feed.newest() or START
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -316,7 +316,7 @@ def test_a_change_committed_late_with_a_smaller_id_is_never_passed_over(
         instance = engine.get(a)
         audit(held, instance, instance, Why(actor="test", cause=Cause.API, message="held open"), always=True)
         engine.stop(b)  # two changes, committed after the held row took its id
-        assert engine.feed.changes(after=start) == [] and engine.store.changes_held_back()
+        assert engine.feed.changes(after=start) == [] and engine.store.feed.held_back()
         transaction.commit()
         held.close()
         feed = engine.feed.changes(after=start)
@@ -352,7 +352,7 @@ def test_a_commit_wakes_a_follower_that_is_not_polling(db_url: str, fakes: Fakes
     engine = make_engine(db_url, fakes, feed_poll_interval=60.0)
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     idle, stopped = threading.Event(), threading.Event()
-    reader = engine.store.reader
+    reader = engine.store.feed.reader
 
     @contextmanager
     def watched(claim: str | None = None) -> Iterator[Any]:
@@ -368,7 +368,7 @@ def test_a_commit_wakes_a_follower_that_is_not_polling(db_url: str, fakes: Fakes
             inner.read = read_and_tell  # type: ignore[method-assign]
             yield inner
 
-    engine.store.reader = watched  # type: ignore[method-assign]
+    engine.store.feed.reader = watched  # type: ignore[method-assign]
     with following(engine, None, lambda c: stopped.set() if c.new_vm_state == "stopped" else None):
         assert idle.wait(WAIT)
         engine.stop(uuid)

@@ -41,8 +41,8 @@ class Outage:
         self.fail_reads, self.down_for, self.transient = fail_reads, down_for, transient
         self.reads = self.entries = self.refused = 0
         self.down = 0
-        self._reader = engine.store.reader
-        engine.store.reader = self.reader  # type: ignore[method-assign]
+        self._reader = engine.store.feed.reader
+        engine.store.feed.reader = self.reader  # type: ignore[method-assign]
 
     def _fault(self) -> DatabaseUnavailable:
         return DatabaseUnavailable(LOST, transient=self.transient)

@@ -15,7 +15,7 @@ def test_migrate_to_the_host_it_is_on_is_refused_and_writes_nothing(engine: Engi
     before = engine.history(uuid)
     with pytest.raises(InvalidInput, match="that is the host it is on"):
         engine.migrate(uuid, host="h1")
-    assert engine.history(uuid) == before and len(engine.store.tasks_of(uuid)) == 1
+    assert engine.history(uuid) == before and len(engine.store.tasks.of(uuid)) == 1
 
 
 def test_heartbeat_of_an_unknown_host_names_the_known_ones(engine: Engine) -> None:
@@ -33,6 +33,6 @@ def test_an_audit_note_is_stamped_when_it_is_written(engine: Engine) -> None:
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     last = engine.history(uuid)[-1]
     moment = now()
-    engine.store.note(engine.get(uuid), Why(actor="sync", cause=Cause.SYNC, operation="check", message="noted"))
+    engine.store.writes.note(engine.get(uuid), Why(actor="sync", cause=Cause.SYNC, operation="check", message="noted"))
     note = engine.history(uuid)[-1]
     assert note.message == "noted" and note.created_at >= moment and note.created_at != last.created_at

@@ -86,7 +86,7 @@ def test_a_stalled_copy_never_deletes_the_disk_its_recovery_made(twins: Callable
     gate.release()
     worker.join(10)
     assert not worker.is_alive() and len(errors) == 1 and isinstance(errors[0], Fenced)
-    assert b.volumes() == {current: "image:" + first.store.get_image("cirros").path + "|customer-data"}
+    assert b.volumes() == {current: "image:" + first.store.images.get("cirros").path + "|customer-data"}
     second.confirm_resize(uuid)
     assert b.domain_disk(uuid) is not None and b.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
     assert fakes.factory(second.hosts.get("a")).volumes() == {}
@@ -177,14 +177,14 @@ def test_a_roll_back_that_cannot_reach_the_source_leaves_the_move_open(
         engine.migrate(uuid, host="b")
     a.unreachable = False
     i = engine.get(uuid)
-    migration = engine.store.open_migration(uuid)
+    migration = engine.store.moves.open_of(uuid)
     assert i.vm_state is V.ERROR and i.host == "a" and migration is not None
     assert migration.status is not MigrationStatus.ERROR and a.volumes() == original  # the disk is kept on a
     assert b.volumes() == {}  # the partial copy went
     engine.revert_resize(uuid)  # once the source answers, the move is finished onto it with its disk
     i = engine.get(uuid)
     assert (i.vm_state, i.host, a.get_info(uuid)) == (V.ACTIVE, "a", P.RUNNING)
-    assert a.domain_disk(uuid).endswith("|customer-data") and engine.store.open_migration(uuid) is None  # type: ignore[union-attr]
+    assert a.domain_disk(uuid).endswith("|customer-data") and engine.store.moves.open_of(uuid) is None  # type: ignore[union-attr]
 
 
 def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Engine], fakes: Fakes) -> None:
@@ -234,7 +234,7 @@ def test_a_destination_silent_before_the_copy_rolls_the_move_back(twins: Callabl
     i = engine.get(uuid)
     a = fakes.factory(engine.hosts.get("a"))
     assert (i.vm_state, i.host, a.get_info(uuid)) == (V.ACTIVE, "a", P.RUNNING)
-    assert engine.store.open_migration(uuid) is None and a.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
+    assert engine.store.moves.open_of(uuid) is None and a.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
 
 
 def test_a_second_forced_recovery_never_takes_the_first_ones_task(
@@ -256,7 +256,7 @@ def test_a_second_forced_recovery_never_takes_the_first_ones_task(
             assert late.recover(force=True, owner="engine-x") == []
         finally:
             late.close()
-        task = first.store.get_task(first.get(uuid).task_id or "")
+        task = first.store.tasks.get(first.get(uuid).task_id or "")
         assert (task.epoch, task.owner) == (1, rescuer.owner)
     finally:
         for gate in gates:

@@ -37,7 +37,7 @@ def test_the_instances_a_move_still_needs_are_read_in_one_query(engine: Engine) 
     engine.delete(gone)
     assert engine.get(moved).vm_state is VmState.RESIZED
     with _statements(engine) as sent:
-        moving = engine.store.moving_instances(MOVE_TASK_STATES)
+        moving = engine.store.images.moving_instances(MOVE_TASK_STATES)
     assert moving == {moved} and idle not in moving and len(sent) == 1
 
 

@@ -50,9 +50,9 @@ def test_resize_moves_grows_and_waits_for_confirm(cloud: Engine, fakes: Fakes) -
         "resize_migrated",
         "resize_finish",
     ]
-    assert _used(cloud) == {"a": 512, "b": 1024} and sorted(cloud.store.claims_of(uuid)) == ["a", "b"]
+    assert _used(cloud) == {"a": 512, "b": 1024} and sorted(cloud.store.claims.of(uuid)) == ["a", "b"]
     assert fakes["a"].kept_disks() == [uuid] and not fakes["a"].domain_exists(uuid)
-    migration = cloud.store.get_migration(cloud.store.open_migration(uuid).id)  # type: ignore[union-attr]
+    migration = cloud.store.moves.get(cloud.store.moves.open_of(uuid).id)  # type: ignore[union-attr]
     assert (migration.status, migration.source_host, migration.dest_host) == (MigrationStatus.FINISHED, "a", "b")
 
 
@@ -126,7 +126,7 @@ def test_an_unreachable_source_leaves_the_move_finished_for_a_retry(cloud: Engin
     with pytest.raises(TaskFailed):
         cloud.confirm_resize(uuid)
     assert cloud.get(uuid).vm_state is V.RESIZED
-    assert cloud.store.open_migration(uuid).status == "finished"  # type: ignore[union-attr]
+    assert cloud.store.moves.open_of(uuid).status == "finished"  # type: ignore[union-attr]
     cloud.confirm_resize(uuid)
     assert cloud.get(uuid).vm_state is V.ACTIVE
 
@@ -187,12 +187,12 @@ def test_the_store_refuses_a_migration_status_the_chart_does_not_allow(cloud: En
 
     uuid = _vm(cloud)
     cloud.migrate(uuid)
-    migration = cloud.store.open_migration(uuid)
+    migration = cloud.store.moves.open_of(uuid)
     assert migration is not None
     cloud.confirm_resize(uuid)
     with pytest.raises(Conflict, match="migration status"):
-        cloud.store.update_migration(migration.id, status=MigrationStatus.MIGRATING)
-    assert cloud.store.get_migration(migration.id).status is MigrationStatus.CONFIRMED
+        cloud.store.moves.update(migration.id, status=MigrationStatus.MIGRATING)
+    assert cloud.store.moves.get(migration.id).status is MigrationStatus.CONFIRMED
 
 
 def test_migrations_are_listed_and_shown(cloud: Engine) -> None:
@@ -234,7 +234,7 @@ def test_a_copy_that_fails_rolls_back_onto_the_source(cloud: Engine, fakes: Fake
     i = cloud.get(uuid)
     assert (i.vm_state, i.task_state, i.host, i.flavor, i.power_state) == (V.ACTIVE, None, "a", SMALL, P.RUNNING)
     assert fakes["a"].get_info(uuid) is P.RUNNING and not b.domain_exists(uuid)
-    assert _used(cloud) == {"a": 512, "b": 0} and cloud.store.claims_of(uuid) == ["a"]
+    assert _used(cloud) == {"a": 512, "b": 0} and cloud.store.claims.of(uuid) == ["a"]
     assert cloud.migrations()[0].status is MigrationStatus.ERROR and fakes["a"].kept_disks() == []
 
 
@@ -276,7 +276,7 @@ def test_a_force_delete_stops_a_copy_in_flight(cloud: Engine, fakes: Fakes) -> N
     assert not worker.is_alive() and len(errors) == 1 and isinstance(errors[0], Preempted)
     assert cloud.get(uuid).vm_state is V.DELETED
     assert not fakes["a"].domain_exists(uuid) and not b.domain_exists(uuid)
-    assert fakes["a"].kept_disks() == [] and cloud.store.claims_of(uuid) == []
+    assert fakes["a"].kept_disks() == [] and cloud.store.claims.of(uuid) == []
     assert b.calls.count("copy") == 1  # the next chunk's progress record found the task taken over
 
 
@@ -304,18 +304,18 @@ def test_a_delete_that_cuts_a_move_short_leaves_its_record_in_error(cloud: Engin
     gate = fakes["b"].hold("copy")
     cloud.migrate(uuid, host="b", wait=False)
     assert gate.wait_entered()
-    migration = cloud.store.open_migration(uuid)
+    migration = cloud.store.moves.open_of(uuid)
     assert migration is not None
     cloud.delete(uuid)
     gate.release()
     cloud.runner.wait_idle()
     assert cloud.get(uuid).vm_state is V.DELETED
-    assert cloud.store.get_migration(migration.id).status is MigrationStatus.ERROR
+    assert cloud.store.moves.get(migration.id).status is MigrationStatus.ERROR
     assert _used(cloud) == {"a": 0, "b": 0}
 
     resized = _vm(cloud)
     cloud.migrate(resized, host="b")
-    done = cloud.store.open_migration(resized)
+    done = cloud.store.moves.open_of(resized)
     assert done is not None
     cloud.delete(resized)
-    assert cloud.store.get_migration(done.id).status is MigrationStatus.CONFIRMED
+    assert cloud.store.moves.get(done.id).status is MigrationStatus.CONFIRMED

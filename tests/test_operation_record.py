@@ -196,7 +196,7 @@ def test_a_registered_operation_is_preempted_by_delete(engine: Engine, fakes: Fa
     assert engine.task(tuning).outcome is Outcome.PREEMPTED  # type: ignore[arg-type]
     after = engine.get(uuid)
     assert (after.vm_state, after.task_state, deleted.outcome) == (V.DELETED, None, Outcome.SUCCEEDED)
-    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == []
+    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims.of(uuid) == []
     check_invariants(engine.store)
 
 

@@ -166,7 +166,7 @@ def test_hard_reboot_failure_with_guest_running_ends_active(
 
 def test_create_failure_goes_to_error(engine: Engine, fakes: Fakes) -> None:
     """A spawn failure leaves the instance in error with the task failed and idle."""
-    fakes.factory(engine.store.get_host("h1"))
+    fakes.factory(engine.store.hosts.get("h1"))
     fakes["h1"].fail_next("spawn")
     with pytest.raises(TaskFailed) as info:
         engine.create("doomed", host="h1", flavor=FLAVOR, image="cirros")

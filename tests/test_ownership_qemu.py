@@ -165,7 +165,7 @@ def test_a_stale_copy_on_the_destination_is_destroyed_never_started(pair: Pair) 
     engine = pair.engine()
     uuid = _marked_stopped_vm(pair, engine)
     b = pair.driver(engine, "b")
-    instance, image = engine.get(uuid), engine.store.get_image("base")
+    instance, image = engine.get(uuid), engine.store.images.get("base")
     stale = DomainSpec(uuid, "marked", 1, 64, 1, image.path, "qcow2", attempt=Attempt(str(uuidlib.uuid4()), 0))
     stale_disk = b.spawn(stale, power_on=True)  # an evacuated copy left on a host that was fenced but alive
     engine.migrate(uuid, host="b")
@@ -228,14 +228,14 @@ def test_a_move_that_fails_after_the_copy_is_reverted_from_error_with_its_data(p
     with pytest.raises(Exception, match="cannot start the guest"):
         engine.migrate(uuid, host="b")
     i = engine.get(uuid)
-    migration = engine.store.open_migration(uuid)
+    migration = engine.store.moves.open_of(uuid)
     assert (i.vm_state, i.host) == (VmState.ERROR, "b") and migration is not None
     pair.driver(engine, "b").points.clear()
     engine.revert_resize(uuid)
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.disk) == (VmState.ACTIVE, "a", kept)
     assert not pair.driver(engine, "b").objects(uuid)  # the copy on b went
-    assert engine.store.get_migration(migration.id).status is MigrationStatus.ERROR  # it never finished
+    assert engine.store.moves.get(migration.id).status is MigrationStatus.ERROR  # it never finished
     engine.stop(uuid)
     _marker_on_a(pair, kept)
 
@@ -261,7 +261,7 @@ def test_a_source_lost_mid_copy_leaves_the_move_open_until_it_answers(pair: Pair
         engine.runner.wait_idle()  # keepalive ends the copy; the roll-back cannot reach b
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.disk) == (VmState.ERROR, "b", disk), engine.task(task.id).error
-    assert engine.store.open_migration(uuid) is not None
+    assert engine.store.moves.open_of(uuid) is not None
     assert not [o for o in pair.driver(engine, "a").objects(uuid) if o.kind == "domain"]
     engine.revert_resize(uuid)
     i = engine.get(uuid)

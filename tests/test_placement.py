@@ -44,7 +44,7 @@ def test_create_without_a_host_is_scheduled_and_claims(cloud: Engine) -> None:
     assert cloud.get(uuid).host == "b"
     b = cloud.hosts.get("b")
     assert (b.vcpus_used, b.memory_mb_used, b.disk_gb_used) == (1, 512, 1)
-    assert cloud.store.claims_of(uuid) == ["b"]
+    assert cloud.store.claims.of(uuid) == ["b"]
     assert "scheduled to b (attempt 1 of 3)" in (cloud.history(uuid)[1].message or "")
 
 
@@ -52,7 +52,7 @@ def test_delete_releases_the_claim(cloud: Engine) -> None:
     """Deleting an instance gives its resources back to the host."""
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
     cloud.delete(uuid)
-    assert cloud.hosts.get("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == []
+    assert cloud.hosts.get("b").memory_mb_used == 0 and cloud.store.claims.of(uuid) == []
 
 
 def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -> None:
@@ -62,7 +62,7 @@ def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
     i = cloud.get(uuid)
     assert (i.vm_state, i.host) == (VmState.ACTIVE, "a")
-    assert cloud.hosts.get("b").memory_mb_used == 0 and cloud.store.claims_of(uuid) == ["a"]
+    assert cloud.hosts.get("b").memory_mb_used == 0 and cloud.store.claims.of(uuid) == ["a"]
     messages = [r.message for r in cloud.history(uuid) if r.message]
     assert messages[0].startswith("scheduled to b")
     assert "spawn on b failed: DriverError: injected failure in spawn; rescheduling" in messages[1]
@@ -77,7 +77,7 @@ def test_every_attempt_failing_ends_in_error_with_each_in_the_audit_log(cloud: E
     with pytest.raises(TaskFailed) as info:
         cloud.create("vm", flavor=SMALL, image="cirros")
     uuid = info.value.task.instance_uuid
-    assert cloud.get(uuid).vm_state is VmState.ERROR and cloud.store.claims_of(uuid) == []
+    assert cloud.get(uuid).vm_state is VmState.ERROR and cloud.store.claims.of(uuid) == []
     scheduled = [r.message for r in cloud.history(uuid) if (r.message or "").startswith("scheduled to")]
     assert [m.split()[2] for m in scheduled] == ["b", "a", "c"]
     assert "injected failure in spawn" in (cloud.history(uuid)[-1].message or "")
@@ -101,7 +101,7 @@ def _race(url: str, worker: int, tries: int) -> int:
     store = Store(url)
     won = 0
     for i in range(tries):
-        if store.claim(f"00000000-0000-0000-0000-{worker:06d}{i:06d}", "tight", 1, 1024, 1, (16.0, 1.0, 1.0)):
+        if store.claims.claim(f"00000000-0000-0000-0000-{worker:06d}{i:06d}", "tight", 1, 1024, 1, (16.0, 1.0, 1.0)):
             won += 1
     store.close()
     return won
@@ -127,7 +127,7 @@ def test_racing_claims_never_overcommit(pg_url: str) -> None:
         # The claims below need instance rows (foreign key); release the seeds' own claims first.
         for w in range(6):
             for i in range(5):
-                engine.store.release_claims(f"00000000-0000-0000-0000-{w:06d}{i:06d}")
+                engine.store.claims.release(f"00000000-0000-0000-0000-{w:06d}{i:06d}")
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(6) as pool:
         wins = pool.starmap(_race, [(pg_url, w, 5) for w in range(6)])
@@ -145,7 +145,7 @@ def test_claim_is_refused_once_the_host_is_full(tmp_path: Path) -> None:
         engine.hosts.add("h", "fake://", vcpus=1, memory_mb=100, disk_gb=1)
         engine.images.add("cirros", fake_image("cirros"))
         uuid = engine.create("x", host="h", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-        assert engine.store.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
+        assert engine.store.claims.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
         assert engine.hosts.get("h").memory_mb_used == 64
     assert NoValidHost({}).reasons == {}
 
@@ -186,7 +186,7 @@ def _fill(engine: Engine, **used_mb: int) -> None:
 def _after_each_read(engine: Engine, monkeypatch: pytest.MonkeyPatch, *actions: Callable[[], None]) -> list[int]:
     """Run the n-th action right after the scheduler's n-th page read of the hosts; return the reads' count."""
     reads: list[int] = []
-    ranked = engine.store.ranked_hosts
+    ranked = engine.store.hosts.ranked
 
     def read(*args: Any) -> list[Host]:
         page = ranked(*args)
@@ -196,7 +196,7 @@ def _after_each_read(engine: Engine, monkeypatch: pytest.MonkeyPatch, *actions: 
                 actions[len(reads) - 1]()
         return page
 
-    monkeypatch.setattr(engine.store, "ranked_hosts", read)
+    monkeypatch.setattr(engine.store.hosts, "ranked", read)
     return reads
 
 
@@ -206,7 +206,7 @@ def test_a_first_choice_filled_meanwhile_is_settled_in_the_claim_without_a_re_re
     """When b fills up between the read and the claim, the same claim lands on a, the next best, and says so."""
     reads = _after_each_read(cloud, monkeypatch, lambda: _fill(cloud, b=6144))
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
-    assert cloud.get(uuid).host == "a" and cloud.store.claims_of(uuid) == ["a"] and len(reads) == 1
+    assert cloud.get(uuid).host == "a" and cloud.store.claims.of(uuid) == ["a"] and len(reads) == 1
     raced = [e for e in events if e["event"] == "claim_took_later_candidate"]
     assert [(e["host"], e["first_choice"], e["rank"]) for e in raced] == [("a", "b", 1)]
     _fill(cloud, b=0)

@@ -155,7 +155,7 @@ def test_hard_reboot_taking_over_a_hard_reboot_is_audited(engine: Engine, new_in
     """A takeover that changes no state (rebooting_hard over rebooting_hard) still leaves an audit row naming it."""
     uuid = new_instance()
     stuck = engine.runner.new_task(uuid, "reboot_hard", {}, None, None, "api", Cause.API)
-    engine.store.begin(engine.get(uuid), stuck, TaskState.REBOOTING_HARD, Why("api", Cause.API), None)
+    engine.store.writes.begin(engine.get(uuid), stuck, TaskState.REBOOTING_HARD, Why("api", Cause.API), None)
     second = engine.reboot(uuid, hard=True)
     rows = [r for r in engine.history(uuid) if r.task_id == second.id]
     assert rows[0].from_task_state == rows[0].to_task_state == "rebooting_hard"

@@ -93,7 +93,7 @@ def _prepared(engine: Engine, op: str) -> str | None:
         else:
             engine.run(step, uuid)
     if op == "evacuate":  # its host must be down and fenced; the fake still answers, as a host coming back would
-        engine.store.update_host("h1", last_heartbeat=None)
+        engine.store.hosts.update("h1", last_heartbeat=None)
         engine.hosts.fence("h1", reason="dead", actor="test")
     return uuid
 
@@ -129,7 +129,7 @@ def _agree(engine: Engine, fakes: Fakes, uuid: str) -> None:
     i = engine.get(uuid)
     if i.vm_state is V.DELETED:
         assert not any(f.domain_exists(uuid) for f in fakes.values()), "a deleted instance left a domain"
-        assert engine.store.claims_of(uuid) == []
+        assert engine.store.claims.of(uuid) == []
         return
     assert i.host is not None
     assert i.power_state == fakes[i.host].get_info(uuid), (i.vm_state, i.power_state)

@@ -71,7 +71,7 @@ def test_delete_while_spawn_is_in_flight_leaves_no_domain(cloud: tuple[str, Path
         engine.runner.wait_idle()
         uuid = build.instance_uuid
         assert engine.task(build.id).outcome is Outcome.PREEMPTED
-        assert engine.get(uuid).vm_state is VmState.DELETED and engine.store.claims_of(uuid) == []
+        assert engine.get(uuid).vm_state is VmState.DELETED and engine.store.claims.of(uuid) == []
         assert uuid not in _driver(engine).list_instances().owned
         assert not [p for p in (instances / "disks").glob(f"{uuid}*")]
 

@@ -93,7 +93,7 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
         for step in before:
             first.run(step, uuid)
     if op == "evacuate":  # its host must be down and fenced
-        first.store.update_host("h1", last_heartbeat=None)
+        first.store.hosts.update("h1", last_heartbeat=None)
         first.hosts.fence("h1", reason="dead", actor="test")
     if point == "begin":
         _crash_after_nth(first.store, "create" if op == "create" else "begin", 1)
@@ -129,17 +129,17 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
     assert second.task(crashed.task_id).outcome is (Outcome.FAILED if rolled_back else Outcome.SUCCEEDED)
     fake = fakes.factory(second.hosts.get("h1"))
     if instance.vm_state in (V.DELETED, V.ERROR):
-        assert not fake.domain_exists(uuid) and second.store.claims_of(uuid) == []
+        assert not fake.domain_exists(uuid) and second.store.claims.of(uuid) == []
     elif instance.vm_state is V.SHELVED_OFFLOADED:  # on no host, its disk only in the snapshot image
-        assert instance.host is None and second.store.claims_of(uuid) == []
+        assert instance.host is None and second.store.claims.of(uuid) == []
         assert not any(fakes.factory(second.hosts.get(h)).domain_exists(uuid) for h in ("h1", "h2"))
-        assert Path(second.store.get_image(f"shelved-{uuid}").path).read_text().startswith("image:")
+        assert Path(second.store.images.get(f"shelved-{uuid}").path).read_text().startswith("image:")
     else:
         assert instance.host is not None
         here = fakes.factory(second.hosts.get(instance.host))
-        assert here.domain_exists(uuid) and instance.host in second.store.claims_of(uuid)
+        assert here.domain_exists(uuid) and instance.host in second.store.claims.of(uuid)
         assert instance.power_state == here.get_info(uuid)
-        held = sorted(second.store.claims_of(uuid))
+        held = sorted(second.store.claims.of(uuid))
         assert held == (["h1", "h2"] if instance.vm_state is V.RESIZED else [instance.host]), held
     assert any(r.cause == "recovery" for r in second.history(uuid))
     assert second.recover(force=True) == []

@@ -30,9 +30,9 @@ def moved(sqlite_url: str, fakes: Fakes) -> Iterator[tuple[Engine, str]]:
     engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0)
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
-    migration = engine.store.open_migration(uuid)
+    migration = engine.store.moves.open_of(uuid)
     assert migration is not None
-    engine.store.update_migration(migration.id, finished_at=now() - timedelta(hours=1))
+    engine.store.moves.update(migration.id, finished_at=now() - timedelta(hours=1))
     yield engine, uuid
     check_invariants(engine.store)
     engine.close()
@@ -64,7 +64,7 @@ def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes) -> None:
     engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0, resize_window_action="revert")
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
-    engine.store.update_migration(engine.store.open_migration(uuid).id, finished_at=now() - timedelta(hours=1))  # type: ignore[union-attr]
+    engine.store.moves.update(engine.store.moves.open_of(uuid).id, finished_at=now() - timedelta(hours=1))  # type: ignore[union-attr]
     engine.duties.poll_unconfirmed_resizes()
     assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (VmState.ACTIVE, "a")
     engine.close()
@@ -75,7 +75,7 @@ def test_an_unreachable_source_is_retried_next_pass(moved: tuple[Engine, str], f
     engine, uuid = moved
     fakes["a"].fail_next("confirm_migration", DriverUnavailable("a is down"))
     assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["retry"]
-    assert engine.store.open_migration(uuid).status == "finished"  # type: ignore[union-attr]
+    assert engine.store.moves.open_of(uuid).status == "finished"  # type: ignore[union-attr]
     assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["done"]
 
 

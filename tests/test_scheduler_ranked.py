@@ -119,7 +119,7 @@ def _cloud(engine: Engine, hosts: list[HostState]) -> None:
     """Store the hosts: the down ones with a stale heartbeat, the fenced ones fenced."""
     for h in hosts:
         resources = {"vcpus": h.vcpus, "memory_mb": h.memory_mb, "disk_gb": h.disk_gb}
-        engine.store.add_host(
+        engine.store.hosts.add(
             h.name,
             "fake://",
             "/x",
@@ -128,7 +128,7 @@ def _cloud(engine: Engine, hosts: list[HostState]) -> None:
             architecture=h.architecture,
             **{k: v for k, v in resources.items() if v is not None},
         )
-        engine.store.update_host(
+        engine.store.hosts.update(
             h.name,
             enabled=h.enabled,
             vcpus_used=h.vcpus_used,
@@ -137,7 +137,7 @@ def _cloud(engine: Engine, hosts: list[HostState]) -> None:
             last_heartbeat=now() - timedelta(seconds=5 if h.up else 600),
         )
         if h.fenced:
-            engine.store.set_fence(h.name, "test", "dead")
+            engine.store.hosts.set_fence(h.name, "test", "dead")
 
 
 @pytest.mark.parametrize("s", SETTINGS[:4])
@@ -145,7 +145,7 @@ def test_the_database_narrows_and_orders_as_the_filters_and_weigher_would(db_url
     """On SQLite and PostgreSQL, pick_host picks the host select_host picks over every row, or fails with its reasons."""
     with Engine(db_url) as engine:
         _cloud(engine, _hosts(random.Random(7), 60))
-        everyone = host_states(engine.store.list_hosts(), 60.0)
+        everyone = host_states(engine.store.hosts.list(), 60.0)
         assert sum(h.fenced for h in everyone) and sum(not h.up for h in everyone)
         for req in REQUESTS:
             if s.host_subset_size == 1:

@@ -58,7 +58,7 @@ def test_shelve_offloads_at_once_from_each_allowed_state(
         ("shelving_image_uploading", "ok"),
         ("shelving_offloading", "ok"),
     ]
-    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == []
+    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims.of(uuid) == []
     snapshot = _snapshot(engine, uuid)
     assert snapshot is not None and snapshot.read_text() == disk  # the disk lives on in the image
 
@@ -70,11 +70,11 @@ def test_shelve_keeps_the_host_until_offload(keeping: Engine, fakes: Fakes) -> N
     i = keeping.get(uuid)
     assert (i.vm_state, i.host, i.power_state, i.status) == (V.SHELVED, "h1", P.SHUTDOWN, "SHELVED")
     assert [s.name for s in keeping.steps(task.id)][-1] == "shelving_image_uploading"
-    assert keeping.store.claims_of(uuid) == ["h1"] and fakes["h1"].get_info(uuid) is P.SHUTDOWN
+    assert keeping.store.claims.of(uuid) == ["h1"] and fakes["h1"].get_info(uuid) is P.SHUTDOWN
     keeping.shelve_offload(uuid)
     i = keeping.get(uuid)
     assert (i.vm_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, P.NOSTATE)
-    assert not fakes["h1"].domain_exists(uuid) and keeping.store.claims_of(uuid) == []
+    assert not fakes["h1"].domain_exists(uuid) and keeping.store.claims.of(uuid) == []
 
 
 def test_unshelve_of_an_offloaded_instance_spawns_its_snapshot_elsewhere(
@@ -91,7 +91,7 @@ def test_unshelve_of_an_offloaded_instance_spawns_its_snapshot_elsewhere(
     assert (i.vm_state, i.host, i.power_state, i.status) == (V.ACTIVE, "h2", P.RUNNING, "ACTIVE")
     assert [(s.name, s.result) for s in engine.steps(task.id)] == [("unshelving", "ok"), ("spawning", "ok")]
     assert fakes["h2"].domain_disk(uuid) == disk  # the shelved disk's content
-    assert engine.store.claims_of(uuid) == ["h2"] and not fakes["h1"].domain_exists(uuid)
+    assert engine.store.claims.of(uuid) == ["h2"] and not fakes["h1"].domain_exists(uuid)
     assert _snapshot(engine, uuid) is None and not snapshot.exists()
 
 
@@ -117,7 +117,7 @@ def test_a_failed_snapshot_powers_a_running_guest_back_on(
         engine.shelve(uuid)
     i = engine.get(uuid)
     assert (i.vm_state, i.task_state, i.host, i.power_state) == (V.ACTIVE, None, "h1", P.RUNNING)
-    assert engine.store.claims_of(uuid) == ["h1"] and _snapshot(engine, uuid) is None
+    assert engine.store.claims.of(uuid) == ["h1"] and _snapshot(engine, uuid) is None
 
 
 def test_an_offload_that_cannot_reach_the_host_ends_shelved_and_the_duty_finishes_it(
@@ -134,7 +134,7 @@ def test_an_offload_that_cannot_reach_the_host_ends_shelved_and_the_duty_finishe
     results = engine.duties.offload_shelved_instances()  # shelved_offload_time is 0: due at once
     assert [r.outcome for r in results] == ["offloaded"]
     i = engine.get(uuid)
-    assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and engine.store.claims_of(uuid) == []
+    assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and engine.store.claims.of(uuid) == []
     assert engine.history(uuid)[-1].cause == "timer"
 
 
@@ -160,7 +160,7 @@ def test_a_failed_unshelve_stays_offloaded_and_can_be_tried_again(
         engine.unshelve(uuid, host="h2")
     i = engine.get(uuid)
     assert (i.vm_state, i.task_state, i.host) == (V.SHELVED_OFFLOADED, None, None)
-    assert engine.store.claims_of(uuid) == [] and not fakes["h2"].domain_exists(uuid)
+    assert engine.store.claims.of(uuid) == [] and not fakes["h2"].domain_exists(uuid)
     assert _snapshot(engine, uuid) is not None
     engine.unshelve(uuid, host="h2")
     assert engine.get(uuid).vm_state is V.ACTIVE
@@ -183,7 +183,7 @@ def test_unshelve_is_refused_when_the_snapshot_is_gone(engine: Engine, new_insta
     """An offloaded instance whose snapshot image vanished cannot be unshelved: a typed error naming the image."""
     uuid = new_instance()
     engine.shelve(uuid)
-    engine.store.remove_image(snapshot_name(uuid))
+    engine.store.images.remove(snapshot_name(uuid))
     with pytest.raises(InvalidInput, match=snapshot_name(uuid)):
         engine.unshelve(uuid)
     assert engine.get(uuid).task_id is None
@@ -201,7 +201,7 @@ def test_delete_of_a_shelved_instance_drops_its_snapshot(keeping: Engine, fakes:
     keeping.delete(uuid)
     assert keeping.get(uuid).vm_state is V.DELETED
     assert _snapshot(keeping, uuid) is None and not snapshot.exists()
-    assert not fakes["h1"].domain_exists(uuid) and keeping.store.claims_of(uuid) == []
+    assert not fakes["h1"].domain_exists(uuid) and keeping.store.claims.of(uuid) == []
 
 
 def test_with_reclaim_an_offloaded_instance_is_deleted_for_good(db_url: str, fakes: Fakes) -> None:
@@ -222,14 +222,14 @@ def test_a_delete_racing_the_snapshot_leaves_no_snapshot_behind(
     """A delete that ends while the shelve's snapshot is being registered: no image row or file survives it."""
     uuid = new_instance()
     entered, release = threading.Event(), threading.Event()
-    add_image = engine.store.add_image
+    add_image = engine.store.images.add
 
     def held_add_image(*args: Any, **kwargs: Any) -> Any:
         entered.set()  # the snapshot file is written; the delete runs now, before the row exists
         assert release.wait(10)
         return add_image(*args, **kwargs)
 
-    engine.store.add_image = held_add_image  # type: ignore[method-assign]
+    engine.store.images.add = held_add_image  # type: ignore[method-assign]
     engine.shelve(uuid, wait=False)
     assert entered.wait(10)
     assert list(image_store(engine.settings).glob(f"*{uuid}*"))  # the late file is there
@@ -239,7 +239,7 @@ def test_a_delete_racing_the_snapshot_leaves_no_snapshot_behind(
     assert engine.get(uuid).vm_state is V.DELETED
     assert _snapshot(engine, uuid) is None
     assert list(image_store(engine.settings).glob(f"*{uuid}*")) == []  # the late worker removed its file
-    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims_of(uuid) == []
+    assert not fakes["h1"].domain_exists(uuid) and engine.store.claims.of(uuid) == []
 
 
 def test_the_cli_shelves_offloads_and_unshelves(
@@ -292,12 +292,12 @@ def test_the_snapshot_names_are_kept_for_the_engine(engine: Engine, new_instance
     with pytest.raises(InvalidInput, match="kept for shelve snapshots"):
         engine.images.add(snapshot_name(uuid), fake_image("decoy"))
     decoy = Path(fake_image("decoy"))
-    engine.store.add_image(snapshot_name(uuid), str(decoy), "qcow2")  # as if written behind the API's back
+    engine.store.images.add(snapshot_name(uuid), str(decoy), "qcow2")  # as if written behind the API's back
     with pytest.raises(TaskFailed, match="already exists"):
         engine.shelve(uuid)
     assert engine.get(uuid).vm_state is V.ACTIVE and decoy.exists()  # powered back on; the file not touched
     engine.delete(uuid)
-    assert decoy.exists() and engine.store.get_image(snapshot_name(uuid)).path == str(decoy)
+    assert decoy.exists() and engine.store.images.get(snapshot_name(uuid)).path == str(decoy)
 
 
 # -- found by the hostile pass ---------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
     i = second.get(uuid)
     assert (i.vm_state, i.host, i.task_id) == (V.SHELVED_OFFLOADED, None, None)
     assert _snapshot(second, uuid) == snapshot and snapshot.exists()  # the only copy of the disk survives
-    assert second.store.claims_of(uuid) == [] and not fakes["h2"].domain_exists(uuid)
+    assert second.store.claims.of(uuid) == [] and not fakes["h2"].domain_exists(uuid)
     second.unshelve(uuid, host="h2")
     assert second.get(uuid).vm_state is V.ACTIVE and not snapshot.exists()
     check_invariants(second.store)
@@ -356,7 +356,7 @@ def test_a_crash_after_the_offload_destroy_is_recovered_offloaded(
     assert [r.outcome for r in second.recover(force=True)] == ["succeeded"]
     i = second.get(uuid)
     assert (i.vm_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, P.NOSTATE)
-    assert second.store.claims_of(uuid) == [] and _snapshot(second, uuid) is not None
+    assert second.store.claims.of(uuid) == [] and _snapshot(second, uuid) is not None
     second.unshelve(uuid)
     assert second.get(uuid).vm_state is V.ACTIVE
 
@@ -449,12 +449,12 @@ def test_a_shelved_instance_of_a_dead_fenced_host_is_offloaded_and_its_leftover_
     with pytest.raises(TaskFailed):  # merely silent: not offloaded, it stays shelved there
         keeping.shelve_offload(uuid)
     assert keeping.get(uuid).vm_state is V.SHELVED
-    keeping.store.update_host("h1", last_heartbeat=now() - timedelta(seconds=keeping.settings.host_down_after + 5))
+    keeping.store.hosts.update("h1", last_heartbeat=now() - timedelta(seconds=keeping.settings.host_down_after + 5))
     keeping.hosts.fence("h1", reason="dead", actor="test")
     results = keeping.hosts.evacuate("h1")
     assert [(r.uuid, r.outcome) for r in results] == [(uuid, "offloaded")]
     i = keeping.get(uuid)
-    assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and keeping.store.claims_of(uuid) == []
+    assert (i.vm_state, i.host) == (V.SHELVED_OFFLOADED, None) and keeping.store.claims.of(uuid) == []
     assert "destroyed when its hypervisor answers again" in (keeping.history(uuid)[-1].message or "")
     assert fakes["h1"].domain_exists(uuid)  # still there: nobody could reach it
     fakes["h1"].unreachable = False

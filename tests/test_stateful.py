@@ -424,7 +424,7 @@ class Lifecycle(RuleBasedStateMachine):
             task = self.engine.task(exc.task.id)
             assert task.instance_uuid == uuid and task.outcome is Outcome.FAILED and task.error and task.traceback
             i = self.engine.get(uuid)
-            assert (i.vm_state, i.host, self.engine.store.claims_of(uuid)) == (VmState.ERROR, None, [])
+            assert (i.vm_state, i.host, self.engine.store.claims.of(uuid)) == (VmState.ERROR, None, [])
             for name, fake in self.fakes.items():
                 tried = "destroy" in fake.calls[calls[name] :]  # and failed: the reaper's job then
                 assert tried or not fake.domain_exists(uuid), f"a failed build left its domain on {name}"
@@ -662,12 +662,14 @@ class Lifecycle(RuleBasedStateMachine):
             try:
                 self.engine.hosts.heartbeat(host)
             except EvacuatedCopiesPending:  # refused, nothing written: the host's evacuated copies are not destroyed
-                assert self.engine.store.evacuations_from(host), f"{host} refused a heartbeat with nothing pending"
+                assert self.engine.store.moves.evacuations_from(host), (
+                    f"{host} refused a heartbeat with nothing pending"
+                )
                 return
             self.engine.hosts.unfence(host, actor="stateful")  # a no-op unless it was fenced
         else:
             stale = now() - timedelta(seconds=SETTINGS.host_down_after + 5)
-            self.engine.store.update_host(host, last_heartbeat=stale)
+            self.engine.store.hosts.update(host, last_heartbeat=stale)
 
     @rule(host=st.sampled_from(HOSTS), answers=st.integers(min_value=1, max_value=4))
     def pool_busy(self, host: str, answers: int) -> None:
@@ -732,7 +734,7 @@ class Lifecycle(RuleBasedStateMachine):
         assert host not in self._present() and sorted(orphaned) == sorted(live)
         for uuid in orphaned:
             i = self.engine.get(uuid)
-            assert (i.vm_state, i.host, self.engine.store.claims_of(uuid)) == (VmState.ERROR, None, [])
+            assert (i.vm_state, i.host, self.engine.store.claims.of(uuid)) == (VmState.ERROR, None, [])
 
     @precondition(lambda self: len(self._present()) < len(HOSTS))
     @rule(data=st.data())
@@ -770,7 +772,7 @@ class Lifecycle(RuleBasedStateMachine):
         host = self.engine.get(uuid).host
         if host is None or self.engine.get(uuid).vm_state is VmState.DELETED:
             return
-        moving = self.engine.store.open_migration(uuid) is not None
+        moving = self.engine.store.moves.open_of(uuid) is not None
         self.host_health(host, up=False, answering=False)
         try:
             self.engine.run("force_delete" if force else "delete", uuid)
@@ -779,7 +781,7 @@ class Lifecycle(RuleBasedStateMachine):
         else:
             instance = self.engine.get(uuid)
             assert (instance.vm_state, instance.task_id) == (VmState.DELETED, None)
-            assert self.engine.store.claims_of(uuid) == []
+            assert self.engine.store.claims.of(uuid) == []
         self.host_health(host, up=True, answering=True)
         guest = self.fakes[host].domain_exists(uuid)
         self.fakes[host].clear_faults()
@@ -914,7 +916,7 @@ class Lifecycle(RuleBasedStateMachine):
         _living_elsewhere). Such a copy is the only one this invariant lets
         pass: on a host the instance is not recorded on, stamped by its create task.
         """
-        rows = self.engine.store.instances_by_uuid(sorted(twice))
+        rows = self.engine.store.sync.instances_by_uuid(sorted(twice))
         query = sa.text("SELECT instance_uuid, id FROM tasks WHERE operation = 'create'")
         with self.engine.store.engine.connect() as conn:
             builds: dict[str, str] = {row[0]: row[1] for row in conn.execute(query)}

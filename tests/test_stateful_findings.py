@@ -81,7 +81,7 @@ def test_create_resumed_after_a_crash_in_the_failed_spawn_cleanup_holds_its_clai
     second = cloud.restart()
     instance = second.get(uuid)
     assert (instance.vm_state.value, instance.host) == ("active", "h1")
-    assert second.store.claims_of(uuid) == ["h1"]
+    assert second.store.claims.of(uuid) == ["h1"]
     assert second.hosts.get("h1").vcpus_used == 1
 
 
@@ -95,9 +95,9 @@ def test_soft_delete_of_a_resized_instance_leaves_nothing_on_the_source(cloud: C
     except InvalidState:  # refusing it (confirm or revert first) would be a fix too
         assert engine.get(uuid).vm_state is VmState.RESIZED
         return
-    assert engine.store.claims_of(uuid) == ["h2"] and cloud.fakes["h1"].kept_disks() == []
+    assert engine.store.claims.of(uuid) == ["h2"] and cloud.fakes["h1"].kept_disks() == []
     engine.restore(uuid)
-    assert engine.store.claims_of(uuid) == ["h2"] and engine.hosts.get("h1").vcpus_used == 0
+    assert engine.store.claims.of(uuid) == ["h2"] and engine.hosts.get("h1").vcpus_used == 0
 
 
 def test_create_failing_at_its_final_power_read_keeps_no_host_claim_or_domain(cloud: Cloud) -> None:
@@ -110,9 +110,9 @@ def test_create_failing_at_its_final_power_read_keeps_no_host_claim_or_domain(cl
     except TaskFailed:
         instance = engine.get(uuid)
         assert (instance.vm_state, instance.host) == (VmState.ERROR, None)
-        assert engine.store.claims_of(uuid) == [] and not cloud.fakes["h1"].domain_exists(uuid)
+        assert engine.store.claims.of(uuid) == [] and not cloud.fakes["h1"].domain_exists(uuid)
     else:
-        assert engine.get(uuid).vm_state is VmState.ACTIVE and engine.store.claims_of(uuid) == ["h1"]
+        assert engine.get(uuid).vm_state is VmState.ACTIVE and engine.store.claims.of(uuid) == ["h1"]
 
 
 def test_resize_failing_at_its_final_power_read_keeps_claims_consistent(cloud: Cloud) -> None:
@@ -134,7 +134,7 @@ def test_soft_delete_of_a_resized_instance_failing_after_the_confirm_leaves_it_u
     with pytest.raises(TaskFailed):
         engine.soft_delete(uuid)
     instance = engine.get(uuid)
-    assert instance.vm_state is not VmState.RESIZED or engine.store.open_migration(uuid) is not None
+    assert instance.vm_state is not VmState.RESIZED or engine.store.moves.open_of(uuid) is not None
     check_claims(engine.store)
 
 
@@ -147,7 +147,7 @@ def test_revert_failing_on_the_source_leaves_the_instance_where_its_claim_and_di
     with pytest.raises(TaskFailed):
         engine.revert_resize(uuid)
     instance = engine.get(uuid)
-    assert instance.host in engine.store.claims_of(uuid), (instance.vm_state, instance.host)
+    assert instance.host in engine.store.claims.of(uuid), (instance.vm_state, instance.host)
     check_claims(engine.store)
 
 
@@ -184,5 +184,5 @@ def test_a_move_failing_with_any_exception_before_the_disk_left_is_rolled_back(
         cloud.fakes["h1"].fail_next(call, error)
     with pytest.raises(TaskFailed):
         engine.resize(uuid, MEDIUM)
-    assert engine.store.claims_of(uuid) == ["h1"] and engine.store.open_migration(uuid) is None
+    assert engine.store.claims.of(uuid) == ["h1"] and engine.store.moves.open_of(uuid) is None
     check_claims(engine.store)

@@ -25,7 +25,7 @@ def test_stale_version_raises_conflict_with_expected_and_actual(
     engine.stop(uuid)
     history = engine.history(uuid)
     with pytest.raises(Conflict) as info:
-        engine.store.mark_error(stale, PowerState.PAUSED, Why(actor="test", cause=Cause.SYNC))
+        engine.store.writes.mark_error(stale, PowerState.PAUSED, Why(actor="test", cause=Cause.SYNC))
     assert info.value.expected["vm_state"] == "active"
     assert info.value.actual is not None and info.value.actual["vm_state"] == "stopped"
     assert "vm_state stopped (expected active)" in str(info.value)
@@ -38,7 +38,7 @@ def test_cas_checks_the_task_id_not_only_the_states(engine: Engine, new_instance
     uuid = new_instance()
     current = engine.get(uuid)
     with pytest.raises(Conflict):
-        engine.store.mark_error(
+        engine.store.writes.mark_error(
             replace(current, version=current.version - 1), PowerState.PAUSED, Why(actor="t", cause=Cause.SYNC)
         )
 
@@ -48,7 +48,7 @@ def test_power_write_has_exactly_one_audit_row(engine: Engine, new_instance: Cal
     uuid = new_instance()
     before = len(engine.history(uuid))
     why = Why(actor="sync", cause=Cause.SYNC, rule="copy_power")
-    engine.store.set_power_many([(engine.get(uuid), PowerState.CRASHED, why)])
+    engine.store.sync.set_power_many([(engine.get(uuid), PowerState.CRASHED, why)])
     rows = engine.history(uuid)
     assert len(rows) == before + 1
     assert (rows[-1].cause, rows[-1].rule, rows[-1].from_power_state, rows[-1].to_power_state) == (
@@ -66,10 +66,10 @@ def test_one_running_task_per_instance_is_enforced_by_the_database(
     uuid = new_instance()
     instance = engine.get(uuid)
     t1 = engine.runner.new_task(uuid, "stop", {}, None, None, "a", Cause.API)
-    engine.store.begin(instance, t1, TaskState.POWERING_OFF, Why("a", Cause.API), None)
+    engine.store.writes.begin(instance, t1, TaskState.POWERING_OFF, Why("a", Cause.API), None)
     t2 = engine.runner.new_task(uuid, "pause", {}, None, None, "b", Cause.API)
     with pytest.raises(Conflict):
-        engine.store.begin(engine.get(uuid), t2, TaskState.PAUSING, Why("b", Cause.API), None)
+        engine.store.writes.begin(engine.get(uuid), t2, TaskState.PAUSING, Why("b", Cause.API), None)
     engine.force_delete(uuid)
 
 
@@ -107,7 +107,7 @@ def test_a_pooled_connection_idle_past_the_ping_time_is_checked_and_replaced(
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # every pooled connection counts as idle
     monkeypatch.setattr(db, "_readable", lambda _conn: False)  # only the idle time decides
     assert _terminate_backends(engine.store.url) >= 1
-    assert [h.name for h in engine.store.list_hosts()] == ["h1"]
+    assert [h.name for h in engine.store.hosts.list()] == ["h1"]
     engine.hosts.add("h2", "fake://")
 
 
@@ -119,7 +119,7 @@ def test_a_pooled_connection_idle_past_the_ping_time_and_alive_serves_reads_and_
     engine, uuid = pg_vm
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # every checkout pings
     for name in ("h2", "h3"):
-        assert engine.store.list_hosts()[-1].name < name
+        assert engine.store.hosts.list()[-1].name < name
         engine.hosts.add(name, "fake://")
     assert engine.stop(uuid).outcome.value == "succeeded" and engine.get(uuid).vm_state.value == "stopped"
 
@@ -132,7 +132,7 @@ def test_a_connection_the_server_ended_a_moment_after_its_use_is_replaced_withou
     engine, _uuid = pg_vm
     monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)
     assert _terminate_backends(engine.store.url) >= 1
-    assert [h.name for h in engine.store.list_hosts()] == ["h1"]
+    assert [h.name for h in engine.store.hosts.list()] == ["h1"]
     engine.hosts.add("h2", "fake://")
 
 
@@ -149,7 +149,7 @@ def test_a_write_whose_connection_died_under_a_statement_is_run_again_once(
         engine.get(uuid)  # a read is not retried: it fails once with the database's own error
     before = engine.get(uuid)  # the pool's dead connections are gone: this one is fresh
     assert _terminate_backends(engine.store.url) >= 1
-    (after,) = engine.store.set_power_many([(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))])
+    (after,) = engine.store.sync.set_power_many([(before, PowerState.SHUTDOWN, Why(actor="test", cause=Cause.SYNC))])
     assert engine.get(uuid) == after and after.power_state is PowerState.SHUTDOWN
     assert [e.to_power_state for e in engine.history(uuid)][-2:] == [PowerState.RUNNING, PowerState.SHUTDOWN]
 
@@ -166,7 +166,7 @@ def test_on_postgresql_each_state_write_of_a_task_is_one_statement(pg_vm: tuple[
         ("active", "powering-off"),
         ("stopped", None),
     ]
-    assert [s.result for s in engine.store.steps(engine.store.tasks_of(uuid)[-1].id)] == ["ok"]
+    assert [s.result for s in engine.store.tasks.steps(engine.store.tasks.of(uuid)[-1].id)] == ["ok"]
 
 
 @pytest.mark.postgres
@@ -176,5 +176,5 @@ def test_a_one_statement_write_refuses_a_value_too_long_instead_of_cutting_it(pg
     before, history = engine.get(uuid), engine.history(uuid)
     task = engine.runner.new_task(uuid, "stop", {}, "r" * 65, None, "test", Cause.API)
     with pytest.raises(sa.exc.DataError, match="too long"):
-        engine.store.begin(before, task, TaskState.POWERING_OFF, Why(actor="test", cause=Cause.API), None)
+        engine.store.writes.begin(before, task, TaskState.POWERING_OFF, Why(actor="test", cause=Cause.API), None)
     assert engine.get(uuid) == before and engine.history(uuid) == history

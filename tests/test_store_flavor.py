@@ -66,8 +66,8 @@ def test_a_migration_row_round_trips_flavors_with_extra_specs(engine: Engine) ->
         updated_at=at,
         finished_at=None,
     )
-    engine.store.add_migration(migration)
-    read = engine.store.get_migration(migration.id)
+    engine.store.moves.add(migration)
+    read = engine.store.moves.get(migration.id)
     assert (read.old_flavor, read.new_flavor) == (SSD, bigger)
 
 
@@ -75,10 +75,10 @@ def test_a_migration_row_written_before_extra_specs_were_kept_reads_back_without
     """A flavor stored as name and sizes only (rows written before) reads back with no extra specs."""
     uuid = _ssd_instance(engine)
     engine.migrate(uuid, host="h1")
-    moved = engine.store.open_migration(uuid)
+    moved = engine.store.moves.open_of(uuid)
     assert moved is not None and moved.old_flavor == SSD
     old_style = json.dumps({"name": "ssd", "vcpus": 2, "memory_mb": 128, "root_gb": 1})
     with engine.store.engine.begin() as conn:
         conn.execute(sa.update(MIGRATIONS).where(MIGRATIONS.c.id == moved.id).values(old_flavor=old_style))
-    assert engine.store.get_migration(moved.id).old_flavor == Flavor(2, 128, 1, name="ssd")
+    assert engine.store.moves.get(moved.id).old_flavor == Flavor(2, 128, 1, name="ssd")
     engine.confirm_resize(uuid)

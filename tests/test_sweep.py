@@ -20,7 +20,7 @@ P, V = PowerState, VmState
 
 
 def _sync(engine: Engine, policy: Policy | None = None, chunk: int = 1000):  # type: ignore[no-untyped-def]
-    return sweep_host(engine, "h1", policy or Policy(), chunk=chunk)
+    return sweep_host(engine.services, "h1", policy or Policy(), chunk=chunk)
 
 
 def test_steady_state_changes_nothing(engine: Engine, new_instance: Callable[..., str]) -> None:
@@ -135,14 +135,14 @@ def test_a_racing_user_operation_wins(
     """A user stop that commits between the sweep's read and its write wins; the sweep's write is skipped."""
     uuid = new_instance()
     fakes["h1"].set_power(uuid, P.PAUSED)
-    real = engine.store.host_sync_rows
+    real = engine.store.sync.rows
 
     def read_then_race(host: str, observed_at: datetime, chunk: int = 1000) -> Iterator[list[SyncRow]]:
         for rows in real(host, observed_at, chunk):
             engine.stop(uuid)
             yield rows
 
-    monkeypatch.setattr(engine.store, "host_sync_rows", read_then_race)
+    monkeypatch.setattr(engine.store.sync, "rows", read_then_race)
     summary = _sync(engine)
     assert summary.lost_races == 1 and summary.acted == 0
     assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.STOPPED, P.SHUTDOWN)

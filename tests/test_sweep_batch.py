@@ -42,8 +42,8 @@ def test_sync_rows_say_which_rows_changed_after_the_observation(
     """host_sync_rows compares updated_at with the observation time in the database, both ways."""
     uuid = new_instance()
     changed = engine.get(uuid).updated_at
-    before = [r for rows in engine.store.host_sync_rows("h1", changed - timedelta(seconds=1)) for r in rows]
-    after = [r for rows in engine.store.host_sync_rows("h1", changed + timedelta(seconds=1)) for r in rows]
+    before = [r for rows in engine.store.sync.rows("h1", changed - timedelta(seconds=1)) for r in rows]
+    after = [r for rows in engine.store.sync.rows("h1", changed + timedelta(seconds=1)) for r in rows]
     assert [(r.uuid, r.changed_after) for r in before] == [(uuid, True)]
     assert [(r.uuid, r.changed_after) for r in after] == [(uuid, False)]
 
@@ -54,7 +54,7 @@ def test_a_batch_with_a_lost_row_writes_only_the_winners(engine: Engine, new_ins
     rows = {i.uuid: i for i in map(engine.get, uuids)}
     engine.stop(uuids[1])  # moves the row on: the write expecting the old version must lose
     writes = [PowerWrite(u, rows[u].version, V.ACTIVE, "h1", P.RUNNING, P.PAUSED, WHY) for u in uuids]
-    assert engine.store.record_powers(writes) == [True, False, True]
+    assert engine.store.sync.record_powers(writes) == [True, False, True]
     for u in (uuids[0], uuids[2]):
         i = engine.get(u)
         assert (i.power_state, i.version) == (P.PAUSED, rows[u].version + 1)
@@ -70,15 +70,15 @@ def test_a_pass_racing_a_user_operation_in_a_batch_loses_only_that_row(
     uuids = [new_instance(f"vm{i}") for i in range(3)]
     for u in uuids:
         fakes["h1"].set_power(u, P.PAUSED, event=False)
-    real = engine.store.host_sync_rows
+    real = engine.store.sync.rows
 
     def read_then_race(host: str, observed_at: datetime, chunk: int = 1000) -> Iterator[list[SyncRow]]:
         for rows in real(host, observed_at, chunk):
             engine.stop(uuids[0])
             yield rows
 
-    monkeypatch.setattr(engine.store, "host_sync_rows", read_then_race)
-    summary = sweep_host(engine, "h1", Policy())
+    monkeypatch.setattr(engine.store.sync, "rows", read_then_race)
+    summary = sweep_host(engine.services, "h1", Policy())
     assert (summary.drifted, summary.acted, summary.lost_races) == (3, 2, 1)
     assert [engine.get(u).power_state for u in uuids] == [P.SHUTDOWN, P.PAUSED, P.PAUSED]
     assert [r.rule for r in engine.history(uuids[1]) if r.cause == "sync"] == ["active_but_paused"]
@@ -91,12 +91,12 @@ def test_missing_counts_are_kept_in_one_batch_and_reset_when_the_domain_returns(
     a, b = new_instance("a"), new_instance("b")
     fakes["h1"].undefine(a)
     fakes["h1"].undefine(b)
-    sweep_host(engine, "h1", Policy())
-    sweep_host(engine, "h1", Policy())
+    sweep_host(engine.services, "h1", Policy())
+    sweep_host(engine.services, "h1", Policy())
     assert (engine.get(a).missing_count, engine.get(b).missing_count) == (2, 2)
     history = engine.history(a)
     fakes["h1"].spawn(DomainSpec(a, "a", 1, 64, 1, "/x", "qcow2"))
-    summary = sweep_host(engine, "h1", Policy())
+    summary = sweep_host(engine.services, "h1", Policy())
     assert (engine.get(a).missing_count, engine.get(b).missing_count) == (0, 3)
     assert engine.history(a) == history and engine.get(b).vm_state is V.ERROR
     assert summary.rules == {"missing_domain": 1}

@@ -63,13 +63,13 @@ def _create(engine: Engine) -> str:
 
 
 def _sync(engine: Engine, policy: Policy | None = None):  # type: ignore[no-untyped-def]
-    return sweep_host(engine, "q1", policy or Policy())
+    return sweep_host(engine.services, "q1", policy or Policy())
 
 
 def test_virsh_destroy_becomes_stopped_through_the_event_path(engine: Engine) -> None:
     """An active guest destroyed with virsh ends stopped via its STOPPED event, no periodic pass needed."""
     uuid = _create(engine)
-    processor = EventProcessor(engine, "q1", Policy(), delay=0.5)
+    processor = EventProcessor(engine.services, "q1", Policy(), delay=0.5)
     stop = threading.Event()
     worker = threading.Thread(target=processor.run, args=(stop,))
     worker.start()

@@ -68,14 +68,14 @@ def _held_pause(engine: Engine, fakes: Fakes) -> Iterator[tuple[str, Task]]:
 def test_one_of_two_takeovers_at_the_same_epoch_wins_even_forced_under_one_owner(engine: Engine, fakes: Fakes) -> None:
     """Two concurrent take_overs of one read, forced under the same owner name, give exactly one winner."""
     with _held_pause(engine, fakes) as (uuid, task):
-        [read] = engine.store.recoverable_tasks(engine.owner, force=True)
+        [read] = engine.store.tasks.recoverable(engine.owner, force=True)
         assert (read.id, read.epoch, read.owner) == (task.id, 0, engine.owner)
         stores = [Store(engine.store.url), Store(engine.store.url)]  # two recovering processes
         start = threading.Barrier(2, timeout=10)
 
         def take(store: Store) -> Task | None:
             start.wait()
-            return store.take_over(read, engine.owner, force=True)
+            return store.tasks.take_over(read, engine.owner, force=True)
 
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(take, stores))
@@ -83,9 +83,9 @@ def test_one_of_two_takeovers_at_the_same_epoch_wins_even_forced_under_one_owner
         assert len(winners) == 1, results
         [won] = winners
         assert (won.id, won.epoch, won.owner, won.outcome) == (task.id, 1, engine.owner, Outcome.RUNNING)
-        assert engine.store.get_task(task.id) == won  # what take_over returns is the row as it now stands
+        assert engine.store.tasks.get(task.id) == won  # what take_over returns is the row as it now stands
         for store in stores:  # and the loser's read, now stale, still takes nothing
-            assert store.take_over(read, engine.owner, force=True) is None
+            assert store.tasks.take_over(read, engine.owner, force=True) is None
             store.close()
     assert engine.task(task.id).epoch == 1  # the fenced worker's late write changed nothing
     assert [r.outcome for r in engine.recover(force=True)] == ["succeeded"]
@@ -120,15 +120,15 @@ def test_a_stale_read_takes_nothing_even_once_the_lease_ran_out_again(db_url: st
     fakes["h1"].crash_after("pause")
     with pytest.raises(SimulatedCrash):
         crashed.pause(uuid)
-    [stale] = crashed.store.recoverable_tasks("recoverer-a")  # lease 0 s: expired, anyone's to take
-    taken = crashed.store.take_over(stale, "recoverer-a")
+    [stale] = crashed.store.tasks.recoverable("recoverer-a")  # lease 0 s: expired, anyone's to take
+    taken = crashed.store.tasks.take_over(stale, "recoverer-a")
     assert taken is not None and taken.epoch == stale.epoch + 1
     # Its lease (0 s) has run out already: only the epoch now tells the stale read from a fresh one.
-    assert crashed.store.recoverable_tasks("recoverer-b") == [taken]
-    assert crashed.store.take_over(stale, "recoverer-b") is None
-    assert crashed.store.take_over(stale, "recoverer-a", force=True) is None
-    assert crashed.store.get_task(stale.id) == taken
-    assert crashed.store.take_over(taken, "recoverer-b") is not None  # the fresh read still takes it
+    assert crashed.store.tasks.recoverable("recoverer-b") == [taken]
+    assert crashed.store.tasks.take_over(stale, "recoverer-b") is None
+    assert crashed.store.tasks.take_over(stale, "recoverer-a", force=True) is None
+    assert crashed.store.tasks.get(stale.id) == taken
+    assert crashed.store.tasks.take_over(taken, "recoverer-b") is not None  # the fresh read still takes it
     crashed.close()
 
 
@@ -140,19 +140,19 @@ def test_a_recovery_whose_read_went_stale_runs_nothing(db_url: str, fakes: Fakes
     with pytest.raises(SimulatedCrash):
         crashed.pause(uuid)
     late = _twin(db_url, fakes, "late", lease_seconds=0.0)
-    read = late.store.recoverable_tasks
+    read = late.store.tasks.recoverable
 
     def read_then_lose_the_race(owner: str, *, force: bool = False) -> list[Task]:
         tasks = read(owner, force=force)
         for task in tasks:  # another recovery takes it meanwhile; its 0 s lease runs out at once
-            assert crashed.store.take_over(task, "other") is not None
+            assert crashed.store.tasks.take_over(task, "other") is not None
         return tasks
 
-    late.store.recoverable_tasks = read_then_lose_the_race  # type: ignore[method-assign]
+    late.store.tasks.recoverable = read_then_lose_the_race  # type: ignore[method-assign]
     pauses = fakes["h1"].calls.count("pause")
     assert late.recover() == []
     assert fakes["h1"].calls.count("pause") == pauses
-    assert crashed.store.get_task(crashed.get(uuid).task_id or "").owner == "other"
+    assert crashed.store.tasks.get(crashed.get(uuid).task_id or "").owner == "other"
     late.close()
     survivor = _twin(db_url, fakes, "survivor")
     assert [r.outcome for r in survivor.recover()] == ["succeeded"]

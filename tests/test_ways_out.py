@@ -58,16 +58,16 @@ def test_a_move_that_failed_after_the_copy_is_reverted_onto_the_source(cloud: En
     """revert_resize of an error instance whose move failed after the copy puts it back on a, running, old flavor."""
     uuid = _vm(cloud)
     _failed_move(cloud, fakes, uuid)
-    migration = cloud.store.open_migration(uuid)
+    migration = cloud.store.moves.open_of(uuid)
     assert migration is not None
     cloud.revert_resize(uuid)
     i = cloud.get(uuid)
     assert (i.vm_state, i.task_state, i.host, i.flavor, i.power_state) == (V.ACTIVE, None, "a", SMALL, P.RUNNING)
     assert i.previous_vm_state is None and fakes["a"].get_info(uuid) is P.RUNNING
     assert fakes["a"].kept_disks() == [] and not fakes["b"].domain_exists(uuid)
-    assert _used(cloud) == {"a": 512, "b": 0} and cloud.store.claims_of(uuid) == ["a"]
-    assert cloud.store.open_migration(uuid) is None
-    assert cloud.store.get_migration(migration.id).status is MS.ERROR  # it never finished: failed, now undone
+    assert _used(cloud) == {"a": 512, "b": 0} and cloud.store.claims.of(uuid) == ["a"]
+    assert cloud.store.moves.open_of(uuid) is None
+    assert cloud.store.moves.get(migration.id).status is MS.ERROR  # it never finished: failed, now undone
 
 
 def test_a_stopped_instance_whose_move_failed_is_reverted_stopped(cloud: Engine, fakes: Fakes) -> None:
@@ -88,14 +88,14 @@ def test_an_instance_whose_delete_failed_confirming_is_reverted(cloud: Engine, f
     fakes["a"].fail_next("confirm_migration", DriverError("a refused", call="confirm_migration"))
     with pytest.raises(TaskFailed):
         cloud.delete(uuid)
-    migration = cloud.store.open_migration(uuid)
+    migration = cloud.store.moves.open_of(uuid)
     assert cloud.get(uuid).vm_state is V.ERROR and migration is not None and migration.status is MS.FINISHED
     with pytest.raises(InvalidState):
         cloud.confirm_resize(uuid)  # refused from error: the graph admits confirm from resized only
     cloud.revert_resize(uuid)
     i = cloud.get(uuid)
     assert (i.vm_state, i.host, i.flavor, i.power_state) == (V.ACTIVE, "a", SMALL, P.RUNNING)
-    assert cloud.store.get_migration(migration.id).status is MS.REVERTED and _used(cloud) == {"a": 512, "b": 0}
+    assert cloud.store.moves.get(migration.id).status is MS.REVERTED and _used(cloud) == {"a": 512, "b": 0}
 
 
 def test_a_failed_move_refuses_other_operations_naming_revert(cloud: Engine, fakes: Fakes) -> None:
@@ -156,7 +156,7 @@ def test_reset_state_of_a_stuck_unshelve_returns_it_offloaded(
     """reset-state of an unshelve stuck after its spawn ends shelved_offloaded: snapshot kept, no host, no claim."""
     uuid = new_instance()
     engine.shelve(uuid)
-    snapshot = engine.store.find_image(f"shelved-{uuid}")
+    snapshot = engine.store.images.find(f"shelved-{uuid}")
     assert snapshot is not None
     worker, errors = _stuck_unshelve(engine, fakes, uuid)
     i = engine.reset_state(uuid, reason="unshelve hung on h2")
@@ -165,11 +165,11 @@ def test_reset_state_of_a_stuck_unshelve_returns_it_offloaded(
     assert len(errors) == 1 and isinstance(errors[0], Preempted)  # fenced: it writes nothing more
     i = engine.get(uuid)
     assert (i.vm_state, i.task_state, i.host, i.power_state) == (V.SHELVED_OFFLOADED, None, None, P.NOSTATE)
-    assert engine.store.claims_of(uuid) == [] and engine.store.find_image(snapshot.name) is not None
+    assert engine.store.claims.of(uuid) == [] and engine.store.images.find(snapshot.name) is not None
     assert "leftover" in (engine.history(uuid)[-1].message or "")
     assert engine.hosts.destroy_evacuated("h2") == [uuid] and not fakes["h2"].domain_exists(uuid)  # the host's reaper
     engine.unshelve(uuid, host="h1")
-    assert engine.get(uuid).vm_state is V.ACTIVE and engine.store.find_image(snapshot.name) is None
+    assert engine.get(uuid).vm_state is V.ACTIVE and engine.store.images.find(snapshot.name) is None
 
 
 def test_reset_state_active_of_a_stuck_unshelve_is_refused(
@@ -194,8 +194,8 @@ def test_reset_state_active_of_a_stuck_unshelve_is_refused(
 def _error_without_claim(cloud: Engine, uuid: str) -> None:
     """Leave ``uuid`` in error on its host holding no claim, as a delete that failed after its release does."""
     cloud.reset_state(uuid, reason="a delete failed after releasing the claim")
-    cloud.store.release_claims(uuid)
-    assert cloud.store.claims_of(uuid) == []
+    cloud.store.claims.release(uuid)
+    assert cloud.store.claims.of(uuid) == []
 
 
 @pytest.mark.parametrize("operation", ["reboot_hard", "rebuild", "rescue", "stop"])
@@ -204,20 +204,20 @@ def test_an_operation_reviving_an_error_instance_claims_first(cloud: Engine, ope
     uuid = _vm(cloud)
     _error_without_claim(cloud, uuid)
     cloud.run(operation, uuid)
-    assert cloud.store.claims_of(uuid) == ["a"] and _used(cloud)["a"] == SMALL.memory_mb
+    assert cloud.store.claims.of(uuid) == ["a"] and _used(cloud)["a"] == SMALL.memory_mb
 
 
 def test_a_revival_on_a_full_host_is_refused_and_writes_nothing(cloud: Engine) -> None:
     """With no room left on its host, reviving an error instance without a claim raises NoValidHost; nothing written."""
     uuid = _vm(cloud)
     _error_without_claim(cloud, uuid)
-    cloud.store.update_host("a", memory_mb=SMALL.memory_mb)  # the room went to others meanwhile
+    cloud.store.hosts.update("a", memory_mb=SMALL.memory_mb)  # the room went to others meanwhile
     cloud.create("other", host="a", flavor=SMALL, image="cirros")
     before, tasks, history = cloud.get(uuid), cloud.tasks(uuid), cloud.history(uuid)
     with pytest.raises(NoValidHost, match="holds no claim on a"):
         cloud.reboot(uuid, hard=True)
     assert (cloud.get(uuid), cloud.tasks(uuid), cloud.history(uuid)) == (before, tasks, history)
-    assert cloud.store.claims_of(uuid) == [] and _used(cloud)["a"] == SMALL.memory_mb
+    assert cloud.store.claims.of(uuid) == [] and _used(cloud)["a"] == SMALL.memory_mb
     cloud.delete(uuid)  # delete needs no room: it ends the instance wherever its claims are
 
 
@@ -225,7 +225,7 @@ def test_reset_state_active_claims_first(engine: Engine, new_instance: Callable[
     """reset-state --active of an instance holding no claim on its host takes the claim with the state."""
     uuid = new_instance()
     engine.reset_state(uuid, reason="a delete failed after releasing the claim")
-    engine.store.release_claims(uuid)
+    engine.store.claims.release(uuid)
     engine.reset_state(uuid, state=V.ACTIVE, reason="checked: it runs")
-    assert engine.store.claims_of(uuid) == ["h1"]
+    assert engine.store.claims.of(uuid) == ["h1"]
     assert engine.get(uuid).flavor == FLAVOR

@@ -157,7 +157,7 @@ def serving(endpoint: Endpoint) -> Iterator[Endpoint]:
 def sending(engine: Engine, hook: Webhook) -> Iterator[threading.Event]:
     """Run the sender in a thread for the block (registered at the newest change first); yield its stop event."""
     stop = threading.Event()
-    deliver(engine, hook, stop=STOPPED)
+    deliver(engine.services, hook, stop=STOPPED)
     thread = threading.Thread(target=deliver, args=(engine, hook), kwargs={"stop": stop}, daemon=True)
     thread.start()
     try:
@@ -178,7 +178,7 @@ def _changes(engine: Engine) -> tuple[str, str]:
     before = engine.feed.changes(limit=10_000)
     engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     # On PostgreSQL a transaction open elsewhere in the shared cluster may hold committed changes back a moment.
-    wait_until("the create's changes readable", lambda: not engine.store.changes_held_back())
+    wait_until("the create's changes readable", lambda: not engine.store.feed.held_back())
     new = engine.feed.changes(after=before[-1].position if before else None, limit=10_000)
     return str(new[0].position), str(new[-1].position)
 

@@ -86,15 +86,15 @@ def running(server: Receiver) -> Iterator[Receiver]:
 
 def readable(engine: Engine) -> None:
     """Wait until the changes committed so far are readable (on PostgreSQL a transaction open elsewhere in a shared cluster holds them back a moment)."""
-    wait_until("the changes committed so far readable", lambda: not engine.store.changes_held_back())
+    wait_until("the changes committed so far readable", lambda: not engine.store.feed.held_back())
 
 
 @contextmanager
 def delivering(engine: Engine, hook: Webhook) -> Iterator[list[int]]:
     """Run the webhook in a thread for the block; yield where its count lands once it stopped."""
     stop, result = threading.Event(), []
-    deliver(engine, hook, stop=STOPPED)  # registers its consumer at the newest change, here and now
-    thread = threading.Thread(target=lambda: result.append(deliver(engine, hook, stop=stop)), daemon=True)
+    deliver(engine.services, hook, stop=STOPPED)  # registers its consumer at the newest change, here and now
+    thread = threading.Thread(target=lambda: result.append(deliver(engine.services, hook, stop=stop)), daemon=True)
     thread.start()
     try:
         yield result
@@ -322,11 +322,11 @@ def test_a_second_sender_to_one_url_is_refused_and_delivers_nothing(
             give_up.start()
             try:
                 with pytest.raises(ConsumerInUse, match=r"another sender delivers to http://127\.0\.0\.1"):
-                    deliver(engine, hook, stop=second_stop)
+                    deliver(engine.services, hook, stop=second_stop)
             finally:
                 give_up.cancel()
             assert not second_stop.is_set(), "the second sender was refused at once"
-        assert deliver(engine, hook, stop=STOPPED) == 0, "the lock went with the first sender; nothing was left to send"
+        assert deliver(engine.services, hook, stop=STOPPED) == 0, "the lock went with the first sender; nothing was left to send"
     assert receiver.requests == made
 
 
@@ -450,7 +450,7 @@ def test_cli_second_sender_exits_2_and_a_killed_sender_frees_its_url(
 
 def _can_send(engine: Engine, url: str) -> bool:
     try:
-        deliver(engine, Webhook(url, SECRET, timeout=0.2, first_backoff=0.01), stop=STOPPED)
+        deliver(engine.services, Webhook(url, SECRET, timeout=0.2, first_backoff=0.01), stop=STOPPED)
     except ConsumerInUse:
         return False
     return True
@@ -484,12 +484,12 @@ def test_a_sender_that_lost_its_lock_to_another_stops_with_consumer_in_use(
     first_errors: list[BaseException] = []
     with running(Receiver(fail_odd=False)) as receiver:
         hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
-        deliver(engine, hook, stop=STOPPED)
+        deliver(engine.services, hook, stop=STOPPED)
         stops = [threading.Event(), threading.Event()]
 
         def first() -> None:
             try:
-                deliver(engine, hook, stop=stops[0])
+                deliver(engine.services, hook, stop=stops[0])
             except BaseException as exc:
                 first_errors.append(exc)
 
@@ -543,7 +543,7 @@ def test_a_sender_posts_only_while_it_holds_its_lock(engine: Engine, fail_odd: b
     with running(receiver):
         hook = Webhook(receiver.url, SECRET, first_backoff=0.01)
         readable(engine)
-        deliver(engine, hook, stop=STOPPED)
+        deliver(engine.services, hook, stop=STOPPED)
         before = len(engine.feed.changes(limit=10_000))
         for name in ("a", "b"):
             engine.create(name, host="h1", flavor=FLAVOR, image="cirros")

@@ -17,7 +17,7 @@ class Consoles:
     def get_vnc_console(self, uuid: str) -> console.ConsoleAccess:
         """Issue a console token for an instance and return its access URL (Nova's ``os-getVNCConsole``)."""
         s = self._services
-        instance = s.store.get_instance(validation.uuid(uuid))
+        instance = s.store.instances.get(validation.uuid(uuid))
         settings = s.settings
         return console.issue(s.store, s.driver, instance, settings.console_base_url, settings.console_token_ttl)
 

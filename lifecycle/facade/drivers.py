@@ -42,7 +42,7 @@ class DriverCache:
             with self._lock:
                 driver = self._drivers.get(host_name)
             if driver is None:
-                driver = self.factory(self._store.get_host(host_name))
+                driver = self.factory(self._store.hosts.get(host_name))
                 with self._lock:
                     self._drivers[host_name] = driver
             return driver

@@ -34,7 +34,7 @@ class Feed:
         passes over a change, not even one that a transaction begun earlier commits later.
         """
         store = self._services.store
-        return store.read_changes(feed.resolve(store, after), feed.check_batch(limit, "limit"))
+        return store.feed.read(feed.resolve(store, after), feed.check_batch(limit, "limit"))
 
     def follow(
         self,
@@ -71,17 +71,17 @@ class Feed:
 
     def consumers(self) -> builtins.list[feed.Consumer]:
         """Return the registered feed consumers and their positions, by name."""
-        return self._services.store.consumers()
+        return self._services.store.consumers.list()
 
     def webhook_urls(self) -> dict[str, str]:
         """Return the URL each webhook sender's consumer posts to, by consumer name (never a secret)."""
-        return self._services.store.consumer_urls()
+        return self._services.store.consumers.urls()
 
     def forget_consumer(self, name: str) -> None:
         """Unregister a feed consumer: retention no longer waits for it (:class:`InvalidInput` if unknown)."""
         store = self._services.store
-        if not store.forget_consumer(validation.name("consumer", name)):
-            known = ", ".join(c.name for c in store.consumers()) or "none"
+        if not store.consumers.forget(validation.name("consumer", name)):
+            known = ", ".join(c.name for c in store.consumers.list()) or "none"
             raise InvalidInput(f"no feed consumer named {name!r} (consumers: {known})")
 
     def prune(self, older_than: float | None = None) -> int:

@@ -69,7 +69,7 @@ class Hosts:
             )
         identity = drivers.hypervisor_identity(uri)
         if identity is not None:
-            for other in store.list_hosts():
+            for other in store.hosts.list():
                 if drivers.hypervisor_identity(other.driver_uri) == identity and other.name != name:
                     raise InvalidInput(
                         f"{uri} names the libvirtd of host {other.name} ({other.driver_uri}): one libvirtd is one host "
@@ -81,7 +81,7 @@ class Hosts:
         for label, value in (("vcpus", vcpus), ("memory_mb", memory_mb), ("disk_gb", disk_gb)):
             if value is not None:
                 validation.count(f"host {label}", value)
-        return store.add_host(
+        return store.hosts.add(
             name,
             uri,
             instances_path,
@@ -97,11 +97,11 @@ class Hosts:
 
     def get(self, name: str) -> Host:
         """Return one host; :class:`HostNotFound` (naming the known ones) otherwise."""
-        return self._services.store.get_host(validation.name("host", name))
+        return self._services.store.hosts.get(validation.name("host", name))
 
     def list(self) -> builtins.list[Host]:
         """Return every registered host."""
-        return self._services.store.list_hosts()
+        return self._services.store.hosts.list()
 
     def remove(self, name: str, *, force: bool = False) -> builtins.list[str]:
         """Forget a host; refused (:class:`HostInUse`) while instances live there, unless ``force``.
@@ -113,7 +113,7 @@ class Hosts:
         """
         if not isinstance(force, bool):
             raise InvalidInput(f"force must be True or False, got {force!r}")
-        orphaned = self._services.store.remove_host(validation.name("host", name), force=force)
+        orphaned = self._services.store.hosts.remove(validation.name("host", name), force=force)
         self._drivers.forget(name)
         log.info("host_removed", host=name, force=force, orphaned=len(orphaned))
         return orphaned
@@ -122,7 +122,7 @@ class Hosts:
         """Enable or disable a host for scheduling (its instances keep running and are still synced)."""
         if not isinstance(enabled, bool):
             raise InvalidInput(f"enabled must be True or False, got {enabled!r}")
-        return self._services.store.update_host(validation.name("host", name), enabled=enabled)
+        return self._services.store.hosts.update(validation.name("host", name), enabled=enabled)
 
     def fence(self, name: str, *, reason: str, actor: str = "api") -> Host:
         """Declare a host dead: the scheduler never places there, and once it is down its instances may be evacuated."""
@@ -153,7 +153,7 @@ class Hosts:
         if metrics is not None:
             values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
         evacuation.clear_for_heartbeat(self._services, name)
-        return self._services.store.update_host(name, last_heartbeat=now(), **values)
+        return self._services.store.hosts.update(name, last_heartbeat=now(), **values)
 
     def driver(self, name: str) -> Driver:
         """Return the (cached) driver of a host; opening one that hangs blocks only its own callers."""

@@ -40,11 +40,11 @@ class Images:
         path = validation.image_path(path)
         validation.count("image min_disk_gb", min_disk_gb)
         labels = validation.labels("image properties", properties)
-        return self._services.store.add_image(name, path, disk_format, min_disk_gb, labels)
+        return self._services.store.images.add(name, path, disk_format, min_disk_gb, labels)
 
     def list(self) -> builtins.list[Image]:
         """Return every registered image."""
-        return self._services.store.list_images()
+        return self._services.store.images.list()
 
     def clean_cache(self, host: str, max_age_seconds: float | None = None) -> builtins.list[str]:
         """Remove a host's unused cached base images older than the age, and its orphaned disks; return them.
@@ -57,9 +57,9 @@ class Images:
         store = self._services.store
         age = self._services.settings.image_cache_max_age if max_age_seconds is None else max_age_seconds
         age = validation.seconds("image cache max age", age)
-        store.get_host(validation.name("host", host))
-        moving = store.moving_instances(graph.MOVE_TASK_STATES)
-        keep = frozenset(i.uuid for i in store.list_instances(host)) | frozenset(
-            m.instance_uuid for m in store.migrations_touching(host)
+        store.hosts.get(validation.name("host", host))
+        moving = store.images.moving_instances(graph.MOVE_TASK_STATES)
+        keep = frozenset(i.uuid for i in store.instances.list(host)) | frozenset(
+            m.instance_uuid for m in store.moves.touching(host)
         )
         return self._services.driver(host).cleanup_images(age, moving, keep)

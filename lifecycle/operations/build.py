@@ -76,7 +76,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         except Preempted:
             raise  # taken over (a newer epoch, a delete): what is on the host is the new owner's, never cleaned here
         except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's
-            run.store.release_claims(run.instance.uuid, host)
+            run.store.claims.release(run.instance.uuid, host)
             tried.append(host)
             _destroy_quietly(run, host)
             if attempt == attempts:
@@ -90,18 +90,18 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
 
 def _hold_claim(run: TaskRun, host: str) -> None:
     """Make sure a resumed build holds its room on ``host``: a crash may have come between release and retry."""
-    if host in run.store.claims_of(run.instance.uuid):
+    if host in run.store.claims.of(run.instance.uuid):
         return
     s, flavor = run.settings.scheduler, run.instance.flavor
     ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
-    if not run.store.claim(run.instance.uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios):
+    if not run.store.claims.claim(run.instance.uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios):
         raise NoValidHost({host: "no room left for the resumed build"})
 
 
 def _give_back(run: TaskRun, last: list[str]) -> None:
     """Release every claim and destroy what the last attempt built, whatever failed the build."""
     with contextlib.suppress(Exception):  # recorded failure follows; recovery/reaping catch the rest
-        run.store.release_claims(run.instance.uuid)
+        run.store.claims.release(run.instance.uuid)
     for host in {*last, *([run.instance.host] if run.instance.host else [])}:
         _destroy_quietly(run, host)
 
@@ -129,7 +129,7 @@ def params(given: Mapping[str, Any]) -> dict[str, Any]:
 def guard(call: Call) -> None:
     """Refuse a host that does not exist (:class:`HostNotFound`), and a disk smaller than the image's minimum."""
     if call.params.get("host") is not None:
-        call.store.get_host(call.params["host"])
+        call.store.hosts.get(call.params["host"])
     flavor, image = call.instance.flavor, call.image
     if flavor.root_gb < image.min_disk_gb:
         raise InvalidInput(
@@ -160,7 +160,7 @@ def prepare(run: TaskRun) -> None:
 
 def roll_back(run: TaskRun) -> None:
     """Recovery's roll-back of a build: nothing kept (no claim, no half-made domain, no host)."""
-    run.store.release_claims(run.instance.uuid)
+    run.store.claims.release(run.instance.uuid)
     if run.instance.host is not None:
         with contextlib.suppress(DriverError):
             run.driver.destroy(run.instance.uuid, destroy_disks=True)

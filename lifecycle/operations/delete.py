@@ -66,13 +66,13 @@ def _power_off(run: TaskRun) -> None:
 
 
 def _host_down(run: TaskRun, host: str) -> bool:
-    return not host_is_up(run.store.get_host(host), run.settings.host_down_after)
+    return not host_is_up(run.store.hosts.get(host), run.settings.host_down_after)
 
 
 def _confirm_open_move(run: TaskRun) -> None:
     # Confirm first, as Nova does, so nothing is left on the source (bug 1202484): a resized instance's
     # move, and also one the delete took over mid-way (its source may already keep a copy).
-    migration = run.store.open_migration(run.instance.uuid)
+    migration = run.store.moves.open_of(run.instance.uuid)
     if migration is not None:
         _confirm_first(run, migration)
         run.fields["previous_vm_state"] = None
@@ -81,7 +81,7 @@ def _confirm_open_move(run: TaskRun) -> None:
 
 def _destroy(run: TaskRun) -> None:
     _confirm_open_move(run)
-    run.store.revoke_console_tokens(run.instance.uuid)
+    run.store.consoles.revoke_tokens(run.instance.uuid)
     run.driver.destroy(run.instance.uuid, destroy_disks=True)
     _forget(run)
 
@@ -92,25 +92,25 @@ def _confirm_first(run: TaskRun, migration: Migration) -> None:
     try:
         move.confirm_on_source(run, migration, ends=ends)
     except Conflict:
-        if run.store.get_migration(migration.id).status.open:
+        if run.store.moves.get(migration.id).status.open:
             raise
         return  # the task this delete took over closed the move meanwhile: nothing is left to confirm
     except DriverUnavailable:
         if not _host_down(run, migration.source_host):
             raise
         # The source's kept disk stays behind; the host's image cache cleanup removes it once it answers.
-        run.store.release_claims(run.instance.uuid, migration.source_host)
+        run.store.claims.release(run.instance.uuid, migration.source_host)
         run.migration_status(migration.id, ends)
 
 
 def _local(run: TaskRun, message: str) -> None:
-    run.store.revoke_console_tokens(run.instance.uuid)
+    run.store.consoles.revoke_tokens(run.instance.uuid)
     run.note = message
     _forget(run)
 
 
 def _forget(run: TaskRun) -> None:
-    run.store.release_claims(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
+    run.store.claims.release(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
     snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings)  # a shelved instance's disk lives on only there
     run.end_power = PowerState.NOSTATE
     run.fields["deleted_at"] = now()

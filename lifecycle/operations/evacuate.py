@@ -49,11 +49,11 @@ def check_evacuable(host: Host, down_after: float, uuid: str | None = None) -> N
 def guard(call: Call) -> None:
     """Refuse a target host that does not exist or is the instance's own, then unless its host is down and fenced."""
     instance, dest = call.instance, call.params.get("host")
-    if dest is not None and call.store.get_host(dest).name == instance.host:
+    if dest is not None and call.store.hosts.get(dest).name == instance.host:
         raise InvalidInput(f"cannot evacuate instance {instance.uuid} to {dest}: that is the host it is on")
     if instance.host is None:
         return  # the runner refuses a host-less instance itself: only a delete is left for it
-    check_evacuable(call.store.get_host(instance.host), call.settings.host_down_after, instance.uuid)
+    check_evacuable(call.store.hosts.get(instance.host), call.settings.host_down_after, instance.uuid)
 
 
 def prepare(run: TaskRun) -> None:
@@ -75,7 +75,7 @@ def evacuate(run: TaskRun) -> None:
     Resumed after a crash, the run finds its own migration record (and so
     its destination) again; spawn is repeat-safe.
     """
-    migration = run.store.migration_of_task(run.task.id) or _record(run)
+    migration = run.store.moves.of_task(run.task.id) or _record(run)
     dest = migration.dest_host
     assert dest is not None
     run.touched.add(dest)  # a delete taking the evacuation over must clean the destination too
@@ -83,11 +83,11 @@ def evacuate(run: TaskRun) -> None:
         _rebuild_on(run, migration, dest)
     except Preempted:
         with contextlib.suppress(Exception):  # the preemptor owns the instance; the record only says it ended
-            run.store.update_migration(migration.id, status=MS.ERROR)
+            run.store.moves.update(migration.id, status=MS.ERROR)
         raise
     except Exception:
         if run.instance.host != dest:  # never left the dead host: the destination's room goes back
-            run.store.release_claims(run.instance.uuid, dest)
+            run.store.claims.release(run.instance.uuid, dest)
         run.migration_status(migration.id, MS.ERROR)
         raise
     run.migration_status(migration.id, MS.DONE, finished_at=now())
@@ -96,11 +96,11 @@ def evacuate(run: TaskRun) -> None:
 def _record(run: TaskRun) -> Migration:
     """Pick and claim a destination (not the dead host) and write the evacuation's record."""
     assert run.schedule is not None and run.instance.host is not None
-    run.store.fence(run.task)  # a worker taken over since its start claims nothing
+    run.store.tasks.fence(run.task)  # a worker taken over since its start claims nothing
     source, uuid = run.instance.host, run.instance.uuid
-    for held in run.store.claims_of(uuid):  # a crash between a claim and its record left this one behind
+    for held in run.store.claims.of(uuid):  # a crash between a claim and its record left this one behind
         if held != source:
-            run.store.release_claims(uuid, held)
+            run.store.claims.release(uuid, held)
     dest = run.schedule([source])
     return run.record_migration(EVACUATION, source, dest)
 
@@ -111,8 +111,8 @@ def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
     # The disk this attempt makes there: what a hard reboot finds should the spawn fail half-way.
     run.advance(T.REBUILD_BLOCK_DEVICE_MAPPING, message, host=dest, disk=volume_name(uuid, run.attempt()))
     run.changed = True  # the instance left its host: a failure from here on ends in error
-    run.store.release_claims(uuid, source)
-    run.store.revoke_console_tokens(uuid)
+    run.store.claims.release(uuid, source)
+    run.store.consoles.revoke_tokens(uuid)
     run.advance(T.REBUILD_SPAWNING)
     # An earlier life's copy on the destination (evacuated away from it once) is destroyed first, never started.
     run.clear_leftovers(dest, why="rebuilding the evacuated instance")

@@ -80,7 +80,7 @@ def move(run: TaskRun) -> None:
     """Walk resize_prep -> resize_migrating -> resize_migrated -> resize_finish."""
     store, uuid = run.store, run.instance.uuid
     if run.resumed_past(T.RESIZE_PREP):
-        migration = store.open_migration(uuid)
+        migration = store.moves.open_of(uuid)
         assert migration is not None, "a move past resize_prep has a migration record"
     else:
         migration = _prepare(run)
@@ -139,7 +139,7 @@ def _prepare(run: TaskRun) -> Migration:
     assert run.schedule is not None and run.instance.host is not None
     # A worker stalled since its start (in the power read before its steps) whose task recovery rolled back
     # must not claim a destination nor open a move: it stops here.
-    run.store.fence(run.task)
+    run.store.tasks.fence(run.task)
     source = run.instance.host
     dest = run.schedule([source])  # claims the new flavor on the destination
     return run.record_migration(
@@ -182,13 +182,13 @@ def resize_guard(call: Call) -> None:
 def migrate_guard(call: Call) -> None:
     """Refuse a target host that does not exist (:class:`HostNotFound`) or is the one the instance is on."""
     host = call.params.get("host")
-    if host is not None and call.store.get_host(host).name == call.instance.host:
+    if host is not None and call.store.hosts.get(host).name == call.instance.host:
         raise InvalidInput(f"cannot migrate instance {call.instance.uuid} to {host}: that is the host it is on")
 
 
 def roll_back(run: TaskRun) -> None:
     """Recovery's roll-back of a move that had not left its source: back onto the source."""
-    migration = run.store.open_migration(run.instance.uuid)
+    migration = run.store.moves.open_of(run.instance.uuid)
     if migration is None:
         return
     # A source that does not answer: the move stays open, the instance ends in error on it (revert_resize later).
@@ -214,8 +214,8 @@ def _leave_source(run: TaskRun, migration: Migration) -> Migration:
     except Exception:  # any failure before the disk left, not only a driver's: back onto the source
         revert_on_source(run, migration)
         raise
-    store.update_migration(migration.id, source_disk=disk)
-    store.revoke_console_tokens(run.instance.uuid)
+    store.moves.update(migration.id, source_disk=disk)
+    store.consoles.revoke_tokens(run.instance.uuid)
     return replace(migration, source_disk=disk)
 
 
@@ -241,13 +241,13 @@ def revert_on_source(run: TaskRun, migration: Migration) -> None:
         raise
     except Exception as exc:  # the roll back records itself whatever the source said; sync sees the guest
         log.warning("source_restore_failed", host=migration.source_host, error=f"{type(exc).__name__}: {exc}")
-    run.store.release_claims(run.instance.uuid, migration.dest_host)
+    run.store.claims.release(run.instance.uuid, migration.dest_host)
     run.migration_status(migration.id, MS.ERROR)
 
 
 def confirm(run: TaskRun) -> None:
     """Delete the source's kept disk and release its claim; the move is final."""
-    migration = run.store.open_migration(run.instance.uuid)
+    migration = run.store.moves.open_of(run.instance.uuid)
     assert migration is not None, "a resized instance has an open migration"
     confirm_on_source(run, migration)
     run.fields["previous_vm_state"] = None
@@ -264,7 +264,7 @@ def confirm_on_source(run: TaskRun, migration: Migration, *, ends: MigrationStat
     except LifecycleError:
         run.migration_status(migration.id, MS.FINISHED)  # retried later, never stuck
         raise
-    run.store.release_claims(run.instance.uuid, migration.source_host)
+    run.store.claims.release(run.instance.uuid, migration.source_host)
     run.migration_status(migration.id, ends)
 
 
@@ -280,7 +280,7 @@ def revert(run: TaskRun) -> None:
     but its disk and claim go only once the source is back: a restore that
     fails leaves the instance where its claim and disk still are.
     """
-    migration = run.store.open_migration(run.instance.uuid)
+    migration = run.store.moves.open_of(run.instance.uuid)
     assert migration is not None and migration.dest_host is not None, "a resized instance has an open migration"
     uuid = run.instance.uuid
     # From error (a move that failed after its disk left the source, or whose roll-back could not reach it):
@@ -297,8 +297,8 @@ def revert(run: TaskRun) -> None:
     )
     back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None, "disk": kept}
     run.fail_fields |= back  # from here on the guest lives on the source, whatever fails next
-    run.store.revoke_console_tokens(uuid)
-    run.store.release_claims(uuid, migration.dest_host)
+    run.store.consoles.revoke_tokens(uuid)
+    run.store.claims.release(uuid, migration.dest_host)
     run.on(migration.dest_host).destroy(uuid, destroy_disks=True)
     run.fields |= back
     run.migration_status(migration.id, MS.REVERTED if finished else MS.ERROR)

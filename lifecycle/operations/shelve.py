@@ -113,7 +113,7 @@ def _upload(run: TaskRun) -> Image:
         drop_snapshot(run.store, uuid)
         image = None
     if image is None:  # else a resumed run found the row its crashed predecessor wrote
-        image = run.store.add_image(
+        image = run.store.images.add(
             snapshot_name(uuid),
             str(target),
             SNAPSHOT_FORMAT,
@@ -144,10 +144,10 @@ def _offload(run: TaskRun) -> None:
                 uuid=uuid,
                 call="shelve_offload",
             )
-    run.store.revoke_console_tokens(uuid)
+    run.store.consoles.revoke_tokens(uuid)
     run.driver.destroy(uuid, destroy_disks=True)
     run.changed = True  # the domain is gone: a failure from here on cannot keep the vm_state
-    run.store.release_claims(uuid, task=run.task)
+    run.store.claims.release(uuid, task=run.task)
     run.fields["host"] = None
     run.fields["disk"] = None
     run.end_power = PowerState.NOSTATE
@@ -156,7 +156,7 @@ def _offload(run: TaskRun) -> None:
 def _after_lost(run: TaskRun) -> None:
     """Drop the snapshot this worker stored after a delete took the shelve over (and dropped it first)."""
     with contextlib.suppress(Exception):
-        if run.store.get_instance(run.instance.uuid).vm_state is VmState.DELETED:
+        if run.store.instances.get(run.instance.uuid).vm_state is VmState.DELETED:
             drop_snapshot(run.store, run.instance.uuid, run.settings)
 
 
@@ -173,7 +173,7 @@ def shelve_offload(run: TaskRun) -> None:
         _offload(run)
     except DriverUnavailable as exc:
         assert run.instance.host is not None
-        host = run.store.get_host(run.instance.host)
+        host = run.store.hosts.get(run.instance.host)
         if not (host.fenced and not host_is_up(host, run.settings.host_down_after)):
             run.before_power = PowerState.NOSTATE  # nothing known changed: it stays shelved there
             raise
@@ -188,9 +188,9 @@ def _offload_from_dead_host(run: TaskRun, why: str) -> None:
         raise DriverError(f"{source} is dead and the snapshot of {uuid} has no file: nothing to offload to", uuid=uuid)
     # An evacuation to nowhere: the host's daemon destroys the leftover when its hypervisor answers again.
     run.record_migration(EVACUATION, source, None, status=MigrationStatus.DONE)
-    run.store.revoke_console_tokens(uuid)
+    run.store.consoles.revoke_tokens(uuid)
     run.changed = True
-    run.store.release_claims(uuid, task=run.task)
+    run.store.claims.release(uuid, task=run.task)
     run.fields["host"] = None
     run.fields["disk"] = None
     run.end_power = PowerState.NOSTATE
@@ -212,7 +212,7 @@ def guard(call: Call) -> None:
             + (f" on {instance.host}" if instance.host else "")
         )
     if host is not None:
-        call.store.get_host(host)  # HostNotFound names the known ones
+        call.store.hosts.get(host)  # HostNotFound names the known ones
     if instance.vm_state is VmState.SHELVED_OFFLOADED and snapshot_of(call.store, instance.uuid) is None:
         raise InvalidInput(
             f"instance {instance.uuid} is offloaded but its snapshot {snapshot_name(instance.uuid)} is gone"
@@ -263,8 +263,8 @@ def _spawn_offloaded(run: TaskRun) -> None:
         dest = run.instance.host
     else:
         assert run.schedule is not None, "an offloaded unshelve needs a scheduler"
-        run.store.fence(run.task)  # a worker taken over since its start claims nothing
-        run.store.release_claims(uuid, task=run.task)  # a crash between a claim and its step left one behind
+        run.store.tasks.fence(run.task)  # a worker taken over since its start claims nothing
+        run.store.claims.release(uuid, task=run.task)  # a crash between a claim and its step left one behind
         dest = run.schedule([])
         run.touched.add(dest)
         run.advance(T.SPAWNING, f"scheduled to {dest}; spawning from snapshot {snapshot.name}", host=dest)
@@ -279,7 +279,7 @@ def _spawn_offloaded(run: TaskRun) -> None:
     except Preempted:
         raise
     except Exception:
-        run.store.release_claims(uuid, dest, task=run.task)  # a fenced worker releases nothing
+        run.store.claims.release(uuid, dest, task=run.task)  # a fenced worker releases nothing
         with contextlib.suppress(Exception):  # nothing half-made may stay on the host, and only this task's goes
             run.on(dest).destroy(uuid, destroy_disks=True, attempt=run.attempt())
         raise

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from lifecycle.errors import AlreadyExists, InvalidInput
 from lifecycle.store.db import connect
 
-__all__ = ["StoreBase", "retry_on_deadlock"]
+__all__ = ["Database", "StoreBase", "retry_on_deadlock"]
 
 _RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
 _RETRIES = 5
@@ -55,28 +55,50 @@ def _lost_before_commit(exc: OperationalError) -> bool:
     return bool(exc.connection_invalidated) and exc.statement is not None
 
 
-class StoreBase:
-    """One database: its engine, the task lease length, and the helpers every part of the store uses."""
+class Database:
+    """One database: its engine, the task lease length, and how reads are run."""
 
     def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
         self.url = url
         self.engine = connect(url)
         self.lease = timedelta(seconds=lease_seconds)
-        self._read_options: dict[str, object] = {"readonly": True}
+        self.read_options: dict[str, object] = {"readonly": True}
         self.one_statement = self.engine.dialect.name == "postgresql"
         """Whether a task's state writes go as one statement each (:mod:`lifecycle.store._pg`)."""
         if self.engine.dialect.name == "postgresql":
             # Under READ COMMITTED each statement reads its own snapshot anyway: a BEGIN and a ROLLBACK
             # around a read are two round trips that buy nothing (bench/storm.py: 6 of 40 per operation).
-            self._read_options["isolation_level"] = "AUTOCOMMIT"
+            self.read_options["isolation_level"] = "AUTOCOMMIT"
 
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
 
+
+class StoreBase:
+    """A repository of one noun over a shared :class:`Database`, with the helpers every repository uses."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine of the database."""
+        return self.db.engine
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a task's lease lasts."""
+        return self.db.lease
+
+    @property
+    def one_statement(self) -> bool:
+        """Whether a task's state writes go as one statement each (PostgreSQL)."""
+        return self.db.one_statement
+
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        with self.engine.connect().execution_options(**self._read_options) as conn:
+        with self.engine.connect().execution_options(**self.db.read_options) as conn:
             yield conn
 
     def _insert_unique(self, table: sa.Table, values: dict[str, Any], kind: str, name: str) -> None:

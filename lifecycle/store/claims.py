@@ -89,7 +89,7 @@ class Claims(StoreBase):
         return None
 
     @retry_on_deadlock
-    def release_claims(self, uuid: str, host: str | None = None, *, task: Task | None = None) -> int:
+    def release(self, uuid: str, host: str | None = None, *, task: Task | None = None) -> int:
         """Give back what an instance holds (on one host, or everywhere); return how many claims.
 
         With ``task`` (a worker's release), only while that task is still at its
@@ -108,7 +108,7 @@ class Claims(StoreBase):
             _give_back(conn, gone)
         return len(gone)
 
-    def claims_of(self, uuid: str) -> list[str]:
+    def of(self, uuid: str) -> list[str]:
         """Return the hosts an instance holds claims on."""
         with self._read() as conn:
             return list(

@@ -20,7 +20,7 @@ _C = CONSOLE_TOKENS
 class Consoles(StoreBase):
     """Console token rows."""
 
-    def add_console_token(
+    def add_token(
         self, token_hash: str, instance: Instance, console_host: str, port: int, expires_at: datetime
     ) -> None:
         """Store a console token's hash for ``instance`` on its current host."""
@@ -36,7 +36,7 @@ class Consoles(StoreBase):
         with self.engine.begin() as conn:
             conn.execute(sa.insert(_C), values)
 
-    def console_token(self, token_hash: str) -> dict[str, Any] | None:
+    def token(self, token_hash: str) -> dict[str, Any] | None:
         """Return a live (unrevoked, unexpired) token's row, or None."""
         query = sa.select(_C).where(_C.c.token_hash == token_hash, _C.c.revoked_at.is_(None))
         with self._read() as conn:
@@ -45,7 +45,7 @@ class Consoles(StoreBase):
             return None
         return dict(row)
 
-    def revoke_console_tokens(self, uuid: str) -> int:
+    def revoke_tokens(self, uuid: str) -> int:
         """Revoke every live console token of an instance; return how many."""
         query = sa.update(_C).where(_C.c.instance_uuid == uuid, _C.c.revoked_at.is_(None)).values(revoked_at=now())
         with self.engine.begin() as conn:

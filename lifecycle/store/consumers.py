@@ -6,6 +6,7 @@ A position only moves forward (:meth:`Consumers.save_position`), and retention
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,7 +32,7 @@ def _consumer(r: sa.Row[Any]) -> Consumer:
 class Consumers(StoreBase):
     """Followers' names, positions and webhook URLs."""
 
-    def register_consumer(self, name: str, at: Position, *, url: str | None = None) -> tuple[Consumer, bool]:
+    def register(self, name: str, at: Position, *, url: str | None = None) -> tuple[Consumer, bool]:
         """Return the consumer ``name``, registered at ``at`` if new, and whether it was new.
 
         ``url`` (a webhook's) is stored with it, also when it was registered without one.
@@ -49,24 +50,24 @@ class Consumers(StoreBase):
                 with self.engine.begin() as conn:
                     where = (_C.c.name == name, _C.c.url.is_distinct_from(url))
                     conn.execute(sa.update(_C).where(*where).values(url=url))
-            found = self.consumer(name)
+            found = self.get(name)
         if found is None:  # forgotten between the insert and the read: try once more
-            return self.register_consumer(name, at, url=url)
+            return self.register(name, at, url=url)
         return found, False
 
-    def consumer_urls(self) -> dict[str, str]:
+    def urls(self) -> dict[str, str]:
         """Return the URL each webhook consumer delivers to, by consumer name (those that stored one)."""
         query = sa.select(_C.c.name, _C.c.url).where(_C.c.url.is_not(None))
         with self._read() as conn:
             return {name: url for name, url in conn.execute(query)}
 
-    def consumer(self, name: str) -> Consumer | None:
+    def get(self, name: str) -> Consumer | None:
         """Return the consumer ``name``, or None."""
         with self._read() as conn:
             row = conn.execute(sa.select(_C).where(_C.c.name == name)).first()
         return None if row is None else _consumer(row)
 
-    def consumers(self) -> list[Consumer]:
+    def list(self) -> builtins.list[Consumer]:
         """Return every consumer, by name."""
         with self._read() as conn:
             return [_consumer(r) for r in conn.execute(sa.select(_C).order_by(_C.c.name))]
@@ -84,7 +85,7 @@ class Consumers(StoreBase):
             if conn.execute(sa.select(_C.c.name).where(_C.c.name == name)).first() is None:
                 raise InvalidInput(f"consumer {name!r} was forgotten while it followed the feed")
 
-    def forget_consumer(self, name: str) -> bool:
+    def forget(self, name: str) -> bool:
         """Remove consumer ``name`` (retention no longer waits for it); return whether it existed."""
         with self.engine.begin() as conn:
             return bool(conn.execute(sa.delete(_C).where(_C.c.name == name)).rowcount)

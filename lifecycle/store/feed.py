@@ -235,7 +235,7 @@ class _PollReader:
 
     def read(self, after: Position, limit: int) -> list[Change]:
         with unavailable(self._feed.engine.dialect):
-            return self._feed.read_changes(after, limit)
+            return self._feed.read(after, limit)
 
     def held_back(self) -> bool:
         return False
@@ -294,21 +294,21 @@ class Feed(StoreBase):
     def _postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
-    def read_changes(self, after: Position, limit: int) -> list[Change]:
+    def read(self, after: Position, limit: int) -> list[Change]:
         """Return up to ``limit`` changes after ``after``, in feed order; none is ever passed over."""
         with self._read() as conn:
             if self._postgres:
                 conn.exec_driver_sql(_NO_SORT.format("LOCAL"))
             return _read_changes(conn, after, limit)
 
-    def changes_held_back(self) -> bool:
+    def held_back(self) -> bool:
         """Return whether a committed change is not readable yet (PostgreSQL: an older transaction is open)."""
         if not self._postgres:
             return False
         with self._read() as conn:
             return bool(conn.execute(_HELD_BACK).scalar_one())
 
-    def newest_change(self) -> Position | None:
+    def newest(self) -> Position | None:
         """Return the position of the last change readable now (None when there is none)."""
         if self._postgres:
             query = sa.select(_A.c.tx, _A.c.id).where(_INDEXED, _A.c.tx < _xmin())
@@ -348,7 +348,7 @@ class Feed(StoreBase):
             with suppress(sa.exc.DBAPIError):  # a connection the server dropped has nothing left to close
                 conn.close()
 
-    def prune_changes(self, before: datetime) -> int:
+    def prune(self, before: datetime) -> int:
         """Delete the changes written before ``before`` that every consumer has passed; return how many.
 
         The newest change always stays (SQLite would hand its rowid out again).

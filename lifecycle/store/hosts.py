@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 from dataclasses import replace
@@ -15,6 +16,7 @@ from lifecycle.errors import HostInUse, HostNotFound
 from lifecycle.records import Cause, Host, Instance
 from lifecycle.scheduler import Prefilter
 from lifecycle.states import PowerState, VmState
+from lifecycle.store._base import Database, StoreBase
 from lifecycle.store._cas import audit, cas
 from lifecycle.store._rows import CLAIMS, CONSOLE_TOKENS, HOSTS, INSTANCES, host_from, hosts_from
 from lifecycle.store.db import now
@@ -27,10 +29,15 @@ _H, _I, _CL, _C = HOSTS, INSTANCES, CLAIMS, CONSOLE_TOKENS
 _ALL_HOSTS = sa.select(_H).order_by(_H.c.name)
 
 
-class Hosts(Instances, Moves):
+class Hosts(StoreBase):
     """Host rows; removing one looks at its instances and its open moves."""
 
-    def add_host(self, name: str, driver_uri: str, instances_path: str, **fields: Any) -> Host:
+    def __init__(self, db: Database, instances: Instances, moves: Moves) -> None:
+        super().__init__(db)
+        self._instances = instances
+        self._moves = moves
+
+    def add(self, name: str, driver_uri: str, instances_path: str, **fields: Any) -> Host:
         """Insert a host (resources, zone, capabilities... as keyword fields); AlreadyExists if taken."""
         values = {
             "name": name,
@@ -43,9 +50,9 @@ class Hosts(Instances, Moves):
             if key in fields:
                 fields[key] = json.dumps(fields[key], sort_keys=True)
         self._insert_unique(_H, values | fields, "host", name)
-        return self.get_host(name)
+        return self.get(name)
 
-    def get_host(self, name: str) -> Host:
+    def get(self, name: str) -> Host:
         """Return the host named ``name`` or raise :class:`HostNotFound`."""
         with self._read() as conn:
             row = conn.execute(sa.select(_H).where(_H.c.name == name)).mappings().first()
@@ -53,12 +60,12 @@ class Hosts(Instances, Moves):
                 raise HostNotFound(name, conn.execute(sa.select(_H.c.name)).scalars())
         return host_from(row)
 
-    def list_hosts(self) -> list[Host]:
+    def list(self) -> builtins.list[Host]:
         """Return every host, by name (one query: the scheduler's input)."""
         with self._read() as conn:
             return hosts_from(conn.execute(_ALL_HOSTS))
 
-    def ranked_hosts(self, pre: Prefilter, up_since: datetime, offset: int, limit: int) -> list[Host]:
+    def ranked(self, pre: Prefilter, up_since: datetime, offset: int, limit: int) -> builtins.list[Host]:
         """Return one page of the hosts ``pre`` admits, best first for the RAM weigher (see :class:`Prefilter`).
 
         Fenced hosts are left out; ``up_since`` is the oldest heartbeat a host
@@ -82,21 +89,21 @@ class Hosts(Instances, Moves):
         with self._read() as conn:
             return hosts_from(conn.execute(query, params))
 
-    def update_host(self, name: str, **values: Any) -> Host:
+    def update(self, name: str, **values: Any) -> Host:
         """Change a host's settable fields (enabled, metrics, last_heartbeat...)."""
         if "metrics" in values:
             values["metrics"] = json.dumps(values["metrics"], sort_keys=True)
         with self.engine.begin() as conn:
             if conn.execute(sa.update(_H).where(_H.c.name == name).values(**values)).rowcount == 0:
                 raise HostNotFound(name)
-        return self.get_host(name)
+        return self.get(name)
 
     def set_fence(self, name: str, by: str | None, reason: str | None) -> Host:
         """Fence the host (``by`` and ``reason`` given: recorded with the time) or unfence it (both None)."""
         at = None if by is None else now()
-        return self.update_host(name, fenced_at=at, fenced_by=by, fenced_reason=reason)
+        return self.update(name, fenced_at=at, fenced_by=by, fenced_reason=reason)
 
-    def remove_host(self, name: str, *, force: bool = False) -> list[str]:
+    def remove(self, name: str, *, force: bool = False) -> builtins.list[str]:
         """Delete a host row; return the live instances a forced removal orphaned.
 
         Refused (:class:`HostInUse`) while live instances, claims or open moves
@@ -106,9 +113,9 @@ class Hosts(Instances, Moves):
         with a running task are never orphaned: :class:`HostInUse` either way.
         Deleted instances forget the host (their history stays).
         """
-        self.get_host(name)
-        live = [i for i in self.list_instances(name) if i.vm_state is not VmState.DELETED]
-        moving = [m.instance_uuid for m in self.migrations_touching(name)]
+        self.get(name)
+        live = [i for i in self._instances.list(name) if i.vm_state is not VmState.DELETED]
+        moving = [m.instance_uuid for m in self._moves.touching(name)]
         # A claim without the instance's host set yet: a build between its claim and its first step there.
         query = sa.select(_I.c.uuid, _I.c.task_id).join(_CL, _CL.c.instance_uuid == _I.c.uuid).where(_CL.c.host == name)
         with self._read() as conn:
@@ -129,7 +136,7 @@ class Hosts(Instances, Moves):
         return [i.uuid for i in live]
 
 
-def _orphan(conn: sa.Connection, name: str, live: list[Instance]) -> None:
+def _orphan(conn: sa.Connection, name: str, live: builtins.list[Instance]) -> None:
     """Put each idle live instance of a host removed by force in error with no host, audited."""
     at = now()
     why = Why(
@@ -161,7 +168,7 @@ def _ranked_query(
     ram_allocation_ratio: float,
 ) -> sa.Select[Any]:
     """Build once per shape the query of :meth:`Hosts.ranked_hosts` (the values a decision changes are parameters)."""
-    where: list[sa.ColumnElement[bool]] = [_H.c.fenced_at.is_(None)]
+    where: builtins.list[sa.ColumnElement[bool]] = [_H.c.fenced_at.is_(None)]
     if exclude:
         where.append(_H.c.name.not_in(sa.bindparam("x_exclude", expanding=True)))
     if zone:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Collection
 
@@ -33,7 +34,7 @@ _OPEN_MOVE = (
 class Images(StoreBase):
     """Image rows."""
 
-    def add_image(
+    def add(
         self, name: str, path: str, disk_format: str, min_disk_gb: int = 0, properties: dict[str, str] | None = None
     ) -> Image:
         """Insert an image; :class:`AlreadyExists` if the name is taken."""
@@ -46,9 +47,9 @@ class Images(StoreBase):
             "properties": json.dumps(properties or {}, sort_keys=True),
         }
         self._insert_unique(_IM, values, "image", name)
-        return self.get_image(name)
+        return self.get(name)
 
-    def get_image(self, name: str) -> Image:
+    def get(self, name: str) -> Image:
         """Return the image named ``name`` or raise :class:`ImageNotFound`."""
         with self._read() as conn:
             row = conn.execute(sa.select(_IM).where(_IM.c.name == name)).mappings().first()
@@ -56,13 +57,13 @@ class Images(StoreBase):
                 raise ImageNotFound(name, conn.execute(sa.select(_IM.c.name)).scalars())
         return image_from(row)
 
-    def find_image(self, name: str) -> Image | None:
+    def find(self, name: str) -> Image | None:
         """Return the image named ``name``, or None (one query: no list of names for an error)."""
         with self._read() as conn:
             row = conn.execute(_BY_NAME, {"x_name": name}).mappings().first()
         return None if row is None else image_from(row)
 
-    def list_images(self) -> list[Image]:
+    def list(self) -> builtins.list[Image]:
         """Return every image, by name."""
         with self._read() as conn:
             rows = conn.execute(sa.select(_IM).order_by(_IM.c.name)).mappings().all()
@@ -86,7 +87,7 @@ class Images(StoreBase):
         with self._read() as conn:
             return frozenset(conn.execute(query).scalars())
 
-    def remove_image(self, name: str) -> bool:
+    def remove(self, name: str) -> bool:
         """Delete the image row named ``name``; return whether there was one (an image the engine made)."""
         with self.engine.begin() as conn:
             return bool(conn.execute(sa.delete(_IM).where(_IM.c.name == name)).rowcount)

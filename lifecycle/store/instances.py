@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -23,7 +24,7 @@ _BY_UUID = sa.select(_I).where(_I.c.uuid == sa.bindparam("x_uuid"))
 class Instances(StoreBase):
     """Instance rows and their audit rows, read."""
 
-    def get_instance(self, uuid: str) -> Instance:
+    def get(self, uuid: str) -> Instance:
         """Return the instance (deleted ones included) or raise :class:`InstanceNotFound`."""
         with self._read() as conn:
             row = conn.execute(_BY_UUID, {"x_uuid": uuid}).mappings().first()
@@ -31,7 +32,7 @@ class Instances(StoreBase):
             raise InstanceNotFound(uuid)
         return instance_from(row)
 
-    def list_instances(self, host: str | None = None, *, include_deleted: bool = False) -> list[Instance]:
+    def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
         """Return instances by creation time, optionally of one host."""
         query = sa.select(_I).order_by(_I.c.created_at, _I.c.uuid)
         if host is not None:
@@ -41,7 +42,7 @@ class Instances(StoreBase):
         with self._read() as conn:
             return [instance_from(r) for r in conn.execute(query).mappings()]
 
-    def in_state_since(self, vm_state: VmState, before: datetime) -> list[Instance]:
+    def in_state_since(self, vm_state: VmState, before: datetime) -> builtins.list[Instance]:
         """Return the instances in ``vm_state`` whose last write is older than ``before``, oldest first.
 
         For a soft-deleted instance that write is the end of its soft delete
@@ -56,7 +57,7 @@ class Instances(StoreBase):
         with self._read() as conn:
             return [instance_from(r) for r in conn.execute(query).mappings()]
 
-    def building_since(self, before: datetime) -> list[Instance]:
+    def building_since(self, before: datetime) -> builtins.list[Instance]:
         """Return the instances still building whose create task started before ``before``."""
         query = (
             sa.select(_I)
@@ -67,7 +68,7 @@ class Instances(StoreBase):
         with self._read() as conn:
             return [instance_from(r) for r in conn.execute(query).mappings()]
 
-    def history(self, uuid: str) -> list[AuditEntry]:
+    def history(self, uuid: str) -> builtins.list[AuditEntry]:
         """Return an instance's audit log, oldest first."""
         query = sa.select(_A).where(_A.c.instance_uuid == uuid).order_by(_A.c.id)
         with self._read() as conn:

@@ -6,6 +6,7 @@ queries for open moves leave it out.
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 from typing import Any
 
@@ -31,12 +32,12 @@ _A_MOVE = _M.c.kind != EVACUATION
 class Moves(StoreBase):
     """Migration rows."""
 
-    def add_migration(self, migration: Migration) -> None:
+    def add(self, migration: Migration) -> None:
         """Insert a migration record."""
         with self.engine.begin() as conn:
             conn.execute(sa.insert(_M), migration_values(migration))
 
-    def update_migration(self, migration_id: str, **values: Any) -> Migration:
+    def update(self, migration_id: str, **values: Any) -> Migration:
         """Change a migration's status (and dest host, source disk, finished_at...).
 
         A new status is written only from a status that may lead to it
@@ -53,15 +54,15 @@ class Moves(StoreBase):
             values["status"] = new.value
         with self.engine.begin() as conn:
             if conn.execute(query.values(**values)).rowcount != 1:
-                actual = self.get_migration(migration_id)
+                actual = self.get(migration_id)
                 raise Conflict(
                     actual.instance_uuid,
                     {"migration status": f"one leading to {status}"},
                     {"migration status": actual.status.value},
                 )
-        return self.get_migration(migration_id)
+        return self.get(migration_id)
 
-    def get_migration(self, migration_id: str) -> Migration:
+    def get(self, migration_id: str) -> Migration:
         """Return a migration by id; :class:`MigrationNotFound` otherwise."""
         with self._read() as conn:
             row = conn.execute(_with_progress().where(_M.c.id == migration_id)).mappings().first()
@@ -69,7 +70,7 @@ class Moves(StoreBase):
             raise MigrationNotFound(migration_id)
         return migration_from(row)
 
-    def list_migrations(self, host: str | None = None) -> list[Migration]:
+    def list(self, host: str | None = None) -> builtins.list[Migration]:
         """Return migrations, newest first, optionally those whose source or destination is ``host``."""
         query = _with_progress().order_by(_M.c.created_at.desc(), _M.c.id)
         if host is not None:
@@ -77,7 +78,7 @@ class Moves(StoreBase):
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
 
-    def open_migration(self, uuid: str) -> Migration | None:
+    def open_of(self, uuid: str) -> Migration | None:
         """Return the instance's newest migration not yet confirmed, reverted or failed."""
         query = (
             sa.select(_M)
@@ -88,13 +89,13 @@ class Moves(StoreBase):
             row = conn.execute(query).mappings().first()
         return None if row is None else migration_from(row)
 
-    def migration_of_task(self, task_id: str) -> Migration | None:
+    def of_task(self, task_id: str) -> Migration | None:
         """Return the migration record a task wrote (an evacuation resumed after a crash finds its own)."""
         with self._read() as conn:
             row = conn.execute(sa.select(_M).where(_M.c.task_id == task_id)).mappings().first()
         return None if row is None else migration_from(row)
 
-    def evacuations_from(self, host: str) -> list[Migration]:
+    def evacuations_from(self, host: str) -> builtins.list[Migration]:
         """Return the evacuations away from ``host`` whose old copy there is not known to be destroyed yet."""
         query = (
             sa.select(_M)
@@ -104,7 +105,7 @@ class Moves(StoreBase):
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
 
-    def migrations_finished_before(self, moment: datetime) -> list[Migration]:
+    def finished_before(self, moment: datetime) -> builtins.list[Migration]:
         """Return finished migrations whose finish is older than ``moment`` (the confirm window)."""
         query = (
             sa.select(_M)
@@ -114,7 +115,7 @@ class Moves(StoreBase):
         with self._read() as conn:
             return [migration_from(r) for r in conn.execute(query).mappings()]
 
-    def migrations_touching(self, host: str) -> list[Migration]:
+    def touching(self, host: str) -> builtins.list[Migration]:
         """Return the open migrations whose source or destination is ``host``."""
         query = sa.select(_M).where(
             sa.or_(_M.c.source_host == host, _M.c.dest_host == host),

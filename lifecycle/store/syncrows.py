@@ -106,7 +106,7 @@ _MISSING_COUNT = (
 class SyncRows(StoreBase):
     """What a sync pass reads and writes, in chunks and batches."""
 
-    def host_sync_rows(self, host: str, observed_at: datetime, chunk: int = 1000) -> Iterator[list[SyncRow]]:
+    def rows(self, host: str, observed_at: datetime, chunk: int = 1000) -> Iterator[list[SyncRow]]:
         """Yield the :class:`SyncRow` of each of a host's live instances, in chunks (keyset paging by uuid).
 
         Only the columns a sync decision needs are read, and whether the row

@@ -19,7 +19,7 @@ _T, _S = TASKS, STEPS
 class Tasks(StoreBase):
     """Task rows and step rows."""
 
-    def get_task(self, task_id: str) -> Task:
+    def get(self, task_id: str) -> Task:
         """Return the task with this id; :class:`TaskNotFound` if there is none."""
         with self._read() as conn:
             row = conn.execute(sa.select(_T).where(_T.c.id == task_id)).mappings().first()
@@ -27,14 +27,14 @@ class Tasks(StoreBase):
             raise TaskNotFound(task_id)
         return task_from(row)
 
-    def task_by_key(self, key: str) -> Task | None:
+    def by_key(self, key: str) -> Task | None:
         """Return the task started with idempotency key ``key`` (keys are unique across instances), if any."""
         query = sa.select(_T).where(_T.c.idempotency_key == key)
         with self._read() as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else task_from(row)
 
-    def tasks_of(self, uuid: str) -> list[Task]:
+    def of(self, uuid: str) -> list[Task]:
         """Return every task of an instance, oldest first."""
         query = sa.select(_T).where(_T.c.instance_uuid == uuid).order_by(_T.c.started_at, _T.c.id)
         with self._read() as conn:
@@ -60,7 +60,7 @@ class Tasks(StoreBase):
             for r in rows
         ]
 
-    def recoverable_tasks(self, owner: str, *, force: bool = False) -> list[Task]:
+    def recoverable(self, owner: str, *, force: bool = False) -> list[Task]:
         """Return running tasks whose lease has expired; with ``force``, also ``owner``'s live ones."""
         live_ok = (_T.c.owner == owner) if force else sa.false()
         query = (
@@ -71,7 +71,7 @@ class Tasks(StoreBase):
         with self._read() as conn:
             return [task_from(r) for r in conn.execute(query).mappings()]
 
-    def live_tasks(self) -> list[Task]:
+    def live(self) -> list[Task]:
         """Return running tasks whose lease is still live, soonest expiry first."""
         query = (
             sa.select(_T)
