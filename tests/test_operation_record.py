@@ -127,16 +127,16 @@ def test_a_registered_operation_runs_end_to_end(engine: Engine, fakes: Fakes, se
 
 
 def _crash_after_first(engine: Engine, method: str) -> None:
-    """Make the engine's next ``store.<method>`` commit, then die there (a SimulatedCrash nothing catches)."""
-    original = getattr(engine.store, method)
+    """Make the engine's next ``store.writes.<method>`` commit, then die there (a SimulatedCrash nothing catches)."""
+    original = getattr(engine.store.writes, method)
 
     @wraps(original)
     def crash(*args: Any, **kwargs: Any) -> Any:
         original(*args, **kwargs)
-        setattr(engine.store, method, original)
+        setattr(engine.store.writes, method, original)
         raise SimulatedCrash(f"crash after {method}")
 
-    setattr(engine.store, method, crash)
+    setattr(engine.store.writes, method, crash)
 
 
 @pytest.mark.parametrize(("where", "resumed"), [("begin", False), ("advance", True)], ids=["rolled-back", "resumed"])

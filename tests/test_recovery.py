@@ -19,7 +19,6 @@ import pytest
 from drivers.fake import SimulatedCrash
 from lifecycle import Engine, Flavor, Outcome, VmState, graph
 from lifecycle.recovery import Plan, plan
-from lifecycle.store import Store
 from tests.conftest import Fakes, make_engine
 from tests.invariants import check_invariants
 
@@ -67,7 +66,8 @@ def _points(op: str) -> list[str]:
 CASES = [(op, point) for op in OPERATIONS for point in _points(op)]
 
 
-def _crash_after_nth(store: Store, method: str, n: int) -> None:
+def _crash_after_nth(store: object, method: str, n: int) -> None:
+    """Make ``store.method`` (a store repository's) raise a SimulatedCrash right after its ``n``-th call commits."""
     original = getattr(store, method)
     calls = [0]
 
@@ -96,9 +96,9 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
         first.store.hosts.update("h1", last_heartbeat=None)
         first.hosts.fence("h1", reason="dead", actor="test")
     if point == "begin":
-        _crash_after_nth(first.store, "create" if op == "create" else "begin", 1)
+        _crash_after_nth(first.store.writes, "create" if op == "create" else "begin", 1)
     elif point.startswith("step"):
-        _crash_after_nth(first.store, "advance", int(point[4:]))
+        _crash_after_nth(first.store.writes, "advance", int(point[4:]))
     else:
         host = "h2" if call == "finish_migration" or op in ("evacuate", "unshelve") else "h1"  # the destination
         fakes.factory(first.hosts.get(host)).crash_after(call)

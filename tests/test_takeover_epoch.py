@@ -38,7 +38,7 @@ def _twin(db_url: str, fakes: Fakes, owner: str, **settings: float) -> Engine:
     )
 
 
-def _meet_after(store: Store, method: str, barrier: threading.Barrier) -> None:
+def _meet_after(store: object, method: str, barrier: threading.Barrier) -> None:
     """Make ``store.method`` wait at ``barrier`` once it has returned (so both racers pass the same point)."""
     original = getattr(store, method)
 
@@ -99,8 +99,8 @@ def test_two_forced_recoveries_under_one_owner_run_a_held_task_once(db_url: str,
         read_both = threading.Barrier(2, timeout=10)  # both read the task before either takes it ...
         took_both = threading.Barrier(2, timeout=10)  # ... and both tried to take it before either runs it
         for twin in twins:
-            _meet_after(twin.store, "recoverable_tasks", read_both)
-            _meet_after(twin.store, "take_over", took_both)
+            _meet_after(twin.store.tasks, "recoverable", read_both)
+            _meet_after(twin.store.tasks, "take_over", took_both)
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda twin: twin.recover(force=True), twins))
         assert fakes["h1"].calls.count("pause") == 2  # the held call and one resumed run, never two

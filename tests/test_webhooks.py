@@ -326,7 +326,9 @@ def test_a_second_sender_to_one_url_is_refused_and_delivers_nothing(
             finally:
                 give_up.cancel()
             assert not second_stop.is_set(), "the second sender was refused at once"
-        assert deliver(engine.services, hook, stop=STOPPED) == 0, "the lock went with the first sender; nothing was left to send"
+        assert deliver(engine.services, hook, stop=STOPPED) == 0, (
+            "the lock went with the first sender; nothing was left to send"
+        )
     assert receiver.requests == made
 
 
