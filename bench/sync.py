@@ -132,7 +132,7 @@ def open_engine(template: Path, workdir: Path, fake: FakeDriver) -> Engine:
 
 
 def run_sweep(engine: Engine) -> None:
-    sweep_host(engine, "h1", Policy(), chunk=1000)
+    sweep_host(engine.services, "h1", Policy(), chunk=1000)
 
 
 def run_nova_loop(engine: Engine) -> None:
@@ -150,7 +150,7 @@ def run_nova_loop(engine: Engine) -> None:
         if decision.action in (Action.UPDATE_POWER, Action.RECORD):
             engine.store.set_power_many([(instance, decision.power, why)])  # type: ignore[list-item]
         elif decision.action in (Action.RUN, Action.MARK_ERROR):
-            apply_decision(engine, instance, decision, Cause.SYNC, "sync")
+            apply_decision(engine.services, instance, decision, Cause.SYNC, "sync")
 
 
 def run_floor(engine: Engine) -> None:

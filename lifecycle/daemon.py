@@ -112,7 +112,7 @@ class HostWorker:
         """Set once the copies of instances evacuated away were destroyed since the hypervisor last answered."""
         self._clearing = threading.Lock()
         s = engine.settings
-        self.processor = EventProcessor(engine, host, s.sync_policy, delay=s.stopped_event_delay)
+        self.processor = EventProcessor(engine.services, host, s.sync_policy, delay=s.stopped_event_delay)
         self.beats = [Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), self.heartbeat)]
         self.jobs = [
             Job(f"sync:{host}", s.sync_interval, self.sync),
@@ -167,7 +167,9 @@ class HostWorker:
         """One sync pass over the host, stopped between chunks when the host is released; counted in metrics."""
         s = self.engine.settings
         try:
-            summary = sweep_host(self.engine, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done)
+            summary = sweep_host(
+                self.engine.services, self.host, s.sync_policy, chunk=s.sync_chunk_size, stop=self.done
+            )
         except Exception as exc:
             self.engine.metrics.observe_pass(PassSummary(self.host, error=f"{type(exc).__name__}: {exc}"))
             raise
@@ -241,7 +243,7 @@ class Daemon:
                 engine.offload_shelved_instances,
             ),
             Job("prune_changes", _duty_interval(engine.settings.change_retention), engine.prune_changes),
-            Job("purge_console_tokens", 60.0, functools.partial(duties.purge_console_tokens, engine)),
+            Job("purge_console_tokens", 60.0, functools.partial(duties.purge_console_tokens, engine.services)),
         ]
 
     def run(self) -> None:
