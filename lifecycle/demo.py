@@ -35,6 +35,7 @@ from lifecycle.audit import format_history
 from lifecycle.config import Settings
 from lifecycle.engine import Engine
 from lifecycle.errors import Preempted, TaskFailed
+from lifecycle.graph import Op
 from lifecycle.records import Flavor, Host, to_plain
 from lifecycle.store import upgrade
 
@@ -114,16 +115,16 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             web = engine.create("web-1", host="compute-1", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
             say(f"created web-1 {web} on compute-1: {engine.get(web).status}")
             for op in (
-                "stop",
-                "start",
-                "reboot",
-                "pause",
-                "unpause",
-                "suspend",
-                "resume",
-                "rescue",
-                "unrescue",
-                "rebuild",
+                Op.STOP,
+                Op.START,
+                Op.REBOOT,
+                Op.PAUSE,
+                Op.UNPAUSE,
+                Op.SUSPEND,
+                Op.RESUME,
+                Op.RESCUE,
+                Op.UNRESCUE,
+                Op.REBUILD,
             ):
                 engine.run(op, web)
                 say(f"  {op:<9} -> {engine.get(web).status}")
@@ -170,7 +171,7 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
             app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
             say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
-            fake.crash_after("pause")
+            fake.crash_after(Driver.pause.__name__)
             try:
                 engine.pause(app)
             except SimulatedCrash:

@@ -9,7 +9,10 @@ The engine, the CLI's ``graph`` command, the README diagram and the tests
 all read it. A row is half of an operation's one record; the other half is
 its definition in :mod:`lifecycle.operations` (:mod:`lifecycle.registry`).
 :class:`Op` names the rows; an operation defined elsewhere (a test's) adds
-its row with :func:`register`, checked as the table is.
+its row with :func:`register`, checked as the table is. The row type and its
+vocabularies are in :mod:`lifecycle.graph_types`, the rows in
+:mod:`lifecycle.graph_rows`; this module re-exports both and holds the table
+in force, its checks, its renderings and the machines.
 
 Two model-less ``transitions`` machines are built from the table, one per state
 dimension that operations drive (vm_state and task_state). They are fired on
@@ -24,13 +27,14 @@ import: the CLI's ``--help``, ``graph`` and reads need only the table.
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.errors import InvalidState
+from lifecycle.graph_rows import DATA_LOSS, OPERATIONS
+from lifecycle.graph_types import ANY_TASK, ANY_VM, IDLE, Failure, Op, Operation, Result, Takeover, resolve
 from lifecycle.states import PowerState, TaskState, VmState
 
 if TYPE_CHECKING:
@@ -61,340 +65,10 @@ __all__ = [
     "unregister",
 ]
 
-V, T = VmState, TaskState
-
-
-class Op(enum.StrEnum):
-    """The name of each operation of the table, as tasks, audit rows and the change feed store it.
-
-    Stored values are frozen: add members, never rename. An operation added
-    at run time (:func:`register`) has a plain string name instead.
-    """
-
-    CREATE = "create"
-    START = "start"
-    FORCE_STOP = "force_stop"
-    STOP = "stop"
-    REBOOT = "reboot"
-    REBOOT_HARD = "reboot_hard"
-    PAUSE = "pause"
-    UNPAUSE = "unpause"
-    SUSPEND = "suspend"
-    RESUME = "resume"
-    RESCUE = "rescue"
-    UNRESCUE = "unrescue"
-    RESIZE = "resize"
-    MIGRATE = "migrate"
-    CONFIRM_RESIZE = "confirm_resize"
-    REVERT_RESIZE = "revert_resize"
-    REBUILD = "rebuild"
-    EVACUATE = "evacuate"
-    DELETE = "delete"
-    FORCE_DELETE = "force_delete"
-    SOFT_DELETE = "soft_delete"
-    RESTORE = "restore"
-    SHELVE = "shelve"
-    SHELVE_OFFLOAD = "shelve_offload"
-    UNSHELVE = "unshelve"
-
-
-class Result(enum.StrEnum):
-    """How an operation's final vm_state is chosen when it is not a fixed state."""
-
-    PREVIOUS = "previous"
-    """The vm_state recorded before the move began, active or stopped (revert_resize, from resized or error)."""
-    BY_POWER = "by_power"
-    """active when the guest runs afterwards, else stopped (confirm_resize)."""
-    REBUILT = "rebuilt"
-    """The starting vm_state, except error, which becomes active (rebuild)."""
-    SHELVED = "shelved"
-    """shelved_offloaded when the guest's domain is gone (offloaded at once), else shelved (shelve)."""
-
-
-class Failure(enum.StrEnum):
-    """What a failed operation does to the vm_state (the task always ends idle)."""
-
-    REVERT_IF_UNCHANGED = "revert_if_unchanged"
-    """Keep the vm_state when the guest's power is unchanged, else error."""
-    ERROR = "error"
-    """Always error: the guest cannot be known to be intact (create, delete)."""
-    ACTIVE_IF_RUNNING = "active_if_running"
-    """active when the guest runs afterwards, else error (hard reboot, as Nova)."""
-
-
-class Takeover(enum.StrEnum):
-    """What an operation that preempts running tasks does about the preempted worker's driver call still in flight."""
-
-    DESTROY_LATE = "destroy_late"
-    """It ends the instance: whatever the late call made is destroyed again (delete, force_delete)."""
-    BY_POWER = "by_power"
-    """It acts on the guest itself: it goes on at once over a late call leaving the guest in its own end power,
-    and waits for any other to end so that it comes last (hard reboot)."""
-
-
-IDLE: frozenset[TaskState | None] = frozenset({None})
-ANY_TASK: frozenset[TaskState | None] = frozenset({None, *TaskState})
-ANY_VM: frozenset[VmState] = frozenset(VmState) - {V.DELETED}
-
-# Nova's task_states.ALLOW_REBOOT: a hard reboot may take over these tasks.
-_ALLOW_HARD_REBOOT_TASKS: frozenset[TaskState | None] = frozenset(
-    {
-        None,
-        T.REBOOTING,
-        T.REBOOT_PENDING,
-        T.REBOOT_STARTED,
-        T.RESUMING,
-        T.REBOOTING_HARD,
-        T.UNPAUSING,
-        T.PAUSING,
-        T.SUSPENDING,
-    }
-)
-
-
-def _resolve(result: VmState | Result, start: VmState, power: PowerState, previous: VmState | None) -> VmState:
-    """Return the vm_state a success ends in: the one place a ``Result`` is given meaning."""
-    if isinstance(result, VmState):
-        return result
-    if result is Result.BY_POWER:
-        return V.ACTIVE if power is PowerState.RUNNING else V.STOPPED
-    if result is Result.PREVIOUS:
-        return previous if previous in (V.ACTIVE, V.STOPPED) else V.ACTIVE
-    if result is Result.SHELVED:
-        return V.SHELVED_OFFLOADED if power is PowerState.NOSTATE else V.SHELVED
-    return V.ACTIVE if start is V.ERROR else start  # Result.REBUILT
-
-
-class Operation(NamedTuple):
-    """One row of the operations table (a named tuple: a dataclass would cost ``--help`` its import)."""
-
-    name: str
-    allowed_vm_states: frozenset[VmState]
-    walk: tuple[TaskState, ...]
-    result: VmState | Result
-    end_power: PowerState | None = None
-    """Power the guest is expected to have afterwards; None: whatever it reports."""
-    allowed_task_states: frozenset[TaskState | None] = IDLE
-    failure: Failure = Failure.REVERT_IF_UNCHANGED
-    creates: bool = False
-    """The operation brings the instance into existence (no vm_state guard)."""
-    reschedules: bool = False
-    """A failure in the last step may go back to the first one on another host (create)."""
-    moves: bool = False
-    """The operation moves the instance to another host (resize, migrate): it is scheduled first."""
-    move_family: bool = False
-    """The operation belongs to a move (moving, confirming or reverting it): the source keeps a disk."""
-    note: str = ""
-    """Where and why this row differs from Nova."""
-    may_end_after: TaskState | None = None
-    """A success may also end after this step of the walk, short of its last (shelve when it keeps the host)."""
-    needs_host: bool = True
-    """False: it runs on an instance without a host, or whose failed move is still open, as what is always left
-    (delete); no room is claimed for it."""
-    holds_room: bool = True
-    """The instance still uses its room on its host afterwards, so from error or soft_deleted (which may hold no
-    claim) it takes its claim there first. False for what ends the instance, keeps it off or takes it elsewhere."""
-    reverts_move: bool = False
-    """It may also run from error on the open move a failure left, putting the instance back on the move's source
-    (revert_resize); never started by a timer then."""
-    takeover: Takeover | None = None
-    """Its preemption class: what it does about a late driver call of a task it takes over (None: takes none over)."""
-    lock_applies: bool = True
-    """A locked instance refuses it when the API starts it (create has no instance to lock yet)."""
-
-    @property
-    def preempts(self) -> frozenset[TaskState]:
-        """The task_states this operation may cut short: those it is allowed from."""
-        return frozenset(t for t in self.allowed_task_states if t is not None)
-
-    def result_states(self, source: VmState | None = None) -> frozenset[VmState]:
-        """Every vm_state a success of this operation can end in (from ``source``, or from any source)."""
-        sources = [source] if source is not None else [V.BUILDING] if self.creates else self.allowed_vm_states
-        return frozenset(
-            _resolve(self.result, start, power, previous)
-            for start in sources
-            for power in PowerState
-            for previous in (None, *VmState)
-        )
-
-    def failure_states(self, source: VmState) -> frozenset[VmState]:
-        """Every vm_state a failure of this operation started from ``source`` can end in."""
-        if self.failure is Failure.ERROR:
-            return frozenset({V.ERROR})
-        if self.failure is Failure.ACTIVE_IF_RUNNING:
-            return frozenset({V.ACTIVE, V.ERROR})
-        return frozenset({source, V.ERROR})
-
-
-_MOVE_FROM = frozenset({V.ACTIVE, V.STOPPED})
-_RESIZE_WALK = (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)
-DATA_LOSS = "rebuilt from its image on the new host: data on the dead host's disk is lost"
-"""What every evacuation means for the guest's disk: the one sentence the engine, the CLI and the docs say."""
-_DELETE_NOTE = (
-    "Nova ignores a second delete while one is running (pain point 3: a lost RPC left it "
-    "stuck); here a delete takes over any task, a running delete included."
-)
-
-OPERATIONS: tuple[Operation, ...] = (
-    Operation(
-        "create",
-        frozenset(),
-        (T.SCHEDULING, T.NETWORKING, T.BLOCK_DEVICE_MAPPING, T.SPAWNING),
-        V.ACTIVE,
-        PowerState.RUNNING,
-        failure=Failure.ERROR,
-        creates=True,
-        reschedules=True,
-        lock_applies=False,
-        note="Nova passes through task NULL between scheduling and networking; "
-        "the task owns the instance throughout here, so there is no idle gap.",
-    ),
-    Operation("start", frozenset({V.STOPPED}), (T.POWERING_ON,), V.ACTIVE, PowerState.RUNNING),
-    Operation(
-        "force_stop",
-        frozenset({V.STOPPED, V.PAUSED}),
-        (T.POWERING_OFF,),
-        V.STOPPED,
-        PowerState.SHUTDOWN,
-        note="Nova's compute_api.force_stop, used by the power sync for a stopped guest found running "
-        "and a paused guest found off; Nova applies no vm_state check, we admit only those two.",
-    ),
-    Operation("stop", frozenset({V.ACTIVE, V.ERROR}), (T.POWERING_OFF,), V.STOPPED, PowerState.SHUTDOWN),
-    Operation(
-        "reboot",
-        frozenset({V.ACTIVE}),
-        (T.REBOOTING, T.REBOOT_PENDING, T.REBOOT_STARTED),
-        V.ACTIVE,
-        PowerState.RUNNING,
-    ),
-    Operation(
-        "reboot_hard",
-        frozenset({V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED, V.ERROR}),
-        (T.REBOOTING_HARD, T.REBOOT_PENDING_HARD, T.REBOOT_STARTED_HARD),
-        V.ACTIVE,
-        PowerState.RUNNING,
-        allowed_task_states=_ALLOW_HARD_REBOOT_TASKS,
-        failure=Failure.ACTIVE_IF_RUNNING,
-        takeover=Takeover.BY_POWER,
-    ),
-    Operation("pause", frozenset({V.ACTIVE}), (T.PAUSING,), V.PAUSED, PowerState.PAUSED),
-    Operation("unpause", frozenset({V.PAUSED}), (T.UNPAUSING,), V.ACTIVE, PowerState.RUNNING),
-    Operation("suspend", frozenset({V.ACTIVE}), (T.SUSPENDING,), V.SUSPENDED),
-    Operation("resume", frozenset({V.SUSPENDED}), (T.RESUMING,), V.ACTIVE, PowerState.RUNNING),
-    Operation("rescue", frozenset({V.ACTIVE, V.STOPPED, V.ERROR}), (T.RESCUING,), V.RESCUED, PowerState.RUNNING),
-    Operation("unrescue", frozenset({V.RESCUED}), (T.UNRESCUING,), V.ACTIVE, PowerState.RUNNING),
-    Operation("resize", _MOVE_FROM, _RESIZE_WALK, V.RESIZED, moves=True, move_family=True),
-    Operation("migrate", _MOVE_FROM, _RESIZE_WALK, V.RESIZED, moves=True, move_family=True),
-    Operation(
-        "confirm_resize",
-        frozenset({V.RESIZED}),
-        (T.RESIZE_CONFIRMING,),
-        Result.BY_POWER,
-        move_family=True,
-        note="Nova defines resize_confirming but never sets it and tracks confirm only on the "
-        "migration record; here confirm is a task like any other, so it is visible and recoverable.",
-    ),
-    Operation(
-        "revert_resize",
-        frozenset({V.RESIZED, V.ERROR}),
-        (T.RESIZE_REVERTING,),
-        Result.PREVIOUS,
-        move_family=True,
-        reverts_move=True,
-        note="Nova reverts only a resized instance; here also an error one whose move failed after its disk left "
-        "the source and is still open (the runner refuses it otherwise): the source's kept disk is put back, with the "
-        "old flavor and the vm_state from before the move, and the destination's copy and claim go.",
-    ),
-    Operation(
-        "rebuild",
-        frozenset({V.ACTIVE, V.STOPPED, V.ERROR}),
-        (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
-        Result.REBUILT,
-    ),
-    Operation(
-        "evacuate",
-        frozenset({V.ACTIVE, V.STOPPED, V.ERROR}),
-        (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING),
-        Result.REBUILT,
-        failure=Failure.ERROR,
-        holds_room=False,
-        note="Nova's evacuate skips the task check; here it needs an idle instance (a task stuck on the dead "
-        "host ends by itself once its connection fails, or by reset-state), so only delete and force_delete "
-        "ever take it over. Its host must be down and fenced (lifecycle.evacuation), not only down, and it is "
-        + DATA_LOSS
-        + ".",
-    ),
-    Operation(
-        "delete",
-        ANY_VM,
-        (T.DELETING,),
-        V.DELETED,
-        PowerState.NOSTATE,
-        allowed_task_states=ANY_TASK,
-        failure=Failure.ERROR,
-        needs_host=False,
-        holds_room=False,
-        takeover=Takeover.DESTROY_LATE,
-        note=_DELETE_NOTE,
-    ),
-    Operation(
-        "force_delete",
-        ANY_VM,
-        (T.DELETING,),
-        V.DELETED,
-        PowerState.NOSTATE,
-        allowed_task_states=ANY_TASK,
-        failure=Failure.ERROR,
-        needs_host=False,
-        holds_room=False,
-        takeover=Takeover.DESTROY_LATE,
-        note="Same path as delete, but the guest is destroyed at once with no clean shutdown. " + _DELETE_NOTE,
-    ),
-    Operation(
-        "soft_delete",
-        ANY_VM - {V.SOFT_DELETED, V.SHELVED_OFFLOADED},
-        (T.SOFT_DELETING,),
-        V.SOFT_DELETED,
-        PowerState.SHUTDOWN,
-        holds_room=False,
-        note="Nova lets soft delete overwrite any running task; here only delete and force_delete take "
-        "over a running task (a soft delete is restorable, so it must not cut a task short): it needs an "
-        "idle instance. An offloaded instance has no guest to keep: its delete is a delete, as Nova's local delete.",
-    ),
-    Operation("restore", frozenset({V.SOFT_DELETED}), (T.RESTORING,), V.ACTIVE, PowerState.RUNNING),
-    Operation(
-        "shelve",
-        frozenset({V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED}),
-        (T.SHELVING, T.SHELVING_IMAGE_PENDING_UPLOAD, T.SHELVING_IMAGE_UPLOADING, T.SHELVING_OFFLOADING),
-        Result.SHELVED,
-        may_end_after=T.SHELVING_IMAGE_UPLOADING,
-        note="As Nova: the offload is part of the shelve when shelved_offload_time is 0 (the walk goes on to "
-        "shelving_offloading and ends shelved_offloaded), else the walk ends after the upload, shelved. A failed "
-        "snapshot powers a guest that was running back on, so its vm_state is kept.",
-    ),
-    Operation(
-        "shelve_offload",
-        frozenset({V.SHELVED}),
-        (T.SHELVING_OFFLOADING,),
-        V.SHELVED_OFFLOADED,
-        PowerState.NOSTATE,
-    ),
-    Operation(
-        "unshelve",
-        frozenset({V.SHELVED, V.SHELVED_OFFLOADED}),
-        (T.UNSHELVING, T.SPAWNING),
-        V.ACTIVE,
-        PowerState.RUNNING,
-        note="Nova starts a shelved (not offloaded) instance through start_instance (powering-on); here both "
-        "kinds walk unshelving -> spawning, the offloaded one scheduled and spawned from its snapshot.",
-    ),
-)
-
-if {op.name for op in OPERATIONS} != set(Op):
-    raise AssertionError("Op must name exactly the operations of the table")  # a definition error, found at import
+V = VmState
 
 _BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
-"""The table in force: the rows above, and any registered since (:func:`register`)."""
+"""The table in force: the rows of :data:`OPERATIONS`, and any registered since (:func:`register`)."""
 
 MOVE_OPERATIONS = tuple(op.name for op in OPERATIONS if op.move_family)
 MOVE_TASK_STATES: frozenset[TaskState] = frozenset(t for name in MOVE_OPERATIONS for t in _BY_NAME[name].walk)
@@ -590,7 +264,7 @@ def end_vm_state(
     """
     op = operation(name)
     start = source if source is not None else V.BUILDING
-    dest = _resolve(op.result, start, power, previous) if succeeded else _failure_dest(op, start, power, before_power)
+    dest = resolve(op.result, start, power, previous) if succeeded else _failure_dest(op, start, power, before_power)
     cursor = _Cursor(_NEW_NAME if source is None else source.value, "")
     event = name if succeeded else f"{name}.fail"
     if not _fire(_vm(), event, cursor, dest=dest.value):

@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 class Plan(enum.StrEnum):
     """What recovery does with a task."""
 
-    RESUME = "resume"
+    RESUME = enum.auto()  # the stored "resume": a literal of it would read as the operation of that name
     """Take the task over and run the rest of the operation, then finish it."""
     ROLL_BACK = "roll_back"
     """Take the task over and end it failed, by the operation's failure rule."""

@@ -26,12 +26,12 @@ reading the hosts again.
 
 from __future__ import annotations
 
-import operator
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lifecycle.errors import NoValidHost
+from lifecycle.scheduler_specs import spec_matches
 
 __all__ = [
     "EVACUATED_COPIES",
@@ -169,34 +169,6 @@ def _compute(host: HostState, _r: Request, _s: SchedulerSettings) -> str | None:
     return None if host.up else "down (no recent heartbeat from a daemon)"
 
 
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-_NUMERIC = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
-_STRING = {"s==": operator.eq, "s!=": operator.ne, "s>=": operator.ge, "s<=": operator.le}
-
-
-def _spec_matches(actual: str | None, wanted: str) -> bool:
-    """Match one extra spec as Nova does: ``>= N``, ``<= N``, ``== N``, ``s== x``, ``<in> x``, ``<or>``, or equality."""
-    words = wanted.split()
-    if actual is None:
-        return False
-    if words and words[0] in _NUMERIC and len(words) == 2:
-        a, w = _number(actual), _number(words[1])
-        return a is not None and w is not None and bool(_NUMERIC[words[0]](a, w))
-    if words and words[0] in _STRING and len(words) == 2:
-        return bool(_STRING[words[0]](actual, words[1]))
-    if words[:1] == ["<in>"]:
-        return wanted.split(None, 1)[1] in actual
-    if words[:1] == ["<or>"]:
-        return actual in [w.strip() for w in wanted.split("<or>") if w.strip()]
-    return actual == wanted
-
-
 def _capabilities(host: HostState, req: Request, _s: SchedulerSettings) -> str | None:
     for key, wanted in sorted(req.extra_specs.items()):
         scope, sep, name = key.partition(":")
@@ -204,7 +176,7 @@ def _capabilities(host: HostState, req: Request, _s: SchedulerSettings) -> str |
             continue  # another namespace (hw:, quota:, ...) is not about host capabilities
         name = name if sep else key
         actual = host.capabilities.get(name)
-        if not _spec_matches(actual, wanted):
+        if not spec_matches(actual, wanted):
             return f"capability {name} is {actual!r}, flavor wants {wanted!r}"
     return None
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from lifecycle.cli import render
 from lifecycle.cli.args import actor, count, pairs, text
 from lifecycle.cli.render import emit, host_line, safe
 from lifecycle.cli.startup import engine_command
+from lifecycle.graph import DATA_LOSS, Op
 
 if TYPE_CHECKING:
     import argparse
@@ -70,7 +70,7 @@ def _add_failure_parsers(host: Commands, common: Parser) -> None:
     unfence.add_argument("--actor", **actor("recorded"))
     unfence.set_defaults(handler=engine_command(_unfence))
     evacuate = host.add_parser(
-        "evacuate", help=f"evacuate every instance of a down, fenced host ({render.DATA_LOSS})", parents=[common]
+        Op.EVACUATE.value, help=f"evacuate every instance of a down, fenced host ({DATA_LOSS})", parents=[common]
     )
     evacuate.add_argument("name")
     evacuate.add_argument("--actor", **actor("recorded"))
@@ -145,6 +145,6 @@ def _evacuate(engine: Engine, args: argparse.Namespace) -> None:
         f"{r.uuid} {r.outcome} now on {safe(r.host or '-')}" + (f" ({safe(r.detail)})" if r.detail else "")
         for r in results
     ]
-    note = render.DATA_LOSS
+    note = DATA_LOSS
     shown = "\n".join([*lines, f"note: {note}"]) if lines else f"no instances on {safe(args.name)}"
     emit(args, {"host": args.name, "note": note, "instances": [dataclasses.asdict(r) for r in results]}, shown)

@@ -5,8 +5,10 @@ after it (``force_stop`` as ``force-stop``) that takes the instance's uuid
 and the task options (``--request-id``, ``--idempotency-key``, ``--no-wait``,
 ``--force``), runs through :meth:`Engine.run` and prints the task's outcome
 with the instance. The operations that take more, or that go through an
-engine method of their own, have a row in :data:`_OWN`: this module's only
-per-operation wiring.
+engine method of their own, have a row in :data:`_OWN`, keyed by
+:class:`~lifecycle.graph.Op`: this module's only per-operation wiring. What
+the table says is read from it: the commands and their order, and the
+data-loss note of an operation whose row carries it (evacuate).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lifecycle.cli import render
 from lifecycle.cli.args import number, pairs, text
 from lifecycle.cli.startup import engine_command
 from lifecycle.errors import InvalidInput
+from lifecycle.graph import DATA_LOSS, Op
 
 if TYPE_CHECKING:
     import argparse
@@ -79,7 +82,7 @@ _UUID = _option("uuid")
 _FLAVOR = _option("--flavor", required=True, help="vcpus=N,ram=MiB,disk=GiB")
 
 _OWN: dict[str, Command | None] = {
-    "create": Command(
+    Op.CREATE: Command(
         "build an instance",
         (
             _option("name"),
@@ -94,11 +97,11 @@ _OWN: dict[str, Command | None] = {
         ),
         _create,
     ),
-    "reboot_hard": None,  # not a command: reboot --hard
-    "delete": Command(  # a soft delete while reclaim_instance_interval is set
+    Op.REBOOT_HARD: None,  # not a command: reboot --hard
+    Op.DELETE: Command(  # a soft delete while reclaim_instance_interval is set
         "delete an instance", (_UUID,), lambda engine, args, kw: engine.delete(args.uuid, **kw)
     ),
-    "stop": Command(
+    Op.STOP: Command(
         "power an instance off",
         (
             _UUID,
@@ -110,44 +113,50 @@ _OWN: dict[str, Command | None] = {
         ),
         lambda engine, args, kw: engine.stop(args.uuid, timeout=args.timeout, **kw),
     ),
-    "reboot": Command(
+    Op.REBOOT: Command(
         "reboot an instance",
         (_UUID, _option("--hard", action="store_true")),
         lambda engine, args, kw: engine.reboot(args.uuid, hard=args.hard, **kw),
     ),
-    "resize": Command("move to a host with room for a new flavor", (_UUID, _FLAVOR), _resize),
-    "migrate": Command(
+    Op.RESIZE: Command("move to a host with room for a new flavor", (_UUID, _FLAVOR), _resize),
+    Op.MIGRATE: Command(
         "cold-migrate to another host",
         (_UUID, _option("--host", help="destination (default: let the scheduler choose)")),
         lambda engine, args, kw: engine.migrate(args.uuid, host=args.host, **kw),
     ),
-    "unshelve": Command(
+    Op.UNSHELVE: Command(
         "bring a shelved instance back on a host",
         (_UUID, _option("--host", help="for an offloaded instance: where (default: let the scheduler choose)")),
         lambda engine, args, kw: engine.unshelve(args.uuid, host=args.host, **kw),
     ),
-    "rebuild": Command(
+    Op.REBUILD: Command(
         "rebuild an instance on a fresh disk",
         (_UUID, _option("--image")),
         lambda engine, args, kw: engine.rebuild(args.uuid, image=args.image, **kw),
     ),
-    "evacuate": Command(
-        f"rebuild an instance of a down, fenced host elsewhere ({render.DATA_LOSS})",
+    Op.EVACUATE: Command(
+        "rebuild an instance of a down, fenced host elsewhere",
         (_UUID, _option("--host", type=text("--host"), help="destination (default: the scheduler picks)")),
         lambda engine, args, kw: engine.evacuate(args.uuid, host=args.host, **kw),
-        note=f"note: {render.DATA_LOSS}",
     ),
 }
 """The operations offered otherwise than as ``COMMAND UUID`` through :meth:`Engine.run`; None: not a command."""
 
-_APART = ("create", "evacuate")
+_APART = (Op.CREATE, Op.EVACUATE)
 """Added apart from the others, where ``lifecycle --help`` has always listed them."""
 
 
 def _command(operation: str) -> Command | None:
-    """Return how ``operation`` is offered: its row in :data:`_OWN`, else a uuid and :meth:`Engine.run`."""
+    """Return how ``operation`` is offered: its row in :data:`_OWN`, else a uuid and :meth:`Engine.run`.
+
+    An operation whose table row says its guest's disk is lost (:data:`~lifecycle.graph.DATA_LOSS`)
+    says so in its help and after its result.
+    """
     if operation in _OWN:
-        return _OWN[operation]
+        command = _OWN[operation]
+        if command is not None and DATA_LOSS in graph.operation(operation).note:
+            return command._replace(help=f"{command.help} ({DATA_LOSS})", note=f"note: {DATA_LOSS}")
+        return command
     return Command(
         f"{operation.replace('_', '-')} an instance",
         (_UUID,),
@@ -169,13 +178,13 @@ def add_parsers(commands: Commands, task: Parser) -> None:
     """Add ``create``, then the operations taking only a uuid in the table's order, then those with options."""
     uuid_only = [op.name for op in graph.OPERATIONS if (c := _command(op.name)) is not None and c.options == (_UUID,)]
     with_options = [name for name in _OWN if name not in uuid_only and name not in _APART]
-    for operation in ("create", *uuid_only, *with_options):
+    for operation in (Op.CREATE, *uuid_only, *with_options):
         _add(commands, task, operation)
 
 
 def add_evacuate(commands: Commands, task: Parser) -> None:
     """Add ``evacuate``, which ``lifecycle --help`` lists beside the host commands."""
-    _add(commands, task, "evacuate")
+    _add(commands, task, Op.EVACUATE)
 
 
 def _perform(command: Command, engine: Engine, args: argparse.Namespace) -> None:

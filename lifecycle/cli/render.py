@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from lifecycle.sweep import PassSummary
 
 __all__ = [
-    "DATA_LOSS",
     "emit",
     "error",
     "history_entry",
@@ -36,9 +35,6 @@ __all__ = [
     "safe",
     "task_result",
 ]
-
-DATA_LOSS = "rebuilt from its image: data on the dead host's disk is lost"
-"""What an evacuation costs, said in its help and after its result."""
 
 
 def safe(text: object) -> str:
