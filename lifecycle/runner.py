@@ -139,12 +139,12 @@ class Runner:
         name = ask.defined.name
         first = graph.begin(name, ask.uuid, None, None)
         image = self.image(ask.params["image"])
-        task = self.new_task(ask.uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
+        task = self.new_task(ask.uuid, name, **ask.task_fields())
         instance = _new_instance(ask, image, first, task)
         if ask.defined.guard is not None:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
         self.store.create(instance, task, first.value, ask.why(task, None, None))
-        run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, None)
+        run = self._worker(instance, task, image, None)
         self.prepare(run)
         return self.launch(run, wait)
 
@@ -170,7 +170,7 @@ class Runner:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
         claim = admit(self.store, self.settings, ask.defined.row, instance, ask.cause)
         preempt = None if instance.task_id is None else self.store.get_task(instance.task_id)
-        task = self.new_task(uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
+        task = self.new_task(uuid, name, **ask.task_fields())
         why = ask.why(task, preempt, instance if ask.override_lock else None)
         try:
             after = self.store.begin(instance, task, first, why, preempt, claim=claim)
@@ -192,7 +192,7 @@ class Runner:
                 preempted_task_id=preempt.id,
                 operation=name,
             )
-        run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
+        run = self._worker(after, task, image, instance.vm_state)
         run.preempted = preempt
         return run
 
@@ -213,10 +213,18 @@ class Runner:
             raise TaskFailed(existing, existing.error or "failed")
         return existing
 
+    def _worker(self, row: Instance, task: Task, image: Image, source: Any) -> TaskRun:
+        """Return the worker of ``task`` on ``row``, with this runner's store, drivers and settings."""
+        store, settings = self.store, self.settings
+        return TaskRun(
+            store, self.driver_for, settings=settings, instance=row, task=task, image=image, source_vm_state=source
+        )
+
     def new_task(
         self,
         uuid: str,
         operation: str,
+        *,
         params: dict[str, Any],
         request_id: str | None,
         key: str | None,
@@ -280,7 +288,7 @@ class Runner:
         """Build the worker for a task recovery resumes after taking it over."""
         image = self.image(task.params.get("image") or instance.image)
         source = None if graph.operation(task.operation).creates else instance.vm_state
-        run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, source)
+        run = self._worker(instance, task, image, source)
         run.build_slots = self.build_slots
         run.resume_from(self.store.steps(task.id))
         self.prepare(run)
@@ -335,6 +343,10 @@ class _Ask:
     cause: Cause
     override_lock: bool
     only_idle_in: VmState | None
+
+    def task_fields(self) -> dict[str, Any]:
+        """Return the keyword arguments of :meth:`Runner.new_task` this call gives."""
+        return {name: getattr(self, name) for name in ("params", "request_id", "key", "actor", "cause")}
 
     def why(self, task: Task, preempt: Task | None, overriding: Instance | None) -> Why:
         """Return the reason of the task's first write: the task it preempts, the lock it overrides."""

@@ -46,6 +46,7 @@ class TaskRun:
         self,
         store: Store,
         driver_for: Callable[[str], Driver],
+        *,
         settings: Settings,
         instance: Instance,
         task: Task,

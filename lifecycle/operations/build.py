@@ -94,7 +94,9 @@ def _hold_claim(run: TaskRun, host: str) -> None:
         return
     s, flavor = run.settings.scheduler, run.instance.flavor
     ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
-    if not run.store.claim(run.instance.uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios):
+    if not run.store.claim(
+        run.instance.uuid, host, vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, disk_gb=flavor.root_gb, ratios=ratios
+    ):
         raise NoValidHost({host: "no room left for the resumed build"})
 
 
