@@ -30,6 +30,7 @@ import structlog
 
 from lifecycle import graph
 from lifecycle.errors import LifecycleError, Preempted, TaskFailed
+from lifecycle.execute import fail
 from lifecycle.operations import definition
 from lifecycle.records import Task
 from lifecycle.states import PowerState, TaskState
@@ -171,5 +172,5 @@ def _roll_back(run: TaskRun, reason: str) -> None:
         run.before_power = run.read_power()
     except Exception:  # an unreachable host must not keep a roll-back (which needs no driver) from ending
         run.before_power = PowerState.NOSTATE
-    run.fail(RecoveryRollBack(reason))
+    fail(run, RecoveryRollBack(reason))
     raise TaskFailed(run.store.get_task(run.task.id), f"RecoveryRollBack: {reason}")
