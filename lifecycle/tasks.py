@@ -1,10 +1,12 @@
-"""Running one task: its walk through task_states, its end, its failure semantics.
+"""Running one task: its walk through task_states and the writes it may make on the way.
 
 A :class:`TaskRun` owns an instance between the task's first compare-and-swap
 and its last. Every write it makes expects the instance exactly as it left it
 (same version, same task id). When another task took the instance over, the
 write raises :class:`Preempted` and the run stops without touching the
 instance again: the preemptor already closed this task and its open step.
+How the run ends is its :class:`lifecycle.ending.Ending`, written by
+:mod:`lifecycle.execute`.
 """
 
 from __future__ import annotations
