@@ -38,6 +38,7 @@ Every change is one compare-and-swap with its audit row.
 
 from __future__ import annotations
 
+import enum
 import uuid as uuidlib
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESET_STATES",
+    "DutyOutcome",
     "DutyResult",
     "check_build_timeouts",
     "lock",
@@ -79,13 +81,23 @@ RESET_STATES = (VmState.ERROR, VmState.ACTIVE)
 """The vm_states reset-state may set, as Nova's (``--active``, default error)."""
 
 
+class DutyOutcome(enum.StrEnum):
+    """What a periodic duty did to one instance (its text is what the CLI shows)."""
+
+    DELETED = "deleted"
+    OFFLOADED = "offloaded"
+    TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"
+    """It changed meanwhile (restored, unshelved, taken by another task)."""
+    FAILED = "failed"
+
+
 @dataclass(frozen=True, slots=True)
 class DutyResult:
     """What a periodic duty did to one instance."""
 
     uuid: str
-    outcome: str
-    """``deleted``, ``offloaded``, ``timed_out``, ``skipped`` (it changed meanwhile) or ``failed``."""
+    outcome: DutyOutcome
     detail: str | None = None
 
 
@@ -99,7 +111,7 @@ def reclaim(ctx: Context, interval: float | None = None) -> list[DutyResult]:
     if interval is None and ctx.settings.reclaim_instance_interval <= 0:
         return []
     seconds = ctx.settings.reclaim_instance_interval if interval is None else validation.seconds("interval", interval)
-    return _start_on_idle(ctx, Op.DELETE, VmState.SOFT_DELETED, seconds, "reclaim", "deleted")
+    return _start_on_idle(ctx, Op.DELETE, VmState.SOFT_DELETED, seconds, "reclaim", DutyOutcome.DELETED)
 
 
 def offload_shelved(ctx: Context, older_than: float | None = None) -> list[DutyResult]:
@@ -114,11 +126,11 @@ def offload_shelved(ctx: Context, older_than: float | None = None) -> list[DutyR
     if older_than is None and ctx.settings.shelved_offload_time < 0:
         return []  # -1: never (Nova)
     seconds = ctx.settings.shelved_offload_time if older_than is None else validation.seconds("older_than", older_than)
-    return _start_on_idle(ctx, Op.SHELVE_OFFLOAD, VmState.SHELVED, seconds, "shelved_offload", "offloaded")
+    return _start_on_idle(ctx, Op.SHELVE_OFFLOAD, VmState.SHELVED, seconds, "shelved_offload", DutyOutcome.OFFLOADED)
 
 
 def _start_on_idle(
-    ctx: Context, operation: Op, vm_state: VmState, seconds: float, duty: str, done: str
+    ctx: Context, operation: Op, vm_state: VmState, seconds: float, duty: str, done: DutyOutcome
 ) -> list[DutyResult]:
     """Start ``operation`` (cause timer) on each instance idle in ``vm_state`` since ``seconds`` ago, one by one.
 
@@ -132,10 +144,10 @@ def _start_on_idle(
             ctx.runner.start(operation, instance.uuid, actor=f"timer:{duty}", cause=Cause.TIMER, only_idle_in=vm_state)
             results.append(DutyResult(instance.uuid, done))
         except (Conflict, InvalidInput, InvalidState) as exc:
-            results.append(DutyResult(instance.uuid, "skipped", str(exc)))
+            results.append(DutyResult(instance.uuid, DutyOutcome.SKIPPED, str(exc)))
         except LifecycleError as exc:
             log.warning(f"{duty}_failed", instance_uuid=instance.uuid, error=str(exc))
-            results.append(DutyResult(instance.uuid, "failed", f"{type(exc).__name__}: {exc}"))
+            results.append(DutyResult(instance.uuid, DutyOutcome.FAILED, f"{type(exc).__name__}: {exc}"))
     return results
 
 
@@ -167,9 +179,9 @@ def check_build_timeouts(ctx: Context, timeout: float | None = None) -> list[Dut
         )
         try:
             ctx.store.writes.reset_state(instance, VmState.ERROR, why)
-            results.append(DutyResult(instance.uuid, "timed_out"))
+            results.append(DutyResult(instance.uuid, DutyOutcome.TIMED_OUT))
         except Conflict as exc:  # it finished (or moved on) meanwhile
-            results.append(DutyResult(instance.uuid, "skipped", str(exc)))
+            results.append(DutyResult(instance.uuid, DutyOutcome.SKIPPED, str(exc)))
     return results
 
 

@@ -19,6 +19,7 @@ holds them never counts as up, and the scheduler never places there.
 from __future__ import annotations
 
 import builtins
+import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATA_LOSS",
+    "EvacuationOutcome",
     "EvacuationResult",
     "clear_for_heartbeat",
     "destroy_evacuated",
@@ -50,14 +52,24 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 
+class EvacuationOutcome(enum.StrEnum):
+    """What a host evacuation did with one instance (its text is what logs and the CLI show)."""
+
+    EVACUATED = "evacuated"
+    OFFLOADED = "offloaded"
+    """A shelved instance: its disk is in its snapshot."""
+    FAILED = "failed"
+    """The task ran and failed."""
+    REFUSED = "refused"
+    """Its guard refused it."""
+
+
 @dataclass(frozen=True, slots=True)
 class EvacuationResult:
     """What a host evacuation did with one instance."""
 
     uuid: str
-    outcome: str
-    """``evacuated``, ``offloaded`` (a shelved instance: its disk is in its snapshot), ``failed`` (the task ran
-    and failed) or ``refused`` (its guard refused it)."""
+    outcome: EvacuationOutcome
     host: str | None
     """Where the instance is now."""
     detail: str | None = None
@@ -115,18 +127,22 @@ def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.li
         try:
             if instance.vm_state is VmState.SHELVED:  # its disk is in its snapshot: offloaded, not rebuilt
                 ctx.runner.start(Op.SHELVE_OFFLOAD, instance.uuid, actor=actor)
-                results.append(EvacuationResult(instance.uuid, "offloaded", None))
+                results.append(EvacuationResult(instance.uuid, EvacuationOutcome.OFFLOADED, None))
                 continue
             task = ctx.runner.start(Op.EVACUATE, instance.uuid, actor=actor)
             results.append(
-                EvacuationResult(instance.uuid, "evacuated", ctx.store.instances.get(task.instance_uuid).host)
+                EvacuationResult(
+                    instance.uuid, EvacuationOutcome.EVACUATED, ctx.store.instances.get(task.instance_uuid).host
+                )
             )
         except TaskFailed as exc:
             results.append(
-                EvacuationResult(instance.uuid, "failed", ctx.store.instances.get(instance.uuid).host, exc.error)
+                EvacuationResult(
+                    instance.uuid, EvacuationOutcome.FAILED, ctx.store.instances.get(instance.uuid).host, exc.error
+                )
             )
         except LifecycleError as exc:
-            results.append(EvacuationResult(instance.uuid, "refused", instance.host, str(exc)))
+            results.append(EvacuationResult(instance.uuid, EvacuationOutcome.REFUSED, instance.host, str(exc)))
     log.info("host_evacuated", host=host.name, **_counts(results))
     return results
 
@@ -134,7 +150,7 @@ def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.li
 def _counts(results: builtins.list[EvacuationResult]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in results:
-        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
     return counts
 
 

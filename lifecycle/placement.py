@@ -173,7 +173,7 @@ def scheduler_for(
     s = settings.scheduler
     ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
     specs: Mapping[str, str] = dict(flavor.extra_specs)
-    want = (flavor.vcpus, flavor.memory_mb, flavor.root_gb)
+    want = {"vcpus": flavor.vcpus, "memory_mb": flavor.memory_mb, "disk_gb": flavor.root_gb}
 
     def schedule(tried: list[str]) -> str:
         if requested_host is not None:
@@ -182,7 +182,7 @@ def scheduler_for(
                 raise NoValidHost({requested_host: "fenced by an operator"})
             if evacuated_copies(store, requested_host):
                 raise NoValidHost({requested_host: EVACUATED_COPIES})
-            if requested_host in tried or not store.claims.claim(uuid, requested_host, *want, ratios):
+            if requested_host in tried or not store.claims.claim(uuid, requested_host, **want, ratios=ratios):
                 raise NoValidHost({requested_host: "the requested host has no room for this flavor, or failed"})
             return requested_host
         request = Request(
@@ -192,7 +192,7 @@ def scheduler_for(
         races = 0
         while races < _CLAIM_RACES:
             names = [h.name for h in candidate_hosts(store, request, s, settings.host_down_after, evacuated=evacuated)]
-            host = store.claims.claim_first(uuid, names, *want, ratios)
+            host = store.claims.claim_first(uuid, names, **want, ratios=ratios)
             if host is not None and evacuated_copies(store, host):
                 # Checked once claimed (one query): its heartbeat destroys them first, so such a host is seldom up.
                 store.claims.release(uuid, host)  # (instance, host) is the claim's key: only this one goes

@@ -30,6 +30,7 @@ import structlog
 
 from lifecycle import graph
 from lifecycle.errors import LifecycleError, Preempted, TaskFailed
+from lifecycle.execute import fail
 from lifecycle.operations import definition
 from lifecycle.records import Task
 from lifecycle.states import PowerState, TaskState
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from lifecycle.runner import Runner
     from lifecycle.tasks import TaskRun
 
-__all__ = ["Plan", "Recovered", "RecoveryRollBack", "Verdict", "plan", "recover_tasks"]
+__all__ = ["Plan", "Recovered", "RecoveryOutcome", "RecoveryRollBack", "Verdict", "plan", "recover_tasks"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,21 @@ class Plan(enum.StrEnum):
     """Take the task over and run the rest of the operation, then finish it."""
     ROLL_BACK = "roll_back"
     """Take the task over and end it failed, by the operation's failure rule."""
+
+
+class RecoveryOutcome(enum.StrEnum):
+    """What became of a task recovery took over (its text is what logs, metrics and the CLI show)."""
+
+    SUCCEEDED = "succeeded"
+    """Resumed and finished."""
+    FAILED = "failed"
+    """Resumed, and the rest of the operation failed; or closed, the instance no longer being the task's."""
+    ROLLED_BACK = "rolled_back"
+    """Ended failed by the operation's failure rule, without running the rest."""
+    PREEMPTED = "preempted"
+    """Another task took the instance over while recovery ran it."""
+    ERROR = "error"
+    """Recovery itself failed on it (logged with its traceback); the next recovery tries again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +99,7 @@ class Recovered:
     operation: str
     task_state: str | None
     plan: str
-    outcome: str
+    outcome: RecoveryOutcome
     reason: str
 
 
@@ -109,8 +125,9 @@ def recover_tasks(runner: Runner, *, force: bool = False, of_owner: str | None =
                 result = _recover(runner, task)
             except Exception as exc:  # one task that cannot be recovered must not keep the others stuck
                 log.exception("task_recovery_failed", operation=task.operation)
+                error = f"{type(exc).__name__}: {exc}"
                 result = Recovered(
-                    task.id, task.instance_uuid, task.operation, None, "error", "error", f"{type(exc).__name__}: {exc}"
+                    task.id, task.instance_uuid, task.operation, None, "error", RecoveryOutcome.ERROR, error
                 )
             results.append(result)
             log.info("task_recovered", **{k: v for k, v in vars_of(result).items() if k != "task_id"})
@@ -128,22 +145,22 @@ def _recover(runner: Runner, task: Task) -> Recovered:
     if instance.task_id != task.id or instance.task_state is None:
         reason = "the instance no longer belongs to this task"
         runner.store.tasks.end_orphan(task, reason)
-        return Recovered(task.id, task.instance_uuid, task.operation, state, "close", "failed", reason)
+        return Recovered(task.id, task.instance_uuid, task.operation, state, "close", RecoveryOutcome.FAILED, reason)
     verdict = plan(task.operation, instance.task_state)
     run = runner.resume(task, instance)
     try:
         if verdict.plan is Plan.ROLL_BACK:
             _roll_back(run, verdict.reason)
-            outcome = "rolled_back"
+            outcome = RecoveryOutcome.ROLLED_BACK
         else:
             runner.ensure_heartbeat()
             runner.work(run)
-            outcome = "succeeded"
+            outcome = RecoveryOutcome.SUCCEEDED
     except TaskFailed as exc:
-        outcome = "failed" if verdict.plan is Plan.RESUME else "rolled_back"
+        outcome = RecoveryOutcome.FAILED if verdict.plan is Plan.RESUME else RecoveryOutcome.ROLLED_BACK
         return Recovered(task.id, task.instance_uuid, task.operation, state, verdict.plan.value, outcome, exc.error)
     except Preempted:
-        outcome = "preempted"
+        outcome = RecoveryOutcome.PREEMPTED
     return Recovered(task.id, task.instance_uuid, task.operation, state, verdict.plan.value, outcome, verdict.reason)
 
 
@@ -155,5 +172,5 @@ def _roll_back(run: TaskRun, reason: str) -> None:
         run.before_power = run.read_power()
     except Exception:  # an unreachable host must not keep a roll-back (which needs no driver) from ending
         run.before_power = PowerState.NOSTATE
-    run.fail(RecoveryRollBack(reason))
+    fail(run, RecoveryRollBack(reason))
     raise TaskFailed(run.store.tasks.get(run.task.id), f"RecoveryRollBack: {reason}")

@@ -16,7 +16,7 @@ import threading
 import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -24,17 +24,18 @@ import structlog
 from drivers.base import Driver
 from lifecycle import graph, snapshots, validation
 from lifecycle.admission import admit, refuse_if_locked
-from lifecycle.audit import Why
+from lifecycle.asks import Ask, new_instance
 from lifecycle.config import Settings
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
+from lifecycle.execute import execute
 from lifecycle.operations import definition
-from lifecycle.records import Cause, Flavor, Image, Instance, Outcome, Task
-from lifecycle.registry import Call, Definition
+from lifecycle.records import Cause, Image, Instance, Outcome, Task
+from lifecycle.registry import Call
 from lifecycle.slots import BuildSlots
-from lifecycle.states import PowerState, TaskState, VmState
+from lifecycle.states import VmState
 from lifecycle.store import Store
 from lifecycle.store.db import now
-from lifecycle.tasks import TaskRun, execute
+from lifecycle.tasks import TaskRun
 
 __all__ = ["Runner", "check_call"]
 
@@ -107,7 +108,7 @@ class Runner:
         checked = defined.params(params or {})
         if checked.get("image") is not None:
             self.image(checked["image"])
-        ask = _Ask(defined, uuid, checked, request_id, idempotency_key, actor, cause, override_lock, only_idle_in)
+        ask = Ask(defined, uuid, checked, request_id, idempotency_key, actor, cause, override_lock, only_idle_in)
         if defined.row.creates:
             return self._create(ask, wait)
         for attempt in range(self.settings.preempt_retries + 1):
@@ -126,12 +127,12 @@ class Runner:
             return self.launch(run, wait)
         raise AssertionError("unreachable")
 
-    def _replayed(self, ask: _Ask) -> Task | None:
+    def _replayed(self, ask: Ask) -> Task | None:
         if ask.key is None:
             return None
         return self.replay(ask.key, ask.defined.name, ask.uuid, ask.params)
 
-    def _create(self, ask: _Ask, wait: bool) -> Task:
+    def _create(self, ask: Ask, wait: bool) -> Task:
         """Write a new instance with its operation's first task_state (a create), then run it."""
         replayed = self._replayed(ask)
         if replayed is not None:
@@ -139,16 +140,16 @@ class Runner:
         name = ask.defined.name
         first = graph.begin(name, ask.uuid, None, None)
         image = self.image(ask.params["image"])
-        task = self.new_task(ask.uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
-        instance = _new_instance(ask, image, first, task)
+        task = self.new_task(ask.uuid, name, **ask.task_fields())
+        instance = new_instance(ask, image, first, task)
         if ask.defined.guard is not None:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
         self.store.writes.create(instance, task, first.value, ask.why(task, None, None))
-        run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, None)
+        run = self._worker(instance, task, image, None)
         self.prepare(run)
         return self.launch(run, wait)
 
-    def _take(self, ask: _Ask) -> TaskRun | Task:
+    def _take(self, ask: Ask) -> TaskRun | Task:
         """Begin the task on the instance as read now (taking over a task it may preempt): its worker, or a replay.
 
         Raises :class:`Conflict` when the instance changed between the read and the write.
@@ -170,7 +171,7 @@ class Runner:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
         claim = admit(self.store, self.settings, ask.defined.row, instance, ask.cause)
         preempt = None if instance.task_id is None else self.store.tasks.get(instance.task_id)
-        task = self.new_task(uuid, name, ask.params, ask.request_id, ask.key, ask.actor, ask.cause)
+        task = self.new_task(uuid, name, **ask.task_fields())
         why = ask.why(task, preempt, instance if ask.override_lock else None)
         try:
             after = self.store.writes.begin(instance, task, first, why, preempt, claim=claim)
@@ -192,7 +193,7 @@ class Runner:
                 preempted_task_id=preempt.id,
                 operation=name,
             )
-        run = TaskRun(self.store, self.driver_for, self.settings, after, task, image, instance.vm_state)
+        run = self._worker(after, task, image, instance.vm_state)
         run.preempted = preempt
         return run
 
@@ -213,10 +214,18 @@ class Runner:
             raise TaskFailed(existing, existing.error or "failed")
         return existing
 
+    def _worker(self, row: Instance, task: Task, image: Image, source: Any) -> TaskRun:
+        """Return the worker of ``task`` on ``row``, with this runner's store, drivers and settings."""
+        store, settings = self.store, self.settings
+        return TaskRun(
+            store, self.driver_for, settings=settings, instance=row, task=task, image=image, source_vm_state=source
+        )
+
     def new_task(
         self,
         uuid: str,
         operation: str,
+        *,
         params: dict[str, Any],
         request_id: str | None,
         key: str | None,
@@ -280,7 +289,7 @@ class Runner:
         """Build the worker for a task recovery resumes after taking it over."""
         image = self.image(task.params.get("image") or instance.image)
         source = None if graph.operation(task.operation).creates else instance.vm_state
-        run = TaskRun(self.store, self.driver_for, self.settings, instance, task, image, source)
+        run = self._worker(instance, task, image, source)
         run.build_slots = self.build_slots
         run.resume_from(self.store.tasks.steps(task.id))
         self.prepare(run)
@@ -320,65 +329,6 @@ class Runner:
                 self.store.tasks.renew_leases(self.owner, active)
             except Exception:  # one failed renewal must not end the heartbeat
                 log.exception("lease_renewal_failed")
-
-
-@dataclass(frozen=True, slots=True)
-class _Ask:
-    """One call of :meth:`Runner.start`, its arguments checked."""
-
-    defined: Definition
-    uuid: str
-    params: dict[str, Any]
-    request_id: str | None
-    key: str | None
-    actor: str
-    cause: Cause
-    override_lock: bool
-    only_idle_in: VmState | None
-
-    def why(self, task: Task, preempt: Task | None, overriding: Instance | None) -> Why:
-        """Return the reason of the task's first write: the task it preempts, the lock it overrides."""
-        return Why(
-            actor=self.actor,
-            cause=self.cause,
-            operation=self.defined.name,
-            task_id=task.id,
-            request_id=task.request_id,
-            rule=self.params.get("rule"),
-            message=_start_note(preempt, overriding),
-        )
-
-
-def _new_instance(ask: _Ask, image: Image, first: TaskState, task: Task) -> Instance:
-    """Return the record of the instance an operation creates, from its arguments: building, in its first step."""
-    at = task.started_at
-    return Instance(
-        uuid=ask.uuid,
-        name=ask.params["name"],
-        host=None,
-        flavor=Flavor.from_dict(ask.params["flavor"]),
-        image=image.name,
-        vm_state=VmState.BUILDING,
-        task_state=first,
-        power_state=PowerState.NOSTATE,
-        task_id=task.id,
-        previous_vm_state=None,
-        version=1,
-        launched_at=None,
-        created_at=at,
-        updated_at=at,
-        deleted_at=None,
-    )
-
-
-def _start_note(preempt: Task | None, overriding: Instance | None) -> str | None:
-    """Say what a starting task's first audit row should: the task it preempts, the lock it overrides."""
-    notes = []
-    if preempt is not None:
-        notes.append(f"preempts {preempt.operation} task {preempt.id}")
-    if overriding is not None and overriding.locked_by is not None:
-        notes.append(f"overrides the lock of {overriding.locked_by} ({overriding.locked_reason})")
-    return "; ".join(notes) or None
 
 
 def check_call(request_id: object, key: object, actor: object) -> None:

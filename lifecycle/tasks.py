@@ -1,16 +1,17 @@
-"""Running one task: its walk through task_states, its end, its failure semantics.
+"""Running one task: its walk through task_states and the writes it may make on the way.
 
 A :class:`TaskRun` owns an instance between the task's first compare-and-swap
 and its last. Every write it makes expects the instance exactly as it left it
 (same version, same task id). When another task took the instance over, the
 write raises :class:`Preempted` and the run stops without touching the
 instance again: the preemptor already closed this task and its open step.
+How the run ends is its :class:`lifecycle.ending.Ending`, written by
+:mod:`lifecycle.execute`.
 """
 
 from __future__ import annotations
 
 import time
-import traceback
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,14 +24,15 @@ from drivers.base import Attempt, DomainSpec, Driver, HostObject
 from lifecycle import graph, preemption
 from lifecycle.audit import Why
 from lifecycle.config import Settings
-from lifecycle.errors import DomainNotFound, DriverError, Fenced, Preempted, TaskFailed
-from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Outcome, Task, TaskStep
+from lifecycle.ending import Ending
+from lifecycle.errors import DomainNotFound
+from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Task, TaskStep
 from lifecycle.slots import BuildSlots
-from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
+from lifecycle.states import MigrationStatus, PowerState, TaskState
 from lifecycle.store import Store
 from lifecycle.store.db import now
 
-__all__ = ["Hook", "Steps", "TaskRun", "execute"]
+__all__ = ["Hook", "Steps", "TaskRun"]
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +48,7 @@ class TaskRun:
         self,
         store: Store,
         driver_for: Callable[[str], Driver],
+        *,
         settings: Settings,
         instance: Instance,
         task: Task,
@@ -60,10 +63,8 @@ class TaskRun:
         self.image = image
         self.source_vm_state = source_vm_state
         """The vm_state before the task began (None for create)."""
-        self.fields: dict[str, Any] = {}
-        """Extra instance columns the final write sets (launched_at, deleted_at, ...)."""
-        self.end_power: PowerState | None = None
-        """Power to record at the end instead of reading it (a destroyed domain)."""
+        self.ending = Ending()
+        """What the task's last write sets, as its steps decide it, then how it ended (see :mod:`lifecycle.ending`)."""
         self.before_power = instance.power_state
         self.power_read = False
         """Whether ``before_power`` came from the hypervisor (execute's read before the steps), not the database."""
@@ -75,20 +76,10 @@ class TaskRun:
         """Set when recovery resumes this task after its owner died: writes say cause recovery."""
         self.done: set[str] = set()
         """Non-repeatable steps already completed (from the step log, when resuming)."""
-        self.note: str | None = None
-        """What the end's audit row should say (e.g. a delete done in the database only)."""
         self.preempted: Task | None = None
         """The task this one took over when it began, if any (see :mod:`lifecycle.preemption`)."""
         self.touched: set[str] = set()
         """Hosts this run drove or claimed: where a late call of a preempted worker may have left something."""
-        self.changed = False
-        """Set once the task changed the instance beyond undoing (a move left its source, a delete
-        confirmed a move): a failure then ends in error instead of keeping the vm_state."""
-        self.fail_fields: dict[str, Any] = {}
-        """Extra instance columns a failure writes (e.g. a failed build forgets its host)."""
-        self.after_success: list[Callable[[], object]] = []
-        """Clean-ups that may run only once the task's success is written (an unshelve deletes its snapshot):
-        a worker taken over or crashed before that write never runs them; each runs at most once, best effort."""
         self.build_slots: BuildSlots | None = None
         """The runner's build slots per host (set when it launches the task): see :meth:`build_slot`."""
         self._seq = 1
@@ -229,7 +220,7 @@ class TaskRun:
         When the task is about to move the instance (a ``host`` field to write),
         the new host is the one asked.
         """
-        host = self.fields.get("host", self.instance.host)
+        host = self.ending.fields.get("host", self.instance.host)
         if host is None:
             return PowerState.NOSTATE
         try:
@@ -369,160 +360,6 @@ class TaskRun:
         self._verified = True
         log.debug("task_step", task_state=task_state.value, seq=self._seq, message=message)
 
-    def succeed(self) -> None:
-        """Write the end state: the graph's vm_state, task idle, fresh power."""
-        power = self.end_power if self.end_power is not None else self.read_power()
-        vm_state = graph.end_vm_state(
-            self.task.operation,
-            self.source_vm_state,
-            succeeded=True,
-            power=power,
-            previous=self.instance.previous_vm_state,
-        )
-        self.instance = self.store.writes.finish(
-            self.instance,
-            self.task,
-            vm_state=vm_state,
-            power_state=power,
-            outcome=Outcome.SUCCEEDED,
-            why=self.why(self.note),
-            **self.fields,
-        )
-        self._ended(Outcome.SUCCEEDED, None, None)
-
-    def fail(self, exc: BaseException) -> None:
-        """Write the failure: vm_state kept if the guest is unchanged, else per the table.
-
-        Whatever ``exc`` is, the task ends here with it and its traceback; a
-        driver that cannot even report power leaves power NOSTATE.
-        """
-        try:
-            power = self.read_power()
-        except Exception as unreadable:  # the failure is being recorded: nothing may stop that
-            log.warning("power_unreadable_at_failure", error=f"{type(unreadable).__name__}: {unreadable}")
-            power = PowerState.NOSTATE
-        vm_state = graph.end_vm_state(
-            self.task.operation,
-            self.source_vm_state,
-            succeeded=False,
-            power=power,
-            before_power=None if self.changed else self.before_power,
-        )
-        # A NUL byte (in a hypervisor's message) is shown escaped: PostgreSQL text cannot hold one, and a
-        # refused failure write would leave the task running until recovery.
-        message = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
-        trace = "".join(traceback.format_exception(exc)).replace("\x00", "\\x00")
-        self.instance = self.store.writes.finish(
-            self.instance,
-            self.task,
-            vm_state=vm_state,
-            power_state=power,
-            outcome=Outcome.FAILED,
-            why=self.why(message),
-            error=message,
-            traceback=trace,
-            **self.fail_fields,
-        )
-        self._ended(Outcome.FAILED, message, trace)
-
-    def _ended(self, outcome: Outcome, error: str | None, trace: str | None) -> None:
-        # The task row as the end's write left it (that write proved the epoch ours): no read needed to return it.
-        at = self.instance.updated_at
-        self.task = replace(
-            self.task, outcome=outcome, finished_at=at, lease_expires_at=at, error=error, traceback=trace
-        )
-
-
-def execute(run: TaskRun, steps: Steps) -> Task:
-    """Run ``steps`` and end the task; return it finished.
-
-    Raises :class:`Preempted` when another task took the instance over (the
-    instance is left to it) and :class:`TaskFailed` when the operation failed
-    (the failure is recorded first).
-    """
-    started = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(
-        instance_uuid=run.instance.uuid, task_id=run.task.id, request_id=run.task.request_id
-    ):
-        try:
-            run.before_power = _power_or(run, run.instance.power_state)
-            steps(run)
-            run.succeed()
-            _clean_up(run)
-        except Preempted as exc:
-            _lost(run, started, exc)
-            raise
-        except Exception as exc:
-            lost = _was_preempted(run, exc)
-            if lost is not None:
-                _lost(run, started, lost)
-                raise lost from exc
-            try:
-                run.fail(exc)
-            except Preempted as late:
-                _lost(run, started, late)
-                raise
-            _finished(run, started, Outcome.FAILED, error=run.task.error)
-            raise TaskFailed(run.task, run.task.error or str(exc)) from exc
-        _finished(run, started, Outcome.SUCCEEDED)
-        return run.task
-
-
-def _clean_up(run: TaskRun) -> None:
-    """Run the clean-ups of a task whose success is written; one failing is logged, never the task's failure."""
-    for action in run.after_success:
-        try:
-            action()
-        except Exception as exc:
-            log.warning("clean_up_failed", error=f"{type(exc).__name__}: {exc}")
-
-
-def _power_or(run: TaskRun, default: PowerState) -> PowerState:
-    try:
-        power = run.read_power()
-    except DriverError:
-        return default
-    run.power_read = True
-    return power
-
-
-def _lost(run: TaskRun, started: float, exc: Preempted) -> None:
-    """End a worker whose task was taken over: reconcile its late call, then let a waiting preemptor go on."""
-    if not isinstance(exc, Fenced):  # a fenced worker's lease now belongs to the recovering engine
-        _after_preemption(run, exc.preempted_by)
-        run.store.tasks.release_lease(run.task.id)
-    _finished(run, started, Outcome.PREEMPTED, preempted_by=exc.preempted_by, fenced=isinstance(exc, Fenced))
-
-
-def _after_preemption(run: TaskRun, preempted_by: str | None) -> None:
-    """Undo on the hypervisor what this worker's last driver call did after a delete took over.
-
-    The delete destroyed the guest while this worker was inside a driver
-    call; that call (a spawn, a power on) may have made or started a domain
-    after the destroy. Destroying again, on every host this run touched, and
-    releasing claims taken after the delete released them, leaves nothing
-    behind; both are repeat-safe, so racing the delete's own cleanup is harmless.
-    """
-    if preempted_by is None:
-        return
-    preemptor = run.store.tasks.get(preempted_by)
-    if preemption.rule(preemptor.operation, run.task.operation) is not preemption.Rule.DESTROY_LATE:
-        return  # WAIT: the preemptor waited for this call; CONVERGE: the late call agrees with it
-    now_row = run.store.instances.get(run.instance.uuid)
-    deleted = now_row.vm_state is VmState.DELETED
-    if not deleted and now_row.task_id != preemptor.id:
-        return  # the delete failed (the instance lives on, error): what the late call made is the instance's
-    recorded = {run.instance.host} if run.instance.host is not None else set()
-    for host in sorted(run.touched | recorded):
-        try:
-            # Only what this worker's task made: the instance's current copy (if any) is another attempt's.
-            run.driver_for(host).destroy(run.instance.uuid, destroy_disks=True, attempt=run.attempt())
-        except Exception as exc:  # an unreachable host: its daemon reaps the leftover later
-            log.warning("preempted_leftover_not_destroyed", host=host, error=f"{type(exc).__name__}: {exc}")
-    # Also while the delete still runs: it may have released the claims already, before this late one.
-    run.store.claims.release(run.instance.uuid)
-    log.info("preempted_leftover_destroyed", preempted_by=preempted_by)
-
 
 def _leftover(obj: HostObject, attempt: Attempt, keep: frozenset[str], used: set[str]) -> bool:
     """Whether a hypervisor object is another attempt's: not ``attempt``'s task's, nor a disk in ``keep``.
@@ -537,28 +374,3 @@ def _leftover(obj: HostObject, attempt: Attempt, keep: frozenset[str], used: set
         return True
     partial = obj.kind == "volume" and obj.name not in used
     return partial and obj.epoch is not None and obj.epoch < attempt.epoch
-
-
-def _was_preempted(run: TaskRun, exc: Exception) -> Preempted | None:
-    # A driver call can fail *because* a preemptor destroyed the domain under it:
-    # the failure then belongs to nobody and must not touch the instance.
-    task = run.store.tasks.get(run.task.id)
-    if task.epoch != run.task.epoch:
-        return Fenced(task.id, task.instance_uuid, run.task.epoch, task.epoch)
-    if task.outcome is Outcome.PREEMPTED:
-        log.info("task_preempted", error=str(exc), preempted_by=task.preempted_by)
-        return Preempted(task.id, task.instance_uuid, task.preempted_by)
-    return None
-
-
-def _finished(run: TaskRun, started: float, outcome: Outcome, **extra: Any) -> None:
-    i = run.instance
-    log.info(
-        "operation_finished",
-        operation=run.task.operation,
-        outcome=outcome.value,
-        vm_state=i.vm_state.value,
-        power_state=int(i.power_state),
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        **extra,
-    )

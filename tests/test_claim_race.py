@@ -75,7 +75,7 @@ def store(db_url: str) -> Iterator[Store]:
 def test_claim_first_takes_the_first_candidate_in_the_given_order(store: Store) -> None:
     """With room everywhere, the claim lands on the first candidate as given, not the best or the first by name."""
     uuid, *_ = _instances(store, 1)
-    assert store.claims.claim_first(uuid, ["c", "a", "b"], 1, SLOT_MB, 1, RATIOS) == "c"
+    assert store.claims.claim_first(uuid, ["c", "a", "b"], vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS) == "c"
     assert store.claims.of(uuid) == ["c"]
     assert _used(store) == {"a": 0, "b": 0, "c": SLOT_MB}
 
@@ -83,8 +83,10 @@ def test_claim_first_takes_the_first_candidate_in_the_given_order(store: Store) 
 def test_claim_first_passes_over_a_full_candidate(store: Store) -> None:
     """A candidate without room is passed over for the next one in order, and left as it was."""
     first, second = _instances(store, 2)
-    assert store.claims.claim(first, "a", 1, SLOT_MB, 1, RATIOS)
-    assert store.claims.claim_first(second, ["a", "b", "c"], 1, SLOT_MB, 1, RATIOS) == "b"
+    assert store.claims.claim(first, "a", vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS)
+    assert (
+        store.claims.claim_first(second, ["a", "b", "c"], vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS) == "b"
+    )
     assert _used(store) == {"a": SLOT_MB, "b": SLOT_MB, "c": 0}
     assert store.claims.of(second) == ["b"]
 
@@ -92,10 +94,10 @@ def test_claim_first_passes_over_a_full_candidate(store: Store) -> None:
 def test_claim_first_returns_none_and_writes_nothing_when_no_candidate_fits(store: Store) -> None:
     """No candidate with room gives None with no usage or claim row written, even while a host not named has room."""
     uuid, *_ = _instances(store, 1)
-    assert store.claims.claim_first(uuid, ["a", "b"], 1, 3 * SLOT_MB, 1, RATIOS) is None
-    assert store.claims.claim_first(uuid, [], 1, SLOT_MB, 1, RATIOS) is None
+    assert store.claims.claim_first(uuid, ["a", "b"], vcpus=1, memory_mb=3 * SLOT_MB, disk_gb=1, ratios=RATIOS) is None
+    assert store.claims.claim_first(uuid, [], vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS) is None
     assert (
-        store.claims.claim_first(uuid, ["a"], 1, 2 * SLOT_MB, 1, RATIOS) is None
+        store.claims.claim_first(uuid, ["a"], vcpus=1, memory_mb=2 * SLOT_MB, disk_gb=1, ratios=RATIOS) is None
     )  # c would fit, but is not a candidate
     assert _used(store) == {"a": 0, "b": 0, "c": 0} and store.claims.of(uuid) == []
 
@@ -104,9 +106,9 @@ def test_a_fenced_candidate_is_never_claimed(store: Store) -> None:
     """A host fenced after the decision's read is passed over by claim_first and refused by claim, nothing written."""
     first, second = _instances(store, 2)
     store.hosts.set_fence("c", "operator", "PSU failed")
-    assert store.claims.claim_first(first, ["c", "b"], 1, SLOT_MB, 1, RATIOS) == "b"
-    assert store.claims.claim_first(second, ["c"], 1, SLOT_MB, 1, RATIOS) is None
-    assert not store.claims.claim(second, "c", 1, SLOT_MB, 1, RATIOS)
+    assert store.claims.claim_first(first, ["c", "b"], vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS) == "b"
+    assert store.claims.claim_first(second, ["c"], vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS) is None
+    assert not store.claims.claim(second, "c", vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS)
     assert _used(store) == {"a": 0, "b": SLOT_MB, "c": 0} and store.claims.of(second) == []
 
 
@@ -158,7 +160,9 @@ def _claimer(url: str, uuids: list[str], order: list[str], start: threading.Barr
     store = Store(url)
     try:
         start.wait()
-        out.extend(store.claims.claim_first(u, order, 1, SLOT_MB, 1, RATIOS) for u in uuids)
+        out.extend(
+            store.claims.claim_first(u, order, vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS) for u in uuids
+        )
     finally:
         store.close()
 
@@ -198,7 +202,11 @@ def _hold(store: Store, fill: dict[str, int]) -> sa.Connection:
 
 def _claim_in_thread(store: Store, uuid: str, order: list[str]) -> tuple[threading.Thread, list[str | None]]:
     out: list[str | None] = []
-    thread = threading.Thread(target=lambda: out.append(store.claims.claim_first(uuid, order, 1, SLOT_MB, 1, RATIOS)))
+    thread = threading.Thread(
+        target=lambda: out.append(
+            store.claims.claim_first(uuid, order, vcpus=1, memory_mb=SLOT_MB, disk_gb=1, ratios=RATIOS)
+        )
+    )
     thread.start()
     return thread, out
 

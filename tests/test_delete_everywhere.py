@@ -49,7 +49,9 @@ def _place(engine: Engine, fakes: Fakes, vm: VmState, ts: TaskState | None, host
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     store = engine.store
     current = store.instances.get(uuid)
-    setup = engine.runner.new_task(uuid, "stop", {}, None, None, "test-setup", Cause.API)
+    setup = engine.runner.new_task(
+        uuid, "stop", params={}, request_id=None, key=None, actor="test-setup", cause=Cause.API
+    )
     why = Why(actor="test-setup", cause=Cause.API, operation="setup", task_id=setup.id)
     current = store.writes.begin(current, setup, TaskState.POWERING_OFF, why, None)
     fields = {"host": None} if host == "none" else {}
@@ -61,7 +63,12 @@ def _place(engine: Engine, fakes: Fakes, vm: VmState, ts: TaskState | None, host
     )
     if ts is not None:
         owner = "engine-alive" if task == "running" else "engine-dead"
-        t = replace(engine.runner.new_task(uuid, "stop", {}, None, None, "test-setup", Cause.API), owner=owner)
+        t = replace(
+            engine.runner.new_task(
+                uuid, "stop", params={}, request_id=None, key=None, actor="test-setup", cause=Cause.API
+            ),
+            owner=owner,
+        )
         if task == "stuck":
             t = replace(t, lease_expires_at=now() - timedelta(seconds=1))
         current = store.writes.begin(current, t, ts, replace(why, task_id=t.id), None)

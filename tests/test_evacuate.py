@@ -11,7 +11,7 @@ import pytest
 from lifecycle import Engine, Flavor, HostNotEvacuable, InvalidInput, PowerState, TaskFailed, TaskState, VmState
 from lifecycle.cli import main
 from lifecycle.daemon import HostWorker
-from lifecycle.evacuation import DATA_LOSS
+from lifecycle.evacuation import DATA_LOSS, EvacuationOutcome
 from lifecycle.states import MigrationStatus
 from lifecycle.store.db import now
 from tests.conftest import Fakes, make_engine
@@ -178,7 +178,11 @@ def test_host_evacuate_moves_every_instance_and_reports_each(cloud: Engine, fake
     _dead(cloud, "h1")
     results = {r.uuid: r for r in cloud.hosts.evacuate("h1")}
     assert set(results) == set(uuids)
-    assert [results[u].outcome for u in uuids] == ["evacuated", "evacuated", "refused"]
+    assert [results[u].outcome for u in uuids] == [
+        EvacuationOutcome.EVACUATED,
+        EvacuationOutcome.EVACUATED,
+        EvacuationOutcome.REFUSED,
+    ]
     assert cloud.get(uuids[0]).vm_state is V.ACTIVE and cloud.get(uuids[1]).vm_state is V.STOPPED
     for uuid in uuids[:2]:
         assert results[uuid].host == cloud.get(uuid).host != "h1"

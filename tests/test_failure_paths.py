@@ -623,7 +623,7 @@ def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     (failed,) = [i for i in engine.list() if i.vm_state is V.ERROR]
     assert failed.host is None and engine.store.claims.of(failed.uuid) == []
-    assert engine.store.claims.claim(failed.uuid, "h1", 1, 64, 1, (16.0, 1.5, 1.0))
+    assert engine.store.claims.claim(failed.uuid, "h1", vcpus=1, memory_mb=64, disk_gb=1, ratios=(16.0, 1.5, 1.0))
     with pytest.raises(HostInUse, match=failed.uuid):
         engine.hosts.remove("h1")
     assert engine.store.claims.of(failed.uuid) == ["h1"] and engine.hosts.get("h1").vcpus_used == 1

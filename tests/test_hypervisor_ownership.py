@@ -18,6 +18,7 @@ import pytest
 from lifecycle import Engine, Flavor, PowerState, TaskFailed, VmState
 from lifecycle.config import Settings
 from lifecycle.errors import DriverUnavailable, Fenced
+from lifecycle.recovery import RecoveryOutcome
 from lifecycle.states import MigrationStatus
 from tests.conftest import Fakes
 from tests.images import fake_image
@@ -80,7 +81,7 @@ def test_a_stalled_copy_never_deletes_the_disk_its_recovery_made(twins: Callable
     assert gate.wait_entered()
     second = twins()
     [recovered] = second.recover(force=True)
-    assert (recovered.plan, recovered.outcome) == ("resume", "succeeded")
+    assert (recovered.plan, recovered.outcome) == ("resume", RecoveryOutcome.SUCCEEDED)
     current = second.get(uuid).disk
     assert current is not None and current.endswith("-1")  # made by the recovery's attempt (epoch 1)
     gate.release()
@@ -136,7 +137,7 @@ def test_a_stalled_resize_never_kills_the_guest_its_recovery_rolled_back(
     assert gate.wait_entered()
     second = twins()
     [recovered] = second.recover(force=True)
-    assert (recovered.plan, recovered.outcome) == ("roll_back", "rolled_back")
+    assert (recovered.plan, recovered.outcome) == ("roll_back", RecoveryOutcome.ROLLED_BACK)
     gate.release()
     worker.join(10)
     assert not worker.is_alive() and len(errors) == 1 and isinstance(errors[0], Fenced)
@@ -200,7 +201,7 @@ def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Eng
         engine.migrate(uuid, host="b")
     b.fail_next("copy")
     [recovered] = twins().recover(force=True)
-    assert (recovered.plan, recovered.outcome) == ("resume", "failed")
+    assert (recovered.plan, recovered.outcome) == ("resume", RecoveryOutcome.FAILED)
     i = engine.get(uuid)
     assert (i.vm_state, i.host, i.task_state) == (V.STOPPED, "a", None)
     assert fakes.factory(engine.hosts.get("a")).domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
@@ -218,7 +219,7 @@ def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[]
         engine.migrate(uuid, host="b")
     assert len(b.volumes()) == 1  # the dead worker's partial copy
     [recovered] = twins().recover(force=True)
-    assert recovered.outcome == "succeeded"
+    assert recovered.outcome is RecoveryOutcome.SUCCEEDED
     i = engine.get(uuid)
     assert list(b.volumes()) == [i.disk] and b.domain_disk(uuid).endswith("|customer-data")  # type: ignore[union-attr]
 

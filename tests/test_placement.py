@@ -101,7 +101,14 @@ def _race(url: str, worker: int, tries: int) -> int:
     store = Store(url)
     won = 0
     for i in range(tries):
-        if store.claims.claim(f"00000000-0000-0000-0000-{worker:06d}{i:06d}", "tight", 1, 1024, 1, (16.0, 1.0, 1.0)):
+        if store.claims.claim(
+            f"00000000-0000-0000-0000-{worker:06d}{i:06d}",
+            "tight",
+            vcpus=1,
+            memory_mb=1024,
+            disk_gb=1,
+            ratios=(16.0, 1.0, 1.0),
+        ):
             won += 1
     store.close()
     return won
@@ -145,7 +152,7 @@ def test_claim_is_refused_once_the_host_is_full(tmp_path: Path) -> None:
         engine.hosts.add("h", "fake://", vcpus=1, memory_mb=100, disk_gb=1)
         engine.images.add("cirros", fake_image("cirros"))
         uuid = engine.create("x", host="h", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-        assert engine.store.claims.claim(uuid, "h", 1, 100, 1, (16.0, 1.5, 1.0)) is False
+        assert engine.store.claims.claim(uuid, "h", vcpus=1, memory_mb=100, disk_gb=1, ratios=(16.0, 1.5, 1.0)) is False
         assert engine.hosts.get("h").memory_mb_used == 64
     assert NoValidHost({}).reasons == {}
 

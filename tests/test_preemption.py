@@ -154,7 +154,9 @@ def test_delete_takes_over_a_stuck_delete(engine: Engine, fakes: Fakes, new_inst
 def test_hard_reboot_taking_over_a_hard_reboot_is_audited(engine: Engine, new_instance: Callable[..., str]) -> None:
     """A takeover that changes no state (rebooting_hard over rebooting_hard) still leaves an audit row naming it."""
     uuid = new_instance()
-    stuck = engine.runner.new_task(uuid, "reboot_hard", {}, None, None, "api", Cause.API)
+    stuck = engine.runner.new_task(
+        uuid, "reboot_hard", params={}, request_id=None, key=None, actor="api", cause=Cause.API
+    )
     engine.store.writes.begin(engine.get(uuid), stuck, TaskState.REBOOTING_HARD, Why("api", Cause.API), None)
     second = engine.reboot(uuid, hard=True)
     rows = [r for r in engine.history(uuid) if r.task_id == second.id]

@@ -18,7 +18,7 @@ import pytest
 
 from drivers.fake import SimulatedCrash
 from lifecycle import Engine, Flavor, Outcome, VmState, graph
-from lifecycle.recovery import Plan, plan
+from lifecycle.recovery import Plan, RecoveryOutcome, plan
 from tests.conftest import Fakes, make_engine
 from tests.invariants import check_invariants
 
@@ -176,7 +176,7 @@ def test_an_expired_lease_is_recovered_by_another_engine(sqlite_url: str, fakes:
     with pytest.raises(SimulatedCrash):
         first.pause(uuid)
     other = make_engine(sqlite_url, fakes)
-    assert [r.outcome for r in other.recover()] == ["succeeded"]
+    assert [r.outcome for r in other.recover()] == [RecoveryOutcome.SUCCEEDED]
     assert other.get(uuid).vm_state is V.PAUSED
     first.close()
     other.close()

@@ -65,9 +65,9 @@ def test_one_running_task_per_instance_is_enforced_by_the_database(
     """Two task rows running on one instance violate a unique index, surfacing as Conflict."""
     uuid = new_instance()
     instance = engine.get(uuid)
-    t1 = engine.runner.new_task(uuid, "stop", {}, None, None, "a", Cause.API)
+    t1 = engine.runner.new_task(uuid, "stop", params={}, request_id=None, key=None, actor="a", cause=Cause.API)
     engine.store.writes.begin(instance, t1, TaskState.POWERING_OFF, Why("a", Cause.API), None)
-    t2 = engine.runner.new_task(uuid, "pause", {}, None, None, "b", Cause.API)
+    t2 = engine.runner.new_task(uuid, "pause", params={}, request_id=None, key=None, actor="b", cause=Cause.API)
     with pytest.raises(Conflict):
         engine.store.writes.begin(engine.get(uuid), t2, TaskState.PAUSING, Why("b", Cause.API), None)
     engine.force_delete(uuid)
@@ -174,7 +174,7 @@ def test_a_one_statement_write_refuses_a_value_too_long_instead_of_cutting_it(pg
     """Casts in the one-statement writes carry no length: a value over a column's length fails, nothing is written."""
     engine, uuid = pg_vm
     before, history = engine.get(uuid), engine.history(uuid)
-    task = engine.runner.new_task(uuid, "stop", {}, "r" * 65, None, "test", Cause.API)
+    task = engine.runner.new_task(uuid, "stop", params={}, request_id="r" * 65, key=None, actor="test", cause=Cause.API)
     with pytest.raises(sa.exc.DataError, match="too long"):
         engine.store.writes.begin(before, task, TaskState.POWERING_OFF, Why(actor="test", cause=Cause.API), None)
     assert engine.get(uuid) == before and engine.history(uuid) == history

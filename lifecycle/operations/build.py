@@ -43,10 +43,10 @@ def create(run: TaskRun) -> None:
     try:
         _build(run, claimed)
     except Preempted:
-        raise  # a delete took the build over: the worker's preemption rule cleans up (tasks.execute)
+        raise  # a delete took the build over: the worker's preemption rule cleans up (lifecycle.execute)
     except Exception:  # not BaseException: a process that dies here runs nothing (recovery takes over)
         _give_back(run, claimed[-1:])
-        run.fail_fields["host"] = None
+        run.ending.fail_fields["host"] = None
         raise
 
 
@@ -72,7 +72,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         run.advance(TaskState.SPAWNING)
         try:
             with run.build_slot(host):  # a burst onto one host queues here (max_concurrent_builds)
-                run.fields["disk"] = run.driver.spawn(run.spec, power_on=True)
+                run.ending.fields["disk"] = run.driver.spawn(run.spec, power_on=True)
         except Preempted:
             raise  # taken over (a newer epoch, a delete): what is on the host is the new owner's, never cleaned here
         except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's
@@ -83,8 +83,8 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
                 raise
             run.retry(f"spawn on {host} failed: {type(exc).__name__}: {exc}; rescheduling", host=None)
             continue
-        run.fields["launched_at"] = now()
-        run.end_power = run.read_power()  # here, so that a failure to read it is the build's, cleaned up
+        run.ending.fields["launched_at"] = now()
+        run.ending.end_power = run.read_power()  # here, so that a failure to read it is the build's, cleaned up
         return
 
 
@@ -94,7 +94,9 @@ def _hold_claim(run: TaskRun, host: str) -> None:
         return
     s, flavor = run.settings.scheduler, run.instance.flavor
     ratios = (s.cpu_allocation_ratio, s.ram_allocation_ratio, s.disk_allocation_ratio)
-    if not run.store.claims.claim(run.instance.uuid, host, flavor.vcpus, flavor.memory_mb, flavor.root_gb, ratios):
+    if not run.store.claims.claim(
+        run.instance.uuid, host, vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, disk_gb=flavor.root_gb, ratios=ratios
+    ):
         raise NoValidHost({host: "no room left for the resumed build"})
 
 
@@ -164,7 +166,7 @@ def roll_back(run: TaskRun) -> None:
     if run.instance.host is not None:
         with contextlib.suppress(DriverError):
             run.driver.destroy(run.instance.uuid, destroy_disks=True)
-    run.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
+    run.ending.fail_fields["host"] = None  # as a failed build: no claim, so no host to revive it on
 
 
 CREATE = register(

@@ -75,8 +75,8 @@ def _confirm_open_move(run: TaskRun) -> None:
     migration = run.store.moves.open_of(run.instance.uuid)
     if migration is not None:
         _confirm_first(run, migration)
-        run.fields["previous_vm_state"] = None
-        run.changed = True  # no longer resized: a failure from here on cannot keep that vm_state
+        run.ending.fields["previous_vm_state"] = None
+        run.ending.changed = True  # no longer resized: a failure from here on cannot keep that vm_state
 
 
 def _destroy(run: TaskRun) -> None:
@@ -105,15 +105,15 @@ def _confirm_first(run: TaskRun, migration: Migration) -> None:
 
 def _local(run: TaskRun, message: str) -> None:
     run.store.consoles.revoke_tokens(run.instance.uuid)
-    run.note = message
+    run.ending.note = message
     _forget(run)
 
 
 def _forget(run: TaskRun) -> None:
     run.store.claims.release(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
     snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings)  # a shelved instance's disk lives on only there
-    run.end_power = PowerState.NOSTATE
-    run.fields["deleted_at"] = now()
+    run.ending.end_power = PowerState.NOSTATE
+    run.ending.fields["deleted_at"] = now()
 
 
 def soft_delete(run: TaskRun) -> None:
@@ -129,7 +129,7 @@ def soft_delete(run: TaskRun) -> None:
 def restore(run: TaskRun) -> None:
     """Power a soft-deleted guest back on (one soft-deleted while shelved no longer needs its snapshot)."""
     run.driver.power_on(run.spec)
-    run.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings))
+    run.ending.after_success.append(lambda: snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings))
 
 
 DELETE = register(Definition(graph.operation(Op.DELETE), delete))

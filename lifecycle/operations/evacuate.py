@@ -110,13 +110,13 @@ def _rebuild_on(run: TaskRun, migration: Migration, dest: str) -> None:
     message = f"evacuated from {source} (down and fenced) to {dest}, image {run.image.name}: {DATA_LOSS}"
     # The disk this attempt makes there: what a hard reboot finds should the spawn fail half-way.
     run.advance(T.REBUILD_BLOCK_DEVICE_MAPPING, message, host=dest, disk=volume_name(uuid, run.attempt()))
-    run.changed = True  # the instance left its host: a failure from here on ends in error
+    run.ending.changed = True  # the instance left its host: a failure from here on ends in error
     run.store.claims.release(uuid, source)
     run.store.consoles.revoke_tokens(uuid)
     run.advance(T.REBUILD_SPAWNING)
     # An earlier life's copy on the destination (evacuated away from it once) is destroyed first, never started.
     run.clear_leftovers(dest, why="rebuilding the evacuated instance")
-    run.fields["disk"] = run.driver.spawn(replace(run.spec, disk=None), power_on=True)
+    run.ending.fields["disk"] = run.driver.spawn(replace(run.spec, disk=None), power_on=True)
     if run.source_vm_state is VmState.STOPPED:
         run.power_off(timeout=0)
 

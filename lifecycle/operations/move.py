@@ -91,13 +91,13 @@ def move(run: TaskRun) -> None:
     # The disk this attempt makes on the destination: what a hard reboot finds should the finish fail half-way.
     arriving = volume_name(uuid, run.attempt())
     run.advance(T.RESIZE_MIGRATED, f"moved to {migration.dest_host}", host=migration.dest_host, disk=arriving)
-    run.changed = True  # the guest left its source: a failure from here on cannot keep the vm_state
+    run.ending.changed = True  # the guest left its source: a failure from here on cannot keep the vm_state
     run.migration_status(migration.id, MS.POST_MIGRATING)
     run.advance(T.RESIZE_FINISH)
     _copy_and_finish(run, migration)
-    run.fields["flavor"] = migration.new_flavor
-    run.fields["previous_vm_state"] = migration.previous_vm_state
-    run.end_power = run.read_power()  # here, so that a failure to read it is the move's (error, move open)
+    run.ending.fields["flavor"] = migration.new_flavor
+    run.ending.fields["previous_vm_state"] = migration.previous_vm_state
+    run.ending.end_power = run.read_power()  # here, so that a failure to read it is the move's (error, move open)
     run.migration_status(migration.id, MS.FINISHED, finished_at=now())
 
 
@@ -107,17 +107,17 @@ def _copy_and_finish(run: TaskRun, migration: Migration) -> None:
     source = functools.partial(run.on(migration.source_host).read_disk, run.instance.uuid, kept)
     assert migration.dest_host is not None
     spec = replace(_spec(run, migration.new_flavor, None), attempt=run.attempt(migration.id))
-    run.fail_fields["disk"] = volume_name(run.instance.uuid, spec.attempt)
+    run.ending.fail_fields["disk"] = volume_name(run.instance.uuid, spec.attempt)
     try:
         _clear_destination(run, migration.dest_host)
         dest = run.on(migration.dest_host)
         disk = dest.finish_migration(spec, source, power_on=_power_on(migration), progress=run.copy_progress)
-        run.fields["disk"] = run.fail_fields["disk"] = disk
+        run.ending.fields["disk"] = run.ending.fail_fields["disk"] = disk
     except CopyFailed:
         back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None, "disk": kept}
-        run.fields |= back  # the power read at the failure is the source's
-        run.fail_fields |= back
-        run.changed = False  # the destination holds nothing: the guest is as it was, on its source
+        run.ending.fields |= back  # the power read at the failure is the source's
+        run.ending.fail_fields |= back
+        run.ending.changed = False  # the destination holds nothing: the guest is as it was, on its source
         # As it was before the move (a resumed run read its "before" on the destination, where nothing was).
         run.before_power = PowerState.RUNNING if _power_on(migration) else PowerState.SHUTDOWN
         revert_on_source(run, migration)
@@ -236,8 +236,8 @@ def revert_on_source(run: TaskRun, migration: Migration) -> None:
         raise
     except DriverUnavailable as exc:
         log.warning("source_restore_unreachable", host=migration.source_host, error=str(exc))
-        run.fail_fields |= {"host": migration.source_host, "flavor": migration.old_flavor, "disk": disk}
-        run.changed = True  # the guest is not back: the instance ends in error with the move open, revertible
+        run.ending.fail_fields |= {"host": migration.source_host, "flavor": migration.old_flavor, "disk": disk}
+        run.ending.changed = True  # the guest is not back: the instance ends in error with the move open, revertible
         raise
     except Exception as exc:  # the roll back records itself whatever the source said; sync sees the guest
         log.warning("source_restore_failed", host=migration.source_host, error=f"{type(exc).__name__}: {exc}")
@@ -250,7 +250,7 @@ def confirm(run: TaskRun) -> None:
     migration = run.store.moves.open_of(run.instance.uuid)
     assert migration is not None, "a resized instance has an open migration"
     confirm_on_source(run, migration)
-    run.fields["previous_vm_state"] = None
+    run.ending.fields["previous_vm_state"] = None
 
 
 def confirm_on_source(run: TaskRun, migration: Migration, *, ends: MigrationStatus = MS.CONFIRMED) -> None:
@@ -296,11 +296,11 @@ def revert(run: TaskRun) -> None:
         _spec(run, migration.old_flavor, kept), power_on=_power_on(migration)
     )
     back = {"host": migration.source_host, "flavor": migration.old_flavor, "previous_vm_state": None, "disk": kept}
-    run.fail_fields |= back  # from here on the guest lives on the source, whatever fails next
+    run.ending.fail_fields |= back  # from here on the guest lives on the source, whatever fails next
     run.store.consoles.revoke_tokens(uuid)
     run.store.claims.release(uuid, migration.dest_host)
     run.on(migration.dest_host).destroy(uuid, destroy_disks=True)
-    run.fields |= back
+    run.ending.fields |= back
     run.migration_status(migration.id, MS.REVERTED if finished else MS.ERROR)
 
 

@@ -77,13 +77,13 @@ def unpause(run: TaskRun) -> None:
 def suspend(run: TaskRun) -> None:
     """Save memory to disk; remember the vm_state to resume to, as Nova's old_vm_state."""
     run.driver.suspend(run.instance.uuid)
-    run.fields["previous_vm_state"] = run.source_vm_state
+    run.ending.fields["previous_vm_state"] = run.source_vm_state
 
 
 def resume(run: TaskRun) -> None:
     """Restore the saved memory."""
     run.driver.resume(run.spec)
-    run.fields["previous_vm_state"] = None
+    run.ending.fields["previous_vm_state"] = None
 
 
 def rescue(run: TaskRun) -> None:

@@ -31,8 +31,8 @@ def rebuild(run: TaskRun) -> None:
     # Everything of the instance there but what this task made (a resumed or stalled run never destroys the new
     # disk of another epoch); recorded done once it completed.
     run.once("old_disk_destroyed", lambda: run.clear_leftovers(host, why="rebuilding from the image"))
-    run.fields["disk"] = run.driver.spawn(replace(run.spec, disk=None), power_on=True)
-    run.fields["image"] = run.image.name
+    run.ending.fields["disk"] = run.driver.spawn(replace(run.spec, disk=None), power_on=True)
+    run.ending.fields["image"] = run.image.name
     if run.source_vm_state is VmState.STOPPED:
         run.power_off(timeout=0)
 

@@ -64,7 +64,7 @@ def shelve(run: TaskRun) -> None:
         run.before_power = PowerState.NOSTATE  # the host does not answer: nothing known changed, the vm_state stays
         raise
     except Exception:
-        if not run.changed:
+        if not run.ending.changed:
             _power_back(run)
         raise
 
@@ -94,9 +94,9 @@ def _shelve(run: TaskRun) -> None:
         _offload(run)
     except DriverError as exc:
         # The snapshot is safe and the guest off: keep the host, end shelved; the daemon offloads it later.
-        run.note = f"offload failed ({exc}); the instance stays shelved on {run.instance.host} for the daemon"
-        run.changed = False
-        run.end_power = PowerState.SHUTDOWN  # powered off by this task (a host gone silent cannot be asked)
+        run.ending.note = f"offload failed ({exc}); the instance stays shelved on {run.instance.host} for the daemon"
+        run.ending.changed = False
+        run.ending.end_power = PowerState.SHUTDOWN  # powered off by this task (a host gone silent cannot be asked)
 
 
 def _upload(run: TaskRun) -> Image:
@@ -146,11 +146,11 @@ def _offload(run: TaskRun) -> None:
             )
     run.store.consoles.revoke_tokens(uuid)
     run.driver.destroy(uuid, destroy_disks=True)
-    run.changed = True  # the domain is gone: a failure from here on cannot keep the vm_state
+    run.ending.changed = True  # the domain is gone: a failure from here on cannot keep the vm_state
     run.store.claims.release(uuid, task=run.task)
-    run.fields["host"] = None
-    run.fields["disk"] = None
-    run.end_power = PowerState.NOSTATE
+    run.ending.fields["host"] = None
+    run.ending.fields["disk"] = None
+    run.ending.end_power = PowerState.NOSTATE
 
 
 def _after_lost(run: TaskRun) -> None:
@@ -189,12 +189,12 @@ def _offload_from_dead_host(run: TaskRun, why: str) -> None:
     # An evacuation to nowhere: the host's daemon destroys the leftover when its hypervisor answers again.
     run.record_migration(EVACUATION, source, None, status=MigrationStatus.DONE)
     run.store.consoles.revoke_tokens(uuid)
-    run.changed = True
+    run.ending.changed = True
     run.store.claims.release(uuid, task=run.task)
-    run.fields["host"] = None
-    run.fields["disk"] = None
-    run.end_power = PowerState.NOSTATE
-    run.note = (
+    run.ending.fields["host"] = None
+    run.ending.fields["disk"] = None
+    run.ending.end_power = PowerState.NOSTATE
+    run.ending.note = (
         f"{source} is down and fenced ({why}): offloaded in the database, the disk kept in {image.name};"
         f" the domain left on {source} is destroyed when its hypervisor answers again"
     )
@@ -237,7 +237,7 @@ def unshelve(run: TaskRun) -> None:
     """Walk unshelving -> spawning: power on where it is, or spawn from the snapshot on a scheduled host.
 
     The snapshot is deleted only once the instance's success is written
-    (:attr:`TaskRun.after_success`): a worker taken over or crashed before that never touches it.
+    (:attr:`lifecycle.ending.Ending.after_success`): a worker taken over or crashed before that never touches it.
     """
     uuid = run.instance.uuid
     if run.source_vm_state is VmState.SHELVED:
@@ -249,8 +249,8 @@ def unshelve(run: TaskRun) -> None:
             raise
     else:
         _spawn_offloaded(run)
-    run.fields["launched_at"] = now()
-    run.after_success.append(lambda: drop_snapshot(run.store, uuid, run.settings))
+    run.ending.fields["launched_at"] = now()
+    run.ending.after_success.append(lambda: drop_snapshot(run.store, uuid, run.settings))
 
 
 def _spawn_offloaded(run: TaskRun) -> None:
@@ -258,7 +258,7 @@ def _spawn_offloaded(run: TaskRun) -> None:
     snapshot = snapshot_of(run.store, uuid)
     if snapshot is None:
         raise ImageNotFound(snapshot_name(uuid), [])
-    run.fail_fields |= {"host": None, "disk": None}  # a failed unshelve stays offloaded: no host, no claim
+    run.ending.fail_fields |= {"host": None, "disk": None}  # a failed unshelve stays offloaded: no host, no claim
     if run.resumed_past(T.UNSHELVING) and run.instance.host is not None:
         dest = run.instance.host
     else:
@@ -273,7 +273,7 @@ def _spawn_offloaded(run: TaskRun) -> None:
         run.clear_leftovers(dest, why="spawning from the snapshot")
         # The copy records its progress on the step, and stops there once the task is no longer ours.
         spec = replace(run.spec, disk=None)
-        run.fields["disk"] = run.driver.spawn_from_snapshot(
+        run.ending.fields["disk"] = run.driver.spawn_from_snapshot(
             spec, Path(snapshot.path), power_on=True, progress=run.copy_progress
         )
     except Preempted:

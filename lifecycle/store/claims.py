@@ -37,7 +37,7 @@ class Claims(StoreBase):
     """Claim rows and the host usage counters they add to."""
 
     @retry_on_deadlock
-    def claim(self, uuid: str, host: str, vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios) -> bool:
+    def claim(self, uuid: str, host: str, *, vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios) -> bool:
         """Reserve resources for an instance on a host within its allocation ratios, atomically.
 
         One conditional UPDATE adds the usage only if it still fits (and the
@@ -51,7 +51,7 @@ class Claims(StoreBase):
 
     @retry_on_deadlock
     def claim_first(
-        self, uuid: str, candidates: Sequence[str], vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios
+        self, uuid: str, candidates: Sequence[str], *, vcpus: int, memory_mb: int, disk_gb: int, ratios: Ratios
     ) -> str | None:
         """Reserve resources on the first of ``candidates``, in their order, that still fits; return its name.
 

@@ -161,7 +161,16 @@ class Writes(StoreBase):
             if self.one_statement:
                 closed = {"finished_at": at, "result": result, "detail": why.message}
                 set_task = {"lease_expires_at": at + self.lease}
-                _worker_write(conn, expected, after, task, why, set_task, closed, _opened(seq, task_state.value))
+                _worker_write(
+                    conn,
+                    expected,
+                    after=after,
+                    task=task,
+                    why=why,
+                    task_set=set_task,
+                    closed=closed,
+                    opened=_opened(seq, task_state.value),
+                )
                 return after
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, result, why.message)
@@ -201,7 +210,16 @@ class Writes(StoreBase):
         with self.engine.begin() as conn:
             if self.one_statement:
                 closed = {"finished_at": at, "result": step_result, "detail": error}
-                _worker_write(conn, expected, after, task, why, {**ended, "lease_expires_at": at}, closed, None)
+                _worker_write(
+                    conn,
+                    expected,
+                    after=after,
+                    task=task,
+                    why=why,
+                    task_set={**ended, "lease_expires_at": at},
+                    closed=closed,
+                    opened=None,
+                )
                 return after
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, step_result, error)
@@ -335,6 +353,7 @@ def _expected(instance: Instance) -> dict[str, Any]:
 def _worker_write(
     conn: sa.Connection,
     expected: Instance,
+    *,
     after: Instance,
     task: Task,
     why: Why,
