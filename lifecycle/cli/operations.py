@@ -152,16 +152,18 @@ def _command(operation: str) -> Command | None:
     An operation whose table row says its guest's disk is lost (:data:`~lifecycle.graph.DATA_LOSS`)
     says so in its help and after its result.
     """
-    if operation in _OWN:
-        command = _OWN[operation]
-        if command is not None and DATA_LOSS in graph.operation(operation).note:
-            return command._replace(help=f"{command.help} ({DATA_LOSS})", note=f"note: {DATA_LOSS}")
-        return command
-    return Command(
-        f"{operation.replace('_', '-')} an instance",
-        (_UUID,),
-        lambda engine, args, kw: engine.run(operation, args.uuid, **kw),
+    command = (
+        _OWN[operation]
+        if operation in _OWN
+        else Command(
+            f"{operation.replace('_', '-')} an instance",
+            (_UUID,),
+            lambda engine, args, kw: engine.run(operation, args.uuid, **kw),
+        )
     )
+    if command is not None and DATA_LOSS in graph.operation(operation).note:
+        return command._replace(help=f"{command.help} ({DATA_LOSS})", note=f"note: {DATA_LOSS}")
+    return command
 
 
 def _add(commands: Commands, task: Parser, operation: str) -> None:
