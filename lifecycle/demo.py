@@ -153,7 +153,7 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
                 _resize_to_remote(engine, web, hosts, say)
 
             db = engine.create("db-1", host="compute-2", flavor=Flavor(2, 128, 2), image="cirros").instance_uuid
-            gate = fake.hold("power_off")
+            gate = fake.faults.hold("power_off")
             stopper = threading.Thread(target=_stop_quietly, args=(engine, db))
             stopper.start()
             gate.wait_entered()
@@ -171,7 +171,7 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
             gold = Flavor(1, 256, 1, extra_specs=(("capabilities:tier", "gold"),))
             app = engine.create("app-1", flavor=gold, image="cirros").instance_uuid
             say(f"\napp-1 {app} scheduled (flavor wants capabilities:tier=gold) to {engine.get(app).host}")
-            fake.crash_after(Driver.pause.__name__)
+            fake.faults.crash_after(Driver.pause.__name__)
             try:
                 engine.pause(app)
             except SimulatedCrash:

@@ -43,7 +43,7 @@ def story(engine: Engine, fakes: Fakes) -> Story:
     synced = engine.create("synced", host="h2", flavor=FLAVOR, image="cirros").instance_uuid
     fakes["h2"].set_power(synced, PowerState.SHUTDOWN, event=False)
     engine.hosts.sync("h2")
-    fakes["h1"].fail_next("spawn")
+    fakes["h1"].faults.fail_next("spawn")
     with pytest.raises(TaskFailed):
         engine.create("broken", host="h1", flavor=FLAVOR, image="cirros", request_id="req-broken")
     broken = next(i.uuid for i in engine.list() if i.name == "broken")

@@ -43,7 +43,7 @@ def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(
     """Five creates onto h1 with two slots: two spawn at once, three wait as a queued step (`lifecycle tasks` shows it)."""
     engine = slots_engine
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
-    gates = [h1.hold("spawn") for _ in range(5)]
+    gates = [h1.faults.hold("spawn") for _ in range(5)]
     tasks = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros", wait=False) for i in range(5)]
     wait_until("two spawns in flight", lambda: sum(g.wait_entered(0) for g in gates) == 2)
     wait_until("three queued builds", lambda: sum(_queued(engine, t.id) == ["running"] for t in tasks) == 3)
@@ -78,7 +78,7 @@ def test_slots_are_per_host(slots_engine: Engine, fakes: Fakes) -> None:
     """With h1's two slots held, a build onto h2 spawns at once instead of queueing behind them."""
     engine = slots_engine
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
-    gates = [h1.hold("spawn") for _ in range(2)]
+    gates = [h1.faults.hold("spawn") for _ in range(2)]
     held = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros", wait=False) for i in range(2)]
     wait_until("both h1 slots taken", lambda: all(g.wait_entered(0) for g in gates))
     other = engine.create("vm-h2", host="h2", flavor=FLAVOR, image="cirros")
@@ -96,7 +96,7 @@ def test_deleting_a_queued_build_ends_its_wait_and_frees_nothing_it_did_not_take
     """A delete of a build waiting for a slot takes it over at once; the slots held by others stay theirs."""
     engine = slots_engine
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
-    gates = [h1.hold("spawn") for _ in range(2)]
+    gates = [h1.faults.hold("spawn") for _ in range(2)]
     held = [engine.create(f"vm{i}", host="h1", flavor=FLAVOR, image="cirros", wait=False) for i in range(2)]
     wait_until("both h1 slots taken", lambda: all(g.wait_entered(0) for g in gates))
     queued = engine.create("vm-queued", host="h1", flavor=FLAVOR, image="cirros", wait=False)
@@ -143,11 +143,11 @@ def test_a_busy_pool_is_waited_out_by_a_build_and_a_delete(engine: Engine, fakes
     """Busy answers of the host's pool (another call building a volume) delay a create and a delete, never fail them."""
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
     engine.hosts.heartbeat("h1")
-    h1.busy_pool(3)
+    h1.faults.busy_pool(3)
     task = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     assert engine.get(task.instance_uuid).vm_state.value == "active"
     assert h1.busy_answers == 3
-    h1.busy_pool(3)
+    h1.faults.busy_pool(3)
     engine.delete(task.instance_uuid)
     assert h1.busy_answers == 6
     assert not h1.domain_exists(task.instance_uuid)
@@ -161,10 +161,10 @@ def test_a_pool_busy_past_the_bound_fails_the_build_with_its_cause_not_as_a_miss
     h1 = fakes.setdefault("h1", FakeDriver("h1"))
     engine.hosts.heartbeat("h1")
     h1.busy_seconds = 0.2
-    h1.busy_pool(10_000)
+    h1.faults.busy_pool(10_000)
     with pytest.raises(TaskFailed) as failed:
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
-    h1.busy_pool(-h1._busy)  # the host is quiet again: the failed build's clean-up and teardown checks go on
+    h1.faults.busy_pool(-h1.faults.busy)  # the host is quiet again: the failed build's clean-up and teardown checks go on
     error = failed.value.task.error or ""
     assert "has asynchronous jobs running" in error and "still busy" in error
     assert DomainNotFound.__name__ not in error

@@ -587,7 +587,7 @@ def test_a_hung_host_gets_503_in_time_and_never_starves_the_others(
     _, token, vnc = new_console()
     near_token, near_vnc = _second_console(engine, tmp_path)
     far = fakes.factory(engine.hosts.get("far"))
-    gates = [far.hold("get_vnc_console") for _ in range(8)]
+    gates = [far.faults.hold("get_vnc_console") for _ in range(8)]
     proxy = proxy_for()
     took: list[float] = []
     codes: list[int] = []

@@ -76,7 +76,7 @@ def _place(engine: Engine, fakes: Fakes, vm: VmState, ts: TaskState | None, host
         fakes["h1"].unreachable = True
         store.hosts.update("h1", last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
     elif host == "failing":
-        fakes["h1"].fail_next("destroy", OSError(5, "Input/output error"))
+        fakes["h1"].faults.fail_next("destroy", OSError(5, "Input/output error"))
     return uuid
 
 

@@ -87,7 +87,7 @@ def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(db_url: 
     """A spawn held past instance_build_timeout: the instance goes to error, the task fails, the worker stops."""
     engine = _cloud(db_url, fakes, instance_build_timeout=0.2)
     try:
-        gate = fakes.factory(engine.hosts.get("a")).hold("spawn")
+        gate = fakes.factory(engine.hosts.get("a")).faults.hold("spawn")
         errors: list[BaseException] = []
 
         def build() -> None:
@@ -122,7 +122,7 @@ def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(db_url: 
 def test_reset_state_ends_a_stuck_task_and_the_next_operation_runs(cloud: Engine, fakes: Fakes) -> None:
     """reset-state of a stop stuck in the driver: task failed (cause admin, who and why), task_state cleared, stop again works."""
     uuid = _vm(cloud)
-    gate = fakes["a"].hold("power_off")
+    gate = fakes["a"].faults.hold("power_off")
 
     errors: list[BaseException] = []
 
@@ -214,7 +214,7 @@ def test_only_the_locker_or_an_override_unlocks(cloud: Engine) -> None:
 def test_a_lock_taken_while_an_operation_runs_lets_it_finish(cloud: Engine, fakes: Fakes) -> None:
     """Locking during a stop held in the driver changes only the lock: the stop ends as it would."""
     uuid = _vm(cloud)
-    gate = fakes["a"].hold("power_off")
+    gate = fakes["a"].faults.hold("power_off")
     worker = threading.Thread(target=cloud.stop, args=(uuid,))
     worker.start()
     assert gate.wait_entered()
@@ -259,7 +259,7 @@ def test_reclaim_never_takes_over_a_restore_in_flight(reclaiming: Engine, fakes:
         V.SOFT_DELETED, reclaiming.get(uuid).updated_at + timedelta(seconds=1)
     )
     assert [i.uuid for i in queue] == [uuid]
-    gate = fakes["a"].hold("power_on")
+    gate = fakes["a"].faults.hold("power_on")
     worker = threading.Thread(target=reclaiming.restore, args=(uuid,))
     worker.start()
     assert gate.wait_entered()
@@ -293,7 +293,7 @@ def test_reset_state_refuses_an_instance_with_an_open_move(db_url: str, fakes: F
 def test_a_delete_worker_fenced_by_reset_state_releases_no_claim(cloud: Engine, fakes: Fakes) -> None:
     """A delete held in destroy, ended by reset-state, wakes fenced: the instance keeps its claim (no accounting hole)."""
     uuid = _vm(cloud)
-    gate = fakes["a"].hold("destroy")
+    gate = fakes["a"].faults.hold("destroy")
     errors: list[BaseException] = []
 
     def delete() -> None:

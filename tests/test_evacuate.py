@@ -195,7 +195,7 @@ def test_a_failed_evacuation_is_recorded_and_keeps_only_the_destination_claim(cl
     uuid = _on(cloud, "h1")
     _dead(cloud, "h1")
     cloud.hosts.driver("h2")
-    fakes["h2"].fail_next("spawn", OSError(5, "Input/output error"))
+    fakes["h2"].faults.fail_next("spawn", OSError(5, "Input/output error"))
     with pytest.raises(Exception, match="Input/output error"):
         cloud.evacuate(uuid, host="h2")
     after = cloud.get(uuid)

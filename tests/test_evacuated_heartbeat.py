@@ -118,7 +118,7 @@ def test_the_daemon_heartbeat_refuses_a_copy_evacuated_after_its_clear(cloud: En
     assert worker.cleared.is_set()
     uuid = _evacuated_then_unfenced(cloud)
     beat = cloud.hosts.get("h1").last_heartbeat
-    fakes["h1"].fail_next("remove", DriverUnavailable("h1 went silent", call="remove"))
+    fakes["h1"].faults.fail_next("remove", DriverUnavailable("h1 went silent", call="remove"))
     worker.heartbeat()  # the ping answers; destroying the copy does not
     assert cloud.hosts.get("h1").last_heartbeat == beat and not worker.cleared.is_set()
     assert fakes["h1"].domain_exists(uuid)

@@ -86,7 +86,7 @@ def test_console_of_a_hostless_instance_says_it_has_no_host(engine: Engine) -> N
 def test_failed_build_on_a_named_host_keeps_no_host_claim_or_domain(engine: Engine, fakes: Fakes) -> None:
     """A spawn failing on a named host ends error with no host, no claim and no half-made domain left there."""
     engine.hosts.driver("h1")
-    fakes["h1"].fail_after("spawn")  # the domain is made, then the call reports failure
+    fakes["h1"].faults.fail_after("spawn")  # the domain is made, then the call reports failure
     with pytest.raises(TaskFailed) as failed:
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     uuid = failed.value.task.instance_uuid
@@ -106,7 +106,7 @@ def test_failed_build_leaves_room_for_the_next_create(db_url: str, fakes: Fakes)
 
     engine.images.add("cirros", fake_image())
     engine.hosts.heartbeat("small")
-    fakes.factory(engine.hosts.get("small")).fail_next("spawn")
+    fakes.factory(engine.hosts.get("small")).faults.fail_next("spawn")
     with pytest.raises(TaskFailed):
         engine.create("a", host="small", flavor=FLAVOR, image="cirros")
     engine.create("b", host="small", flavor=FLAVOR, image="cirros")
@@ -129,15 +129,15 @@ def test_any_exception_from_the_driver_ends_the_task(
     """A driver raising something other than DriverError ends the task failed with error and traceback."""
     uuid = new_instance()
     call = {"stop": "power_off", "delete": "destroy", "force_delete": "destroy", "pause": "pause"}[op]
-    fakes["h1"].fail_next(call, error)
-    fakes["h1"].fail_next("get_info", error)  # the power read at failure breaks too
+    fakes["h1"].faults.fail_next(call, error)
+    fakes["h1"].faults.fail_next("get_info", error)  # the power read at failure breaks too
     with pytest.raises(TaskFailed) as failed:
         engine.run(op, uuid)
     task = engine.task(failed.value.task.id)
     assert task.outcome is Outcome.FAILED and type(error).__name__ in (task.error or "")
     assert task.traceback and type(error).__name__ in task.traceback
     assert engine.get(uuid).task_id is None
-    fakes["h1"].clear_faults()  # the fault not consumed (the power read) would hit the delete
+    fakes["h1"].faults.clear()  # the fault not consumed (the power read) would hit the delete
     engine.delete(uuid)
     assert engine.get(uuid).vm_state is V.DELETED
 
@@ -149,8 +149,8 @@ def test_spawn_raising_oserror_reschedules(engine: Engine, fakes: Fakes) -> None
     for name in ("h1", "h2"):
         engine.hosts.driver(name)
     first = iter(["h1", "h2"])
-    fakes["h1"].fail_next("spawn", OSError(28, "No space left on device"))
-    fakes["h2"].fail_next("spawn", OSError(28, "No space left on device"))
+    fakes["h1"].faults.fail_next("spawn", OSError(28, "No space left on device"))
+    fakes["h2"].faults.fail_next("spawn", OSError(28, "No space left on device"))
     with pytest.raises(TaskFailed, match="NoValidHost"):
         engine.create("vm", flavor=FLAVOR, image="cirros")
     assert next(first) == "h1"
@@ -181,7 +181,7 @@ def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
     on_h1 = first.create("a", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     on_h2 = first.create("b", host="h2", flavor=FLAVOR, image="cirros").instance_uuid
     for uuid, host in ((on_h1, "h1"), (on_h2, "h2")):
-        gate = fakes[host].hold("power_off")
+        gate = fakes[host].faults.hold("power_off")
         first.stop(uuid, wait=False)
         assert gate.wait_entered()
     fakes["broken"] = fakes["h1"]  # h1's driver can no longer be opened by a new engine
@@ -191,7 +191,7 @@ def test_recover_goes_on_past_a_task_it_cannot_recover(sqlite_url: str) -> None:
     assert second.get(on_h1).task_id is None
     assert results[on_h2].outcome == "succeeded" and second.get(on_h2).vm_state is V.STOPPED
     for gate_host in ("h1", "h2"):
-        fakes[gate_host].clear_faults()
+        fakes[gate_host].faults.clear()
     del fakes["broken"]
     second.close()
 
@@ -208,7 +208,7 @@ def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
     first.images.add("cirros", fake_image())
     uuids = [first.create(n, host="h1", flavor=FLAVOR, image="cirros").instance_uuid for n in ("a", "b")]
     for uuid in uuids:
-        gate = fakes["h1"].hold("power_off")
+        gate = fakes["h1"].faults.hold("power_off")
         first.stop(uuid, wait=False)
         assert gate.wait_entered()
     real = recovery._recover
@@ -223,14 +223,14 @@ def test_recover_reports_a_task_whose_recovery_raises_and_goes_on(
     results = {r.instance_uuid: r for r in second.recover(force=True)}
     assert (results[uuids[0]].outcome, results[uuids[0]].reason) == ("error", "RuntimeError: database hiccup")
     assert results[uuids[1]].outcome == "succeeded"
-    fakes["h1"].clear_faults()
+    fakes["h1"].faults.clear()
     second.close()
 
 
 def test_recover_does_not_take_over_a_task_its_own_engine_runs(engine: Engine, fakes: Fakes) -> None:
     """An engine's periodic recover leaves alone the tasks its own workers are running."""
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    gate = fakes["h1"].hold("pause")
+    gate = fakes["h1"].faults.hold("pause")
     task = engine.pause(uuid, wait=False)
     assert gate.wait_entered()
     assert engine.recover() == []
@@ -242,7 +242,7 @@ def test_recover_does_not_take_over_a_task_its_own_engine_runs(engine: Engine, f
 def test_only_live_workers_have_their_lease_renewed(engine: Engine, fakes: Fakes) -> None:
     """A running task row whose worker is gone is not renewed by the heartbeat, so recovery can end it."""
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    gate = fakes["h1"].hold("pause")
+    gate = fakes["h1"].faults.hold("pause")
     live = engine.pause(uuid, wait=False)
     assert gate.wait_entered()
     assert engine.store.tasks.renew_leases(engine.owner, sorted(engine.runner.active)) == 1
@@ -385,7 +385,7 @@ def test_daemon_serves_disabled_hosts_and_releases_removed_ones(engine: Engine) 
 def test_create_preempted_by_delete_keeps_no_claim_and_no_domain(engine: Engine, fakes: Fakes) -> None:
     """A delete taking over a build held inside spawn leaves no claim, and the late spawn's domain is destroyed."""
     engine.hosts.driver("h1")
-    gate = fakes["h1"].hold("spawn")
+    gate = fakes["h1"].faults.hold("spawn")
     task = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros", wait=False)
     assert gate.wait_entered()
     engine.delete(task.instance_uuid)
@@ -495,11 +495,11 @@ def test_a_fenced_worker_cannot_write_after_a_forced_takeover(db_url: str, fakes
     first.hosts.add("h1", "fake://")
     first.images.add("cirros", fake_image())
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    old_gate = fakes["h1"].hold("pause")
+    old_gate = fakes["h1"].faults.hold("pause")
     task = first.pause(uuid, wait=False)
     assert old_gate.wait_entered()
     second = Engine(db_url, driver_factory=fakes.factory, owner="node-1")
-    new_gate = fakes["h1"].hold("pause")
+    new_gate = fakes["h1"].faults.hold("pause")
     recovering = threading.Thread(target=second.recover, kwargs={"force": True})
     recovering.start()
     assert new_gate.wait_entered()
@@ -519,10 +519,10 @@ def test_a_fenced_worker_cannot_write_after_a_forced_takeover(db_url: str, fakes
 def test_a_failed_delete_does_not_let_its_victim_destroy_the_guest(engine: Engine, fakes: Fakes) -> None:
     """When the delete that took over a stop fails, the stop's late return leaves the domain and claim alone."""
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    gate = fakes["h1"].hold("power_off")
+    gate = fakes["h1"].faults.hold("power_off")
     engine.stop(uuid, wait=False)
     assert gate.wait_entered()
-    fakes["h1"].fail_next("destroy")
+    fakes["h1"].faults.fail_next("destroy")
     with pytest.raises(TaskFailed):
         engine.force_delete(uuid)
     gate.release()
@@ -609,7 +609,7 @@ def test_a_delete_whose_power_read_failed_still_shuts_a_running_guest_down_clean
     fake = fakes["h1"]
     fake.power_on(DomainSpec(uuid, "vm", 1, 64, 1, "/x", "qcow2"))  # started behind the engine's back
     fake.calls.clear()
-    fake.fail_next("get_info")
+    fake.faults.fail_next("get_info")
     engine.delete(uuid)
     assert next(c for c in fake.calls if c.startswith(("power_off", "destroy"))) == "power_off"
     assert not fake.domain_exists(uuid) and engine.get(uuid).vm_state is V.DELETED
@@ -618,7 +618,7 @@ def test_a_delete_whose_power_read_failed_still_shuts_a_running_guest_down_clean
 def test_host_remove_is_refused_while_a_claim_of_an_instance_not_on_it_holds_it(engine: Engine, fakes: Fakes) -> None:
     """A claim whose instance has no host set (a build between its claim and its first step) keeps the host unless forced."""
     engine.hosts.driver("h1")
-    fakes["h1"].fail_next("spawn")
+    fakes["h1"].faults.fail_next("spawn")
     with pytest.raises(TaskFailed):
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
     (failed,) = [i for i in engine.list() if i.vm_state is V.ERROR]
@@ -636,7 +636,7 @@ def test_a_driver_error_holding_a_nul_byte_still_ends_the_task(engine: Engine, f
     from lifecycle.errors import DriverError
 
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    fakes["h1"].fail_next("power_off", DriverError("bad\x00byte", call="power_off"))
+    fakes["h1"].faults.fail_next("power_off", DriverError("bad\x00byte", call="power_off"))
     with pytest.raises(TaskFailed, match=r"bad\\x00byte"):
         engine.stop(uuid)
     task = engine.store.tasks.of(uuid)[-1]

@@ -17,7 +17,7 @@ def test_a_hung_host_does_not_stall_the_others(sqlite_url: str, fakes: Fakes) ->
     engine = make_engine(sqlite_url, fakes, sync_interval=0.05, host_down_after=3.0)
     for host in ("h1", "h2"):
         engine.hosts.driver(host)
-    gate = fakes["h1"].hold("list_instances")  # the first call that lists h1 hangs there
+    gate = fakes["h1"].faults.hold("list_instances")  # the first call that lists h1 hangs there
     daemon = Daemon(engine, claim_interval=0.05)
     thread = threading.Thread(target=daemon.run)
     thread.start()

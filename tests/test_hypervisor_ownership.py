@@ -76,7 +76,7 @@ def test_a_stalled_copy_never_deletes_the_disk_its_recovery_made(twins: Callable
     first = twins()
     uuid = _vm(first, fakes)
     b = fakes.factory(first.hosts.get("b"))
-    gate = b.hold("copy")
+    gate = b.faults.hold("copy")
     worker, errors = _in_thread(lambda: first.migrate(uuid, host="b"))
     assert gate.wait_entered()
     second = twins()
@@ -132,7 +132,7 @@ def test_a_stalled_resize_never_kills_the_guest_its_recovery_rolled_back(
     first = twins()
     uuid = _vm(first, fakes)
     a = fakes.factory(first.hosts.get("a"))
-    gate = a.hold("migrate_disk_and_power_off")
+    gate = a.faults.hold("migrate_disk_and_power_off")
     worker, errors = _in_thread(lambda: first.resize(uuid, BIG))
     assert gate.wait_entered()
     second = twins()
@@ -165,7 +165,7 @@ def test_a_roll_back_that_cannot_reach_the_source_leaves_the_move_open(
     uuid = _vm(engine, fakes)
     a, b = fakes.factory(engine.hosts.get("a")), fakes.factory(engine.hosts.get("b"))
     original = a.volumes()
-    b.fail_after("copy", DriverUnavailable("source vanished mid-copy", call="copy"))
+    b.faults.fail_after("copy", DriverUnavailable("source vanished mid-copy", call="copy"))
     before = b._before
 
     def source_gone_at_the_copy(call: str) -> BaseException | None:
@@ -196,10 +196,10 @@ def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Eng
     uuid = _vm(engine, fakes)
     engine.stop(uuid)
     b = fakes.factory(engine.hosts.get("b"))
-    b.crash_after("copy")
+    b.faults.crash_after("copy")
     with pytest.raises(SimulatedCrash):
         engine.migrate(uuid, host="b")
-    b.fail_next("copy")
+    b.faults.fail_next("copy")
     [recovered] = twins().recover(force=True)
     assert (recovered.plan, recovered.outcome) == ("resume", RecoveryOutcome.FAILED)
     i = engine.get(uuid)
@@ -214,7 +214,7 @@ def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[]
     engine = twins()
     uuid = _vm(engine, fakes)
     b = fakes.factory(engine.hosts.get("b"))
-    b.crash_after("copy")
+    b.faults.crash_after("copy")
     with pytest.raises(SimulatedCrash):
         engine.migrate(uuid, host="b")
     assert len(b.volumes()) == 1  # the dead worker's partial copy
@@ -245,7 +245,7 @@ def test_a_second_forced_recovery_never_takes_the_first_ones_task(
     first = twins()
     uuid = _vm(first, fakes)
     b = fakes.factory(first.hosts.get("b"))
-    gates = [b.hold("copy"), b.hold("copy")]  # the first worker's copy, then the recovery's
+    gates = [b.faults.hold("copy"), b.faults.hold("copy")]  # the first worker's copy, then the recovery's
     worker, _ = _in_thread(lambda: first.migrate(uuid, host="b"))
     assert gates[0].wait_entered()
     rescuer = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0))

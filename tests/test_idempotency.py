@@ -26,7 +26,7 @@ def test_same_key_while_running_returns_the_running_task(
 ) -> None:
     """A retry that arrives while the first call still runs gets the running task, not a Conflict."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("pause")
+    gate = fakes["h1"].faults.hold("pause")
     started = engine.pause(uuid, idempotency_key="k-2", wait=False)
     assert gate.wait_entered()
     assert engine.pause(uuid, idempotency_key="k-2").id == started.id
@@ -68,7 +68,7 @@ def test_a_key_reused_for_another_call_is_refused(
 def test_a_replayed_failure_fails_again(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
     """A repeat of a call that failed raises TaskFailed for the same task, and runs nothing new."""
     uuid = new_instance()
-    fakes["h1"].fail_next("pause")
+    fakes["h1"].faults.fail_next("pause")
     with pytest.raises(TaskFailed) as first:
         engine.pause(uuid, idempotency_key="p")
     with pytest.raises(TaskFailed) as again:

@@ -38,7 +38,7 @@ def test_every_operation_line_carries_instance_task_and_request_ids(
     """Step lines and summary lines of an operation all name the instance, the task and the request."""
     uuid = new_instance()
     engine.reboot(uuid, request_id="req-abc")
-    fakes["h1"].fail_next("pause")
+    fakes["h1"].faults.fail_next("pause")
     with pytest.raises(TaskFailed):
         engine.pause(uuid)
     for event in events:

@@ -75,7 +75,7 @@ def test_a_pass_that_cannot_run_counts_as_failed_and_as_a_host_error(cloud: Engi
 def test_a_stuck_task_shows_as_a_growing_age(cloud: Engine, fakes: Fakes) -> None:
     """A stop held in the driver is a running task whose oldest age grows between scrapes."""
     uuid = cloud.create("vm", host="a", flavor=Flavor(1, 64, 1), image="cirros").instance_uuid
-    gate = fakes["a"].hold("power_off")
+    gate = fakes["a"].faults.hold("power_off")
     worker = threading.Thread(target=cloud.stop, args=(uuid,))
     worker.start()
     try:

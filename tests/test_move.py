@@ -122,7 +122,7 @@ def test_an_unreachable_source_leaves_the_move_finished_for_a_retry(cloud: Engin
     """Confirm failing on the source keeps the migration finished and the instance resized; a retry confirms."""
     uuid = _vm(cloud)
     cloud.resize(uuid, BIG)
-    fakes["a"].fail_next("confirm_migration", DriverUnavailable("host a unreachable"))
+    fakes["a"].faults.fail_next("confirm_migration", DriverUnavailable("host a unreachable"))
     with pytest.raises(TaskFailed):
         cloud.confirm_resize(uuid)
     assert cloud.get(uuid).vm_state is V.RESIZED
@@ -134,7 +134,7 @@ def test_an_unreachable_source_leaves_the_move_finished_for_a_retry(cloud: Engin
 def test_a_failure_before_the_disk_leaves_is_rolled_back_on_the_source(cloud: Engine, fakes: Fakes) -> None:
     """If the source cannot set the disk aside, the instance stays on a, running, and b's claim is released."""
     uuid = _vm(cloud)
-    fakes["a"].fail_next("migrate_disk_and_power_off", DriverError("disk busy"))
+    fakes["a"].faults.fail_next("migrate_disk_and_power_off", DriverError("disk busy"))
     with pytest.raises(TaskFailed):
         cloud.resize(uuid, BIG)
     i = cloud.get(uuid)
@@ -145,7 +145,7 @@ def test_a_failure_before_the_disk_leaves_is_rolled_back_on_the_source(cloud: En
 def test_a_failure_on_the_destination_keeps_the_source_disk(cloud: Engine, fakes: Fakes) -> None:
     """finish_migration failing on b sends the instance to error but never loses the source's kept disk."""
     uuid = _vm(cloud)
-    fakes.factory(cloud.hosts.get("b")).fail_next("finish_migration")
+    fakes.factory(cloud.hosts.get("b")).faults.fail_next("finish_migration")
     with pytest.raises(TaskFailed):
         cloud.resize(uuid, BIG)
     assert cloud.get(uuid).vm_state is V.ERROR
@@ -228,7 +228,7 @@ def test_a_copy_that_fails_rolls_back_onto_the_source(cloud: Engine, fakes: Fake
     """A copy failing midway leaves nothing on b: the guest runs on a as before, old flavor, b's claim released."""
     uuid = _vm(cloud)
     b = fakes.factory(cloud.hosts.get("b"))
-    b.fail_after("copy", DriverUnavailable("b stopped answering", call="copy"))  # after the first chunk
+    b.faults.fail_after("copy", DriverUnavailable("b stopped answering", call="copy"))  # after the first chunk
     with pytest.raises(TaskFailed, match="CopyFailed"):
         cloud.resize(uuid, BIG)
     i = cloud.get(uuid)
@@ -243,7 +243,7 @@ def test_a_stopped_guest_whose_copy_fails_stays_stopped_on_the_source(cloud: Eng
     uuid = _vm(cloud)
     cloud.stop(uuid)
     b = fakes.factory(cloud.hosts.get("b"))
-    b.fail_next("copy")
+    b.faults.fail_next("copy")
     with pytest.raises(TaskFailed):
         cloud.migrate(uuid)
     i = cloud.get(uuid)
@@ -258,7 +258,7 @@ def test_a_force_delete_stops_a_copy_in_flight(cloud: Engine, fakes: Fakes) -> N
 
     uuid = _vm(cloud)
     b = fakes.factory(cloud.hosts.get("b"))
-    gate = b.hold("copy")
+    gate = b.faults.hold("copy")
     errors: list[BaseException] = []
 
     def resize() -> None:
@@ -286,7 +286,7 @@ def test_a_copy_cut_by_a_crash_is_restarted_by_recovery(cloud: Engine, fakes: Fa
 
     uuid = _vm(cloud)
     b = fakes.factory(cloud.hosts.get("b"))
-    b.crash_after("copy")
+    b.faults.crash_after("copy")
     with pytest.raises(SimulatedCrash):
         cloud.resize(uuid, BIG)
     assert cloud.get(uuid).task_state is TaskState.RESIZE_FINISH and not b.domain_exists(uuid)
@@ -301,7 +301,7 @@ def test_a_delete_that_cuts_a_move_short_leaves_its_record_in_error(cloud: Engin
     """A delete taking over a move mid-copy ends the migration in error (it never happened), a resized one confirmed."""
     uuid = _vm(cloud)
     fakes.factory(cloud.hosts.get("b"))
-    gate = fakes["b"].hold("copy")
+    gate = fakes["b"].faults.hold("copy")
     cloud.migrate(uuid, host="b", wait=False)
     assert gate.wait_entered()
     migration = cloud.store.moves.open_of(uuid)

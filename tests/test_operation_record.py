@@ -176,7 +176,7 @@ def test_a_registered_operation_is_preempted_by_delete(engine: Engine, fakes: Fa
     assert ("force_delete", "tune") in preemption.pairs()
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     engine.stop(uuid)
-    gate = fakes["h1"].hold("power_on")
+    gate = fakes["h1"].faults.hold("power_on")
     errors: list[BaseException] = []
 
     def tune() -> None:

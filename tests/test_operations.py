@@ -102,7 +102,7 @@ def test_rebuild_gives_a_new_disk_on_the_new_image(
 def test_rebuild_from_error_ends_active(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
     """A rebuild is a way out of error: it ends active."""
     uuid = new_instance()
-    fakes["h1"].fail_after("pause")
+    fakes["h1"].faults.fail_after("pause")
     with pytest.raises(TaskFailed):
         engine.pause(uuid)
     assert engine.get(uuid).vm_state is V.ERROR
@@ -115,7 +115,7 @@ def test_failure_with_guest_unchanged_keeps_the_vm_state(
 ) -> None:
     """A failed pause that left the guest running keeps active; the error is on the task and in the audit log."""
     uuid = new_instance()
-    fakes["h1"].fail_next("pause", DriverError("qemu said no"))
+    fakes["h1"].faults.fail_next("pause", DriverError("qemu said no"))
     with pytest.raises(TaskFailed) as info:
         engine.pause(uuid)
     i = engine.get(uuid)
@@ -132,7 +132,7 @@ def test_failure_with_guest_changed_goes_to_error(
 ) -> None:
     """A stop that changed the guest and then reported failure goes to error with the real power."""
     uuid = new_instance()
-    fakes["h1"].fail_after("power_off", DriverError("lost the monitor"))
+    fakes["h1"].faults.fail_after("power_off", DriverError("lost the monitor"))
     with pytest.raises(TaskFailed):
         engine.stop(uuid)
     i = engine.get(uuid)
@@ -145,7 +145,7 @@ def test_failure_with_unchanged_broken_guest_keeps_the_vm_state(
     """A guest crashed before the stop and still crashed after it is unchanged: the vm_state stays."""
     uuid = new_instance()
     fakes["h1"].set_power(uuid, P.CRASHED)
-    fakes["h1"].fail_next("power_off")
+    fakes["h1"].faults.fail_next("power_off")
     with pytest.raises(TaskFailed):
         engine.stop(uuid)
     assert (engine.get(uuid).vm_state, engine.get(uuid).power_state) == (V.ACTIVE, P.CRASHED)
@@ -158,7 +158,7 @@ def test_hard_reboot_failure_with_guest_running_ends_active(
     uuid = new_instance()
     engine.stop(uuid)
     fakes["h1"].set_power(uuid, P.RUNNING)
-    fakes["h1"].fail_next("reboot")
+    fakes["h1"].faults.fail_next("reboot")
     with pytest.raises(TaskFailed):
         engine.reboot(uuid, hard=True)
     assert engine.get(uuid).vm_state is V.ACTIVE
@@ -167,7 +167,7 @@ def test_hard_reboot_failure_with_guest_running_ends_active(
 def test_create_failure_goes_to_error(engine: Engine, fakes: Fakes) -> None:
     """A spawn failure leaves the instance in error with the task failed and idle."""
     fakes.factory(engine.store.hosts.get("h1"))
-    fakes["h1"].fail_next("spawn")
+    fakes["h1"].faults.fail_next("spawn")
     with pytest.raises(TaskFailed) as info:
         engine.create("doomed", host="h1", flavor=FLAVOR, image="cirros")
     i = engine.get(info.value.task.instance_uuid)
@@ -179,7 +179,7 @@ def test_delete_failure_goes_to_error_and_can_be_retried(
 ) -> None:
     """A failed delete gives error with the task cleared (Nova bug 1329559), and a retry deletes."""
     uuid = new_instance()
-    fakes["h1"].fail_next("destroy")
+    fakes["h1"].faults.fail_next("destroy")
     with pytest.raises(TaskFailed):
         engine.delete(uuid)
     assert (engine.get(uuid).vm_state, engine.get(uuid).task_state) == (V.ERROR, None)
@@ -244,7 +244,7 @@ def test_unknown_instance_and_operation_are_typed_errors(engine: Engine) -> None
 def test_background_task_runs_on_the_executor(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
     """wait=False returns the running task at once; the executor finishes it."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("pause")
+    gate = fakes["h1"].faults.hold("pause")
     task = engine.pause(uuid, wait=False)
     assert task.outcome is Outcome.RUNNING
     assert gate.wait_entered()
@@ -263,7 +263,7 @@ def test_invariants_hold_after_a_long_mixed_sequence(
     for op in ("stop", "start", "pause", "unpause", "suspend", "resume", "rescue", "unrescue"):
         engine.run(op, uuid)
         check_invariants(engine.store)
-    fakes["h1"].fail_next("suspend")
+    fakes["h1"].faults.fail_next("suspend")
     with pytest.raises(TaskFailed):
         engine.suspend(uuid)
     check_invariants(engine.store)

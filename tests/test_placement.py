@@ -58,7 +58,7 @@ def test_delete_releases_the_claim(cloud: Engine) -> None:
 def test_failed_spawn_reschedules_to_another_host(cloud: Engine, fakes: Fakes) -> None:
     """A spawn failure on the first host releases it and builds on the next, with both attempts audited."""
     fakes.factory(cloud.hosts.get("b"))
-    fakes["b"].fail_next("spawn")
+    fakes["b"].faults.fail_next("spawn")
     uuid = cloud.create("vm", flavor=SMALL, image="cirros").instance_uuid
     i = cloud.get(uuid)
     assert (i.vm_state, i.host) == (VmState.ACTIVE, "a")
@@ -73,7 +73,7 @@ def test_every_attempt_failing_ends_in_error_with_each_in_the_audit_log(cloud: E
     """After max_attempts failed spawns the instance is in error, holds no claim, and the log shows all three."""
     for name in ("a", "b", "c"):
         fakes.factory(cloud.hosts.get(name))
-        fakes[name].fail_next("spawn")
+        fakes[name].faults.fail_next("spawn")
     with pytest.raises(TaskFailed) as info:
         cloud.create("vm", flavor=SMALL, image="cirros")
     uuid = info.value.task.instance_uuid

@@ -35,7 +35,7 @@ def test_delete_preempts_a_worker_blocked_in_the_driver(
 ) -> None:
     """A stop stuck in the hypervisor is taken over; released, its worker stops without touching the row."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("power_off")
+    gate = fakes["h1"].faults.hold("power_off")
     worker = Worker(lambda: engine.stop(uuid))
     worker.start()
     assert gate.wait_entered()
@@ -73,7 +73,7 @@ def test_preempted_worker_in_a_multi_step_walk_stops_at_its_next_step(
 ) -> None:
     """A soft reboot preempted by a hard reboot fails its next compare-and-swap and stops there."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("reboot")
+    gate = fakes["h1"].faults.hold("reboot")
     worker = Worker(lambda: engine.reboot(uuid))
     worker.start()
     assert gate.wait_entered()
@@ -93,7 +93,7 @@ def test_hard_reboot_preempts_pause_and_suspend(
 ) -> None:
     """Hard reboot takes over pausing and suspending (Nova's ALLOW_REBOOT), and resets after the late call lands."""
     uuid = new_instance()
-    gate = fakes["h1"].hold(held)
+    gate = fakes["h1"].faults.hold(held)
     worker = Worker(lambda: engine.run(held, uuid))
     worker.start()
     assert gate.wait_entered()
@@ -121,7 +121,7 @@ def test_other_calls_are_refused_while_a_task_runs(
 ) -> None:
     """Anything but delete, force_delete and (for some tasks) hard reboot is refused mid-task."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("power_off")
+    gate = fakes["h1"].faults.hold("power_off")
     worker = Worker(lambda: engine.stop(uuid))
     worker.start()
     assert gate.wait_entered()
@@ -139,7 +139,7 @@ def test_other_calls_are_refused_while_a_task_runs(
 def test_delete_takes_over_a_stuck_delete(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
     """A delete stuck in the hypervisor can be taken over by a second delete (Nova's pain point 3)."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("destroy")
+    gate = fakes["h1"].faults.hold("destroy")
     first = Worker(lambda: engine.force_delete(uuid))
     first.start()
     assert gate.wait_entered()

@@ -147,7 +147,7 @@ def test_preemption_pair_leaves_hypervisor_and_database_agreeing(
     for n, (host, call) in enumerate(calls[victim]):
         engine, fakes = _cloud(tmp_path / f"{n}")
         uuid = _prepared(engine, victim)
-        gate = fakes[host].hold(call)
+        gate = fakes[host].faults.hold(call)
         uuid = _start(engine, victim, uuid)
         assert gate.wait_entered(), f"{victim} never reached {call} on {host}"
         victim_task = engine.get(uuid).task_id

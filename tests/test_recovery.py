@@ -101,7 +101,7 @@ def test_crash_at_every_step_then_recover(one_owner: Callable[..., Engine], fake
         _crash_after_nth(first.store.writes, "advance", int(point[4:]))
     else:
         host = "h2" if call == "finish_migration" or op in ("evacuate", "unshelve") else "h1"  # the destination
-        fakes.factory(first.hosts.get(host)).crash_after(call)
+        fakes.factory(first.hosts.get(host)).faults.crash_after(call)
     with pytest.raises(SimulatedCrash):
         if op == "create":
             first.create("vm", flavor=SMALL, image="cirros", uuid="00000000-0000-0000-0000-0000000000aa")
@@ -155,7 +155,7 @@ def test_rebuild_resumed_after_a_crash_never_wipes_the_new_disk(
     first = one_owner()
     uuid = first.create("vm", flavor=SMALL, image="cirros").instance_uuid
     old_disk = fakes["h1"].disk_of(uuid)
-    fakes["h1"].crash_after(call)
+    fakes["h1"].faults.crash_after(call)
     with pytest.raises(SimulatedCrash):
         first.rebuild(uuid)
     new_disk = fakes["h1"].disk_of(uuid) if call == "spawn" else None
@@ -172,7 +172,7 @@ def test_an_expired_lease_is_recovered_by_another_engine(sqlite_url: str, fakes:
     """A task whose owner stopped renewing its lease is taken over by an engine with another name."""
     first = make_engine(sqlite_url, fakes, lease_seconds=0.0, heartbeat_seconds=3600.0)
     uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
-    fakes["h1"].crash_after("pause")
+    fakes["h1"].faults.crash_after("pause")
     with pytest.raises(SimulatedCrash):
         first.pause(uuid)
     other = make_engine(sqlite_url, fakes)
@@ -186,7 +186,7 @@ def test_a_live_lease_is_left_alone(sqlite_url: str, fakes: Fakes) -> None:
     """A slow task whose owner still holds its lease is not touched by another engine."""
     first = make_engine(sqlite_url, fakes)
     uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
-    gate = fakes["h1"].hold("pause")
+    gate = fakes["h1"].faults.hold("pause")
     first.pause(uuid, wait=False)
     assert gate.wait_entered()
     other = make_engine(sqlite_url, fakes)
@@ -210,7 +210,7 @@ def test_a_build_resumed_after_its_worker_died_between_volume_and_domain_keeps_o
 ) -> None:
     """A lost build that made its volume but no domain: the resumed build removes that volume and keeps only its own."""
     first = one_owner()
-    fakes.factory(first.hosts.get("h1")).crash_after("spawn")
+    fakes.factory(first.hosts.get("h1")).faults.crash_after("spawn")
     uuid = "00000000-0000-0000-0000-0000000000ab"
     with pytest.raises(SimulatedCrash):
         first.create("vm", host="h1", flavor=SMALL, image="cirros", uuid=uuid)

@@ -73,7 +73,7 @@ def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes) -> None:
 def test_an_unreachable_source_is_retried_next_pass(moved: tuple[Engine, str], fakes: Fakes) -> None:
     """When the source cannot be reached the move stays finished and the next pass confirms it."""
     engine, uuid = moved
-    fakes["a"].fail_next("confirm_migration", DriverUnavailable("a is down"))
+    fakes["a"].faults.fail_next("confirm_migration", DriverUnavailable("a is down"))
     assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["retry"]
     assert engine.store.moves.open_of(uuid).status == "finished"  # type: ignore[union-attr]
     assert [r.outcome for r in engine.duties.poll_unconfirmed_resizes()] == ["done"]
@@ -82,7 +82,7 @@ def test_an_unreachable_source_is_retried_next_pass(moved: tuple[Engine, str], f
 def test_an_instance_being_deleted_is_skipped(moved: tuple[Engine, str], fakes: Fakes) -> None:
     """While a delete runs on a resized instance the window keeps out of its way; the delete confirms."""
     engine, uuid = moved
-    gate = fakes["b"].hold("power_off")  # the delete's first step, before it confirms the move itself
+    gate = fakes["b"].faults.hold("power_off")  # the delete's first step, before it confirms the move itself
     engine.delete(uuid, wait=False)
     try:
         assert gate.wait_entered()

@@ -112,7 +112,7 @@ def test_a_failed_snapshot_powers_a_running_guest_back_on(
 ) -> None:
     """A snapshot that fails leaves the instance active and running, its claim held, no snapshot image."""
     uuid = new_instance()
-    fakes["h1"].fail_next("snapshot", DriverError("disk unreadable (injected)"))
+    fakes["h1"].faults.fail_next("snapshot", DriverError("disk unreadable (injected)"))
     with pytest.raises(TaskFailed, match="disk unreadable"):
         engine.shelve(uuid)
     i = engine.get(uuid)
@@ -125,7 +125,7 @@ def test_an_offload_that_cannot_reach_the_host_ends_shelved_and_the_duty_finishe
 ) -> None:
     """The offload at once failing keeps the instance shelved on its host, noted; the daemon's duty offloads it."""
     uuid = new_instance()
-    fakes["h1"].fail_next("destroy", DriverUnavailable("host h1 went away (injected)"))
+    fakes["h1"].faults.fail_next("destroy", DriverUnavailable("host h1 went away (injected)"))
     task = engine.shelve(uuid)
     assert task.outcome is Outcome.SUCCEEDED
     i = engine.get(uuid)
@@ -155,7 +155,7 @@ def test_a_failed_unshelve_stays_offloaded_and_can_be_tried_again(
     uuid = new_instance()
     engine.shelve(uuid)
     fakes.factory(engine.hosts.get("h2"))
-    fakes["h2"].fail_after("spawn_from_snapshot", DriverError("qemu died (injected)"))
+    fakes["h2"].faults.fail_after("spawn_from_snapshot", DriverError("qemu died (injected)"))
     with pytest.raises(TaskFailed, match="qemu died"):
         engine.unshelve(uuid, host="h2")
     i = engine.get(uuid)
@@ -313,7 +313,7 @@ def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
     snapshot = _snapshot(first, uuid)
     assert snapshot is not None
     first.hosts.driver("h2")
-    gate = fakes["h2"].hold("spawn_from_snapshot")
+    gate = fakes["h2"].faults.hold("spawn_from_snapshot")
     ended: list[str] = []
 
     def old_worker() -> None:
@@ -326,7 +326,7 @@ def test_an_unshelve_taken_over_by_recovery_never_deletes_the_snapshot(
     worker.start()
     assert gate.wait_entered()
     second = one_owner()
-    fakes["h2"].fail_next("spawn_from_snapshot", DriverError("copy failed (injected)"))
+    fakes["h2"].faults.fail_next("spawn_from_snapshot", DriverError("copy failed (injected)"))
     assert [r.outcome for r in second.recover(force=True)] == ["failed"]
     gate.release()
     worker.join(30)
@@ -348,7 +348,7 @@ def test_a_crash_after_the_offload_destroy_is_recovered_offloaded(
 
     first = one_owner()
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    fakes["h1"].crash_after("destroy")
+    fakes["h1"].faults.crash_after("destroy")
     with pytest.raises(SimulatedCrash):
         first.shelve(uuid)
     first.close()
@@ -407,7 +407,7 @@ def test_a_failed_snapshot_of_a_paused_guest_leaves_it_paused(
     """A paused guest whose snapshot fails is started and paused again: the instance stays paused, not error."""
     uuid = new_instance()
     engine.pause(uuid)
-    fakes["h1"].fail_next("snapshot", DriverError("disk unreadable (injected)"))
+    fakes["h1"].faults.fail_next("snapshot", DriverError("disk unreadable (injected)"))
     with pytest.raises(TaskFailed):
         engine.shelve(uuid)
     i = engine.get(uuid)

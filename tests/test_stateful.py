@@ -233,7 +233,7 @@ def guests(fake: FakeDriver) -> dict[str, Any]:
 class AfterGate:
     """Holds the next ``call`` of one fake host right after it acted (returned or raised), until released.
 
-    The other half of ``FakeDriver.hold``, which holds a call before it acts.
+    The other half of ``FakeDriver.faults.hold``, which holds a call before it acts.
     A held call goes on by itself after ``timeout`` seconds, so a failing
     test ends instead of hanging the suite.
     """
@@ -377,7 +377,7 @@ class Lifecycle(RuleBasedStateMachine):
         answers while it recovers: every task still ends.
         """
         for fake in self.fakes.values():
-            fake.clear_faults(crashed_call)
+            fake.faults.clear(crashed_call)
         self.engine.close()
         if new_owner:
             self.restarts += 1
@@ -414,7 +414,7 @@ class Lifecycle(RuleBasedStateMachine):
         host = data.draw(st.sampled_from(present), label="host") if named and present else None
         for name, error, after in faults:
             fake = self.fakes[name]
-            (fake.fail_after if after else fake.fail_next)("spawn", ERRORS[error]("spawn"))
+            (fake.faults.fail_after if after else fake.faults.fail_next)("spawn", ERRORS[error]("spawn"))
         calls = {name: len(fake.calls) for name, fake in self.fakes.items()}
         uuid = self._new_uuid()
         self.uuids.append(uuid)
@@ -482,7 +482,7 @@ class Lifecycle(RuleBasedStateMachine):
     def inject_fault(self, host: str, call: str, after: bool, error: str) -> None:
         """Make a host's next call of one driver method raise any kind of exception, before or after acting."""
         fake = self.fakes[host]
-        (fake.fail_after if after else fake.fail_next)(call, ERRORS[error](call))
+        (fake.faults.fail_after if after else fake.faults.fail_next)(call, ERRORS[error](call))
 
     @precondition(lambda self: bool(self.uuids))
     @rule(data=st.data(), dest=st.sampled_from(HOSTS), new_owner=st.booleans(), outage=st.booleans())
@@ -496,7 +496,7 @@ class Lifecycle(RuleBasedStateMachine):
         op = data.draw(st.sampled_from(admitted), label="operation")
         call = data.draw(st.sampled_from(CRASH_CALLS[op]), label="crash after")
         for fake in self.fakes.values():
-            fake.crash_after(call)
+            fake.faults.crash_after(call)
         try:
             self._invoke(op, uuid, dest)
         except SimulatedCrash:
@@ -514,7 +514,7 @@ class Lifecycle(RuleBasedStateMachine):
     def crash_during_create(self, flavor: Flavor, call: str, new_owner: bool, outage: bool) -> None:
         """A build crashes after a spawn acted, or while destroying a failed spawn's leftover, then is recovered."""
         for fake in self.fakes.values():
-            fake.crash_after(call)
+            fake.faults.crash_after(call)
         uuid = self._new_uuid()
         self.uuids.append(uuid)
         try:
@@ -583,7 +583,7 @@ class Lifecycle(RuleBasedStateMachine):
         else:
             return
         gates: list[Gate | AfterGate] = [
-            AfterGate(fake, call) if after else fake.hold(call) for fake in self.fakes.values()
+            AfterGate(fake, call) if after else fake.faults.hold(call) for fake in self.fakes.values()
         ]
         ended: list[object] = []
 
@@ -603,7 +603,7 @@ class Lifecycle(RuleBasedStateMachine):
             if isinstance(gate, AfterGate):
                 gate.disarm()
             else:
-                fake.clear_faults(call)
+                fake.faults.clear(call)
         if not held:  # the operation ended without reaching the call
             for gate in gates:
                 gate.release()
@@ -679,7 +679,7 @@ class Lifecycle(RuleBasedStateMachine):
         come next on the host; nothing may fail for them (every invariant
         holds as if the pool had answered at once).
         """
-        self.fakes[host].busy_pool(answers)
+        self.fakes[host].faults.busy_pool(answers)
 
     @precondition(lambda self: bool(self._present()))
     @rule(data=st.data(), back=st.booleans())
@@ -705,7 +705,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert self.engine.get(uuid).host not in (None, host), self.engine.get(uuid)
         if not back:
             return
-        fake.clear_faults()  # a heartbeat under injected faults is refused (see host_health)
+        fake.faults.clear()  # a heartbeat under injected faults is refused (see host_health)
         self.host_health(host, up=True, answering=True)
         for uuid in evacuated:
             assert not fake.domain_exists(uuid), f"the evacuated copy of {uuid} is still on {host}"
@@ -753,7 +753,7 @@ class Lifecycle(RuleBasedStateMachine):
         present = self._present()
         hosts = present if every else [data.draw(st.sampled_from(present), label="host")]
         for host in hosts:
-            self.fakes[host].clear_faults()  # a pass under injected faults may leave work for the next one
+            self.fakes[host].faults.clear()  # a pass under injected faults may leave work for the next one
         summaries = self.engine.hosts.sync(None if every else hosts[0])
         assert [s.host for s in summaries] == hosts
         for summary in summaries:
@@ -784,7 +784,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert self.engine.store.claims.of(uuid) == []
         self.host_health(host, up=True, answering=True)
         guest = self.fakes[host].domain_exists(uuid)
-        self.fakes[host].clear_faults()
+        self.fakes[host].faults.clear()
         (summary,) = self.engine.hosts.sync(host)
         assert summary.error is None and summary.errors == 0, summary
         deleted = self.engine.get(uuid).vm_state is VmState.DELETED

@@ -73,8 +73,8 @@ def cloud(tmp_path: Path) -> Iterator[Cloud]:
 def test_create_resumed_after_a_crash_in_the_failed_spawn_cleanup_holds_its_claim(cloud: Cloud) -> None:
     """A build that crashed while destroying a failed spawn's leftover, once recovered onto its host, holds a claim there."""
     first = cloud.setup()
-    cloud.fakes["h1"].fail_next("spawn")
-    cloud.fakes["h1"].crash_after("destroy")
+    cloud.fakes["h1"].faults.fail_next("spawn")
+    cloud.fakes["h1"].faults.crash_after("destroy")
     uuid = "00000000-0000-4000-8000-000000000001"
     with pytest.raises(SimulatedCrash):
         first.create("vm", host="h1", flavor=SMALL, image="cirros", uuid=uuid)
@@ -103,7 +103,7 @@ def test_soft_delete_of_a_resized_instance_leaves_nothing_on_the_source(cloud: C
 def test_create_failing_at_its_final_power_read_keeps_no_host_claim_or_domain(cloud: Cloud) -> None:
     """A build whose final power read raised either succeeds or ends error with no host, claim or domain."""
     engine = cloud.setup()
-    cloud.fakes["h1"].fail_next("get_info")
+    cloud.fakes["h1"].faults.fail_next("get_info")
     uuid = "00000000-0000-4000-8000-000000000001"
     try:
         engine.create("vm", host="h1", flavor=SMALL, image="cirros", uuid=uuid)
@@ -119,7 +119,7 @@ def test_resize_failing_at_its_final_power_read_keeps_claims_consistent(cloud: C
     """A resize whose final power read raised does not end active on the new host with the old flavor and two claims."""
     engine = cloud.setup(("h1", "h2"))
     uuid = engine.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
-    cloud.fakes["h2"].fail_next("get_info")
+    cloud.fakes["h2"].faults.fail_next("get_info")
     with contextlib.suppress(TaskFailed):
         engine.resize(uuid, MEDIUM)
     check_claims(engine.store)
@@ -130,7 +130,7 @@ def test_soft_delete_of_a_resized_instance_failing_after_the_confirm_leaves_it_u
     engine = cloud.setup(("h1", "h2"))
     uuid = engine.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
     engine.resize(uuid, MEDIUM)
-    cloud.fakes["h2"].fail_next("power_off")
+    cloud.fakes["h2"].faults.fail_next("power_off")
     with pytest.raises(TaskFailed):
         engine.soft_delete(uuid)
     instance = engine.get(uuid)
@@ -143,7 +143,7 @@ def test_revert_failing_on_the_source_leaves_the_instance_where_its_claim_and_di
     engine = cloud.setup(("h1", "h2"))
     uuid = engine.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
     engine.resize(uuid, MEDIUM)
-    cloud.fakes["h1"].fail_next("finish_revert_migration")
+    cloud.fakes["h1"].faults.fail_next("finish_revert_migration")
     with pytest.raises(TaskFailed):
         engine.revert_resize(uuid)
     instance = engine.get(uuid)
@@ -155,7 +155,7 @@ def test_an_instance_brought_back_from_a_failed_move_holds_only_its_own_claim(cl
     """Rebuilding an instance left error by a failed move either is refused or leaves one claim, on its host, of its flavor."""
     engine = cloud.setup(("h1", "h2"))
     uuid = engine.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
-    cloud.fakes["h2"].fail_next("finish_migration")
+    cloud.fakes["h2"].faults.fail_next("finish_migration")
     with pytest.raises(TaskFailed):
         engine.resize(uuid, MEDIUM)
     assert engine.get(uuid).vm_state is VmState.ERROR
@@ -181,7 +181,7 @@ def test_a_move_failing_with_any_exception_before_the_disk_left_is_rolled_back(
     engine = cloud.setup(("h1", "h2"))
     uuid = engine.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
     for call, error in faults:
-        cloud.fakes["h1"].fail_next(call, error)
+        cloud.fakes["h1"].faults.fail_next(call, error)
     with pytest.raises(TaskFailed):
         engine.resize(uuid, MEDIUM)
     assert engine.store.claims.of(uuid) == ["h1"] and engine.store.moves.open_of(uuid) is None

@@ -119,7 +119,7 @@ def test_unknown_domains_are_reported_never_touched(
 def test_instance_with_a_task_is_skipped(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
     """While a user stop is stuck in the hypervisor the sweep leaves the instance to it."""
     uuid = new_instance()
-    gate = fakes["h1"].hold("power_off")
+    gate = fakes["h1"].faults.hold("power_off")
     engine.stop(uuid, wait=False)
     assert gate.wait_entered()
     fakes["h1"].set_power(uuid, P.CRASHED, event=False)  # drift while the task runs
@@ -155,7 +155,7 @@ def test_errors_are_contained_per_instance(engine: Engine, fakes: Fakes, new_ins
     for uuid in (a, b):
         engine.stop(uuid)
         fakes["h1"].set_power(uuid, P.RUNNING)
-    fakes["h1"].fail_next("power_off")
+    fakes["h1"].faults.fail_next("power_off")
     summary = _sync(engine)
     assert (summary.errors, summary.acted) == (1, 1)
     outcomes = sorted((engine.tasks(u)[-1].outcome.value, fakes["h1"].get_info(u)) for u in (a, b))

@@ -55,7 +55,7 @@ def _meet_after(store: object, method: str, barrier: threading.Barrier) -> None:
 def _held_pause(engine: Engine, fakes: Fakes) -> Iterator[tuple[str, Task]]:
     """Start a pause whose driver call is held (its worker alive, its lease live); release it on exit."""
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    gate = fakes["h1"].hold("pause")
+    gate = fakes["h1"].faults.hold("pause")
     task = engine.pause(uuid, wait=False)
     assert gate.wait_entered()
     try:
@@ -117,7 +117,7 @@ def test_a_stale_read_takes_nothing_even_once_the_lease_ran_out_again(db_url: st
     """A take_over of a read whose epoch has moved since takes nothing, with or without force, though the lease ran out."""
     crashed = make_engine(db_url, fakes, lease_seconds=0.0, heartbeat_seconds=3600.0, shutdown_timeout=0.0)
     uuid = crashed.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    fakes["h1"].crash_after("pause")
+    fakes["h1"].faults.crash_after("pause")
     with pytest.raises(SimulatedCrash):
         crashed.pause(uuid)
     [stale] = crashed.store.tasks.recoverable("recoverer-a")  # lease 0 s: expired, anyone's to take
@@ -136,7 +136,7 @@ def test_a_recovery_whose_read_went_stale_runs_nothing(db_url: str, fakes: Fakes
     """A recovery that read a task before another takeover moved its epoch neither takes nor runs it."""
     crashed = make_engine(db_url, fakes, lease_seconds=0.0, heartbeat_seconds=3600.0, shutdown_timeout=0.0)
     uuid = crashed.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    fakes["h1"].crash_after("pause")
+    fakes["h1"].faults.crash_after("pause")
     with pytest.raises(SimulatedCrash):
         crashed.pause(uuid)
     late = _twin(db_url, fakes, "late", lease_seconds=0.0)

@@ -43,7 +43,7 @@ def _used(cloud: Engine) -> dict[str, int]:
 def _failed_move(cloud: Engine, fakes: Fakes, uuid: str) -> None:
     """Resize onto b, where the disk arrives but the guest does not start: the instance ends in error, move open."""
     b = fakes.factory(cloud.hosts.get("b"))
-    b.fail_after("finish_migration", DriverError("b could not start the guest", call="finish_migration"))
+    b.faults.fail_after("finish_migration", DriverError("b could not start the guest", call="finish_migration"))
     with pytest.raises(TaskFailed):
         cloud.resize(uuid, BIG)
     if b.domain_exists(uuid):
@@ -85,7 +85,7 @@ def test_an_instance_whose_delete_failed_confirming_is_reverted(cloud: Engine, f
     """A resized instance whose delete failed at the confirm (error, move finished) goes back to a by revert_resize."""
     uuid = _vm(cloud)
     cloud.resize(uuid, BIG)
-    fakes["a"].fail_next("confirm_migration", DriverError("a refused", call="confirm_migration"))
+    fakes["a"].faults.fail_next("confirm_migration", DriverError("a refused", call="confirm_migration"))
     with pytest.raises(TaskFailed):
         cloud.delete(uuid)
     migration = cloud.store.moves.open_of(uuid)
@@ -133,7 +133,7 @@ def test_revert_from_error_needs_an_open_move(cloud: Engine) -> None:
 
 def _stuck_unshelve(engine: Engine, fakes: Fakes, uuid: str) -> tuple[threading.Thread, list[BaseException]]:
     """Unshelve ``uuid`` onto h2 and hold it after its spawn there (the guest runs; its end is not written)."""
-    gate = fakes.factory(engine.hosts.get("h2")).hold("get_info")
+    gate = fakes.factory(engine.hosts.get("h2")).faults.hold("get_info")
     errors: list[BaseException] = []
 
     def unshelve() -> None:

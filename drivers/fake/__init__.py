@@ -1,7 +1,7 @@
 """An in-memory hypervisor with the contract's reference semantics and scripted faults.
 
 Used for fast tests and for fault injection; it passes the same contract suite
-as the libvirt driver. Faults:
+as the libvirt driver. Faults are scripted on ``fake.faults``:
 
 - ``fail_next(call, error)``: the next ``call`` raises ``error`` before acting;
 - ``fail_after(call, error)``: the next ``call`` acts, then raises ``error``
@@ -13,8 +13,8 @@ as the libvirt driver. Faults:
 - ``crash_after(call)``: the next ``call`` acts, then raises
   :class:`SimulatedCrash` (a ``BaseException``, so nothing in the engine
   catches it: the caller behaves as if its process died there);
-- ``set_power`` and ``undefine``: change a domain behind the engine's back;
-- ``unreachable = True``: every call raises :class:`DriverUnavailable` (a host
+- on the driver itself, ``set_power`` and ``undefine``: change a domain behind the engine's back;
+- ``fake.unreachable = True``: every call raises :class:`DriverUnavailable` (a host
   whose hypervisor does not answer) until it is set back to False;
 - ``busy_pool(answers)``: the next ``answers`` calls that work on the host's
   storage pool are refused as busy first, as libvirt's storage driver refuses
@@ -33,8 +33,8 @@ volumes are named after it, as on libvirt.
 With ``state_path`` the domains are kept in a JSON file, so separate processes
 (the CLI) see one hypervisor.
 
-The driver is one class made of: ``_faults`` (the knobs above and how a call
-meets them), ``_host`` (the model, the knobs that change it behind the
+The driver is one class made of: ``_faults`` (the script above, ``fake.faults``,
+and how a call meets it), ``_host`` (the model, the knobs that change it behind the
 engine's back, events, reads), ``_calls`` (spawn, destroy, power, reboot,
 rescue) and ``_moves`` (a move's two sides, snapshots).
 """

@@ -13,7 +13,7 @@ from typing import Any
 from drivers.base import Driver, wait_out
 from lifecycle.errors import DriverError, DriverUnavailable
 
-__all__ = ["POOL_CALLS", "Busy", "Faults", "Gate", "SimulatedCrash"]
+__all__ = ["POOL_CALLS", "Busy", "Faults", "Gate", "Script", "SimulatedCrash"]
 
 
 class SimulatedCrash(BaseException):
@@ -68,54 +68,63 @@ class Busy(Exception):
     """A busy pool's answer inside the fake (waited out; never leaves the driver as itself)."""
 
 
+class Script:
+    """The faults scripted for one fake host's next calls (``fake.faults``): what the host meets, in order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.queued: dict[str, list[tuple[str, Any]]] = {}
+        self.busy = 0
+
+    def fail_next(self, call: str, error: BaseException | None = None) -> None:
+        """Make the next ``call`` raise ``error`` (a DriverError by default) before acting."""
+        exc = error or DriverError(f"injected failure in {call}", call=call)
+        self.queued.setdefault(call, []).append(("fail", exc))
+
+    def fail_after(self, call: str, error: BaseException | None = None) -> None:
+        """Make the next ``call`` act, then raise ``error`` (a DriverError by default)."""
+        exc = error or DriverError(f"injected failure after {call}", call=call)
+        self.queued.setdefault(call, []).append(("fail_after", exc))
+
+    def hold(self, call: str) -> Gate:
+        """Make the next ``call`` block until the returned gate is released."""
+        gate = Gate()
+        self.queued.setdefault(call, []).append(("hold", gate))
+        return gate
+
+    def busy_pool(self, answers: int) -> None:
+        """Make the next ``answers`` storage-pool calls of this host answer busy once each before acting."""
+        with self.lock:
+            self.busy += answers
+
+    def crash_after(self, call: str) -> None:
+        """Make the next ``call`` complete, then raise :class:`SimulatedCrash`."""
+        self.queued.setdefault(call, []).append(("crash", None))
+
+    def clear(self, call: str | None = None) -> None:
+        """Drop the scripted faults not yet consumed (of ``call``, or of every call); held gates stay held."""
+        with self.lock:
+            if call is None:
+                self.queued.clear()
+            else:
+                self.queued.pop(call, None)
+
+
 class Faults(Driver):
-    """The fault knobs of one fake host and their application; the host itself is :class:`drivers.fake._host.Host`."""
+    """How one fake host meets the faults scripted for it (:class:`Script`); the host is in ``_host``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls: list[str] = []
         self._lock = threading.RLock()
-        self._faults: dict[str, list[tuple[str, Any]]] = {}
+        self.faults = Script()
+        """The scripted faults: ``fake.faults.fail_next(call)``, ``hold``, ``crash_after``, ``busy_pool``, ..."""
         self.unreachable = False
         """While True, every call raises DriverUnavailable, as a hypervisor that does not answer."""
-        self._busy = 0
         self.busy_seconds = 2.0
         """How long a busy pool answer is waited out (the libvirt driver: ``drivers.storage.BUSY_SECONDS``)."""
         self.busy_answers = 0
         """How many busy answers the driver has waited out so far."""
-
-    def fail_next(self, call: str, error: BaseException | None = None) -> None:
-        """Make the next ``call`` raise ``error`` (a DriverError by default) before acting."""
-        exc = error or DriverError(f"injected failure in {call}", call=call)
-        self._faults.setdefault(call, []).append(("fail", exc))
-
-    def fail_after(self, call: str, error: BaseException | None = None) -> None:
-        """Make the next ``call`` act, then raise ``error`` (a DriverError by default)."""
-        exc = error or DriverError(f"injected failure after {call}", call=call)
-        self._faults.setdefault(call, []).append(("fail_after", exc))
-
-    def hold(self, call: str) -> Gate:
-        """Make the next ``call`` block until the returned gate is released."""
-        gate = Gate()
-        self._faults.setdefault(call, []).append(("hold", gate))
-        return gate
-
-    def busy_pool(self, answers: int) -> None:
-        """Make the next ``answers`` storage-pool calls of this host answer busy once each before acting."""
-        with self._lock:
-            self._busy += answers
-
-    def crash_after(self, call: str) -> None:
-        """Make the next ``call`` complete, then raise :class:`SimulatedCrash`."""
-        self._faults.setdefault(call, []).append(("crash", None))
-
-    def clear_faults(self, call: str | None = None) -> None:
-        """Drop the scripted faults not yet consumed (of ``call``, or of every call); held gates stay held."""
-        with self._lock:
-            if call is None:
-                self._faults.clear()
-            else:
-                self._faults.pop(call, None)
 
     def _before(self, call: str) -> BaseException | None:
         """Record the call and apply its scripted fault; return what to raise after acting."""
@@ -125,7 +134,8 @@ class Faults(Driver):
             self._pool_ready(call)
         with self._lock:
             self.calls.append(call)
-            queue = self._faults.get(call)
+        with self.faults.lock:
+            queue = self.faults.queued.get(call)
             kind, arg = queue.pop(0) if queue else ("", None)
         if kind == "fail":
             assert isinstance(arg, BaseException)
@@ -141,10 +151,10 @@ class Faults(Driver):
         """Wait out the busy answers the storage pool gives ``call`` (busy_pool); DriverError past busy_seconds."""
 
         def answer() -> None:
-            with self._lock:
-                if self._busy <= 0:
+            with self.faults.lock:
+                if self.faults.busy <= 0:
                     return
-                self._busy -= 1
+                self.faults.busy -= 1
                 self.busy_answers += 1
             raise Busy(f"pool '{self.name}-disks' has asynchronous jobs running.")
 
