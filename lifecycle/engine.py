@@ -26,6 +26,7 @@ import lifecycle.webhooks as webhooks
 from drivers.base import Driver
 from lifecycle import console, duties, evacuation, graph, snapshots, validation
 from lifecycle.audit import AuditEntry
+from lifecycle.clock import Clock, SystemClock
 from lifecycle.config import Settings
 from lifecycle.context import Services
 from lifecycle.errors import InvalidInput
@@ -37,7 +38,6 @@ from lifecycle.resize_window import WindowResult, poll_unconfirmed_resizes
 from lifecycle.runner import Runner
 from lifecycle.states import VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
-from lifecycle.store.db import now
 from lifecycle.sweep import PassSummary, sweep_host
 
 if TYPE_CHECKING:
@@ -107,7 +107,10 @@ class Engine:
 
     ``driver_factory`` opens the driver of a host (by default from its URI);
     drivers are opened once per host and kept. ``owner`` names this engine in
-    task leases (default: a fresh uuid per engine).
+    task leases (default: a fresh uuid per engine). ``clock`` is what time it
+    is for every policy time of the engine, its store, services and daemon
+    (default: :class:`lifecycle.clock.SystemClock`; tests give a
+    :class:`lifecycle.clock.ManualClock` and move it).
     """
 
     def __init__(
@@ -118,13 +121,16 @@ class Engine:
         driver_factory: DriverFactory | None = None,
         owner: str | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, Settings):
             raise InvalidInput(f"settings must be a lifecycle.Settings, got {type(settings).__name__}")
         if owner is not None:
             validation.name("owner", owner)
         self.settings = settings or Settings()
-        self.store = Store(db_url, lease_seconds=self.settings.lease_seconds)
+        self.clock: Clock = clock or SystemClock()
+        """What time it is for the lifecycle's policy: the store, the services and the daemon read it."""
+        self.store = Store(db_url, lease_seconds=self.settings.lease_seconds, clock=self.clock)
         check_schema(self.store.engine)
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
         self._factory = driver_factory or self._connect
@@ -135,7 +141,7 @@ class Engine:
         """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases)."""
         self.metrics = Metrics(self.store, self.settings, metrics_registry)
         """Prometheus metrics; ``metrics.registry`` is what to serve (a new registry unless one is given)."""
-        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.driver)
+        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.driver, self.clock)
         """What the engine gives its services (sync, duties, evacuation, the resize window, webhooks): not itself."""
 
     def close(self) -> None:
@@ -276,7 +282,7 @@ class Engine:
         if metrics is not None:
             values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
         evacuation.clear_for_heartbeat(self.services, name)
-        return self.store.update_host(name, last_heartbeat=now(), **values)
+        return self.store.update_host(name, last_heartbeat=self.clock.now(), **values)
 
     def hosts(self) -> builtins.list[Host]:
         """Return every registered host."""
@@ -718,7 +724,7 @@ class Engine:
         every change. The changes are the audit log: a pruned change is gone from ``history`` too.
         """
         retention = self.settings.change_retention if older_than is None else older_than
-        return feed.prune(self.store, validation.seconds("change retention", retention), now())
+        return feed.prune(self.store, validation.seconds("change retention", retention), self.clock.now())
 
     def deliver_webhook(
         self,

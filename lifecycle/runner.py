@@ -33,7 +33,6 @@ from lifecycle.registry import Call, Definition
 from lifecycle.slots import BuildSlots
 from lifecycle.states import PowerState, TaskState, VmState
 from lifecycle.store import Store
-from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun, execute
 
 __all__ = ["Runner", "check_call"]
@@ -224,7 +223,7 @@ class Runner:
         cause: Cause,
     ) -> Task:
         """Return a new running task record owned by this runner (not yet written)."""
-        at = now()
+        at = self.store.clock.now()
         return Task(
             id=str(uuidlib.uuid4()),
             instance_uuid=uuid,

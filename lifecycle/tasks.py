@@ -28,7 +28,6 @@ from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Outcome
 from lifecycle.slots import BuildSlots
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
 from lifecycle.store import Store
-from lifecycle.store.db import now
 
 __all__ = ["Hook", "Steps", "TaskRun", "execute"]
 
@@ -294,7 +293,7 @@ class TaskRun:
         status: MigrationStatus = MigrationStatus.PRE_MIGRATING,
     ) -> Migration:
         """Write this task's migration record (a move, an evacuation); a record with an end status is finished."""
-        at = now()
+        at = self.store.clock.now()
         migration = Migration(
             id=str(uuidlib.uuid4()),
             instance_uuid=self.instance.uuid,

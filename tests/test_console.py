@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -13,7 +13,6 @@ import sqlalchemy as sa
 from drivers.fake import FakeDriver
 from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
 from lifecycle.errors import InvalidInput
-from lifecycle.store.db import now
 from lifecycle.store.tables import CONSOLE_TOKENS, INSTANCES
 from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
 from tests.images import fake_image
@@ -240,7 +239,7 @@ def test_a_token_issued_before_the_rule_never_leads_to_loopback(
     uuid = far_engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
     port = fakes["far"].get_vnc_console(uuid).port
     far_engine.store.add_console_token(
-        _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, now() + timedelta(hours=1)
+        _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, datetime.now(UTC) + timedelta(hours=1)
     )
     assert far_engine.check_console_token("old-token") is None
     assert console.lookup(far_engine.store, "old-token") is None
@@ -284,7 +283,7 @@ def test_the_purge_deletes_revoked_and_long_expired_tokens_and_keeps_live_ones(
     """The purge duty deletes revoked tokens and those expired beyond the grace; live and recently expired ones stay."""
     uuid = new_instance()
     live, recent, old, revoked = (engine.get_vnc_console(uuid).token for _ in range(4))
-    moment = now()
+    moment = datetime.now(UTC)
     _age(engine, recent, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE - 60))
     _age(engine, old, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE + 60))
     _age(engine, revoked, revoked_at=moment - timedelta(seconds=1))

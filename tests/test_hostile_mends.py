@@ -26,13 +26,14 @@ def test_heartbeat_of_an_unknown_host_names_the_known_ones(engine: Engine) -> No
 
 def test_an_audit_note_is_stamped_when_it_is_written(engine: Engine) -> None:
     """A note (something done on the hypervisor) carries its own time, not the instance's last change."""
+    from datetime import UTC, datetime
+
     from lifecycle.audit import Why
     from lifecycle.records import Cause
-    from lifecycle.store.db import now
 
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     last = engine.history(uuid)[-1]
-    moment = now()
+    moment = datetime.now(UTC)
     engine.store.note(engine.get(uuid), Why(actor="sync", cause=Cause.SYNC, operation="check", message="noted"))
     note = engine.history(uuid)[-1]
     assert note.message == "noted" and note.created_at >= moment and note.created_at != last.created_at

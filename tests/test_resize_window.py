@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from lifecycle import Engine, Flavor, Settings, VmState
 from lifecycle.errors import DriverUnavailable
-from lifecycle.store.db import now
 from tests.conftest import Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -32,7 +31,7 @@ def moved(sqlite_url: str, fakes: Fakes) -> Iterator[tuple[Engine, str]]:
     engine.migrate(uuid)
     migration = engine.store.open_migration(uuid)
     assert migration is not None
-    engine.store.update_migration(migration.id, finished_at=now() - timedelta(hours=1))
+    engine.store.update_migration(migration.id, finished_at=datetime.now(UTC) - timedelta(hours=1))
     yield engine, uuid
     check_invariants(engine.store)
     engine.close()
@@ -64,7 +63,9 @@ def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes) -> None:
     engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0, resize_window_action="revert")
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
-    engine.store.update_migration(engine.store.open_migration(uuid).id, finished_at=now() - timedelta(hours=1))  # type: ignore[union-attr]
+    engine.store.update_migration(
+        engine.store.open_migration(uuid).id, finished_at=datetime.now(UTC) - timedelta(hours=1)
+    )  # type: ignore[union-attr]
     engine.poll_unconfirmed_resizes()
     assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (VmState.ACTIVE, "a")
     engine.close()
