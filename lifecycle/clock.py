@@ -71,7 +71,9 @@ class ManualClock:
     with :meth:`monotonic` at 0; :meth:`advance` moves both, :meth:`set`
     moves the wall time only (forwards or back, as a system clock can).
     :meth:`wait` returns once the clock was advanced far enough (or the
-    event is set), however little real time passed.
+    event is set), however little real time passed; :attr:`waiting` says how
+    many threads are inside it, so a test can advance the clock once a timer
+    is asleep (and not while its thread is still working out its next turn).
     """
 
     _POLL = 0.02
@@ -83,6 +85,7 @@ class ManualClock:
         self._lock = threading.Condition()
         self._now = (start or datetime.now(UTC).replace(microsecond=0)).astimezone(UTC)
         self._monotonic = 0.0
+        self._waiting = 0
 
     def now(self) -> datetime:
         """Return the clock's time, timezone-aware UTC."""
@@ -115,9 +118,19 @@ class ManualClock:
         """Wait until ``event`` is set or the clock was advanced ``seconds`` from now; return whether it is set."""
         with self._lock:
             deadline = self._monotonic + seconds
-            while not event.is_set() and self._monotonic < deadline:
-                self._lock.wait(self._POLL)
+            self._waiting += 1
+            try:
+                while not event.is_set() and self._monotonic < deadline:
+                    self._lock.wait(self._POLL)
+            finally:
+                self._waiting -= 1
         return event.is_set()
+
+    @property
+    def waiting(self) -> int:
+        """How many threads are inside :meth:`wait` now."""
+        with self._lock:
+            return self._waiting
 
     def __repr__(self) -> str:
         return f"ManualClock({self.now().isoformat()})"

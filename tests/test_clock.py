@@ -50,11 +50,12 @@ def test_a_wait_on_a_manual_clock_ends_when_the_clock_is_advanced_far_enough() -
     clock, event, ended = ManualClock(START), threading.Event(), threading.Event()
     waiter = threading.Thread(target=lambda: ended.set() if clock.wait(event, 60) is False else None)
     waiter.start()
+    wait_until("the waiter asleep", lambda: clock.waiting == 1)
     clock.advance(59)
     holds_for("the wait going on a second short", lambda: waiter.is_alive() and not ended.is_set(), 0.2)
     clock.advance(1)
     waiter.join(10)
-    assert ended.is_set()
+    assert ended.is_set() and clock.waiting == 0
 
 
 def test_store_writes_are_stamped_with_the_engine_clock(engine: Engine, clock: ManualClock) -> None:
@@ -131,7 +132,7 @@ def test_daemon_jobs_run_when_the_clock_reaches_their_turn() -> None:
     )
     loop.start()
     try:
-        wait_until("the job's first run", lambda: runs == [0.0])
+        wait_until("the job's first run, then the loop asleep", lambda: runs == [0.0] and clock.waiting == 1)
         clock.advance(59)
         holds_for("no second run a second before its turn", lambda: runs == [0.0], 0.2)
         clock.advance(1)

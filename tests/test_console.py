@@ -12,9 +12,10 @@ import sqlalchemy as sa
 
 from drivers.fake import FakeDriver
 from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
+from lifecycle.clock import ManualClock
 from lifecycle.errors import InvalidInput
 from lifecycle.store.tables import CONSOLE_TOKENS, INSTANCES
-from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
+from tests.conftest import FLAVOR, Fakes, all_logs
 from tests.images import fake_image
 
 
@@ -49,12 +50,13 @@ def test_tokens_are_unique_and_wrong_ones_fail(engine: Engine, new_instance: Cal
         engine.check_console_token("")
 
 
-def test_tokens_expire(sqlite_url: str, fakes: Fakes) -> None:
-    """A token past its time-to-live is no longer valid."""
-    eng = make_engine(sqlite_url, fakes, console_token_ttl=0.0)
-    uuid = eng.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    assert eng.check_console_token(eng.get_vnc_console(uuid).token) is None
-    eng.close()
+def test_tokens_expire(engine: Engine, new_instance: Callable[..., str], clock: ManualClock) -> None:
+    """A token is valid until the clock reaches its time-to-live (console_token_ttl, 600 s), and not from then on."""
+    token = engine.get_vnc_console(new_instance()).token
+    clock.advance(engine.settings.console_token_ttl - 1)
+    assert engine.check_console_token(token) is not None
+    clock.advance(1)
+    assert engine.check_console_token(token) is None
 
 
 def test_delete_revokes_tokens(engine: Engine, new_instance: Callable[..., str]) -> None:
@@ -278,15 +280,17 @@ def _age(engine: Engine, token: str, **moments: datetime) -> None:
 
 
 def test_the_purge_deletes_revoked_and_long_expired_tokens_and_keeps_live_ones(
-    engine: Engine, new_instance: Callable[..., str], logged: list[MutableMapping[str, Any]]
+    engine: Engine, new_instance: Callable[..., str], logged: list[MutableMapping[str, Any]], clock: ManualClock
 ) -> None:
     """The purge duty deletes revoked tokens and those expired beyond the grace; live and recently expired ones stay."""
     uuid = new_instance()
-    live, recent, old, revoked = (engine.get_vnc_console(uuid).token for _ in range(4))
-    moment = datetime.now(UTC)
-    _age(engine, recent, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE - 60))
-    _age(engine, old, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE + 60))
-    _age(engine, revoked, revoked_at=moment - timedelta(seconds=1))
+    old = engine.get_vnc_console(uuid).token
+    clock.advance(120)
+    recent = engine.get_vnc_console(uuid).token
+    clock.advance(engine.settings.console_token_ttl + console.EXPIRED_GRACE - 60)  # old: past the grace by 60 s
+    live, revoked = (engine.get_vnc_console(uuid).token for _ in range(2))
+    _age(engine, revoked, revoked_at=clock.now())
+    assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(t) for t in (old, recent, live, revoked)}
     assert duties.purge_console_tokens(engine) == 2
     assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live), _hash(recent)}
     assert engine.check_console_token(live) is not None
