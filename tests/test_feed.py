@@ -267,7 +267,7 @@ def test_a_pruned_log_never_hands_a_position_out_again(db_url: str, fakes: Fakes
     written = engine.changes(limit=10_000)
     newest = written[-1].position
     clock.advance(1)
-    assert engine.prune_changes(older_than=0.5) == len(written) - 1  # all but the newest
+    assert engine.prune_changes(older_than=0.5) >= len(written) - 1  # all but the newest (and any not yet readable)
     engine.stop(uuid)
     assert all(c.position > newest for c in engine.changes(after=newest))
     assert len(engine.changes(after=newest)) == 2
