@@ -119,7 +119,7 @@ def measure(url: str, count: int, repeat: int) -> tuple[float, float]:
         for uuid in uuids:
             gc.collect()  # neither side pays for the garbage of the one before
             started = time.perf_counter()
-            host_states(store.hosts.list(), settings.host_down_after)
+            host_states(store.hosts.list(), settings.host_down_after, now=store.clock.now())
             reads.append(time.perf_counter() - started)
             schedule = scheduler_for(store, settings, uuid, FLAVOR, image, requested_host=None, availability_zone="az1")
             gc.collect()

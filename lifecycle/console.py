@@ -39,7 +39,6 @@ from lifecycle.records import Host, Instance
 from lifecycle.states import TaskState, VmState
 from lifecycle.store import Store
 from lifecycle.store._rows import CONSOLE_TOKENS
-from lifecycle.store.db import now
 
 if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import would cycle
     from drivers.base import Driver
@@ -122,7 +121,7 @@ def issue(
     console = driver_for(host.name).get_vnc_console(instance.uuid)
     address = host.console_address or console.host
     token = secrets.token_urlsafe(32)
-    expires_at = now() + timedelta(seconds=ttl_seconds)
+    expires_at = store.clock.now() + timedelta(seconds=ttl_seconds)
     store.consoles.add_token(token_hash(token), instance, address, console.port, expires_at)
     url = f"{base_url}?path={quote(f'?token={token}', safe='')}"
     return ConsoleAccess(instance.uuid, url, token, expires_at)
@@ -306,7 +305,7 @@ def purge(store: Store, *, grace: float = EXPIRED_GRACE, at: datetime | None = N
     Neither can ever be honoured again: deleting them changes no answer of :func:`check`. The daemon
     runs this every minute; each run is one transaction, logged with its counts (``console_tokens_purged``).
     """
-    cutoff = (now() if at is None else at) - timedelta(seconds=grace)
+    cutoff = (store.clock.now() if at is None else at) - timedelta(seconds=grace)
     t = CONSOLE_TOKENS
     # Kept here until the store offers it (Consoles.delete_console_tokens); the SQL is the store's kind.
     with store.engine.begin() as conn:

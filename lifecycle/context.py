@@ -1,11 +1,11 @@
-"""What the engine's services are given instead of the engine: its store, drivers, settings, runner and metrics.
+"""What the engine's services are given instead of the engine: its store, drivers, settings, runner, metrics, clock.
 
 Sync (:mod:`lifecycle.sweep`, :mod:`lifecycle.events`), the operator duties,
 evacuation, the resize window and the webhooks take a :class:`Context` and
 never the engine (:class:`lifecycle.Engine`): a worker or a request handler
 can run them with the parts alone, and none of them imports the facade.
 The engine builds one :class:`Services` when it opens and passes it down.
-No clock is part of it: the services read :func:`lifecycle.store.db.now`.
+Its clock is the engine's (:mod:`lifecycle.clock`): every time a service compares with or writes comes from it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from drivers.base import Driver
+    from lifecycle.clock import Clock
     from lifecycle.config import Settings
     from lifecycle.metrics import Metrics
     from lifecycle.runner import Runner
@@ -25,7 +26,7 @@ __all__ = ["Context", "Services"]
 
 
 class Context(Protocol):
-    """What a service needs: the database, a host's driver, the settings, the task runner and the metrics."""
+    """What a service needs: the database, a host's driver, the settings, the task runner, the metrics, the clock."""
 
     @property
     def store(self) -> Store:
@@ -43,6 +44,10 @@ class Context(Protocol):
     def metrics(self) -> Metrics:
         """Where passes, events and errors are counted."""
 
+    @property
+    def clock(self) -> Clock:
+        """What time it is for the lifecycle's policy (the store's own clock)."""
+
     def driver(self, host: str, /) -> Driver:
         """Return the driver of ``host`` (opened once and kept)."""
 
@@ -56,3 +61,4 @@ class Services:
     runner: Runner
     metrics: Metrics
     driver: Callable[[str], Driver]
+    clock: Clock

@@ -23,7 +23,8 @@ worker destroys the host's copies of instances evacuated away from it
 (:func:`lifecycle.evacuation.destroy_evacuated`): no heartbeat, sync pass or
 event handling for the host until they are gone. Each heartbeat goes through
 :meth:`Engine.hosts.heartbeat`, which destroys any copy still pending with the same
-function and refuses to record the host up while one remains. Timers sleep
+function and refuses to record the host up while one remains. Timers run on
+the engine's clock (:mod:`lifecycle.clock`, so a test moves them) and sleep
 by waiting on events, so SIGTERM and SIGINT stop the daemon at once: a pass
 stops between chunks, never inside a write; a thread stuck inside a
 hypervisor call is left behind (it is a daemon thread) rather than waited for.
@@ -53,6 +54,7 @@ from lifecycle.sweep import PassSummary, sweep_host
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from lifecycle.clock import Clock
     from lifecycle.config import Settings
     from lifecycle.engine import Engine
 
@@ -85,11 +87,11 @@ def _run_due(jobs: list[Job], stop: threading.Event, clock: Callable[[], float])
     return min(job.next_due for job in jobs) - clock()
 
 
-def _loop(jobs: list[Job], stop: threading.Event, clock: Callable[[], float]) -> None:
+def _loop(jobs: list[Job], stop: threading.Event, clock: Clock) -> None:
     while not stop.is_set():
-        wait = _run_due(jobs, stop, clock)
+        wait = _run_due(jobs, stop, clock.monotonic)
         if wait > 0:
-            stop.wait(wait)
+            clock.wait(stop, wait)
 
 
 def _duty_interval(setting: float) -> float:
@@ -100,10 +102,10 @@ def _duty_interval(setting: float) -> float:
 class HostWorker:
     """What a daemon does for one host, on the host's own threads."""
 
-    def __init__(self, engine: Engine, host: str, *, image_cache_interval: float, clock: Callable[[], float]) -> None:
+    def __init__(self, engine: Engine, host: str, *, image_cache_interval: float, clock: Clock | None = None) -> None:
         self.engine = engine
         self.host = host
-        self.clock = clock
+        self.clock = clock or engine.clock
         self.done = threading.Event()
         """Set when the host is released or the daemon stops."""
         self.cleared = threading.Event()
@@ -118,7 +120,7 @@ class HostWorker:
         ]
         self.threads = [
             threading.Thread(target=self.processor.run, args=(self.done,), name=f"events-{host}", daemon=True),
-            threading.Thread(target=_loop, args=(self.beats, self.done, clock), name=f"beat-{host}", daemon=True),
+            threading.Thread(target=_loop, args=(self.beats, self.done, self.clock), name=f"beat-{host}", daemon=True),
             threading.Thread(target=self._work, name=f"work-{host}", daemon=True),
         ]
 
@@ -184,7 +186,7 @@ class HostWorker:
     def _work(self) -> None:
         retry = max(1.0, self.engine.settings.host_down_after / 3)
         while not self.clear_evacuated():
-            if self.done.wait(retry):
+            if self.clock.wait(self.done, retry):
                 return
         try:
             self.engine.hosts.driver(self.host).register_event_listener(self.processor.on_event)
@@ -219,13 +221,14 @@ class Daemon:
         hosts: list[str] | None = None,
         claim_interval: float = 10.0,
         image_cache_interval: float = 2400.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self.engine = engine
         self.only_hosts = set(hosts) if hosts else None
         self.claim_interval = claim_interval
         self.image_cache_interval = image_cache_interval
-        self.clock = clock
+        self.clock = clock or engine.clock
+        """What the jobs' timers run on: the engine's clock unless given."""
         self.stop = threading.Event()
         self.claims: dict[str, HostClaim] = {}
         self.workers: dict[str, HostWorker] = {}

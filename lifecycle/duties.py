@@ -56,7 +56,6 @@ from lifecycle.records import Cause, Image, Instance, Migration
 from lifecycle.snapshots import snapshot_of
 from lifecycle.states import MigrationStatus, PowerState, VmState
 from lifecycle.store.claims import Hold
-from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
 
 if TYPE_CHECKING:
@@ -139,7 +138,7 @@ def _start_on_idle(
     failed, and the next run of the duty tries it again.
     """
     results = []
-    for instance in ctx.store.instances.in_state_since(vm_state, now() - timedelta(seconds=seconds)):
+    for instance in ctx.store.instances.in_state_since(vm_state, ctx.clock.now() - timedelta(seconds=seconds)):
         try:
             ctx.runner.start(operation, instance.uuid, actor=f"timer:{duty}", cause=Cause.TIMER, only_idle_in=vm_state)
             results.append(DutyResult(instance.uuid, done))
@@ -169,7 +168,7 @@ def check_build_timeouts(ctx: Context, timeout: float | None = None) -> list[Dut
         return []
     seconds = ctx.settings.instance_build_timeout if timeout is None else validation.seconds("timeout", timeout)
     results = []
-    for instance in ctx.store.instances.building_since(now() - timedelta(seconds=seconds)):
+    for instance in ctx.store.instances.building_since(ctx.clock.now() - timedelta(seconds=seconds)):
         why = Why(
             actor="timer:build_timeout",
             cause=Cause.TIMER,
@@ -264,7 +263,7 @@ def _back_to_offloaded(ctx: Context, instance: Instance, snapshot: Image, state:
             f"; whatever the spawn left on {host} is a leftover, destroyed there (never started) by {host}'s daemon"
             " as it destroys evacuated copies"
         )
-        at = now()
+        at = ctx.clock.now()
         leftover = Migration(
             id=str(uuidlib.uuid4()),
             instance_uuid=uuid,

@@ -23,6 +23,7 @@ import drivers
 from drivers.base import Driver
 from lifecycle import duties, graph, validation
 from lifecycle.audit import AuditEntry
+from lifecycle.clock import Clock, SystemClock
 from lifecycle.config import Settings
 from lifecycle.context import Services
 from lifecycle.errors import InvalidInput
@@ -68,7 +69,10 @@ class Engine:
 
     ``driver_factory`` opens the driver of a host (by default from its URI);
     drivers are opened once per host and kept. ``owner`` names this engine in
-    task leases (default: a fresh uuid per engine).
+    task leases (default: a fresh uuid per engine). ``clock`` is what time it
+    is for every policy time of the engine, its store, services and daemon
+    (default: :class:`lifecycle.clock.SystemClock`; tests give a
+    :class:`lifecycle.clock.ManualClock` and move it).
     """
 
     def __init__(
@@ -79,13 +83,16 @@ class Engine:
         driver_factory: DriverFactory | None = None,
         owner: str | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, Settings):
             raise InvalidInput(f"settings must be a lifecycle.Settings, got {type(settings).__name__}")
         if owner is not None:
             validation.name("owner", owner)
         self.settings = settings or Settings()
-        self.store = Store(db_url, lease_seconds=self.settings.lease_seconds)
+        self.clock: Clock = clock or SystemClock()
+        """What time it is for the lifecycle's policy: the store, the services and the daemon read it."""
+        self.store = Store(db_url, lease_seconds=self.settings.lease_seconds, clock=self.clock)
         check_schema(self.store.engine)
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
         self.drivers = DriverCache(self.store, driver_factory or self._connect)
@@ -97,7 +104,7 @@ class Engine:
         """
         self.metrics = Metrics(self.store, self.settings, metrics_registry)
         """Prometheus metrics; ``metrics.registry`` is what to serve (a new registry unless one is given)."""
-        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.drivers.get)
+        self.services = Services(self.store, self.settings, self.runner, self.metrics, self.drivers.get, self.clock)
         """What the engine gives its services (sync, duties, evacuation, the resize window, webhooks): not itself."""
         self.hosts = Hosts(self.services, self.drivers)
         """Hosts: register, fence, evacuate, heartbeat, sync (:class:`lifecycle.facade.Hosts`)."""

@@ -119,7 +119,7 @@ def evacuate_host(ctx: Context, name: str, *, actor: str = "api") -> builtins.li
     down and fenced). One instance that fails or is refused never stops the others.
     """
     host = _host(ctx, name)
-    check_evacuable(host, ctx.settings.host_down_after)
+    check_evacuable(host, ctx.settings.host_down_after, now=ctx.clock.now())
     results = []
     for instance in ctx.store.instances.list(host.name):
         if instance.vm_state is VmState.DELETED:

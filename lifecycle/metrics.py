@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
 
 from lifecycle.placement import host_is_up
-from lifecycle.store.db import now
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -157,7 +156,8 @@ class _Made:
 
     def observe_event(self, host: str, at: datetime, outcome: str) -> None:
         """Count one handled hypervisor event: its lag, and the rule it fired (or an error)."""
-        self.event_lag.labels(host).observe(max(0.0, (now() - at).total_seconds()))
+        # Real time, as the hypervisor stamped the event: a lag is a duration measured, not a policy time.
+        self.event_lag.labels(host).observe(max(0.0, (datetime.now(UTC) - at).total_seconds()))
         if outcome == "error":
             self.errors.labels(host, "event").inc()
         elif ":" in outcome:  # a sync rule fired (rules are named case:stance)
@@ -215,11 +215,11 @@ def _read_state(store: Store, settings: Settings) -> list[GaugeMetricFamily]:
     oldest = GaugeMetricFamily(
         "lifecycle_oldest_running_task_seconds", "Age of the oldest running task", labels=["operation"]
     )
-    moment = now()
+    moment = store.clock.now()
     for operation, (count, started) in sorted(store.stats.running_task_stats().items()):
         running.add_metric([operation], count)
         oldest.add_metric([operation], max(0.0, (moment - started).total_seconds()))
     up = GaugeMetricFamily("lifecycle_host_up", "1 while the host heartbeats within host_down_after", labels=["host"])
     for host in store.hosts.list():
-        up.add_metric([host.name], 1.0 if host_is_up(host, settings.host_down_after) else 0.0)
+        up.add_metric([host.name], 1.0 if host_is_up(host, settings.host_down_after, now=moment) else 0.0)
     return [instances, running, oldest, up]

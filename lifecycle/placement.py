@@ -51,7 +51,6 @@ from lifecycle.scheduler import (
 )
 from lifecycle.states import MigrationStatus
 from lifecycle.store import Store
-from lifecycle.store.db import now
 
 __all__ = [
     "candidate_hosts",
@@ -73,14 +72,14 @@ _FIRST_PAGE = 16
 """Hosts read by the first page of a decision; each next page is four times larger (a rare fit costs log N reads)."""
 
 
-def up_since(down_after: float) -> datetime:
-    """Return the oldest heartbeat that still counts as up now: the one definition of a host being up."""
-    return now() - timedelta(seconds=down_after)
+def up_since(down_after: float, *, now: datetime) -> datetime:
+    """Return the oldest heartbeat that still counts as up at ``now``: the one definition of a host being up."""
+    return now - timedelta(seconds=down_after)
 
 
-def host_is_up(host: Host, down_after: float) -> bool:
-    """Whether a daemon owning the host heartbeated within the last ``down_after`` seconds (:func:`up_since`)."""
-    return host.last_heartbeat is not None and host.last_heartbeat >= up_since(down_after)
+def host_is_up(host: Host, down_after: float, *, now: datetime) -> bool:
+    """Whether a daemon owning the host heartbeated within ``down_after`` seconds before ``now`` (:func:`up_since`)."""
+    return host.last_heartbeat is not None and host.last_heartbeat >= up_since(down_after, now=now)
 
 
 def evacuated_copies(store: Store, host: str) -> list[str]:
@@ -97,8 +96,10 @@ def evacuated_copies(store: Store, host: str) -> list[str]:
     return pending
 
 
-def host_states(hosts: list[Host], down_after: float, evacuated: Collection[str] = ()) -> list[HostState]:
-    """Turn host records into scheduler values; a host without a recent heartbeat is down.
+def host_states(
+    hosts: list[Host], down_after: float, evacuated: Collection[str] = (), *, now: datetime
+) -> list[HostState]:
+    """Turn host records into scheduler values; a host without a heartbeat in ``down_after`` s before ``now`` is down.
 
     ``evacuated`` names hosts known to hold evacuated copies (:func:`evacuated_copies`): refused by the scheduler.
     """
@@ -107,7 +108,7 @@ def host_states(hosts: list[Host], down_after: float, evacuated: Collection[str]
             name=h.name,
             availability_zone=h.availability_zone,
             enabled=h.enabled,
-            up=host_is_up(h, down_after),
+            up=host_is_up(h, down_after, now=now),
             fenced=h.fenced,
             evacuated_copies=h.name in evacuated,
             vcpus=h.vcpus,
@@ -139,19 +140,21 @@ def candidate_hosts(
     """
     pre = prefilter(request, s)
     if pre is not None:
-        since = up_since(down_after)
+        moment = store.clock.now()
+        since = up_since(down_after, now=moment)
 
         def pages() -> Iterator[list[HostState]]:
             offset, size = 0, _FIRST_PAGE
             while page := store.hosts.ranked(pre, since, offset, size):
-                yield host_states(page, down_after, evacuated)
+                yield host_states(page, down_after, evacuated, now=moment)
                 offset, size = offset + size, size * 4
 
         found = ranked_candidates(pages(), request, s, limit)
         if found:
             return found
     # Nothing passed (or the metrics weigher needs every host): read them all, so NoValidHost gives every reason.
-    return select_candidates(host_states(store.hosts.list(), down_after, evacuated), request, s, limit)
+    everyone = host_states(store.hosts.list(), down_after, evacuated, now=store.clock.now())
+    return select_candidates(everyone, request, s, limit)
 
 
 def pick_host(store: Store, request: Request, s: SchedulerSettings, down_after: float) -> HostState:

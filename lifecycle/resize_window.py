@@ -19,7 +19,6 @@ from lifecycle.errors import InvalidState, LifecycleError
 from lifecycle.graph import Op
 from lifecycle.records import Cause
 from lifecycle.results import WindowResult
-from lifecycle.store.db import now
 
 if TYPE_CHECKING:
     from lifecycle.context import Context
@@ -36,7 +35,7 @@ def poll_unconfirmed_resizes(ctx: Context) -> list[WindowResult]:
         return []
     action = Op.REVERT_RESIZE if ctx.settings.resize_window_action == "revert" else Op.CONFIRM_RESIZE
     results = []
-    for migration in ctx.store.moves.finished_before(now() - timedelta(seconds=window)):
+    for migration in ctx.store.moves.finished_before(ctx.clock.now() - timedelta(seconds=window)):
         uuid = migration.instance_uuid
         try:
             ctx.runner.start(action, uuid, actor="resize_window", cause=Cause.TIMER)

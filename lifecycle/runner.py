@@ -34,7 +34,6 @@ from lifecycle.registry import Call
 from lifecycle.slots import BuildSlots
 from lifecycle.states import VmState
 from lifecycle.store import Store
-from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
 
 __all__ = ["Runner", "check_call"]
@@ -233,7 +232,7 @@ class Runner:
         cause: Cause,
     ) -> Task:
         """Return a new running task record owned by this runner (not yet written)."""
-        at = now()
+        at = self.store.clock.now()
         return Task(
             id=str(uuidlib.uuid4()),
             instance_uuid=uuid,

@@ -35,7 +35,6 @@ from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
 from lifecycle.records import Cause, Instance
 from lifecycle.results import PassSummary
 from lifecycle.states import PowerState, VmState
-from lifecycle.store.db import now
 from lifecycle.store.syncrows import PowerWrite, SyncRow
 from lifecycle.sync import Action, Decider, Decision, Policy
 
@@ -65,7 +64,7 @@ def sweep_host(
     """Run one sync pass over ``host`` and return its summary; ``stop`` ends it between chunks."""
     started = time.perf_counter()
     summary = PassSummary(host)
-    observed_at = now()
+    observed_at = ctx.clock.now()
     listing = ctx.driver(host).list_instances()
     decider = Decider(policy, observed_at)
     pending = _Pending(host, actor)
@@ -229,7 +228,7 @@ def _running_deleted(
     if not uuids or action == "noop":
         return set()
     rows = ctx.store.sync.instances_by_uuid(uuids)
-    cutoff = now() - timedelta(seconds=ctx.settings.running_deleted_instance_timeout)
+    cutoff = ctx.clock.now() - timedelta(seconds=ctx.settings.running_deleted_instance_timeout)
     handled: set[str] = set()
     for uuid in uuids:
         row = rows.get(uuid)

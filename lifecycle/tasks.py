@@ -30,7 +30,6 @@ from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Task, T
 from lifecycle.slots import BuildSlots
 from lifecycle.states import MigrationStatus, PowerState, TaskState
 from lifecycle.store import Store
-from lifecycle.store.db import now
 
 __all__ = ["Hook", "Steps", "TaskRun"]
 
@@ -287,7 +286,7 @@ class TaskRun:
         status: MigrationStatus = MigrationStatus.PRE_MIGRATING,
     ) -> Migration:
         """Write this task's migration record (a move, an evacuation); a record with an end status is finished."""
-        at = now()
+        at = self.store.clock.now()
         migration = Migration(
             id=str(uuidlib.uuid4()),
             instance_uuid=self.instance.uuid,

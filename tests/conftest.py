@@ -47,6 +47,7 @@ import structlog.testing
 from drivers.base import Driver
 from drivers.fake import FakeDriver
 from lifecycle import Engine, Flavor, Settings, upgrade
+from lifecycle.clock import Clock, ManualClock
 from lifecycle.records import Host
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -557,8 +558,20 @@ def fakes() -> Fakes:
 
 
 @pytest.fixture
-def one_owner(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
+def clock() -> ManualClock:
+    """A clock that moves only when the test advances it: the test's ``engine`` and ``one_owner`` engines run on it."""
+    return ManualClock()
+
+
+def _test_clock(request: pytest.FixtureRequest) -> Clock | None:
+    """The test's :func:`clock` when it asks for one, else None (the engine's real clock)."""
+    return request.getfixturevalue("clock") if "clock" in request.fixturenames else None
+
+
+@pytest.fixture
+def one_owner(sqlite_url: str, fakes: Fakes, request: pytest.FixtureRequest) -> Callable[..., Engine]:
     """Open engines (with ``settings``) sharing one database, one owner name (a restarted process) and fake hosts."""
+    test_clock = _test_clock(request)
 
     def open_engine(**settings: float) -> Engine:
         engine = Engine(
@@ -566,6 +579,7 @@ def one_owner(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
             driver_factory=fakes.factory,
             owner="engine-a",
             settings=Settings(**{"shutdown_timeout": 0.0, **settings}),  # type: ignore[arg-type]
+            clock=test_clock,
         )
         if not engine.hosts.list():
             for host in ("h1", "h2"):
@@ -578,9 +592,9 @@ def one_owner(sqlite_url: str, fakes: Fakes) -> Callable[..., Engine]:
     return open_engine
 
 
-def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
-    """An engine over ``url`` with hosts h1 and h2 (fake) and image cirros."""
-    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]
+def make_engine(url: str, fakes: Fakes, *, clock: Clock | None = None, **settings: float) -> Engine:
+    """An engine over ``url`` (on ``clock``, else the real one) with hosts h1 and h2 (fake) and image cirros."""
+    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings), clock=clock)  # type: ignore[arg-type]
     if not engine.hosts.list():
         engine.hosts.add("h1", "fake://")
         engine.hosts.add("h2", "fake://")
@@ -589,9 +603,12 @@ def make_engine(url: str, fakes: Fakes, **settings: float) -> Engine:
 
 
 @pytest.fixture
-def engine(db_url: str, fakes: Fakes) -> Iterator[Engine]:
-    """An engine on SQLite (and PostgreSQL) over two fake hosts; invariants are checked at teardown."""
-    eng = make_engine(db_url, fakes, shutdown_timeout=0.0)
+def engine(db_url: str, fakes: Fakes, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """An engine on SQLite (and PostgreSQL) over two fake hosts (on the test's :func:`clock` if it asks for one).
+
+    Invariants are checked at teardown.
+    """
+    eng = make_engine(db_url, fakes, clock=_test_clock(request), shutdown_timeout=0.0)
     yield eng
     check_invariants(eng.store)
     eng.close()

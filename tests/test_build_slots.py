@@ -164,7 +164,9 @@ def test_a_pool_busy_past_the_bound_fails_the_build_with_its_cause_not_as_a_miss
     h1.faults.busy_pool(10_000)
     with pytest.raises(TaskFailed) as failed:
         engine.create("vm", host="h1", flavor=FLAVOR, image="cirros")
-    h1.faults.busy_pool(-h1.faults.busy)  # the host is quiet again: the failed build's clean-up and teardown checks go on
+    h1.faults.busy_pool(
+        -h1.faults.busy
+    )  # the host is quiet again: the failed build's clean-up and teardown checks go on
     error = failed.value.task.error or ""
     assert "has asynchronous jobs running" in error and "still busy" in error
     assert DomainNotFound.__name__ not in error

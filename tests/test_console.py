@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -12,10 +12,10 @@ import sqlalchemy as sa
 
 from drivers.fake import FakeDriver
 from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
+from lifecycle.clock import ManualClock
 from lifecycle.errors import InvalidInput
-from lifecycle.store.db import now
 from lifecycle.store.tables import CONSOLE_TOKENS, INSTANCES
-from tests.conftest import FLAVOR, Fakes, all_logs, make_engine
+from tests.conftest import FLAVOR, Fakes, all_logs
 from tests.images import fake_image
 
 
@@ -50,12 +50,13 @@ def test_tokens_are_unique_and_wrong_ones_fail(engine: Engine, new_instance: Cal
         engine.consoles.check_token("")
 
 
-def test_tokens_expire(sqlite_url: str, fakes: Fakes) -> None:
-    """A token past its time-to-live is no longer valid."""
-    eng = make_engine(sqlite_url, fakes, console_token_ttl=0.0)
-    uuid = eng.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    assert eng.consoles.check_token(eng.consoles.get_vnc_console(uuid).token) is None
-    eng.close()
+def test_tokens_expire(engine: Engine, new_instance: Callable[..., str], clock: ManualClock) -> None:
+    """A token is valid until the clock reaches its time-to-live (console_token_ttl, 600 s), and not from then on."""
+    token = engine.consoles.get_vnc_console(new_instance()).token
+    clock.advance(engine.settings.console_token_ttl - 1)
+    assert engine.consoles.check_token(token) is not None
+    clock.advance(1)
+    assert engine.consoles.check_token(token) is None
 
 
 def test_delete_revokes_tokens(engine: Engine, new_instance: Callable[..., str]) -> None:
@@ -240,7 +241,7 @@ def test_a_token_issued_before_the_rule_never_leads_to_loopback(
     uuid = far_engine.create("vm", host="far", flavor=FLAVOR, image="cirros").instance_uuid
     port = fakes["far"].get_vnc_console(uuid).port
     far_engine.store.consoles.add_token(
-        _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, now() + timedelta(hours=1)
+        _hash("old-token"), far_engine.get(uuid), "127.0.0.1", port, datetime.now(UTC) + timedelta(hours=1)
     )
     assert far_engine.consoles.check_token("old-token") is None
     assert console.lookup(far_engine.store, "old-token") is None
@@ -279,15 +280,17 @@ def _age(engine: Engine, token: str, **moments: datetime) -> None:
 
 
 def test_the_purge_deletes_revoked_and_long_expired_tokens_and_keeps_live_ones(
-    engine: Engine, new_instance: Callable[..., str], logged: list[MutableMapping[str, Any]]
+    engine: Engine, new_instance: Callable[..., str], logged: list[MutableMapping[str, Any]], clock: ManualClock
 ) -> None:
     """The purge duty deletes revoked tokens and those expired beyond the grace; live and recently expired ones stay."""
     uuid = new_instance()
-    live, recent, old, revoked = (engine.consoles.get_vnc_console(uuid).token for _ in range(4))
-    moment = now()
-    _age(engine, recent, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE - 60))
-    _age(engine, old, expires_at=moment - timedelta(seconds=console.EXPIRED_GRACE + 60))
-    _age(engine, revoked, revoked_at=moment - timedelta(seconds=1))
+    old = engine.consoles.get_vnc_console(uuid).token
+    clock.advance(120)
+    recent = engine.consoles.get_vnc_console(uuid).token
+    clock.advance(engine.settings.console_token_ttl + console.EXPIRED_GRACE - 60)  # old: past the grace by 60 s
+    live, revoked = (engine.consoles.get_vnc_console(uuid).token for _ in range(2))
+    _age(engine, revoked, revoked_at=clock.now())
+    assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(t) for t in (old, recent, live, revoked)}
     assert duties.purge_console_tokens(engine.services) == 2
     assert {r["token_hash"] for r in _token_rows(engine)} == {_hash(live), _hash(recent)}
     assert engine.consoles.check_token(live) is not None

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ from lifecycle import Engine, Flavor, PowerState, Settings, VmState, upgrade
 from lifecycle.console import token_hash
 from lifecycle.daemon import Daemon
 from lifecycle.store import Store
-from lifecycle.store.db import now
 from lifecycle.store.tables import CONSOLE_TOKENS
 from tests.conftest import Fakes, make_engine
 from tests.images import fake_image
@@ -210,7 +209,9 @@ def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) ->
     table = CONSOLE_TOKENS
     with engine.store.engine.begin() as db:
         db.execute(
-            sa.update(table).where(table.c.token_hash == token_hash(dead)).values(expires_at=now() - timedelta(days=1))
+            sa.update(table)
+            .where(table.c.token_hash == token_hash(dead))
+            .values(expires_at=datetime.now(UTC) - timedelta(days=1))
         )
     daemon = Daemon(engine, claim_interval=60.0)
     thread = threading.Thread(target=daemon.run)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,6 @@ import pytest
 from lifecycle import Engine, Outcome, PowerState, Settings, TaskFailed, TaskState, VmState, graph
 from lifecycle.audit import Why
 from lifecycle.records import Cause, Instance
-from lifecycle.store.db import now
 from tests.conftest import FLAVOR, Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -70,11 +69,13 @@ def _place(engine: Engine, fakes: Fakes, vm: VmState, ts: TaskState | None, host
             owner=owner,
         )
         if task == "stuck":
-            t = replace(t, lease_expires_at=now() - timedelta(seconds=1))
+            t = replace(t, lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
         current = store.writes.begin(current, t, ts, replace(why, task_id=t.id), None)
     if host == "down":
         fakes["h1"].unreachable = True
-        store.hosts.update("h1", last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
+        store.hosts.update(
+            "h1", last_heartbeat=datetime.now(UTC) - timedelta(seconds=engine.settings.host_down_after + 5)
+        )
     elif host == "failing":
         fakes["h1"].faults.fail_next("destroy", OSError(5, "Input/output error"))
     return uuid

@@ -9,10 +9,11 @@ from datetime import timedelta
 import pytest
 
 from lifecycle import Engine, Flavor, Settings
+from lifecycle.clock import Clock, ManualClock
 from lifecycle.errors import Fenced, InstanceLocked, InvalidInput, InvalidState, Preempted
 from lifecycle.records import Cause, Outcome
 from lifecycle.states import TaskState, VmState
-from tests.conftest import Fakes, wait_until
+from tests.conftest import Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
 
@@ -20,8 +21,10 @@ V = VmState
 SMALL = Flavor(1, 256, 1)
 
 
-def _cloud(db_url: str, fakes: Fakes, **settings: float) -> Engine:
-    engine = Engine(db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0, **settings))
+def _cloud(db_url: str, fakes: Fakes, clock: Clock | None = None, **settings: float) -> Engine:
+    engine = Engine(
+        db_url, driver_factory=fakes.factory, settings=Settings(shutdown_timeout=0, **settings), clock=clock
+    )
     engine.hosts.add("a", "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
     engine.hosts.heartbeat("a")
     engine.images.add("cirros", fake_image("cirros"))
@@ -38,9 +41,9 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def reclaiming(db_url: str, fakes: Fakes) -> Iterator[Engine]:
-    """One fake host; soft delete kept 0.2 s before reclaim."""
-    engine = _cloud(db_url, fakes, reclaim_instance_interval=0.2)
+def reclaiming(db_url: str, fakes: Fakes, clock: ManualClock) -> Iterator[Engine]:
+    """One fake host on the test's clock; soft delete kept an hour before reclaim."""
+    engine = _cloud(db_url, fakes, clock, reclaim_instance_interval=3600.0)
     yield engine
     check_invariants(engine.store)
     engine.close()
@@ -50,24 +53,26 @@ def _vm(engine: Engine) -> str:
     return engine.create("vm", host="a", flavor=SMALL, image="cirros").instance_uuid
 
 
-def test_with_reclaim_on_delete_is_a_soft_delete_restorable_until_reclaimed(reclaiming: Engine, fakes: Fakes) -> None:
+def test_with_reclaim_on_delete_is_a_soft_delete_restorable_until_reclaimed(
+    reclaiming: Engine, fakes: Fakes, clock: ManualClock
+) -> None:
     """delete soft-deletes (guest off, kept); restore brings it back; reclaim does nothing before the interval."""
     uuid = _vm(reclaiming)
     reclaiming.delete(uuid)
     assert reclaiming.get(uuid).vm_state is V.SOFT_DELETED and fakes["a"].domain_exists(uuid)
-    assert reclaiming.duties.reclaim_queued_deletes() == []  # not yet 0.2 s old
+    clock.advance(3599)
+    assert reclaiming.duties.reclaim_queued_deletes() == []  # a second short of the hour
     reclaiming.restore(uuid)
     assert reclaiming.get(uuid).vm_state is V.ACTIVE
     assert reclaiming.duties.reclaim_queued_deletes(interval=0) == []  # restored: nothing queued, however old
 
 
-def test_reclaim_deletes_for_good_after_the_interval(reclaiming: Engine, fakes: Fakes) -> None:
+def test_reclaim_deletes_for_good_after_the_interval(reclaiming: Engine, fakes: Fakes, clock: ManualClock) -> None:
     """Past the interval the duty runs a delete (cause timer): instance deleted, domain and claim gone, audited."""
     uuid = _vm(reclaiming)
     reclaiming.delete(uuid)
-    [result] = wait_until(
-        "the soft delete older than the interval, reclaimed", reclaiming.duties.reclaim_queued_deletes
-    )
+    clock.advance(3601)
+    [result] = reclaiming.duties.reclaim_queued_deletes()
     assert (result.uuid, result.outcome) == (uuid, "deleted")
     assert reclaiming.get(uuid).vm_state is V.DELETED and not fakes["a"].domain_exists(uuid)
     assert reclaiming.store.claims.of(uuid) == []
@@ -83,9 +88,11 @@ def test_without_reclaim_delete_deletes_at_once(cloud: Engine) -> None:
     assert cloud.duties.reclaim_queued_deletes() == []
 
 
-def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(db_url: str, fakes: Fakes) -> None:
+def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(
+    db_url: str, fakes: Fakes, clock: ManualClock
+) -> None:
     """A spawn held past instance_build_timeout: the instance goes to error, the task fails, the worker stops."""
-    engine = _cloud(db_url, fakes, instance_build_timeout=0.2)
+    engine = _cloud(db_url, fakes, clock, instance_build_timeout=600.0)
     try:
         gate = fakes.factory(engine.hosts.get("a")).faults.hold("spawn")
         errors: list[BaseException] = []
@@ -102,8 +109,10 @@ def test_a_build_stuck_in_the_driver_times_out_and_its_worker_is_fenced(db_url: 
         worker.start()
         assert gate.wait_entered()
         uuid = "6f1c0f4e-8d0b-4f8e-9a55-1b5a2f6c9d01"
-        assert engine.duties.check_build_timeouts() == []  # not yet 0.2 s
-        [result] = wait_until("the build past instance_build_timeout, ended", engine.duties.check_build_timeouts)
+        clock.advance(599)
+        assert engine.duties.check_build_timeouts() == []  # a second short of the timeout
+        clock.advance(2)
+        [result] = engine.duties.check_build_timeouts()
         assert (result.uuid, result.outcome) == (uuid, "timed_out")
         i = engine.get(uuid)
         assert (i.vm_state, i.task_state, i.task_id) == (V.ERROR, None, None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +13,6 @@ from lifecycle.cli import main
 from lifecycle.daemon import HostWorker
 from lifecycle.evacuation import DATA_LOSS, EvacuationOutcome
 from lifecycle.states import MigrationStatus
-from lifecycle.store.db import now
 from tests.conftest import Fakes, make_engine
 from tests.invariants import check_invariants
 from tests.test_cli_bad_input import World, _argv, _assert_typed_error, dump, template, world
@@ -38,7 +37,9 @@ def cloud(db_url: str, fakes: Fakes) -> Iterator[Engine]:
 
 
 def _down(engine: Engine, host: str) -> None:
-    engine.store.hosts.update(host, last_heartbeat=now() - timedelta(seconds=engine.settings.host_down_after + 5))
+    engine.store.hosts.update(
+        host, last_heartbeat=datetime.now(UTC) - timedelta(seconds=engine.settings.host_down_after + 5)
+    )
 
 
 def _dead(engine: Engine, host: str) -> None:
@@ -54,7 +55,7 @@ def test_fence_records_who_why_and_when_and_unfence_clears_it(cloud: Engine) -> 
     """A fence is recorded with actor, reason and time; fencing twice is refused; unfence clears all three."""
     h = cloud.hosts.fence("h1", reason="  disk controller dead ", actor="ops")
     assert (h.fenced, h.fenced_by, h.fenced_reason) == (True, "ops", "disk controller dead")
-    assert h.fenced_at is not None and abs((now() - h.fenced_at).total_seconds()) < 60
+    assert h.fenced_at is not None and abs((datetime.now(UTC) - h.fenced_at).total_seconds()) < 60
     with pytest.raises(InvalidInput, match="already fenced"):
         cloud.hosts.fence("h1", reason="again", actor="ops")
     with pytest.raises(InvalidInput, match="reason"):
@@ -245,7 +246,7 @@ def test_the_daemon_clears_evacuated_copies_before_its_first_heartbeat(cloud: En
     uuid = _on(cloud, "h1")
     _dead(cloud, "h1")
     cloud.evacuate(uuid, host="h2")
-    worker = HostWorker(cloud, "h1", image_cache_interval=3600, clock=lambda: 0.0)
+    worker = HostWorker(cloud, "h1", image_cache_interval=3600)
     fakes["h1"].unreachable = True
     worker.heartbeat()
     assert fakes["h1"].unreachable and not worker.cleared.is_set()

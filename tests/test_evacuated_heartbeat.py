@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from lifecycle.errors import EvacuatedCopiesPending
 from lifecycle.scheduler import EVACUATED_COPIES, HostState, Request, SchedulerSettings, filter_hosts
 from lifecycle.states import MigrationStatus
 from lifecycle.store import upgrade
-from lifecycle.store.db import now
 from tests.conftest import Fakes, fake_image
 from tests.invariants import check_invariants
 from tests.test_cli_bad_input import dump
@@ -33,7 +32,7 @@ SMALL = Flavor(1, 512, 1)
 def _evacuated_then_unfenced(engine: Engine, host: str = "h1", to: str = "h2") -> str:
     """Create an instance on ``host``, let the host die, evacuate the instance to ``to``, and lift the fence."""
     uuid = engine.create("vm", host=host, flavor=SMALL, image="cirros").instance_uuid
-    stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
+    stale = datetime.now(UTC) - timedelta(seconds=engine.settings.host_down_after + 5)
     engine.store.hosts.update(host, last_heartbeat=stale)
     engine.hosts.fence(host, reason="power supply failed", actor="ops")
     engine.evacuate(uuid, host=to)
@@ -113,7 +112,7 @@ def test_a_copy_destroyed_before_the_failure_is_done_and_only_the_rest_is_named(
 
 def test_the_daemon_heartbeat_refuses_a_copy_evacuated_after_its_clear(cloud: Engine, fakes: Fakes) -> None:
     """A host worker already cleared: its next heartbeat still destroys a new copy first, and writes none while it cannot."""
-    worker = HostWorker(cloud, "h1", image_cache_interval=3600, clock=lambda: 0.0)
+    worker = HostWorker(cloud, "h1", image_cache_interval=3600)
     worker.heartbeat()
     assert worker.cleared.is_set()
     uuid = _evacuated_then_unfenced(cloud)
@@ -144,7 +143,7 @@ def test_the_scheduler_never_places_on_a_host_holding_an_evacuated_copy(
         engine.images.add("cirros", fake_image("cirros"))
         uuid = _evacuated_then_unfenced(engine)
         if filters == "default":  # up: a heartbeat written before the evacuation finished, say
-            engine.store.hosts.update("h1", last_heartbeat=now())
+            engine.store.hosts.update("h1", last_heartbeat=datetime.now(UTC))
         for _ in range(3):  # h1 has the most free memory: the RAM weigher would pick it
             assert engine.get(engine.create("web", flavor=SMALL, image="cirros").instance_uuid).host == "h2"
         with pytest.raises(TaskFailed, match=r"NoValidHost.*h1: holds old copies of instances evacuated"):

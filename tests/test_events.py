@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from drivers.base import LifecycleEvent, Transition
 from lifecycle import Engine, PowerState, VmState
 from lifecycle.events import EventProcessor
-from lifecycle.store.db import now
 from lifecycle.sync import Policy
 from tests.conftest import Fakes, wait_until
 
@@ -31,7 +30,7 @@ def _processor(engine: Engine, clock: Clock, delay: float = 15.0) -> EventProces
 
 
 def _event(uuid: str, transition: Transition) -> LifecycleEvent:
-    return LifecycleEvent(uuid, transition, now())
+    return LifecycleEvent(uuid, transition, datetime.now(UTC))
 
 
 def test_stopped_event_is_held_then_applied(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:

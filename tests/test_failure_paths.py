@@ -6,7 +6,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -26,7 +26,6 @@ from lifecycle import (
 from lifecycle.daemon import Daemon
 from lifecycle.errors import DriverUnavailable
 from lifecycle.records import Host
-from lifecycle.store.db import now
 from tests.conftest import FLAVOR, Fakes
 from tests.invariants import check_invariants
 
@@ -297,7 +296,7 @@ def _down(engine: Engine, fakes: Fakes, host: str = "h1") -> None:
     """Make ``host`` unreachable and its last heartbeat older than host_down_after."""
     engine.hosts.driver(host)
     fakes[host].unreachable = True
-    stale = now() - timedelta(seconds=engine.settings.host_down_after + 5)
+    stale = datetime.now(UTC) - timedelta(seconds=engine.settings.host_down_after + 5)
     engine.store.hosts.update(host, last_heartbeat=stale)
 
 

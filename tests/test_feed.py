@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from lifecycle import Change, Engine, InvalidInput, Position, Settings
 from lifecycle.audit import START, Why
+from lifecycle.clock import ManualClock
 from lifecycle.feed import as_change, change_data, nova_notification
 from lifecycle.records import Cause
 from lifecycle.store._cas import audit
@@ -239,31 +240,34 @@ def test_settings_refuse_bad_feed_values() -> None:
             Settings(**bad)  # type: ignore[arg-type]
 
 
-def test_retention_keeps_what_a_consumer_has_not_passed(db_url: str, fakes: Fakes) -> None:
+def test_retention_keeps_what_a_consumer_has_not_passed(db_url: str, fakes: Fakes, clock: ManualClock) -> None:
     """Prune removes old changes up to the slowest consumer's position, keeps the rest and the newest, and 0 keeps all."""
-    engine = make_engine(db_url, fakes)
+    engine = make_engine(db_url, fakes, clock=clock)
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     engine.stop(uuid)
     engine.start(uuid)
     feed = engine.feed.changes(limit=10_000)
     engine.feed.follow("slow", lambda c: None, stop=STOPPED, batch=3)
     engine.feed.follow("fast", lambda c: None, stop=STOPPED, batch=10_000)
+    clock.advance(60)
     assert engine.feed.prune() == 0  # change_retention 0: every change is kept
-    assert engine.feed.prune(older_than=0.0) == 0
-    assert engine.feed.prune(older_than=1e-9) == 3
+    assert engine.feed.prune(older_than=60.0) == 0  # written 60 s ago: not older than that
+    assert engine.feed.prune(older_than=59.0) == 3
     assert engine.feed.changes(limit=10_000) == feed[3:]
     engine.feed.forget_consumer("slow")
-    assert engine.feed.prune(older_than=1e-9) == len(feed) - 4  # all the fast one passed, but the newest
+    assert engine.feed.prune(older_than=59.0) == len(feed) - 4  # all the fast one passed, but the newest
     assert engine.feed.changes(limit=10_000) == feed[-1:]
     engine.close()
 
 
-def test_a_pruned_log_never_hands_a_position_out_again(db_url: str, fakes: Fakes) -> None:
+def test_a_pruned_log_never_hands_a_position_out_again(db_url: str, fakes: Fakes, clock: ManualClock) -> None:
     """After pruning all it may, the next change's position is above every earlier one (SQLite reuses no rowid)."""
-    engine = make_engine(db_url, fakes)
+    engine = make_engine(db_url, fakes, clock=clock)
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
-    newest = engine.feed.changes(limit=10_000)[-1].position
-    engine.feed.prune(older_than=1e-9)
+    written = engine.feed.changes(limit=10_000)
+    newest = written[-1].position
+    clock.advance(1)
+    assert engine.feed.prune(older_than=0.5) >= len(written) - 1  # all but the newest (and any not yet readable)
     engine.stop(uuid)
     assert all(c.position > newest for c in engine.feed.changes(after=newest))
     assert len(engine.feed.changes(after=newest)) == 2

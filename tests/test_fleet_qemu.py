@@ -10,11 +10,13 @@ Every command runs the installed ``lifecycle`` executable, configured as an oper
 it: a config file (``LIFECYCLE_CONFIG``) with the database and the settings these guests need
 (domain type ``qemu``: TCG; no ACPI in them, so ``shutdown_timeout`` 0 and a short
 ``soft_reboot_seconds``), and ``LIFECYCLE_...`` variables for what one test changes
-(``host_down_after``, ``resize_confirm_window``). The one exception is a command that must start
+(``host_down_after``). The one exception is a command that must start
 the moment a copy is under way: it runs the CLI's ``main`` in a process that has loaded
 everything and waits on its stdin. The set-up, ``show``, ``host list`` and the polls during a
 disk copy run ``main`` in this process, to read without an interpreter start-up (about a second
-here) between two reads.
+here) between two reads. What must happen once some time has passed (the resize confirm
+window, a host down after ``host_down_after``) runs on an engine in this process
+(:meth:`Fleet.engine`) whose clock the test advances, instead of waiting for the time to pass.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -38,7 +41,10 @@ from typing import Any
 import pytest
 import structlog
 
+from lifecycle import Engine, Settings, VmState
 from lifecycle.cli import main
+from lifecycle.clock import ManualClock
+from lifecycle.daemon import Daemon
 from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -48,6 +54,8 @@ if not Path(EXECUTABLE[0]).exists():
     EXECUTABLE = [sys.executable, "-m", "lifecycle.cli"]
 CONFIG = 'libvirt_domain_type = "qemu"\nshutdown_timeout = 0\nsoft_reboot_seconds = 1\n'
 """The settings of every command (with the database URL): TCG guests, which have no ACPI to shut down by."""
+SETTINGS = {"libvirt_domain_type": "qemu", "shutdown_timeout": 0.0, "soft_reboot_seconds": 1.0}
+"""The same settings, for an engine in this process (:meth:`Fleet.engine`)."""
 BIG = "1G"
 """Data written into a disk whose copy a test interrupts (about 2-3 s of copy here)."""
 GATED = "import sys, libvirt, lifecycle.cli; sys.stdin.readline(); sys.exit(lifecycle.cli.main(sys.argv[1:]))"
@@ -279,6 +287,10 @@ class Fleet:
         )
         return uuid
 
+    def engine(self, clock: ManualClock, **settings: Any) -> Engine:
+        """An engine in this process over the fleet's database, on ``clock``, with the commands' settings and ``settings``."""
+        return Engine(self.url, settings=Settings(**(SETTINGS | settings)), clock=clock)
+
     def heartbeat(self, *hosts: str) -> None:
         for host in hosts:
             self.here("host", "heartbeat", host)
@@ -451,23 +463,28 @@ def test_resize_onto_the_remote_host_then_migrate_back_and_revert(fleet: Fleet) 
     assert (b.state(uuid), b.volumes()) == (None, set())
 
 
-def test_the_daemon_confirms_a_finished_move_once_the_window_has_passed(fleet: Fleet, tmp_path: Path) -> None:
-    """With resize_confirm_window set, a daemon's pass confirms a move a -> b that nobody confirmed: a's kept disk goes, the guest runs on b."""
-    window = {"resize_confirm_window": 2}
+def test_the_daemon_confirms_a_finished_move_once_the_window_has_passed(fleet: Fleet) -> None:
+    """With resize_confirm_window set, a daemon leaves a move a -> b nobody confirmed until the window has passed on its clock, then confirms it: a's kept disk goes, the guest runs on b."""
     uuid = fleet.create("waiter", "a")
     out = fleet.ok("migrate", uuid, "--host", "b")
     assert (out["host"], out["status"]) == ("b", "VERIFY_RESIZE")
     assert fleet.a.volumes() == {uuid}
     (move,) = fleet.ok("migration", "list")
-    finished = stamp(move["finished_at"])
-    # The daemon applies the window at its start, then once a minute: it starts once the window has passed.
-    wait_until("the window to pass", lambda: datetime.now(UTC) > finished + timedelta(seconds=3), interval=0.2)
-    daemon = fleet.start("daemon", "--claim-interval", "0.5", settings=window, log=tmp_path / "daemon.log")
-    try:
-        wait_until("the window's confirm", lambda: fleet.show(uuid)["status"] == "ACTIVE", 30, interval=0.2)
-    finally:
-        stop_daemon(daemon)
-    assert daemon.returncode == 0
+    clock = ManualClock(datetime.now(UTC))  # the move finished a moment before
+    with fleet.engine(clock, resize_confirm_window=60.0) as engine:
+        daemon = Daemon(engine, claim_interval=3600.0)
+        thread = threading.Thread(target=daemon.run, name="daemon")
+        thread.start()
+        try:
+            # The daemon applies the window at its start (too early), then every 60 s of its clock.
+            wait_until("both hosts claimed and every timer asleep", lambda: clock.waiting == 5, 120, interval=0.2)
+            assert fleet.show(uuid)["status"] == "VERIFY_RESIZE"
+            clock.advance(60)
+            wait_until("the window's confirm", lambda: fleet.show(uuid)["status"] == "ACTIVE", 60, interval=0.2)
+        finally:
+            daemon.stop.set()
+            thread.join(60)
+        assert not thread.is_alive()
     out = fleet.show(uuid)
     assert (out["host"], out["vm_state"], out["task_state"]) == ("b", "active", None)
     assert fleet.ok("migration", "show", move["id"])["status"] == "confirmed"
@@ -627,21 +644,15 @@ def test_image_cleanup_on_the_remote_host_removes_only_unused_bases(fleet: Fleet
 
 def test_delete_on_a_silent_host_that_is_down_ends_as_a_local_delete(fleet: Fleet) -> None:
     """With b's libvirtd SIGSTOPped and b's heartbeat older than host_down_after, `delete` of an instance on b ends in seconds as a local delete, and a sync pass reaps the guest once b answers again."""
-    down = {"host_down_after": 3}
     uuid = fleet.create("cut-off", "b")
-    beat = stamp(fleet.hosts()["b"]["last_heartbeat"])  # the fixture's: no daemon renews it
-    with frozen(fleet.remote):
-        wait_until("b to be down", lambda: datetime.now(UTC) > beat + timedelta(seconds=4), interval=0.2)
-        try:
-            done: subprocess.CompletedProcess[str] | None = fleet.run(
-                "delete", uuid, "--json", settings=down, timeout=60
-            )
-        except subprocess.TimeoutExpired:
-            done = None
-        assert done is not None, "delete of an instance on a silent host that is down still ran after 60 s"
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert json.loads(done.stdout)["status"] == "DELETED"
-        history = [h["message"] or "" for h in fleet.ok("history", uuid)]
+    clock = ManualClock(datetime.now(UTC))  # b's last heartbeat is the fixture's: no daemon renews it
+    with fleet.engine(clock, host_down_after=3.0) as engine, frozen(fleet.remote):  # thawed before the engine closes
+        clock.advance(4)  # b down: its heartbeat is older than host_down_after
+        deleting = threading.Thread(target=engine.delete, args=(uuid,), name="delete", daemon=True)
+        deleting.start()
+        wait_until("the delete of an instance on a silent host that is down", lambda: not deleting.is_alive(), 60)
+        assert engine.get(uuid).vm_state is VmState.DELETED
+        history = [h.message or "" for h in engine.history(uuid)]
         assert [m for m in history if "deleted locally" in m], history
     assert fleet.b.state(uuid) == RUNNING  # the guest lived on while b was silent
     fleet.ok("sync", "--once", "--host", "b")

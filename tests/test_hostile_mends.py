@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lifecycle import Engine, InvalidInput
+from lifecycle.clock import ManualClock
 from lifecycle.errors import HostNotFound
 from tests.conftest import FLAVOR
 
@@ -24,15 +25,16 @@ def test_heartbeat_of_an_unknown_host_names_the_known_ones(engine: Engine) -> No
         engine.hosts.heartbeat("nosuch")
 
 
-def test_an_audit_note_is_stamped_when_it_is_written(engine: Engine) -> None:
+def test_an_audit_note_is_stamped_when_it_is_written(engine: Engine, clock: ManualClock) -> None:
     """A note (something done on the hypervisor) carries its own time, not the instance's last change."""
+    from datetime import timedelta
+
     from lifecycle.audit import Why
     from lifecycle.records import Cause
-    from lifecycle.store.db import now
 
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     last = engine.history(uuid)[-1]
-    moment = now()
+    clock.advance(5)
     engine.store.writes.note(engine.get(uuid), Why(actor="sync", cause=Cause.SYNC, operation="check", message="noted"))
     note = engine.history(uuid)[-1]
-    assert note.message == "noted" and note.created_at >= moment and note.created_at != last.created_at
+    assert note.message == "noted" and note.created_at == clock.now() == last.created_at + timedelta(seconds=5)

@@ -18,7 +18,8 @@ import pytest
 
 from drivers.fake import SimulatedCrash
 from lifecycle import Engine, Flavor, Outcome, VmState, graph
-from lifecycle.recovery import Plan, RecoveryOutcome, plan
+from lifecycle.clock import ManualClock
+from lifecycle.recovery import Plan, plan
 from tests.conftest import Fakes, make_engine
 from tests.invariants import check_invariants
 
@@ -168,15 +169,17 @@ def test_rebuild_resumed_after_a_crash_never_wipes_the_new_disk(
     second.close()
 
 
-def test_an_expired_lease_is_recovered_by_another_engine(sqlite_url: str, fakes: Fakes) -> None:
-    """A task whose owner stopped renewing its lease is taken over by an engine with another name."""
-    first = make_engine(sqlite_url, fakes, lease_seconds=0.0, heartbeat_seconds=3600.0)
+def test_an_expired_lease_is_recovered_by_another_engine(sqlite_url: str, fakes: Fakes, clock: ManualClock) -> None:
+    """A task whose owner stopped renewing its lease is taken over by an engine with another name once the lease ran out."""
+    first = make_engine(sqlite_url, fakes, clock=clock, lease_seconds=60.0, heartbeat_seconds=3600.0)
     uuid = first.create("vm", host="h1", flavor=SMALL, image="cirros").instance_uuid
     fakes["h1"].faults.crash_after("pause")
     with pytest.raises(SimulatedCrash):
         first.pause(uuid)
-    other = make_engine(sqlite_url, fakes)
-    assert [r.outcome for r in other.recover()] == [RecoveryOutcome.SUCCEEDED]
+    other = make_engine(sqlite_url, fakes, clock=clock)
+    assert other.recover() == []  # the lease still runs
+    clock.advance(61)
+    assert [r.outcome for r in other.recover()] == ["succeeded"]
     assert other.get(uuid).vm_state is V.PAUSED
     first.close()
     other.close()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 
 from lifecycle import Engine, Flavor, Settings, VmState
+from lifecycle.clock import Clock, ManualClock
 from lifecycle.errors import DriverUnavailable
-from lifecycle.store.db import now
 from tests.conftest import Fakes
 from tests.images import fake_image
 from tests.invariants import check_invariants
 
 
-def _cloud(url: str, fakes: Fakes, **settings: object) -> Engine:
-    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings))  # type: ignore[arg-type]
+def _cloud(url: str, fakes: Fakes, clock: Clock | None = None, **settings: object) -> Engine:
+    engine = Engine(url, driver_factory=fakes.factory, settings=Settings(**settings), clock=clock)  # type: ignore[arg-type]
     for name in ("a", "b"):
         engine.hosts.add(name, "fake://", vcpus=8, memory_mb=8192, disk_gb=80)
         engine.hosts.heartbeat(name)
@@ -25,14 +24,12 @@ def _cloud(url: str, fakes: Fakes, **settings: object) -> Engine:
 
 
 @pytest.fixture
-def moved(sqlite_url: str, fakes: Fakes) -> Iterator[tuple[Engine, str]]:
-    """An instance migrated a -> b whose move finished an hour ago, with a 60 s window."""
-    engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0)
+def moved(sqlite_url: str, fakes: Fakes, clock: ManualClock) -> Iterator[tuple[Engine, str]]:
+    """An instance migrated a -> b whose move finished an hour ago on the test's clock, with a 60 s window."""
+    engine = _cloud(sqlite_url, fakes, clock, resize_confirm_window=60.0)
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
-    migration = engine.store.moves.open_of(uuid)
-    assert migration is not None
-    engine.store.moves.update(migration.id, finished_at=now() - timedelta(hours=1))
+    clock.advance(3600)
     yield engine, uuid
     check_invariants(engine.store)
     engine.close()
@@ -46,11 +43,12 @@ def test_an_expired_window_confirms_with_the_timer_as_actor(moved: tuple[Engine,
     assert engine.tasks(uuid)[-1].actor == "resize_window" and engine.history(uuid)[-1].cause == "timer"
 
 
-def test_a_fresh_move_waits(sqlite_url: str, fakes: Fakes) -> None:
-    """A move finished within the window is left alone; a window of 0 turns the timer off."""
-    engine = _cloud(sqlite_url, fakes, resize_confirm_window=3600.0)
+def test_a_fresh_move_waits(sqlite_url: str, fakes: Fakes, clock: ManualClock) -> None:
+    """A move finished within the window (a second short of it) is left alone; a window of 0 turns the timer off."""
+    engine = _cloud(sqlite_url, fakes, clock, resize_confirm_window=3600.0)
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
+    clock.advance(3599)
     assert engine.duties.poll_unconfirmed_resizes() == []
     engine.close()
     engine = Engine(sqlite_url, driver_factory=fakes.factory)
@@ -59,12 +57,12 @@ def test_a_fresh_move_waits(sqlite_url: str, fakes: Fakes) -> None:
     engine.close()
 
 
-def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes) -> None:
+def test_the_window_can_revert_instead(sqlite_url: str, fakes: Fakes, clock: ManualClock) -> None:
     """With resize_window_action=revert the expired move goes back to the source."""
-    engine = _cloud(sqlite_url, fakes, resize_confirm_window=60.0, resize_window_action="revert")
+    engine = _cloud(sqlite_url, fakes, clock, resize_confirm_window=60.0, resize_window_action="revert")
     uuid = engine.create("vm", host="a", flavor=Flavor(1, 512, 1), image="cirros").instance_uuid
     engine.migrate(uuid)
-    engine.store.moves.update(engine.store.moves.open_of(uuid).id, finished_at=now() - timedelta(hours=1))  # type: ignore[union-attr]
+    clock.advance(61)
     engine.duties.poll_unconfirmed_resizes()
     assert (engine.get(uuid).vm_state, engine.get(uuid).host) == (VmState.ACTIVE, "a")
     engine.close()

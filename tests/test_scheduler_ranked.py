@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -21,7 +21,6 @@ from lifecycle.scheduler import (
     select_ranked,
     weigh,
 )
-from lifecycle.store.db import now
 
 SETTINGS = [
     SchedulerSettings(),
@@ -134,7 +133,7 @@ def _cloud(engine: Engine, hosts: list[HostState]) -> None:
             vcpus_used=h.vcpus_used,
             memory_mb_used=h.memory_mb_used,
             disk_gb_used=h.disk_gb_used,
-            last_heartbeat=now() - timedelta(seconds=5 if h.up else 600),
+            last_heartbeat=datetime.now(UTC) - timedelta(seconds=5 if h.up else 600),
         )
         if h.fenced:
             engine.store.hosts.set_fence(h.name, "test", "dead")
@@ -145,7 +144,7 @@ def test_the_database_narrows_and_orders_as_the_filters_and_weigher_would(db_url
     """On SQLite and PostgreSQL, pick_host picks the host select_host picks over every row, or fails with its reasons."""
     with Engine(db_url) as engine:
         _cloud(engine, _hosts(random.Random(7), 60))
-        everyone = host_states(engine.store.hosts.list(), 60.0)
+        everyone = host_states(engine.store.hosts.list(), 60.0, now=engine.store.clock.now())
         assert sum(h.fenced for h in everyone) and sum(not h.up for h in everyone)
         for req in REQUESTS:
             if s.host_subset_size == 1:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from drivers.base import LifecycleEvent, Transition
 from lifecycle import Engine, PowerState, VmState, duties, evacuation
 from lifecycle.context import Services
 from lifecycle.events import EventProcessor
-from lifecycle.store.db import now
 from lifecycle.sweep import sweep_host
 from lifecycle.sync import Policy
 from tests.conftest import Fakes
@@ -16,7 +16,7 @@ from tests.conftest import Fakes
 
 def _parts(engine: Engine) -> Services:
     """A context assembled from the engine's parts by hand, as a worker that holds no engine would."""
-    return Services(engine.store, engine.settings, engine.runner, engine.metrics, engine.hosts.driver)
+    return Services(engine.store, engine.settings, engine.runner, engine.metrics, engine.hosts.driver, engine.clock)
 
 
 def test_a_sync_pass_runs_its_operations_through_the_runner_of_the_context(
@@ -40,6 +40,6 @@ def test_duties_evacuation_and_events_take_the_context(
     assert evacuation.fence(engine.services, "h2", reason="dead", actor="ops").fenced
     processor = EventProcessor(ctx, "h1", Policy(), delay=0)
     fakes["h1"].set_power(uuid, PowerState.SHUTDOWN, event=False)
-    processor.on_event(LifecycleEvent(uuid, Transition.STOPPED, now()))
+    processor.on_event(LifecycleEvent(uuid, Transition.STOPPED, datetime.now(UTC)))
     assert processor.process_due() == ["active_but_off:adopt"]  # a sync stop: the lock never blocks sync
     assert engine.get(uuid).vm_state is VmState.STOPPED

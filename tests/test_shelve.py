@@ -439,9 +439,7 @@ def test_a_shelved_instance_of_a_dead_fenced_host_is_offloaded_and_its_leftover_
     keeping: Engine, fakes: Fakes
 ) -> None:
     """Host evacuate offloads a shelved instance of a down, fenced host in the database; its return destroys the copy."""
-    from datetime import timedelta
-
-    from lifecycle.store.db import now
+    from datetime import UTC, datetime, timedelta
 
     uuid = keeping.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     keeping.shelve(uuid)
@@ -449,7 +447,9 @@ def test_a_shelved_instance_of_a_dead_fenced_host_is_offloaded_and_its_leftover_
     with pytest.raises(TaskFailed):  # merely silent: not offloaded, it stays shelved there
         keeping.shelve_offload(uuid)
     assert keeping.get(uuid).vm_state is V.SHELVED
-    keeping.store.hosts.update("h1", last_heartbeat=now() - timedelta(seconds=keeping.settings.host_down_after + 5))
+    keeping.store.hosts.update(
+        "h1", last_heartbeat=datetime.now(UTC) - timedelta(seconds=keeping.settings.host_down_after + 5)
+    )
     keeping.hosts.fence("h1", reason="dead", actor="test")
     results = keeping.hosts.evacuate("h1")
     assert [(r.uuid, r.outcome) for r in results] == [(uuid, "offloaded")]

@@ -35,7 +35,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ from lifecycle import (
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, EvacuatedCopiesPending, Fenced
 from lifecycle.records import Host, Instance, Task
 from lifecycle.snapshots import snapshot_of
-from lifecycle.store.db import now
 from tests.conftest import wait_until
 from tests.images import fake_image
 from tests.invariants import check_claims, check_invariants, check_no_deleted_guests, check_tasks_ended
@@ -209,7 +208,7 @@ def _template_db() -> Path:
 def expire_leases(engine: Engine) -> None:
     """Make the lease of every running task run out, as when its dead owner stopped renewing it long enough."""
     tasks = sa.table("tasks", sa.column("outcome"), sa.column("lease_expires_at", sa.DateTime(timezone=True)))
-    past = now() - timedelta(seconds=engine.settings.lease_seconds + 1)
+    past = datetime.now(UTC) - timedelta(seconds=engine.settings.lease_seconds + 1)
     with engine.store.engine.begin() as conn:
         conn.execute(sa.update(tasks).where(tasks.c.outcome == Outcome.RUNNING.value).values(lease_expires_at=past))
 
@@ -668,7 +667,7 @@ class Lifecycle(RuleBasedStateMachine):
                 return
             self.engine.hosts.unfence(host, actor="stateful")  # a no-op unless it was fenced
         else:
-            stale = now() - timedelta(seconds=SETTINGS.host_down_after + 5)
+            stale = datetime.now(UTC) - timedelta(seconds=SETTINGS.host_down_after + 5)
             self.engine.store.hosts.update(host, last_heartbeat=stale)
 
     @rule(host=st.sampled_from(HOSTS), answers=st.integers(min_value=1, max_value=4))

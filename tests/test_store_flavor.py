@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid as uuids
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
 from lifecycle import Engine, Flavor, VmState
 from lifecycle.records import Migration
 from lifecycle.states import MigrationStatus
-from lifecycle.store.db import now
 from lifecycle.store.tables import INSTANCES, MIGRATIONS
 
 SSD = Flavor(2, 128, 1, name="ssd", extra_specs=(("capabilities:ssd", "true"), ("capabilities:tier", "gold")))
@@ -49,7 +49,7 @@ def test_a_migration_row_round_trips_flavors_with_extra_specs(engine: Engine) ->
     uuid = _ssd_instance(engine)
     task_id = engine.tasks(uuid)[-1].id
     bigger = Flavor(4, 512, 4, name="ssd-big", extra_specs=(("capabilities:ssd", "true"),))
-    at = now()
+    at = datetime.now(UTC)
     migration = Migration(
         id=str(uuids.uuid4()),
         instance_uuid=uuid,

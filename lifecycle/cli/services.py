@@ -151,7 +151,6 @@ def _force_names_an_owner(args: argparse.Namespace) -> None:
 
 def _recover(engine: Engine, args: argparse.Namespace) -> None:
     from lifecycle.recovery import vars_of
-    from lifecycle.store.db import now
 
     # Under a name of its own: the tasks it takes are then never taken again by a second `recover --force`
     # of the dead engine's name while this one still runs them.
@@ -163,9 +162,10 @@ def _recover(engine: Engine, args: argparse.Namespace) -> None:
     ] or ["no task to recover"]
     if waiting:
         first = min(t.lease_expires_at for t in waiting)
+        left = max(0.0, (first - engine.clock.now()).total_seconds())
         note = (
             f"{len(waiting)} running task(s) still within their owner's lease, the first until"
-            f" {first.isoformat(timespec='seconds')} (in {max(0.0, (first - now()).total_seconds()):.0f} s):"
+            f" {first.isoformat(timespec='seconds')} (in {left:.0f} s):"
             " recover takes a task once its lease has expired, or at once with --owner NAME --force when"
             " the engine that used NAME is known to be dead"
         )

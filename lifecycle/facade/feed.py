@@ -15,7 +15,6 @@ from lifecycle.context import Services
 from lifecycle.errors import InvalidInput
 from lifecycle.records import Cause
 from lifecycle.states import VmState
-from lifecycle.store.db import now
 
 __all__ = ["Feed"]
 
@@ -91,7 +90,9 @@ class Feed:
         every change. The changes are the audit log: a pruned change is gone from ``history`` too.
         """
         retention = self._services.settings.change_retention if older_than is None else older_than
-        return feed.prune(self._services.store, validation.seconds("change retention", retention), now())
+        return feed.prune(
+            self._services.store, validation.seconds("change retention", retention), self._services.clock.now()
+        )
 
     def deliver_webhook(
         self,

@@ -13,7 +13,6 @@ from lifecycle.context import Services
 from lifecycle.errors import InvalidInput
 from lifecycle.facade.drivers import DriverCache
 from lifecycle.records import Host
-from lifecycle.store.db import now
 from lifecycle.sweep import PassSummary, sweep_host
 
 __all__ = ["Hosts"]
@@ -153,7 +152,7 @@ class Hosts:
         if metrics is not None:
             values["metrics"] = validation.metrics(metrics)  # refused here, not at the next create
         evacuation.clear_for_heartbeat(self._services, name)
-        return self._services.store.hosts.update(name, last_heartbeat=now(), **values)
+        return self._services.store.hosts.update(name, last_heartbeat=self._services.clock.now(), **values)
 
     def driver(self, name: str) -> Driver:
         """Return the (cached) driver of a host; opening one that hangs blocks only its own callers."""

@@ -21,7 +21,6 @@ from lifecycle.graph import Op
 from lifecycle.placement import scheduler_for
 from lifecycle.registry import Call, Definition, flavor_param, register
 from lifecycle.states import TaskState
-from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
 
 __all__ = ["CREATE"]
@@ -83,7 +82,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
                 raise
             run.retry(f"spawn on {host} failed: {type(exc).__name__}: {exc}; rescheduling", host=None)
             continue
-        run.ending.fields["launched_at"] = now()
+        run.ending.fields["launched_at"] = run.store.clock.now()
         run.ending.end_power = run.read_power()  # here, so that a failure to read it is the build's, cleaned up
         return
 

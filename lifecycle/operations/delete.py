@@ -18,7 +18,6 @@ from lifecycle.placement import host_is_up
 from lifecycle.records import Migration
 from lifecycle.registry import Definition, register
 from lifecycle.states import MigrationStatus, PowerState
-from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
 
 __all__ = ["DELETE", "FORCE_DELETE", "RESTORE", "SOFT_DELETE"]
@@ -66,7 +65,7 @@ def _power_off(run: TaskRun) -> None:
 
 
 def _host_down(run: TaskRun, host: str) -> bool:
-    return not host_is_up(run.store.hosts.get(host), run.settings.host_down_after)
+    return not host_is_up(run.store.hosts.get(host), run.settings.host_down_after, now=run.store.clock.now())
 
 
 def _confirm_open_move(run: TaskRun) -> None:
@@ -113,7 +112,7 @@ def _forget(run: TaskRun) -> None:
     run.store.claims.release(run.instance.uuid, task=run.task)  # a fenced worker releases nothing
     snapshots.drop_snapshot(run.store, run.instance.uuid, run.settings)  # a shelved instance's disk lives on only there
     run.ending.end_power = PowerState.NOSTATE
-    run.ending.fields["deleted_at"] = now()
+    run.ending.fields["deleted_at"] = run.store.clock.now()
 
 
 def soft_delete(run: TaskRun) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
+from datetime import datetime
 
 from drivers.base import volume_name
 from lifecycle import graph
@@ -29,7 +30,6 @@ from lifecycle.placement import host_is_up, scheduler_for
 from lifecycle.records import Host, Migration
 from lifecycle.registry import Call, Definition, register, target_host
 from lifecycle.states import MigrationStatus, TaskState, VmState
-from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
 from lifecycle.tasks import TaskRun
 
@@ -39,9 +39,9 @@ T = TaskState
 MS = MigrationStatus
 
 
-def check_evacuable(host: Host, down_after: float, uuid: str | None = None) -> None:
-    """Raise :class:`HostNotEvacuable`, naming each failing condition, unless ``host`` is down and fenced."""
-    down = not host_is_up(host, down_after)
+def check_evacuable(host: Host, down_after: float, uuid: str | None = None, *, now: datetime) -> None:
+    """Raise :class:`HostNotEvacuable`, naming each failing condition, unless ``host`` is down at ``now`` and fenced."""
+    down = not host_is_up(host, down_after, now=now)
     if not (down and host.fenced):
         raise HostNotEvacuable(host.name, down=down, fenced=host.fenced, uuid=uuid)
 
@@ -53,7 +53,9 @@ def guard(call: Call) -> None:
         raise InvalidInput(f"cannot evacuate instance {instance.uuid} to {dest}: that is the host it is on")
     if instance.host is None:
         return  # the runner refuses a host-less instance itself: only a delete is left for it
-    check_evacuable(call.store.hosts.get(instance.host), call.settings.host_down_after, instance.uuid)
+    check_evacuable(
+        call.store.hosts.get(instance.host), call.settings.host_down_after, instance.uuid, now=call.store.clock.now()
+    )
 
 
 def prepare(run: TaskRun) -> None:
@@ -90,7 +92,7 @@ def evacuate(run: TaskRun) -> None:
             run.store.claims.release(run.instance.uuid, dest)
         run.migration_status(migration.id, MS.ERROR)
         raise
-    run.migration_status(migration.id, MS.DONE, finished_at=now())
+    run.migration_status(migration.id, MS.DONE, finished_at=run.store.clock.now())
 
 
 def _record(run: TaskRun) -> Migration:

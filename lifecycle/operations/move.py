@@ -40,7 +40,6 @@ from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
 from lifecycle.registry import Call, Definition, flavor_param, register, target_host
 from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus, PowerState, TaskState, VmState
-from lifecycle.store.db import now
 from lifecycle.tasks import TaskRun
 
 __all__ = ["CONFIRM_RESIZE", "MIGRATE", "RESIZE", "REVERT_RESIZE", "revert_on_source"]
@@ -98,7 +97,7 @@ def move(run: TaskRun) -> None:
     run.ending.fields["flavor"] = migration.new_flavor
     run.ending.fields["previous_vm_state"] = migration.previous_vm_state
     run.ending.end_power = run.read_power()  # here, so that a failure to read it is the move's (error, move open)
-    run.migration_status(migration.id, MS.FINISHED, finished_at=now())
+    run.migration_status(migration.id, MS.FINISHED, finished_at=run.store.clock.now())
 
 
 def _copy_and_finish(run: TaskRun, migration: Migration) -> None:

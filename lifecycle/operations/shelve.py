@@ -40,7 +40,6 @@ from lifecycle.records import Image
 from lifecycle.registry import Call, Definition, register, target_host
 from lifecycle.snapshots import OWNER, SNAPSHOT_FORMAT, drop_snapshot, image_store, snapshot_name, snapshot_of
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState
-from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
 from lifecycle.tasks import TaskRun
 
@@ -174,7 +173,7 @@ def shelve_offload(run: TaskRun) -> None:
     except DriverUnavailable as exc:
         assert run.instance.host is not None
         host = run.store.hosts.get(run.instance.host)
-        if not (host.fenced and not host_is_up(host, run.settings.host_down_after)):
+        if not (host.fenced and not host_is_up(host, run.settings.host_down_after, now=run.store.clock.now())):
             run.before_power = PowerState.NOSTATE  # nothing known changed: it stays shelved there
             raise
         _offload_from_dead_host(run, f"{exc}")
@@ -249,7 +248,7 @@ def unshelve(run: TaskRun) -> None:
             raise
     else:
         _spawn_offloaded(run)
-    run.ending.fields["launched_at"] = now()
+    run.ending.fields["launched_at"] = run.store.clock.now()
     run.ending.after_success.append(lambda: drop_snapshot(run.store, uuid, run.settings))
 
 

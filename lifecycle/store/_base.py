@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from lifecycle.clock import Clock, SystemClock
 from lifecycle.errors import AlreadyExists, InvalidInput
 from lifecycle.store.db import connect
 
@@ -56,12 +57,14 @@ def _lost_before_commit(exc: OperationalError) -> bool:
 
 
 class Database:
-    """One database: its engine, the task lease length, and how reads are run."""
+    """One database: its engine, the task lease length, the clock, and how reads are run."""
 
-    def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
+    def __init__(self, url: str, *, lease_seconds: float = 60.0, clock: Clock | None = None) -> None:
         self.url = url
         self.engine = connect(url)
         self.lease = timedelta(seconds=lease_seconds)
+        self.clock: Clock = clock or SystemClock()
+        """Where every time the store writes or compares with comes from (:mod:`lifecycle.clock`)."""
         self.read_options: dict[str, object] = {"readonly": True}
         self.one_statement = self.engine.dialect.name == "postgresql"
         """Whether a task's state writes go as one statement each (:mod:`lifecycle.store._pg`)."""
@@ -90,6 +93,11 @@ class StoreBase:
     def lease(self) -> timedelta:
         """How long a task's lease lasts."""
         return self.db.lease
+
+    @property
+    def clock(self) -> Clock:
+        """Where every time the store writes or compares with comes from (:mod:`lifecycle.clock`)."""
+        return self.db.clock
 
     @property
     def one_statement(self) -> bool:

@@ -16,7 +16,6 @@ from lifecycle.audit import Why
 from lifecycle.errors import Conflict, Fenced, Preempted
 from lifecycle.records import Instance, Outcome, Task
 from lifecycle.store._rows import AUDITS, FLAVOR_COLUMNS, INSTANCES, STEPS, TASKS, instance_values, state_value
-from lifecycle.store.db import now
 
 __all__ = [
     "TASK_AT_EPOCH",
@@ -138,9 +137,9 @@ def preempt(conn: sa.Connection, old: Task, new: Task) -> None:
     close_steps(conn, old.id, new.started_at, "preempted", f"preempted by {new.operation} task {new.id}")
 
 
-def open_step(conn: sa.Connection, task_id: str, seq: int, name: str) -> None:
-    """Open step ``seq`` of a task's step log."""
-    conn.execute(_INSERT_STEP, {"task_id": task_id, "seq": seq, "name": name, "started_at": now()})
+def open_step(conn: sa.Connection, task_id: str, seq: int, name: str, at: datetime) -> None:
+    """Open step ``seq`` of a task's step log, started ``at``."""
+    conn.execute(_INSERT_STEP, {"task_id": task_id, "seq": seq, "name": name, "started_at": at})
 
 
 def close_steps(conn: sa.Connection, task_id: str, at: datetime, result: str, detail: str | None) -> None:

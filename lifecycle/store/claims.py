@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -12,7 +13,6 @@ from lifecycle.errors import Fenced
 from lifecycle.records import Task
 from lifecycle.store._base import StoreBase, retry_on_deadlock
 from lifecycle.store._rows import CLAIMS, HOSTS, TASKS
-from lifecycle.store.db import now
 
 __all__ = ["Claims", "Hold", "hold", "release_all"]
 
@@ -47,7 +47,7 @@ class Claims(StoreBase):
         does not fit or is fenced.
         """
         with self.engine.begin() as conn:
-            return _add(conn, uuid, host, (vcpus, memory_mb, disk_gb), ratios)
+            return _add(conn, uuid, host, (vcpus, memory_mb, disk_gb), ratios, self.clock.now())
 
     @retry_on_deadlock
     def claim_first(
@@ -84,7 +84,7 @@ class Claims(StoreBase):
                 pick = _claim_first(len(candidates), skip_locked=postgres and not waiting)
                 host = conn.execute(pick, params).scalar_one_or_none()
                 if host is not None:
-                    conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params))
+                    conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params, self.clock.now()))
                     return str(host)
         return None
 
@@ -116,7 +116,7 @@ class Claims(StoreBase):
             )
 
 
-def hold(conn: sa.Connection, uuid: str, want: Hold) -> str | None:
+def hold(conn: sa.Connection, uuid: str, want: Hold, at: datetime) -> str | None:
     """Make sure ``uuid`` holds its claim on ``want.host``, inside the caller's transaction; return why not, or None.
 
     A claim already there is left as it is; a missing one is taken as
@@ -126,7 +126,7 @@ def hold(conn: sa.Connection, uuid: str, want: Hold) -> str | None:
     """
     if conn.execute(_HELD, {"x_uuid": uuid, "x_host": want.host}).first() is not None:
         return None
-    if _add(conn, uuid, want.host, want.size, want.ratios):
+    if _add(conn, uuid, want.host, want.size, want.ratios, at):
         return None
     if conn.execute(_FENCED, {"x_host": want.host}).scalar_one_or_none() is not None:
         return "fenced by an operator"
@@ -141,12 +141,12 @@ def release_all(conn: sa.Connection, uuid: str) -> int:
     return len(gone)
 
 
-def _add(conn: sa.Connection, uuid: str, host: str, size: tuple[int, int, int], ratios: Ratios) -> bool:
+def _add(conn: sa.Connection, uuid: str, host: str, size: tuple[int, int, int], ratios: Ratios, at: datetime) -> bool:
     """Add the usage to ``host`` if it still fits (and is not fenced), with the claim row; False: nothing written."""
     params = _params(size, ratios) | {"x_host": host}
     if conn.execute(_CLAIM, params).rowcount != 1:
         return False
-    conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params))
+    conn.execute(_INSERT_CLAIM, _claim_row(uuid, host, params, at))
     return True
 
 
@@ -250,5 +250,5 @@ def _numbered(names: Sequence[str]) -> dict[str, str]:
     return {f"x_c{i}": name for i, name in enumerate(names)}
 
 
-def _claim_row(uuid: str, host: str, params: dict[str, Any]) -> dict[str, Any]:
-    return {"instance_uuid": uuid, "host": host, "created_at": now()} | {r: params[f"x_{r}"] for r in _RESOURCES}
+def _claim_row(uuid: str, host: str, params: dict[str, Any], at: datetime) -> dict[str, Any]:
+    return {"instance_uuid": uuid, "host": host, "created_at": at} | {r: params[f"x_{r}"] for r in _RESOURCES}

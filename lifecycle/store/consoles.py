@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from lifecycle.records import Instance
 from lifecycle.store._base import StoreBase
 from lifecycle.store._rows import CONSOLE_TOKENS, stamp
-from lifecycle.store.db import now
 
 __all__ = ["Consoles"]
 
@@ -30,7 +29,7 @@ class Consoles(StoreBase):
             "host": instance.host,
             "console_host": console_host,
             "console_port": port,
-            "created_at": now(),
+            "created_at": self.clock.now(),
             "expires_at": expires_at,
         }
         with self.engine.begin() as conn:
@@ -41,12 +40,16 @@ class Consoles(StoreBase):
         query = sa.select(_C).where(_C.c.token_hash == token_hash, _C.c.revoked_at.is_(None))
         with self._read() as conn:
             row = conn.execute(query).mappings().first()
-        if row is None or stamp(row["expires_at"]) <= now():
+        if row is None or stamp(row["expires_at"]) <= self.clock.now():
             return None
         return dict(row)
 
     def revoke_tokens(self, uuid: str) -> int:
         """Revoke every live console token of an instance; return how many."""
-        query = sa.update(_C).where(_C.c.instance_uuid == uuid, _C.c.revoked_at.is_(None)).values(revoked_at=now())
+        query = (
+            sa.update(_C)
+            .where(_C.c.instance_uuid == uuid, _C.c.revoked_at.is_(None))
+            .values(revoked_at=self.clock.now())
+        )
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount

@@ -17,7 +17,6 @@ from lifecycle.errors import InvalidInput
 from lifecycle.store._base import StoreBase
 from lifecycle.store._follower import unavailable
 from lifecycle.store._rows import stamp as row_stamp
-from lifecycle.store.db import now
 from lifecycle.store.tables import FEED_CONSUMERS
 
 __all__ = ["Consumers"]
@@ -37,7 +36,7 @@ class Consumers(StoreBase):
 
         ``url`` (a webhook's) is stored with it, also when it was registered without one.
         """
-        stamp = now()
+        stamp = self.clock.now()
         values = {"name": name, "tx": at.tx, "seq": at.id, "created_at": stamp, "updated_at": stamp, "url": url}
         with unavailable(self.engine.dialect):
             try:
@@ -80,7 +79,7 @@ class Consumers(StoreBase):
         ahead = sa.tuple_(_C.c.tx, _C.c.seq) < sa.tuple_(sa.literal(position.tx), sa.literal(position.id))
         update = sa.update(_C).where(_C.c.name == name, ahead)
         with unavailable(self.engine.dialect), self.engine.begin() as conn:
-            if conn.execute(update.values(tx=position.tx, seq=position.id, updated_at=now())).rowcount:
+            if conn.execute(update.values(tx=position.tx, seq=position.id, updated_at=self.clock.now())).rowcount:
                 return
             if conn.execute(sa.select(_C.c.name).where(_C.c.name == name)).first() is None:
                 raise InvalidInput(f"consumer {name!r} was forgotten while it followed the feed")

@@ -1,4 +1,4 @@
-"""Connections, clocks and the alembic schema helpers.
+"""Connections, stored times and the alembic schema helpers.
 
 SQLite is the embedded default (a file, WAL, foreign keys on, a busy timeout
 so concurrent writers queue instead of failing). PostgreSQL is used as is.
@@ -38,7 +38,6 @@ __all__ = [
     "downgrade",
     "head_revision",
     "known_revisions",
-    "now",
     "upgrade",
 ]
 
@@ -46,11 +45,6 @@ DEFAULT_DB_URL = "sqlite:///lifecycle.db"
 
 _REVISION = re.compile(r"(?=.)(base|heads?|[0-9A-Za-z_]+)?([+-][0-9]{1,4})?", re.ASCII)
 """What ``db upgrade``/``downgrade`` take: a revision id, head or base, optionally +N or -N steps."""
-
-
-def now() -> datetime:
-    """Return the current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 def aware(value: datetime | None) -> datetime | None:

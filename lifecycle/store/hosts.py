@@ -19,7 +19,6 @@ from lifecycle.states import PowerState, VmState
 from lifecycle.store._base import Database, StoreBase
 from lifecycle.store._cas import audit, cas
 from lifecycle.store._rows import CLAIMS, CONSOLE_TOKENS, HOSTS, INSTANCES, host_from, hosts_from
-from lifecycle.store.db import now
 from lifecycle.store.instances import Instances
 from lifecycle.store.moves import Moves
 
@@ -44,7 +43,7 @@ class Hosts(StoreBase):
             "driver_uri": driver_uri,
             "instances_path": instances_path,
             "enabled": True,
-            "created_at": now(),
+            "created_at": self.clock.now(),
         }
         for key in ("capabilities", "metrics"):
             if key in fields:
@@ -100,7 +99,7 @@ class Hosts(StoreBase):
 
     def set_fence(self, name: str, by: str | None, reason: str | None) -> Host:
         """Fence the host (``by`` and ``reason`` given: recorded with the time) or unfence it (both None)."""
-        at = None if by is None else now()
+        at = None if by is None else self.clock.now()
         return self.update(name, fenced_at=at, fenced_by=by, fenced_reason=reason)
 
     def remove(self, name: str, *, force: bool = False) -> builtins.list[str]:
@@ -127,7 +126,7 @@ class Hosts(StoreBase):
         if busy:
             raise HostInUse(name, busy)
         with self.engine.begin() as conn:
-            _orphan(conn, name, live)
+            _orphan(conn, name, live, self.clock.now())
             conn.execute(sa.update(_I).where(_I.c.host == name).values(host=None))
             for claim in conn.execute(sa.select(_CL.c.instance_uuid).where(_CL.c.host == name)).scalars().all():
                 conn.execute(sa.delete(_CL).where(_CL.c.instance_uuid == claim, _CL.c.host == name))
@@ -136,9 +135,8 @@ class Hosts(StoreBase):
         return [i.uuid for i in live]
 
 
-def _orphan(conn: sa.Connection, name: str, live: builtins.list[Instance]) -> None:
+def _orphan(conn: sa.Connection, name: str, live: builtins.list[Instance], at: datetime) -> None:
     """Put each idle live instance of a host removed by force in error with no host, audited."""
-    at = now()
     why = Why(
         actor="operator",
         cause=Cause.API,

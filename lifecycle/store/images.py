@@ -13,7 +13,6 @@ from lifecycle.records import Image
 from lifecycle.states import MigrationStatus, TaskState, VmState
 from lifecycle.store._base import StoreBase
 from lifecycle.store._rows import IMAGES, INSTANCES, MIGRATIONS, image_from
-from lifecycle.store.db import now
 from lifecycle.store.moves import EVACUATION
 
 __all__ = ["Images"]
@@ -43,7 +42,7 @@ class Images(StoreBase):
             "path": path,
             "disk_format": disk_format,
             "min_disk_gb": min_disk_gb,
-            "created_at": now(),
+            "created_at": self.clock.now(),
             "properties": json.dumps(properties or {}, sort_keys=True),
         }
         self._insert_unique(_IM, values, "image", name)

@@ -17,7 +17,6 @@ from lifecycle.records import Migration
 from lifecycle.states import MIGRATION_TRANSITIONS, MigrationStatus, TaskState
 from lifecycle.store._base import StoreBase
 from lifecycle.store._rows import MIGRATIONS, STEPS, migration_from, migration_values
-from lifecycle.store.db import now
 
 __all__ = ["Moves"]
 
@@ -44,7 +43,7 @@ class Moves(StoreBase):
         (:data:`lifecycle.states.MIGRATION_TRANSITIONS`); any other raises
         :class:`Conflict` and writes nothing.
         """
-        values["updated_at"] = now()
+        values["updated_at"] = self.clock.now()
         query = sa.update(_M).where(_M.c.id == migration_id)
         status = values.get("status")
         if status is not None:

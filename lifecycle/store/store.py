@@ -34,6 +34,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from lifecycle.clock import Clock
 from lifecycle.store._base import Database
 from lifecycle.store.claims import Claims
 from lifecycle.store.consoles import Consoles
@@ -55,9 +56,9 @@ __all__ = ["HostClaim", "Store"]
 class Store:
     """Reads and compare-and-swap writes over one database: one repository per noun, sharing its connections."""
 
-    def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
-        self.db = Database(url, lease_seconds=lease_seconds)
-        """The database every repository reads and writes (engine, lease length, read options)."""
+    def __init__(self, url: str, *, lease_seconds: float = 60.0, clock: Clock | None = None) -> None:
+        self.db = Database(url, lease_seconds=lease_seconds, clock=clock)
+        """The database every repository reads and writes (engine, lease length, clock, read options)."""
         self.instances = Instances(self.db)
         """Instance reads and audit history."""
         self.moves = Moves(self.db)
@@ -94,6 +95,11 @@ class Store:
     def url(self) -> str:
         """The database URL the store was opened with."""
         return self.db.url
+
+    @property
+    def clock(self) -> Clock:
+        """Where every time the store writes or compares with comes from (:mod:`lifecycle.clock`)."""
+        return self.db.clock
 
     @property
     def lease(self) -> timedelta:

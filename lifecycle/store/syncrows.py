@@ -27,7 +27,6 @@ from lifecycle.states import PowerState, VmState
 from lifecycle.store._base import StoreBase, retry_on_deadlock
 from lifecycle.store._cas import audit, cas
 from lifecycle.store._rows import AUDITS, INSTANCES, instance_from
-from lifecycle.store.db import now
 
 __all__ = ["PowerWrite", "SyncRow", "SyncRows"]
 
@@ -139,7 +138,7 @@ class SyncRows(StoreBase):
         its race is skipped (None in the result), never retried or forced.
         """
         results: list[Instance | None] = []
-        at = now()
+        at = self.clock.now()
         with self.engine.begin() as conn:
             for expected, power, why in changes:
                 after = replace(
@@ -165,7 +164,7 @@ class SyncRows(StoreBase):
         """
         if not writes:
             return []
-        at = now()
+        at = self.clock.now()
         try:
             with self.engine.begin() as conn:
                 return self._powers_batched(conn, writes, at)

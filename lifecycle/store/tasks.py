@@ -9,7 +9,7 @@ from lifecycle.records import Outcome, Task, TaskStep
 from lifecycle.store._base import StoreBase
 from lifecycle.store._cas import TASK_STATUS, close_steps
 from lifecycle.store._rows import STEPS, TASKS, stamp, task_from
-from lifecycle.store.db import aware, now
+from lifecycle.store.db import aware
 
 __all__ = ["Tasks"]
 
@@ -65,7 +65,7 @@ class Tasks(StoreBase):
         live_ok = (_T.c.owner == owner) if force else sa.false()
         query = (
             sa.select(_T)
-            .where(_T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < now(), live_ok))
+            .where(_T.c.outcome == Outcome.RUNNING.value, sa.or_(_T.c.lease_expires_at < self.clock.now(), live_ok))
             .order_by(_T.c.started_at)
         )
         with self._read() as conn:
@@ -75,7 +75,7 @@ class Tasks(StoreBase):
         """Return running tasks whose lease is still live, soonest expiry first."""
         query = (
             sa.select(_T)
-            .where(_T.c.outcome == Outcome.RUNNING.value, _T.c.lease_expires_at >= now())
+            .where(_T.c.outcome == Outcome.RUNNING.value, _T.c.lease_expires_at >= self.clock.now())
             .order_by(_T.c.lease_expires_at)
         )
         with self._read() as conn:
@@ -92,7 +92,7 @@ class Tasks(StoreBase):
         takes nothing. The new epoch fences the old worker: it stops before
         its next driver call (:meth:`fence`) and its writes fail.
         """
-        at = now()
+        at = self.clock.now()
         live_ok = (_T.c.owner == (of_owner or owner)) if force else sa.false()
         query = (
             sa.update(_T)
@@ -132,18 +132,18 @@ class Tasks(StoreBase):
     def release_lease(self, task_id: str) -> None:
         """Say that a task's worker has ended (its lease ends now): a preemptor waiting on it goes on."""
         with self.engine.begin() as conn:
-            conn.execute(sa.update(_T).where(_T.c.id == task_id).values(lease_expires_at=now()))
+            conn.execute(sa.update(_T).where(_T.c.id == task_id).values(lease_expires_at=self.clock.now()))
 
     def worker_alive(self, task_id: str) -> bool:
         """Whether the task's worker may still be inside a driver call (its lease has not ended)."""
         query = sa.select(_T.c.lease_expires_at).where(_T.c.id == task_id)
         with self._read() as conn:
             lease = conn.execute(query).scalar_one()
-        return stamp(lease) > now()
+        return stamp(lease) > self.clock.now()
 
     def open_step(self, task_id: str, seq: int, name: str, detail: str) -> None:
         """Record a step of a task that is under way beside its task_state step (a build waiting for its slot)."""
-        values = {"task_id": task_id, "seq": seq, "name": name, "started_at": now(), "detail": detail}
+        values = {"task_id": task_id, "seq": seq, "name": name, "started_at": self.clock.now(), "detail": detail}
         with self.engine.begin() as conn:
             conn.execute(sa.insert(_S), values)
 
@@ -151,11 +151,11 @@ class Tasks(StoreBase):
         """Close the step ``seq`` of a task opened by :meth:`open_step` (if nothing closed it meanwhile)."""
         query = sa.update(_S).where(_S.c.task_id == task_id, _S.c.seq == seq, _S.c.finished_at.is_(None))
         with self.engine.begin() as conn:
-            conn.execute(query.values(finished_at=now(), result="ok"))
+            conn.execute(query.values(finished_at=self.clock.now(), result="ok"))
 
     def mark_done(self, task_id: str, seq: int, name: str) -> None:
         """Record that a non-repeatable step of a task completed (recovery will not run it again)."""
-        at = now()
+        at = self.clock.now()
         with self.engine.begin() as conn:
             conn.execute(
                 sa.insert(_S),
@@ -164,7 +164,7 @@ class Tasks(StoreBase):
 
     def end_orphan(self, task: Task, reason: str) -> None:
         """Close a running task that no longer owns its instance, without touching the instance."""
-        at = now()
+        at = self.clock.now()
         with self.engine.begin() as conn:
             conn.execute(
                 sa.update(_T)
@@ -182,7 +182,9 @@ class Tasks(StoreBase):
         if not task_ids:
             return 0
         query = (
-            sa.update(_T).where(_T.c.owner == owner, _T.c.id.in_(task_ids)).values(lease_expires_at=now() + self.lease)
+            sa.update(_T)
+            .where(_T.c.owner == owner, _T.c.id.in_(task_ids))
+            .values(lease_expires_at=self.clock.now() + self.lease)
         )
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount

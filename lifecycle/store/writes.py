@@ -12,6 +12,7 @@ statements as one (:mod:`lifecycle.store._pg`); SQLite sends them one by one.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -46,7 +47,6 @@ from lifecycle.store._rows import (
     task_values,
 )
 from lifecycle.store.claims import Hold, hold, release_all
-from lifecycle.store.db import now
 
 __all__ = ["Writes"]
 
@@ -71,14 +71,14 @@ class Writes(StoreBase):
                             instance_values(instance),
                             task_id=task.id,
                             new_task=task_values(task),
-                            open=_opened(1, step),
+                            open=_opened(1, step, self.clock.now()),
                             audit=audit_values(None, instance, why),
                         ),
                     )
                 else:
                     conn.execute(sa.insert(_I), instance_values(instance))
                     conn.execute(_INSERT_TASK, task_values(task))
-                    open_step(conn, task.id, 1, step)
+                    open_step(conn, task.id, 1, step, self.clock.now())
                     audit(conn, None, instance, why)
         except IntegrityError:
             raise AlreadyExists("instance", instance.uuid) from None
@@ -114,7 +114,7 @@ class Writes(StoreBase):
                         _expected(expected),
                         task_id=task.id,
                         new_task=task_values(task),
-                        open=_opened(1, task_state.value),
+                        open=_opened(1, task_state.value, self.clock.now()),
                         audit=audit_values(expected, after, why, always=True),
                     )
                     if _pg.write(conn, parts)[0] != 1:
@@ -123,11 +123,11 @@ class Writes(StoreBase):
                 # Lock order: the instance row first, then task rows, in every write
                 # (a worker's finish does the same), so PostgreSQL never deadlocks on them.
                 cas(conn, expected, after, None)
-                _hold(conn, expected.uuid, claim)
+                _hold(conn, expected.uuid, claim, self.clock.now())
                 if preempt is not None:
                     mark_preempted(conn, preempt, task)
                 conn.execute(_INSERT_TASK, task_values(task))
-                open_step(conn, task.id, 1, task_state.value)
+                open_step(conn, task.id, 1, task_state.value, self.clock.now())
                 # Always audited: a takeover (hard reboot over hard reboot) may change no state, only the task.
                 audit(conn, expected, after, why, always=True)
         except IntegrityError:
@@ -154,7 +154,7 @@ class Writes(StoreBase):
         The closed step's result is ``ok``, or ``retried`` when the task goes back to
         the first step of its walk (a reschedule); ``why.message`` is kept on it either way.
         """
-        at = now()
+        at = self.clock.now()
         after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at, **fields)
         result = "retried" if retried else "ok"
         with self.engine.begin() as conn:
@@ -169,12 +169,12 @@ class Writes(StoreBase):
                     why=why,
                     task_set=set_task,
                     closed=closed,
-                    opened=_opened(seq, task_state.value),
+                    opened=_opened(seq, task_state.value, at),
                 )
                 return after
             cas(conn, expected, after, task)
             close_steps(conn, task.id, at, result, why.message)
-            open_step(conn, task.id, seq, task_state.value)
+            open_step(conn, task.id, seq, task_state.value, at)
             _still_ours(conn, task, lease_expires_at=at + self.lease)
             audit(conn, expected, after, why)
         return after
@@ -194,7 +194,7 @@ class Writes(StoreBase):
         **fields: Any,
     ) -> Instance:
         """End ``task``: final states, task idle, task row closed, step closed, audit row."""
-        at = now()
+        at = self.clock.now()
         after = replace(
             expected,
             vm_state=vm_state,
@@ -237,13 +237,17 @@ class Writes(StoreBase):
         with self.engine.begin() as conn:  # stamped now, when the thing it records was done
             row = conn.execute(_LOCK_INSTANCE, {"x_uuid": instance.uuid}).mappings().first()
             current = instance if row is None else instance_from(row)
-            audit(conn, current, replace(current, updated_at=now()), why, always=True)
+            audit(conn, current, replace(current, updated_at=self.clock.now()), why, always=True)
 
     @retry_on_deadlock
     def mark_error(self, expected: Instance, power_state: PowerState, why: Why) -> Instance:
         """Set vm_state error on an idle instance (a sync rule), with its audit row."""
         after = replace(
-            expected, vm_state=VmState.ERROR, power_state=power_state, version=expected.version + 1, updated_at=now()
+            expected,
+            vm_state=VmState.ERROR,
+            power_state=power_state,
+            version=expected.version + 1,
+            updated_at=self.clock.now(),
         )
         with self.engine.begin() as conn:
             cas(conn, expected, after, None)
@@ -260,7 +264,7 @@ class Writes(StoreBase):
         operation that read the instance unlocked just before the lock may
         still start (check, then act, as Nova's lock).
         """
-        at = now()
+        at = self.clock.now()
         after = replace(
             expected, locked_by=locked_by, locked_reason=reason, locked_at=at if locked_by is not None else None
         )
@@ -298,7 +302,7 @@ class Writes(StoreBase):
         ``leftover`` is a migration record to insert (an evacuation to
         nowhere: the host's daemon destroys what the task left there).
         """
-        at = now()
+        at = self.clock.now()
         after = replace(
             expected,
             vm_state=vm_state,
@@ -310,7 +314,7 @@ class Writes(StoreBase):
         )
         with self.engine.begin() as conn:
             cas(conn, expected, after, None)
-            _hold(conn, expected.uuid, claim)
+            _hold(conn, expected.uuid, claim, self.clock.now())
             if release_claims:
                 release_all(conn, expected.uuid)
             if leftover is not None:
@@ -333,17 +337,17 @@ class Writes(StoreBase):
         return after
 
 
-def _hold(conn: sa.Connection, uuid: str, claim: Hold | None) -> None:
+def _hold(conn: sa.Connection, uuid: str, claim: Hold | None, at: datetime) -> None:
     """Make sure the instance holds ``claim`` in this transaction; else raise :class:`NoValidHost` (it rolls back)."""
     if claim is None:
         return
-    refused = hold(conn, uuid, claim)
+    refused = hold(conn, uuid, claim, at)
     if refused is not None:
         raise NoValidHost({claim.host: refused})
 
 
-def _opened(seq: int, name: str) -> dict[str, Any]:
-    return {"seq": seq, "name": name, "started_at": now()}
+def _opened(seq: int, name: str, at: datetime) -> dict[str, Any]:
+    return {"seq": seq, "name": name, "started_at": at}
 
 
 def _expected(instance: Instance) -> dict[str, Any]:
