@@ -99,11 +99,6 @@ class StoreBase:
         """Where every time the store writes or compares with comes from (:mod:`lifecycle.clock`)."""
         return self.db.clock
 
-    @property
-    def one_statement(self) -> bool:
-        """Whether a task's state writes go as one statement each (PostgreSQL)."""
-        return self.db.one_statement
-
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
         with self.engine.connect().execution_options(**self.db.read_options) as conn:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 
@@ -20,6 +20,8 @@ from lifecycle.store._rows import AUDITS, FLAVOR_COLUMNS, INSTANCES, STEPS, TASK
 __all__ = [
     "TASK_AT_EPOCH",
     "TASK_STATUS",
+    "NewStep",
+    "StepEnd",
     "actual",
     "audit",
     "audit_values",
@@ -27,9 +29,11 @@ __all__ = [
     "changed",
     "close_steps",
     "expect",
+    "fenced",
     "lost",
     "open_step",
     "preempt",
+    "still_ours",
 ]
 
 _I, _T, _S, _A = INSTANCES, TASKS, STEPS, AUDITS
@@ -52,6 +56,22 @@ TASK_STATUS = sa.select(_T.c.outcome, _T.c.preempted_by, _T.c.epoch).where(_T.c.
 _CLOSE_STEPS = sa.update(_S).where(_S.c.task_id == sa.bindparam("x_task_id"), _S.c.finished_at.is_(None))
 _INSERT_STEP = sa.insert(_S)
 _INSERT_AUDIT = sa.insert(_A)
+
+
+class NewStep(NamedTuple):
+    """A step a write opens in its task's step log."""
+
+    seq: int
+    name: str
+    started_at: datetime
+
+
+class StepEnd(NamedTuple):
+    """How a write closes its task's open steps."""
+
+    finished_at: datetime
+    result: str
+    detail: str | None
 
 
 def cas(conn: sa.Connection, expected: Instance, after: Instance, task: Task | None) -> None:
@@ -137,14 +157,31 @@ def preempt(conn: sa.Connection, old: Task, new: Task) -> None:
     close_steps(conn, old.id, new.started_at, "preempted", f"preempted by {new.operation} task {new.id}")
 
 
-def open_step(conn: sa.Connection, task_id: str, seq: int, name: str, at: datetime) -> None:
-    """Open step ``seq`` of a task's step log, started ``at``."""
-    conn.execute(_INSERT_STEP, {"task_id": task_id, "seq": seq, "name": name, "started_at": at})
+def open_step(conn: sa.Connection, task_id: str, seq: int, name: str, started_at: datetime) -> None:
+    """Open step ``seq`` of a task's step log."""
+    conn.execute(_INSERT_STEP, {"task_id": task_id, "seq": seq, "name": name, "started_at": started_at})
 
 
 def close_steps(conn: sa.Connection, task_id: str, at: datetime, result: str, detail: str | None) -> None:
     """Close a task's open steps with ``result``."""
     conn.execute(_CLOSE_STEPS, {"x_task_id": task_id, "finished_at": at, "result": result, "detail": detail})
+
+
+def still_ours(conn: sa.Connection, task: Task, values: dict[str, Any]) -> None:
+    """Run a worker's task-row update only at the epoch it holds; else raise :class:`Fenced` (the write rolls back).
+
+    The instance's compare-and-swap cannot tell a fenced worker from the
+    recovering one (both hold the same task id); the epoch can.
+    """
+    done = conn.execute(TASK_AT_EPOCH, {**values, "x_id": task.id, "x_epoch": task.epoch}).rowcount
+    if done != 1:
+        fenced(conn, task)
+
+
+def fenced(conn: sa.Connection, task: Task) -> NoReturn:
+    """Raise :class:`Fenced`: the worker's task row is at another epoch than the one it holds."""
+    current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
+    raise Fenced(task.id, task.instance_uuid, task.epoch, current)
 
 
 def audit(conn: sa.Connection, before: Instance | None, after: Instance, why: Why, *, always: bool = False) -> None:

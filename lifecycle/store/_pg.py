@@ -19,6 +19,9 @@ Every other part is conditional on the compare-and-swap's row, so a lost
 compare-and-swap writes nothing; the caller then raises exactly as the
 statement-by-statement form does (Conflict, Preempted, Fenced), and a task
 row found at another epoch raises Fenced and rolls the transaction back.
+:class:`OneStatement` is this form of :class:`lifecycle.store.writes.WriteForm`;
+a start that preempts a task or takes a claim goes statement by statement
+(:class:`lifecycle.store._statements.Statements`).
 Reading ``c`` first also keeps the lock order of every write: the instance
 row, then the task's. The SQL text is built once per shape (which columns
 change, which parts are present) and sent as is, with a cast on every
@@ -33,9 +36,14 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from lifecycle.store._rows import AUDITS, INSTANCES, STEPS, TASKS
+from lifecycle.audit import Why
+from lifecycle.records import Instance, Task
+from lifecycle.store._cas import NewStep, StepEnd, audit_values, changed, expect, fenced, lost
+from lifecycle.store._rows import AUDITS, INSTANCES, STEPS, TASKS, instance_values, task_values
+from lifecycle.store._statements import Statements
+from lifecycle.store.claims import Hold
 
-__all__ = ["Parts", "write"]
+__all__ = ["OneStatement", "Parts", "write"]
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 _Q = _DIALECT.identifier_preparer.quote
@@ -61,6 +69,119 @@ class Parts(NamedTuple):
     """seq, name and started_at of the step to open."""
     audit: dict[str, Any] | None = None
     """The audit row, if the write changes a state (or always writes one)."""
+
+
+class OneStatement:
+    """A task's writes, one statement each (a :class:`~lifecycle.store.writes.WriteForm`), raising as the other."""
+
+    def __init__(self) -> None:
+        self._statements = Statements()
+        """The form of a start that preempts a task or takes a claim."""
+
+    def create(self, conn: sa.Connection, instance: Instance, task: Task, *, opened: NewStep, why: Why) -> None:
+        """Insert the instance, its task, the first step and the audit row."""
+        parts = Parts(
+            instance_values(instance),
+            task_id=task.id,
+            new_task=task_values(task),
+            open=opened._asdict(),
+            audit=audit_values(None, instance, why),
+        )
+        write(conn, parts)
+
+    def begin(
+        self,
+        conn: sa.Connection,
+        expected: Instance,
+        after: Instance,
+        task: Task,
+        *,
+        opened: NewStep,
+        why: Why,
+        preempt: Task | None,
+        claim: Hold | None,
+    ) -> None:
+        """Swap the instance to ``after``, insert the task and its first step (by statements to preempt or claim)."""
+        if preempt is not None or claim is not None:
+            self._statements.begin(conn, expected, after, task, opened=opened, why=why, preempt=preempt, claim=claim)
+            return
+        parts = Parts(
+            changed(expected, after),
+            _expected(expected),
+            task_id=task.id,
+            new_task=task_values(task),
+            open=opened._asdict(),
+            audit=audit_values(expected, after, why, always=True),
+        )
+        if write(conn, parts)[0] != 1:
+            lost(conn, expected, None)
+
+    def advance(
+        self,
+        conn: sa.Connection,
+        expected: Instance,
+        after: Instance,
+        task: Task,
+        *,
+        why: Why,
+        closed: StepEnd,
+        opened: NewStep,
+        task_set: dict[str, Any],
+    ) -> None:
+        """Swap the instance to ``after``, close the open step, open the next, set ``task_set`` at the task's epoch."""
+        _worker_write(conn, expected, after=after, task=task, why=why, task_set=task_set, closed=closed, opened=opened)
+
+    def finish(
+        self,
+        conn: sa.Connection,
+        expected: Instance,
+        after: Instance,
+        task: Task,
+        *,
+        why: Why,
+        closed: StepEnd,
+        task_set: dict[str, Any],
+    ) -> None:
+        """Swap the instance to ``after``, close the open step, set ``task_set`` (the ending) at the task's epoch."""
+        _worker_write(conn, expected, after=after, task=task, why=why, task_set=task_set, closed=closed, opened=None)
+
+
+def _expected(instance: Instance) -> dict[str, Any]:
+    return {"uuid": instance.uuid, **expect(instance)}
+
+
+def _worker_write(
+    conn: sa.Connection,
+    expected: Instance,
+    *,
+    after: Instance,
+    task: Task,
+    why: Why,
+    task_set: dict[str, Any],
+    closed: StepEnd,
+    opened: NewStep | None,
+) -> None:
+    """Write a worker's step or end as one statement; raise as the statement-by-statement write would.
+
+    The instance lost raises as :func:`lifecycle.store._cas.lost` says; the
+    task row found at another epoch raises :class:`Fenced` (the transaction
+    rolls back).
+    """
+    parts = Parts(
+        changed(expected, after),
+        _expected(expected),
+        task_id=task.id,
+        task_epoch=task.epoch,
+        task_set=task_set,
+        close=closed._asdict(),
+        open=None if opened is None else opened._asdict(),
+        audit=audit_values(expected, after, why),
+    )
+    written, at_epoch = write(conn, parts)
+    if written != 1:
+        lost(conn, expected, task)
+    if at_epoch != 1:
+        fenced(conn, task)
 
 
 def write(conn: sa.Connection, parts: Parts) -> tuple[int, int]:

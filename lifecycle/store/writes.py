@@ -6,80 +6,109 @@ step-log statements that go with it, and one audit row when any of the three
 states changed. An UPDATE that matches no row raises: :class:`Preempted` when
 the writer's own task was taken over, :class:`Conflict` otherwise. On
 PostgreSQL a task's create, begin, advance and finish send that transaction's
-statements as one (:mod:`lifecycle.store._pg`); SQLite sends them one by one.
+statements as one (:mod:`lifecycle.store._pg`); SQLite sends them one by one
+(:mod:`lifecycle.store._statements`). Both forms are a :class:`WriteForm`,
+chosen once per repository: a write computes its new row and values, then
+hands them to its form.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from lifecycle.audit import Why
-from lifecycle.errors import AlreadyExists, Conflict, Fenced, NoValidHost
+from lifecycle.errors import AlreadyExists, Conflict
 from lifecycle.records import Instance, Migration, Outcome, Task
 from lifecycle.states import PowerState, TaskState, VmState
-from lifecycle.store import _pg
-from lifecycle.store._base import StoreBase, retry_on_deadlock
-from lifecycle.store._cas import (
-    TASK_AT_EPOCH,
-    actual,
-    audit,
-    audit_values,
-    cas,
-    changed,
-    close_steps,
-    expect,
-    lost,
-    open_step,
-)
-from lifecycle.store._cas import preempt as mark_preempted
-from lifecycle.store._rows import (
-    INSTANCES,
-    MIGRATIONS,
-    TASKS,
-    instance_from,
-    instance_values,
-    migration_values,
-    task_values,
-)
-from lifecycle.store.claims import Hold, hold, release_all
+from lifecycle.store._base import Database, StoreBase, retry_on_deadlock
+from lifecycle.store._cas import NewStep, StepEnd, actual, audit, cas, close_steps, expect
+from lifecycle.store._pg import OneStatement
+from lifecycle.store._rows import INSTANCES, MIGRATIONS, TASKS, instance_from, migration_values
+from lifecycle.store._statements import Statements, hold_claim
+from lifecycle.store.claims import Hold, release_all
 
-__all__ = ["Writes"]
+__all__ = ["WriteForm", "Writes"]
 
 _I, _T = INSTANCES, TASKS
-_INSERT_TASK = sa.insert(_T)
 _LOCK_INSTANCE = sa.select(_I).where(_I.c.uuid == sa.bindparam("x_uuid")).with_for_update()
 """The instance's row, locked until the transaction ends (PostgreSQL; SQLite's writes are serialized anyway)."""
 
 
+class WriteForm(Protocol):
+    """How a task's create, begin, advance and finish reach the database, inside the caller's transaction.
+
+    Each method writes the instance's new row (``after`` over ``expected``, or
+    ``instance`` inserted), the task's row, its step log and the audit row, the
+    instance row first (the lock order of every write). A compare-and-swap
+    that matches no row raises as :func:`lifecycle.store._cas.lost` says
+    (:class:`Preempted`, :class:`Conflict`; :class:`Fenced` for a worker's task
+    at another epoch) and the transaction rolls back.
+    """
+
+    def create(self, conn: sa.Connection, instance: Instance, task: Task, *, opened: NewStep, why: Why) -> None:
+        """Insert ``instance`` owned by ``task``, the task's row, step ``opened`` and the audit row."""
+
+    def begin(
+        self,
+        conn: sa.Connection,
+        expected: Instance,
+        after: Instance,
+        task: Task,
+        *,
+        opened: NewStep,
+        why: Why,
+        preempt: Task | None,
+        claim: Hold | None,
+    ) -> None:
+        """Start ``task``: the instance swapped, ``claim`` held, ``preempt`` preempted, task row, step and audit row."""
+
+    def advance(
+        self,
+        conn: sa.Connection,
+        expected: Instance,
+        after: Instance,
+        task: Task,
+        *,
+        why: Why,
+        closed: StepEnd,
+        opened: NewStep,
+        task_set: dict[str, Any],
+    ) -> None:
+        """Move ``task`` on: the instance swapped, open step ``closed``, step ``opened``, ``task_set`` at its epoch."""
+
+    def finish(
+        self,
+        conn: sa.Connection,
+        expected: Instance,
+        after: Instance,
+        task: Task,
+        *,
+        why: Why,
+        closed: StepEnd,
+        task_set: dict[str, Any],
+    ) -> None:
+        """End ``task``: the instance swapped, open step ``closed``, ``task_set`` (its ending) at its epoch."""
+
+
 class Writes(StoreBase):
     """Instance state changes, each with its task, step and audit rows in the same transaction."""
+
+    def __init__(self, db: Database, form: WriteForm | None = None) -> None:
+        super().__init__(db)
+        self._form: WriteForm = form if form is not None else OneStatement() if db.one_statement else Statements()
+        """How a task's writes reach the database: one statement each on PostgreSQL, several on SQLite."""
 
     @retry_on_deadlock
     def create(self, instance: Instance, task: Task, step: str, why: Why) -> Instance:
         """Insert a new instance already owned by ``task``, with its first step and audit row."""
         try:
             with self.engine.begin() as conn:
-                if self.one_statement:
-                    _pg.write(
-                        conn,
-                        _pg.Parts(
-                            instance_values(instance),
-                            task_id=task.id,
-                            new_task=task_values(task),
-                            open=_opened(1, step, self.clock.now()),
-                            audit=audit_values(None, instance, why),
-                        ),
-                    )
-                else:
-                    conn.execute(sa.insert(_I), instance_values(instance))
-                    conn.execute(_INSERT_TASK, task_values(task))
-                    open_step(conn, task.id, 1, step, self.clock.now())
-                    audit(conn, None, instance, why)
+                self._form.create(conn, instance, task, opened=_opened(1, step, self.clock.now()), why=why)
         except IntegrityError:
             raise AlreadyExists("instance", instance.uuid) from None
         return instance
@@ -108,28 +137,8 @@ class Writes(StoreBase):
         )
         try:
             with self.engine.begin() as conn:
-                if self.one_statement and preempt is None and claim is None:
-                    parts = _pg.Parts(
-                        changed(expected, after),
-                        _expected(expected),
-                        task_id=task.id,
-                        new_task=task_values(task),
-                        open=_opened(1, task_state.value, self.clock.now()),
-                        audit=audit_values(expected, after, why, always=True),
-                    )
-                    if _pg.write(conn, parts)[0] != 1:
-                        lost(conn, expected, None)
-                    return after
-                # Lock order: the instance row first, then task rows, in every write
-                # (a worker's finish does the same), so PostgreSQL never deadlocks on them.
-                cas(conn, expected, after, None)
-                _hold(conn, expected.uuid, claim, self.clock.now())
-                if preempt is not None:
-                    mark_preempted(conn, preempt, task)
-                conn.execute(_INSERT_TASK, task_values(task))
-                open_step(conn, task.id, 1, task_state.value, self.clock.now())
-                # Always audited: a takeover (hard reboot over hard reboot) may change no state, only the task.
-                audit(conn, expected, after, why, always=True)
+                opened = _opened(1, task_state.value, self.clock.now())
+                self._form.begin(conn, expected, after, task, opened=opened, why=why, preempt=preempt, claim=claim)
         except IntegrityError:
             # The one-running-task index: another task started on this instance first.
             with self._read() as reader:
@@ -156,27 +165,11 @@ class Writes(StoreBase):
         """
         at = self.clock.now()
         after = replace(expected, task_state=task_state, version=expected.version + 1, updated_at=at, **fields)
-        result = "retried" if retried else "ok"
+        closed = StepEnd(at, "retried" if retried else "ok", why.message)
+        task_set = {"lease_expires_at": at + self.lease}
         with self.engine.begin() as conn:
-            if self.one_statement:
-                closed = {"finished_at": at, "result": result, "detail": why.message}
-                set_task = {"lease_expires_at": at + self.lease}
-                _worker_write(
-                    conn,
-                    expected,
-                    after=after,
-                    task=task,
-                    why=why,
-                    task_set=set_task,
-                    closed=closed,
-                    opened=_opened(seq, task_state.value, at),
-                )
-                return after
-            cas(conn, expected, after, task)
-            close_steps(conn, task.id, at, result, why.message)
-            open_step(conn, task.id, seq, task_state.value, at)
-            _still_ours(conn, task, lease_expires_at=at + self.lease)
-            audit(conn, expected, after, why)
+            opened = _opened(seq, task_state.value, at)
+            self._form.advance(conn, expected, after, task, why=why, closed=closed, opened=opened, task_set=task_set)
         return after
 
     @retry_on_deadlock
@@ -205,26 +198,12 @@ class Writes(StoreBase):
             updated_at=at,
             **fields,
         )
-        step_result = "ok" if outcome is Outcome.SUCCEEDED else "failed"
+        closed = StepEnd(at, "ok" if outcome is Outcome.SUCCEEDED else "failed", error)
         ended = {"outcome": outcome.value, "finished_at": at, "error": error, "traceback": traceback}
         with self.engine.begin() as conn:
-            if self.one_statement:
-                closed = {"finished_at": at, "result": step_result, "detail": error}
-                _worker_write(
-                    conn,
-                    expected,
-                    after=after,
-                    task=task,
-                    why=why,
-                    task_set={**ended, "lease_expires_at": at},
-                    closed=closed,
-                    opened=None,
-                )
-                return after
-            cas(conn, expected, after, task)
-            close_steps(conn, task.id, at, step_result, error)
-            _still_ours(conn, task, **ended, lease_expires_at=at)
-            audit(conn, expected, after, why)
+            self._form.finish(
+                conn, expected, after, task, why=why, closed=closed, task_set={**ended, "lease_expires_at": at}
+            )
         return after
 
     def note(self, instance: Instance, why: Why) -> None:
@@ -314,7 +293,7 @@ class Writes(StoreBase):
         )
         with self.engine.begin() as conn:
             cas(conn, expected, after, None)
-            _hold(conn, expected.uuid, claim, self.clock.now())
+            hold_claim(conn, expected.uuid, claim, self.clock.now())
             if release_claims:
                 release_all(conn, expected.uuid)
             if leftover is not None:
@@ -337,69 +316,5 @@ class Writes(StoreBase):
         return after
 
 
-def _hold(conn: sa.Connection, uuid: str, claim: Hold | None, at: datetime) -> None:
-    """Make sure the instance holds ``claim`` in this transaction; else raise :class:`NoValidHost` (it rolls back)."""
-    if claim is None:
-        return
-    refused = hold(conn, uuid, claim, at)
-    if refused is not None:
-        raise NoValidHost({claim.host: refused})
-
-
-def _opened(seq: int, name: str, at: datetime) -> dict[str, Any]:
-    return {"seq": seq, "name": name, "started_at": at}
-
-
-def _expected(instance: Instance) -> dict[str, Any]:
-    return {"uuid": instance.uuid, **expect(instance)}
-
-
-def _worker_write(
-    conn: sa.Connection,
-    expected: Instance,
-    *,
-    after: Instance,
-    task: Task,
-    why: Why,
-    task_set: dict[str, Any],
-    closed: dict[str, Any],
-    opened: dict[str, Any] | None,
-) -> None:
-    """Write a worker's step or end as one statement; raise as the statement-by-statement write would.
-
-    The instance lost raises as :func:`lifecycle.store._cas.lost` says; the
-    task row found at another epoch raises :class:`Fenced` (the transaction
-    rolls back).
-    """
-    parts = _pg.Parts(
-        changed(expected, after),
-        _expected(expected),
-        task_id=task.id,
-        task_epoch=task.epoch,
-        task_set=task_set,
-        close=closed,
-        open=opened,
-        audit=audit_values(expected, after, why),
-    )
-    written, at_epoch = _pg.write(conn, parts)
-    if written != 1:
-        lost(conn, expected, task)
-    if at_epoch != 1:
-        _fenced(conn, task)
-
-
-def _still_ours(conn: sa.Connection, task: Task, **values: Any) -> None:
-    """Run a worker's task-row update only at the epoch it holds; else raise :class:`Fenced` (the write rolls back).
-
-    The instance's compare-and-swap cannot tell a fenced worker from the
-    recovering one (both hold the same task id); the epoch can.
-    """
-    done = conn.execute(TASK_AT_EPOCH, {**values, "x_id": task.id, "x_epoch": task.epoch}).rowcount
-    if done != 1:
-        _fenced(conn, task)
-
-
-def _fenced(conn: sa.Connection, task: Task) -> NoReturn:
-    """Raise :class:`Fenced`: the worker's task row is at another epoch than the one it holds."""
-    current = conn.execute(sa.select(_T.c.epoch).where(_T.c.id == task.id)).scalar_one()
-    raise Fenced(task.id, task.instance_uuid, task.epoch, current)
+def _opened(seq: int, name: str, at: datetime) -> NewStep:
+    return NewStep(seq, name, at)
