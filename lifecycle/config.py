@@ -125,7 +125,7 @@ class Settings:
     """Directory on the engine's machine for the images the engine makes (shelve snapshots); empty:
     ``$XDG_DATA_HOME/lifecycle/images`` (``~/.local/share/lifecycle/images``)."""
     change_retention: float = 0.0
-    """Seconds a change (an audit row: the feed is the audit log) is kept before ``prune_changes`` removes
+    """Seconds a change (an audit row: the feed is the audit log) is kept before ``engine.feed.prune()`` removes
     it, and never before every registered feed consumer has passed it; 0 keeps every change."""
     feed_poll_interval: float = 1.0
     """Seconds between a change feed follower's reads on SQLite; on PostgreSQL, where commits wake it,

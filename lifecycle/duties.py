@@ -306,6 +306,8 @@ def lock(ctx: Context, uuid: str, *, reason: str, actor: str) -> Instance:
 
 def unlock(ctx: Context, uuid: str, *, actor: str, override_lock: bool = False) -> Instance:
     """Unlock an instance: its locker may, anyone with ``override_lock`` (an admin) may; unlocked is a no-op."""
+    if not isinstance(override_lock, bool):
+        raise InvalidInput(f"override_lock must be True or False, got {override_lock!r}")
     uuid = validation.uuid(uuid)
     validation.name("actor", actor)
     instance = ctx.store.instances.get(uuid)

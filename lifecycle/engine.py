@@ -177,6 +177,8 @@ class Engine:
         old worker, if it lives after all, is fenced: it stops before its next
         driver call, and a call in flight touches only its own attempt's objects.
         """
+        if not isinstance(force, bool):
+            raise InvalidInput(f"force must be True or False, got {force!r}")
         if owner is not None:
             validation.name("owner", owner)
         results = recover_tasks(self.runner, force=force, of_owner=owner)
@@ -358,6 +360,8 @@ class Engine:
         raises its :class:`TaskFailed` again; the key reused for another call
         raises :class:`IdempotencyMismatch`.
         """
+        if operation == Op.CREATE:  # a new instance has a name, a flavor and an image, not a uuid
+            raise InvalidInput("an instance is created with Engine.create(name, flavor=..., image=...), not run")
         return self.runner.start(
             operation,
             uuid,
@@ -370,8 +374,6 @@ class Engine:
             override_lock=override_lock,
         )
 
-    # -- operator duties ---------------------------------------------------------------
-
     def lock(self, uuid: str, *, reason: str, actor: str = "api") -> Instance:
         """Lock an instance: operations but reads are refused until unlocked (or overridden by an admin)."""
         return duties.lock(self.services, uuid, reason=reason, actor=actor)
@@ -383,8 +385,6 @@ class Engine:
     def reset_state(self, uuid: str, *, reason: str, state: VmState = VmState.ERROR, actor: str = "admin") -> Instance:
         """End a stuck task failed (cause admin), clear the task_state and set ``state`` (error or active)."""
         return duties.reset_state(self.services, uuid, state=state, reason=reason, actor=actor)
-
-    # -- machinery -------------------------------------------------------------------
 
     def _connect(self, host: Host) -> Driver:
         s = self.settings

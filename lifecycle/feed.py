@@ -63,8 +63,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lifecycle import validation
-from lifecycle.audit import START, AuditEntry, Change, Consumer, Position, audit_query
+from lifecycle import graph, validation
+from lifecycle.audit import START, Activity, AuditEntry, Change, Consumer, Position, audit_query
 from lifecycle.errors import ConsumerInUse, DatabaseUnavailable, InvalidInput
 from lifecycle.feed_shapes import as_change, change_data, change_line, nova_notification
 
@@ -349,5 +349,13 @@ def prune(store: Store, retention: float, now: datetime) -> int:
 
 
 def query_audit(store: Store, **filters: object) -> list[AuditEntry]:
-    """Return the audit rows the filters of :func:`lifecycle.audit.audit_query` admit, oldest first."""
-    return store.feed.audit_rows(audit_query(**filters))
+    """Return the audit rows the filters of :func:`lifecycle.audit.audit_query` admit, oldest first.
+
+    An ``operation`` must be one the log can hold: an operation of the table or an :class:`~lifecycle.audit.Activity`.
+    """
+    query = audit_query(**filters)
+    if query.operation is not None:
+        known = {row.name for row in graph.rows()} | {activity.value for activity in Activity}
+        if query.operation not in known:
+            raise InvalidInput(f"unknown operation {query.operation!r}: expected one of {', '.join(sorted(known))}")
+    return store.feed.audit_rows(query)

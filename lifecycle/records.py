@@ -67,7 +67,8 @@ class Flavor:
     memory_mb: int
     root_gb: int
     name: str = "custom"
-    extra_specs: tuple[tuple[str, str], ...] = ()
+    extra_specs: tuple[tuple[str, str], ...] | Mapping[str, str] = ()
+    """Nova's flavor extra specs ("capabilities:ssd": "true"): a mapping or (key, value) pairs, kept as sorted pairs."""
     """Scheduler hints in ``namespace:key`` form, matched against host capabilities."""
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ class Flavor:
                 raise InvalidFlavor(str(self), f"{key} must be an integer from {low} to {high}, got {value!r}")
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise InvalidFlavor(str(self), f"name {self.name!r} must be 1-255 letters, digits, '.', '_' or '-'")
+        if isinstance(self.extra_specs, Mapping):  # as Nova's API gives them: kept as sorted pairs
+            object.__setattr__(self, "extra_specs", tuple(sorted(self.extra_specs.items())))
         reason = _extra_specs_problem(self.extra_specs)
         if reason is not None:
             raise InvalidFlavor(str(self), reason)

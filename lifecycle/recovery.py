@@ -8,7 +8,7 @@ where Nova's ``init_host`` leaves about fifteen task_states stuck until an
 operator resets them by hand.
 
 A task is taken over with a compare-and-swap on the epoch recovery read it
-at (:meth:`lifecycle.store.Store.take_over`): of two recoveries that read it
+at (:meth:`lifecycle.store.tasks.Tasks.take_over`, ``store.tasks.take_over``): of two recoveries that read it
 at once, even under one owner name with ``force``, only one runs it.
 
 Resuming is safe because every driver call is repeat-safe by contract, the

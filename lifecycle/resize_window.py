@@ -18,12 +18,12 @@ import structlog
 from lifecycle.errors import InvalidState, LifecycleError
 from lifecycle.graph import Op
 from lifecycle.records import Cause
-from lifecycle.results import WindowResult
+from lifecycle.results import WindowOutcome, WindowResult
 
 if TYPE_CHECKING:
     from lifecycle.context import Context
 
-__all__ = ["WindowResult", "poll_unconfirmed_resizes"]
+__all__ = ["WindowOutcome", "WindowResult", "poll_unconfirmed_resizes"]
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +39,13 @@ def poll_unconfirmed_resizes(ctx: Context) -> list[WindowResult]:
         uuid = migration.instance_uuid
         try:
             ctx.runner.start(action, uuid, actor="resize_window", cause=Cause.TIMER)
-            outcome = "done"
+            outcome = WindowOutcome.DONE
         except InvalidState:
-            outcome = "skipped"  # being deleted, still finishing, or moving on: the table's guard says not now
+            outcome = (
+                WindowOutcome.SKIPPED
+            )  # being deleted, still finishing, or moving on: the table's guard says not now
         except LifecycleError as exc:
             log.info("resize_window_retry_later", instance_uuid=uuid, error=str(exc))
-            outcome = "retry"
+            outcome = WindowOutcome.RETRY
         results.append(WindowResult(uuid, migration.id, action, outcome))
     return results

@@ -7,9 +7,10 @@ the services share, import no service.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
-__all__ = ["PassSummary", "WindowResult"]
+__all__ = ["PassSummary", "WindowOutcome", "WindowResult"]
 
 
 @dataclass(slots=True)
@@ -40,6 +41,17 @@ class PassSummary:
     """Our domains whose live instance is recorded on another host (evacuated away, or moving): left alone."""
 
 
+class WindowOutcome(enum.StrEnum):
+    """What the resize window did with one finished move."""
+
+    DONE = "done"
+    """Confirmed (or reverted, as the window's action says)."""
+    SKIPPED = "skipped"
+    """The table's guard says not now: being deleted, still finishing, or moving on."""
+    RETRY = "retry"
+    """Refused for a passing reason (a lock, a race): the next pass tries again."""
+
+
 @dataclass(frozen=True, slots=True)
 class WindowResult:
     """What the window did with one finished migration."""
@@ -47,4 +59,4 @@ class WindowResult:
     instance_uuid: str
     migration_id: str
     action: str
-    outcome: str
+    outcome: WindowOutcome

@@ -229,7 +229,9 @@ def normal_url(url: str) -> str:
 
 
 def _check_secret(label: str, secret: object) -> bytes:
-    if not isinstance(secret, bytes) or len(secret) < 16:
+    if not isinstance(secret, bytes):
+        raise InvalidInput(f"{label} must be bytes (e.g. text.encode()), got {type(secret).__name__}")
+    if len(secret) < 16:
         raise InvalidInput(f"{label} must be at least 16 bytes: it signs every request")
     return secret
 
@@ -254,6 +256,8 @@ class Webhook:
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", normal_url(self.url))  # one consumer per endpoint, however spelled
         _check_secret("webhook secret", self.secret)
+        if not isinstance(self.nova, bool):
+            raise InvalidInput(f"webhook nova must be True or False, got {self.nova!r}")
         if not isinstance(self.previous_secrets, tuple):
             raise InvalidInput("webhook previous secrets must be a tuple of bytes")
         for old in self.previous_secrets:

@@ -1,4 +1,4 @@
-"""Alembic environment: target_metadata is the sqlmodel metadata of lifecycle."""
+"""Alembic environment: target_metadata is the metadata of lifecycle's SQLAlchemy Core tables."""
 
 from __future__ import annotations
 

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,20 +18,9 @@ from lifecycle.console import token_hash
 from lifecycle.daemon import Daemon
 from lifecycle.store import Store
 from lifecycle.store.tables import CONSOLE_TOKENS
-from tests.conftest import Fakes, make_engine
+from tests.conftest import Fakes, make_engine, wait_until
 from tests.images import fake_image
 from tests.invariants import check_invariants
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Poll an external process's visible effect until true or timeout (it cannot signal us)."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        pause.wait(0.05)
-    return predicate()
 
 
 def _claims_are_exclusive(url: str) -> None:
@@ -72,7 +59,7 @@ def test_daemon_syncs_its_hosts_and_lets_go_on_stop(sqlite_url: str, fakes: Fake
     daemon = Daemon(engine, claim_interval=0.05)
     thread = threading.Thread(target=daemon.run)
     thread.start()
-    assert wait_for(lambda: engine.get(uuid).vm_state is VmState.STOPPED)
+    wait_until("the instance stopped by the daemon's sync", lambda: engine.get(uuid).vm_state is VmState.STOPPED, 20)
     assert set(daemon.claims) == {"h1", "h2"}
     daemon.stop.set()
     thread.join(10)
@@ -140,9 +127,13 @@ def test_sigterm_mid_pass_stops_promptly_and_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     proc = _start_daemon(url, log, "--interval", "600")
     try:
-        assert wait_for(lambda: any(e["event"] == "host_claimed" for e in _events(log)))
+        wait_until("a host claimed by the daemon", lambda: any(e["event"] == "host_claimed" for e in _events(log)), 20)
         with Engine(url) as engine:
-            assert wait_for(lambda: any(engine.get(u).vm_state is VmState.STOPPED for u in uuids))
+            wait_until(
+                "an instance stopped by a sync pass",
+                lambda: any(engine.get(u).vm_state is VmState.STOPPED for u in uuids),
+                20,
+            )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -174,14 +165,16 @@ def test_two_daemons_split_hosts_and_take_over(pg_url: str, tmp_path: Path) -> N
                         found.setdefault(str(e["host"]), set()).add(i)
             return found
 
-        assert wait_for(lambda: len(owners()) == hosts)
+        wait_until("every host owned by a daemon", lambda: len(owners()) == hosts, 20)
         assert all(len(o) == 1 for o in owners().values()), owners()
-        assert wait_for(
+        wait_until(
+            "a sync pass logged by every daemon",
             lambda: all(
                 any(e["event"] == "sync_pass" for e in _events(log))
                 for log in logs
                 if any(e["event"] == "host_claimed" for e in _events(log))
-            )
+            ),
+            20,
         )
         synced_by = {}
         for i, log in enumerate(logs):
@@ -193,7 +186,7 @@ def test_two_daemons_split_hosts_and_take_over(pg_url: str, tmp_path: Path) -> N
         survivor = 1 - victim
         procs[victim].kill()
         procs[victim].wait(10)
-        assert wait_for(lambda: all(survivor in o for o in owners().values()))
+        wait_until("every host taken over by the survivor", lambda: all(survivor in o for o in owners().values()), 20)
         procs[survivor].send_signal(signal.SIGTERM)
         assert procs[survivor].wait(timeout=15) == 0
     finally:
@@ -217,7 +210,7 @@ def test_the_daemon_purges_dead_console_tokens(sqlite_url: str, fakes: Fakes) ->
     thread = threading.Thread(target=daemon.run)
     thread.start()
     try:
-        assert wait_for(lambda: _tokens(engine) == 1)
+        wait_until("the expired console tokens purged", lambda: _tokens(engine) == 1, 20)
     finally:
         daemon.stop.set()
         thread.join(10)

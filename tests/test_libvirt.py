@@ -29,7 +29,7 @@ from drivers.libvirt import _POWER, METADATA_NS, LibvirtDriver, domain_xml
 from drivers.storage import HostStorage, image_key
 from lifecycle import Engine, Flavor, PowerState, Settings, TaskFailed, VmState, upgrade
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
-from tests.conftest import QEMU_URI, libvirt_ready, private_node_uri, qemu_ready, require
+from tests.conftest import QEMU_URI, libvirt_ready, private_node_uri, qemu_ready, require, wait_until
 from tests.test_storage import backed_by_cache, remove_pools
 
 HOSTILE = "<domain type='kvm'>&amp;\"quotes\" 'and' ünïcødé ☃ ]]></name><devices/>"
@@ -350,9 +350,7 @@ def test_libvirtd_restart_is_survived_by_reconnecting(qemu: LibvirtDriver, base_
     spec = _running(qemu, base_image)
     pid = int(Path(pidfile).read_text().strip())
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
-        threading.Event().wait(0.1)
+    wait_until("libvirtd gone after SIGTERM", lambda: not _alive(pid), 30, interval=0.1)
     qemu.reconnect_seconds = 0.5
     with pytest.raises(DriverUnavailable):
         qemu.get_info(spec.uuid)
@@ -489,9 +487,7 @@ def test_a_call_stuck_on_one_connection_does_not_hold_the_next_caller(monkeypatc
         assert first is not None
         stuck = threading.Thread(target=first.call, args=("stuck", release.wait, 30))
         stuck.start()
-        deadline = time.monotonic() + 5
-        while first.stuck_for() < 0.6 and time.monotonic() < deadline:  # until the call in flight counts as stuck
-            release.wait(0.05)
+        wait_until("the call in flight counted as stuck", lambda: first.stuck_for() >= 0.6, 5)
         started = time.monotonic()
         driver.ping()
         assert time.monotonic() - started < 3.0

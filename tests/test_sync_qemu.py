@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from lifecycle import Engine, Flavor, PowerState, Settings, VmState, upgrade
 from lifecycle.events import EventProcessor
 from lifecycle.sweep import sweep_host
 from lifecycle.sync import Policy, Stance
-from tests.conftest import QEMU_URI, qemu_ready
+from tests.conftest import QEMU_URI, qemu_ready, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 P, V = PowerState, VmState
@@ -23,15 +22,6 @@ P, V = PowerState, VmState
 def virsh(*args: str) -> None:
     """Change the hypervisor behind the engine's back."""
     subprocess.run(["virsh", "-q", "-c", QEMU_URI, *args], check=True, capture_output=True)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll a real hypervisor's effect until true or timeout."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while time.monotonic() < deadline and not predicate():
-        pause.wait(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -76,7 +66,7 @@ def test_virsh_destroy_becomes_stopped_through_the_event_path(engine: Engine) ->
     engine.hosts.driver("q1").register_event_listener(processor.on_event)
     try:
         virsh("destroy", f"lifecycle-{uuid}")
-        assert wait_for(lambda: engine.get(uuid).vm_state is V.STOPPED)
+        wait_until("the instance recorded stopped", lambda: engine.get(uuid).vm_state is V.STOPPED, 30)
     finally:
         engine.hosts.driver("q1").register_event_listener(None)
         stop.set()
@@ -129,7 +119,9 @@ def test_reboot_racing_a_sync_pass_ends_in_the_reboots_result(engine: Engine) ->
     done = threading.Event()
     worker = threading.Thread(target=lambda: (engine.reboot(uuid, hard=True), done.set()))
     worker.start()
-    assert wait_for(lambda: engine.get(uuid).task_state is not None or done.is_set())
+    wait_until(
+        "the task started, or already done", lambda: engine.get(uuid).task_state is not None or done.is_set(), 30
+    )
     summary = _sync(engine)
     worker.join(60)
     assert done.is_set()
@@ -149,11 +141,13 @@ def test_the_daemon_handles_virsh_changes_while_it_runs(engine: Engine) -> None:
     thread = threading.Thread(target=daemon.run)
     thread.start()
     try:
-        assert wait_for(lambda: "q1" in daemon.claims)
+        wait_until("q1 claimed by the daemon", lambda: "q1" in daemon.claims, 30)
         virsh("destroy", f"lifecycle-{active}")
         virsh("start", f"lifecycle-{stopped}")
-        assert wait_for(lambda: engine.get(active).vm_state is V.STOPPED)  # the event path, delay 15 s by default
-        assert wait_for(lambda: engine.hosts.driver("q1").get_info(stopped) is P.SHUTDOWN)
+        wait_until(
+            "the instance stopped through the event path", lambda: engine.get(active).vm_state is V.STOPPED, 30
+        )  # the event path, delay 15 s by default
+        wait_until("the guest shut down on q1", lambda: engine.hosts.driver("q1").get_info(stopped) is P.SHUTDOWN, 30)
     finally:
         daemon.stop.set()
         thread.join(30)

@@ -58,6 +58,10 @@ class Feed:
         """
         store = self._services.store
         name = None if consumer is None else webhooks.check_consumer(validation.name("consumer", consumer))
+        if stop is not None and not isinstance(stop, threading.Event):
+            raise InvalidInput(f"stop must be a threading.Event, got {type(stop).__name__}")
+        if not callable(handler):
+            raise InvalidInput(f"handler must be callable, got {type(handler).__name__}")
         return feed.follow(
             store,
             name,
@@ -111,6 +115,8 @@ class Feed:
         URL and secrets are checked before anything is registered (:class:`InvalidInput`); a second
         sender to one URL is refused (:class:`~lifecycle.errors.ConsumerInUse`).
         """
+        if not isinstance(stop, threading.Event):
+            raise InvalidInput(f"stop must be a threading.Event, got {type(stop).__name__}")
         hook = webhooks.Webhook(url, secret, nova=nova, previous_secrets=previous_secrets)
         return webhooks.deliver(self._services, hook, stop=stop)
 

@@ -68,7 +68,7 @@ class Claims(StoreBase):
         passed over when it no longer fits. A skipped row may have room once
         its holder commits, so when that pass claims nothing a second one, in
         a transaction of its own, first waits for the locks of every
-        candidate, taken in name order (as :meth:`release_claims` takes its
+        candidate, taken in name order (as :meth:`Claims.release` takes its
         hosts', so waiting claims never deadlock), and picks again: None
         (nothing written) means every candidate was full when looked at.
         SQLite runs one writer at a time, so one pass, without locks, is exact.
@@ -220,7 +220,7 @@ def _claim_first(count: int, *, skip_locked: bool) -> sa.Executable:
 @functools.lru_cache(maxsize=16)
 def _lock_in_name_order(count: int) -> sa.Select[tuple[str]]:
     """SELECT ... FOR NO KEY UPDATE of ``count`` hosts (given sorted), locked one after the other in name order."""
-    # Byte order ("C"), whatever the database's collation: the order Python's sorted() gives release_claims.
+    # Byte order ("C"), whatever the database's collation: the order Python's sorted() gives Claims.release.
     return (
         sa.select(_H.c.name)
         .where(_candidates(_H.c.name, count))

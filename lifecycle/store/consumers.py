@@ -1,7 +1,7 @@
 """The change feed's consumers: each one's name, position and (a webhook's) URL.
 
 A position only moves forward (:meth:`Consumers.save_position`), and retention
-(:meth:`lifecycle.store.feed.Feed.prune_changes`) never passes the lowest one.
+(:meth:`lifecycle.store.feed.Feed.prune`) never passes the lowest one.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def _ranked_query(
     ram_order: int,
     ram_allocation_ratio: float,
 ) -> sa.Select[Any]:
-    """Build once per shape the query of :meth:`Hosts.ranked_hosts` (the values a decision changes are parameters)."""
+    """Build once per shape the query of :meth:`Hosts.ranked` (the values a decision changes are parameters)."""
     where: builtins.list[sa.ColumnElement[bool]] = [_H.c.fenced_at.is_(None)]
     if exclude:
         where.append(_H.c.name.not_in(sa.bindparam("x_exclude", expanding=True)))
