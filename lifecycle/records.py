@@ -148,7 +148,7 @@ def _quoted(text: str) -> str:
 def _extra_specs_problem(specs: object) -> str | None:
     """Say what is wrong with a flavor's extra specs, or None when they are a tuple of unique str pairs."""
     if not isinstance(specs, tuple):
-        return f"extra_specs must be a tuple of (key, value) pairs, got {type(specs).__name__}"
+        return f"extra_specs must be a mapping or a tuple of (key, value) pairs, got {type(specs).__name__}"
     seen: set[str] = set()
     for pair in specs:
         if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):

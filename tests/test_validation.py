@@ -265,8 +265,8 @@ def test_flavor_accepts_namespaced_extra_specs(specs: tuple[tuple[str, str], ...
 @pytest.mark.parametrize(
     ("specs", "needle"),
     [
-        ([("capabilities:ssd", "true")], "must be a tuple"),
-        ({"capabilities:ssd": "true"}, "must be a tuple"),
+        ([("capabilities:ssd", "true")], "must be a mapping or a tuple"),
+        ({"capabilities:ssd": 1}, "(key, value) pair of strings"),
         ((["capabilities:ssd", "true"],), "(key, value) pair of strings"),
         (("capabilities:ssd",), "(key, value) pair of strings"),
         ((("capabilities:ssd", 1),), "(key, value) pair of strings"),
