@@ -65,11 +65,11 @@ from urllib.parse import urlsplit
 
 import structlog
 
-import drivers.libvirt._disks as libvirt_driver  # the disk calls look the stream helpers up there
-from drivers.base import Driver
-from drivers.libvirt import LibvirtDriver
-from drivers.storage import Content, HostStorage
+import lifecycle.drivers.libvirt._disks as libvirt_driver  # the disk calls look the stream helpers up there
 from lifecycle import Engine, Flavor, Settings, upgrade
+from lifecycle.drivers.base import Driver
+from lifecycle.drivers.libvirt import LibvirtDriver
+from lifecycle.drivers.storage import Content, HostStorage
 from lifecycle.tasks import TaskRun
 
 # The rows of the breakdown: (phase, label); a phase is measured, or derived in _phases().

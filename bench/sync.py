@@ -50,9 +50,9 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 import structlog
 
-from drivers.fake import FakeDriver, _Domain
 from lifecycle import Engine, PowerState, Settings, upgrade
 from lifecycle.audit import Why
+from lifecycle.drivers.fake import FakeDriver, _Domain
 from lifecycle.errors import DomainNotFound
 from lifecycle.records import Cause
 from lifecycle.store.db import connect

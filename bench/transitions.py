@@ -33,8 +33,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 import structlog
 
-from drivers.fake import FakeDriver
 from lifecycle import Engine, Flavor, Settings, upgrade
+from lifecycle.drivers.fake import FakeDriver
 from lifecycle.store.db import connect
 from lifecycle.store.tables import AUDITS, INSTANCES, STEPS, TASKS
 

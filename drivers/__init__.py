@@ -1,4 +1,4 @@
-"""Hypervisor drivers behind one contract (``drivers.base``).
+"""Hypervisor drivers behind one contract (``lifecycle.drivers.base``).
 
 ``connect(uri, ...)`` picks the driver from the URI scheme: ``fake://`` is an
 in-memory fake host, ``fake:///ABS/state.json`` a fake host kept in a file so
@@ -14,7 +14,7 @@ import unicodedata
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from drivers.base import Driver
+from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 
 __all__ = ["connect", "hypervisor_identity", "validate_uri"]
@@ -39,10 +39,10 @@ def connect(
     """Open the driver for ``uri``; ``domain_type`` and the rest apply to libvirt only."""
     scheme, sep, rest = uri.partition("://")
     if sep and scheme == "fake":
-        from drivers.fake import FakeDriver
+        from lifecycle.drivers.fake import FakeDriver
 
         return FakeDriver(name, state_path=rest or None)
-    from drivers.libvirt import LibvirtDriver
+    from lifecycle.drivers.libvirt import LibvirtDriver
 
     return LibvirtDriver(
         uri, instances_path, domain_type=domain_type, vnc_listen=vnc_listen, soft_reboot_seconds=soft_reboot_seconds

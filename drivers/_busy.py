@@ -1,4 +1,6 @@
-"""The libvirt storage driver's busy answers: transient refusals, waited out (:mod:`drivers.storage` re-exports).
+"""The libvirt storage driver's busy answers: transient refusals, waited out.
+
+:mod:`lifecycle.drivers.storage` re-exports them.
 
 Many workers of many processes build, move and delete on one host at once,
 and libvirt's storage driver (``src/storage/storage_driver.c``, libvirt 9.0)
@@ -23,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from drivers._wait import wait_out
+from lifecycle.drivers._wait import wait_out
 
 try:
     import libvirt

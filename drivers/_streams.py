@@ -2,7 +2,7 @@
 
 Disks move between hosts as sparse streams, source download piped into
 destination upload, with a checksum of the logical content (holes count as
-zeros) computed on both sides (:class:`Content`). :mod:`drivers.storage`
+zeros) computed on both sides (:class:`Content`). :mod:`lifecycle.drivers.storage`
 re-exports what is public here.
 """
 
@@ -17,8 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from drivers._busy import patiently
-from drivers.base import DiskSegments, Progress
+from lifecycle.drivers._busy import patiently
+from lifecycle.drivers.base import DiskSegments, Progress
 
 try:
     import libvirt

@@ -1,4 +1,4 @@
-"""The values the driver contract speaks in (:mod:`drivers.base` re-exports every one of them).
+"""The values the driver contract speaks in (:mod:`lifecycle.drivers.base` re-exports every one of them).
 
 What a call acts for (:class:`Attempt`) and what a domain or a volume says of
 the attempt that made it (:class:`Stamp`, :func:`volume_name`,

@@ -8,8 +8,8 @@ raise only :class:`~lifecycle.errors.DriverError` and its subclasses;
 
 Drivers may import only the contract side of lifecycle (errors and states).
 
-The values the methods take and return live in :mod:`drivers._values`, the
-retry helper in :mod:`drivers._wait`; both are re-exported here, the one place
+The values the methods take and return live in :mod:`lifecycle.drivers._values`, the
+retry helper in :mod:`lifecycle.drivers._wait`; both are re-exported here, the one place
 drivers and the engine import them from.
 """
 
@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers._values import (
+from lifecycle.drivers._values import (
     Attempt,
     Console,
     DiskRead,
@@ -37,7 +37,7 @@ from drivers._values import (
     volume_name,
     volume_tag,
 )
-from drivers._wait import wait_out
+from lifecycle.drivers._wait import wait_out
 from lifecycle.states import PowerState
 
 __all__ = [

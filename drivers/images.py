@@ -2,7 +2,7 @@
 
 ``qemu-img`` runs only on files the engine itself holds (the image files it
 was given); what lives on a host is reached through libvirt alone
-(:mod:`drivers.storage`). ``qemu-img`` is always called with an argument
+(:mod:`lifecycle.drivers.storage`). ``qemu-img`` is always called with an argument
 list (never a shell) and an explicit format. Every image is inspected before
 use: one whose real format is not the declared one, or that has a backing
 file or a data file at all, is refused; this is the class of flaw behind

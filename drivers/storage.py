@@ -22,11 +22,11 @@ content (holes count as zeros) computed on both sides.
 
 libvirt errors are left to the caller (the driver maps them, keeping
 libvirt's message), except the storage driver's busy answers, which are
-waited out (:mod:`drivers._busy`). A pool is refreshed only to list it (what
+waited out (:mod:`lifecycle.drivers._busy`). A pool is refreshed only to list it (what
 libvirt did not make, such as a file a crashed libvirtd left, shows after a
 refresh), and a listing whose refresh is refused as busy lists what libvirtd
 knows, which is every volume made through libvirt by any process: a lookup
-never needs one. The streams are in :mod:`drivers._streams`; this module
+never needs one. The streams are in :mod:`lifecycle.drivers._streams`; this module
 re-exports them.
 """
 
@@ -41,9 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers._busy import BUSY_SECONDS, busy, patiently
-from drivers._streams import Content, file_segments, quietly, read_volume, volume_digest, write_file, write_volume
-from drivers.images import ImageInfo, valid_uuid
+from lifecycle.drivers._busy import BUSY_SECONDS, busy, patiently
+from lifecycle.drivers._streams import (
+    Content,
+    file_segments,
+    quietly,
+    read_volume,
+    volume_digest,
+    write_file,
+    write_volume,
+)
+from lifecycle.drivers.images import ImageInfo, valid_uuid
 
 try:
     import libvirt

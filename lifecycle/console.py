@@ -41,7 +41,7 @@ from lifecycle.store import Store
 from lifecycle.store._rows import CONSOLE_TOKENS
 
 if TYPE_CHECKING:  # drivers import this package's leaves; a runtime import would cycle
-    from drivers.base import Driver
+    from lifecycle.drivers.base import Driver
 
 __all__ = [
     "EXPIRED_GRACE",

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from drivers.base import Driver
     from lifecycle.clock import Clock
     from lifecycle.config import Settings
+    from lifecycle.drivers.base import Driver
     from lifecycle.metrics import Metrics
     from lifecycle.runner import Runner
     from lifecycle.store import Store

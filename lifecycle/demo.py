@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from drivers.base import Driver
-from drivers.fake import FakeDriver, SimulatedCrash
 from lifecycle.audit import format_history
 from lifecycle.config import Settings
+from lifecycle.drivers.base import Driver
+from lifecycle.drivers.fake import FakeDriver, SimulatedCrash
 from lifecycle.engine import Engine
 from lifecycle.errors import Preempted, TaskFailed
 from lifecycle.graph import Op
@@ -63,7 +63,7 @@ def run_demo(keep: str | None = None, *, as_json: bool = False, hosts: DemoHosts
 
 
 def _libvirt_ready() -> str | None:
-    from drivers.libvirt import libvirt_available
+    from lifecycle.drivers.libvirt import libvirt_available
 
     if not libvirt_available():
         return "libvirt-python is not installed"
@@ -219,7 +219,7 @@ def _resize_to_remote(engine: Engine, uuid: str, hosts: DemoHosts, say: Callable
 
 def _drop_storage(engine: Engine, uuids: set[str]) -> None:
     """Delete the demo's guests and pools on its libvirt hosts: it leaves nothing on a shared libvirtd."""
-    from drivers.libvirt import LibvirtDriver
+    from lifecycle.drivers.libvirt import LibvirtDriver
 
     for host in engine.hosts.list():
         driver = engine.hosts.driver(host.name)

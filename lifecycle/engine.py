@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import structlog
 
-import drivers
-from drivers.base import Driver
-from lifecycle import duties, graph, validation
+from lifecycle import drivers, duties, graph, validation
 from lifecycle.audit import AuditEntry
 from lifecycle.clock import Clock, SystemClock
 from lifecycle.config import Settings
 from lifecycle.context import Services
+from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images
 from lifecycle.graph import Op

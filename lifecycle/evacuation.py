@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from drivers.base import Attempt
 from lifecycle import validation
 from lifecycle.audit import Activity, Why
+from lifecycle.drivers.base import Attempt
 from lifecycle.errors import DriverError, EvacuatedCopiesPending, InvalidInput, LifecycleError, TaskFailed
 from lifecycle.graph import DATA_LOSS, Op
 from lifecycle.operations.evacuate import check_evacuable

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from drivers.base import LifecycleEvent, Transition
+from lifecycle.drivers.base import LifecycleEvent, Transition
 from lifecycle.errors import DomainNotFound, InstanceNotFound, LifecycleError
 from lifecycle.records import Cause
 from lifecycle.states import PowerState

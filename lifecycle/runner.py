@@ -21,11 +21,11 @@ from typing import Any
 
 import structlog
 
-from drivers.base import Driver
 from lifecycle import graph, snapshots, validation
 from lifecycle.admission import admit, refuse_if_locked
 from lifecycle.asks import Ask, new_instance
 from lifecycle.config import Settings
+from lifecycle.drivers.base import Driver
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
 from lifecycle.execute import execute
 from lifecycle.operations import definition

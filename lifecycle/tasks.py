@@ -20,10 +20,10 @@ from typing import Any
 
 import structlog
 
-from drivers.base import Attempt, DomainSpec, Driver, HostObject
 from lifecycle import graph, preemption
 from lifecycle.audit import Why
 from lifecycle.config import Settings
+from lifecycle.drivers.base import Attempt, DomainSpec, Driver, HostObject
 from lifecycle.ending import Ending
 from lifecycle.errors import DomainNotFound
 from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Task, TaskStep

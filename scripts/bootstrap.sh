@@ -32,9 +32,9 @@ stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [[ ! -f $stamp ]]; then
   # libvirt-python has no wheel: it builds against libvirt-dev. Without it, install
   # the rest and let the libvirt and qemu tiers skip (CI makes them fail instead).
-  if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[postgres,libvirt,dev]'; then
+  if ! .venv/bin/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[postgres,libvirt,dev]'; then
     echo "bootstrap: libvirt-python did not build; installing without it" >&2
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[postgres,dev]'
+    .venv/bin/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[postgres,dev]'
   fi
   rm -f .venv/.installed-*
   touch "$stamp"

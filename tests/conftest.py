@@ -44,10 +44,10 @@ import sqlalchemy as sa
 import structlog
 import structlog.testing
 
-from drivers.base import Driver
-from drivers.fake import FakeDriver
 from lifecycle import Engine, Flavor, Settings, upgrade
 from lifecycle.clock import Clock, ManualClock
+from lifecycle.drivers.base import Driver
+from lifecycle.drivers.fake import FakeDriver
 from lifecycle.records import Host
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -114,7 +114,7 @@ def require(part: str, available: bool, how: str) -> None:
 
 def libvirt_ready() -> None:
     """Require libvirt-python and qemu-img (the libvirt tier)."""
-    from drivers.libvirt import libvirt_available
+    from lifecycle.drivers.libvirt import libvirt_available
 
     require("libvirt-python", libvirt_available(), "pip install 'lifecycle[libvirt]' (needs libvirt-dev, pkg-config)")
     require("qemu-img", shutil.which("qemu-img") is not None, "apt-get install qemu-utils")
@@ -389,7 +389,7 @@ def pytest_runtest_makereport(
 @pytest.fixture(autouse=True)
 def qemu_domains_removed(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a qemu test, remove the domains and pools in its tmp_path; a passing test must leave no domain."""
-    from drivers.libvirt import libvirt_available
+    from lifecycle.drivers.libvirt import libvirt_available
 
     if request.node.get_closest_marker("qemu") is None or not libvirt_available():
         yield

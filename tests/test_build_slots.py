@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from drivers.fake import FakeDriver
 from lifecycle import Engine
 from lifecycle.cli import main
+from lifecycle.drivers.fake import FakeDriver
 from lifecycle.errors import DomainNotFound, TaskFailed
 from lifecycle.slots import BuildSlots
 from tests.conftest import FLAVOR, Fakes, holds_for, make_engine, wait_until

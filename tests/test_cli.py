@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from drivers.fake import SimulatedCrash
 from lifecycle import Engine
 from lifecycle.cli import main
+from lifecycle.drivers.fake import SimulatedCrash
 
 
 @pytest.fixture

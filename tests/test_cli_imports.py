@@ -35,8 +35,8 @@ _NEVER_FOR_READS = (
     "sqlmodel",  # the tables are SQLAlchemy Core; sqlmodel is for lifecycle.models (embedders) and migrations
     "lifecycle.models",
     "pydantic_settings",  # no config file, no setting in the environment: the defaults need no parsing
-    "drivers.libvirt",  # a read opens no driver
-    "drivers.fake",
+    "lifecycle.drivers.libvirt",  # a read opens no driver
+    "lifecycle.drivers.fake",
     "prometheus_client",  # the metrics are made when first used
     "rich",  # structlog's console renderer's tracebacks; JSON log lines never use them
 )
@@ -77,7 +77,7 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def test_help_and_graph_import_no_database_layer_and_no_logging(argv: tuple[str, ...]) -> None:
     """--help and graph load no SQLAlchemy, store, engine, structlog, transitions, nor dataclasses (inspect, ast)."""
     modules = _modules(*argv)
-    heavy = ("structlog", "transitions", "pydantic", "prometheus_client", "drivers", "dataclasses", "inspect")
+    heavy = ("structlog", "transitions", "pydantic", "prometheus_client", "lifecycle.drivers", "dataclasses", "inspect")
     assert _loaded(modules, (*_DATABASE, *heavy)) == []
 
 

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from drivers.fake import SimulatedCrash
 from lifecycle import Engine
 from lifecycle.clock import ManualClock, SystemClock
 from lifecycle.daemon import Job, _loop
+from lifecycle.drivers.fake import SimulatedCrash
 from lifecycle.states import VmState
 from tests.conftest import FLAVOR, Fakes, holds_for, make_engine, wait_until
 

@@ -12,7 +12,16 @@ from lifecycle.engine import Engine
 from lifecycle.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+# lifecycle/drivers links to drivers/ (pathlib's rglob does not follow it): each file once, by its source path
 SOURCES = sorted([*(ROOT / "lifecycle").rglob("*.py"), *(ROOT / "drivers").rglob("*.py")])
+
+
+def _module(path: Path) -> str:
+    """The module a source file is imported as: drivers/ installs as lifecycle.drivers."""
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    return f"lifecycle.{name}" if name.startswith("drivers") else name
+
+
 MAX_LINES = 400
 MAX_PUBLIC_METHODS = 40
 
@@ -22,7 +31,7 @@ def _public_methods(cls: type) -> set[str]:
     return {
         name
         for klass in cls.__mro__
-        if klass.__module__.split(".")[0] in ("lifecycle", "drivers")  # not str's, Enum's or tuple's
+        if klass.__module__.split(".")[0] == "lifecycle"  # not str's, Enum's or tuple's
         for name, value in vars(klass).items()
         if not name.startswith("_") and (callable(value) or isinstance(value, (property, staticmethod, classmethod)))
     }
@@ -39,7 +48,7 @@ def test_no_class_has_more_than_40_public_methods() -> None:
     """No class defined in lifecycle/ or drivers/ offers more than 40 public methods, inherited ones included."""
     too_big = {}
     for path in SOURCES:
-        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        module = _module(path)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 mod = __import__(module, fromlist=["_"])

@@ -10,9 +10,9 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 import sqlalchemy as sa
 
-from drivers.fake import FakeDriver
 from lifecycle import Engine, InvalidState, TaskFailed, VmState, console, duties
 from lifecycle.clock import ManualClock
+from lifecycle.drivers.fake import FakeDriver
 from lifecycle.errors import InvalidInput
 from lifecycle.store.tables import CONSOLE_TOKENS, INSTANCES
 from tests.conftest import FLAVOR, Fakes, all_logs

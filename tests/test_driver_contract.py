@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import Attempt, DomainSpec, Driver, LifecycleEvent, RebootType, Transition
-from drivers.fake import FakeDriver
-from drivers.libvirt import LibvirtDriver
+from lifecycle.drivers.base import Attempt, DomainSpec, Driver, LifecycleEvent, RebootType, Transition
+from lifecycle.drivers.fake import FakeDriver
+from lifecycle.drivers.libvirt import LibvirtDriver
 from lifecycle.errors import DomainNotFound, DriverError, Fenced, StaleObject
 from lifecycle.states import PowerState
 from tests.conftest import QEMU_URI, qemu_ready

@@ -1,4 +1,4 @@
-"""Hypervisor URIs: which ones ``drivers.validate_uri`` accepts, how it normalises them, and why it refuses."""
+"""Hypervisor URIs: which ones ``lifecycle.drivers.validate_uri`` accepts, how it normalises them, and why it refuses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers import validate_uri
+from lifecycle.drivers import validate_uri
 from lifecycle.errors import InvalidInput
 
 # {tmp} is the test's existing tmp_path; {node} an existing test-driver node file in it.
@@ -124,7 +124,7 @@ def test_an_escaped_test_node_path_is_checked_unescaped(tmp_path: Path) -> None:
 
 def test_validating_opens_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     """A qemu URI for a host that does not exist is accepted: validate_uri never connects."""
-    import drivers
+    from lifecycle import drivers
 
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("validate_uri connected")
@@ -162,8 +162,8 @@ def test_one_libvirtd_is_one_host(tmp_path: Path) -> None:
 )
 def test_two_spellings_of_one_libvirtd_are_one_host(tmp_path: Path, first: str, second: str) -> None:
     """URIs that reach the same libvirtd (transport, default port, localhost, query) are refused as a second host."""
-    from drivers import hypervisor_identity
     from lifecycle import Engine, upgrade
+    from lifecycle.drivers import hypervisor_identity
 
     assert hypervisor_identity(first) == hypervisor_identity(second)
     url = f"sqlite:///{tmp_path / 'uris.db'}"
@@ -176,7 +176,7 @@ def test_two_spellings_of_one_libvirtd_are_one_host(tmp_path: Path, first: str, 
 
 def test_other_libvirtds_are_other_hosts() -> None:
     """Another address, port, transport to another daemon, or /session are different hypervisors."""
-    from drivers import hypervisor_identity
+    from lifecycle.drivers import hypervisor_identity
 
     ids = {
         hypervisor_identity(u)

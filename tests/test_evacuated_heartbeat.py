@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import structlog
 
-from drivers.base import Attempt, HostObject
-from drivers.fake import FakeDriver
 from lifecycle import DriverError, DriverUnavailable, Engine, Flavor, TaskFailed, VmState
 from lifecycle.cli import main
 from lifecycle.config import Settings
 from lifecycle.daemon import HostWorker
+from lifecycle.drivers.base import Attempt, HostObject
+from lifecycle.drivers.fake import FakeDriver
 from lifecycle.errors import EvacuatedCopiesPending
 from lifecycle.scheduler import EVACUATED_COPIES, HostState, Request, SchedulerSettings, filter_hosts
 from lifecycle.states import MigrationStatus

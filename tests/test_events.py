@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from drivers.base import LifecycleEvent, Transition
 from lifecycle import Engine, PowerState, VmState
+from lifecycle.drivers.base import LifecycleEvent, Transition
 from lifecycle.events import EventProcessor
 from lifecycle.sync import Policy
 from tests.conftest import Fakes, wait_until

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from drivers.base import Driver
 from lifecycle import (
     Engine,
     HostInUse,
@@ -24,6 +23,7 @@ from lifecycle import (
     VmState,
 )
 from lifecycle.daemon import Daemon
+from lifecycle.drivers.base import Driver
 from lifecycle.errors import DriverUnavailable
 from lifecycle.records import Host
 from tests.conftest import FLAVOR, Fakes
@@ -464,7 +464,7 @@ def test_a_delete_younger_than_the_timeout_is_left_alone(db_url: str, fakes: Fak
 
 def test_our_domain_unknown_to_the_database_is_reaped_only_when_asked(db_url: str, fakes: Fakes) -> None:
     """With reap_unknown_domains, a domain named as ours that no row knows is reaped; foreign ones never are."""
-    from drivers.base import DomainSpec
+    from lifecycle.drivers.base import DomainSpec
 
     engine = _engine_with(db_url, fakes, reap_unknown_domains=True)
     stray = "0badc0de-0000-4000-8000-000000000001"
@@ -532,7 +532,7 @@ def test_a_failed_delete_does_not_let_its_victim_destroy_the_guest(engine: Engin
 
 def test_a_crashed_build_rolls_back_while_its_host_is_unreachable(sqlite_url: str, fakes: Fakes) -> None:
     """Recovery rolls a create back to error without a host although the host does not answer (no driver needed)."""
-    from drivers.fake import SimulatedCrash
+    from lifecycle.drivers.fake import SimulatedCrash
     from tests.images import fake_image
 
     first = Engine(sqlite_url, driver_factory=fakes.factory, owner="dead")
@@ -601,7 +601,7 @@ def test_a_delete_whose_power_read_failed_still_shuts_a_running_guest_down_clean
     engine: Engine, fakes: Fakes
 ) -> None:
     """Delete asks the host again when the read before its steps failed: a guest started out of band gets power_off."""
-    from drivers.base import DomainSpec
+    from lifecycle.drivers.base import DomainSpec
 
     uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid
     engine.stop(uuid)

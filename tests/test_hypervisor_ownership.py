@@ -190,7 +190,7 @@ def test_a_roll_back_that_cannot_reach_the_source_leaves_the_move_open(
 
 def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Engine], fakes: Fakes) -> None:
     """A stopped instance's move cut by a crash, whose resumed copy then fails, ends stopped on its source, not error."""
-    from drivers.fake import SimulatedCrash
+    from lifecycle.drivers.fake import SimulatedCrash
 
     engine = twins()
     uuid = _vm(engine, fakes)
@@ -209,7 +209,7 @@ def test_a_resumed_copy_that_fails_rolls_back_to_stopped(twins: Callable[[], Eng
 
 def test_a_copy_cut_by_a_crash_leaves_one_disk_once_recovered(twins: Callable[[], Engine], fakes: Fakes) -> None:
     """The partial copy a dead worker left on the destination goes when its recovery copies again: one disk stays."""
-    from drivers.fake import SimulatedCrash
+    from lifecycle.drivers.fake import SimulatedCrash
 
     engine = twins()
     uuid = _vm(engine, fakes)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.images import UnsafeImage, inspect_image, valid_uuid
-from drivers.storage import HostStorage
+from lifecycle.drivers.images import UnsafeImage, inspect_image, valid_uuid
+from lifecycle.drivers.storage import HostStorage
 from lifecycle.errors import DriverError
 
 pytestmark = pytest.mark.libvirt

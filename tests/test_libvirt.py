@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-import drivers.storage
-from drivers.base import DomainSpec, Driver
-from drivers.libvirt import _POWER, METADATA_NS, LibvirtDriver, domain_xml
-from drivers.storage import HostStorage, image_key
+import lifecycle.drivers.storage
 from lifecycle import Engine, Flavor, PowerState, Settings, TaskFailed, VmState, upgrade
+from lifecycle.drivers.base import DomainSpec, Driver
+from lifecycle.drivers.libvirt import _POWER, METADATA_NS, LibvirtDriver, domain_xml
+from lifecycle.drivers.storage import HostStorage, image_key
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
 from tests.conftest import QEMU_URI, libvirt_ready, private_node_uri, qemu_ready, require, wait_until
 from tests.test_storage import backed_by_cache, remove_pools
@@ -204,13 +204,13 @@ def test_engine_refuses_a_malicious_image_at_spawn(tmp_path: Path, monkeypatch: 
     """
     libvirt_ready()
     uploads: list[str] = []
-    real_upload = drivers.storage.write_volume
+    real_upload = lifecycle.drivers.storage.write_volume
 
     def counting(conn: Any, vol: Any, *args: Any, **kwargs: Any) -> Any:
         uploads.append(vol.name())
         return real_upload(conn, vol, *args, **kwargs)
 
-    monkeypatch.setattr(drivers.storage, "write_volume", counting)
+    monkeypatch.setattr(lifecycle.drivers.storage, "write_volume", counting)
     secret = tmp_path / "secret"
     secret.write_text("host data")
     evil = tmp_path / "evil.qcow2"
@@ -476,7 +476,7 @@ def test_resize_between_two_real_hosts(tmp_path: Path, base_image: Path, remote_
 @pytest.mark.libvirt
 def test_a_call_stuck_on_one_connection_does_not_hold_the_next_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     """With every connection's call stuck (a hung guest's monitor) a ping gets a new connection, not a hung-host error."""
-    import drivers.libvirt._connections as connections
+    import lifecycle.drivers.libvirt._connections as connections
 
     libvirt_ready()
     monkeypatch.setattr(connections, "STUCK_SECONDS", 0.5)

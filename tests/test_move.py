@@ -282,7 +282,7 @@ def test_a_force_delete_stops_a_copy_in_flight(cloud: Engine, fakes: Fakes) -> N
 
 def test_a_copy_cut_by_a_crash_is_restarted_by_recovery(cloud: Engine, fakes: Fakes) -> None:
     """An engine dying mid-copy leaves the task in resize_finish; recovery copies again and finishes the move."""
-    from drivers.fake import SimulatedCrash
+    from lifecycle.drivers.fake import SimulatedCrash
 
     uuid = _vm(cloud)
     b = fakes.factory(cloud.hosts.get("b"))

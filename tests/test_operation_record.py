@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from drivers.fake import SimulatedCrash
 from lifecycle import (
     Engine,
     Flavor,
@@ -32,6 +31,7 @@ from lifecycle import (
     graph,
     preemption,
 )
+from lifecycle.drivers.fake import SimulatedCrash
 from lifecycle.errors import InstanceLocked
 from lifecycle.registry import Call, Definition, registered
 from lifecycle.tasks import TaskRun

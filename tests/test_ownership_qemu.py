@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from drivers.base import Attempt, DomainSpec
-from drivers.libvirt import LibvirtDriver
-from drivers.storage import volume_digest
 from lifecycle import Engine, Flavor, Outcome, PowerState, Settings, VmState, upgrade
+from lifecycle.drivers.base import Attempt, DomainSpec
+from lifecycle.drivers.libvirt import LibvirtDriver
+from lifecycle.drivers.storage import volume_digest
 from lifecycle.errors import DriverError, Fenced
 from lifecycle.states import MigrationStatus
 from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, wait_until

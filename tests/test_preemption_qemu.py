@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.libvirt import LibvirtDriver
 from lifecycle import Engine, Flavor, Outcome, PowerState, Settings, VmState, upgrade
+from lifecycle.drivers.libvirt import LibvirtDriver
 from tests.conftest import QEMU_URI, qemu_ready
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]

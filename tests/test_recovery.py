@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from drivers.fake import SimulatedCrash
 from lifecycle import Engine, Flavor, Outcome, VmState, graph
 from lifecycle.clock import ManualClock
+from lifecycle.drivers.fake import SimulatedCrash
 from lifecycle.recovery import Plan, plan
 from tests.conftest import Fakes, make_engine
 from tests.invariants import check_invariants

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from drivers.base import LifecycleEvent, Transition
 from lifecycle import Engine, PowerState, VmState, duties, evacuation
 from lifecycle.context import Services
+from lifecycle.drivers.base import LifecycleEvent, Transition
 from lifecycle.events import EventProcessor
 from lifecycle.sweep import sweep_host
 from lifecycle.sync import Policy

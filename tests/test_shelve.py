@@ -344,7 +344,7 @@ def test_a_crash_after_the_offload_destroy_is_recovered_offloaded(
     one_owner: Callable[..., Engine], fakes: Fakes
 ) -> None:
     """Recovery of a shelve that died right after destroying the domain finishes the offload, snapshot kept."""
-    from drivers.fake import SimulatedCrash
+    from lifecycle.drivers.fake import SimulatedCrash
 
     first = one_owner()
     uuid = first.create("vm", host="h1", flavor=FLAVOR, image="cirros").instance_uuid

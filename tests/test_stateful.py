@@ -44,7 +44,6 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from drivers.fake import FakeDriver, Gate, SimulatedCrash
 from lifecycle import (
     Engine,
     Flavor,
@@ -61,6 +60,7 @@ from lifecycle import (
     graph,
     upgrade,
 )
+from lifecycle.drivers.fake import FakeDriver, Gate, SimulatedCrash
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable, EvacuatedCopiesPending, Fenced
 from lifecycle.records import Host, Instance, Task
 from lifecycle.snapshots import snapshot_of

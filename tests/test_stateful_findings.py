@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.fake import FakeDriver, SimulatedCrash
 from lifecycle import Engine, Flavor, InvalidState, Settings, TaskFailed, VmState, upgrade
+from lifecycle.drivers.fake import FakeDriver, SimulatedCrash
 from lifecycle.errors import DriverError
 from lifecycle.records import Host
 from tests.images import fake_image

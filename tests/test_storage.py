@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-import drivers.libvirt._disks
-import drivers.storage
-from drivers.base import DomainSpec
-from drivers.images import inspect_image
-from drivers.libvirt import LibvirtDriver
-from drivers.storage import Content, HostStorage, image_key
+import lifecycle.drivers.libvirt._disks
+import lifecycle.drivers.storage
+from lifecycle.drivers.base import DomainSpec
+from lifecycle.drivers.images import inspect_image
+from lifecycle.drivers.libvirt import LibvirtDriver
+from lifecycle.drivers.storage import Content, HostStorage, image_key
 from lifecycle.errors import CopyFailed, DomainNotFound
 from lifecycle.states import PowerState
 from tests.conftest import QEMU_URI, qemu_ready
@@ -97,13 +97,13 @@ def host(hosts: Hosts) -> LibvirtDriver:
 def uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the volumes uploaded into a host's image cache, in order (a wrapper on the cache's upload)."""
     seen: list[str] = []
-    real = drivers.storage.write_volume
+    real = lifecycle.drivers.storage.write_volume
 
     def counting(conn: Any, vol: Any, *args: Any, **kwargs: Any) -> Content:
         seen.append(vol.name())
         return real(conn, vol, *args, **kwargs)
 
-    monkeypatch.setattr(drivers.storage, "write_volume", counting)
+    monkeypatch.setattr(lifecycle.drivers.storage, "write_volume", counting)
     return seen
 
 
@@ -254,8 +254,8 @@ def test_an_upload_whose_partial_was_replaced_meanwhile_waits_for_the_base_to_be
     """A stalled uploader whose partial another process replaced returns the key only once the name holds every byte."""
     key = image_key(base_image)
     size = base_image.stat().st_size
-    real, calls = drivers.storage.write_volume, []
-    real_growing, watching = drivers.storage._growing, threading.Event()
+    real, calls = lifecycle.drivers.storage.write_volume, []
+    real_growing, watching = lifecycle.drivers.storage._growing, threading.Event()
 
     def growing(vol: Any) -> bool:
         watching.set()  # the stalled uploader found the other's partial and watches it
@@ -285,8 +285,8 @@ def test_an_upload_whose_partial_was_replaced_meanwhile_waits_for_the_base_to_be
         threading.Thread(target=other_upload, daemon=True).start()
         return content
 
-    monkeypatch.setattr(drivers.storage, "write_volume", replaced_meanwhile)
-    monkeypatch.setattr(drivers.storage, "_growing", growing)
+    monkeypatch.setattr(lifecycle.drivers.storage, "write_volume", replaced_meanwhile)
+    monkeypatch.setattr(lifecycle.drivers.storage, "_growing", growing)
     got = host.storage.ensure_base(_conn(host), host.uri, base_image, inspect_image(base_image, "qcow2"))
     assert got == key
     vol = _volume(host, host.storage.cache_pool, key)
@@ -409,8 +409,8 @@ def test_a_disk_that_arrives_different_is_refused_and_deleted(
         content.add(b"not what was sent")
         return content
 
-    monkeypatch.setattr(drivers.storage, "volume_digest", wrong)
-    monkeypatch.setattr(drivers.libvirt._disks, "volume_digest", wrong)  # the name the driver calls
+    monkeypatch.setattr(lifecycle.drivers.storage, "volume_digest", wrong)
+    monkeypatch.setattr(lifecycle.drivers.libvirt._disks, "volume_digest", wrong)  # the name the driver calls
     read = functools.partial(source.read_disk, spec.uuid)
     with pytest.raises(CopyFailed, match="arrived different from what was sent"):
         dest.finish_migration(spec, read, power_on=False)

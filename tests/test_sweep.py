@@ -8,8 +8,8 @@ from datetime import datetime
 
 import pytest
 
-from drivers.base import DomainSpec
 from lifecycle import Engine, PowerState, Settings, VmState
+from lifecycle.drivers.base import DomainSpec
 from lifecycle.store.syncrows import SyncRow
 from lifecycle.sweep import sweep_host
 from lifecycle.sync import Policy, Stance

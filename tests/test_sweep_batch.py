@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from drivers.base import DomainSpec
 from lifecycle import Engine, PowerState, TaskState, VmState
 from lifecycle.audit import Why
+from lifecycle.drivers.base import DomainSpec
 from lifecycle.records import Cause
 from lifecycle.store.syncrows import PowerWrite, SyncRow
 from lifecycle.sweep import sweep_host

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from drivers.fake import SimulatedCrash
 from lifecycle import Engine, Outcome, Settings, VmState
+from lifecycle.drivers.fake import SimulatedCrash
 from lifecycle.records import Task
 from lifecycle.store import Store
 from tests.conftest import FLAVOR, Fakes, make_engine

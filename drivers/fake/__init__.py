@@ -19,8 +19,8 @@ as the libvirt driver. Faults are scripted on ``fake.faults``:
 - ``busy_pool(answers)``: the next ``answers`` calls that work on the host's
   storage pool are refused as busy first, as libvirt's storage driver refuses
   a pool call while another call builds a volume there (see
-  :mod:`drivers.storage`); the driver waits each out as the libvirt driver
-  does (:func:`drivers.base.wait_out`), and past ``busy_seconds`` the call
+  :mod:`lifecycle.drivers.storage`); the driver waits each out as the libvirt driver
+  does (:func:`lifecycle.drivers.base.wait_out`), and past ``busy_seconds`` the call
   fails as a :class:`DriverError` naming the busy pool, never as a missing
   domain.
 
@@ -41,10 +41,10 @@ rescue) and ``_moves`` (a move's two sides, snapshots).
 
 from __future__ import annotations
 
-from drivers.fake._calls import Calls
-from drivers.fake._faults import Gate, SimulatedCrash
-from drivers.fake._host import Domain
-from drivers.fake._moves import Moves
+from lifecycle.drivers.fake._calls import Calls
+from lifecycle.drivers.fake._faults import Gate, SimulatedCrash
+from lifecycle.drivers.fake._host import Domain
+from lifecycle.drivers.fake._moves import Moves
 
 __all__ = ["FakeDriver", "Gate", "SimulatedCrash"]
 
@@ -56,6 +56,6 @@ class FakeDriver(Calls, Moves):
     """One fake host. Thread-safe; held calls block outside the state lock.
 
     ``FakeDriver(name="fake", *, state_path=None)`` (the constructor:
-    :class:`~drivers.fake._host.Host`); with ``state_path`` the host is kept
+    :class:`~lifecycle.drivers.fake._host.Host`); with ``state_path`` the host is kept
     in that JSON file.
     """

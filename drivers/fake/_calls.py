@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from drivers.base import Attempt, DomainSpec, HostObject, RebootType, volume_name, volume_tag
-from drivers.fake._host import Domain, Host, P, holds, spec_values, split_tag
+from lifecycle.drivers.base import Attempt, DomainSpec, HostObject, RebootType, volume_name, volume_tag
+from lifecycle.drivers.fake._host import Domain, Host, P, holds, spec_values, split_tag
 from lifecycle.errors import DriverError
 from lifecycle.states import PowerState
 

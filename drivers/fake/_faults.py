@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from drivers.base import Driver, wait_out
+from lifecycle.drivers.base import Driver, wait_out
 from lifecycle.errors import DriverError, DriverUnavailable
 
 __all__ = ["POOL_CALLS", "Busy", "Faults", "Gate", "Script", "SimulatedCrash"]
@@ -122,7 +122,7 @@ class Faults(Driver):
         self.unreachable = False
         """While True, every call raises DriverUnavailable, as a hypervisor that does not answer."""
         self.busy_seconds = 2.0
-        """How long a busy pool answer is waited out (the libvirt driver: ``drivers.storage.BUSY_SECONDS``)."""
+        """How long a busy pool answer is waited out (the libvirt driver: ``storage.BUSY_SECONDS``)."""
         self.busy_answers = 0
         """How many busy answers the driver has waited out so far."""
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from drivers.base import (
+from lifecycle.drivers.base import (
     Attempt,
     Console,
     DomainSpec,
@@ -30,7 +30,7 @@ from drivers.base import (
     Listing,
     Transition,
 )
-from drivers.fake._faults import Faults
+from lifecycle.drivers.fake._faults import Faults
 from lifecycle.errors import DomainNotFound, DriverError, Fenced, StaleObject
 from lifecycle.states import PowerState
 

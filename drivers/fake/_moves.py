@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from drivers.base import Attempt, DiskRead, DiskSource, DomainSpec, Progress, volume_name
-from drivers.fake._faults import SimulatedCrash
-from drivers.fake._host import Domain, Host, P, holds, spec_values
+from lifecycle.drivers.base import Attempt, DiskRead, DiskSource, DomainSpec, Progress, volume_name
+from lifecycle.drivers.fake._faults import SimulatedCrash
+from lifecycle.drivers.fake._host import Domain, Host, P, holds, spec_values
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, Fenced, StaleObject
 from lifecycle.states import PowerState
 

@@ -1,8 +1,8 @@
 """The libvirt driver: any libvirt URI (test:///..., qemu:///system, qemu+ssh://...).
 
 ``libvirt`` is imported behind a guard, only in this package and the storage
-and connection machinery it uses (:mod:`drivers.storage` with
-``drivers._busy`` and ``drivers._streams``, and :mod:`drivers._link`).
+and connection machinery it uses (:mod:`lifecycle.drivers.storage` with
+``lifecycle.drivers._busy`` and ``lifecycle.drivers._streams``, and :mod:`lifecycle.drivers._link`).
 The driver is one class made of:
 
 - ``_connections``: the connections to the host, apart from per-domain calls:
@@ -38,12 +38,12 @@ between that check and the libvirt call itself is a window of one round trip.
 
 from __future__ import annotations
 
-from drivers.libvirt._connections import libvirt_available
-from drivers.libvirt._disks import DiskCalls
-from drivers.libvirt._lifecycle import LifecycleCalls
-from drivers.libvirt._mapping import POWER
-from drivers.libvirt._xml import METADATA_NS as METADATA_NS
-from drivers.libvirt._xml import domain_xml
+from lifecycle.drivers.libvirt._connections import libvirt_available
+from lifecycle.drivers.libvirt._disks import DiskCalls
+from lifecycle.drivers.libvirt._lifecycle import LifecycleCalls
+from lifecycle.drivers.libvirt._mapping import POWER
+from lifecycle.drivers.libvirt._xml import METADATA_NS as METADATA_NS
+from lifecycle.drivers.libvirt._xml import domain_xml
 
 __all__ = ["LibvirtDriver", "domain_xml", "libvirt_available"]
 
@@ -56,10 +56,11 @@ class LibvirtDriver(LifecycleCalls, DiskCalls):
 
     ``instances_path`` is a path on the host, never opened here: the driver
     keeps the host's image cache and instance disks in two libvirt ``dir``
-    pools under it (:mod:`drivers.storage`). ``domain_type`` is the libvirt domain type (``kvm``, ``qemu`` for TCG, and
+    pools under it (:mod:`lifecycle.drivers.storage`). ``domain_type`` is the
+    libvirt domain type (``kvm``, ``qemu`` for TCG, and
     always ``test`` on a ``test:///`` URI). ``soft_reboot_seconds`` bounds the
     wait for a guest to go down on a soft reboot before a hard one (Nova: 120).
     ``reconnect_seconds`` bounds a reopen of a lost connection, ``call_seconds``
     a call in flight that does not return, and ``connections`` (1 to 64) the
-    connections kept to the host (the constructor: :class:`~drivers.libvirt._core.Core`).
+    connections kept to the host (the constructor: :class:`~lifecycle.drivers.libvirt._core.Core`).
     """

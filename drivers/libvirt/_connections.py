@@ -6,7 +6,7 @@ calls made while the daemon is away raise :class:`DriverUnavailable`
 (transient) instead of crashing. More connections are opened in the
 background while every connection is busy, so a call stuck on one hung
 guest's monitor never holds the calls behind it. Each connection follows the
-discipline of :mod:`drivers._link` (one call in flight, closed only under its
+discipline of :mod:`lifecycle.drivers._link` (one call in flight, closed only under its
 lock).
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import structlog
 
-from drivers._link import Guarded, Link, Opener
-from drivers.base import EventListener, LifecycleEvent
-from drivers.libvirt._mapping import EVENTS, alive, link_error, message
-from drivers.libvirt._xml import NAME_PREFIX
+from lifecycle.drivers._link import Guarded, Link, Opener
+from lifecycle.drivers.base import EventListener, LifecycleEvent
+from lifecycle.drivers.libvirt._mapping import EVENTS, alive, link_error, message
+from lifecycle.drivers.libvirt._xml import NAME_PREFIX
 from lifecycle.errors import DriverUnavailable
 
 try:

@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from drivers.base import Attempt, DomainSpec, Driver, EventListener, volume_name
-from drivers.images import ImageInfo, inspect_image, valid_uuid
-from drivers.libvirt._connections import Connections, ensure_event_loop
-from drivers.libvirt._mapping import ERR_INTERNAL, ERR_NO_DOMAIN, ERR_OPERATION_INVALID, map_error, message
-from drivers.libvirt._xml import METADATA_NS, disk_sources, domain_xml, restamped, root_volume, stamp_of
-from drivers.storage import HostStorage
+from lifecycle.drivers.base import Attempt, DomainSpec, Driver, EventListener, volume_name
+from lifecycle.drivers.images import ImageInfo, inspect_image, valid_uuid
+from lifecycle.drivers.libvirt._connections import Connections, ensure_event_loop
+from lifecycle.drivers.libvirt._mapping import ERR_INTERNAL, ERR_NO_DOMAIN, ERR_OPERATION_INVALID, map_error, message
+from lifecycle.drivers.libvirt._xml import METADATA_NS, disk_sources, domain_xml, restamped, root_volume, stamp_of
+from lifecycle.drivers.storage import HostStorage
 from lifecycle.errors import DomainNotFound, DriverError, Fenced, StaleObject
 
 try:
@@ -70,7 +70,7 @@ class Core(Driver):
             raise DriverError(f"connections must be an integer from 1 to 64, got {connections!r}")
         self.connections = connections
         """How many connections the driver keeps to its host at most: one call in flight on each
-        (:mod:`drivers._link`), so this many calls run on libvirtd at once."""
+        (:mod:`lifecycle.drivers._link`), so this many calls run on libvirtd at once."""
         self._conns = Connections(uri, size=connections, reconnect_seconds=reconnect_seconds, call_seconds=call_seconds)
         self.points: dict[str, Callable[[], None]] = {}
         """Fault-injection seam for tests on real libvirt: a callable here runs at the named point of a call
@@ -105,7 +105,7 @@ class Core(Driver):
             raise self._map_error(exc, call, uuid, conn) from exc
 
     def _map_error(self, exc: Any, call: str, uuid: str | None, conn: Any) -> DriverError:
-        """Map a libvirt error to ours (:func:`~drivers.libvirt._mapping.map_error`); a lost ``conn`` is dropped."""
+        """Map a libvirt error to ours (:func:`~._mapping.map_error`); a lost ``conn`` is dropped."""
         return map_error(exc, call, uuid, conn, lost=self._conns.lost(exc, conn), uri=self.uri)
 
     def _domain(self, conn: Any, uuid: str) -> Any:

@@ -1,6 +1,6 @@
 """The libvirt driver's disk calls: a move's two sides, snapshots, and the clean-up of the host's disks.
 
-A moved disk travels as a sparse stream (:mod:`drivers.storage`), from the
+A moved disk travels as a sparse stream (:mod:`lifecycle.drivers.storage`), from the
 source host's connection into a volume named after the destination's attempt,
 and is checked on arrival by a checksum read back. A snapshot is read over
 the host's connection and made whole on the engine's side (``qemu-img``, on
@@ -18,12 +18,12 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from drivers.base import Attempt, DiskRead, DiskSource, DomainSpec, Progress, volume_name
-from drivers.images import inspect_image, qemu_img, valid_uuid
-from drivers.libvirt._core import Core, holds
-from drivers.libvirt._mapping import ERR_NO_DOMAIN
-from drivers.libvirt._xml import backing_key, disk_sources, empty_volume, mtime, root_volume
-from drivers.storage import file_segments, image_key, read_volume, volume_digest, write_file, write_volume
+from lifecycle.drivers.base import Attempt, DiskRead, DiskSource, DomainSpec, Progress, volume_name
+from lifecycle.drivers.images import inspect_image, qemu_img, valid_uuid
+from lifecycle.drivers.libvirt._core import Core, holds
+from lifecycle.drivers.libvirt._mapping import ERR_NO_DOMAIN
+from lifecycle.drivers.libvirt._xml import backing_key, disk_sources, empty_volume, mtime, root_volume
+from lifecycle.drivers.storage import file_segments, image_key, read_volume, volume_digest, write_file, write_volume
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverError, StaleObject
 
 try:

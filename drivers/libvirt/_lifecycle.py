@@ -6,10 +6,19 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from drivers.base import Attempt, Console, DomainSpec, HostObject, Listing, RebootType, volume_name, volume_tag
-from drivers.libvirt._core import Core, holds
-from drivers.libvirt._mapping import ERR_NO_DOMAIN, POWER, power_of
-from drivers.libvirt._xml import NAME_PREFIX, disk_sources, root_volume, stamp_of, vnc_of
+from lifecycle.drivers.base import (
+    Attempt,
+    Console,
+    DomainSpec,
+    HostObject,
+    Listing,
+    RebootType,
+    volume_name,
+    volume_tag,
+)
+from lifecycle.drivers.libvirt._core import Core, holds
+from lifecycle.drivers.libvirt._mapping import ERR_NO_DOMAIN, POWER, power_of
+from lifecycle.drivers.libvirt._xml import NAME_PREFIX, disk_sources, root_volume, stamp_of, vnc_of
 from lifecycle.errors import DriverError
 from lifecycle.states import PowerState
 

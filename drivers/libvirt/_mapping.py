@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.base import Transition
-from drivers.storage import busy
+from lifecycle.drivers.base import Transition
+from lifecycle.drivers.storage import busy
 from lifecycle.errors import DomainNotFound, DriverError, DriverUnavailable
 from lifecycle.states import PowerState
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 import xml.etree.ElementTree as ET
 
-from drivers.base import Attempt, DomainSpec, Stamp
-from drivers.images import valid_uuid
+from lifecycle.drivers.base import Attempt, DomainSpec, Stamp
+from lifecycle.drivers.images import valid_uuid
 
 __all__ = [
     "METADATA_NS",

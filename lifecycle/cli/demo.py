@@ -38,7 +38,7 @@ def _graph(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    import drivers
+    from lifecycle import drivers
     from lifecycle.demo import DemoHosts, run_demo
 
     for uri in (args.uri, args.remote_uri):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from drivers.base import Driver
 from lifecycle import validation
+from lifecycle.drivers.base import Driver
 from lifecycle.records import Host
 from lifecycle.store import Store
 

@@ -6,10 +6,9 @@ import builtins
 
 import structlog
 
-import drivers
-from drivers.base import Driver
-from lifecycle import console, evacuation, validation
+from lifecycle import console, drivers, evacuation, validation
 from lifecycle.context import Services
+from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 from lifecycle.facade.drivers import DriverCache
 from lifecycle.records import Host
@@ -44,7 +43,7 @@ class Hosts:
     ) -> Host:
         """Register a host reached through ``driver_uri``; resources None are not tracked.
 
-        The URI is checked, not opened (see :func:`drivers.validate_uri`): a
+        The URI is checked, not opened (see :func:`lifecycle.drivers.validate_uri`): a
         host may be registered before its hypervisor answers. A ``qemu`` URI
         another host already uses is refused: one libvirtd is one host. ``console_address``
         is the host's management address, where its guests' VNC servers listen

@@ -22,8 +22,8 @@ import contextlib
 from dataclasses import replace
 from datetime import datetime
 
-from drivers.base import volume_name
 from lifecycle import graph
+from lifecycle.drivers.base import volume_name
 from lifecycle.errors import HostNotEvacuable, InvalidInput, Preempted
 from lifecycle.graph import DATA_LOSS, Op
 from lifecycle.placement import host_is_up, scheduler_for

@@ -32,8 +32,8 @@ from typing import Any
 
 import structlog
 
-from drivers.base import DomainSpec, volume_name
 from lifecycle import graph
+from lifecycle.drivers.base import DomainSpec, volume_name
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, InvalidInput, LifecycleError, Preempted
 from lifecycle.graph import Op
 from lifecycle.placement import scheduler_for

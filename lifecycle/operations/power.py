@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from drivers.base import RebootType
 from lifecycle import graph, validation
+from lifecycle.drivers.base import RebootType
 from lifecycle.graph import Op
 from lifecycle.registry import Definition, register
 from lifecycle.states import TaskState

@@ -14,13 +14,13 @@ shown without its password.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +196,8 @@ def _config(url: str) -> Any:
 
 
 def _migrations_dir() -> Path:
-    import migrations
-
-    return Path(os.path.dirname(migrations.__file__))
+    """Return the alembic scripts shipped inside the package (``lifecycle/migrations``), never an application's own."""
+    return Path(str(resources.files("lifecycle") / "migrations"))
 
 
 def upgrade(url: str, revision: str = "head") -> None:

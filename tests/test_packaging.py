@@ -1,0 +1,133 @@
+"""The package as an application installs it: everything under ``lifecycle``, typed, beside the app's own packages."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from this tree (no network: the dev venv has setuptools and wheel)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    (built,) = out.glob("lifecycle-*.whl")
+    return built
+
+
+def test_the_wheel_installs_only_under_lifecycle(wheel: Path) -> None:
+    """Every file of the wheel is lifecycle/... or its dist-info: no top-level drivers/ or migrations/ package."""
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"lifecycle"}
+    assert "lifecycle/drivers/base.py" in names and "lifecycle/drivers/py.typed" in names
+    assert "lifecycle/migrations/env.py" in names and "lifecycle/migrations/script.py.mako" in names
+    assert any(n.startswith("lifecycle/migrations/versions/0001_") for n in names)
+    assert "lifecycle/py.typed" in names
+
+
+def test_the_wheel_runs_beside_an_application_with_its_own_drivers_and_migrations(wheel: Path, tmp_path: Path) -> None:
+    """In a fresh venv, an app with its own drivers/ and migrations/ packages upgrades a database and creates a VM."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    # The dependencies come from the dev venv's site-packages (appended, so the wheel's lifecycle wins; that
+    # directory's own .pth files, among them the editable install's, are not read from an appended path).
+    (purelib / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    image = tmp_path / "cirros.img"
+    image.write_bytes(b"\0" * 4096)
+    app = tmp_path / "app"
+    for package in ("drivers", "migrations"):
+        (app / package).mkdir(parents=True)
+        (app / package / "__init__.py").write_text(f"OWNER = 'the application's own {package}'\n".replace("'s", "s"))
+    # What an alembic-using app (Django, Flask-Migrate) has: its own env.py, which must never be run for us.
+    (app / "migrations" / "env.py").write_text("raise SystemExit('the application migrations ran')\n")
+    (app / "main.py").write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            import drivers, migrations
+            import lifecycle
+            from lifecycle import Engine, Flavor
+
+            url = "sqlite:///" + sys.argv[1]
+            lifecycle.upgrade(url)
+            with Engine(url) as engine:
+                engine.hosts.add("h1", "fake://")
+                engine.hosts.heartbeat("h1")
+                engine.images.add("cirros", sys.argv[2])
+                vm = engine.create("web-1", flavor=Flavor(1, 64, 1), image="cirros")
+                engine.stop(vm.instance_uuid)
+                stopped = engine.get(vm.instance_uuid)
+            print(json.dumps({
+                "lifecycle": lifecycle.__file__, "drivers": drivers.__file__, "migrations": migrations.__file__,
+                "engine_drivers": sys.modules["lifecycle.drivers"].__file__,
+                "state": stopped.vm_state,
+            }))
+            """
+        )
+    )
+    run = subprocess.run(
+        [str(python), "main.py", str(tmp_path / "app.db"), str(image)],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+    )
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["lifecycle"].startswith(str(purelib)), seen  # the wheel's copy, not this source tree
+    assert seen["engine_drivers"].startswith(str(purelib / "lifecycle" / "drivers")), seen
+    assert seen["drivers"] == str(app / "drivers" / "__init__.py")
+    assert seen["migrations"] == str(app / "migrations" / "__init__.py")
+    assert seen["state"] == "stopped"
+
+
+def test_no_code_imports_the_source_trees_top_level_drivers_or_migrations() -> None:
+    """Code, tests and benchmarks import lifecycle.drivers and lifecycle.migrations, never drivers or migrations."""
+    offenders = []
+    for folder in ("lifecycle", "drivers", "migrations", "tests", "bench", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                offenders += [
+                    f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("drivers", "migrations")
+                ]
+    assert offenders == []
