@@ -131,3 +131,44 @@ def test_no_code_imports_the_source_trees_top_level_drivers_or_migrations() -> N
                     f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("drivers", "migrations")
                 ]
     assert offenders == []
+
+
+def test_mypy_strict_reads_the_installed_package_and_catches_a_mistyped_operation_argument(tmp_path: Path) -> None:
+    """From outside the tree, mypy --strict finds the dev install's types: a correct call passes, `wiat=` is caught."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        textwrap.dedent(
+            """
+            from lifecycle import Engine, Task
+
+
+            def stop(engine: Engine, uuid: str) -> Task:
+                return engine.stop(uuid, wait=False, request_id="req-1")
+
+
+            def stop_mistyped(engine: Engine, uuid: str) -> None:
+                engine.stop(uuid, wiat=True)
+            """
+        )
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "app.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")},
+    )
+    errors = [line for line in run.stdout.splitlines() if ": error:" in line]
+    assert errors == ['app.py:10: error: Unexpected keyword argument "wiat" for "stop" of "Engine"  [call-arg]'], (
+        run.stdout
+    )
