@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without a path that would put this source tree first (a developer's PYTHONPATH)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH", "VIRTUAL_ENV")}
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel built from this tree (no network: the dev venv has setuptools and wheel)."""
@@ -60,11 +65,10 @@ def test_the_wheel_runs_beside_an_application_with_its_own_drivers_and_migration
     # The dependencies come from the dev venv's site-packages (appended, so the wheel's lifecycle wins; that
     # directory's own .pth files, among them the editable install's, are not read from an appended path).
     (purelib / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --target installs the wheel's files whatever the dev venv's metadata says is installed already
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(purelib)]
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        check=True,
-        timeout=300,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        [*install, str(wheel)], check=True, timeout=300, env={**_clean_env(), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     )
     image = tmp_path / "cirros.img"
     image.write_bytes(b"\0" * 4096)
@@ -105,7 +109,7 @@ def test_the_wheel_runs_beside_an_application_with_its_own_drivers_and_migration
         capture_output=True,
         text=True,
         timeout=120,
-        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+        env=_clean_env(),
     )
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout.strip().splitlines()[-1])
@@ -166,7 +170,7 @@ def test_mypy_strict_reads_the_installed_package_and_catches_a_mistyped_operatio
         capture_output=True,
         text=True,
         timeout=300,
-        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")},
+        env=_clean_env(),
     )
     errors = [line for line in run.stdout.splitlines() if ": error:" in line]
     assert errors == ['app.py:10: error: Unexpected keyword argument "wiat" for "stop" of "Engine"  [call-arg]'], (
