@@ -15,7 +15,8 @@ so an application's ``logging`` configuration decides what is shown and where:
 - each record carries the event twice: ``record.msg`` is the event dict,
   which prints as ``event key=value ...`` (so a plain ``logging.basicConfig``
   reads well), and each key is also an attribute of the record (``record.event``,
-  ``record.instance_uuid``, ...) for JSON formatters. The record also carries
+  ``record.instance_uuid``, ...; ``record.message_`` for a key ``message``, which the
+  record has already) for JSON formatters. The record also carries
   what :class:`structlog.stdlib.ProcessorFormatter` looks for, so an
   application formatting with it sees the library's events as its own.
 
@@ -36,7 +37,7 @@ __all__ = ["LibraryLogger", "LogEvent", "get_logger", "quiet_transitions"]
 logging.getLogger("lifecycle").addHandler(logging.NullHandler())
 
 _RESERVED: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "exc_info", "stack_info"}
-"""Names a record already has (or that ``logging`` refuses in ``extra``): in the message, not attributes."""
+"""Names a record already has (or that ``logging`` refuses in ``extra``): such a key is the attribute ``key_``."""
 
 
 class LogEvent(dict[str, Any]):
@@ -64,7 +65,7 @@ def _to_record(logger: WrappedLogger, method_name: str, event_dict: EventDict) -
     event = LogEvent(event_dict)
     if exc_info is not None:
         event["exc_info"] = exc_info  # for ProcessorFormatter's format_exc_info; the record has it too
-    extra = {key: value for key, value in event_dict.items() if key not in _RESERVED}
+    extra = {key + "_" if key in _RESERVED else key: value for key, value in event_dict.items()}
     extra["_logger"], extra["_name"] = logger, method_name  # what ProcessorFormatter recognizes
     return (event,), {"extra": extra, "exc_info": exc_info}
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from lifecycle.logs import LibraryLogger, LogEvent
+from lifecycle.logs import LibraryLogger, LogEvent, get_logger
 
 _APP = """
 import json, logging, pathlib, sys
@@ -206,3 +206,32 @@ def test_an_event_prints_as_its_name_then_key_value_pairs() -> None:
     """An event's message is its name then key=value pairs, values with spaces or quotes quoted and escaped."""
     event = LogEvent(event="sync_pass_failed", host="h1", count=2, error='DriverError: "x"', empty="")
     assert str(event) == 'sync_pass_failed host=h1 count=2 error="DriverError: \\"x\\"" empty=""'
+
+
+class _Records(logging.Handler):
+    """Keep the records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_key_a_log_record_already_has_is_an_attribute_with_a_trailing_underscore() -> None:
+    """A key such as ``message`` or ``thread`` is the record's ``message_`` or ``thread_``; the record's own stay."""
+    handler = _Records()
+    stdlib = logging.getLogger("lifecycle.tests.clash")
+    stdlib.setLevel(logging.INFO)
+    stdlib.addHandler(handler)
+    try:
+        get_logger("lifecycle.tests.clash").info("task_step", message="scheduled to h1", thread="worker-1", seq=2)
+    finally:
+        stdlib.removeHandler(handler)
+    (record,) = handler.records
+    assert [getattr(record, key) for key in ("message_", "thread_", "seq")] == ["scheduled to h1", "worker-1", 2]
+    assert (
+        record.thread != "worker-1"
+        and record.getMessage() == 'task_step message="scheduled to h1" thread=worker-1 seq=2'
+    )
