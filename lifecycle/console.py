@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 import sqlalchemy as sa
-import structlog
 
 from lifecycle.errors import DriverError, DriverUnavailable, InvalidInput, InvalidState
+from lifecycle.logs import get_logger
 from lifecycle.records import Host, Instance
 from lifecycle.states import TaskState, VmState
 from lifecycle.store import Store
@@ -58,7 +58,7 @@ __all__ = [
     "token_hash",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 EXPIRED_GRACE = 3600.0
 """Seconds an expired token's row is kept, so a console refused as expired can still be explained."""

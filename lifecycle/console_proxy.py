@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
@@ -53,10 +52,11 @@ from lifecycle.console_checks import TokenChecker, Unavailable
 from lifecycle.console_page import PAGE_DIR, page_file, response, text
 from lifecycle.console_pump import pump
 from lifecycle.errors import InvalidInput
+from lifecycle.logs import get_logger
 
 __all__ = ["REFUSAL_REASONS", "ConsoleProxy", "serve"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 REFUSAL_REASONS: Final = ("origin", "no_token", "bad_token", "invalid_token", "unavailable", "token_limit", "limit")
 """Why a websocket was refused (the ``reason`` label of ``lifecycle_console_refusals_total``)."""

@@ -44,10 +44,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
 from lifecycle.errors import EvacuatedCopiesPending, InvalidInput
 from lifecycle.events import EventProcessor
+from lifecycle.logs import get_logger
 from lifecycle.store.store import HostClaim
 from lifecycle.sweep import PassSummary, sweep_host
 
@@ -60,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Daemon", "HostWorker", "Job", "serve"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)

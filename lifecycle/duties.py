@@ -44,13 +44,12 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-import structlog
-
 from lifecycle import console, validation
 from lifecycle.admission import locked
 from lifecycle.audit import Activity, Why
 from lifecycle.errors import Conflict, InvalidInput, InvalidState, LifecycleError
 from lifecycle.graph import Op
+from lifecycle.logs import get_logger
 from lifecycle.operations import revertible
 from lifecycle.records import Cause, Image, Instance, Migration
 from lifecycle.snapshots import snapshot_of
@@ -74,7 +73,7 @@ __all__ = [
     "unlock",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 RESET_STATES = (VmState.ERROR, VmState.ACTIVE)
 """The vm_states reset-state may set, as Nova's (``--active``, default error)."""

@@ -17,8 +17,6 @@ import builtins
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-import structlog
-
 from lifecycle import drivers, duties, graph, validation
 from lifecycle.audit import AuditEntry
 from lifecycle.clock import Clock, SystemClock
@@ -28,6 +26,7 @@ from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images
 from lifecycle.graph import Op
+from lifecycle.logs import get_logger
 from lifecycle.metrics import Metrics
 from lifecycle.records import Cause, Flavor, Host, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CallOptions", "Engine"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def _optional_name(kind: str, value: object) -> str | None:

@@ -23,13 +23,12 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
 from lifecycle import validation
 from lifecycle.audit import Activity, Why
 from lifecycle.drivers.base import Attempt
 from lifecycle.errors import DriverError, EvacuatedCopiesPending, InvalidInput, LifecycleError, TaskFailed
 from lifecycle.graph import DATA_LOSS, Op
+from lifecycle.logs import get_logger
 from lifecycle.operations.evacuate import check_evacuable
 from lifecycle.placement import evacuated_copies
 from lifecycle.records import Cause, Host
@@ -49,7 +48,7 @@ __all__ = [
     "unfence",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class EvacuationOutcome(enum.StrEnum):

@@ -21,6 +21,7 @@ import structlog
 
 from lifecycle.drivers.base import LifecycleEvent, Transition
 from lifecycle.errors import DomainNotFound, InstanceNotFound, LifecycleError
+from lifecycle.logs import get_logger
 from lifecycle.records import Cause
 from lifecycle.states import PowerState
 from lifecycle.sweep import apply_decision
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EventProcessor"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _POWER = {
     Transition.STOPPED: PowerState.SHUTDOWN,
@@ -115,7 +116,7 @@ class EventProcessor:
         return events
 
     def _handle(self, event: LifecycleEvent) -> str:
-        with structlog.contextvars.bound_contextvars(instance_uuid=event.uuid, event=event.transition.value):
+        with structlog.contextvars.bound_contextvars(instance_uuid=event.uuid, transition=event.transition.value):
             try:
                 outcome = self._decide_and_apply(event)
             except LifecycleError as exc:  # contained per event, like the sweep per instance

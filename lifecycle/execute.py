@@ -18,13 +18,14 @@ import structlog
 
 from lifecycle import graph, preemption
 from lifecycle.errors import DriverError, Fenced, Preempted, TaskFailed
+from lifecycle.logs import get_logger
 from lifecycle.records import Outcome, Task
 from lifecycle.states import PowerState, VmState
 from lifecycle.tasks import Steps, TaskRun
 
 __all__ = ["execute", "fail", "succeed"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def execute(run: TaskRun, steps: Steps) -> Task:

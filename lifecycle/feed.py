@@ -61,12 +61,11 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-import structlog
-
 from lifecycle import graph, validation
 from lifecycle.audit import START, Activity, AuditEntry, Change, Consumer, Position, audit_query
 from lifecycle.errors import ConsumerInUse, DatabaseUnavailable, InvalidInput
 from lifecycle.feed_shapes import as_change, change_data, change_line, nova_notification
+from lifecycle.logs import get_logger
 
 if TYPE_CHECKING:
     from lifecycle.store import Store
@@ -95,7 +94,7 @@ __all__ = [
     "wait_for_database",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SAVE_EVERY = 1.0
 """Seconds between position writes while a backlog streams (each write waits for a writer's lock on

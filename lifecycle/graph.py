@@ -178,6 +178,9 @@ def _task_machine() -> Machine:
 @functools.cache
 def _machines() -> tuple[Machine, Machine]:
     """Check the table, then build the vm_state and task_state machines (once, at the first guard or step)."""
+    from lifecycle.logs import quiet_transitions  # not at import: the CLI's graph and --help load no structlog
+
+    quiet_transitions()
     check_table(rows())
     return _vm_machine(), _task_machine()
 

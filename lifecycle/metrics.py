@@ -41,8 +41,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import structlog
-
+from lifecycle.logs import get_logger
 from lifecycle.placement import host_is_up
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Metrics"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PASS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300)

@@ -35,10 +35,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import datetime, timedelta
 
-import structlog
-
 from lifecycle.config import Settings
 from lifecycle.errors import NoValidHost
+from lifecycle.logs import get_logger
 from lifecycle.records import Flavor, Host, Image
 from lifecycle.scheduler import (
     EVACUATED_COPIES,
@@ -62,7 +61,7 @@ __all__ = [
     "up_since",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _CLAIM_RACES = 5
 """Times a decision reads the hosts again after every candidate filled up before it could claim one."""

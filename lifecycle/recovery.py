@@ -31,6 +31,7 @@ import structlog
 from lifecycle import graph
 from lifecycle.errors import LifecycleError, Preempted, TaskFailed
 from lifecycle.execute import fail
+from lifecycle.logs import get_logger
 from lifecycle.operations import definition
 from lifecycle.records import Task
 from lifecycle.states import PowerState, TaskState
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Plan", "Recovered", "RecoveryOutcome", "RecoveryRollBack", "Verdict", "plan", "recover_tasks"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Plan(enum.StrEnum):

@@ -13,10 +13,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-import structlog
-
 from lifecycle.errors import InvalidState, LifecycleError
 from lifecycle.graph import Op
+from lifecycle.logs import get_logger
 from lifecycle.records import Cause
 from lifecycle.results import WindowOutcome, WindowResult
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WindowOutcome", "WindowResult", "poll_unconfirmed_resizes"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def poll_unconfirmed_resizes(ctx: Context) -> list[WindowResult]:

@@ -19,8 +19,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-import structlog
-
 from lifecycle import graph, snapshots, validation
 from lifecycle.admission import admit, refuse_if_locked
 from lifecycle.asks import Ask, new_instance
@@ -28,6 +26,7 @@ from lifecycle.config import Settings
 from lifecycle.drivers.base import Driver
 from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
 from lifecycle.execute import execute
+from lifecycle.logs import get_logger
 from lifecycle.operations import definition
 from lifecycle.records import Cause, Image, Instance, Outcome, Task
 from lifecycle.registry import Call
@@ -38,7 +37,7 @@ from lifecycle.tasks import TaskRun
 
 __all__ = ["Runner", "check_call"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Runner:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import structlog
-
 from lifecycle.config import Settings
+from lifecycle.logs import get_logger
 from lifecycle.records import Image
 from lifecycle.store import Store
 
 __all__ = ["SNAPSHOT_FORMAT", "drop_snapshot", "image_store", "snapshot_name", "snapshot_of"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SNAPSHOT_FORMAT = "qcow2"
 PREFIX = "shelved-"

@@ -28,10 +28,9 @@ from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
-import structlog
-
 from lifecycle.audit import Activity, Why
 from lifecycle.errors import Conflict, InvalidState, Preempted, TaskFailed
+from lifecycle.logs import get_logger
 from lifecycle.records import Cause, Instance
 from lifecycle.results import PassSummary
 from lifecycle.states import PowerState, VmState
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PassSummary", "apply_decision", "sweep_host"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _UUID = operator.itemgetter(0)
 

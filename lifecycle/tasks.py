@@ -18,14 +18,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-import structlog
-
 from lifecycle import graph, preemption
 from lifecycle.audit import Why
 from lifecycle.config import Settings
 from lifecycle.drivers.base import Attempt, DomainSpec, Driver, HostObject
 from lifecycle.ending import Ending
 from lifecycle.errors import DomainNotFound
+from lifecycle.logs import get_logger
 from lifecycle.records import Cause, Flavor, Image, Instance, Migration, Task, TaskStep
 from lifecycle.slots import BuildSlots
 from lifecycle.states import MigrationStatus, PowerState, TaskState
@@ -33,7 +32,7 @@ from lifecycle.store import Store
 
 __all__ = ["Hook", "Steps", "TaskRun"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Steps = Callable[["TaskRun"], None]
 Hook = Callable[["TaskRun"], None]

@@ -72,13 +72,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
-import structlog
-
 from lifecycle import feed, validation
 from lifecycle._http_post import ANSWER_BYTES, ANSWER_LIMIT, Refused, post
 from lifecycle.audit import Change
 from lifecycle.errors import ConsumerInUse, InvalidInput
 from lifecycle.feed import change_data, nova_notification
+from lifecycle.logs import get_logger
 
 if TYPE_CHECKING:
     from lifecycle.context import Context
@@ -97,7 +96,7 @@ __all__ = [
     "verify",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PREFIX = "webhook:"
 """Consumer names starting with this (in any case) are the senders': no other follower may take one."""

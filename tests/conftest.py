@@ -41,13 +41,12 @@ from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
-import structlog
-import structlog.testing
 
 from lifecycle import Engine, Flavor, Settings, upgrade
 from lifecycle.clock import Clock, ManualClock
 from lifecycle.drivers.base import Driver
 from lifecycle.drivers.fake import FakeDriver
+from lifecycle.logs import LogEvent
 from lifecycle.records import Host
 from tests.images import fake_image
 from tests.invariants import check_invariants
@@ -627,13 +626,44 @@ def new_instance(engine: Engine) -> Callable[..., str]:
     return make
 
 
+class _Captured(logging.Handler):
+    """Keep each record of the library's loggers as its event dict, with its level as ``log_level``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = dict(record.msg) if isinstance(record.msg, LogEvent) else {"event": record.getMessage()}
+        self.events.append({**event, "log_level": record.levelname.lower()})
+
+
 @contextmanager
 def all_logs() -> Iterator[list[dict[str, Any]]]:
     """Capture every log event of the block, at every level, whatever level an earlier test (or a CLI run) set."""
-    old = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    with library_logging_kept():
+        handler = _Captured()
+        logger = logging.getLogger("lifecycle")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        yield handler.events
+
+
+@contextmanager
+def library_logging_kept() -> Iterator[None]:
+    """Put the ``lifecycle`` logger's handlers and levels back as they were (the CLI's ``main`` configures them)."""
+    loggers = [logging.getLogger(name) for name in ("lifecycle", "lifecycle.console_proxy.websockets")]
+    kept = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
     try:
-        with structlog.testing.capture_logs() as captured:
-            yield captured
+        yield
     finally:
-        structlog.configure(**old)
+        for logger, level, handlers in kept:
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_restored() -> Iterator[None]:
+    """Undo what a test's in-process CLI run did to the library's logging, for the tests after it."""
+    with library_logging_kept():
+        yield

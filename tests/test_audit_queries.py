@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from lifecycle import AuditEntry, Engine, InvalidInput, PowerState, TaskFailed
 from lifecycle.audit import audit_query
@@ -275,10 +274,8 @@ def test_each_query_reads_only_what_it_returns_on_postgres(pg_url: str, kw: dict
 
 
 @pytest.fixture
-def cli(db_url: str, fakes: Fakes, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> Any:
+def cli(db_url: str, fakes: Fakes, capsys: pytest.CaptureFixture[str]) -> Any:
     """Run `lifecycle --db URL ...` in-process; return (code, stdout, stderr)."""
-    old = structlog.get_config()
-    request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = main(["--db", db_url, *argv])

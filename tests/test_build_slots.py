@@ -12,14 +12,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import structlog
 
 from lifecycle import Engine
 from lifecycle.cli import main
 from lifecycle.drivers.fake import FakeDriver
 from lifecycle.errors import DomainNotFound, TaskFailed
 from lifecycle.slots import BuildSlots
-from tests.conftest import FLAVOR, Fakes, holds_for, make_engine, wait_until
+from tests.conftest import FLAVOR, Fakes, holds_for, library_logging_kept, make_engine, wait_until
 
 
 @pytest.fixture
@@ -49,8 +48,7 @@ def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(
     wait_until("three queued builds", lambda: sum(_queued(engine, t.id) == ["running"] for t in tasks) == 3)
     holds_for("no third spawn while both slots are taken", lambda: sum(g.wait_entered(0) for g in gates) == 2, 0.3)
     waiting = next(t for t in tasks if _queued(engine, t.id) == ["running"])
-    old_config = structlog.get_config()
-    try:
+    with library_logging_kept():  # the CLI configures logging globally
         assert (
             main(
                 [
@@ -62,8 +60,6 @@ def test_a_burst_onto_one_host_runs_at_most_the_slots_and_queues_the_rest(
             )
             == 0
         )
-    finally:
-        structlog.configure(**old_config)  # the CLI configures logging globally
     shown = capsys.readouterr().out
     assert "queued_for_build_slot running: waiting for a build slot on h1: 2 builds running there" in shown, shown
     for gate in gates:

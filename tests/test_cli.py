@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from lifecycle import Engine
 from lifecycle.cli import main
@@ -20,13 +19,9 @@ from lifecycle.drivers.fake import SimulatedCrash
 
 
 @pytest.fixture
-def cli(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-):  # type: ignore[no-untyped-def]
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Run `lifecycle ...` in-process on a scratch database and fake host; return (code, stdout, stderr)."""
     monkeypatch.setenv("LIFECYCLE_DB_URL", f"sqlite:///{tmp_path / 'cli.db'}")
-    old = structlog.get_config()
-    request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = main(list(argv))

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 import lifecycle.errors
 from lifecycle import Engine, Flavor, upgrade
@@ -62,13 +61,11 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 @pytest.fixture
-def world(template: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> World:
+def world(template: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     """A private copy of the template database, made the CLI's default through LIFECYCLE_DB_URL."""
     for path in template.folder.glob("lifecycle.db*"):
         shutil.copy(path, tmp_path / path.name)
     monkeypatch.setenv("LIFECYCLE_DB_URL", f"sqlite:///{tmp_path / 'lifecycle.db'}")
-    old = structlog.get_config()
-    request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
     monkeypatch.setattr(Daemon, "run", _daemon_must_not_start)  # a case let through must fail, not loop forever
     return World(tmp_path, template.uuid, template.image)
 

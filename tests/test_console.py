@@ -268,7 +268,7 @@ def test_the_console_refusal_of_a_hostless_instance_never_lists_its_own_state_as
 
 @pytest.fixture
 def logged() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Capture structlog events of every level (a CLI run earlier in the session may have set a level filter)."""
+    """Capture the library's log events of every level (a CLI run earlier in the session may have set a level filter)."""
     with all_logs() as events:
         yield events
 

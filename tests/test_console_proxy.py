@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import CloseCode
@@ -37,7 +36,7 @@ from lifecycle import Engine, Settings, console
 from lifecycle.cli import main
 from lifecycle.console_proxy import ConsoleProxy
 from lifecycle.errors import InvalidInput
-from tests.conftest import FLAVOR, Fakes, make_engine, wait_until
+from tests.conftest import FLAVOR, Fakes, all_logs, make_engine, wait_until
 
 ORIGIN = "http://console.test"
 BANNER = b"RFB 003.008\n"
@@ -118,8 +117,8 @@ def _loopback() -> str:
 
 @pytest.fixture
 def logged() -> Iterator[list[dict[str, Any]]]:
-    """Capture structlog events, as the CLI's configuration would print them."""
-    with structlog.testing.capture_logs() as events:
+    """Capture the library's log events, as the CLI's handler would print them."""
+    with all_logs() as events:
         yield events
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from lifecycle import DriverError, DriverUnavailable, Engine, Flavor, TaskFailed, VmState
 from lifecycle.cli import main
@@ -173,7 +172,7 @@ def test_the_pure_scheduler_refuses_a_host_with_evacuated_copies_whatever_its_fi
 
 
 @pytest.fixture
-def evacuated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+def evacuated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A database (the CLI's default) with h1 and h2 kept in state files, and an instance evacuated from h1 to h2."""
     url = f"sqlite:///{tmp_path / 'lifecycle.db'}"
     upgrade(url)
@@ -184,8 +183,6 @@ def evacuated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.F
         engine.images.add("cirros", fake_image("cirros"))
         uuid = _evacuated_then_unfenced(engine)
     monkeypatch.setenv("LIFECYCLE_DB_URL", url)
-    old = structlog.get_config()
-    request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
     return uuid
 
 

@@ -39,13 +39,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-import structlog
 
 from lifecycle import Engine, Settings, VmState
 from lifecycle.cli import main
 from lifecycle.clock import ManualClock
 from lifecycle.daemon import Daemon
-from tests.conftest import QEMU_URI, RemoteHost, qemu_ready, wait_until
+from tests.conftest import QEMU_URI, RemoteHost, library_logging_kept, qemu_ready, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -248,12 +247,9 @@ class Fleet:
 
     def here(self, *args: str) -> Any:
         """Run a command with --json through the CLI's ``main`` in this process; it must succeed; return its output."""
-        out, old = io.StringIO(), structlog.get_config()
-        try:
-            with contextlib.redirect_stdout(out):
-                code = main(["--db", self.url, "--config", str(self.config), *args, "--json"])
-        finally:
-            structlog.configure(**old)  # the CLI configures logging globally
+        out = io.StringIO()
+        with library_logging_kept(), contextlib.redirect_stdout(out):  # the CLI configures logging globally
+            code = main(["--db", self.url, "--config", str(self.config), *args, "--json"])
         assert code == 0, f"lifecycle {' '.join(args)}: exit {code}"
         return json.loads(out.getvalue())
 

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import structlog
 
 from lifecycle import Engine, TaskFailed
-from tests.conftest import Fakes
+from tests.conftest import Fakes, all_logs
 
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    """Capture log events after contextvars are merged, as the CLI's configuration does."""
-    captured: list[dict[str, Any]] = []
-
-    def capture(_logger: Any, _name: str, event: dict[str, Any]) -> Any:
-        captured.append(dict(event))
-        raise structlog.DropEvent
-
-    old = structlog.get_config()
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, capture],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        cache_logger_on_first_use=False,
-    )
-    yield captured
-    structlog.configure(**old)
+    """Capture the library's log events (contextvars merged by its own chain), as the CLI's handler gets them."""
+    with all_logs() as captured:
+        yield captured
 
 
 def test_every_operation_line_carries_instance_task_and_request_ids(

@@ -14,14 +14,13 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-import structlog
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lifecycle import Engine, Flavor, PowerState, Settings, upgrade
 from lifecycle.clock import ManualClock
 from lifecycle.metrics import Metrics
-from tests.conftest import Fakes, wait_until
+from tests.conftest import Fakes, all_logs, wait_until
 from tests.images import fake_image
 
 
@@ -239,7 +238,7 @@ def test_a_scrape_with_the_database_unreachable_answers_with_database_up_0(tmp_p
     server, thread = start_wsgi_server(0, addr="127.0.0.1", registry=metrics.registry)
     try:
         with (
-            structlog.testing.capture_logs() as logged,
+            all_logs() as logged,
             urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response,
         ):
             assert response.status == 200

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
@@ -11,14 +10,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from lifecycle import Engine, Flavor, NoValidHost, TaskFailed, VmState, upgrade
 from lifecycle.records import Host
 from lifecycle.scheduler import HostState, SchedulerSettings, order_candidates
 from lifecycle.store import Store
 from lifecycle.store.tables import HOSTS
-from tests.conftest import Fakes
+from tests.conftest import Fakes, all_logs
 from tests.images import fake_image
 from tests.invariants import check_invariants
 
@@ -170,17 +168,9 @@ def test_candidates_are_the_pick_then_the_rest_best_first() -> None:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    """The engine's log events at info and above, whatever logging an earlier test configured."""
-    captured: list[dict[str, Any]] = []
-
-    def capture(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-        captured.append(event)
-        raise structlog.DropEvent
-
-    old = structlog.get_config()
-    structlog.configure(processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    yield captured
-    structlog.configure(**old)
+    """The engine's log events, whatever logging an earlier test configured."""
+    with all_logs() as captured:
+        yield captured  # the tests pick their events by name; the debug ones never match
 
 
 def _fill(engine: Engine, **used_mb: int) -> None:

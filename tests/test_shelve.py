@@ -12,7 +12,7 @@ import pytest
 from lifecycle import Engine, InvalidInput, InvalidState, Outcome, PowerState, TaskFailed, VmState
 from lifecycle.errors import DriverError, DriverUnavailable, Preempted
 from lifecycle.snapshots import image_store, snapshot_name
-from tests.conftest import FLAVOR, Fakes, make_engine
+from tests.conftest import FLAVOR, Fakes, library_logging_kept, make_engine
 from tests.invariants import check_invariants
 
 V, P = VmState, PowerState
@@ -248,20 +248,17 @@ def test_the_cli_shelves_offloads_and_unshelves(
     """`shelve`, `shelve-offload`, `unshelve --host` and `offload-shelved` work; a bad --host or age is exit 2."""
     import json
 
-    import structlog
-
     from lifecycle.cli import main
 
     monkeypatch.setenv("LIFECYCLE_DB_URL", f"sqlite:///{tmp_path / 'cli.db'}")
     monkeypatch.setenv("LIFECYCLE_SHELVED_OFFLOAD_TIME", "3600")
-    old = structlog.get_config()
 
     def run(*argv: str) -> tuple[int, Any]:
         code = main([*argv, "--json"] if argv[0] not in ("db", "host", "image") else list(argv))
         out = capsys.readouterr().out
         return code, json.loads(out) if out.strip().startswith(("{", "[")) else out
 
-    try:
+    with library_logging_kept():  # the CLI configures logging globally
         assert run("db", "upgrade")[0] == 0
         for host in ("h1", "h2"):
             assert run("host", "add", host, "--uri", f"fake://{tmp_path / (host + '.json')}")[0] == 0
@@ -280,8 +277,6 @@ def test_the_cli_shelves_offloads_and_unshelves(
         assert run("offload-shelved", "--older-than", "-1")[0] == 2
         code, done = run("offload-shelved", "--older-than", "0")
         assert (code, [(d["uuid"], d["outcome"]) for d in done]) == (0, [(uuid, "offloaded")])
-    finally:
-        structlog.configure(**old)
 
 
 def test_the_snapshot_names_are_kept_for_the_engine(engine: Engine, new_instance: Callable[..., str]) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 import lifecycle.feed as feed
 from lifecycle import Engine, InvalidInput
@@ -337,14 +336,12 @@ def test_a_second_sender_to_one_url_is_refused_and_delivers_nothing(
 
 
 @pytest.fixture
-def cli_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+def cli_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A migrated SQLite database with host h1 and image cirros, made the CLI's through LIFECYCLE_DB_URL."""
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     monkeypatch.setenv("LIFECYCLE_DB_URL", url)
     monkeypatch.delenv("LIFECYCLE_WEBHOOK_SECRET", raising=False)
     monkeypatch.delenv("LIFECYCLE_WEBHOOK_SECRET_PREVIOUS", raising=False)
-    old = structlog.get_config()
-    request.addfinalizer(lambda: structlog.configure(**old))  # the CLI configures logging globally
     assert main(["db", "upgrade"]) == 0
     with Engine(url) as engine:
         engine.hosts.add("h1", f"fake://{tmp_path / 'h1.json'}")

@@ -18,13 +18,12 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
-
 from lifecycle.drivers._link import Guarded, Link, Opener
 from lifecycle.drivers.base import EventListener, LifecycleEvent
 from lifecycle.drivers.libvirt._mapping import EVENTS, alive, link_error, message
 from lifecycle.drivers.libvirt._xml import NAME_PREFIX
 from lifecycle.errors import DriverUnavailable
+from lifecycle.logs import get_logger
 
 try:
     import libvirt
@@ -33,7 +32,7 @@ except ImportError:  # pragma: no cover - exercised where libvirt-python is abse
 
 __all__ = ["MOST_LINKS", "STUCK_SECONDS", "Connections", "ensure_event_loop", "libvirt_available"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STUCK_SECONDS = 5.0  # a call in flight this long is stuck, for choosing a connection (a hung guest's monitor)
 MOST_LINKS = 16  # connections per host at most, stuck ones included

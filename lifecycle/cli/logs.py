@@ -1,4 +1,10 @@
-"""Logging for the command line: the only place in the package that configures structlog."""
+"""Logging for the command line: the only place in the package that attaches a handler.
+
+The library logs through stdlib :mod:`logging` under the ``lifecycle`` logger
+(:mod:`lifecycle.logs`); the command line gives that logger one handler, on
+stderr, whose :class:`structlog.stdlib.ProcessorFormatter` renders each event
+as structlog did before: readable on a terminal, JSON lines otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,15 @@ from typing import Any
 
 __all__ = ["configure_logging"]
 
+_HANDLER_NAME = "lifecycle.cli"
+"""The name of the handler :func:`configure_logging` attaches, and replaces when called again."""
+
+_WIRE_LOGGER = "lifecycle.console_proxy.websockets"
+"""The websockets library's lines in the console proxy: warnings and errors only, as before the handler."""
+
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
-    """Configure structlog: readable on a terminal, JSON lines otherwise, to stderr."""
+    """Log the library's lines at ``level`` and above to stderr: readable on a terminal, JSON lines otherwise."""
     import logging
 
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -18,18 +30,25 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     import structlog
 
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=_stderr_logger,
-        cache_logger_on_first_use=False,
+    handler = logging.StreamHandler(_Stderr())
+    handler.name = _HANDLER_NAME
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+                renderer,
+            ]
+        )
     )
+    logger = logging.getLogger("lifecycle")
+    for old in [h for h in logger.handlers if h.name == _HANDLER_NAME]:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logging.getLogger(_WIRE_LOGGER).setLevel(logging.WARNING)
 
 
 def _import_structlog_without_rich() -> None:
@@ -48,9 +67,15 @@ def _import_structlog_without_rich() -> None:
         del sys.modules["rich"]
 
 
-def _stderr_logger(*_args: Any) -> Any:
-    # Looked up per logger, not captured once: whoever swaps sys.stderr later
-    # (a test runner, a daemon manager) still gets the log lines.
-    import structlog
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written, as the handler's stream.
 
-    return structlog.PrintLogger(sys.stderr)
+    Looked up per line, not captured once: whoever swaps sys.stderr later
+    (a test runner, a daemon manager) still gets the log lines.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import builtins
 
-import structlog
-
 from lifecycle import console, drivers, evacuation, validation
 from lifecycle.context import Services
 from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 from lifecycle.facade.drivers import DriverCache
+from lifecycle.logs import get_logger
 from lifecycle.records import Host
 from lifecycle.sweep import PassSummary, sweep_host
 
 __all__ = ["Hosts"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Hosts:

@@ -13,11 +13,10 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
-
 from lifecycle import graph, validation
 from lifecycle.errors import DriverError, InvalidInput, NoValidHost, Preempted
 from lifecycle.graph import Op
+from lifecycle.logs import get_logger
 from lifecycle.placement import scheduler_for
 from lifecycle.registry import Call, Definition, flavor_param, register
 from lifecycle.states import TaskState
@@ -25,7 +24,7 @@ from lifecycle.tasks import TaskRun
 
 __all__ = ["CREATE"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def create(run: TaskRun) -> None:

@@ -30,12 +30,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import structlog
-
 from lifecycle import graph
 from lifecycle.drivers.base import DomainSpec, volume_name
 from lifecycle.errors import CopyFailed, DomainNotFound, DriverUnavailable, InvalidInput, LifecycleError, Preempted
 from lifecycle.graph import Op
+from lifecycle.logs import get_logger
 from lifecycle.placement import scheduler_for
 from lifecycle.records import Flavor, Migration
 from lifecycle.registry import Call, Definition, flavor_param, register, target_host
@@ -44,7 +43,7 @@ from lifecycle.tasks import TaskRun
 
 __all__ = ["CONFIRM_RESIZE", "MIGRATE", "RESIZE", "REVERT_RESIZE", "revert_on_source"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TaskState
 MS = MigrationStatus
