@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
     from lifecycle.states import PowerState, TaskState, VmState, status_of
     from lifecycle.store import upgrade
+    from lifecycle.waiting import TaskWaitTimeout
 
 __all__ = [
     "AlreadyExists",
@@ -82,6 +83,7 @@ __all__ = [
     "TaskNotFound",
     "TaskState",
     "TaskStep",
+    "TaskWaitTimeout",
     "VmState",
     "status_of",
     "upgrade",
@@ -103,6 +105,7 @@ _HOME = {
     "lifecycle.records": ("Cause", "Flavor", "Host", "Image", "Instance", "Outcome", "Task", "TaskStep"),
     "lifecycle.states": ("PowerState", "TaskState", "VmState", "status_of"),
     "lifecycle.store": ("upgrade",),
+    "lifecycle.waiting": ("TaskWaitTimeout",),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 
