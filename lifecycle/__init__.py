@@ -9,6 +9,7 @@ command that needs no database must not pay for importing one.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lifecycle.aio import AsyncEngine
     from lifecycle.audit import AuditEntry, Change, Consumer, Position
     from lifecycle.config import Settings
     from lifecycle.console import ConsoleAccess, ConsoleConnection
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AlreadyExists",
+    "AsyncEngine",
     "AuditEntry",
     "Cause",
     "Change",
@@ -91,6 +93,7 @@ __all__ = [
 
 
 _HOME = {
+    "lifecycle.aio": ("AsyncEngine",),
     "lifecycle.audit": ("AuditEntry", "Change", "Consumer", "Position"),
     "lifecycle.config": ("Settings",),
     "lifecycle.console": ("ConsoleAccess", "ConsoleConnection"),

@@ -8,6 +8,7 @@ import lifecycle
 
 EXPECTED = {
     "AlreadyExists",
+    "AsyncEngine",
     "AuditEntry",
     "Cause",
     "Change",
