@@ -45,12 +45,23 @@ def served_here(app: Any) -> Iterator[str]:
 
 
 @contextmanager
-def served_apart(target: str, cwd: Path, env: Mapping[str, str], log: Path) -> Iterator[str]:
-    """Serve ``target`` (``module:app``) with ``python -m uvicorn`` as a child process; stop it by its pid after."""
+def served_apart(target: str, cwd: Path, env: Mapping[str, str], log: Path, *, app_dir: str) -> Iterator[str]:
+    """Serve ``target`` (``module:app`` in ``app_dir``) with ``python -m uvicorn`` as a child; stop it by its pid after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        target,
+        "--app-dir",
+        app_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with log.open("wb") as out:
         child = subprocess.Popen(
             [*command, "--ws", "none", "--http", "h11"], cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=out
