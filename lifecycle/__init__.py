@@ -9,6 +9,7 @@ command that needs no database must not pay for importing one.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lifecycle.aio import AsyncEngine
     from lifecycle.audit import AuditEntry, Change, Consumer, Position
     from lifecycle.config import Settings
     from lifecycle.console import ConsoleAccess, ConsoleConnection
@@ -40,9 +41,11 @@ if TYPE_CHECKING:
     from lifecycle.records import Cause, Flavor, Host, Image, Instance, Outcome, Task, TaskStep
     from lifecycle.states import PowerState, TaskState, VmState, status_of
     from lifecycle.store import upgrade
+    from lifecycle.waiting import TaskWaitTimeout
 
 __all__ = [
     "AlreadyExists",
+    "AsyncEngine",
     "AuditEntry",
     "Cause",
     "Change",
@@ -82,6 +85,7 @@ __all__ = [
     "TaskNotFound",
     "TaskState",
     "TaskStep",
+    "TaskWaitTimeout",
     "VmState",
     "status_of",
     "upgrade",
@@ -89,6 +93,7 @@ __all__ = [
 
 
 _HOME = {
+    "lifecycle.aio": ("AsyncEngine",),
     "lifecycle.audit": ("AuditEntry", "Change", "Consumer", "Position"),
     "lifecycle.config": ("Settings",),
     "lifecycle.console": ("ConsoleAccess", "ConsoleConnection"),
@@ -103,6 +108,7 @@ _HOME = {
     "lifecycle.records": ("Cause", "Flavor", "Host", "Image", "Instance", "Outcome", "Task", "TaskStep"),
     "lifecycle.states": ("PowerState", "TaskState", "VmState", "status_of"),
     "lifecycle.store": ("upgrade",),
+    "lifecycle.waiting": ("TaskWaitTimeout",),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 

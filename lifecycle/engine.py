@@ -8,7 +8,7 @@ Every operation goes the same way: validate the arguments, check the
 guard from the operations table, start a task with a compare-and-swap, run its
 steps, and end it. ``wait=True`` (the default) runs the task in the caller's
 thread and returns it finished; ``wait=False`` returns it running and runs it
-on the engine's executor.
+on the engine's executor, and ``engine.wait(task.id)`` waits for its end.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.runner import Runner
 from lifecycle.states import VmState
 from lifecycle.store import DEFAULT_DB_URL, Store, check_schema
+from lifecycle.waiting import Waits
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -62,7 +63,7 @@ class CallOptions(TypedDict, total=False):
     override_lock: bool
 
 
-class Engine:
+class Engine(Waits):
     """The lifecycle engine over one database.
 
     ``driver_factory`` opens the driver of a host (by default from its URI);

@@ -23,7 +23,7 @@ from lifecycle.records import Outcome, Task
 from lifecycle.states import PowerState, VmState
 from lifecycle.tasks import Steps, TaskRun
 
-__all__ = ["execute", "fail", "succeed"]
+__all__ = ["execute", "fail", "failed", "outcome_of", "preempted", "succeed"]
 
 log = get_logger(__name__)
 
@@ -58,9 +58,32 @@ def execute(run: TaskRun, steps: Steps) -> Task:
                 _lost(run, started, late)
                 raise
             _finished(run, started)
-            raise TaskFailed(run.task, run.task.error or str(exc)) from exc
+            raise failed(run.task) from exc
         _finished(run, started)
         return run.task
+
+
+def outcome_of(task: Task) -> Task:
+    """Answer for an ended task as ``wait=True`` does: return it succeeded, raise its failure or preemption.
+
+    The one place a task's end becomes the caller's return or exception, for
+    a worker that ran it here and for whoever waits on it (:mod:`lifecycle.waiting`).
+    """
+    if task.outcome is Outcome.FAILED:
+        raise failed(task)
+    if task.outcome is Outcome.PREEMPTED:
+        raise preempted(task)
+    return task
+
+
+def failed(task: Task) -> TaskFailed:
+    """Return the error a failed task raises, with its recorded message."""
+    return TaskFailed(task, task.error or "failed")
+
+
+def preempted(task: Task) -> Preempted:
+    """Return the error a task taken over by another raises."""
+    return Preempted(task.id, task.instance_uuid, task.preempted_by)
 
 
 def succeed(run: TaskRun) -> None:
@@ -193,7 +216,7 @@ def _was_preempted(run: TaskRun, exc: Exception) -> Preempted | None:
         return Fenced(task.id, task.instance_uuid, run.task.epoch, task.epoch)
     if task.outcome is Outcome.PREEMPTED:
         log.info("task_preempted", error=str(exc), preempted_by=task.preempted_by)
-        return Preempted(task.id, task.instance_uuid, task.preempted_by)
+        return preempted(task)
     return None
 
 

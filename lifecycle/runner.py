@@ -24,8 +24,8 @@ from lifecycle.admission import admit, refuse_if_locked
 from lifecycle.asks import Ask, new_instance
 from lifecycle.config import Settings
 from lifecycle.drivers.base import Driver
-from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost, TaskFailed
-from lifecycle.execute import execute
+from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost
+from lifecycle.execute import execute, failed
 from lifecycle.logs import get_logger
 from lifecycle.operations import definition
 from lifecycle.records import Cause, Image, Instance, Outcome, Task
@@ -55,6 +55,7 @@ class Runner:
         self._images: dict[str, Image] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._futures: dict[str, Future[Task]] = {}
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -209,7 +210,7 @@ class Runner:
         if (existing.operation, existing.instance_uuid, _canonical(existing.params)) != asked:
             raise IdempotencyMismatch(key, existing, operation, uuid)
         if existing.outcome is Outcome.FAILED:
-            raise TaskFailed(existing, existing.error or "failed")
+            raise failed(existing)
         return existing
 
     def _worker(self, row: Instance, task: Task, image: Image, source: Any) -> TaskRun:
@@ -260,8 +261,20 @@ class Runner:
         with self._lock:
             self.active.add(run.task.id)  # before the submit: the task is ours from now on
         future = self.pool().submit(self.work, run)
+        with self._lock:
+            self._futures[run.task.id] = future
         future.add_done_callback(_log_background_failure)
+        future.add_done_callback(lambda _: self._forget(run.task.id))
         return replace(run.task)
+
+    def future_of(self, task_id: str) -> Future[Task] | None:
+        """Return the future of a task this runner's pool runs now (started with ``wait=False``), else None."""
+        with self._lock:
+            return self._futures.get(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        with self._lock:
+            self._futures.pop(task_id, None)
 
     def work(self, run: TaskRun) -> Task:
         """Run a task's steps; its lease is renewed exactly while this runs.

@@ -8,6 +8,7 @@ import lifecycle
 
 EXPECTED = {
     "AlreadyExists",
+    "AsyncEngine",
     "AuditEntry",
     "Cause",
     "Change",
@@ -47,6 +48,7 @@ EXPECTED = {
     "TaskNotFound",
     "TaskState",
     "TaskStep",
+    "TaskWaitTimeout",
     "VmState",
     "status_of",
     "upgrade",
@@ -86,6 +88,7 @@ def test_every_error_derives_from_the_root() -> None:
             "Preempted",
             "TaskFailed",
             "SchemaOutOfDate",
+            "TaskWaitTimeout",
         }
     ]
     assert errors and all(issubclass(e, lifecycle.LifecycleError) for e in errors)

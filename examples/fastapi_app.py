@@ -1,0 +1,249 @@
+"""A small control plane on lifecycle: FastAPI over :class:`lifecycle.AsyncEngine`, the daemon in the same process.
+
+Run it (the database migrated, hosts and an image registered with the CLI or
+``engine.hosts.add`` / ``engine.images.add``)::
+
+    LIFECYCLE_DB_URL=sqlite:////var/lib/lifecycle/lifecycle.db uvicorn fastapi_app:app --app-dir examples
+
+Routes:
+
+- ``POST /vms``: create; 201 with the instance, or with ``?wait=false`` 202
+  at once and ``Location: /tasks/{id}`` to follow the task (the 202 pattern).
+- ``POST /vms/{uuid}/action``: ``{"action": "stop" | "start" | "resize" |
+  "confirm" | "revert"}`` (a resize names its ``flavor``); 200 with the
+  instance, or 202 with ``?wait=false``.
+- ``DELETE /vms/{uuid}``: 204, or 202 with ``?wait=false``.
+- ``GET /vms/{uuid}``: the instance, its status and its audit history.
+- ``GET /tasks/{id}``: a task and its step log; ``GET /health``.
+
+An ``X-Request-ID`` header is recorded on the task and every audit row it
+writes; an ``Idempotency-Key`` header makes a retried action return the
+first call's task. Errors are JSON ``{"error": type, "message": text}``
+with the status of :data:`STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from lifecycle import AsyncEngine, Engine, Flavor, Instance, Task, upgrade
+from lifecycle.daemon import Daemon
+from lifecycle.engine import CallOptions
+from lifecycle.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    DriverUnavailable,
+    HostNotEvacuable,
+    HostNotFound,
+    ImageNotFound,
+    InstanceLocked,
+    InstanceNotFound,
+    InvalidInput,
+    InvalidState,
+    LifecycleError,
+    MigrationNotFound,
+    NoValidHost,
+    Preempted,
+    TaskFailed,
+    TaskNotFound,
+)
+
+DB_URL = os.environ.get("LIFECYCLE_DB_URL", "sqlite:///lifecycle.db")
+
+STATUS: list[tuple[type[LifecycleError], int]] = [
+    # Checked in order, the first match wins: a subclass before its parent.
+    (InstanceNotFound, 404),
+    (TaskNotFound, 404),
+    (ImageNotFound, 404),
+    (HostNotFound, 404),
+    (MigrationNotFound, 404),
+    (InvalidInput, 400),  # a bad argument, nothing changed (AlreadyExists, IdempotencyMismatch, InvalidFlavor ...)
+    (InvalidState, 409),  # the instance's states refuse the operation now (stop a stopped one)
+    (Conflict, 409),  # a concurrent write won: read again and retry
+    (InstanceLocked, 409),
+    (Preempted, 409),  # another operation (a delete) took the instance over
+    (HostNotEvacuable, 409),
+    # No host has room: the request is valid and the instance's state allows it, but the fleet is full now.
+    # 503 with Retry-After says "try again later" to clients and proxies; 409 would say "change your request
+    # or the instance first", which does not help. (A flavor no host could ever fit gets 503 too: the message says.)
+    (NoValidHost, 503),
+    (DriverUnavailable, 503),  # the hypervisor does not answer now
+    (DatabaseUnavailable, 503),
+    (TaskFailed, 500),  # the operation ran and failed: the body names the task, GET /tasks/{id} says why
+]
+RETRY_AFTER = "30"
+"""Seconds a 503 asks the client to wait before it retries."""
+INTERNAL = {"owner", "lease_expires_at", "epoch", "traceback"}
+"""A task's fields that are the engine's business, not the API's."""
+
+
+class FlavorIn(BaseModel):
+    """A flavor in a request body."""
+
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    name: str = "custom"
+
+    def flavor(self) -> Flavor:
+        """Return it as the engine's :class:`lifecycle.Flavor` (which checks the numbers)."""
+        return Flavor(vcpus=self.vcpus, memory_mb=self.memory_mb, root_gb=self.root_gb, name=self.name)
+
+
+class CreateVm(BaseModel):
+    """The body of ``POST /vms``; without ``host`` the scheduler places the instance."""
+
+    name: str
+    flavor: FlavorIn
+    image: str
+    host: str | None = None
+
+
+class Action(BaseModel):
+    """The body of ``POST /vms/{uuid}/action``."""
+
+    action: Literal["stop", "start", "resize", "confirm", "revert"]
+    flavor: FlavorIn | None = None
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the engine, run its daemon on a thread beside the app, and stop both when the server stops."""
+    await asyncio.to_thread(upgrade, DB_URL)
+    engine = await asyncio.to_thread(Engine, DB_URL)
+    # The daemon keeps the hosts heartbeating (or the scheduler sees them down), syncs them, recovers tasks
+    # whose owner died, applies the resize confirm window and the operator duties. Its run() returns once
+    # its stop event is set.
+    daemon = Daemon(engine)
+    thread = threading.Thread(target=daemon.run, name="lifecycle-daemon", daemon=True)
+    thread.start()
+    try:
+        async with AsyncEngine(engine) as aengine:
+            app.state.aengine = aengine
+            yield
+    finally:
+        daemon.stop.set()
+        await asyncio.to_thread(thread.join)
+        await asyncio.to_thread(engine.close)
+
+
+app = FastAPI(title="lifecycle control plane", lifespan=lifespan)
+
+
+def aengine_of(request: Request) -> AsyncEngine:
+    """Return the application's one AsyncEngine (shared by every request: the engine is thread-safe)."""
+    aengine: AsyncEngine = request.app.state.aengine
+    return aengine
+
+
+@app.exception_handler(LifecycleError)
+async def lifecycle_error(_: Request, exc: Exception) -> JSONResponse:
+    """Answer an engine error with its status from :data:`STATUS`, its type and its message."""
+    status = next((code for kind, code in STATUS if isinstance(exc, kind)), 500)
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, TaskFailed):
+        body["task"] = task_json(exc.task)
+    headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def instance_json(instance: Instance) -> dict[str, Any]:
+    """Return an instance as JSON data, with its user-facing ``status``."""
+    data: dict[str, Any] = jsonable_encoder(instance)
+    return {**data, "status": instance.status}
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    """Return a task as JSON data, without the engine's lease and owner fields."""
+    return {k: v for k, v in jsonable_encoder(task).items() if k not in INTERNAL}
+
+
+def accepted(task: Task) -> JSONResponse:
+    """Answer 202: the task runs on, ``Location`` is where to follow it."""
+    return JSONResponse(task_json(task), status_code=202, headers={"Location": f"/tasks/{task.id}"})
+
+
+def call_options(request: Request, wait: bool) -> CallOptions:
+    """Return the options every operation takes, from the query and the request's headers."""
+    return {
+        "wait": wait,
+        "request_id": request.headers.get("X-Request-ID"),
+        "idempotency_key": request.headers.get("Idempotency-Key"),
+    }
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    """Answer at once: the event loop is never blocked by the engine."""
+    return {"ok": True}
+
+
+@app.post("/vms", status_code=201)
+async def create_vm(body: CreateVm, request: Request, response: Response, wait: bool = True) -> Any:
+    """Create an instance: 201 with it once built, or 202 and its task at once (``?wait=false``)."""
+    aengine = aengine_of(request)
+    task = await aengine.create(
+        body.name,
+        flavor=body.flavor.flavor(),
+        image=body.image,
+        host=body.host,
+        request_id=request.headers.get("X-Request-ID"),
+        wait=wait,
+    )
+    if not wait:
+        return accepted(task)
+    response.headers["Location"] = f"/vms/{task.instance_uuid}"
+    return instance_json(await aengine.get(task.instance_uuid))
+
+
+@app.post("/vms/{uuid}/action")
+async def act(uuid: str, body: Action, request: Request, wait: bool = True) -> Any:
+    """Run an action on an instance: 200 with the instance after it, or 202 and its task (``?wait=false``)."""
+    aengine = aengine_of(request)
+    options = call_options(request, wait)
+    if body.action == "stop":
+        task = await aengine.stop(uuid, **options)
+    elif body.action == "start":
+        task = await aengine.start(uuid, **options)
+    elif body.action == "resize":
+        if body.flavor is None:
+            raise InvalidInput("a resize names its flavor")
+        task = await aengine.resize(uuid, body.flavor.flavor(), **options)
+    elif body.action == "confirm":
+        task = await aengine.confirm_resize(uuid, **options)
+    else:
+        task = await aengine.revert_resize(uuid, **options)
+    return accepted(task) if not wait else instance_json(await aengine.get(uuid))
+
+
+@app.delete("/vms/{uuid}", status_code=204)
+async def delete_vm(uuid: str, request: Request, wait: bool = True) -> Response:
+    """Delete an instance: 204 once deleted, or 202 and its task (``?wait=false``)."""
+    task = await aengine_of(request).delete(uuid, **call_options(request, wait))
+    return accepted(task) if not wait else Response(status_code=204)
+
+
+@app.get("/vms/{uuid}")
+async def get_vm(uuid: str, request: Request) -> dict[str, Any]:
+    """Return an instance (deleted ones too) with its status and audit history, oldest first."""
+    aengine = aengine_of(request)
+    instance = await aengine.get(uuid)
+    return {**instance_json(instance), "history": jsonable_encoder(await aengine.history(uuid))}
+
+
+@app.get("/tasks/{task_id}")
+async def get_task(task_id: str, request: Request) -> dict[str, Any]:
+    """Return a task (its ``outcome`` is ``running`` until it ends) and its step log."""
+    aengine = aengine_of(request)
+    task = await aengine.task(task_id)
+    return {**task_json(task), "steps": jsonable_encoder(await aengine.steps(task_id))}
