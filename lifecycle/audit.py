@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from lifecycle import validation
+from lifecycle._plain import fields_of
 from lifecycle.errors import InvalidInput
 from lifecycle.records import Cause
 from lifecycle.states import VmState
@@ -107,6 +108,10 @@ class AuditEntry:
     def position(self) -> Position:
         """The entry's position in the change feed."""
         return Position(self.tx, self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the entry as JSON-ready data, its feed ``position`` as ``tx:id`` text."""
+        return {**fields_of(self), "position": str(self.position)}
 
 
 _POSITION = re.compile(r"(0|[1-9][0-9]{0,18}):(0|[1-9][0-9]{0,18})", re.ASCII)
