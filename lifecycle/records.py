@@ -246,6 +246,11 @@ class Instance:
     disk: str | None = None
     """The root volume the instance uses on its host, named after the attempt that made it (None: the bare uuid
     of a volume made before volumes named their attempt, or no disk)."""
+    project_id: str | None = None
+    """The project the instance is for, as the control plane names it (None: not named)."""
+    user_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The caller's own key/value pairs (Nova's server metadata), as given at create."""
 
     @property
     def status(self) -> str:

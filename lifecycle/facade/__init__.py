@@ -16,5 +16,6 @@ from lifecycle.facade.duties import Duties
 from lifecycle.facade.feed import Feed
 from lifecycle.facade.hosts import Hosts
 from lifecycle.facade.images import Images
+from lifecycle.facade.reads import Reads
 
-__all__ = ["Consoles", "DriverCache", "DriverFactory", "Duties", "Feed", "Hosts", "Images"]
+__all__ = ["Consoles", "DriverCache", "DriverFactory", "Duties", "Feed", "Hosts", "Images", "Reads"]
