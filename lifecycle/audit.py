@@ -103,6 +103,9 @@ class AuditEntry:
     rows written before the change feed (migration 0012)."""
     tx: int = 0
     """With ``id``, the row's place in the change feed (see :class:`Position`)."""
+    project_id: str | None = None
+    """The instance's project at the change (None: none named, or a row written before migration 0017)."""
+    user_id: str | None = None
 
     @property
     def position(self) -> Position:
@@ -183,6 +186,9 @@ class Change(NamedTuple):
     request_id: str | None
     message: str | None
     timestamp: datetime
+    project_id: str | None = None
+    """Whom the instance is for: its project and user (see :attr:`lifecycle.records.Instance.project_id`)."""
+    user_id: str | None = None
 
     @property
     def position(self) -> Position:

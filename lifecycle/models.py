@@ -250,6 +250,8 @@ class AuditEntry(_Model, table=True):
     created_at: datetime = _column(AUDITS, "created_at")
     host: str | None = _column(AUDITS, "host")
     tx: int = _column(AUDITS, "tx")
+    project_id: str | None = _column(AUDITS, "project_id")
+    user_id: str | None = _column(AUDITS, "user_id")
 
 
 class Migration(_Model, table=True):

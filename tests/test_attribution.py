@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from lifecycle import Engine, InvalidInput
+from lifecycle import Change, Engine, InvalidInput, PowerState
+from lifecycle.feed import change_data, nova_notification
 from lifecycle.store import downgrade, upgrade
-from tests.conftest import FLAVOR, Fakes
+from tests.conftest import FLAVOR, Fakes, wait_until
 from tests.images import fake_image
+
+
+def _changes(engine: Engine, uuid: str) -> list[Change]:
+    return [c for c in engine.feed.changes(limit=1000) if c.instance_uuid == uuid]
 
 
 def test_create_keeps_project_user_and_metadata_in_record_audit_and_feed(engine: Engine) -> None:
@@ -21,10 +26,34 @@ def test_create_keeps_project_user_and_metadata_in_record_audit_and_feed(engine:
     assert task.params["project_id"] == "p-1" and task.params["metadata"] == meta
     first = engine.history(uuid)[0]
     assert first.message is not None and first.message.startswith("project_id p-1, user_id u-1, metadata {")
-    (created,) = [c for c in engine.feed.changes() if c.instance_uuid == uuid and c.old_vm_state is None]
+    readable = wait_until("the create's change readable", lambda: _changes(engine, uuid))  # PostgreSQL: in commit order
+    (created,) = [c for c in readable if c.old_vm_state is None]
     assert created.message == first.message
     engine.stop(uuid)  # attribution survives every later write
     assert engine.get(uuid).metadata == meta and engine.list(project_id="p-1")[0].uuid == uuid
+
+
+def test_every_change_of_an_attributed_instance_carries_its_project_and_user(engine: Engine, fakes: Fakes) -> None:
+    """Every audit row and feed change, an operation's and a sync pass's power change alike, names the project and user; the feed's JSON and Nova notification carry them."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros", project_id="p", user_id="u").instance_uuid
+    engine.stop(uuid)
+    engine.start(uuid)
+    fakes["h1"].set_power(uuid, PowerState.SHUTDOWN, event=False)
+    engine.hosts.sync("h1")
+    history = engine.history(uuid)
+    assert history[-1].cause == "sync" and history[-1].to_power_state == PowerState.SHUTDOWN
+    assert {(e.project_id, e.user_id) for e in history} == {("p", "u")}
+    changes: list[Change] = []
+
+    def every_change() -> bool:
+        changes[:] = _changes(engine, uuid)
+        return len(changes) == len(history)
+
+    wait_until("every change readable", every_change)  # PostgreSQL: in commit order
+    assert {(c.project_id, c.user_id) for c in changes} == {("p", "u")}
+    assert change_data(changes[-1])["project_id"] == "p"
+    payload = nova_notification(changes[-1])["payload"]["nova_object.data"]
+    assert (payload["tenant_id"], payload["user_id"]) == ("p", "u")
 
 
 def test_an_instance_without_attribution_has_none(engine: Engine) -> None:

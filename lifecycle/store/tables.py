@@ -224,6 +224,10 @@ AUDITS = sa.Table(
     # The change's place in the feed, with ``id``: on PostgreSQL the writing transaction's id (at least
     # the instance's previous change's), set by a trigger; 0 on SQLite. See :mod:`lifecycle.store.feed`.
     sa.Column("tx", sa.BigInteger, nullable=False, default=0, server_default=sa.text("0")),
+    # Whom the instance is for (its project_id and user_id at the change), so a feed consumer routes by
+    # project; NULL on rows written before migration 0017.
+    sa.Column("project_id", _text(255), nullable=True),
+    sa.Column("user_id", _text(255), nullable=True),
     # The change feed and the audit queries read these indexes (lifecycle.store.feed says which reads
     # which); each ends in created_at, id so a time window is one index range, read in the order it is
     # returned. PostgreSQL only (tx is 0 on SQLite, which reads the feed by id): the feed's order, and the
