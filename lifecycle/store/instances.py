@@ -104,7 +104,8 @@ def _filters(listing: Listing) -> builtins.list[sa.ColumnElement[bool]]:
         found.append(_I.c.vm_state != VmState.DELETED.value)
     if listing.marker is not None:
         at = sa.select(_M.c.created_at).where(_M.c.uuid == listing.marker).scalar_subquery()
-        found.append(sa.or_(_I.c.created_at > at, sa.and_(_I.c.created_at == at, _I.c.uuid > listing.marker)))
+        # A row value: one range of the (created_at, uuid) index, read in order until the limit.
+        found.append(sa.tuple_(_I.c.created_at, _I.c.uuid) > sa.tuple_(at, sa.literal(listing.marker)))
     return found
 
 
