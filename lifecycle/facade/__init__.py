@@ -3,8 +3,10 @@
 They are ``engine.hosts``, ``engine.images``, ``engine.feed``, ``engine.duties``
 and ``engine.consoles``.
 
-Instance operations and reads stay typed methods of :class:`lifecycle.Engine`;
-each group here is a small object the engine builds once from its
+Instance operations stay typed methods of :class:`lifecycle.Engine`; its reads
+(``get``, ``list``, ``task``, ``tasks``, ``steps``, ``history``, ``migrations``)
+come from :class:`Reads`, a base class over the store. Each group here is a
+small object the engine builds once from its
 :class:`~lifecycle.context.Services` and never from the engine itself.
 """
 
