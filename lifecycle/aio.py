@@ -108,9 +108,28 @@ class AsyncEngine:
         """Await :meth:`lifecycle.Engine.get`."""
         return await self._call(self.engine.get, uuid)
 
-    async def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
+    async def list(
+        self,
+        host: str | None = None,
+        *,
+        vm_state: VmState | str | None = None,
+        status: str | None = None,
+        project_id: str | None = None,
+        include_deleted: bool = False,
+        limit: int | None = None,
+        marker: str | None = None,
+    ) -> builtins.list[Instance]:
         """Await :meth:`lifecycle.Engine.list`."""
-        return await self._call(self.engine.list, host, include_deleted=include_deleted)
+        return await self._call(
+            self.engine.list,
+            host,
+            vm_state=vm_state,
+            status=status,
+            project_id=project_id,
+            include_deleted=include_deleted,
+            limit=limit,
+            marker=marker,
+        )
 
     async def task(self, task_id: str) -> Task:
         """Await :meth:`lifecycle.Engine.task`."""
@@ -158,6 +177,9 @@ class AsyncEngine:
         request_id: str | None = None,
         actor: str = "api",
         wait: bool = True,
+        project_id: str | None = None,
+        user_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Task:
         """Await :meth:`lifecycle.Engine.create`."""
         return await self._start(
@@ -171,6 +193,9 @@ class AsyncEngine:
             request_id=request_id,
             actor=actor,
             wait=wait,
+            project_id=project_id,
+            user_id=user_id,
+            metadata=metadata,
         )
 
     async def start(self, uuid: str, **options: Unpack[CallOptions]) -> Task:

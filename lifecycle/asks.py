@@ -8,6 +8,7 @@ creates its instance, that instance's first record.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ class Ask:
             task_id=task.id,
             request_id=task.request_id,
             rule=self.params.get("rule"),
-            message=_start_note(preempt, overriding),
+            message=_start_note(preempt, overriding) or _attribution(self.params),
         )
 
 
@@ -69,7 +70,18 @@ def new_instance(ask: Ask, image: Image, first: TaskState, task: Task) -> Instan
         created_at=at,
         updated_at=at,
         deleted_at=None,
+        project_id=ask.params.get("project_id"),
+        user_id=ask.params.get("user_id"),
+        metadata=dict(ask.params.get("metadata") or {}),
     )
+
+
+def _attribution(params: dict[str, Any]) -> str | None:
+    """Say whom a create's instance is for (its project, user and metadata), for its first audit row."""
+    parts = [f"{key} {params[key]}" for key in ("project_id", "user_id") if params.get(key) is not None]
+    if params.get("metadata"):
+        parts.append(f"metadata {json.dumps(params['metadata'], sort_keys=True, ensure_ascii=False)}")
+    return ", ".join(parts) or None
 
 
 def _start_note(preempt: Task | None, overriding: Instance | None) -> str | None:

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from lifecycle import validation
+from lifecycle._plain import fields_of
 from lifecycle.errors import InvalidInput
 from lifecycle.records import Cause
 from lifecycle.states import VmState
@@ -102,11 +103,18 @@ class AuditEntry:
     rows written before the change feed (migration 0012)."""
     tx: int = 0
     """With ``id``, the row's place in the change feed (see :class:`Position`)."""
+    project_id: str | None = None
+    """The instance's project at the change (None: none named, or a row written before migration 0017)."""
+    user_id: str | None = None
 
     @property
     def position(self) -> Position:
         """The entry's position in the change feed."""
         return Position(self.tx, self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the entry as JSON-ready data, its feed ``position`` as ``tx:id`` text."""
+        return {**fields_of(self), "position": str(self.position)}
 
 
 _POSITION = re.compile(r"(0|[1-9][0-9]{0,18}):(0|[1-9][0-9]{0,18})", re.ASCII)
@@ -178,6 +186,9 @@ class Change(NamedTuple):
     request_id: str | None
     message: str | None
     timestamp: datetime
+    project_id: str | None = None
+    """Whom the instance is for: its project and user (see :attr:`lifecycle.records.Instance.project_id`)."""
+    user_id: str | None = None
 
     @property
     def position(self) -> Position:

@@ -18,17 +18,16 @@ import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from lifecycle import drivers, duties, graph, validation
-from lifecycle.audit import AuditEntry
 from lifecycle.clock import Clock, SystemClock
 from lifecycle.config import Settings
 from lifecycle.context import Services
 from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
-from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images
+from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images, Reads
 from lifecycle.graph import Op
 from lifecycle.logs import get_logger
 from lifecycle.metrics import Metrics
-from lifecycle.records import Cause, Flavor, Host, Instance, Migration, Task, TaskStep
+from lifecycle.records import Cause, Flavor, Host, Instance, Task
 from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.runner import Runner
 from lifecycle.states import VmState
@@ -41,10 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["CallOptions", "Engine"]
 
 log = get_logger(__name__)
-
-
-def _optional_name(kind: str, value: object) -> str | None:
-    return None if value is None else validation.name(kind, value)
 
 
 def _to(host: str | None) -> dict[str, Any]:
@@ -63,7 +58,7 @@ class CallOptions(TypedDict, total=False):
     override_lock: bool
 
 
-class Engine(Waits):
+class Engine(Reads, Waits):
     """The lifecycle engine over one database.
 
     ``driver_factory`` opens the driver of a host (by default from its URI);
@@ -128,41 +123,7 @@ class Engine(Waits):
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    # -- reads ------------------------------------------------------------------------
-
-    def get(self, uuid: str) -> Instance:
-        """Return the instance (deleted ones too); :class:`InstanceNotFound` otherwise."""
-        return self.store.instances.get(validation.uuid(uuid))
-
-    def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
-        """Return instances, optionally of one host."""
-        return self.store.instances.list(_optional_name("host", host), include_deleted=include_deleted)
-
-    def task(self, task_id: str) -> Task:
-        """Return a task by id; :class:`TaskNotFound` otherwise."""
-        return self.store.tasks.get(validation.uuid(task_id, "task"))
-
-    def tasks(self, uuid: str) -> builtins.list[Task]:
-        """Return every task of an instance, oldest first; :class:`InstanceNotFound` for an unknown one."""
-        return self.store.tasks.of(self.get(uuid).uuid)
-
-    def migrations(self, host: str | None = None) -> builtins.list[Migration]:
-        """Return cold migrations and resizes, newest first, optionally those from or to ``host``."""
-        if host is not None:
-            self.hosts.get(host)
-        return self.store.moves.list(host)
-
-    def migration(self, migration_id: str) -> Migration:
-        """Return one migration by id; :class:`MigrationNotFound` otherwise."""
-        return self.store.moves.get(validation.uuid(migration_id, "migration"))
-
-    def steps(self, task_id: str) -> builtins.list[TaskStep]:
-        """Return a task's step log."""
-        return self.store.tasks.steps(self.task(task_id).id)
-
-    def history(self, uuid: str) -> builtins.list[AuditEntry]:
-        """Return an instance's audit log, oldest first."""
-        return self.store.instances.history(self.get(uuid).uuid)
+    # -- reads: get, list, task, tasks, steps, history, migrations, migration (lifecycle.facade.Reads) ---
 
     def recover(self, *, force: bool = False, owner: str | None = None) -> builtins.list[Recovered]:
         """Take over and finish every task whose owner's lease has run out.
@@ -184,10 +145,6 @@ class Engine(Waits):
         self.metrics.observe_recovery(results)
         return results
 
-    def waiting_for_lease(self) -> builtins.list[Task]:
-        """Return the running tasks ``recover`` leaves alone because their lease is still live."""
-        return self.store.tasks.live()
-
     # -- operations -------------------------------------------------------------
 
     def create(
@@ -202,20 +159,23 @@ class Engine(Waits):
         request_id: str | None = None,
         actor: str = "api",
         wait: bool = True,
+        project_id: str | None = None,
+        user_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Task:
         """Build a new instance, on ``host`` or where the scheduler puts it; returns the create task.
 
         A spawn that fails is rescheduled on another host up to
         ``scheduler.max_attempts`` times (not when a host was named); the
         instance then goes to error with every attempt in its audit log.
+        ``project_id``, ``user_id`` and ``metadata`` (Nova's limits: at most 128 pairs of
+        strings up to 255 characters) say whom it is for; its first audit row records them.
         """
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
         params: dict[str, Any] = {"name": name, "flavor": flavor.as_dict(), "image": image}
-        if host is not None:
-            params["host"] = host
-        if availability_zone is not None:
-            params["availability_zone"] = availability_zone
+        given = {"host": host, "availability_zone": availability_zone, "project_id": project_id, "user_id": user_id}
+        params |= {key: value for key, value in (*given.items(), ("metadata", metadata)) if value is not None}
         new = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
         return self.runner.start(Op.CREATE, new, params=params, request_id=request_id, actor=actor, wait=wait)
 

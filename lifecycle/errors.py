@@ -383,9 +383,9 @@ class DatabaseUnavailable(LifecycleError):
 
 
 class ConsumerInUse(InvalidInput):
-    """Another exclusive follower holds the consumer (one webhook sender per URL); nothing was delivered."""
+    """Another follower holds the named consumer (one per name; a webhook sender per URL); nothing was delivered."""
 
     def __init__(self, consumer: str, detail: str | None = None) -> None:
         self.consumer = consumer
-        holder = detail or "another process follows it"
-        super().__init__(f"feed consumer {consumer!r} is in use: {holder}; one exclusive follower at a time")
+        holder = detail or "another follower holds it"
+        super().__init__(f"feed consumer {consumer!r} is in use: {holder}; one follower at a time")

@@ -24,13 +24,17 @@ A consumer is registered by its first :func:`follow`, at ``after``; from then
 on it resumes where it stopped and ``after`` is ignored (as Kafka's
 ``auto.offset.reset`` applies only to a group without an offset). Retention
 (:meth:`Engine.feed.prune`) never removes a change a registered consumer
-has not passed, so a consumer that is gone for good must be forgotten. Two
-followers under one name each get every change: run one per name. An
-``exclusive`` follower (a webhook sender) holds its consumer's lock while it
-follows, so a second one is refused with :class:`ConsumerInUse`; it checks it
-still holds it before it hands each change to its handler (a handler that
-retries calls :func:`confirm_claim` before each retry), and a lock lost (its
+has not passed, so a consumer that is gone for good must be forgotten.
+
+**One follower per name.** A follower of a named consumer holds the
+consumer's lock while it follows (two followers would each store the other's
+position over its own), so a second one, in this process or another, is
+refused with :class:`ConsumerInUse` naming the holder when the database can
+tell. It checks it still holds the lock before each batch; a webhook sender
+(``confirm_each``) before it hands each change to its handler (a handler that
+retries calls :func:`confirm_claim` before each retry). A lock lost (its
 PostgreSQL session gone) ends the batch at once, as a lost database does.
+Anonymous followers (consumer None) store nothing and take no lock.
 
 **A database that is away when a follower starts** is waited for the same
 way, before anything is read (:func:`wait_for_database`, what the CLI's
@@ -245,27 +249,27 @@ def follow(
     batch: int,
     poll: float,
     after: Position,
-    exclusive: bool = False,
+    confirm_each: bool = False,
     url: str | None = None,
 ) -> int:
     """Deliver the feed to ``handler`` until ``stop`` is set; return how many changes were delivered.
 
     ``consumer`` None follows anonymously from ``after``: no position is
     stored and retention does not wait for it. A ``stop`` already set
-    delivers one batch, what is there now, and returns. ``exclusive`` holds
-    the consumer's lock while following (:class:`ConsumerInUse` if another
-    holds it); ``url`` is stored with a consumer it registers. A database
+    delivers one batch, what is there now, and returns. A named consumer's
+    lock is held while following (:class:`ConsumerInUse` if another holds it),
+    confirmed before each batch, or before each change with ``confirm_each``;
+    ``url`` is stored with a consumer it registers. A database
     that goes away is waited for (see the module docstring):
     :class:`DatabaseUnavailable` if told to stop meanwhile.
     """
     if not callable(handler):
         raise InvalidInput(f"handler must be callable with a Change, got {type(handler).__name__}")
     cursor, backoff = _Cursor(store, consumer, after, url), _Backoff()
-    claim = consumer if exclusive else None
-    log.info("feed_follow_started", consumer=consumer, after=str(after), exclusive=exclusive)
+    log.info("feed_follow_started", consumer=consumer, after=str(after))
     while True:
         try:
-            _session(store, cursor, handler, backoff, stop=stop, batch=batch, poll=poll, claim=claim)
+            _session(store, cursor, handler, backoff, stop=stop, batch=batch, poll=poll, confirm_each=confirm_each)
             break
         except DatabaseUnavailable as exc:
             if not exc.transient:
@@ -290,15 +294,16 @@ def _session(
     stop: threading.Event,
     batch: int,
     poll: float,
-    claim: str | None,
+    confirm_each: bool,
 ) -> None:
     """Follow on one connection until ``stop``; the database going away raises, the position left to store later."""
+    claim = cursor.consumer
     with store.feed.reader(claim=claim) as reader:  # listening before the first read: a commit after it wakes the wait
         cursor.register()
         backoff.connected(cursor)
         try:
             with _claimed(reader if claim else None):
-                _pages(reader, cursor, handler, stop=stop, batch=batch, poll=poll)
+                _pages(reader, cursor, handler, stop=stop, batch=batch, poll=poll, confirm_each=confirm_each)
         except DatabaseUnavailable:
             raise  # nothing to store it in: stored once the database is back
         except BaseException:
@@ -308,11 +313,20 @@ def _session(
 
 
 def _pages(
-    reader: Reader, cursor: _Cursor, handler: Handler, *, stop: threading.Event, batch: int, poll: float
+    reader: Reader,
+    cursor: _Cursor,
+    handler: Handler,
+    *,
+    stop: threading.Event,
+    batch: int,
+    poll: float,
+    confirm_each: bool,
 ) -> None:
     while True:
         changes = reader.read(cursor.at, batch)
-        cursor.deliver(handler, changes, confirm_claim)
+        if changes and not confirm_each:
+            reader.confirm()  # one round trip a batch: a follower that lost its lock delivers none of it
+        cursor.deliver(handler, changes, confirm_claim if confirm_each else _held)
         caught_up = len(changes) < batch
         if caught_up or stop.is_set() or cursor.due():
             cursor.save()
@@ -323,6 +337,10 @@ def _pages(
             reader.wait(stop, poll if held else IDLE_RECHECK)
             if stop.is_set():
                 return
+
+
+def _held() -> None:
+    """Confirm nothing: the batch's lock was confirmed before it (see :func:`_pages`)."""
 
 
 def _save_quietly(cursor: _Cursor) -> None:

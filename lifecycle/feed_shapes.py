@@ -35,6 +35,8 @@ def as_change(e: AuditEntry) -> Change:
         request_id=e.request_id,
         message=e.message,
         timestamp=e.created_at,
+        project_id=e.project_id,
+        user_id=e.user_id,
     )
 
 
@@ -62,6 +64,8 @@ def change_data(change: Change) -> dict[str, Any]:
         "request_id": change.request_id,
         "message": change.message,
         "timestamp": _stamp(change),
+        "project_id": change.project_id,
+        "user_id": change.user_id,
     }
 
 
@@ -135,6 +139,8 @@ def nova_notification(change: Change) -> dict[str, Any]:
         "updated_at": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "request_id": change.request_id,
         "action_initiator_user": change.actor,
+        "tenant_id": change.project_id,
+        "user_id": change.user_id,
         "state_update": _nova_object("InstanceStateUpdatePayload", "1.0", state_update),
     }
     return {

@@ -174,6 +174,9 @@ class Instance(_Model, table=True):
     created_at: datetime = _column(INSTANCES, "created_at")
     updated_at: datetime = _column(INSTANCES, "updated_at")
     deleted_at: datetime | None = _column(INSTANCES, "deleted_at")
+    project_id: str | None = _column(INSTANCES, "project_id")
+    user_id: str | None = _column(INSTANCES, "user_id")
+    instance_metadata: str = _column(INSTANCES, "instance_metadata")
 
     tasks: list["Task"] = _view("[Task.started_at, Task.id]")
     claims: list["Claim"] = _view("Claim.host")
@@ -247,6 +250,8 @@ class AuditEntry(_Model, table=True):
     created_at: datetime = _column(AUDITS, "created_at")
     host: str | None = _column(AUDITS, "host")
     tx: int = _column(AUDITS, "tx")
+    project_id: str | None = _column(AUDITS, "project_id")
+    user_id: str | None = _column(AUDITS, "user_id")
 
 
 class Migration(_Model, table=True):

@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from lifecycle._plain import fields_of, plain
 from lifecycle.errors import InvalidFlavor
 from lifecycle.states import MigrationStatus, PowerState, TaskState, VmState, status_of
 from lifecycle.validation import unsafe_character
@@ -201,6 +202,10 @@ class Host:
         """Whether an operator declared the host dead: never scheduled to, its instances evacuable when down."""
         return self.fenced_at is not None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the host as JSON-ready data (datetimes as ISO 8601), ``fenced`` included."""
+        return {**fields_of(self), "fenced": self.fenced}
+
 
 @dataclass(frozen=True, slots=True)
 class Image:
@@ -241,11 +246,20 @@ class Instance:
     disk: str | None = None
     """The root volume the instance uses on its host, named after the attempt that made it (None: the bare uuid
     of a volume made before volumes named their attempt, or no disk)."""
+    project_id: str | None = None
+    """The project the instance is for, as the control plane names it (None: not named)."""
+    user_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The caller's own key/value pairs (Nova's server metadata), as given at create."""
 
     @property
     def status(self) -> str:
         """The user-facing status word derived from (vm_state, task_state) as Nova does."""
         return status_of(self.vm_state, self.task_state)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the instance as JSON-ready data: states as their stored values, ``status`` included."""
+        return {**fields_of(self, ("flavor",)), "flavor": self.flavor.as_dict(), "status": self.status}
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +285,18 @@ class Task:
     epoch: int = 0
     """Grows at each takeover by recovery: a worker holding an older epoch is fenced out."""
 
+    def to_dict(self, *, internal: bool = False) -> dict[str, Any]:
+        """Return the task as JSON-ready data, without the engine's own bookkeeping unless ``internal``.
+
+        Left out by default: ``owner`` and ``lease_expires_at`` (which engine process runs the task, and
+        until when), ``epoch`` (its takeover fence) and ``traceback`` (the engine's code paths); ``error``
+        says what went wrong. An operator's tool passes ``internal=True`` (``recover --owner`` needs it).
+        """
+        return fields_of(self, () if internal else _TASK_INTERNALS)
+
+
+_TASK_INTERNALS = ("owner", "lease_expires_at", "epoch", "traceback")
+
 
 @dataclass(frozen=True, slots=True)
 class Migration:
@@ -294,6 +320,11 @@ class Migration:
     """How much of the disk's data the copy to the destination moved (None before the copy began)."""
     bytes_total: int | None = None
     """How much data the copy moves in all."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the migration as JSON-ready data, its flavors as :meth:`Flavor.as_dict` encodes them."""
+        flavors = {"old_flavor": self.old_flavor.as_dict(), "new_flavor": self.new_flavor.as_dict()}
+        return {**fields_of(self, flavors), **flavors}
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,20 +357,5 @@ class TaskStep:
 
 
 def to_plain(value: Any) -> Any:
-    """Return a record as JSON-ready data, with ``status`` added to instances."""
-    if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
-    data = asdict(value)
-    if isinstance(value, Instance):
-        data["status"] = value.status
-        data["power_state"] = int(value.power_state)
-        data["flavor"] = asdict(value.flavor)
-    return {k: _plain_scalar(v) for k, v in data.items()}
-
-
-def _plain_scalar(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
+    """Return records (or a list of them) as JSON-ready data: each by its ``to_dict()``, the CLI's ``--json``."""
+    return plain(value)

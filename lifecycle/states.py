@@ -7,8 +7,19 @@ rows written by earlier versions must keep their meaning.
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
-__all__ = ["MIGRATION_TRANSITIONS", "MigrationStatus", "PowerState", "TaskState", "VmState", "status_of"]
+__all__ = [
+    "MIGRATION_TRANSITIONS",
+    "STATUSES",
+    "MigrationStatus",
+    "PowerState",
+    "TaskState",
+    "VmState",
+    "StatusPairs",
+    "status_of",
+    "status_pairs",
+]
 
 
 class VmState(enum.StrEnum):
@@ -135,6 +146,31 @@ def status_of(vm_state: VmState, task_state: TaskState | None) -> str:
     if task_state is None:
         return default
     return overrides.get(task_state, default)
+
+
+class StatusPairs(NamedTuple):
+    """The (vm_state, task_state) pairs of one status in one vm_state (see :func:`status_pairs`)."""
+
+    vm_state: VmState
+    default: bool
+    """True: a task_state of None or any but ``task_states``; False: only one of ``task_states``."""
+    task_states: frozenset[TaskState]
+
+
+def status_pairs(status: str) -> list[StatusPairs]:
+    """Return the pairs :func:`status_of` maps to ``status``, per vm_state (empty for an unknown status word)."""
+    found = []
+    for vm_state, (default, overrides) in _STATUS.items():
+        if default == status:
+            others = frozenset(t for t, word in overrides.items() if word != status)
+            found.append(StatusPairs(vm_state, True, others))
+        elif status in overrides.values():
+            found.append(StatusPairs(vm_state, False, frozenset(t for t, w in overrides.items() if w == status)))
+    return found
+
+
+STATUSES = frozenset(word for default, overrides in _STATUS.values() for word in (default, *overrides.values()))
+"""Every status word :func:`status_of` can return."""
 
 
 class MigrationStatus(enum.StrEnum):

@@ -243,6 +243,18 @@ def labels(kind: str, value: object) -> dict[str, str]:
     return dict(value)
 
 
+MAX_METADATA_ITEMS = 128
+"""Nova's ``metadata_items`` quota default: the most key/value pairs an instance's metadata holds."""
+
+
+def metadata(value: object) -> dict[str, str]:
+    """Validate an instance's metadata as Nova does: at most 128 pairs, keys 1-255, values 0-255 printable chars."""
+    checked = labels("metadata", value)
+    if len(checked) > MAX_METADATA_ITEMS:
+        raise InvalidInput(f"metadata has {len(checked)} items: at most {MAX_METADATA_ITEMS}")
+    return checked
+
+
 def short_name(kind: str, value: object, limit: int) -> str:
     """Validate a name of at most ``limit`` characters."""
     text = name(kind, value)

@@ -350,7 +350,7 @@ def deliver(ctx: Context, hook: Webhook, *, stop: threading.Event, batch: int = 
                 batch=feed.check_batch(batch),
                 poll=ctx.settings.feed_poll_interval,
                 after=feed.resolve(store, "end"),
-                exclusive=True,
+                confirm_each=True,
                 url=hook.url,
             )
     except ConsumerInUse:

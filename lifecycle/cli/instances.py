@@ -89,7 +89,7 @@ def _tasks(engine: Engine, args: argparse.Namespace) -> None:
 
     engine.get(args.uuid)  # an unknown uuid is refused as `show` refuses it, not an empty list
     tasks = engine.tasks(args.uuid)
-    data = [{**to_plain(t), "steps": to_plain(engine.steps(t.id))} for t in tasks]
+    data = [{**t.to_dict(internal=True), "steps": to_plain(engine.steps(t.id))} for t in tasks]
     lines = []
     for t in tasks:
         lines.append(safe(f"{t.id} {t.operation} {t.outcome.value} by {t.actor} ({t.request_id})"))

@@ -67,6 +67,7 @@ def _create(engine: Engine, args: argparse.Namespace, kw: dict[str, Any]) -> Tas
         raise InvalidInput("create does not take --force: a new instance has no lock to override")
     if args.idempotency_key:
         raise InvalidInput("create does not take --idempotency-key; pass --uuid to make it repeat-safe")
+    kw |= {"project_id": args.project, "user_id": args.user, "metadata": pairs(args.meta, "--meta") or None}
     return engine.create(
         args.name, host=args.host, availability_zone=args.zone, flavor=flavor, image=args.image, uuid=args.uuid, **kw
     )
@@ -94,6 +95,9 @@ _OWN: dict[str, Command | None] = {
             ),
             _option("--image", required=True),
             _option("--uuid"),
+            _option("--project", help="the project the instance is for (its project_id)"),
+            _option("--user", help="the user the instance is for (its user_id)"),
+            _option("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata, repeatable"),
         ),
         _create,
     ),

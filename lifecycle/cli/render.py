@@ -95,7 +95,7 @@ def task_result(args: argparse.Namespace, task: Task, instance: Instance) -> Non
     """Print a task's outcome with its instance as the task left it."""
     from lifecycle.records import to_plain
 
-    data = {**to_plain(instance), "task": to_plain(task)}
+    data = {**to_plain(instance), "task": task.to_dict(internal=True)}
     emit(args, data, f"task {task.id} {task.operation} {task.outcome.value}\n{instance_line(instance)}")
 
 

@@ -3,8 +3,10 @@
 They are ``engine.hosts``, ``engine.images``, ``engine.feed``, ``engine.duties``
 and ``engine.consoles``.
 
-Instance operations and reads stay typed methods of :class:`lifecycle.Engine`;
-each group here is a small object the engine builds once from its
+Instance operations stay typed methods of :class:`lifecycle.Engine`; its reads
+(``get``, ``list``, ``task``, ``tasks``, ``steps``, ``history``, ``migrations``)
+come from :class:`Reads`, a base class over the store. Each group here is a
+small object the engine builds once from its
 :class:`~lifecycle.context.Services` and never from the engine itself.
 """
 
@@ -16,5 +18,6 @@ from lifecycle.facade.duties import Duties
 from lifecycle.facade.feed import Feed
 from lifecycle.facade.hosts import Hosts
 from lifecycle.facade.images import Images
+from lifecycle.facade.reads import Reads
 
-__all__ = ["Consoles", "DriverCache", "DriverFactory", "Duties", "Feed", "Hosts", "Images"]
+__all__ = ["Consoles", "DriverCache", "DriverFactory", "Duties", "Feed", "Hosts", "Images", "Reads"]

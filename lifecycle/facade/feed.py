@@ -54,7 +54,9 @@ class Feed:
         ``batch``, 1 to 10000) and returns. An exception from the handler stops the follow; the
         position of the changes before it is stored first. A database that goes away is waited for
         (:class:`~lifecycle.errors.DatabaseUnavailable` if ``stop`` is set meanwhile). Names starting with
-        ``webhook:`` are the webhook senders' (:class:`InvalidInput`).
+        ``webhook:`` are the webhook senders' (:class:`InvalidInput`). A named consumer has one
+        follower at a time, in any process: a second raises :class:`~lifecycle.errors.ConsumerInUse`
+        (naming the holder when the database can tell) before anything is delivered.
         """
         store = self._services.store
         name = None if consumer is None else webhooks.check_consumer(validation.name("consumer", consumer))

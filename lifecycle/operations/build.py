@@ -120,10 +120,15 @@ def params(given: Mapping[str, Any]) -> dict[str, Any]:
     validation.name("instance", checked.get("name"))
     checked["flavor"] = flavor_param(checked.get("flavor"), "a create")
     validation.name("image", checked.get("image"))
-    for key, kind in (("host", "host"), ("availability_zone", "availability zone")):
+    for key, kind in (("host", "host"), ("availability_zone", "availability zone"), *_WHO):
         if checked.get(key) is not None:
             validation.name(kind, checked[key])
+    if checked.get("metadata") is not None:
+        checked["metadata"] = validation.metadata(checked["metadata"])
     return checked
+
+
+_WHO = (("project_id", "project_id"), ("user_id", "user_id"))
 
 
 def guard(call: Call) -> None:

@@ -222,6 +222,8 @@ def audit_values(before: Instance | None, after: Instance, why: Why, *, always: 
         "to_power_state": int(after.power_state),
         "message": why.message,
         "created_at": after.updated_at,
+        "project_id": after.project_id,
+        "user_id": after.user_id,
         # Where it happened: a change taking the instance off its host happened on that host.
         "host": after.host if after.host is not None or before is None else before.host,
     }

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -105,7 +107,28 @@ def advisory_lock(conn: sa.Connection, consumer: str) -> None:
     The lock lasts as long as the session: closing the connection releases it.
     """
     if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _key(consumer)}).scalar_one():
-        raise ConsumerInUse(consumer)
+        raise ConsumerInUse(consumer, _pg_holder(conn, consumer))
+
+
+_HOLDER = sa.text(
+    "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"
+)
+
+
+def _lock_ids(consumer: str) -> dict[str, int]:
+    unsigned = _key(consumer) & 0xFFFF_FFFF_FFFF_FFFF  # a bigint key shows in pg_locks as two oids
+    return {"high": unsigned >> 32, "low": unsigned & 0xFFFF_FFFF}
+
+
+def _pg_holder(conn: sa.Connection, consumer: str) -> str | None:
+    """Say which PostgreSQL session holds ``consumer``'s lock (None if it cannot be seen: another role's, gone)."""
+    row = conn.execute(_HOLDER, _lock_ids(consumer)).first()
+    if row is None or row.pid is None:
+        return None
+    where = f" from {row.client_addr}" if row.client_addr else ""
+    app = f" ({row.application_name})" if row.application_name else ""
+    return f"PostgreSQL session pid {row.pid}{where}{app} follows it"
 
 
 _HELD = sa.text(
@@ -116,9 +139,7 @@ _HELD = sa.text(
 
 def holds_advisory_lock(conn: sa.Connection, consumer: str) -> bool:
     """Return whether ``conn``'s session holds ``consumer``'s lock; the database's error if the session is gone."""
-    unsigned = _key(consumer) & 0xFFFF_FFFF_FFFF_FFFF  # a bigint key shows in pg_locks as two oids
-    params = {"high": unsigned >> 32, "low": unsigned & 0xFFFF_FFFF}
-    return bool(conn.execute(_HELD, params).scalar_one())
+    return bool(conn.execute(_HELD, _lock_ids(consumer)).scalar_one())
 
 
 @contextmanager
@@ -127,11 +148,16 @@ def file_lock(database: str | None, consumer: str) -> Iterator[None]:
     name = hashlib.sha1(consumer.encode()).hexdigest()[:16]
     beside = database if database and database != ":memory:" else f"{tempfile.gettempdir()}/lifecycle-memory"
     path = f"{beside}.consumer-{name}.lock"
-    with open(path, "a") as handle:
+    with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConsumerInUse(consumer) from None
+            handle.seek(0)
+            holder = handle.read(200).strip()
+            raise ConsumerInUse(consumer, f"{holder} follows it" if holder else None) from None
+        handle.truncate(0)  # who holds it, for the message of a follower refused meanwhile
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
         try:
             yield
         finally:

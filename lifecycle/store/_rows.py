@@ -97,6 +97,9 @@ def instance_values(i: Instance) -> dict[str, Any]:
         "locked_reason": i.locked_reason,
         "locked_at": i.locked_at,
         "disk": i.disk,
+        "project_id": i.project_id,
+        "user_id": i.user_id,
+        "instance_metadata": json.dumps(i.metadata),
     }
 
 
@@ -148,6 +151,9 @@ def instance_from(r: sa.RowMapping) -> Instance:
         locked_reason=r["locked_reason"],
         locked_at=aware(r["locked_at"]),
         disk=r["disk"],
+        project_id=r["project_id"],
+        user_id=r["user_id"],
+        metadata=json.loads(r["instance_metadata"]),
     )
 
 

@@ -119,6 +119,8 @@ _CHANGE_COLUMNS = (
     _A.c.request_id,
     _A.c.message,
     _A.c.created_at,
+    _A.c.project_id,
+    _A.c.user_id,
 )
 """The columns of a change in the order of :class:`Change`'s fields: a row is a change as it comes."""
 
@@ -199,7 +201,7 @@ def _read_changes(conn: sa.Connection, after: Position, limit: int) -> list[Chan
     if postgres:  # timestamps come aware
         return [new(Change, row) for row in rows]
     utc = datetime.fromisoformat  # SQLite keeps UTC wall time as text: parsed with its zone in one call
-    return [new(Change, (*row[:17], utc(f"{row[17]}+00:00"))) for row in rows]
+    return [new(Change, (*row[:17], utc(f"{row[17]}+00:00"), *row[18:])) for row in rows]
 
 
 _HELD_BACK = sa.select(sa.exists().where(_INDEXED, _A.c.tx >= _xmin()))

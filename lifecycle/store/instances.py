@@ -1,4 +1,4 @@
-"""Instance reads: one instance, the instances of a host or a state, and an instance's audit history."""
+"""Instance reads: one instance, a filtered page of them, those of a state, and an instance's audit history."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from lifecycle.audit import AuditEntry
-from lifecycle.errors import InstanceNotFound
+from lifecycle.errors import InstanceNotFound, InvalidInput
+from lifecycle.listing import Listing
 from lifecycle.records import Instance
-from lifecycle.states import VmState
+from lifecycle.states import StatusPairs, VmState, status_pairs
 from lifecycle.store._base import StoreBase
 from lifecycle.store._rows import AUDITS, INSTANCES, TASKS, instance_from
 from lifecycle.store.db import aware
@@ -19,6 +20,8 @@ __all__ = ["Instances"]
 
 _I, _A, _T = INSTANCES, AUDITS, TASKS
 _BY_UUID = sa.select(_I).where(_I.c.uuid == sa.bindparam("x_uuid"))
+_EXISTS = sa.select(_I.c.uuid).where(_I.c.uuid == sa.bindparam("x_uuid"))
+_M = _I.alias("marker")
 
 
 class Instances(StoreBase):
@@ -34,13 +37,23 @@ class Instances(StoreBase):
 
     def list(self, host: str | None = None, *, include_deleted: bool = False) -> builtins.list[Instance]:
         """Return instances by creation time, optionally of one host."""
-        query = sa.select(_I).order_by(_I.c.created_at, _I.c.uuid)
-        if host is not None:
-            query = query.where(_I.c.host == host)
-        if not include_deleted:
-            query = query.where(_I.c.vm_state != VmState.DELETED.value)
+        return self.page(Listing(host, include_deleted=include_deleted))
+
+    def page(self, listing: Listing) -> builtins.list[Instance]:
+        """Return the page of instances ``listing`` asks for, by (created_at, uuid), in one query.
+
+        Raises :class:`InvalidInput` when its marker is no instance.
+        """
+        query = sa.select(_I).where(*_filters(listing)).order_by(_I.c.created_at, _I.c.uuid).limit(listing.limit)
         with self._read() as conn:
-            return [instance_from(r) for r in conn.execute(query).mappings()]
+            rows = [instance_from(r) for r in conn.execute(query).mappings()]
+            if (
+                not rows
+                and listing.marker is not None
+                and conn.execute(_EXISTS, {"x_uuid": listing.marker}).first() is None
+            ):
+                raise InvalidInput(f"marker {listing.marker} is not a known instance (the last uuid of a page)")
+        return rows
 
     def in_state_since(self, vm_state: VmState, before: datetime) -> builtins.list[Instance]:
         """Return the instances in ``vm_state`` whose last write is older than ``before``, oldest first.
@@ -74,3 +87,34 @@ class Instances(StoreBase):
         with self._read() as conn:
             rows = conn.execute(query).mappings().all()
         return [AuditEntry(**{**r, "created_at": aware(r["created_at"])}) for r in rows]
+
+
+def _filters(listing: Listing) -> builtins.list[sa.ColumnElement[bool]]:
+    """Return the conditions of a listing: its filters, then the keyset after its marker."""
+    found: builtins.list[sa.ColumnElement[bool]] = []
+    if listing.host is not None:
+        found.append(_I.c.host == listing.host)
+    if listing.vm_state is not None:
+        found.append(_I.c.vm_state == VmState(listing.vm_state).value)
+    if listing.status is not None:
+        found.append(sa.or_(*(_pairs(p) for p in status_pairs(listing.status))))
+    if listing.project_id is not None:
+        found.append(_I.c.project_id == listing.project_id)
+    if not listing.include_deleted:
+        found.append(_I.c.vm_state != VmState.DELETED.value)
+    if listing.marker is not None:
+        at = sa.select(_M.c.created_at).where(_M.c.uuid == listing.marker).scalar_subquery()
+        # A row value: one range of the (created_at, uuid) index, read in order until the limit.
+        found.append(sa.tuple_(_I.c.created_at, _I.c.uuid) > sa.tuple_(at, sa.literal(listing.marker)))
+    return found
+
+
+def _pairs(p: StatusPairs) -> sa.ColumnElement[bool]:
+    """Return the condition of one vm_state's (vm_state, task_state) pairs of a status."""
+    tasks = sorted(t.value for t in p.task_states)
+    if not p.default:
+        return sa.and_(_I.c.vm_state == p.vm_state.value, _I.c.task_state.in_(tasks))
+    if not tasks:
+        return _I.c.vm_state == p.vm_state.value
+    others = sa.or_(_I.c.task_state.is_(None), _I.c.task_state.not_in(tasks))
+    return sa.and_(_I.c.vm_state == p.vm_state.value, others)

@@ -176,12 +176,14 @@ class SyncRows(StoreBase):
         updated = conn.execute(_POWER_CAS, [_cas_params(w, at) for w in writes]).rowcount
         if not conn.dialect.supports_sane_multi_rowcount or updated != len(writes):
             raise _LostRace
-        conn.execute(sa.insert(_A), [_audit_row(w, at) for w in writes])
+        who = _attribution(conn, writes)
+        conn.execute(sa.insert(_A), [_audit_row(w, at, who) for w in writes])
         return [True] * len(writes)
 
     def _powers_one_by_one(self, conn: sa.Connection, writes: Sequence[PowerWrite], at: datetime) -> list[bool]:
         won = [conn.execute(_POWER_CAS, _cas_params(w, at)).rowcount == 1 for w in writes]
-        audits = [_audit_row(w, at) for w, ok in zip(writes, won, strict=True) if ok]
+        who = _attribution(conn, writes)
+        audits = [_audit_row(w, at, who) for w, ok in zip(writes, won, strict=True) if ok]
         if audits:
             conn.execute(sa.insert(_A), audits)
         return won
@@ -207,9 +209,18 @@ def _cas_params(w: PowerWrite, at: datetime) -> dict[str, object]:
     }
 
 
-def _audit_row(w: PowerWrite, at: datetime) -> dict[str, object]:
+def _attribution(conn: sa.Connection, writes: Sequence[PowerWrite]) -> dict[str, tuple[str | None, str | None]]:
+    """Return the project and user of the written instances, by uuid, for their audit rows (one select a batch)."""
+    query = sa.select(_I.c.uuid, _I.c.project_id, _I.c.user_id).where(_I.c.uuid.in_([w.uuid for w in writes]))
+    return {uuid: (project, user) for uuid, project, user in conn.execute(query)}
+
+
+def _audit_row(w: PowerWrite, at: datetime, who: dict[str, tuple[str | None, str | None]]) -> dict[str, object]:
     """Return the audit row :func:`lifecycle.store._cas.audit` writes for a power change of an idle instance."""
+    project, user = who.get(w.uuid, (None, None))
     return {
+        "project_id": project,
+        "user_id": user,
         "instance_uuid": w.uuid,
         "task_id": w.why.task_id,
         "request_id": w.why.request_id,

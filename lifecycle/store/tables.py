@@ -129,8 +129,18 @@ INSTANCES = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("updated_at", _TS, nullable=False),
     sa.Column("deleted_at", _TS, nullable=True),
+    # Who the instance is for, as the embedding control plane names them (Nova's project and user ids);
+    # NULL on rows written before migration 0017, and when the caller named none.
+    sa.Column("project_id", _text(255), nullable=True),
+    sa.Column("user_id", _text(255), nullable=True),
+    # JSON object of the caller's metadata (Nova's server metadata: at most 128 items, keys and values of at
+    # most 255 characters). Named after Nova's table: ``metadata`` is reserved on SQLModel classes.
+    sa.Column("instance_metadata", _text(), nullable=False, default="{}", server_default="{}"),
     sa.Index("ix_instances_host_vm_state", "host", "vm_state"),
     sa.Index("ix_instances_host_uuid", "host", "uuid"),  # the sync pass pages a host by uuid
+    # Engine.list pages by (created_at, uuid), of all instances or of one project.
+    sa.Index("ix_instances_created_at_uuid", "created_at", "uuid"),
+    sa.Index("ix_instances_project_created_at_uuid", "project_id", "created_at", "uuid"),
 )
 
 TASKS = sa.Table(
@@ -214,6 +224,10 @@ AUDITS = sa.Table(
     # The change's place in the feed, with ``id``: on PostgreSQL the writing transaction's id (at least
     # the instance's previous change's), set by a trigger; 0 on SQLite. See :mod:`lifecycle.store.feed`.
     sa.Column("tx", sa.BigInteger, nullable=False, default=0, server_default=sa.text("0")),
+    # Whom the instance is for (its project_id and user_id at the change), so a feed consumer routes by
+    # project; NULL on rows written before migration 0017.
+    sa.Column("project_id", _text(255), nullable=True),
+    sa.Column("user_id", _text(255), nullable=True),
     # The change feed and the audit queries read these indexes (lifecycle.store.feed says which reads
     # which); each ends in created_at, id so a time window is one index range, read in the order it is
     # returned. PostgreSQL only (tx is 0 on SQLite, which reads the feed by id): the feed's order, and the
