@@ -19,17 +19,16 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import structlog
 
-from lifecycle import drivers, duties, graph, validation
+from lifecycle import duties, graph, validation
 from lifecycle.audit import AuditEntry
 from lifecycle.clock import Clock, SystemClock
 from lifecycle.config import Settings
 from lifecycle.context import Services
-from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images
 from lifecycle.graph import Op
 from lifecycle.metrics import Metrics
-from lifecycle.records import Cause, Flavor, Host, Instance, Migration, Task, TaskStep
+from lifecycle.records import Cause, Flavor, Instance, Migration, Task, TaskStep
 from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.runner import Runner
 from lifecycle.states import VmState
@@ -94,7 +93,7 @@ class Engine:
         self.store = Store(db_url, lease_seconds=self.settings.lease_seconds, clock=self.clock)
         check_schema(self.store.engine)
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
-        self.drivers = DriverCache(self.store, driver_factory or self._connect)
+        self.drivers = DriverCache(self.store, driver_factory, self.settings)
         """The hosts' drivers, each opened once (``engine.hosts.driver(name)`` returns one)."""
         self.runner = Runner(self.store, self.settings, self.drivers.get, self.owner)
         """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases).
@@ -200,6 +199,7 @@ class Engine:
         availability_zone: str | None = None,
         uuid: str | None = None,
         request_id: str | None = None,
+        idempotency_key: str | None = None,
         actor: str = "api",
         wait: bool = True,
     ) -> Task:
@@ -208,6 +208,7 @@ class Engine:
         A spawn that fails is rescheduled on another host up to
         ``scheduler.max_attempts`` times (not when a host was named); the
         instance then goes to error with every attempt in its audit log.
+        ``idempotency_key`` works as in :meth:`run`; a repeat needs no ``uuid`` to find the first call's instance.
         """
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
@@ -216,8 +217,15 @@ class Engine:
             params["host"] = host
         if availability_zone is not None:
             params["availability_zone"] = availability_zone
-        new = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
-        return self.runner.start(Op.CREATE, new, params=params, request_id=request_id, actor=actor, wait=wait)
+        return self.runner.start(
+            Op.CREATE,
+            uuid,
+            params=params,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            actor=actor,
+            wait=wait,
+        )
 
     def start(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Power a stopped instance on."""
@@ -384,14 +392,3 @@ class Engine:
     def reset_state(self, uuid: str, *, reason: str, state: VmState = VmState.ERROR, actor: str = "admin") -> Instance:
         """End a stuck task failed (cause admin), clear the task_state and set ``state`` (error or active)."""
         return duties.reset_state(self.services, uuid, state=state, reason=reason, actor=actor)
-
-    def _connect(self, host: Host) -> Driver:
-        s = self.settings
-        return drivers.connect(
-            host.driver_uri,
-            host.name,
-            host.instances_path,
-            domain_type=s.libvirt_domain_type,
-            vnc_listen=host.console_address or s.vnc_listen,
-            soft_reboot_seconds=s.soft_reboot_seconds,
-        )

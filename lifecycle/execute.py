@@ -17,12 +17,12 @@ from dataclasses import replace
 import structlog
 
 from lifecycle import graph, preemption
-from lifecycle.errors import DriverError, Fenced, Preempted, TaskFailed
+from lifecycle.errors import DriverError, Fenced, NoValidHost, NoValidHostFailed, Preempted, TaskFailed
 from lifecycle.records import Outcome, Task
 from lifecycle.states import PowerState, VmState
 from lifecycle.tasks import Steps, TaskRun
 
-__all__ = ["execute", "fail", "succeed"]
+__all__ = ["execute", "fail", "failed", "succeed"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,9 +57,16 @@ def execute(run: TaskRun, steps: Steps) -> Task:
                 _lost(run, started, late)
                 raise
             _finished(run, started)
-            raise TaskFailed(run.task, run.task.error or str(exc)) from exc
+            raise failed(run.task, run.task.error or str(exc), exc) from exc
         _finished(run, started)
         return run.task
+
+
+def failed(task: Task, error: str, cause: BaseException | None) -> TaskFailed:
+    """Return the error a caller gets for a failed ``task``: a :class:`NoValidHostFailed` when no host would take it."""
+    if isinstance(cause, NoValidHost):
+        return NoValidHostFailed(task, error, cause.reasons)
+    return TaskFailed(task, error)
 
 
 def succeed(run: TaskRun) -> None:
