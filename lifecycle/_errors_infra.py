@@ -99,7 +99,7 @@ class DatabaseUnavailable(LifecycleError):
 
 
 class InMemoryHostElsewhere(InvalidInput):
-    """The host is an in-memory fake (``fake://``) another process added: this process would open it empty.
+    """The host is an in-memory fake (``fake://``) another process added: this one sees it empty, and will not sync it.
 
     Its domains live only in the memory of the process that added it; here
     they would look gone, and a sync would send every instance there to
@@ -110,9 +110,9 @@ class InMemoryHostElsewhere(InvalidInput):
         self.host = host
         super().__init__(
             f"host {host!r} is an in-memory fake hypervisor (fake://) added by another process: its domains live"
-            " only in that process's memory, and this process would see it empty (syncing its instances to error)."
-            " Run the daemon in the process that added it (lifecycle.Daemon), or give the host a state file"
-            " (fake:///ABS/state.json) that every process shares"
+            " only in that process's memory, and this process would see it empty (syncing its instances to error),"
+            " so it does not sync it. Run the daemon in the process that added it (lifecycle.Daemon), or give the"
+            " host a state file (fake:///ABS/state.json) that every process shares"
         )
 
 

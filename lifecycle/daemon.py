@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import structlog
@@ -96,6 +97,7 @@ class Daemon:
         self.failure: BaseException | None = None
         """What ended :meth:`run` on the daemon's own thread, if anything did (it is logged too)."""
         self._refused: set[str] = set()
+        self._first_round = threading.Event()
         self.claims: dict[str, HostClaim] = {}
         self.workers: dict[str, HostWorker] = {}
         self.jobs: list[Job] = [
@@ -138,6 +140,18 @@ class Daemon:
         self.thread = threading.Thread(target=self._run_logged, name="lifecycle-daemon", daemon=True)
         self.thread.start()
         return self
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the first claim round ran and each host it claimed had its first heartbeat; return whether so.
+
+        Call it after :meth:`start` when the application creates instances at
+        once: until then the scheduler may see no host up. A host whose
+        hypervisor does not answer counts once its first ping failed.
+        """
+        deadline = time.monotonic() + timeout
+        if not self._first_round.wait(timeout):
+            return False
+        return all(w.first_beat.wait(max(0.0, deadline - time.monotonic())) for w in list(self.workers.values()))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the daemon and wait up to ``timeout`` s for its thread to release its hosts; safe to call twice.
@@ -184,6 +198,7 @@ class Daemon:
             claim = self.engine.store.ownership.try_claim_host(name)
             if claim is not None:
                 self._own(name, claim)
+        self._first_round.set()
 
     def _servable(self, host: Host) -> bool:
         """Whether this process can serve ``host``: not another process's in-memory fake (said once per host)."""
@@ -234,8 +249,8 @@ def serve(
     from lifecycle.engine import Engine  # the engine pulls in the whole package; the CLI imports this module late
 
     with Engine(db_url, settings=settings) as engine:
-        for name in hosts or ():
-            engine.hosts.get(name)  # refuse a typo before claiming anything
+        for name in hosts or ():  # refuse a typo, or another process's in-memory host, before claiming anything
+            engine.drivers.check_here(engine.hosts.get(name))
         server = None if metrics_listen is None else _serve_metrics(engine, *metrics_listen)
         daemon = Daemon(engine, hosts=hosts, claim_interval=claim_interval)
         for sig in (signal.SIGTERM, signal.SIGINT):

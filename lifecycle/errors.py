@@ -20,7 +20,7 @@ The tree::
     │   ├── IdempotencyMismatch  a key reused for another call
     │   ├── HostInUse            a host still holds instances
     │   ├── ConsumerInUse        another exclusive follower holds the feed consumer
-    │   └── InMemoryHostElsewhere  a fake:// host another process added: this one would see it empty
+    │   └── InMemoryHostElsewhere  a fake:// host another process added: not synced nor served here
     ├── InvalidState            the operation's guard refused the current states
     ├── HostNotEvacuable        evacuate refused: the host is not both down and fenced
     ├── InstanceLocked          the instance is locked; only an admin override runs an operation

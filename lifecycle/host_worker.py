@@ -91,6 +91,8 @@ class HostWorker:
         self.cleared = threading.Event()
         """Set once the copies of instances evacuated away were destroyed since the hypervisor last answered."""
         self._clearing = threading.Lock()
+        self.first_beat = threading.Event()
+        """Set once the first heartbeat was tried (recorded, or refused because the hypervisor did not answer)."""
         s = engine.settings
         self.processor = EventProcessor(engine.services, host, s.sync_policy, delay=s.stopped_event_delay)
         self.beats = [Job(f"heartbeat:{host}", max(1.0, s.host_down_after / 3), self.heartbeat)]
@@ -113,6 +115,12 @@ class HostWorker:
 
     def heartbeat(self) -> None:
         """Record the host as up, only if its hypervisor answers now (a silent one goes down by itself)."""
+        try:
+            self._heartbeat()
+        finally:
+            self.first_beat.set()
+
+    def _heartbeat(self) -> None:
         try:
             self.engine.hosts.driver(self.host).ping()
         except Exception as exc:

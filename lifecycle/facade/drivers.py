@@ -2,12 +2,14 @@
 
 A ``fake://`` host (no state file) is a hypervisor held in the memory of the
 process that added it: another process (the ``lifecycle`` command, a daemon
-started elsewhere, the application restarted) would open it empty and take
-that emptiness as the truth, syncing every instance there to error. The
-engine's own driver opening refuses it there with :class:`InMemoryHostElsewhere`
-(a process may open the hosts it added, known by name); an engine given its
-own ``driver_factory`` decides for itself. Each engine opens its own fake
-host, so give the in-process :class:`lifecycle.Daemon` the application's engine.
+started elsewhere, the application restarted) would open it empty. Building
+there is harmless (a benchmark's workers each fill their own), but a sync
+pass or a daemon would take that emptiness as the truth and send every
+instance there to error: :meth:`DriverCache.check_here` refuses those with
+:class:`InMemoryHostElsewhere` (a process may serve the hosts it added, known
+by name). An engine given its own ``driver_factory`` decides for itself. Each
+engine opens its own fake host, so give the in-process :class:`lifecycle.Daemon`
+the application's engine.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def connect_host(settings: Settings, host: Host) -> Driver:
 class DriverCache:
     """Opens a host's driver on first use under a lock of that host alone, and keeps it.
 
-    With no ``factory``, drivers are opened from their URIs (:func:`connect_host`) and an
-    in-memory fake host another process added is refused (:meth:`check_here`).
+    With no ``factory``, drivers are opened from their URIs (:func:`connect_host`), and an
+    in-memory fake host another process added is not to be synced here (:meth:`check_here`).
     """
 
     def __init__(self, store: Store, factory: DriverFactory | None, settings: Settings) -> None:
@@ -66,8 +68,7 @@ class DriverCache:
         self._lock = threading.Lock()
 
     def connect(self, host: Host) -> Driver:
-        """Open ``host``'s driver from its URI; :class:`InMemoryHostElsewhere` for another process's in-memory fake."""
-        self.check_here(host)
+        """Open ``host``'s driver from its URI with the engine's settings."""
         return connect_host(self._settings, host)
 
     def added(self, host: Host) -> None:
@@ -77,10 +78,10 @@ class DriverCache:
                 _added_here.add(host.name)
 
     def check_here(self, host: Host) -> None:
-        """Refuse (:class:`InMemoryHostElsewhere`) an in-memory fake host this engine would open empty.
+        """Refuse (:class:`InMemoryHostElsewhere`) to serve (sync, claim) an in-memory fake host opened empty here.
 
-        Only with the engine's own opening (no ``driver_factory``): it opens a
-        ``fake://`` host only in a process that added a host of that name.
+        Only with the engine's own opening (no ``driver_factory``): a
+        ``fake://`` host is served only in a process that added a host of that name.
         """
         if self.factory != self.connect or host.driver_uri != IN_MEMORY:
             return
