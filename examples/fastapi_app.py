@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -36,16 +35,19 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from lifecycle import AsyncEngine, Engine, Flavor, Instance, Task, upgrade
-from lifecycle.daemon import Daemon
-from lifecycle.engine import CallOptions
-from lifecycle.errors import (
+from lifecycle import (
+    AsyncEngine,
+    CallOptions,
     Conflict,
+    Daemon,
     DatabaseUnavailable,
     DriverUnavailable,
+    Engine,
+    Flavor,
     HostNotEvacuable,
     HostNotFound,
     ImageNotFound,
+    Instance,
     InstanceLocked,
     InstanceNotFound,
     InvalidInput,
@@ -54,8 +56,10 @@ from lifecycle.errors import (
     MigrationNotFound,
     NoValidHost,
     Preempted,
+    Task,
     TaskFailed,
     TaskNotFound,
+    upgrade,
 )
 
 DB_URL = os.environ.get("LIFECYCLE_DB_URL", "sqlite:///lifecycle.db")
@@ -122,18 +126,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(upgrade, DB_URL)
     engine = await asyncio.to_thread(Engine, DB_URL)
     # The daemon keeps the hosts heartbeating (or the scheduler sees them down), syncs them, recovers tasks
-    # whose owner died, applies the resize confirm window and the operator duties. Its run() returns once
-    # its stop event is set.
-    daemon = Daemon(engine)
-    thread = threading.Thread(target=daemon.run, name="lifecycle-daemon", daemon=True)
-    thread.start()
+    # whose owner died, applies the resize confirm window and the operator duties, on a thread of its own.
+    daemon = Daemon(engine).start()
     try:
+        await asyncio.to_thread(daemon.wait_ready)  # the first heartbeats are in: the scheduler sees the hosts up
         async with AsyncEngine(engine) as aengine:
             app.state.aengine = aengine
             yield
     finally:
-        daemon.stop.set()
-        await asyncio.to_thread(thread.join)
+        await asyncio.to_thread(daemon.close)
         await asyncio.to_thread(engine.close)
 
 

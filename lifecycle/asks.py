@@ -33,6 +33,8 @@ class Ask:
     cause: Cause
     override_lock: bool
     only_idle_in: VmState | None
+    uuid_chosen: bool = True
+    """Whether the caller named the instance (False: a create given a fresh uuid, which its key does not cover)."""
 
     def task_fields(self) -> dict[str, Any]:
         """Return the keyword arguments of :meth:`Runner.new_task` this call gives."""

@@ -82,7 +82,7 @@ def _demo(workdir: Path, as_json: bool, hosts: DemoHosts) -> dict[str, Any]:
     def driver_for(host: Host) -> Driver:
         if host.name == "compute-2" or (missing and host.name == "compute-1"):
             return fake if host.name == "compute-2" else local
-        return engine._connect(host)
+        return engine.drivers.connect(host)
 
     summary: dict[str, Any] = {"database": url, "instances": {}}
     settings = Settings(

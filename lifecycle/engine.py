@@ -17,17 +17,16 @@ import builtins
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-from lifecycle import drivers, duties, graph, validation
+from lifecycle import duties, graph, validation
 from lifecycle.clock import Clock, SystemClock
 from lifecycle.config import Settings
 from lifecycle.context import Services
-from lifecycle.drivers.base import Driver
 from lifecycle.errors import InvalidInput
 from lifecycle.facade import Consoles, DriverCache, DriverFactory, Duties, Feed, Hosts, Images, Reads
 from lifecycle.graph import Op
 from lifecycle.logs import get_logger
 from lifecycle.metrics import Metrics
-from lifecycle.records import Cause, Flavor, Host, Instance, Task
+from lifecycle.records import Cause, Flavor, Instance, Task
 from lifecycle.recovery import Recovered, recover_tasks
 from lifecycle.runner import Runner
 from lifecycle.states import VmState
@@ -89,7 +88,7 @@ class Engine(Reads, Waits):
         self.store = Store(db_url, lease_seconds=self.settings.lease_seconds, clock=self.clock)
         check_schema(self.store.engine)
         self.owner = owner or f"engine-{uuidlib.uuid4()}"
-        self.drivers = DriverCache(self.store, driver_factory or self._connect)
+        self.drivers = DriverCache(self.store, driver_factory, self.settings)
         """The hosts' drivers, each opened once (``engine.hosts.driver(name)`` returns one)."""
         self.runner = Runner(self.store, self.settings, self.drivers.get, self.owner)
         """Starts tasks and runs their workers (guards, idempotency, preemption, pool, leases).
@@ -157,6 +156,7 @@ class Engine(Reads, Waits):
         availability_zone: str | None = None,
         uuid: str | None = None,
         request_id: str | None = None,
+        idempotency_key: str | None = None,
         actor: str = "api",
         wait: bool = True,
         project_id: str | None = None,
@@ -170,14 +170,22 @@ class Engine(Reads, Waits):
         instance then goes to error with every attempt in its audit log.
         ``project_id``, ``user_id`` and ``metadata`` (Nova's limits: at most 128 pairs of
         strings up to 255 characters) say whom it is for; its first audit row records them.
+        ``idempotency_key`` works as in :meth:`run`; a repeat needs no ``uuid`` to find the first call's instance.
         """
         if not isinstance(flavor, Flavor):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
         params: dict[str, Any] = {"name": name, "flavor": flavor.as_dict(), "image": image}
         given = {"host": host, "availability_zone": availability_zone, "project_id": project_id, "user_id": user_id}
         params |= {key: value for key, value in (*given.items(), ("metadata", metadata)) if value is not None}
-        new = validation.uuid(uuid) if uuid is not None else str(uuidlib.uuid4())
-        return self.runner.start(Op.CREATE, new, params=params, request_id=request_id, actor=actor, wait=wait)
+        return self.runner.start(
+            Op.CREATE,
+            uuid,
+            params=params,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            actor=actor,
+            wait=wait,
+        )
 
     def start(self, uuid: str, **options: Unpack[CallOptions]) -> Task:
         """Power a stopped instance on."""
@@ -344,14 +352,3 @@ class Engine(Reads, Waits):
     def reset_state(self, uuid: str, *, reason: str, state: VmState = VmState.ERROR, actor: str = "admin") -> Instance:
         """End a stuck task failed (cause admin), clear the task_state and set ``state`` (error or active)."""
         return duties.reset_state(self.services, uuid, state=state, reason=reason, actor=actor)
-
-    def _connect(self, host: Host) -> Driver:
-        s = self.settings
-        return drivers.connect(
-            host.driver_uri,
-            host.name,
-            host.instances_path,
-            domain_type=s.libvirt_domain_type,
-            vnc_listen=host.console_address or s.vnc_listen,
-            soft_reboot_seconds=s.soft_reboot_seconds,
-        )

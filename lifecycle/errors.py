@@ -1,8 +1,10 @@
 """Every error the engine and its drivers raise, rooted at one class.
 
-This is a leaf module: it imports nothing from the package, so drivers and the
-store can use it without pulling in the engine. Errors carry their data as
-attributes and print as one line a user can act on.
+This is a leaf module: it imports nothing from the package but its two private
+parts (the roots; the errors of hypervisors and the database), so drivers and
+the store can use it without pulling in the engine; import every error from
+here. Errors carry their data as attributes and print as one line a user can
+act on.
 
 The tree::
 
@@ -16,16 +18,21 @@ The tree::
     │   ├── TaskNotFound
     │   ├── MigrationNotFound
     │   ├── IdempotencyMismatch  a key reused for another call
-    │   └── HostInUse            a host still holds instances
+    │   ├── HostInUse            a host still holds instances
+    │   ├── ConsumerInUse        another exclusive follower holds the feed consumer
+    │   └── InMemoryHostElsewhere  a fake:// host another process added: not synced nor served here
     ├── InvalidState            the operation's guard refused the current states
     ├── HostNotEvacuable        evacuate refused: the host is not both down and fenced
     ├── InstanceLocked          the instance is locked; only an admin override runs an operation
     ├── Conflict                a compare-and-swap lost against a concurrent write
     ├── Preempted               the running task was taken over (delete, hard reboot)
     │   └── Fenced              ... by recovery (a newer epoch): the old worker must stop
-    ├── TaskFailed              the operation ran and failed; the task says why
+    ├── TaskFailed              the operation ran and failed; ``task`` says why
+    │   └── NoValidHostFailed   ... because no host had room (also a NoValidHost: ``reasons`` per host)
     ├── NoValidHost             no host passed the scheduler's filters; reasons per host
+    │   └── NoValidHostFailed   (the same class: ``except NoValidHost`` and ``except TaskFailed`` both catch it)
     ├── SchemaOutOfDate         the database is not at the migrations' head
+    ├── DatabaseUnavailable     the database could not be reached or read (``transient``: retry may cure it)
     └── DriverError             the hypervisor refused or failed a call
         ├── DomainNotFound      the domain does not exist on that host
         ├── CopyFailed          a move's disk copy failed; the destination kept nothing
@@ -37,7 +44,23 @@ The tree::
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
+
+from lifecycle._errors_base import InvalidInput, LifecycleError
+from lifecycle._errors_base import text as _text
+from lifecycle._errors_infra import (
+    CopyFailed,
+    DatabaseUnavailable,
+    DomainNotFound,
+    DriverError,
+    DriverUnavailable,
+    EvacuatedCopiesPending,
+    InMemoryHostElsewhere,
+    StaleObject,
+)
+
+if TYPE_CHECKING:
+    from lifecycle.records import Task
 
 __all__ = [
     "AlreadyExists",
@@ -55,6 +78,7 @@ __all__ = [
     "HostNotFound",
     "IdempotencyMismatch",
     "ImageNotFound",
+    "InMemoryHostElsewhere",
     "InstanceLocked",
     "InstanceNotFound",
     "InvalidFlavor",
@@ -63,24 +87,13 @@ __all__ = [
     "LifecycleError",
     "MigrationNotFound",
     "NoValidHost",
+    "NoValidHostFailed",
     "Preempted",
     "SchemaOutOfDate",
     "StaleObject",
     "TaskFailed",
     "TaskNotFound",
 ]
-
-
-def _text(value: object) -> str:
-    return "none" if value is None else str(value)
-
-
-class LifecycleError(Exception):
-    """Root of every error raised by lifecycle."""
-
-
-class InvalidInput(LifecycleError):
-    """An argument was rejected before anything changed."""
 
 
 class InstanceNotFound(InvalidInput):
@@ -148,7 +161,7 @@ class MigrationNotFound(InvalidInput):
 class IdempotencyMismatch(InvalidInput):
     """An idempotency key was reused for a different operation, instance or parameters."""
 
-    def __init__(self, key: str, task: Any, operation: str, uuid: str) -> None:
+    def __init__(self, key: str, task: Task, operation: str, uuid: str) -> None:
         self.key = key
         self.task = task
         super().__init__(
@@ -235,7 +248,7 @@ class InstanceLocked(LifecycleError):
 class Conflict(LifecycleError):
     """A compare-and-swap matched no row: someone else changed the instance first."""
 
-    def __init__(self, uuid: str, expected: Mapping[str, Any], actual: Mapping[str, Any] | None) -> None:
+    def __init__(self, uuid: str, expected: Mapping[str, object], actual: Mapping[str, object] | None) -> None:
         self.uuid = uuid
         self.expected = dict(expected)
         self.actual = None if actual is None else dict(actual)
@@ -276,9 +289,9 @@ class Fenced(Preempted):
 
 
 class TaskFailed(LifecycleError):
-    """The operation ran and failed; ``task`` holds the error and the traceback."""
+    """The operation ran and failed; ``task`` (the finished task record) holds the error and the traceback."""
 
-    def __init__(self, task: Any, error: str) -> None:
+    def __init__(self, task: Task, error: str) -> None:
         self.task = task
         self.error = error
         super().__init__(f"{task.operation} task {task.id} on instance {task.instance_uuid} failed: {error}")
@@ -293,6 +306,21 @@ class NoValidHost(LifecycleError):
         super().__init__(f"no valid host found ({detail})")
 
 
+class NoValidHostFailed(NoValidHost, TaskFailed):
+    """A create or move ran and ended failed because no host would take it: ``task`` and ``reasons`` both set.
+
+    Raised by the call that waited for the task, in place of a plain
+    :class:`TaskFailed`: ``except NoValidHost`` (answer "no room", HTTP 409 or
+    507) and ``except TaskFailed`` both catch it. ``reasons`` maps each host to
+    why it was passed over; a host where a spawn was tried and failed gives that
+    failure (its hypervisor's own message), not only "already tried".
+    """
+
+    def __init__(self, task: Task, error: str, reasons: Mapping[str, str]) -> None:
+        TaskFailed.__init__(self, task, error)
+        self.reasons = dict(reasons)
+
+
 class SchemaOutOfDate(LifecycleError):
     """The database schema is not at the head revision of the migrations."""
 
@@ -300,86 +328,6 @@ class SchemaOutOfDate(LifecycleError):
         self.current = current
         self.head = head
         super().__init__(f"database schema is at {_text(current)}, expected {head}: run `lifecycle db upgrade`")
-
-
-class DriverError(LifecycleError):
-    """The hypervisor refused or failed a call."""
-
-    def __init__(self, message: str, *, uuid: str | None = None, call: str | None = None) -> None:
-        self.uuid = uuid
-        self.call = call
-        super().__init__(message)
-
-
-class DomainNotFound(DriverError):
-    """The domain for this instance does not exist on the host."""
-
-    def __init__(self, uuid: str, *, call: str | None = None) -> None:
-        super().__init__(f"domain for instance {uuid} not found", uuid=uuid, call=call)
-
-
-class StaleObject(DriverError):
-    """A domain of this instance made by another attempt (an earlier life, another task) is where a call would make one.
-
-    It is never adopted nor started, and the call changed nothing; the
-    operation clears such leftovers first (audited), so this means one
-    appeared meanwhile.
-    """
-
-
-class CopyFailed(DriverError):
-    """A move's disk copy to the destination failed; the destination kept nothing and defined nothing.
-
-    The cause (the source's or destination's error, or a digest mismatch) is
-    in the message and is the ``__cause__``. The source still holds the disk,
-    so the move can be rolled back onto it.
-    """
-
-
-class EvacuatedCopiesPending(DriverError):
-    """A heartbeat refused: the host holds old copies of evacuated instances, and they could not be destroyed.
-
-    A host records a heartbeat only once those copies are gone (a move or an
-    unshelve there would find them); its hypervisor failed or did not answer
-    while destroying them, so nothing was written. ``instances`` names the
-    instances whose copies remain, ``cause`` what the hypervisor said (also the
-    ``__cause__``). Retry when the hypervisor answers.
-    """
-
-    def __init__(self, host: str, instances: Iterable[str], cause: BaseException) -> None:
-        self.host = host
-        self.instances = sorted(instances)
-        self.cause = f"{type(cause).__name__}: {cause}"
-        shown = ", ".join(self.instances[:5]) + (" ..." if len(self.instances) > 5 else "")
-        super().__init__(
-            f"cannot heartbeat host {host}: it still holds the old copies of {len(self.instances)} instance(s)"
-            f" evacuated away from it ({shown}), which must be destroyed first, and its hypervisor could not"
-            f" destroy them ({self.cause}); no heartbeat was recorded: retry when it answers",
-            call=getattr(cause, "call", None),
-        )
-
-
-class DriverUnavailable(DriverError):
-    """Transient: the hypervisor cannot be reached now; retrying later may work."""
-
-
-class DatabaseUnavailable(LifecycleError):
-    """The database could not be reached or read; ``reason`` is its own message.
-
-    ``transient`` when a reconnect may cure it (the server went away, is
-    starting, or the file is locked); :func:`lifecycle.feed.follow` then waits and retries,
-    and raises this only when told to stop meanwhile (``stopped``).
-    """
-
-    def __init__(self, reason: str, *, transient: bool, stopped: str | None = None) -> None:
-        self.reason = reason
-        self.transient = transient
-        self.stopped = stopped
-        """Where delivery got to, when the follower was told to stop while the database was away."""
-        if stopped is None:
-            super().__init__(f"the database cannot be used: {reason}")
-        else:
-            super().__init__(f"stopped while the database was unreachable ({reason}); {stopped}")
 
 
 class ConsumerInUse(InvalidInput):

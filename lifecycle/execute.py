@@ -17,7 +17,7 @@ from dataclasses import replace
 import structlog
 
 from lifecycle import graph, preemption
-from lifecycle.errors import DriverError, Fenced, Preempted, TaskFailed
+from lifecycle.errors import DriverError, Fenced, NoValidHost, NoValidHostFailed, Preempted, TaskFailed
 from lifecycle.logs import get_logger
 from lifecycle.records import Outcome, Task
 from lifecycle.states import PowerState, VmState
@@ -58,7 +58,7 @@ def execute(run: TaskRun, steps: Steps) -> Task:
                 _lost(run, started, late)
                 raise
             _finished(run, started)
-            raise failed(run.task) from exc
+            raise failed(run.task, exc) from exc
         _finished(run, started)
         return run.task
 
@@ -76,9 +76,18 @@ def outcome_of(task: Task) -> Task:
     return task
 
 
-def failed(task: Task) -> TaskFailed:
-    """Return the error a failed task raises, with its recorded message."""
-    return TaskFailed(task, task.error or "failed")
+def failed(task: Task, cause: BaseException | None = None) -> TaskFailed:
+    """Return the error a caller gets for a failed ``task``: a :class:`NoValidHostFailed` when no host would take it.
+
+    ``cause`` is the exception that ended it when it ended here; a task read
+    back (a wait, a replay) is a NoValidHost failure by its recorded error.
+    """
+    error = task.error or (str(cause) if cause is not None else "failed")
+    if isinstance(cause, NoValidHost):
+        return NoValidHostFailed(task, error, cause.reasons)
+    if cause is None and error.startswith(f"{NoValidHost.__name__}:"):
+        return NoValidHostFailed(task, error, {})
+    return TaskFailed(task, error)
 
 
 def preempted(task: Task) -> Preempted:

@@ -24,7 +24,7 @@ from lifecycle.admission import admit, refuse_if_locked
 from lifecycle.asks import Ask, new_instance
 from lifecycle.config import Settings
 from lifecycle.drivers.base import Driver
-from lifecycle.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost
+from lifecycle.errors import AlreadyExists, Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost
 from lifecycle.execute import execute, failed
 from lifecycle.logs import get_logger
 from lifecycle.operations import definition
@@ -76,7 +76,7 @@ class Runner:
     def start(
         self,
         operation: str,
-        uuid: str,
+        uuid: str | None,
         *,
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
@@ -94,6 +94,9 @@ class Runner:
         With ``only_idle_in`` (a timer's duty), start only while the instance is
         idle in that vm_state, never preempting a task (a restore racing the
         reclaim): otherwise :class:`InvalidState`, and nothing is written.
+        ``uuid`` None is for an operation that creates its instance: it gets a
+        fresh one, and an ``idempotency_key`` then names the call by its other
+        arguments alone (a retry finds the instance the first call made).
         """
         defined = definition(operation)
         if not isinstance(cause, Cause) or not isinstance(wait, bool) or not isinstance(override_lock, bool):
@@ -103,11 +106,14 @@ class Runner:
         if params is not None and not isinstance(params, dict):
             raise InvalidInput(f"params must be a dict, got {type(params).__name__}")
         check_call(request_id, idempotency_key, actor)
-        uuid = validation.uuid(uuid)
+        chosen = uuid is not None or not defined.row.creates
+        uuid = validation.uuid(uuid) if chosen else str(uuidlib.uuid4())
         checked = defined.params(params or {})
         if checked.get("image") is not None:
             self.image(checked["image"])
-        ask = Ask(defined, uuid, checked, request_id, idempotency_key, actor, cause, override_lock, only_idle_in)
+        ask = Ask(
+            defined, uuid, checked, request_id, idempotency_key, actor, cause, override_lock, only_idle_in, chosen
+        )
         if defined.row.creates:
             return self._create(ask, wait)
         for attempt in range(self.settings.preempt_retries + 1):
@@ -129,10 +135,14 @@ class Runner:
     def _replayed(self, ask: Ask) -> Task | None:
         if ask.key is None:
             return None
-        return self.replay(ask.key, ask.defined.name, ask.uuid, ask.params)
+        return self.replay(ask.key, ask.defined.name, ask.uuid if ask.uuid_chosen else None, ask.params)
 
     def _create(self, ask: Ask, wait: bool) -> Task:
-        """Write a new instance with its operation's first task_state (a create), then run it."""
+        """Write a new instance with its operation's first task_state (a create), then run it.
+
+        With an idempotency key, a repeat of the call returns the first call's
+        task, and a repeat racing the first one finds it when its own write loses.
+        """
         replayed = self._replayed(ask)
         if replayed is not None:
             return replayed
@@ -143,7 +153,13 @@ class Runner:
         instance = new_instance(ask, image, first, task)
         if ask.defined.guard is not None:
             ask.defined.guard(Call(self.store, self.settings, instance, ask.params, image, ask.cause))
-        self.store.writes.create(instance, task, first.value, ask.why(task, None, None))
+        try:
+            self.store.writes.create(instance, task, first.value, ask.why(task, None, None))
+        except AlreadyExists:
+            replayed = self._replayed(ask)  # the same key written meanwhile by a concurrent repeat
+            if replayed is None:
+                raise
+            return replayed
         run = self._worker(instance, task, image, None)
         self.prepare(run)
         return self.launch(run, wait)
@@ -196,19 +212,20 @@ class Runner:
         run.preempted = preempt
         return run
 
-    def replay(self, key: str, operation: str, uuid: str, params: dict[str, Any]) -> Task | None:
+    def replay(self, key: str, operation: str, uuid: str | None, params: dict[str, Any]) -> Task | None:
         """Return the task an earlier call with ``key`` started, as that call ended.
 
         A key names one call: reusing it for another operation, instance or
         arguments is refused, never silently answered with the first call's
         task. A replayed failure raises :class:`TaskFailed` as the first call did.
+        ``uuid`` None (a create that chose no uuid) matches the first call's instance.
         """
         existing = self.store.tasks.by_key(key)
         if existing is None:
             return None
-        asked = (operation, uuid, _canonical(params))
+        asked = (operation, existing.instance_uuid if uuid is None else uuid, _canonical(params))
         if (existing.operation, existing.instance_uuid, _canonical(existing.params)) != asked:
-            raise IdempotencyMismatch(key, existing, operation, uuid)
+            raise IdempotencyMismatch(key, existing, operation, uuid or "a new instance")
         if existing.outcome is Outcome.FAILED:
             raise failed(existing)
         return existing

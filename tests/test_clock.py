@@ -9,8 +9,9 @@ import pytest
 
 from lifecycle import Engine
 from lifecycle.clock import ManualClock, SystemClock
-from lifecycle.daemon import Job, _loop
 from lifecycle.drivers.fake import SimulatedCrash
+from lifecycle.host_worker import Job
+from lifecycle.host_worker import run_jobs as _loop
 from lifecycle.states import VmState
 from tests.conftest import FLAVOR, Fakes, holds_for, make_engine, wait_until
 

@@ -150,13 +150,14 @@ def test_spawn_raising_oserror_reschedules(engine: Engine, fakes: Fakes) -> None
     first = iter(["h1", "h2"])
     fakes["h1"].faults.fail_next("spawn", OSError(28, "No space left on device"))
     fakes["h2"].faults.fail_next("spawn", OSError(28, "No space left on device"))
-    with pytest.raises(TaskFailed, match="NoValidHost"):
+    with pytest.raises(TaskFailed, match="NoValidHost") as failed:
         engine.create("vm", flavor=FLAVOR, image="cirros")
     assert next(first) == "h1"
     uuid = engine.list()[0].uuid
     assert engine.get(uuid).host is None and engine.store.claims.of(uuid) == []
-    failures = [m for r in engine.history(uuid) if "OSError" in (m := r.message or "")]
+    failures = [m for r in engine.history(uuid) if "OSError" in (m := r.message or "") and "rescheduling" in m]
     assert len(failures) == 2 and all("No space left on device; rescheduling" in m for m in failures)
+    assert "h1: a spawn there failed (OSError: [Errno 28] No space left on device)" in str(failed.value)
 
 
 class _Broken(Fakes):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import uuid as uuidlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from lifecycle import Engine, IdempotencyMismatch, Outcome, TaskFailed, VmState
+from lifecycle import AlreadyExists, Engine, Flavor, IdempotencyMismatch, NoValidHost, Outcome, TaskFailed, VmState
 from lifecycle.records import Task
-from tests.conftest import Fakes
+from tests.conftest import FLAVOR, Fakes
 
 
 def test_same_key_returns_the_existing_task(engine: Engine, new_instance: Callable[..., str]) -> None:
@@ -76,3 +79,81 @@ def test_a_replayed_failure_fails_again(engine: Engine, fakes: Fakes, new_instan
     failed: Task = again.value.task
     assert failed.id == first.value.task.id and failed.outcome is Outcome.FAILED
     assert [t.operation for t in engine.tasks(uuid)] == ["create", "pause"]
+
+
+@pytest.fixture
+def up(engine: Engine) -> Engine:
+    """The engine with both its hosts heartbeated, so the scheduler may place a create."""
+    for host in ("h1", "h2"):
+        engine.hosts.heartbeat(host)
+    return engine
+
+
+def test_a_repeated_create_returns_the_first_instance(up: Engine) -> None:
+    """create with a key, repeated with the same arguments and no uuid, returns the first task and builds nothing new."""
+    first = up.create("web", flavor=FLAVOR, image="cirros", idempotency_key="c-1")
+    again = up.create("web", flavor=FLAVOR, image="cirros", idempotency_key="c-1")
+    assert (again.id, again.instance_uuid) == (first.id, first.instance_uuid)
+    assert [i.uuid for i in up.list()] == [first.instance_uuid]
+
+
+def test_a_create_retried_with_its_chosen_uuid_replays_instead_of_already_exists(up: Engine) -> None:
+    """A client-chosen uuid retried with the same key gets the first result; without a key it is AlreadyExists."""
+    chosen = str(uuidlib.uuid4())
+    first = up.create("web", flavor=FLAVOR, image="cirros", uuid=chosen, idempotency_key="c-2")
+    assert up.create("web", flavor=FLAVOR, image="cirros", uuid=chosen, idempotency_key="c-2").id == first.id
+    with pytest.raises(AlreadyExists):
+        up.create("web", flavor=FLAVOR, image="cirros", uuid=chosen)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"name": "other"}, {"host": "h2"}, {"flavor": Flavor(vcpus=2, memory_mb=64, root_gb=1)}, {"uuid": "chosen"}],
+    ids=["name", "host", "flavor", "uuid"],
+)
+def test_a_create_key_reused_with_other_arguments_is_refused(up: Engine, changed: dict[str, Any]) -> None:
+    """The same create key with another name, host, flavor or uuid is IdempotencyMismatch, and nothing is built."""
+    up.create("web", host="h1", flavor=FLAVOR, image="cirros", idempotency_key="c-3")
+    call: dict[str, Any] = {"name": "web", "host": "h1", "flavor": FLAVOR, "image": "cirros"} | changed
+    if call.get("uuid") == "chosen":
+        call["uuid"] = str(uuidlib.uuid4())
+    with pytest.raises(IdempotencyMismatch, match="a key may be repeated only for the very same call"):
+        up.create(idempotency_key="c-3", **call)
+    assert len(up.list()) == 1
+
+
+def test_a_create_key_is_not_another_operation_key(up: Engine, new_instance: Callable[..., str]) -> None:
+    """A key first used by a stop, then given to a create, is refused rather than answered with the stop."""
+    up.stop(new_instance(), idempotency_key="k-shared")
+    with pytest.raises(IdempotencyMismatch):
+        up.create("web", flavor=FLAVOR, image="cirros", idempotency_key="k-shared")
+
+
+def test_concurrent_repeats_of_a_create_build_one_instance(up: Engine) -> None:
+    """Eight threads sending the same keyed create at once all get the one task, and one instance is built."""
+    barrier = threading.Barrier(8)
+    got: list[str] = []
+
+    def send() -> None:
+        barrier.wait()
+        got.append(up.create("web", flavor=FLAVOR, image="cirros", idempotency_key="c-4").id)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(got) == 8 and len(set(got)) == 1
+    assert len(up.list()) == 1
+
+
+def test_a_replayed_create_with_no_room_fails_again_as_no_valid_host(up: Engine) -> None:
+    """A keyed create that found no host raises NoValidHost (and TaskFailed) again when repeated, building nothing."""
+    huge = Flavor(vcpus=1, memory_mb=64, root_gb=1, extra_specs={"capabilities:tier": "gold"})
+    with pytest.raises(NoValidHost) as first:
+        up.create("big", flavor=huge, image="cirros", idempotency_key="c-5")
+    with pytest.raises(NoValidHost) as again:
+        up.create("big", flavor=huge, image="cirros", idempotency_key="c-5")
+    assert isinstance(again.value, TaskFailed) and isinstance(first.value, TaskFailed)
+    assert again.value.task.id == first.value.task.id
+    assert len(up.list(include_deleted=True)) == 1

@@ -10,6 +10,7 @@ EXPECTED = {
     "AlreadyExists",
     "AsyncEngine",
     "AuditEntry",
+    "CallOptions",
     "Cause",
     "Change",
     "Conflict",
@@ -17,11 +18,15 @@ EXPECTED = {
     "ConsoleConnection",
     "Consumer",
     "ConsumerInUse",
+    "CopyFailed",
+    "Daemon",
     "DatabaseUnavailable",
     "DomainNotFound",
     "DriverError",
     "DriverUnavailable",
     "Engine",
+    "EvacuatedCopiesPending",
+    "Fenced",
     "Flavor",
     "Host",
     "HostInUse",
@@ -30,19 +35,24 @@ EXPECTED = {
     "IdempotencyMismatch",
     "Image",
     "ImageNotFound",
+    "InMemoryHostElsewhere",
     "Instance",
+    "InstanceLocked",
     "InstanceNotFound",
     "InvalidFlavor",
     "InvalidInput",
     "InvalidState",
     "LifecycleError",
+    "MigrationNotFound",
     "NoValidHost",
+    "NoValidHostFailed",
     "Outcome",
     "Position",
     "PowerState",
     "Preempted",
     "SchemaOutOfDate",
     "Settings",
+    "StaleObject",
     "Task",
     "TaskFailed",
     "TaskNotFound",
@@ -92,3 +102,20 @@ def test_every_error_derives_from_the_root() -> None:
         }
     ]
     assert errors and all(issubclass(e, lifecycle.LifecycleError) for e in errors)
+
+
+def test_every_exception_is_exported() -> None:
+    """Every exception class lifecycle.errors defines can be imported from lifecycle itself, and is named from there."""
+    import lifecycle.errors
+
+    classes = {n for n in dir(lifecycle.errors) if isinstance(getattr(lifecycle.errors, n), type)}
+    errors = {n for n in classes if issubclass(getattr(lifecycle.errors, n), BaseException)}
+    assert errors == set(lifecycle.errors.__all__)
+    assert errors <= set(lifecycle.__all__)
+    assert all(getattr(lifecycle, n).__module__ == "lifecycle.errors" for n in errors)
+
+
+def test_no_valid_host_after_a_task_is_caught_by_both_handlers() -> None:
+    """NoValidHostFailed is both a NoValidHost and a TaskFailed, so either handler catches it."""
+    assert issubclass(lifecycle.NoValidHostFailed, lifecycle.NoValidHost)
+    assert issubclass(lifecycle.NoValidHostFailed, lifecycle.TaskFailed)

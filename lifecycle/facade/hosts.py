@@ -78,7 +78,7 @@ class Hosts:
         for label, value in (("vcpus", vcpus), ("memory_mb", memory_mb), ("disk_gb", disk_gb)):
             if value is not None:
                 validation.count(f"host {label}", value)
-        return store.hosts.add(
+        host = store.hosts.add(
             name,
             uri,
             instances_path,
@@ -91,6 +91,8 @@ class Hosts:
             architecture=validation.short_name("architecture", architecture, 32),
             console_address=address,
         )
+        self._drivers.added(host)
+        return host
 
     def get(self, name: str) -> Host:
         """Return one host; :class:`HostNotFound` (naming the known ones) otherwise."""
@@ -161,9 +163,13 @@ class Hosts:
 
         A host whose pass cannot run (its hypervisor unreachable, say) gets a
         summary with ``error`` set; the other hosts are synced all the same.
+        An in-memory fake host another process added refuses the whole call
+        first (:class:`InMemoryHostElsewhere`): this process would see it empty.
         """
-        names = [self.get(name).name] if name is not None else [h.name for h in self.list()]
-        return [self._sync_one(host) for host in names]
+        hosts = [self.get(name)] if name is not None else self.list()
+        for host in hosts:
+            self._drivers.check_here(host)
+        return [self._sync_one(host.name) for host in hosts]
 
     def _sync_one(self, name: str) -> PassSummary:
         s = self._services.settings

@@ -51,6 +51,8 @@ def create(run: TaskRun) -> None:
 def _build(run: TaskRun, claimed: list[str]) -> None:
     attempts = run.attempts
     tried: list[str] = []
+    failures: dict[str, str] = {}
+    """Why the spawn failed on each host tried: the hypervisor's own words end up in the build's error."""
     for attempt in range(1, attempts + 1):
         resumed = run.resumed_past(TaskState.SCHEDULING) and run.instance.host is not None
         if resumed:
@@ -60,8 +62,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
             # A worker lost mid-spawn may have made a volume and no domain: nothing will use it, so it goes now.
             run.clear_leftovers(host, why="resuming the build")
         else:
-            assert run.schedule is not None, "create needs a scheduler"
-            host = run.schedule(tried)
+            host = _schedule(run, tried, failures)
             claimed.append(host)
             run.touched.add(host)
         assert host is not None
@@ -76,6 +77,7 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         except Exception as exc:  # any failure of the driver call, not only DriverError, is this host's
             run.store.claims.release(run.instance.uuid, host)
             tried.append(host)
+            failures[host] = f"a spawn there failed ({type(exc).__name__}: {exc})"
             _destroy_quietly(run, host)
             if attempt == attempts:
                 raise
@@ -84,6 +86,17 @@ def _build(run: TaskRun, claimed: list[str]) -> None:
         run.ending.fields["launched_at"] = run.store.clock.now()
         run.ending.end_power = run.read_power()  # here, so that a failure to read it is the build's, cleaned up
         return
+
+
+def _schedule(run: TaskRun, tried: list[str], failures: dict[str, str]) -> str:
+    """Pick a host not tried yet; when none is left, say why each host was passed over, a failed spawn's cause first."""
+    assert run.schedule is not None, "create needs a scheduler"
+    try:
+        return run.schedule(tried)
+    except NoValidHost as exc:
+        if not failures:
+            raise
+        raise NoValidHost({**exc.reasons, **failures}) from exc
 
 
 def _hold_claim(run: TaskRun, host: str) -> None:
