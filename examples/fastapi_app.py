@@ -36,17 +36,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from lifecycle import (
+    AlreadyExists,
     AsyncEngine,
     CallOptions,
     Conflict,
+    ConsumerInUse,
     Daemon,
     DatabaseUnavailable,
+    DriverError,
     DriverUnavailable,
     Engine,
     Flavor,
+    HostInUse,
     HostNotEvacuable,
     HostNotFound,
+    IdempotencyMismatch,
     ImageNotFound,
+    InMemoryHostElsewhere,
     Instance,
     InstanceLocked,
     InstanceNotFound,
@@ -56,6 +62,7 @@ from lifecycle import (
     MigrationNotFound,
     NoValidHost,
     Preempted,
+    SchemaOutOfDate,
     Task,
     TaskFailed,
     TaskNotFound,
@@ -65,25 +72,32 @@ from lifecycle import (
 DB_URL = os.environ.get("LIFECYCLE_DB_URL", "sqlite:///lifecycle.db")
 
 STATUS: list[tuple[type[LifecycleError], int]] = [
-    # Checked in order, the first match wins: a subclass before its parent.
+    # Checked in order, the first match wins: a subclass before its parent. The README's table is this list.
     (InstanceNotFound, 404),
     (TaskNotFound, 404),
     (ImageNotFound, 404),
     (HostNotFound, 404),
     (MigrationNotFound, 404),
-    (InvalidInput, 400),  # a bad argument, nothing changed (AlreadyExists, IdempotencyMismatch, InvalidFlavor ...)
+    (AlreadyExists, 409),  # the name or uuid is taken (a retry with its Idempotency-Key replays instead)
+    (HostInUse, 409),  # a host still holds instances
+    (ConsumerInUse, 409),  # another follower holds the feed consumer
+    (IdempotencyMismatch, 422),  # the key was used for another call (the IETF Idempotency-Key draft's 422)
+    (InMemoryHostElsewhere, 503),  # a fake:// host of another process: a deployment mistake, nothing was done
+    (InvalidInput, 400),  # a bad argument, nothing changed (InvalidFlavor, a bad filter or marker ...)
     (InvalidState, 409),  # the instance's states refuse the operation now (stop a stopped one)
     (Conflict, 409),  # a concurrent write won: read again and retry
-    (InstanceLocked, 409),
+    (InstanceLocked, 409),  # Nova's answer to a locked instance
     (Preempted, 409),  # another operation (a delete) took the instance over
     (HostNotEvacuable, 409),
     # No host has room: the request is valid and the instance's state allows it, but the fleet is full now.
     # 503 with Retry-After says "try again later" to clients and proxies; 409 would say "change your request
     # or the instance first", which does not help. (A flavor no host could ever fit gets 503 too: the message says.)
     (NoValidHost, 503),
-    (DriverUnavailable, 503),  # the hypervisor does not answer now
-    (DatabaseUnavailable, 503),
     (TaskFailed, 500),  # the operation ran and failed: the body names the task, GET /tasks/{id} says why
+    (DriverUnavailable, 503),  # the hypervisor does not answer now
+    (DriverError, 502),  # the hypervisor refused or failed a call (DomainNotFound, CopyFailed, StaleObject ...)
+    (DatabaseUnavailable, 503),
+    (SchemaOutOfDate, 503),  # the database is not migrated: `lifecycle db upgrade`
 ]
 RETRY_AFTER = "30"
 """Seconds a 503 asks the client to wait before it retries."""
