@@ -14,7 +14,7 @@ import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from lifecycle import validation
@@ -195,6 +195,19 @@ class Change(NamedTuple):
         """The change's place in the feed."""
         return Position(self.tx, self.id)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the change as JSON-ready data, as the feed's JSON lines and webhooks carry it."""
+        data = self._asdict()
+        stamp = self.timestamp.astimezone(UTC).isoformat(timespec="microseconds")
+        facts = {k: v for k, v in data.items() if k not in ("tx", "id", "timestamp", "project_id", "user_id")}
+        return {
+            "position": str(self.position),
+            **facts,
+            "timestamp": stamp,
+            "project_id": self.project_id,
+            "user_id": self.user_id,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Consumer:
@@ -204,6 +217,10 @@ class Consumer:
     position: Position
     created_at: datetime
     updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the consumer as JSON-ready data (its position as ``tx:id`` text, datetimes as ISO 8601)."""
+        return {**fields_of(self, ("position",)), "position": str(self.position)}
 
 
 @dataclass(frozen=True, slots=True)

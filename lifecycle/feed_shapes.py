@@ -40,33 +40,9 @@ def as_change(e: AuditEntry) -> Change:
     )
 
 
-def _stamp(change: Change) -> str:
-    return change.timestamp.astimezone(UTC).isoformat(timespec="microseconds")
-
-
 def change_data(change: Change) -> dict[str, Any]:
-    """Return the change as JSON-ready data (the position as its ``tx:id`` text)."""
-    return {
-        "position": str(change.position),
-        "instance_uuid": change.instance_uuid,
-        "host": change.host,
-        "old_vm_state": change.old_vm_state,
-        "new_vm_state": change.new_vm_state,
-        "old_task_state": change.old_task_state,
-        "new_task_state": change.new_task_state,
-        "old_power_state": change.old_power_state,
-        "new_power_state": change.new_power_state,
-        "task_id": change.task_id,
-        "operation": change.operation,
-        "actor": change.actor,
-        "cause": change.cause,
-        "rule": change.rule,
-        "request_id": change.request_id,
-        "message": change.message,
-        "timestamp": _stamp(change),
-        "project_id": change.project_id,
-        "user_id": change.user_id,
-    }
+    """Return the change as JSON-ready data (the position as its ``tx:id`` text): :meth:`Change.to_dict`."""
+    return change.to_dict()
 
 
 def _arrow(before: object, after: object) -> str:

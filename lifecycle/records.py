@@ -218,6 +218,10 @@ class Image:
     created_at: datetime
     properties: dict[str, str] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the image as JSON-ready data (datetimes as ISO 8601)."""
+        return fields_of(self)
+
 
 @dataclass(frozen=True, slots=True)
 class Instance:
@@ -354,6 +358,10 @@ class TaskStep:
     bytes_done: int | None = field(default=None)
     """How far the step's disk copy got (a move's resize_finish), while it runs and after."""
     bytes_total: int | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the step as JSON-ready data (datetimes as ISO 8601)."""
+        return fields_of(self)
 
 
 def to_plain(value: Any) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +104,15 @@ def test_the_engine_reference_names_every_public_method_and_group_call() -> None
         calls = {c.strip() for c in groups[name].split(",")}
         mine = {n for n in dir(cls) if not n.startswith("_")}
         assert calls == mine, (name, calls ^ mine)
+
+
+def test_the_testing_example_holds_a_stop_and_lets_it_finish(engine: Any, new_instance: Callable[..., str]) -> None:
+    """The README's fake-host example holds a stop inside the driver, then releases it, and the stop succeeds."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", _embedding(), re.S) if "faults.hold" in b]
+    engine.hosts.heartbeat("h1")
+    uuid = new_instance()
+    namespace: dict[str, object] = {"engine": engine, "uuid": uuid}
+    exec(compile(block, "README.md", "exec"), namespace)
+    task = namespace["task"]
+    assert engine.task(task.id).outcome.value == "succeeded"  # type: ignore[attr-defined]
+    assert engine.get(uuid).vm_state.value == "stopped"

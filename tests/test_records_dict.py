@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 
 from lifecycle import Engine
@@ -59,3 +60,21 @@ def test_hosts_migrations_and_audit_entries_have_their_computed_fields(
     assert entry.to_dict()["position"] == str(entry.position)
     assert to_plain([engine.get(uuid)]) == [engine.get(uuid).to_dict()]  # the CLI's --json is the same encoding
     json.dumps([host, move, entry.to_dict()])
+
+
+def test_steps_images_changes_and_consumers_serialize_too(engine: Engine, new_instance: Callable[..., str]) -> None:
+    """What a control plane serves beside instances and tasks (a step log, images, feed changes, consumers) has to_dict."""
+    uuid = new_instance()
+    task = engine.stop(uuid)
+    steps = [step.to_dict() for step in engine.steps(task.id)]
+    assert steps and all(isinstance(step["started_at"], str) and step["task_id"] == task.id for step in steps)
+    image = engine.images.list()[0].to_dict()
+    assert isinstance(image["created_at"], str) and image["name"]
+    change = engine.feed.changes()[-1]
+    assert change.to_dict()["position"] == str(change.position) and change.to_dict()["instance_uuid"] == uuid
+    stop = threading.Event()
+    stop.set()  # one batch, then return
+    engine.feed.follow("ui", lambda _change: None, stop=stop)
+    (consumer,) = [c.to_dict() for c in engine.feed.consumers()]
+    assert consumer["name"] == "ui" and ":" in consumer["position"]
+    json.dumps([steps, image, change.to_dict(), consumer])
