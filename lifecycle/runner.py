@@ -25,7 +25,7 @@ from lifecycle.asks import Ask, new_instance
 from lifecycle.config import Settings
 from lifecycle.drivers.base import Driver
 from lifecycle.errors import AlreadyExists, Conflict, IdempotencyMismatch, InvalidInput, InvalidState, NoValidHost
-from lifecycle.execute import execute, failed
+from lifecycle.execute import execute, outcome_of
 from lifecycle.logs import get_logger
 from lifecycle.operations import definition
 from lifecycle.records import Cause, Image, Instance, Outcome, Task
@@ -122,12 +122,12 @@ class Runner:
             except Conflict:
                 replayed = self._replayed(ask)
                 if replayed is not None:
-                    return replayed
+                    return self._repeat(replayed, wait)
                 if not defined.row.preempts or attempt == self.settings.preempt_retries:
                     raise
                 continue
             if isinstance(run, Task):
-                return run  # an idempotent repeat
+                return self._repeat(run, wait)  # an idempotent repeat
             self.prepare(run)
             return self.launch(run, wait)
         raise AssertionError("unreachable")
@@ -145,7 +145,7 @@ class Runner:
         """
         replayed = self._replayed(ask)
         if replayed is not None:
-            return replayed
+            return self._repeat(replayed, wait)
         name = ask.defined.name
         first = graph.begin(name, ask.uuid, None, None)
         image = self.image(ask.params["image"])
@@ -159,7 +159,7 @@ class Runner:
             replayed = self._replayed(ask)  # the same key written meanwhile by a concurrent repeat
             if replayed is None:
                 raise
-            return replayed
+            return self._repeat(replayed, wait)
         run = self._worker(instance, task, image, None)
         self.prepare(run)
         return self.launch(run, wait)
@@ -213,12 +213,11 @@ class Runner:
         return run
 
     def replay(self, key: str, operation: str, uuid: str | None, params: dict[str, Any]) -> Task | None:
-        """Return the task an earlier call with ``key`` started, as that call ended.
+        """Return the task an earlier call with ``key`` started, as it is now (see :meth:`_repeat` for the answer).
 
         A key names one call: reusing it for another operation, instance or
         arguments is refused, never silently answered with the first call's
-        task. A replayed failure raises :class:`TaskFailed` as the first call did.
-        ``uuid`` None (a create that chose no uuid) matches the first call's instance.
+        task. ``uuid`` None (a create that chose no uuid) matches the first call's instance.
         """
         existing = self.store.tasks.by_key(key)
         if existing is None:
@@ -226,9 +225,23 @@ class Runner:
         asked = (operation, existing.instance_uuid if uuid is None else uuid, _canonical(params))
         if (existing.operation, existing.instance_uuid, _canonical(existing.params)) != asked:
             raise IdempotencyMismatch(key, existing, operation, uuid or "a new instance")
-        if existing.outcome is Outcome.FAILED:
-            raise failed(existing)
         return existing
+
+    def _repeat(self, first: Task, wait: bool) -> Task:
+        """Answer a repeated call as the first call answers: the same return or the same exception.
+
+        An ended task answers at once (:class:`TaskFailed`, :class:`Preempted` or
+        the task); a running one is waited for when the repeat waits (a retry
+        racing the first call blocks until it ends, as that call does), and is
+        returned running when it does not (``wait=False``, the 202 pattern).
+        """
+        if first.outcome is Outcome.RUNNING:
+            if not wait:
+                return first
+            from lifecycle.waiting import wait as wait_for  # waiting builds on the runner: imported when used
+
+            return wait_for(self, first.id)
+        return outcome_of(first)
 
     def _worker(self, row: Instance, task: Task, image: Image, source: Any) -> TaskRun:
         """Return the worker of ``task`` on ``row``, with this runner's store, drivers and settings."""

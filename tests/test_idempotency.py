@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from lifecycle import AlreadyExists, Engine, Flavor, IdempotencyMismatch, NoValidHost, Outcome, TaskFailed, VmState
+from lifecycle import (
+    AlreadyExists,
+    Engine,
+    Flavor,
+    IdempotencyMismatch,
+    NoValidHost,
+    Outcome,
+    Preempted,
+    TaskFailed,
+    VmState,
+)
 from lifecycle.records import Task
 from tests.conftest import FLAVOR, Fakes
 
@@ -24,48 +34,73 @@ def test_same_key_returns_the_existing_task(engine: Engine, new_instance: Callab
     assert engine.get(uuid).vm_state is VmState.STOPPED
 
 
-def test_same_key_while_running_returns_the_running_task(
+def test_same_key_while_running_waits_like_the_first_call(
     engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
 ) -> None:
-    """A retry that arrives while the first call still runs gets the running task, not a Conflict."""
+    """A retry arriving while the first call runs: wait=False gets the running task, wait=True blocks until its end."""
     uuid = new_instance()
     gate = fakes["h1"].faults.hold("pause")
     started = engine.pause(uuid, idempotency_key="k-2", wait=False)
     assert gate.wait_entered()
-    assert engine.pause(uuid, idempotency_key="k-2").id == started.id
+    assert engine.pause(uuid, idempotency_key="k-2", wait=False).id == started.id
+    answers: list[Task] = []
+    retry = threading.Thread(target=lambda: answers.append(engine.pause(uuid, idempotency_key="k-2")))
+    retry.start()
+    retry.join(0.3)
+    assert retry.is_alive() and answers == []  # still waiting for the first call's end
     gate.release()
-    engine.runner.wait_idle()
-    assert engine.task(started.id).outcome is Outcome.SUCCEEDED
+    retry.join(10)
+    assert [(t.id, t.outcome) for t in answers] == [(started.id, Outcome.SUCCEEDED)]
+    assert engine.get(uuid).vm_state is VmState.PAUSED
 
 
-def test_a_key_reused_on_another_instance_is_refused(engine: Engine, new_instance: Callable[..., str]) -> None:
-    """A key names one call: the same key on a second instance is refused and the second instance is untouched."""
-    a, b = new_instance("a"), new_instance("b")
-    engine.stop(a, idempotency_key="same")
-    with pytest.raises(IdempotencyMismatch, match="very same call"):
-        engine.stop(b, idempotency_key="same")
-    assert engine.get(b).vm_state is VmState.ACTIVE
-    assert [t.operation for t in engine.tasks(b)] == ["create"]
-
-
-@pytest.mark.parametrize(
-    ("second", "kwargs"),
-    [("delete", {}), ("stop", {"timeout": 5.0}), ("reboot_hard", {})],
-    ids=["other-operation", "other-parameters", "other-operation-preempting"],
-)
-def test_a_key_reused_for_another_call_is_refused(
-    engine: Engine, new_instance: Callable[..., str], second: str, kwargs: dict[str, float]
+def test_a_retry_of_a_preempted_call_raises_preempted_as_the_first_did(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
 ) -> None:
-    """stop with key K then delete (or stop with another timeout) with K is refused, not replayed: nothing is dropped."""
+    """A keyed stop taken over by a delete raises Preempted; its retry raises Preempted too, not a quiet return."""
     uuid = new_instance()
-    engine.stop(uuid, idempotency_key="k")
-    with pytest.raises(IdempotencyMismatch):
-        if second == "stop":
-            engine.stop(uuid, idempotency_key="k", **kwargs)
-        else:
-            engine.run(second, uuid, idempotency_key="k")
-    assert engine.get(uuid).vm_state is VmState.STOPPED
-    assert [t.operation for t in engine.tasks(uuid)] == ["create", "stop"]
+    gate = fakes["h1"].faults.hold("power_off")
+    first: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            engine.stop(uuid, idempotency_key="s-1")
+        except Preempted as exc:
+            first.append(exc)
+
+    worker = threading.Thread(target=stop)
+    worker.start()
+    assert gate.wait_entered()
+    engine.delete(uuid)
+    gate.release()
+    worker.join(10)
+    assert len(first) == 1
+    with pytest.raises(Preempted):
+        engine.stop(uuid, idempotency_key="s-1")
+
+
+def test_racing_keyed_stops_all_answer_as_the_first_call(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """Eight threads stopping with one key while the stop is held: every one returns the same succeeded task."""
+    uuid = new_instance()
+    gate = fakes["h1"].faults.hold("power_off")
+    answers: list[tuple[str, Outcome]] = []
+    lock = threading.Lock()
+
+    def stop() -> None:
+        task = engine.stop(uuid, idempotency_key="race")
+        with lock:
+            answers.append((task.id, task.outcome))
+
+    threads = [threading.Thread(target=stop) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    assert gate.wait_entered()
+    gate.release()
+    for thread in threads:
+        thread.join(20)
+    assert len(answers) == 8 and len(set(answers)) == 1 and answers[0][1] is Outcome.SUCCEEDED
 
 
 def test_a_replayed_failure_fails_again(engine: Engine, fakes: Fakes, new_instance: Callable[..., str]) -> None:
