@@ -100,7 +100,8 @@ STATUS: list[tuple[type[LifecycleError], int]] = [
     (HostInUse, 409),  # a host still holds instances
     (ConsumerInUse, 409),  # another follower holds the feed consumer
     (IdempotencyMismatch, 422),  # the key was used for another call (the IETF Idempotency-Key draft's 422)
-    (InMemoryHostElsewhere, 503),  # a fake:// host of another process: a deployment mistake, nothing was done
+    # A sync of a fake:// host another process added, refused (a deployment mistake): nothing was synced.
+    (InMemoryHostElsewhere, 503),
     (InvalidInput, 400),  # a bad argument, nothing changed (InvalidFlavor, a bad filter or marker ...)
     (InvalidState, 409),  # the instance's states refuse the operation now (stop a stopped one)
     (Conflict, 409),  # a concurrent write won: read again and retry
