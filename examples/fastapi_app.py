@@ -1,14 +1,28 @@
 """A small control plane on lifecycle: FastAPI over :class:`lifecycle.AsyncEngine`, the daemon in the same process.
 
-Run it (the database migrated, hosts and an image registered with the CLI or
-``engine.hosts.add`` / ``engine.images.add``)::
+Run it (the database migrated, hosts and an image registered)::
 
     LIFECYCLE_DB_URL=sqlite:////var/lib/lifecycle/lifecycle.db uvicorn fastapi_app:app --app-dir examples
 
+Register hosts from another process (the ``lifecycle`` command) only with URIs
+every process shares: libvirt URIs, or a fake host with a state file
+(``fake:///ABS/state.json``). A ``fake://`` host without one lives in the
+memory of the process that added it: this app's daemon refuses to serve a
+``fake://`` host another process added (``InMemoryHostElsewhere``, logged), so
+it never heartbeats and counts as down. Add those here, in :func:`lifespan`
+(``await asyncio.to_thread(engine.hosts.add, "h1", "fake://")`` before the
+daemon starts).
+
 Routes:
 
-- ``POST /vms``: create; 201 with the instance, or with ``?wait=false`` 202
-  at once and ``Location: /tasks/{id}`` to follow the task (the 202 pattern).
+- ``POST /vms``: create (``name``, ``flavor``, ``image``, optional ``host``,
+  ``project_id``, ``user_id``, ``metadata``); 201 with the instance, or with
+  ``?wait=false`` 202 at once and ``Location: /tasks/{id}`` to follow the task
+  (the 202 pattern).
+- ``GET /vms``: instances oldest first, ``?status=`` (``SHUTOFF``),
+  ``?project_id=``, paged by ``?limit=`` (1 to 1000, default 1000) and
+  ``?marker=`` (the last uuid of the previous page); ``next`` is the next
+  page's link while a page is full.
 - ``POST /vms/{uuid}/action``: ``{"action": "stop" | "start" | "resize" |
   "confirm" | "revert"}`` (a resize names its ``flavor``); 200 with the
   instance, or 202 with ``?wait=false``.
@@ -17,9 +31,12 @@ Routes:
 - ``GET /tasks/{id}``: a task and its step log; ``GET /health``.
 
 An ``X-Request-ID`` header is recorded on the task and every audit row it
-writes; an ``Idempotency-Key`` header makes a retried action return the
-first call's task. Errors are JSON ``{"error": type, "message": text}``
-with the status of :data:`STATUS`.
+writes; an ``Idempotency-Key`` header (on a create too) makes a retried call
+return the first call's task and instance, however many race. Records are
+answered as their ``to_dict()``. Errors are JSON ``{"error": type,
+"message": text}`` with the status of :data:`STATUS`; a request FastAPI
+cannot read (bad JSON, an unknown action, ``?wait=maybe``) is an
+``InvalidInput`` (400) with FastAPI's ``detail`` added.
 """
 
 from __future__ import annotations
@@ -30,8 +47,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -53,7 +71,6 @@ from lifecycle import (
     IdempotencyMismatch,
     ImageNotFound,
     InMemoryHostElsewhere,
-    Instance,
     InstanceLocked,
     InstanceNotFound,
     InvalidInput,
@@ -61,6 +78,7 @@ from lifecycle import (
     LifecycleError,
     MigrationNotFound,
     NoValidHost,
+    Outcome,
     Preempted,
     SchemaOutOfDate,
     Task,
@@ -82,7 +100,8 @@ STATUS: list[tuple[type[LifecycleError], int]] = [
     (HostInUse, 409),  # a host still holds instances
     (ConsumerInUse, 409),  # another follower holds the feed consumer
     (IdempotencyMismatch, 422),  # the key was used for another call (the IETF Idempotency-Key draft's 422)
-    (InMemoryHostElsewhere, 503),  # a fake:// host of another process: a deployment mistake, nothing was done
+    # A sync of a fake:// host another process added, refused (a deployment mistake): nothing was synced.
+    (InMemoryHostElsewhere, 503),
     (InvalidInput, 400),  # a bad argument, nothing changed (InvalidFlavor, a bad filter or marker ...)
     (InvalidState, 409),  # the instance's states refuse the operation now (stop a stopped one)
     (Conflict, 409),  # a concurrent write won: read again and retry
@@ -101,8 +120,8 @@ STATUS: list[tuple[type[LifecycleError], int]] = [
 ]
 RETRY_AFTER = "30"
 """Seconds a 503 asks the client to wait before it retries."""
-INTERNAL = {"owner", "lease_expires_at", "epoch", "traceback"}
-"""A task's fields that are the engine's business, not the API's."""
+PAGE = 1000
+"""The most instances a page of ``GET /vms`` holds (the engine's limit), and its default size, as Nova's."""
 
 
 class FlavorIn(BaseModel):
@@ -125,6 +144,9 @@ class CreateVm(BaseModel):
     flavor: FlavorIn
     image: str
     host: str | None = None
+    project_id: str | None = None
+    user_id: str | None = None
+    metadata: dict[str, str] | None = None
 
 
 class Action(BaseModel):
@@ -164,28 +186,35 @@ def aengine_of(request: Request) -> AsyncEngine:
 @app.exception_handler(LifecycleError)
 async def lifecycle_error(_: Request, exc: Exception) -> JSONResponse:
     """Answer an engine error with its status from :data:`STATUS`, its type and its message."""
+    return error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Answer a request FastAPI could not read as the engine's :class:`InvalidInput`, with FastAPI's ``detail``."""
+    errors = exc.errors()
+    said = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in errors)
+    return error_response(InvalidInput(f"the request is malformed: {said}"), detail=jsonable_encoder(errors))
+
+
+def error_response(exc: Exception, **extra: Any) -> JSONResponse:
+    """Return the JSON answer to ``exc``: its status from :data:`STATUS` (503 with ``Retry-After``), type, message."""
     status = next((code for kind, code in STATUS if isinstance(exc, kind)), 500)
-    body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc), **extra}
     if isinstance(exc, TaskFailed):
-        body["task"] = task_json(exc.task)
+        body["task"] = exc.task.to_dict()
     headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def instance_json(instance: Instance) -> dict[str, Any]:
-    """Return an instance as JSON data, with its user-facing ``status``."""
-    data: dict[str, Any] = jsonable_encoder(instance)
-    return {**data, "status": instance.status}
-
-
-def task_json(task: Task) -> dict[str, Any]:
-    """Return a task as JSON data, without the engine's lease and owner fields."""
-    return {k: v for k, v in jsonable_encoder(task).items() if k not in INTERNAL}
-
-
 def accepted(task: Task) -> JSONResponse:
     """Answer 202: the task runs on, ``Location`` is where to follow it."""
-    return JSONResponse(task_json(task), status_code=202, headers={"Location": f"/tasks/{task.id}"})
+    return JSONResponse(task.to_dict(), status_code=202, headers={"Location": f"/tasks/{task.id}"})
+
+
+async def ended(aengine: AsyncEngine, task: Task) -> Task:
+    """Return ``task`` ended: a replayed call (its ``Idempotency-Key`` seen before) may return it still running."""
+    return task if task.outcome is not Outcome.RUNNING else await aengine.wait(task.id)
 
 
 def call_options(request: Request, wait: bool) -> CallOptions:
@@ -212,13 +241,35 @@ async def create_vm(body: CreateVm, request: Request, response: Response, wait: 
         flavor=body.flavor.flavor(),
         image=body.image,
         host=body.host,
+        project_id=body.project_id,
+        user_id=body.user_id,
+        metadata=body.metadata,
         request_id=request.headers.get("X-Request-ID"),
+        idempotency_key=request.headers.get("Idempotency-Key"),
         wait=wait,
     )
     if not wait:
         return accepted(task)
+    task = await ended(aengine, task)
     response.headers["Location"] = f"/vms/{task.instance_uuid}"
-    return instance_json(await aengine.get(task.instance_uuid))
+    return (await aengine.get(task.instance_uuid)).to_dict()
+
+
+@app.get("/vms")
+async def list_vms(
+    request: Request,
+    limit: int = Query(PAGE, ge=1, le=PAGE),
+    marker: str | None = None,
+    status: str | None = None,
+    project_id: str | None = None,
+) -> dict[str, Any]:
+    """Return a page of instances, oldest first, and the link to the next page while pages are full."""
+    page = await aengine_of(request).list(status=status, project_id=project_id, limit=limit, marker=marker)
+    following = None
+    if len(page) == limit:
+        url = request.url.include_query_params(marker=page[-1].uuid)
+        following = f"{url.path}?{url.query}"
+    return {"instances": [instance.to_dict() for instance in page], "next": following}
 
 
 @app.post("/vms/{uuid}/action")
@@ -238,14 +289,21 @@ async def act(uuid: str, body: Action, request: Request, wait: bool = True) -> A
         task = await aengine.confirm_resize(uuid, **options)
     else:
         task = await aengine.revert_resize(uuid, **options)
-    return accepted(task) if not wait else instance_json(await aengine.get(uuid))
+    if not wait:
+        return accepted(task)
+    await ended(aengine, task)
+    return (await aengine.get(uuid)).to_dict()
 
 
 @app.delete("/vms/{uuid}", status_code=204)
 async def delete_vm(uuid: str, request: Request, wait: bool = True) -> Response:
     """Delete an instance: 204 once deleted, or 202 and its task (``?wait=false``)."""
-    task = await aengine_of(request).delete(uuid, **call_options(request, wait))
-    return accepted(task) if not wait else Response(status_code=204)
+    aengine = aengine_of(request)
+    task = await aengine.delete(uuid, **call_options(request, wait))
+    if not wait:
+        return accepted(task)
+    await ended(aengine, task)
+    return Response(status_code=204)
 
 
 @app.get("/vms/{uuid}")
@@ -253,7 +311,7 @@ async def get_vm(uuid: str, request: Request) -> dict[str, Any]:
     """Return an instance (deleted ones too) with its status and audit history, oldest first."""
     aengine = aengine_of(request)
     instance = await aengine.get(uuid)
-    return {**instance_json(instance), "history": jsonable_encoder(await aengine.history(uuid))}
+    return {**instance.to_dict(), "history": [entry.to_dict() for entry in await aengine.history(uuid)]}
 
 
 @app.get("/tasks/{task_id}")
@@ -261,4 +319,4 @@ async def get_task(task_id: str, request: Request) -> dict[str, Any]:
     """Return a task (its ``outcome`` is ``running`` until it ends) and its step log."""
     aengine = aengine_of(request)
     task = await aengine.task(task_id)
-    return {**task_json(task), "steps": jsonable_encoder(await aengine.steps(task_id))}
+    return {**task.to_dict(), "steps": [step.to_dict() for step in await aengine.steps(task_id)]}

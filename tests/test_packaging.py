@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -176,3 +178,34 @@ def test_mypy_strict_reads_the_installed_package_and_catches_a_mistyped_operatio
     assert errors == ['app.py:10: error: Unexpected keyword argument "wiat" for "stop" of "Engine"  [call-arg]'], (
         run.stdout
     )
+
+
+def test_the_sdist_carries_the_whole_test_suite_and_the_example(tmp_path: Path) -> None:
+    """The sdist holds every file of tests/ (conftest.py and the helpers too), examples/, and no bytecode."""
+    # Built from a copy without egg-info: setuptools would otherwise add the files a former build listed.
+    tree = tmp_path / "tree"
+    shutil.copytree(
+        ROOT,
+        tree,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(".git", "*.egg-info", "*_cache", "__pycache__", "build", "dist"),
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()[-1]
+    with tarfile.open(tmp_path / built) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    wanted = {
+        path.relative_to(ROOT).as_posix()
+        for folder in ("tests", "examples")
+        for path in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert {"tests/conftest.py", "tests/__init__.py", "tests/asgi.py", "examples/fastapi_app.py"} <= wanted
+    assert wanted <= names, sorted(wanted - names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
