@@ -188,7 +188,9 @@ def test_the_sdist_carries_the_whole_test_suite_and_the_example(tmp_path: Path) 
         ROOT,
         tree,
         symlinks=True,
-        ignore=shutil.ignore_patterns(".git", "*.egg-info", "*_cache", "__pycache__", "build", "dist"),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "node_modules", "*.egg-info", "*_cache", "__pycache__", "build", "dist"
+        ),
     )
     built = subprocess.run(
         [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"],
