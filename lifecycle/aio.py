@@ -47,6 +47,9 @@ __all__ = ["AsyncEngine"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
+_admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("lifecycle_aio_admitted", default=False)
+"""Whether the running code is inside a call the AsyncEngine let in: its further reads go on after :meth:`aclose`."""
+
 
 class AsyncEngine:
     """An :class:`lifecycle.Engine` for ``async`` code; see the module docstring.
@@ -62,10 +65,23 @@ class AsyncEngine:
         self.engine = engine
         """The blocking engine underneath (its groups: ``aengine.engine.hosts`` ...)."""
         self._threads = ThreadPoolExecutor(size, thread_name_prefix="lifecycle-aio")
+        self._closed = False
 
     async def aclose(self) -> None:
-        """Wait for the calls in flight on the AsyncEngine's threads, then stop them (the engine stays open)."""
+        """Refuse new calls, wait for those on the AsyncEngine's threads, then stop them (the engine stays open).
+
+        A call awaited when it closes ends as it would have (an operation
+        awaiting its task reads it on the loop's default executor); a call
+        made after is refused (:class:`InvalidInput`). Closing twice is harmless.
+        """
+        self._closed = True  # on the loop's thread, before any await: no call admitted later uses the pool
         await asyncio.to_thread(self._threads.shutdown)
+
+    def _admit(self) -> contextvars.Token[bool]:
+        """Let a call in (or one made within a call already admitted); refuse a new one once closed."""
+        if self._closed and not _admitted.get():
+            raise InvalidInput("the AsyncEngine is closed: make a new one (the engine itself may still be open)")
+        return _admitted.set(True)
 
     async def __aenter__(self) -> AsyncEngine:
         return self
@@ -75,23 +91,40 @@ class AsyncEngine:
 
     async def _call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a blocking engine call on the AsyncEngine's threads, in the caller's context (its bound log ids)."""
-        context = contextvars.copy_context()
+        token = self._admit()
+        try:
+            context = contextvars.copy_context()
 
-        def call() -> R:
-            return context.run(fn, *args, **kwargs)
+            def call() -> R:
+                return context.run(fn, *args, **kwargs)
 
-        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+            threads = None if self._closed else self._threads  # closed: an admitted call ends on the default executor
+            return await asyncio.get_running_loop().run_in_executor(threads, call)
+        finally:
+            _admitted.reset(token)
 
     async def _start(self, fn: Callable[..., Task], /, *args: Any, wait: bool = True, **kwargs: Any) -> Task:
         """Start a task on the threads (``wait=False``), then await its end unless ``wait`` is False."""
         if not isinstance(wait, bool):
             raise InvalidInput(f"wait must be True or False, got {wait!r}")
-        task = await self._call(fn, *args, wait=False, **kwargs)
-        return await self.wait(task.id) if wait else task
+        token = self._admit()
+        try:
+            task = await self._call(fn, *args, wait=False, **kwargs)
+            return await self.wait(task.id) if wait else task
+        finally:
+            _admitted.reset(token)
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Await the end of task ``task_id``: what :meth:`lifecycle.Engine.wait` returns or raises, awaited."""
         watch = Watch(task_id, timeout)
+        token = self._admit()
+        try:
+            return await self._await_end(watch)
+        finally:
+            _admitted.reset(token)
+
+    async def _await_end(self, watch: Watch) -> Task:
+        """Read the watched task until it ended (woken by its end when it runs here); return its outcome."""
         while True:
             task = await self._call(self.engine.task, watch.task_id)
             if ended(task):

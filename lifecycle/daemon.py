@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from lifecycle import validation
 from lifecycle.errors import InMemoryHostElsewhere, InvalidInput
 from lifecycle.host_worker import HostWorker, Job, duty_interval, run_jobs
 from lifecycle.logs import get_logger
@@ -72,21 +73,26 @@ class Daemon:
     run again at its next turn; the daemon goes on. Its timers run on the
     engine's clock. An in-memory fake host (``fake://``) another process added
     is never claimed (:class:`~lifecycle.errors.InMemoryHostElsewhere`, logged once).
+
+    Its arguments are checked when it is made (:class:`~lifecycle.errors.InvalidInput`):
+    ``hosts`` is None (every host) or a list, tuple or set of host names, each
+    a host of the engine now (else :class:`~lifecycle.errors.HostNotFound`);
+    the intervals are finite numbers of seconds, at least 0.01.
     """
 
     def __init__(
         self,
         engine: Engine,
         *,
-        hosts: list[str] | None = None,
+        hosts: list[str] | tuple[str, ...] | set[str] | frozenset[str] | None = None,
         claim_interval: float = 10.0,
         image_cache_interval: float = 2400.0,
         clock: Clock | None = None,
     ) -> None:
         self.engine = engine
-        self.only_hosts = set(hosts) if hosts else None
-        self.claim_interval = claim_interval
-        self.image_cache_interval = image_cache_interval
+        self.only_hosts = _hosts(engine, hosts)
+        self.claim_interval = claim_interval = validation.period("claim_interval", claim_interval, _MIN_INTERVAL)
+        self.image_cache_interval = validation.period("image_cache_interval", image_cache_interval, _MIN_INTERVAL)
         self.clock = clock or engine.clock
         """What the jobs' timers run on: the engine's clock unless given."""
         self.stop = threading.Event()
@@ -132,10 +138,13 @@ class Daemon:
         """Run the daemon on a thread of its own (``lifecycle-daemon``, a daemon thread); return it.
 
         For an application embedding the engine: start it at start-up (an
-        ASGI lifespan, say) and :meth:`close` it at shutdown. Starting twice is refused.
+        ASGI lifespan, say) and :meth:`close` it at shutdown. Starting twice,
+        or after :meth:`close`, is refused (:class:`InvalidInput`).
         """
         if self.thread is not None:
             raise InvalidInput("this daemon was started already: make a new Daemon to run it again")
+        if self.stop.is_set():
+            raise InvalidInput("this daemon was closed: make a new Daemon to run it")
         self.thread = threading.Thread(target=self._run_logged, name="lifecycle-daemon", daemon=True)
         self.thread.start()
         return self
@@ -145,10 +154,15 @@ class Daemon:
 
         Call it after :meth:`start` when the application creates instances at
         once: until then the scheduler may see no host up. A host whose
-        hypervisor does not answer counts once its first ping failed.
+        hypervisor does not answer counts once its first ping failed. False too
+        when a host named in ``hosts`` was not claimed (another daemon serves
+        it, or it cannot be served from this process).
         """
+        timeout = validation.seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         if not self._first_round.wait(timeout):
+            return False
+        if self.only_hosts is not None and not self.only_hosts <= self.workers.keys():
             return False
         return all(w.first_beat.wait(max(0.0, deadline - time.monotonic())) for w in list(self.workers.values()))
 
@@ -159,6 +173,7 @@ class Daemon:
         :meth:`HostWorker.stop`); a daemon thread still running after ``timeout``
         is logged (``daemon_thread_stuck``) and left behind.
         """
+        timeout = validation.seconds("timeout", timeout)
         self.stop.set()
         thread = self.thread
         if thread is None or thread is threading.current_thread():
@@ -227,6 +242,22 @@ class Daemon:
         self.stop.set()
         for host in list(self.workers):
             self._release(host, reason="stopping")
+
+
+_MIN_INTERVAL = 0.01
+"""The shortest interval a Daemon takes: zero or less would spin a core."""
+
+
+def _hosts(engine: Engine, hosts: object) -> set[str] | None:
+    """Return the host names a Daemon is limited to (None: every host), each a host of the engine."""
+    if hosts is None:
+        return None
+    if not isinstance(hosts, list | tuple | set | frozenset) or not hosts:
+        raise InvalidInput(f"hosts must be a non-empty list of host names, or None for every host, got {hosts!r:.80}")
+    names = {validation.name("host", h) for h in hosts}
+    for name in sorted(names):
+        engine.hosts.get(name)  # HostNotFound for a typo
+    return names
 
 
 def serve(

@@ -176,7 +176,7 @@ class Engine(Reads, Waits):
             raise InvalidInput(f"flavor must be a Flavor, got {type(flavor).__name__}")
         params: dict[str, Any] = {"name": name, "flavor": flavor.as_dict(), "image": image}
         given = {"host": host, "availability_zone": availability_zone, "project_id": project_id, "user_id": user_id}
-        params |= {key: value for key, value in (*given.items(), ("metadata", metadata)) if value is not None}
+        params |= {key: value for key, value in (*given.items(), ("metadata", metadata or None)) if value is not None}
         return self.runner.start(
             Op.CREATE,
             uuid,

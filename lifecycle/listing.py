@@ -37,7 +37,8 @@ class Listing:
     limit: int | None = None
     """At most this many instances (1 to :data:`MAX_LIMIT`); None: all."""
     marker: str | None = None
-    """The uuid of the last instance of the previous page: this page starts after it."""
+    """The uuid of the last instance of the previous page: this page starts after it. With ``project_id``,
+    an instance of that project: another's is refused as unknown, like a uuid that is no instance."""
 
     def __post_init__(self) -> None:
         _optional("host", self.host)

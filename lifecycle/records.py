@@ -253,8 +253,8 @@ class Instance:
     project_id: str | None = None
     """The project the instance is for, as the control plane names it (None: not named)."""
     user_id: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    """The caller's own key/value pairs (Nova's server metadata), as given at create."""
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)
+    """The caller's own key/value pairs (Nova's server metadata), as given at create (left out of the hash)."""
 
     @property
     def status(self) -> str:

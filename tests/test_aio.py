@@ -73,6 +73,29 @@ def test_operations_await_the_end_and_raise_as_the_blocking_calls(
     asyncio.run(scenario())
 
 
+def test_aclose_lets_an_awaited_operation_end_and_refuses_later_calls(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """A stop awaited across aclose() returns its outcome (no RuntimeError); a call after aclose raises InvalidInput."""
+    uuid = new_instance()
+
+    async def scenario() -> None:
+        aengine = AsyncEngine(engine, threads=1)
+        gate = fakes["h1"].faults.hold("power_off")
+        stopping = asyncio.create_task(aengine.stop(uuid))
+        assert await asyncio.to_thread(gate.wait_entered), "the stop never reached the driver"
+        await aengine.aclose()
+        gate.release()
+        assert (await stopping).outcome is Outcome.SUCCEEDED
+        for late in (aengine.get(uuid), aengine.wait(stopping.result().id), aengine.start(uuid)):
+            with pytest.raises(InvalidInput, match="the AsyncEngine is closed"):
+                await late
+        await aengine.aclose()  # a second aclose is harmless
+
+    asyncio.run(scenario())
+    assert engine.get(uuid).vm_state is VmState.STOPPED
+
+
 def _raised(call: Callable[[], object]) -> BaseException:
     with pytest.raises(Exception) as info:
         call()

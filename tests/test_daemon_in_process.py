@@ -14,6 +14,7 @@ from lifecycle import (
     Daemon,
     Engine,
     Flavor,
+    HostNotFound,
     InMemoryHostElsewhere,
     InvalidInput,
     NoValidHost,
@@ -83,6 +84,56 @@ def test_a_job_that_fails_is_logged_and_the_daemon_goes_on(engine: Engine, clock
     failures = [e for e in logs if e["event"] == "daemon_job_failed"]
     assert len(failures) == 2 and failures[0]["job"] == "recover_tasks" and failures[0]["exc_info"]
     assert daemon.failure is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"claim_interval": 0}, "claim_interval must be a finite number of seconds"),
+        ({"claim_interval": -1}, "claim_interval must be a finite number of seconds"),
+        ({"claim_interval": float("nan")}, "claim_interval must be a finite number of seconds"),
+        ({"claim_interval": "x"}, "claim_interval must be a number of seconds"),
+        ({"claim_interval": True}, "claim_interval must be a number of seconds"),
+        ({"image_cache_interval": 0}, "image_cache_interval must be a finite number of seconds"),
+        ({"hosts": "h1"}, "hosts must be a non-empty list of host names"),
+        ({"hosts": []}, "hosts must be a non-empty list of host names"),
+        ({"hosts": [5]}, "host name must be a string"),
+    ],
+)
+def test_a_daemon_refuses_bad_arguments_when_made(engine: Engine, kwargs: dict[str, object], match: str) -> None:
+    """A zero, negative, non-finite or non-number interval, or hosts that are a str or empty, raise InvalidInput."""
+    with pytest.raises(InvalidInput, match=match):
+        Daemon(engine, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_daemon_refuses_an_unknown_host_and_a_bad_timeout(engine: Engine) -> None:
+    """hosts naming no host raises HostNotFound when made; close() and wait_ready() refuse a timeout that is no number."""
+    with pytest.raises(HostNotFound, match="nope"):
+        Daemon(engine, hosts=["h1", "nope"])
+    daemon = Daemon(engine, hosts=("h1",))
+    with pytest.raises(InvalidInput, match="timeout must be a number of seconds"):
+        daemon.close(timeout="x")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="timeout must be a number of seconds"):
+        daemon.wait_ready(timeout="x")  # type: ignore[arg-type]
+    assert not daemon.stop.is_set()  # the refused close changed nothing
+
+
+def test_a_closed_daemon_refuses_to_start(engine: Engine) -> None:
+    """start() after close() (never started) raises InvalidInput instead of running a thread that ends at once."""
+    daemon = Daemon(engine)
+    daemon.close()
+    with pytest.raises(InvalidInput, match="this daemon was closed"):
+        daemon.start()
+    assert daemon.thread is None
+
+
+def test_wait_ready_is_false_when_a_named_host_was_not_claimed(engine: Engine) -> None:
+    """A daemon limited to a host another daemon holds claims nothing, and wait_ready() says False, not True."""
+    with Daemon(engine, hosts=["h1"]) as first:
+        assert first.wait_ready() and set(first.claims) == {"h1"}
+        with Daemon(engine, hosts=["h1", "h2"]) as second:
+            assert second.wait_ready() is False
+            assert set(second.claims) == {"h2"}
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:

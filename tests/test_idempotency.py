@@ -157,6 +157,15 @@ def test_a_create_key_reused_with_other_arguments_is_refused(up: Engine, changed
     assert len(up.list()) == 1
 
 
+def test_a_create_with_empty_metadata_replays_as_one_without(up: Engine) -> None:
+    """create(metadata={}) retried with no metadata (or {} after None) under the same key is the same call, not a mismatch."""
+    first = up.create("web", flavor=FLAVOR, image="cirros", idempotency_key="c-m", metadata={})
+    assert up.create("web", flavor=FLAVOR, image="cirros", idempotency_key="c-m").id == first.id
+    other = up.create("db", flavor=FLAVOR, image="cirros", idempotency_key="c-n")
+    assert up.create("db", flavor=FLAVOR, image="cirros", idempotency_key="c-n", metadata={}).id == other.id
+    assert len(up.list()) == 2
+
+
 def test_a_create_key_is_not_another_operation_key(up: Engine, new_instance: Callable[..., str]) -> None:
     """A key first used by a stop, then given to a create, is refused rather than answered with the stop."""
     up.stop(new_instance(), idempotency_key="k-shared")

@@ -58,6 +58,20 @@ def test_pages_walk_every_instance_once_in_creation_order(engine: Engine, new_in
     assert [i.uuid for i in engine.list(limit=2, marker=expected[1])] == expected[2:4]
 
 
+def test_a_marker_of_another_project_is_not_found(engine: Engine) -> None:
+    """A project's listing refuses a marker of another project's instance as unknown (no cross-project oracle)."""
+
+    def make(name: str, project: str) -> str:
+        return engine.create(name, host="h1", flavor=FLAVOR, image="cirros", project_id=project).instance_uuid
+
+    b0, a, b1 = make("b0", "B"), make("a", "A"), make("b1", "B")
+    for other in (b0, b1):  # older and newer than project A's instance
+        with pytest.raises(InvalidInput, match=f"marker {other} is not a known instance"):
+            engine.list(project_id="A", marker=other)
+    assert [i.uuid for i in engine.list(project_id="B", marker=b0)] == [b1]
+    assert [i.uuid for i in engine.list(marker=b0)] == [a, b1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from lifecycle import Engine
 from lifecycle.records import to_plain
+from tests.conftest import FLAVOR
 
 
 def test_an_instance_dict_keeps_status_and_encodes_states_and_times(
@@ -26,6 +27,14 @@ def test_an_instance_dict_keeps_status_and_encodes_states_and_times(
     assert data["created_at"] == engine.get(uuid).created_at.isoformat()
     assert data["flavor"] == {"name": "tiny", "vcpus": 1, "memory_mb": 64, "root_gb": 1, "extra_specs": {}}
     assert json.loads(json.dumps(data)) == data
+
+
+def test_an_instance_is_hashable_and_equal_reads_hash_equal(engine: Engine) -> None:
+    """An Instance (metadata and all) can be hashed, e.g. kept in a set; two reads of the same row hash the same."""
+    uuid = engine.create("vm", host="h1", flavor=FLAVOR, image="cirros", metadata={"team": "web"}).instance_uuid
+    first, again = engine.get(uuid), engine.get(uuid)
+    assert first == again and hash(first) == hash(again)
+    assert len({first, again}) == 1 and first.metadata == {"team": "web"}
 
 
 def test_a_task_dict_leaves_out_the_engines_bookkeeping_unless_asked(

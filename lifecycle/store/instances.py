@@ -20,7 +20,6 @@ __all__ = ["Instances"]
 
 _I, _A, _T = INSTANCES, AUDITS, TASKS
 _BY_UUID = sa.select(_I).where(_I.c.uuid == sa.bindparam("x_uuid"))
-_EXISTS = sa.select(_I.c.uuid).where(_I.c.uuid == sa.bindparam("x_uuid"))
 _M = _I.alias("marker")
 
 
@@ -42,7 +41,10 @@ class Instances(StoreBase):
     def page(self, listing: Listing) -> builtins.list[Instance]:
         """Return the page of instances ``listing`` asks for, by (created_at, uuid), in one query.
 
-        Raises :class:`InvalidInput` when its marker is no instance.
+        Raises :class:`InvalidInput` when its marker is no instance, or one of
+        another project than the listing's ``project_id`` (the same words
+        either way: a listing says nothing of other projects' instances). A
+        marker deleted since its page was read still marks the place.
         """
         query = sa.select(_I).where(*_filters(listing)).order_by(_I.c.created_at, _I.c.uuid).limit(listing.limit)
         with self._read() as conn:
@@ -50,7 +52,7 @@ class Instances(StoreBase):
             if (
                 not rows
                 and listing.marker is not None
-                and conn.execute(_EXISTS, {"x_uuid": listing.marker}).first() is None
+                and conn.execute(sa.select(_M.c.uuid).where(*_marker(listing))).first() is None
             ):
                 raise InvalidInput(f"marker {listing.marker} is not a known instance (the last uuid of a page)")
         return rows
@@ -103,9 +105,17 @@ def _filters(listing: Listing) -> builtins.list[sa.ColumnElement[bool]]:
     if not listing.include_deleted:
         found.append(_I.c.vm_state != VmState.DELETED.value)
     if listing.marker is not None:
-        at = sa.select(_M.c.created_at).where(_M.c.uuid == listing.marker).scalar_subquery()
+        at = sa.select(_M.c.created_at).where(*_marker(listing)).scalar_subquery()
         # A row value: one range of the (created_at, uuid) index, read in order until the limit.
         found.append(sa.tuple_(_I.c.created_at, _I.c.uuid) > sa.tuple_(at, sa.literal(listing.marker)))
+    return found
+
+
+def _marker(listing: Listing) -> builtins.list[sa.ColumnElement[bool]]:
+    """Return the conditions of a listing's marker row: its uuid, and the listing's project when it names one."""
+    found = [_M.c.uuid == listing.marker]
+    if listing.project_id is not None:
+        found.append(_M.c.project_id == listing.project_id)
     return found
 
 
