@@ -78,7 +78,6 @@ from lifecycle import (
     LifecycleError,
     MigrationNotFound,
     NoValidHost,
-    Outcome,
     Preempted,
     SchemaOutOfDate,
     Task,
@@ -212,11 +211,6 @@ def accepted(task: Task) -> JSONResponse:
     return JSONResponse(task.to_dict(), status_code=202, headers={"Location": f"/tasks/{task.id}"})
 
 
-async def ended(aengine: AsyncEngine, task: Task) -> Task:
-    """Return ``task`` ended: a replayed call (its ``Idempotency-Key`` seen before) may return it still running."""
-    return task if task.outcome is not Outcome.RUNNING else await aengine.wait(task.id)
-
-
 def call_options(request: Request, wait: bool) -> CallOptions:
     """Return the options every operation takes, from the query and the request's headers."""
     return {
@@ -250,7 +244,6 @@ async def create_vm(body: CreateVm, request: Request, response: Response, wait: 
     )
     if not wait:
         return accepted(task)
-    task = await ended(aengine, task)
     response.headers["Location"] = f"/vms/{task.instance_uuid}"
     return (await aengine.get(task.instance_uuid)).to_dict()
 
@@ -291,7 +284,6 @@ async def act(uuid: str, body: Action, request: Request, wait: bool = True) -> A
         task = await aengine.revert_resize(uuid, **options)
     if not wait:
         return accepted(task)
-    await ended(aengine, task)
     return (await aengine.get(uuid)).to_dict()
 
 
@@ -302,7 +294,6 @@ async def delete_vm(uuid: str, request: Request, wait: bool = True) -> Response:
     task = await aengine.delete(uuid, **call_options(request, wait))
     if not wait:
         return accepted(task)
-    await ended(aengine, task)
     return Response(status_code=204)
 
 

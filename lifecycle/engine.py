@@ -323,9 +323,11 @@ class Engine(Reads, Waits):
         ``override_lock`` (an admin's override; the audit row names the actor).
 
         With ``idempotency_key``, a repeat of the same call (same operation,
-        instance and arguments) returns the task the first call started, or
-        raises its :class:`TaskFailed` again; the key reused for another call
-        raises :class:`IdempotencyMismatch`.
+        instance and arguments) answers as the first call does: with ``wait``
+        it waits for a first call still running and returns its task or
+        raises its :class:`TaskFailed` or :class:`Preempted`; without, it
+        returns the task as it is. The key reused for another call raises
+        :class:`IdempotencyMismatch`.
         """
         if operation == Op.CREATE:  # a new instance has a name, a flavor and an image, not a uuid
             raise InvalidInput("an instance is created with Engine.create(name, flavor=..., image=...), not run")

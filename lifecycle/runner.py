@@ -230,17 +230,20 @@ class Runner:
     def _repeat(self, first: Task, wait: bool) -> Task:
         """Answer a repeated call as the first call answers: the same return or the same exception.
 
-        An ended task answers at once (:class:`TaskFailed`, :class:`Preempted` or
-        the task); a running one is waited for when the repeat waits (a retry
-        racing the first call blocks until it ends, as that call does), and is
-        returned running when it does not (``wait=False``, the 202 pattern).
+        With ``wait=True``: an ended task answers at once (the task,
+        :class:`TaskFailed` or :class:`Preempted`), and a running one is waited
+        for to its end, as the first call waits (a retry racing it blocks until
+        it ends); a task whose owner stopped renewing its lease is not waited
+        for: :class:`~lifecycle.waiting.TaskWaitTimeout` says recovery must
+        take it over first. With ``wait=False`` (the 202 pattern) the task is
+        returned as it is now, ended or not, as a first call would return it.
         """
+        if not wait:
+            return first
         if first.outcome is Outcome.RUNNING:
-            if not wait:
-                return first
             from lifecycle.waiting import wait as wait_for  # waiting builds on the runner: imported when used
 
-            return wait_for(self, first.id)
+            return wait_for(self, first.id, abandoned_ends=True)
         return outcome_of(first)
 
     def _worker(self, row: Instance, task: Task, image: Image, source: Any) -> TaskRun:

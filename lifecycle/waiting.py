@@ -36,12 +36,11 @@ class TaskWaitTimeout(LifecycleError, TimeoutError):
     A :class:`TimeoutError` too, so code that catches the builtin (or asyncio's) catches it.
     """
 
-    def __init__(self, task: Task, timeout: float) -> None:
+    def __init__(self, task: Task, timeout: float, reason: str | None = None) -> None:
         self.task = task
         self.timeout = timeout
-        super().__init__(
-            f"{task.operation} task {task.id} on instance {task.instance_uuid} still runs after a wait of {timeout:g} s"
-        )
+        what = f"{task.operation} task {task.id} on instance {task.instance_uuid}"
+        super().__init__(f"{what} {reason}" if reason else f"{what} still runs after a wait of {timeout:g} s")
 
 
 class Watch:
@@ -74,13 +73,25 @@ def ended(task: Task) -> bool:
     return task.outcome is not Outcome.RUNNING
 
 
-def wait(runner: Runner, task_id: object, timeout: object = None) -> Task:
-    """Block until task ``task_id`` ends; return it or raise as ``wait=True`` would (see the module docstring)."""
+def wait(runner: Runner, task_id: object, timeout: object = None, *, abandoned_ends: bool = False) -> Task:
+    """Block until task ``task_id`` ends; return it or raise as ``wait=True`` would (see the module docstring).
+
+    ``abandoned_ends`` (an idempotent repeat, which has no timeout of its own)
+    gives up with :class:`TaskWaitTimeout` once the task's owner stopped
+    renewing its lease: it then ends only when recovery takes it over.
+    """
     watch = Watch(task_id, timeout)
+    started = time.monotonic()
     while True:
         task = runner.store.tasks.get(watch.task_id)
         if ended(task):
             return outcome_of(task)
+        if abandoned_ends and task.id not in runner.active and task.lease_expires_at < runner.store.clock.now():
+            left = (
+                f"was left by its owner {task.owner} (its lease ran out at {task.lease_expires_at.isoformat()}): "
+                "it ends when recovery takes it over (a daemon's, or engine.recover()); ask again then"
+            )
+            raise TaskWaitTimeout(task, time.monotonic() - started, left)
         future = runner.future_of(task.id)
         if future is None or future.done():
             time.sleep(watch.pause(task))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,8 +21,10 @@ from lifecycle import (
     TaskFailed,
     VmState,
 )
+from lifecycle.clock import ManualClock
 from lifecycle.records import Task
-from tests.conftest import FLAVOR, Fakes
+from lifecycle.waiting import TaskWaitTimeout
+from tests.conftest import FLAVOR, Fakes, make_engine
 
 
 def test_same_key_returns_the_existing_task(engine: Engine, new_instance: Callable[..., str]) -> None:
@@ -201,3 +204,38 @@ def test_a_replayed_create_with_no_room_fails_again_as_no_valid_host(up: Engine)
     assert isinstance(again.value, TaskFailed) and isinstance(first.value, TaskFailed)
     assert again.value.task.id == first.value.task.id
     assert len(up.list(include_deleted=True)) == 1
+
+
+def test_a_repeat_does_not_wait_for_a_task_whose_owner_stopped_renewing_it(
+    db_url: str, engine: Engine, fakes: Fakes, clock: ManualClock, new_instance: Callable[..., str]
+) -> None:
+    """Seen by another engine past the first call's lease, a waiting repeat says recovery must act instead of hanging."""
+    uuid = new_instance()
+    gate = fakes["h1"].faults.hold("pause")
+    first = engine.pause(uuid, idempotency_key="k-left", wait=False)
+    assert gate.wait_entered()
+    other = make_engine(db_url, fakes, clock=ManualClock(clock.now() + timedelta(hours=1)), shutdown_timeout=0.0)
+    try:
+        with pytest.raises(TaskWaitTimeout, match="was left by its owner") as refused:
+            other.pause(uuid, idempotency_key="k-left")
+        assert refused.value.task.id == first.id
+        assert other.pause(uuid, idempotency_key="k-left", wait=False).id == first.id  # the 202 form answers at once
+    finally:
+        gate.release()
+        engine.runner.wait_idle()
+        other.close()
+    assert engine.pause(uuid, idempotency_key="k-left").outcome is Outcome.SUCCEEDED  # its owner's repeat waited
+
+
+def test_a_202_repeat_of_a_failed_call_returns_the_failed_task(
+    engine: Engine, fakes: Fakes, new_instance: Callable[..., str]
+) -> None:
+    """wait=False answers with the task as it is, ended or not: a failed first call's repeat returns it failed."""
+    uuid = new_instance()
+    fakes["h1"].faults.fail_next("pause")
+    first = engine.pause(uuid, idempotency_key="k-202", wait=False)
+    engine.runner.wait_idle()
+    again = engine.pause(uuid, idempotency_key="k-202", wait=False)
+    assert (again.id, again.outcome) == (first.id, Outcome.FAILED)
+    with pytest.raises(TaskFailed):
+        engine.pause(uuid, idempotency_key="k-202")
