@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextvars
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
@@ -35,7 +36,7 @@ from lifecycle.errors import InvalidInput
 from lifecycle.execute import outcome_of
 from lifecycle.records import Cause, Task
 from lifecycle.states import VmState
-from lifecycle.waiting import Watch, ended
+from lifecycle.waiting import Watch, ended, left_behind
 
 if TYPE_CHECKING:
     from lifecycle.audit import AuditEntry
@@ -110,7 +111,8 @@ class AsyncEngine:
         token = self._admit()
         try:
             task = await self._call(fn, *args, wait=False, **kwargs)
-            return await self.wait(task.id) if wait else task
+            # a repeat of a call whose owner died is not waited for, as Engine's own repeat does not
+            return await self._await_end(Watch(task.id, None), abandoned_ends=True) if wait else task
         finally:
             _admitted.reset(token)
 
@@ -123,12 +125,19 @@ class AsyncEngine:
         finally:
             _admitted.reset(token)
 
-    async def _await_end(self, watch: Watch) -> Task:
-        """Read the watched task until it ended (woken by its end when it runs here); return its outcome."""
+    async def _await_end(self, watch: Watch, *, abandoned_ends: bool = False) -> Task:
+        """Read the watched task until it ended (woken by its end when it runs here); return its outcome.
+
+        ``abandoned_ends``: give up on a task whose owner stopped renewing its lease (:func:`left_behind`).
+        """
+        started = time.monotonic()
         while True:
             task = await self._call(self.engine.task, watch.task_id)
             if ended(task):
                 return outcome_of(task)
+            left = left_behind(self.engine.runner, task, started) if abandoned_ends else None
+            if left is not None:
+                raise left
             future = self.engine.runner.future_of(task.id)
             if future is None or future.done():
                 await asyncio.sleep(watch.pause(task))

@@ -22,7 +22,7 @@ from lifecycle.execute import outcome_of
 from lifecycle.records import Outcome, Task
 from lifecycle.runner import Runner
 
-__all__ = ["POLL_FIRST", "POLL_MOST", "TaskWaitTimeout", "Waits", "Watch", "wait"]
+__all__ = ["POLL_FIRST", "POLL_MOST", "TaskWaitTimeout", "Waits", "Watch", "left_behind", "wait"]
 
 POLL_FIRST = 0.01
 """Seconds between the first two reads of a task run elsewhere; each pause then doubles."""
@@ -86,17 +86,29 @@ def wait(runner: Runner, task_id: object, timeout: object = None, *, abandoned_e
         task = runner.store.tasks.get(watch.task_id)
         if ended(task):
             return outcome_of(task)
-        if abandoned_ends and task.id not in runner.active and task.lease_expires_at < runner.store.clock.now():
-            left = (
-                f"was left by its owner {task.owner} (its lease ran out at {task.lease_expires_at.isoformat()}): "
-                "it ends when recovery takes it over (a daemon's, or engine.recover()); ask again then"
-            )
-            raise TaskWaitTimeout(task, time.monotonic() - started, left)
+        left = left_behind(runner, task, started) if abandoned_ends else None
+        if left is not None:
+            raise left
         future = runner.future_of(task.id)
         if future is None or future.done():
             time.sleep(watch.pause(task))
         else:  # ours: woken by its end, then read again (it may have been taken over meanwhile)
             futures.wait([future], watch.left(task))
+
+
+def left_behind(runner: Runner, task: Task, started: float) -> TaskWaitTimeout | None:
+    """Return the error a repeat raises for a running ``task`` whose owner stopped renewing its lease, else None.
+
+    A task this runner runs is never left behind; any other whose lease ran
+    out ends only when recovery takes it over, so a repeat does not wait for it.
+    """
+    if task.id in runner.active or task.lease_expires_at >= runner.store.clock.now():
+        return None
+    reason = (
+        f"was left by its owner {task.owner} (its lease ran out at {task.lease_expires_at.isoformat()}): "
+        "it ends when recovery takes it over (a daemon's, or engine.recover()); ask again then"
+    )
+    return TaskWaitTimeout(task, time.monotonic() - started, reason)
 
 
 class Waits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import pytest
 
 from lifecycle import (
     AlreadyExists,
+    AsyncEngine,
     Engine,
     Flavor,
     IdempotencyMismatch,
@@ -239,3 +241,27 @@ def test_a_202_repeat_of_a_failed_call_returns_the_failed_task(
     assert (again.id, again.outcome) == (first.id, Outcome.FAILED)
     with pytest.raises(TaskFailed):
         engine.pause(uuid, idempotency_key="k-202")
+
+
+def test_an_awaited_repeat_does_not_wait_for_a_task_whose_owner_stopped_renewing_it(
+    db_url: str, engine: Engine, fakes: Fakes, clock: ManualClock, new_instance: Callable[..., str]
+) -> None:
+    """AsyncEngine's repeat answers as Engine's: TaskWaitTimeout naming recovery, not an endless await."""
+    uuid = new_instance()
+    gate = fakes["h1"].faults.hold("pause")
+    first = engine.pause(uuid, idempotency_key="k-left-aio", wait=False)
+    assert gate.wait_entered()
+    other = make_engine(db_url, fakes, clock=ManualClock(clock.now() + timedelta(hours=1)), shutdown_timeout=0.0)
+
+    async def repeat() -> None:
+        async with AsyncEngine(other) as aengine:
+            with pytest.raises(TaskWaitTimeout, match="was left by its owner") as refused:
+                await asyncio.wait_for(aengine.pause(uuid, idempotency_key="k-left-aio"), 10)
+            assert refused.value.task.id == first.id
+
+    try:
+        asyncio.run(repeat())
+    finally:
+        gate.release()
+        engine.runner.wait_idle()
+        other.close()
